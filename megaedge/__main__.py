@@ -1,0 +1,5 @@
+import sys
+
+from megaedge.cli.main import main
+
+sys.exit(main())

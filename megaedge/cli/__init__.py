@@ -1,0 +1,1 @@
+"""Command-line interface: one module per subcommand, heavy imports inside each ``run()``."""

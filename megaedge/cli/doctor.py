@@ -1,0 +1,191 @@
+"""``megaedge doctor``: what this machine offers megaedge. Runs in a runtime-only install (no torch import)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+NAME = "doctor"
+HELP = "report Python, onnxruntime providers, TensorRT, torch, audio devices, CPU, RAM and GPU"
+
+_PACKAGES = ("numpy", "onnxruntime", "onnxruntime-gpu", "tokenizers", "soundfile", "soxr", "torch", "transformers",
+             "peft", "onnx", "onnxscript", "tensorrt", "polygraphy", "sounddevice", "jiwer", "pyroomacoustics")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def _onnxruntime() -> dict:
+    info: dict = {"installed": [d for d in ("onnxruntime", "onnxruntime-gpu") if _version(d)]}
+    warnings = []
+    if len(info["installed"]) > 1:
+        warnings.append(
+            "onnxruntime and onnxruntime-gpu are both installed and overwrite each other's files: "
+            "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu (or onnxruntime)"
+        )
+    try:
+        import onnxruntime as ort
+
+        info["version"] = ort.__version__
+        info["available_providers"] = ort.get_available_providers()
+        info["device"] = ort.get_device()
+    except Exception as exc:  # a broken mixed install raises from deep inside the package
+        info["error"] = f"{type(exc).__name__}: {exc}"
+    if "CUDAExecutionProvider" in info.get("available_providers", []) and not _gpus():
+        # onnxruntime-gpu lists CUDA/TensorRT even without a GPU and falls back to CPU silently.
+        warnings.append("CUDAExecutionProvider is listed but no NVIDIA GPU was found: sessions will run on CPU")
+    info["warnings"] = warnings
+    return info
+
+
+def _cpu() -> dict:
+    info = {"machine": platform.machine(), "logical_cores": os.cpu_count(), "model": platform.processor() or None}
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name") and not info["model"]:
+                    info["model"] = line.split(":", 1)[1].strip()
+                elif line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    info["model"] = info["model"] or platform.processor() or "unknown"
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+    info["int8_features"] = [f for f in wanted if f in flags]
+    info["int8_note"] = (
+        "VNNI present: static INT8 (QDQ) matmuls are fast"
+        if {"avx512_vnni", "avx_vnni", "asimddp"} & flags
+        else "no VNNI: prefer weight-only/dynamic INT8 (static QDQ can be slower than FP32)"
+    )
+    return info
+
+
+def _memory() -> dict:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as handle:
+            fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in handle}
+        return {"total_gib": round(fields["MemTotal"] / 2**30, 1), "available_gib": round(fields["MemAvailable"] / 2**30, 1)}
+    except (OSError, KeyError, ValueError):
+        return {"total_gib": None, "available_gib": None}
+
+
+def _gpus() -> list[dict]:
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return []
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=name,memory.total,memory.free,driver_version,compute_cap", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+    except (subprocess.SubprocessError, OSError):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) >= 5:
+            gpus.append({"name": parts[0], "memory_total_mib": int(float(parts[1])), "memory_free_mib": int(float(parts[2])),
+                         "driver": parts[3], "compute_capability": parts[4]})
+    return gpus
+
+
+def _audio_inputs() -> dict:
+    if importlib.util.find_spec("sounddevice") is None:
+        return {"available": False, "reason": "sounddevice not installed: pip install 'megaedge[mic]'"}
+    try:
+        import sounddevice as sd
+
+        devices = [
+            {"index": i, "name": d["name"], "channels": d["max_input_channels"], "default_rate": d["default_samplerate"]}
+            for i, d in enumerate(sd.query_devices()) if d["max_input_channels"] > 0
+        ]
+        return {"available": True, "input_devices": devices}
+    except (OSError, Exception) as exc:  # PortAudio missing raises OSError at import
+        return {"available": False, "reason": f"{type(exc).__name__}: {exc} (apt-get install libportaudio2?)"}
+
+
+def _tensorrt() -> dict:
+    if importlib.util.find_spec("tensorrt") is None:
+        return {"available": False, "reason": "tensorrt not installed (JetPack ships it; x86: pip install 'megaedge[trt]')"}
+    try:
+        import tensorrt as trt
+
+        return {"available": True, "version": trt.__version__}
+    except Exception as exc:
+        return {"available": False, "reason": f"tensorrt present but not importable: {exc}"}
+
+
+def collect() -> dict:
+    return {
+        "megaedge": _version("megaedge"),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": {name: _version(name) for name in _PACKAGES},
+        "torch_importable": importlib.util.find_spec("torch") is not None,
+        "onnxruntime": _onnxruntime(),
+        "tensorrt": _tensorrt(),
+        "cpu": _cpu(),
+        "memory": _memory(),
+        "gpus": _gpus(),
+        "audio": _audio_inputs(),
+    }
+
+
+def _print(report: dict) -> None:
+    ort = report["onnxruntime"]
+    print(f"megaedge     {report['megaedge']}  (python {report['python']}, {report['platform']})")
+    cpu = report["cpu"]
+    print(f"cpu          {cpu['model']} x{cpu['logical_cores']} [{', '.join(cpu['int8_features']) or 'no AVX2/VNNI'}]")
+    print(f"             {cpu['int8_note']}")
+    mem = report["memory"]
+    print(f"memory       {mem['total_gib']} GiB total, {mem['available_gib']} GiB available")
+    if report["gpus"]:
+        for gpu in report["gpus"]:
+            print(f"gpu          {gpu['name']} {gpu['memory_total_mib']} MiB (free {gpu['memory_free_mib']}), "
+                  f"cc {gpu['compute_capability']}, driver {gpu['driver']}")
+    else:
+        print("gpu          none found (nvidia-smi absent or no device)")
+    print(f"onnxruntime  {ort.get('version', 'not importable')}  providers: {', '.join(ort.get('available_providers', []))}")
+    trt = report["tensorrt"]
+    print(f"tensorrt     {trt.get('version') if trt['available'] else trt['reason']}")
+    print(f"torch        {report['packages']['torch'] or 'not installed (runtime-only install)'}"
+          f"{'' if report['torch_importable'] or not report['packages']['torch'] else ' (not importable)'}")
+    audio = report["audio"]
+    if audio["available"]:
+        names = [f"[{d['index']}] {d['name']}" for d in audio["input_devices"]]
+        print(f"microphones  {', '.join(names) or 'no input devices'}")
+    else:
+        print(f"microphones  unavailable: {audio['reason']}")
+    others = {k: v for k, v in report["packages"].items() if v and k not in ("torch",)}
+    print("packages     " + ", ".join(f"{k} {v}" for k, v in others.items()))
+    for warning in ort.get("warnings", []):
+        print(f"WARNING      {warning}")
+    if "error" in ort:
+        print(f"ERROR        onnxruntime: {ort['error']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = collect()
+    if args.json:
+        from megaedge.cli.common import print_json
+
+        print_json(report)
+    else:
+        _print(report)
+    return 0

@@ -1,0 +1,63 @@
+"""``megaedge`` entry point: argparse subcommands registered from one list.
+
+Each command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``. Modules import
+only the standard library at import time, so ``--help`` works for every command even when its extra is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from megaedge import __version__
+from megaedge.errors import MegaedgeError
+
+COMMANDS = (
+    "megaedge.cli.doctor",
+    "megaedge.cli.merge",
+    "megaedge.cli.reference",
+    "megaedge.cli.make_test_model",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megaedge",
+        description="Mega-ASR on edge devices: export, quantize, run, stream and benchmark.",
+    )
+    parser.add_argument("--version", action="version", version=f"megaedge {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMANDS:
+        module = importlib.import_module(module_name)
+        cmd = sub.add_parser(module.NAME, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP))
+        module.add_arguments(cmd)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 0
+    from megaedge.progress import set_progress, setup_logging
+
+    setup_logging(args.verbose)
+    if args.no_progress:
+        set_progress(False)
+    try:
+        return int(args._run(args) or 0)
+    except MegaedgeError as exc:
+        print(f"megaedge {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"megaedge {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

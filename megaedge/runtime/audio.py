@@ -1,0 +1,77 @@
+"""Audio input for every entry point: files soundfile reads or arrays, any rate, any channel count.
+
+Output is always float32 mono at the requested rate. Resampling uses soxr (a well-kept resampler) rather than
+hand-written filters.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from megaedge.errors import AudioError
+
+TARGET_RATE = 16000
+
+
+def to_mono(samples: np.ndarray) -> np.ndarray:
+    """(n,) or (n, channels) -> (n,) by averaging channels."""
+    if samples.ndim == 1:
+        return samples
+    if samples.ndim == 2:
+        return samples.mean(axis=1)
+    raise AudioError(f"audio array has {samples.ndim} dimensions; expected (samples,) or (samples, channels)")
+
+
+def resample(samples: np.ndarray, rate: int, target: int = TARGET_RATE) -> np.ndarray:
+    if rate == target:
+        return samples.astype(np.float32, copy=False)
+    if rate <= 0:
+        raise AudioError(f"sample rate {rate} Hz is not positive")
+    import soxr
+
+    return soxr.resample(samples.astype(np.float32, copy=False), rate, target, quality="HQ").astype(np.float32)
+
+
+def check_finite(samples: np.ndarray, name: str) -> None:
+    if not np.isfinite(samples).all():
+        bad = int(np.size(samples) - np.isfinite(samples).sum())
+        raise AudioError(f"{name}: {bad} samples are NaN or Inf; clean the audio before transcribing it")
+
+
+def prepare(samples: np.ndarray, rate: int, name: str = "audio", target: int = TARGET_RATE) -> np.ndarray:
+    """Validate an in-memory array and bring it to float32 mono at ``target`` Hz."""
+    arr = np.asarray(samples)
+    if arr.dtype.kind in "iu":
+        # Integer PCM: scale to [-1, 1) by the dtype's range.
+        arr = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max + 1)
+    arr = to_mono(arr.astype(np.float32, copy=False))
+    check_finite(arr, name)
+    if arr.size == 0:
+        raise AudioError(f"{name}: the audio is empty (0 samples)")
+    return resample(arr, rate, target)
+
+
+def read_file(path: str | os.PathLike, target: int = TARGET_RATE) -> np.ndarray:
+    """Read any format soundfile understands; raise AudioError with the file name on any problem."""
+    import soundfile as sf
+
+    p = Path(path)
+    if not p.exists():
+        raise AudioError(f"{p}: no such file")
+    if p.is_dir():
+        raise AudioError(f"{p}: is a directory, expected an audio file")
+    try:
+        data, rate = sf.read(str(p), dtype="float32", always_2d=True)
+    except (RuntimeError, sf.LibsndfileError, TypeError, ValueError) as exc:
+        raise AudioError(f"{p}: cannot read audio ({str(exc).strip().splitlines()[0]}); use wav/flac/ogg/mp3") from exc
+    return prepare(data, int(rate), name=str(p), target=target)
+
+
+def load(source, rate: int | None = None, target: int = TARGET_RATE) -> np.ndarray:
+    """``source`` is a path, or an array with ``rate`` given (arrays without a rate are taken as ``target`` Hz)."""
+    if isinstance(source, (str, os.PathLike)):
+        return read_file(source, target)
+    return prepare(np.asarray(source), rate or target, target=target)

@@ -1,0 +1,38 @@
+"""Text-side rules shared by the torch reference and the runtime: output parsing and generation budgets."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+ASR_TEXT_MARKER = "<asr_text>"
+# Qwen3-ASR emits ~2.6-3.8 tokens per second of speech (field-lessons.md); fast speech and CJK run higher. The
+# budget leaves 2.5x headroom over the fast end instead of upstream's fixed 256, which truncates long speech.
+TOKENS_PER_SECOND_BUDGET = 10.0
+MIN_NEW_TOKENS = 32
+
+
+def max_new_tokens_for(seconds: float) -> int:
+    return max(MIN_NEW_TOKENS, math.ceil(seconds * TOKENS_PER_SECOND_BUDGET) + 16)
+
+
+@dataclass(frozen=True)
+class ParsedOutput:
+    language: str | None
+    text: str
+
+
+def parse_asr_output(decoded: str) -> ParsedOutput:
+    """``language English<asr_text>text`` -> (English, text); ``language None<asr_text>`` -> (None, '').
+
+    A forced-language prompt already contains the prefix, so the generated text has no marker: all of it is text.
+    """
+    raw = (decoded or "").strip()
+    if ASR_TEXT_MARKER not in raw:
+        return ParsedOutput(None, raw)
+    prefix, text = raw.split(ASR_TEXT_MARKER, 1)
+    first = next((line.strip() for line in prefix.splitlines() if line.strip()), "")
+    language = first[len("language ") :].strip() if first.lower().startswith("language ") else (first or None)
+    if language is not None and language.lower() == "none":
+        language = None
+    return ParsedOutput(language or None, text.strip())

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv in the repository root and install megaedge with the extras named in $EXTRAS.
+# torch is installed first as the pinned CPU build (constraints/cpu-torch.txt): an unpinned torch on Linux pulls
+# several GB of CUDA wheels. Re-running is cheap: pip skips what is already satisfied.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON_BIN=${PYTHON:-python3}
+EXTRAS=${EXTRAS:-export,calib,eval,dev}
+
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON_BIN" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+"${PIP[@]}" install --upgrade pip >/dev/null
+if [[ ",$EXTRAS," == *",export,"* ]] && ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    "${PIP[@]}" install -c constraints/cpu-torch.txt torch
+fi
+"${PIP[@]}" install -c constraints/cpu-torch.txt -e ".[${EXTRAS}]"

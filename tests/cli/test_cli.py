@@ -1,0 +1,89 @@
+import json
+
+import pytest
+
+from megaedge.cli.main import COMMANDS, build_parser
+from tests.conftest import BLOCK_TORCH, run_cli, speechlike
+
+
+def test_every_command_has_help():
+    parser = build_parser()
+    names = [a for a in parser._subparsers._group_actions[0].choices]
+    assert len(names) == len(COMMANDS)
+    for name in names:
+        result = run_cli(name, "--help")
+        assert result.returncode == 0 and "usage: megaedge" in result.stdout, result.stderr
+
+
+def test_doctor_runs_with_torch_unimportable():
+    result = run_cli("doctor", "--json", python_prelude=BLOCK_TORCH)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["onnxruntime"]["available_providers"]
+    assert report["cpu"]["logical_cores"] >= 1 and report["memory"]["total_gib"] > 0
+    human = run_cli("doctor", python_prelude=BLOCK_TORCH)
+    assert human.returncode == 0 and "onnxruntime" in human.stdout
+
+
+def test_export_commands_say_which_extra_is_missing():
+    result = run_cli("merge", "x", "--out", "y", python_prelude=BLOCK_TORCH)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "megaedge merge: error: this command needs the 'export' extra (module 'torch' is not installed): "
+        "pip install 'megaedge[export]'"
+    ]
+    assert run_cli("merge", "--help", python_prelude=BLOCK_TORCH).returncode == 0
+
+
+def test_merge_writes_a_checkpoint_transformers_loads(tiny_mega, tmp_path):
+    import torch
+    from transformers import Qwen3ASRForConditionalGeneration
+
+    from megaedge.export.loader import load_checkpoint
+    from tests.export.helpers import prompt_logits
+
+    out = tmp_path / "merged"
+    result = run_cli("merge", str(tiny_mega), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    plain = Qwen3ASRForConditionalGeneration.from_pretrained(str(out)).eval()
+    ours = load_checkpoint(tiny_mega, lora="merge")
+    audio = speechlike(1.0, seed=11)
+    reloaded = load_checkpoint(out, lora="none")
+    assert reloaded.router is not None  # carried along in audio_quality_router/
+    ref = prompt_logits(ours, audio)
+    assert torch.equal(prompt_logits(reloaded, audio), ref)
+    ours.model = plain
+    assert torch.equal(prompt_logits(ours, audio), ref)
+    again = run_cli("merge", str(tiny_mega), "--out", str(out))
+    assert again.returncode == 1 and "not empty; pass --force" in again.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("reference", "{tmp}/nope", "{tmp}/a.wav"), "a.wav: no such file"),
+        (("reference", "{tmp}", "{wav}"), "unknown checkpoint layout"),
+        (("merge", "{tmp}/absent", "--out", "{tmp}/o"), "no such checkpoint directory"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_1(tmp_path, args, message):
+    import soundfile as sf
+
+    wav = tmp_path / "ok.wav"
+    sf.write(wav, speechlike(0.5), 16000)
+    filled = [a.format(tmp=tmp_path, wav=wav) for a in args]
+    result = run_cli(*filled)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_reference_cli_prints_json(tiny_mega, tmp_path):
+    import soundfile as sf
+
+    wav = tmp_path / "clip.wav"
+    sf.write(wav, speechlike(1.0, seed=5), 16000)
+    result = run_cli("reference", str(tiny_mega), str(wav), "--json", "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["route"] in ("base", "merged") and len(doc["token_ids"]) <= 4 and 0 <= doc["degraded_prob"] <= 1

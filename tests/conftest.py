@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random-weight checkpoints in every layout (built once per session) and audio helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("MEGAEDGE_NO_PROGRESS", "1")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def speechlike(seconds: float, seed: int = 0, rate: int = 16000) -> np.ndarray:
+    """Deterministic non-stationary test signal (harmonics with a moving pitch plus noise bursts)."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * rate)
+    t = np.arange(n) / rate
+    f0 = 120 + 40 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 6))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3.1 * t) ** 2
+    return (0.2 * voiced * envelope + 0.02 * rng.standard_normal(n)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """{'mega': root, 'original': dir, 'native': dir} with the SAME random weights (same seed)."""
+    from megaedge.export.factory import write_checkpoint
+
+    root = tmp_path_factory.mktemp("ckpt")
+    return {name: write_checkpoint(root / name, "tiny", name, seed=0) for name in ("mega", "original", "native")}
+
+
+@pytest.fixture(scope="session")
+def tiny_mega(tiny_checkpoints):
+    return tiny_checkpoints["mega"]
+
+
+def run_cli(*args: str, env: dict | None = None, python_prelude: str = "") -> subprocess.CompletedProcess:
+    """Run ``python -m megaedge ARGS`` (optionally after a prelude, e.g. making torch unimportable)."""
+    code = f"{python_prelude}\nimport sys\nfrom megaedge.cli.main import main\nsys.exit(main(sys.argv[1:]))"
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=full_env, cwd=REPO)
+
+
+BLOCK_TORCH = (
+    "import sys\n"
+    "for name in ('torch', 'transformers', 'peft', 'torchaudio'):\n"
+    "    sys.modules[name] = None  # any import of these now raises ImportError\n"
+)

@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+import soundfile as sf
+
+from megaedge.errors import AudioError
+from megaedge.runtime import audio
+
+
+def test_stereo_44k_file_becomes_mono_16k(tmp_path):
+    t = np.arange(44100) / 44100
+    left = 0.5 * np.sin(2 * np.pi * 440 * t)
+    path = tmp_path / "stereo.flac"
+    sf.write(path, np.stack([left, left], axis=1), 44100)
+    out = audio.load(path)
+    assert out.dtype == np.float32 and out.ndim == 1
+    assert abs(len(out) - 16000) <= 2
+    spectrum = np.abs(np.fft.rfft(out[2000:14000]))
+    peak_hz = np.argmax(spectrum) * 16000 / 12000
+    assert abs(peak_hz - 440) < 3
+
+
+def test_int16_array_is_scaled():
+    out = audio.load(np.array([0, 16384, -32768], dtype=np.int16), rate=16000)
+    np.testing.assert_allclose(out, [0.0, 0.5, -1.0])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_inf_rejected_with_name(tmp_path, bad):
+    x = np.zeros(1600, dtype=np.float32)
+    x[10] = bad
+    with pytest.raises(AudioError, match="NaN or Inf"):
+        audio.load(x, rate=16000)
+
+
+def test_missing_truncated_and_empty_files(tmp_path):
+    with pytest.raises(AudioError, match="no such file"):
+        audio.load(tmp_path / "nope.wav")
+    good = tmp_path / "good.wav"
+    sf.write(good, np.zeros(16000, dtype=np.float32), 16000)
+    truncated = tmp_path / "truncated.wav"
+    truncated.write_bytes(good.read_bytes()[:30])
+    with pytest.raises(AudioError, match="truncated.wav"):
+        audio.load(truncated)
+    text = tmp_path / "notes.wav"
+    text.write_text("not audio")
+    with pytest.raises(AudioError, match="cannot read audio"):
+        audio.load(text)
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, dtype=np.float32), 16000)
+    with pytest.raises(AudioError, match="empty"):
+        audio.load(empty)
+
+
+def test_all_zero_audio_is_valid():
+    assert audio.load(np.zeros(8000, dtype=np.float32), rate=16000).size == 8000
