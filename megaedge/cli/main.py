@@ -18,6 +18,7 @@ COMMANDS = (
     "megaedge.cli.merge",
     "megaedge.cli.reference",
     "megaedge.cli.make_test_model",
+    "megaedge.cli.calibrate",
 )
 
 
