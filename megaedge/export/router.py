@@ -14,8 +14,6 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
 from megaedge.errors import CheckpointError
 from megaedge.runtime import features, routing
 
@@ -186,10 +184,13 @@ def save_router(model, path: str | Path, extra_metadata: dict | None = None) -> 
     save_file(state, str(path), metadata=metadata)
 
 
-def router_probabilities(model, samples: np.ndarray) -> list[float]:
-    """Degraded probability for each window of ``routing.windows`` (16 kHz mono float32 input)."""
+def router_probabilities(model, audio) -> list[float]:
+    """Degraded probability for each window of ``routing.windows``; ``audio`` is a file path or a 16 kHz array."""
     import torch
 
+    from megaedge.runtime import audio as audio_io
+
+    samples = audio_io.load(audio)
     bounds = routing.windows(len(samples), model.config.position_rows)
     probs = []
     with torch.no_grad():
@@ -200,6 +201,10 @@ def router_probabilities(model, samples: np.ndarray) -> list[float]:
     return probs
 
 
-def score(model, samples: np.ndarray, threshold: float = routing.DEFAULT_THRESHOLD) -> routing.RouterDecision:
+def score(model, audio, threshold: float = routing.DEFAULT_THRESHOLD) -> routing.RouterDecision:
+    """File-level decision for a path or a 16 kHz array of any length (windows beyond the position table)."""
+    from megaedge.runtime import audio as audio_io
+
+    samples = audio_io.load(audio)
     bounds = routing.windows(len(samples), model.config.position_rows)
     return routing.aggregate(router_probabilities(model, samples), bounds, threshold)

@@ -37,6 +37,16 @@ def test_single_pass_up_to_the_position_table_and_windows_beyond(router):
     assert router_probabilities(router, x) == [pytest.approx(float(torch.softmax(logits, -1)[0, 1]), abs=1e-7)]
 
 
+def test_files_and_arrays_give_the_same_decision(router, tmp_path):
+    import soundfile as sf
+
+    x = speechlike(36.0, seed=12)
+    sf.write(tmp_path / "clip.flac", x, 16000, subtype="PCM_24")
+    from_file, from_array = score(router, tmp_path / "clip.flac"), score(router, x)
+    assert from_file.window_bounds == from_array.window_bounds and len(from_file.window_bounds) == 2
+    assert abs(from_file.degraded_prob - from_array.degraded_prob) < 1e-4
+
+
 def test_release_geometry_has_the_published_size():
     model = build_router(RouterConfig())
     assert 0.9e6 < sum(p.numel() for p in model.parameters()) < 1.0e6
