@@ -141,8 +141,9 @@ def far_field(audio, sr, severity, rng, info=None):
     distance = 0.5 * (16.0**severity)
     rt60 = float(rng.uniform(0.3, 0.8))
     room = rooms.room_impulse(rng, sr, rt60, distance)
-    wet = rooms.convolve(audio, room.rir) * (0.5 / room.distance)
-    wet *= np.sqrt(_power(audio) / _power(wet)) * (0.5 / room.distance) ** 0.5  # keep speech audible but quieter
+    wet = rooms.convolve(audio, room.rir)
+    # Same power as the dry talker at 0.5 m, then the 1/distance law of a point source.
+    wet *= np.sqrt(_power(audio) / _power(wet)) * (0.5 / room.distance)
     out, _ = _peak_limit(wet)
     _record(info, distance_m=room.distance, rt60_s=rt60, drr_db=room.drr_db)
     return out

@@ -148,22 +148,15 @@ def write_weights(config, out_dir: Path, base_layout: layout.Layout, seed: int, 
     torch_dtype = getattr(torch, dtype)
     total_bytes = sum(math.prod(expected[n]) for n in names) * torch.finfo(torch_dtype).bits // 8
     per_shard = max(total_bytes // max(shards, 1) + 1, 1) if shards > 1 else None
-    files: list[dict] = [{}]
-    sizes = [0]
     weight_map: dict[str, str] = {}
     written = 0
 
     def stored_name(name: str) -> str:
         return layout.native_to_original(name) if base_layout is layout.Layout.ORIGINAL else name
 
-    def flush(index: int, count: int) -> str:
-        file_name = layout.SINGLE_SAFETENSORS if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
-        save_file(files[index], str(out_dir / file_name), metadata={"format": "pt"})
-        files[index] = {}
-        return file_name
-
     # Assign tensors to shards first (sizes are known), then generate and write one shard at a time.
     plan: list[list[str]] = [[]]
+    sizes = [0]
     for name in names:
         nbytes = math.prod(expected[name]) * torch.finfo(torch_dtype).bits // 8
         limit = per_shard or _SHARD_BYTES
@@ -173,14 +166,14 @@ def write_weights(config, out_dir: Path, base_layout: layout.Layout, seed: int, 
         plan[-1].append(name)
         sizes[-1] += nbytes
     count = len(plan)
-    files = [{} for _ in plan]
     for index, shard_names in enumerate(plan):
+        shard = {}
         for name in track(shard_names, desc=f"shard {index + 1}/{count}", unit="tensor"):
-            tensor = _random_tensor(name, expected[name], gen, torch_dtype)
-            files[index][stored_name(name)] = tensor
-            written += tensor.numel()
-        file_name = flush(index, count)
-        weight_map.update({stored_name(n): file_name for n in shard_names})
+            shard[stored_name(name)] = _random_tensor(name, expected[name], gen, torch_dtype)
+            written += shard[stored_name(name)].numel()
+        file_name = layout.SINGLE_SAFETENSORS if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+        save_file(shard, str(out_dir / file_name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file_name))
     if count > 1:
         index_doc = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / layout.SAFETENSORS_INDEX).write_text(json.dumps(index_doc, indent=2))
