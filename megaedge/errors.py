@@ -16,6 +16,10 @@ class AudioError(MegaedgeError):
     """Audio that cannot be read or is not valid (NaN/Inf, truncated, unknown format)."""
 
 
+class NonFiniteAudioError(AudioError):
+    """Audio containing NaN or Inf samples: always rejected, never silently skipped."""
+
+
 class BundleError(MegaedgeError):
     """A bundle directory or manifest that cannot be used."""
 

@@ -16,12 +16,12 @@ import numpy as np
 
 from megaedge.calibration import scenarios
 from megaedge.calibration.conditions import ATOMIC
-from megaedge.errors import AudioError, MegaedgeError
+from megaedge.errors import AudioError, MegaedgeError, NonFiniteAudioError
 from megaedge.progress import track
 from megaedge.runtime import audio as audio_io
 
 log = logging.getLogger("megaedge.calibration")
-SAMPLE_RATE = 16000
+SAMPLE_RATE = audio_io.TARGET_RATE
 MANIFEST_NAME = "manifest.jsonl"
 CLIPS_DIR = "clips"
 
@@ -114,9 +114,9 @@ def load_sources(scan: SourceScan, max_seconds: float) -> list[tuple[SpeechSourc
     for source in scan.sources:
         try:
             samples = audio_io.read_file(source.path, SAMPLE_RATE)
-        except AudioError as exc:
-            if "NaN or Inf" in str(exc):
-                raise
+        except NonFiniteAudioError:
+            raise
+        except AudioError:
             skipped.append(str(source.path))
             continue
         loaded.append((source, samples[: int(max_seconds * SAMPLE_RATE)]))

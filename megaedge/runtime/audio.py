@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megaedge.errors import AudioError
+from megaedge.errors import AudioError, NonFiniteAudioError
 
 TARGET_RATE = 16000
 
@@ -38,7 +38,7 @@ def resample(samples: np.ndarray, rate: int, target: int = TARGET_RATE) -> np.nd
 def check_finite(samples: np.ndarray, name: str) -> None:
     if not np.isfinite(samples).all():
         bad = int(np.size(samples) - np.isfinite(samples).sum())
-        raise AudioError(f"{name}: {bad} samples are NaN or Inf; clean the audio before transcribing it")
+        raise NonFiniteAudioError(f"{name}: {bad} samples are NaN or Inf; clean the audio before transcribing it")
 
 
 def prepare(samples: np.ndarray, rate: int, name: str = "audio", target: int = TARGET_RATE) -> np.ndarray:
