@@ -16,6 +16,7 @@ from megaedge.errors import MegaedgeError
 COMMANDS = (
     "megaedge.cli.doctor",
     "megaedge.cli.merge",
+    "megaedge.cli.export",
     "megaedge.cli.reference",
     "megaedge.cli.make_test_model",
     "megaedge.cli.calibrate",

@@ -241,7 +241,7 @@ def native_config_dict(cfg: dict, layout: Layout) -> dict:
     rope.setdefault("rope_type", "default")
     text["rope_parameters"] = rope
     out = {"model_type": "qwen3_asr", "audio_config": audio, "text_config": text}
-    for key in ("audio_token_id", "initializer_range"):
+    for key in ("audio_token_id", "initializer_range", "eos_token_id", "pad_token_id", "timestamp_token_id"):
         if key in thinker:
             out[key] = thinker[key]
     if "tie_word_embeddings" in thinker["text_config"]:

@@ -7,6 +7,7 @@ loads the adapter and router that belong to the checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,8 +54,19 @@ def build_config(base_dir: Path, base_layout: layout.Layout):
     from transformers import Qwen3ASRConfig
 
     raw = layout.read_config(base_dir)
+    values = layout.native_config_dict(raw, base_layout)
+    # Checkpoints whose vocabulary is not Qwen's state their stop ids in generation_config.json (as HF ships them).
+    generation = base_dir / "generation_config.json"
+    if generation.is_file():
+        try:
+            gen = json.loads(generation.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{generation}: not valid JSON ({exc})") from exc
+        for key in ("eos_token_id", "pad_token_id"):
+            if key in gen and key not in values:
+                values[key] = gen[key]
     try:
-        return Qwen3ASRConfig(**layout.native_config_dict(raw, base_layout))
+        return Qwen3ASRConfig(**values)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{base_dir / 'config.json'}: not a Qwen3-ASR config ({exc})") from exc
 

@@ -139,6 +139,13 @@ def load_tokenizer(base_dir: Path, config) -> object:
             f"{base_dir}: tokenizer maps <|audio_pad|> to {audio_id} but config.audio_token_id is "
             f"{config.audio_token_id}; tokenizer and weights come from different checkpoints"
         )
+    eos = config.eos_token_id if isinstance(config.eos_token_id, (list, tuple)) else [config.eos_token_id]
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    if im_end not in eos:
+        raise CheckpointError(
+            f"{base_dir}: tokenizer maps <|im_end|> to {im_end} but the config's eos ids are {list(eos)}; "
+            f"add generation_config.json with the checkpoint's eos_token_id"
+        )
     return tok
 
 

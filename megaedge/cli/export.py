@@ -1,0 +1,48 @@
+"""``megaedge export``: checkpoint -> self-describing bundle (ONNX encoder, decoder with KV cache, router)."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "export"
+HELP = "export a checkpoint to a bundle (ONNX graphs + tokenizer + megaedge.json) the lean runtime runs"
+DESCRIPTION = (
+    "Loads any supported checkpoint layout, folds the LoRA exactly (--mode merged) or keeps it as a gated branch "
+    "(--mode routed: one copy of the base weights serves both routes), exports the encoder, the decoder with KV "
+    "cache and the router to ONNX, validates the bundle against the torch model and writes megaedge.json. "
+    "Without MODEL it exports megaedge's shipped trained fixture."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", help="checkpoint directory (default: the shipped trained fixture)")
+    parser.add_argument("--out", default="bundle", help="bundle directory to create (default ./bundle)")
+    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                        help="float precision of the graphs (fp16 for GPUs; default fp32)")
+    parser.add_argument("--mode", choices=("merged", "routed"), default="merged",
+                        help="merged: LoRA folded in; routed: LoRA as a gated branch chosen per input (default merged)")
+    parser.add_argument("--adapter", help="LoRA adapter directory (default: the checkpoint's mega-asr-merged/)")
+    parser.add_argument("--router", help="router safetensors (default: the checkpoint's audio_quality_router/)")
+    parser.add_argument("--no-router", action="store_true", help="leave the router out of the bundle")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; default 18)")
+    parser.add_argument("--no-validate", action="store_true", help="skip the bundle-vs-torch check after export")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megaedge.cli.common import need_export_extra, print_json
+
+    need_export_extra()
+    from megaedge import fixture
+    from megaedge.export.bundle import ExportOptions, export_bundle
+    from megaedge.runtime import manifest
+
+    options = ExportOptions(precision=args.precision, mode=args.mode, opset=args.opset,
+                            validate=not args.no_validate, force=args.force, include_router=not args.no_router)
+    model = args.model or fixture.model_dir()
+    out = export_bundle(model, args.out, options, adapter=args.adapter, router=args.router)
+    info = manifest.read(out, verify=False)
+    size = sum((out / f).stat().st_size for f in info.files)
+    print_json({"bundle": str(out), "mode": info.mode, "precision": info.precision,
+                "graphs": sorted(info.graphs), "size_mb": round(size / 1e6, 2)})
+    return 0

@@ -1,0 +1,399 @@
+"""``megaedge export``: checkpoint -> bundle directory (ONNX graphs + tokenizer + ``megaedge.json``).
+
+The bundle is assembled in a hidden sibling directory and renamed into place only after validation passes, so an
+interrupted, failed or disk-full export never leaves a directory that looks like a bundle.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from megaedge import __version__
+from megaedge.errors import BundleError, CheckpointError, MegaedgeError
+from megaedge.export import graphs
+from megaedge.progress import track
+from megaedge.runtime import features, manifest, routing, segmenting
+
+log = logging.getLogger("megaedge.export.bundle")
+
+MIN_OPSET = 17  # LayerNormalization (fp16-safe norms) is opset 17
+DEFAULT_OPSET = 18
+# Validation tolerances (max abs diff, bundle vs torch) per precision: fp32 is rounding only.
+TOLERANCE = {"fp32": {"encoder": 1e-4, "logits": 1e-4, "router": 1e-5},
+             "fp16": {"encoder": 5e-2, "logits": 1.5e-1, "router": 1e-2}}
+
+
+class ExportValidationError(MegaedgeError):
+    """The exported bundle does not reproduce the torch model within tolerance."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    precision: str = "fp32"  # fp32 | fp16
+    mode: str = "merged"  # merged | routed
+    opset: int = DEFAULT_OPSET
+    validate: bool = True
+    force: bool = False
+    include_router: bool = True
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "fp16"):
+            raise MegaedgeError(f"--precision {self.precision!r} is not fp32 or fp16 (INT8: use --int8)")
+        if self.mode not in manifest.MODES:
+            raise MegaedgeError(f"--mode {self.mode!r} is not one of {manifest.MODES}")
+        if self.opset < MIN_OPSET:
+            raise MegaedgeError(
+                f"--opset {self.opset} is below {MIN_OPSET}: fp32-safe LayerNormalization needs opset >= {MIN_OPSET}; "
+                f"use --opset {DEFAULT_OPSET}"
+            )
+
+    @classmethod
+    def preset(cls, name: str) -> ExportOptions:
+        presets = {"cpu": cls(), "gpu": cls(precision="fp16"), "routed": cls(mode="routed")}
+        if name not in presets:
+            raise MegaedgeError(f"export preset {name!r} is not one of {sorted(presets)}")
+        return presets[name]
+
+
+# ------------------------------------------------------------------------------------------- prompt + tokenizer
+def prompt_ids(loaded) -> manifest.PromptIds:
+    """Split the processor's own prompt into the pieces the runtime assembles (checked by tests against it)."""
+    from megaedge.export.reference import prompt_inputs
+
+    ids = prompt_inputs(loaded, np.zeros(16000, np.float32), None, None)["input_ids"][0].tolist()
+    tok = loaded.tokenizer
+    cfg = loaded.config
+    audio_pad = int(cfg.audio_token_id)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    first_pad = ids.index(audio_pad)
+    last_pad = len(ids) - 1 - ids[::-1].index(audio_pad)
+    system_end = ids.index(im_end)  # the (empty) context sits right before the first <|im_end|>
+    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, (list, tuple)) else [cfg.eos_token_id]
+    return manifest.PromptIds(
+        system_head=tuple(ids[:system_end]), before_audio=tuple(ids[system_end:first_pad]),
+        after_audio=tuple(ids[last_pad + 1 :]), audio_pad=audio_pad,
+        asr_text=int(tok.convert_tokens_to_ids("<asr_text>")), eos=tuple(int(e) for e in eos),
+    )
+
+
+def write_tokenizer(loaded, out: Path) -> Path:
+    """tokenizer.json for the runtime's `tokenizers` (original checkpoints ship only vocab.json + merges.txt)."""
+    from tokenizers import Tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded.tokenizer.save_pretrained(tmp)
+        src = Path(tmp) / manifest.TOKENIZER_FILE
+        if not src.is_file():
+            raise CheckpointError("the checkpoint's tokenizer cannot be saved as tokenizer.json")
+        shutil.copyfile(src, out / manifest.TOKENIZER_FILE)
+    check = Tokenizer.from_file(str(out / manifest.TOKENIZER_FILE))
+    for token in ("<|audio_pad|>", "<|im_end|>", "<asr_text>"):
+        if check.token_to_id(token) != loaded.tokenizer.convert_tokens_to_ids(token):
+            raise CheckpointError(f"tokenizer.json maps {token} differently from the checkpoint's tokenizer")
+    return out / manifest.TOKENIZER_FILE
+
+
+# ------------------------------------------------------------------------------------------- graph export
+def _tensor_specs(values) -> tuple[manifest.TensorSpec, ...]:
+    import onnx
+
+    specs = []
+    for value in values:
+        t = value.type.tensor_type
+        dtype = manifest.ONNX_TO_NUMPY.get(f"tensor({onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name})")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if dtype is None else dtype
+        shape = tuple(d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim)
+        specs.append(manifest.TensorSpec(value.name, dtype, shape))
+    return tuple(specs)
+
+
+def _save_program(program, path: Path, external: bool) -> tuple[str, ...]:
+    program.save(str(path), external_data=external)
+    data = path.with_name(path.name + ".data")
+    return (data.name,) if data.exists() else ()
+
+
+def _graph_spec(path: Path, precision: str, data_files: tuple[str, ...]) -> manifest.GraphSpec:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return manifest.GraphSpec(path.name, _tensor_specs(proto.graph.input), _tensor_specs(proto.graph.output),
+                              precision, data_files)
+
+
+def _export(module, args, kwargs, input_names, output_names, dynamic_shapes, opset, path: Path, external: bool):
+    import contextlib
+    import io
+    import warnings
+
+    import torch
+
+    # The exporter narrates every pass on stdout and INFO logs; keep the user's terminal for our own progress.
+    for name in ("onnxscript", "onnx_ir", "torch.onnx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, args, kwargs=kwargs, dynamo=True, input_names=input_names, output_names=output_names,
+            dynamic_shapes=dynamic_shapes, opset_version=opset, verbose=False, optimize=True,
+        )
+    log.debug("torch.onnx: %s", captured.getvalue())
+    files = _save_program(program, path, external)
+    del program
+    return files
+
+
+def export_encoder(loaded, out: Path, opts: ExportOptions, external: bool) -> tuple[str, ...]:
+    import torch
+
+    module = graphs.EncoderGraph(loaded.model, loaded.gate if opts.mode == "routed" else None)
+    dtype = next(loaded.model.parameters()).dtype
+    windows = torch.export.Dim("windows", min=1, max=4096)
+    chunks = torch.export.Dim("chunks", min=1, max=graphs.CHUNKS_PER_WINDOW)
+    args = (torch.zeros(2, 128, 300, dtype=dtype), torch.tensor([39, 30]))
+    names = ["mel", "valid_tokens"]
+    shapes: list = [{0: windows, 2: graphs.CHUNK_FRAMES * chunks}, {0: windows}]
+    kwargs = None
+    if opts.mode == "routed":
+        kwargs = {"lora_gate": torch.ones(1, dtype=dtype)}
+        names.append("lora_gate")
+        shapes = {"mel": shapes[0], "valid_tokens": shapes[1], "lora_gate": None}
+    else:
+        shapes = tuple(shapes)
+    return _export(module, args, kwargs, names, ["audio_features"], shapes, opts.opset,
+                   out / manifest.ENCODER_FILE, external)
+
+
+def export_decoder(loaded, out: Path, opts: ExportOptions, external: bool) -> tuple[str, ...]:
+    import torch
+
+    module = graphs.DecoderGraph(loaded.model, loaded.gate if opts.mode == "routed" else None)
+    dtype = next(loaded.model.parameters()).dtype
+    cfg = loaded.config
+    seq = torch.export.Dim("seq", min=1, max=32768)
+    past_len = torch.export.Dim("past", min=0, max=65536)
+    audio = torch.export.Dim("audio", min=0, max=65536)
+    pad = int(cfg.audio_token_id)
+    ids = torch.tensor([[1, 2, pad, pad, 5]])
+    hidden = cfg.text_config.hidden_size
+    past = [torch.zeros(1, module.kv_heads, 3, module.head_dim, dtype=dtype) for _ in range(2 * module.num_layers)]
+    past_names, present_names = graphs.kv_names(module.num_layers)
+    shapes = {"input_ids": {1: seq}, "audio_features": {0: audio}, "past": tuple({2: past_len} for _ in past)}
+    kwargs = None
+    names = ["input_ids", "audio_features", *past_names]
+    if opts.mode == "routed":
+        kwargs = {"lora_gate": torch.ones(1, dtype=dtype)}
+        shapes["lora_gate"] = None
+        names.append("lora_gate")
+    return _export(module, (ids, torch.zeros(2, hidden, dtype=dtype), *past), kwargs, names,
+                   ["logits", *present_names], shapes, opts.opset, out / manifest.DECODER_FILE, external)
+
+
+def export_router(loaded, out: Path, opts: ExportOptions) -> tuple[str, ...]:
+    import torch
+
+    module = graphs.RouterGraph(loaded.router)
+    frames = torch.export.Dim("frames", min=8, max=loaded.router.config.position_rows * routing.DOWNSAMPLE)
+    args = (torch.zeros(1, 401, loaded.router.config.n_mels),)
+    return _export(module, args, None, ["mels"], ["degraded_prob"], ({1: frames},), opts.opset,
+                   out / manifest.ROUTER_FILE, external=False)
+
+
+# ------------------------------------------------------------------------------------------- manifest
+def _versions(opset: int) -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {"megaedge": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "onnx": onnx.__version__, "onnxruntime_validated": onnxruntime.__version__, "opset": opset}
+
+
+def build_manifest(loaded, out: Path, opts: ExportOptions, graph_specs: dict, notes: list[str]) -> manifest.Manifest:
+    cfg = loaded.config
+    text = cfg.text_config
+    files = {}
+    for path in sorted(p for p in out.iterdir() if p.is_file() and p.name != manifest.MANIFEST_NAME):
+        files[path.name] = manifest.sha256_file(path)
+    router = None
+    if loaded.router is not None and "router" in graph_specs:
+        rc = loaded.router.config
+        router = {"n_mels": rc.n_mels, "position_rows": rc.position_rows, "threshold": routing.DEFAULT_THRESHOLD,
+                  "window_seconds": routing.WINDOW_SECONDS, "max_single_pass_samples":
+                  routing.max_router_samples(rc.position_rows)}
+    past_names, present_names = graphs.kv_names(text.num_hidden_layers)
+    doc = {
+        "megaedge_version": __version__, "mode": opts.mode, "precision": opts.precision,
+        "graphs": {k: _as_dict(v) for k, v in graph_specs.items()}, "files": files,
+        "prompt": _as_dict(prompt_ids(loaded)),
+        "frontend": {"sample_rate": features.SAMPLE_RATE, "n_fft": features.N_FFT, "hop": features.HOP,
+                     "n_mels": features.ASR_MEL_BINS, "min_samples": features.ASR_MIN_SAMPLES,
+                     "log_floor": 8.0, "router_n_mels": features.ROUTER_MEL_BINS},
+        "encoder": {"chunk_frames": graphs.CHUNK_FRAMES, "tokens_per_chunk": graphs.TOKENS_PER_CHUNK,
+                    "chunks_per_window": graphs.CHUNKS_PER_WINDOW, "output_dim": cfg.audio_config.output_dim,
+                    "max_windows_per_call": 16},
+        "decoder": {"num_layers": text.num_hidden_layers, "kv_heads": text.num_key_value_heads,
+                    "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+                    "hidden_size": text.hidden_size, "vocab_size": text.vocab_size, "kv_cache": "growing",
+                    "past_names": past_names, "present_names": present_names,
+                    "kv_dtype": "float16" if opts.precision == "fp16" else "float32"},
+        "router": router,
+        "streaming": {"hop_seconds": 1.0, "unstable_tokens": 5, "endpoint_silence_seconds": 0.8},
+        "versions": _versions(opts.opset),
+        "source": {"checkpoint": loaded.source.base_dir.name, "layout": loaded.source.root_layout.value,
+                   "adapter": loaded.adapter.summary() if loaded.adapter else None},
+        "notes": notes,
+    }
+    return manifest.ManifestDraft(doc).freeze()
+
+
+def _as_dict(value):
+    from dataclasses import asdict
+
+    return asdict(value)
+
+
+# ------------------------------------------------------------------------------------------- validation
+def validate(loaded, bundle: Path, opts: ExportOptions, samples: np.ndarray) -> dict:
+    """Run the bundle (onnxruntime CPU) and the torch model on ``samples``; raise when a diff exceeds tolerance."""
+    import onnxruntime as ort
+    import torch
+
+    from megaedge.export.reference import prompt_inputs
+
+    tol = TOLERANCE[opts.precision]
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = {name: ort.InferenceSession(str(bundle / spec_file), so, providers=["CPUExecutionProvider"])
+            for name, spec_file in manifest.GRAPH_FILES.items() if (bundle / spec_file).is_file()}
+    np_dtype = np.float16 if opts.precision == "fp16" else np.float32
+    report = {}
+    gates = (0.0, 1.0) if opts.mode == "routed" else (None,)
+    inputs = prompt_inputs(loaded, samples, None, None)
+    for gate in gates:
+        if loaded.gate is not None and gate is not None:
+            loaded.gate.set(gate)
+        extra = {"lora_gate": np.array([gate], np_dtype)} if gate is not None else {}
+        with torch.no_grad():
+            ref_audio = loaded.model.model.get_audio_features(
+                inputs["input_features"].to(next(loaded.model.parameters()).dtype), inputs["input_features_mask"],
+                return_dict=True).pooler_output.float().numpy()
+            ref_logits = loaded.model(**inputs).logits[0].float().numpy()
+        feats = features.asr_log_mel(samples)
+        mel, valid = segmenting.encoder_windows(feats)
+        enc = sess["encoder"].run(None, {"mel": mel.astype(np_dtype), "valid_tokens": valid, **extra})[0]
+        audio = np.concatenate([enc[i, :v] for i, v in enumerate(valid)])
+        ids = inputs["input_ids"].numpy()
+        cfg = loaded.config.text_config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        past_names, _ = graphs.kv_names(cfg.num_hidden_layers)
+        empty = np.zeros((1, cfg.num_key_value_heads, 0, head_dim), np_dtype)
+        out = sess["decoder"].run(None, {"input_ids": ids, "audio_features": audio,
+                                         **dict.fromkeys(past_names, empty), **extra})
+        key = "" if gate is None else f"[g={gate:g}]"
+        report[f"encoder{key}"] = float(np.abs(audio.astype(np.float32) - ref_audio).max())
+        report[f"prefill_logits{key}"] = float(np.abs(out[0][0] - ref_logits[-1]).max())
+    if "router" in sess and loaded.router is not None:
+        from megaedge.export.router import router_probabilities
+
+        mel = features.router_log_mel(samples).T[None]
+        prob = sess["router"].run(None, {"mels": mel})[0][0]
+        report["router_prob"] = float(abs(prob - router_probabilities(loaded.router, samples)[0]))
+    failures = []
+    for name, diff in report.items():
+        limit = tol["encoder" if name.startswith("encoder") else "router" if name.startswith("router") else "logits"]
+        ok = diff <= limit
+        log.info("validate %-22s max abs diff %.3g (tolerance %.3g) %s", name, diff, limit, "ok" if ok else "FAIL")
+        if not ok:
+            failures.append(f"{name} differs by {diff:.3g} > {limit:.3g}")
+    if failures:
+        raise ExportValidationError(f"exported bundle does not match the torch model: {'; '.join(failures)}")
+    return report
+
+
+# ------------------------------------------------------------------------------------------- entry point
+def _check_output(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"{out}: exists and is a file; choose a directory for the bundle")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise BundleError(f"{out}: directory is not empty; choose a new directory or pass --force to replace it")
+
+
+def export_bundle(model_path, out_dir, options: ExportOptions = ExportOptions(), adapter=None, router=None,
+                  validation_audio: np.ndarray | None = None) -> Path:
+    """Export a checkpoint to a bundle directory; returns the bundle path."""
+    import torch
+
+    from megaedge.export.loader import load_checkpoint
+
+    out = Path(out_dir).expanduser()
+    _check_output(out, options.force)
+    start = time.perf_counter()
+    lora = "branches" if options.mode == "routed" else "merge"
+    loaded = load_checkpoint(model_path, adapter=adapter, router=router, lora=lora,
+                             load_router=options.include_router)
+    notes = list(loaded.notes)
+    if options.mode == "routed" and loaded.adapter is None:
+        raise CheckpointError(f"{model_path}: --mode routed needs a LoRA adapter and this checkpoint has none "
+                              f"(pass --adapter DIR or use --mode merged)")
+    if options.precision == "fp16":
+        loaded.model.half()
+    params = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    external = params > 256 * 1024**2  # small graphs stay single-file; big ones mmap-able external data
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        graph_specs = {}
+        steps = [("encoder", lambda: export_encoder(loaded, staging, options, external)),
+                 ("decoder", lambda: export_decoder(loaded, staging, options, external))]
+        if loaded.router is not None and options.include_router:
+            steps.append(("router", lambda: export_router(loaded, staging, options)))
+        for name, step in track(steps, desc="export", unit="graph"):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                data_files = step()
+            precision = "fp32" if name == "router" else options.precision
+            graph_specs[name] = _graph_spec(staging / manifest.GRAPH_FILES[name], precision, data_files)
+            log.info("exported %s in %.1f s", name, time.perf_counter() - t0)
+        write_tokenizer(loaded, staging)
+        if options.validate:
+            if validation_audio is None:
+                validation_audio = _validation_audio()
+            validate(loaded, staging, options, validation_audio)
+        manifest.write(build_manifest(loaded, staging, options, graph_specs, notes), staging)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.chmod(0o755)  # mkdtemp creates 0700; a bundle is meant to be copied and shared
+        os.replace(staging, out)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise BundleError(f"{out.parent}: disk full while writing the bundle; nothing was left behind; free "
+                              f"space (a bundle needs about {params / 1e9:.1f} GB) or choose another --out") from exc
+        raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("bundle %s written in %.1f s", out, time.perf_counter() - start)
+    return out
+
+
+def _validation_audio() -> np.ndarray:
+    """A deterministic speech-like signal of 9 s (crosses an encoder window boundary)."""
+    rng = np.random.default_rng(0)
+    t = np.arange(9 * features.SAMPLE_RATE) / features.SAMPLE_RATE
+    pitch = 120 + 30 * np.sin(2 * np.pi * 0.7 * t)
+    voiced = np.sin(2 * np.pi * np.cumsum(pitch) / features.SAMPLE_RATE)
+    envelope = 0.5 * (1 + np.sin(2 * np.pi * 3 * t)) * (np.sin(2 * np.pi * 0.25 * t) > -0.3)
+    return (0.3 * voiced * envelope + 0.01 * rng.standard_normal(t.size)).astype(np.float32)

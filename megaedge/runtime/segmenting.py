@@ -1,0 +1,53 @@
+"""How audio is cut for the encoder (windows) and for long-form decoding (segments).
+
+Encoder windows: 8 conv chunks of 100 mel frames = 104 tokens, as Qwen3-ASR's encoder attends; the last chunk
+may be partial and its padded tail is hidden by ``valid_tokens``.
+
+Long-form segments: files longer than ``segment_seconds`` are cut at the quietest 20 ms frame inside the last
+few seconds before each limit, so words are rarely split and memory (prompt length, KV cache) stays bounded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from megaedge.runtime import features
+
+DEFAULT_SEGMENT_SECONDS = 30.0
+SEARCH_SECONDS = 4.0
+FRAME = 320  # 20 ms at 16 kHz
+RATE = features.SAMPLE_RATE
+
+
+def encoder_windows(feats: features.AsrFeatures, encoder: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """mel [W, n_mels, 100*C] (C = chunks of the largest window, zero-padded) and valid_tokens [W]."""
+    chunk = int((encoder or {}).get("chunk_frames", features.CHUNK_FRAMES))
+    per_window = chunk * int((encoder or {}).get("chunks_per_window", 8))
+    total = feats.mel.shape[1]
+    wins, valid = [], []
+    for start in range(0, total, per_window):
+        frames_valid = max(0, min(feats.valid_frames - start, per_window))
+        wins.append(feats.mel[:, start : start + per_window])
+        valid.append(sum(features.chunk_token_count(min(chunk, frames_valid - c)) for c in range(0, frames_valid, chunk)))
+    width = max(w.shape[1] for w in wins)
+    mel = np.stack([np.pad(w, ((0, 0), (0, width - w.shape[1]))) for w in wins])
+    return mel, np.asarray(valid, np.int64)
+
+
+def segments(samples: np.ndarray, segment_seconds: float | None = DEFAULT_SEGMENT_SECONDS) -> list[tuple[int, int]]:
+    """Sample ranges covering ``samples``; one range when it fits ``segment_seconds`` (None: never cut)."""
+    n = len(samples)
+    if not segment_seconds or n <= segment_seconds * RATE:
+        return [(0, n)]
+    limit = int(segment_seconds * RATE)
+    search = int(min(SEARCH_SECONDS, segment_seconds / 2) * RATE)
+    bounds, start = [], 0
+    while n - start > limit:
+        lo, hi = start + limit - search, start + limit
+        frames = samples[lo:hi][: (hi - lo) // FRAME * FRAME].reshape(-1, FRAME)
+        energy = np.einsum("ij,ij->i", frames.astype(np.float64), frames.astype(np.float64))
+        cut = lo + int(np.argmin(energy)) * FRAME + FRAME // 2
+        bounds.append((start, cut))
+        start = cut
+    bounds.append((start, n))
+    return bounds

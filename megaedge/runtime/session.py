@@ -1,0 +1,121 @@
+"""One session interface over the backends: onnxruntime with its CPU, CUDA and TensorRT execution providers. Every call is checked against the manifest's tensor specs (names, dtypes, ranks, fixed
+dims), so a wrong feed fails with one line naming the tensor instead of an opaque backend error.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from megaedge.errors import BundleError, MegaedgeError
+from megaedge.runtime.manifest import GraphSpec
+
+log = logging.getLogger("megaedge.runtime.session")
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def resolve_providers(names) -> list[str]:
+    """Short names (cpu, cuda, tensorrt) or full ORT provider names -> ORT provider list, CPU always last."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    chosen = []
+    for name in names or ("cpu",):
+        full = PROVIDERS.get(name, name)
+        if full not in available:
+            raise MegaedgeError(
+                f"execution provider {name!r} is not available in this onnxruntime (available: "
+                f"{sorted(available)}); for CUDA install onnxruntime-gpu in place of onnxruntime"
+            )
+        if full not in chosen:
+            chosen.append(full)
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def check_feed(spec: GraphSpec, feed: dict) -> None:
+    expected = spec.input_names
+    missing = [n for n in expected if n not in feed]
+    extra = [n for n in feed if n not in expected]
+    if missing or extra:
+        raise BundleError(f"{spec.file}: inputs {sorted(feed)} do not match the graph's {list(expected)} "
+                          f"(missing {missing}, unexpected {extra})")
+    for tensor in spec.inputs:
+        value = feed[tensor.name]
+        dtype = getattr(value, "dtype", None)
+        shape = tuple(value.shape() if callable(getattr(value, "shape", None)) else value.shape)
+        if dtype is not None and not callable(dtype) and str(np.dtype(dtype)) != tensor.dtype:
+            raise BundleError(f"{spec.file}: input {tensor.name} has dtype {dtype}, the graph expects {tensor.dtype}")
+        if len(shape) != len(tensor.shape):
+            raise BundleError(f"{spec.file}: input {tensor.name} has rank {len(shape)} (shape {shape}), "
+                              f"the graph expects rank {len(tensor.shape)} {tensor.shape}")
+        for got, want in zip(shape, tensor.shape):
+            if isinstance(want, int) and want > 0 and got != want:
+                raise BundleError(f"{spec.file}: input {tensor.name} has shape {shape}, the graph expects {tensor.shape}")
+
+
+class OrtSession:
+    """An onnxruntime InferenceSession for one bundle graph."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, path: Path, spec: GraphSpec, providers=("cpu",), threads: int | None = None):
+        import onnxruntime as ort
+
+        self.spec = spec
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Weights in external data are memory-mapped instead of copied when the platform allows.
+        try:
+            options.add_session_config_entry("session.use_mmap_for_external_initializers", "1")
+        except Exception:  # pragma: no cover - older onnxruntime
+            pass
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=resolve_providers(providers))
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BundleError(f"{path}: onnxruntime cannot load this graph ({str(exc).splitlines()[0]})") from exc
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.providers = self.session.get_providers()
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+
+    def run(self, feed: dict, check: bool = True) -> list[np.ndarray]:
+        if check:
+            check_feed(self.spec, feed)
+        return self.session.run(None, feed)
+
+    def run_bound(self, feed: dict, check: bool = True) -> list:
+        """Run with IO binding: inputs may be OrtValues from a previous call (KV cache stays in backend memory);
+        returns OrtValues."""
+        import onnxruntime as ort
+
+        if check:
+            check_feed(self.spec, feed)
+        binding = self.session.io_binding()
+        for name, value in feed.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self.output_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+
+def open_session(path: Path, spec: GraphSpec, providers=("cpu",), threads: int | None = None) -> OrtSession:
+    """Session for one graph file of a bundle."""
+    return OrtSession(path, spec, providers, threads)

@@ -1,0 +1,260 @@
+"""The lean transcriber: a bundle + numpy + onnxruntime + tokenizers. No torch, no transformers, no export code.
+
+``Transcriber.from_bundle(path, providers=("cpu",), route="auto")`` then ``transcribe(audio)``. Merged and routed
+bundles share this one class and signature; in a routed bundle the router picks the route per segment and the
+``lora_gate`` input selects it, so both routes run on one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from megaedge.errors import MegaedgeError
+from megaedge.runtime import audio as audio_io
+from megaedge.runtime import features, manifest, routing, segmenting
+from megaedge.runtime.session import open_session
+from megaedge.runtime.text import max_new_tokens_for, parse_asr_output
+
+log = logging.getLogger("megaedge.runtime.transcriber")
+
+ROUTES = ("auto", "base", "lora")
+
+
+@dataclass
+class SegmentResult:
+    start: float
+    end: float
+    text: str
+    token_ids: list[int]
+    route: str
+    degraded_prob: float | None
+    loop_guard: str | None = None  # how a degenerate repetition was handled, when it happened
+
+
+@dataclass
+class Result:
+    text: str
+    language: str | None
+    route: str  # "base", "lora", "merged" or "mixed" (long-form with different routes per segment)
+    degraded_prob: float | None
+    token_ids: list[int]
+    timings: dict = field(default_factory=dict)
+    segments: list[SegmentResult] = field(default_factory=list)
+    loop_guard: bool = False
+    raw: str = ""
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+class _Timer:
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.totals[name] = self.totals.get(name, 0.0) + seconds
+
+
+def _repetition(tokens: list[int], min_repeats: int = 4, max_period: int = 12) -> bool:
+    """True when the tail is one n-gram (n <= max_period) repeated >= min_repeats times: a decoding loop."""
+    for period in range(1, max_period + 1):
+        need = period * min_repeats
+        if len(tokens) < need:
+            break
+        tail = tokens[-need:]
+        unit = tail[:period]
+        if all(tail[i] == unit[i % period] for i in range(need)):
+            return True
+    return False
+
+
+class Transcriber:
+    def __init__(self, bundle: Path, info: manifest.Manifest, sessions: dict, tokenizer, route: str):
+        self.bundle, self.manifest, self.sessions, self.tokenizer = bundle, info, sessions, tokenizer
+        if route not in ROUTES:
+            raise MegaedgeError(f"route {route!r} is not one of {ROUTES}")
+        if route != "auto" and not info.routed and route != "lora":
+            # A merged bundle has only the LoRA route folded in; base needs a routed (or base-only) bundle.
+            if route == "base":
+                raise MegaedgeError("route 'base' needs a routed bundle (export with --mode routed); this one is merged")
+        self.route = route
+        dec = info.decoder
+        self.past_names, self.present_names = list(dec["past_names"]), list(dec["present_names"])
+        self.kv_dtype = np.dtype(dec["kv_dtype"])
+        self.float_dtype = np.dtype(info.graph("encoder").input("mel").dtype)
+        self.kv_shape = (1, dec["kv_heads"], 0, dec["head_dim"])
+
+    # ------------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_bundle(cls, path, providers=("cpu",), route: str = "auto", verify: bool = True,
+                    threads: int | None = None) -> Transcriber:
+        from tokenizers import Tokenizer
+
+        bundle = Path(path).expanduser()
+        info = manifest.read(bundle, verify=verify)
+        sessions = {name: open_session(bundle / spec.file, spec, providers, threads)
+                    for name, spec in info.graphs.items()}
+        tokenizer = Tokenizer.from_file(str(bundle / manifest.TOKENIZER_FILE))
+        return cls(bundle, info, sessions, tokenizer, route)
+
+    # ------------------------------------------------------------------------------------------------ stages
+    def encode(self, samples: np.ndarray, timer: _Timer | None = None) -> np.ndarray:
+        """Audio features [tokens, hidden] for 16 kHz samples (windows batched, partial chunks exact)."""
+        t0 = time.perf_counter()
+        feats = features.asr_log_mel(samples)
+        mel, valid = segmenting.encoder_windows(feats, self.manifest.encoder)
+        t1 = time.perf_counter()
+        out = []
+        step = int(self.manifest.encoder.get("max_windows_per_call", 16))
+        for start in range(0, len(valid), step):
+            feed = {"mel": mel[start : start + step].astype(self.float_dtype),
+                    "valid_tokens": valid[start : start + step]}
+            if self.manifest.routed:
+                feed["lora_gate"] = self._gate_value
+            enc = self.sessions["encoder"].run(feed)[0]
+            out.extend(enc[i, :v] for i, v in enumerate(valid[start : start + step]))
+        if timer:
+            timer.add("frontend", t1 - t0)
+            timer.add("encoder", time.perf_counter() - t1)
+        return np.concatenate(out).astype(self.kv_dtype, copy=False)
+
+    def route_probability(self, samples: np.ndarray) -> routing.RouterDecision:
+        info = self.manifest.router
+        if info is None or "router" not in self.sessions:
+            raise MegaedgeError("route 'auto' needs a router and this bundle has none; pass --route base or lora")
+        bounds = routing.windows(len(samples), int(info["position_rows"]))
+        probs = []
+        for start, end in bounds:
+            mel = features.router_log_mel(samples[start:end]).T[None]
+            probs.append(float(self.sessions["router"].run({"mels": mel})[0][0]))
+        return routing.aggregate(probs, bounds, float(info["threshold"]))
+
+    def prompt(self, audio_tokens: int, context: str | None, language: str | None) -> list[int]:
+        enc = lambda s: self.tokenizer.encode(s, add_special_tokens=False).ids  # noqa: E731
+        p = self.manifest.prompt
+        language_ids = enc(p.language_template.format(language=language)) if language else []
+        return p.build(audio_tokens, enc(context) if context else [], language_ids)
+
+    def decode(self, prompt_ids: list[int], audio: np.ndarray, max_new_tokens: int, timer: _Timer | None = None,
+               ignore_eos: bool = False, no_repeat_ngram: int = 0) -> list[int]:
+        """Greedy decoding with the KV cache kept in onnxruntime memory between steps (IO binding)."""
+        import onnxruntime as ort
+
+        session = self.sessions["decoder"]
+        eos = set(self.manifest.prompt.eos)
+        empty = ort.OrtValue.ortvalue_from_numpy(np.zeros(self.kv_shape, self.kv_dtype))
+        feed = {"input_ids": np.asarray([prompt_ids], np.int64), "audio_features": audio,
+                **dict.fromkeys(self.past_names, empty)}
+        if self.manifest.routed:
+            feed["lora_gate"] = self._gate_value
+        no_audio = np.zeros((0, audio.shape[1]), audio.dtype)
+        generated: list[int] = []
+        t0 = time.perf_counter()
+        for step in range(max_new_tokens):
+            outs = session.run_bound(feed, check=step < 2)
+            logits = outs[0].numpy()[0]
+            if no_repeat_ngram and len(generated) >= no_repeat_ngram - 1:
+                for banned in _banned_tokens(generated, no_repeat_ngram):
+                    logits[banned] = -np.inf
+            token = int(np.argmax(logits))
+            if step == 0 and timer:
+                timer.add("prefill", time.perf_counter() - t0)
+                t0 = time.perf_counter()
+            if token in eos and not ignore_eos:
+                break
+            generated.append(token)
+            feed = {"input_ids": np.asarray([[token]], np.int64), "audio_features": no_audio,
+                    **dict(zip(self.past_names, outs[1:]))}
+            if self.manifest.routed:
+                feed["lora_gate"] = self._gate_value
+        if timer:
+            timer.add("decode", time.perf_counter() - t0)
+            timer.add("decode_tokens", max(len(generated) - 1, 0))
+        return generated
+
+    # ------------------------------------------------------------------------------------------------ API
+    def transcribe(self, audio, rate: int | None = None, language: str | None = None, context: str | None = None,
+                   route: str | None = None, max_new_tokens: int | None = None, ignore_eos: bool = False,
+                   segment_seconds: float | None = segmenting.DEFAULT_SEGMENT_SECONDS,
+                   loop_guard: bool = True) -> Result:
+        """Transcribe a file path or a sample array (any rate with ``rate``; stereo is mixed to mono)."""
+        route = route or self.route
+        if route not in ROUTES:
+            raise MegaedgeError(f"route {route!r} is not one of {ROUTES}")
+        timer = _Timer()
+        t_start = time.perf_counter()
+        samples = audio_io.load(audio, rate)
+        if samples.size == 0:
+            raise MegaedgeError("audio is empty (0 samples); nothing to transcribe")
+        timer.add("load", time.perf_counter() - t_start)
+        segments = []
+        for start, end in segmenting.segments(samples, segment_seconds):
+            segments.append(self._transcribe_segment(samples[start:end], start, end, language, context, route,
+                                                     max_new_tokens, ignore_eos, loop_guard, timer))
+        text = " ".join(s.text for s in segments if s.text).strip()
+        routes = {s.route for s in segments}
+        probs = [s.degraded_prob for s in segments if s.degraded_prob is not None]
+        tokens = [t for s in segments for t in s.token_ids]
+        raw = self.tokenizer.decode(tokens, skip_special_tokens=True) if len(segments) == 1 else text
+        parsed = parse_asr_output(raw)
+        timer.add("total", time.perf_counter() - t_start)
+        timings = dict(timer.totals)
+        timings["audio_seconds"] = len(samples) / audio_io.TARGET_RATE
+        timings["rtf"] = timings["total"] / max(timings["audio_seconds"], 1e-9)
+        return Result(
+            text=parsed.text if len(segments) == 1 else text, language=language or parsed.language,
+            route=routes.pop() if len(routes) == 1 else "mixed",
+            degraded_prob=float(np.mean(probs)) if probs else None, token_ids=tokens, timings=timings,
+            segments=segments, loop_guard=any(s.loop_guard for s in segments), raw=raw,
+        )
+
+    def _transcribe_segment(self, samples, start, end, language, context, route, max_new_tokens, ignore_eos,
+                            loop_guard, timer):
+        rate = audio_io.TARGET_RATE
+        prob = None
+        chosen = route
+        if not self.manifest.routed:
+            chosen = "merged" if self.manifest.source.get("adapter") else "base"
+        elif route == "auto":
+            t0 = time.perf_counter()
+            decision = self.route_probability(samples)
+            timer.add("router", time.perf_counter() - t0)
+            prob = decision.degraded_prob
+            chosen = decision.route
+        if not np.any(samples):  # digital silence: nothing was said, and the decoder would only guess
+            return SegmentResult(start / rate, end / rate, "", [], chosen, prob)
+        self._gate_value = np.array([1.0 if chosen in ("lora", "merged") else 0.0], self.float_dtype)
+        audio = self.encode(samples, timer)
+        prompt = self.prompt(audio.shape[0], context, language)
+        budget = max_new_tokens or max_new_tokens_for(len(samples) / rate)
+        tokens = self.decode(prompt, audio, budget, timer, ignore_eos)
+        guard = None
+        if loop_guard and not ignore_eos and _repetition(tokens):
+            if self.manifest.routed and chosen == "lora":
+                self._gate_value = np.array([0.0], self.float_dtype)
+                audio = self.encode(samples, timer)
+                retry, guard, chosen = self.decode(prompt, audio, budget, timer), "base_route", "base"
+            else:
+                retry, guard = self.decode(prompt, audio, budget, timer, no_repeat_ngram=4), "no_repeat_ngram"
+            log.info("loop guard: degenerate repetition at %.1f-%.1f s, re-decoded (%s)", start / rate,
+                     end / rate, guard)
+            tokens = retry
+        raw = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        parsed = parse_asr_output(raw)
+        return SegmentResult(start / rate, end / rate, parsed.text, tokens, chosen, prob, guard)
+
+
+def _banned_tokens(tokens: list[int], n: int) -> set[int]:
+    prefix = tuple(tokens[len(tokens) - (n - 1) :]) if n > 1 else ()
+    banned = set()
+    for i in range(len(tokens) - n + 1):
+        if tuple(tokens[i : i + n - 1]) == prefix:
+            banned.add(tokens[i + n - 1])
+    return banned
