@@ -40,6 +40,28 @@ def tiny_mega(tiny_checkpoints):
     return tiny_checkpoints["mega"]
 
 
+@pytest.fixture(scope="session")
+def tiny_bundles(tiny_mega, tmp_path_factory):
+    from megaedge.export.bundle import ExportOptions, export_bundle
+
+    root = tmp_path_factory.mktemp("bundles")
+    return {mode: export_bundle(tiny_mega, root / mode, ExportOptions(mode=mode)) for mode in ("merged", "routed")}
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_mega):
+    from megaedge.export.loader import load_checkpoint
+
+    return load_checkpoint(tiny_mega, lora="branches")
+
+
+@pytest.fixture(scope="session")
+def transcribers(tiny_bundles):
+    from megaedge.runtime.transcriber import Transcriber
+
+    return {mode: Transcriber.from_bundle(path) for mode, path in tiny_bundles.items()}
+
+
 def run_cli(*args: str, env: dict | None = None, python_prelude: str = "") -> subprocess.CompletedProcess:
     """Run ``python -m megaedge ARGS`` (optionally after a prelude, e.g. making torch unimportable)."""
     code = f"{python_prelude}\nimport sys\nfrom megaedge.cli.main import main\nsys.exit(main(sys.argv[1:]))"

@@ -145,6 +145,7 @@ class Batcher:
                        enc("assistant\n"))
         self.audio_id, self.pad_id = ids["<|audio_pad|>"], ids["<|endoftext|>"]
         self.answers = [enc(LANG_PREFIX + t) + [ids["<|im_end|>"]] for t in texts]
+        self.content = [enc(t) for t in texts]  # CTC targets (training-only auxiliary head)
         self.feats, self.batch_size = feats, batch_size
         self.rng = np.random.default_rng(seed)
 
@@ -183,10 +184,12 @@ class Batcher:
         ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         lab = torch.full((len(rows), length), -100, dtype=torch.long)
         att = torch.zeros((len(rows), length), dtype=torch.long)
-        for b, (r, l) in enumerate(zip(rows, labels)):
+        for b, (r, lbl) in enumerate(zip(rows, labels)):
             ids[b, : len(r)] = torch.tensor(r)
-            lab[b, : len(l)] = torch.tensor(l)
+            lab[b, : len(lbl)] = torch.tensor(lbl)
             att[b, : len(r)] = 1
+        self.last_ctc = ([features.audio_token_count(self.feats[i].shape[1]) for i in index],
+                         [self.content[i] for i in index])
         return {"input_ids": ids, "attention_mask": att, "labels": lab, "input_features": torch.from_numpy(x),
                 "input_features_mask": torch.from_numpy(mask)}
 
@@ -195,9 +198,36 @@ def asr_features(audios) -> list[np.ndarray]:
     return [features.asr_log_mel(a, pad_to_chunk=False).mel.astype(np.float16) for a in audios]
 
 
-def train_loop(model, params, batcher: Batcher, minutes: float, lr: float, spec_augment: bool, name: str) -> list:
+class CtcHead:
+    """Training-only CTC loss on the projector output: it teaches the encoder to carry the words quickly, so the
+    decoder's attention finds them (without it the LLM sits on the grammar prior for thousands of steps).
+    The head is discarded; the shipped model is plain Qwen3-ASR."""
+
+    def __init__(self, model, vocab: int, weight: float):
+        import torch
+
+        self.linear = torch.nn.Linear(model.config.audio_config.output_dim, vocab + 1)  # last index = blank
+        self.weight, self.blank, self.captured = weight, vocab, None
+        model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, out: setattr(self, "captured", out))
+
+    def loss(self, lengths: list[int], targets: list[list[int]]):
+        import torch
+
+        logp = torch.log_softmax(self.linear(self.captured).float(), dim=-1)
+        parts = torch.split(logp, lengths)
+        padded = torch.nn.utils.rnn.pad_sequence(parts)  # [T, B, V]
+        flat = torch.tensor([t for seq in targets for t in seq])
+        return self.weight * torch.nn.functional.ctc_loss(
+            padded, flat, torch.tensor(lengths), torch.tensor([len(t) for t in targets]), blank=self.blank,
+            zero_infinity=True)
+
+
+def train_loop(model, params, batcher: Batcher, minutes: float, lr: float, spec_augment: bool, name: str,
+               ctc: CtcHead | None = None) -> list:
     import torch
 
+    if ctc is not None:
+        params = list(params) + list(ctc.linear.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     deadline = time.time() + minutes * 60
     total_est = None
@@ -214,7 +244,10 @@ def train_loop(model, params, batcher: Batcher, minutes: float, lr: float, spec_
             progress = min(1.0, elapsed / (minutes * 60))
             for group in opt.param_groups:
                 group["lr"] = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-            loss = model(**batcher.make(index, spec_augment)).loss
+            # SpecAugment only after the alignment is found: masking makes the first steps harder.
+            loss = model(**batcher.make(index, spec_augment and step > 600)).loss
+            if ctc is not None:
+                loss = loss + ctc.loss(*batcher.last_ctc)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -242,7 +275,8 @@ def stage_base(work: Path, speech: dict, tok, seed: int, minutes: float):
     log.info("base model: %.2f M parameters", n_params / 1e6)
     feats = asr_features(x["audio"] for x in speech["train"])
     batcher = Batcher(tok, feats, [x["text"] for x in speech["train"]], 24, seed)
-    history = train_loop(model, list(model.parameters()), batcher, minutes, 2e-3, True, "base")
+    ctc = CtcHead(model, config.text_config.vocab_size, weight=0.5)
+    history = train_loop(model, list(model.parameters()), batcher, minutes, 2e-3, True, "base", ctc)
     torch.save(model.state_dict(), path)
     (work / "base_loss.json").write_text(json.dumps(history))
     return model

@@ -17,6 +17,8 @@ COMMANDS = (
     "megaedge.cli.doctor",
     "megaedge.cli.merge",
     "megaedge.cli.export",
+    "megaedge.cli.transcribe",
+    "megaedge.cli.eval",
     "megaedge.cli.reference",
     "megaedge.cli.make_test_model",
     "megaedge.cli.calibrate",

@@ -59,15 +59,55 @@ def read_file(path: str | os.PathLike, target: int = TARGET_RATE) -> np.ndarray:
     import soundfile as sf
 
     p = Path(path)
-    if not p.exists():
-        raise AudioError(f"{p}: no such file")
-    if p.is_dir():
-        raise AudioError(f"{p}: is a directory, expected an audio file")
+    check_readable(p)
     try:
         data, rate = sf.read(str(p), dtype="float32", always_2d=True)
     except (RuntimeError, sf.LibsndfileError, TypeError, ValueError) as exc:
         raise AudioError(f"{p}: cannot read audio ({str(exc).strip().splitlines()[0]}); use wav/flac/ogg/mp3") from exc
     return prepare(data, int(rate), name=str(p), target=target)
+
+
+def _wav_truncation(path: Path) -> str | None:
+    """For RIFF/WAVE files: a message when the data chunk is shorter than its header says (a cut-off copy).
+
+    libsndfile silently shortens such files to what is present, which would transcribe half a recording.
+    """
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos = 12
+    while pos + 8 <= len(head):
+        chunk, size = head[pos : pos + 4], struct.unpack("<I", head[pos + 4 : pos + 8])[0]
+        if chunk == b"data":
+            have = path.stat().st_size - (pos + 8)
+            if size != 0xFFFFFFFF and have < size:
+                return f"{path}: truncated WAV: the header promises {size} bytes of audio, the file has {have}; copy it again"
+            return None
+        pos += 8 + size + (size & 1)
+    return None
+
+
+def check_readable(path: str | os.PathLike) -> None:
+    """Fail now (one line) if ``path`` cannot be transcribed: missing, a directory, unreadable, truncated, empty."""
+    import soundfile as sf
+
+    p = Path(path)
+    if not p.exists():
+        raise AudioError(f"{p}: no such file")
+    if p.is_dir():
+        raise AudioError(f"{p}: is a directory, expected an audio file")
+    try:
+        info = sf.info(str(p))
+    except (RuntimeError, sf.LibsndfileError, TypeError, ValueError) as exc:
+        raise AudioError(f"{p}: cannot read audio ({str(exc).strip().splitlines()[0]}); use wav/flac/ogg/mp3") from exc
+    problem = _wav_truncation(p)
+    if problem:
+        raise AudioError(problem)
+    if info.frames == 0:
+        raise AudioError(f"{p}: the audio is empty (0 samples)")
 
 
 def load(source, rate: int | None = None, target: int = TARGET_RATE) -> np.ndarray:

@@ -1,0 +1,100 @@
+"""Export a random-weight checkpoint at a real geometry and measure it: export time, peak RSS, bundle size, and the
+runtime's peak RSS for merged and routed bundles (each step in a fresh process, so peaks do not mix).
+
+    python benchmarks/export_geometry.py --geometry 1.7b --work /tmp/megaedge-bench [--modes merged,routed]
+
+Writes benchmarks/results/export_<geometry>.json. Needs about 3x the fp32 model size of free disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+_EXPORT = """
+import json, resource, sys, time
+from megaedge.export.bundle import ExportOptions, export_bundle
+t = time.perf_counter()
+export_bundle(sys.argv[1], sys.argv[2], ExportOptions(mode=sys.argv[3]))
+print(json.dumps({"seconds": time.perf_counter() - t,
+                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+"""
+
+_RUN = """
+import json, resource, sys, time
+import numpy as np
+from megaedge.runtime.transcriber import Transcriber
+t = time.perf_counter()
+tr = Transcriber.from_bundle(sys.argv[1], route="lora" if sys.argv[2] == "routed" else "auto", verify=False)
+load = time.perf_counter() - t
+rng = np.random.default_rng(0)
+audio = (0.1 * rng.standard_normal(160000)).astype(np.float32)
+res = tr.transcribe(audio, max_new_tokens=16, ignore_eos=True, loop_guard=False)
+print(json.dumps({"load_seconds": load, "timings": res.timings,
+                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+"""
+
+
+def _python(code: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"step failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _size(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file()) / 2**30
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--geometry", default="1.7b", choices=("tiny", "0.6b", "1.7b"))
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--modes", default="merged,routed")
+    parser.add_argument("--keep", action="store_true", help="keep checkpoint and bundles")
+    args = parser.parse_args(argv)
+    from megaedge.export.factory import write_checkpoint
+
+    work = args.work / args.geometry
+    if work.exists():
+        shutil.rmtree(work)
+    t = time.perf_counter()
+    ckpt = write_checkpoint(work / "checkpoint", args.geometry, "mega", seed=0)
+    results = {"geometry": args.geometry, "machine": platform.processor() or platform.machine(),
+               "checkpoint_write_seconds": round(time.perf_counter() - t, 1), "modes": {}}
+    adapter = sum(p.stat().st_size for p in (ckpt / "mega-asr-merged").iterdir()) / 2**30
+    for mode in args.modes.split(","):
+        bundle = work / f"bundle-{mode}"
+        exported = _python(_EXPORT, str(ckpt), str(bundle), mode)
+        ran = _python(_RUN, str(bundle), mode)
+        results["modes"][mode] = {"export_seconds": round(exported["seconds"], 1),
+                                  "export_peak_rss_gib": round(exported["peak_rss_gib"], 2),
+                                  "bundle_gib": round(_size(bundle), 3),
+                                  "runtime_peak_rss_gib": round(ran["peak_rss_gib"], 2),
+                                  "runtime_load_seconds": round(ran["load_seconds"], 2),
+                                  "runtime_timings_10s_16tok": {k: round(v, 3) for k, v in ran["timings"].items()}}
+        print(mode, json.dumps(results["modes"][mode]), flush=True)
+    results["adapter_gib"] = round(adapter, 4)
+    if {"merged", "routed"} <= set(results["modes"]):
+        m, r = results["modes"]["merged"], results["modes"]["routed"]
+        results["routed_over_merged_size_gib"] = round(r["bundle_gib"] - m["bundle_gib"], 3)
+        results["routed_over_merged_rss_ratio"] = round(r["runtime_peak_rss_gib"] / m["runtime_peak_rss_gib"], 3)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"export_{args.geometry}.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    if not args.keep:
+        shutil.rmtree(work)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,48 @@
+"""``megaedge eval``: WER/CER of a bundle on a labelled clip set, per scenario and condition."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "eval"
+HELP = "measure WER/CER of a bundle on a JSONL clip set (per condition / scenario, empty and loop rates, routes)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", help="bundle directory")
+    parser.add_argument("set", nargs="?", help="JSONL clip set (path + text per line; default: the fixture's "
+                                               "held-out set)")
+    parser.add_argument("--route", choices=("auto", "base", "lora"), default="auto", help="route (default auto)")
+    parser.add_argument("--language", help="force the language")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N clips")
+    parser.add_argument("--providers", default="cpu", help="comma list: cpu, cuda, tensorrt (default cpu)")
+    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    parser.add_argument("--json", dest="json_out", help="also write the full report (groups + per-clip rows) here")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from megaedge.errors import require
+
+    require("jiwer", "eval")
+    from megaedge import fixture
+    from megaedge.runtime.evaluate import evaluate, format_table, read_set
+    from megaedge.runtime.transcriber import Transcriber
+
+    items = read_set(args.set or fixture.heldout_manifest())[: args.limit or None]
+    transcriber = Transcriber.from_bundle(args.bundle, providers=args.providers.split(","), route=args.route,
+                                          threads=args.threads)
+
+    def one(path):
+        result = transcriber.transcribe(path, language=args.language)
+        return result.text, result.loop_guard, result.route
+
+    report = evaluate(one, items)
+    report["bundle"] = {"mode": transcriber.manifest.mode, "precision": transcriber.manifest.precision,
+                        "route": args.route}
+    print(format_table(report))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2))
+    return 0

@@ -1,0 +1,45 @@
+"""``megaedge transcribe``: offline transcription with the lean runtime (no torch)."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "transcribe"
+HELP = "transcribe audio files with a bundle (lean runtime: numpy + onnxruntime + tokenizers)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", help="bundle directory written by `megaedge export`")
+    parser.add_argument("files", nargs="+", help="audio files (anything soundfile reads, any rate, mono or stereo)")
+    parser.add_argument("--route", choices=("auto", "base", "lora"), default="auto",
+                        help="routed bundles: auto = the router decides per segment (default); base / lora force one")
+    parser.add_argument("--language", help="force the output language (e.g. English)")
+    parser.add_argument("--context", help="context / hotwords placed in the system prompt")
+    parser.add_argument("--max-new-tokens", type=int, help="token budget per segment (default: from audio length)")
+    parser.add_argument("--providers", default="cpu", help="comma list: cpu, cuda, tensorrt (default cpu)")
+    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
+    parser.add_argument("--json", action="store_true", help="one JSON object per file (text, route, timings, ...)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megaedge.cli.common import print_json
+    from megaedge.runtime import audio as audio_io
+    from megaedge.runtime.transcriber import Transcriber
+
+    for name in args.files:  # a bad file fails before the bundle is loaded
+        audio_io.check_readable(name)
+    transcriber = Transcriber.from_bundle(args.bundle, providers=args.providers.split(","), route=args.route,
+                                          verify=not args.no_verify, threads=args.threads)
+    for name in args.files:
+        result = transcriber.transcribe(name, language=args.language, context=args.context,
+                                        max_new_tokens=args.max_new_tokens)
+        if args.json:
+            doc = result.to_dict()
+            doc.pop("raw", None)
+            print_json({"file": name, **doc})
+        else:
+            prob = f" p_degraded={result.degraded_prob:.2f}" if result.degraded_prob is not None else ""
+            guard = " loop-guard" if result.loop_guard else ""
+            print(f"{name}\t[{result.language or '?'}; {result.route}{prob}{guard}]\t{result.text}")
+    return 0

@@ -1,0 +1,96 @@
+"""Accuracy on a labelled clip set (the calibration builder's JSONL manifest format): WER/CER per scenario and
+condition with jiwer, empty-output rate, loop-guard rate and route statistics."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megaedge.errors import MegaedgeError, require
+from megaedge.progress import track
+
+_PUNCT = re.compile(r"[^\w\s']")
+
+
+def normalize(text: str) -> str:
+    """Case- and punctuation-insensitive comparison text (what WER is computed on)."""
+    return " ".join(_PUNCT.sub(" ", (text or "").lower()).split())
+
+
+def read_set(path: str | Path) -> list[dict]:
+    """Items of a JSONL set; ``path`` of each item resolved against the manifest's folder; ``text`` required."""
+    manifest = Path(path).expanduser()
+    if not manifest.is_file():
+        raise MegaedgeError(f"{manifest}: no such clip-set manifest (a JSONL file with path and text per line)")
+    items = []
+    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MegaedgeError(f"{manifest}:{number}: not valid JSON ({exc.msg})") from exc
+        if "path" not in item or "text" not in item:
+            raise MegaedgeError(f"{manifest}:{number}: each line needs 'path' and 'text' (reference transcript)")
+        item["path"] = str((manifest.parent / item["path"]).resolve())
+        items.append(item)
+    if not items:
+        raise MegaedgeError(f"{manifest}: no clips listed")
+    return items
+
+
+@dataclass
+class Group:
+    refs: list[str] = field(default_factory=list)
+    hyps: list[str] = field(default_factory=list)
+    empty: int = 0
+    loops: int = 0
+    routes: dict = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, ref: str, hyp: str, loop: bool, route: str) -> None:
+        self.refs.append(normalize(ref))
+        self.hyps.append(normalize(hyp))
+        self.empty += not normalize(hyp)
+        self.loops += bool(loop)
+        self.routes[route] += 1
+
+    def summary(self) -> dict:
+        jiwer = require("jiwer", "eval")
+        refs = [r if r else "<empty>" for r in self.refs]
+        n = len(self.refs)
+        return {"clips": n, "wer": round(100 * jiwer.wer(refs, self.hyps), 2),
+                "cer": round(100 * jiwer.cer(refs, self.hyps), 2), "empty_rate": round(100 * self.empty / n, 2),
+                "loop_rate": round(100 * self.loops / n, 2), "routes": dict(self.routes)}
+
+
+def group_keys(item: dict) -> list[str]:
+    """Every group a clip belongs to: all, clean/degraded, its scenario, and each of its conditions."""
+    scenario = item.get("scenario", "unlabelled")
+    keys = ["all", "clean" if scenario == "clean" else "degraded", f"scenario:{scenario}"]
+    keys += [f"condition:{c}" for c in item.get("conditions", [])]
+    return keys
+
+
+def evaluate(transcribe, items: list[dict], desc: str = "eval") -> dict:
+    """``transcribe(path) -> (text, loop_guard, route)``; returns {group: summary} plus per-clip rows."""
+    groups: dict[str, Group] = defaultdict(Group)
+    rows = []
+    for item in track(items, desc=desc, unit="clip"):
+        text, loop, route = transcribe(item["path"])
+        for key in group_keys(item):
+            groups[key].add(item["text"], text, loop, route)
+        rows.append({"id": item.get("id", Path(item["path"]).stem), "ref": item["text"], "hyp": text, "route": route})
+    order = sorted(groups, key=lambda k: (k != "all", k not in ("clean", "degraded"), k))
+    return {"groups": {k: groups[k].summary() for k in order}, "clips": rows}
+
+
+def format_table(report: dict) -> str:
+    lines = ["| group | clips | WER % | CER % | empty % | loop % | routes |", "|---|---:|---:|---:|---:|---:|---|"]
+    for key, s in report["groups"].items():
+        routes = ", ".join(f"{k}:{v}" for k, v in sorted(s["routes"].items()))
+        lines.append(f"| {key} | {s['clips']} | {s['wer']:.2f} | {s['cer']:.2f} | {s['empty_rate']:.1f} | "
+                     f"{s['loop_rate']:.1f} | {routes} |")
+    return "\n".join(lines)

@@ -1,0 +1,169 @@
+"""Export parity grid on the tiny factory model: ORT vs torch reference, merged vs routed (g=0 base, g=1 LoRA),
+KV-cached vs full recompute, plus bundle contents and bad input."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import numpy as np
+import pytest
+
+from megaedge.errors import BundleError, CheckpointError, MegaedgeError
+from megaedge.runtime import manifest
+from tests.conftest import speechlike
+
+LENGTHS = (0.3, 1.0, 7.9, 8.1, 17.0, 45.0)  # encoder chunk / window boundaries and multi-window audio
+
+
+@pytest.mark.parametrize("seconds", LENGTHS)
+def test_greedy_tokens_match_reference_merged_and_routed(seconds, tiny_loaded, transcribers):
+    from megaedge.export.reference import transcribe
+
+    audio = speechlike(seconds, seed=int(seconds * 10))
+    ref_lora = transcribe(tiny_loaded, audio, route="merged", max_new_tokens=24).token_ids
+    ref_base = transcribe(tiny_loaded, audio, route="base", max_new_tokens=24).token_ids
+    kw = {"max_new_tokens": 24, "segment_seconds": None, "loop_guard": False}
+    assert transcribers["merged"].transcribe(audio, **kw).token_ids == ref_lora
+    assert transcribers["routed"].transcribe(audio, route="lora", **kw).token_ids == ref_lora
+    assert transcribers["routed"].transcribe(audio, route="base", **kw).token_ids == ref_base
+    assert len(ref_lora) == 24 and ref_lora != ref_base  # the LoRA changes the output: the test can fail
+
+
+@pytest.mark.parametrize("seconds", (0.3, 8.1, 17.0))
+def test_encoder_matches_reference(seconds, tiny_loaded, transcribers):
+    import torch
+
+    from megaedge.export.reference import prompt_inputs
+
+    audio = speechlike(seconds, seed=3)
+    tiny_loaded.gate.set(1)
+    inputs = prompt_inputs(tiny_loaded, audio, None, None)
+    with torch.no_grad():
+        ref = tiny_loaded.model.model.get_audio_features(
+            inputs["input_features"], inputs["input_features_mask"], return_dict=True).pooler_output.numpy()
+    tr = transcribers["routed"]
+    tr._gate_value = np.array([1.0], np.float32)
+    got = tr.encode(audio)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= 1e-4
+
+
+def test_kv_cached_decode_matches_full_recompute(transcribers):
+    tr = transcribers["merged"]
+    audio = tr.encode(speechlike(3.0, seed=5))
+    prompt = tr.prompt(audio.shape[0], None, None)
+    extra = [100, 2000, 30000, 7]
+    session = tr.sessions["decoder"]
+    empty = np.zeros(tr.kv_shape, np.float32)
+    full = session.run({"input_ids": np.asarray([prompt + extra], np.int64), "audio_features": audio,
+                        **dict.fromkeys(tr.past_names, empty)})[0]
+    outs = session.run({"input_ids": np.asarray([prompt], np.int64), "audio_features": audio,
+                        **dict.fromkeys(tr.past_names, empty)})
+    no_audio = audio[:0]
+    for token in extra:
+        outs = session.run({"input_ids": np.asarray([[token]], np.int64), "audio_features": no_audio,
+                            **dict(zip(tr.past_names, outs[1:]))})
+    assert outs[1].shape[2] == len(prompt) + len(extra)
+    assert np.abs(outs[0] - full).max() <= 1e-4
+
+
+def test_routed_bundle_shares_base_weights(tiny_bundles, tiny_mega):
+    sizes = {}
+    for mode, path in tiny_bundles.items():
+        info = manifest.read(path)
+        sizes[mode] = sum((path / f).stat().st_size for f in info.files if f.endswith((".onnx", ".data")))
+    adapter = (tiny_mega / "mega-asr-merged" / "adapter_model.safetensors").stat().st_size
+    assert sizes["routed"] <= sizes["merged"] + 2 * adapter, (sizes, adapter)
+
+
+def test_manifest_describes_everything(tiny_bundles):
+    path = tiny_bundles["routed"]
+    doc = json.loads((path / manifest.MANIFEST_NAME).read_text())
+    info = manifest.read(path)
+    assert info.mode == "routed" and info.precision == "fp32"
+    assert set(info.graphs) == {"encoder", "decoder", "router"}
+    assert {f for f in info.files} >= {manifest.ENCODER_FILE, manifest.DECODER_FILE, manifest.TOKENIZER_FILE}
+    for name, digest in info.files.items():
+        assert manifest.sha256_file(path / name) == digest
+    dec = info.graph("decoder")
+    assert dec.input_names[:2] == ("input_ids", "audio_features") and "lora_gate" in dec.input_names
+    assert dec.input("past_key_0").shape[2] == "past"
+    assert info.graph("encoder").input("mel").shape[1] == 128
+    assert doc["versions"]["opset"] == 18 and "onnxruntime_validated" in doc["versions"]
+    assert info.prompt.eos and info.prompt.audio_pad == 151676
+
+
+@pytest.mark.parametrize("context,language", [(None, None), ("conveyor three, press nine", None), (None, "English"),
+                                              ("hotword", "Chinese")])
+def test_runtime_prompt_equals_processor_prompt(context, language, tiny_loaded, transcribers):
+    from megaedge.export.reference import prompt_inputs
+
+    audio = speechlike(2.5, seed=1)
+    expected = prompt_inputs(tiny_loaded, audio, language, context)["input_ids"][0].tolist()
+    tr = transcribers["merged"]
+    assert tr.prompt(expected.count(tr.manifest.prompt.audio_pad), context, language) == expected
+
+
+def test_fp16_bundle_validates_and_agrees(tiny_mega, tmp_path):
+    from megaedge.export.bundle import ExportOptions, export_bundle
+    from megaedge.runtime.transcriber import Transcriber
+
+    out = export_bundle(tiny_mega, tmp_path / "fp16", ExportOptions(precision="fp16"), validation_audio=speechlike(3))
+    info = manifest.read(out)
+    assert info.graph("encoder").input("mel").dtype == "float16"
+    assert info.graph("decoder").input("past_key_0").dtype == "float16"
+    result = Transcriber.from_bundle(out).transcribe(speechlike(4, seed=2), max_new_tokens=8, loop_guard=False)
+    assert len(result.token_ids) == 8
+
+
+def test_refuses_non_empty_output(tiny_mega, tmp_path):
+    from megaedge.export.bundle import export_bundle
+
+    (tmp_path / "keep.txt").write_text("user data")
+    with pytest.raises(BundleError, match="not empty.*--force"):
+        export_bundle(tiny_mega, tmp_path)
+    assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+def test_routed_without_adapter_is_refused(tiny_checkpoints, tmp_path):
+    from megaedge.export.bundle import ExportOptions, export_bundle
+
+    with pytest.raises(CheckpointError, match="routed needs a LoRA adapter"):
+        export_bundle(tiny_checkpoints["native"], tmp_path / "b", ExportOptions(mode="routed"))
+    assert not (tmp_path / "b").exists()
+
+
+def test_unknown_layout_and_bad_options(tmp_path):
+    from megaedge.export.bundle import ExportOptions, export_bundle
+
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="unknown checkpoint layout"):
+        export_bundle(tmp_path / "junk", tmp_path / "out")
+    with pytest.raises(MegaedgeError, match="opset 16 is below 17"):
+        ExportOptions(precision="fp16", opset=16)
+    with pytest.raises(MegaedgeError, match="not fp32 or fp16"):
+        ExportOptions(precision="int4")
+
+
+def test_disk_full_leaves_nothing(tiny_mega, tmp_path, monkeypatch):
+    from megaedge.export import bundle
+
+    def full(_loaded, out, *_args):
+        (out / "encoder.onnx").write_bytes(b"half a graph")  # the disk fills up mid-write
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(bundle, "export_encoder", full)
+    with pytest.raises(BundleError, match="disk full"):
+        bundle.export_bundle(tiny_mega, tmp_path / "b", bundle.ExportOptions(validate=False))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_validation_failure_is_reported_and_cleaned(tiny_mega, tmp_path, monkeypatch):
+    from megaedge.export import bundle
+
+    monkeypatch.setitem(bundle.TOLERANCE, "fp32", {"encoder": 0.0, "logits": 0.0, "router": 0.0})
+    with pytest.raises(bundle.ExportValidationError, match="differs by"):
+        bundle.export_bundle(tiny_mega, tmp_path / "b", validation_audio=speechlike(2))
+    assert list(tmp_path.iterdir()) == []

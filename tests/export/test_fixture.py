@@ -1,0 +1,86 @@
+"""The shipped trained fixture: layout, size, and its accuracy figures reproduced with transformers' generate
+(loaded through the foundation loader), plus runtime-vs-reference token identity on its held-out clips."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from megaedge import fixture
+from megaedge.runtime.evaluate import read_set
+
+pytestmark = pytest.mark.skipif(not fixture.MODEL_DIR.exists(), reason="fixture not shipped in this checkout")
+
+
+def test_fixture_has_the_mega_asr_layout_and_fits():
+    from megaedge.export import layout
+
+    source = layout.resolve(fixture.model_dir())
+    assert source.root_layout is layout.Layout.MEGA and source.layout is layout.Layout.ORIGINAL
+    assert source.adapter_dir and source.router_file
+    names = json.loads((source.adapter_dir / layout.ADAPTER_CONFIG).read_text())
+    assert names["rank_pattern"] and names["alpha_pattern"]
+    keys = list(names["rank_pattern"])
+    assert any(k.startswith("thinker.model.layers.") for k in keys) and any(k.startswith("thinker.layers.") for k in keys)
+    assert json.loads((source.adapter_dir / layout.ADAPTER_BLOCKS).read_text())
+    model_bytes = sum(p.stat().st_size for p in fixture.MODEL_DIR.rglob("*") if p.is_file())
+    clip_bytes = sum(p.stat().st_size for p in fixture.HELDOUT_DIR.rglob("*") if p.is_file())
+    assert model_bytes <= 30e6 and clip_bytes <= 5e6, (model_bytes, clip_bytes)
+
+
+def test_special_ids_are_not_qwen_ids():
+    """The fixture's small vocabulary puts every special token elsewhere: nothing may hard-code Qwen's ids."""
+    from megaedge.export.loader import load_checkpoint
+
+    loaded = load_checkpoint(fixture.model_dir(), lora="none", load_router=False)
+    assert loaded.config.audio_token_id != 151676 and 151645 not in loaded.config.eos_token_id
+
+
+@pytest.fixture(scope="module")
+def figures():
+    sys.path.insert(0, str(fixture.ROOT.parents[2] / "training"))
+    from evaluate_fixture import measure
+
+    return measure()
+
+
+def test_fixture_figures(figures):
+    wer = figures["wer"]
+    assert wer["base"]["clean"] <= 5.0
+    assert wer["merged"]["atomic"] <= 0.75 * wer["base"]["atomic"]
+    assert figures["router_accuracy"] >= 90.0
+    assert wer["auto"]["all"] <= min(wer["base"]["all"], wer["merged"]["all"]) + 1.0
+
+
+def test_figures_match_the_shipped_table(figures):
+    shipped = json.loads((fixture.ROOT / "RESULTS.json").read_text())
+    assert shipped["wer"] == figures["wer"] and shipped["router_accuracy"] == figures["router_accuracy"]
+
+
+@pytest.fixture(scope="module")
+def fixture_bundles(tmp_path_factory):
+    from megaedge.export.bundle import ExportOptions, export_bundle
+
+    root = tmp_path_factory.mktemp("fixture_bundles")
+    return {mode: export_bundle(fixture.model_dir(), root / mode, ExportOptions(mode=mode))
+            for mode in ("merged", "routed")}
+
+
+def test_runtime_tokens_equal_reference_on_heldout(fixture_bundles):
+    from megaedge.export.loader import load_checkpoint
+    from megaedge.export.reference import transcribe
+    from megaedge.runtime.transcriber import Transcriber
+
+    loaded = load_checkpoint(fixture.model_dir(), lora="branches")
+    merged = Transcriber.from_bundle(fixture_bundles["merged"])
+    routed = Transcriber.from_bundle(fixture_bundles["routed"])
+    items = read_set(fixture.heldout_manifest())[::3]
+    for item in items:
+        ref = transcribe(loaded, item["path"], route="auto")
+        ref_lora = transcribe(loaded, item["path"], route="merged")
+        got = routed.transcribe(item["path"], loop_guard=False)
+        assert got.route == ("lora" if ref.route == "merged" else "base"), item["id"]
+        assert got.token_ids == ref.token_ids, item["id"]
+        assert merged.transcribe(item["path"], loop_guard=False).token_ids == ref_lora.token_ids, item["id"]

@@ -1,0 +1,170 @@
+"""Lean runtime: no torch, bad input (one line, exit 1), loop guard, long-form segmentation, one signature."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from megaedge.errors import AudioError, BundleError, MegaedgeError
+from megaedge.runtime import manifest, segmenting
+from tests.conftest import BLOCK_TORCH, run_cli, speechlike
+
+
+def _wav(path, samples, rate=16000, subtype="PCM_16"):
+    sf.write(str(path), samples, rate, subtype=subtype)
+    return str(path)
+
+
+def test_transcribe_cli_without_torch(tiny_bundles, tmp_path):
+    wav = _wav(tmp_path / "a.wav", speechlike(2.0))
+    stereo = _wav(tmp_path / "s.flac", np.stack([speechlike(1.5, 1), speechlike(1.5, 2)], 1), rate=44100)
+    proc = run_cli("transcribe", str(tiny_bundles["routed"]), wav, stereo, "--json", "--max-new-tokens", "6",
+                   python_prelude=BLOCK_TORCH)
+    assert proc.returncode == 0, proc.stderr
+    docs = [json.loads(part) for part in proc.stdout.replace("}\n{", "}\x00{").split("\x00")]
+    assert len(docs) == 2 and all(d["route"] in ("base", "lora") for d in docs)
+    assert 0.0 <= docs[0]["degraded_prob"] <= 1.0 and docs[0]["timings"]["encoder"] > 0
+
+
+def test_runtime_imports_nothing_heavy():
+    code = BLOCK_TORCH + "import megaedge.runtime.transcriber, megaedge.runtime.evaluate, megaedge.cli.main\nprint('ok')"
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+def _one_line_error(proc, *fragments):
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.strip().splitlines() if line]
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_bad_audio_inputs(tiny_bundles, tmp_path):
+    bundle = str(tiny_bundles["merged"])
+    full = _wav(tmp_path / "full.wav", speechlike(1.0))
+    data = open(full, "rb").read()
+    (tmp_path / "cut.wav").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.wav").write_bytes(b"not audio at all" * 10)
+    _wav(tmp_path / "empty.wav", np.zeros(0, np.float32))
+    nan = speechlike(1.0)
+    nan[100] = np.nan
+    _wav(tmp_path / "nan.wav", nan, subtype="FLOAT")
+    cases = {"missing.wav": "no such file", "cut.wav": "truncated WAV", "junk.wav": "cannot read audio",
+             "empty.wav": "empty", "nan.wav": "NaN or Inf"}
+    for name, fragment in cases.items():
+        _one_line_error(run_cli("transcribe", bundle, str(tmp_path / name)), name, fragment)
+
+
+def test_all_zero_audio_gives_empty_text(tiny_bundles, tmp_path):
+    from megaedge.runtime.transcriber import Transcriber
+
+    result = Transcriber.from_bundle(tiny_bundles["routed"]).transcribe(np.zeros(32000, np.float32))
+    assert result.text == "" and result.token_ids == []
+    proc = run_cli("transcribe", str(tiny_bundles["merged"]), _wav(tmp_path / "z.wav", np.zeros(16000)))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("]")
+
+
+def test_bad_bundles(tiny_bundles, tmp_path):
+    wav = _wav(tmp_path / "a.wav", speechlike(1.0))
+    _one_line_error(run_cli("transcribe", str(tmp_path), wav), "not a megaedge bundle")
+    _one_line_error(run_cli("transcribe", str(tmp_path / "nope"), wav), "not a directory")
+    tampered = tmp_path / "tampered"
+    shutil.copytree(tiny_bundles["merged"], tampered)
+    graph = tampered / manifest.ENCODER_FILE
+    raw = bytearray(graph.read_bytes())
+    raw[-10] ^= 0xFF
+    graph.write_bytes(bytes(raw))
+    _one_line_error(run_cli("transcribe", str(tampered), wav), "sha256", "--no-verify")
+    newer = tmp_path / "newer"
+    shutil.copytree(tiny_bundles["merged"], newer)
+    doc = json.loads((newer / manifest.MANIFEST_NAME).read_text())
+    doc["format_version"] = manifest.FORMAT_VERSION + 1
+    (newer / manifest.MANIFEST_NAME).write_text(json.dumps(doc))
+    _one_line_error(run_cli("transcribe", str(newer), wav), "newer", "pip install -U megaedge")
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_bundles["merged"], partial)
+    (partial / manifest.ROUTER_FILE).unlink()
+    with pytest.raises(BundleError, match="listed .* but missing"):
+        manifest.read(partial)
+
+
+def test_merged_and_routed_share_one_signature(tiny_bundles):
+    from megaedge.runtime.transcriber import Transcriber
+
+    merged = Transcriber.from_bundle(tiny_bundles["merged"])
+    routed = Transcriber.from_bundle(tiny_bundles["routed"])
+    assert inspect.signature(merged.transcribe) == inspect.signature(routed.transcribe)
+    audio = speechlike(1.2, seed=4)
+    for tr, route in ((merged, "merged"), (routed, None)):
+        result = tr.transcribe(audio, max_new_tokens=4, loop_guard=False)
+        assert len(result.token_ids) == 4 and (route is None or result.route == route)
+    with pytest.raises(MegaedgeError, match="routed bundle"):
+        Transcriber.from_bundle(tiny_bundles["merged"], route="base")
+
+
+def test_session_checks_feeds(tiny_bundles):
+    from megaedge.runtime.transcriber import Transcriber
+
+    tr = Transcriber.from_bundle(tiny_bundles["merged"])
+    enc = tr.sessions["encoder"]
+    with pytest.raises(BundleError, match="missing"):
+        enc.run({"mel": np.zeros((1, 128, 100), np.float32)})
+    with pytest.raises(BundleError, match="dtype"):
+        enc.run({"mel": np.zeros((1, 128, 100), np.float64), "valid_tokens": np.array([13])})
+    with pytest.raises(BundleError, match="shape"):
+        enc.run({"mel": np.zeros((1, 80, 100), np.float32), "valid_tokens": np.array([13])})
+
+
+def test_loop_guard_redecodes_repetition(tiny_bundles):
+    from megaedge.runtime.transcriber import Transcriber, _repetition
+
+    assert _repetition([5, 6, 7, 8, 8, 8, 8]) and _repetition([1, 2, 3] * 4) and not _repetition([1, 2, 3, 4, 5])
+    tr = Transcriber.from_bundle(tiny_bundles["merged"])
+    audio = speechlike(1.0, seed=10)
+    plain = tr.transcribe(audio, max_new_tokens=40, loop_guard=False)
+    assert _repetition(plain.token_ids), "random tiny weights loop; this clip must show it"
+    guarded = tr.transcribe(audio, max_new_tokens=40)
+    assert guarded.loop_guard and guarded.segments[0].loop_guard == "no_repeat_ngram"
+    assert not _repetition(guarded.token_ids)
+    routed = Transcriber.from_bundle(tiny_bundles["routed"]).transcribe(audio, route="lora", max_new_tokens=40)
+    assert routed.segments[0].loop_guard == "base_route" and routed.route == "base"
+
+
+def test_long_form_segments_cut_in_silence():
+    rate = 16000
+    audio = speechlike(95, seed=1)
+    gaps = [(27.0, 27.6), (55.0, 55.5), (83.0, 83.4)]
+    for a, b in gaps:
+        audio[int(a * rate) : int(b * rate)] = 0.0
+    bounds = segmenting.segments(audio, 30.0)
+    assert bounds[0][0] == 0 and bounds[-1][1] == len(audio)
+    assert all(0 < (e - s) <= 30 * rate for s, e in bounds)
+    for (_, cut), (a, b) in zip(bounds[:-1], gaps):
+        assert a * rate <= cut <= b * rate
+    assert segmenting.segments(audio, None) == [(0, len(audio))]
+
+
+def test_long_form_transcription_joins_segments(tiny_bundles):
+    from megaedge.runtime.transcriber import Transcriber
+
+    tr = Transcriber.from_bundle(tiny_bundles["merged"])
+    result = tr.transcribe(speechlike(25, seed=2), segment_seconds=10, max_new_tokens=3, loop_guard=False)
+    assert len(result.segments) == 3
+    assert result.token_ids == [t for s in result.segments for t in s.token_ids]
+    assert result.segments[-1].end == pytest.approx(25.0)
+
+
+def test_audio_errors_in_api():
+    from megaedge.runtime import audio
+
+    with pytest.raises(AudioError, match="empty"):
+        audio.load(np.zeros(0, np.float32))
