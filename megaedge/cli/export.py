@@ -27,6 +27,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; default 18)")
     parser.add_argument("--no-validate", action="store_true", help="skip the bundle-vs-torch check after export")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    int8 = parser.add_argument_group("INT8 (calibrated on wild audio)")
+    int8.add_argument("--int8", action="store_true", help="write an INT8 bundle and its per-condition accuracy report")
+    int8.add_argument("--target", choices=("cpu", "cuda", "tensorrt"), default="cpu",
+                      help="device the INT8 flavour is made for (default cpu)")
+    int8.add_argument("--recipe", help="INT8 recipe: cpu, cpu-weights, tensorrt, naive (default: the target's)")
+    int8.add_argument("--calib", help="calibration clips: a folder or a JSONL manifest (default: the shipped "
+                                      "wild-audio calibration clips)")
+    int8.add_argument("--calib-cache", help="folder that keeps activation ranges so re-runs skip calibration")
+    int8.add_argument("--eval-set", help="labelled JSONL set for the report (default: the fixture's held-out clips)")
+    int8.add_argument("--no-report", action="store_true", help="skip the accuracy report")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,7 +50,23 @@ def run(args: argparse.Namespace) -> int:
     options = ExportOptions(precision=args.precision, mode=args.mode, opset=args.opset,
                             validate=not args.no_validate, force=args.force, include_router=not args.no_router)
     model = args.model or fixture.model_dir()
-    out = export_bundle(model, args.out, options, adapter=args.adapter, router=args.router)
+    if args.int8:
+        from megaedge.errors import MegaedgeError
+        from megaedge.export.int8 import Int8Options, export_int8, format_report
+
+        if args.precision != "fp32":
+            raise MegaedgeError(f"--int8 with --precision {args.precision}: INT8 is built from fp32; drop --precision")
+        int8 = Int8Options(target=args.target, recipe=args.recipe, calib=args.calib, calib_cache=args.calib_cache,
+                           eval_set=args.eval_set, report=not args.no_report)
+        int8.chosen_recipe()  # an unknown recipe fails before the export
+        out = export_int8(model, args.out, options, int8, adapter=args.adapter, router=args.router)
+        report = out / manifest.QUANT_REPORT_JSON
+        if report.is_file():
+            import json
+
+            print(format_report(json.loads(report.read_text())))
+    else:
+        out = export_bundle(model, args.out, options, adapter=args.adapter, router=args.router)
     info = manifest.read(out, verify=False)
     size = sum((out / f).stat().st_size for f in info.files)
     print_json({"bundle": str(out), "mode": info.mode, "precision": info.precision,

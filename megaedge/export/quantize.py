@@ -41,6 +41,7 @@ class Int8Recipe:
     symmetric_activations: bool = False
     conv_stem_float: bool = True
     lora_float: bool = True  # routed bundles: keep the gated low-rank branch in float
+    tied_embedding_int8: bool = False  # one int8 copy (per-row scales) serves embedding lookup AND LM head
     description: str = ""
 
     @classmethod
@@ -57,9 +58,10 @@ class Int8Recipe:
 
 
 RECIPES = {
-    "cpu": Int8Recipe("cpu", encoder="static", decoder="dynamic",
+    "cpu": Int8Recipe("cpu", encoder="static", decoder="dynamic", tied_embedding_int8=True,
                       description="encoder static Q/DQ (u8 activations, per-channel s8 weights, conv stem float); "
-                                  "decoder per-channel s8 weights with dynamic activations"),
+                                  "decoder per-channel s8 weights with dynamic activations; tied embedding / LM "
+                                  "head one int8 copy with per-row scales"),
     "cpu-weights": Int8Recipe("cpu-weights", encoder="dynamic", decoder="dynamic",
                               description="per-channel dynamic INT8 everywhere (no calibration needed)"),
     "tensorrt": Int8Recipe("tensorrt", encoder="static", decoder="static", activation="int8",
@@ -78,6 +80,70 @@ def _scopes(node) -> str:
     return ""
 
 
+def quantize_tied_embedding(model):
+    """Replace the fp32 tied embedding / LM-head matrix W [V, H] by ONE int8 copy Wq^T [H, V] with per-row scales.
+
+    Embedding: Gather(Wq^T, ids, axis=1) -> transpose -> * scale[ids]. LM head: DynamicQuantizeLinear(x) ->
+    MatMulInteger(x_q, Wq^T) -> * x_scale * scale. The transposed layout lets one copy serve both, so the biggest
+    matrix of a small-vocabulary-heavy model shrinks 4x instead of being duplicated.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    gathers = [n for n in graph.node if n.op_type == "Gather"]
+    inits = {i.name: i for i in graph.initializer}
+    gather = next((n for n in gathers if n.input[0] in inits and len(inits[n.input[0]].dims) == 2), None)
+    if gather is None:
+        return model, False
+    name = gather.input[0]
+    transpose = next((n for n in graph.node if n.op_type == "Transpose" and n.input[0] == name), None)
+    matmul = next((n for n in graph.node if transpose is not None and n.op_type == "MatMul"
+                   and n.input[1] == transpose.output[0]), None)
+    if transpose is None or matmul is None:
+        return model, False
+    weight = numpy_helper.to_array(inits[name]).astype(np.float32)
+    scale = np.maximum(np.abs(weight).max(axis=1), 1e-12) / 127.0
+    quantized = np.clip(np.round(weight / scale[:, None]), -127, 127).astype(np.int8)
+    graph.initializer.remove(inits[name])
+    graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(quantized.T), "tied_embedding_int8_t"),
+                              numpy_helper.from_array(scale.astype(np.float32), "tied_embedding_scale")])
+    ids, emb_out = gather.input[1], gather.output[0]
+    x, logits = matmul.input[0], matmul.output[0]
+    new = [
+        helper.make_node("Gather", ["tied_embedding_int8_t", ids], ["te_cols"], axis=1),
+        helper.make_node("Transpose", ["te_cols"], ["te_rows"], perm=[1, 2, 0]),
+        helper.make_node("Cast", ["te_rows"], ["te_rows_f"], to=TensorProto.FLOAT),
+        helper.make_node("Gather", ["tied_embedding_scale", ids], ["te_row_scale"], axis=0),
+        helper.make_node("Unsqueeze", ["te_row_scale", "te_axis_last"], ["te_row_scale_u"]),
+        helper.make_node("Mul", ["te_rows_f", "te_row_scale_u"], [emb_out]),
+        helper.make_node("DynamicQuantizeLinear", [x], ["te_xq", "te_xs", "te_xz"]),
+        helper.make_node("MatMulInteger", ["te_xq", "tied_embedding_int8_t", "te_xz"], ["te_acc"]),
+        helper.make_node("Cast", ["te_acc"], ["te_acc_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["te_acc_f", "te_xs"], ["te_acc_x"]),
+        helper.make_node("Mul", ["te_acc_x", "tied_embedding_scale"], [logits]),
+    ]
+    graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "te_axis_last"))
+    position = list(graph.node).index(gather)
+    for node in (gather, transpose, matmul):
+        graph.node.remove(node)
+    for offset, node in enumerate(new):
+        graph.node.insert(position + offset, node)
+    return model, True
+
+
+def _module(node) -> str:
+    """Deepest torch module path recorded on an exported node ('' when none)."""
+    import ast
+
+    raw = _scopes(node)
+    try:
+        scopes = ast.literal_eval(raw) if raw else []
+    except (ValueError, SyntaxError):
+        return ""
+    modules = [s for s in scopes[:-1] if s]  # the last entry names the op itself
+    return modules[-1] if modules else ""
+
+
 def select_nodes(path: Path, recipe: Int8Recipe) -> tuple[list[str], list[str]]:
     """(nodes to quantize, nodes kept float) among MatMul/Conv/Gemm nodes with a constant weight."""
     import onnx
@@ -85,15 +151,18 @@ def select_nodes(path: Path, recipe: Int8Recipe) -> tuple[list[str], list[str]]:
     model = onnx.load(str(path), load_external_data=False)
     constants = {i.name for i in model.graph.initializer}
     constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    weighted = [n for n in model.graph.node
+                if n.op_type in ("MatMul", "Gemm", "Conv") and len(n.input) >= 2 and n.input[1] in constants]
+    # A gated LoRA module M runs its base Linear under scope "M.base" and its A/B products directly under "M".
+    module_of = {n.name: _module(n) for n in weighted}
+    gated = {m[: -len(".base")] for m in module_of.values() if m.endswith(".base")}
     keep, skip = [], []
-    for node in model.graph.node:
-        if node.op_type not in ("MatMul", "Gemm", "Conv") or len(node.input) < 2 or node.input[1] not in constants:
-            continue
-        scope = _scopes(node)
+    for node in weighted:
+        scope = module_of[node.name]
         float_reasons = []
         if recipe.conv_stem_float and any(s in scope for s in ("conv2d1", "conv2d2", "conv2d3", "conv_out")):
             float_reasons.append("conv stem")
-        if recipe.lora_float and ("lora_a" in scope or "lora_b" in scope):
+        if recipe.lora_float and scope in gated:
             float_reasons.append("lora branch")
         (skip if float_reasons else keep).append(node.name)
     return keep, skip
@@ -167,10 +236,12 @@ def _quantize_graph(src: Path, dst: Path, how: str, recipe: Int8Recipe, feeds: l
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"], per_channel=recipe.per_channel,
                          weight_type=QuantType.QInt8, nodes_to_quantize=nodes, use_external_data_format=external,
                          extra_options={"MatMulConstBOnly": True})
+        if recipe.tied_embedding_int8 and "decoder" in dst.name:
+            _rewrite(dst, quantize_tied_embedding, external)
     else:
         activation = QuantType.QInt8 if recipe.activation == "int8" else QuantType.QUInt8
         quantize_static(
-            str(src), str(dst), _Reader(feeds or []), quant_format=QuantFormat.QDQ,
+            str(src), str(dst), _Reader(feeds) if feeds is not None else None, quant_format=QuantFormat.QDQ,
             op_types_to_quantize=["MatMul", "Gemm", "Conv"], per_channel=recipe.per_channel,
             activation_type=activation, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
             use_external_data_format=external, calibrate_method=CalibrationMethod.MinMax,
@@ -179,6 +250,29 @@ def _quantize_graph(src: Path, dst: Path, how: str, recipe: Int8Recipe, feeds: l
                            "MatMulConstBOnly": True},
         )
     return {"method": how, "quantized_nodes": len(nodes), "float_nodes": len(floats)}
+
+
+def manifest_sha(items: list[dict]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(str(item["path"]).encode())
+    return digest.hexdigest()[:8]
+
+
+def _rewrite(path: Path, transform, external: bool) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    model, changed = transform(model)
+    if not changed:
+        log.warning("%s: no tied embedding / LM head pattern found; left in float", path.name)
+        return
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    onnx.save(model, str(path), save_as_external_data=external, location=data.name if external else None)
 
 
 def quantize_bundle(fp32_bundle: Path, out: Path, recipe: Int8Recipe, calib_items: list[dict], target: str,
@@ -199,10 +293,15 @@ def quantize_bundle(fp32_bundle: Path, out: Path, recipe: Int8Recipe, calib_item
         spec = info.graph(name)
         external = bool(spec.data_files)
         feeds = None
-        if how == "static":
+        # Ranges depend on the graph, the activation flavour and the clips: all three key the cache file.
+        clips_key = manifest_sha(calib_items)
+        flavour = f"{recipe.activation}{'-sym' if recipe.symmetric_activations else ''}"
+        cache = (cache_dir / f"{name}-{info.files[spec.file][:12]}-{flavour}-{clips_key}.json") if cache_dir else None
+        if how == "static" and not (cache and cache.is_file()):
             feeds = (encoder_feeds(info, calib_items) if name == "encoder"
                      else decoder_feeds(fp32_bundle, calib_items))
-        cache = (cache_dir / f"{name}_ranges") if cache_dir else None
+        elif cache and cache.is_file():
+            log.info("%s: activation ranges from cache %s", name, cache.name)
         details[name] = _quantize_graph(fp32_bundle / spec.file, out / spec.file, how, recipe, feeds, cache, external)
         data = (out / spec.file).with_name(spec.file + ".data")
         graphs[name] = _graph_spec(out / spec.file, "int8" if how != "float" else "fp32",
