@@ -28,6 +28,18 @@ print(json.dumps({"seconds": time.perf_counter() - t,
                   "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 """
 
+_INT8 = """
+import json, resource, sys, time
+from pathlib import Path
+from megaedge.export.int8 import calibration_items
+from megaedge.export.quantize import RECIPES, quantize_bundle
+t = time.perf_counter()
+items, source = calibration_items(None)
+quantize_bundle(Path(sys.argv[1]), Path(sys.argv[2]), RECIPES[sys.argv[3]], items, "cpu", None, source)
+print(json.dumps({"seconds": time.perf_counter() - t,
+                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+"""
+
 _RUN = """
 import json, resource, sys, time
 import numpy as np
@@ -37,7 +49,8 @@ tr = Transcriber.from_bundle(sys.argv[1], route="lora" if sys.argv[2] == "routed
 load = time.perf_counter() - t
 rng = np.random.default_rng(0)
 audio = (0.1 * rng.standard_normal(160000)).astype(np.float32)
-res = tr.transcribe(audio, max_new_tokens=16, ignore_eos=True, loop_guard=False)
+tr.transcribe(audio[:16000], max_new_tokens=2, ignore_eos=True, loop_guard=False)  # warm-up
+res = tr.transcribe(audio, max_new_tokens=32, ignore_eos=True, loop_guard=False)
 print(json.dumps({"load_seconds": load, "timings": res.timings,
                   "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 """
@@ -59,6 +72,7 @@ def main(argv=None) -> int:
     parser.add_argument("--geometry", default="1.7b", choices=("tiny", "0.6b", "1.7b"))
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--modes", default="merged,routed")
+    parser.add_argument("--int8", default="cpu", help="INT8 recipe to build from the merged bundle ('' = none)")
     parser.add_argument("--keep", action="store_true", help="keep checkpoint and bundles")
     args = parser.parse_args(argv)
     from megaedge.export.factory import write_checkpoint
@@ -80,8 +94,23 @@ def main(argv=None) -> int:
                                   "bundle_gib": round(_size(bundle), 3),
                                   "runtime_peak_rss_gib": round(ran["peak_rss_gib"], 2),
                                   "runtime_load_seconds": round(ran["load_seconds"], 2),
-                                  "runtime_timings_10s_16tok": {k: round(v, 3) for k, v in ran["timings"].items()}}
+                                  "runtime_timings_10s_32tok": {k: round(v, 3) for k, v in ran["timings"].items()}}
         print(mode, json.dumps(results["modes"][mode]), flush=True)
+    if args.int8 and "merged" in results["modes"]:
+        bundle = work / "bundle-int8"
+        made = _python(_INT8, str(work / "bundle-merged"), str(bundle), args.int8)
+        ran = _python(_RUN, str(bundle), "merged")
+        results["modes"]["int8-" + args.int8] = {
+            "quantize_seconds": round(made["seconds"], 1), "quantize_peak_rss_gib": round(made["peak_rss_gib"], 2),
+            "bundle_gib": round(_size(bundle), 3), "runtime_peak_rss_gib": round(ran["peak_rss_gib"], 2),
+            "runtime_load_seconds": round(ran["load_seconds"], 2),
+            "runtime_timings_10s_32tok": {k: round(v, 3) for k, v in ran["timings"].items()}}
+        m, q = results["modes"]["merged"], results["modes"]["int8-" + args.int8]
+        tps = lambda r: r["runtime_timings_10s_32tok"]["decode_tokens"] / r["runtime_timings_10s_32tok"]["decode"]  # noqa: E731
+        results["int8_size_ratio"] = round(q["bundle_gib"] / m["bundle_gib"], 3)
+        results["decode_tokens_per_s"] = {"fp32": round(tps(m), 2), "int8": round(tps(q), 2)}
+        results["int8_decode_speedup"] = round(tps(q) / tps(m), 2)
+        print("int8", json.dumps(q), flush=True)
     results["adapter_gib"] = round(adapter, 4)
     if {"merged", "routed"} <= set(results["modes"]):
         m, r = results["modes"]["merged"], results["modes"]["routed"]

@@ -84,3 +84,27 @@ def test_runtime_tokens_equal_reference_on_heldout(fixture_bundles):
         assert got.route == ("lora" if ref.route == "merged" else "base"), item["id"]
         assert got.token_ids == ref.token_ids, item["id"]
         assert merged.transcribe(item["path"], loop_guard=False).token_ids == ref_lora.token_ids, item["id"]
+
+
+@pytest.fixture(scope="module")
+def int8_fixture_bundle(tmp_path_factory):
+    from megaedge.export.bundle import ExportOptions
+    from megaedge.export.int8 import Int8Options, export_int8
+
+    out = tmp_path_factory.mktemp("int8") / "bundle"
+    return export_int8(fixture.model_dir(), out, ExportOptions(), Int8Options())
+
+
+def test_int8_keeps_fixture_accuracy(int8_fixture_bundle):
+    """The INT8 issue's bar, measured by the report `megaedge export --int8` writes into the bundle."""
+    from megaedge.runtime import manifest
+
+    report = json.loads((int8_fixture_bundle / manifest.QUANT_REPORT_JSON).read_text())
+    groups = report["groups"]
+    assert groups["all"]["agree_int8"] >= 99.0
+    for name, entry in groups.items():
+        if name.startswith(("condition:", "clean")):
+            assert entry["wer_int8"] - entry["wer_fp32"] <= 0.5, (name, entry)
+    assert {"naive_per_tensor", "clean_calibration"} <= set(report["variants"])
+    assert (int8_fixture_bundle / manifest.QUANT_REPORT_MD).is_file()
+    assert manifest.read(int8_fixture_bundle).precision == "int8"
