@@ -109,8 +109,7 @@ def _tensor_specs(values) -> tuple[manifest.TensorSpec, ...]:
     specs = []
     for value in values:
         t = value.type.tensor_type
-        dtype = manifest.ONNX_TO_NUMPY.get(f"tensor({onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name})")
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if dtype is None else dtype
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
         shape = tuple(d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim)
         specs.append(manifest.TensorSpec(value.name, dtype, shape))
     return tuple(specs)

@@ -98,7 +98,8 @@ def int8_from_fp32(fp32_bundle: Path, out: Path, options: Int8Options) -> manife
 
 
 def _route_for(info: manifest.Manifest) -> str:
-    return "auto" if info.routed and info.router else ("lora" if info.routed else "auto")
+    """The route a user gets by default: the router decides when there is one, else the LoRA route."""
+    return "lora" if info.routed and not info.router else "auto"
 
 
 def compare(fp32_bundle: Path, variants: dict[str, Path], items: list[dict]) -> dict:

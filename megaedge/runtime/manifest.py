@@ -25,8 +25,6 @@ GRAPH_FILES = {"encoder": ENCODER_FILE, "decoder": DECODER_FILE, "router": ROUTE
 PRECISIONS = ("fp32", "fp16", "int8")
 MODES = ("merged", "routed")
 
-ONNX_TO_NUMPY = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
-                 "tensor(int32)": "int32", "tensor(bool)": "bool"}
 
 
 @dataclass(frozen=True)

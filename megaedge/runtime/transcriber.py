@@ -34,6 +34,7 @@ class SegmentResult:
     route: str
     degraded_prob: float | None
     loop_guard: str | None = None  # how a degenerate repetition was handled, when it happened
+    language: str | None = None
 
 
 @dataclass
@@ -80,16 +81,15 @@ class Transcriber:
         self.bundle, self.manifest, self.sessions, self.tokenizer = bundle, info, sessions, tokenizer
         if route not in ROUTES:
             raise MegaedgeError(f"route {route!r} is not one of {ROUTES}")
-        if route != "auto" and not info.routed and route != "lora":
-            # A merged bundle has only the LoRA route folded in; base needs a routed (or base-only) bundle.
-            if route == "base":
-                raise MegaedgeError("route 'base' needs a routed bundle (export with --mode routed); this one is merged")
+        if route == "base" and not info.routed:  # a merged bundle has the LoRA folded in: no base route left
+            raise MegaedgeError("route 'base' needs a routed bundle (export with --mode routed); this one is merged")
         self.route = route
         dec = info.decoder
         self.past_names, self.present_names = list(dec["past_names"]), list(dec["present_names"])
         self.kv_dtype = np.dtype(dec["kv_dtype"])
         self.float_dtype = np.dtype(info.graph("encoder").input("mel").dtype)
         self.kv_shape = (1, dec["kv_heads"], 0, dec["head_dim"])
+        self._gate_value = np.array([1.0], self.float_dtype)  # routed bundles: the route of the current segment
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -202,14 +202,14 @@ class Transcriber:
         routes = {s.route for s in segments}
         probs = [s.degraded_prob for s in segments if s.degraded_prob is not None]
         tokens = [t for s in segments for t in s.token_ids]
-        raw = self.tokenizer.decode(tokens, skip_special_tokens=True) if len(segments) == 1 else text
-        parsed = parse_asr_output(raw)
+        raw = "\n".join(self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in segments)
+        detected = next((s.language for s in segments if s.language), None)
         timer.add("total", time.perf_counter() - t_start)
         timings = dict(timer.totals)
         timings["audio_seconds"] = len(samples) / audio_io.TARGET_RATE
         timings["rtf"] = timings["total"] / max(timings["audio_seconds"], 1e-9)
         return Result(
-            text=parsed.text if len(segments) == 1 else text, language=language or parsed.language,
+            text=text, language=language or detected,
             route=routes.pop() if len(routes) == 1 else "mixed",
             degraded_prob=float(np.mean(probs)) if probs else None, token_ids=tokens, timings=timings,
             segments=segments, loop_guard=any(s.loop_guard for s in segments), raw=raw,
@@ -248,7 +248,7 @@ class Transcriber:
             tokens = retry
         raw = self.tokenizer.decode(tokens, skip_special_tokens=True)
         parsed = parse_asr_output(raw)
-        return SegmentResult(start / rate, end / rate, parsed.text, tokens, chosen, prob, guard)
+        return SegmentResult(start / rate, end / rate, parsed.text, tokens, chosen, prob, guard, parsed.language)
 
 
 def _banned_tokens(tokens: list[int], n: int) -> set[int]:
