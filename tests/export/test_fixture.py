@@ -60,6 +60,13 @@ def test_figures_match_the_shipped_table(figures):
 
 
 @pytest.fixture(scope="module")
+def fixture_loaded():
+    from megaedge.export.loader import load_checkpoint
+
+    return load_checkpoint(fixture.model_dir(), lora="branches")
+
+
+@pytest.fixture(scope="module")
 def fixture_bundles(tmp_path_factory):
     from megaedge.export.bundle import ExportOptions, export_bundle
 
@@ -68,12 +75,11 @@ def fixture_bundles(tmp_path_factory):
             for mode in ("merged", "routed")}
 
 
-def test_runtime_tokens_equal_reference_on_heldout(fixture_bundles):
-    from megaedge.export.loader import load_checkpoint
+def test_runtime_tokens_equal_reference_on_heldout(fixture_bundles, fixture_loaded):
     from megaedge.export.reference import transcribe
     from megaedge.runtime.transcriber import Transcriber
 
-    loaded = load_checkpoint(fixture.model_dir(), lora="branches")
+    loaded = fixture_loaded
     merged = Transcriber.from_bundle(fixture_bundles["merged"])
     routed = Transcriber.from_bundle(fixture_bundles["routed"])
     items = read_set(fixture.heldout_manifest())
@@ -112,3 +118,26 @@ def test_int8_keeps_fixture_accuracy(int8_fixture_bundle):
     assert {"naive_per_tensor", "clean_calibration"} <= set(report["variants"])
     assert (int8_fixture_bundle / manifest.QUANT_REPORT_MD).is_file()
     assert manifest.read(int8_fixture_bundle).precision == "int8"
+
+
+@pytest.mark.parametrize("seconds", (0.3, 1.0, 7.9, 8.1, 17.0, 45.0))
+def test_fixture_greedy_tokens_at_window_boundaries(seconds, fixture_bundles, fixture_loaded):
+    """Held-out speech cut or chained to lengths around encoder chunk / window boundaries: ORT == torch, merged and
+    routed at both gate values."""
+    import numpy as np
+
+    from megaedge.export.reference import transcribe
+    from megaedge.runtime import audio as audio_io
+    from megaedge.runtime.transcriber import Transcriber
+
+    clips = [audio_io.load(item["path"]) for item in read_set(fixture.heldout_manifest())[:20]]
+    audio = np.concatenate(clips)[: int(seconds * 16000)]
+    loaded = fixture_loaded
+    kw = {"segment_seconds": None, "loop_guard": False}
+    lora = transcribe(loaded, audio, route="merged").token_ids
+    base = transcribe(loaded, audio, route="base").token_ids
+    assert Transcriber.from_bundle(fixture_bundles["merged"]).transcribe(audio, **kw).token_ids == lora
+    routed = Transcriber.from_bundle(fixture_bundles["routed"])
+    assert routed.transcribe(audio, route="lora", **kw).token_ids == lora
+    assert routed.transcribe(audio, route="base", **kw).token_ids == base
+
