@@ -42,6 +42,7 @@ class Int8Recipe:
     conv_stem_float: bool = True
     lora_float: bool = True  # routed bundles: keep the gated low-rank branch in float
     tied_embedding_int8: bool = False  # one int8 copy (per-row scales) serves embedding lookup AND LM head
+    float_scopes: tuple[str, ...] = ()  # module-path fragments kept float (chosen by sensitivity measurement)
     description: str = ""
 
     @classmethod
@@ -164,6 +165,8 @@ def select_nodes(path: Path, recipe: Int8Recipe) -> tuple[list[str], list[str]]:
             float_reasons.append("conv stem")
         if recipe.lora_float and scope in gated:
             float_reasons.append("lora branch")
+        if any(fragment in scope for fragment in recipe.float_scopes):
+            float_reasons.append("sensitive")
         (skip if float_reasons else keep).append(node.name)
     return keep, skip
 

@@ -39,6 +39,11 @@ def test_recipes_keep_conv_stem_and_lora_float(tiny_bundles):
     naive_keep, naive_skip = quantize.select_nodes(tiny_bundles["routed"] / manifest.ENCODER_FILE,
                                                    quantize.RECIPES["naive"])
     assert naive_skip == [] and len(naive_keep) == len(keep) + len(skip)
+    import dataclasses
+
+    sensitive = dataclasses.replace(quantize.RECIPES["cpu"], float_scopes=(".fc2",))
+    keep2, skip2 = quantize.select_nodes(tiny_bundles["routed"] / manifest.ENCODER_FILE, sensitive)
+    assert len(skip2) == len(skip) + 2 and len(keep2) == len(keep) - 2  # the base fc2 of both encoder layers
 
 
 @pytest.mark.parametrize("recipe", ["cpu", "tensorrt"])
