@@ -487,7 +487,7 @@ def original_config(config, tok) -> dict:
     return doc
 
 
-def ship_checkpoint(model, trained: dict, router_path: Path, tok, out: Path) -> None:
+def ship_checkpoint(model, trained: dict, router_path: Path, tok, tokenizer_file: Path, out: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -511,18 +511,11 @@ def ship_checkpoint(model, trained: dict, router_path: Path, tok, out: Path) -> 
     (base / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": list(model.config.eos_token_id), "pad_token_id": model.config.pad_token_id,
          "do_sample": False}, indent=1))
-    shutil.copyfile(model_tokenizer_path(tok), base / "tokenizer.json")
+    shutil.copyfile(tokenizer_file, base / "tokenizer.json")
     (base / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tok), indent=1))
     write_adapter(trained, out / layout.ADAPTER_DIR_NAME)
     (out / layout.ROUTER_DIR_NAME).mkdir()
     shutil.copyfile(router_path, out / layout.ROUTER_DIR_NAME / layout.ROUTER_FILE_NAME)
-
-
-_TOKENIZER_PATH: list[Path] = []
-
-
-def model_tokenizer_path(_tok) -> Path:
-    return _TOKENIZER_PATH[0]
 
 
 def write_clip(folder: Path, name: str, audio: np.ndarray) -> str:
@@ -641,8 +634,8 @@ def main(argv=None) -> int:
         return 0
     from tokenizers import Tokenizer
 
-    _TOKENIZER_PATH.append(stage_tokenizer(args.work, speech))
-    tok = Tokenizer.from_file(str(_TOKENIZER_PATH[0]))
+    tokenizer_file = stage_tokenizer(args.work, speech)
+    tok = Tokenizer.from_file(str(tokenizer_file))
     model = stage_base(args.work, speech, tok, args.seed, args.base_minutes)
     if args.stop_after == "base":
         return 0
@@ -653,7 +646,7 @@ def main(argv=None) -> int:
     router_path = stage_router(args.work, speech, degraded, args.seed, args.router_minutes)
     if args.stop_after == "router":
         return 0
-    ship_checkpoint(model, trained, router_path, tok, ASSETS / "model")
+    ship_checkpoint(model, trained, router_path, tok, tokenizer_file, ASSETS / "model")
     ship_clips(speech, ASSETS / "heldout", args.seed, per_condition=8, clean_count=28, mixed_count=12)
     ship_calibration(speech, ASSETS / "calibration", args.seed, count=32)
     log.info("shipped to %s", ASSETS)

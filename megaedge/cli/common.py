@@ -14,6 +14,14 @@ def need_export_extra() -> None:
         require(module, "export")
 
 
+def add_decoding_options(parser) -> None:
+    """Options every transcribing command shares (torch reference and lean runtime alike)."""
+    parser.add_argument("--language", help="force the output language (e.g. English)")
+    parser.add_argument("--context", help="context / hotwords placed in the system prompt")
+    parser.add_argument("--max-new-tokens", type=int, help="token budget (default: sized from the audio length)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per file")
+
+
 def print_json(obj) -> None:
     json.dump(obj, sys.stdout, indent=2, ensure_ascii=False)
     sys.stdout.write("\n")

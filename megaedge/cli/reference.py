@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from megaedge.cli.common import add_decoding_options
+
 NAME = "reference"
 HELP = "transcribe files with the torch reference model (the oracle every backend is tested against)"
 
@@ -15,10 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router", help="router safetensors file")
     parser.add_argument("--route", choices=("auto", "merged", "base"), default="auto",
                         help="auto: the router decides per file (default); merged: LoRA on; base: LoRA off")
-    parser.add_argument("--language", help="force the language (e.g. English)")
-    parser.add_argument("--context", help="context / hotwords for the system prompt")
-    parser.add_argument("--max-new-tokens", type=int, help="generation budget (default: sized from audio length)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object per file")
+    add_decoding_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from megaedge.cli.common import add_decoding_options
+
 NAME = "transcribe"
 HELP = "transcribe audio files with a bundle (lean runtime: numpy + onnxruntime + tokenizers)"
 
@@ -13,13 +15,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", help="audio files (anything soundfile reads, any rate, mono or stereo)")
     parser.add_argument("--route", choices=("auto", "base", "lora"), default="auto",
                         help="routed bundles: auto = the router decides per segment (default); base / lora force one")
-    parser.add_argument("--language", help="force the output language (e.g. English)")
-    parser.add_argument("--context", help="context / hotwords placed in the system prompt")
-    parser.add_argument("--max-new-tokens", type=int, help="token budget per segment (default: from audio length)")
+    add_decoding_options(parser)
     parser.add_argument("--providers", default="cpu", help="comma list: cpu, cuda, tensorrt (default cpu)")
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
-    parser.add_argument("--json", action="store_true", help="one JSON object per file (text, route, timings, ...)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -234,8 +234,8 @@ def build_manifest(loaded, out: Path, opts: ExportOptions, graph_specs: dict, no
     past_names, present_names = graphs.kv_names(text.num_hidden_layers)
     doc = {
         "megaedge_version": __version__, "mode": opts.mode, "precision": opts.precision,
-        "graphs": {k: _as_dict(v) for k, v in graph_specs.items()}, "files": files,
-        "prompt": _as_dict(prompt_ids(loaded)),
+        "graphs": {k: asdict(v) for k, v in graph_specs.items()}, "files": files,
+        "prompt": asdict(prompt_ids(loaded)),
         "frontend": {"sample_rate": features.SAMPLE_RATE, "n_fft": features.N_FFT, "hop": features.HOP,
                      "n_mels": features.ASR_MEL_BINS, "min_samples": features.ASR_MIN_SAMPLES,
                      "log_floor": 8.0, "router_n_mels": features.ROUTER_MEL_BINS},
@@ -254,13 +254,7 @@ def build_manifest(loaded, out: Path, opts: ExportOptions, graph_specs: dict, no
                    "adapter": loaded.adapter.summary() if loaded.adapter else None},
         "notes": notes,
     }
-    return manifest.ManifestDraft(doc).freeze()
-
-
-def _as_dict(value):
-    from dataclasses import asdict
-
-    return asdict(value)
+    return manifest.Manifest.from_dict({"format_version": manifest.FORMAT_VERSION, **doc})
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -280,6 +274,7 @@ def validate(loaded, bundle: Path, opts: ExportOptions, samples: np.ndarray) -> 
     report = {}
     gates = (0.0, 1.0) if opts.mode == "routed" else (None,)
     inputs = prompt_inputs(loaded, samples, None, None)
+    mel, valid = segmenting.encoder_windows(features.asr_log_mel(samples))
     for gate in gates:
         if loaded.gate is not None and gate is not None:
             loaded.gate.set(gate)
@@ -289,8 +284,6 @@ def validate(loaded, bundle: Path, opts: ExportOptions, samples: np.ndarray) -> 
                 inputs["input_features"].to(next(loaded.model.parameters()).dtype), inputs["input_features_mask"],
                 return_dict=True).pooler_output.float().numpy()
             ref_logits = loaded.model(**inputs).logits[0].float().numpy()
-        feats = features.asr_log_mel(samples)
-        mel, valid = segmenting.encoder_windows(feats)
         enc = sess["encoder"].run(None, {"mel": mel.astype(np_dtype), "valid_tokens": valid, **extra})[0]
         audio = np.concatenate([enc[i, :v] for i, v in enumerate(valid)])
         ids = inputs["input_ids"].numpy()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from megaedge.errors import BundleError
@@ -176,13 +176,3 @@ def read(bundle_dir: str | Path, verify: bool = True) -> Manifest:
                     f"was modified or truncated; copy the bundle again (or pass --no-verify to skip the check)"
                 )
     return manifest
-
-
-@dataclass
-class ManifestDraft:
-    """Mutable collector used by the exporter; ``freeze`` turns it into a Manifest."""
-
-    values: dict = field(default_factory=dict)
-
-    def freeze(self) -> Manifest:
-        return Manifest.from_dict({"format_version": FORMAT_VERSION, **self.values})
