@@ -155,14 +155,16 @@ def token_agreement(refs: list[list[int]], hyps: list[list[int]]) -> float:
 
 
 def format_report(report: dict) -> str:
+    """Markdown: WER and agreement of every variant; cosine/loop/empty of the primary one (the shipped INT8)."""
     names = [n for n in report["variants"] if n != "fp32"]
+    primary = "int8" if "int8" in names else names[0]
     head = ["group", "clips", "WER fp32"] + [f"WER {n}" for n in names] + [f"agree {n}" for n in names]
-    head += ["enc cos int8", "loop % int8", "empty % int8"]
+    head += [f"enc cos {primary}", f"loop % {primary}", f"empty % {primary}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for group, e in report["groups"].items():
         cells = [group, str(e["clips"]), f"{e['wer_fp32']:.2f}"] + [f"{e[f'wer_{n}']:.2f}" for n in names]
         cells += [f"{e[f'agree_{n}']:.2f}" for n in names]
-        cells += [f"{e['cosine_int8']:.4f}", f"{e['loop_int8']:.1f}", f"{e['empty_int8']:.1f}"]
+        cells += [f"{e[f'cosine_{primary}']:.4f}", f"{e[f'loop_{primary}']:.1f}", f"{e[f'empty_{primary}']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     sizes = ", ".join(f"{k} {v:.1f} MiB" for k, v in report["size_mib"].items())
     return "\n".join(lines) + f"\n\nGraph sizes: {sizes}."

@@ -34,15 +34,16 @@ def _ops(path):
 
 
 def test_recipes_keep_conv_stem_and_lora_float(tiny_bundles):
-    keep, skip = quantize.select_nodes(tiny_bundles["routed"] / manifest.ENCODER_FILE, quantize.RECIPES["cpu"])
-    assert len(skip) >= 4 + 2 * 6  # 3 convs + conv_out, and A/B of every LoRA branch of 2 layers x 6 linears
-    naive_keep, naive_skip = quantize.select_nodes(tiny_bundles["routed"] / manifest.ENCODER_FILE,
-                                                   quantize.RECIPES["naive"])
-    assert naive_skip == [] and len(naive_keep) == len(keep) + len(skip)
     import dataclasses
 
-    sensitive = dataclasses.replace(quantize.RECIPES["cpu"], float_scopes=(".fc2",))
-    keep2, skip2 = quantize.select_nodes(tiny_bundles["routed"] / manifest.ENCODER_FILE, sensitive)
+    encoder = tiny_bundles["routed"] / manifest.ENCODER_FILE
+    plain = dataclasses.replace(quantize.RECIPES["cpu"], float_scopes=())
+    keep, skip = quantize.select_nodes(encoder, plain)
+    assert len(skip) >= 4 + 2 * 6  # 3 convs + conv_out, and A/B of every LoRA branch of 2 layers x 6 linears
+    naive_keep, naive_skip = quantize.select_nodes(encoder, quantize.RECIPES["naive"])
+    assert naive_skip == [] and len(naive_keep) == len(keep) + len(skip)
+    keep2, skip2 = quantize.select_nodes(encoder, quantize.RECIPES["cpu"])  # the default keeps fc2 float
+    assert quantize.RECIPES["cpu"].float_scopes == (".fc2",)
     assert len(skip2) == len(skip) + 2 and len(keep2) == len(keep) - 2  # the base fc2 of both encoder layers
 
 
@@ -58,7 +59,18 @@ def test_int8_bundle_runs_and_is_described(recipe, tiny_bundles, calib_items, tm
     enc_ops, dec_ops = _ops(out / manifest.ENCODER_FILE), _ops(out / manifest.DECODER_FILE)
     assert enc_ops["QuantizeLinear"] > 0 and enc_ops["Conv"] == 3
     if recipe == "cpu":
-        assert dec_ops["MatMulInteger"] > 0 and dec_ops["DynamicQuantizeLinear"] > 0
+        # weight-only 8-bit blocks (LoRA branches excluded), the tied LM head included; no fp32 [V, H] left
+        assert dec_ops["MatMulNBits"] > 0 and dec_ops["MatMulInteger"] == 0 and dec_ops["QuantizeLinear"] == 0
+        import onnx
+
+        model = onnx.load(str(out / manifest.DECODER_FILE))
+        assert all(a.i == 8 for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+                   if a.name == "bits")
+        inits = {i.name: i for i in model.graph.initializer}
+        assert "tied_embedding_q8" in inits and inits["tied_embedding_q8"].data_type == onnx.TensorProto.UINT8
+        original = onnx.load(str(tiny_bundles["routed"] / manifest.DECODER_FILE))
+        embedding = max(original.graph.initializer, key=lambda i: int(np.prod(i.dims)))
+        assert embedding.name not in inits and inits["tied_embedding_q8"].dims[0] == embedding.dims[0]
     else:
         assert dec_ops["QuantizeLinear"] > 0
     audio = speechlike(3.0, seed=11)
@@ -109,3 +121,85 @@ def test_bad_int8_options(tiny_bundles, tmp_path):
         quantize.Int8Recipe.for_target("npu")
     fp16 = json.loads((tiny_bundles["merged"] / manifest.MANIFEST_NAME).read_text())
     assert fp16["precision"] == "fp32"
+
+
+def _tied_toy(vocab=50, hidden=64, seed=0):
+    """Gather(W, ids) -> hidden; logits = h @ W^T: the tied embedding / LM-head pattern the exporter emits."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(seed).standard_normal((vocab, hidden)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["W", "ids"], ["emb"], axis=0),
+             helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "Wt"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "s"]),
+                        helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "s", hidden])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], [numpy_helper.from_array(weight, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    return model, weight
+
+
+@pytest.mark.parametrize("hidden", [64, 160])
+def test_tied_embedding_one_int8_copy_serves_lookup_and_lm_head(hidden):
+    import onnxruntime as ort
+
+    model, weight = _tied_toy(hidden=hidden)
+    quantized, changed = quantize.quantize_tied_embedding(model, block_size=128)
+    assert changed
+    inits = {i.name: i for i in quantized.graph.initializer}
+    assert "W" not in inits and list(inits["tied_embedding_q8"].dims)[0] == 50
+    session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 50, (1, 7))
+    x = rng.standard_normal((1, 7, hidden)).astype(np.float32)
+    emb, logits = session.run(None, {"ids": ids, "x": x})
+    # 8-bit blocks: each weight off by at most half a step of its block's scale (absmax / 127)
+    assert np.abs(emb - weight[ids]).max() <= np.abs(weight).max() / 254 + 1e-6
+    exact = x @ weight.T
+    assert np.corrcoef(logits.ravel(), exact.ravel())[0, 1] > 0.9995
+    assert (logits.argmax(-1) == exact.argmax(-1)).mean() >= 6 / 7
+
+
+def test_smoothing_is_exact_in_float_and_tames_outlier_channels():
+    """SmoothQuant's scaling must not change the float graph; it must shrink the activation channel spread."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from megaedge.export.smoothing import channel_absmax, smooth
+
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal((32, 16)).astype(np.float32) for _ in range(2))
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"], name="q"),
+             helper.make_node("MatMul", ["x", "w2"], ["b"], name="k")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "s", 32])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("a", "b")],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    x = rng.standard_normal((1, 9, 32)).astype(np.float32)
+    x[..., 3] *= 60.0  # one outlier channel, as decoder activations have
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    smoothed, groups = smooth(onnx.load_from_string(model.SerializeToString()), ["q", "k"], [{"x": x}], alpha=0.5)
+    assert groups == 1  # q and k read the same tensor: one Mul, both weights scaled by the same factors
+    after = ort.InferenceSession(smoothed.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for b, a in zip(before, after):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    spread = channel_absmax(smoothed, ["smooth_x_0"], [{"x": x}])["smooth_x_0"]
+    raw = np.abs(x).reshape(-1, 32).max(0)
+    assert spread.max() / spread.min() < raw.max() / raw.min() / 4
+
+
+def test_smoothquant_recipe_quantizes_decoder_statically(tiny_bundles, calib_items, tmp_path):
+    from megaedge.runtime.transcriber import Transcriber
+
+    out = tmp_path / "sq"
+    quantize.quantize_bundle(tiny_bundles["merged"], out, quantize.RECIPES["smoothquant"], calib_items, "cpu")
+    dec_ops = _ops(out / manifest.DECODER_FILE)
+    assert dec_ops["QuantizeLinear"] > 0 and dec_ops["Mul"] > _ops(tiny_bundles["merged"] / manifest.DECODER_FILE)["Mul"]
+    tokens = Transcriber.from_bundle(out).transcribe(speechlike(3.0, seed=5), max_new_tokens=5,
+                                                    loop_guard=False).token_ids
+    assert len(tokens) == 5

@@ -1,0 +1,60 @@
+"""Which INT8 recipe is the default: every recipe on the trained fixture, judged against FP32 per condition.
+
+Builds the fixture's FP32 bundle (merged, or routed with --mode routed), quantizes it with each recipe from the same
+wild-audio calibration clips, and compares all of them on the held-out clips in one pass: WER per condition and
+scenario, token agreement with FP32, encoder cosine, loop/empty rates, sizes. Prints a table and writes
+benchmarks/results/int8_recipes_fixture[_routed].json. Not a test: it is the evidence the default recipe cites.
+Usage: python benchmarks/int8_recipes.py [--recipes cpu,cpu-dynamic,...] [--mode merged|routed] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+from megaedge import fixture
+from megaedge.export.bundle import ExportOptions, export_bundle
+from megaedge.export.int8 import calibration_items, compare, format_report
+from megaedge.export.quantize import RECIPES, quantize_bundle
+from megaedge.runtime.evaluate import read_set
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--mode", choices=("merged", "routed"), default="merged")
+    parser.add_argument("--work", help="keep bundles here (default: a temporary directory)")
+    args = parser.parse_args()
+    names = [n.strip() for n in args.recipes.split(",") if n.strip()]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work) if args.work else Path(tmp)
+        fp32 = work / f"fp32-{args.mode}"
+        if not (fp32 / "megaedge.json").is_file():
+            export_bundle(fixture.model_dir(), fp32, ExportOptions(mode=args.mode, force=True))
+        items, source = calibration_items(None)
+        seconds, variants = {}, {}
+        for name in names:
+            start = time.perf_counter()
+            variants[name] = quantize_bundle(fp32, work / name, RECIPES[name], items, "cpu", None, source) and (
+                work / name)
+            seconds[name] = round(time.perf_counter() - start, 1)
+        report = compare(fp32, variants, read_set(fixture.heldout_manifest()))
+    report["quantize_seconds"] = seconds
+    report["recipes"] = {n: RECIPES[n].description for n in names}
+    report["mode"] = args.mode
+    report["machine"] = {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
+    print(format_report(report))
+    suffix = "" if args.mode == "merged" else f"_{args.mode}"
+    out = RESULTS / f"int8_recipes_fixture{suffix}.json"
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
