@@ -62,6 +62,19 @@ def transcribers(tiny_bundles):
     return {mode: Transcriber.from_bundle(path) for mode, path in tiny_bundles.items()}
 
 
+@pytest.fixture(scope="session")
+def fixture_bundles(tmp_path_factory):
+    """FP32 merged and routed bundles of the shipped trained fixture (exported once per session)."""
+    from megaedge import fixture
+    from megaedge.export.bundle import ExportOptions, export_bundle
+
+    if not fixture.MODEL_DIR.exists():
+        pytest.skip("fixture not shipped in this checkout")
+    root = tmp_path_factory.mktemp("fixture_bundles")
+    return {mode: export_bundle(fixture.model_dir(), root / mode, ExportOptions(mode=mode))
+            for mode in ("merged", "routed")}
+
+
 def run_cli(*args: str, env: dict | None = None, python_prelude: str = "") -> subprocess.CompletedProcess:
     """Run ``python -m megaedge ARGS`` (optionally after a prelude, e.g. making torch unimportable)."""
     code = f"{python_prelude}\nimport sys\nfrom megaedge.cli.main import main\nsys.exit(main(sys.argv[1:]))"

@@ -18,6 +18,8 @@ COMMANDS = (
     "megaedge.cli.merge",
     "megaedge.cli.export",
     "megaedge.cli.transcribe",
+    "megaedge.cli.stream",
+    "megaedge.cli.bench",
     "megaedge.cli.eval",
     "megaedge.cli.reference",
     "megaedge.cli.make_test_model",

@@ -83,8 +83,10 @@ class EncoderGraph(nn.Module):
 class DecoderGraph(nn.Module):
     """Qwen3 LLM step: prefill (S = prompt length, empty past) and decode (S = 1) through the same weights.
 
-    Inputs: input_ids [1, S] int64, audio_features [A, H], past_key_i / past_value_i [1, kv_heads, P, head_dim].
-    Outputs: logits [1, vocab] for the last position, present_key_i / present_value_i [1, kv_heads, P + S, head_dim].
+    Inputs: input_ids [1, S] int64, audio_features [A, H], logits_at [L] int64 (positions within this step whose
+    logits are wanted: [S - 1] for greedy decoding; several to check a drafted continuation in one call, as
+    streaming's final does), past_key_i / past_value_i [1, kv_heads, P, head_dim].
+    Outputs: logits [L, vocab], present_key_i / present_value_i [1, kv_heads, P + S, head_dim].
     """
 
     def __init__(self, model, gate=None):
@@ -101,7 +103,7 @@ class DecoderGraph(nn.Module):
         if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", False):
             raise NotImplementedError("sliding-window attention is not used by Qwen3-ASR")
 
-    def forward(self, input_ids, audio_features, *past, lora_gate=None):
+    def forward(self, input_ids, audio_features, logits_at, *past, lora_gate=None):
         from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
         if self.gate is not None:
@@ -139,8 +141,8 @@ class DecoderGraph(nn.Module):
             o = _masked_softmax_attention(q, kk, vv, attn.scaling, keep)
             x = residual + attn.o_proj(o.transpose(1, 2).reshape(1, seq, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        last = lm.norm(x[:, -1:, :])
-        logits = self.lm_head(last)[:, 0, :].float()
+        picked = lm.norm(x[0].index_select(0, logits_at))
+        logits = self.lm_head(picked).float()
         return (logits, *presents)
 
 

@@ -112,14 +112,20 @@ def quantize_tied_embedding(model, block_size: int = 128):
     if gather is None:
         return model, False
     name = gather.input[0]
+    # The LM head is exported either as Transpose(W) -> MatMul or as Gemm(x, W, transB=1).
     transpose = next((n for n in graph.node if n.op_type == "Transpose" and n.input[0] == name), None)
     matmul = next((n for n in graph.node if transpose is not None and n.op_type == "MatMul"
                    and n.input[1] == transpose.output[0]), None)
+    if matmul is None:
+        transpose = None
+        matmul = next((n for n in graph.node if n.op_type == "Gemm" and len(n.input) == 2 and n.input[1] == name
+                       and _attributes(n) in ({"transB": 1}, {"transB": 1, "alpha": 1.0, "beta": 1.0},
+                                              {"transB": 1, "alpha": 1.0, "beta": 1.0, "transA": 0})), None)
     weight = numpy_helper.to_array(inits[name]).astype(np.float32)
     vocab, hidden = weight.shape
     # MatMulNBits takes power-of-two blocks >= 16; small models' hidden sizes need a smaller one than the default.
     block_size = next((b for b in (block_size, 64, 32, 16) if b <= block_size and hidden % b == 0), 0)
-    if transpose is None or matmul is None or not block_size:
+    if matmul is None or not block_size:
         return model, False
     blocks = weight.reshape(vocab, hidden // block_size, block_size)
     scale = np.maximum(np.abs(blocks).max(axis=2), 1e-12) / 127.0
@@ -148,12 +154,19 @@ def quantize_tied_embedding(model, block_size: int = 128):
     ]
     position = list(graph.node).index(gather)
     for node in (gather, transpose, matmul):
-        graph.node.remove(node)
+        if node is not None:
+            graph.node.remove(node)
     for offset, node in enumerate(new):
         graph.node.insert(position + offset, node)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return model, True
+
+
+def _attributes(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _module(node) -> str:
@@ -181,6 +194,9 @@ def select_nodes(path: Path, recipe: Int8Recipe) -> tuple[list[str], list[str]]:
     # A gated LoRA module M runs its base Linear under scope "M.base" and its A/B products directly under "M".
     module_of = {n.name: _module(n) for n in weighted}
     gated = {m[: -len(".base")] for m in module_of.values() if m.endswith(".base")}
+    # The LM head shares its matrix with the embedding lookup: quantizers would replace it under the Gather's feet.
+    # quantize_tied_embedding handles that pair.
+    looked_up = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
     keep, skip = [], []
     for node in weighted:
         scope = module_of[node.name]
@@ -189,6 +205,8 @@ def select_nodes(path: Path, recipe: Int8Recipe) -> tuple[list[str], list[str]]:
             float_reasons.append("conv stem")
         if recipe.lora_float and scope in gated:
             float_reasons.append("lora branch")
+        if node.input[1] in looked_up:
+            float_reasons.append("tied embedding")
         if any(fragment in scope for fragment in recipe.float_scopes):
             float_reasons.append("sensitive")
         (skip if float_reasons else keep).append(node.name)
@@ -236,7 +254,9 @@ def decoder_feeds(fp32_bundle: Path, items: list[dict], max_steps: int = 8) -> l
         samples = audio_io.load(item["path"])
         tr._gate_value = np.array([float(i % 2)], np.float32)
         audio = tr.encode(samples)
-        feed = {"input_ids": np.asarray([tr.prompt(audio.shape[0], None, None)], np.int64), "audio_features": audio,
+        prompt = tr.prompt(audio.shape[0], None, None)
+        feed = {"input_ids": np.asarray([prompt], np.int64), "audio_features": audio,
+                "logits_at": np.asarray([len(prompt) - 1], np.int64),
                 **dict.fromkeys(tr.past_names, np.zeros(tr.kv_shape, np.float32))}
         if tr.manifest.routed:
             feed["lora_gate"] = tr._gate_value
@@ -247,6 +267,7 @@ def decoder_feeds(fp32_bundle: Path, items: list[dict], max_steps: int = 8) -> l
             if token in tr.manifest.prompt.eos:
                 break
             feed = {**feed, "input_ids": np.asarray([[token]], np.int64), "audio_features": audio[:0],
+                    "logits_at": np.zeros(1, np.int64),
                     **dict(zip(tr.past_names, outs[1:]))}
     return feeds
 
@@ -259,32 +280,66 @@ def _quantize_graph(src: Path, dst: Path, how: str, recipe: Int8Recipe, feeds: l
     if how == "float":
         shutil.copyfile(src, dst)
         return {"method": "float", "quantized_nodes": 0}
-    if how == "weight-only":
-        _weight_only(src, dst, recipe, nodes, floats, external)
-    elif how == "smoothquant":
-        import onnx
+    staged: list[Path] = []
+    try:
+        # The tied embedding / LM head goes first: onnxruntime's dynamic quantizer rewrites a Gemm LM head into a
+        # MatMul by transposing its initializer in place, which would break the embedding Gather sharing it.
+        # Staged copies drop the exporter's value_info, which onnxruntime's shape inference rejects for that Gemm.
+        tied = recipe.tied_embedding_int8 and "decoder" in dst.name and how in ("weight-only", "dynamic", "smoothquant")
+        src = _staged_copy(src, dst, (lambda m: quantize_tied_embedding(m, recipe.block_size)) if tied
+                           else shared_gemm_as_matmul, external, staged)
+        if how == "weight-only":
+            _weight_only(src, dst, recipe, nodes, floats, external)
+        elif how == "smoothquant":
+            from megaedge.export.smoothing import smooth
 
-        from megaedge.export.smoothing import smooth
-
-        model, _ = smooth(onnx.load(str(src)), nodes, feeds, recipe.smooth_alpha)
-        smoothed = dst.with_name(dst.stem + ".smoothed.onnx")
-        try:
-            onnx.save(model, str(smoothed), save_as_external_data=external,
-                      location=smoothed.name + ".data" if external else None)
-            del model
-            _static(smoothed, dst, recipe, nodes, feeds, None, external)
-        finally:
-            for leftover in (smoothed, smoothed.with_name(smoothed.name + ".data")):
-                leftover.unlink(missing_ok=True)
-    elif how == "dynamic":
-        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"], per_channel=recipe.per_channel,
-                         weight_type=QuantType.QInt8, nodes_to_quantize=nodes, use_external_data_format=external,
-                         extra_options={"MatMulConstBOnly": True})
-    else:
-        _static(src, dst, recipe, nodes, feeds, cache, external)
-    if how in ("weight-only", "dynamic", "smoothquant") and recipe.tied_embedding_int8 and "decoder" in dst.name:
-        _rewrite(dst, lambda m: quantize_tied_embedding(m, recipe.block_size), external)
+            src = _staged_copy(src, dst, lambda m: smooth(m, nodes, feeds, recipe.smooth_alpha), external, staged,
+                               tag="smoothed")
+            _static(src, dst, recipe, nodes, feeds, None, external)
+        elif how == "dynamic":
+            quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"],
+                             per_channel=recipe.per_channel, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                             use_external_data_format=external, extra_options={"MatMulConstBOnly": True})
+        else:
+            _static(src, dst, recipe, nodes, feeds, cache, external)
+    finally:
+        for path in staged:
+            path.unlink(missing_ok=True)
     return {"method": how, "quantized_nodes": len(nodes), "float_nodes": len(floats)}
+
+
+def shared_gemm_as_matmul(model):
+    """Gemm(x, W, transB=1) whose W an embedding Gather also reads -> Transpose(W) + MatMul: quantizers then see
+    no constant weight there and leave the shared matrix alone."""
+    from onnx import helper
+
+    looked_up = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
+    graph = model.graph
+    for node in list(graph.node):
+        if (node.op_type == "Gemm" and len(node.input) == 2 and node.input[1] in looked_up
+                and _attributes(node).get("transB") == 1 and _attributes(node).get("transA", 0) == 0):
+            at = list(graph.node).index(node)
+            graph.node.remove(node)
+            graph.node.insert(at, helper.make_node("MatMul", [node.input[0], f"{node.input[1]}_t"], list(node.output),
+                                                   name=node.name))
+            graph.node.insert(at, helper.make_node("Transpose", [node.input[1]], [f"{node.input[1]}_t"], perm=[1, 0]))
+    return model, True
+
+
+def _staged_copy(src: Path, dst: Path, transform, external: bool, staged: list[Path], tag: str = "staged") -> Path:
+    """``transform`` applied to a copy of ``src`` written next to ``dst`` (listed in ``staged`` for clean-up)."""
+    import onnx
+
+    model = onnx.load(str(src))
+    model, changed = transform(model)
+    if not changed:
+        log.warning("%s: no tied embedding / LM head pattern found; the LM head stays float", src.name)
+    del model.graph.value_info[:]
+    path = dst.with_name(f".{dst.stem}.{tag}.onnx")
+    data = path.with_name(path.name + ".data")
+    staged += [path, data]
+    onnx.save(model, str(path), save_as_external_data=external, location=data.name if external else None)
+    return path
 
 
 def _static(src: Path, dst: Path, recipe: Int8Recipe, nodes: list[str], feeds, cache, external: bool) -> None:
@@ -324,20 +379,6 @@ def manifest_sha(items: list[dict]) -> str:
     for item in items:
         digest.update(str(item["path"]).encode())
     return digest.hexdigest()[:8]
-
-
-def _rewrite(path: Path, transform, external: bool) -> None:
-    import onnx
-
-    model = onnx.load(str(path))
-    model, changed = transform(model)
-    if not changed:
-        log.warning("%s: no tied embedding / LM head pattern found; left in float", path.name)
-        return
-    data = path.with_name(path.name + ".data")
-    if data.exists():
-        data.unlink()
-    onnx.save(model, str(path), save_as_external_data=external, location=data.name if external else None)
 
 
 def quantize_bundle(fp32_bundle: Path, out: Path, recipe: Int8Recipe, calib_items: list[dict], target: str,

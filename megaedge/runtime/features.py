@@ -111,12 +111,31 @@ def asr_log_mel(samples: np.ndarray, pad_to_chunk: bool = True) -> AsrFeatures:
         x = np.pad(x, (0, ASR_MIN_SAMPLES - x.size))
     mel = power_mel(x, ASR_MEL_BINS)[:, :-1]
     log_spec = np.log10(np.maximum(mel, 1e-10))
-    log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
-    log_spec = ((log_spec + 4.0) / 4.0).astype(np.float32)
+    log_spec = floor_and_scale(log_spec, float(log_spec.max()))
     valid = log_spec.shape[1]
     if pad_to_chunk and valid % CHUNK_FRAMES:
         log_spec = np.pad(log_spec, ((0, 0), (0, CHUNK_FRAMES - valid % CHUNK_FRAMES)))
     return AsrFeatures(mel=log_spec, valid_frames=valid)
+
+
+def raw_log_mel_frames(samples: np.ndarray, first: int, last: int, n_mels: int = ASR_MEL_BINS) -> np.ndarray:
+    """log10 mel power (n_mels, last - first) of frames [first, last) of the centred, reflect-padded STFT of
+    ``samples``, before any floor: what ``asr_log_mel`` computes for those frames, so a stream can extend its
+    features frame by frame. Reflection is applied by index at both ends, so any frame range can be asked for."""
+    x = np.asarray(samples, dtype=np.float32)
+    n = x.size
+    pad = N_FFT // 2
+    index = np.abs(np.arange(first * HOP - pad, (last - 1) * HOP + pad))
+    index = np.where(index >= n, 2 * (n - 1) - index, index)
+    frames = np.lib.stride_tricks.sliding_window_view(x[index], N_FFT)[::HOP] * _hann(N_FFT)
+    spec = np.fft.rfft(frames, n=N_FFT, axis=-1)
+    power = (spec.real**2 + spec.imag**2).astype(np.float32)
+    return np.log10(np.maximum((power @ mel_filters(n_mels)).T, 1e-10))
+
+
+def floor_and_scale(raw_log: np.ndarray, global_max: float) -> np.ndarray:
+    """The ASR front-end's last step: floor at (max - 8) over the whole clip, then (x + 4) / 4."""
+    return ((np.maximum(raw_log, global_max - 8.0) + 4.0) / 4.0).astype(np.float32)
 
 
 def router_log_mel(samples: np.ndarray) -> np.ndarray:

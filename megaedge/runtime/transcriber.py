@@ -23,6 +23,7 @@ from megaedge.runtime.text import max_new_tokens_for, parse_asr_output
 log = logging.getLogger("megaedge.runtime.transcriber")
 
 ROUTES = ("auto", "base", "lora")
+LAST = np.zeros(1, np.int64)  # logits_at for one-token steps
 
 
 @dataclass
@@ -85,6 +86,8 @@ class Transcriber:
             raise MegaedgeError("route 'base' needs a routed bundle (export with --mode routed); this one is merged")
         self.route = route
         dec = info.decoder
+        if "logits_at" not in info.graph("decoder").input_names:
+            raise MegaedgeError(f"{bundle}: made by an older megaedge (decoder has no logits_at input); re-export it")
         self.past_names, self.present_names = list(dec["past_names"]), list(dec["present_names"])
         self.kv_dtype = np.dtype(dec["kv_dtype"])
         self.float_dtype = np.dtype(info.graph("encoder").input("mel").dtype)
@@ -151,7 +154,7 @@ class Transcriber:
         eos = set(self.manifest.prompt.eos)
         empty = ort.OrtValue.ortvalue_from_numpy(np.zeros(self.kv_shape, self.kv_dtype))
         feed = {"input_ids": np.asarray([prompt_ids], np.int64), "audio_features": audio,
-                **dict.fromkeys(self.past_names, empty)}
+                "logits_at": np.asarray([len(prompt_ids) - 1], np.int64), **dict.fromkeys(self.past_names, empty)}
         if self.manifest.routed:
             feed["lora_gate"] = self._gate_value
         no_audio = np.zeros((0, audio.shape[1]), audio.dtype)
@@ -170,7 +173,7 @@ class Transcriber:
             if token in eos and not ignore_eos:
                 break
             generated.append(token)
-            feed = {"input_ids": np.asarray([[token]], np.int64), "audio_features": no_audio,
+            feed = {"input_ids": np.asarray([[token]], np.int64), "audio_features": no_audio, "logits_at": LAST,
                     **dict(zip(self.past_names, outs[1:]))}
             if self.manifest.routed:
                 feed["lora_gate"] = self._gate_value
@@ -180,6 +183,12 @@ class Transcriber:
         return generated
 
     # ------------------------------------------------------------------------------------------------ API
+    def create_stream(self, options=None):
+        """A streaming state over this transcriber's weights (any number of streams can share them)."""
+        from megaedge.runtime.streaming import Stream, StreamOptions
+
+        return Stream(self, options or StreamOptions())
+
     def transcribe(self, audio, rate: int | None = None, language: str | None = None, context: str | None = None,
                    route: str | None = None, max_new_tokens: int | None = None, ignore_eos: bool = False,
                    segment_seconds: float | None = segmenting.DEFAULT_SEGMENT_SECONDS,

@@ -56,16 +56,19 @@ def test_kv_cached_decode_matches_full_recompute(transcribers):
     extra = [100, 2000, 30000, 7]
     session = tr.sessions["decoder"]
     empty = np.zeros(tr.kv_shape, np.float32)
+    n = len(prompt) + len(extra)
     full = session.run({"input_ids": np.asarray([prompt + extra], np.int64), "audio_features": audio,
-                        **dict.fromkeys(tr.past_names, empty)})[0]
+                        "logits_at": np.arange(n, dtype=np.int64), **dict.fromkeys(tr.past_names, empty)})[0]
     outs = session.run({"input_ids": np.asarray([prompt], np.int64), "audio_features": audio,
-                        **dict.fromkeys(tr.past_names, empty)})
+                        "logits_at": np.asarray([len(prompt) - 1]), **dict.fromkeys(tr.past_names, empty)})
+    assert np.abs(outs[0][0] - full[len(prompt) - 1]).max() <= 1e-4
     no_audio = audio[:0]
-    for token in extra:
+    for i, token in enumerate(extra):
         outs = session.run({"input_ids": np.asarray([[token]], np.int64), "audio_features": no_audio,
-                            **dict(zip(tr.past_names, outs[1:]))})
-    assert outs[1].shape[2] == len(prompt) + len(extra)
-    assert np.abs(outs[0] - full).max() <= 1e-4
+                            "logits_at": np.zeros(1, np.int64), **dict(zip(tr.past_names, outs[1:]))})
+        # every step's logits equal the full recompute's logits at that position (logits_at returns all rows)
+        assert np.abs(outs[0][0] - full[len(prompt) + i]).max() <= 1e-4
+    assert outs[1].shape[2] == n
 
 
 def test_routed_bundle_shares_base_weights(tiny_bundles, tiny_mega):

@@ -66,15 +66,6 @@ def fixture_loaded():
     return load_checkpoint(fixture.model_dir(), lora="branches")
 
 
-@pytest.fixture(scope="module")
-def fixture_bundles(tmp_path_factory):
-    from megaedge.export.bundle import ExportOptions, export_bundle
-
-    root = tmp_path_factory.mktemp("fixture_bundles")
-    return {mode: export_bundle(fixture.model_dir(), root / mode, ExportOptions(mode=mode))
-            for mode in ("merged", "routed")}
-
-
 def test_runtime_tokens_equal_reference_on_heldout(fixture_bundles, fixture_loaded):
     from megaedge.export.reference import transcribe
     from megaedge.runtime.transcriber import Transcriber
@@ -103,10 +94,9 @@ def int8_fixture_bundle(tmp_path_factory):
 
 @pytest.mark.slow
 def test_int8_keeps_fixture_accuracy(int8_fixture_bundle):
-    """The INT8 issue's acceptance bar, measured by the report `megaedge export --int8` writes into the bundle.
-
-    Not yet met (issue #7 open): 98.9 % token agreement and +3.3 WER points on reverberation with the cpu recipe;
-    benchmarks/results/int8_variants_fixture.json has the recipe study."""
+    """The INT8 issue's acceptance bar, measured by the report `megaedge export --int8` writes into the bundle:
+    token agreement >= 99 %, no condition losing more than 0.5 WER points, wild calibration at least as good as
+    clean-only calibration on the degraded clips (benchmarks/int8_recipes.py has the study behind the recipe)."""
     from megaedge.runtime import manifest
 
     report = json.loads((int8_fixture_bundle / manifest.QUANT_REPORT_JSON).read_text())
@@ -116,6 +106,9 @@ def test_int8_keeps_fixture_accuracy(int8_fixture_bundle):
         if name.startswith(("condition:", "clean")):
             assert entry["wer_int8"] - entry["wer_fp32"] <= 0.5, (name, entry)
     assert {"naive_per_tensor", "clean_calibration"} <= set(report["variants"])
+    degraded = groups["degraded"]
+    assert degraded["agree_int8"] >= degraded["agree_clean_calibration"]
+    assert degraded["agree_int8"] > degraded["agree_naive_per_tensor"]
     assert (int8_fixture_bundle / manifest.QUANT_REPORT_MD).is_file()
     assert manifest.read(int8_fixture_bundle).precision == "int8"
 

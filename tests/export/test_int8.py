@@ -123,30 +123,35 @@ def test_bad_int8_options(tiny_bundles, tmp_path):
     assert fp16["precision"] == "fp32"
 
 
-def _tied_toy(vocab=50, hidden=64, seed=0):
-    """Gather(W, ids) -> hidden; logits = h @ W^T: the tied embedding / LM-head pattern the exporter emits."""
-    import onnx
+def _tied_toy(vocab=50, hidden=64, seed=0, gemm=False):
+    """Gather(W, ids) -> hidden; logits = h @ W^T: the tied embedding / LM-head patterns the exporter emits
+    (Transpose + MatMul on 3-D hidden states, Gemm transB=1 on the 2-D rows logits_at selects)."""
     from onnx import TensorProto, helper, numpy_helper
 
     weight = np.random.default_rng(seed).standard_normal((vocab, hidden)).astype(np.float32)
-    nodes = [helper.make_node("Gather", ["W", "ids"], ["emb"], axis=0),
-             helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),
-             helper.make_node("MatMul", ["x", "Wt"], ["logits"])]
+    nodes = [helper.make_node("Gather", ["W", "ids"], ["emb"], axis=0)]
+    if gemm:
+        nodes += [helper.make_node("Reshape", ["x", "rows"], ["x2"]),
+                  helper.make_node("Gemm", ["x2", "W"], ["logits"], transB=1)]
+    else:
+        nodes += [helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),
+                  helper.make_node("MatMul", ["x", "Wt"], ["logits"])]
     graph = helper.make_graph(
         nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "s"]),
                         helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "s", hidden])],
         [helper.make_tensor_value_info("emb", TensorProto.FLOAT, None),
-         helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], [numpy_helper.from_array(weight, "W")])
+         helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(np.array([-1, hidden], np.int64), "rows")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     return model, weight
 
 
-@pytest.mark.parametrize("hidden", [64, 160])
-def test_tied_embedding_one_int8_copy_serves_lookup_and_lm_head(hidden):
+@pytest.mark.parametrize("hidden,gemm", [(64, False), (160, False), (128, True)])
+def test_tied_embedding_one_int8_copy_serves_lookup_and_lm_head(hidden, gemm):
     import onnxruntime as ort
 
-    model, weight = _tied_toy(hidden=hidden)
+    model, weight = _tied_toy(hidden=hidden, gemm=gemm)
     quantized, changed = quantize.quantize_tied_embedding(model, block_size=128)
     assert changed
     inits = {i.name: i for i in quantized.graph.initializer}
@@ -158,9 +163,10 @@ def test_tied_embedding_one_int8_copy_serves_lookup_and_lm_head(hidden):
     emb, logits = session.run(None, {"ids": ids, "x": x})
     # 8-bit blocks: each weight off by at most half a step of its block's scale (absmax / 127)
     assert np.abs(emb - weight[ids]).max() <= np.abs(weight).max() / 254 + 1e-6
-    exact = x @ weight.T
+    exact = (x @ weight.T).reshape(logits.shape)
     assert np.corrcoef(logits.ravel(), exact.ravel())[0, 1] > 0.9995
     assert (logits.argmax(-1) == exact.argmax(-1)).mean() >= 6 / 7
+    assert not [n for n in quantized.graph.node if n.op_type in ("Gemm", "MatMul", "Transpose")]
 
 
 def test_smoothing_is_exact_in_float_and_tames_outlier_channels():

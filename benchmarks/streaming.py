@@ -1,0 +1,205 @@
+"""Streaming costs: hop latency early vs late in a stream (against re-encoding everything each hop), memory over
+hours of simulated audio, first-partial latency and end-of-speech -> final latency.
+
+    python benchmarks/streaming.py [--bundle B] [--geometry 0.6b --work DIR] [--hours 2] [--skip-memory]
+
+Without --bundle it exports the shipped fixture (FP32, merged). --geometry 0.6b also exports a random-weight 0.6B
+bundle and measures its hop latency (speech-like noise: the cost does not depend on what is said). Writes
+benchmarks/results/streaming.json. Not a test: figures depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from megaedge.runtime.streaming import StreamOptions
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RATE = 16000
+
+
+def _rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def speech_audio(seconds: float, seed: int = 0) -> np.ndarray:
+    """Held-out fixture clips back to back with short pauses (no endpoint fires), as long as asked."""
+    from megaedge import fixture
+    from megaedge.runtime import audio as audio_io
+    from megaedge.runtime.evaluate import read_set
+
+    clips = [audio_io.load(item["path"]) for item in read_set(fixture.heldout_manifest())]
+    rng = np.random.default_rng(seed)
+    parts, total = [], 0
+    while total < seconds * RATE:
+        clip = clips[int(rng.integers(len(clips)))]
+        parts += [clip, np.zeros(int(0.2 * RATE), np.float32)]
+        total += clip.size + int(0.2 * RATE)
+    return np.concatenate(parts)[: int(seconds * RATE)]
+
+
+def hop_latency(tr, audio: np.ndarray, at_seconds: list[float], options: StreamOptions, probes: int = 5) -> dict:
+    """Median compute time of the hops just after each point of one continuous stream, and of a baseline that
+    re-encodes and re-prefills all audio so far each hop (what upstream streaming does)."""
+    stream = tr.create_stream(options)
+    hop = int(options.hop_seconds * RATE)
+    fast = 4 * hop  # reach each probe point in big feeds: one hop per feed, state as in a real stream
+    out, position = {}, 0
+    for point in at_seconds:
+        target = int(point * RATE)
+        while position + fast <= target:
+            stream.accept_waveform(audio[position : position + fast])
+            position += fast
+        stream.accept_waveform(audio[position:target])
+        position = target
+        times = []
+        for _ in range(probes):
+            events = stream.accept_waveform(audio[position : position + hop])
+            position += hop
+            times += [e.compute_seconds for e in events if e.kind == "partial"]
+        base = []
+        for k in range(min(probes, 3)):
+            so_far = audio[: target + k * hop]
+            t0 = time.perf_counter()
+            feats = tr.encode(so_far)
+            prompt = tr.prompt(feats.shape[0], None, None)
+            tr.decode(prompt, feats, options.unstable_tokens + 4, ignore_eos=True)
+            base.append(time.perf_counter() - t0)
+        out[f"{point:g}s"] = {"stream_hop_median_s": round(float(np.median(times)), 4),
+                              "reencode_all_median_s": round(float(np.median(base)), 4)}
+        print(f"  at {point:g} s: stream hop {np.median(times) * 1e3:.1f} ms, re-encode-all "
+              f"{np.median(base) * 1e3:.1f} ms", flush=True)
+    first, last = out[f"{at_seconds[0]:g}s"], out[f"{at_seconds[-1]:g}s"]
+    out["late_over_early"] = round(last["stream_hop_median_s"] / first["stream_hop_median_s"], 3)
+    out["baseline_late_over_early"] = round(last["reencode_all_median_s"] / first["reencode_all_median_s"], 3)
+    return out
+
+
+def latencies(tr, options: StreamOptions) -> dict:
+    """Per held-out clip (leading 0.5 s pause, trailing 2 s pause), streamed in hop-sized feeds at real-time
+    semantics: when the first partial text and the final arrive, in audio time plus compute time."""
+    from megaedge import fixture
+    from megaedge.runtime import audio as audio_io
+    from megaedge.runtime.evaluate import read_set
+
+    rng = np.random.default_rng(0)
+    first, final = [], []
+    for item in read_set(fixture.heldout_manifest()):
+        clip = audio_io.load(item["path"])
+        voiced = np.flatnonzero(np.abs(clip) > 0.01)
+        if voiced.size == 0:
+            continue
+        lead = int(0.5 * RATE)
+        audio = np.concatenate([np.zeros(lead, np.float32), clip, np.zeros(2 * RATE, np.float32)])
+        audio += (1e-4 * rng.standard_normal(audio.size)).astype(np.float32)
+        onset, offset = (lead + voiced[0]) / RATE, (lead + voiced[-1]) / RATE
+        stream = tr.create_stream(options)
+        feed = int(options.hop_seconds * RATE)
+        got_first = got_final = None
+        for i in range(0, audio.size, feed):
+            for event in stream.accept_waveform(audio[i : i + feed]):
+                if event.kind == "partial" and event.text and got_first is None:
+                    got_first = event.end + event.compute_seconds - onset
+                if event.kind == "final" and got_final is None and event.token_ids:
+                    got_final = event.end + event.compute_seconds - offset
+        if got_final is None:
+            event = stream.final()
+            got_final = event.end + event.compute_seconds - offset
+        if got_first is not None:
+            first.append(got_first)
+        final.append(got_final)
+
+    def stats(values):
+        return {"p50_s": round(float(np.percentile(values, 50)), 3), "p95_s": round(float(np.percentile(values, 95)), 3),
+                "clips": len(values)}
+
+    return {"first_partial_after_speech_onset": stats(first), "final_after_end_of_speech": stats(final),
+            "endpoint_silence_s": options.endpoint_silence_seconds}
+
+
+def memory(tr, hours: float, options: StreamOptions) -> dict:
+    """RSS while streaming hours of speech-with-pauses faster than real time (endpointing and span resets on)."""
+    chunk = speech_audio(600.0, seed=3)
+    checkpoints = sorted({600, 3600, int(hours * 3600)} - {0})
+    stream = tr.create_stream(options)
+    fed, out, t0, finals = 0, {}, time.perf_counter(), 0
+    feed = int(options.hop_seconds * RATE)
+    while fed < checkpoints[-1] * RATE:
+        for i in range(0, chunk.size, feed):
+            finals += sum(e.kind == "final" for e in stream.accept_waveform(chunk[i : i + feed]))
+        fed += chunk.size
+        seconds = fed // RATE
+        if seconds in checkpoints:
+            out[f"{seconds}s"] = round(_rss_mib(), 1)
+            print(f"  {seconds / 60:.0f} min of audio: RSS {out[f'{seconds}s']} MiB, {finals} finals, "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+    values = list(out.values())
+    return {"rss_mib": out, "max_over_min": round(max(values) / min(values), 4), "finals": finals,
+            "wall_seconds": round(time.perf_counter() - t0, 1), "hop_seconds": options.hop_seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", help="bundle to measure (default: the fixture, exported to a temp dir)")
+    parser.add_argument("--geometry", choices=("0.6b", "1.7b"), help="also measure a random-weight geometry")
+    parser.add_argument("--work", help="where to put the geometry checkpoint and bundle")
+    parser.add_argument("--hours", type=float, default=2.0)
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    from megaedge import fixture
+    from megaedge.export.bundle import ExportOptions, export_bundle
+    from megaedge.runtime.transcriber import Transcriber
+
+    options = StreamOptions()
+    results = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
+               "options": {"hop_seconds": options.hop_seconds, "unstable_tokens": options.unstable_tokens,
+                           "max_span_seconds": options.max_span_seconds}}
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(args.bundle) if args.bundle else export_bundle(fixture.model_dir(), Path(tmp) / "fixture",
+                                                                     ExportOptions(force=True))
+        tr = Transcriber.from_bundle(bundle, threads=args.threads)
+        print("fixture: hop latency", flush=True)
+        no_endpoint = StreamOptions(endpointing=False)
+        results["fixture_hop_latency"] = hop_latency(tr, speech_audio(75.0), [10.0, 60.0], no_endpoint)
+        print("fixture: first-partial and end-of-speech -> final latency", flush=True)
+        results["fixture_latency"] = latencies(tr, options)
+        if not args.skip_memory:
+            print(f"fixture: memory over {args.hours:g} h", flush=True)
+            results["fixture_memory"] = memory(tr, args.hours, replace_hop(options, 2.0))
+        if args.geometry:
+            from megaedge.export.factory import write_checkpoint
+
+            work = Path(args.work or tmp) / args.geometry
+            ckpt = write_checkpoint(work / "checkpoint", args.geometry, "mega", seed=0)
+            big = export_bundle(ckpt, work / "bundle", ExportOptions(force=True))
+            tr = Transcriber.from_bundle(big, threads=args.threads, verify=False)
+            rng = np.random.default_rng(0)
+            noise = (0.1 * rng.standard_normal(75 * RATE)).astype(np.float32)
+            print(f"{args.geometry}: hop latency", flush=True)
+            results[f"{args.geometry}_hop_latency"] = hop_latency(tr, noise, [10.0, 60.0], no_endpoint, probes=3)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "streaming.json"
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    previous.update(results)
+    out.write_text(json.dumps(previous, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+def replace_hop(options: StreamOptions, hop: float) -> StreamOptions:
+    from dataclasses import replace
+
+    return replace(options, hop_seconds=hop)
+
+
+if __name__ == "__main__":
+    main()

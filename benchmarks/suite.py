@@ -1,0 +1,212 @@
+"""Side by side on this machine: transformers fp32 reference generate vs megaedge ORT FP32 vs ORT INT8.
+
+Random-weight checkpoints at the real 0.6B / 1.7B geometry, the same speech-like audio (10 s and 30 s) and the same
+forced token count (EOS ignored) for every contender. Each measurement runs in a fresh process (clean peak-RSS
+figures), and contenders are interleaved round by round so a slow spell of the machine hits all of them; medians
+are reported. Also measured: cold load of the INT8 bundle, process start -> first token ready.
+
+    python benchmarks/suite.py --work DIR [--geometries 0.6b,1.7b] [--audio 10,30] [--tokens 32] [--rounds 2]
+
+Writes benchmarks/results/suite_<geometry>.json, suite.md (table) and suite.png (plot). Needs ~3x the fp32 model of
+free disk and, at 1.7B, ~18 GiB RAM for the export step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+_REFERENCE = """
+import json, resource, sys, time
+import numpy as np, torch
+from megaedge.export.loader import load_checkpoint
+from megaedge.export.reference import prompt_inputs
+from megaedge.runtime.bench import test_audio
+torch.set_num_threads(int(sys.argv[4]))
+loaded = load_checkpoint(sys.argv[1], lora="merge", load_router=False)
+out = {}
+for seconds in json.loads(sys.argv[2]):
+    inputs = prompt_inputs(loaded, test_audio(seconds), None, None)
+    tokens = int(sys.argv[3])
+    with torch.no_grad():
+        loaded.model.generate(**prompt_inputs(loaded, test_audio(1.0), None, None), max_new_tokens=2,
+                              min_new_tokens=2, do_sample=False)  # warm-up
+        t0 = time.perf_counter()
+        first = loaded.model.generate(**inputs, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        t1 = time.perf_counter()
+        full = loaded.model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        t2 = time.perf_counter()
+    total = t2 - t1
+    out[str(seconds)] = {"first_token": t1 - t0, "total": total, "rtf": total / seconds,
+                         "tokens": int(full.shape[1] - inputs["input_ids"].shape[1]),
+                         "decode_tokens_per_s": (tokens - 1) / max(total - (t1 - t0), 1e-9)}
+out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+print(json.dumps(out))
+"""
+
+_RUNTIME = """
+import json, resource, sys
+from megaedge.runtime.bench import test_audio
+from megaedge.runtime.transcriber import Transcriber
+tr = Transcriber.from_bundle(sys.argv[1], verify=False, threads=int(sys.argv[4]))
+tr.transcribe(test_audio(1.0), max_new_tokens=2, ignore_eos=True, loop_guard=False)  # warm-up
+out = {}
+for seconds in json.loads(sys.argv[2]):
+    r = tr.transcribe(test_audio(seconds), max_new_tokens=int(sys.argv[3]), ignore_eos=True, segment_seconds=None,
+                      loop_guard=False)
+    t = r.timings
+    out[str(seconds)] = {"first_token": t["frontend"] + t["encoder"] + t["prefill"], "total": t["total"],
+                         "rtf": t["rtf"], "tokens": len(r.token_ids), "encoder": t["encoder"], "prefill": t["prefill"],
+                         "decode_tokens_per_s": t["decode_tokens"] / t["decode"]}
+out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+print(json.dumps(out))
+"""
+
+_COLD = """
+import sys, time
+from megaedge.runtime.bench import test_audio
+from megaedge.runtime.transcriber import Transcriber
+tr = Transcriber.from_bundle(sys.argv[1], verify=False)
+tr.transcribe(test_audio(1.0), max_new_tokens=1, ignore_eos=True, loop_guard=False)
+print(time.time())
+"""
+
+
+def _python(code: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"step failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def cold_load(bundle: Path, rounds: int) -> list[float]:
+    """Seconds from process start (before Python itself starts) to the first token of a 1 s clip."""
+    times = []
+    for _ in range(rounds):
+        start = time.time()
+        proc = subprocess.run([sys.executable, "-c", _COLD, str(bundle)], capture_output=True, text=True, check=True)
+        times.append(float(proc.stdout.strip().splitlines()[-1]) - start)
+    return times
+
+
+def build(geometry: str, work: Path) -> dict:
+    from megaedge.export.bundle import ExportOptions, export_bundle
+    from megaedge.export.factory import write_checkpoint
+    from megaedge.export.int8 import calibration_items
+    from megaedge.export.quantize import RECIPES, quantize_bundle
+
+    ckpt, fp32, int8 = work / "checkpoint", work / "bundle-fp32", work / "bundle-int8"
+    if not (ckpt / ".done").exists():
+        write_checkpoint(ckpt, geometry, "mega", seed=0)
+        (ckpt / ".done").touch()
+    if not (fp32 / "megaedge.json").exists():
+        export_bundle(ckpt, fp32, ExportOptions(force=True))
+    if not (int8 / "megaedge.json").exists():
+        items, source = calibration_items(None)
+        quantize_bundle(fp32, int8, RECIPES["cpu"], items, "cpu", None, source)
+    return {"checkpoint": ckpt, "fp32": fp32, "int8": int8}
+
+
+def _median(rows: list[dict], key: str) -> float:
+    return round(float(np.median([r[key] for r in rows])), 4)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--geometries", default="0.6b,1.7b")
+    parser.add_argument("--audio", default="10,30")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    lengths = [float(v) for v in args.audio.split(",")]
+    table = []
+    for geometry in args.geometries.split(","):
+        paths = build(geometry, args.work / geometry)
+        runs: dict[str, list[dict]] = {"transformers_fp32": [], "megaedge_fp32": [], "megaedge_int8": []}
+        common = (json.dumps(lengths), str(args.tokens), str(args.threads))
+        for r in range(args.rounds):
+            order = list(runs) if r % 2 == 0 else list(reversed(runs))
+            for name in order:
+                code, target = (_REFERENCE, paths["checkpoint"]) if name == "transformers_fp32" else (
+                    _RUNTIME, paths[name.split("_")[1]])
+                runs[name].append(_python(code, str(target), *common))
+                print(f"{geometry} round {r} {name}: {json.dumps(runs[name][-1])}", flush=True)
+        result = {"geometry": geometry, "tokens": args.tokens, "threads": args.threads, "rounds": args.rounds,
+                  "machine": platform.processor() or platform.machine(), "contenders": {}}
+        for name, rows in runs.items():
+            entry = {"peak_rss_gib": round(max(r["peak_rss_gib"] for r in rows), 2)}
+            for seconds in lengths:
+                per = [r[str(seconds)] for r in rows]
+                entry[f"{seconds:g}s"] = {k: _median(per, k) for k in per[0]}
+            result["contenders"][name] = entry
+        for seconds in lengths:
+            ref = result["contenders"]["transformers_fp32"][f"{seconds:g}s"]["rtf"]
+            for name in ("megaedge_fp32", "megaedge_int8"):
+                mine = result["contenders"][name][f"{seconds:g}s"]
+                mine["rtf_speedup_vs_transformers"] = round(ref / mine["rtf"], 2)
+        cold = cold_load(paths["int8"], args.rounds + 1)
+        result["int8_cold_start_to_first_token_s"] = {"median": round(float(np.median(cold)), 2),
+                                                      "all": [round(c, 2) for c in cold]}
+        (RESULTS / f"suite_{geometry}.json").write_text(json.dumps(result, indent=2) + "\n")
+        table.append(result)
+        print(json.dumps(result, indent=2), flush=True)
+    write_table(table, RESULTS / "suite.md")
+    try:
+        write_plot(table, RESULTS / "suite.png")
+    except ImportError:
+        print("matplotlib missing: no plot")
+
+
+def write_table(results: list[dict], path: Path) -> None:
+    lines = ["| geometry | audio | contender | RTF | x vs transformers | first token s | decode tok/s | peak RSS GiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        for name, entry in res["contenders"].items():
+            for key, run in entry.items():
+                if not isinstance(run, dict):
+                    continue
+                lines.append(f"| {res['geometry']} | {key} | {name} | {run['rtf']:.3f} | "
+                             f"{run.get('rtf_speedup_vs_transformers', 1.0):.2f} | {run['first_token']:.2f} | "
+                             f"{run['decode_tokens_per_s']:.2f} | {entry['peak_rss_gib']:.2f} |")
+    cold = ", ".join(f"{r['geometry']} {r['int8_cold_start_to_first_token_s']['median']} s" for r in results)
+    lines += ["", f"{results[0]['tokens']} forced tokens, {results[0]['threads']} threads, medians of "
+              f"{results[0]['rounds']} interleaved rounds. INT8 cold start to first token: {cold}."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.25
+    names = ["transformers_fp32", "megaedge_fp32", "megaedge_int8"]
+    groups = [(res, key) for res in results for key, run in res["contenders"]["megaedge_int8"].items()
+              if isinstance(run, dict)]
+    for i, name in enumerate(names):
+        values = [res["contenders"][name][key]["rtf"] for res, key in groups]
+        ax.bar(np.arange(len(groups)) + (i - 1) * width, values, width, label=name)
+    labels = [f"{res['geometry']} {key}" for res, key in groups]
+    ax.set_xticks(np.arange(len(groups)), labels)
+    ax.set_ylabel("real-time factor (lower is better)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""``megaedge stream``: live transcription from a microphone or a file, partial results every hop."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "stream"
+HELP = "stream from a microphone (--mic) or a file (--file): partials update in place, finals on new lines"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", help="bundle directory written by `megaedge export`")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--mic", action="store_true", help="record from a microphone (extra: mic)")
+    source.add_argument("--file", help="stream an audio file (anything soundfile reads)")
+    parser.add_argument("--device", help="microphone: sounddevice device index or name (default: system default)")
+    parser.add_argument("--seconds", type=float, help="stop after this much audio, then flush (default: until Ctrl-C "
+                                                      "or the end of the file)")
+    parser.add_argument("--realtime", action="store_true", help="--file: feed at real-time speed, as a mic would")
+    parser.add_argument("--preset", default="balanced",
+                        help="balanced (default), interactive, dictation or exact (no endpointing, one utterance)")
+    parser.add_argument("--hop", type=float, help="seconds between partial results (overrides the preset)")
+    parser.add_argument("--no-endpoint", action="store_true", help="never finalise on silence")
+    parser.add_argument("--route", choices=("auto", "base", "lora"), default="auto")
+    parser.add_argument("--language", help="force the output language (e.g. English)")
+    parser.add_argument("--context", help="context / hotwords placed in the system prompt")
+    parser.add_argument("--json", action="store_true", help="one JSON event per line (partials and finals)")
+    parser.add_argument("--providers", default="cpu", help="comma list: cpu, cuda, tensorrt (default cpu)")
+    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+
+
+class _Printer:
+    """Partials rewrite one terminal line; finals end it. --json prints every event as one line."""
+
+    def __init__(self, as_json: bool):
+        import sys
+
+        self.json, self.out = as_json, sys.stdout
+        self.tty = self.out.isatty()
+        self.width = 0
+
+    def __call__(self, event) -> None:
+        import json
+        from dataclasses import asdict
+
+        if self.json:
+            doc = asdict(event)
+            doc["token_ids"] = list(doc["token_ids"])
+            self.out.write(json.dumps(doc, ensure_ascii=False) + "\n")
+        elif event.kind == "final":
+            if event.text or self.width:
+                self._line(f"[{event.start:7.2f}-{event.end:7.2f}] {event.text}", end=True)
+        elif self.tty:
+            self._line(f"... {event.text}", end=False)
+        self.out.flush()
+
+    def _line(self, text: str, end: bool) -> None:
+        pad = " " * max(0, self.width - len(text))
+        self.out.write(("\r" if self.tty else "") + text + pad + ("\n" if end else ""))
+        self.width = 0 if end else len(text)
+
+
+def _options(args):
+    from dataclasses import replace
+
+    from megaedge.runtime.streaming import StreamOptions
+
+    options = StreamOptions.preset(args.preset)
+    changes = {"route": args.route, "language": args.language, "context": args.context}
+    if args.hop:
+        changes["hop_seconds"] = args.hop
+    if args.no_endpoint:
+        changes["endpointing"] = False
+    return replace(options, **changes)
+
+
+def _file_chunks(args, hop: float):
+    import time
+
+    from megaedge.runtime import audio as audio_io
+
+    audio_io.check_readable(args.file)
+    samples = audio_io.load(args.file)
+    if args.seconds:
+        samples = samples[: int(args.seconds * audio_io.TARGET_RATE)]
+    step = max(1, int(hop * audio_io.TARGET_RATE))
+    start = time.perf_counter()
+    for i in range(0, len(samples), step):
+        if args.realtime:
+            time.sleep(max(0.0, start + i / audio_io.TARGET_RATE - time.perf_counter()))
+        yield samples[i : i + step], audio_io.TARGET_RATE
+
+
+def _mic_chunks(args, hop: float):
+    import queue
+
+    import numpy as np
+
+    from megaedge.errors import MegaedgeError, require
+
+    sd = require("sounddevice", "mic")
+    device = int(args.device) if args.device and args.device.isdigit() else args.device
+    try:
+        rate = int(sd.query_devices(device, "input")["default_samplerate"])
+    except Exception as exc:  # sounddevice raises ValueError / PortAudioError for unknown devices
+        raise MegaedgeError(f"--device {args.device!r}: no such input device ({exc}); list them with "
+                            "python -m sounddevice") from exc
+    # Prefer 16 kHz when the device takes it (no resampling); otherwise the stream resamples.
+    try:
+        sd.check_input_settings(device=device, samplerate=16000, channels=1, dtype="int16")
+        rate = 16000
+    except Exception:
+        pass
+    blocks: queue.Queue = queue.Queue()
+
+    def callback(data, frames, when, status):  # PortAudio thread: hand over a copy, nothing else
+        blocks.put(data[:, 0].astype(np.float32) / 32768.0)
+
+    total, limit = 0, int(args.seconds * rate) if args.seconds else None
+    # 16-bit capture: what microphones deliver, and the one format every ALSA device (the file plugin included)
+    # hands over unconverted.
+    with sd.InputStream(samplerate=rate, channels=1, dtype="int16", device=device,
+                        blocksize=max(1, int(hop * rate)), callback=callback):
+        while limit is None or total < limit:
+            block = blocks.get()
+            if limit is not None:
+                block = block[: limit - total]
+            total += block.size
+            yield block, rate
+
+
+def run(args: argparse.Namespace) -> int:
+    from megaedge.runtime.transcriber import Transcriber
+
+    options = _options(args)
+    chunks = _mic_chunks(args, options.hop_seconds) if args.mic else _file_chunks(args, options.hop_seconds)
+    transcriber = Transcriber.from_bundle(args.bundle, providers=args.providers.split(","), route=args.route,
+                                          threads=args.threads)
+    stream = transcriber.create_stream(options)
+    show = _Printer(args.json)
+    try:
+        for samples, rate in chunks:
+            for event in stream.accept_waveform(samples, rate):
+                show(event)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C: what was heard so far is flushed below, and the exit status stays 0
+    show(stream.final())
+    return 0

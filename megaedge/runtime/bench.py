@@ -1,0 +1,215 @@
+"""Latency of a bundle on the machine it runs on: per stage, decode against the memory-bandwidth bound, memory.
+
+Used by ``megaedge bench``. Lean like the rest of the runtime: numpy + onnxruntime (+ psutil / matplotlib when
+present). Decode is memory-bound: every generated token streams the decoder's weights once, so the ceiling is the
+machine's bandwidth divided by the decoder's bytes per token; the report says how close the bundle gets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("megaedge.runtime.bench")
+
+STAGES = ("frontend", "router", "encoder", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    audio_seconds: tuple[float, ...] = (10.0, 30.0)
+    repeat: int = 3
+    warmup: int = 1
+    new_tokens: int | None = 32  # forced (EOS ignored) so runs compare; None: stop at EOS
+    route: str = "auto"
+    threads: int | None = None
+    providers: tuple[str, ...] = ("cpu",)
+    bandwidth_mib: int = 256
+
+
+def test_audio(seconds: float, seed: int = 0) -> np.ndarray:
+    """Speech-like audio (voiced harmonics with a syllable envelope, plus noise): exercises every stage."""
+    rate = 16000
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    phase = 2 * np.pi * np.cumsum(120 + 40 * np.sin(2 * np.pi * 0.7 * t)) / rate
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 6))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3.1 * t) ** 2
+    return (0.2 * voiced * envelope + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def copy_bandwidth(mib: int = 256, threads: int | None = None, rounds: int = 5) -> float:
+    """STREAM-style copy bandwidth in GB/s (bytes read + written), best of ``rounds``, over ``threads`` threads
+    (numpy releases the GIL while copying)."""
+    threads = threads or os.cpu_count() or 1
+    n = mib * 2**20 // 4
+    src, dst = np.ones(n, np.float32), np.empty(n, np.float32)
+    bounds = np.linspace(0, n, threads + 1).astype(int)
+
+    def part(i: int) -> None:
+        np.copyto(dst[bounds[i] : bounds[i + 1]], src[bounds[i] : bounds[i + 1]])
+
+    best = float("inf")
+    for _ in range(rounds + 1):  # the first round faults the pages in
+        workers = [threading.Thread(target=part, args=(i,)) for i in range(threads)]
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best / 1e9
+
+
+def decoder_bytes(bundle: Path, info) -> int:
+    spec = info.graph("decoder")
+    return sum((bundle / f).stat().st_size for f in (spec.file, *spec.data_files))
+
+
+def kv_bytes_per_token(info, positions: int) -> int:
+    """Bytes of KV cache one decode step reads at ``positions`` cached positions (keys and values, all layers)."""
+    dec = info.decoder
+    return len(dec["past_names"]) * dec["kv_heads"] * dec["head_dim"] * positions * np.dtype(dec["kv_dtype"]).itemsize
+
+
+def peak_rss_mib() -> float:
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 1024 if platform.system() != "Darwin" else peak / 2**20
+    except ImportError:  # pragma: no cover - Windows
+        return float("nan")
+
+
+def gpu_memory_mib() -> float | None:
+    """Device memory in use on GPU 0 (None without a CUDA GPU and nvidia-smi)."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout.split()
+        return float(out[0]) if out else None
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+def _summary(values: list[float]) -> dict:
+    return {"median": round(float(np.median(values)), 4), "p95": round(float(np.percentile(values, 95)), 4)}
+
+
+def run(bundle, options: BenchOptions = BenchOptions(), progress=None) -> dict:
+    """Cold load, then per audio length: warm-up runs, ``repeat`` measured runs; returns the report dict."""
+    import onnxruntime
+
+    from megaedge import __version__
+    from megaedge.runtime.transcriber import Transcriber
+
+    bundle = Path(bundle).expanduser()
+    t0 = time.perf_counter()
+    tr = Transcriber.from_bundle(bundle, providers=options.providers, route=options.route, threads=options.threads,
+                                 verify=False)
+    load_seconds = time.perf_counter() - t0
+    info = tr.manifest
+    bandwidth = copy_bandwidth(options.bandwidth_mib, options.threads)
+    weights = decoder_bytes(bundle, info)
+    report = {
+        "bundle": bundle.name, "precision": info.precision, "mode": info.mode,
+        "quantization": (info.quantization or {}).get("recipe", {}).get("name") if info.quantization else None,
+        "device": {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+                   "cpu_count": os.cpu_count(), "threads": options.threads or os.cpu_count(),
+                   "providers": list(tr.sessions["decoder"].providers)},
+        "versions": {"megaedge": __version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
+                     "python": platform.python_version()},
+        "load_seconds": round(load_seconds, 3),
+        "copy_bandwidth_gbps": round(bandwidth, 2),
+        "decoder_weight_bytes": weights,
+        "runs": {},
+    }
+    for seconds in options.audio_seconds:
+        audio = test_audio(seconds)
+        samples: dict[str, list[float]] = {k: [] for k in (*STAGES, "first_token", "total", "rtf", "tokens_per_s")}
+        tokens = 0
+        for i in range(options.warmup + options.repeat):
+            result = tr.transcribe(audio, max_new_tokens=options.new_tokens, ignore_eos=options.new_tokens is not None,
+                                   segment_seconds=None, loop_guard=False)
+            if progress:
+                progress(seconds, i)
+            if i < options.warmup:
+                continue
+            t = result.timings
+            for stage in STAGES:
+                samples[stage].append(t.get(stage, 0.0))
+            samples["first_token"].append(sum(t.get(s, 0.0) for s in ("frontend", "router", "encoder", "prefill")))
+            samples["total"].append(t["total"])
+            samples["rtf"].append(t["rtf"])
+            tokens = len(result.token_ids)
+            samples["tokens_per_s"].append(t.get("decode_tokens", 0) / t["decode"] if t.get("decode") else 0.0)
+        prompt = len(tr.prompt(features_tokens(audio), None, None))
+        per_token = weights + kv_bytes_per_token(info, prompt + tokens // 2)
+        bound = bandwidth * 1e9 / per_token
+        decode = float(np.median(samples["tokens_per_s"]))
+        report["runs"][f"{seconds:g}s"] = {
+            "audio_seconds": seconds, "generated_tokens": tokens,
+            **{k: _summary(v) for k, v in samples.items()},
+            "decode_bytes_per_token": per_token,
+            "decode_bound_tokens_per_s": round(bound, 3),
+            "decode_percent_of_bound": round(100 * decode / bound, 1),
+        }
+    report["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    report["gpu_memory_mib"] = gpu_memory_mib() if tr.sessions["decoder"].device == "cuda" else None
+    return report
+
+
+def features_tokens(audio: np.ndarray) -> int:
+    from megaedge.runtime import features
+
+    return features.asr_log_mel(audio).num_audio_tokens
+
+
+def format_table(report: dict) -> str:
+    head = ["audio", "tokens", *[f"{s} ms" for s in STAGES], "first token ms", "decode tok/s", "% of bound", "RTF"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run in report["runs"].values():
+        cells = [f"{run['audio_seconds']:g} s", str(run["generated_tokens"])]
+        cells += [f"{1e3 * run[s]['median']:.0f} (p95 {1e3 * run[s]['p95']:.0f})" for s in STAGES]
+        cells += [f"{1e3 * run['first_token']['median']:.0f}", f"{run['tokens_per_s']['median']:.2f}",
+                  f"{run['decode_percent_of_bound']:.0f}", f"{run['rtf']['median']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"{report['bundle']}: {report['precision']} {report['mode']}, load {report['load_seconds']} s, "
+                 f"copy bandwidth {report['copy_bandwidth_gbps']} GB/s, decoder {report['decoder_weight_bytes'] / 2**20:.0f}"
+                 f" MiB/token, peak RSS {report['peak_rss_mib']:.0f} MiB, {report['device']['threads']} threads")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = list(report["runs"].values())
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bottom = np.zeros(len(runs))
+    labels = [f"{r['audio_seconds']:g} s" for r in runs]
+    for stage in STAGES:
+        values = np.array([r[stage]["median"] for r in runs])
+        ax.bar(labels, values, bottom=bottom, label=stage)
+        bottom += values
+    ax.set_ylabel("seconds (median)")
+    ax.set_title(f"{report['bundle']} ({report['precision']}, {report['device']['threads']} threads)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,547 @@
+"""Chunked streaming: partial results every hop, exact finals, and a cost per hop that does not grow with the stream.
+
+One ``Transcriber`` holds the weights; each ``Stream`` holds only its own state:
+
+* front-end: log-mel frames are computed once, as soon as the samples they need have arrived (bit-identical to the
+  offline front-end; its clip-wide floor is applied when a window is encoded, and windows encoded under an older
+  floor are re-encoded if a louder frame later raises it);
+* encoder: finished 104-token windows (800 mel frames) are encoded once and kept; each hop encodes only the open
+  window;
+* decoder: the KV cache of the prompt prefix and of the finished windows' audio tokens is kept; each hop prefills
+  the open window's audio tokens, the prompt suffix and the committed text, then decodes a few tokens; the last
+  ``unstable_tokens`` of each hypothesis are rolled back, the rest are committed;
+* final: one prefill checks every committed token against the full audio (``logits_at`` returns their logits), so
+  the final transcript is exactly the offline greedy one. A committed token is revised only if the full audio
+  disagrees with it; ``StreamStats.revisions`` counts that;
+* endpointing: an energy VAD finalises an utterance after trailing silence and starts a fresh one (routed bundles
+  route each utterance);
+* long-form: after ``max_span_seconds`` the span is finalised at a window boundary and a new one starts with an
+  audio overlap and the recent text as context; words the overlap repeats are dropped, so state stays bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from megaedge.errors import MegaedgeError
+from megaedge.runtime import audio as audio_io
+from megaedge.runtime import features
+from megaedge.runtime.text import ASR_TEXT_MARKER, max_new_tokens_for, parse_asr_output
+
+log = logging.getLogger("megaedge.runtime.streaming")
+
+RATE = features.SAMPLE_RATE
+_HALF_WINDOW = features.N_FFT // 2
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    # 0.64 s: 4 encoder tokens' worth of audio; benchmarks/streaming.py measures the hop cost it buys.
+    hop_seconds: float = 0.64
+    unstable_tokens: int = 5
+    endpointing: bool = True
+    endpoint_silence_seconds: float = 0.8
+    vad_margin_db: float = 12.0  # speech: frame energy this far above the tracked noise floor
+    vad_min_dbfs: float = -55.0  # ... and above this absolute level
+    max_span_seconds: float | None = 32.0  # long-form: finalise the span at the next window boundary after this
+    overlap_seconds: float = 1.0
+    context_chars: int = 120
+    language: str | None = None
+    context: str | None = None
+    route: str | None = None  # None: the transcriber's route
+    loop_guard: bool = True
+
+    def __post_init__(self):
+        if not 0.02 <= self.hop_seconds <= 30:
+            raise MegaedgeError(f"hop {self.hop_seconds} s is outside 0.02-30 s; pick e.g. 0.64")
+        if self.unstable_tokens < 0:
+            raise MegaedgeError(f"unstable_tokens {self.unstable_tokens} < 0; use 0 to commit everything")
+        if self.max_span_seconds is not None and self.max_span_seconds < 8.0 + self.overlap_seconds:
+            raise MegaedgeError(f"max_span_seconds {self.max_span_seconds} is shorter than one encoder window "
+                                f"(8 s) plus the overlap; use >= {8.0 + self.overlap_seconds:g} or None")
+
+    @classmethod
+    def preset(cls, name: str) -> StreamOptions:
+        if name not in PRESETS:
+            raise MegaedgeError(f"stream preset {name!r} is not one of {sorted(PRESETS)}")
+        return PRESETS[name]
+
+
+PRESETS = {
+    "balanced": StreamOptions(),
+    "interactive": StreamOptions(hop_seconds=0.48, endpoint_silence_seconds=0.6),
+    "dictation": StreamOptions(hop_seconds=1.0, endpoint_silence_seconds=1.2, unstable_tokens=6),
+    "exact": StreamOptions(endpointing=False, max_span_seconds=None),  # one utterance: final == offline
+}
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    kind: str  # "partial" | "final"
+    text: str
+    committed: str  # partial: the part that will not change until the final check
+    start: float  # seconds of stream time
+    end: float
+    utterance: int
+    route: str
+    token_ids: tuple[int, ...]
+    compute_seconds: float
+    reason: str = ""  # final: "endpoint" | "flush" | "span"
+
+
+@dataclass
+class StreamStats:
+    hops: int = 0
+    encoder_windows: int = 0  # window encodings (finished + open) across hops
+    reencoded_windows: int = 0  # finished windows encoded again because the clip-wide mel floor rose
+    revisions: int = 0  # finals where the full audio disagreed with a committed token
+    reroutes: int = 0  # utterances whose final route differed from the provisional one
+    hop_seconds: list[float] = field(default_factory=list)
+
+
+class EnergyVad:
+    """20 ms frame energy against a tracked noise floor; counts trailing non-speech after speech."""
+
+    FRAME = 320
+
+    def __init__(self, margin_db: float, min_dbfs: float):
+        self.margin_db, self.min_dbfs = margin_db, min_dbfs
+        self.floor_db = -70.0
+        self.rest = np.zeros(0, np.float32)
+        self.heard_speech = False
+        self.trailing_silence = 0  # samples
+
+    def reset_utterance(self) -> None:
+        self.heard_speech = False
+        self.trailing_silence = 0
+
+    def update(self, samples: np.ndarray) -> None:
+        data = np.concatenate([self.rest, samples])
+        usable = data.size // self.FRAME * self.FRAME
+        self.rest = data[usable:]
+        frames = data[:usable].reshape(-1, self.FRAME).astype(np.float64)
+        for energy in 10.0 * np.log10(np.mean(frames * frames, axis=1) + 1e-12):
+            # The floor follows quiet frames at once and rises slowly, so speech never becomes the floor.
+            self.floor_db = energy if energy < self.floor_db else self.floor_db + 0.02
+            if energy > max(self.floor_db + self.margin_db, self.min_dbfs):
+                self.heard_speech = True
+                self.trailing_silence = 0
+            else:
+                self.trailing_silence += self.FRAME
+
+
+class _Span:
+    """State of one decoding span: its samples, mel frames, encoded windows and decoder caches."""
+
+    def __init__(self, start_sample: int, context: str | None, gate: float | None):
+        self.start_sample = start_sample  # stream time of samples[0]
+        self.samples = np.zeros(0, np.float32)
+        self.raw = np.zeros((features.ASR_MEL_BINS, 0), np.float32)  # log10 mel, floor not yet applied
+        self.max = -np.inf
+        self.windows: list[tuple[np.ndarray, float]] = []  # (audio features [104, H], floor max used)
+        self.kv = None  # OrtValues after prefix + windows[:kv_windows]
+        self.kv_len = 0
+        self.kv_windows = 0
+        self.committed: list[int] = []
+        self.previous: list[int] = []  # the last hop's full hypothesis
+        self.context = context
+        self.gate = gate
+        self.route_checked = False
+        self.degraded_prob: float | None = None
+
+
+class Stream:
+    """Per-stream state over a shared ``Transcriber``: ``accept_waveform`` -> events, ``partial``, ``final``."""
+
+    def __init__(self, transcriber, options: StreamOptions = StreamOptions()):
+        self.tr = transcriber
+        self.opts = options
+        info = transcriber.manifest
+        self.window_frames = int(info.encoder.get("chunk_frames", 100)) * int(info.encoder.get("chunks_per_window", 8))
+        self.window_tokens = features.audio_token_count(self.window_frames)
+        self.route = options.route or transcriber.route
+        if self.route == "base" and not info.routed:
+            raise MegaedgeError("route 'base' needs a routed bundle (export with --mode routed); this one is merged")
+        self.reset()
+
+    # -------------------------------------------------------------------------------------------- public API
+    def reset(self) -> None:
+        """Forget everything: a new stream at time 0 (the weights stay loaded)."""
+        self.stats = StreamStats()
+        self.utterance = 0
+        self.time = 0  # samples accepted so far (stream time)
+        self._since_hop = 0
+        self._resampler = None
+        self._vad = EnergyVad(self.opts.vad_margin_db, self.opts.vad_min_dbfs)
+        self._span = self._new_span(0, self.opts.context)
+        self._pending_text: list[str] = []  # finished spans of the current utterance (long-form)
+        self._last: StreamEvent | None = None
+
+    def accept_waveform(self, samples, sample_rate: int = RATE) -> list[StreamEvent]:
+        """Feed any number of samples (mono, or [n, channels]); returns the events this produced."""
+        chunk = self._to_16k(np.asarray(samples, np.float32), int(sample_rate))
+        if chunk.size == 0:
+            return []
+        audio_io.check_finite(chunk, "stream input")
+        span = self._span
+        span.samples = np.concatenate([span.samples, chunk])
+        self.time += chunk.size
+        self._since_hop += chunk.size
+        events = []
+        if self.opts.endpointing:
+            self._vad.update(chunk)
+            if self._vad.heard_speech and self._vad.trailing_silence >= self.opts.endpoint_silence_seconds * RATE:
+                events.append(self._finish("endpoint"))
+                return events
+            if not self._vad.heard_speech and span.samples.size > 2 * RATE and not span.committed:
+                self._drop_leading_silence()
+        if self._since_hop >= self.opts.hop_seconds * RATE:
+            self._since_hop = 0
+            events.append(self._hop())
+            if self._span_full():
+                events.append(self._roll_span())
+        return events
+
+    @property
+    def partial(self) -> StreamEvent | None:
+        """The latest event (partial or final) of this stream."""
+        return self._last
+
+    def final(self) -> StreamEvent:
+        """End of input: finalise the current utterance (exact: token-identical to offline transcription)."""
+        return self._finish("flush")
+
+    flush = final
+
+    # -------------------------------------------------------------------------------------------- internals
+    def _to_16k(self, samples: np.ndarray, rate: int) -> np.ndarray:
+        samples = audio_io.to_mono(samples)
+        if rate == RATE:
+            return samples
+        if self._resampler is None or self._resampler[0] != rate:
+            import soxr
+
+            self._resampler = (rate, soxr.ResampleStream(rate, RATE, 1, dtype="float32"))
+        return self._resampler[1].resample_chunk(samples).astype(np.float32)
+
+    def _new_span(self, start_sample: int, context: str | None) -> _Span:
+        gate = None
+        if self.tr.manifest.routed:
+            gate = 0.0 if self.route == "base" else 1.0  # auto: provisional until the router has heard 1 s
+        return _Span(start_sample, context, gate)
+
+    def _drop_leading_silence(self) -> None:
+        span = self._span
+        keep = int(0.5 * RATE)
+        dropped = span.samples.size - keep
+        self._span = self._new_span(span.start_sample + dropped, span.context)
+        self._span.samples = span.samples[dropped:]
+
+    def _span_full(self) -> bool:
+        limit = self.opts.max_span_seconds
+        return limit is not None and len(self._span.windows) * self.window_frames * features.HOP >= limit * RATE
+
+    # front-end and encoder ----------------------------------------------------------------------------------
+    def _extend_frames(self, final: bool) -> int:
+        span = self._span
+        samples = span.samples
+        if final and samples.size < features.ASR_MIN_SAMPLES:
+            samples = np.pad(samples, (0, features.ASR_MIN_SAMPLES - samples.size))
+            span.raw = span.raw[:, :0]  # end reflection of the padded clip differs: recompute all frames
+        total = samples.size // features.HOP  # the offline front-end drops the last centred frame
+        ready = total if final else min(total, max(0, (samples.size - _HALF_WINDOW) // features.HOP + 1))
+        have = span.raw.shape[1]
+        if ready > have:
+            new = features.raw_log_mel_frames(samples, have, ready)
+            span.raw = np.concatenate([span.raw, new], axis=1)
+            span.max = max(span.max, float(new.max()))
+        return span.raw.shape[1]
+
+    def _encode(self, mels: list[np.ndarray], gate: float | None) -> list[np.ndarray]:
+        info = self.tr.manifest
+        width = max(m.shape[1] for m in mels)
+        width = math.ceil(width / features.CHUNK_FRAMES) * features.CHUNK_FRAMES
+        batch = np.stack([np.pad(m, ((0, 0), (0, width - m.shape[1]))) for m in mels]).astype(self.tr.float_dtype)
+        valid = np.asarray([features.audio_token_count(m.shape[1]) for m in mels], np.int64)
+        feed = {"mel": batch, "valid_tokens": valid}
+        if info.routed:
+            feed["lora_gate"] = np.array([gate], self.tr.float_dtype)
+        out = self.tr.sessions["encoder"].run(feed)[0]
+        self.stats.encoder_windows += len(mels)
+        return [out[i, :v].astype(self.tr.kv_dtype, copy=False) for i, v in enumerate(valid)]
+
+    def _window_mel(self, index: int, end: int | None = None) -> np.ndarray:
+        span = self._span
+        start = index * self.window_frames
+        stop = min(start + self.window_frames, span.raw.shape[1]) if end is None else end
+        return features.floor_and_scale(span.raw[:, start:stop], span.max)
+
+    def _update_windows(self, frames: int) -> np.ndarray | None:
+        """Encode newly finished windows (and stale ones); returns the open window's features (None if empty)."""
+        span = self._span
+        finished = frames // self.window_frames
+        floor = span.max - 8.0
+        stale = [i for i, (_, used) in enumerate(span.windows) if used != span.max
+                 and float(span.raw[:, i * self.window_frames:(i + 1) * self.window_frames].min()) < floor]
+        todo = stale + list(range(len(span.windows), finished))
+        open_frames = frames - finished * self.window_frames
+        mels = [self._window_mel(i) for i in todo]
+        if open_frames:
+            mels.append(self._window_mel(finished, frames))
+        outs = self._encode(mels, span.gate) if mels else []
+        for i, out in zip(todo, outs):
+            if i < len(span.windows):
+                span.windows[i] = (out, span.max)
+            else:
+                span.windows.append((out, span.max))
+        if stale:
+            self.stats.reencoded_windows += len(stale)
+            if min(stale) < span.kv_windows:  # audio under cached KV changed: rebuild the cache from scratch
+                span.kv, span.kv_len, span.kv_windows = None, 0, 0
+        return outs[-1] if open_frames else None
+
+    # decoder ---------------------------------------------------------------------------------------------------
+    def _prefix_ids(self) -> list[int]:
+        p = self.tr.manifest.prompt
+        context = self._span.context
+        enc = self.tr.tokenizer.encode
+        return [*p.system_head, *(enc(context, add_special_tokens=False).ids if context else []), *p.before_audio]
+
+    def _suffix_ids(self) -> list[int]:
+        p = self.tr.manifest.prompt
+        language = self.opts.language
+        lang = (self.tr.tokenizer.encode(p.language_template.format(language=language), add_special_tokens=False).ids
+                if language else [])
+        return [*p.after_audio, *lang]
+
+    def _decoder_feed(self, ids: list[int], audio: np.ndarray, logits_at, past) -> dict:
+        import onnxruntime as ort
+
+        tr = self.tr
+        if past is None:
+            empty = ort.OrtValue.ortvalue_from_numpy(np.zeros(tr.kv_shape, tr.kv_dtype))
+            past = [empty] * len(tr.past_names)
+        feed = {"input_ids": np.asarray([ids], np.int64), "audio_features": audio,
+                "logits_at": np.asarray(logits_at, np.int64), **dict(zip(tr.past_names, past))}
+        if tr.manifest.routed:
+            feed["lora_gate"] = np.array([self._span.gate], tr.float_dtype)
+        return feed
+
+    def _extend_kv(self) -> None:
+        """Prefill the finished windows not yet in the cache on top of it (the prefix first, if empty)."""
+        span = self._span
+        new = span.windows[span.kv_windows:]
+        if not new:
+            return
+        ids = ([] if span.kv is not None else self._prefix_ids()) + [self.tr.manifest.prompt.audio_pad] * sum(
+            len(w) for w, _ in new)
+        audio = np.concatenate([w for w, _ in new])
+        outs = self.tr.sessions["decoder"].run_bound(self._decoder_feed(ids, audio, [len(ids) - 1], span.kv))
+        span.kv, span.kv_len, span.kv_windows = outs[1:], span.kv_len + len(ids), len(span.windows)
+
+    def _tail(self, open_audio: np.ndarray | None) -> tuple[list[int], np.ndarray]:
+        """Ids after the cached KV: [prefix if none cached] + open audio pads + suffix + committed text."""
+        span = self._span
+        audio = open_audio if open_audio is not None else np.zeros((0, self._hidden()), self.tr.kv_dtype)
+        ids = [] if span.kv is not None else self._prefix_ids()
+        ids += [self.tr.manifest.prompt.audio_pad] * len(audio) + self._suffix_ids() + span.committed
+        return ids, audio
+
+    def _hidden(self) -> int:
+        return int(self.tr.manifest.graph("decoder").input("audio_features").shape[1])
+
+    def _greedy(self, outs, limit: int) -> tuple[list[int], bool]:
+        """Continue greedy decoding from a prefill's last logits; (tokens, reached EOS)."""
+        from megaedge.runtime.transcriber import LAST
+
+        session = self.tr.sessions["decoder"]
+        eos = set(self.tr.manifest.prompt.eos)
+        no_audio = np.zeros((0, self._hidden()), self.tr.kv_dtype)
+        tokens: list[int] = []
+        while True:
+            token = int(np.argmax(outs[0].numpy()[-1]))
+            if token in eos:
+                return tokens, True
+            if len(tokens) >= limit:
+                return tokens, False
+            tokens.append(token)
+            outs = session.run_bound(self._decoder_feed([token], no_audio, LAST, outs[1:]), check=False)
+
+    def _hop(self) -> StreamEvent:
+        t0 = time.perf_counter()
+        span = self._span
+        frames = self._extend_frames(final=False)
+        if frames == 0:
+            return self._event("partial", [], t0)
+        self._maybe_route(final=False)
+        open_audio = self._update_windows(frames)
+        self._extend_kv()
+        ids, audio = self._tail(open_audio)
+        outs = self.tr.sessions["decoder"].run_bound(self._decoder_feed(ids, audio, [len(ids) - 1], span.kv))
+        budget = max_new_tokens_for(span.samples.size / RATE) - len(span.committed)
+        per_hop = self.opts.unstable_tokens + math.ceil(10 * self.opts.hop_seconds) + 2
+        new, _ = self._greedy(outs, max(0, min(budget, per_hop)))
+        hypothesis = span.committed + new
+        # Commit what is older than the last unstable_tokens AND what the previous hop also proposed (local
+        # agreement): one hop's guess at a word cut by the hop edge is never committed.
+        candidate = new[: max(0, len(new) - self.opts.unstable_tokens)]
+        agreed = 0
+        previous = span.previous[len(span.committed):]
+        while agreed < min(len(candidate), len(previous)) and candidate[agreed] == previous[agreed]:
+            agreed += 1
+        span.committed = span.committed + candidate[:agreed]
+        span.previous = hypothesis
+        self.stats.hops += 1
+        event = self._event("partial", hypothesis, t0)
+        self.stats.hop_seconds.append(event.compute_seconds)
+        return event
+
+    def _final_tokens(self) -> list[int]:
+        """Exact greedy tokens for the span's audio: committed tokens checked against the full audio in one call."""
+        span = self._span
+        frames = self._extend_frames(final=True)
+        open_audio = self._update_windows(frames)
+        self._extend_kv()
+        ids, audio = self._tail(open_audio)
+        n = len(span.committed)
+        first = len(ids) - n - 1  # position whose logits predict committed[0]
+        outs = self.tr.sessions["decoder"].run_bound(
+            self._decoder_feed(ids, audio, list(range(first, len(ids))), span.kv))
+        predicted = outs[0].numpy().argmax(axis=-1)
+        eos = set(self.tr.manifest.prompt.eos)
+        agree = 0
+        while agree < n and predicted[agree] == span.committed[agree]:
+            agree += 1
+        budget = max_new_tokens_for(span.samples.size / RATE)
+        if agree == n:
+            if n >= budget:
+                return span.committed[:budget]
+            rest, _ = self._greedy(outs, budget - n)
+            return span.committed + rest
+        self.stats.revisions += 1
+        kept = span.committed[:agree]
+        if int(predicted[agree]) in eos or agree >= budget:
+            return kept
+        # Re-run the tail up to the first disagreement (KV slicing would need a copy of every layer's cache).
+        ids = ids[: first + 1 + agree]
+        outs = self.tr.sessions["decoder"].run_bound(self._decoder_feed(ids, audio, [len(ids) - 1], span.kv))
+        rest, _ = self._greedy(outs, budget - agree)
+        return kept + rest
+
+    def _maybe_route(self, final: bool) -> None:
+        span = self._span
+        if self.route != "auto" or not self.tr.manifest.routed or (span.route_checked and not final):
+            return
+        if not final and span.samples.size < RATE:
+            return
+        decision = self.tr.route_probability(span.samples)
+        gate = 1.0 if decision.route == "lora" else 0.0
+        span.route_checked = True
+        span.degraded_prob = decision.degraded_prob
+        if gate != span.gate:
+            if final:
+                self.stats.reroutes += 1
+            span.gate = gate
+            span.windows, span.kv, span.kv_len, span.kv_windows = [], None, 0, 0
+
+    def _finish(self, reason: str) -> StreamEvent:
+        t0 = time.perf_counter()
+        span = self._span
+        silent = self.opts.endpointing and not self._vad.heard_speech  # the VAD heard no speech in it
+        if span.samples.size == 0 or not np.any(span.samples) or silent:
+            tokens = []
+        else:
+            self._maybe_route(final=True)
+            tokens = self._final_tokens()
+            if self.opts.loop_guard and _looks_looped(tokens):
+                # Same handling as offline (re-decode on the base route or with no-repeat-4-gram).
+                tokens = self._offline_segment().token_ids
+        event = self._event("final", tokens, t0, reason)
+        self._pending_text = []
+        self.utterance += 1
+        self._vad.reset_utterance()
+        self._since_hop = 0
+        self._span = self._new_span(self.time, self.opts.context)
+        return event
+
+    def _offline_segment(self):
+        tr, span = self.tr, self._span
+        route = self.route if tr.manifest.routed else "auto"
+        return tr._transcribe_segment(span.samples, 0, span.samples.size, self.opts.language, span.context, route,
+                                      None, False, True, _NullTimer())
+
+    def _roll_span(self) -> StreamEvent:
+        """Long-form: finalise the span at its last window boundary; continue with an overlap and text context."""
+        t0 = time.perf_counter()
+        span = self._span
+        boundary = len(span.windows) * self.window_frames * features.HOP
+        rest = span.samples[boundary:]
+        keep = span.samples[boundary - int(self.opts.overlap_seconds * RATE):boundary]
+        # The span's final covers exactly the finished windows: cut the samples there (all frames are final).
+        span.samples = span.samples[:boundary]
+        span.raw = span.raw[:, : len(span.windows) * self.window_frames]
+        tokens = self._final_tokens()
+        text = self._text(tokens)
+        previous = " ".join(self._pending_text)
+        new_text = _drop_repeated_words(previous, text)
+        self._pending_text.append(new_text)
+        context = " ".join(self._pending_text)[-self.opts.context_chars:] if self.opts.context_chars else None
+        context = " ".join(filter(None, [self.opts.context, context])) or None
+        nxt = self._new_span(span.start_sample + boundary - keep.size, context)
+        nxt.samples = np.concatenate([keep, rest])
+        nxt.gate, nxt.route_checked = span.gate, span.route_checked
+        self._span = nxt
+        return replace(self._event("final", tokens, t0, "span"), text=new_text, committed=new_text)
+
+    # events ------------------------------------------------------------------------------------------------------
+    def _text(self, tokens: list[int]) -> str:
+        raw = self.tr.tokenizer.decode(tokens, skip_special_tokens=True)
+        if ASR_TEXT_MARKER not in raw and not self.opts.language:
+            return ""  # still inside "language X": no text yet
+        return parse_asr_output(raw).text
+
+    def _event(self, kind: str, tokens: list[int], t0: float, reason: str = "") -> StreamEvent:
+        span = self._span
+        text = self._text(tokens)
+        committed = self._text(span.committed) if kind == "partial" else text
+        if kind == "partial" or reason != "span":
+            previous = " ".join(self._pending_text)
+            text = _drop_repeated_words(previous, text) if previous else text
+            committed = _drop_repeated_words(previous, committed) if previous else committed
+        if span.gate is None:
+            route = "merged" if self.tr.manifest.source.get("adapter") else "base"
+        else:
+            route = "lora" if span.gate else "base"
+        event = StreamEvent(kind, text, committed, span.start_sample / RATE, self.time / RATE, self.utterance, route,
+                            tuple(tokens), time.perf_counter() - t0, reason)
+        self._last = event
+        return event
+
+
+class _NullTimer:
+    def add(self, name: str, seconds: float) -> None:
+        pass
+
+
+def _looks_looped(tokens: list[int]) -> bool:
+    from megaedge.runtime.transcriber import _repetition
+
+    return _repetition(tokens)
+
+
+def _drop_repeated_words(previous: str, text: str, max_words: int = 12) -> str:
+    """``text`` without its leading words that repeat the end of ``previous`` (the audio overlap heard twice)."""
+    if not previous or not text:
+        return text
+    norm = lambda w: "".join(ch for ch in w.lower() if ch.isalnum())  # noqa: E731
+    before, words = [norm(w) for w in previous.split()], text.split()
+    after = [norm(w) for w in words]
+    for n in range(min(max_words, len(before), len(after)), 0, -1):
+        if before[-n:] == after[:n]:
+            return " ".join(words[n:])
+    return text

@@ -1,0 +1,46 @@
+"""``megaedge bench``: the smoke run on a real bundle, the bandwidth arithmetic, and bad options."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from megaedge.runtime import bench, manifest
+from tests.conftest import run_cli
+
+
+def test_bench_smoke_on_the_fixture(fixture_bundles, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_cli("bench", str(fixture_bundles["routed"]), "--audio", "2,5", "--repeat", "2", "--warmup", "1",
+                   "--tokens", "6", "--json", str(out), "--threads", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "decode tok/s" in proc.stdout and "% of bound" in proc.stdout
+    report = json.loads(out.read_text())
+    assert set(report["runs"]) == {"2s", "5s"}
+    run = report["runs"]["5s"]
+    assert run["generated_tokens"] == 6  # forced: EOS ignored
+    for stage in (*bench.STAGES, "first_token", "total"):
+        assert run[stage]["median"] >= 0 and run[stage]["p95"] >= run[stage]["median"] - 1e-9
+    assert run["encoder"]["median"] > 0 and run["router"]["median"] > 0  # routed bundle: the router ran
+    assert 0 < run["decode_percent_of_bound"] < 1000
+    assert report["copy_bandwidth_gbps"] > 0 and report["peak_rss_mib"] > 0
+    assert report["precision"] == "fp32" and report["versions"]["onnxruntime"]
+
+
+def test_bound_arithmetic(fixture_bundles):
+    info = manifest.read(fixture_bundles["merged"])
+    dec = info.decoder
+    per_position = len(dec["past_names"]) * dec["kv_heads"] * dec["head_dim"] * 4
+    assert bench.kv_bytes_per_token(info, 10) == 10 * per_position
+    weights = bench.decoder_bytes(fixture_bundles["merged"], info)
+    assert weights == (fixture_bundles["merged"] / manifest.DECODER_FILE).stat().st_size
+    assert bench.copy_bandwidth(mib=16, threads=2, rounds=2) > 0.1
+    audio = bench.test_audio(1.5)
+    assert audio.shape == (24000,) and np.abs(audio).max() < 1
+
+
+def test_bench_bad_options(fixture_bundles):
+    for args in (["--audio", "ten"], ["--audio", "0"], ["--repeat", "0"]):
+        proc = run_cli("bench", str(fixture_bundles["merged"]), *args)
+        assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, (args, proc.stderr)
