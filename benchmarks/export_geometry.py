@@ -19,17 +19,25 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-_EXPORT = """
-import json, resource, sys, time
+# VmHWM belongs to the child's own address space; ru_maxrss survives exec and would include the parent's size at
+# fork time (the parent wrote a multi-GB checkpoint).
+_PEAK = """
+from megaedge.runtime.bench import peak_rss_mib
+def peak_rss_gib():
+    return peak_rss_mib() / 1024
+"""
+
+_EXPORT = _PEAK + """
+import json, sys, time
 from megaedge.export.bundle import ExportOptions, export_bundle
 t = time.perf_counter()
 export_bundle(sys.argv[1], sys.argv[2], ExportOptions(mode=sys.argv[3]))
 print(json.dumps({"seconds": time.perf_counter() - t,
-                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+                  "peak_rss_gib": peak_rss_gib()}))
 """
 
-_INT8 = """
-import json, resource, sys, time
+_INT8 = _PEAK + """
+import json, sys, time
 from pathlib import Path
 from megaedge.export.int8 import calibration_items
 from megaedge.export.quantize import RECIPES, quantize_bundle
@@ -37,11 +45,11 @@ t = time.perf_counter()
 items, source = calibration_items(None)
 quantize_bundle(Path(sys.argv[1]), Path(sys.argv[2]), RECIPES[sys.argv[3]], items, "cpu", None, source)
 print(json.dumps({"seconds": time.perf_counter() - t,
-                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+                  "peak_rss_gib": peak_rss_gib()}))
 """
 
-_RUN = """
-import json, resource, sys, time
+_RUN = _PEAK + """
+import json, sys, time
 import numpy as np
 from megaedge.runtime.transcriber import Transcriber
 t = time.perf_counter()
@@ -52,7 +60,7 @@ audio = (0.1 * rng.standard_normal(160000)).astype(np.float32)
 tr.transcribe(audio[:16000], max_new_tokens=2, ignore_eos=True, loop_guard=False)  # warm-up
 res = tr.transcribe(audio, max_new_tokens=32, ignore_eos=True, loop_guard=False)
 print(json.dumps({"load_seconds": load, "timings": res.timings,
-                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+                  "peak_rss_gib": peak_rss_gib()}))
 """
 
 

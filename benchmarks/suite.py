@@ -25,8 +25,15 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-_REFERENCE = """
-import json, resource, sys, time
+# VmHWM belongs to the process's own address space; ru_maxrss survives exec and would report the parent's size.
+_PEAK = """
+from megaedge.runtime.bench import peak_rss_mib
+def peak_rss_gib():
+    return peak_rss_mib() / 1024
+"""
+
+_REFERENCE = _PEAK + """
+import json, sys, time
 import numpy as np, torch
 from megaedge.export.loader import load_checkpoint
 from megaedge.export.reference import prompt_inputs
@@ -49,12 +56,12 @@ for seconds in json.loads(sys.argv[2]):
     out[str(seconds)] = {"first_token": t1 - t0, "total": total, "rtf": total / seconds,
                          "tokens": int(full.shape[1] - inputs["input_ids"].shape[1]),
                          "decode_tokens_per_s": (tokens - 1) / max(total - (t1 - t0), 1e-9)}
-out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+out["peak_rss_gib"] = peak_rss_gib()
 print(json.dumps(out))
 """
 
-_RUNTIME = """
-import json, resource, sys
+_RUNTIME = _PEAK + """
+import json, sys
 from megaedge.runtime.bench import test_audio
 from megaedge.runtime.transcriber import Transcriber
 tr = Transcriber.from_bundle(sys.argv[1], verify=False, threads=int(sys.argv[4]))
@@ -67,7 +74,7 @@ for seconds in json.loads(sys.argv[2]):
     out[str(seconds)] = {"first_token": t["frontend"] + t["encoder"] + t["prefill"], "total": t["total"],
                          "rtf": t["rtf"], "tokens": len(r.token_ids), "encoder": t["encoder"], "prefill": t["prefill"],
                          "decode_tokens_per_s": t["decode_tokens"] / t["decode"]}
-out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+out["peak_rss_gib"] = peak_rss_gib()
 print(json.dumps(out))
 """
 
@@ -161,6 +168,7 @@ def main() -> None:
         (RESULTS / f"suite_{geometry}.json").write_text(json.dumps(result, indent=2) + "\n")
         table.append(result)
         print(json.dumps(result, indent=2), flush=True)
+    table = [json.loads(f.read_text()) for f in sorted(RESULTS.glob("suite_*.json"), reverse=True)]
     write_table(table, RESULTS / "suite.md")
     try:
         write_plot(table, RESULTS / "suite.png")

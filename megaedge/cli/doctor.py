@@ -20,6 +20,8 @@ _PACKAGES = ("numpy", "onnxruntime", "onnxruntime-gpu", "tokenizers", "soundfile
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--bundle", help="also check a bundle's graphs for TensorRT (operators, opset, Q/DQ, "
+                                         "uint8, int64, engine profiles vs the manifest)")
 
 
 def _version(dist: str) -> str | None:
@@ -178,10 +180,27 @@ def _print(report: dict) -> None:
         print(f"WARNING      {warning}")
     if "error" in ort:
         print(f"ERROR        onnxruntime: {ort['error']}")
+    ready = report.get("tensorrt_readiness")
+    if ready:
+        print(f"tensorrt-ready {ready['bundle']}: {'yes' if ready['ready'] else 'NO'}")
+        for f in ready["findings"]:
+            print(f"  {f['level']:<8} {f['graph']}: {f['message']}")
+
+
+def _readiness(bundle: str) -> dict:
+    from pathlib import Path
+
+    from megaedge.runtime.tensorrt import check_bundle
+
+    findings = check_bundle(Path(bundle))
+    return {"bundle": bundle, "ready": not any(f.level == "error" for f in findings),
+            "findings": [{"graph": f.graph, "level": f.level, "message": f.message} for f in findings]}
 
 
 def run(args: argparse.Namespace) -> int:
     report = collect()
+    if args.bundle:
+        report["tensorrt_readiness"] = _readiness(args.bundle)
     if args.json:
         from megaedge.cli.common import print_json
 

@@ -20,6 +20,8 @@ COMMANDS = (
     "megaedge.cli.transcribe",
     "megaedge.cli.stream",
     "megaedge.cli.bench",
+    "megaedge.cli.plan",
+    "megaedge.cli.build_engines",
     "megaedge.cli.eval",
     "megaedge.cli.reference",
     "megaedge.cli.make_test_model",

@@ -80,6 +80,14 @@ def kv_bytes_per_token(info, positions: int) -> int:
 
 
 def peak_rss_mib() -> float:
+    """Peak resident memory of this process: VmHWM (own address space) where Linux has it, else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     try:
         import resource
 

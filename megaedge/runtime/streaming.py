@@ -48,7 +48,9 @@ class StreamOptions:
     endpoint_silence_seconds: float = 0.8
     vad_margin_db: float = 12.0  # speech: frame energy this far above the tracked noise floor
     vad_min_dbfs: float = -55.0  # ... and above this absolute level
-    max_span_seconds: float | None = 32.0  # long-form: finalise the span at the next window boundary after this
+    # long-form: finalise the span at the window boundary after this. A hop's cost rises within a span (committed
+    # text and KV grow) and drops at each roll; 24 s (3 windows) bounds it (benchmarks/streaming.py measures it).
+    max_span_seconds: float | None = 24.0
     overlap_seconds: float = 1.0
     context_chars: int = 120
     language: str | None = None
@@ -179,7 +181,7 @@ class Stream:
         self._resampler = None
         self._vad = EnergyVad(self.opts.vad_margin_db, self.opts.vad_min_dbfs)
         self._span = self._new_span(0, self.opts.context)
-        self._pending_text: list[str] = []  # finished spans of the current utterance (long-form)
+        self._previous_text = ""  # tail of the finished spans' text in this utterance (long-form de-duplication)
         self._last: StreamEvent | None = None
 
     def accept_waveform(self, samples, sample_rate: int = RATE) -> list[StreamEvent]:
@@ -333,23 +335,22 @@ class Stream:
         return feed
 
     def _extend_kv(self) -> None:
-        """Prefill the finished windows not yet in the cache on top of it (the prefix first, if empty)."""
+        """Prefill what the cache lacks: the prompt prefix (once per span) and newly finished windows."""
         span = self._span
         new = span.windows[span.kv_windows:]
-        if not new:
+        if not new and span.kv is not None:
             return
         ids = ([] if span.kv is not None else self._prefix_ids()) + [self.tr.manifest.prompt.audio_pad] * sum(
             len(w) for w, _ in new)
-        audio = np.concatenate([w for w, _ in new])
+        audio = np.concatenate([w for w, _ in new]) if new else np.zeros((0, self._hidden()), self.tr.kv_dtype)
         outs = self.tr.sessions["decoder"].run_bound(self._decoder_feed(ids, audio, [len(ids) - 1], span.kv))
         span.kv, span.kv_len, span.kv_windows = outs[1:], span.kv_len + len(ids), len(span.windows)
 
     def _tail(self, open_audio: np.ndarray | None) -> tuple[list[int], np.ndarray]:
-        """Ids after the cached KV: [prefix if none cached] + open audio pads + suffix + committed text."""
+        """Ids after the cached KV (prefix + finished windows): open audio pads + suffix + committed text."""
         span = self._span
         audio = open_audio if open_audio is not None else np.zeros((0, self._hidden()), self.tr.kv_dtype)
-        ids = [] if span.kv is not None else self._prefix_ids()
-        ids += [self.tr.manifest.prompt.audio_pad] * len(audio) + self._suffix_ids() + span.committed
+        ids = [self.tr.manifest.prompt.audio_pad] * len(audio) + self._suffix_ids() + span.committed
         return ids, audio
 
     def _hidden(self) -> int:
@@ -462,7 +463,7 @@ class Stream:
                 # Same handling as offline (re-decode on the base route or with no-repeat-4-gram).
                 tokens = self._offline_segment().token_ids
         event = self._event("final", tokens, t0, reason)
-        self._pending_text = []
+        self._previous_text = ""
         self.utterance += 1
         self._vad.reset_utterance()
         self._since_hop = 0
@@ -487,10 +488,10 @@ class Stream:
         span.raw = span.raw[:, : len(span.windows) * self.window_frames]
         tokens = self._final_tokens()
         text = self._text(tokens)
-        previous = " ".join(self._pending_text)
-        new_text = _drop_repeated_words(previous, text)
-        self._pending_text.append(new_text)
-        context = " ".join(self._pending_text)[-self.opts.context_chars:] if self.opts.context_chars else None
+        new_text = _drop_repeated_words(self._previous_text, text)
+        # Only a tail is kept: de-duplication looks at a dozen words and the context at context_chars.
+        self._previous_text = f"{self._previous_text} {new_text}".strip()[-400:]
+        context = self._previous_text[-self.opts.context_chars:] if self.opts.context_chars else None
         context = " ".join(filter(None, [self.opts.context, context])) or None
         nxt = self._new_span(span.start_sample + boundary - keep.size, context)
         nxt.samples = np.concatenate([keep, rest])
@@ -509,10 +510,9 @@ class Stream:
         span = self._span
         text = self._text(tokens)
         committed = self._text(span.committed) if kind == "partial" else text
-        if kind == "partial" or reason != "span":
-            previous = " ".join(self._pending_text)
-            text = _drop_repeated_words(previous, text) if previous else text
-            committed = _drop_repeated_words(previous, committed) if previous else committed
+        if (kind == "partial" or reason != "span") and self._previous_text:
+            text = _drop_repeated_words(self._previous_text, text)
+            committed = _drop_repeated_words(self._previous_text, committed)
         if span.gate is None:
             route = "merged" if self.tr.manifest.source.get("adapter") else "base"
         else:

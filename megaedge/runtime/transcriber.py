@@ -102,8 +102,18 @@ class Transcriber:
 
         bundle = Path(path).expanduser()
         info = manifest.read(bundle, verify=verify)
-        sessions = {name: open_session(bundle / spec.file, spec, providers, threads)
-                    for name, spec in info.graphs.items()}
+        if "engine" in providers:  # native TensorRT engines written by `megaedge build-engines`
+            from megaedge.runtime.tensorrt import ENGINE_FILES, TrtSession
+
+            if not info.engines:
+                raise MegaedgeError(f"{bundle}: no TensorRT engines; run megaedge build-engines {bundle} first")
+            sessions = {name: TrtSession(bundle / ENGINE_FILES[name], spec, info.engines[name])
+                        for name, spec in info.graphs.items() if name in ENGINE_FILES}
+            sessions.update({name: open_session(bundle / spec.file, spec, ("cpu",), threads)
+                             for name, spec in info.graphs.items() if name not in ENGINE_FILES})
+        else:
+            sessions = {name: open_session(bundle / spec.file, spec, providers, threads)
+                        for name, spec in info.graphs.items()}
         tokenizer = Tokenizer.from_file(str(bundle / manifest.TOKENIZER_FILE))
         return cls(bundle, info, sessions, tokenizer, route)
 

@@ -1,0 +1,74 @@
+"""``megaedge plan``: will a bundle fit a memory budget (Jetson, 8 GB GPU), and how long an input fits."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "plan"
+HELP = "memory plan for TensorRT engines: weights + KV + activations + workspace vs a budget (e.g. --memory 8GB)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", help="bundle directory written by `megaedge export`")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--memory", help="memory the process may use, e.g. 6GB, 7500MB (what is left after the OS)")
+    target.add_argument("--device", help="a known board: orin-nano-8gb, orin-nx-16gb, gpu-8gb (usable memory "
+                                         "assumed as the README states)")
+    parser.add_argument("--precision", choices=("fp16", "int8"), help="engine precision (default: int8 for an int8 "
+                                                                      "bundle, else fp16)")
+    parser.add_argument("--max-audio-seconds", type=float, default=30.0)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--workspace", type=int, default=1024, help="TensorRT workspace in MiB (default 1024)")
+    parser.add_argument("--json", action="store_true")
+
+
+def parse_memory(text: str) -> float:
+    """'8GB' / '7.5 GiB' / '7500MB' -> GiB."""
+    from megaedge.errors import MegaedgeError
+
+    raw = text.strip().upper().replace(" ", "").replace("IB", "B")
+    for suffix, scale in (("GB", 1.0), ("MB", 1 / 1024), ("G", 1.0), ("M", 1 / 1024)):
+        if raw.endswith(suffix):
+            try:
+                value = float(raw[: -len(suffix)]) * scale
+            except ValueError:
+                break
+            if value > 0:
+                return value
+    raise MegaedgeError(f"--memory {text!r}: expected a size like 8GB or 7500MB")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import replace
+    from pathlib import Path
+
+    from megaedge.errors import MegaedgeError
+    from megaedge.runtime import manifest
+    from megaedge.runtime import tensorrt as trt_plan
+
+    bundle = Path(args.bundle)
+    info = manifest.read(bundle, verify=False)
+    if args.device:
+        if args.device not in trt_plan.DEVICES:
+            raise MegaedgeError(f"--device {args.device!r} is not one of {sorted(trt_plan.DEVICES)}; or pass --memory")
+        memory = trt_plan.DEVICES[args.device]["usable_gib"]
+    else:
+        memory = parse_memory(args.memory or "8GB")
+    precision = args.precision or ("int8" if info.precision == "int8" else "fp16")
+    options = replace(trt_plan.EngineOptions(), precision=precision, max_audio_seconds=args.max_audio_seconds,
+                      max_new_tokens=args.max_new_tokens, workspace_mib=args.workspace)
+    result = trt_plan.plan(bundle, memory, options, info)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    verdict = "fits" if result.fits else "does NOT fit"
+    print(f"{bundle.name} as {precision} engines, {args.max_audio_seconds:g} s audio + {args.max_new_tokens} new "
+          f"tokens, budget {result.budget_mib / 1024:.2f} GiB: {verdict}")
+    for label, value in (("weights", result.weights_mib), ("KV cache (fp16)", result.kv_mib),
+                         ("activations", result.activations_mib), ("workspace", result.workspace_mib),
+                         ("CUDA context", result.context_mib), ("total", result.total_mib)):
+        print(f"  {label:<16} {value / 1024:7.2f} GiB")
+    print(f"  largest audio that fits: {result.max_audio_seconds:g} s per segment (longer files run in 30 s "
+          f"segments); largest KV length at {args.max_audio_seconds:g} s: {result.max_kv_tokens} tokens")
+    return 0
