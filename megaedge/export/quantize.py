@@ -43,7 +43,7 @@ class Int8Recipe:
     symmetric_activations: bool = False
     conv_stem_float: bool = True
     lora_float: bool = True  # routed bundles: keep the gated low-rank branch in float
-    tied_embedding_int8: bool = False  # one int8 copy (per-row scales) serves embedding lookup AND LM head
+    tied_embedding_int8: bool = False  # one 8-bit block-quantized copy serves embedding lookup AND LM head
     float_scopes: tuple[str, ...] = ()  # module-path fragments kept float (chosen by sensitivity measurement)
     block_size: int = 128  # weight-only: weights per scale along the input dimension
     smooth_alpha: float = 0.5  # smoothquant: migration strength (0 = all on weights' side, 1 = all on activations)
@@ -69,7 +69,7 @@ RECIPES = {
                       float_scopes=(".fc2",),
                       description="encoder static Q/DQ (u8 activations, per-channel s8 weights; conv stem and the "
                                   "MLP output projections fc2 float); decoder weight-only s8 in blocks of 128 with "
-                                  "int8 dot products; tied embedding / LM head one int8 copy with per-row scales"),
+                                  "int8 dot products; tied embedding / LM head one 8-bit block-quantized copy"),
     "cpu-dynamic": Int8Recipe("cpu-dynamic", encoder="static", decoder="dynamic", tied_embedding_int8=True,
                               float_scopes=(".fc2",),
                               description="as cpu, decoder per-channel s8 weights with dynamic u8 activations"),
@@ -118,9 +118,7 @@ def quantize_tied_embedding(model, block_size: int = 128):
                    and n.input[1] == transpose.output[0]), None)
     if matmul is None:
         transpose = None
-        matmul = next((n for n in graph.node if n.op_type == "Gemm" and len(n.input) == 2 and n.input[1] == name
-                       and _attributes(n) in ({"transB": 1}, {"transB": 1, "alpha": 1.0, "beta": 1.0},
-                                              {"transB": 1, "alpha": 1.0, "beta": 1.0, "transA": 0})), None)
+        matmul = next((n for n in graph.node if _is_plain_gemm_over(n, name)), None)
     weight = numpy_helper.to_array(inits[name]).astype(np.float32)
     vocab, hidden = weight.shape
     # MatMulNBits takes power-of-two blocks >= 16; small models' hidden sizes need a smaller one than the default.
@@ -163,10 +161,14 @@ def quantize_tied_embedding(model, block_size: int = 128):
     return model, True
 
 
-def _attributes(node) -> dict:
+def _is_plain_gemm_over(node, weight: str) -> bool:
+    """Gemm(x, weight) computing x @ weight^T with no bias or scaling: how the exporter writes an LM head."""
     from onnx import helper
 
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type != "Gemm" or len(node.input) != 2 or node.input[1] != weight:
+        return False
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return attrs.get("transB") == 1 and attrs.get("transA", 0) == 0 and attrs.get("alpha", 1.0) == 1.0
 
 
 def _module(node) -> str:
@@ -316,8 +318,7 @@ def shared_gemm_as_matmul(model):
     looked_up = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
     graph = model.graph
     for node in list(graph.node):
-        if (node.op_type == "Gemm" and len(node.input) == 2 and node.input[1] in looked_up
-                and _attributes(node).get("transB") == 1 and _attributes(node).get("transA", 0) == 0):
+        if node.input and node.input[-1] in looked_up and _is_plain_gemm_over(node, node.input[-1]):
             at = list(graph.node).index(node)
             graph.node.remove(node)
             graph.node.insert(at, helper.make_node("MatMul", [node.input[0], f"{node.input[1]}_t"], list(node.output),

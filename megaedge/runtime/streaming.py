@@ -154,7 +154,6 @@ class _Span:
         self.context = context
         self.gate = gate
         self.route_checked = False
-        self.degraded_prob: float | None = None
 
 
 class Stream:
@@ -443,7 +442,6 @@ class Stream:
         decision = self.tr.route_probability(span.samples)
         gate = 1.0 if decision.route == "lora" else 0.0
         span.route_checked = True
-        span.degraded_prob = decision.degraded_prob
         if gate != span.gate:
             if final:
                 self.stats.reroutes += 1
