@@ -20,15 +20,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-
-def speech_like(seconds: float, seed: int, rate: int = 16000) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * rate)) / rate
-    phase = 2 * np.pi * np.cumsum(120 + 40 * np.sin(2 * np.pi * 0.7 * t)) / rate
-    voiced = sum(np.sin(k * phase) / k for k in range(1, 6))
-    return (0.2 * voiced * (0.5 + 0.5 * np.sin(2 * np.pi * 3.1 * t) ** 2) + 0.02 * rng.standard_normal(t.size)).astype(
-        np.float32
-    )
+from megaedge.runtime.bench import speech_like_audio  # noqa: E402
 
 
 def main() -> None:
@@ -47,7 +39,7 @@ def main() -> None:
 
     names = sorted(scenarios.SCENARIOS)
     clips = int(round(args.hours * 3600 / args.clip_seconds))
-    sources = [speech_like(args.clip_seconds, seed) for seed in range(8)]
+    sources = [speech_like_audio(args.clip_seconds, seed) for seed in range(8)]
     scenarios.apply(names[0], sources[0], 16000, args.severity, 0)  # warm-up: imports, FFT plans
     per_scenario = defaultdict(float)
     start = time.perf_counter()

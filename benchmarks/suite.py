@@ -37,15 +37,15 @@ import json, sys, time
 import numpy as np, torch
 from megaedge.export.loader import load_checkpoint
 from megaedge.export.reference import prompt_inputs
-from megaedge.runtime.bench import test_audio
+from megaedge.runtime.bench import speech_like_audio
 torch.set_num_threads(int(sys.argv[4]))
 loaded = load_checkpoint(sys.argv[1], lora="merge", load_router=False)
 out = {}
 for seconds in json.loads(sys.argv[2]):
-    inputs = prompt_inputs(loaded, test_audio(seconds), None, None)
+    inputs = prompt_inputs(loaded, speech_like_audio(seconds), None, None)
     tokens = int(sys.argv[3])
     with torch.no_grad():
-        loaded.model.generate(**prompt_inputs(loaded, test_audio(1.0), None, None), max_new_tokens=2,
+        loaded.model.generate(**prompt_inputs(loaded, speech_like_audio(1.0), None, None), max_new_tokens=2,
                               min_new_tokens=2, do_sample=False)  # warm-up
         t0 = time.perf_counter()
         first = loaded.model.generate(**inputs, max_new_tokens=1, min_new_tokens=1, do_sample=False)
@@ -62,13 +62,13 @@ print(json.dumps(out))
 
 _RUNTIME = _PEAK + """
 import json, sys
-from megaedge.runtime.bench import test_audio
+from megaedge.runtime.bench import speech_like_audio
 from megaedge.runtime.transcriber import Transcriber
 tr = Transcriber.from_bundle(sys.argv[1], verify=False, threads=int(sys.argv[4]))
-tr.transcribe(test_audio(1.0), max_new_tokens=2, ignore_eos=True, loop_guard=False)  # warm-up
+tr.transcribe(speech_like_audio(1.0), max_new_tokens=2, ignore_eos=True, loop_guard=False)  # warm-up
 out = {}
 for seconds in json.loads(sys.argv[2]):
-    r = tr.transcribe(test_audio(seconds), max_new_tokens=int(sys.argv[3]), ignore_eos=True, segment_seconds=None,
+    r = tr.transcribe(speech_like_audio(seconds), max_new_tokens=int(sys.argv[3]), ignore_eos=True, segment_seconds=None,
                       loop_guard=False)
     t = r.timings
     out[str(seconds)] = {"first_token": t["frontend"] + t["encoder"] + t["prefill"], "total": t["total"],
@@ -80,10 +80,10 @@ print(json.dumps(out))
 
 _COLD = """
 import sys, time
-from megaedge.runtime.bench import test_audio
+from megaedge.runtime.bench import speech_like_audio
 from megaedge.runtime.transcriber import Transcriber
 tr = Transcriber.from_bundle(sys.argv[1], verify=False)
-tr.transcribe(test_audio(1.0), max_new_tokens=1, ignore_eos=True, loop_guard=False)
+tr.transcribe(speech_like_audio(1.0), max_new_tokens=1, ignore_eos=True, loop_guard=False)
 print(time.time())
 """
 

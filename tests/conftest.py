@@ -15,15 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def speechlike(seconds: float, seed: int = 0, rate: int = 16000) -> np.ndarray:
-    """Deterministic non-stationary test signal (harmonics with a moving pitch plus noise bursts)."""
-    rng = np.random.default_rng(seed)
-    n = int(seconds * rate)
-    t = np.arange(n) / rate
-    f0 = 120 + 40 * np.sin(2 * np.pi * 0.7 * t)
-    phase = 2 * np.pi * np.cumsum(f0) / rate
-    voiced = sum(np.sin(k * phase) / k for k in range(1, 6))
-    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3.1 * t) ** 2
-    return (0.2 * voiced * envelope + 0.02 * rng.standard_normal(n)).astype(np.float32)
+    """Deterministic non-stationary test signal (the benchmarks' speech-like audio)."""
+    from megaedge.runtime.bench import speech_like_audio
+
+    return speech_like_audio(seconds, seed, rate)
 
 
 @pytest.fixture(scope="session")

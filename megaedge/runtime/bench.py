@@ -34,9 +34,9 @@ class BenchOptions:
     bandwidth_mib: int = 256
 
 
-def test_audio(seconds: float, seed: int = 0) -> np.ndarray:
-    """Speech-like audio (voiced harmonics with a syllable envelope, plus noise): exercises every stage."""
-    rate = 16000
+def speech_like_audio(seconds: float, seed: int = 0, rate: int = 16000) -> np.ndarray:
+    """Deterministic speech-like signal (harmonics with a moving pitch, a syllable envelope, noise): exercises
+    every stage; benchmarks and tests share it."""
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * rate)) / rate
     phase = 2 * np.pi * np.cumsum(120 + 40 * np.sin(2 * np.pi * 0.7 * t)) / rate
@@ -145,7 +145,7 @@ def run(bundle, options: BenchOptions = BenchOptions(), progress=None) -> dict:
         "runs": {},
     }
     for seconds in options.audio_seconds:
-        audio = test_audio(seconds)
+        audio = speech_like_audio(seconds)
         samples: dict[str, list[float]] = {k: [] for k in (*STAGES, "first_token", "total", "rtf", "tokens_per_s")}
         tokens = 0
         for i in range(options.warmup + options.repeat):

@@ -147,7 +147,6 @@ class _Span:
         self.max = -np.inf
         self.windows: list[tuple[np.ndarray, float]] = []  # (audio features [104, H], floor max used)
         self.kv = None  # OrtValues after prefix + windows[:kv_windows]
-        self.kv_len = 0
         self.kv_windows = 0
         self.committed: list[int] = []
         self.previous: list[int] = []  # the last hop's full hypothesis
@@ -164,7 +163,12 @@ class Stream:
         self.opts = options
         info = transcriber.manifest
         self.window_frames = int(info.encoder.get("chunk_frames", 100)) * int(info.encoder.get("chunks_per_window", 8))
-        self.window_tokens = features.audio_token_count(self.window_frames)
+        hidden = int(info.graph("decoder").input("audio_features").shape[1])
+        self._no_audio = np.zeros((0, hidden), transcriber.kv_dtype)
+        p = info.prompt
+        language = options.language
+        self._suffix = [*p.after_audio, *(transcriber.tokenizer.encode(
+            p.language_template.format(language=language), add_special_tokens=False).ids if language else [])]
         self.route = options.route or transcriber.route
         if self.route == "base" and not info.routed:
             raise MegaedgeError("route 'base' needs a routed bundle (export with --mode routed); this one is merged")
@@ -287,8 +291,14 @@ class Stream:
         span = self._span
         finished = frames // self.window_frames
         floor = span.max - 8.0
-        stale = [i for i, (_, used) in enumerate(span.windows) if used != span.max
-                 and float(span.raw[:, i * self.window_frames:(i + 1) * self.window_frames].min()) < floor]
+        stale = []
+        for i, (out, used) in enumerate(span.windows):
+            if used == span.max:
+                continue
+            if float(span.raw[:, i * self.window_frames:(i + 1) * self.window_frames].min()) < floor:
+                stale.append(i)
+            else:  # every value above the new floor: the output stands; record it so the check is not repeated
+                span.windows[i] = (out, span.max)
         todo = stale + list(range(len(span.windows), finished))
         open_frames = frames - finished * self.window_frames
         mels = [self._window_mel(i) for i in todo]
@@ -303,7 +313,7 @@ class Stream:
         if stale:
             self.stats.reencoded_windows += len(stale)
             if min(stale) < span.kv_windows:  # audio under cached KV changed: rebuild the cache from scratch
-                span.kv, span.kv_len, span.kv_windows = None, 0, 0
+                span.kv, span.kv_windows = None, 0
         return outs[-1] if open_frames else None
 
     # decoder ---------------------------------------------------------------------------------------------------
@@ -312,13 +322,6 @@ class Stream:
         context = self._span.context
         enc = self.tr.tokenizer.encode
         return [*p.system_head, *(enc(context, add_special_tokens=False).ids if context else []), *p.before_audio]
-
-    def _suffix_ids(self) -> list[int]:
-        p = self.tr.manifest.prompt
-        language = self.opts.language
-        lang = (self.tr.tokenizer.encode(p.language_template.format(language=language), add_special_tokens=False).ids
-                if language else [])
-        return [*p.after_audio, *lang]
 
     def _decoder_feed(self, ids: list[int], audio: np.ndarray, logits_at, past) -> dict:
         import onnxruntime as ort
@@ -341,36 +344,30 @@ class Stream:
             return
         ids = ([] if span.kv is not None else self._prefix_ids()) + [self.tr.manifest.prompt.audio_pad] * sum(
             len(w) for w, _ in new)
-        audio = np.concatenate([w for w, _ in new]) if new else np.zeros((0, self._hidden()), self.tr.kv_dtype)
+        audio = np.concatenate([w for w, _ in new]) if new else self._no_audio
         outs = self.tr.sessions["decoder"].run_bound(self._decoder_feed(ids, audio, [len(ids) - 1], span.kv))
-        span.kv, span.kv_len, span.kv_windows = outs[1:], span.kv_len + len(ids), len(span.windows)
+        span.kv, span.kv_windows = outs[1:], len(span.windows)
 
     def _tail(self, open_audio: np.ndarray | None) -> tuple[list[int], np.ndarray]:
         """Ids after the cached KV (prefix + finished windows): open audio pads + suffix + committed text."""
         span = self._span
-        audio = open_audio if open_audio is not None else np.zeros((0, self._hidden()), self.tr.kv_dtype)
-        ids = [self.tr.manifest.prompt.audio_pad] * len(audio) + self._suffix_ids() + span.committed
+        audio = open_audio if open_audio is not None else self._no_audio
+        ids = [self.tr.manifest.prompt.audio_pad] * len(audio) + self._suffix + span.committed
         return ids, audio
 
-    def _hidden(self) -> int:
-        return int(self.tr.manifest.graph("decoder").input("audio_features").shape[1])
-
-    def _greedy(self, outs, limit: int) -> tuple[list[int], bool]:
-        """Continue greedy decoding from a prefill's last logits; (tokens, reached EOS)."""
+    def _greedy(self, outs, limit: int) -> list[int]:
+        """Continue greedy decoding from a prefill's last logits (stops at EOS or ``limit`` tokens)."""
         from megaedge.runtime.transcriber import LAST
 
         session = self.tr.sessions["decoder"]
         eos = set(self.tr.manifest.prompt.eos)
-        no_audio = np.zeros((0, self._hidden()), self.tr.kv_dtype)
         tokens: list[int] = []
         while True:
             token = int(np.argmax(outs[0].numpy()[-1]))
-            if token in eos:
-                return tokens, True
-            if len(tokens) >= limit:
-                return tokens, False
+            if token in eos or len(tokens) >= limit:
+                return tokens
             tokens.append(token)
-            outs = session.run_bound(self._decoder_feed([token], no_audio, LAST, outs[1:]), check=False)
+            outs = session.run_bound(self._decoder_feed([token], self._no_audio, LAST, outs[1:]), check=False)
 
     def _hop(self) -> StreamEvent:
         t0 = time.perf_counter()
@@ -385,7 +382,7 @@ class Stream:
         outs = self.tr.sessions["decoder"].run_bound(self._decoder_feed(ids, audio, [len(ids) - 1], span.kv))
         budget = max_new_tokens_for(span.samples.size / RATE) - len(span.committed)
         per_hop = self.opts.unstable_tokens + math.ceil(10 * self.opts.hop_seconds) + 2
-        new, _ = self._greedy(outs, max(0, min(budget, per_hop)))
+        new = self._greedy(outs, max(0, min(budget, per_hop)))
         hypothesis = span.committed + new
         # Commit what is older than the last unstable_tokens AND what the previous hop also proposed (local
         # agreement): one hop's guess at a word cut by the hop edge is never committed.
@@ -421,7 +418,7 @@ class Stream:
         if agree == n:
             if n >= budget:
                 return span.committed[:budget]
-            rest, _ = self._greedy(outs, budget - n)
+            rest = self._greedy(outs, budget - n)
             return span.committed + rest
         self.stats.revisions += 1
         kept = span.committed[:agree]
@@ -430,7 +427,7 @@ class Stream:
         # Re-run the tail up to the first disagreement (KV slicing would need a copy of every layer's cache).
         ids = ids[: first + 1 + agree]
         outs = self.tr.sessions["decoder"].run_bound(self._decoder_feed(ids, audio, [len(ids) - 1], span.kv))
-        rest, _ = self._greedy(outs, budget - agree)
+        rest = self._greedy(outs, budget - agree)
         return kept + rest
 
     def _maybe_route(self, final: bool) -> None:
@@ -446,7 +443,7 @@ class Stream:
             if final:
                 self.stats.reroutes += 1
             span.gate = gate
-            span.windows, span.kv, span.kv_len, span.kv_windows = [], None, 0, 0
+            span.windows, span.kv, span.kv_windows = [], None, 0
 
     def _finish(self, reason: str) -> StreamEvent:
         t0 = time.perf_counter()

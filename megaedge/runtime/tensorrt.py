@@ -226,17 +226,17 @@ class Plan:
         return asdict(self)
 
 
-def _widest_outputs(path: Path) -> tuple[int, int]:
-    """(widest MatMul output width, model width) from the graph's 2-D weights, without loading them."""
+def _widest_output(path: Path) -> int:
+    """Widest MatMul output width from the graph's 2-D weights, without loading them."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     dims = [tuple(i.dims) for i in model.graph.initializer if len(i.dims) == 2]
     if not dims:
-        return 1, 1
+        return 1
     vocab = max(d[0] for d in dims)  # the embedding / LM head matrix: its rows are never a live activation
     widths = [max(d) for d in dims if max(d) != vocab]
-    return (max(widths) if widths else 1), (min(min(d) for d in dims))
+    return max(widths) if widths else 1
 
 
 def weight_bytes(bundle: Path, info: manifest.Manifest, precision: str) -> int:
@@ -256,8 +256,8 @@ def plan(bundle: Path, memory_gib: float, options: EngineOptions = EngineOptions
     kv_item = 2  # fp16 KV in engines
     per_token = len(dec["past_names"]) * dec["kv_heads"] * dec["head_dim"] * kv_item
     weights = weight_bytes(bundle, info, options.precision)
-    enc_wide, _ = _widest_outputs(bundle / info.graph("encoder").file)
-    dec_wide, _ = _widest_outputs(bundle / info.graph("decoder").file)
+    enc_wide = _widest_output(bundle / info.graph("encoder").file)
+    dec_wide = _widest_output(bundle / info.graph("decoder").file)
     windows = min(int(info.encoder.get("max_windows_per_call", 16)), math.ceil(options.max_audio_seconds / 8))
     tokens_per_window = features.audio_token_count(int(info.encoder.get("chunk_frames", 100))
                                                    * int(info.encoder.get("chunks_per_window", 8)))

@@ -36,7 +36,7 @@ def test_bound_arithmetic(fixture_bundles):
     weights = bench.decoder_bytes(fixture_bundles["merged"], info)
     assert weights == (fixture_bundles["merged"] / manifest.DECODER_FILE).stat().st_size
     assert bench.copy_bandwidth(mib=16, threads=2, rounds=2) > 0.1
-    audio = bench.test_audio(1.5)
+    audio = bench.speech_like_audio(1.5)
     assert audio.shape == (24000,) and np.abs(audio).max() < 1
 
 
