@@ -286,14 +286,19 @@ class Stream:
         stop = min(start + self.window_frames, span.raw.shape[1]) if end is None else end
         return features.floor_and_scale(span.raw[:, start:stop], span.max)
 
-    def _update_windows(self, frames: int) -> np.ndarray | None:
-        """Encode newly finished windows (and stale ones); returns the open window's features (None if empty)."""
+    def _update_windows(self, frames: int, final: bool) -> np.ndarray | None:
+        """Encode newly finished windows (at the final also stale ones); returns the open window's features (None
+        if empty).
+
+        A window is stale when a louder frame later raised the clip-wide floor above some of its values. Partials
+        keep the stale output (only values 80 dB below the loudest frame differ), so a hop never re-encodes a
+        finished window nor rebuilds the cache; the final re-encodes them, which keeps it exact."""
         span = self._span
         finished = frames // self.window_frames
         floor = span.max - 8.0
         stale = []
         for i, (out, used) in enumerate(span.windows):
-            if used == span.max:
+            if used == span.max or not final:
                 continue
             if float(span.raw[:, i * self.window_frames:(i + 1) * self.window_frames].min()) < floor:
                 stale.append(i)
@@ -376,7 +381,7 @@ class Stream:
         if frames == 0:
             return self._event("partial", [], t0)
         self._maybe_route(final=False)
-        open_audio = self._update_windows(frames)
+        open_audio = self._update_windows(frames, final=False)
         self._extend_kv()
         ids, audio = self._tail(open_audio)
         outs = self.tr.sessions["decoder"].run_bound(self._decoder_feed(ids, audio, [len(ids) - 1], span.kv))
@@ -402,7 +407,7 @@ class Stream:
         """Exact greedy tokens for the span's audio: committed tokens checked against the full audio in one call."""
         span = self._span
         frames = self._extend_frames(final=True)
-        open_audio = self._update_windows(frames)
+        open_audio = self._update_windows(frames, final=True)
         self._extend_kv()
         ids, audio = self._tail(open_audio)
         n = len(span.committed)
