@@ -20,6 +20,7 @@ COMMANDS = (
     "megaedge.cli.transcribe",
     "megaedge.cli.stream",
     "megaedge.cli.bench",
+    "megaedge.cli.prepare",
     "megaedge.cli.plan",
     "megaedge.cli.build_engines",
     "megaedge.cli.eval",

@@ -282,6 +282,7 @@ def _quantize_graph(src: Path, dst: Path, how: str, recipe: Int8Recipe, feeds: l
     if how == "float":
         shutil.copyfile(src, dst)
         return {"method": "float", "quantized_nodes": 0}
+    original = src
     staged: list[Path] = []
     try:
         # The tied embedding / LM head goes first: onnxruntime's dynamic quantizer rewrites a Gemm LM head into a
@@ -307,7 +308,26 @@ def _quantize_graph(src: Path, dst: Path, how: str, recipe: Int8Recipe, feeds: l
     finally:
         for path in staged:
             path.unlink(missing_ok=True)
+    restore_value_info(original, dst)
     return {"method": how, "quantized_nodes": len(nodes), "float_nodes": len(floats)}
+
+
+def restore_value_info(original: Path, quantized: Path) -> int:
+    """Give the quantized graph back the exporter's value_info for every tensor it still produces.
+
+    Staging drops value_info and the quantizers do not rebuild it; without it onnxruntime's allocation planner
+    spends seconds at every session creation (measured, 1.7B INT8 decoder: 2.50 s vs 0.59 s with pre-packing
+    off; 6.5 s vs 3.2 s with it). Returns how many entries were restored."""
+    import onnx
+
+    source = onnx.load(str(original), load_external_data=False)
+    model = onnx.load(str(quantized), load_external_data=False)
+    produced = {name for node in model.graph.node for name in node.output}
+    known = {v.name for v in model.graph.value_info} | {o.name for o in model.graph.output}
+    entries = [v for v in source.graph.value_info if v.name in produced and v.name not in known]
+    model.graph.value_info.extend(entries)
+    onnx.save(model, str(quantized))
+    return len(entries)
 
 
 def shared_gemm_as_matmul(model):

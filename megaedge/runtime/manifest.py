@@ -21,6 +21,7 @@ ROUTER_FILE = "router.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 QUANT_REPORT_JSON = "quant_report.json"
 QUANT_REPORT_MD = "quant_report.md"
+PREPARED_DIR = "prepared"  # machine-local copies made by `megaedge prepare`; not listed in the manifest
 GRAPH_FILES = {"encoder": ENCODER_FILE, "decoder": DECODER_FILE, "router": ROUTER_FILE}
 PRECISIONS = ("fp32", "fp16", "int8")
 MODES = ("merged", "routed")

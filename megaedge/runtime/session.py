@@ -67,15 +67,19 @@ class OrtSession:
 
     backend = "onnxruntime"
 
-    def __init__(self, path: Path, spec: GraphSpec, providers=("cpu",), threads: int | None = None):
+    def __init__(self, path: Path, spec: GraphSpec, providers=("cpu",), threads: int | None = None,
+                 prepared: bool = False):
         import onnxruntime as ort
 
         self.spec = spec
+        self.prepared = prepared
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = int(threads)
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # A prepared copy (runtime/prepared.py) is already optimized for this machine: optimizing again only costs.
+        options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if prepared
+                                            else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         # Weights in external data are memory-mapped instead of copied when the platform allows.
         try:
             options.add_session_config_entry("session.use_mmap_for_external_initializers", "1")
@@ -116,6 +120,7 @@ class OrtSession:
         return binding.get_outputs()
 
 
-def open_session(path: Path, spec: GraphSpec, providers=("cpu",), threads: int | None = None) -> OrtSession:
-    """Session for one graph file of a bundle."""
-    return OrtSession(path, spec, providers, threads)
+def open_session(path: Path, spec: GraphSpec, providers=("cpu",), threads: int | None = None,
+                 prepared: bool = False) -> OrtSession:
+    """Session for one graph file of a bundle (or of its prepared copy)."""
+    return OrtSession(path, spec, providers, threads, prepared)

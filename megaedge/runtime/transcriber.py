@@ -97,24 +97,45 @@ class Transcriber:
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
     def from_bundle(cls, path, providers=("cpu",), route: str = "auto", verify: bool = True,
-                    threads: int | None = None) -> Transcriber:
+                    threads: int | None = None, use_prepared: bool = True) -> Transcriber:
+        """Load a bundle. ``verify`` hashes every file against the manifest, unless ``megaedge prepare`` already
+        did and no file changed since; on the CPU provider, graphs prepared for this machine load from their
+        prepared copy (``use_prepared``)."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from tokenizers import Tokenizer
 
+        from megaedge.runtime import prepared
+
         bundle = Path(path).expanduser()
-        info = manifest.read(bundle, verify=verify)
+        info = manifest.read(bundle, verify=False)
+        if verify and not prepared.verified(bundle, info):
+            info = manifest.read(bundle, verify=True)
+        cpu_only = tuple(providers) == ("cpu",)
+        opened = {}
+
+        def one(name: str, spec, session_providers):
+            copy = prepared.lookup(bundle, info, name) if cpu_only and use_prepared else None
+            if copy is not None:
+                return open_session(copy, spec, session_providers, threads, prepared=True)
+            return open_session(bundle / spec.file, spec, session_providers, threads)
+
         if "engine" in providers:  # native TensorRT engines written by `megaedge build-engines`
             from megaedge.runtime.tensorrt import ENGINE_FILES, TrtSession
 
             if not info.engines:
                 raise MegaedgeError(f"{bundle}: no TensorRT engines; run megaedge build-engines {bundle} first")
-            sessions = {name: TrtSession(bundle / ENGINE_FILES[name], spec, info.engines[name])
-                        for name, spec in info.graphs.items() if name in ENGINE_FILES}
-            sessions.update({name: open_session(bundle / spec.file, spec, ("cpu",), threads)
-                             for name, spec in info.graphs.items() if name not in ENGINE_FILES})
-        else:
-            sessions = {name: open_session(bundle / spec.file, spec, providers, threads)
-                        for name, spec in info.graphs.items()}
-        tokenizer = Tokenizer.from_file(str(bundle / manifest.TOKENIZER_FILE))
+            opened = {name: TrtSession(bundle / ENGINE_FILES[name], spec, info.engines[name])
+                      for name, spec in info.graphs.items() if name in ENGINE_FILES}
+        todo = {name: spec for name, spec in info.graphs.items() if name not in opened}
+        # Sessions are created in parallel: onnxruntime releases the GIL while it pre-packs weights, and the
+        # decoder's pre-packing alone takes as long as all the rest (measured: 1.7B INT8 load 3.7 s vs 5.5 s).
+        with ThreadPoolExecutor(max_workers=len(todo) or 1) as pool:
+            futures = {name: pool.submit(one, name, spec, providers if "engine" not in providers else ("cpu",))
+                       for name, spec in todo.items()}
+            tokenizer = Tokenizer.from_file(str(bundle / manifest.TOKENIZER_FILE))
+            opened.update({name: future.result() for name, future in futures.items()})
+        sessions = {name: opened[name] for name in info.graphs}
         return cls(bundle, info, sessions, tokenizer, route)
 
     # ------------------------------------------------------------------------------------------------ stages
