@@ -125,7 +125,7 @@ def prepare(bundle: str | Path, threads: int | None = None) -> dict:
         t0 = time.perf_counter()
         original = ort.InferenceSession(str(bundle / spec.file), options, providers=["CPUExecutionProvider"])
         files = [p for p in staging.iterdir() if p.name.startswith(spec.file)]
-        problem = _disagreement(original, staging / spec.file, _probe_feed(info, name), threads)
+        problem = _disagreement(original, staging / spec.file, spec, _probe_feed(info, name), threads)
         if problem:
             log.warning("prepared copy of the %s disagrees with the bundle's graph (%s); not used", name, problem)
             for path in files:
@@ -169,20 +169,15 @@ def _probe_feed(info: manifest.Manifest, name: str) -> dict:
     return feed
 
 
-def _disagreement(original, copy: Path, feed: dict, threads: int | None) -> str:
+def _disagreement(original, copy: Path, spec: manifest.GraphSpec, feed: dict, threads: int | None) -> str:
     """'' when the prepared copy computes what the original session computes on ``feed``, else what differs."""
     import numpy as np
-    import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = int(threads)
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    from megaedge.runtime.session import OrtSession
+
     try:
-        prepared_session = ort.InferenceSession(str(copy), options, providers=["CPUExecutionProvider"])
-        got = prepared_session.run(None, feed)[0]
-    except Exception as exc:  # onnxruntime raises its own types
+        got = OrtSession(copy, spec, ("cpu",), threads, prepared=True).run(feed, check=False)[0]
+    except Exception as exc:  # a copy onnxruntime cannot load is a disagreement, whatever the exception type
         return f"it does not run: {str(exc).splitlines()[0]}"
     want = original.run(None, feed)[0]
     if not np.all(np.isfinite(got)):

@@ -100,7 +100,8 @@ def test_a_copy_that_computes_differently_is_caught(tiny_bundles, int8_bundle):
     info = manifest.read(tiny_bundles["merged"], verify=False)
     feed = prepared._probe_feed(info, "encoder")
     original = ort.InferenceSession(str(tiny_bundles["merged"] / manifest.ENCODER_FILE))
-    same = prepared._disagreement(original, tiny_bundles["merged"] / manifest.ENCODER_FILE, feed, None)
+    spec = info.graph("encoder")
+    same = prepared._disagreement(original, tiny_bundles["merged"] / manifest.ENCODER_FILE, spec, feed, None)
     assert same == ""
-    other = prepared._disagreement(original, int8_bundle / manifest.ENCODER_FILE, feed, None)  # quantized weights
+    other = prepared._disagreement(original, int8_bundle / manifest.ENCODER_FILE, spec, feed, None)  # int8 weights
     assert other.startswith("max abs difference")
