@@ -165,6 +165,12 @@ def read(bundle_dir: str | Path, verify: bool = True) -> Manifest:
             f"than this megaedge reads (format {FORMAT_VERSION}); upgrade: pip install -U megaedge"
         )
     manifest = Manifest.from_dict(doc)
+    check_files(root, manifest, verify)
+    return manifest
+
+
+def check_files(root: Path, manifest: Manifest, verify: bool = True) -> None:
+    """Every file the manifest lists is present and (``verify``) has its sha256."""
     for rel, expected in manifest.files.items():
         file = root / rel
         if not file.is_file():
@@ -176,4 +182,3 @@ def read(bundle_dir: str | Path, verify: bool = True) -> Manifest:
                     f"{file}: sha256 {actual[:12]}... does not match the manifest ({expected[:12]}...); the file "
                     f"was modified or truncated; copy the bundle again (or pass --no-verify to skip the check)"
                 )
-    return manifest

@@ -110,15 +110,16 @@ class Transcriber:
         bundle = Path(path).expanduser()
         info = manifest.read(bundle, verify=False)
         if verify and not prepared.verified(bundle, info):
-            info = manifest.read(bundle, verify=True)
+            manifest.check_files(bundle, info)
         cpu_only = tuple(providers) == ("cpu",)
+        ort_providers = ("cpu",) if "engine" in providers else providers  # graphs without an engine
         opened = {}
 
-        def one(name: str, spec, session_providers):
+        def one(name: str, spec):
             copy = prepared.lookup(bundle, info, name) if cpu_only and use_prepared else None
             if copy is not None:
-                return open_session(copy, spec, session_providers, threads, prepared=True)
-            return open_session(bundle / spec.file, spec, session_providers, threads)
+                return open_session(copy, spec, ort_providers, threads, prepared=True)
+            return open_session(bundle / spec.file, spec, ort_providers, threads)
 
         if "engine" in providers:  # native TensorRT engines written by `megaedge build-engines`
             from megaedge.runtime.tensorrt import ENGINE_FILES, TrtSession
@@ -131,8 +132,7 @@ class Transcriber:
         # Sessions are created in parallel: onnxruntime releases the GIL while it pre-packs weights, and the
         # decoder's pre-packing alone takes as long as all the rest (measured: 1.7B INT8 load 3.7 s vs 5.5 s).
         with ThreadPoolExecutor(max_workers=len(todo) or 1) as pool:
-            futures = {name: pool.submit(one, name, spec, providers if "engine" not in providers else ("cpu",))
-                       for name, spec in todo.items()}
+            futures = {name: pool.submit(one, name, spec) for name, spec in todo.items()}
             tokenizer = Tokenizer.from_file(str(bundle / manifest.TOKENIZER_FILE))
             opened.update({name: future.result() for name, future in futures.items()})
         sessions = {name: opened[name] for name in info.graphs}
