@@ -4,7 +4,7 @@ Builds the fixture's FP32 bundle (merged, or routed with --mode routed), quantiz
 wild-audio calibration clips, and compares all of them on the held-out clips in one pass: WER per condition and
 scenario, token agreement with FP32, encoder cosine, loop/empty rates, sizes. Prints a table and writes
 benchmarks/results/int8_recipes_fixture[_routed].json. Not a test: it is the evidence the default recipe cites.
-Usage: python benchmarks/int8_recipes.py [--recipes cpu,cpu-dynamic,...] [--mode merged|routed] [--work DIR]
+Usage: python benchmarks/int8_recipes.py [--recipes cpu,cpu-dynamic,...] [--mode merged|routed] [--work DIR] [--out F]
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--mode", choices=("merged", "routed"), default="merged")
     parser.add_argument("--work", help="keep bundles here (default: a temporary directory)")
+    parser.add_argument("--out", help="results file name under benchmarks/results (default: "
+                                      "int8_recipes_fixture[_routed].json)")
     args = parser.parse_args()
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,7 +53,7 @@ def main() -> None:
     report["machine"] = {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
     print(format_report(report))
     suffix = "" if args.mode == "merged" else f"_{args.mode}"
-    out = RESULTS / f"int8_recipes_fixture{suffix}.json"
+    out = RESULTS / (args.out or f"int8_recipes_fixture{suffix}.json")
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
 

@@ -1,5 +1,8 @@
 """Side by side on this machine: transformers fp32 reference generate vs megaedge ORT FP32 vs ORT INT8.
 
+INT8 twice: the default ``cpu`` recipe (one copy of the decoder weights) and ``cpu-prefill`` (plus a prefill graph
+with dynamic int8 activations for prompts: faster first token, one more weight copy in memory).
+
 Random-weight checkpoints at the real 0.6B / 1.7B geometry, the same speech-like audio (10 s and 30 s) and the same
 forced token count (EOS ignored) for every contender. Each measurement runs in a fresh process (clean peak-RSS
 figures), and contenders are interleaved round by round so a slow spell of the machine hits all of them; medians
@@ -24,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
+CONTENDERS = ("transformers_fp32", "megaedge_fp32", "megaedge_int8", "megaedge_int8_prefill")
 
 # VmHWM belongs to the process's own address space; ru_maxrss survives exec and would report the parent's size.
 _PEAK = """
@@ -78,6 +82,16 @@ out["peak_rss_gib"] = peak_rss_gib()
 print(json.dumps(out))
 """
 
+_QUANTIZE = """
+import sys
+from pathlib import Path
+from megaedge.export.int8 import calibration_items
+from megaedge.export.quantize import RECIPES, quantize_bundle
+items, source = calibration_items(None)
+quantize_bundle(Path(sys.argv[1]), Path(sys.argv[2]), RECIPES[sys.argv[3]], items, "cpu", None, source)
+print("{}")
+"""
+
 _COLD = """
 import sys, time
 from megaedge.runtime.bench import speech_like_audio
@@ -116,19 +130,18 @@ def cold_load(bundle: Path, rounds: int) -> dict:
 def build(geometry: str, work: Path) -> dict:
     from megaedge.export.bundle import ExportOptions, export_bundle
     from megaedge.export.factory import write_checkpoint
-    from megaedge.export.int8 import calibration_items
-    from megaedge.export.quantize import RECIPES, quantize_bundle
 
-    ckpt, fp32, int8 = work / "checkpoint", work / "bundle-fp32", work / "bundle-int8"
+    ckpt, fp32 = work / "checkpoint", work / "bundle-fp32"
+    int8, prefill = work / "bundle-int8", work / "bundle-int8-prefill"
     if not (ckpt / ".done").exists():
         write_checkpoint(ckpt, geometry, "mega", seed=0)
         (ckpt / ".done").touch()
     if not (fp32 / "megaedge.json").exists():
         export_bundle(ckpt, fp32, ExportOptions(force=True))
-    if not (int8 / "megaedge.json").exists():
-        items, source = calibration_items(None)
-        quantize_bundle(fp32, int8, RECIPES["cpu"], items, "cpu", None, source)
-    return {"checkpoint": ckpt, "fp32": fp32, "int8": int8}
+    for recipe, out in (("cpu", int8), ("cpu-prefill", prefill)):
+        if not (out / "megaedge.json").exists():  # a fresh process each: the export's peak is not given back
+            _python(_QUANTIZE, str(fp32), str(out), recipe)
+    return {"transformers_fp32": ckpt, "megaedge_fp32": fp32, "megaedge_int8": int8, "megaedge_int8_prefill": prefill}
 
 
 def _median(rows: list[dict], key: str) -> float:
@@ -154,20 +167,19 @@ def main() -> None:
         if args.cold_only:
             out = RESULTS / f"suite_{geometry}.json"
             result = json.loads(out.read_text())
-            cold = cold_load(paths["int8"], args.cold_rounds)
+            cold = cold_load(paths["megaedge_int8"], args.cold_rounds)
             result["int8_cold_start_to_first_token_s"] = cold["prepared"]
             result["int8_cold_start_unprepared_s"] = cold["unprepared"]
             out.write_text(json.dumps(result, indent=2) + "\n")
             print(geometry, json.dumps(cold), flush=True)
             continue
-        runs: dict[str, list[dict]] = {"transformers_fp32": [], "megaedge_fp32": [], "megaedge_int8": []}
+        runs: dict[str, list[dict]] = {name: [] for name in CONTENDERS}
         common = (json.dumps(lengths), str(args.tokens), str(args.threads))
         for r in range(args.rounds):
             order = list(runs) if r % 2 == 0 else list(reversed(runs))
             for name in order:
-                code, target = (_REFERENCE, paths["checkpoint"]) if name == "transformers_fp32" else (
-                    _RUNTIME, paths[name.split("_")[1]])
-                runs[name].append(_python(code, str(target), *common))
+                code = _REFERENCE if name == "transformers_fp32" else _RUNTIME
+                runs[name].append(_python(code, str(paths[name]), *common))
                 print(f"{geometry} round {r} {name}: {json.dumps(runs[name][-1])}", flush=True)
         result = {"geometry": geometry, "tokens": args.tokens, "threads": args.threads, "rounds": args.rounds,
                   "machine": platform.processor() or platform.machine(), "contenders": {}}
@@ -179,10 +191,10 @@ def main() -> None:
             result["contenders"][name] = entry
         for seconds in lengths:
             ref = result["contenders"]["transformers_fp32"][f"{seconds:g}s"]["rtf"]
-            for name in ("megaedge_fp32", "megaedge_int8"):
+            for name in CONTENDERS[1:]:
                 mine = result["contenders"][name][f"{seconds:g}s"]
                 mine["rtf_speedup_vs_transformers"] = round(ref / mine["rtf"], 2)
-        cold = cold_load(paths["int8"], args.cold_rounds)
+        cold = cold_load(paths["megaedge_int8"], args.cold_rounds)
         result["int8_cold_start_to_first_token_s"] = cold["prepared"]
         result["int8_cold_start_unprepared_s"] = cold["unprepared"]
         (RESULTS / f"suite_{geometry}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -223,13 +235,13 @@ def write_plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.25
-    names = ["transformers_fp32", "megaedge_fp32", "megaedge_int8"]
+    names = [n for n in CONTENDERS if all(n in res["contenders"] for res in results)]
+    width = 0.8 / len(names)
     groups = [(res, key) for res in results for key, run in res["contenders"]["megaedge_int8"].items()
               if isinstance(run, dict)]
     for i, name in enumerate(names):
         values = [res["contenders"][name][key]["rtf"] for res, key in groups]
-        ax.bar(np.arange(len(groups)) + (i - 1) * width, values, width, label=name)
+        ax.bar(np.arange(len(groups)) + (i - (len(names) - 1) / 2) * width, values, width, label=name)
     labels = [f"{res['geometry']} {key}" for res, key in groups]
     ax.set_xticks(np.arange(len(groups)), labels)
     ax.set_ylabel("real-time factor (lower is better)")

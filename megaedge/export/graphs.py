@@ -12,6 +12,12 @@ Only the wiring is ours, because the shapes an edge runtime needs differ from th
 
 Attention scores, masks and softmax run in fp32 whatever the weights' dtype: an fp32-min mask constant would
 overflow in fp16 (field-lessons.md).
+
+Two decoder details are written for the runtime rather than copied from the training forward (same math, measured
+on the 1.7B INT8 decoder at 420 cached positions, 2 threads): grouped-query attention broadcasts each KV head over
+its query group instead of materializing ``repeat_interleave`` copies (33 ms of a 237 ms step were those copies),
+and RMSNorm is written as ``x / sqrt(mean(x^2) + eps)``, the form onnxruntime fuses into one
+SimplifiedLayerNormalization node (the ``rsqrt`` form stays five nodes, 113 norms per step).
 """
 
 from __future__ import annotations
@@ -30,6 +36,13 @@ def _masked_softmax_attention(q, k, v, scale: float, keep):
     scores = scores.masked_fill(~keep, torch.finfo(torch.float32).min)
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs.to(v.dtype), v)
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """transformers' Qwen3RMSNorm (its weight and epsilon) in the division form onnxruntime fuses."""
+    h = x.float()
+    h = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * h.to(x.dtype)
 
 
 class EncoderGraph(nn.Module):
@@ -127,21 +140,23 @@ class DecoderGraph(nn.Module):
         for i, layer in enumerate(lm.layers):
             attn = layer.self_attn
             residual = x
-            h = layer.input_layernorm(x)
-            q = attn.q_norm(attn.q_proj(h).view(1, seq, self.heads, self.head_dim)).transpose(1, 2)
-            k = attn.k_norm(attn.k_proj(h).view(1, seq, self.kv_heads, self.head_dim)).transpose(1, 2)
+            h = _rms_norm(layer.input_layernorm, x)
+            q = _rms_norm(attn.q_norm, attn.q_proj(h).view(1, seq, self.heads, self.head_dim)).transpose(1, 2)
+            k = _rms_norm(attn.k_norm, attn.k_proj(h).view(1, seq, self.kv_heads, self.head_dim)).transpose(1, 2)
             v = attn.v_proj(h).view(1, seq, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             k = torch.cat([past[2 * i].to(k.dtype), k], dim=2)
             v = torch.cat([past[2 * i + 1].to(v.dtype), v], dim=2)
             presents += [k, v]
+            # Query head h reads KV head h // group (transformers' repeat_interleave pairing): queries are grouped
+            # per KV head and each KV head broadcasts over its group.
             group = self.heads // self.kv_heads
-            kk = k.repeat_interleave(group, dim=1) if group > 1 else k
-            vv = v.repeat_interleave(group, dim=1) if group > 1 else v
-            o = _masked_softmax_attention(q, kk, vv, attn.scaling, keep)
+            grouped = q.reshape(1, self.kv_heads, group, seq, self.head_dim)
+            o = _masked_softmax_attention(grouped, k[:, :, None], v[:, :, None], attn.scaling, keep[:, :, None])
+            o = o.reshape(1, self.heads, seq, self.head_dim)
             x = residual + attn.o_proj(o.transpose(1, 2).reshape(1, seq, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        picked = lm.norm(x[0].index_select(0, logits_at))
+            x = x + layer.mlp(_rms_norm(layer.post_attention_layernorm, x))
+        picked = _rms_norm(lm.norm, x[0].index_select(0, logits_at))
         logits = self.lm_head(picked).float()
         return (logits, *presents)
 

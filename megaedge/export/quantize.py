@@ -6,6 +6,9 @@ Recipes (field-lessons.md decides the shape of each):
 * decoder: weight-only INT8 (``MatMulNBits`` 8-bit, symmetric blocks of 128 along K, int8 dot products) — per-tensor
   INT8 broke the 1.7B decoder in the field and static INT8 garbled it; per-channel dynamic activations and a
   SmoothQuant-style W8A8 variant are the measured alternatives (benchmarks/results/int8_recipes_fixture.json);
+* ``cpu-prefill``: as ``cpu``, plus ``decoder_prefill.onnx``, the decoder again with per-channel dynamic INT8,
+  which the runtime uses for calls of >= 4 new positions (prompts, streaming hops): onnxruntime's 8-bit block
+  kernel is compute-bound there, dynamic int8 is 3-4x faster; the price is a second copy of the decoder weights;
 * ``tensorrt`` flavour: signed, symmetric Q/DQ everywhere (explicit quantization TensorRT builds from), which
   onnxruntime also runs, so it is testable here;
 * ``naive``: per-tensor dynamic INT8 of every MatMul — the baseline the report compares against.
@@ -47,6 +50,10 @@ class Int8Recipe:
     float_scopes: tuple[str, ...] = ()  # module-path fragments kept float (chosen by sensitivity measurement)
     block_size: int = 128  # weight-only: weights per scale along the input dimension
     smooth_alpha: float = 0.5  # smoothquant: migration strength (0 = all on weights' side, 1 = all on activations)
+    # shared: the decoder graph serves prefill and decode; dynamic: a second decoder graph with per-channel s8
+    # weights and dynamic u8 activations serves prompt-sized calls, where onnxruntime's 8-bit block kernel is
+    # compute-bound (benchmarks/results/gemv_bandwidth.json: 128 rows 700 vs 194 ms) at one more weight copy.
+    prefill: str = "shared"
     description: str = ""
 
     @classmethod
@@ -70,6 +77,11 @@ RECIPES = {
                       description="encoder static Q/DQ (u8 activations, per-channel s8 weights; conv stem and the "
                                   "MLP output projections fc2 float); decoder weight-only s8 in blocks of 128 with "
                                   "int8 dot products; tied embedding / LM head one 8-bit block-quantized copy"),
+    "cpu-prefill": Int8Recipe("cpu-prefill", encoder="static", decoder="weight-only", tied_embedding_int8=True,
+                              float_scopes=(".fc2",), prefill="dynamic",
+                              description="as cpu, plus a prefill decoder graph (per-channel s8 weights, dynamic u8 "
+                                          "activations) for calls of >= 4 rows: 3-4x faster prompts, one more "
+                                          "copy of the decoder weights on disk and in memory"),
     "cpu-dynamic": Int8Recipe("cpu-dynamic", encoder="static", decoder="dynamic", tied_embedding_int8=True,
                               float_scopes=(".fc2",),
                               description="as cpu, decoder per-channel s8 weights with dynamic u8 activations"),
@@ -416,8 +428,14 @@ def quantize_bundle(fp32_bundle: Path, out: Path, recipe: Int8Recipe, calib_item
             shutil.copyfile(fp32_bundle / rel, out / rel)
     details = {}
     graphs = dict(info.graphs)
-    for name, how in (("encoder", recipe.encoder), ("decoder", recipe.decoder)):
-        spec = info.graph(name)
+    jobs = [("encoder", "encoder", recipe.encoder), ("decoder", "decoder", recipe.decoder)]
+    if recipe.prefill == "dynamic":
+        jobs.append(("decoder_prefill", "decoder", "dynamic"))
+    elif recipe.prefill != "shared":
+        raise MegaedgeError(f"recipe {recipe.name}: prefill {recipe.prefill!r} is not one of ('shared', 'dynamic')")
+    for name, source, how in jobs:
+        spec = info.graph(source)
+        target = manifest.GRAPH_FILES[name]
         external = bool(spec.data_files)
         feeds = None
         # Ranges depend on the graph, the activation flavour and the clips: all three key the cache file.
@@ -430,9 +448,9 @@ def quantize_bundle(fp32_bundle: Path, out: Path, recipe: Int8Recipe, calib_item
                      else decoder_feeds(fp32_bundle, calib_items))
         elif cached:
             log.info("%s: activation ranges from cache %s", name, cache.name)
-        details[name] = _quantize_graph(fp32_bundle / spec.file, out / spec.file, how, recipe, feeds, cache, external)
-        data = (out / spec.file).with_name(spec.file + ".data")
-        graphs[name] = _graph_spec(out / spec.file, "int8" if how != "float" else "fp32",
+        details[name] = _quantize_graph(fp32_bundle / spec.file, out / target, how, recipe, feeds, cache, external)
+        data = (out / target).with_name(target + ".data")
+        graphs[name] = _graph_spec(out / target, "int8" if how != "float" else "fp32",
                                    (data.name,) if data.exists() else ())
         log.info("%s: %s", name, details[name])
     doc = info.to_dict()

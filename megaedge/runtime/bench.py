@@ -142,6 +142,8 @@ def run(bundle, options: BenchOptions = BenchOptions(), progress=None) -> dict:
         "load_seconds": round(load_seconds, 3),
         "copy_bandwidth_gbps": round(bandwidth, 2),
         "decoder_weight_bytes": weights,
+        # cpu-prefill bundles: prompts run through a second decoder graph (not read by decode steps)
+        "prefill_graph": "decoder_prefill" in tr.sessions,
         "runs": {},
     }
     for seconds in options.audio_seconds:

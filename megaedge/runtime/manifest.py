@@ -18,11 +18,12 @@ FORMAT_VERSION = 1
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 ROUTER_FILE = "router.onnx"
+PREFILL_FILE = "decoder_prefill.onnx"  # optional second decoder graph, quantized for prompt-sized calls
 TOKENIZER_FILE = "tokenizer.json"
 QUANT_REPORT_JSON = "quant_report.json"
 QUANT_REPORT_MD = "quant_report.md"
 PREPARED_DIR = "prepared"  # machine-local copies made by `megaedge prepare`; not listed in the manifest
-GRAPH_FILES = {"encoder": ENCODER_FILE, "decoder": DECODER_FILE, "router": ROUTER_FILE}
+GRAPH_FILES = {"encoder": ENCODER_FILE, "decoder": DECODER_FILE, "router": ROUTER_FILE, "decoder_prefill": PREFILL_FILE}
 PRECISIONS = ("fp32", "fp16", "int8")
 MODES = ("merged", "routed")
 

@@ -28,7 +28,7 @@ from megaedge.runtime import manifest
 log = logging.getLogger("megaedge.runtime.prepared")
 
 INDEX_FILE = "prepared.json"
-PREPARED_GRAPHS = ("encoder", "decoder")  # the router is small: nothing to gain
+PREPARED_GRAPHS = ("encoder", "decoder", "decoder_prefill")  # the router is small: nothing to gain
 
 
 def _cpu_flags() -> str:

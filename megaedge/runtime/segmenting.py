@@ -34,6 +34,24 @@ def encoder_windows(feats: features.AsrFeatures, encoder: dict | None = None) ->
     return mel, np.asarray(valid, np.int64)
 
 
+def encoder_calls(mel: np.ndarray, valid: np.ndarray, max_windows: int,
+                  chunk_frames: int = features.CHUNK_FRAMES) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(first window, mel, valid_tokens) per encoder call: consecutive windows that need the same number of chunks
+    share a call of at most ``max_windows``, cut to that many chunks. A short last window is not padded to the
+    width of a full one (10 s of audio: 10 chunks computed, not 16); outputs are the same, chunks and windows being
+    independent of their padding."""
+    per_chunk = features.chunk_token_count(chunk_frames)
+    chunks = np.maximum(-(-valid // per_chunk), 1)
+    calls, start = [], 0
+    while start < len(valid):
+        end = start + 1
+        while end < len(valid) and end - start < max_windows and chunks[end] == chunks[start]:
+            end += 1
+        calls.append((start, mel[start:end, :, : int(chunks[start]) * chunk_frames], valid[start:end]))
+        start = end
+    return calls
+
+
 def segments(samples: np.ndarray, segment_seconds: float | None = DEFAULT_SEGMENT_SECONDS) -> list[tuple[int, int]]:
     """Sample ranges covering ``samples``; one range when it fits ``segment_seconds`` (None: never cut)."""
     n = len(samples)

@@ -30,7 +30,7 @@ import numpy as np
 
 from megaedge.errors import MegaedgeError
 from megaedge.runtime import audio as audio_io
-from megaedge.runtime import features
+from megaedge.runtime import features, segmenting
 from megaedge.runtime.text import ASR_TEXT_MARKER, max_new_tokens_for, parse_asr_output
 
 log = logging.getLogger("megaedge.runtime.streaming")
@@ -273,12 +273,15 @@ class Stream:
         width = math.ceil(width / features.CHUNK_FRAMES) * features.CHUNK_FRAMES
         batch = np.stack([np.pad(m, ((0, 0), (0, width - m.shape[1]))) for m in mels]).astype(self.tr.float_dtype)
         valid = np.asarray([features.audio_token_count(m.shape[1]) for m in mels], np.int64)
-        feed = {"mel": batch, "valid_tokens": valid}
-        if info.routed:
-            feed["lora_gate"] = np.array([gate], self.tr.float_dtype)
-        out = self.tr.sessions["encoder"].run(feed)[0]
+        out = []
+        for _, mel_call, valid_call in segmenting.encoder_calls(batch, valid, len(mels)):
+            feed = {"mel": mel_call, "valid_tokens": valid_call}
+            if info.routed:
+                feed["lora_gate"] = np.array([gate], self.tr.float_dtype)
+            enc = self.tr.sessions["encoder"].run(feed)[0]
+            out.extend(enc[i, :v].astype(self.tr.kv_dtype, copy=False) for i, v in enumerate(valid_call))
         self.stats.encoder_windows += len(mels)
-        return [out[i, :v].astype(self.tr.kv_dtype, copy=False) for i, v in enumerate(valid)]
+        return out
 
     def _window_mel(self, index: int, end: int | None = None) -> np.ndarray:
         span = self._span
@@ -350,7 +353,7 @@ class Stream:
         ids = ([] if span.kv is not None else self._prefix_ids()) + [self.tr.manifest.prompt.audio_pad] * sum(
             len(w) for w, _ in new)
         audio = np.concatenate([w for w, _ in new]) if new else self._no_audio
-        outs = self.tr.sessions["decoder"].run_bound(self._decoder_feed(ids, audio, [len(ids) - 1], span.kv))
+        outs = self.tr.decoder_for(len(ids)).run_bound(self._decoder_feed(ids, audio, [len(ids) - 1], span.kv))
         span.kv, span.kv_windows = outs[1:], len(span.windows)
 
     def _tail(self, open_audio: np.ndarray | None) -> tuple[list[int], np.ndarray]:
@@ -384,7 +387,7 @@ class Stream:
         open_audio = self._update_windows(frames, final=False)
         self._extend_kv()
         ids, audio = self._tail(open_audio)
-        outs = self.tr.sessions["decoder"].run_bound(self._decoder_feed(ids, audio, [len(ids) - 1], span.kv))
+        outs = self.tr.decoder_for(len(ids)).run_bound(self._decoder_feed(ids, audio, [len(ids) - 1], span.kv))
         budget = max_new_tokens_for(span.samples.size / RATE) - len(span.committed)
         per_hop = self.opts.unstable_tokens + math.ceil(10 * self.opts.hop_seconds) + 2
         new = self._greedy(outs, max(0, min(budget, per_hop)))
@@ -412,7 +415,7 @@ class Stream:
         ids, audio = self._tail(open_audio)
         n = len(span.committed)
         first = len(ids) - n - 1  # position whose logits predict committed[0]
-        outs = self.tr.sessions["decoder"].run_bound(
+        outs = self.tr.decoder_for(len(ids)).run_bound(
             self._decoder_feed(ids, audio, list(range(first, len(ids))), span.kv))
         predicted = outs[0].numpy().argmax(axis=-1)
         eos = set(self.tr.manifest.prompt.eos)
@@ -431,7 +434,7 @@ class Stream:
             return kept
         # Re-run the tail up to the first disagreement (KV slicing would need a copy of every layer's cache).
         ids = ids[: first + 1 + agree]
-        outs = self.tr.sessions["decoder"].run_bound(self._decoder_feed(ids, audio, [len(ids) - 1], span.kv))
+        outs = self.tr.decoder_for(len(ids)).run_bound(self._decoder_feed(ids, audio, [len(ids) - 1], span.kv))
         rest = self._greedy(outs, budget - agree)
         return kept + rest
 

@@ -24,6 +24,9 @@ log = logging.getLogger("megaedge.runtime.transcriber")
 
 ROUTES = ("auto", "base", "lora")
 LAST = np.zeros(1, np.int64)  # logits_at for one-token steps
+# From 4 rows on, per-channel dynamic int8 beats the 8-bit block kernel (benchmarks/gemv_bandwidth.py --rows 2,4,8:
+# 2 rows 22.8 vs 16.4 ms, 4 rows 21.2 vs 23.2 ms): the smallest call a prefill graph takes.
+PREFILL_MIN_ROWS = 4
 
 
 @dataclass
@@ -128,14 +131,16 @@ class Transcriber:
                 raise MegaedgeError(f"{bundle}: no TensorRT engines; run megaedge build-engines {bundle} first")
             opened = {name: TrtSession(bundle / ENGINE_FILES[name], spec, info.engines[name])
                       for name, spec in info.graphs.items() if name in ENGINE_FILES}
-        todo = {name: spec for name, spec in info.graphs.items() if name not in opened}
+        # An engine does its own prefill: the CPU prefill graph of a cpu-prefill bundle is left closed there.
+        todo = {name: spec for name, spec in info.graphs.items()
+                if name not in opened and not (opened and name == "decoder_prefill")}
         # Sessions are created in parallel: onnxruntime releases the GIL while it pre-packs weights, and the
         # decoder's pre-packing alone takes as long as all the rest (measured: 1.7B INT8 load 3.7 s vs 5.5 s).
         with ThreadPoolExecutor(max_workers=len(todo) or 1) as pool:
             futures = {name: pool.submit(one, name, spec) for name, spec in todo.items()}
             tokenizer = Tokenizer.from_file(str(bundle / manifest.TOKENIZER_FILE))
             opened.update({name: future.result() for name, future in futures.items()})
-        sessions = {name: opened[name] for name in info.graphs}
+        sessions = {name: opened[name] for name in info.graphs if name in opened}
         return cls(bundle, info, sessions, tokenizer, route)
 
     # ------------------------------------------------------------------------------------------------ stages
@@ -147,13 +152,12 @@ class Transcriber:
         t1 = time.perf_counter()
         out = []
         step = int(self.manifest.encoder.get("max_windows_per_call", 16))
-        for start in range(0, len(valid), step):
-            feed = {"mel": mel[start : start + step].astype(self.float_dtype),
-                    "valid_tokens": valid[start : start + step]}
+        for _, mel_call, valid_call in segmenting.encoder_calls(mel, valid, step):
+            feed = {"mel": mel_call.astype(self.float_dtype), "valid_tokens": valid_call}
             if self.manifest.routed:
                 feed["lora_gate"] = self._gate_value
             enc = self.sessions["encoder"].run(feed)[0]
-            out.extend(enc[i, :v] for i, v in enumerate(valid[start : start + step]))
+            out.extend(enc[i, :v] for i, v in enumerate(valid_call))
         if timer:
             timer.add("frontend", t1 - t0)
             timer.add("encoder", time.perf_counter() - t1)
@@ -170,6 +174,13 @@ class Transcriber:
             probs.append(float(self.sessions["router"].run({"mels": mel})[0][0]))
         return routing.aggregate(probs, bounds, float(info["threshold"]))
 
+    def decoder_for(self, rows: int):
+        """The decoder session for a call over ``rows`` new positions: the bundle's prefill graph, when it has one,
+        for calls of at least ``PREFILL_MIN_ROWS``; the KV cache either graph writes is what the other reads."""
+        if rows >= PREFILL_MIN_ROWS and "decoder_prefill" in self.sessions:
+            return self.sessions["decoder_prefill"]
+        return self.sessions["decoder"]
+
     def prompt(self, audio_tokens: int, context: str | None, language: str | None) -> list[int]:
         enc = lambda s: self.tokenizer.encode(s, add_special_tokens=False).ids  # noqa: E731
         p = self.manifest.prompt
@@ -181,7 +192,7 @@ class Transcriber:
         """Greedy decoding with the KV cache kept in onnxruntime memory between steps (IO binding)."""
         import onnxruntime as ort
 
-        session = self.sessions["decoder"]
+        session = self.decoder_for(len(prompt_ids))
         eos = set(self.manifest.prompt.eos)
         empty = ort.OrtValue.ortvalue_from_numpy(np.zeros(self.kv_shape, self.kv_dtype))
         feed = {"input_ids": np.asarray([prompt_ids], np.int64), "audio_features": audio,
@@ -204,6 +215,7 @@ class Transcriber:
             if token in eos and not ignore_eos:
                 break
             generated.append(token)
+            session = self.sessions["decoder"]
             feed = {"input_ids": np.asarray([[token]], np.int64), "audio_features": no_audio, "logits_at": LAST,
                     **dict(zip(self.past_names, outs[1:]))}
             if self.manifest.routed:

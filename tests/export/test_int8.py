@@ -78,6 +78,48 @@ def test_int8_bundle_runs_and_is_described(recipe, tiny_bundles, calib_items, tm
     assert len(tokens) == 6
 
 
+def test_prefill_graph_serves_prompts_and_hands_its_cache_to_the_decode_graph(tiny_bundles, calib_items, tmp_path):
+    from megaedge.runtime.transcriber import PREFILL_MIN_ROWS, Transcriber
+
+    out = tmp_path / "prefill"
+    info = quantize.quantize_bundle(tiny_bundles["merged"], out, quantize.RECIPES["cpu-prefill"], calib_items, "cpu")
+    assert set(info.graphs) >= {"encoder", "decoder", "decoder_prefill"}
+    assert info.graph("decoder_prefill").file == manifest.PREFILL_FILE
+    assert info.graph("decoder_prefill").input_names == info.graph("decoder").input_names
+    assert manifest.read(out).files == info.files
+    decode_ops, prefill_ops = _ops(out / manifest.DECODER_FILE), _ops(out / manifest.PREFILL_FILE)
+    assert decode_ops["MatMulNBits"] > 0 and decode_ops["MatMulInteger"] == 0
+    assert prefill_ops["MatMulInteger"] > 0  # per-channel dynamic int8 for the projections
+
+    tr = Transcriber.from_bundle(out)
+    calls = Counter()
+    for name, session in tr.sessions.items():
+        original = session.run_bound
+
+        def counted(feed, check=True, _name=name, _run=original):
+            calls[_name, feed["input_ids"].shape[1]] += 1
+            return _run(feed, check=check)
+
+        session.run_bound = counted
+    audio = speechlike(3.0, seed=11)
+    tokens = tr.transcribe(audio, max_new_tokens=6, ignore_eos=True, loop_guard=False).token_ids
+    assert len(tokens) == 6
+    assert {(n, rows) for n, rows in calls if rows >= PREFILL_MIN_ROWS} == {(n, rows) for n, rows in calls
+                                                                           if n == "decoder_prefill"}
+    assert calls["decoder", 1] == 5 and sum(v for (n, _), v in calls.items() if n == "decoder_prefill") == 1
+
+    # Both graphs compute the same step: the prefill graph's logits and cache agree with the decode graph's.
+    audio_features = tr.encode(audio)
+    prompt = tr.prompt(audio_features.shape[0], None, None)
+    feed = {"input_ids": np.asarray([prompt], np.int64), "audio_features": audio_features,
+            "logits_at": np.arange(len(prompt), dtype=np.int64),
+            **dict.fromkeys(tr.past_names, np.zeros(tr.kv_shape, np.float32))}
+    wide, narrow = tr.sessions["decoder_prefill"].run(feed), tr.sessions["decoder"].run(feed)
+    for a, b in zip(wide, narrow):
+        cosine = float(np.sum(a * b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+        assert cosine > 0.99, cosine
+
+
 def test_tensorrt_flavour_is_signed_and_symmetric(tiny_bundles, calib_items, tmp_path):
     import onnx
     from onnx import numpy_helper
