@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 
 NAME = "export"
+# The recipe names of megaedge.export.quantize.RECIPES, spelled out so --help needs no import of the exporter
+# (tests/cli/test_cli.py keeps the two in step).
+RECIPE_NAMES = ("cpu", "cpu-prefill", "cpu-dynamic", "smoothquant", "cpu-weights", "tensorrt", "naive")
 HELP = "export a checkpoint to a bundle (ONNX graphs + tokenizer + megaedge.json) the lean runtime runs"
 DESCRIPTION = (
     "Loads any supported checkpoint layout, folds the LoRA exactly (--mode merged) or keeps it as a gated branch "
@@ -31,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     int8.add_argument("--int8", action="store_true", help="write an INT8 bundle and its per-condition accuracy report")
     int8.add_argument("--target", choices=("cpu", "cuda", "tensorrt"), default="cpu",
                       help="device the INT8 flavour is made for (default cpu)")
-    int8.add_argument("--recipe", help="INT8 recipe: cpu, cpu-weights, tensorrt, naive (default: the target's)")
+    int8.add_argument("--recipe", help=f"INT8 recipe: {', '.join(RECIPE_NAMES)} (default: the target's)")
     int8.add_argument("--calib", help="calibration clips: a folder or a JSONL manifest (default: the shipped "
                                       "wild-audio calibration clips)")
     int8.add_argument("--calib-cache", help="folder that keeps activation ranges so re-runs skip calibration")

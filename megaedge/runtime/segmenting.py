@@ -35,8 +35,8 @@ def encoder_windows(feats: features.AsrFeatures, encoder: dict | None = None) ->
 
 
 def encoder_calls(mel: np.ndarray, valid: np.ndarray, max_windows: int,
-                  chunk_frames: int = features.CHUNK_FRAMES) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """(first window, mel, valid_tokens) per encoder call: consecutive windows that need the same number of chunks
+                  chunk_frames: int = features.CHUNK_FRAMES) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(mel, valid_tokens) per encoder call, in window order: consecutive windows that need the same number of chunks
     share a call of at most ``max_windows``, cut to that many chunks. A short last window is not padded to the
     width of a full one (10 s of audio: 10 chunks computed, not 16); outputs are the same, chunks and windows being
     independent of their padding."""
@@ -47,7 +47,7 @@ def encoder_calls(mel: np.ndarray, valid: np.ndarray, max_windows: int,
         end = start + 1
         while end < len(valid) and end - start < max_windows and chunks[end] == chunks[start]:
             end += 1
-        calls.append((start, mel[start:end, :, : int(chunks[start]) * chunk_frames], valid[start:end]))
+        calls.append((mel[start:end, :, : int(chunks[start]) * chunk_frames], valid[start:end]))
         start = end
     return calls
 

@@ -274,7 +274,7 @@ class Stream:
         batch = np.stack([np.pad(m, ((0, 0), (0, width - m.shape[1]))) for m in mels]).astype(self.tr.float_dtype)
         valid = np.asarray([features.audio_token_count(m.shape[1]) for m in mels], np.int64)
         out = []
-        for _, mel_call, valid_call in segmenting.encoder_calls(batch, valid, len(mels)):
+        for mel_call, valid_call in segmenting.encoder_calls(batch, valid, len(mels)):
             feed = {"mel": mel_call, "valid_tokens": valid_call}
             if info.routed:
                 feed["lora_gate"] = np.array([gate], self.tr.float_dtype)

@@ -152,7 +152,7 @@ class Transcriber:
         t1 = time.perf_counter()
         out = []
         step = int(self.manifest.encoder.get("max_windows_per_call", 16))
-        for _, mel_call, valid_call in segmenting.encoder_calls(mel, valid, step):
+        for mel_call, valid_call in segmenting.encoder_calls(mel, valid, step):
             feed = {"mel": mel_call.astype(self.float_dtype), "valid_tokens": valid_call}
             if self.manifest.routed:
                 feed["lora_gate"] = self._gate_value

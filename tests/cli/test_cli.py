@@ -87,3 +87,10 @@ def test_reference_cli_prints_json(tiny_mega, tmp_path):
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["route"] in ("base", "merged") and len(doc["token_ids"]) <= 4 and 0 <= doc["degraded_prob"] <= 1
+
+
+def test_export_help_lists_every_int8_recipe():
+    from megaedge.cli import export
+    from megaedge.export.quantize import RECIPES
+
+    assert set(export.RECIPE_NAMES) == set(RECIPES)
