@@ -108,6 +108,19 @@ def test_prefill_graph_serves_prompts_and_hands_its_cache_to_the_decode_graph(ti
                                                                            if n == "decoder_prefill"}
     assert calls["decoder", 1] == 5 and sum(v for (n, _), v in calls.items() if n == "decoder_prefill") == 1
 
+    # A stream sends its hops' prompt-sized calls to the prefill graph too, and its decode steps read that cache.
+    from megaedge.runtime.streaming import StreamOptions
+
+    calls.clear()
+    stream = tr.create_stream(StreamOptions(endpointing=False, hop_seconds=0.64))
+    for start in range(0, audio.size, 3200):
+        stream.accept_waveform(audio[start : start + 3200])
+    final = stream.final()
+    assert final.kind == "final" and final.token_ids
+    assert sum(v for (n, _), v in calls.items() if n == "decoder_prefill") >= 4  # 3 s at 0.64 s hops
+    assert all(rows >= PREFILL_MIN_ROWS for n, rows in calls if n == "decoder_prefill")
+    assert sum(v for (n, rows), v in calls.items() if n == "decoder" and rows == 1) > 0
+
     # Both graphs compute the same step: the prefill graph's logits and cache agree with the decode graph's.
     audio_features = tr.encode(audio)
     prompt = tr.prompt(audio_features.shape[0], None, None)
