@@ -30,7 +30,7 @@ import numpy as np
 
 from megaedge.errors import MegaedgeError
 from megaedge.runtime import audio as audio_io
-from megaedge.runtime import features, segmenting
+from megaedge.runtime import features
 from megaedge.runtime.text import ASR_TEXT_MARKER, max_new_tokens_for, parse_asr_output
 
 log = logging.getLogger("megaedge.runtime.streaming")
@@ -268,18 +268,11 @@ class Stream:
         return span.raw.shape[1]
 
     def _encode(self, mels: list[np.ndarray], gate: float | None) -> list[np.ndarray]:
-        info = self.tr.manifest
         width = max(m.shape[1] for m in mels)
         width = math.ceil(width / features.CHUNK_FRAMES) * features.CHUNK_FRAMES
         batch = np.stack([np.pad(m, ((0, 0), (0, width - m.shape[1]))) for m in mels]).astype(self.tr.float_dtype)
         valid = np.asarray([features.audio_token_count(m.shape[1]) for m in mels], np.int64)
-        out = []
-        for mel_call, valid_call in segmenting.encoder_calls(batch, valid, len(mels)):
-            feed = {"mel": mel_call, "valid_tokens": valid_call}
-            if info.routed:
-                feed["lora_gate"] = np.array([gate], self.tr.float_dtype)
-            enc = self.tr.sessions["encoder"].run(feed)[0]
-            out.extend(enc[i, :v].astype(self.tr.kv_dtype, copy=False) for i, v in enumerate(valid_call))
+        out = self.tr.encode_windows(batch, valid, gate)
         self.stats.encoder_windows += len(mels)
         return out
 

@@ -150,18 +150,24 @@ class Transcriber:
         feats = features.asr_log_mel(samples)
         mel, valid = segmenting.encoder_windows(feats, self.manifest.encoder)
         t1 = time.perf_counter()
-        out = []
-        step = int(self.manifest.encoder.get("max_windows_per_call", 16))
-        for mel_call, valid_call in segmenting.encoder_calls(mel, valid, step):
-            feed = {"mel": mel_call.astype(self.float_dtype), "valid_tokens": valid_call}
-            if self.manifest.routed:
-                feed["lora_gate"] = self._gate_value
-            enc = self.sessions["encoder"].run(feed)[0]
-            out.extend(enc[i, :v] for i, v in enumerate(valid_call))
+        out = self.encode_windows(mel, valid)
         if timer:
             timer.add("frontend", t1 - t0)
             timer.add("encoder", time.perf_counter() - t1)
-        return np.concatenate(out).astype(self.kv_dtype, copy=False)
+        return np.concatenate(out)
+
+    def encode_windows(self, mel: np.ndarray, valid: np.ndarray, gate: float | None = None) -> list[np.ndarray]:
+        """Valid encoder output rows of each window of ``mel [W, bins, frames]`` (zero-padded), run in calls of
+        equal width (``segmenting.encoder_calls``); routed bundles use ``gate``, else the current route's."""
+        out = []
+        step = int(self.manifest.encoder.get("max_windows_per_call", 16))
+        for mel_call, valid_call in segmenting.encoder_calls(mel, valid, step):
+            feed = {"mel": mel_call.astype(self.float_dtype, copy=False), "valid_tokens": valid_call}
+            if self.manifest.routed:
+                feed["lora_gate"] = self._gate_value if gate is None else np.array([gate], self.float_dtype)
+            enc = self.sessions["encoder"].run(feed)[0]
+            out.extend(enc[i, :v].astype(self.kv_dtype, copy=False) for i, v in enumerate(valid_call))
+        return out
 
     def route_probability(self, samples: np.ndarray) -> routing.RouterDecision:
         info = self.manifest.router
