@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import importlib.metadata as md
 import importlib.util
-import os
 import platform
 import shutil
 import subprocess
 import sys
+
+from megaedge.runtime import machine
 
 NAME = "doctor"
 HELP = "report Python, onnxruntime providers, TensorRT, torch, audio devices, CPU, RAM and GPU"
@@ -52,39 +53,6 @@ def _onnxruntime() -> dict:
         warnings.append("CUDAExecutionProvider is listed but no NVIDIA GPU was found: sessions will run on CPU")
     info["warnings"] = warnings
     return info
-
-
-def _cpu() -> dict:
-    info = {"machine": platform.machine(), "logical_cores": os.cpu_count(), "model": platform.processor() or None}
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name") and not info["model"]:
-                    info["model"] = line.split(":", 1)[1].strip()
-                elif line.startswith(("flags", "Features")):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    info["model"] = info["model"] or platform.processor() or "unknown"
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
-    info["int8_features"] = [f for f in wanted if f in flags]
-    info["int8_note"] = (
-        "VNNI present: static INT8 (QDQ) matmuls are fast"
-        if {"avx512_vnni", "avx_vnni", "asimddp"} & flags
-        else "no VNNI: prefer weight-only/dynamic INT8 (static QDQ can be slower than FP32)"
-    )
-    return info
-
-
-def _memory() -> dict:
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as handle:
-            fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in handle}
-        return {"total_gib": round(fields["MemTotal"] / 2**30, 1), "available_gib": round(fields["MemAvailable"] / 2**30, 1)}
-    except (OSError, KeyError, ValueError):
-        return {"total_gib": None, "available_gib": None}
 
 
 def _gpus() -> list[dict]:
@@ -142,8 +110,8 @@ def collect() -> dict:
         "torch_importable": importlib.util.find_spec("torch") is not None,
         "onnxruntime": _onnxruntime(),
         "tensorrt": _tensorrt(),
-        "cpu": _cpu(),
-        "memory": _memory(),
+        "cpu": machine.cpu_facts(),
+        "memory": machine.memory_facts(),
         "gpus": _gpus(),
         "audio": _audio_inputs(),
     }

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megaedge.runtime import machine
+
 log = logging.getLogger("megaedge.runtime.bench")
 
 STAGES = ("frontend", "router", "encoder", "prefill", "decode")
@@ -130,12 +132,13 @@ def run(bundle, options: BenchOptions = BenchOptions(), progress=None) -> dict:
     load_seconds = time.perf_counter() - t0
     info = tr.manifest
     bandwidth = copy_bandwidth(options.bandwidth_mib, options.threads)
+    cpu = machine.cpu_facts()
     weights = decoder_bytes(bundle, info)
     report = {
         "bundle": bundle.name, "precision": info.precision, "mode": info.mode,
         "quantization": (info.quantization or {}).get("recipe", {}).get("name") if info.quantization else None,
-        "device": {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-                   "cpu_count": os.cpu_count(), "threads": options.threads or os.cpu_count(),
+        "device": {**{k: v for k, v in cpu.items() if k != "int8_note"}, "cpu_count": os.cpu_count(),
+                   "threads": options.threads or os.cpu_count(), "memory_gib": machine.memory_facts()["total_gib"],
                    "providers": list(tr.sessions["decoder"].providers)},
         "versions": {"megaedge": __version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
@@ -200,6 +203,9 @@ def format_table(report: dict) -> str:
     lines.append(f"{report['bundle']}: {report['precision']} {report['mode']}, load {report['load_seconds']} s, "
                  f"copy bandwidth {report['copy_bandwidth_gbps']} GB/s, decoder {report['decoder_weight_bytes'] / 2**20:.0f}"
                  f" MiB/token, peak RSS {report['peak_rss_mib']:.0f} MiB, {report['device']['threads']} threads")
+    device = report["device"]
+    if "model" in device:  # reports written before the CPU facts were recorded lack them
+        lines.append(f"{device['model']} ({device['machine']}; int8: {', '.join(device['int8_features']) or 'none'})")
     return "\n".join(lines)
 
 

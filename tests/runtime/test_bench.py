@@ -26,6 +26,9 @@ def test_bench_smoke_on_the_fixture(fixture_bundles, tmp_path):
     assert 0 < run["decode_percent_of_bound"] < 1000
     assert report["copy_bandwidth_gbps"] > 0 and report["peak_rss_mib"] > 0
     assert report["precision"] == "fp32" and report["versions"]["onnxruntime"]
+    device = report["device"]
+    assert device["model"] and isinstance(device["int8_features"], list) and device["threads"] == 2
+    assert device["model"] in proc.stdout  # the printed table names the CPU that made the figures
 
 
 def test_bound_arithmetic(fixture_bundles):
@@ -44,3 +47,20 @@ def test_bench_bad_options(fixture_bundles):
     for args in (["--audio", "ten"], ["--audio", "0"], ["--repeat", "0"]):
         proc = run_cli("bench", str(fixture_bundles["merged"]), *args)
         assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, (args, proc.stderr)
+
+
+def test_cpu_facts_read_model_and_int8_features(monkeypatch, tmp_path):
+    from megaedge.runtime import machine
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Example CPU 9000\nflags\t\t: fpu sse2 avx2 avx512f "
+                       "avx512_vnni amx_int8\n\nprocessor\t: 1\nmodel name\t: Example CPU 9000\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path,
+                                                                          *a, **k))
+    facts = machine.cpu_facts()
+    assert facts["model"] == "Example CPU 9000"
+    assert facts["int8_features"] == ["avx2", "avx512f", "avx512_vnni", "amx_int8"]
+    assert facts["int8_note"].startswith("VNNI present")
+    cpuinfo.write_text("model name\t: Old CPU\nflags\t\t: fpu sse2 avx2\n")
+    assert machine.cpu_facts()["int8_note"].startswith("no VNNI")
