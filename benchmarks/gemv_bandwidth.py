@@ -3,10 +3,10 @@
     python benchmarks/gemv_bandwidth.py [--layers 24] [--rows 1,128] [--work DIR]
 
 A chain of ``layers`` x (2048x6144, 6144x2048) projections (the 1.7B decoder's MLP shapes) in fp32, per-channel
-dynamic int8 (``MatMulInteger``) and 8-bit weight-only blocks (``MatMulNBits``, block 128, accuracy level 4, what
-the cpu INT8 recipe uses), each timed at M rows (1 = a decode step, 128 = a prefill). Weight bytes read per second
-are compared with the copy bandwidth ``megaedge bench`` measures: it shows what fraction of the bandwidth bound a
-decode step can reach with these kernels at all. Writes benchmarks/results/gemv_bandwidth.json.
+dynamic int8 (``MatMulInteger``) and weight-only blocks (``MatMulNBits``, accuracy level 4: 8-bit blocks of 128 as
+the cpu INT8 recipe uses, 4-bit blocks of 32 as cpu-int4 uses), each timed at M rows (1 = a decode step, 128 = a
+prefill). Weight bytes read per second are compared with the copy bandwidth ``megaedge bench`` measures: it shows
+what fraction of the bandwidth bound a decode step can reach with these kernels at all. Writes benchmarks/results/gemv_bandwidth.json.
 """
 
 from __future__ import annotations
@@ -51,14 +51,17 @@ def variants(work: Path, layers: int) -> dict[str, tuple[Path, float]]:
     dynamic = work / "dynamic.onnx"
     quantize_dynamic(str(fp32), str(dynamic), weight_type=QuantType.QInt8, per_channel=True,
                      use_external_data_format=True)
-    config = DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=True, accuracy_level=4, bits=8)
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=8, block_size=128, is_symmetric=True,
-                                     accuracy_level=4, algo_config=config)
-    quantizer.process()
-    blocks = work / "blocks.onnx"
-    onnx.save(quantizer.model.model, blocks, save_as_external_data=True, location="blocks.data")
-    return {"fp32": (fp32, 4.0 * params), "int8_per_channel_dynamic": (dynamic, 1.0 * params),
-            "int8_blocks_matmulnbits": (blocks, (1 + 4 / 128) * params)}
+    out = {"fp32": (fp32, 4.0 * params), "int8_per_channel_dynamic": (dynamic, 1.0 * params)}
+    # The weight-only kernels of the cpu (8-bit, blocks of 128) and cpu-int4 (4-bit, blocks of 32) recipes.
+    for name, bits, block in (("int8_blocks_matmulnbits", 8, 128), ("int4_blocks32_matmulnbits", 4, 32)):
+        config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=4, bits=bits)
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=bits, block_size=block, is_symmetric=True,
+                                         accuracy_level=4, algo_config=config)
+        quantizer.process()
+        path = work / f"{name}.onnx"
+        onnx.save(quantizer.model.model, path, save_as_external_data=True, location=f"{name}.data")
+        out[name] = (path, (bits / 8 + 4 / block) * params)
+    return out
 
 
 def time_rows(path: Path, rows: int, threads: int) -> float:

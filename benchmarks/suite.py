@@ -1,7 +1,8 @@
 """Side by side on this machine: transformers fp32 reference generate vs megaedge ORT FP32 vs ORT INT8.
 
-INT8 twice: the default ``cpu`` recipe (one copy of the decoder weights) and ``cpu-prefill`` (plus a prefill graph
-with dynamic int8 activations for prompts: faster first token, one more weight copy in memory).
+INT8 three ways: the default ``cpu`` recipe (one copy of the decoder weights), ``cpu-prefill`` (plus a prefill graph
+with dynamic int8 activations for prompts: faster first token, one more weight copy in memory) and ``cpu-int4``
+(as cpu-prefill with the decode graph's layer weights in 4-bit blocks: fewer bytes per token).
 
 Random-weight checkpoints at the real 0.6B / 1.7B geometry, the same speech-like audio (10 s and 30 s) and the same
 forced token count (EOS ignored) for every contender. Each measurement runs in a fresh process (clean peak-RSS
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -26,8 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from megaedge.runtime import machine
+
 RESULTS = Path(__file__).resolve().parent / "results"
-CONTENDERS = ("transformers_fp32", "megaedge_fp32", "megaedge_int8", "megaedge_int8_prefill")
+CONTENDERS = ("transformers_fp32", "megaedge_fp32", "megaedge_int8", "megaedge_int8_prefill", "megaedge_int4")
 
 # VmHWM belongs to the process's own address space; ru_maxrss survives exec and would report the parent's size.
 _PEAK = """
@@ -132,16 +134,17 @@ def build(geometry: str, work: Path) -> dict:
     from megaedge.export.factory import write_checkpoint
 
     ckpt, fp32 = work / "checkpoint", work / "bundle-fp32"
-    int8, prefill = work / "bundle-int8", work / "bundle-int8-prefill"
+    int8, prefill, int4 = work / "bundle-int8", work / "bundle-int8-prefill", work / "bundle-int4"
     if not (ckpt / ".done").exists():
         write_checkpoint(ckpt, geometry, "mega", seed=0)
         (ckpt / ".done").touch()
     if not (fp32 / "megaedge.json").exists():
         export_bundle(ckpt, fp32, ExportOptions(force=True))
-    for recipe, out in (("cpu", int8), ("cpu-prefill", prefill)):
+    for recipe, out in (("cpu", int8), ("cpu-prefill", prefill), ("cpu-int4", int4)):
         if not (out / "megaedge.json").exists():  # a fresh process each: the export's peak is not given back
             _python(_QUANTIZE, str(fp32), str(out), recipe)
-    return {"transformers_fp32": ckpt, "megaedge_fp32": fp32, "megaedge_int8": int8, "megaedge_int8_prefill": prefill}
+    return {"transformers_fp32": ckpt, "megaedge_fp32": fp32, "megaedge_int8": int8, "megaedge_int8_prefill": prefill,
+            "megaedge_int4": int4}
 
 
 def _median(rows: list[dict], key: str) -> float:
@@ -182,7 +185,7 @@ def main() -> None:
                 runs[name].append(_python(code, str(paths[name]), *common))
                 print(f"{geometry} round {r} {name}: {json.dumps(runs[name][-1])}", flush=True)
         result = {"geometry": geometry, "tokens": args.tokens, "threads": args.threads, "rounds": args.rounds,
-                  "machine": platform.processor() or platform.machine(), "contenders": {}}
+                  "machine": machine.cpu_facts()["model"], "contenders": {}}
         for name, rows in runs.items():
             entry = {"peak_rss_gib": round(max(r["peak_rss_gib"] for r in rows), 2)}
             for seconds in lengths:

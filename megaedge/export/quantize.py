@@ -9,6 +9,8 @@ Recipes (field-lessons.md decides the shape of each):
 * ``cpu-prefill``: as ``cpu``, plus ``decoder_prefill.onnx``, the decoder again with per-channel dynamic INT8,
   which the runtime uses for calls of >= 4 new positions (prompts, streaming hops): onnxruntime's 8-bit block
   kernel is compute-bound there, dynamic int8 is 3-4x faster; the price is a second copy of the decoder weights;
+* ``cpu-int4``: as ``cpu-prefill`` with the decoder layers' weights in 4-bit blocks of 32 for the decode steps
+  (tied embedding / LM head, encoder and prefill graph stay 8-bit): fewer bytes per token, a faster kernel;
 * ``tensorrt`` flavour: signed, symmetric Q/DQ everywhere (explicit quantization TensorRT builds from), which
   onnxruntime also runs, so it is testable here;
 * ``naive``: per-tensor dynamic INT8 of every MatMul — the baseline the report compares against.
@@ -49,12 +51,25 @@ class Int8Recipe:
     tied_embedding_int8: bool = False  # one 8-bit block-quantized copy serves embedding lookup AND LM head
     float_scopes: tuple[str, ...] = ()  # module-path fragments kept float (chosen by sensitivity measurement)
     block_size: int = 128  # weight-only: weights per scale along the input dimension
+    # weight-only: bits per decoder-layer weight (8, or 4 where decode speed beats the last fraction of accuracy);
+    # the tied embedding / LM head and the encoder never go below 8 bits (field-lessons.md: loops).
+    decoder_bits: int = 8
+    # with decoder_bits 4: module-path fragments whose weights take 4 bits (the rest of the layers stay 8-bit);
+    # empty = every layer projection
+    four_bit_scopes: tuple[str, ...] = ()
     smooth_alpha: float = 0.5  # smoothquant: migration strength (0 = all on weights' side, 1 = all on activations)
     # shared: the decoder graph serves prefill and decode; dynamic: a second decoder graph with per-channel s8
     # weights and dynamic u8 activations serves prompt-sized calls, where onnxruntime's 8-bit block kernel is
     # compute-bound (benchmarks/results/gemv_bandwidth.json: 128 rows 700 vs 194 ms) at one more weight copy.
     prefill: str = "shared"
     description: str = ""
+
+    def __post_init__(self):
+        if self.decoder_bits not in (4, 8):
+            raise MegaedgeError(f"recipe {self.name}: decoder_bits {self.decoder_bits} is not 4 or 8")
+        if self.decoder_bits != 8 and self.decoder != "weight-only":
+            raise MegaedgeError(f"recipe {self.name}: decoder_bits {self.decoder_bits} needs decoder 'weight-only', "
+                                f"not {self.decoder!r}")
 
     @classmethod
     def named(cls, name: str) -> Int8Recipe:
@@ -82,6 +97,16 @@ RECIPES = {
                               description="as cpu, plus a prefill decoder graph (per-channel s8 weights, dynamic u8 "
                                           "activations) for calls of >= 4 rows: 3-4x faster prompts, one more "
                                           "copy of the decoder weights on disk and in memory"),
+    # Decode on CPU reads every decoder weight once per token: 4-bit blocks halve those bytes and onnxruntime's
+    # 4-bit kernel runs more weights per second than its 8-bit one (benchmarks/gemv_bandwidth.py). Blocks of 32:
+    # on the fixture (benchmarks/results/int4_variants_fixture.json) they kept 95.9 % token agreement where blocks
+    # of 64 kept 92.8 % (reverberation +19.8 WER points) and 4 bits for the MLP input projections only 95.1 %.
+    # Prompts go to the int8 prefill graph: the 4-bit kernel is slower still than the 8-bit one for many rows.
+    "cpu-int4": Int8Recipe("cpu-int4", encoder="static", decoder="weight-only", tied_embedding_int8=True,
+                           float_scopes=(".fc2",), prefill="dynamic", block_size=32, decoder_bits=4,
+                           description="as cpu-prefill, but the decode graph's layer weights 4-bit in blocks of 32 "
+                                       "(tied embedding / LM head, encoder and prefill graph stay 8-bit): the "
+                                       "fastest decode, at a measured cost in agreement with FP32"),
     "cpu-dynamic": Int8Recipe("cpu-dynamic", encoder="static", decoder="dynamic", tied_embedding_int8=True,
                               float_scopes=(".fc2",),
                               description="as cpu, decoder per-channel s8 weights with dynamic u8 activations"),
@@ -392,17 +417,31 @@ def _static(src: Path, dst: Path, recipe: Int8Recipe, nodes: list[str], feeds, c
 
 def _weight_only(src: Path, dst: Path, recipe: Int8Recipe, nodes: list[str], floats: list[str],
                  external: bool) -> None:
-    """Symmetric 8-bit block-wise weights in ``MatMulNBits``; accuracy level 4 = int8 dot products (VNNI/AVX2)."""
+    """Symmetric block-wise weights (``recipe.decoder_bits``) in ``MatMulNBits``; accuracy level 4 = int8 dot
+    products (VNNI/AVX2)."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    config = DefaultWeightOnlyQuantConfig(block_size=recipe.block_size, is_symmetric=True, accuracy_level=4, bits=8,
-                                          op_types_to_quantize=("MatMul",))
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=8, block_size=recipe.block_size, is_symmetric=True,
-                                     accuracy_level=4, nodes_to_include=nodes, nodes_to_exclude=floats,
-                                     algo_config=config)
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(dst), use_external_data_format=external)
+    model = onnx.load(str(src))
+    groups = [(recipe.decoder_bits, nodes)]
+    if recipe.decoder_bits != 8 and recipe.four_bit_scopes:
+        scope = {n.name: _module(n) for n in model.graph.node}
+        low = [n for n in nodes if any(f in scope.get(n, "") for f in recipe.four_bit_scopes)]
+        groups = [(recipe.decoder_bits, low), (8, [n for n in nodes if n not in set(low)])]
+    for bits, chosen in groups:
+        if not chosen:
+            continue
+        # The quantizer takes every MatMul of op_types_to_quantize whatever nodes_to_include says: a pass is
+        # restricted to its nodes by excluding all others.
+        others = [n for n in nodes if n not in set(chosen)]
+        config = DefaultWeightOnlyQuantConfig(block_size=recipe.block_size, is_symmetric=True, accuracy_level=4,
+                                              bits=bits, op_types_to_quantize=("MatMul",))
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=recipe.block_size, is_symmetric=True,
+                                         accuracy_level=4, nodes_to_include=chosen, nodes_to_exclude=floats + others,
+                                         algo_config=config)
+        quantizer.process()
+        model = quantizer.model.model
+    onnx.save(model, str(dst), save_as_external_data=external, location=f"{dst.name}.data" if external else None)
 
 
 def manifest_sha(items: list[dict]) -> str:
@@ -450,7 +489,10 @@ def quantize_bundle(fp32_bundle: Path, out: Path, recipe: Int8Recipe, calib_item
             log.info("%s: activation ranges from cache %s", name, cache.name)
         details[name] = _quantize_graph(fp32_bundle / spec.file, out / target, how, recipe, feeds, cache, external)
         data = (out / target).with_name(target + ".data")
-        graphs[name] = _graph_spec(out / target, "int8" if how != "float" else "fp32",
+        precision = "fp32" if how == "float" else "int8"
+        if how == "weight-only" and recipe.decoder_bits == 4:
+            precision = "int4"  # the layers' weights; the bundle stays an INT8-calibrated bundle
+        graphs[name] = _graph_spec(out / target, precision,
                                    (data.name,) if data.exists() else ())
         log.info("%s: %s", name, details[name])
     doc = info.to_dict()

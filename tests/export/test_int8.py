@@ -3,6 +3,7 @@ the manifest of an INT8 bundle, and bad options."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 
@@ -34,7 +35,6 @@ def _ops(path):
 
 
 def test_recipes_keep_conv_stem_and_lora_float(tiny_bundles):
-    import dataclasses
 
     encoder = tiny_bundles["routed"] / manifest.ENCODER_FILE
     plain = dataclasses.replace(quantize.RECIPES["cpu"], float_scopes=())
@@ -76,6 +76,66 @@ def test_int8_bundle_runs_and_is_described(recipe, tiny_bundles, calib_items, tm
     audio = speechlike(3.0, seed=11)
     tokens = Transcriber.from_bundle(out).transcribe(audio, route="lora", max_new_tokens=6, loop_guard=False).token_ids
     assert len(tokens) == 6
+
+
+def test_int4_recipe_quantizes_decoder_layers_to_4_bits_and_keeps_lm_head_and_prefill_8_bit(
+        tiny_bundles, calib_items, tmp_path):
+    import onnx
+
+    from megaedge.runtime.transcriber import Transcriber
+
+    out = tmp_path / "int4"
+    recipe = quantize.RECIPES["cpu-int4"]
+    info = quantize.quantize_bundle(tiny_bundles["merged"], out, recipe, calib_items, "cpu")
+    assert info.precision == "int8" and info.graph("decoder").precision == "int4"
+    assert info.graph("decoder_prefill").precision == "int8" and info.graph("encoder").precision == "int8"
+    bits = Counter()
+    for node in onnx.load(str(out / manifest.DECODER_FILE), load_external_data=False).graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in node.attribute}
+            bits["lm_head" if node.input[1] == "tied_embedding_q8" else "layers", attrs["bits"]] += 1
+    layers = quantize.select_nodes(tiny_bundles["merged"] / manifest.DECODER_FILE, recipe)[0]
+    assert bits == {("lm_head", 8): 1, ("layers", 4): len(layers)}
+    assert recipe.block_size == 32
+    assert _ops(out / manifest.PREFILL_FILE)["MatMulInteger"] > 0
+
+    # Judged by agreement with FP32: one decode-graph call over the whole prompt, logits of every position.
+    fp32, int4 = Transcriber.from_bundle(tiny_bundles["merged"]), Transcriber.from_bundle(out)
+    audio = fp32.encode(speechlike(3.0, seed=11))
+    prompt = fp32.prompt(audio.shape[0], None, None)
+    feed = {"input_ids": np.asarray([prompt], np.int64), "audio_features": audio,
+            "logits_at": np.arange(len(prompt), dtype=np.int64),
+            **dict.fromkeys(fp32.past_names, np.zeros(fp32.kv_shape, np.float32))}
+    a, b = fp32.sessions["decoder"].run(feed)[0], int4.sessions["decoder"].run(feed)[0]
+    cosine = float(np.sum(a * b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+    assert 0.95 < cosine < 0.99999, cosine  # close, and not the fp32 graph by mistake
+    assert len(int4.transcribe(speechlike(3.0, seed=11), max_new_tokens=6, ignore_eos=True,
+                               loop_guard=False).token_ids) == 6
+
+
+def test_four_bit_scopes_put_only_those_modules_at_4_bits(tiny_bundles, calib_items, tmp_path):
+    import onnx
+
+    recipe = dataclasses.replace(quantize.RECIPES["cpu-int4"], prefill="shared",
+                                 four_bit_scopes=("mlp.gate_proj", "mlp.up_proj"))
+    out = tmp_path / "mixed"
+    quantize.quantize_bundle(tiny_bundles["merged"], out, recipe, calib_items, "cpu")
+    model = onnx.load(str(out / manifest.DECODER_FILE), load_external_data=False)
+    source = onnx.load(str(tiny_bundles["merged"] / manifest.DECODER_FILE), load_external_data=False)
+    scope = {n.output[0]: quantize._module(n) for n in source.graph.node}  # quantized nodes keep their outputs
+    bits = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits" and node.input[1] != "tied_embedding_q8":
+            bits[scope[node.output[0]]] = next(a.i for a in node.attribute if a.name == "bits")
+    assert bits and all((b == 4) == any(f in m for f in recipe.four_bit_scopes) for m, b in bits.items()), bits
+    assert {4, 8} == set(bits.values())
+
+
+def test_recipe_rejects_sub_8_bit_outside_weight_only():
+    with pytest.raises(MegaedgeError, match="decoder_bits 3 is not 4 or 8"):
+        dataclasses.replace(quantize.RECIPES["cpu"], decoder_bits=3)
+    with pytest.raises(MegaedgeError, match="needs decoder 'weight-only'"):
+        dataclasses.replace(quantize.RECIPES["cpu-dynamic"], decoder_bits=4)
 
 
 def test_prefill_graph_serves_prompts_and_hands_its_cache_to_the_decode_graph(tiny_bundles, calib_items, tmp_path):
