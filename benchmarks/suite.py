@@ -191,6 +191,8 @@ def main() -> None:
             for seconds in lengths:
                 per = [r[str(seconds)] for r in rows]
                 entry[f"{seconds:g}s"] = {k: _median(per, k) for k in per[0]}
+                # a slow spell of the machine can hit one contender's rounds more than another's: keep them all
+                entry[f"{seconds:g}s"]["total_by_round"] = [round(p["total"], 2) for p in per]
             result["contenders"][name] = entry
         for seconds in lengths:
             ref = result["contenders"]["transformers_fp32"][f"{seconds:g}s"]["rtf"]
