@@ -423,21 +423,20 @@ def _weight_only(src: Path, dst: Path, recipe: Int8Recipe, nodes: list[str], flo
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     model = onnx.load(str(src))
-    groups = [(recipe.decoder_bits, nodes)]
+    low = set(nodes)
     if recipe.decoder_bits != 8 and recipe.four_bit_scopes:
         scope = {n.name: _module(n) for n in model.graph.node}
-        low = [n for n in nodes if any(f in scope.get(n, "") for f in recipe.four_bit_scopes)]
-        groups = [(recipe.decoder_bits, low), (8, [n for n in nodes if n not in set(low)])]
-    for bits, chosen in groups:
+        low = {n for n in nodes if any(f in scope.get(n, "") for f in recipe.four_bit_scopes)}
+    for bits, chosen in ((recipe.decoder_bits, low), (8, set(nodes) - low)):
         if not chosen:
             continue
         # The quantizer takes every MatMul of op_types_to_quantize whatever nodes_to_include says: a pass is
         # restricted to its nodes by excluding all others.
-        others = [n for n in nodes if n not in set(chosen)]
+        others = [n for n in nodes if n not in chosen]
         config = DefaultWeightOnlyQuantConfig(block_size=recipe.block_size, is_symmetric=True, accuracy_level=4,
                                               bits=bits, op_types_to_quantize=("MatMul",))
         quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=recipe.block_size, is_symmetric=True,
-                                         accuracy_level=4, nodes_to_include=chosen, nodes_to_exclude=floats + others,
+                                         accuracy_level=4, nodes_to_include=sorted(chosen), nodes_to_exclude=floats + others,
                                          algo_config=config)
         quantizer.process()
         model = quantizer.model.model

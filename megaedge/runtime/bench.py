@@ -137,7 +137,7 @@ def run(bundle, options: BenchOptions = BenchOptions(), progress=None) -> dict:
     report = {
         "bundle": bundle.name, "precision": info.precision, "mode": info.mode,
         "quantization": (info.quantization or {}).get("recipe", {}).get("name") if info.quantization else None,
-        "device": {**{k: v for k, v in cpu.items() if k != "int8_note"}, "cpu_count": os.cpu_count(),
+        "device": {**{k: v for k, v in cpu.items() if k != "int8_note"},
                    "threads": options.threads or os.cpu_count(), "memory_gib": machine.memory_facts()["total_gib"],
                    "providers": list(tr.sessions["decoder"].providers)},
         "versions": {"megaedge": __version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
