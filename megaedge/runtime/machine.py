@@ -14,9 +14,8 @@ INT8_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asim
 VNNI_LIKE = {"avx512_vnni", "avx_vnni", "asimddp"}
 
 
-def cpu_facts() -> dict:
-    """``machine``, ``logical_cores``, ``model`` (the CPU's marketing name where Linux tells it), ``int8_features``
-    (those of INT8_FEATURES the CPU has) and ``int8_note`` (what that means for the INT8 recipes)."""
+def _cpuinfo() -> tuple[str | None, set[str]]:
+    """(model name, feature flags) of the first CPU in /proc/cpuinfo; (None, empty) where Linux does not tell."""
     model, flags = None, set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
@@ -28,6 +27,18 @@ def cpu_facts() -> dict:
                     break
     except OSError:
         pass
+    return model, flags
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (x86 ``flags``, ARM ``Features``); empty where /proc/cpuinfo is missing."""
+    return _cpuinfo()[1]
+
+
+def cpu_facts() -> dict:
+    """``machine``, ``logical_cores``, ``model`` (the CPU's marketing name where Linux tells it), ``int8_features``
+    (those of INT8_FEATURES the CPU has) and ``int8_note`` (what that means for the INT8 recipes)."""
+    model, flags = _cpuinfo()
     return {
         "machine": platform.machine(),
         "logical_cores": os.cpu_count(),

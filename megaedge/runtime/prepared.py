@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from megaedge.errors import MegaedgeError
-from megaedge.runtime import manifest
+from megaedge.runtime import machine, manifest
 
 log = logging.getLogger("megaedge.runtime.prepared")
 
@@ -31,21 +31,12 @@ INDEX_FILE = "prepared.json"
 PREPARED_GRAPHS = ("encoder", "decoder", "decoder_prefill")  # the router is small: nothing to gain
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return " ".join(sorted(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def machine_key() -> str:
     import onnxruntime as ort
 
-    flags = hashlib.sha256(_cpu_flags().encode()).hexdigest()[:10]
-    return f"ort{ort.__version__}-{platform.machine()}-{flags}"
+    flags = machine.cpu_flags()
+    digest = hashlib.sha256((" ".join(sorted(flags)) if flags else platform.processor()).encode()).hexdigest()[:10]
+    return f"ort{ort.__version__}-{platform.machine()}-{digest}"
 
 
 def directory(bundle: Path) -> Path:
