@@ -5,8 +5,8 @@
 A chain of ``layers`` x (2048x6144, 6144x2048) projections (the 1.7B decoder's MLP shapes) in fp32, per-channel
 dynamic int8 (``MatMulInteger``) and weight-only blocks (``MatMulNBits``, accuracy level 4: 8-bit blocks of 128 as
 the cpu INT8 recipe uses, 4-bit blocks of 32 as cpu-int4 uses), each timed at M rows (1 = a decode step, 128 = a
-prefill). Weight bytes read per second are compared with the copy bandwidth ``megaedge bench`` measures: it shows
-what fraction of the bandwidth bound a decode step can reach with these kernels at all. Writes benchmarks/results/gemv_bandwidth.json.
+prefill). Weight bytes read per second are compared with the copy and read-only bandwidths ``megaedge bench``
+measures: it shows what fraction of the bandwidth bound a decode step can reach with these kernels at all. Writes benchmarks/results/gemv_bandwidth.json.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def time_rows(path: Path, rows: int, threads: int) -> float:
 
 
 def main() -> None:
-    from megaedge.runtime.bench import copy_bandwidth
+    from megaedge.runtime.bench import copy_bandwidth, read_bandwidth
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=24)
@@ -91,7 +91,9 @@ def main() -> None:
     parser.add_argument("--work", help="scratch directory (default: a temporary one)")
     args = parser.parse_args()
     bandwidth = copy_bandwidth(threads=args.threads)
-    out = {"threads": args.threads, "layers": args.layers, "copy_bandwidth_gb_s": round(bandwidth, 2), "runs": []}
+    reads = read_bandwidth()
+    out = {"threads": args.threads, "layers": args.layers, "copy_bandwidth_gb_s": round(bandwidth, 2),
+           "read_bandwidth_gb_s": round(reads, 2), "runs": []}
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         for name, (path, weight_bytes) in variants(Path(tmp), args.layers).items():
             for rows in (int(r) for r in args.rows.split(",")):
@@ -99,9 +101,11 @@ def main() -> None:
                 rate = weight_bytes / seconds / 1e9
                 out["runs"].append({"kernel": name, "rows": rows, "ms": round(seconds * 1e3, 2),
                                     "weight_gb_s": round(rate, 2),
-                                    "percent_of_copy_bandwidth": round(100 * rate / bandwidth, 1)})
+                                    "percent_of_copy_bandwidth": round(100 * rate / bandwidth, 1),
+                                    "percent_of_read_bandwidth": round(100 * rate / reads, 1)})
                 print(f"{name:26s} M={rows:4d} {seconds * 1e3:8.2f} ms  weights read at {rate:5.1f} GB/s "
-                      f"({100 * rate / bandwidth:4.1f} % of the {bandwidth:.1f} GB/s copy bandwidth)", flush=True)
+                      f"({100 * rate / bandwidth:4.1f} % of the {bandwidth:.1f} GB/s copy bandwidth, "
+                      f"{100 * rate / reads:4.1f} % of the {reads:.1f} GB/s read bandwidth)", flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "gemv_bandwidth.json").write_text(json.dumps(out, indent=2) + "\n")
 

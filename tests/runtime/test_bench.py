@@ -15,7 +15,7 @@ def test_bench_smoke_on_the_fixture(fixture_bundles, tmp_path):
     proc = run_cli("bench", str(fixture_bundles["routed"]), "--audio", "2,5", "--repeat", "2", "--warmup", "1",
                    "--tokens", "6", "--json", str(out), "--threads", "2")
     assert proc.returncode == 0, proc.stderr
-    assert "decode tok/s" in proc.stdout and "% of bound" in proc.stdout
+    assert "decode tok/s" in proc.stdout and "% of read bound" in proc.stdout
     report = json.loads(out.read_text())
     assert set(report["runs"]) == {"2s", "5s"}
     run = report["runs"]["5s"]
@@ -24,6 +24,7 @@ def test_bench_smoke_on_the_fixture(fixture_bundles, tmp_path):
         assert run[stage]["median"] >= 0 and run[stage]["p95"] >= run[stage]["median"] - 1e-9
     assert run["encoder"]["median"] > 0 and run["router"]["median"] > 0  # routed bundle: the router ran
     assert 0 < run["decode_percent_of_bound"] < 1000
+    assert 0 < run["decode_percent_of_read_bound"] < 1000 and report["read_bandwidth_gbps"] > 0
     assert report["copy_bandwidth_gbps"] > 0 and report["peak_rss_mib"] > 0
     assert report["precision"] == "fp32" and report["versions"]["onnxruntime"]
     device = report["device"]
@@ -39,6 +40,7 @@ def test_bound_arithmetic(fixture_bundles):
     weights = bench.decoder_bytes(fixture_bundles["merged"], info)
     assert weights == (fixture_bundles["merged"] / manifest.DECODER_FILE).stat().st_size
     assert bench.copy_bandwidth(mib=16, threads=2, rounds=2) > 0.1
+    assert bench.read_bandwidth(mib=16, rounds=2) > 0.1
     audio = bench.speech_like_audio(1.5)
     assert audio.shape == (24000,) and np.abs(audio).max() < 1
 
