@@ -183,3 +183,17 @@ def test_audio_errors_in_api():
 
     with pytest.raises(AudioError, match="empty"):
         audio.load(np.zeros(0, np.float32))
+
+
+def test_load_lanes_keep_the_largest_graph_alone():
+    from megaedge.runtime.transcriber import load_lanes
+
+    sizes = {"decoder": 1800, "encoder": 660, "router": 5}
+    # 2 cores: the decoder's session creation (the critical path) gets a core of its own
+    assert load_lanes(sizes, 2) == [["decoder"], ["encoder", "router", "tokenizer"]]
+    # a cpu-prefill bundle: two decoders of equal size go to different lanes, the rest balances behind them
+    lanes = load_lanes({**sizes, "decoder_prefill": 1800}, 2)
+    assert sorted(map(sorted, lanes)) == [["decoder", "encoder"], ["decoder_prefill", "router", "tokenizer"]]
+    # one core: everything in turn; many cores: at most one lane per job
+    assert load_lanes(sizes, 1) == [["decoder", "encoder", "router", "tokenizer"]]
+    assert sorted(map(tuple, load_lanes(sizes, 16))) == [("decoder",), ("encoder",), ("router",), ("tokenizer",)]
