@@ -5,7 +5,7 @@ present). Decode is memory-bound: every generated token streams the decoder's we
 machine's bandwidth divided by the decoder's bytes per token; the report says how close the bundle gets, against two
 measured bandwidths: the STREAM-style copy figure (bytes read + written) and a read-only figure (a matrix-vector
 product over a matrix far beyond the caches, the access pattern of a decode step). A decode step only reads, and on
-some machines reads alone stream well below the copy figure (a 2-core VM: ~20 GB/s read vs ~28 GB/s copied), so the
+some machines reads alone stream well below the copy figure (a 2-core VM: ~23 GB/s read vs ~28 GB/s copied), so the
 read bound is the one a kernel can actually approach.
 """
 
@@ -229,7 +229,8 @@ def format_table(report: dict) -> str:
     lines.append("")
     lines.append(f"{report['bundle']}: {report['precision']} {report['mode']}, load {report['load_seconds']} s, "
                  f"copy bandwidth {report['copy_bandwidth_gbps']} GB/s, read {report.get('read_bandwidth_gbps', '-')} "
-                 f"GB/s, decoder {report['decoder_weight_bytes'] / 2**20:.0f} MiB/token, peak RSS {report['peak_rss_mib']:.0f} MiB, {report['device']['threads']} threads")
+                 f"GB/s, decoder {report['decoder_weight_bytes'] / 2**20:.0f} MiB/token, "
+                 f"peak RSS {report['peak_rss_mib']:.0f} MiB, {report['device']['threads']} threads")
     device = report["device"]
     if "model" in device:  # reports written before the CPU facts were recorded lack them
         lines.append(f"{device['model']} ({device['machine']}; int8: {', '.join(device['int8_features']) or 'none'})")

@@ -165,7 +165,8 @@ class Transcriber:
         # Session creation is CPU work (onnxruntime releases the GIL) and the largest graph's is the critical path:
         # more threads than cores only slow it down (1.7B INT8 prepared, 2 cores, 4 alternating runs: median
         # 2.66 s with every graph and the tokenizer at once, 2.04 s with the decoder on a lane of its own).
-        lanes = load_lanes({name: _graph_bytes(bundle, spec) for name, spec in todo.items()}, os.cpu_count() or 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        lanes = load_lanes({name: _graph_bytes(bundle, spec) for name, spec in todo.items()}, cores)
         with ThreadPoolExecutor(max_workers=len(lanes)) as pool:
             for future in [pool.submit(run_lane, lane) for lane in lanes]:
                 future.result()
