@@ -26,6 +26,12 @@ def test_bench_smoke_on_the_fixture(fixture_bundles, tmp_path):
     assert 0 < run["decode_percent_of_bound"] < 1000
     assert 0 < run["decode_percent_of_read_bound"] < 1000 and report["read_bandwidth_gbps"] > 0
     assert report["copy_bandwidth_gbps"] > 0 and report["peak_rss_mib"] > 0
+    # the bounds are the higher of the figures measured before and after the timed runs
+    assert report["copy_bandwidth_gbps"] == max(report["copy_bandwidth_before_after_gbps"])
+    assert report["read_bandwidth_gbps"] == max(report["read_bandwidth_before_after_gbps"])
+    assert len(report["read_bandwidth_before_after_gbps"]) == 2
+    bound = report["read_bandwidth_gbps"] * 1e9 / run["decode_bytes_per_token"]
+    assert abs(run["decode_percent_of_read_bound"] - 100 * run["tokens_per_s"]["median"] / bound) < 0.2
     assert report["precision"] == "fp32" and report["versions"]["onnxruntime"]
     device = report["device"]
     assert device["model"] and isinstance(device["int8_features"], list) and device["threads"] == 2
