@@ -53,8 +53,8 @@ def timed(run, repeat: int) -> tuple[list[float], np.ndarray]:
 def openvino_profile(core, decoder: Path, config: dict, feed: dict, top: int = 6) -> dict[str, float]:
     """Milliseconds per executed node type in one step, from a separate compile with OpenVINO's profiler on (so the
     timed runs carry no profiling overhead)."""
-    request = core.compile_model(core.read_model(str(decoder)), "CPU", {**config, "PERF_COUNT": "YES"})
-    request = request.create_infer_request()
+    compiled = core.compile_model(core.read_model(str(decoder)), "CPU", {**config, "PERF_COUNT": "YES"})
+    request = compiled.create_infer_request()
     for _ in range(3):
         request.infer(feed)
     per_type: dict[str, float] = {}
