@@ -145,7 +145,7 @@ def openvino_variants(work: Path, layers: int, onnxruntime_graphs: dict) -> dict
 
 
 def main() -> None:
-    from megaedge.runtime.bench import copy_bandwidth, read_bandwidth
+    from megaedge.runtime.bench import BandwidthBounds
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=24)
@@ -159,11 +159,10 @@ def main() -> None:
         import openvino
     except ImportError:
         openvino = None
-    # This VM has slow spells of minutes; a bound measured in one of them would flatter every kernel (a run once
-    # put them at 120 % of a 12.2 GB/s "read bandwidth"). The bandwidths are measured before and after the kernels
-    # and the higher figure is the bound.
-    copies, read_figures = [copy_bandwidth(threads=args.threads)], [read_bandwidth()]
-    bandwidth, reads = copies[0], read_figures[0]
+    # Measured before and after the kernels: a bound taken in one of this VM's slow spells once put every kernel at
+    # 120 % of a 12.2 GB/s "read bandwidth".
+    bounds = BandwidthBounds(threads=args.threads)
+    reads = bounds.reads[0]
     out = {"threads": args.threads, "layers": args.layers, "runs": [],
            "openvino": openvino.__version__ if openvino else "not installed (pip install 'megaedge[peers]')"}
     def record(runtime: str, name: str, rows: int, seconds: float, weight_bytes: float) -> None:
@@ -185,14 +184,13 @@ def main() -> None:
                     for rows in rows_grid:
                         seconds = time_rows_openvino(path, rows, args.threads, precision)
                         record(f"openvino-{precision}", name, rows, seconds, weight_bytes)
-    copies.append(copy_bandwidth(threads=args.threads))
-    read_figures.append(read_bandwidth())
-    bandwidth, reads = max(copies), max(read_figures)
+    bounds.measure()
+    bandwidth, reads = bounds.copy, bounds.read
     out.update(copy_bandwidth_gb_s=round(bandwidth, 2), read_bandwidth_gb_s=round(reads, 2),
-               copy_bandwidth_before_after_gb_s=[round(c, 2) for c in copies],
-               read_bandwidth_before_after_gb_s=[round(r, 2) for r in read_figures])
-    print(f"bounds: copy {copies[0]:.1f} / {copies[1]:.1f} GB/s, read {read_figures[0]:.1f} / {read_figures[1]:.1f} GB/s "
-          f"(before / after); the higher is the bound")
+               copy_bandwidth_before_after_gb_s=[round(c, 2) for c in bounds.copies],
+               read_bandwidth_before_after_gb_s=[round(r, 2) for r in bounds.reads])
+    print(f"bounds: copy {bounds.copies[0]:.1f} / {bounds.copies[1]:.1f} GB/s, read {bounds.reads[0]:.1f} / "
+          f"{bounds.reads[1]:.1f} GB/s (before / after); the higher is the bound")
     for run in out["runs"]:
         run["percent_of_copy_bandwidth"] = round(100 * run["weight_gb_s"] / bandwidth, 1)
         run["percent_of_read_bandwidth"] = round(100 * run["weight_gb_s"] / reads, 1)

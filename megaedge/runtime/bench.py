@@ -133,6 +133,30 @@ def gpu_memory_mib() -> float | None:
         return None
 
 
+class BandwidthBounds:
+    """The machine's copy and read bandwidths, measured at several points (before and after the timed work). The
+    bound is the highest figure of each: a VM's slow spell during one measurement would otherwise lower the bound and
+    flatter every percentage of it."""
+
+    def __init__(self, mib: int = 256, threads: int | None = None) -> None:
+        self.mib, self.threads = mib, threads
+        self.copies: list[float] = []
+        self.reads: list[float] = []
+        self.measure()
+
+    def measure(self) -> None:
+        self.copies.append(copy_bandwidth(self.mib, self.threads))
+        self.reads.append(read_bandwidth(self.mib))
+
+    @property
+    def copy(self) -> float:
+        return max(self.copies)
+
+    @property
+    def read(self) -> float:
+        return max(self.reads)
+
+
 def _summary(values: list[float]) -> dict:
     return {"median": round(float(np.median(values)), 4), "p95": round(float(np.percentile(values, 95)), 4)}
 
@@ -150,10 +174,7 @@ def run(bundle, options: BenchOptions = BenchOptions(), progress=None) -> dict:
                                  verify=False)
     load_seconds = time.perf_counter() - t0
     info = tr.manifest
-    # Measured before and after the timed runs, the higher figure being the bound: a VM's slow spell during one
-    # measurement would otherwise lower the bound and flatter the decode percentages.
-    copies = [copy_bandwidth(options.bandwidth_mib, options.threads)]
-    read_figures = [read_bandwidth(options.bandwidth_mib)]
+    bounds = BandwidthBounds(options.bandwidth_mib, options.threads)  # measured again after the timed runs
     cpu = machine.cpu_facts()
     weights = decoder_bytes(bundle, info)
     report = {
@@ -195,12 +216,11 @@ def run(bundle, options: BenchOptions = BenchOptions(), progress=None) -> dict:
             **{k: _summary(v) for k, v in samples.items()},
             "decode_bytes_per_token": weights + kv_bytes_per_token(info, prompt + tokens // 2),
         }
-    copies.append(copy_bandwidth(options.bandwidth_mib, options.threads))
-    read_figures.append(read_bandwidth(options.bandwidth_mib))
-    bandwidth, reads = max(copies), max(read_figures)
+    bounds.measure()
+    bandwidth, reads = bounds.copy, bounds.read
     report.update(copy_bandwidth_gbps=round(bandwidth, 2), read_bandwidth_gbps=round(reads, 2),
-                  copy_bandwidth_before_after_gbps=[round(c, 2) for c in copies],
-                  read_bandwidth_before_after_gbps=[round(r, 2) for r in read_figures])
+                  copy_bandwidth_before_after_gbps=[round(c, 2) for c in bounds.copies],
+                  read_bandwidth_before_after_gbps=[round(r, 2) for r in bounds.reads])
     for run in report["runs"].values():
         bound = bandwidth * 1e9 / run["decode_bytes_per_token"]
         read_bound = reads * 1e9 / run["decode_bytes_per_token"]
