@@ -1,4 +1,5 @@
-"""Side by side on this machine: transformers fp32 reference generate vs megaedge ORT FP32 vs ORT INT8.
+"""Side by side on this machine: transformers fp32 reference generate vs megaedge ORT FP32 vs ORT INT8 (CPU), or
+transformers fp16 vs megaedge FP16 on onnxruntime's CUDA execution provider (``--device cuda``).
 
 INT8 three ways: the default ``cpu`` recipe (one copy of the decoder weights), ``cpu-prefill`` (plus a prefill graph
 with dynamic int8 activations for prompts: faster first token, one more weight copy in memory) and ``cpu-int4``
@@ -10,9 +11,11 @@ figures), and contenders are interleaved round by round so a slow spell of the m
 are reported. Also measured: cold load of the INT8 bundle, process start -> first token ready.
 
     python benchmarks/suite.py --work DIR [--geometries 0.6b,1.7b] [--audio 10,30] [--tokens 32] [--rounds 2]
+    python benchmarks/suite.py --work DIR --device cuda --geometries 1.7b     # needs onnxruntime-gpu and CUDA torch
 
-Writes benchmarks/results/suite_<geometry>.json, suite.md (table) and suite.png (plot). Needs ~3x the fp32 model of
-free disk and, at 1.7B, ~18 GiB RAM for the export step.
+Writes benchmarks/results/suite_<geometry>.json, suite.md (table) and suite.png (plot); with --device cuda
+suite_cuda_<geometry>.json and suite_cuda.md, named after the GPU. Needs ~3x the fp32 model of free disk and, at
+1.7B, ~18 GiB RAM for the export step.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from megaedge.runtime import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONTENDERS = ("transformers_fp32", "megaedge_fp32", "megaedge_int8", "megaedge_int8_prefill", "megaedge_int4")
+CUDA_CONTENDERS = ("transformers_fp16", "megaedge_fp16")  # the reference first: speed-ups are against it
 
 # VmHWM belongs to the process's own address space; ru_maxrss survives exec and would report the parent's size.
 _PEAK = """
@@ -45,32 +49,48 @@ from megaedge.export.loader import load_checkpoint
 from megaedge.export.reference import prompt_inputs
 from megaedge.runtime.bench import speech_like_audio
 torch.set_num_threads(int(sys.argv[4]))
+cuda = sys.argv[5] == "cuda"
 loaded = load_checkpoint(sys.argv[1], lora="merge", load_router=False)
+if cuda:
+    loaded.model.to("cuda", torch.float16)
+def ready(seconds):
+    inputs = prompt_inputs(loaded, speech_like_audio(seconds), None, None)
+    if not cuda:
+        return inputs
+    return {k: (v.to("cuda", torch.float16) if v.is_floating_point() else v.to("cuda")) if hasattr(v, "to") else v
+            for k, v in inputs.items()}
+def now():
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter()
 out = {}
 for seconds in json.loads(sys.argv[2]):
-    inputs = prompt_inputs(loaded, speech_like_audio(seconds), None, None)
+    inputs = ready(seconds)
     tokens = int(sys.argv[3])
     with torch.no_grad():
-        loaded.model.generate(**prompt_inputs(loaded, speech_like_audio(1.0), None, None), max_new_tokens=2,
-                              min_new_tokens=2, do_sample=False)  # warm-up
-        t0 = time.perf_counter()
+        loaded.model.generate(**ready(1.0), max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
+        t0 = now()
         first = loaded.model.generate(**inputs, max_new_tokens=1, min_new_tokens=1, do_sample=False)
-        t1 = time.perf_counter()
+        t1 = now()
         full = loaded.model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-        t2 = time.perf_counter()
+        t2 = now()
     total = t2 - t1
     out[str(seconds)] = {"first_token": t1 - t0, "total": total, "rtf": total / seconds,
                          "tokens": int(full.shape[1] - inputs["input_ids"].shape[1]),
                          "decode_tokens_per_s": (tokens - 1) / max(total - (t1 - t0), 1e-9)}
 out["peak_rss_gib"] = peak_rss_gib()
+if cuda:
+    out["gpu_memory_gib"] = torch.cuda.max_memory_reserved() / 2**30
 print(json.dumps(out))
 """
 
 _RUNTIME = _PEAK + """
 import json, sys
 from megaedge.runtime.bench import speech_like_audio
+from megaedge.runtime.bench import gpu_memory_mib
 from megaedge.runtime.transcriber import Transcriber
-tr = Transcriber.from_bundle(sys.argv[1], verify=False, threads=int(sys.argv[4]))
+cuda = sys.argv[5] == "cuda"
+tr = Transcriber.from_bundle(sys.argv[1], verify=False, threads=int(sys.argv[4]), providers=("cuda",) if cuda else ("cpu",))
 tr.transcribe(speech_like_audio(1.0), max_new_tokens=2, ignore_eos=True, loop_guard=False)  # warm-up
 out = {}
 for seconds in json.loads(sys.argv[2]):
@@ -81,6 +101,8 @@ for seconds in json.loads(sys.argv[2]):
                          "rtf": t["rtf"], "tokens": len(r.token_ids), "encoder": t["encoder"], "prefill": t["prefill"],
                          "decode_tokens_per_s": t["decode_tokens"] / t["decode"]}
 out["peak_rss_gib"] = peak_rss_gib()
+if cuda:  # onnxruntime's arena as nvidia-smi sees it: the machine runs nothing else
+    out["gpu_memory_gib"] = gpu_memory_mib() / 1024
 print(json.dumps(out))
 """
 
@@ -129,7 +151,7 @@ def cold_load(bundle: Path, rounds: int) -> dict:
             for arm, v in times.items()}
 
 
-def build(geometry: str, work: Path) -> dict:
+def build(geometry: str, work: Path, device: str = "cpu") -> dict:
     from megaedge.export.bundle import ExportOptions, export_bundle
     from megaedge.export.factory import write_checkpoint
 
@@ -138,6 +160,11 @@ def build(geometry: str, work: Path) -> dict:
     if not (ckpt / ".done").exists():
         write_checkpoint(ckpt, geometry, "mega", seed=0)
         (ckpt / ".done").touch()
+    if device == "cuda":  # what `megaedge export --preset gpu` writes
+        fp16 = work / "bundle-fp16"
+        if not (fp16 / "megaedge.json").exists():
+            export_bundle(ckpt, fp16, ExportOptions(precision="fp16", force=True))
+        return {"transformers_fp16": ckpt, "megaedge_fp16": fp16}
     if not (fp32 / "megaedge.json").exists():
         export_bundle(ckpt, fp32, ExportOptions(force=True))
     for recipe, out in (("cpu", int8), ("cpu-prefill", prefill), ("cpu-int4", int4)):
@@ -162,11 +189,13 @@ def main() -> None:
     parser.add_argument("--cold-rounds", type=int, default=4)
     parser.add_argument("--cold-only", action="store_true", help="only re-measure the cold start of existing "
                                                                   "bundles and update results/suite_*.json")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
     lengths = [float(v) for v in args.audio.split(",")]
-    table = []
+    cuda = args.device == "cuda"
+    contenders, prefix = (CUDA_CONTENDERS, "suite_cuda") if cuda else (CONTENDERS, "suite")
     for geometry in args.geometries.split(","):
-        paths = build(geometry, args.work / geometry)
+        paths = build(geometry, args.work / geometry, args.device)
         if args.cold_only:
             out = RESULTS / f"suite_{geometry}.json"
             result = json.loads(out.read_text())
@@ -176,18 +205,21 @@ def main() -> None:
             out.write_text(json.dumps(result, indent=2) + "\n")
             print(geometry, json.dumps(cold), flush=True)
             continue
-        runs: dict[str, list[dict]] = {name: [] for name in CONTENDERS}
-        common = (json.dumps(lengths), str(args.tokens), str(args.threads))
+        runs: dict[str, list[dict]] = {name: [] for name in contenders}
+        common = (json.dumps(lengths), str(args.tokens), str(args.threads), args.device)
         for r in range(args.rounds):
             order = list(runs) if r % 2 == 0 else list(reversed(runs))
             for name in order:
-                code = _REFERENCE if name == "transformers_fp32" else _RUNTIME
+                code = _REFERENCE if name.startswith("transformers") else _RUNTIME
                 runs[name].append(_python(code, str(paths[name]), *common))
                 print(f"{geometry} round {r} {name}: {json.dumps(runs[name][-1])}", flush=True)
         result = {"geometry": geometry, "tokens": args.tokens, "threads": args.threads, "rounds": args.rounds,
-                  "machine": machine.cpu_facts()["model"], "contenders": {}}
+                  "device": args.device, "machine": _gpu_name() if cuda else machine.cpu_facts()["model"],
+                  "contenders": {}}
         for name, rows in runs.items():
             entry = {"peak_rss_gib": round(max(r["peak_rss_gib"] for r in rows), 2)}
+            if cuda:
+                entry["gpu_memory_gib"] = round(max(r["gpu_memory_gib"] for r in rows), 2)
             for seconds in lengths:
                 per = [r[str(seconds)] for r in rows]
                 entry[f"{seconds:g}s"] = {k: _median(per, k) for k in per[0]}
@@ -195,22 +227,29 @@ def main() -> None:
                 entry[f"{seconds:g}s"]["total_by_round"] = [round(p["total"], 2) for p in per]
             result["contenders"][name] = entry
         for seconds in lengths:
-            ref = result["contenders"]["transformers_fp32"][f"{seconds:g}s"]["rtf"]
-            for name in CONTENDERS[1:]:
+            ref = result["contenders"][contenders[0]][f"{seconds:g}s"]["rtf"]
+            for name in contenders[1:]:
                 mine = result["contenders"][name][f"{seconds:g}s"]
                 mine["rtf_speedup_vs_transformers"] = round(ref / mine["rtf"], 2)
-        cold = cold_load(paths["megaedge_int8"], args.cold_rounds)
-        result["int8_cold_start_to_first_token_s"] = cold["prepared"]
-        result["int8_cold_start_unprepared_s"] = cold["unprepared"]
-        (RESULTS / f"suite_{geometry}.json").write_text(json.dumps(result, indent=2) + "\n")
-        table.append(result)
+        if not cuda:
+            cold = cold_load(paths["megaedge_int8"], args.cold_rounds)
+            result["int8_cold_start_to_first_token_s"] = cold["prepared"]
+            result["int8_cold_start_unprepared_s"] = cold["unprepared"]
+        (RESULTS / f"{prefix}_{geometry}.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2), flush=True)
-    table = [json.loads(f.read_text()) for f in sorted(RESULTS.glob("suite_*.json"), reverse=True)]
-    write_table(table, RESULTS / "suite.md")
+    table = [json.loads(f.read_text()) for f in sorted(RESULTS.glob(f"{prefix}_[0-9]*.json"), reverse=True)]
+    write_table(table, RESULTS / f"{prefix}.md")
+    if cuda:
+        return
     try:
         write_plot(table, RESULTS / "suite.png")
     except ImportError:
         print("matplotlib missing: no plot")
+
+
+def _gpu_name() -> str:
+    proc = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+    return proc.stdout.strip().splitlines()[0] if proc.returncode == 0 and proc.stdout.strip() else "unknown GPU"
 
 
 def write_table(results: list[dict], path: Path) -> None:
@@ -224,11 +263,18 @@ def write_table(results: list[dict], path: Path) -> None:
                 lines.append(f"| {res['geometry']} | {key} | {name} | {run['rtf']:.3f} | "
                              f"{run.get('rtf_speedup_vs_transformers', 1.0):.2f} | {run['first_token']:.2f} | "
                              f"{run['decode_tokens_per_s']:.2f} | {entry['peak_rss_gib']:.2f} |")
+    first = results[0]
+    if first.get("device") == "cuda":
+        lines += ["", f"{first['machine']}: {first['tokens']} forced tokens, medians of {first['rounds']} interleaved "
+                  f"rounds; transformers fp16 eager generate vs megaedge FP16 bundle on onnxruntime's CUDA execution "
+                  f"provider (KV cache kept on the GPU)."]
+        path.write_text("\n".join(lines) + "\n")
+        return
     cold = ", ".join(f"{r['geometry']} {r['int8_cold_start_to_first_token_s']['median']} s"
                      + (f" ({r['int8_cold_start_unprepared_s']['median']} s unprepared)"
                         if "int8_cold_start_unprepared_s" in r else "") for r in results)
-    lines += ["", f"{results[0]['tokens']} forced tokens, {results[0]['threads']} threads, medians of "
-              f"{results[0]['rounds']} interleaved rounds. INT8 cold start to first token after `megaedge "
+    lines += ["", f"{first['tokens']} forced tokens, {first['threads']} threads, medians of "
+              f"{first['rounds']} interleaved rounds. INT8 cold start to first token after `megaedge "
               f"prepare`: {cold}."]
     path.write_text("\n".join(lines) + "\n")
 

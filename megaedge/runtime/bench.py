@@ -6,7 +6,8 @@ machine's bandwidth divided by the decoder's bytes per token; the report says ho
 measured bandwidths: the STREAM-style copy figure (bytes read + written) and a read-only figure (a matrix-vector
 product over a matrix far beyond the caches, the access pattern of a decode step). A decode step only reads, and on
 some machines reads alone stream well below the copy figure (a 2-core VM: ~23 GB/s read vs ~28 GB/s copied), so the
-read bound is the one a kernel can actually approach.
+read bound is the one a kernel can actually approach. A decoder on the GPU is held to the GPU's memory, measured
+through onnxruntime on the same provider (``device_bandwidth``).
 """
 
 from __future__ import annotations
@@ -134,19 +135,25 @@ def gpu_memory_mib() -> float | None:
 
 
 class BandwidthBounds:
-    """The machine's copy and read bandwidths, measured at several points (before and after the timed work). The
-    bound is the highest figure of each: a VM's slow spell during one measurement would otherwise lower the bound and
-    flatter every percentage of it."""
+    """The copy and read bandwidths of the memory the decoder reads (host memory, or the GPU's for ``device="cuda"``),
+    measured at several points (before and after the timed work). The bound is the highest figure of each: a VM's
+    slow spell during one measurement would otherwise lower the bound and flatter every percentage of it."""
 
-    def __init__(self, mib: int = 256, threads: int | None = None) -> None:
-        self.mib, self.threads = mib, threads
+    def __init__(self, mib: int = 256, threads: int | None = None, device: str = "cpu") -> None:
+        self.mib, self.threads, self.device = mib, threads, device
         self.copies: list[float] = []
         self.reads: list[float] = []
         self.measure()
 
     def measure(self) -> None:
-        self.copies.append(copy_bandwidth(self.mib, self.threads))
-        self.reads.append(read_bandwidth(self.mib))
+        if self.device == "cpu":
+            copy, read = copy_bandwidth(self.mib, self.threads), read_bandwidth(self.mib)
+        else:
+            from megaedge.runtime.device_bandwidth import device_bandwidths
+
+            copy, read = device_bandwidths(self.device, self.mib)
+        self.copies.append(copy)
+        self.reads.append(read)
 
     @property
     def copy(self) -> float:
@@ -174,7 +181,8 @@ def run(bundle, options: BenchOptions = BenchOptions(), progress=None) -> dict:
                                  verify=False)
     load_seconds = time.perf_counter() - t0
     info = tr.manifest
-    bounds = BandwidthBounds(options.bandwidth_mib, options.threads)  # measured again after the timed runs
+    on = tr.sessions["decoder"].device  # "cpu" or "cuda": whose memory the decode steps stream from
+    bounds = BandwidthBounds(options.bandwidth_mib, options.threads, on)  # measured again after the timed runs
     cpu = machine.cpu_facts()
     weights = decoder_bytes(bundle, info)
     report = {
@@ -182,7 +190,8 @@ def run(bundle, options: BenchOptions = BenchOptions(), progress=None) -> dict:
         "quantization": (info.quantization or {}).get("recipe", {}).get("name") if info.quantization else None,
         "device": {**{k: v for k, v in cpu.items() if k != "int8_note"},
                    "threads": options.threads or os.cpu_count(), "memory_gib": machine.memory_facts()["total_gib"],
-                   "providers": list(tr.sessions["decoder"].providers)},
+                   "providers": list(tr.sessions["decoder"].providers),
+                   **({"gpu": machine.gpu_name()} if on == "cuda" else {})},
         "versions": {"megaedge": __version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
         "load_seconds": round(load_seconds, 3),
@@ -218,7 +227,7 @@ def run(bundle, options: BenchOptions = BenchOptions(), progress=None) -> dict:
         }
     bounds.measure()
     bandwidth, reads = bounds.copy, bounds.read
-    report.update(copy_bandwidth_gbps=round(bandwidth, 2), read_bandwidth_gbps=round(reads, 2),
+    report.update(bandwidth_of=on, copy_bandwidth_gbps=round(bandwidth, 2), read_bandwidth_gbps=round(reads, 2),
                   copy_bandwidth_before_after_gbps=[round(c, 2) for c in bounds.copies],
                   read_bandwidth_before_after_gbps=[round(r, 2) for r in bounds.reads])
     for run in report["runs"].values():
@@ -229,7 +238,7 @@ def run(bundle, options: BenchOptions = BenchOptions(), progress=None) -> dict:
                    decode_read_bound_tokens_per_s=round(read_bound, 3),
                    decode_percent_of_read_bound=round(100 * decode / read_bound, 1))
     report["peak_rss_mib"] = round(peak_rss_mib(), 1)
-    report["gpu_memory_mib"] = gpu_memory_mib() if tr.sessions["decoder"].device == "cuda" else None
+    report["gpu_memory_mib"] = gpu_memory_mib() if on == "cuda" else None
     return report
 
 
@@ -252,13 +261,15 @@ def format_table(report: dict) -> str:
                   f"{run['rtf']['median']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    memory = "GPU" if report.get("bandwidth_of") == "cuda" else "memory"
     lines.append(f"{report['bundle']}: {report['precision']} {report['mode']}, load {report['load_seconds']} s, "
-                 f"copy bandwidth {report['copy_bandwidth_gbps']} GB/s, read {report.get('read_bandwidth_gbps', '-')} "
-                 f"GB/s, decoder {report['decoder_weight_bytes'] / 2**20:.0f} MiB/token, "
+                 f"{memory} copy bandwidth {report['copy_bandwidth_gbps']} GB/s, read "
+                 f"{report.get('read_bandwidth_gbps', '-')} GB/s, decoder {report['decoder_weight_bytes'] / 2**20:.0f} MiB/token, "
                  f"peak RSS {report['peak_rss_mib']:.0f} MiB, {report['device']['threads']} threads")
     device = report["device"]
     if "model" in device:  # reports written before the CPU facts were recorded lack them
-        lines.append(f"{device['model']} ({device['machine']}; int8: {', '.join(device['int8_features']) or 'none'})")
+        lines.append(f"{device['model']} ({device['machine']}; int8: {', '.join(device['int8_features']) or 'none'})"
+                     + (f"; GPU {device['gpu']}" if device.get("gpu") else ""))
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 # Instruction sets onnxruntime's int8 kernels pick from (x86: AVX2 / AVX-512 VNNI / AVX-VNNI / AMX; ARM: dot
 # product and int8 matrix multiply).
@@ -58,3 +59,27 @@ def memory_facts() -> dict:
                 "available_gib": round(fields["MemAvailable"] / 2**30, 1)}
     except (OSError, KeyError, ValueError, IndexError):
         return {"total_gib": None, "available_gib": None}
+
+
+DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
+
+
+def gpu_name(device_tree: Path = DEVICE_TREE_MODEL) -> str | None:
+    """The first GPU's name from nvidia-smi, or a Jetson's board model (JetPack images have no nvidia-smi); None
+    where neither tells."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=10).stdout.strip()
+            if out:
+                return out.splitlines()[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        model = device_tree.read_text(errors="ignore").strip("\x00\n ")
+    except OSError:
+        return None
+    return model if "jetson" in model.lower() else None

@@ -38,7 +38,26 @@ def resolve_providers(names) -> list[str]:
             chosen.append(full)
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
+    if chosen[0] in GPU_PROVIDERS:
+        _preload_cuda_libraries(ort)
     return chosen
+
+
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+_preloaded = False
+
+
+def _preload_cuda_libraries(ort) -> None:
+    """onnxruntime-gpu finds CUDA / cuDNN installed as pip packages (nvidia-*) only through preload_dlls(); a
+    system-wide CUDA is found by the loader anyway, so a failure here is not an error."""
+    global _preloaded
+    if _preloaded or not hasattr(ort, "preload_dlls"):
+        return
+    _preloaded = True
+    try:
+        ort.preload_dlls()
+    except Exception as exc:  # pragma: no cover - depends on the machine's CUDA installation
+        log.debug("onnxruntime.preload_dlls() failed: %s", exc)
 
 
 def check_feed(spec: GraphSpec, feed: dict) -> None:
@@ -85,16 +104,25 @@ class OrtSession:
             options.add_session_config_entry("session.use_mmap_for_external_initializers", "1")
         except Exception:  # pragma: no cover - older onnxruntime
             pass
+        chosen = resolve_providers(providers)
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=resolve_providers(providers))
+            self.session = ort.InferenceSession(str(path), options, providers=chosen)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BundleError(f"{path}: onnxruntime cannot load this graph ({str(exc).splitlines()[0]})") from exc
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.providers = self.session.get_providers()
+        wanted = chosen[0]
+        if wanted in GPU_PROVIDERS and wanted not in self.providers:
+            # onnxruntime-gpu lists the GPU providers even where their libraries cannot load and then runs on CPU
+            # without a word: a user who asked for the GPU must not get CPU timings silently.
+            raise MegaedgeError(
+                f"{path.name}: {wanted} was requested but onnxruntime could not start it and fell back to "
+                f"{self.providers}; install the CUDA 12/13 and cuDNN 9 libraries onnxruntime-gpu "
+                f"{ort.__version__} was built for (pip install 'onnxruntime-gpu[cuda,cudnn]') or run with --providers cpu")
 
     @property
     def device(self) -> str:
-        return "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        return "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
 
     def run(self, feed: dict, check: bool = True) -> list[np.ndarray]:
         if check:

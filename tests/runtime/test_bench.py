@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from megaedge.runtime import bench, manifest
 from tests.conftest import run_cli
@@ -49,6 +50,40 @@ def test_bound_arithmetic(fixture_bundles):
     assert bench.read_bandwidth(mib=16, rounds=2) > 0.1
     audio = bench.speech_like_audio(1.5)
     assert audio.shape == (24000,) and np.abs(audio).max() < 1
+
+
+def test_shipped_probe_graphs_are_the_built_ones():
+    from megaedge.runtime import device_bandwidth
+    from tests.runtime.probe_graphs import build
+
+    for name, data in build().items():
+        assert (device_bandwidth.PROBE_DIR / name).read_bytes() == data, "rebuild with python -m tests.runtime.probe_graphs"
+
+
+def test_device_bandwidth_slope_and_cpu_probe():
+    from megaedge.runtime import device_bandwidth
+
+    # 1 GB more costs 1 ms more: 1000 GB/s, whatever the fixed cost of a call (here 5 ms)
+    assert abs(device_bandwidth._slope((10**9, 2 * 10**9), (0.006, 0.007)) - 1000) < 1e-6
+    assert device_bandwidth._slope((10**9, 2 * 10**9), (0.007, 0.007)) == 2 * 10**9 / 0.007 / 1e9  # noise guard
+    copy, read = device_bandwidth.device_bandwidths("cpu", mib=32, rounds=3)
+    assert 0.1 < copy < 5000 and 0.1 < read < 5000
+    with pytest.raises(ValueError, match="not one of"):
+        device_bandwidth.device_bandwidths("tpu")
+
+
+def test_gpu_name_from_a_jetson_device_tree(monkeypatch, tmp_path):
+    import shutil
+
+    from megaedge.runtime import machine
+
+    monkeypatch.setattr(shutil, "which", lambda _: None)  # JetPack images have no nvidia-smi
+    model = tmp_path / "model"
+    model.write_bytes(b"NVIDIA Jetson Orin Nano Developer Kit\x00")
+    assert machine.gpu_name(model) == "NVIDIA Jetson Orin Nano Developer Kit"
+    model.write_bytes(b"Raspberry Pi 5 Model B\x00")
+    assert machine.gpu_name(model) is None
+    assert machine.gpu_name(tmp_path / "missing") is None
 
 
 def test_bench_bad_options(fixture_bundles):

@@ -1,0 +1,148 @@
+"""The onnxruntime CUDA execution provider on the trained fixture (marked gpu; skipped with the reason elsewhere):
+FP32 and FP16 bundles on the GPU give the CPU FP32 tokens, routed bundles route alike, a stream's final equals the
+offline result, and the KV cache stays on the device between decode steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def _cuda_unavailable() -> str | None:
+    """Why the CUDA execution provider cannot run here (None where it can): onnxruntime-gpu lists it even without a
+    GPU and silently runs on CPU, so a one-node graph is opened to see what it really got."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install onnxruntime-gpu in its place)"
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+    session = ort.InferenceSession(onnx._serialize(model) if hasattr(onnx, "_serialize") else model.SerializeToString(),
+                                   providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        return "CUDAExecutionProvider could not start (no GPU or CUDA / cuDNN libraries missing)"
+    return None
+
+
+_WHY_NOT = _cuda_unavailable()
+# Decided at collection, before any session fixture exports a bundle for nothing.
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_WHY_NOT is not None, reason=_WHY_NOT or "")]
+
+
+@pytest.fixture(scope="module")
+def clips():
+    """Held-out fixture speech (the trained model's own domain: synthetic noise makes it loop, where near-tied
+    logits flip between any two precisions), plus a chain of five crossing several 8 s encoder windows with a
+    long prompt, where FP16 attention masks overflow if they are built wrongly."""
+    from megaedge import fixture
+    from megaedge.runtime import audio as audio_io
+    from megaedge.runtime.evaluate import read_set
+
+    heldout = [audio_io.load(item["path"]) for item in read_set(fixture.heldout_manifest())[::6]]
+    chain = np.concatenate(heldout[:5])
+    assert len(chain) > 2 * 8 * 16000
+    return [*heldout[:3], chain]
+
+
+@pytest.fixture(scope="module")
+def fixture_fp16(fixture_bundles, tmp_path_factory):
+    from megaedge import fixture
+    from megaedge.export.bundle import ExportOptions, export_bundle
+
+    return export_bundle(fixture.model_dir(), tmp_path_factory.mktemp("fp16") / "merged", ExportOptions(precision="fp16"))
+
+
+def _tokens(tr, clips, **kw):
+    return [tr.transcribe(c, segment_seconds=None, **kw).token_ids for c in clips]
+
+
+def test_fp32_on_cuda_gives_the_cpu_tokens(fixture_bundles, clips):
+    from megaedge.runtime.transcriber import Transcriber
+
+    cpu = Transcriber.from_bundle(fixture_bundles["merged"])
+    gpu = Transcriber.from_bundle(fixture_bundles["merged"], providers=("cuda",))
+    assert gpu.sessions["decoder"].device == "cuda" and gpu.sessions["encoder"].device == "cuda"
+    assert _tokens(gpu, clips) == _tokens(cpu, clips)
+
+
+def test_fp16_on_cuda_gives_the_cpu_fp32_tokens(fixture_bundles, fixture_fp16, clips):
+    from megaedge.runtime.transcriber import Transcriber
+
+    cpu = Transcriber.from_bundle(fixture_bundles["merged"])
+    gpu = Transcriber.from_bundle(fixture_fp16, providers=("cuda",))
+    assert gpu.float_dtype == np.float16
+    assert _tokens(gpu, clips) == _tokens(cpu, clips)
+
+
+def test_routed_on_cuda_routes_and_decodes_like_cpu(fixture_bundles, clips):
+    from megaedge.runtime.transcriber import Transcriber
+
+    cpu = Transcriber.from_bundle(fixture_bundles["routed"])
+    gpu = Transcriber.from_bundle(fixture_bundles["routed"], providers=("cuda",))
+    for clip in clips:
+        a, b = cpu.transcribe(clip, segment_seconds=None), gpu.transcribe(clip, segment_seconds=None)
+        assert (b.route, b.token_ids) == (a.route, a.token_ids)
+
+
+def test_stream_final_on_cuda_equals_offline(fixture_bundles, clips):
+    from megaedge.runtime.streaming import StreamOptions
+    from megaedge.runtime.transcriber import Transcriber
+
+    gpu = Transcriber.from_bundle(fixture_bundles["merged"], providers=("cuda",))
+    samples = clips[3]
+    stream = gpu.create_stream(StreamOptions.preset("exact"))
+    for i in range(0, len(samples), 8000):
+        stream.accept_waveform(samples[i : i + 8000])
+    assert list(stream.final().token_ids) == gpu.transcribe(samples, segment_seconds=None).token_ids
+
+
+def test_kv_cache_stays_on_the_gpu(fixture_bundles, clips, monkeypatch):
+    """Decode steps hand the KV OrtValues back to the next step: they must live in GPU memory, not round-trip."""
+    from megaedge.runtime.transcriber import Transcriber
+
+    gpu = Transcriber.from_bundle(fixture_bundles["merged"], providers=("cuda",))
+    session = gpu.sessions["decoder"]
+    devices = []
+    original = session.run_bound
+
+    def recording(feed, check=True):
+        outs = original(feed, check)
+        devices.extend(o.device_name().lower() for o in outs[1:])
+        return outs
+
+    monkeypatch.setattr(session, "run_bound", recording)
+    gpu.transcribe(clips[1], segment_seconds=None, max_new_tokens=4, ignore_eos=True)
+    assert devices and set(devices) == {"cuda"}
+
+
+def test_gpu_bandwidth_probe_reads_gpu_memory():
+    """bench's bound for a CUDA decoder: GPU memory through onnxruntime (Orin Nano ~68 GB/s up to H100 ~3.3 TB/s)."""
+    from megaedge.runtime import device_bandwidth
+
+    copy, read = device_bandwidth.device_bandwidths("cuda", mib=256)
+    print(f"GPU copy {copy:.0f} GB/s, read {read:.0f} GB/s")
+    assert 20 < read < 10_000 and 20 < copy < 10_000
+
+
+def test_bench_on_cuda_holds_decode_to_the_gpu_bound(fixture_bundles, tmp_path):
+    import json
+
+    from tests.conftest import run_cli
+
+    out = tmp_path / "bench.json"
+    proc = run_cli("bench", str(fixture_bundles["merged"]), "--providers", "cuda", "--audio", "5", "--repeat", "2",
+                   "--tokens", "8", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["bandwidth_of"] == "cuda" and report["device"]["gpu"] and report["gpu_memory_mib"] > 0
+    assert "GPU copy bandwidth" in proc.stdout and report["device"]["gpu"] in proc.stdout
+    run = report["runs"]["5s"]
+    assert 0 < run["decode_percent_of_read_bound"] < 100

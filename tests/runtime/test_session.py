@@ -1,0 +1,41 @@
+"""The session interface's provider handling: CUDA asked for but not started is an error, never silent CPU timings."""
+
+from __future__ import annotations
+
+import onnxruntime as ort
+import pytest
+
+from megaedge.errors import MegaedgeError
+from megaedge.runtime import manifest, session
+
+
+class _FallbackSession:
+    """What onnxruntime-gpu gives where the CUDA libraries cannot load: a session that runs on CPU."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def get_outputs(self):
+        return []
+
+    def get_providers(self):
+        return ["CPUExecutionProvider"]
+
+
+def test_cuda_that_falls_back_to_cpu_is_an_error(fixture_bundles, monkeypatch):
+    preloads = []
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "preload_dlls", lambda *a, **k: preloads.append(1), raising=False)
+    monkeypatch.setattr(ort, "InferenceSession", _FallbackSession)
+    monkeypatch.setattr(session, "_preloaded", False)
+    info = manifest.read(fixture_bundles["merged"])
+    with pytest.raises(MegaedgeError, match="CUDAExecutionProvider was requested but onnxruntime could not start it"):
+        session.open_session(fixture_bundles["merged"] / info.graph("router").file, info.graph("router"), ("cuda",))
+    assert preloads == [1]  # pip-installed CUDA libraries were offered to onnxruntime first
+    assert session.resolve_providers(("cuda",)) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert preloads == [1]  # once per process
+
+
+def test_unknown_provider_names_the_fix():
+    with pytest.raises(MegaedgeError, match="not available in this onnxruntime.*install onnxruntime-gpu"):
+        session.resolve_providers(("no-such-provider",))
