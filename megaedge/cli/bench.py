@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     parser.add_argument("--json", dest="json_out", metavar="OUT", help="write the full report as JSON")
     parser.add_argument("--plot", metavar="OUT.png", help="stacked stage bar chart (needs matplotlib)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="after the timed runs, one run per length with onnxruntime's per-node profiler: traces "
+                             "(chrome://tracing / Perfetto) in DIR, per-graph operator and provider summary printed")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     lengths = _seconds_list(args.audio)
     options = bench.BenchOptions(audio_seconds=lengths, repeat=args.repeat, warmup=args.warmup,
                                  new_tokens=args.tokens or None, route=args.route, threads=args.threads,
-                                 providers=tuple(args.providers.split(",")))
+                                 providers=tuple(args.providers.split(",")), profile_dir=args.profile)
     bar = track(range(len(lengths) * (args.repeat + args.warmup)), desc="bench", unit="run")
     steps = iter(bar)
     report = bench.run(args.bundle, options, progress=lambda seconds, i: next(steps, None))

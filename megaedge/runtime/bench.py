@@ -39,6 +39,7 @@ class BenchOptions:
     threads: int | None = None
     providers: tuple[str, ...] = ("cpu",)
     bandwidth_mib: int = 256
+    profile_dir: str | None = None  # after the timed runs, one profiled run per length; traces land here
 
 
 def speech_like_audio(seconds: float, seed: int = 0, rate: int = 16000) -> np.ndarray:
@@ -239,7 +240,26 @@ def run(bundle, options: BenchOptions = BenchOptions(), progress=None) -> dict:
                    decode_percent_of_read_bound=round(100 * decode / read_bound, 1))
     report["peak_rss_mib"] = round(peak_rss_mib(), 1)
     report["gpu_memory_mib"] = gpu_memory_mib() if on == "cuda" else None
+    if options.profile_dir:
+        del tr  # one copy of the weights at a time: 8 GB devices hold one, not two
+        report["profile"] = profile_runs(bundle, options)
     return report
+
+
+def profile_runs(bundle: Path, options: BenchOptions) -> dict:
+    """One run per audio length with onnxruntime's per-node profiler on (a fresh load: profiling is a session
+    option), kept apart from the timed runs so its overhead is not in their figures."""
+    from megaedge.runtime import profiling
+    from megaedge.runtime.transcriber import Transcriber
+
+    out = Path(options.profile_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    tr = Transcriber.from_bundle(bundle, providers=options.providers, route=options.route, threads=options.threads,
+                                 verify=False, profile_dir=out.resolve())
+    for seconds in options.audio_seconds:
+        tr.transcribe(speech_like_audio(seconds), max_new_tokens=options.new_tokens,
+                      ignore_eos=options.new_tokens is not None, segment_seconds=None, loop_guard=False)
+    return profiling.collect(tr.sessions)
 
 
 def features_tokens(audio: np.ndarray) -> int:
@@ -270,6 +290,10 @@ def format_table(report: dict) -> str:
     if "model" in device:  # reports written before the CPU facts were recorded lack them
         lines.append(f"{device['model']} ({device['machine']}; int8: {', '.join(device['int8_features']) or 'none'})"
                      + (f"; GPU {device['gpu']}" if device.get("gpu") else ""))
+    if report.get("profile"):
+        from megaedge.runtime.profiling import format_profile
+
+        lines += ["", "profiled (one run per length, apart from the timed runs):", format_profile(report["profile"])]
     return "\n".join(lines)
 
 

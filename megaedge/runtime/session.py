@@ -87,7 +87,7 @@ class OrtSession:
     backend = "onnxruntime"
 
     def __init__(self, path: Path, spec: GraphSpec, providers=("cpu",), threads: int | None = None,
-                 prepared: bool = False):
+                 prepared: bool = False, profile_prefix: str | None = None):
         import onnxruntime as ort
 
         self.spec = spec
@@ -96,6 +96,9 @@ class OrtSession:
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = int(threads)
+        if profile_prefix:  # onnxruntime's per-node trace (chrome://tracing format), written by end_profiling()
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
         # A prepared copy (runtime/prepared.py) is already optimized for this machine: optimizing again only costs.
         options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if prepared
                                             else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
@@ -149,6 +152,6 @@ class OrtSession:
 
 
 def open_session(path: Path, spec: GraphSpec, providers=("cpu",), threads: int | None = None,
-                 prepared: bool = False) -> OrtSession:
+                 prepared: bool = False, profile_prefix: str | None = None) -> OrtSession:
     """Session for one graph file of a bundle (or of its prepared copy)."""
-    return OrtSession(path, spec, providers, threads, prepared)
+    return OrtSession(path, spec, providers, threads, prepared, profile_prefix)

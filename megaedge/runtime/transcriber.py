@@ -121,10 +121,12 @@ class Transcriber:
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
     def from_bundle(cls, path, providers=("cpu",), route: str = "auto", verify: bool = True,
-                    threads: int | None = None, use_prepared: bool = True) -> Transcriber:
+                    threads: int | None = None, use_prepared: bool = True,
+                    profile_dir: Path | None = None) -> Transcriber:
         """Load a bundle. ``verify`` hashes every file against the manifest, unless ``megaedge prepare`` already
         did and no file changed since; on the CPU provider, graphs prepared for this machine load from their
-        prepared copy (``use_prepared``)."""
+        prepared copy (``use_prepared``). With ``profile_dir``, every onnxruntime session records a per-node trace
+        there (``runtime.profiling``)."""
         from concurrent.futures import ThreadPoolExecutor
 
         from tokenizers import Tokenizer
@@ -140,10 +142,11 @@ class Transcriber:
         opened = {}
 
         def one(name: str, spec):
+            prefix = str(Path(profile_dir) / name) if profile_dir else None
             copy = prepared.lookup(bundle, info, name) if cpu_only and use_prepared else None
             if copy is not None:
-                return open_session(copy, spec, ort_providers, threads, prepared=True)
-            return open_session(bundle / spec.file, spec, ort_providers, threads)
+                return open_session(copy, spec, ort_providers, threads, prepared=True, profile_prefix=prefix)
+            return open_session(bundle / spec.file, spec, ort_providers, threads, profile_prefix=prefix)
 
         if "engine" in providers:  # native TensorRT engines written by `megaedge build-engines`
             from megaedge.runtime.tensorrt import ENGINE_FILES, TrtSession
