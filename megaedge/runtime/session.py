@@ -120,8 +120,8 @@ class OrtSession:
             # without a word: a user who asked for the GPU must not get CPU timings silently.
             raise MegaedgeError(
                 f"{path.name}: {wanted} was requested but onnxruntime could not start it and fell back to "
-                f"{self.providers}; install the CUDA 12/13 and cuDNN 9 libraries onnxruntime-gpu "
-                f"{ort.__version__} was built for (pip install 'onnxruntime-gpu[cuda,cudnn]') or run with --providers cpu")
+                f"{self.providers}; install the CUDA and cuDNN libraries onnxruntime-gpu {ort.__version__} was "
+                f"built for (pip install 'onnxruntime-gpu[cuda,cudnn]'), or run with --providers cpu")
 
     @property
     def device(self) -> str:

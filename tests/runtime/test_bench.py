@@ -72,6 +72,20 @@ def test_device_bandwidth_slope_and_cpu_probe():
         device_bandwidth.device_bandwidths("tpu")
 
 
+def test_bounds_fall_back_to_host_memory_when_the_gpu_probe_cannot_run(monkeypatch, caplog):
+    from megaedge.runtime import device_bandwidth
+
+    def no_cuda(device, mib):
+        raise RuntimeError("CUDA allocator not found")
+
+    monkeypatch.setattr(device_bandwidth, "device_bandwidths", no_cuda)
+    with caplog.at_level("WARNING", logger="megaedge.runtime.bench"):
+        bounds = bench.BandwidthBounds(mib=16, threads=2, device="cuda")
+        bounds.measure()
+    assert bounds.device == "cpu" and len(bounds.copies) == len(bounds.reads) == 2 and bounds.read > 0.1
+    assert "cannot measure cuda memory" in caplog.text
+
+
 def test_gpu_name_from_a_jetson_device_tree(monkeypatch, tmp_path):
     import shutil
 
