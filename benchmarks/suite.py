@@ -214,7 +214,7 @@ def main() -> None:
                 runs[name].append(_python(code, str(paths[name]), *common))
                 print(f"{geometry} round {r} {name}: {json.dumps(runs[name][-1])}", flush=True)
         result = {"geometry": geometry, "tokens": args.tokens, "threads": args.threads, "rounds": args.rounds,
-                  "device": args.device, "machine": _gpu_name() if cuda else machine.cpu_facts()["model"],
+                  "device": args.device, "machine": (machine.gpu_name() or "unknown GPU") if cuda else machine.cpu_facts()["model"],
                   "contenders": {}}
         for name, rows in runs.items():
             entry = {"peak_rss_gib": round(max(r["peak_rss_gib"] for r in rows), 2)}
@@ -246,10 +246,6 @@ def main() -> None:
     except ImportError:
         print("matplotlib missing: no plot")
 
-
-def _gpu_name() -> str:
-    proc = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
-    return proc.stdout.strip().splitlines()[0] if proc.returncode == 0 and proc.stdout.strip() else "unknown GPU"
 
 
 def write_table(results: list[dict], path: Path) -> None:

@@ -122,16 +122,10 @@ def peak_rss_mib() -> float:
 
 def gpu_memory_mib() -> float | None:
     """Device memory in use on GPU 0 (None without a CUDA GPU and nvidia-smi)."""
-    import shutil
-    import subprocess
-
-    if not shutil.which("nvidia-smi"):
-        return None
+    used = machine.nvidia_smi("memory.used")
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10).stdout.split()
-        return float(out[0]) if out else None
-    except (OSError, subprocess.SubprocessError, ValueError):
+        return float(used) if used else None
+    except ValueError:
         return None
 
 

@@ -72,15 +72,15 @@ def device_bandwidths(device: str = "cuda", mib: int = 256, rounds: int = 10) ->
         raise ValueError(f"device {device!r} is not one of {sorted(PROVIDER_FOR)}")
     gemv, relu = _session(GEMV_PROBE, device), _session(COPY_PROBE, device)
     sizes = (mib * 2**20, 2 * mib * 2**20)
+    rows = tuple(size // (4 * GEMV_COLUMNS) for size in sizes)
     read_s, copy_s = [], []
-    for size in sizes:
-        rows = size // (4 * GEMV_COLUMNS)
-        matrix = _filled([rows, GEMV_COLUMNS], device)
-        vector = ort.OrtValue.ortvalue_from_numpy(np.full((1, rows), 1e-3, np.float32), device, 0)
+    for size, n in zip(sizes, rows):
+        matrix = _filled([n, GEMV_COLUMNS], device)
+        vector = ort.OrtValue.ortvalue_from_numpy(np.full((1, n), 1e-3, np.float32), device, 0)
         read_s.append(_best_seconds(gemv, {"vector": vector, "matrix": matrix}, "product", device, rounds))
         del matrix, vector  # at most one size of each probe in device memory at a time (8 GB boards)
         x = _filled([size // 4], device)
         copy_s.append(_best_seconds(relu, {"x": x}, "y", device, rounds))
         del x
-    read_bytes = tuple(size // (4 * GEMV_COLUMNS) * 4 * GEMV_COLUMNS for size in sizes)
+    read_bytes = tuple(n * GEMV_COLUMNS * 4 for n in rows)
     return _slope((2 * sizes[0], 2 * sizes[1]), tuple(copy_s)), _slope(read_bytes, tuple(read_s))

@@ -64,20 +64,27 @@ def memory_facts() -> dict:
 DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
 
 
-def gpu_name(device_tree: Path = DEVICE_TREE_MODEL) -> str | None:
-    """The first GPU's name from nvidia-smi, or a Jetson's board model (JetPack images have no nvidia-smi); None
-    where neither tells."""
+def nvidia_smi(field: str) -> str | None:
+    """One ``nvidia-smi --query-gpu`` field of the first GPU, or None without nvidia-smi (or a GPU it sees)."""
     import shutil
     import subprocess
 
-    if shutil.which("nvidia-smi"):
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                                 text=True, timeout=10).stdout.strip()
-            if out:
-                return out.splitlines()[0]
-        except (OSError, subprocess.SubprocessError):
-            pass
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0].strip() if out else None
+
+
+def gpu_name(device_tree: Path = DEVICE_TREE_MODEL) -> str | None:
+    """The first GPU's name from nvidia-smi, or a Jetson's board model (JetPack images have no nvidia-smi); None
+    where neither tells."""
+    name = nvidia_smi("name")
+    if name:
+        return name
     try:
         model = device_tree.read_text(errors="ignore").strip("\x00\n ")
     except OSError:

@@ -329,18 +329,12 @@ def build_engine(onnx_path: Path, out: Path, graph_profiles: list[dict], options
 
 def gpu_identity() -> tuple[str, str]:
     """(GPU name, compute capability like '8.7') of GPU 0, from nvidia-smi; ('unknown', 'unknown') without one."""
-    import shutil
-    import subprocess
+    from megaedge.runtime.machine import nvidia_smi
 
-    if shutil.which("nvidia-smi"):
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=10).stdout.strip().splitlines()
-            if out:
-                name, capability = (part.strip() for part in out[0].rsplit(",", 1))
-                return name, capability
-        except (OSError, subprocess.SubprocessError, ValueError):
-            pass
+    out = nvidia_smi("name,compute_cap")
+    if out and "," in out:
+        name, capability = (part.strip() for part in out.rsplit(",", 1))
+        return name, capability
     return "unknown", "unknown"
 
 

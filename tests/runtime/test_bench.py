@@ -86,6 +86,25 @@ def test_bounds_fall_back_to_host_memory_when_the_gpu_probe_cannot_run(monkeypat
     assert "cannot measure cuda memory" in caplog.text
 
 
+def test_gpu_facts_come_from_one_nvidia_smi_query(monkeypatch, tmp_path):
+    from megaedge.runtime import machine, tensorrt
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text('#!/bin/sh\ncase "$1" in\n'
+                    '  --query-gpu=name) echo "NVIDIA H100 80GB HBM3" ;;\n'
+                    '  --query-gpu=memory.used) echo "5677" ;;\n'
+                    '  --query-gpu=name,compute_cap) echo "NVIDIA H100 80GB HBM3, 9.0" ;;\n'
+                    'esac\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    assert machine.gpu_name() == "NVIDIA H100 80GB HBM3"
+    assert bench.gpu_memory_mib() == 5677.0
+    assert tensorrt.gpu_identity() == ("NVIDIA H100 80GB HBM3", "9.0")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert machine.nvidia_smi("name") is None and bench.gpu_memory_mib() is None
+    assert tensorrt.gpu_identity() == ("unknown", "unknown")
+
+
 def test_gpu_name_from_a_jetson_device_tree(monkeypatch, tmp_path):
     import shutil
 
