@@ -10,24 +10,16 @@ import pytest
 
 def _cuda_unavailable() -> str | None:
     """Why the CUDA execution provider cannot run here (None where it can): onnxruntime-gpu lists it even without a
-    GPU and silently runs on CPU, so a one-node graph is opened to see what it really got."""
+    GPU and silently runs on CPU, so the shipped one-node copy probe is opened to see what it really got."""
     import onnxruntime as ort
+
+    from megaedge.runtime import device_bandwidth, session
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install onnxruntime-gpu in its place)"
-    import onnx
-    from onnx import TensorProto, helper
-
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    if hasattr(ort, "preload_dlls"):
-        ort.preload_dlls()
-    session = ort.InferenceSession(onnx._serialize(model) if hasattr(onnx, "_serialize") else model.SerializeToString(),
-                                   providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-    if session.get_providers()[0] != "CUDAExecutionProvider":
+    probe = ort.InferenceSession(str(device_bandwidth.PROBE_DIR / device_bandwidth.COPY_PROBE),
+                                 providers=session.resolve_providers(("cuda",)))  # preloads pip-installed CUDA
+    if probe.get_providers()[0] != "CUDAExecutionProvider":
         return "CUDAExecutionProvider could not start (no GPU or CUDA / cuDNN libraries missing)"
     return None
 
