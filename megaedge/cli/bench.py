@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from megaedge.cli.common import add_decode_engine_option
+
 NAME = "bench"
 HELP = "measure a bundle on this machine: stages (median/p95), decode tok/s vs the bandwidth bound, RTF, memory"
 
@@ -29,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="generate exactly this many tokens, ignoring EOS, so runs compare (0: stop at EOS)")
     parser.add_argument("--route", choices=("auto", "base", "lora"), default="auto")
     parser.add_argument("--providers", default="cpu", help="comma list: cpu, cuda, tensorrt (default cpu)")
+    add_decode_engine_option(parser)
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     parser.add_argument("--json", dest="json_out", metavar="OUT", help="write the full report as JSON")
     parser.add_argument("--plot", metavar="OUT.png", help="stacked stage bar chart (needs matplotlib)")
@@ -51,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     lengths = _seconds_list(args.audio)
     options = bench.BenchOptions(audio_seconds=lengths, repeat=args.repeat, warmup=args.warmup,
                                  new_tokens=args.tokens or None, route=args.route, threads=args.threads,
-                                 providers=tuple(args.providers.split(",")), profile_dir=args.profile)
+                                 providers=tuple(args.providers.split(",")), profile_dir=args.profile,
+                                 decode=args.decode)
     bar = track(range(len(lengths) * (args.repeat + args.warmup)), desc="bench", unit="run")
     steps = iter(bar)
     report = bench.run(args.bundle, options, progress=lambda seconds, i: next(steps, None))

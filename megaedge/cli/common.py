@@ -22,6 +22,14 @@ def add_decoding_options(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object per file")
 
 
+def add_decode_engine_option(parser) -> None:
+    """--decode: which engine runs the decode steps of the lean runtime (runtime.transcriber.DECODE_ENGINES)."""
+    parser.add_argument("--decode", choices=("auto", "native", "ort"), default="auto",
+                        help="decode steps of a weight-only INT8 bundle: native (megaedge's CPU kernel, built on "
+                             "first use with the machine's C compiler), ort (onnxruntime), auto (native where "
+                             "possible; default)")
+
+
 def print_json(obj) -> None:
     json.dump(obj, sys.stdout, indent=2, ensure_ascii=False)
     sys.stdout.write("\n")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from megaedge.cli.common import add_decode_engine_option
+
 NAME = "eval"
 HELP = "measure WER/CER of a bundle on a JSONL clip set (per condition / scenario, empty and loop rates, routes)"
 
@@ -16,6 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--language", help="force the language")
     parser.add_argument("--limit", type=int, help="evaluate only the first N clips")
     parser.add_argument("--providers", default="cpu", help="comma list: cpu, cuda, tensorrt (default cpu)")
+    add_decode_engine_option(parser)
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     parser.add_argument("--json", dest="json_out", help="also write the full report (groups + per-clip rows) here")
 
@@ -33,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     items = read_set(args.set or fixture.heldout_manifest())[: args.limit or None]
     transcriber = Transcriber.from_bundle(args.bundle, providers=args.providers.split(","), route=args.route,
-                                          threads=args.threads)
+                                          threads=args.threads, decode=args.decode)
 
     def one(path):
         result = transcriber.transcribe(path, language=args.language)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from megaedge.cli.common import add_decode_engine_option
+
 NAME = "stream"
 HELP = "stream from a microphone (--mic) or a file (--file): partials update in place, finals on new lines"
 
@@ -26,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", help="context / hotwords placed in the system prompt")
     parser.add_argument("--json", action="store_true", help="one JSON event per line (partials and finals)")
     parser.add_argument("--providers", default="cpu", help="comma list: cpu, cuda, tensorrt (default cpu)")
+    add_decode_engine_option(parser)
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
 
 
@@ -135,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     options = _options(args)
     chunks = _mic_chunks(args, options.hop_seconds) if args.mic else _file_chunks(args, options.hop_seconds)
     transcriber = Transcriber.from_bundle(args.bundle, providers=args.providers.split(","), route=args.route,
-                                          threads=args.threads)
+                                          threads=args.threads, decode=args.decode)
     stream = transcriber.create_stream(options)
     show = _Printer(args.json)
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from megaedge.cli.common import add_decoding_options
+from megaedge.cli.common import add_decode_engine_option, add_decoding_options
 
 NAME = "transcribe"
 HELP = "transcribe audio files with a bundle (lean runtime: numpy + onnxruntime + tokenizers)"
@@ -17,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="routed bundles: auto = the router decides per segment (default); base / lora force one")
     add_decoding_options(parser)
     parser.add_argument("--providers", default="cpu", help="comma list: cpu, cuda, tensorrt (default cpu)")
+    add_decode_engine_option(parser)
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
 
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     for name in args.files:  # a bad file fails before the bundle is loaded
         audio_io.check_readable(name)
     transcriber = Transcriber.from_bundle(args.bundle, providers=args.providers.split(","), route=args.route,
-                                          verify=not args.no_verify, threads=args.threads)
+                                          verify=not args.no_verify, threads=args.threads, decode=args.decode)
     for name in args.files:
         result = transcriber.transcribe(name, language=args.language, context=args.context,
                                         max_new_tokens=args.max_new_tokens)

@@ -496,6 +496,13 @@ def quantize_bundle(fp32_bundle: Path, out: Path, recipe: Int8Recipe, calib_item
         log.info("%s: %s", name, details[name])
     doc = info.to_dict()
     doc["precision"] = "int8"
+    doc["decoder"] = {k: v for k, v in doc["decoder"].items() if k != "native"}
+    if recipe.decoder == "weight-only" and recipe.decoder_bits == 8 and not info.routed:
+        from megaedge.export.native_index import write_index
+
+        index = write_index(out, doc["decoder"])
+        if index is not None:
+            doc["decoder"]["native"] = index
     doc["graphs"] = {k: asdict(v) for k, v in graphs.items()}
     doc["quantization"] = {"recipe": asdict(recipe), "target": target, "graphs": details,
                            "calibration": {"clips": len(calib_items), "source": calibration_source}}

@@ -40,6 +40,7 @@ class BenchOptions:
     providers: tuple[str, ...] = ("cpu",)
     bandwidth_mib: int = 256
     profile_dir: str | None = None  # after the timed runs, one profiled run per length; traces land here
+    decode: str = "auto"  # decode-step engine (transcriber.DECODE_ENGINES)
 
 
 def speech_like_audio(seconds: float, seed: int = 0, rate: int = 16000) -> np.ndarray:
@@ -182,8 +183,10 @@ def run(bundle, options: BenchOptions = BenchOptions(), progress=None) -> dict:
     bundle = Path(bundle).expanduser()
     t0 = time.perf_counter()
     tr = Transcriber.from_bundle(bundle, providers=options.providers, route=options.route, threads=options.threads,
-                                 verify=False)
+                                 verify=False, decode=options.decode)
     load_seconds = time.perf_counter() - t0
+    if tr.native is not None:
+        tr.native.wait_loaded()  # its background read would otherwise lower the bandwidth measured next
     info = tr.manifest
     on = tr.sessions["decoder"].device  # "cpu" or "cuda": whose memory the decode steps stream from
     bounds = BandwidthBounds(options.bandwidth_mib, options.threads, on)  # measured again after the timed runs
@@ -195,6 +198,7 @@ def run(bundle, options: BenchOptions = BenchOptions(), progress=None) -> dict:
         "device": {**{k: v for k, v in cpu.items() if k != "int8_note"},
                    "threads": options.threads or os.cpu_count(), "memory_gib": machine.memory_facts()["total_gib"],
                    "providers": list(tr.sessions["decoder"].providers),
+                   "decode_engine": f"native ({tr.native.kernels.isa})" if tr.native else "onnxruntime",
                    **({"gpu": machine.gpu_name()} if on == "cuda" else {})},
         "versions": {"megaedge": __version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
@@ -258,7 +262,7 @@ def profile_runs(bundle: Path, options: BenchOptions) -> dict:
     out = Path(options.profile_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     tr = Transcriber.from_bundle(bundle, providers=options.providers, route=options.route, threads=options.threads,
-                                 verify=False, profile_dir=out.resolve())
+                                 verify=False, profile_dir=out.resolve(), decode=options.decode)
     for seconds in options.audio_seconds:
         tr.transcribe(speech_like_audio(seconds), max_new_tokens=options.new_tokens,
                       ignore_eos=options.new_tokens is not None, segment_seconds=None, loop_guard=False)

@@ -126,6 +126,13 @@ def prepare(bundle: str | Path, threads: int | None = None) -> dict:
                                  "bytes": sum(p.stat().st_size for p in files),
                                  "seconds": round(time.perf_counter() - t0, 2)}
         log.info("prepared %s in %.1f s", name, time.perf_counter() - t0)
+    from megaedge.runtime import kernels, native_decode
+
+    if native_decode.available(info) is None:  # the decode-step kernel is per machine too: build it now
+        try:
+            index["native_kernel"] = kernels.load().isa
+        except RuntimeError as exc:
+            log.warning("native decode kernel not built (%s): decode steps stay in onnxruntime", exc)
     index["verified"] = _stamps(bundle, info)
     (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     shutil.rmtree(target, ignore_errors=True)

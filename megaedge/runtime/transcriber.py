@@ -102,8 +102,9 @@ def load_lanes(graph_bytes: dict[str, int], cores: int) -> list[list[str]]:
 
 
 class Transcriber:
-    def __init__(self, bundle: Path, info: manifest.Manifest, sessions: dict, tokenizer, route: str):
+    def __init__(self, bundle: Path, info: manifest.Manifest, sessions: dict, tokenizer, route: str, native=None):
         self.bundle, self.manifest, self.sessions, self.tokenizer = bundle, info, sessions, tokenizer
+        self.native = native  # runtime.native_decode.NativeDecoder: the decode steps after an onnxruntime prefill
         if route not in ROUTES:
             raise MegaedgeError(f"route {route!r} is not one of {ROUTES}")
         if route == "base" and not info.routed:  # a merged bundle has the LoRA folded in: no base route left
@@ -122,11 +123,13 @@ class Transcriber:
     @classmethod
     def from_bundle(cls, path, providers=("cpu",), route: str = "auto", verify: bool = True,
                     threads: int | None = None, use_prepared: bool = True,
-                    profile_dir: Path | None = None) -> Transcriber:
+                    profile_dir: Path | None = None, decode: str = "auto") -> Transcriber:
         """Load a bundle. ``verify`` hashes every file against the manifest, unless ``megaedge prepare`` already
         did and no file changed since; on the CPU provider, graphs prepared for this machine load from their
         prepared copy (``use_prepared``). With ``profile_dir``, every onnxruntime session records a per-node trace
-        there (``runtime.profiling``)."""
+        there (``runtime.profiling``). ``decode``: ``native`` runs the decode steps of a weight-only INT8 bundle
+        with megaedge's own CPU kernel (runtime.native_decode), ``ort`` with onnxruntime, ``auto`` natively where
+        the bundle, the providers (CPU only) and the machine (a C compiler) allow it."""
         from concurrent.futures import ThreadPoolExecutor
 
         from tokenizers import Tokenizer
@@ -138,6 +141,7 @@ class Transcriber:
         if verify and not prepared.verified(bundle, info):
             manifest.check_files(bundle, info)
         cpu_only = tuple(providers) == ("cpu",)
+        native = _native_decoder(bundle, info, decode, cpu_only, threads)
         ort_providers = ("cpu",) if "engine" in providers else providers  # graphs without an engine
         opened = {}
 
@@ -176,7 +180,7 @@ class Transcriber:
         tokenizer = loaded.pop(_TOKENIZER)
         opened.update(loaded)
         sessions = {name: opened[name] for name in info.graphs if name in opened}
-        return cls(bundle, info, sessions, tokenizer, route)
+        return cls(bundle, info, sessions, tokenizer, route, native)
 
     # ------------------------------------------------------------------------------------------------ stages
     def encode(self, samples: np.ndarray, timer: _Timer | None = None) -> np.ndarray:
@@ -230,7 +234,9 @@ class Transcriber:
 
     def decode(self, prompt_ids: list[int], audio: np.ndarray, max_new_tokens: int, timer: _Timer | None = None,
                ignore_eos: bool = False, no_repeat_ngram: int = 0) -> list[int]:
-        """Greedy decoding with the KV cache kept in onnxruntime memory between steps (IO binding)."""
+        """Greedy decoding. The prompt runs in onnxruntime; the steps after it run in the native decoder when there
+        is one (its cache taken over from the prefill), else in onnxruntime with the KV cache kept in its memory
+        between steps (IO binding)."""
         import onnxruntime as ort
 
         session = self.decoder_for(len(prompt_ids))
@@ -244,8 +250,11 @@ class Transcriber:
         generated: list[int] = []
         t0 = time.perf_counter()
         for step in range(max_new_tokens):
-            outs = session.run_bound(feed, check=step < 2)
-            logits = outs[0].numpy()[0]
+            if self.native is not None and step > 0:
+                logits = self.native.step(generated[-1])
+            else:
+                outs = session.run_bound(feed, check=step < 2)
+                logits = outs[0].numpy()[0]
             if no_repeat_ngram and len(generated) >= no_repeat_ngram - 1:
                 for banned in _banned_tokens(generated, no_repeat_ngram):
                     logits[banned] = -np.inf
@@ -256,6 +265,10 @@ class Transcriber:
             if token in eos and not ignore_eos:
                 break
             generated.append(token)
+            if self.native is not None:
+                if step == 0:
+                    self.native.start([value.numpy() for value in outs[1:]], max_new_tokens)
+                continue
             session = self.sessions["decoder"]
             feed = {"input_ids": np.asarray([[token]], np.int64), "audio_features": no_audio, "logits_at": LAST,
                     **dict(zip(self.past_names, outs[1:]))}
@@ -342,6 +355,32 @@ class Transcriber:
         raw = self.tokenizer.decode(tokens, skip_special_tokens=True)
         parsed = parse_asr_output(raw)
         return SegmentResult(start / rate, end / rate, parsed.text, tokens, chosen, prob, guard, parsed.language)
+
+
+DECODE_ENGINES = ("auto", "native", "ort")
+
+
+def _native_decoder(bundle: Path, info: manifest.Manifest, decode: str, cpu_only: bool, threads: int | None):
+    """The native decode step for ``decode`` (see from_bundle), or None for onnxruntime's."""
+    if decode not in DECODE_ENGINES:
+        raise MegaedgeError(f"decode engine {decode!r} is not one of {DECODE_ENGINES}")
+    if decode == "ort":
+        return None
+    from megaedge.runtime import kernels, native_decode
+
+    reason = native_decode.available(info) or (None if cpu_only else "it runs on the CPU provider only")
+    if reason is None:
+        try:
+            loaded = kernels.load()
+        except RuntimeError as exc:
+            reason = f"the native kernel cannot be built here: {exc}"
+    if reason is not None:
+        if decode == "native":
+            raise MegaedgeError(f"{bundle}: --decode native is not possible: {reason}; use --decode ort")
+        log.info("decode steps in onnxruntime: %s", reason)
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return native_decode.NativeDecoder(bundle, info, loaded, threads or cores)
 
 
 def _banned_tokens(tokens: list[int], n: int) -> set[int]:

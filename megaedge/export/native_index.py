@@ -1,0 +1,190 @@
+"""Index of an INT8 decoder's weights for the runtime's own CPU decode step (megaedge/runtime/native_decode.py).
+
+The weight-only INT8 decoder keeps every projection in onnxruntime's ``MatMulNBits`` 8-bit layout. The native
+decode step reads those same bytes, so a bundle carries its decoder weights once: the index records where each
+tensor lies in the graph's external data file (offset, length, dtype, shape), and the few tensors stored inside
+the graph itself (norm weights of small models) are copied into a small sidecar ``.npz``. The runtime reads only
+the manifest, the data file and the sidecar; it never parses ONNX.
+
+Projections are found in graph order, seven per layer (q, k, v, o, gate, up, down), each checked against the
+layer geometry; the parity tests hold the native step's logits to onnxruntime's, so a mismatch cannot pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from megaedge.runtime import manifest
+
+log = logging.getLogger("megaedge.export.native_index")
+
+PROJECTIONS = manifest.NATIVE_PROJECTIONS
+
+
+def _rms_eps(model, tensors) -> float | None:
+    """The epsilon of the graph's RMS norms: the constant added to the first mean of squares."""
+    from onnx import numpy_helper
+
+    means = [n.output[0] for n in model.graph.node if n.op_type == "ReduceMean"]
+    for node in model.graph.node:
+        if node.op_type == "Add" and means and means[0] in node.input:
+            other = [i for i in node.input if i != means[0]]
+            if other and other[0] in tensors.by_name:
+                return float(numpy_helper.to_array(tensors.by_name[other[0]]).reshape(-1)[0])
+    return None
+
+
+def _geometry(decoder: dict, nbits, eps: float) -> dict:
+    """Layer geometry from the manifest; heads and MLP width read off the first layer's projections."""
+    from onnx import helper
+
+    head_dim = decoder["head_dim"]
+    first = [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in nbits[:7]]
+    return {"layers": decoder["num_layers"], "hidden": decoder["hidden_size"], "intermediate": first[4]["N"],
+            "heads": first[0]["N"] // head_dim, "kv_heads": decoder["kv_heads"], "head_dim": head_dim,
+            "vocab": decoder["vocab_size"], "eps": eps, "scaling": head_dim ** -0.5}
+
+
+def _expected_shapes(g: dict) -> dict[str, tuple[int, int]]:
+    """(K, N) of each projection."""
+    h, q, kv, i = g["hidden"], g["heads"] * g["head_dim"], g["kv_heads"] * g["head_dim"], g["intermediate"]
+    return {"q": (h, q), "k": (h, kv), "v": (h, kv), "o": (q, h), "gate": (h, i), "up": (h, i), "down": (i, h)}
+
+
+class _Tensors:
+    """Initializer -> reference: bytes in the external data file, or a copy in the sidecar."""
+
+    def __init__(self, model):
+        from onnx import numpy_helper
+
+        self._numpy = numpy_helper.to_array
+        self.by_name = {t.name: t for t in model.graph.initializer}
+        self.sidecar: dict[str, np.ndarray] = {}
+
+    def ref(self, name: str) -> dict:
+        from onnx import helper
+
+        tensor = self.by_name[name]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).name
+        external = {e.key: e.value for e in tensor.external_data}
+        if external:
+            return {"file": external["location"], "offset": int(external.get("offset", 0)),
+                    "length": int(external["length"]), "dtype": dtype, "shape": list(tensor.dims)}
+        key = f"t{len(self.sidecar)}"
+        self.sidecar[key] = self._numpy(tensor)
+        return {"file": manifest.NATIVE_DECODER_FILE, "key": key, "dtype": dtype, "shape": list(tensor.dims)}
+
+
+def _attrs(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def build_index(decoder_path: Path, decoder: dict) -> tuple[dict, dict[str, np.ndarray]] | None:
+    """(index, sidecar arrays) for a weight-only 8-bit decoder graph, or None (with the reason logged) for any
+    other graph: float or 4-bit projections, LoRA branches (routed), zero points, an unexpected layout."""
+    import onnx
+
+    model = onnx.load(str(decoder_path), load_external_data=False)
+    tensors = _Tensors(model)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    layers = decoder["num_layers"]
+
+    def why_not(reason: str) -> None:
+        log.info("%s: no native decode index (%s)", decoder_path.name, reason)
+
+    eps = _rms_eps(model, tensors)
+    if eps is None:
+        return why_not("no RMS-norm epsilon found")
+    if len(nbits) != 7 * layers + 1:
+        return why_not(f"{len(nbits)} MatMulNBits nodes, a weight-only 8-bit decoder of {layers} layers has "
+                       f"{7 * layers + 1}")
+    if any(n.op_type == "MatMul" and n.input[1] in tensors.by_name for n in model.graph.node):
+        return why_not("float projections remain (LoRA branches or excluded layers)")
+    # The LM head can sit anywhere in node order (the tied-embedding rewrite inserts it first); the projections
+    # keep the order the layers were traced in.
+    heads = [n for n in nbits if _attrs(n).get("N") == decoder["vocab_size"]]
+    if len(heads) != 1:
+        return why_not(f"{len(heads)} MatMulNBits nodes of the vocabulary's width, expected one LM head")
+    nbits = [n for n in nbits if n is not heads[0]] + heads
+    g = _geometry(decoder, nbits, eps)
+    expected = _expected_shapes(g)
+
+    def linear(node, want: tuple[int, int] | None) -> dict | None:
+        a = _attrs(node)
+        if a.get("bits") != 8 or len(node.input) > 3 or (want and (a["K"], a["N"]) != want):
+            return None
+        return {"k": a["K"], "n": a["N"], "block": a["block_size"],
+                "weight": tensors.ref(node.input[1]), "scales": tensors.ref(node.input[2])}
+
+    index_layers = []
+    for i in range(layers):
+        entry = {}
+        for j, name in enumerate(PROJECTIONS):
+            found = linear(nbits[7 * i + j], expected[name])
+            if found is None:
+                return why_not(f"layer {i} {name}: not an 8-bit {expected[name]} projection")
+            entry[name] = found
+        prefix = f"lm.layers.{i}."
+        norms = {"input_norm": "input_layernorm.weight", "post_norm": "post_attention_layernorm.weight",
+                 "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight"}
+        for key, suffix in norms.items():
+            if prefix + suffix not in tensors.by_name:
+                return why_not(f"no initializer {prefix + suffix}")
+            entry[key] = tensors.ref(prefix + suffix)
+        index_layers.append(entry)
+    head = linear(nbits[-1], (g["hidden"], g["vocab"]))
+    if head is None:
+        return why_not("the LM head is not an 8-bit MatMulNBits")
+    if "tied_embedding_q8" in tensors.by_name:
+        embedding = {"kind": "q8", "weight": tensors.ref("tied_embedding_q8"),
+                     "scales": tensors.ref("tied_embedding_scale")}
+    else:
+        gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in tensors.by_name
+                   and len(tensors.by_name[n.input[0]].dims) == 2]
+        if not gathers:
+            return why_not("no embedding table found")
+        embedding = {"kind": "float", "weight": tensors.ref(gathers[0].input[0])}
+    for name in ("lm.norm.weight", "lm.rotary_emb.inv_freq"):
+        if name not in tensors.by_name:
+            return why_not(f"no initializer {name}")
+    index = {"format": "matmulnbits-q8", "zero_point": 128, **g, "layers": index_layers, "lm_head": head,
+             "embedding": embedding, "final_norm": tensors.ref("lm.norm.weight"),
+             "inv_freq": tensors.ref("lm.rotary_emb.inv_freq")}
+    return index, tensors.sidecar
+
+
+def write_index(bundle: Path, decoder: dict) -> dict | None:
+    """Index the bundle's decoder graph; writes the sidecar next to it when one is needed. Returns the index for
+    the manifest's ``decoder["native"]`` (None when the decoder cannot be run natively)."""
+    built = build_index(bundle / manifest.DECODER_FILE, decoder)
+    if built is None:
+        return None
+    index, sidecar = built
+    path = bundle / manifest.NATIVE_DECODER_FILE
+    if sidecar:
+        with open(path, "wb") as f:
+            np.savez(f, **sidecar)
+    else:
+        path.unlink(missing_ok=True)
+    return index
+
+
+def index_bundle(bundle: str | Path) -> manifest.Manifest:
+    """Add (or refresh) the native decode index of an existing INT8 bundle in place and re-write its manifest."""
+    bundle = Path(bundle)
+    info = manifest.read(bundle, verify=False)
+    doc = info.to_dict()
+    doc["decoder"] = {k: v for k, v in doc["decoder"].items() if k != "native"}
+    index = write_index(bundle, doc["decoder"])
+    if index is not None:
+        doc["decoder"]["native"] = index
+    doc["files"] = {p.name: manifest.sha256_file(p) for p in sorted(bundle.iterdir())
+                    if p.is_file() and p.name != manifest.MANIFEST_NAME}
+    frozen = manifest.Manifest.from_dict(doc)
+    manifest.write(frozen, bundle)
+    return frozen

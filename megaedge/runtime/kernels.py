@@ -1,0 +1,131 @@
+"""The native CPU kernels (megaedge/assets/kernels/q8gemv.c): compiled once per machine, loaded with ctypes.
+
+They are built on the machine that runs them, with its own C compiler and ``-march=native``, because the fast
+path depends on the CPU (AVX512-VNNI) and a prebuilt binary for one CPU is wrong for the next. The shared object
+is cached under ``$MEGAEDGE_CACHE`` (default ``~/.cache/megaedge``) keyed by the source, the compiler and the
+CPU, so a copied home directory never hands a binary to a CPU it was not built for. ``megaedge prepare`` builds
+it ahead of time; without a compiler the runtime keeps onnxruntime's decode step and says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from megaedge.runtime import machine
+
+log = logging.getLogger("megaedge.runtime.kernels")
+
+SOURCE = Path(__file__).resolve().parents[1] / "assets" / "kernels" / "q8gemv.c"
+ABI_VERSION = 2
+ISA_NAMES = {2: "avx512-vnni", 0: "portable-c"}
+FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-fopenmp"), ("-O3",))
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MEGAEDGE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megaedge"
+    return Path(root) / "kernels"
+
+
+def compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+
+
+def _key(cc: str) -> str:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    for part in (*version, machine.cpu_facts()["model"], " ".join(sorted(machine.cpu_flags())), os.uname().machine):
+        digest.update(part.encode())
+    return digest.hexdigest()[:16]
+
+
+def build(force: bool = False) -> Path:
+    """Compile the kernels for this machine (or find the cached build); returns the shared object's path.
+    Raises RuntimeError naming what failed."""
+    cc = compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
+    out = cache_dir() / f"q8gemv-{_key(cc)}.so"
+    if out.is_file() and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags in FLAG_SETS:  # -march=native or OpenMP can be missing (old clang, some cross toolchains)
+        with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
+            pass
+        result = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", tmp.name, str(SOURCE), "-lm"],
+                                capture_output=True, text=True)
+        if result.returncode == 0:
+            os.replace(tmp.name, out)  # atomic: a concurrent build never loads a half-written file
+            log.info("built %s with %s %s", out.name, Path(cc).name, " ".join(flags))
+            return out
+        os.unlink(tmp.name)
+        errors.append(f"{' '.join(flags)}: {(result.stderr.strip().splitlines() or ['failed'])[-1]}")
+    raise RuntimeError(f"{cc} could not build {SOURCE.name} ({'; '.join(errors)})")
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """An activation vector quantized per block: int8 values, one scale and one sum per block."""
+    q: np.ndarray
+    scales: np.ndarray
+    sums: np.ndarray
+
+
+class Q8Kernels:
+    """ctypes front of the shared object; arrays are passed by pointer, so callers keep them contiguous."""
+
+    def __init__(self, path: Path):
+        lib = ctypes.CDLL(str(path))
+        if lib.me_abi_version() != ABI_VERSION:
+            raise RuntimeError(f"{path.name}: kernel ABI {lib.me_abi_version()}, this megaedge needs {ABI_VERSION}")
+        p, i = ctypes.c_void_p, ctypes.c_int
+        lib.me_quantize.argtypes = [p, p, ctypes.c_float, i, i, i, p, p, p, p]
+        lib.me_quantize.restype = None
+        lib.me_gemv_q8.argtypes = [p, p, p, p, p, p, i, i, i, i]
+        lib.me_gemv_q8.restype = None
+        self._lib, self.path = lib, path
+        self.isa = ISA_NAMES.get(lib.me_isa(), "unknown")
+
+    def quantize(self, x: np.ndarray, block: int, blocks: int, norm: np.ndarray | None = None,
+                 eps: float = 0.0) -> Quantized:
+        """Per-block int8 of ``x`` (first RMS-normalized with weight ``norm`` and ``eps`` when given)."""
+        x = np.ascontiguousarray(x, np.float32)
+        out = Quantized(np.empty(block * blocks, np.int8), np.empty(blocks, np.float32), np.empty(blocks, np.int32))
+        scratch = np.empty_like(x) if norm is not None else None
+        self._lib.me_quantize(x.ctypes.data, None if norm is None else norm.ctypes.data, eps, x.size, block, blocks,
+                              out.q.ctypes.data, out.scales.ctypes.data, out.sums.ctypes.data,
+                              None if scratch is None else scratch.ctypes.data)
+        return out
+
+    def gemv(self, weight: np.ndarray, scales: np.ndarray, x: Quantized, out: np.ndarray, threads: int) -> np.ndarray:
+        """out[n] = sum over blocks of scales[n, b] * x.scales[b] * <weight[n, b] - 128, x.q[b]>."""
+        n, blocks, block = weight.shape
+        self._lib.me_gemv_q8(weight.ctypes.data, scales.ctypes.data, x.q.ctypes.data, x.scales.ctypes.data,
+                             x.sums.ctypes.data, out.ctypes.data, n, blocks, block, threads)
+        return out
+
+
+_loaded: dict[str, Q8Kernels | str] = {}
+
+
+def load() -> Q8Kernels:
+    """The kernels for this machine, built on first use; raises RuntimeError (cached) when they cannot be."""
+    if "kernels" not in _loaded:
+        try:
+            _loaded["kernels"] = Q8Kernels(build())
+        except (RuntimeError, OSError) as exc:
+            _loaded["kernels"] = str(exc)
+    found = _loaded["kernels"]
+    if isinstance(found, str):
+        raise RuntimeError(found)
+    return found

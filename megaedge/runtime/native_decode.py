@@ -1,0 +1,240 @@
+"""The decode step of a weight-only INT8 bundle on the CPU without onnxruntime: numpy for the small per-token work,
+megaedge's own 8-bit matrix-vector kernel (runtime/kernels.py) for the projections and the LM head.
+
+Why: one decode step reads every decoder weight once, so its speed is the speed of reading ~1.8 GB (1.7B). The
+int8 kernels of onnxruntime 1.31 (MatMulNBits, MatMulInteger) and OpenVINO 2026.4 read at most ~60 % of a
+2-core Xeon's bandwidth at one row (benchmarks/results/gemv_bandwidth*.json); the native kernel keeps several
+read streams in flight per core. Prefill stays in onnxruntime (a matrix product, where its kernels are good),
+and hands its KV cache over.
+
+The weights are the bundle's own MatMulNBits bytes, read in place through a memory map (export's native index,
+``manifest.decoder["native"]``), so nothing is converted or duplicated on disk. The arithmetic is the graph's:
+RMS norms, q/k norms, rotary embedding from the graph's own inverse frequencies, grouped-query attention over an
+fp32 cache, SwiGLU; activations are quantized per block as MatMulNBits does at accuracy level 4, so tokens agree
+with onnxruntime's (tests/runtime/test_native_decode.py holds them to it).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from megaedge.errors import MegaedgeError
+from megaedge.runtime import manifest
+
+log = logging.getLogger("megaedge.runtime.native_decode")
+PROJECTIONS = manifest.NATIVE_PROJECTIONS
+
+
+@dataclass(frozen=True)
+class Linear:
+    weight: np.ndarray  # uint8 [N, blocks, block] (value + 128)
+    scales: np.ndarray  # float32 [N, blocks]
+    k: int
+
+    @property
+    def n(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def blocks(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def block(self) -> int:
+        return self.weight.shape[2]
+
+
+@dataclass(frozen=True)
+class Layer:
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+    gate: Linear
+    up: Linear
+    down: Linear
+    input_norm: np.ndarray
+    post_norm: np.ndarray
+    q_norm: np.ndarray
+    k_norm: np.ndarray
+
+
+class _Tensors:
+    """Tensor references of the index -> arrays: memory-mapped slices of data files, or sidecar arrays."""
+
+    def __init__(self, bundle: Path):
+        self.bundle = bundle
+        self._maps: dict[str, np.memmap] = {}
+        self._sidecar = None
+
+    def read(self, ref: dict) -> np.ndarray:
+        """A private in-memory copy, read with plain file reads: the file's pages stay in the page cache instead of
+        also counting in this process's resident memory, as touched pages of a map would."""
+        if "key" in ref:
+            return self(ref).copy()
+        data = np.fromfile(self.bundle / ref["file"], np.uint8, count=ref["length"], offset=ref["offset"])
+        return data.view(ref["dtype"]).reshape(ref["shape"])
+
+    def __call__(self, ref: dict) -> np.ndarray:
+        dtype, shape = np.dtype(ref["dtype"]), tuple(ref["shape"])
+        if "key" in ref:
+            if self._sidecar is None:
+                with np.load(self.bundle / ref["file"]) as data:
+                    self._sidecar = {k: data[k] for k in data.files}
+            return np.ascontiguousarray(self._sidecar[ref["key"]], dtype).reshape(shape)
+        if ref["file"] not in self._maps:
+            self._maps[ref["file"]] = np.memmap(self.bundle / ref["file"], np.uint8, mode="r")
+        start = ref["offset"]
+        return self._maps[ref["file"]][start : start + ref["length"]].view(dtype).reshape(shape)
+
+
+def _linear(tensors: _Tensors, entry: dict, read: bool = False) -> Linear:
+    get = tensors.read if read else tensors
+    n = entry["n"]
+    weight = get(entry["weight"]).reshape(n, -1, entry["block"])
+    scales = get(entry["scales"]).reshape(n, weight.shape[1])
+    if scales.dtype != np.float32:
+        scales = scales.astype(np.float32)
+    return Linear(weight, scales, entry["k"])
+
+
+def available(info: manifest.Manifest) -> str | None:
+    """None when the bundle's decode step can run natively, else why not."""
+    index = info.decoder.get("native")
+    if index is None:
+        return "the bundle has no native decode index (a weight-only 8-bit decoder exported by megaedge >= 0.9)"
+    if index.get("format") != "matmulnbits-q8":
+        return f"native index format {index.get('format')!r} is not known to this megaedge"
+    if info.routed:
+        return "routed bundles gate the LoRA inside the graph"
+    return None
+
+
+class NativeDecoder:
+    """Weights shared and read-only; the KV cache is per decoder (one decode at a time).
+
+    With ``in_memory`` the projection weights are copied from the memory map into anonymous memory by a background
+    thread started here, while the caller encodes and prefills; the first ``start`` waits for it. Why: a file map
+    is read through 4 KiB pages, anonymous memory through 2 MiB pages (numpy asks for transparent huge pages), and
+    the decode step reads 1.8 GB per token (1.7B, 2-core Xeon: 13.5 GB/s from the map, 19-24 GB/s from memory)."""
+
+    def __init__(self, bundle: Path, info: manifest.Manifest, kernels, threads: int | None = None,
+                 in_memory: bool = True):
+        reason = available(info)
+        if reason:
+            raise MegaedgeError(f"{bundle}: cannot decode natively: {reason}")
+        index = self._index = info.decoder["native"]
+        tensors = self._tensors = _Tensors(bundle)
+        self.kernels, self.threads = kernels, threads or 1
+        self.heads, self.kv_heads, self.head_dim = index["heads"], index["kv_heads"], index["head_dim"]
+        self.hidden, self.eps, self.scaling = index["hidden"], float(index["eps"]), float(index["scaling"])
+        self.layers = [Layer(**{name: _linear(tensors, entry[name]) for name in PROJECTIONS},
+                             **{name: tensors(entry[name]).astype(np.float32)
+                                for name in ("input_norm", "post_norm", "q_norm", "k_norm")})
+                       for entry in index["layers"]]
+        self.lm_head = _linear(tensors, index["lm_head"])
+        self.final_norm = tensors(index["final_norm"]).astype(np.float32)
+        self.inv_freq = tensors(index["inv_freq"]).astype(np.float32).reshape(-1)
+        emb = index["embedding"]
+        self._embedding = tensors(emb["weight"])
+        self._embedding_scales = tensors(emb["scales"]) if emb["kind"] == "q8" else None
+        if self._embedding_scales is not None:
+            rows = self._embedding.shape[0]
+            self._embedding = self._embedding.reshape(rows, -1, self._embedding.shape[-1])
+            self._embedding_scales = self._embedding_scales.reshape(rows, -1).astype(np.float32)
+        self.keys: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+        self.length = 0
+        self.load_seconds = 0.0
+        self._loader = threading.Thread(target=self._load_in_memory, name="megaedge-native-load", daemon=True)
+        if in_memory:
+            self._loader.start()
+
+    def _load_in_memory(self) -> None:
+        t0 = time.perf_counter()
+        read = lambda entry: _linear(self._tensors, entry, read=True)  # noqa: E731
+        self.layers = [replace(layer, **{name: read(entry[name]) for name in PROJECTIONS})
+                       for layer, entry in zip(self.layers, self._index["layers"])]
+        self.lm_head = read(self._index["lm_head"])
+        self.load_seconds = time.perf_counter() - t0
+        log.info("decoder weights in memory in %.2f s", self.load_seconds)
+
+    def wait_loaded(self) -> None:
+        if self._loader.is_alive():
+            self._loader.join()
+
+    # ------------------------------------------------------------------------------------------- cache
+    def start(self, presents: list[np.ndarray], max_new_tokens: int) -> None:
+        """Take over the cache of a prefill: ``presents`` alternate key, value per layer, [1, kv_heads, P, dim]."""
+        self.wait_loaded()
+        positions = presents[0].shape[2]
+        capacity = positions + max_new_tokens + 1
+        self.keys, self.values = [], []
+        for i in range(len(self.layers)):
+            for store, present in ((self.keys, presents[2 * i]), (self.values, presents[2 * i + 1])):
+                buffer = np.empty((self.kv_heads, capacity, self.head_dim), np.float32)
+                buffer[:, :positions] = present[0]
+                store.append(buffer)
+        self.length = positions
+
+    # ------------------------------------------------------------------------------------------- step
+    def _rms(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        variance = np.mean(np.square(x), axis=-1, keepdims=True)
+        return x / np.sqrt(variance + self.eps) * weight
+
+    def _project(self, linear: Linear, x) -> np.ndarray:
+        return self.kernels.gemv(linear.weight, linear.scales, x, np.empty(linear.n, np.float32), self.threads)
+
+    def _quantize(self, x: np.ndarray, linear: Linear, norm: np.ndarray | None = None):
+        return self.kernels.quantize(x, linear.block, linear.blocks, norm, self.eps)
+
+    def embed(self, token: int) -> np.ndarray:
+        if self._embedding_scales is None:
+            return np.array(self._embedding[token], np.float32)
+        rows = (self._embedding[token].astype(np.float32) - 128.0) * self._embedding_scales[token][:, None]
+        return rows.reshape(-1)[: self.hidden]
+
+    def _rotate(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        half = x.shape[-1] // 2
+        rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        return x * cos + rotated * sin
+
+    def step(self, token: int) -> np.ndarray:
+        """Logits [vocab] after appending ``token`` at the next position."""
+        if not self.keys:
+            raise MegaedgeError("native decoder: start() with a prefill's cache before step()")
+        pos = self.length
+        if pos >= self.keys[0].shape[1]:
+            raise MegaedgeError(f"native decoder: cache full at {pos} positions; start() with more max_new_tokens")
+        angles = pos * self.inv_freq
+        cos = np.cos(np.concatenate([angles, angles])).astype(np.float32)
+        sin = np.sin(np.concatenate([angles, angles])).astype(np.float32)
+        group = self.heads // self.kv_heads
+        x = self.embed(token)
+        for i, layer in enumerate(self.layers):
+            h = self._quantize(x, layer.q, layer.input_norm)
+            q = self._rms(self._project(layer.q, h).reshape(self.heads, self.head_dim), layer.q_norm)
+            k = self._rms(self._project(layer.k, h).reshape(self.kv_heads, self.head_dim), layer.k_norm)
+            v = self._project(layer.v, h).reshape(self.kv_heads, self.head_dim)
+            keys, values = self.keys[i], self.values[i]
+            keys[:, pos] = self._rotate(k, cos, sin)
+            values[:, pos] = v
+            q = self._rotate(q, cos, sin).reshape(self.kv_heads, group, self.head_dim)
+            scores = np.matmul(q, keys[:, : pos + 1].transpose(0, 2, 1)) * self.scaling  # [kv, group, T]
+            scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+            scores /= scores.sum(axis=-1, keepdims=True)
+            attended = np.matmul(scores, values[:, : pos + 1]).reshape(-1)
+            x = x + self._project(layer.o, self._quantize(attended, layer.o))
+            h = self._quantize(x, layer.gate, layer.post_norm)
+            gate, up = self._project(layer.gate, h), self._project(layer.up, h)
+            mixed = gate / (1.0 + np.exp(-gate)) * up
+            x = x + self._project(layer.down, self._quantize(mixed, layer.down))
+        self.length = pos + 1
+        logits = self._project(self.lm_head, self._quantize(x, self.lm_head, self.final_norm))
+        return logits.copy()

@@ -1,0 +1,154 @@
+"""The native CPU decode step (runtime/native_decode.py + assets/kernels/q8gemv.c): the kernel against numpy, the
+export's weight index, and tokens against onnxruntime's decode step on the trained fixture."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from megaedge.errors import MegaedgeError
+from megaedge.runtime import kernels, manifest
+from megaedge.runtime.transcriber import Transcriber
+from tests.conftest import speechlike
+
+try:
+    KERNELS = kernels.load()
+    WHY_NOT = ""
+except RuntimeError as exc:  # no C compiler on this machine: onnxruntime decodes, as the runtime itself falls back
+    KERNELS, WHY_NOT = None, f"native kernel not buildable here: {exc}"
+needs_kernel = pytest.mark.skipif(KERNELS is None, reason=WHY_NOT or "kernel available")
+
+
+def _reference(weight, scales, x, block, blocks):
+    """MatMulNBits arithmetic with the activation quantized the kernel's way, in float64."""
+    padded = np.zeros(block * blocks)
+    padded[: x.size] = x
+    xb = padded.reshape(blocks, block)
+    amax = np.abs(xb).max(axis=1)
+    sa = amax / 127
+    q = np.clip(np.rint(np.divide(xb, sa[:, None], out=np.zeros_like(xb), where=sa[:, None] > 0)), -127, 127)
+    w = (weight.astype(np.float64) - 128) * scales[:, :, None]
+    return np.einsum("nbk,bk->n", w, q * sa[:, None])
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,k,block", [(2048, 2048, 128), (37, 160, 128), (321, 160, 32), (50, 64, 16),
+                                       (1003, 384, 64)])
+def test_kernel_matches_matmulnbits_arithmetic(n, k, block):
+    rng = np.random.default_rng(n)
+    blocks = -(-k // block)
+    weight = rng.integers(0, 256, (n, blocks, block), dtype=np.uint8)
+    scales = rng.uniform(0.001, 0.02, (n, blocks)).astype(np.float32)
+    x = rng.standard_normal(k).astype(np.float32)
+    for threads in (1, 2, 3):
+        got = KERNELS.gemv(weight, scales, KERNELS.quantize(x, block, blocks), np.empty(n, np.float32), threads)
+        want = _reference(weight, scales, x, block, blocks)
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+
+
+@needs_kernel
+def test_quantize_with_norm_is_rms_norm_then_quantize():
+    rng = np.random.default_rng(1)
+    x, norm = rng.standard_normal(300).astype(np.float32), rng.uniform(0.5, 2, 300).astype(np.float32)
+    fused = KERNELS.quantize(x, 128, 3, norm, 1e-6)
+    normed = x / np.sqrt(np.mean(x.astype(np.float64) ** 2) + 1e-6) * norm
+    plain = KERNELS.quantize(normed.astype(np.float32), 128, 3)
+    assert np.abs(fused.q.astype(int) - plain.q).max() <= 1
+    np.testing.assert_allclose(fused.scales, plain.scales, rtol=1e-5)
+
+
+def test_kernel_build_failure_is_reported_not_raised_at_import(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        kernels.build()
+
+
+@pytest.fixture(scope="module")
+def fixture_int8(fixture_bundles, tmp_path_factory):
+    from megaedge.export import quantize
+
+    root = tmp_path_factory.mktemp("native")
+    items = []
+    for i in range(2):
+        path = root / f"c{i}.wav"
+        sf.write(str(path), speechlike(2.0 + i, seed=i), 16000)
+        items.append({"path": str(path), "text": "", "scenario": "clean"})
+    out = root / "int8"
+    quantize.quantize_bundle(fixture_bundles["merged"], out, quantize.RECIPES["cpu"], items, "cpu")
+    return out
+
+
+def test_int8_export_indexes_the_decoder_weights(fixture_int8):
+    info = manifest.read(fixture_int8)  # the sidecar is listed with its sha256 like every other file
+    index = info.decoder["native"]
+    assert index["format"] == "matmulnbits-q8" and len(index["layers"]) == info.decoder["num_layers"]
+    assert index["heads"] * index["head_dim"] == index["layers"][0]["q"]["n"]
+    assert manifest.NATIVE_DECODER_FILE in info.files
+    assert index["embedding"]["kind"] == "q8" and index["lm_head"]["n"] == info.decoder["vocab_size"]
+
+
+def test_routed_and_float_bundles_have_no_native_index(fixture_bundles):
+    from megaedge.runtime import native_decode
+
+    for path in fixture_bundles.values():
+        assert native_decode.available(manifest.read(path, verify=False)) is not None
+
+
+@needs_kernel
+def test_native_decode_gives_onnxruntime_tokens_on_heldout_speech(fixture_int8):
+    from megaedge import fixture
+    from megaedge.runtime.evaluate import read_set
+
+    native = Transcriber.from_bundle(fixture_int8, decode="native")
+    ort = Transcriber.from_bundle(fixture_int8, decode="ort")
+    assert native.native is not None and ort.native is None
+    items = read_set(fixture.heldout_manifest())
+    clips = [it for it in items if it["scenario"] == "clean"][:3] + [it for it in items if it["scenario"] != "clean"][:3]
+    agree = total = 0
+    for item in clips:
+        a = native.transcribe(item["path"]).token_ids
+        b = ort.transcribe(item["path"]).token_ids
+        assert len(a) > 3
+        agree += sum(x == y for x, y in zip(a, b))
+        total += max(len(a), len(b))
+    # Both quantize activations per block; rounding may differ in the last bit, so near-ties could flip. The
+    # trained fixture's clips have none: every token agrees.
+    assert agree == total, f"{agree}/{total} tokens agree"
+
+
+@needs_kernel
+def test_native_logits_track_onnxruntime_step_by_step(fixture_int8):
+    import onnxruntime
+
+    from megaedge.runtime.native_decode import NativeDecoder
+    from megaedge.runtime.transcriber import LAST
+
+    tr = Transcriber.from_bundle(fixture_int8, decode="ort")
+    audio = tr.encode(speechlike(4.0, seed=3))
+    ids = tr.prompt(audio.shape[0], None, None)
+    empty = onnxruntime.OrtValue.ortvalue_from_numpy(np.zeros(tr.kv_shape, tr.kv_dtype))
+    feed = {"input_ids": np.asarray([ids], np.int64), "audio_features": audio,
+            "logits_at": np.asarray([len(ids) - 1], np.int64), **dict.fromkeys(tr.past_names, empty)}
+    outs = tr.sessions["decoder"].run_bound(feed)
+    native = NativeDecoder(fixture_int8, tr.manifest, KERNELS, threads=2)
+    native.start([v.numpy() for v in outs[1:]], 6)
+    token = int(np.argmax(outs[0].numpy()[0]))
+    for _ in range(6):
+        outs = tr.sessions["decoder"].run_bound({"input_ids": np.asarray([[token]], np.int64),
+                                                 "audio_features": audio[:0], "logits_at": LAST,
+                                                 **dict(zip(tr.past_names, outs[1:]))})
+        want, got = outs[0].numpy()[0], native.step(token)
+        assert np.corrcoef(want, got)[0, 1] > 0.999
+        assert np.abs(want - got).max() < 0.05 * np.abs(want).max()
+        token = int(np.argmax(want))
+    assert native.length == len(ids) + 6
+
+
+def test_decode_engine_choice_is_checked(fixture_bundles):
+    with pytest.raises(MegaedgeError, match="not one of"):
+        Transcriber.from_bundle(fixture_bundles["merged"], decode="fast")
+    with pytest.raises(MegaedgeError, match="--decode native is not possible"):
+        Transcriber.from_bundle(fixture_bundles["merged"], decode="native")
+    assert Transcriber.from_bundle(fixture_bundles["merged"]).native is None  # auto: onnxruntime for fp32
