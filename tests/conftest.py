@@ -70,6 +70,22 @@ def fixture_bundles(tmp_path_factory):
             for mode in ("merged", "routed")}
 
 
+def int8_bundle_from(fp32_bundle: Path, root: Path, recipe: str = "cpu") -> Path:
+    """An INT8 bundle of ``fp32_bundle`` at ``root / 'int8'``, calibrated on two short speech-like clips."""
+    import soundfile as sf
+
+    from megaedge.export import quantize
+
+    items = []
+    for i in range(2):
+        path = root / f"c{i}.wav"
+        sf.write(str(path), speechlike(2.0 + i, seed=i), 16000)
+        items.append({"path": str(path), "text": "", "scenario": "clean"})
+    out = root / "int8"
+    quantize.quantize_bundle(fp32_bundle, out, quantize.RECIPES[recipe], items, recipe)
+    return out
+
+
 def run_cli(*args: str, env: dict | None = None, python_prelude: str = "") -> subprocess.CompletedProcess:
     """Run ``python -m megaedge ARGS`` (optionally after a prelude, e.g. making torch unimportable)."""
     code = f"{python_prelude}\nimport sys\nfrom megaedge.cli.main import main\nsys.exit(main(sys.argv[1:]))"

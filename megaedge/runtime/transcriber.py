@@ -172,8 +172,7 @@ class Transcriber:
         # Session creation is CPU work (onnxruntime releases the GIL) and the largest graph's is the critical path:
         # more threads than cores only slow it down (1.7B INT8 prepared, 2 cores, 4 alternating runs: median
         # 2.66 s with every graph and the tokenizer at once, 2.04 s with the decoder on a lane of its own).
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        lanes = load_lanes({name: _graph_bytes(bundle, spec) for name, spec in todo.items()}, cores)
+        lanes = load_lanes({name: _graph_bytes(bundle, spec) for name, spec in todo.items()}, _cores())
         with ThreadPoolExecutor(max_workers=len(lanes)) as pool:
             for future in [pool.submit(run_lane, lane) for lane in lanes]:
                 future.result()
@@ -379,8 +378,12 @@ def _native_decoder(bundle: Path, info: manifest.Manifest, decode: str, cpu_only
             raise MegaedgeError(f"{bundle}: --decode native is not possible: {reason}; use --decode ort")
         log.info("decode steps in onnxruntime: %s", reason)
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return native_decode.NativeDecoder(bundle, info, loaded, threads or cores)
+    return native_decode.NativeDecoder(bundle, info, loaded, threads or _cores())
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _banned_tokens(tokens: list[int], n: int) -> set[int]:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import soundfile as sf
 
 from megaedge.errors import MegaedgeError
 from megaedge.runtime import kernels, manifest
 from megaedge.runtime.transcriber import Transcriber
-from tests.conftest import speechlike
+from tests.conftest import int8_bundle_from, speechlike
 
 try:
     KERNELS = kernels.load()
@@ -67,17 +66,7 @@ def test_kernel_build_failure_is_reported_not_raised_at_import(monkeypatch, tmp_
 
 @pytest.fixture(scope="module")
 def fixture_int8(fixture_bundles, tmp_path_factory):
-    from megaedge.export import quantize
-
-    root = tmp_path_factory.mktemp("native")
-    items = []
-    for i in range(2):
-        path = root / f"c{i}.wav"
-        sf.write(str(path), speechlike(2.0 + i, seed=i), 16000)
-        items.append({"path": str(path), "text": "", "scenario": "clean"})
-    out = root / "int8"
-    quantize.quantize_bundle(fixture_bundles["merged"], out, quantize.RECIPES["cpu"], items, "cpu")
-    return out
+    return int8_bundle_from(fixture_bundles["merged"], tmp_path_factory.mktemp("native"))
 
 
 def test_int8_export_indexes_the_decoder_weights(fixture_int8):

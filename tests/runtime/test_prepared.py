@@ -7,27 +7,16 @@ import json
 import shutil
 
 import pytest
-import soundfile as sf
 
 from megaedge.errors import BundleError
 from megaedge.runtime import manifest, prepared
 from megaedge.runtime.transcriber import Transcriber
-from tests.conftest import run_cli, speechlike
+from tests.conftest import int8_bundle_from, run_cli, speechlike
 
 
 @pytest.fixture(scope="module")
 def int8_bundle(tiny_bundles, tmp_path_factory):
-    from megaedge.export import quantize
-
-    root = tmp_path_factory.mktemp("prepared")
-    items = []
-    for i in range(2):
-        path = root / f"c{i}.wav"
-        sf.write(str(path), speechlike(2.0 + i, seed=i), 16000)
-        items.append({"path": str(path), "text": "", "scenario": "clean"})
-    out = root / "int8"
-    quantize.quantize_bundle(tiny_bundles["merged"], out, quantize.RECIPES["cpu"], items, "cpu")
-    return out
+    return int8_bundle_from(tiny_bundles["merged"], tmp_path_factory.mktemp("prepared"))
 
 
 def _tokens(tr):
