@@ -226,9 +226,7 @@ def _versions(opset: int) -> dict:
 def build_manifest(loaded, out: Path, opts: ExportOptions, graph_specs: dict, notes: list[str]) -> manifest.Manifest:
     cfg = loaded.config
     text = cfg.text_config
-    files = {}
-    for path in sorted(p for p in out.iterdir() if p.is_file() and p.name != manifest.MANIFEST_NAME):
-        files[path.name] = manifest.sha256_file(path)
+    files = manifest.file_hashes(out)
     router = None
     if loaded.router is not None and "router" in graph_specs:
         rc = loaded.router.config

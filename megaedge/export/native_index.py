@@ -39,10 +39,8 @@ def _rms_eps(model, tensors) -> float | None:
 
 def _geometry(decoder: dict, nbits, eps: float) -> dict:
     """Layer geometry from the manifest; heads and MLP width read off the first layer's projections."""
-    from onnx import helper
-
     head_dim = decoder["head_dim"]
-    first = [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in nbits[:7]]
+    first = [_attrs(n) for n in nbits[: len(PROJECTIONS)]]
     return {"layers": decoder["num_layers"], "hidden": decoder["hidden_size"], "intermediate": first[4]["N"],
             "heads": first[0]["N"] // head_dim, "kv_heads": decoder["kv_heads"], "head_dim": head_dim,
             "vocab": decoder["vocab_size"], "eps": eps, "scaling": head_dim ** -0.5}
@@ -100,9 +98,10 @@ def build_index(decoder_path: Path, decoder: dict) -> tuple[dict, dict[str, np.n
     eps = _rms_eps(model, tensors)
     if eps is None:
         return why_not("no RMS-norm epsilon found")
-    if len(nbits) != 7 * layers + 1:
+    per_layer = len(PROJECTIONS)
+    if len(nbits) != per_layer * layers + 1:
         return why_not(f"{len(nbits)} MatMulNBits nodes, a weight-only 8-bit decoder of {layers} layers has "
-                       f"{7 * layers + 1}")
+                       f"{per_layer * layers + 1}")
     if any(n.op_type == "MatMul" and n.input[1] in tensors.by_name for n in model.graph.node):
         return why_not("float projections remain (LoRA branches or excluded layers)")
     # The LM head can sit anywhere in node order (the tied-embedding rewrite inserts it first); the projections
@@ -125,7 +124,7 @@ def build_index(decoder_path: Path, decoder: dict) -> tuple[dict, dict[str, np.n
     for i in range(layers):
         entry = {}
         for j, name in enumerate(PROJECTIONS):
-            found = linear(nbits[7 * i + j], expected[name])
+            found = linear(nbits[per_layer * i + j], expected[name])
             if found is None:
                 return why_not(f"layer {i} {name}: not an 8-bit {expected[name]} projection")
             entry[name] = found
@@ -158,33 +157,29 @@ def build_index(decoder_path: Path, decoder: dict) -> tuple[dict, dict[str, np.n
     return index, tensors.sidecar
 
 
-def write_index(bundle: Path, decoder: dict) -> dict | None:
-    """Index the bundle's decoder graph; writes the sidecar next to it when one is needed. Returns the index for
-    the manifest's ``decoder["native"]`` (None when the decoder cannot be run natively)."""
+def with_native_index(bundle: Path, decoder: dict) -> dict:
+    """``decoder`` (a manifest's decoder section) with the index of the bundle's decoder graph as ``native``, or
+    without one when the graph cannot be run natively; writes the sidecar next to the graph when one is needed."""
+    decoder = {k: v for k, v in decoder.items() if k != "native"}
     built = build_index(bundle / manifest.DECODER_FILE, decoder)
-    if built is None:
-        return None
-    index, sidecar = built
     path = bundle / manifest.NATIVE_DECODER_FILE
+    if built is None or not built[1]:
+        path.unlink(missing_ok=True)
+    if built is None:
+        return decoder
+    index, sidecar = built
     if sidecar:
         with open(path, "wb") as f:
             np.savez(f, **sidecar)
-    else:
-        path.unlink(missing_ok=True)
-    return index
+    return {**decoder, "native": index}
 
 
 def index_bundle(bundle: str | Path) -> manifest.Manifest:
     """Add (or refresh) the native decode index of an existing INT8 bundle in place and re-write its manifest."""
     bundle = Path(bundle)
-    info = manifest.read(bundle, verify=False)
-    doc = info.to_dict()
-    doc["decoder"] = {k: v for k, v in doc["decoder"].items() if k != "native"}
-    index = write_index(bundle, doc["decoder"])
-    if index is not None:
-        doc["decoder"]["native"] = index
-    doc["files"] = {p.name: manifest.sha256_file(p) for p in sorted(bundle.iterdir())
-                    if p.is_file() and p.name != manifest.MANIFEST_NAME}
+    doc = manifest.read(bundle, verify=False).to_dict()
+    doc["decoder"] = with_native_index(bundle, doc["decoder"])
+    doc["files"] = manifest.file_hashes(bundle)
     frozen = manifest.Manifest.from_dict(doc)
     manifest.write(frozen, bundle)
     return frozen

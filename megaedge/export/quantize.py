@@ -496,18 +496,14 @@ def quantize_bundle(fp32_bundle: Path, out: Path, recipe: Int8Recipe, calib_item
         log.info("%s: %s", name, details[name])
     doc = info.to_dict()
     doc["precision"] = "int8"
-    doc["decoder"] = {k: v for k, v in doc["decoder"].items() if k != "native"}
     if recipe.decoder == "weight-only" and recipe.decoder_bits == 8 and not info.routed:
-        from megaedge.export.native_index import write_index
+        from megaedge.export.native_index import with_native_index
 
-        index = write_index(out, doc["decoder"])
-        if index is not None:
-            doc["decoder"]["native"] = index
+        doc["decoder"] = with_native_index(out, doc["decoder"])
     doc["graphs"] = {k: asdict(v) for k, v in graphs.items()}
     doc["quantization"] = {"recipe": asdict(recipe), "target": target, "graphs": details,
                            "calibration": {"clips": len(calib_items), "source": calibration_source}}
-    doc["files"] = {p.name: manifest.sha256_file(p) for p in sorted(out.iterdir())
-                    if p.is_file() and p.name != manifest.MANIFEST_NAME}
+    doc["files"] = manifest.file_hashes(out)
     frozen = manifest.Manifest.from_dict(doc)
     manifest.write(frozen, out)
     return frozen

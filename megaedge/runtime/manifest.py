@@ -141,6 +141,11 @@ def sha256_file(path: Path, block: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def file_hashes(bundle_dir: Path) -> dict[str, str]:
+    """sha256 of every file directly in ``bundle_dir`` but the manifest: the manifest's ``files``."""
+    return {p.name: sha256_file(p) for p in sorted(bundle_dir.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
+
+
 def write(manifest: Manifest, bundle_dir: Path) -> Path:
     path = Path(bundle_dir) / MANIFEST_NAME
     path.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")

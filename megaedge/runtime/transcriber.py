@@ -140,8 +140,9 @@ class Transcriber:
         info = manifest.read(bundle, verify=False)
         if verify and not prepared.verified(bundle, info):
             manifest.check_files(bundle, info)
+        if decode not in DECODE_ENGINES:
+            raise MegaedgeError(f"decode engine {decode!r} is not one of {DECODE_ENGINES}")
         cpu_only = tuple(providers) == ("cpu",)
-        native = _native_decoder(bundle, info, decode, cpu_only, threads)
         ort_providers = ("cpu",) if "engine" in providers else providers  # graphs without an engine
         opened = {}
 
@@ -179,6 +180,9 @@ class Transcriber:
         tokenizer = loaded.pop(_TOKENIZER)
         opened.update(loaded)
         sessions = {name: opened[name] for name in info.graphs if name in opened}
+        # After the sessions: its background weight read then overlaps encoding and prefill, not session creation,
+        # which is the critical path of a cold start.
+        native = _native_decoder(bundle, info, decode, cpu_only, threads)
         return cls(bundle, info, sessions, tokenizer, route, native)
 
     # ------------------------------------------------------------------------------------------------ stages
@@ -361,8 +365,6 @@ DECODE_ENGINES = ("auto", "native", "ort")
 
 def _native_decoder(bundle: Path, info: manifest.Manifest, decode: str, cpu_only: bool, threads: int | None):
     """The native decode step for ``decode`` (see from_bundle), or None for onnxruntime's."""
-    if decode not in DECODE_ENGINES:
-        raise MegaedgeError(f"decode engine {decode!r} is not one of {DECODE_ENGINES}")
     if decode == "ort":
         return None
     from megaedge.runtime import kernels, native_decode
