@@ -26,9 +26,14 @@ from megaedge.runtime import machine
 log = logging.getLogger("megaedge.runtime.kernels")
 
 SOURCE = Path(__file__).resolve().parents[1] / "assets" / "kernels" / "q8gemv.c"
-ABI_VERSION = 2
-ISA_NAMES = {2: "avx512-vnni", 0: "portable-c"}
-FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-fopenmp"), ("-O3",))
+ABI_VERSION = 3
+ISA_NAMES = {2: "avx512-vnni", 1: "avx2", 3: "arm-dotprod", 0: "portable-c"}
+# -ffp-contract=off: one rounding per operation however the compiler unrolls or vectorizes a loop, so a row computed
+# as one of four streams or alone, by any thread, gives the same bits (tests hold the decode step to it).
+FLAG_SETS = (("-O3", "-march=native", "-fopenmp", "-ffp-contract=off"), ("-O3", "-fopenmp", "-ffp-contract=off"),
+             ("-O3", "-ffp-contract=off"))
+PORTABLE_FLAG_SETS = (("-O3", "-fopenmp", "-DME_PORTABLE", "-ffp-contract=off"),
+                      ("-O3", "-DME_PORTABLE", "-ffp-contract=off"))
 
 
 def cache_dir() -> Path:
@@ -43,23 +48,24 @@ def compiler() -> str | None:
 def _key(cc: str) -> str:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     digest = hashlib.sha256(SOURCE.read_bytes())
-    for part in (*version, machine.cpu_facts()["model"], " ".join(sorted(machine.cpu_flags())), os.uname().machine):
+    for part in (*version, repr((FLAG_SETS, PORTABLE_FLAG_SETS)), machine.cpu_facts()["model"], " ".join(sorted(machine.cpu_flags())), os.uname().machine):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
 
 
-def build(force: bool = False) -> Path:
+def build(force: bool = False, portable: bool = False) -> Path:
     """Compile the kernels for this machine (or find the cached build); returns the shared object's path.
-    Raises RuntimeError naming what failed."""
+    ``portable``: the plain C form only (no vector instructions), which CPUs without a tuned path run; tests hold
+    it to the same arithmetic. Raises RuntimeError naming what failed."""
     cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
-    out = cache_dir() / f"q8gemv-{_key(cc)}.so"
+    out = cache_dir() / f"q8gemv-{_key(cc)}{'-portable' if portable else ''}.so"
     if out.is_file() and not force:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     errors = []
-    for flags in FLAG_SETS:  # -march=native or OpenMP can be missing (old clang, some cross toolchains)
+    for flags in PORTABLE_FLAG_SETS if portable else FLAG_SETS:  # -march=native or OpenMP can be missing
         with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
             pass
         result = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", tmp.name, str(SOURCE), "-lm"],
@@ -71,6 +77,27 @@ def build(force: bool = False) -> Path:
         os.unlink(tmp.name)
         errors.append(f"{' '.join(flags)}: {(result.stderr.strip().splitlines() or ['failed'])[-1]}")
     raise RuntimeError(f"{cc} could not build {SOURCE.name} ({'; '.join(errors)})")
+
+
+class LinearStruct(ctypes.Structure):
+    """``me_linear``: one MatMulNBits weight, uint8 [n, nb, blk] and float32 scales [n, nb]."""
+    _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
+                ("nb", ctypes.c_int32), ("blk", ctypes.c_int32)]
+
+
+class LayerStruct(ctypes.Structure):
+    """``me_layer``: a decoder layer's projections, norm weights and KV cache (float32 [kv_heads, capacity, dim])."""
+    _fields_ = [*[(name, LinearStruct) for name in ("q", "k", "v", "o", "gate", "up", "down")],
+                *[(name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "q_norm", "k_norm", "keys",
+                                                        "values")]]
+
+
+class ModelStruct(ctypes.Structure):
+    """``me_model``: geometry, layers, final norm and LM head of one decoder step."""
+    _fields_ = [*[(name, ctypes.c_int32) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim",
+                                                       "intermediate", "capacity", "vocab")],
+                ("eps", ctypes.c_float), ("scaling", ctypes.c_float), ("layer", ctypes.POINTER(LayerStruct)),
+                ("lm_head", LinearStruct), ("final_norm", ctypes.c_void_p)]
 
 
 @dataclass(frozen=True)
@@ -93,6 +120,8 @@ class Q8Kernels:
         lib.me_quantize.restype = None
         lib.me_gemv_q8.argtypes = [p, p, p, p, p, p, i, i, i, i]
         lib.me_gemv_q8.restype = None
+        lib.me_decode_step.argtypes = [ctypes.POINTER(ModelStruct), p, i, p, p, p, i]
+        lib.me_decode_step.restype = ctypes.c_int
         self._lib, self.path = lib, path
         self.isa = ISA_NAMES.get(lib.me_isa(), "unknown")
 
@@ -113,6 +142,15 @@ class Q8Kernels:
         self._lib.me_gemv_q8(weight.ctypes.data, scales.ctypes.data, x.q.ctypes.data, x.scales.ctypes.data,
                              x.sums.ctypes.data, out.ctypes.data, n, blocks, block, threads)
         return out
+
+
+    def decode_step(self, model: ModelStruct, x: np.ndarray, pos: int, cos: np.ndarray, sin: np.ndarray,
+                    logits: np.ndarray, threads: int) -> None:
+        """One decoder step of ``model`` (see q8gemv.c, me_decode_step): x [hidden] is the token's embedding and
+        is overwritten; every layer's cache gets position ``pos``; logits [vocab] are written."""
+        if self._lib.me_decode_step(ctypes.byref(model), x.ctypes.data, pos, cos.ctypes.data, sin.ctypes.data,
+                                    logits.ctypes.data, threads) != 0:
+            raise MemoryError("native decode step: no memory for its scratch buffers")
 
 
 _loaded: dict[str, Q8Kernels | str] = {}

@@ -1,17 +1,19 @@
-"""The decode step of a weight-only INT8 bundle on the CPU without onnxruntime: numpy for the small per-token work,
-megaedge's own 8-bit matrix-vector kernel (runtime/kernels.py) for the projections and the LM head.
+"""The decode step of a weight-only INT8 bundle on the CPU without onnxruntime: one call per token into megaedge's own
+C kernels (runtime/kernels.py, assets/kernels/q8gemv.c), which run every layer's products, norms, rotary embedding,
+attention and SwiGLU and the LM head with one thread team.
 
 Why: one decode step reads every decoder weight once, so its speed is the speed of reading ~1.8 GB (1.7B). The
-int8 kernels of onnxruntime 1.31 (MatMulNBits, MatMulInteger) and OpenVINO 2026.4 read at most ~60 % of a
-2-core Xeon's bandwidth at one row (benchmarks/results/gemv_bandwidth*.json); the native kernel keeps several
-read streams in flight per core. Prefill stays in onnxruntime (a matrix product, where its kernels are good),
-and hands its KV cache over.
+int8 kernels of onnxruntime (MatMulNBits, MatMulInteger) and OpenVINO read at most ~60 % of a 2-core machine's
+bandwidth at one row (benchmarks/results/gemv_bandwidth*.json); the native kernel keeps several read streams in
+flight per core, and doing the small per-layer work in C too keeps it from costing a quarter of the step, as it did
+as numpy calls. Prefill stays in onnxruntime (a matrix product, where its kernels are good), and hands its KV cache
+over.
 
-The weights are the bundle's own MatMulNBits bytes, read in place through a memory map (export's native index,
-``manifest.decoder["native"]``), so nothing is converted or duplicated on disk. The arithmetic is the graph's:
-RMS norms, q/k norms, rotary embedding from the graph's own inverse frequencies, grouped-query attention over an
-fp32 cache, SwiGLU; activations are quantized per block as MatMulNBits does at accuracy level 4, so tokens agree
-with onnxruntime's (tests/runtime/test_native_decode.py holds them to it).
+The weights are the bundle's own MatMulNBits bytes (export's native index, ``manifest.decoder["native"]``), so
+nothing is converted or duplicated on disk. The arithmetic is the graph's: RMS norms, q/k norms, rotary embedding
+from the graph's own inverse frequencies, grouped-query attention over an fp32 cache, SwiGLU; activations are
+quantized per block as MatMulNBits does at accuracy level 4, so tokens agree with onnxruntime's
+(tests/runtime/test_native_decode.py holds them to it).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from megaedge.errors import MegaedgeError
-from megaedge.runtime import manifest
+from megaedge.runtime import kernels, manifest
 
 log = logging.getLogger("megaedge.runtime.native_decode")
 PROJECTIONS = manifest.NATIVE_PROJECTIONS
@@ -113,6 +115,9 @@ def available(info: manifest.Manifest) -> str | None:
         return f"native index format {index.get('format')!r} is not known to this megaedge"
     if info.routed:
         return "routed bundles gate the LoRA inside the graph"
+    for layer in index["layers"]:  # products of one input share one quantized activation
+        if len({layer[name]["block"] for name in ("q", "k", "v")}) > 1 or layer["gate"]["block"] != layer["up"]["block"]:
+            return "projections of one input are quantized with different block sizes"
     return None
 
 
@@ -151,6 +156,7 @@ class NativeDecoder:
         self.keys: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
         self.length = 0
+        self._model: kernels.ModelStruct | None = None
         self.load_seconds = 0.0
         self._loader = threading.Thread(target=self._load_in_memory, name="megaedge-native-load", daemon=True)
         if in_memory:
@@ -182,59 +188,45 @@ class NativeDecoder:
                 buffer[:, :positions] = present[0]
                 store.append(buffer)
         self.length = positions
+        self._model = self._model_struct()
 
     # ------------------------------------------------------------------------------------------- step
-    def _rms(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        variance = np.mean(np.square(x), axis=-1, keepdims=True)
-        return x / np.sqrt(variance + self.eps) * weight
+    def _model_struct(self) -> kernels.ModelStruct:
+        """The C view of the weights and caches; pointers into arrays this object keeps alive."""
+        def linear(item: Linear) -> kernels.LinearStruct:
+            return kernels.LinearStruct(item.weight.ctypes.data, item.scales.ctypes.data, item.n, item.k,
+                                        item.blocks, item.block)
 
-    def _project(self, linear: Linear, x) -> np.ndarray:
-        return self.kernels.gemv(linear.weight, linear.scales, x, np.empty(linear.n, np.float32), self.threads)
-
-    def _quantize(self, x: np.ndarray, linear: Linear, norm: np.ndarray | None = None):
-        return self.kernels.quantize(x, linear.block, linear.blocks, norm, self.eps)
+        layers = (kernels.LayerStruct * len(self.layers))()
+        for layer, struct, keys, values in zip(self.layers, layers, self.keys, self.values):
+            for name in PROJECTIONS:
+                setattr(struct, name, linear(getattr(layer, name)))
+            for name in ("input_norm", "post_norm", "q_norm", "k_norm"):
+                setattr(struct, name, getattr(layer, name).ctypes.data)
+            struct.keys, struct.values = keys.ctypes.data, values.ctypes.data
+        first = self.layers[0]
+        model = kernels.ModelStruct(len(self.layers), self.hidden, self.heads, self.kv_heads, self.head_dim,
+                                    first.gate.n, self.keys[0].shape[1], self.lm_head.n, self.eps, self.scaling,
+                                    layers, linear(self.lm_head), self.final_norm.ctypes.data)
+        model._keep = layers  # the array must live as long as the struct pointing at it
+        return model
 
     def embed(self, token: int) -> np.ndarray:
         if self._embedding_scales is None:
             return np.array(self._embedding[token], np.float32)
         rows = (self._embedding[token].astype(np.float32) - 128.0) * self._embedding_scales[token][:, None]
-        return rows.reshape(-1)[: self.hidden]
-
-    def _rotate(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        half = x.shape[-1] // 2
-        rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-        return x * cos + rotated * sin
+        return np.ascontiguousarray(rows.reshape(-1)[: self.hidden])
 
     def step(self, token: int) -> np.ndarray:
         """Logits [vocab] after appending ``token`` at the next position."""
-        if not self.keys:
+        if self._model is None:
             raise MegaedgeError("native decoder: start() with a prefill's cache before step()")
         pos = self.length
         if pos >= self.keys[0].shape[1]:
             raise MegaedgeError(f"native decoder: cache full at {pos} positions; start() with more max_new_tokens")
-        angles = pos * self.inv_freq
-        cos = np.cos(np.concatenate([angles, angles])).astype(np.float32)
-        sin = np.sin(np.concatenate([angles, angles])).astype(np.float32)
-        group = self.heads // self.kv_heads
-        x = self.embed(token)
-        for i, layer in enumerate(self.layers):
-            h = self._quantize(x, layer.q, layer.input_norm)
-            q = self._rms(self._project(layer.q, h).reshape(self.heads, self.head_dim), layer.q_norm)
-            k = self._rms(self._project(layer.k, h).reshape(self.kv_heads, self.head_dim), layer.k_norm)
-            v = self._project(layer.v, h).reshape(self.kv_heads, self.head_dim)
-            keys, values = self.keys[i], self.values[i]
-            keys[:, pos] = self._rotate(k, cos, sin)
-            values[:, pos] = v
-            q = self._rotate(q, cos, sin).reshape(self.kv_heads, group, self.head_dim)
-            scores = np.matmul(q, keys[:, : pos + 1].transpose(0, 2, 1)) * self.scaling  # [kv, group, T]
-            scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-            scores /= scores.sum(axis=-1, keepdims=True)
-            attended = np.matmul(scores, values[:, : pos + 1]).reshape(-1)
-            x = x + self._project(layer.o, self._quantize(attended, layer.o))
-            h = self._quantize(x, layer.gate, layer.post_norm)
-            gate, up = self._project(layer.gate, h), self._project(layer.up, h)
-            mixed = gate / (1.0 + np.exp(-gate)) * up
-            x = x + self._project(layer.down, self._quantize(mixed, layer.down))
+        angles = np.concatenate([pos * self.inv_freq] * 2)
+        cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+        logits = np.empty(self.lm_head.n, np.float32)
+        self.kernels.decode_step(self._model, self.embed(token), pos, cos, sin, logits, self.threads)
         self.length = pos + 1
-        logits = self._project(self.lm_head, self._quantize(x, self.lm_head, self.final_norm))
-        return logits.copy()
+        return logits

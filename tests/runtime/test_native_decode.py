@@ -19,6 +19,19 @@ except RuntimeError as exc:  # no C compiler on this machine: onnxruntime decode
 needs_kernel = pytest.mark.skipif(KERNELS is None, reason=WHY_NOT or "kernel available")
 
 
+def _variants() -> list:
+    """This machine's build and the portable C build (what CPUs without a tuned path run), when they build."""
+    found = [pytest.param(KERNELS, id=KERNELS.isa)] if KERNELS is not None else []
+    try:
+        portable = kernels.Q8Kernels(kernels.build(portable=True))
+    except RuntimeError:
+        return found
+    return found + ([pytest.param(portable, id="portable-c")] if KERNELS is None or KERNELS.isa != "portable-c" else [])
+
+
+VARIANTS = _variants()
+
+
 def _reference(weight, scales, x, block, blocks):
     """MatMulNBits arithmetic with the activation quantized the kernel's way, in float64."""
     padded = np.zeros(block * blocks)
@@ -32,16 +45,18 @@ def _reference(weight, scales, x, block, blocks):
 
 
 @needs_kernel
+@pytest.mark.parametrize("built", VARIANTS)
 @pytest.mark.parametrize("n,k,block", [(2048, 2048, 128), (37, 160, 128), (321, 160, 32), (50, 64, 16),
                                        (1003, 384, 64)])
-def test_kernel_matches_matmulnbits_arithmetic(n, k, block):
+def test_kernel_matches_matmulnbits_arithmetic(n, k, block, built):
     rng = np.random.default_rng(n)
     blocks = -(-k // block)
     weight = rng.integers(0, 256, (n, blocks, block), dtype=np.uint8)
+    weight[0, 0, :] = 0  # value -128, the one whose magnitude does not fit a signed byte
     scales = rng.uniform(0.001, 0.02, (n, blocks)).astype(np.float32)
     x = rng.standard_normal(k).astype(np.float32)
     for threads in (1, 2, 3):
-        got = KERNELS.gemv(weight, scales, KERNELS.quantize(x, block, blocks), np.empty(n, np.float32), threads)
+        got = built.gemv(weight, scales, built.quantize(x, block, blocks), np.empty(n, np.float32), threads)
         want = _reference(weight, scales, x, block, blocks)
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
 
@@ -108,7 +123,8 @@ def test_native_decode_gives_onnxruntime_tokens_on_heldout_speech(fixture_int8):
 
 
 @needs_kernel
-def test_native_logits_track_onnxruntime_step_by_step(fixture_int8):
+@pytest.mark.parametrize("built", VARIANTS)
+def test_native_logits_track_onnxruntime_step_by_step(fixture_int8, built):
     import onnxruntime
 
     from megaedge.runtime.native_decode import NativeDecoder
@@ -121,7 +137,9 @@ def test_native_logits_track_onnxruntime_step_by_step(fixture_int8):
     feed = {"input_ids": np.asarray([ids], np.int64), "audio_features": audio,
             "logits_at": np.asarray([len(ids) - 1], np.int64), **dict.fromkeys(tr.past_names, empty)}
     outs = tr.sessions["decoder"].run_bound(feed)
-    native = NativeDecoder(fixture_int8, tr.manifest, KERNELS, threads=2)
+    native = NativeDecoder(fixture_int8, tr.manifest, built, threads=2)
+    with pytest.raises(MegaedgeError, match="start"):
+        native.step(1)
     native.start([v.numpy() for v in outs[1:]], 6)
     token = int(np.argmax(outs[0].numpy()[0]))
     for _ in range(6):
@@ -133,6 +151,29 @@ def test_native_logits_track_onnxruntime_step_by_step(fixture_int8):
         assert np.abs(want - got).max() < 0.05 * np.abs(want).max()
         token = int(np.argmax(want))
     assert native.length == len(ids) + 6
+    native.step(token)  # start() leaves room for the step after the last one asked for (the EOS check's)
+    with pytest.raises(MegaedgeError, match="cache full"):
+        native.step(token)
+
+
+@needs_kernel
+def test_decode_step_does_not_depend_on_the_thread_count(fixture_int8):
+    """Rows and heads are split between threads, never sums: any team size must give the same bits."""
+    from megaedge.runtime.native_decode import NativeDecoder
+
+    info = manifest.read(fixture_int8, verify=False)
+    rng = np.random.default_rng(0)
+    index = info.decoder["native"]
+    shape = (1, index["kv_heads"], 9, index["head_dim"])
+    presents = [rng.standard_normal(shape).astype(np.float32) for _ in range(2 * len(index["layers"]))]
+    runs = []
+    for threads in (1, 2, 3):
+        native = NativeDecoder(fixture_int8, info, KERNELS, threads=threads)
+        native.start(presents, 4)
+        runs.append([native.step(token) for token in (5, 17, 3, 11)])
+    for other in runs[1:]:
+        for want, got in zip(runs[0], other):
+            np.testing.assert_array_equal(want, got)
 
 
 def test_decode_engine_choice_is_checked(fixture_bundles):
