@@ -62,6 +62,10 @@ class Int8Recipe:
     # weights and dynamic u8 activations serves prompt-sized calls, where onnxruntime's 8-bit block kernel is
     # compute-bound (benchmarks/results/gemv_bandwidth.json: 128 rows 700 vs 194 ms) at one more weight copy.
     prefill: str = "shared"
+    # dynamic graphs: 7-bit weights. x86 CPUs without VNNI multiply u8 activations by s8 weights with an
+    # instruction that adds two products into a saturating int16 (255 * 127 * 2 > 2^15); at 7 bits it cannot
+    # saturate. Measured on an AVX2-only AMD EPYC: prefill vs decode graph cosine 0.953 at 8 bits (tiny model).
+    reduce_range: bool = False
     description: str = ""
 
     def __post_init__(self):
@@ -93,7 +97,7 @@ RECIPES = {
                                   "MLP output projections fc2 float); decoder weight-only s8 in blocks of 128 with "
                                   "int8 dot products; tied embedding / LM head one 8-bit block-quantized copy"),
     "cpu-prefill": Int8Recipe("cpu-prefill", encoder="static", decoder="weight-only", tied_embedding_int8=True,
-                              float_scopes=(".fc2",), prefill="dynamic",
+                              float_scopes=(".fc2",), prefill="dynamic", reduce_range=True,
                               description="as cpu, plus a prefill decoder graph (per-channel s8 weights, dynamic u8 "
                                           "activations) for calls of >= 4 rows: 3-4x faster prompts, one more "
                                           "copy of the decoder weights on disk and in memory"),
@@ -103,7 +107,7 @@ RECIPES = {
     # of 64 kept 92.8 % (reverberation +19.8 WER points) and 4 bits for the MLP input projections only 95.1 %.
     # Prompts go to the int8 prefill graph: the 4-bit kernel is slower still than the 8-bit one for many rows.
     "cpu-int4": Int8Recipe("cpu-int4", encoder="static", decoder="weight-only", tied_embedding_int8=True,
-                           float_scopes=(".fc2",), prefill="dynamic", block_size=32, decoder_bits=4,
+                           float_scopes=(".fc2",), prefill="dynamic", reduce_range=True, block_size=32, decoder_bits=4,
                            description="as cpu-prefill, but the decode graph's layer weights 4-bit in blocks of 32 "
                                        "(tied embedding / LM head, encoder and prefill graph stay 8-bit): the "
                                        "fastest decode, at a measured cost in agreement with FP32"),
@@ -339,7 +343,8 @@ def _quantize_graph(src: Path, dst: Path, how: str, recipe: Int8Recipe, feeds: l
         elif how == "dynamic":
             quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"],
                              per_channel=recipe.per_channel, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
-                             use_external_data_format=external, extra_options={"MatMulConstBOnly": True})
+                             use_external_data_format=external, extra_options={"MatMulConstBOnly": True},
+                             reduce_range=recipe.reduce_range)
         else:
             _static(src, dst, recipe, nodes, feeds, cache, external)
     finally:
