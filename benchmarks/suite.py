@@ -249,14 +249,15 @@ def main() -> None:
 
 
 def write_table(results: list[dict], path: Path) -> None:
-    lines = ["| geometry | audio | contender | RTF | x vs transformers | first token s | decode tok/s | peak RSS GiB |",
-             "|---|---|---|---|---|---|---|---|"]
+    # results of one geometry come from one run on one machine; geometries may have been run on different ones
+    lines = ["| machine | geometry | audio | contender | RTF | x vs transformers | first token s | decode tok/s | "
+             "peak RSS GiB |", "|---|---|---|---|---|---|---|---|---|"]
     for res in results:
         for name, entry in res["contenders"].items():
             for key, run in entry.items():
                 if not isinstance(run, dict):
                     continue
-                lines.append(f"| {res['geometry']} | {key} | {name} | {run['rtf']:.3f} | "
+                lines.append(f"| {res.get('machine', '-')} | {res['geometry']} | {key} | {name} | {run['rtf']:.3f} | "
                              f"{run.get('rtf_speedup_vs_transformers', 1.0):.2f} | {run['first_token']:.2f} | "
                              f"{run['decode_tokens_per_s']:.2f} | {entry['peak_rss_gib']:.2f} |")
     first = results[0]

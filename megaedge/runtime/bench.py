@@ -178,7 +178,7 @@ def run(bundle, options: BenchOptions = BenchOptions(), progress=None) -> dict:
     import onnxruntime
 
     from megaedge import __version__
-    from megaedge.runtime.transcriber import Transcriber
+    from megaedge.runtime.transcriber import PREFILL_MIN_ROWS, Transcriber
 
     bundle = Path(bundle).expanduser()
     t0 = time.perf_counter()
@@ -188,7 +188,8 @@ def run(bundle, options: BenchOptions = BenchOptions(), progress=None) -> dict:
     if tr.native is not None:
         tr.native.wait_loaded()  # its background read would otherwise lower the bandwidth measured next
     info = tr.manifest
-    on = tr.sessions["decoder"].device  # "cpu" or "cuda": whose memory the decode steps stream from
+    prompts = tr.decoder_for(PREFILL_MIN_ROWS)  # the graph prompts run in; steps too, unless they run natively
+    on = prompts.device  # "cpu" or "cuda": whose memory the decode steps stream from
     bounds = BandwidthBounds(options.bandwidth_mib, options.threads, on)  # measured again after the timed runs
     cpu = machine.cpu_facts()
     weights = decoder_bytes(bundle, info)
@@ -197,7 +198,7 @@ def run(bundle, options: BenchOptions = BenchOptions(), progress=None) -> dict:
         "quantization": (info.quantization or {}).get("recipe", {}).get("name") if info.quantization else None,
         "device": {**{k: v for k, v in cpu.items() if k != "int8_note"},
                    "threads": options.threads or os.cpu_count(), "memory_gib": machine.memory_facts()["total_gib"],
-                   "providers": list(tr.sessions["decoder"].providers),
+                   "providers": list(prompts.providers),
                    "decode_engine": f"native ({tr.native.kernels.isa})" if tr.native else "onnxruntime",
                    **({"gpu": machine.gpu_name()} if on == "cuda" else {})},
         "versions": {"megaedge": __version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,

@@ -130,11 +130,12 @@ class Transcriber:
         there (``runtime.profiling``). ``decode``: ``native`` runs the decode steps of a weight-only INT8 bundle
         with megaedge's own CPU kernel (runtime.native_decode), ``ort`` with onnxruntime, ``auto`` natively where
         the bundle, the providers (CPU only) and the machine (a C compiler) allow it."""
+        import functools
         from concurrent.futures import ThreadPoolExecutor
 
         from tokenizers import Tokenizer
 
-        from megaedge.runtime import prepared
+        from megaedge.runtime import native_decode, prepared
 
         bundle = Path(path).expanduser()
         info = manifest.read(bundle, verify=False)
@@ -163,6 +164,13 @@ class Transcriber:
         # An engine does its own prefill: the CPU prefill graph of a cpu-prefill bundle is left closed there.
         todo = {name: spec for name, spec in info.graphs.items()
                 if name not in opened and not (opened and name == "decoder_prefill")}
+        native_kernels = _native_kernels(bundle, info, decode, cpu_only)
+        deferred = {}
+        if native_kernels is not None and "decoder_prefill" in todo:
+            # Prompts run in the prefill graph and steps natively: onnxruntime's decode graph (a second copy of the
+            # decoder weights, ~2 s of a 1.7B cold start) serves only streaming and prompts under
+            # PREFILL_MIN_ROWS, so it opens on first use.
+            deferred["decoder"] = functools.partial(one, "decoder", todo.pop("decoder"))
         loaded: dict = {}
 
         def run_lane(jobs: list[str]) -> None:
@@ -179,10 +187,11 @@ class Transcriber:
                 future.result()
         tokenizer = loaded.pop(_TOKENIZER)
         opened.update(loaded)
-        sessions = {name: opened[name] for name in info.graphs if name in opened}
+        sessions = Sessions({name: opened[name] for name in info.graphs if name in opened}, deferred)
         # After the sessions: its background weight read then overlaps encoding and prefill, not session creation,
         # which is the critical path of a cold start.
-        native = _native_decoder(bundle, info, decode, cpu_only, threads)
+        native = None if native_kernels is None else native_decode.NativeDecoder(bundle, info, native_kernels,
+                                                                                 threads or _cores())
         return cls(bundle, info, sessions, tokenizer, route, native)
 
     # ------------------------------------------------------------------------------------------------ stages
@@ -251,9 +260,12 @@ class Transcriber:
             feed["lora_gate"] = self._gate_value
         no_audio = np.zeros((0, audio.shape[1]), audio.dtype)
         generated: list[int] = []
+        outs: list = []  # the last onnxruntime outputs: logits, then the KV cache
         t0 = time.perf_counter()
         for step in range(max_new_tokens):
             if self.native is not None and step > 0:
+                if step == 1:  # not right after the prefill: the first token need not wait for the weight read
+                    self.native.start([value.numpy() for value in outs[1:]], max_new_tokens)
                 logits = self.native.step(generated[-1])
             else:
                 outs = session.run_bound(feed, check=step < 2)
@@ -269,8 +281,6 @@ class Transcriber:
                 break
             generated.append(token)
             if self.native is not None:
-                if step == 0:
-                    self.native.start([value.numpy() for value in outs[1:]], max_new_tokens)
                 continue
             session = self.sessions["decoder"]
             feed = {"input_ids": np.asarray([[token]], np.int64), "audio_features": no_audio, "logits_at": LAST,
@@ -287,6 +297,7 @@ class Transcriber:
         """A streaming state over this transcriber's weights (any number of streams can share them)."""
         from megaedge.runtime.streaming import Stream, StreamOptions
 
+        self.sessions["decoder"]  # streaming steps in onnxruntime's decode graph: open it now, not at the first hop
         return Stream(self, options or StreamOptions())
 
     def transcribe(self, audio, rate: int | None = None, language: str | None = None, context: str | None = None,
@@ -363,8 +374,31 @@ class Transcriber:
 DECODE_ENGINES = ("auto", "native", "ort")
 
 
-def _native_decoder(bundle: Path, info: manifest.Manifest, decode: str, cpu_only: bool, threads: int | None):
-    """The native decode step for ``decode`` (see from_bundle), or None for onnxruntime's."""
+class Sessions(dict):
+    """Graph name -> session. Graphs left closed at load (``deferred``: name -> opener) open on first use."""
+
+    def __init__(self, opened: dict, deferred: dict | None = None):
+        super().__init__(opened)
+        self._deferred = dict(deferred or {})
+
+    def __missing__(self, name: str):
+        if name not in self._deferred:
+            raise KeyError(name)
+        log.info("opening the %s graph on first use", name)
+        session = self[name] = self._deferred.pop(name)()
+        return session
+
+    def __contains__(self, name) -> bool:
+        return dict.__contains__(self, name) or name in self._deferred
+
+    @property
+    def closed(self) -> list[str]:
+        return list(self._deferred)
+
+
+def _native_kernels(bundle: Path, info: manifest.Manifest, decode: str, cpu_only: bool):
+    """The kernels that will run the decode steps natively for ``decode`` (see from_bundle), or None for
+    onnxruntime's step."""
     if decode == "ort":
         return None
     from megaedge.runtime import kernels, native_decode
@@ -380,7 +414,7 @@ def _native_decoder(bundle: Path, info: manifest.Manifest, decode: str, cpu_only
             raise MegaedgeError(f"{bundle}: --decode native is not possible: {reason}; use --decode ort")
         log.info("decode steps in onnxruntime: %s", reason)
         return None
-    return native_decode.NativeDecoder(bundle, info, loaded, threads or _cores())
+    return loaded
 
 
 def _cores() -> int:

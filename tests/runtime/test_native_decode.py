@@ -182,3 +182,23 @@ def test_decode_engine_choice_is_checked(fixture_bundles):
     with pytest.raises(MegaedgeError, match="--decode native is not possible"):
         Transcriber.from_bundle(fixture_bundles["merged"], decode="native")
     assert Transcriber.from_bundle(fixture_bundles["merged"]).native is None  # auto: onnxruntime for fp32
+
+
+@needs_kernel
+def test_prefill_bundle_opens_the_decode_graph_only_for_streaming(fixture_bundles, tmp_path_factory):
+    """With a prefill graph for prompts and native steps, onnxruntime's decode graph (a second copy of the decoder
+    weights) is not needed to transcribe: it stays closed until a stream asks for it."""
+    from megaedge import fixture
+    from megaedge.runtime.evaluate import read_set
+
+    bundle = int8_bundle_from(fixture_bundles["merged"], tmp_path_factory.mktemp("prefill"), recipe="cpu-prefill")
+    clip = read_set(fixture.heldout_manifest())[0]["path"]
+    tr = Transcriber.from_bundle(bundle)
+    assert tr.native is not None and tr.sessions.closed == ["decoder"] and "decoder" in tr.sessions
+    native = tr.transcribe(clip).token_ids
+    assert tr.sessions.closed == ["decoder"]
+    ort = Transcriber.from_bundle(bundle, decode="ort")
+    assert ort.sessions.closed == []
+    assert len(native) > 3 and native == ort.transcribe(clip).token_ids
+    tr.create_stream()
+    assert tr.sessions.closed == []
