@@ -106,6 +106,24 @@ if cuda:  # onnxruntime's arena as nvidia-smi sees it: the machine runs nothing 
 print(json.dumps(out))
 """
 
+# Each build step runs in a fresh process: an export's peak (~18 GiB at 1.7B) is not given back to the OS, and a
+# parent still holding it got the next step OOM-killed on a 24 GiB machine.
+_CHECKPOINT = """
+import sys
+from pathlib import Path
+from megaedge.export.factory import write_checkpoint
+write_checkpoint(Path(sys.argv[1]), sys.argv[2], "mega", seed=0)
+print("{}")
+"""
+
+_EXPORT = """
+import sys
+from pathlib import Path
+from megaedge.export.bundle import ExportOptions, export_bundle
+export_bundle(Path(sys.argv[1]), Path(sys.argv[2]), ExportOptions(precision=sys.argv[3], force=True))
+print("{}")
+"""
+
 _QUANTIZE = """
 import sys
 from pathlib import Path
@@ -152,23 +170,20 @@ def cold_load(bundle: Path, rounds: int) -> dict:
 
 
 def build(geometry: str, work: Path, device: str = "cpu") -> dict:
-    from megaedge.export.bundle import ExportOptions, export_bundle
-    from megaedge.export.factory import write_checkpoint
-
     ckpt, fp32 = work / "checkpoint", work / "bundle-fp32"
     int8, prefill, int4 = work / "bundle-int8", work / "bundle-int8-prefill", work / "bundle-int4"
     if not (ckpt / ".done").exists():
-        write_checkpoint(ckpt, geometry, "mega", seed=0)
+        _python(_CHECKPOINT, str(ckpt), geometry)
         (ckpt / ".done").touch()
     if device == "cuda":  # what `megaedge export --preset gpu` writes
         fp16 = work / "bundle-fp16"
         if not (fp16 / "megaedge.json").exists():
-            export_bundle(ckpt, fp16, ExportOptions(precision="fp16", force=True))
+            _python(_EXPORT, str(ckpt), str(fp16), "fp16")
         return {"transformers_fp16": ckpt, "megaedge_fp16": fp16}
     if not (fp32 / "megaedge.json").exists():
-        export_bundle(ckpt, fp32, ExportOptions(force=True))
+        _python(_EXPORT, str(ckpt), str(fp32), "fp32")
     for recipe, out in (("cpu", int8), ("cpu-prefill", prefill), ("cpu-int4", int4)):
-        if not (out / "megaedge.json").exists():  # a fresh process each: the export's peak is not given back
+        if not (out / "megaedge.json").exists():
             _python(_QUANTIZE, str(fp32), str(out), recipe)
     return {"transformers_fp32": ckpt, "megaedge_fp32": fp32, "megaedge_int8": int8, "megaedge_int8_prefill": prefill,
             "megaedge_int4": int4}

@@ -1,0 +1,115 @@
+/* Drives megaedge/assets/kernels/q8gemv.c on deterministic inputs and prints every result as a hex float, so two
+   builds of the kernels (this machine's portable C and, say, an aarch64 dot-product build run under qemu) can be
+   compared bit for bit by tests/runtime/test_kernel_crosscheck.py. Inputs come from a fixed LCG, not rand(): the
+   same on every C library. */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+typedef struct {
+    const uint8_t *w;
+    const float *s;
+    int32_t n, k, nb, blk;
+} me_linear;
+
+typedef struct {
+    me_linear q, k, v, o, gate, up, down;
+    const float *input_norm, *post_norm, *q_norm, *k_norm;
+    float *keys, *values;
+} me_layer;
+
+typedef struct {
+    int32_t layers, hidden, heads, kv_heads, head_dim, intermediate, capacity, vocab;
+    float eps, scaling;
+    me_layer *layer;
+    me_linear lm_head;
+    const float *final_norm;
+} me_model;
+
+int me_abi_version(void);
+int me_isa(void);
+void me_quantize(const float *x, const float *norm, float eps, int k, int blk, int nb, int8_t *q, float *sa,
+                 int32_t *asum, float *scratch);
+void me_gemv_q8(const uint8_t *w, const float *sw, const int8_t *q, const float *sa, const int32_t *asum, float *y,
+                int n, int nb, int blk, int threads);
+int me_decode_step(const me_model *m, float *x, int pos, const float *cos, const float *sin, float *logits,
+                   int threads);
+
+static uint64_t state = 0x9E3779B97F4A7C15ull;
+
+static uint32_t next(void) {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    return (uint32_t)(state >> 33);
+}
+
+static float uniform(float lo, float hi) { return lo + (hi - lo) * (float)(next() & 0xFFFFFF) / 16777216.f; }
+
+static uint8_t *bytes(size_t count) {
+    uint8_t *p = malloc(count);
+    for (size_t i = 0; i < count; i++) p[i] = (uint8_t)(next() >> 7);
+    return p;
+}
+
+static float *floats(size_t count, float lo, float hi) {
+    float *p = malloc(sizeof(float) * count);
+    for (size_t i = 0; i < count; i++) p[i] = uniform(lo, hi);
+    return p;
+}
+
+static me_linear linear(int n, int k, int blk) {
+    int nb = (k + blk - 1) / blk;
+    me_linear m = {bytes((size_t)n * nb * blk), floats((size_t)n * nb, 0.001f, 0.02f), n, k, nb, blk};
+    return m;
+}
+
+/* y = W x for one shape, block size and thread count; prints "gemv n k blk threads" then the values */
+static void gemv_case(int n, int k, int blk, int threads) {
+    me_linear m = linear(n, k, blk);
+    float *x = floats((size_t)k, -3.f, 3.f), *y = calloc((size_t)n, sizeof(float));
+    float *scratch = malloc(sizeof(float) * k), *sa = malloc(sizeof(float) * m.nb);
+    int8_t *q = calloc((size_t)m.nb * blk, 1);
+    int32_t *asum = malloc(sizeof(int32_t) * m.nb);
+    me_quantize(x, NULL, 0.f, k, blk, m.nb, q, sa, asum, scratch);
+    me_gemv_q8(m.w, m.s, q, sa, asum, y, n, m.nb, blk, threads);
+    printf("gemv %d %d %d %d\n", n, k, blk, threads);
+    for (int i = 0; i < n; i++) printf("%a\n", y[i]);
+}
+
+/* three steps of a tiny two-layer decoder; prints "step pos" then the logits */
+static void decode_case(int threads) {
+    const int layers = 2, hidden = 64, heads = 4, kv_heads = 2, dim = 16, inter = 96, cap = 8, vocab = 50, blk = 32;
+    me_layer layer[2];
+    for (int i = 0; i < layers; i++) {
+        me_layer l = {linear(heads * dim, hidden, blk), linear(kv_heads * dim, hidden, blk),
+                      linear(kv_heads * dim, hidden, blk), linear(hidden, heads * dim, blk),
+                      linear(inter, hidden, blk), linear(inter, hidden, blk), linear(hidden, inter, blk),
+                      floats(hidden, 0.5f, 1.5f), floats(hidden, 0.5f, 1.5f), floats(dim, 0.5f, 1.5f),
+                      floats(dim, 0.5f, 1.5f), calloc((size_t)kv_heads * cap * dim, sizeof(float)),
+                      calloc((size_t)kv_heads * cap * dim, sizeof(float))};
+        layer[i] = l;
+    }
+    me_model m = {layers, hidden, heads, kv_heads, dim, inter, cap, vocab, 1e-6f, 0.25f, layer,
+                  linear(vocab, hidden, blk), floats(hidden, 0.5f, 1.5f)};
+    float *logits = malloc(sizeof(float) * vocab);
+    for (int pos = 0; pos < 3; pos++) {
+        float *x = floats(hidden, -1.f, 1.f), *cos = floats(dim, -1.f, 1.f), *sin = floats(dim, -1.f, 1.f);
+        if (me_decode_step(&m, x, pos, cos, sin, logits, threads) != 0) {
+            fprintf(stderr, "me_decode_step failed\n");
+            exit(1);
+        }
+        printf("step %d %d\n", pos, threads);
+        for (int i = 0; i < vocab; i++) printf("%a\n", logits[i]);
+    }
+}
+
+int main(void) {
+    fprintf(stderr, "abi %d isa %d\n", me_abi_version(), me_isa());
+    const int blocks[] = {16, 32, 64, 128};
+    for (int b = 0; b < 4; b++)
+        for (int threads = 1; threads <= 3; threads += 2) {
+            gemv_case(37, 4 * blocks[b], blocks[b], threads);
+            gemv_case(9, 3 * blocks[b] - 5, blocks[b], threads);  /* padded last block */
+        }
+    for (int threads = 1; threads <= 3; threads += 2) decode_case(threads);
+    return 0;
+}

@@ -1,0 +1,68 @@
+"""Builds of the native decode kernels against each other, outside Python: tests/runtime/kernel_crosscheck.c runs
+every product and three whole decoder steps on fixed inputs and prints the results as hex floats.
+
+The ARM dot-product path (Jetson Orin's CPU) cannot run on this project's x86 machines, so it is cross-compiled and
+run under qemu's user-mode emulator where both are installed (Debian: ``apt install gcc-aarch64-linux-gnu
+qemu-user-static``). It adds integers in the same order as the portable C path, so the two must agree bit for bit."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megaedge.runtime import kernels
+
+DRIVER = Path(__file__).with_name("kernel_crosscheck.c")
+CROSS_CC = shutil.which("aarch64-linux-gnu-gcc")
+QEMU = shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64")
+HOST_CC = kernels.compiler()
+
+
+def _run(cc: str, flags: list[str], out: Path, runner: tuple[str, ...] = ()) -> tuple[dict[str, np.ndarray], str]:
+    """Compile the driver with the kernel source, run it; returns {case header: values} and the ISA line."""
+    build = subprocess.run([cc, *flags, str(DRIVER), str(kernels.SOURCE), "-o", str(out), "-lm"],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-2000:]
+    run = subprocess.run([*runner, str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    cases: dict[str, list[float]] = {}
+    for line in run.stdout.splitlines():
+        if line[0].isalpha():
+            current = cases.setdefault(line, [])
+        else:
+            current.append(float.fromhex(line))
+    return {k: np.asarray(v, np.float32) for k, v in cases.items()}, run.stderr.strip()
+
+
+def _portable(tmp_path: Path):
+    return _run(HOST_CC, list(kernels.PORTABLE_FLAG_SETS[0]), tmp_path / "portable")
+
+
+@pytest.mark.skipif(HOST_CC is None, reason="no C compiler")
+def test_this_machines_build_agrees_with_portable_c(tmp_path):
+    native, isa = _run(HOST_CC, list(kernels.FLAG_SETS[0]), tmp_path / "native")
+    portable, _ = _portable(tmp_path)
+    assert native.keys() == portable.keys() and len(native) == 22  # 16 products, 2 x 3 decoder steps
+    for case, want in portable.items():
+        # vector paths sum a block's float terms in lanes: the order differs, not the arithmetic
+        scale = float(np.abs(want).max())
+        assert np.abs(native[case] - want).max() <= 1e-5 * scale, (case, isa)
+
+
+@pytest.mark.skipif(HOST_CC is None or CROSS_CC is None or QEMU is None,
+                    reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 (apt install gcc-aarch64-linux-gnu "
+                           "qemu-user-static)")
+def test_arm_dot_product_build_equals_portable_c_bit_for_bit(tmp_path):
+    # the flags of a Jetson build (-march=native there) with Orin's instruction set named; static: qemu needs no
+    # aarch64 libraries then
+    flags = [f for f in kernels.FLAG_SETS[0] if f != "-march=native"] + ["-march=armv8.2-a+dotprod", "-static"]
+    arm, isa = _run(CROSS_CC, flags, tmp_path / "arm", (QEMU, "-cpu", "max"))
+    assert "isa 3" in isa  # the dot-product path compiled, not the portable fallback
+    portable, _ = _portable(tmp_path)
+    assert arm.keys() == portable.keys()
+    for case, want in portable.items():
+        np.testing.assert_array_equal(arm[case], want, err_msg=case)
