@@ -62,9 +62,10 @@ class Int8Recipe:
     # weights and dynamic u8 activations serves prompt-sized calls, where onnxruntime's 8-bit block kernel is
     # compute-bound (benchmarks/results/gemv_bandwidth.json: 128 rows 700 vs 194 ms) at one more weight copy.
     prefill: str = "shared"
-    # dynamic graphs: 7-bit weights. x86 CPUs without VNNI multiply u8 activations by s8 weights with an
-    # instruction that adds two products into a saturating int16 (255 * 127 * 2 > 2^15); at 7 bits it cannot
-    # saturate. Measured on an AVX2-only AMD EPYC: prefill vs decode graph cosine 0.953 at 8 bits (tiny model).
+    # dynamic and static u8-activation graphs: 7-bit weights. x86 CPUs without VNNI multiply u8 activations by s8
+    # weights with an instruction that adds two products into a saturating int16 (255 * 127 * 2 > 2^15); at 7 bits
+    # it cannot saturate. Measured on an AVX2-only AMD EPYC (fixture): prefill vs decode graph cosine 0.953 at 8
+    # bits; static encoder output cosine vs FP32 0.99915 (0.99975 on a VNNI Xeon).
     reduce_range: bool = False
     description: str = ""
 
@@ -92,7 +93,7 @@ RECIPES = {
     # The default CPU recipe, chosen by the fixture study (benchmarks/int8_recipes.py): the only one that keeps
     # token agreement >= 99 % with no condition losing more than 0.5 WER points.
     "cpu": Int8Recipe("cpu", encoder="static", decoder="weight-only", tied_embedding_int8=True,
-                      float_scopes=(".fc2",),
+                      float_scopes=(".fc2",), reduce_range=True,
                       description="encoder static Q/DQ (u8 activations, per-channel s8 weights; conv stem and the "
                                   "MLP output projections fc2 float); decoder weight-only s8 in blocks of 128 with "
                                   "int8 dot products; tied embedding / LM head one 8-bit block-quantized copy"),
@@ -112,13 +113,13 @@ RECIPES = {
                                        "(tied embedding / LM head, encoder and prefill graph stay 8-bit): the "
                                        "fastest decode, at a measured cost in agreement with FP32"),
     "cpu-dynamic": Int8Recipe("cpu-dynamic", encoder="static", decoder="dynamic", tied_embedding_int8=True,
-                              float_scopes=(".fc2",),
+                              float_scopes=(".fc2",), reduce_range=True,
                               description="as cpu, decoder per-channel s8 weights with dynamic u8 activations"),
     "smoothquant": Int8Recipe("smoothquant", encoder="static", decoder="smoothquant", tied_embedding_int8=True,
                               float_scopes=(".fc2",),
                               description="as cpu, decoder W8A8 static Q/DQ after SmoothQuant scaling (alpha 0.5) "
                                           "calibrated on the decoder's activations for wild-audio prompts"),
-    "cpu-weights": Int8Recipe("cpu-weights", encoder="dynamic", decoder="dynamic",
+    "cpu-weights": Int8Recipe("cpu-weights", encoder="dynamic", decoder="dynamic", reduce_range=True,
                               description="per-channel dynamic INT8 everywhere (no calibration needed)"),
     "tensorrt": Int8Recipe("tensorrt", encoder="static", decoder="static", activation="int8",
                            symmetric_activations=True,
@@ -417,6 +418,7 @@ def _static(src: Path, dst: Path, recipe: Int8Recipe, nodes: list[str], feeds, c
         calibration_cache_path=str(cache) if cache else None,
         extra_options={"ActivationSymmetric": recipe.symmetric_activations, "WeightSymmetric": True,
                        "MatMulConstBOnly": True},
+        reduce_range=recipe.reduce_range,
     )
 
 
