@@ -2,38 +2,9 @@
    builds of the kernels (this machine's portable C and, say, an aarch64 dot-product build run under qemu) can be
    compared bit for bit by tests/runtime/test_kernel_crosscheck.py. Inputs come from a fixed LCG, not rand(): the
    same on every C library. */
-#include <stdint.h>
 #include <stdio.h>
-#include <stdlib.h>
 
-typedef struct {
-    const uint8_t *w;
-    const float *s;
-    int32_t n, k, nb, blk;
-} me_linear;
-
-typedef struct {
-    me_linear q, k, v, o, gate, up, down;
-    const float *input_norm, *post_norm, *q_norm, *k_norm;
-    float *keys, *values;
-} me_layer;
-
-typedef struct {
-    int32_t layers, hidden, heads, kv_heads, head_dim, intermediate, capacity, vocab;
-    float eps, scaling;
-    me_layer *layer;
-    me_linear lm_head;
-    const float *final_norm;
-} me_model;
-
-int me_abi_version(void);
-int me_isa(void);
-void me_quantize(const float *x, const float *norm, float eps, int k, int blk, int nb, int8_t *q, float *sa,
-                 int32_t *asum, float *scratch);
-void me_gemv_q8(const uint8_t *w, const float *sw, const int8_t *q, const float *sa, const int32_t *asum, float *y,
-                int n, int nb, int blk, int threads);
-int me_decode_step(const me_model *m, float *x, int pos, const float *cos, const float *sin, float *logits,
-                   int threads);
+#include "q8gemv.c"  /* one translation unit: the structs and functions as the runtime builds them */
 
 static uint64_t state = 0x9E3779B97F4A7C15ull;
 

@@ -24,7 +24,7 @@ HOST_CC = kernels.compiler()
 
 def _run(cc: str, flags: list[str], out: Path, runner: tuple[str, ...] = ()) -> tuple[dict[str, np.ndarray], str]:
     """Compile the driver with the kernel source, run it; returns {case header: values} and the ISA line."""
-    build = subprocess.run([cc, *flags, str(DRIVER), str(kernels.SOURCE), "-o", str(out), "-lm"],
+    build = subprocess.run([cc, *flags, f"-I{kernels.SOURCE.parent}", str(DRIVER), "-o", str(out), "-lm"],
                            capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-2000:]
     run = subprocess.run([*runner, str(out)], capture_output=True, text=True, timeout=300)
