@@ -26,7 +26,7 @@ from megaedge.runtime import machine
 log = logging.getLogger("megaedge.runtime.kernels")
 
 SOURCE = Path(__file__).resolve().parents[1] / "assets" / "kernels" / "q8gemv.c"
-ABI_VERSION = 3
+ABI_VERSION = 4
 ISA_NAMES = {2: "avx512-vnni", 1: "avx2", 3: "arm-dotprod", 0: "portable-c"}
 # -ffp-contract=off: one rounding per operation however the compiler unrolls or vectorizes a loop, so a row computed
 # as one of four streams or alone, by any thread, gives the same bits (tests hold the decode step to it).
@@ -34,6 +34,9 @@ FLAG_SETS = (("-O3", "-march=native", "-fopenmp", "-ffp-contract=off"), ("-O3", 
              ("-O3", "-ffp-contract=off"))
 PORTABLE_FLAG_SETS = (("-O3", "-fopenmp", "-DME_PORTABLE", "-ffp-contract=off"),
                       ("-O3", "-DME_PORTABLE", "-ffp-contract=off"))
+# The AVX2 path on a CPU that also has AVX512: what a CPU without AVX512 runs, testable on one with it.
+AVX2_FLAG_SETS = (("-O3", "-march=native", "-mno-avx512f", "-fopenmp", "-ffp-contract=off"),)
+VARIANT_FLAGS = {"native": FLAG_SETS, "portable": PORTABLE_FLAG_SETS, "avx2": AVX2_FLAG_SETS}
 
 
 def cache_dir() -> Path:
@@ -48,24 +51,27 @@ def compiler() -> str | None:
 def _key(cc: str) -> str:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     digest = hashlib.sha256(SOURCE.read_bytes())
-    for part in (*version, repr((FLAG_SETS, PORTABLE_FLAG_SETS)), machine.cpu_facts()["model"], " ".join(sorted(machine.cpu_flags())), os.uname().machine):
+    for part in (*version, repr(VARIANT_FLAGS), machine.cpu_facts()["model"], " ".join(sorted(machine.cpu_flags())),
+                 os.uname().machine):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
 
 
-def build(force: bool = False, portable: bool = False) -> Path:
+def build(force: bool = False, portable: bool = False, variant: str = "native") -> Path:
     """Compile the kernels for this machine (or find the cached build); returns the shared object's path.
-    ``portable``: the plain C form only (no vector instructions), which CPUs without a tuned path run; tests hold
-    it to the same arithmetic. Raises RuntimeError naming what failed."""
+    ``portable`` (variant ``portable``): the plain C form only (no vector instructions), which CPUs without a tuned
+    path run; variant ``avx2``: the AVX2 path even where the CPU has AVX512; tests hold them all to the same
+    arithmetic. Raises RuntimeError naming what failed."""
+    variant = "portable" if portable else variant
     cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
-    out = cache_dir() / f"q8gemv-{_key(cc)}{'-portable' if portable else ''}.so"
+    out = cache_dir() / f"q8gemv-{_key(cc)}{'' if variant == 'native' else '-' + variant}.so"
     if out.is_file() and not force:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     errors = []
-    for flags in PORTABLE_FLAG_SETS if portable else FLAG_SETS:  # -march=native or OpenMP can be missing
+    for flags in VARIANT_FLAGS[variant]:  # -march=native or OpenMP can be missing
         with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
             pass
         result = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", tmp.name, str(SOURCE), "-lm"],
@@ -120,8 +126,12 @@ class Q8Kernels:
         lib.me_quantize.restype = None
         lib.me_gemv_q8.argtypes = [p, p, p, p, p, p, i, i, i, i]
         lib.me_gemv_q8.restype = None
+        lib.me_gemm_q8.argtypes = [p, p, p, p, p, p, i, i, i, i, i]
+        lib.me_gemm_q8.restype = ctypes.c_int
         lib.me_decode_step.argtypes = [ctypes.POINTER(ModelStruct), p, i, p, p, p, i]
         lib.me_decode_step.restype = ctypes.c_int
+        lib.me_prefill.argtypes = [ctypes.POINTER(ModelStruct), p, i, i, p, p, p, i]
+        lib.me_prefill.restype = ctypes.c_int
         self._lib, self.path = lib, path
         self.isa = ISA_NAMES.get(lib.me_isa(), "unknown")
 
@@ -143,6 +153,19 @@ class Q8Kernels:
                              x.sums.ctypes.data, out.ctypes.data, n, blocks, block, threads)
         return out
 
+    def quantize_rows(self, x: np.ndarray, block: int, blocks: int) -> Quantized:
+        """``quantize`` of every row of x [rows, k]: q [rows, blocks * block], scales and sums [rows, blocks]."""
+        parts = [self.quantize(row, block, blocks) for row in np.atleast_2d(x)]
+        return Quantized(np.stack([p.q for p in parts]), np.stack([p.scales for p in parts]),
+                         np.stack([p.sums for p in parts]))
+
+    def gemm(self, weight: np.ndarray, scales: np.ndarray, x: Quantized, out: np.ndarray, threads: int) -> np.ndarray:
+        """``gemv`` of every row of ``x`` (from ``quantize_rows``) in one pass over the weights: out [rows, n]."""
+        n, blocks, block = weight.shape
+        if self._lib.me_gemm_q8(weight.ctypes.data, scales.ctypes.data, x.q.ctypes.data, x.scales.ctypes.data,
+                                x.sums.ctypes.data, out.ctypes.data, x.q.shape[0], n, blocks, block, threads) != 0:
+            raise MemoryError("native matrix product: no memory for its packing buffers")
+        return out
 
     def decode_step(self, model: ModelStruct, x: np.ndarray, pos: int, cos: np.ndarray, sin: np.ndarray,
                     logits: np.ndarray, threads: int) -> None:
@@ -151,6 +174,15 @@ class Q8Kernels:
         if self._lib.me_decode_step(ctypes.byref(model), x.ctypes.data, pos, cos.ctypes.data, sin.ctypes.data,
                                     logits.ctypes.data, threads) != 0:
             raise MemoryError("native decode step: no memory for its scratch buffers")
+
+    def prefill(self, model: ModelStruct, x: np.ndarray, start: int, cos: np.ndarray, sin: np.ndarray,
+                logits: np.ndarray, threads: int) -> None:
+        """Rows x [rows, hidden] (embeddings, overwritten) at positions start.. through ``model`` (q8gemv.c,
+        me_prefill): every layer's cache gets those positions; logits [vocab] are the last row's. cos/sin
+        [rows, head_dim]; the caches must hold positions [0, start) already."""
+        if self._lib.me_prefill(ctypes.byref(model), x.ctypes.data, x.shape[0], start, cos.ctypes.data,
+                                sin.ctypes.data, logits.ctypes.data, threads) != 0:
+            raise MemoryError(f"native prefill: no memory for the scratch buffers of {x.shape[0]} rows")
 
 
 _loaded: dict[str, Q8Kernels | str] = {}

@@ -31,6 +31,9 @@ from megaedge.runtime import kernels, manifest
 
 log = logging.getLogger("megaedge.runtime.native_decode")
 PROJECTIONS = manifest.NATIVE_PROJECTIONS
+# Rows per prefill call: its scratch (activations of every row, ~110 KiB a row at 1.7B) stays near 60 MiB, and a
+# chunk is long enough that reading the weights once per chunk costs little next to its products.
+PREFILL_CHUNK = 512
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,7 @@ class NativeDecoder:
         self.values: list[np.ndarray] = []
         self.length = 0
         self._model: kernels.ModelStruct | None = None
+        self._model_in_memory = False
         self.load_seconds = 0.0
         self._loader = threading.Thread(target=self._load_in_memory, name="megaedge-native-load", daemon=True)
         if in_memory:
@@ -188,7 +192,7 @@ class NativeDecoder:
                 buffer[:, :positions] = present[0]
                 store.append(buffer)
         self.length = positions
-        self._model = self._model_struct()
+        self._model, self._model_in_memory = self._model_struct(), True
 
     # ------------------------------------------------------------------------------------------- step
     def _model_struct(self) -> kernels.ModelStruct:
@@ -217,10 +221,49 @@ class NativeDecoder:
         rows = (self._embedding[token].astype(np.float32) - 128.0) * self._embedding_scales[token][:, None]
         return np.ascontiguousarray(rows.reshape(-1)[: self.hidden])
 
+    def embed_rows(self, ids: np.ndarray) -> np.ndarray:
+        """``embed`` of every id: float32 [len(ids), hidden], the same values row by row."""
+        if self._embedding_scales is None:
+            return np.array(self._embedding[ids], np.float32)
+        rows = (self._embedding[ids].astype(np.float32) - 128.0) * self._embedding_scales[ids][:, :, None]
+        return np.ascontiguousarray(rows.reshape(len(ids), -1)[:, : self.hidden])
+
+    def prefill(self, prompt_ids: list[int], audio: np.ndarray, audio_token: int, max_new_tokens: int) -> np.ndarray:
+        """Logits [vocab] after the whole prompt, run natively from an empty cache: the i-th ``audio_token`` of the
+        prompt takes row i of ``audio`` [A, hidden] (the decoder graph's merge). Leaves the cache ready for
+        ``max_new_tokens`` steps. Prompts run in chunks of PREFILL_CHUNK rows, which bounds the scratch memory."""
+        ids = np.asarray(prompt_ids, np.int64)
+        is_audio = ids == audio_token
+        if int(is_audio.sum()) != len(audio):
+            raise MegaedgeError(f"native prefill: {int(is_audio.sum())} audio placeholders for {len(audio)} audio rows")
+        x = self.embed_rows(ids)
+        x[is_audio] = audio
+        capacity = len(ids) + max_new_tokens + 1
+        self.keys = [np.zeros((self.kv_heads, capacity, self.head_dim), np.float32) for _ in self.layers]
+        self.values = [np.zeros((self.kv_heads, capacity, self.head_dim), np.float32) for _ in self.layers]
+        self.length = 0
+        # The weights there are now: the file map while the background read runs, so the prompt need not wait for
+        # it; the first step changes over to the copy in memory.
+        self._model_in_memory = not self._loader.is_alive()
+        self._model = self._model_struct()
+        angles = np.arange(len(ids), dtype=np.float32)[:, None] * self.inv_freq[None, :]  # as step() does per position
+        angles = np.concatenate([angles, angles], axis=1)
+        cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+        logits = np.empty(self.lm_head.n, np.float32)
+        for lo in range(0, len(ids), PREFILL_CHUNK):
+            hi = min(lo + PREFILL_CHUNK, len(ids))
+            self.kernels.prefill(self._model, np.ascontiguousarray(x[lo:hi]), lo, np.ascontiguousarray(cos[lo:hi]),
+                                 np.ascontiguousarray(sin[lo:hi]), logits, self.threads)
+        self.length = len(ids)
+        return logits
+
     def step(self, token: int) -> np.ndarray:
         """Logits [vocab] after appending ``token`` at the next position."""
         if self._model is None:
             raise MegaedgeError("native decoder: start() with a prefill's cache before step()")
+        if not self._model_in_memory:
+            self.wait_loaded()
+            self._model, self._model_in_memory = self._model_struct(), True
         pos = self.length
         if pos >= self.keys[0].shape[1]:
             raise MegaedgeError(f"native decoder: cache full at {pos} positions; start() with more max_new_tokens")

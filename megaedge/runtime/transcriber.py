@@ -102,9 +102,11 @@ def load_lanes(graph_bytes: dict[str, int], cores: int) -> list[list[str]]:
 
 
 class Transcriber:
-    def __init__(self, bundle: Path, info: manifest.Manifest, sessions: dict, tokenizer, route: str, native=None):
+    def __init__(self, bundle: Path, info: manifest.Manifest, sessions: dict, tokenizer, route: str, native=None,
+                 native_prefill: bool = False):
         self.bundle, self.manifest, self.sessions, self.tokenizer = bundle, info, sessions, tokenizer
-        self.native = native  # runtime.native_decode.NativeDecoder: the decode steps after an onnxruntime prefill
+        self.native = native  # runtime.native_decode.NativeDecoder: the decode steps (and the prompt) natively
+        self.native_prefill = native is not None and native_prefill
         if route not in ROUTES:
             raise MegaedgeError(f"route {route!r} is not one of {ROUTES}")
         if route == "base" and not info.routed:  # a merged bundle has the LoRA folded in: no base route left
@@ -123,13 +125,15 @@ class Transcriber:
     @classmethod
     def from_bundle(cls, path, providers=("cpu",), route: str = "auto", verify: bool = True,
                     threads: int | None = None, use_prepared: bool = True,
-                    profile_dir: Path | None = None, decode: str = "auto") -> Transcriber:
+                    profile_dir: Path | None = None, decode: str = "auto", prefill: str = "auto") -> Transcriber:
         """Load a bundle. ``verify`` hashes every file against the manifest, unless ``megaedge prepare`` already
         did and no file changed since; on the CPU provider, graphs prepared for this machine load from their
         prepared copy (``use_prepared``). With ``profile_dir``, every onnxruntime session records a per-node trace
         there (``runtime.profiling``). ``decode``: ``native`` runs the decode steps of a weight-only INT8 bundle
         with megaedge's own CPU kernel (runtime.native_decode), ``ort`` with onnxruntime, ``auto`` natively where
-        the bundle, the providers (CPU only) and the machine (a C compiler) allow it."""
+        the bundle, the providers (CPU only) and the machine (a C compiler) allow it. ``prefill``: which engine runs
+        the prompt when the steps run natively: ``native`` (the same kernels, several rows per weight load), ``ort``
+        (the bundle's prefill graph), ``auto`` = native."""
         import functools
         from concurrent.futures import ThreadPoolExecutor
 
@@ -143,6 +147,8 @@ class Transcriber:
             manifest.check_files(bundle, info)
         if decode not in DECODE_ENGINES:
             raise MegaedgeError(f"decode engine {decode!r} is not one of {DECODE_ENGINES}")
+        if prefill not in PREFILL_ENGINES:
+            raise MegaedgeError(f"prefill engine {prefill!r} is not one of {PREFILL_ENGINES}")
         cpu_only = tuple(providers) == ("cpu",)
         ort_providers = ("cpu",) if "engine" in providers else providers  # graphs without an engine
         opened = {}
@@ -165,8 +171,18 @@ class Transcriber:
         todo = {name: spec for name, spec in info.graphs.items()
                 if name not in opened and not (opened and name == "decoder_prefill")}
         native_kernels = _native_kernels(bundle, info, decode, cpu_only)
+        if prefill == "native" and native_kernels is None:
+            raise MegaedgeError(f"{bundle}: --prefill native needs the native decoder (--decode auto or native, a "
+                                f"weight-only INT8 bundle on the CPU); use --prefill ort")
+        native_prefill = native_kernels is not None and prefill != "ort"
         deferred = {}
-        if native_kernels is not None and "decoder_prefill" in todo:
+        if native_prefill:
+            # The whole decoder runs natively: onnxruntime's decoder graphs (another copy of the weights each, ~2 s
+            # of a 1.7B cold start) serve only streaming, so they open on first use.
+            for name in ("decoder", "decoder_prefill"):
+                if name in todo:
+                    deferred[name] = functools.partial(one, name, todo.pop(name))
+        elif native_kernels is not None and "decoder_prefill" in todo:
             # Prompts run in the prefill graph and steps natively: onnxruntime's decode graph (a second copy of the
             # decoder weights, ~2 s of a 1.7B cold start) serves only streaming and prompts under
             # PREFILL_MIN_ROWS, so it opens on first use.
@@ -192,7 +208,7 @@ class Transcriber:
         # which is the critical path of a cold start.
         native = None if native_kernels is None else native_decode.NativeDecoder(bundle, info, native_kernels,
                                                                                  threads or _cores())
-        return cls(bundle, info, sessions, tokenizer, route, native)
+        return cls(bundle, info, sessions, tokenizer, route, native, native_prefill)
 
     # ------------------------------------------------------------------------------------------------ stages
     def encode(self, samples: np.ndarray, timer: _Timer | None = None) -> np.ndarray:
@@ -246,25 +262,29 @@ class Transcriber:
 
     def decode(self, prompt_ids: list[int], audio: np.ndarray, max_new_tokens: int, timer: _Timer | None = None,
                ignore_eos: bool = False, no_repeat_ngram: int = 0) -> list[int]:
-        """Greedy decoding. The prompt runs in onnxruntime; the steps after it run in the native decoder when there
-        is one (its cache taken over from the prefill), else in onnxruntime with the KV cache kept in its memory
-        between steps (IO binding)."""
-        import onnxruntime as ort
-
-        session = self.decoder_for(len(prompt_ids))
+        """Greedy decoding. With a native decoder the steps run there, and the prompt too (``native_prefill``) or
+        in onnxruntime, whose cache it takes over; else everything runs in onnxruntime with the KV cache kept in
+        its memory between steps (IO binding)."""
         eos = set(self.manifest.prompt.eos)
-        empty = ort.OrtValue.ortvalue_from_numpy(np.zeros(self.kv_shape, self.kv_dtype))
-        feed = {"input_ids": np.asarray([prompt_ids], np.int64), "audio_features": audio,
-                "logits_at": np.asarray([len(prompt_ids) - 1], np.int64), **dict.fromkeys(self.past_names, empty)}
-        if self.manifest.routed:
-            feed["lora_gate"] = self._gate_value
-        no_audio = np.zeros((0, audio.shape[1]), audio.dtype)
         generated: list[int] = []
         outs: list = []  # the last onnxruntime outputs: logits, then the KV cache
+        if not self.native_prefill:
+            import onnxruntime as ort
+
+            session = self.decoder_for(len(prompt_ids))
+            empty = ort.OrtValue.ortvalue_from_numpy(np.zeros(self.kv_shape, self.kv_dtype))
+            feed = {"input_ids": np.asarray([prompt_ids], np.int64), "audio_features": audio,
+                    "logits_at": np.asarray([len(prompt_ids) - 1], np.int64), **dict.fromkeys(self.past_names, empty)}
+            if self.manifest.routed:
+                feed["lora_gate"] = self._gate_value
+            no_audio = np.zeros((0, audio.shape[1]), audio.dtype)
         t0 = time.perf_counter()
         for step in range(max_new_tokens):
-            if self.native is not None and step > 0:
-                if step == 1:  # not right after the prefill: the first token need not wait for the weight read
+            if self.native_prefill and step == 0:
+                logits = self.native.prefill(prompt_ids, audio, self.manifest.prompt.audio_pad, max_new_tokens)
+            elif self.native is not None and step > 0:
+                if step == 1 and not self.native_prefill:  # not right after the prefill: the first token need not
+                    # wait for the weight read
                     self.native.start([value.numpy() for value in outs[1:]], max_new_tokens)
                 logits = self.native.step(generated[-1])
             else:
@@ -372,6 +392,7 @@ class Transcriber:
 
 
 DECODE_ENGINES = ("auto", "native", "ort")
+PREFILL_ENGINES = ("auto", "native", "ort")
 
 
 class Sessions(dict):

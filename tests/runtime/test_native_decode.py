@@ -20,13 +20,19 @@ needs_kernel = pytest.mark.skipif(KERNELS is None, reason=WHY_NOT or "kernel ava
 
 
 def _variants() -> list:
-    """This machine's build and the portable C build (what CPUs without a tuned path run), when they build."""
+    """This machine's build, the portable C build (what CPUs without a tuned path run) and, on an AVX512 CPU, the
+    AVX2 build (what CPUs without AVX512 run), when they build."""
     found = [pytest.param(KERNELS, id=KERNELS.isa)] if KERNELS is not None else []
-    try:
-        portable = kernels.Q8Kernels(kernels.build(portable=True))
-    except RuntimeError:
-        return found
-    return found + ([pytest.param(portable, id="portable-c")] if KERNELS is None or KERNELS.isa != "portable-c" else [])
+    seen = {KERNELS.isa} if KERNELS is not None else set()
+    for variant in ("portable", "avx2"):
+        try:
+            built = kernels.Q8Kernels(kernels.build(variant=variant))
+        except (RuntimeError, OSError):
+            continue
+        if built.isa not in seen:
+            seen.add(built.isa)
+            found.append(pytest.param(built, id=built.isa))
+    return found
 
 
 VARIANTS = _variants()
@@ -59,6 +65,39 @@ def test_kernel_matches_matmulnbits_arithmetic(n, k, block, built):
         got = built.gemv(weight, scales, built.quantize(x, block, blocks), np.empty(n, np.float32), threads)
         want = _reference(weight, scales, x, block, blocks)
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+
+
+def _emulated_gemm(weight, scales, x):
+    """The prompt products' arithmetic in numpy float32: each block's integer dot product exactly, then
+    y += (weight scale * activation scale) * dot, block after block, one rounding per operation."""
+    rows, (n, blocks, block) = x.q.shape[0], weight.shape
+    dots = np.einsum("rbk,nbk->rnb", x.q.reshape(rows, blocks, block).astype(np.int64),
+                     weight.astype(np.int64) - 128)
+    y = np.zeros((rows, n), np.float32)
+    for b in range(blocks):
+        scale = scales[None, :, b] * x.scales[:, b : b + 1]
+        y = y + scale * dots[:, :, b].astype(np.float32)
+    return y
+
+
+@needs_kernel
+@pytest.mark.parametrize("built", VARIANTS)
+@pytest.mark.parametrize("n,k,block,rows", [(2048, 2048, 128, 9), (37, 160, 128, 5), (321, 160, 32, 7),
+                                            (50, 64, 16, 3), (1003, 384, 64, 13), (70, 6144, 128, 6),
+                                            (100, 2048, 128, 1)])
+def test_prompt_product_is_the_same_arithmetic_on_every_build(n, k, block, rows, built):
+    """Several rows per weight load (packed tiles on AVX2/AVX512, partial groups and row groups included) give,
+    bit for bit, the float32 emulation, with any number of threads."""
+    rng = np.random.default_rng(n)
+    blocks = -(-k // block)
+    weight = rng.integers(0, 256, (n, blocks, block), dtype=np.uint8)
+    weight[0, 0, :] = 0
+    scales = rng.uniform(0.001, 0.02, (n, blocks)).astype(np.float32)
+    x = built.quantize_rows(rng.standard_normal((rows, k)).astype(np.float32), block, blocks)
+    want = _emulated_gemm(weight, scales, x)
+    for threads in (1, 2, 3):
+        got = built.gemm(weight, scales, x, np.full((rows, n), np.nan, np.float32), threads)
+        np.testing.assert_array_equal(got, want)
 
 
 @needs_kernel
@@ -185,20 +224,85 @@ def test_decode_engine_choice_is_checked(fixture_bundles):
 
 
 @needs_kernel
-def test_prefill_bundle_opens_the_decode_graph_only_for_streaming(fixture_bundles, tmp_path_factory):
-    """With a prefill graph for prompts and native steps, onnxruntime's decode graph (a second copy of the decoder
-    weights) is not needed to transcribe: it stays closed until a stream asks for it."""
+def test_native_decoder_leaves_onnxruntime_decoder_graphs_closed_until_streaming(fixture_bundles, tmp_path_factory):
+    """Prompt and steps native: neither onnxruntime decoder graph (another copy of the decoder weights each) is
+    needed to transcribe, so they stay closed until a stream asks for the decode graph. With the prompt in the
+    prefill graph (--prefill ort) only the decode graph stays closed."""
     from megaedge import fixture
     from megaedge.runtime.evaluate import read_set
 
     bundle = int8_bundle_from(fixture_bundles["merged"], tmp_path_factory.mktemp("prefill"), recipe="cpu-prefill")
     clip = read_set(fixture.heldout_manifest())[0]["path"]
     tr = Transcriber.from_bundle(bundle)
-    assert tr.native is not None and tr.sessions.closed == ["decoder"] and "decoder" in tr.sessions
+    assert tr.native_prefill and tr.sessions.closed == ["decoder", "decoder_prefill"]
     native = tr.transcribe(clip).token_ids
-    assert tr.sessions.closed == ["decoder"]
+    assert tr.sessions.closed == ["decoder", "decoder_prefill"]
+    hybrid = Transcriber.from_bundle(bundle, prefill="ort")
+    assert not hybrid.native_prefill and hybrid.sessions.closed == ["decoder"]
     ort = Transcriber.from_bundle(bundle, decode="ort")
     assert ort.sessions.closed == []
-    assert len(native) > 3 and native == ort.transcribe(clip).token_ids
+    want = ort.transcribe(clip).token_ids
+    assert len(native) > 3 and native == want and hybrid.transcribe(clip).token_ids == want
     tr.create_stream()
-    assert tr.sessions.closed == []
+    assert tr.sessions.closed == ["decoder_prefill"]
+
+
+@needs_kernel
+@pytest.mark.parametrize("built", VARIANTS)
+def test_native_prefill_tracks_onnxruntime_prefill(fixture_int8, built):
+    """The prompt with its audio rows, natively, against the decoder graph: last logits and every layer's cache."""
+    import onnxruntime
+
+    from megaedge.runtime.native_decode import NativeDecoder
+
+    tr = Transcriber.from_bundle(fixture_int8, decode="ort")
+    audio = tr.encode(speechlike(4.0, seed=3))
+    ids = tr.prompt(audio.shape[0], "pump room", None)
+    empty = onnxruntime.OrtValue.ortvalue_from_numpy(np.zeros(tr.kv_shape, tr.kv_dtype))
+    feed = {"input_ids": np.asarray([ids], np.int64), "audio_features": audio,
+            "logits_at": np.asarray([len(ids) - 1], np.int64), **dict.fromkeys(tr.past_names, empty)}
+    outs = [v.numpy() for v in tr.sessions["decoder"].run_bound(feed)]
+    native = NativeDecoder(fixture_int8, tr.manifest, built, threads=2)
+    got = native.prefill(ids, audio, tr.manifest.prompt.audio_pad, 4)
+    want = outs[0][0]
+    assert int(np.argmax(got)) == int(np.argmax(want)) and np.corrcoef(want, got)[0, 1] > 0.999
+    assert native.length == len(ids)
+    for i, (keys, values) in enumerate(zip(native.keys, native.values)):
+        for mine, theirs in ((keys, outs[1 + 2 * i][0]), (values, outs[2 + 2 * i][0])):
+            scale = np.abs(theirs).max()
+            assert np.abs(mine[:, : len(ids)] - theirs).max() < 0.02 * scale, f"layer {i}"
+    with pytest.raises(MegaedgeError, match="audio placeholders"):
+        native.prefill(ids, audio[1:], tr.manifest.prompt.audio_pad, 4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("built", VARIANTS)
+def test_native_prefill_equals_stepping_the_prompt(fixture_int8, built, monkeypatch):
+    """A prompt prefilled (in one call or in chunks, by any number of threads) and the same prompt stepped token by
+    token give the same cache and logits: exactly, where the step's products share the prompt's arithmetic (the
+    portable build). Elsewhere the step sums in vector lanes: a last-bit difference can move one activation to
+    the next int8 step (AVX2 build, this prompt: one at position 8 of layer 0, logits then within 2 %)."""
+    from megaedge.runtime import native_decode
+
+    info = manifest.read(fixture_int8, verify=False)
+    ids = list(np.random.default_rng(4).integers(0, info.decoder["vocab_size"], 23))
+    runs = []
+    for chunk, threads in ((native_decode.PREFILL_CHUNK, 2), (5, 1), (7, 3)):
+        monkeypatch.setattr(native_decode, "PREFILL_CHUNK", chunk)
+        native = native_decode.NativeDecoder(fixture_int8, info, built, threads=threads)
+        runs.append((native.prefill(ids, np.zeros((0, native.hidden), np.float32), -1, 2), native.keys[-1]))
+    for logits, keys in runs[1:]:
+        np.testing.assert_array_equal(logits, runs[0][0])
+        np.testing.assert_array_equal(keys, runs[0][1])
+    stepper = native_decode.NativeDecoder(fixture_int8, info, built, threads=2)
+    shape = (1, stepper.kv_heads, 0, stepper.head_dim)
+    stepper.start([np.zeros(shape, np.float32)] * (2 * len(stepper.layers)), len(ids))
+    for token in ids:
+        stepped = stepper.step(int(token))
+    if built.isa == "portable-c":
+        np.testing.assert_array_equal(stepped, runs[0][0])
+    else:
+        assert np.corrcoef(stepped, runs[0][0])[0, 1] > 0.999
+        assert np.abs(stepped - runs[0][0]).max() < 0.05 * np.abs(stepped).max()
+    keys = stepper.keys[-1][:, : len(ids)]
+    assert np.abs(keys - runs[0][1][:, : len(ids)]).max() < 0.05 * np.abs(keys).max()

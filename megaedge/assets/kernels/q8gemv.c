@@ -12,6 +12,12 @@
    ranges side by side instead of one. The whole step is one call with one thread team because the work between
    the products (per layer: two norms, attention over the cache, SwiGLU) cost a quarter of a step as numpy calls.
 
+   A prompt (prefill) runs through the same arithmetic, several rows at a time (me_prefill): each weight block is
+   loaded once for MR activation rows, and the weights are walked in tiles that stay in the core's L2 cache while
+   every row passes, so a 400-row prompt reads the weights from memory once instead of 400 times. Every row's
+   result equals, bit for bit, what me_decode_step computes for that position: a prompt's cache and last logits do
+   not depend on whether it was prefilled or stepped.
+
    Compiled on the machine that runs it (-march=native) by megaedge/runtime/kernels.py: AVX512-VNNI, AVX2 or ARM
    dot-product instructions where the CPU has them, portable C elsewhere. */
 #include <math.h>
@@ -40,7 +46,7 @@
 #define STREAMS 4
 #define ZERO_POINT 128
 
-int me_abi_version(void) { return 3; }
+int me_abi_version(void) { return 4; }
 
 /* 2: AVX512-VNNI, 1: AVX2, 3: ARM dot product, 0: portable C */
 int me_isa(void) { return ME_ISA; }
@@ -379,6 +385,343 @@ int me_decode_step(const me_model *m, float *x, int pos, const float *cos, const
 #endif
         quantize_for(x, m->final_norm, m->eps, &m->lm_head, &act, scratch);
         gemv_share(&m->lm_head, &act, logits);
+    }
+    for (int i = 0; i < count; i++) free(owned[i]);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ prompt (prefill) */
+
+#define MR 4                    /* activation rows per pass over a packed weight tile */
+#define TILE_BYTES (256 * 1024) /* weights packed per tile: they stay in L2 while every row group passes */
+
+typedef struct {  /* activation rows quantized for a product's blocks: row r at q + r * nb * blk, sa/asum + r * nb */
+    int8_t *q;
+    float *sa;
+    int32_t *asum;
+} me_rows;
+
+/* The prompt's products use one arithmetic on every CPU, the portable one of rows_together: each block's integer
+   dot product exactly, then y += (sw * sa) * dot in block order (a multiply, then an add). So a vector build and
+   the portable C build give the same bits, and tests can hold both to a float32 emulation in numpy. */
+
+/* y[r][n] for rows r0..r0+cnt and one weight row n, straight from the MatMulNBits layout */
+static void row_block(const me_linear *m, const me_rows *a, float *y, int ystride, int r0, int cnt, int n) {
+    const int nb = m->nb, blk = m->blk;
+    const size_t stride = (size_t)nb * blk;
+    const uint8_t *w = m->w + (size_t)n * stride;
+    const float *sw = m->s + (size_t)n * nb;
+    float sum[MR];
+    for (int r = 0; r < cnt; r++) sum[r] = 0.f;
+    for (int b = 0; b < nb; b++)
+        for (int r = 0; r < cnt; r++) {
+            const size_t at = (size_t)(r0 + r) * nb + b;
+            sum[r] += sw[b] * a->sa[at] *
+                      (float)dot_block(w + (size_t)b * blk, a->q + (size_t)(r0 + r) * stride + b * blk, blk, a->asum[at]);
+        }
+    for (int r = 0; r < cnt; r++) y[(size_t)(r0 + r) * ystride + n] = sum[r];
+}
+
+#if ME_ISA == 1 || ME_ISA == 2
+#define PACKED 1
+/* Vector builds repack a tile of weights so that one vector load holds 4 consecutive bytes of LANES weight rows
+   (lanes = weight rows): a block's dot products then need no horizontal sums, and its scaling is one vector
+   multiply per LANES outputs instead of several instructions per output. Packed tile: w[g][b][k/4][LANES][4] for
+   groups g of LANES rows, scales s[g][b][LANES]; rows past the matrix are zero weights with zero scales. */
+#if ME_ISA == 2
+#define LANES 16
+#define VECS 2 /* weight groups per micro tile */
+#else
+#define LANES 8
+#define VECS 1
+#endif
+
+static void pack_tile(const me_linear *m, int t0, int count, uint8_t *pw, float *ps) {
+    const int nb = m->nb, blk = m->blk, groups = (count + LANES - 1) / LANES;
+    const size_t row_bytes = (size_t)nb * blk;
+    for (int g = 0; g < groups; g++)
+        for (int lane = 0; lane < LANES; lane++) {
+            const int i = g * LANES + lane;
+            const uint32_t *src = i < count ? (const uint32_t *)(m->w + (size_t)(t0 + i) * row_bytes) : NULL;
+            for (int b = 0; b < nb; b++) {
+                uint32_t *dst = (uint32_t *)(pw + ((size_t)g * nb + b) * blk * LANES) + lane;
+                const uint32_t *sb = src ? src + (size_t)b * blk / 4 : NULL;
+                for (int k4 = 0; k4 < blk / 4; k4++) {
+                    uint32_t v = sb ? sb[k4] : 0x80808080u;  /* stored value + 128: 128 is a zero weight */
+#if ME_ISA == 1
+                    v ^= 0x80808080u; /* AVX2 multiplies signed weights (see dot32_avx2) */
+#endif
+                    dst[(size_t)k4 * LANES] = v;
+                }
+                ps[((size_t)g * nb + b) * LANES + lane] = src ? m->s[(size_t)(t0 + i) * nb + b] : 0.f;
+            }
+        }
+}
+
+/* rows r0..r0+cnt times VECS packed groups starting at group g0 (weight rows n0..): cnt <= MR */
+static inline __attribute__((always_inline)) void micro(const me_linear *m, const me_rows *a, const uint8_t *pw,
+                                                        const float *ps, int g0, int vecs, int r0, int cnt,
+                                                        float *y, int n0, int valid) {
+    const int nb = m->nb, blk = m->blk;
+    const size_t stride = (size_t)nb * blk, gbytes = stride * LANES;
+#if ME_ISA == 2
+    __m512 acc[MR][VECS];
+    for (int r = 0; r < cnt; r++)
+        for (int v = 0; v < vecs; v++) acc[r][v] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m512i d[MR][VECS];
+        for (int r = 0; r < cnt; r++)
+            for (int v = 0; v < vecs; v++) d[r][v] = _mm512_setzero_si512();
+        const uint8_t *wb = pw + (size_t)g0 * gbytes + (size_t)b * blk * LANES;
+        const int8_t *qb = a->q + (size_t)r0 * stride + (size_t)b * blk;
+        for (int k4 = 0; k4 < blk / 4; k4++) {
+            __m512i w[VECS];
+            for (int v = 0; v < vecs; v++) w[v] = _mm512_loadu_si512(wb + v * gbytes + (size_t)k4 * 4 * LANES);
+            for (int r = 0; r < cnt; r++) {
+                int32_t four;
+                memcpy(&four, qb + (size_t)r * stride + 4 * k4, 4);
+                const __m512i q4 = _mm512_set1_epi32(four);
+                for (int v = 0; v < vecs; v++) d[r][v] = _mm512_dpbusd_epi32(d[r][v], w[v], q4);
+            }
+        }
+        for (int r = 0; r < cnt; r++) {
+            const size_t at = (size_t)(r0 + r) * nb + b;
+            const __m512i corr = _mm512_set1_epi32(ZERO_POINT * a->asum[at]);
+            const __m512 sa = _mm512_set1_ps(a->sa[at]);
+            for (int v = 0; v < vecs; v++) {
+                const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(ps + ((size_t)(g0 + v) * nb + b) * LANES), sa);
+                acc[r][v] = _mm512_add_ps(acc[r][v],
+                                          _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(d[r][v], corr))));
+            }
+        }
+    }
+    for (int r = 0; r < cnt; r++)
+        for (int v = 0; v < vecs; v++) {
+            const int lanes = valid - v * LANES;
+            if (lanes <= 0) break;
+            float *out = y + (size_t)(r0 + r) * m->n + n0 + v * LANES;
+            _mm512_mask_storeu_ps(out, lanes >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << lanes) - 1),
+                                  acc[r][v]);
+        }
+#else
+    (void)vecs;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[MR];
+    for (int r = 0; r < cnt; r++) acc[r] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m256i d[MR];
+        for (int r = 0; r < cnt; r++) d[r] = _mm256_setzero_si256();
+        const uint8_t *wb = pw + (size_t)g0 * gbytes + (size_t)b * blk * LANES;
+        const int8_t *qb = a->q + (size_t)r0 * stride + (size_t)b * blk;
+        for (int k4 = 0; k4 < blk / 4; k4++) {
+            const __m256i ws = _mm256_loadu_si256((const __m256i *)(wb + (size_t)k4 * 4 * LANES));
+            const __m256i wa = _mm256_abs_epi8(ws);
+            for (int r = 0; r < cnt; r++) {
+                int32_t four;
+                memcpy(&four, qb + (size_t)r * stride + 4 * k4, 4);
+                const __m256i pairs = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(_mm256_set1_epi32(four), ws));
+                d[r] = _mm256_add_epi32(d[r], _mm256_madd_epi16(pairs, ones));
+            }
+        }
+        for (int r = 0; r < cnt; r++) {
+            const __m256 s = _mm256_mul_ps(_mm256_loadu_ps(ps + ((size_t)g0 * nb + b) * LANES),
+                                           _mm256_set1_ps(a->sa[(size_t)(r0 + r) * nb + b]));
+            acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(s, _mm256_cvtepi32_ps(d[r])));
+        }
+    }
+    for (int r = 0; r < cnt; r++) {
+        float *out = y + (size_t)(r0 + r) * m->n + n0;
+        if (valid >= LANES) {
+            _mm256_storeu_ps(out, acc[r]);
+        } else {
+            float tmp[LANES];
+            _mm256_storeu_ps(tmp, acc[r]);
+            memcpy(out, tmp, sizeof(float) * valid);
+        }
+    }
+#endif
+}
+#endif
+
+/* bytes of the per-thread scratch gemm_rows packs a tile into, for products of at most k_padded inputs: a tile's
+   weights and scales (each at most TILE_BYTES, or one micro tile of the widest rows) and alignment */
+static size_t pack_bytes(size_t k_padded) {
+#ifdef PACKED
+    return 2 * (TILE_BYTES + (size_t)LANES * VECS * k_padded) + 64;
+#else
+    (void)k_padded;
+    return 0;
+#endif
+}
+
+/* weight rows [lo, hi) of Y [rows][n] = A W^T for all `rows` activation rows */
+static void gemm_rows(const me_linear *m, const me_rows *a, float *y, int rows, int lo, int hi, void *scratch) {
+#ifdef PACKED
+    if (m->blk % 4 == 0 && hi > lo) {
+        const size_t row_bytes = (size_t)m->nb * m->blk;
+        int tile = (int)(TILE_BYTES / row_bytes) / (LANES * VECS) * (LANES * VECS);
+        if (tile < LANES * VECS) tile = LANES * VECS;  /* wide rows: one micro tile, the scratch was sized for it */
+        uint8_t *pw = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+        float *ps = (float *)(pw + (size_t)tile * row_bytes);
+        for (int t0 = lo; t0 < hi; t0 += tile) {
+            const int count = hi - t0 < tile ? hi - t0 : tile, groups = (count + LANES - 1) / LANES;
+            pack_tile(m, t0, count, pw, ps);
+            for (int r0 = 0; r0 < rows; r0 += MR) {
+                const int cnt = rows - r0 < MR ? rows - r0 : MR;
+                for (int g = 0; g < groups; g += VECS) {
+                    const int vecs = groups - g < VECS ? groups - g : VECS, n0 = t0 + g * LANES;
+                    const int valid = count - g * LANES;
+                    if (cnt == MR && vecs == VECS && m->blk == 128)  /* the common case with constant trip counts */
+                        micro(&(me_linear){m->w, m->s, m->n, m->k, m->nb, 128}, a, pw, ps, g, VECS, r0, MR, y, n0, valid);
+                    else
+                        micro(m, a, pw, ps, g, vecs, r0, cnt, y, n0, valid);
+                }
+            }
+        }
+        return;
+    }
+#endif
+    (void)scratch;
+    for (int r0 = 0; r0 < rows; r0 += MR)
+        for (int n = lo; n < hi; n++) row_block(m, a, y, m->n, r0, rows - r0 < MR ? rows - r0 : MR, n);
+}
+
+/* this thread's share of Y [rows][n] = A W^T, inside a parallel region; shares are whole packed groups */
+static void gemm_share(const me_linear *m, const me_rows *a, float *y, int rows, void *scratch) {
+    int t = thread_id(), T = team_size();
+#ifdef PACKED
+    const int unit = LANES * VECS, units = (m->n + unit - 1) / unit;
+    int lo = (int)((long long)units * t / T) * unit, hi = (int)((long long)units * (t + 1) / T) * unit;
+    gemm_rows(m, a, y, rows, lo, hi < m->n ? hi : m->n, scratch);
+#else
+    gemm_rows(m, a, y, rows, (int)((long long)m->n * t / T), (int)((long long)m->n * (t + 1) / T), scratch);
+#endif
+}
+
+/* Y [rows][n] = A W^T for activation rows quantized like me_quantize's; returns 0, or -1 without memory */
+int me_gemm_q8(const uint8_t *w, const float *sw, const int8_t *q, const float *sa, const int32_t *asum, float *y,
+               int rows, int n, int nb, int blk, int threads) {
+    me_linear m = {w, sw, n, nb * blk, nb, blk};
+    me_rows a = {(int8_t *)q, (float *)sa, (int32_t *)asum};
+    const int team = threads > 0 ? threads : 1;
+    const size_t per_thread = pack_bytes((size_t)nb * blk);
+    char *pack = malloc(per_thread * team + 1);
+    if (!pack) return -1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(team)
+#endif
+    gemm_share(&m, &a, y, rows, pack + per_thread * thread_id());
+    free(pack);
+    return 0;
+}
+
+/* rows of x [rows][k] (RMS-normalized with `norm` first when given) quantized for m's blocks, rows shared out */
+static void quantize_rows_for(const float *x, int rows, const float *norm, float eps, const me_linear *m,
+                              me_rows *a, float *scratch) {
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int r = 0; r < rows; r++)
+        me_quantize(x + (size_t)r * m->k, norm, eps, m->k, m->blk, m->nb, a->q + (size_t)r * m->nb * m->blk,
+                    a->sa + (size_t)r * m->nb, a->asum + (size_t)r * m->nb, scratch);
+}
+
+/* Rows x [rows][hidden] (embeddings, overwritten) at positions start..start+rows-1 through every layer: the
+   caches get their keys and values, and logits [vocab] are those of the last row (what the next token needs).
+   cos/sin [rows][head_dim]. The caches must already hold positions [0, start). Returns 0, or -1 without memory. */
+int me_prefill(const me_model *m, float *x, int rows, int start, const float *cos, const float *sin, float *logits,
+               int threads) {
+    const int hidden = m->hidden, qdim = m->heads * m->head_dim, kvdim = m->kv_heads * m->head_dim;
+    const int team = threads > 0 ? threads : 1, inter = m->intermediate;
+    int widest = hidden > inter ? hidden : inter;
+    if (qdim > widest) widest = qdim;
+    const size_t R = (size_t)rows, wide_padded = (size_t)widest + 1024;
+    float *qv = malloc(sizeof(float) * R * qdim), *kv = malloc(sizeof(float) * R * kvdim),
+          *vv = malloc(sizeof(float) * R * kvdim), *att = malloc(sizeof(float) * R * qdim),
+          *prod = malloc(sizeof(float) * R * hidden), *gate = malloc(sizeof(float) * R * inter),
+          *up = malloc(sizeof(float) * R * inter), *scratch = malloc(sizeof(float) * widest * team),
+          *all_scores = malloc(sizeof(float) * m->capacity * team), *sa = malloc(sizeof(float) * R * (widest + 1));
+    int32_t *asum = malloc(sizeof(int32_t) * R * (widest + 1));
+    int8_t *q8 = malloc(R * wide_padded);
+    const size_t per_thread = pack_bytes(wide_padded);
+    char *pack = malloc(per_thread * team + 1);
+    void *owned[] = {qv, kv, vv, att, prod, gate, up, scratch, all_scores, sa, asum, q8, pack};
+    const int count = sizeof(owned) / sizeof(owned[0]);
+    for (int i = 0; i < count; i++)
+        if (!owned[i]) {
+            for (int j = 0; j < count; j++) free(owned[j]);
+            return -1;
+        }
+    me_rows act = {q8, sa, asum};
+    me_act last = {q8, sa, asum};
+    const int group = m->heads / m->kv_heads;
+
+#ifdef _OPENMP
+#pragma omp parallel num_threads(team)
+#endif
+    {
+        float *scores = all_scores + (size_t)thread_id() * m->capacity;
+        float *mine = scratch + (size_t)thread_id() * widest;
+        void *packed = pack + per_thread * thread_id();
+        for (int i = 0; i < m->layers; i++) {
+            const me_layer *l = &m->layer[i];
+            quantize_rows_for(x, rows, l->input_norm, m->eps, &l->q, &act, mine);  /* ends in a barrier */
+            gemm_share(&l->q, &act, qv, rows, packed);
+            gemm_share(&l->k, &act, kv, rows, packed);
+            gemm_share(&l->v, &act, vv, rows, packed);
+#ifdef _OPENMP
+#pragma omp barrier
+#pragma omp for schedule(static)
+#endif
+            for (int j = 0; j < rows * m->kv_heads; j++) {  /* every row's keys and values into the cache first */
+                const int r = j / m->kv_heads, g = j % m->kv_heads, pos = start + r;
+                const float *c = cos + (size_t)r * m->head_dim, *s = sin + (size_t)r * m->head_dim;
+                float *kh = kv + (size_t)r * kvdim + (size_t)g * m->head_dim;
+                norm_rotate(kh, l->k_norm, m->eps, m->head_dim, c, s);
+                memcpy(l->keys + ((size_t)g * m->capacity + pos) * m->head_dim, kh, sizeof(float) * m->head_dim);
+                memcpy(l->values + ((size_t)g * m->capacity + pos) * m->head_dim,
+                       vv + (size_t)r * kvdim + (size_t)g * m->head_dim, sizeof(float) * m->head_dim);
+                for (int h = 0; h < group; h++)
+                    norm_rotate(qv + (size_t)r * qdim + (size_t)(g * group + h) * m->head_dim, l->q_norm, m->eps,
+                                m->head_dim, c, s);
+            }
+#ifdef _OPENMP
+#pragma omp for schedule(static, 1)
+#endif
+            for (int j = 0; j < rows * m->kv_heads; j++) {  /* causal: row r sees positions [0, start + r] */
+                const int r = j / m->kv_heads, g = j % m->kv_heads;
+                attend(m, l, g, qv + (size_t)r * qdim, att + (size_t)r * qdim, start + r + 1, scores);
+            }
+            quantize_rows_for(att, rows, NULL, 0.f, &l->o, &act, mine);
+            gemm_share(&l->o, &act, prod, rows, packed);
+#ifdef _OPENMP
+#pragma omp barrier
+#pragma omp for schedule(static)
+#endif
+            for (int r = 0; r < rows; r++)
+                for (int j = 0; j < hidden; j++) x[(size_t)r * hidden + j] += prod[(size_t)r * hidden + j];
+            quantize_rows_for(x, rows, l->post_norm, m->eps, &l->gate, &act, mine);
+            gemm_share(&l->gate, &act, gate, rows, packed);
+            gemm_share(&l->up, &act, up, rows, packed);
+#ifdef _OPENMP
+#pragma omp barrier
+#pragma omp for schedule(static)
+#endif
+            for (size_t j = 0; j < R * inter; j++) gate[j] = gate[j] / (1.f + expf(-gate[j])) * up[j];
+            quantize_rows_for(gate, rows, NULL, 0.f, &l->down, &act, mine);
+            gemm_share(&l->down, &act, prod, rows, packed);
+#ifdef _OPENMP
+#pragma omp barrier
+#pragma omp for schedule(static)
+#endif
+            for (int r = 0; r < rows; r++)
+                for (int j = 0; j < hidden; j++) x[(size_t)r * hidden + j] += prod[(size_t)r * hidden + j];
+        }
+#ifdef _OPENMP
+#pragma omp single
+#endif
+        quantize_for(x + (R - 1) * hidden, m->final_norm, m->eps, &m->lm_head, &last, scratch);
+        gemv_share(&m->lm_head, &last, logits);
     }
     for (int i = 0; i < count; i++) free(owned[i]);
     return 0;
