@@ -1,9 +1,11 @@
 """Side by side on this machine: transformers fp32 reference generate vs megaedge ORT FP32 vs ORT INT8 (CPU), or
 transformers fp16 vs megaedge FP16 on onnxruntime's CUDA execution provider (``--device cuda``).
 
-INT8 three ways: the default ``cpu`` recipe (one copy of the decoder weights), ``cpu-prefill`` (plus a prefill graph
-with dynamic int8 activations for prompts: faster first token, one more weight copy in memory) and ``cpu-int4``
-(as cpu-prefill with the decode graph's layer weights in 4-bit blocks: fewer bytes per token).
+INT8 four ways: ``cpu-fast`` (as cpu with the encoder's conv stem and fc2 int8 too; opt-in, it costs accuracy
+in reverberation, see README), the default ``cpu`` recipe (one copy of the decoder weights; prompt and steps in megaedge's native
+kernels), ``cpu-prefill`` run with ``prefill="ort"`` (its second decoder graph, dynamic int8 activations, runs the
+prompt in onnxruntime; steps native) and ``cpu-int4`` (the decode graph's layer weights in 4-bit blocks, all in
+onnxruntime).
 
 Random-weight checkpoints at the real 0.6B / 1.7B geometry, the same speech-like audio (10 s and 30 s) and the same
 forced token count (EOS ignored) for every contender. Each measurement runs in a fresh process (clean peak-RSS
@@ -32,8 +34,10 @@ import numpy as np
 from megaedge.runtime import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CONTENDERS = ("transformers_fp32", "megaedge_fp32", "megaedge_int8", "megaedge_int8_prefill", "megaedge_int4")
+CONTENDERS = ("transformers_fp32", "megaedge_fp32", "megaedge_int8", "megaedge_int8_fast", "megaedge_int8_prefill",
+              "megaedge_int4")
 CUDA_CONTENDERS = ("transformers_fp16", "megaedge_fp16")  # the reference first: speed-ups are against it
+PREFILL_ENGINES = {"megaedge_int8_prefill": "ort"}  # Transcriber.from_bundle(prefill=...); "auto" for the others
 
 # VmHWM belongs to the process's own address space; ru_maxrss survives exec and would report the parent's size.
 _PEAK = """
@@ -90,7 +94,8 @@ from megaedge.runtime.bench import speech_like_audio
 from megaedge.runtime.bench import gpu_memory_mib
 from megaedge.runtime.transcriber import Transcriber
 cuda = sys.argv[5] == "cuda"
-tr = Transcriber.from_bundle(sys.argv[1], verify=False, threads=int(sys.argv[4]), providers=("cuda",) if cuda else ("cpu",))
+tr = Transcriber.from_bundle(sys.argv[1], verify=False, threads=int(sys.argv[4]), providers=("cuda",) if cuda else ("cpu",),
+                             prefill=sys.argv[6])
 tr.transcribe(speech_like_audio(1.0), max_new_tokens=2, ignore_eos=True, loop_guard=False)  # warm-up
 out = {}
 for seconds in json.loads(sys.argv[2]):
@@ -172,6 +177,7 @@ def cold_load(bundle: Path, rounds: int) -> dict:
 def build(geometry: str, work: Path, device: str = "cpu") -> dict:
     ckpt, fp32 = work / "checkpoint", work / "bundle-fp32"
     int8, prefill, int4 = work / "bundle-int8", work / "bundle-int8-prefill", work / "bundle-int4"
+    fast = work / "bundle-int8-fast"
     if not (ckpt / ".done").exists():
         _python(_CHECKPOINT, str(ckpt), geometry)
         (ckpt / ".done").touch()
@@ -182,11 +188,11 @@ def build(geometry: str, work: Path, device: str = "cpu") -> dict:
         return {"transformers_fp16": ckpt, "megaedge_fp16": fp16}
     if not (fp32 / "megaedge.json").exists():
         _python(_EXPORT, str(ckpt), str(fp32), "fp32")
-    for recipe, out in (("cpu", int8), ("cpu-prefill", prefill), ("cpu-int4", int4)):
+    for recipe, out in (("cpu", int8), ("cpu-fast", fast), ("cpu-prefill", prefill), ("cpu-int4", int4)):
         if not (out / "megaedge.json").exists():
             _python(_QUANTIZE, str(fp32), str(out), recipe)
-    return {"transformers_fp32": ckpt, "megaedge_fp32": fp32, "megaedge_int8": int8, "megaedge_int8_prefill": prefill,
-            "megaedge_int4": int4}
+    return {"transformers_fp32": ckpt, "megaedge_fp32": fp32, "megaedge_int8": int8, "megaedge_int8_fast": fast,
+            "megaedge_int8_prefill": prefill, "megaedge_int4": int4}
 
 
 def _median(rows: list[dict], key: str) -> float:
@@ -226,7 +232,7 @@ def main() -> None:
             order = list(runs) if r % 2 == 0 else list(reversed(runs))
             for name in order:
                 code = _REFERENCE if name.startswith("transformers") else _RUNTIME
-                runs[name].append(_python(code, str(paths[name]), *common))
+                runs[name].append(_python(code, str(paths[name]), *common, PREFILL_ENGINES.get(name, "auto")))
                 print(f"{geometry} round {r} {name}: {json.dumps(runs[name][-1])}", flush=True)
         result = {"geometry": geometry, "tokens": args.tokens, "threads": args.threads, "rounds": args.rounds,
                   "device": args.device, "machine": (machine.gpu_name() or "unknown GPU") if cuda else machine.cpu_facts()["model"],

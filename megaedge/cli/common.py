@@ -28,6 +28,9 @@ def add_decode_engine_option(parser) -> None:
                         help="decode steps of a weight-only INT8 bundle: native (megaedge's CPU kernel, built on "
                              "first use with the machine's C compiler), ort (onnxruntime), auto (native where "
                              "possible; default)")
+    parser.add_argument("--prefill", choices=("auto", "native", "ort"), default="auto",
+                        help="the prompt, when the decode steps run natively: native (the same kernel, several rows "
+                             "per weight load), ort (the bundle's onnxruntime graph), auto (native; default)")
 
 
 def print_json(obj) -> None:

@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     for name in args.files:  # a bad file fails before the bundle is loaded
         audio_io.check_readable(name)
     transcriber = Transcriber.from_bundle(args.bundle, providers=args.providers.split(","), route=args.route,
-                                          verify=not args.no_verify, threads=args.threads, decode=args.decode)
+                                          verify=not args.no_verify, threads=args.threads, decode=args.decode,
+                                          prefill=args.prefill)
     for name in args.files:
         result = transcriber.transcribe(name, language=args.language, context=args.context,
                                         max_new_tokens=args.max_new_tokens)

@@ -112,6 +112,15 @@ RECIPES = {
                            description="as cpu-prefill, but the decode graph's layer weights 4-bit in blocks of 32 "
                                        "(tied embedding / LM head, encoder and prefill graph stay 8-bit): the "
                                        "fastest decode, at a measured cost in agreement with FP32"),
+    # The encoder's float parts cost more than its int8 ones on the CPU (1.7B, 30 s, AVX512-VNNI EPYC: conv stem
+    # 1.28 of 2.45 s in onnxruntime's profile); these recipes quantize some of them, the fixture study decides.
+    "cpu-fc2": Int8Recipe("cpu-fc2", encoder="static", decoder="weight-only", tied_embedding_int8=True,
+                          reduce_range=True,
+                          description="as cpu, but the encoder's MLP output projections fc2 int8 too (conv stem float)"),
+    "cpu-fast": Int8Recipe("cpu-fast", encoder="static", decoder="weight-only", tied_embedding_int8=True,
+                           conv_stem_float=False, float_scopes=("conv2d1", "conv_out"), reduce_range=True,
+                           description="as cpu-fc2, and the conv stem's two 480-channel convolutions int8 (its first "
+                                       "convolution and output projection stay float)"),
     "cpu-dynamic": Int8Recipe("cpu-dynamic", encoder="static", decoder="dynamic", tied_embedding_int8=True,
                               float_scopes=(".fc2",), reduce_range=True,
                               description="as cpu, decoder per-channel s8 weights with dynamic u8 activations"),

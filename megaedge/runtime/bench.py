@@ -41,6 +41,7 @@ class BenchOptions:
     bandwidth_mib: int = 256
     profile_dir: str | None = None  # after the timed runs, one profiled run per length; traces land here
     decode: str = "auto"  # decode-step engine (transcriber.DECODE_ENGINES)
+    prefill: str = "auto"  # prompt engine when the steps run natively (transcriber.PREFILL_ENGINES)
 
 
 def speech_like_audio(seconds: float, seed: int = 0, rate: int = 16000) -> np.ndarray:
@@ -183,7 +184,8 @@ def run(bundle, options: BenchOptions = BenchOptions(), progress=None) -> dict:
     bundle = Path(bundle).expanduser()
     t0 = time.perf_counter()
     tr = Transcriber.from_bundle(bundle, providers=options.providers, route=options.route, threads=options.threads,
-                                 verify=False, decode=options.decode)
+                                 verify=False, decode=options.decode,
+                                 prefill=options.prefill)
     load_seconds = time.perf_counter() - t0
     if tr.native is not None:
         tr.native.wait_loaded()  # its background read would otherwise lower the bandwidth measured next
@@ -200,13 +202,14 @@ def run(bundle, options: BenchOptions = BenchOptions(), progress=None) -> dict:
                    "threads": options.threads or os.cpu_count(), "memory_gib": machine.memory_facts()["total_gib"],
                    "providers": list(prompts.providers),
                    "decode_engine": f"native ({tr.native.kernels.isa})" if tr.native else "onnxruntime",
+                   "prefill_engine": f"native ({tr.native.kernels.isa})" if tr.native_prefill else "onnxruntime",
                    **({"gpu": machine.gpu_name()} if on == "cuda" else {})},
         "versions": {"megaedge": __version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
         "load_seconds": round(load_seconds, 3),
         "decoder_weight_bytes": weights,
         # cpu-prefill bundles: prompts run through a second decoder graph (not read by decode steps)
-        "prefill_graph": "decoder_prefill" in tr.sessions,
+        "prefill_graph": "decoder_prefill" in tr.sessions and not tr.native_prefill,
         "runs": {},
     }
     for seconds in options.audio_seconds:
@@ -263,7 +266,8 @@ def profile_runs(bundle: Path, options: BenchOptions) -> dict:
     out = Path(options.profile_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     tr = Transcriber.from_bundle(bundle, providers=options.providers, route=options.route, threads=options.threads,
-                                 verify=False, profile_dir=out.resolve(), decode=options.decode)
+                                 verify=False, profile_dir=out.resolve(), decode=options.decode,
+                                 prefill=options.prefill)
     for seconds in options.audio_seconds:
         tr.transcribe(speech_like_audio(seconds), max_new_tokens=options.new_tokens,
                       ignore_eos=options.new_tokens is not None, segment_seconds=None, loop_guard=False)

@@ -221,6 +221,12 @@ def test_decode_engine_choice_is_checked(fixture_bundles):
     with pytest.raises(MegaedgeError, match="--decode native is not possible"):
         Transcriber.from_bundle(fixture_bundles["merged"], decode="native")
     assert Transcriber.from_bundle(fixture_bundles["merged"]).native is None  # auto: onnxruntime for fp32
+    with pytest.raises(MegaedgeError, match="not one of"):
+        Transcriber.from_bundle(fixture_bundles["merged"], prefill="fast")
+    with pytest.raises(MegaedgeError, match="--prefill native needs the native decoder"):
+        Transcriber.from_bundle(fixture_bundles["merged"], prefill="native")
+    tr = Transcriber.from_bundle(fixture_bundles["merged"], prefill="ort")
+    assert not tr.native_prefill and tr.sessions.closed == []
 
 
 @needs_kernel
