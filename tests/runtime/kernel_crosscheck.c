@@ -46,8 +46,27 @@ static void gemv_case(int n, int k, int blk, int threads) {
     for (int i = 0; i < n; i++) printf("%a\n", y[i]);
 }
 
-/* three steps of a tiny two-layer decoder; prints "step pos" then the logits */
-static void decode_case(int threads) {
+/* Y = A W^T for `rows` activation rows (the prompt's product); prints "gemm n k blk rows threads" then the values */
+static void gemm_case(int n, int k, int blk, int rows, int threads) {
+    me_linear m = linear(n, k, blk);
+    const size_t stride = (size_t)m.nb * blk;
+    float *x = floats((size_t)k * rows, -3.f, 3.f), *y = calloc((size_t)n * rows, sizeof(float));
+    float *scratch = malloc(sizeof(float) * k), *sa = malloc(sizeof(float) * m.nb * rows);
+    int8_t *q = calloc(stride * rows, 1);
+    int32_t *asum = malloc(sizeof(int32_t) * m.nb * rows);
+    for (int r = 0; r < rows; r++)
+        me_quantize(x + (size_t)r * k, NULL, 0.f, k, blk, m.nb, q + r * stride, sa + r * m.nb, asum + r * m.nb, scratch);
+    if (me_gemm_q8(m.w, m.s, q, sa, asum, y, rows, n, m.nb, blk, threads) != 0) {
+        fprintf(stderr, "me_gemm_q8 failed\n");
+        exit(1);
+    }
+    printf("gemm %d %d %d %d %d\n", n, k, blk, rows, threads);
+    for (int i = 0; i < n * rows; i++) printf("%a\n", y[i]);
+}
+
+/* three steps of a tiny two-layer decoder; prints "step pos" then the logits. With `prompt`, positions 0-4 are
+   first prefilled (rows 0-2, then 3-4, as chunks) and the steps follow at 5-7; prints "prefill" then logits. */
+static void decode_case(int threads, int prompt) {
     const int layers = 2, hidden = 64, heads = 4, kv_heads = 2, dim = 16, inter = 96, cap = 8, vocab = 50, blk = 32;
     me_layer layer[2];
     for (int i = 0; i < layers; i++) {
@@ -62,13 +81,25 @@ static void decode_case(int threads) {
     me_model m = {layers, hidden, heads, kv_heads, dim, inter, cap, vocab, 1e-6f, 0.25f, layer,
                   linear(vocab, hidden, blk), floats(hidden, 0.5f, 1.5f)};
     float *logits = malloc(sizeof(float) * vocab);
-    for (int pos = 0; pos < 3; pos++) {
+    const int first = prompt ? 5 : 0;
+    if (prompt) {
+        float *x = floats((size_t)hidden * 5, -1.f, 1.f), *cos = floats((size_t)dim * 5, -1.f, 1.f),
+              *sin = floats((size_t)dim * 5, -1.f, 1.f);
+        if (me_prefill(&m, x, 3, 0, cos, sin, logits, threads) != 0 ||
+            me_prefill(&m, x + 3 * hidden, 2, 3, cos + 3 * dim, sin + 3 * dim, logits, threads) != 0) {
+            fprintf(stderr, "me_prefill failed\n");
+            exit(1);
+        }
+        printf("prefill %d\n", threads);
+        for (int i = 0; i < vocab; i++) printf("%a\n", logits[i]);
+    }
+    for (int pos = first; pos < first + 3; pos++) {
         float *x = floats(hidden, -1.f, 1.f), *cos = floats(dim, -1.f, 1.f), *sin = floats(dim, -1.f, 1.f);
         if (me_decode_step(&m, x, pos, cos, sin, logits, threads) != 0) {
             fprintf(stderr, "me_decode_step failed\n");
             exit(1);
         }
-        printf("step %d %d\n", pos, threads);
+        printf("step %d %d %d\n", pos, threads, prompt);
         for (int i = 0; i < vocab; i++) printf("%a\n", logits[i]);
     }
 }
@@ -81,6 +112,13 @@ int main(void) {
             gemv_case(37, 4 * blocks[b], blocks[b], threads);
             gemv_case(9, 3 * blocks[b] - 5, blocks[b], threads);  /* padded last block */
         }
-    for (int threads = 1; threads <= 3; threads += 2) decode_case(threads);
+    for (int threads = 1; threads <= 3; threads += 2) decode_case(threads, 0);
+    /* added later, after the cases above so that those keep their inputs */
+    for (int threads = 1; threads <= 3; threads += 2) {
+        gemm_case(37, 4 * 32, 32, 6, threads);  /* a partial row group and partial weight groups */
+        gemm_case(40, 3 * 128 - 5, 128, 9, threads);
+        gemm_case(19, 64, 16, 1, threads);
+    }
+    for (int threads = 1; threads <= 3; threads += 2) decode_case(threads, 1);
     return 0;
 }
