@@ -1,5 +1,6 @@
-/* The CPU decode step of a weight-only INT8 decoder (megaedge/runtime/native_decode.py): a block-quantized 8-bit
-   matrix-vector product and, around it, one whole decoder step (norms, rotary, attention, SwiGLU) in one call.
+/* The CPU decoder of a weight-only INT8 bundle (megaedge/runtime/native_decode.py): a block-quantized 8-bit
+   matrix-vector product and, around it, one whole decoder step (norms, rotary, attention, SwiGLU) in one call;
+   and the same decoder over a whole prompt (me_prefill).
 
    Weights use onnxruntime's MatMulNBits 8-bit layout, so a bundle's decoder weights serve both engines unchanged:
    w[N][nb][blk] uint8 holding value + 128 (symmetric), one float scale per block. The activation vector is
@@ -12,11 +13,12 @@
    ranges side by side instead of one. The whole step is one call with one thread team because the work between
    the products (per layer: two norms, attention over the cache, SwiGLU) cost a quarter of a step as numpy calls.
 
-   A prompt (prefill) runs through the same arithmetic, several rows at a time (me_prefill): each weight block is
-   loaded once for MR activation rows, and the weights are walked in tiles that stay in the core's L2 cache while
-   every row passes, so a 400-row prompt reads the weights from memory once instead of 400 times. Every row's
-   result equals, bit for bit, what me_decode_step computes for that position: a prompt's cache and last logits do
-   not depend on whether it was prefilled or stepped.
+   A prompt is compute-bound instead (400 rows at 1.7B: ~560 G multiply-adds), so me_prefill runs it several rows
+   at a time: weights are walked in tiles that stay in the core's L2 cache while every row group passes, and on
+   AVX2/AVX512 a tile is first repacked so that lanes are weight rows (see pack_tile). Its products use the
+   portable arithmetic on every build (each block's integer dot exactly, then scaled and added in block order);
+   the rest of a row (norms, rotary, attention, SwiGLU) is the decode step's own code, so the portable build
+   prefills to the same bits as it steps, and vector builds to within float rounding of their steps.
 
    Compiled on the machine that runs it (-march=native) by megaedge/runtime/kernels.py: AVX512-VNNI, AVX2 or ARM
    dot-product instructions where the CPU has them, portable C elsewhere. */
@@ -268,29 +270,56 @@ static void norm_rotate(float *h, const float *weight, float eps, int dim, const
     }
 }
 
-/* grouped-query attention of the query heads of kv head g over positions [0, len) */
-static void attend(const me_model *m, const me_layer *l, int g, float *qh, float *out, int len, float *scores) {
-    const int dim = m->head_dim, group = m->heads / m->kv_heads;
-    const float *keys = l->keys + (size_t)g * m->capacity * dim, *values = l->values + (size_t)g * m->capacity * dim;
-    for (int j = 0; j < group; j++) {
-        const float *q = qh + (size_t)(g * group + j) * dim;
-        float *o = out + (size_t)(g * group + j) * dim, top = -INFINITY, total = 0.f;
+/* grouped-query attention of the query heads of kv head g over positions [0, len): the heads of a group in one
+   pass over the cache (each key and value loaded once for all of them), inlined per head size so that the common
+   one (128) compiles with constant trip counts, the dot products unrolled and the outputs summed in registers
+   (1.7B prompt of 1000 rows, 2-core AVX512 EPYC: attention 3.6 -> 1.8 s). scores: 2 * len floats. */
+static inline __attribute__((always_inline)) void attend_dim(const me_model *m, const me_layer *l, int g,
+                                                             const float *qh, float *out, int len,
+                                                             float *restrict scores, const int dim) {
+    const int group = m->heads / m->kv_heads;
+    const float *restrict keys = l->keys + (size_t)g * m->capacity * dim;
+    const float *restrict values = l->values + (size_t)g * m->capacity * dim;
+    for (int j0 = 0; j0 < group; j0 += 2) {  /* two heads at a time: their sums stay in registers */
+        const int pair = group - j0 < 2 ? 1 : 2;
+        const float *restrict q0 = qh + (size_t)(g * group + j0) * dim, *restrict q1 = q0 + (pair - 1) * dim;
+        float *restrict s0 = scores, *restrict s1 = scores + len;
+        float acc0[dim], acc1[dim], top0 = -INFINITY, top1 = -INFINITY, total0 = 0.f, total1 = 0.f;
         for (int t = 0; t < len; t++) {
             const float *kt = keys + (size_t)t * dim;
-            float s = 0.f;
-#pragma omp simd reduction(+ : s)
-            for (int i = 0; i < dim; i++) s += q[i] * kt[i];
-            scores[t] = s * m->scaling;
-            top = fmaxf(top, scores[t]);
+            float a = 0.f, b = 0.f;
+#pragma omp simd reduction(+ : a, b)
+            for (int i = 0; i < dim; i++) {
+                a += q0[i] * kt[i];
+                b += q1[i] * kt[i];
+            }
+            s0[t] = a * m->scaling;
+            s1[t] = b * m->scaling;
+            top0 = fmaxf(top0, s0[t]);
+            top1 = fmaxf(top1, s1[t]);
         }
-        for (int t = 0; t < len; t++) total += scores[t] = expf(scores[t] - top);
-        memset(o, 0, sizeof(float) * dim);
+        for (int t = 0; t < len; t++) total0 += s0[t] = expf(s0[t] - top0);
+        for (int t = 0; t < len; t++) total1 += s1[t] = expf(s1[t] - top1);
+        for (int i = 0; i < dim; i++) acc0[i] = acc1[i] = 0.f;
         for (int t = 0; t < len; t++) {
-            const float *vt = values + (size_t)t * dim, p = scores[t] / total;
+            const float *vt = values + (size_t)t * dim, p0 = s0[t] / total0, p1 = s1[t] / total1;
 #pragma omp simd
-            for (int i = 0; i < dim; i++) o[i] += p * vt[i];
+            for (int i = 0; i < dim; i++) {
+                acc0[i] += p0 * vt[i];
+                acc1[i] += p1 * vt[i];
+            }
         }
+        memcpy(out + (size_t)(g * group + j0) * dim, acc0, sizeof(float) * dim);
+        if (pair == 2) memcpy(out + (size_t)(g * group + j0 + 1) * dim, acc1, sizeof(float) * dim);
     }
+}
+
+static void attend(const me_model *m, const me_layer *l, int g, const float *qh, float *out, int len,
+                   float *scores) {
+    if (m->head_dim == 128)
+        attend_dim(m, l, g, qh, out, len, scores, 128);
+    else
+        attend_dim(m, l, g, qh, out, len, scores, m->head_dim);
 }
 
 /* One decoder step: x [hidden] holds the token's embedding and is overwritten; the layers' caches get this
@@ -307,7 +336,7 @@ int me_decode_step(const me_model *m, float *x, int pos, const float *cos, const
     float *qv = malloc(sizeof(float) * qdim), *kv = malloc(sizeof(float) * kvdim), *vv = malloc(sizeof(float) * kvdim),
           *att = malloc(sizeof(float) * qdim), *prod = malloc(sizeof(float) * hidden),
           *gate = malloc(sizeof(float) * m->intermediate), *up = malloc(sizeof(float) * m->intermediate),
-          *scratch = malloc(sizeof(float) * widest), *all_scores = malloc(sizeof(float) * m->capacity * team),
+          *scratch = malloc(sizeof(float) * widest), *all_scores = malloc(sizeof(float) * 2 * m->capacity * team),
           *sa = malloc(sizeof(float) * (widest + 1));
     int32_t *asum = malloc(sizeof(int32_t) * (widest + 1));
     int8_t *q8 = malloc((size_t)widest + 1024);
@@ -325,7 +354,7 @@ int me_decode_step(const me_model *m, float *x, int pos, const float *cos, const
 #pragma omp parallel num_threads(team)
 #endif
     {
-        float *scores = all_scores + (size_t)thread_id() * m->capacity;
+        float *scores = all_scores + (size_t)thread_id() * 2 * m->capacity;
         for (int i = 0; i < m->layers; i++) {
             const me_layer *l = &m->layer[i];
 #ifdef _OPENMP
@@ -640,7 +669,7 @@ int me_prefill(const me_model *m, float *x, int rows, int start, const float *co
           *vv = malloc(sizeof(float) * R * kvdim), *att = malloc(sizeof(float) * R * qdim),
           *prod = malloc(sizeof(float) * R * hidden), *gate = malloc(sizeof(float) * R * inter),
           *up = malloc(sizeof(float) * R * inter), *scratch = malloc(sizeof(float) * widest * team),
-          *all_scores = malloc(sizeof(float) * m->capacity * team), *sa = malloc(sizeof(float) * R * (widest + 1));
+          *all_scores = malloc(sizeof(float) * 2 * m->capacity * team), *sa = malloc(sizeof(float) * R * (widest + 1));
     int32_t *asum = malloc(sizeof(int32_t) * R * (widest + 1));
     int8_t *q8 = malloc(R * wide_padded);
     const size_t per_thread = pack_bytes(wide_padded);
@@ -660,7 +689,7 @@ int me_prefill(const me_model *m, float *x, int rows, int start, const float *co
 #pragma omp parallel num_threads(team)
 #endif
     {
-        float *scores = all_scores + (size_t)thread_id() * m->capacity;
+        float *scores = all_scores + (size_t)thread_id() * 2 * m->capacity;
         float *mine = scratch + (size_t)thread_id() * widest;
         void *packed = pack + per_thread * thread_id();
         for (int i = 0; i < m->layers; i++) {
