@@ -30,7 +30,8 @@ def add_decode_engine_option(parser) -> None:
                              "possible; default)")
     parser.add_argument("--prefill", choices=("auto", "native", "ort"), default="auto",
                         help="the prompt, when the decode steps run natively: native (the same kernel, several rows "
-                             "per weight load), ort (the bundle's onnxruntime graph), auto (native; default)")
+                             "per weight load), ort (the bundle's onnxruntime graph), auto (the bundle's prefill "
+                             "graph where it has one, else native; default)")
 
 
 def print_json(obj) -> None:

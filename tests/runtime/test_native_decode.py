@@ -146,7 +146,7 @@ def test_native_decode_gives_onnxruntime_tokens_on_heldout_speech(fixture_int8):
 
     native = Transcriber.from_bundle(fixture_int8, decode="native")
     ort = Transcriber.from_bundle(fixture_int8, decode="ort")
-    assert native.native is not None and ort.native is None
+    assert native.native is not None and native.native_prefill and ort.native is None
     items = read_set(fixture.heldout_manifest())
     clips = [it for it in items if it["scenario"] == "clean"][:3] + [it for it in items if it["scenario"] != "clean"][:3]
     agree = total = 0
@@ -233,17 +233,17 @@ def test_decode_engine_choice_is_checked(fixture_bundles):
 def test_native_decoder_leaves_onnxruntime_decoder_graphs_closed_until_streaming(fixture_bundles, tmp_path_factory):
     """Prompt and steps native: neither onnxruntime decoder graph (another copy of the decoder weights each) is
     needed to transcribe, so they stay closed until a stream asks for the decode graph. With the prompt in the
-    prefill graph (--prefill ort) only the decode graph stays closed."""
+    prefill graph (the default for a bundle that has one) only the decode graph stays closed."""
     from megaedge import fixture
     from megaedge.runtime.evaluate import read_set
 
     bundle = int8_bundle_from(fixture_bundles["merged"], tmp_path_factory.mktemp("prefill"), recipe="cpu-prefill")
     clip = read_set(fixture.heldout_manifest())[0]["path"]
-    tr = Transcriber.from_bundle(bundle)
+    tr = Transcriber.from_bundle(bundle, prefill="native")
     assert tr.native_prefill and tr.sessions.closed == ["decoder", "decoder_prefill"]
     native = tr.transcribe(clip).token_ids
     assert tr.sessions.closed == ["decoder", "decoder_prefill"]
-    hybrid = Transcriber.from_bundle(bundle, prefill="ort")
+    hybrid = Transcriber.from_bundle(bundle)
     assert not hybrid.native_prefill and hybrid.sessions.closed == ["decoder"]
     ort = Transcriber.from_bundle(bundle, decode="ort")
     assert ort.sessions.closed == []
