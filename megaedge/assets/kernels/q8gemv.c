@@ -92,7 +92,7 @@ typedef struct {
     int32_t n, k, nb, blk;
 } me_linear;
 
-typedef struct {  /* an activation vector quantized for one block size */
+typedef struct {  /* activations quantized for one block size: a vector, or rows of nb * blk values each */
     int8_t *q;
     float *sa;
     int32_t *asum;
@@ -424,18 +424,12 @@ int me_decode_step(const me_model *m, float *x, int pos, const float *cos, const
 #define MR 4                    /* activation rows per pass over a packed weight tile */
 #define TILE_BYTES (256 * 1024) /* weights packed per tile: they stay in L2 while every row group passes */
 
-typedef struct {  /* activation rows quantized for a product's blocks: row r at q + r * nb * blk, sa/asum + r * nb */
-    int8_t *q;
-    float *sa;
-    int32_t *asum;
-} me_rows;
-
 /* The prompt's products use one arithmetic on every CPU, the portable one of rows_together: each block's integer
    dot product exactly, then y += (sw * sa) * dot in block order (a multiply, then an add). So a vector build and
    the portable C build give the same bits, and tests can hold both to a float32 emulation in numpy. */
 
 /* y[r][n] for rows r0..r0+cnt and one weight row n, straight from the MatMulNBits layout */
-static void row_block(const me_linear *m, const me_rows *a, float *y, int ystride, int r0, int cnt, int n) {
+static void row_block(const me_linear *m, const me_act *a, float *y, int ystride, int r0, int cnt, int n) {
     const int nb = m->nb, blk = m->blk;
     const size_t stride = (size_t)nb * blk;
     const uint8_t *w = m->w + (size_t)n * stride;
@@ -488,7 +482,7 @@ static void pack_tile(const me_linear *m, int t0, int count, uint8_t *pw, float 
 }
 
 /* rows r0..r0+cnt times VECS packed groups starting at group g0 (weight rows n0..): cnt <= MR */
-static inline __attribute__((always_inline)) void micro(const me_linear *m, const me_rows *a, const uint8_t *pw,
+static inline __attribute__((always_inline)) void micro(const me_linear *m, const me_act *a, const uint8_t *pw,
                                                         const float *ps, int g0, int vecs, int r0, int cnt,
                                                         float *y, int n0, int valid) {
     const int nb = m->nb, blk = m->blk;
@@ -584,7 +578,7 @@ static size_t pack_bytes(size_t k_padded) {
 }
 
 /* weight rows [lo, hi) of Y [rows][n] = A W^T for all `rows` activation rows */
-static void gemm_rows(const me_linear *m, const me_rows *a, float *y, int rows, int lo, int hi, void *scratch) {
+static void gemm_rows(const me_linear *m, const me_act *a, float *y, int rows, int lo, int hi, void *scratch) {
 #ifdef PACKED
     if (m->blk % 4 == 0 && hi > lo) {
         const size_t row_bytes = (size_t)m->nb * m->blk;
@@ -616,7 +610,7 @@ static void gemm_rows(const me_linear *m, const me_rows *a, float *y, int rows, 
 }
 
 /* this thread's share of Y [rows][n] = A W^T, inside a parallel region; shares are whole packed groups */
-static void gemm_share(const me_linear *m, const me_rows *a, float *y, int rows, void *scratch) {
+static void gemm_share(const me_linear *m, const me_act *a, float *y, int rows, void *scratch) {
     int t = thread_id(), T = team_size();
 #ifdef PACKED
     const int unit = LANES * VECS, units = (m->n + unit - 1) / unit;
@@ -631,7 +625,7 @@ static void gemm_share(const me_linear *m, const me_rows *a, float *y, int rows,
 int me_gemm_q8(const uint8_t *w, const float *sw, const int8_t *q, const float *sa, const int32_t *asum, float *y,
                int rows, int n, int nb, int blk, int threads) {
     me_linear m = {w, sw, n, nb * blk, nb, blk};
-    me_rows a = {(int8_t *)q, (float *)sa, (int32_t *)asum};
+    me_act a = {(int8_t *)q, (float *)sa, (int32_t *)asum};
     const int team = threads > 0 ? threads : 1;
     const size_t per_thread = pack_bytes((size_t)nb * blk);
     char *pack = malloc(per_thread * team + 1);
@@ -646,13 +640,21 @@ int me_gemm_q8(const uint8_t *w, const float *sw, const int8_t *q, const float *
 
 /* rows of x [rows][k] (RMS-normalized with `norm` first when given) quantized for m's blocks, rows shared out */
 static void quantize_rows_for(const float *x, int rows, const float *norm, float eps, const me_linear *m,
-                              me_rows *a, float *scratch) {
+                              me_act *a, float *scratch) {
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
     for (int r = 0; r < rows; r++)
         me_quantize(x + (size_t)r * m->k, norm, eps, m->k, m->blk, m->nb, a->q + (size_t)r * m->nb * m->blk,
                     a->sa + (size_t)r * m->nb, a->asum + (size_t)r * m->nb, scratch);
+}
+
+/* x += y over count floats, shared out inside a parallel region (the residual connection of every row) */
+static void add_rows(float *x, const float *y, size_t count) {
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (size_t j = 0; j < count; j++) x[j] += y[j];
 }
 
 /* Rows x [rows][hidden] (embeddings, overwritten) at positions start..start+rows-1 through every layer: the
@@ -681,8 +683,7 @@ int me_prefill(const me_model *m, float *x, int rows, int start, const float *co
             for (int j = 0; j < count; j++) free(owned[j]);
             return -1;
         }
-    me_rows act = {q8, sa, asum};
-    me_act last = {q8, sa, asum};
+    me_act act = {q8, sa, asum};  /* rows: row r at q + r * nb * blk, sa/asum + r * nb of the product's blocks */
     const int group = m->heads / m->kv_heads;
 
 #ifdef _OPENMP
@@ -725,10 +726,8 @@ int me_prefill(const me_model *m, float *x, int rows, int start, const float *co
             gemm_share(&l->o, &act, prod, rows, packed);
 #ifdef _OPENMP
 #pragma omp barrier
-#pragma omp for schedule(static)
 #endif
-            for (int r = 0; r < rows; r++)
-                for (int j = 0; j < hidden; j++) x[(size_t)r * hidden + j] += prod[(size_t)r * hidden + j];
+            add_rows(x, prod, R * hidden);
             quantize_rows_for(x, rows, l->post_norm, m->eps, &l->gate, &act, mine);
             gemm_share(&l->gate, &act, gate, rows, packed);
             gemm_share(&l->up, &act, up, rows, packed);
@@ -741,16 +740,14 @@ int me_prefill(const me_model *m, float *x, int rows, int start, const float *co
             gemm_share(&l->down, &act, prod, rows, packed);
 #ifdef _OPENMP
 #pragma omp barrier
-#pragma omp for schedule(static)
 #endif
-            for (int r = 0; r < rows; r++)
-                for (int j = 0; j < hidden; j++) x[(size_t)r * hidden + j] += prod[(size_t)r * hidden + j];
+            add_rows(x, prod, R * hidden);
         }
 #ifdef _OPENMP
 #pragma omp single
 #endif
-        quantize_for(x + (R - 1) * hidden, m->final_norm, m->eps, &m->lm_head, &last, scratch);
-        gemv_share(&m->lm_head, &last, logits);
+        quantize_for(x + (R - 1) * hidden, m->final_norm, m->eps, &m->lm_head, &act, scratch);
+        gemv_share(&m->lm_head, &act, logits);
     }
     for (int i = 0; i < count; i++) free(owned[i]);
     return 0;
