@@ -322,6 +322,18 @@ static void attend(const me_model *m, const me_layer *l, int g, const float *qh,
         attend_dim(m, l, g, qh, out, len, scores, m->head_dim);
 }
 
+/* One position of kv head g: its key q/k-normed and rotated, key and value stored in the cache at pos, and the
+   group's query heads normed and rotated in place (q, k, v: the position's projections, all heads). */
+static void cache_and_rotate(const me_model *m, const me_layer *l, int g, int pos, float *q, float *k, const float *v,
+                             const float *cos, const float *sin) {
+    const int dim = m->head_dim, group = m->heads / m->kv_heads;
+    float *kh = k + (size_t)g * dim;
+    norm_rotate(kh, l->k_norm, m->eps, dim, cos, sin);
+    memcpy(l->keys + ((size_t)g * m->capacity + pos) * dim, kh, sizeof(float) * dim);
+    memcpy(l->values + ((size_t)g * m->capacity + pos) * dim, v + (size_t)g * dim, sizeof(float) * dim);
+    for (int j = 0; j < group; j++) norm_rotate(q + (size_t)(g * group + j) * dim, l->q_norm, m->eps, dim, cos, sin);
+}
+
 /* One decoder step: x [hidden] holds the token's embedding and is overwritten; the layers' caches get this
    position's keys and values; logits [vocab] are written. cos/sin [head_dim] are the rotary factors of pos.
    Returns 0, or -1 when scratch memory could not be had. Parallel work: row shares of every product and the kv
@@ -369,14 +381,7 @@ int me_decode_step(const me_model *m, float *x, int pos, const float *cos, const
 #pragma omp for schedule(static)
 #endif
             for (int g = 0; g < m->kv_heads; g++) {
-                float *kh = kv + (size_t)g * m->head_dim;
-                norm_rotate(kh, l->k_norm, m->eps, m->head_dim, cos, sin);
-                memcpy(l->keys + ((size_t)g * m->capacity + pos) * m->head_dim, kh, sizeof(float) * m->head_dim);
-                memcpy(l->values + ((size_t)g * m->capacity + pos) * m->head_dim, vv + (size_t)g * m->head_dim,
-                       sizeof(float) * m->head_dim);
-                int group = m->heads / m->kv_heads;
-                for (int j = 0; j < group; j++)
-                    norm_rotate(qv + (size_t)(g * group + j) * m->head_dim, l->q_norm, m->eps, m->head_dim, cos, sin);
+                cache_and_rotate(m, l, g, pos, qv, kv, vv, cos, sin);
                 attend(m, l, g, qv, att, len, scores);
             }
 #ifdef _OPENMP
@@ -684,7 +689,6 @@ int me_prefill(const me_model *m, float *x, int rows, int start, const float *co
             return -1;
         }
     me_act act = {q8, sa, asum};  /* rows: row r at q + r * nb * blk, sa/asum + r * nb of the product's blocks */
-    const int group = m->heads / m->kv_heads;
 
 #ifdef _OPENMP
 #pragma omp parallel num_threads(team)
@@ -704,16 +708,9 @@ int me_prefill(const me_model *m, float *x, int rows, int start, const float *co
 #pragma omp for schedule(static)
 #endif
             for (int j = 0; j < rows * m->kv_heads; j++) {  /* every row's keys and values into the cache first */
-                const int r = j / m->kv_heads, g = j % m->kv_heads, pos = start + r;
-                const float *c = cos + (size_t)r * m->head_dim, *s = sin + (size_t)r * m->head_dim;
-                float *kh = kv + (size_t)r * kvdim + (size_t)g * m->head_dim;
-                norm_rotate(kh, l->k_norm, m->eps, m->head_dim, c, s);
-                memcpy(l->keys + ((size_t)g * m->capacity + pos) * m->head_dim, kh, sizeof(float) * m->head_dim);
-                memcpy(l->values + ((size_t)g * m->capacity + pos) * m->head_dim,
-                       vv + (size_t)r * kvdim + (size_t)g * m->head_dim, sizeof(float) * m->head_dim);
-                for (int h = 0; h < group; h++)
-                    norm_rotate(qv + (size_t)r * qdim + (size_t)(g * group + h) * m->head_dim, l->q_norm, m->eps,
-                                m->head_dim, c, s);
+                const int r = j / m->kv_heads, g = j % m->kv_heads;
+                cache_and_rotate(m, l, g, start + r, qv + (size_t)r * qdim, kv + (size_t)r * kvdim,
+                                 vv + (size_t)r * kvdim, cos + (size_t)r * m->head_dim, sin + (size_t)r * m->head_dim);
             }
 #ifdef _OPENMP
 #pragma omp for schedule(static, 1)
