@@ -217,13 +217,10 @@ class NativeDecoder:
         return model
 
     def embed(self, token: int) -> np.ndarray:
-        if self._embedding_scales is None:
-            return np.array(self._embedding[token], np.float32)
-        rows = (self._embedding[token].astype(np.float32) - 128.0) * self._embedding_scales[token][:, None]
-        return np.ascontiguousarray(rows.reshape(-1)[: self.hidden])
+        return self.embed_rows(np.array([token]))[0]
 
     def embed_rows(self, ids: np.ndarray) -> np.ndarray:
-        """``embed`` of every id: float32 [len(ids), hidden], the same values row by row."""
+        """Embeddings of ``ids``: float32 [len(ids), hidden] (the 8-bit table dequantized row by row)."""
         if self._embedding_scales is None:
             return np.array(self._embedding[ids], np.float32)
         rows = (self._embedding[ids].astype(np.float32) - 128.0) * self._embedding_scales[ids][:, :, None]
