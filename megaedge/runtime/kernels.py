@@ -26,7 +26,7 @@ from megaedge.runtime import machine
 log = logging.getLogger("megaedge.runtime.kernels")
 
 SOURCE = Path(__file__).resolve().parents[1] / "assets" / "kernels" / "q8gemv.c"
-ABI_VERSION = 4
+ABI_VERSION = 5
 ISA_NAMES = {2: "avx512-vnni", 1: "avx2", 3: "arm-dotprod", 0: "portable-c"}
 # -ffp-contract=off: one rounding per operation however the compiler unrolls or vectorizes a loop, so a row computed
 # as one of four streams or alone, by any thread, gives the same bits (tests hold the decode step to it).
@@ -130,7 +130,7 @@ class Q8Kernels:
         lib.me_gemm_q8.restype = ctypes.c_int
         lib.me_decode_step.argtypes = [ctypes.POINTER(ModelStruct), p, i, p, p, p, i]
         lib.me_decode_step.restype = ctypes.c_int
-        lib.me_prefill.argtypes = [ctypes.POINTER(ModelStruct), p, i, i, p, p, p, i]
+        lib.me_prefill.argtypes = [ctypes.POINTER(ModelStruct), p, i, i, p, p, p, i, i]
         lib.me_prefill.restype = ctypes.c_int
         self._lib, self.path = lib, path
         self.isa = ISA_NAMES.get(lib.me_isa(), "unknown")
@@ -176,12 +176,16 @@ class Q8Kernels:
             raise MemoryError("native decode step: no memory for its scratch buffers")
 
     def prefill(self, model: ModelStruct, x: np.ndarray, start: int, cos: np.ndarray, sin: np.ndarray,
-                logits: np.ndarray, threads: int) -> None:
+                logits: np.ndarray, threads: int, logit_rows: int = 1) -> None:
         """Rows x [rows, hidden] (embeddings, overwritten) at positions start.. through ``model`` (q8gemv.c,
-        me_prefill): every layer's cache gets those positions; logits [vocab] are the last row's. cos/sin
-        [rows, head_dim]; the caches must hold positions [0, start) already."""
+        me_prefill): every layer's cache gets those positions; logits [logit_rows, vocab] (or [vocab] for one) are
+        those of the last ``logit_rows`` rows, none for 0. cos/sin [rows, head_dim]; the caches must hold positions
+        [0, start) already."""
+        if not 0 <= logit_rows <= x.shape[0] or logits.size < logit_rows * model.vocab:
+            raise ValueError(f"native prefill: logits of {logit_rows} rows asked of {x.shape[0]} rows into "
+                             f"{logits.size} floats")
         if self._lib.me_prefill(ctypes.byref(model), x.ctypes.data, x.shape[0], start, cos.ctypes.data,
-                                sin.ctypes.data, logits.ctypes.data, threads) != 0:
+                                sin.ctypes.data, logits.ctypes.data, logit_rows, threads) != 0:
             raise MemoryError(f"native prefill: no memory for the scratch buffers of {x.shape[0]} rows")
 
 

@@ -19,6 +19,7 @@ quantized per block as MatMulNBits does at accuracy level 4, so tokens agree wit
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -226,17 +227,32 @@ class NativeDecoder:
         rows = (self._embedding[ids].astype(np.float32) - 128.0) * self._embedding_scales[ids][:, :, None]
         return np.ascontiguousarray(rows.reshape(len(ids), -1)[:, : self.hidden])
 
+    def spawn(self) -> NativeDecoder:
+        """Another decoder over the same weights with a cache of its own (a stream's): the weights are shared, the
+        cache is per decoder. Waits for the background weight read, so every decoder reads the in-memory copy."""
+        self.wait_loaded()
+        other = copy.copy(self)
+        other.keys, other.values, other.length, other._model = [], [], 0, None
+        other._model_in_memory = True
+        return other
+
+    def rows_for(self, ids: list[int], audio: np.ndarray, audio_token: int) -> np.ndarray:
+        """Embeddings of ``ids`` with the i-th ``audio_token`` taking row i of ``audio`` [A, hidden] (the decoder
+        graph's merge): float32 [len(ids), hidden]."""
+        ids_array = np.asarray(ids, np.int64)
+        is_audio = ids_array == audio_token
+        if int(is_audio.sum()) != len(audio):
+            raise MegaedgeError(f"native prefill: {int(is_audio.sum())} audio placeholders for {len(audio)} audio rows")
+        x = self.embed_rows(ids_array)
+        x[is_audio] = audio
+        return x
+
     def prefill(self, prompt_ids: list[int], audio: np.ndarray, audio_token: int, max_new_tokens: int) -> np.ndarray:
         """Logits [vocab] after the whole prompt, run natively from an empty cache: the i-th ``audio_token`` of the
         prompt takes row i of ``audio`` [A, hidden] (the decoder graph's merge). Leaves the cache ready for
         ``max_new_tokens`` steps. Prompts run in chunks of PREFILL_CHUNK rows, which bounds the scratch memory."""
-        ids = np.asarray(prompt_ids, np.int64)
-        is_audio = ids == audio_token
-        if int(is_audio.sum()) != len(audio):
-            raise MegaedgeError(f"native prefill: {int(is_audio.sum())} audio placeholders for {len(audio)} audio rows")
-        x = self.embed_rows(ids)
-        x[is_audio] = audio
-        capacity = len(ids) + max_new_tokens + 1
+        x = self.rows_for(prompt_ids, audio, audio_token)
+        capacity = len(prompt_ids) + max_new_tokens + 1
         self.keys = [np.zeros((self.kv_heads, capacity, self.head_dim), np.float32) for _ in self.layers]
         self.values = [np.zeros((self.kv_heads, capacity, self.head_dim), np.float32) for _ in self.layers]
         self.length = 0
@@ -244,15 +260,52 @@ class NativeDecoder:
         # it; the first step changes over to the copy in memory.
         self._model_in_memory = not self._loader.is_alive()
         self._model = self._model_struct()
-        angles = np.arange(len(ids), dtype=np.float32)[:, None] * self.inv_freq[None, :]  # as step() does per position
+        return self.extend(x)[0]
+
+    def rewind(self, length: int) -> None:
+        """Forget the positions from ``length`` on (the next rows are written there): a stream drops a hop's
+        uncommitted tail this way, without copying any cache."""
+        if not 0 <= length <= self.length:
+            raise MegaedgeError(f"native decoder: cannot rewind to {length} of {self.length} positions")
+        self.length = length
+
+    def _reserve(self, positions: int) -> None:
+        """Caches for at least ``positions`` positions, keeping the ones held (grown by doubling: a stream's span
+        grows a hop at a time)."""
+        have = self.keys[0].shape[1] if self.keys else 0
+        if positions <= have:
+            return
+        capacity = max(positions, 2 * have, 64)
+        grown = []
+        for old in (self.keys, self.values):
+            new = [np.zeros((self.kv_heads, capacity, self.head_dim), np.float32) for _ in self.layers]
+            for buffer, kept in zip(new, old):
+                buffer[:, : self.length] = kept[:, : self.length]
+            grown.append(new)
+        self.keys, self.values = grown
+        self._model = self._model_struct()
+
+    def extend(self, x: np.ndarray, logit_rows: int = 1) -> np.ndarray:
+        """Rows x [rows, hidden] (embeddings, see ``rows_for``) appended at the next positions; returns the logits
+        [logit_rows, vocab] of the last ``logit_rows`` rows (0: none). Runs in chunks of PREFILL_CHUNK rows."""
+        rows = len(x)
+        if not 0 <= logit_rows <= rows:
+            raise MegaedgeError(f"native prefill: logits of {logit_rows} rows asked of {rows} rows")
+        self._reserve(self.length + rows + 1)
+        start = self.length
+        angles = np.arange(start, start + rows, dtype=np.float32)[:, None] * self.inv_freq[None, :]  # as step()
         angles = np.concatenate([angles, angles], axis=1)
         cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-        logits = np.empty(self.lm_head.n, np.float32)
-        for lo in range(0, len(ids), PREFILL_CHUNK):
-            hi = min(lo + PREFILL_CHUNK, len(ids))
-            self.kernels.prefill(self._model, np.ascontiguousarray(x[lo:hi]), lo, np.ascontiguousarray(cos[lo:hi]),
-                                 np.ascontiguousarray(sin[lo:hi]), logits, self.threads)
-        self.length = len(ids)
+        logits = np.empty((logit_rows, self.lm_head.n), np.float32)
+        first_logit = rows - logit_rows  # row of logits[0]
+        for lo in range(0, rows, PREFILL_CHUNK):
+            hi = min(lo + PREFILL_CHUNK, rows)
+            wanted = max(0, hi - max(lo, first_logit))  # the chunk's last rows whose logits were asked for
+            out = logits[hi - wanted - first_logit : hi - first_logit] if wanted else logits[:0]
+            self.kernels.prefill(self._model, np.array(x[lo:hi], np.float32), start + lo,  # a copy: overwritten
+                                 np.ascontiguousarray(cos[lo:hi]), np.ascontiguousarray(sin[lo:hi]), out,
+                                 self.threads, wanted)
+            self.length = start + hi
         return logits
 
     def step(self, token: int) -> np.ndarray:
@@ -263,8 +316,7 @@ class NativeDecoder:
             self.wait_loaded()
             self._model, self._model_in_memory = self._model_struct(), True
         pos = self.length
-        if pos >= self.keys[0].shape[1]:
-            raise MegaedgeError(f"native decoder: cache full at {pos} positions; start() with more max_new_tokens")
+        self._reserve(pos + 1)
         angles = np.concatenate([pos * self.inv_freq] * 2)
         cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
         logits = np.empty(self.lm_head.n, np.float32)

@@ -30,7 +30,7 @@ import numpy as np
 
 from megaedge.errors import MegaedgeError
 from megaedge.runtime import audio as audio_io
-from megaedge.runtime import features
+from megaedge.runtime import features, span_decoding
 from megaedge.runtime.text import ASR_TEXT_MARKER, max_new_tokens_for, parse_asr_output
 
 log = logging.getLogger("megaedge.runtime.streaming")
@@ -146,7 +146,7 @@ class _Span:
         self.raw = np.zeros((features.ASR_MEL_BINS, 0), np.float32)  # log10 mel, floor not yet applied
         self.max = -np.inf
         self.windows: list[tuple[np.ndarray, float]] = []  # (audio features [104, H], floor max used)
-        self.kv = None  # OrtValues after prefix + windows[:kv_windows]
+        self.kv = None  # decoder cache after prefix + windows[:kv_windows] (runtime/span_decoding.py)
         self.kv_windows = 0
         self.committed: list[int] = []
         self.previous: list[int] = []  # the last hop's full hypothesis
@@ -165,6 +165,7 @@ class Stream:
         self.window_frames = int(info.encoder.get("chunk_frames", 100)) * int(info.encoder.get("chunks_per_window", 8))
         hidden = int(info.graph("decoder").input("audio_features").shape[1])
         self._no_audio = np.zeros((0, hidden), transcriber.kv_dtype)
+        self._decoding = span_decoding.for_transcriber(transcriber)
         p = info.prompt
         language = options.language
         self._suffix = [*p.after_audio, *(transcriber.tokenizer.encode(
@@ -324,19 +325,6 @@ class Stream:
         enc = self.tr.tokenizer.encode
         return [*p.system_head, *(enc(context, add_special_tokens=False).ids if context else []), *p.before_audio]
 
-    def _decoder_feed(self, ids: list[int], audio: np.ndarray, logits_at, past) -> dict:
-        import onnxruntime as ort
-
-        tr = self.tr
-        if past is None:
-            empty = ort.OrtValue.ortvalue_from_numpy(np.zeros(tr.kv_shape, tr.kv_dtype))
-            past = [empty] * len(tr.past_names)
-        feed = {"input_ids": np.asarray([ids], np.int64), "audio_features": audio,
-                "logits_at": np.asarray(logits_at, np.int64), **dict(zip(tr.past_names, past))}
-        if tr.manifest.routed:
-            feed["lora_gate"] = np.array([self._span.gate], tr.float_dtype)
-        return feed
-
     def _extend_kv(self) -> None:
         """Prefill what the cache lacks: the prompt prefix (once per span) and newly finished windows."""
         span = self._span
@@ -346,8 +334,7 @@ class Stream:
         ids = ([] if span.kv is not None else self._prefix_ids()) + [self.tr.manifest.prompt.audio_pad] * sum(
             len(w) for w, _ in new)
         audio = np.concatenate([w for w, _ in new]) if new else self._no_audio
-        outs = self.tr.decoder_for(len(ids)).run_bound(self._decoder_feed(ids, audio, [len(ids) - 1], span.kv))
-        span.kv, span.kv_windows = outs[1:], len(span.windows)
+        span.kv, span.kv_windows = self._decoding.extend(span.kv, ids, audio, span.gate), len(span.windows)
 
     def _tail(self, open_audio: np.ndarray | None) -> tuple[list[int], np.ndarray]:
         """Ids after the cached KV (prefix + finished windows): open audio pads + suffix + committed text."""
@@ -356,19 +343,16 @@ class Stream:
         ids = [self.tr.manifest.prompt.audio_pad] * len(audio) + self._suffix + span.committed
         return ids, audio
 
-    def _greedy(self, outs, limit: int) -> list[int]:
-        """Continue greedy decoding from a prefill's last logits (stops at EOS or ``limit`` tokens)."""
-        from megaedge.runtime.transcriber import LAST
-
-        session = self.tr.sessions["decoder"]
+    def _greedy(self, logits: np.ndarray, limit: int) -> list[int]:
+        """Continue greedy decoding from the last tail's last logits (stops at EOS or ``limit`` tokens)."""
         eos = set(self.tr.manifest.prompt.eos)
         tokens: list[int] = []
         while True:
-            token = int(np.argmax(outs[0].numpy()[-1]))
+            token = int(np.argmax(logits))
             if token in eos or len(tokens) >= limit:
                 return tokens
             tokens.append(token)
-            outs = session.run_bound(self._decoder_feed([token], self._no_audio, LAST, outs[1:]), check=False)
+            logits = self._decoding.step(token, self._span.gate)
 
     def _hop(self) -> StreamEvent:
         t0 = time.perf_counter()
@@ -380,10 +364,10 @@ class Stream:
         open_audio = self._update_windows(frames, final=False)
         self._extend_kv()
         ids, audio = self._tail(open_audio)
-        outs = self.tr.decoder_for(len(ids)).run_bound(self._decoder_feed(ids, audio, [len(ids) - 1], span.kv))
+        logits = self._decoding.tail(span.kv, ids, audio, span.gate, 1)
         budget = max_new_tokens_for(span.samples.size / RATE) - len(span.committed)
         per_hop = self.opts.unstable_tokens + math.ceil(10 * self.opts.hop_seconds) + 2
-        new = self._greedy(outs, max(0, min(budget, per_hop)))
+        new = self._greedy(logits[-1], max(0, min(budget, per_hop)))
         hypothesis = span.committed + new
         # Commit what is older than the last unstable_tokens AND what the previous hop also proposed (local
         # agreement): one hop's guess at a word cut by the hop edge is never committed.
@@ -408,9 +392,8 @@ class Stream:
         ids, audio = self._tail(open_audio)
         n = len(span.committed)
         first = len(ids) - n - 1  # position whose logits predict committed[0]
-        outs = self.tr.decoder_for(len(ids)).run_bound(
-            self._decoder_feed(ids, audio, list(range(first, len(ids))), span.kv))
-        predicted = outs[0].numpy().argmax(axis=-1)
+        logits = self._decoding.tail(span.kv, ids, audio, span.gate, n + 1)
+        predicted = logits.argmax(axis=-1)
         eos = set(self.tr.manifest.prompt.eos)
         agree = 0
         while agree < n and predicted[agree] == span.committed[agree]:
@@ -419,7 +402,7 @@ class Stream:
         if agree == n:
             if n >= budget:
                 return span.committed[:budget]
-            rest = self._greedy(outs, budget - n)
+            rest = self._greedy(logits[-1], budget - n)
             return span.committed + rest
         self.stats.revisions += 1
         kept = span.committed[:agree]
@@ -427,8 +410,7 @@ class Stream:
             return kept
         # Re-run the tail up to the first disagreement (KV slicing would need a copy of every layer's cache).
         ids = ids[: first + 1 + agree]
-        outs = self.tr.decoder_for(len(ids)).run_bound(self._decoder_feed(ids, audio, [len(ids) - 1], span.kv))
-        rest = self._greedy(outs, budget - agree)
+        rest = self._greedy(self._decoding.tail(span.kv, ids, audio, span.gate, 1)[-1], budget - agree)
         return kept + rest
 
     def _maybe_route(self, final: bool) -> None:

@@ -321,7 +321,8 @@ class Transcriber:
         """A streaming state over this transcriber's weights (any number of streams can share them)."""
         from megaedge.runtime.streaming import Stream, StreamOptions
 
-        self.sessions["decoder"]  # streaming steps in onnxruntime's decode graph: open it now, not at the first hop
+        if self.native is None:  # streams step in onnxruntime's decode graph: open it now, not at the first hop
+            self.sessions["decoder"]
         return Stream(self, options or StreamOptions())
 
     def transcribe(self, audio, rate: int | None = None, language: str | None = None, context: str | None = None,

@@ -85,8 +85,8 @@ static void decode_case(int threads, int prompt) {
     if (prompt) {
         float *x = floats((size_t)hidden * 5, -1.f, 1.f), *cos = floats((size_t)dim * 5, -1.f, 1.f),
               *sin = floats((size_t)dim * 5, -1.f, 1.f);
-        if (me_prefill(&m, x, 3, 0, cos, sin, logits, threads) != 0 ||
-            me_prefill(&m, x + 3 * hidden, 2, 3, cos + 3 * dim, sin + 3 * dim, logits, threads) != 0) {
+        if (me_prefill(&m, x, 3, 0, cos, sin, logits, 1, threads) != 0 ||
+            me_prefill(&m, x + 3 * hidden, 2, 3, cos + 3 * dim, sin + 3 * dim, logits, 1, threads) != 0) {
             fprintf(stderr, "me_prefill failed\n");
             exit(1);
         }

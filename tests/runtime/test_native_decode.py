@@ -190,9 +190,11 @@ def test_native_logits_track_onnxruntime_step_by_step(fixture_int8, built):
         assert np.abs(want - got).max() < 0.05 * np.abs(want).max()
         token = int(np.argmax(want))
     assert native.length == len(ids) + 6
+    capacity = native.keys[0].shape[1]
     native.step(token)  # start() leaves room for the step after the last one asked for (the EOS check's)
-    with pytest.raises(MegaedgeError, match="cache full"):
-        native.step(token)
+    assert native.keys[0].shape[1] == capacity
+    native.step(token)  # past it the cache grows (a stream's does), keeping what it holds
+    assert native.keys[0].shape[1] > capacity and native.length == len(ids) + 8
 
 
 @needs_kernel
@@ -230,9 +232,9 @@ def test_decode_engine_choice_is_checked(fixture_bundles):
 
 
 @needs_kernel
-def test_native_decoder_leaves_onnxruntime_decoder_graphs_closed_until_streaming(fixture_bundles, tmp_path_factory):
+def test_native_decoder_leaves_onnxruntime_decoder_graphs_closed(fixture_bundles, tmp_path_factory):
     """Prompt and steps native: neither onnxruntime decoder graph (another copy of the decoder weights each) is
-    needed to transcribe, so they stay closed until a stream asks for the decode graph. With the prompt in the
+    needed to transcribe, nor to stream (streams decode natively too), so they stay closed. With the prompt in the
     prefill graph (the default for a bundle that has one) only the decode graph stays closed."""
     from megaedge import fixture
     from megaedge.runtime.evaluate import read_set
@@ -250,7 +252,8 @@ def test_native_decoder_leaves_onnxruntime_decoder_graphs_closed_until_streaming
     want = ort.transcribe(clip).token_ids
     assert len(native) > 3 and native == want and hybrid.transcribe(clip).token_ids == want
     tr.create_stream()
-    assert tr.sessions.closed == ["decoder_prefill"]
+    hybrid.create_stream()
+    assert tr.sessions.closed == ["decoder", "decoder_prefill"] and hybrid.sessions.closed == ["decoder"]
 
 
 @needs_kernel
@@ -312,3 +315,43 @@ def test_native_prefill_equals_stepping_the_prompt(fixture_int8, built, monkeypa
         assert np.abs(stepped - runs[0][0]).max() < 0.05 * np.abs(stepped).max()
     keys = stepper.keys[-1][:, : len(ids)]
     assert np.abs(keys - runs[0][1][:, : len(ids)]).max() < 0.05 * np.abs(keys).max()
+
+
+@needs_kernel
+@pytest.mark.parametrize("built", VARIANTS)
+def test_extend_gives_the_asked_rows_logits_rewinds_and_spawns(fixture_int8, built, monkeypatch):
+    """What a stream does with a native decoder: a committed prefix, then tails run and forgotten. Logits of several
+    rows (one LM-head product, chunks crossing the asked rows) agree with each prefix's own last logits (those take
+    the step's product: float rounding apart); a tail run, stepped and rewound leaves the cache as it was, so what
+    follows gives the same bits as without it; spawned decoders share the weights and keep their own caches."""
+    from megaedge.runtime import native_decode
+
+    info = manifest.read(fixture_int8, verify=False)
+    ids = [int(t) for t in np.random.default_rng(5).integers(0, info.decoder["vocab_size"], 19)]
+    base = native_decode.NativeDecoder(fixture_int8, info, built, threads=2)
+    x = base.rows_for(ids, np.zeros((0, base.hidden), np.float32), -1)
+    x_before = x.copy()
+    monkeypatch.setattr(native_decode, "PREFILL_CHUNK", 4)  # asked rows 13..18 span the chunks [12, 16), [16, 19)
+    many = base.spawn()
+    got = many.extend(x, 6)
+    np.testing.assert_array_equal(x, x_before)  # the caller's rows are not overwritten
+    assert got.shape == (6, info.decoder["vocab_size"]) and many.length == 19
+    for j, row in zip(range(13, 19), got):
+        alone = base.spawn()
+        want = alone.extend(x[: j + 1], 1)[0]
+        assert int(np.argmax(row)) == int(np.argmax(want)) and np.corrcoef(row, want)[0, 1] > 0.9999
+    committed, fresh = base.spawn(), base.spawn()
+    committed.extend(x[:10], 0)
+    fresh.extend(x[:10], 0)
+    committed.extend(x[12:18], 2)  # a tail, stepped, then forgotten
+    committed.step(7)
+    committed.rewind(10)
+    np.testing.assert_array_equal(committed.extend(x[10:], 1), fresh.extend(x[10:], 1))
+    for mine, theirs in zip(committed.keys + committed.values, fresh.keys + fresh.values):
+        np.testing.assert_array_equal(mine[:, :19], theirs[:, :19])
+        assert not np.shares_memory(mine, theirs)
+    assert committed.layers[0].q.weight is fresh.layers[0].q.weight  # one copy of the weights
+    with pytest.raises(MegaedgeError, match="rewind"):
+        committed.rewind(committed.length + 1)
+    with pytest.raises(MegaedgeError, match="logits of 3 rows"):
+        committed.extend(x[:2], 3)

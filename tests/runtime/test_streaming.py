@@ -13,7 +13,7 @@ import pytest
 from megaedge.errors import MegaedgeError
 from megaedge.runtime import features
 from megaedge.runtime.streaming import StreamOptions
-from tests.conftest import run_cli
+from tests.conftest import int8_bundle_from, run_cli
 
 EXACT = StreamOptions.preset("exact")
 
@@ -94,6 +94,35 @@ def test_streams_share_weights_but_not_state(merged, clips):
     _, events = _stream(merged, clips[1], EXACT, 8000)
     a.accept_waveform(clips[1])
     assert a.final().token_ids == events[-1].token_ids
+
+
+def test_native_stream_is_exact_and_never_opens_the_decoder_graphs(fixture_bundles, clips, tmp_path_factory):
+    """A weight-only INT8 bundle decoding natively streams natively too (runtime/span_decoding.py): finals equal its
+    offline transcription, two streams keep separate caches, and onnxruntime's decoder graphs stay closed."""
+    from megaedge.runtime import kernels
+    from megaedge.runtime.transcriber import Transcriber
+
+    try:
+        kernels.load()
+    except RuntimeError as exc:
+        pytest.skip(f"native kernels unavailable: {exc}")
+    bundle = int8_bundle_from(fixture_bundles["merged"], tmp_path_factory.mktemp("stream-int8"))
+    native, ort = Transcriber.from_bundle(bundle, decode="native"), Transcriber.from_bundle(bundle, decode="ort")
+    chain = np.concatenate(clips[:4])
+    a, b = native.create_stream(replace(EXACT, hop_seconds=0.64)), native.create_stream(EXACT)
+    assert type(a._decoding).__name__ == "NativeSpanDecoding"
+    for i in range(0, len(chain), 8000):
+        a.accept_waveform(chain[i : i + 8000])
+        if i < len(clips[1]):
+            b.accept_waveform(clips[1][i : i + 8000])
+    assert list(a.final().token_ids) == native.transcribe(chain, segment_seconds=None).token_ids
+    assert list(b.final().token_ids) == native.transcribe(clips[1], segment_seconds=None).token_ids
+    assert a.stats.hops > 10
+    assert "decoder" in native.sessions.closed
+    # the same stream through onnxruntime's graphs: its final is onnxruntime's offline one, and both engines agree
+    _, events = _stream(ort, chain, replace(EXACT, hop_seconds=0.64), 8000)
+    assert list(events[-1].token_ids) == ort.transcribe(chain, segment_seconds=None).token_ids
+    assert events[-1].text == a.partial.text
 
 
 def test_routed_stream_routes_each_utterance_like_offline(fixture_bundles, clips):

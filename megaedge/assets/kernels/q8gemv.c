@@ -48,7 +48,7 @@
 #define STREAMS 4
 #define ZERO_POINT 128
 
-int me_abi_version(void) { return 4; }
+int me_abi_version(void) { return 5; }
 
 /* 2: AVX512-VNNI, 1: AVX2, 3: ARM dot product, 0: portable C */
 int me_isa(void) { return ME_ISA; }
@@ -663,10 +663,12 @@ static void add_rows(float *x, const float *y, size_t count) {
 }
 
 /* Rows x [rows][hidden] (embeddings, overwritten) at positions start..start+rows-1 through every layer: the
-   caches get their keys and values, and logits [vocab] are those of the last row (what the next token needs).
-   cos/sin [rows][head_dim]. The caches must already hold positions [0, start). Returns 0, or -1 without memory. */
+   caches get their keys and values, and logits [logit_rows][vocab] are those of the last logit_rows rows (1: what
+   the next token needs; more: a stream checks the tokens it committed against new audio; 0: none). cos/sin
+   [rows][head_dim]. The caches must already hold positions [0, start). Returns 0, or -1 without memory. */
 int me_prefill(const me_model *m, float *x, int rows, int start, const float *cos, const float *sin, float *logits,
-               int threads) {
+               int logit_rows, int threads) {
+    if (logit_rows > rows) return -2;
     const int hidden = m->hidden, qdim = m->heads * m->head_dim, kvdim = m->kv_heads * m->head_dim;
     const int team = threads > 0 ? threads : 1, inter = m->intermediate;
     int widest = hidden > inter ? hidden : inter;
@@ -740,11 +742,17 @@ int me_prefill(const me_model *m, float *x, int rows, int start, const float *co
 #endif
             add_rows(x, prod, R * hidden);
         }
+        if (logit_rows == 1) {  /* one row: the decode step's product, so a prompt's last logits are a step's */
 #ifdef _OPENMP
 #pragma omp single
 #endif
-        quantize_for(x + (R - 1) * hidden, m->final_norm, m->eps, &m->lm_head, &act, scratch);
-        gemv_share(&m->lm_head, &act, logits);
+            quantize_for(x + (R - 1) * hidden, m->final_norm, m->eps, &m->lm_head, &act, scratch);
+            gemv_share(&m->lm_head, &act, logits);
+        } else if (logit_rows > 1) {
+            quantize_rows_for(x + (R - logit_rows) * hidden, logit_rows, m->final_norm, m->eps, &m->lm_head, &act,
+                              mine);
+            gemm_share(&m->lm_head, &act, logits, logit_rows, packed);
+        }
     }
     for (int i = 0; i < count; i++) free(owned[i]);
     return 0;
