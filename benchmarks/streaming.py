@@ -2,6 +2,7 @@
 hours of simulated audio, first-partial latency and end-of-speech -> final latency.
 
     python benchmarks/streaming.py [--bundle B] [--geometry 0.6b --work DIR] [--hours 2] [--skip-memory]
+        [--geometry-bundle B --engines auto,ort --geometry-hop 2]
 
 Without --bundle it exports the shipped fixture (FP32, merged). --geometry 0.6b also exports a random-weight 0.6B
 bundle and measures its hop latency (speech-like noise: the cost does not depend on what is said). Writes
@@ -12,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from megaedge.runtime import machine
 from megaedge.runtime.streaming import StreamOptions
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -174,27 +175,36 @@ def main() -> None:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="streaming.json", help="results file under benchmarks/results (merged "
+                                                                 "into what it holds)")
+    parser.add_argument("--skip-fixture", action="store_true", help="measure only the geometry bundle")
+    parser.add_argument("--geometry-hop", type=float, default=None,
+                        help="hop seconds for the geometry bundle (default: the stream default)")
+    parser.add_argument("--engines", default="auto",
+                        help="decode engines for the geometry bundle, comma-separated (auto,native,ort): an INT8 "
+                             "bundle streams natively under auto, in onnxruntime's graphs under ort")
     args = parser.parse_args()
     from megaedge import fixture
     from megaedge.export.bundle import ExportOptions, export_bundle
     from megaedge.runtime.transcriber import Transcriber
 
     options = StreamOptions()
-    results = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
+    results = {"machine": machine.cpu_facts()["model"], "threads": args.threads,
                "options": {"hop_seconds": options.hop_seconds, "unstable_tokens": options.unstable_tokens,
                            "max_span_seconds": options.max_span_seconds,
                            "endpoint_silence_seconds": options.endpoint_silence_seconds}}
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = Path(args.bundle) if args.bundle else export_bundle(fixture.model_dir(), Path(tmp) / "fixture",
-                                                                     ExportOptions(force=True))
-        tr = Transcriber.from_bundle(bundle, threads=args.threads)
-        print("fixture: hop latency", flush=True)
+        bundle = Path(args.bundle) if args.bundle or args.skip_fixture else export_bundle(
+            fixture.model_dir(), Path(tmp) / "fixture", ExportOptions(force=True))
         no_endpoint = StreamOptions(endpointing=False)
-        results["fixture_hop_latency"] = hop_latency(tr, speech_audio(90.0), [10.0, 60.0], no_endpoint)
-        if not args.skip_latency:
+        if not args.skip_fixture:
+            tr = Transcriber.from_bundle(bundle, threads=args.threads)
+            print("fixture: hop latency", flush=True)
+            results["fixture_hop_latency"] = hop_latency(tr, speech_audio(90.0), [10.0, 60.0], no_endpoint)
+        if not args.skip_latency and not args.skip_fixture:
             print("fixture: first-partial and end-of-speech -> final latency", flush=True)
             results["fixture_latency"] = latencies(tr, options)
-        if not args.skip_memory:
+        if not args.skip_memory and not args.skip_fixture:
             print(f"fixture: memory over {args.hours:g} h", flush=True)
             results["fixture_memory"] = memory(tr, args.hours, replace_hop(options, 2.0))
         if args.geometry:
@@ -206,13 +216,20 @@ def main() -> None:
                 work = Path(args.work or tmp) / args.geometry
                 ckpt = write_checkpoint(work / "checkpoint", args.geometry, "mega", seed=0)
                 big = export_bundle(ckpt, work / "bundle", ExportOptions(force=True))
-            tr = Transcriber.from_bundle(big, threads=args.threads, verify=False)
             rng = np.random.default_rng(0)
             noise = (0.1 * rng.standard_normal(90 * RATE)).astype(np.float32)
-            print(f"{args.geometry}: hop latency", flush=True)
-            results[f"{args.geometry}_hop_latency"] = hop_latency(tr, noise, [10.0, 60.0], no_endpoint, probes=3)
+            for engine in args.engines.split(","):
+                tr = Transcriber.from_bundle(big, threads=args.threads, verify=False, decode=engine)
+                key = f"{args.geometry}_hop_latency" + ("" if engine == "auto" else f"_{engine}")
+                print(f"{args.geometry}: hop latency, decode {engine} ({'native' if tr.native else 'onnxruntime'})",
+                      flush=True)
+                geometry_options = replace_hop(no_endpoint, args.geometry_hop) if args.geometry_hop else no_endpoint
+                results[key] = hop_latency(tr, noise, [10.0, 60.0], geometry_options, probes=3)
+                results[key]["decoder"] = "native" if tr.native is not None else "onnxruntime"
+                results[key]["bundle_precision"] = tr.manifest.precision
+                del tr
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "streaming.json"
+    out = RESULTS / args.out
     previous = json.loads(out.read_text()) if out.exists() else {}
     previous.update(results)
     out.write_text(json.dumps(previous, indent=2) + "\n")

@@ -65,7 +65,8 @@ static void gemm_case(int n, int k, int blk, int rows, int threads) {
 }
 
 /* three steps of a tiny two-layer decoder; prints "step pos" then the logits. With `prompt`, positions 0-4 are
-   first prefilled (rows 0-2, then 3-4, as chunks) and the steps follow at 5-7; prints "prefill" then logits. */
+   first prefilled (rows 0-2, then 3-4, as chunks) and the steps follow at 5-7; prints "prefill" then the logits of
+   rows 3 and 4. */
 static void decode_case(int threads, int prompt) {
     const int layers = 2, hidden = 64, heads = 4, kv_heads = 2, dim = 16, inter = 96, cap = 8, vocab = 50, blk = 32;
     me_layer layer[2];
@@ -80,18 +81,18 @@ static void decode_case(int threads, int prompt) {
     }
     me_model m = {layers, hidden, heads, kv_heads, dim, inter, cap, vocab, 1e-6f, 0.25f, layer,
                   linear(vocab, hidden, blk), floats(hidden, 0.5f, 1.5f)};
-    float *logits = malloc(sizeof(float) * vocab);
+    float *logits = malloc(sizeof(float) * 2 * vocab);
     const int first = prompt ? 5 : 0;
     if (prompt) {
         float *x = floats((size_t)hidden * 5, -1.f, 1.f), *cos = floats((size_t)dim * 5, -1.f, 1.f),
               *sin = floats((size_t)dim * 5, -1.f, 1.f);
         if (me_prefill(&m, x, 3, 0, cos, sin, logits, 1, threads) != 0 ||
-            me_prefill(&m, x + 3 * hidden, 2, 3, cos + 3 * dim, sin + 3 * dim, logits, 1, threads) != 0) {
+            me_prefill(&m, x + 3 * hidden, 2, 3, cos + 3 * dim, sin + 3 * dim, logits, 2, threads) != 0) {
             fprintf(stderr, "me_prefill failed\n");
             exit(1);
         }
-        printf("prefill %d\n", threads);
-        for (int i = 0; i < vocab; i++) printf("%a\n", logits[i]);
+        printf("prefill %d\n", threads);  /* the logits of both rows of the second call */
+        for (int i = 0; i < 2 * vocab; i++) printf("%a\n", logits[i]);
     }
     for (int pos = first; pos < first + 3; pos++) {
         float *x = floats(hidden, -1.f, 1.f), *cos = floats(dim, -1.f, 1.f), *sin = floats(dim, -1.f, 1.f);
