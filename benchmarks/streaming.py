@@ -194,8 +194,10 @@ def main() -> None:
                            "max_span_seconds": options.max_span_seconds,
                            "endpoint_silence_seconds": options.endpoint_silence_seconds}}
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = Path(args.bundle) if args.bundle or args.skip_fixture else export_bundle(
-            fixture.model_dir(), Path(tmp) / "fixture", ExportOptions(force=True))
+        if args.bundle:
+            bundle = Path(args.bundle)
+        elif not args.skip_fixture:
+            bundle = export_bundle(fixture.model_dir(), Path(tmp) / "fixture", ExportOptions(force=True))
         no_endpoint = StreamOptions(endpointing=False)
         if not args.skip_fixture:
             tr = Transcriber.from_bundle(bundle, threads=args.threads)

@@ -195,6 +195,18 @@ def build(geometry: str, work: Path, device: str = "cpu") -> dict:
             "megaedge_int8_prefill": prefill, "megaedge_int4": int4}
 
 
+def _table_order(path: Path) -> tuple:
+    """Larger geometry first; per geometry the latest run (suite_<geometry>.json), then kept earlier ones."""
+    geometry = path.stem.split("_")[-1] if path.stem.count("_") == 1 else path.stem.split("_")[1]
+    return -float(geometry.rstrip("b")), path.stem.count("_") > 1, path.stem
+
+
+def _cpu_label() -> str:
+    """The CPU's name and its widest int8 instructions: VMs of one vendor all call themselves "AMD EPYC"."""
+    facts = machine.cpu_facts()
+    return f"{facts['model']} ({facts['int8_features'][-1] if facts['int8_features'] else 'no int8 SIMD'})"
+
+
 def _median(rows: list[dict], key: str) -> float:
     return round(float(np.median([r[key] for r in rows])), 4)
 
@@ -235,7 +247,7 @@ def main() -> None:
                 runs[name].append(_python(code, str(paths[name]), *common, PREFILL_ENGINES.get(name, "auto")))
                 print(f"{geometry} round {r} {name}: {json.dumps(runs[name][-1])}", flush=True)
         result = {"geometry": geometry, "tokens": args.tokens, "threads": args.threads, "rounds": args.rounds,
-                  "device": args.device, "machine": (machine.gpu_name() or "unknown GPU") if cuda else machine.cpu_facts()["model"],
+                  "device": args.device, "machine": (machine.gpu_name() or "unknown GPU") if cuda else _cpu_label(),
                   "contenders": {}}
         for name, rows in runs.items():
             entry = {"peak_rss_gib": round(max(r["peak_rss_gib"] for r in rows), 2)}
@@ -258,7 +270,7 @@ def main() -> None:
             result["int8_cold_start_unprepared_s"] = cold["unprepared"]
         (RESULTS / f"{prefix}_{geometry}.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2), flush=True)
-    table = [json.loads(f.read_text()) for f in sorted(RESULTS.glob(f"{prefix}_[0-9]*.json"), reverse=True)]
+    table = [json.loads(f.read_text()) for f in sorted(RESULTS.glob(f"{prefix}_[0-9]*.json"), key=_table_order)]
     write_table(table, RESULTS / f"{prefix}.md")
     if cuda:
         return

@@ -31,7 +31,8 @@ def add_decode_engine_option(parser) -> None:
     parser.add_argument("--prefill", choices=("auto", "native", "ort"), default="auto",
                         help="the prompt, when the decode steps run natively: native (the same kernel, several rows "
                              "per weight load), ort (the bundle's onnxruntime graph), auto (the bundle's prefill "
-                             "graph where it has one, else native; default)")
+                             "graph where it has one, else native; default). A stream that decodes natively "
+                             "prefills natively too")
 
 
 def print_json(obj) -> None:

@@ -458,10 +458,12 @@ static void row_block(const me_linear *m, const me_act *a, float *y, int ystride
    groups g of LANES rows, scales s[g][b][LANES]; rows past the matrix are zero weights with zero scales. */
 #if ME_ISA == 2
 #define LANES 16
-#define VECS 2 /* weight groups per micro tile */
+#define VECS 2   /* weight groups per micro tile */
+#define WBYTES 1 /* bytes of a packed weight */
 #else
 #define LANES 8
-#define VECS 1
+#define VECS 2
+#define WBYTES 2
 #endif
 
 static void pack_tile(const me_linear *m, int t0, int count, uint8_t *pw, float *ps) {
@@ -470,17 +472,23 @@ static void pack_tile(const me_linear *m, int t0, int count, uint8_t *pw, float 
     for (int g = 0; g < groups; g++)
         for (int lane = 0; lane < LANES; lane++) {
             const int i = g * LANES + lane;
-            const uint32_t *src = i < count ? (const uint32_t *)(m->w + (size_t)(t0 + i) * row_bytes) : NULL;
+            const uint8_t *src = i < count ? m->w + (size_t)(t0 + i) * row_bytes : NULL;
             for (int b = 0; b < nb; b++) {
+                const uint8_t *sb = src ? src + (size_t)b * blk : NULL;
+#if ME_ISA == 2
                 uint32_t *dst = (uint32_t *)(pw + ((size_t)g * nb + b) * blk * LANES) + lane;
-                const uint32_t *sb = src ? src + (size_t)b * blk / 4 : NULL;
                 for (int k4 = 0; k4 < blk / 4; k4++) {
-                    uint32_t v = sb ? sb[k4] : 0x80808080u;  /* stored value + 128: 128 is a zero weight */
-#if ME_ISA == 1
-                    v ^= 0x80808080u; /* AVX2 multiplies signed weights (see dot32_avx2) */
-#endif
+                    uint32_t v = 0x80808080u;  /* stored value + 128: 128 is a zero weight */
+                    if (sb) memcpy(&v, sb + 4 * k4, 4);
                     dst[(size_t)k4 * LANES] = v;
                 }
+#else
+                int16_t *dst = (int16_t *)(pw + ((size_t)g * nb + b) * blk * LANES * WBYTES) + 2 * lane;
+                for (int k2 = 0; k2 < blk / 2; k2++) {
+                    dst[(size_t)k2 * 2 * LANES] = sb ? (int16_t)(sb[2 * k2] - ZERO_POINT) : 0;
+                    dst[(size_t)k2 * 2 * LANES + 1] = sb ? (int16_t)(sb[2 * k2 + 1] - ZERO_POINT) : 0;
+                }
+#endif
                 ps[((size_t)g * nb + b) * LANES + lane] = src ? m->s[(size_t)(t0 + i) * nb + b] : 0.f;
             }
         }
@@ -532,41 +540,55 @@ static inline __attribute__((always_inline)) void micro(const me_linear *m, cons
                                   acc[r][v]);
         }
 #else
-    (void)vecs;
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[MR];
-    for (int r = 0; r < cnt; r++) acc[r] = _mm256_setzero_ps();
+    /* AVX2 has no int8 product that is exact without a sign fix-up per pair (maddubs saturates), which made the
+       int8 form 3 multiply-port instructions per 32 products; with 16-bit weights (packed) and 16-bit activations
+       (widened per block) one madd makes 16 exact products, and per 32 that is 2 (AMD Zen 3, 2 cores: ~x1.4). */
+    int16_t qw[MR][blk] __attribute__((aligned(32)));
+    __m256 acc[MR][VECS];
+    for (int r = 0; r < cnt; r++)
+        for (int v = 0; v < vecs; v++) acc[r][v] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
-        __m256i d[MR];
-        for (int r = 0; r < cnt; r++) d[r] = _mm256_setzero_si256();
-        const uint8_t *wb = pw + (size_t)g0 * gbytes + (size_t)b * blk * LANES;
-        const int8_t *qb = a->q + (size_t)r0 * stride + (size_t)b * blk;
-        for (int k4 = 0; k4 < blk / 4; k4++) {
-            const __m256i ws = _mm256_loadu_si256((const __m256i *)(wb + (size_t)k4 * 4 * LANES));
-            const __m256i wa = _mm256_abs_epi8(ws);
+        for (int r = 0; r < cnt; r++) {
+            const int8_t *qb = a->q + (size_t)(r0 + r) * stride + (size_t)b * blk;
+            for (int i = 0; i < blk; i++) qw[r][i] = qb[i];
+        }
+        __m256i d[MR][VECS];
+        for (int r = 0; r < cnt; r++)
+            for (int v = 0; v < vecs; v++) d[r][v] = _mm256_setzero_si256();
+        const int16_t *wb = (const int16_t *)(pw + (size_t)g0 * gbytes * WBYTES + (size_t)b * blk * LANES * WBYTES);
+#pragma GCC unroll 4
+        for (int k2 = 0; k2 < blk / 2; k2++) {
+            __m256i w[VECS];
+            for (int v = 0; v < vecs; v++)
+                w[v] = _mm256_loadu_si256((const __m256i *)(wb + v * gbytes + (size_t)k2 * 2 * LANES));
             for (int r = 0; r < cnt; r++) {
-                int32_t four;
-                memcpy(&four, qb + (size_t)r * stride + 4 * k4, 4);
-                const __m256i pairs = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(_mm256_set1_epi32(four), ws));
-                d[r] = _mm256_add_epi32(d[r], _mm256_madd_epi16(pairs, ones));
+                int32_t two;
+                memcpy(&two, &qw[r][2 * k2], 4);
+                const __m256i q2 = _mm256_set1_epi32(two);
+                for (int v = 0; v < vecs; v++) d[r][v] = _mm256_add_epi32(_mm256_madd_epi16(w[v], q2), d[r][v]);
             }
         }
         for (int r = 0; r < cnt; r++) {
-            const __m256 s = _mm256_mul_ps(_mm256_loadu_ps(ps + ((size_t)g0 * nb + b) * LANES),
-                                           _mm256_set1_ps(a->sa[(size_t)(r0 + r) * nb + b]));
-            acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(s, _mm256_cvtepi32_ps(d[r])));
+            const __m256 sa = _mm256_set1_ps(a->sa[(size_t)(r0 + r) * nb + b]);
+            for (int v = 0; v < vecs; v++) {
+                const __m256 s = _mm256_mul_ps(_mm256_loadu_ps(ps + ((size_t)(g0 + v) * nb + b) * LANES), sa);
+                acc[r][v] = _mm256_add_ps(acc[r][v], _mm256_mul_ps(s, _mm256_cvtepi32_ps(d[r][v])));
+            }
         }
     }
-    for (int r = 0; r < cnt; r++) {
-        float *out = y + (size_t)(r0 + r) * m->n + n0;
-        if (valid >= LANES) {
-            _mm256_storeu_ps(out, acc[r]);
-        } else {
-            float tmp[LANES];
-            _mm256_storeu_ps(tmp, acc[r]);
-            memcpy(out, tmp, sizeof(float) * valid);
+    for (int r = 0; r < cnt; r++)
+        for (int v = 0; v < vecs; v++) {
+            const int lanes = valid - v * LANES;
+            if (lanes <= 0) break;
+            float *out = y + (size_t)(r0 + r) * m->n + n0 + v * LANES;
+            if (lanes >= LANES) {
+                _mm256_storeu_ps(out, acc[r][v]);
+            } else {
+                float tmp[LANES];
+                _mm256_storeu_ps(tmp, acc[r][v]);
+                memcpy(out, tmp, sizeof(float) * lanes);
+            }
         }
-    }
 #endif
 }
 #endif
@@ -575,7 +597,7 @@ static inline __attribute__((always_inline)) void micro(const me_linear *m, cons
    weights and scales (each at most TILE_BYTES, or one micro tile of the widest rows) and alignment */
 static size_t pack_bytes(size_t k_padded) {
 #ifdef PACKED
-    return 2 * (TILE_BYTES + (size_t)LANES * VECS * k_padded) + 64;
+    return 2 * (TILE_BYTES + (size_t)LANES * VECS * k_padded * WBYTES) + 64;
 #else
     (void)k_padded;
     return 0;
@@ -587,10 +609,10 @@ static void gemm_rows(const me_linear *m, const me_act *a, float *y, int rows, i
 #ifdef PACKED
     if (m->blk % 4 == 0 && hi > lo) {
         const size_t row_bytes = (size_t)m->nb * m->blk;
-        int tile = (int)(TILE_BYTES / row_bytes) / (LANES * VECS) * (LANES * VECS);
+        int tile = (int)(TILE_BYTES / (row_bytes * WBYTES)) / (LANES * VECS) * (LANES * VECS);
         if (tile < LANES * VECS) tile = LANES * VECS;  /* wide rows: one micro tile, the scratch was sized for it */
         uint8_t *pw = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
-        float *ps = (float *)(pw + (size_t)tile * row_bytes);
+        float *ps = (float *)(pw + (size_t)tile * row_bytes * WBYTES);
         for (int t0 = lo; t0 < hi; t0 += tile) {
             const int count = hi - t0 < tile ? hi - t0 : tile, groups = (count + LANES - 1) / LANES;
             pack_tile(m, t0, count, pw, ps);
