@@ -5,9 +5,10 @@ A stream keeps the KV cache of what it has committed (prompt prefix, finished wi
 (open window, prompt suffix, committed text) on top of it without keeping it. ``cache`` is what ``extend``
 returned, None for an empty one: onnxruntime's present tensors, or the native decoder's committed length.
 
-Why a native one: a hop is a short prompt and a dozen decode steps, the work the native kernels do fastest on a
-CPU (1.7B, 2-core AVX2 EPYC: prompts ~5x, steps ~1.5x onnxruntime's), and a weight-only INT8 bundle that decodes
-natively then never opens onnxruntime's decoder graphs, which would hold a second copy of the decoder weights.
+Why a native one: a hop is a short prompt and a few dozen decode steps, work the native kernels do faster than
+onnxruntime's `MatMulNBits` on a CPU (1.7B `cpu` bundle, hop 2 s, 2-core AVX2 EPYC: median hop 7.0 vs 9.0 s,
+benchmarks/results/streaming_1.7b_int8_zen3.json), and a weight-only INT8 bundle that decodes natively then never
+opens onnxruntime's decoder graphs, which would hold a second copy of the decoder weights.
 Each stream's native decoder shares the weights and owns its cache (``NativeDecoder.spawn``).
 """
 
