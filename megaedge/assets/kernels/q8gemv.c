@@ -543,9 +543,9 @@ static inline __attribute__((always_inline)) void micro(const me_linear *m, cons
 #else
     /* AVX2 has no int8 product that is exact without a sign fix-up per pair (maddubs saturates), which made the
        int8 form 3 multiply-port instructions per 32 products; with 16-bit weights (packed) and 16-bit activations
-       (widened per block) one madd makes 16 exact products, and per 32 that is 2 (2-core AMD Zen 3, 400 rows at
-       the 1.7B shapes: 72-77 -> 80-91 GMAC/s; unrolled by 4, without which the compiler's accumulator copies
-       made it slower than the int8 form). */
+       (widened per block) one madd makes 16 exact products, and per 32 that is 2 (2-core AMD Zen 3 VM, 400 rows at
+       the 1.7B shapes, best of interleaved runs: 72-79 -> 78-101 GMAC/s; at 140 rows within that VM's noise;
+       unrolled by 4, without which the compiler's accumulator copies made it slower than the int8 form). */
     int16_t qw[MR][blk] __attribute__((aligned(32)));
     __m256 acc[MR][VECS];
     for (int r = 0; r < cnt; r++)
