@@ -252,14 +252,11 @@ class NativeDecoder:
         prompt takes row i of ``audio`` [A, hidden] (the decoder graph's merge). Leaves the cache ready for
         ``max_new_tokens`` steps. Prompts run in chunks of PREFILL_CHUNK rows, which bounds the scratch memory."""
         x = self.rows_for(prompt_ids, audio, audio_token)
-        capacity = len(prompt_ids) + max_new_tokens + 1
-        self.keys = [np.zeros((self.kv_heads, capacity, self.head_dim), np.float32) for _ in self.layers]
-        self.values = [np.zeros((self.kv_heads, capacity, self.head_dim), np.float32) for _ in self.layers]
-        self.length = 0
+        self.keys, self.values, self.length = [], [], 0
         # The weights there are now: the file map while the background read runs, so the prompt need not wait for
         # it; the first step changes over to the copy in memory.
         self._model_in_memory = not self._loader.is_alive()
-        self._model = self._model_struct()
+        self._reserve(len(prompt_ids) + max_new_tokens + 1)
         return self.extend(x)[0]
 
     def rewind(self, length: int) -> None:

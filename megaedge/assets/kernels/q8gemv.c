@@ -690,7 +690,8 @@ static void add_rows(float *x, const float *y, size_t count) {
 /* Rows x [rows][hidden] (embeddings, overwritten) at positions start..start+rows-1 through every layer: the
    caches get their keys and values, and logits [logit_rows][vocab] are those of the last logit_rows rows (1: what
    the next token needs; more: a stream checks the tokens it committed against new audio; 0: none). cos/sin
-   [rows][head_dim]. The caches must already hold positions [0, start). Returns 0, or -1 without memory. */
+   [rows][head_dim]. The caches must already hold positions [0, start). Returns 0, -1 without memory, or -2 when
+   logit_rows > rows. */
 int me_prefill(const me_model *m, float *x, int rows, int start, const float *cos, const float *sin, float *logits,
                int logit_rows, int threads) {
     if (logit_rows > rows) return -2;
