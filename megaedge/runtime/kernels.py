@@ -27,7 +27,7 @@ log = logging.getLogger("megaedge.runtime.kernels")
 
 SOURCE = Path(__file__).resolve().parents[1] / "assets" / "kernels" / "q8gemv.c"
 ABI_VERSION = 5
-ISA_NAMES = {2: "avx512-vnni", 1: "avx2", 3: "arm-dotprod", 0: "portable-c"}
+ISA_NAMES = {4: "avx512-vnni+amx", 2: "avx512-vnni", 1: "avx2", 3: "arm-dotprod", 0: "portable-c"}
 # -ffp-contract=off: one rounding per operation however the compiler unrolls or vectorizes a loop, so a row computed
 # as one of four streams or alone, by any thread, gives the same bits (tests hold the decode step to it).
 FLAG_SETS = (("-O3", "-march=native", "-fopenmp", "-ffp-contract=off"), ("-O3", "-fopenmp", "-ffp-contract=off"),
@@ -36,7 +36,9 @@ PORTABLE_FLAG_SETS = (("-O3", "-fopenmp", "-DME_PORTABLE", "-ffp-contract=off"),
                       ("-O3", "-DME_PORTABLE", "-ffp-contract=off"))
 # The AVX2 path on a CPU that also has AVX512: what a CPU without AVX512 runs, testable on one with it.
 AVX2_FLAG_SETS = (("-O3", "-march=native", "-mno-avx512f", "-fopenmp", "-ffp-contract=off"),)
-VARIANT_FLAGS = {"native": FLAG_SETS, "portable": PORTABLE_FLAG_SETS, "avx2": AVX2_FLAG_SETS}
+# The AVX512-VNNI prompt on a CPU with AMX tiles: what AVX512 CPUs without AMX run (and a baseline for AMX's gain).
+VNNI_FLAG_SETS = (("-O3", "-march=native", "-mno-amx-tile", "-mno-amx-int8", "-fopenmp", "-ffp-contract=off"),)
+VARIANT_FLAGS = {"native": FLAG_SETS, "portable": PORTABLE_FLAG_SETS, "avx2": AVX2_FLAG_SETS, "vnni": VNNI_FLAG_SETS}
 
 
 def cache_dir() -> Path:
@@ -60,8 +62,8 @@ def _key(cc: str) -> str:
 def build(force: bool = False, portable: bool = False, variant: str = "native") -> Path:
     """Compile the kernels for this machine (or find the cached build); returns the shared object's path.
     ``portable`` (variant ``portable``): the plain C form only (no vector instructions), which CPUs without a tuned
-    path run; variant ``avx2``: the AVX2 path even where the CPU has AVX512; tests hold them all to the same
-    arithmetic. Raises RuntimeError naming what failed."""
+    path run; variant ``avx2``: the AVX2 path even where the CPU has AVX512; ``vnni``: AVX512 without AMX tiles;
+    tests hold them all to the same arithmetic. Raises RuntimeError naming what failed."""
     variant = "portable" if portable else variant
     cc = compiler()
     if cc is None:

@@ -20,11 +20,11 @@ needs_kernel = pytest.mark.skipif(KERNELS is None, reason=WHY_NOT or "kernel ava
 
 
 def _variants() -> list:
-    """This machine's build, the portable C build (what CPUs without a tuned path run) and, on an AVX512 CPU, the
-    AVX2 build (what CPUs without AVX512 run), when they build."""
+    """This machine's build, the portable C build (what CPUs without a tuned path run), on an AVX512 CPU the AVX2
+    build (what CPUs without AVX512 run) and on an AMX CPU the AVX512-VNNI build, when they build."""
     found = [pytest.param(KERNELS, id=KERNELS.isa)] if KERNELS is not None else []
     seen = {KERNELS.isa} if KERNELS is not None else set()
-    for variant in ("portable", "avx2"):
+    for variant in ("portable", "avx2", "vnni"):
         try:
             built = kernels.Q8Kernels(kernels.build(variant=variant))
         except (RuntimeError, OSError):
@@ -84,10 +84,11 @@ def _emulated_gemm(weight, scales, x):
 @pytest.mark.parametrize("built", VARIANTS)
 @pytest.mark.parametrize("n,k,block,rows", [(2048, 2048, 128, 9), (37, 160, 128, 5), (321, 160, 32, 7),
                                             (50, 64, 16, 3), (1003, 384, 64, 13), (70, 6144, 128, 6),
-                                            (100, 2048, 128, 1)])
+                                            (100, 2048, 128, 1), (1003, 384, 64, 70), (300, 2048, 128, 37),
+                                            (50, 64, 16, 40)])
 def test_prompt_product_is_the_same_arithmetic_on_every_build(n, k, block, rows, built):
-    """Several rows per weight load (packed tiles on AVX2/AVX512, partial groups and row groups included) give,
-    bit for bit, the float32 emulation, with any number of threads."""
+    """Several rows per weight load (packed tiles on AVX2/AVX512, AMX tiles from 32 rows, partial groups and row
+    groups included) give, bit for bit, the float32 emulation, with any number of threads."""
     rng = np.random.default_rng(n)
     blocks = -(-k // block)
     weight = rng.integers(0, 256, (n, blocks, block), dtype=np.uint8)

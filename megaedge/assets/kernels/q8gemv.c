@@ -35,6 +35,11 @@
 #elif defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512F__)
 #include <immintrin.h>
 #define ME_ISA 2
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define ME_AMX 1
+#endif
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define ME_ISA 1
@@ -50,8 +55,27 @@
 
 int me_abi_version(void) { return 5; }
 
-/* 2: AVX512-VNNI, 1: AVX2, 3: ARM dot product, 0: portable C */
-int me_isa(void) { return ME_ISA; }
+#ifdef ME_AMX
+/* Linux hands out the AMX tile registers (8 KB of state per thread) only to a process that asks; 1: granted,
+   -1: refused (kernel before 5.16, or a hypervisor that withholds it), and then the AVX512-VNNI form runs. */
+static int amx_state;
+static int amx_ready(void) {
+    int state = __atomic_load_n(&amx_state, __ATOMIC_ACQUIRE);
+    if (state == 0) {
+        state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0 ? 1 : -1;
+        __atomic_store_n(&amx_state, state, __ATOMIC_RELEASE);
+    }
+    return state > 0;
+}
+#endif
+
+/* 4: AVX512-VNNI with AMX tiles for prompts, 2: AVX512-VNNI, 1: AVX2, 3: ARM dot product, 0: portable C */
+int me_isa(void) {
+#ifdef ME_AMX
+    if (amx_ready()) return 4;
+#endif
+    return ME_ISA;
+}
 
 static void rms_norm(const float *x, const float *weight, float eps, int k, float *out) {
     double ss = 0.0;
@@ -427,7 +451,13 @@ int me_decode_step(const me_model *m, float *x, int pos, const float *cos, const
 /* ------------------------------------------------------------------------------------------ prompt (prefill) */
 
 #define MR 4                    /* activation rows per pass over a packed weight tile */
-#define TILE_BYTES (256 * 1024) /* weights packed per tile: they stay in L2 while every row group passes */
+#ifndef TILE_BYTES /* weights packed per tile: they stay in L2 while every row group passes */
+#ifdef ME_AMX
+#define TILE_BYTES (1024 * 1024) /* 2 MB L2 (Sapphire Rapids); AMX row groups are 32 rows, vectors' 4 */
+#else
+#define TILE_BYTES (256 * 1024)
+#endif
+#endif
 
 /* The prompt's products use one arithmetic on every CPU, the portable one of rows_together: each block's integer
    dot product exactly, then y += (sw * sa) * dot in block order (a multiply, then an add). So a vector build and
@@ -467,10 +497,68 @@ static void row_block(const me_linear *m, const me_act *a, float *y, int ystride
 #define WBYTES 2
 #endif
 
+#if ME_ISA == 2
+/* 16 rows of 16 dwords in r become 16 columns: r[j] holds dword j of every row (unpacks within 128-bit lanes,
+   then a 4 x 4 transpose of the lanes) */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16], u[16];
+    for (int j = 0; j < 8; j++) {
+        t[2 * j] = _mm512_unpacklo_epi32(r[2 * j], r[2 * j + 1]);
+        t[2 * j + 1] = _mm512_unpackhi_epi32(r[2 * j], r[2 * j + 1]);
+    }
+    for (int j = 0; j < 4; j++) {  /* u[4j + c], lane L: dword 4L + c of rows 4j..4j+3 */
+        u[4 * j] = _mm512_unpacklo_epi64(t[4 * j], t[4 * j + 2]);
+        u[4 * j + 1] = _mm512_unpackhi_epi64(t[4 * j], t[4 * j + 2]);
+        u[4 * j + 2] = _mm512_unpacklo_epi64(t[4 * j + 1], t[4 * j + 3]);
+        u[4 * j + 3] = _mm512_unpackhi_epi64(t[4 * j + 1], t[4 * j + 3]);
+    }
+    for (int c = 0; c < 4; c++) {
+        const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+        const __m512i v2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+        const __m512i v3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
+        r[c] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+        r[4 + c] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+        r[8 + c] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+        r[12 + c] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+    }
+}
+#endif
+
 static void pack_tile(const me_linear *m, int t0, int count, uint8_t *pw, float *ps) {
     const int nb = m->nb, blk = m->blk, groups = (count + LANES - 1) / LANES;
     const size_t row_bytes = (size_t)nb * blk;
-    for (int g = 0; g < groups; g++)
+    /* the rows a group later (this tile's or the next one's) are fetched while this group is packed: the hardware
+       prefetcher does not follow 16 rows read side by side, and packing waited on memory for half its time */
+#define PREFETCH_NEXT_GROUP(g)                                                                     \
+    for (int ahead = ((g) + 1) * LANES; ahead < ((g) + 2) * LANES && t0 + ahead < m->n; ahead++) \
+        for (size_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(m->w + (size_t)(t0 + ahead) * row_bytes + c);
+#if ME_ISA == 2
+    if (blk % 64 == 0) {  /* 64 bytes of 16 rows at a time, transposed in registers (scalar: 3.5 GB/s) */
+        for (int g = 0; g < groups; g++) {
+            PREFETCH_NEXT_GROUP(g)
+            for (int b = 0; b < nb; b++) {
+                for (int c = 0; c < blk; c += 64) {
+                    __m512i r[16];
+                    for (int lane = 0; lane < LANES; lane++) {
+                        const int i = g * LANES + lane;
+                        r[lane] = i < count ? _mm512_loadu_si512(m->w + (size_t)(t0 + i) * row_bytes + (size_t)b * blk + c)
+                                            : _mm512_set1_epi8((char)0x80);  /* stored value + 128: a zero weight */
+                    }
+                    transpose16(r);
+                    uint8_t *dst = pw + (((size_t)g * nb + b) * blk + c) * LANES;
+                    for (int j = 0; j < 16; j++) _mm512_store_si512(dst + 64 * j, r[j]);
+                }
+                for (int lane = 0; lane < LANES; lane++) {
+                    const int i = g * LANES + lane;
+                    ps[((size_t)g * nb + b) * LANES + lane] = i < count ? m->s[(size_t)(t0 + i) * nb + b] : 0.f;
+                }
+            }
+        }
+        return;
+    }
+#endif
+    for (int g = 0; g < groups; g++) {
+        PREFETCH_NEXT_GROUP(g)
         for (int lane = 0; lane < LANES; lane++) {
             const int i = g * LANES + lane;
             const uint8_t *src = i < count ? m->w + (size_t)(t0 + i) * row_bytes : NULL;
@@ -493,6 +581,8 @@ static void pack_tile(const me_linear *m, int t0, int count, uint8_t *pw, float 
                 ps[((size_t)g * nb + b) * LANES + lane] = src ? m->s[(size_t)(t0 + i) * nb + b] : 0.f;
             }
         }
+    }
+#undef PREFETCH_NEXT_GROUP
 }
 
 /* rows r0..r0+cnt times VECS packed groups starting at group g0 (weight rows n0..): cnt <= MR */
@@ -596,13 +686,127 @@ static inline __attribute__((always_inline)) void micro(const me_linear *m, cons
 }
 #endif
 
+
+#ifdef ME_AMX
+/* AMX: one tile instruction multiplies 16 rows by 16 weight rows over 64 inputs (16K products), against 64 for an
+   AVX512 dpbusd. The tiles (palette 1): 0-3 the int32 sums of 2 x 16 activation rows by 2 x 16 weight rows, 4-5 the
+   activation rows (16 x 64 bytes, read in place from the quantized rows), 6-7 the weights (64 inputs of 16 weight
+   rows, 16 x 64 bytes: exactly pack_tile's AVX512 layout). Block by block the sums leave the tiles and are scaled
+   and added as micro() does, so the bits are those of every other build. */
+#define AMX_ROWS 32
+#define AMX_MIN_ROWS 8
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config;
+
+static void amx_configure(void) {
+    amx_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        c.colsb[t] = 64;
+        c.rows[t] = 16;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* AMX_ROWS activation rows from r0 times `pairs` pairs of packed groups from g0 (weight rows n0.., `valid` of them
+   real). Blocks outermost: a block's activation rows (AMX_ROWS x blk bytes) are read from L2 once and then from L1
+   for every pair, where pairs outermost read all of a row group's activations again per pair (measured: 1.5x). */
+#define AMX_PAIRS 8
+static void amx_panel(const me_linear *m, const me_act *a, const int8_t *ap, const uint8_t *pw, const float *ps,
+                      int g0, int pairs, int r0, int live, float *y, int n0, int valid) {
+    const int nb = m->nb, blk = m->blk, cols = 2 * LANES;
+    const size_t gbytes = (size_t)nb * blk * LANES;
+    float acc[AMX_PAIRS][AMX_ROWS][2 * LANES] __attribute__((aligned(64)));
+    int32_t sums[4][16][LANES] __attribute__((aligned(64)));
+    memset(acc, 0, sizeof(acc[0]) * pairs);
+    for (int b = 0; b < nb; b++)
+        for (int p = 0; p < pairs; p++) {
+            const int8_t *q0 = ap + (size_t)b * AMX_ROWS * blk, *q1 = q0 + 16 * blk;
+            const uint8_t *w0 = pw + (size_t)(g0 + 2 * p) * gbytes, *w1 = w0 + gbytes;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int c = 0; c < blk; c += 64) {
+                const size_t wat = ((size_t)b * blk + c) * LANES;  /* input c of block b: packed row wat / 64 */
+                _tile_loadd(4, q0 + c, blk);
+                _tile_loadd(5, q1 + c, blk);
+                _tile_loadd(6, w0 + wat, 4 * LANES);
+                _tile_loadd(7, w1 + wat, 4 * LANES);
+                _tile_dpbsud(0, 4, 6);  /* signed activations times unsigned stored weights (value + 128) */
+                _tile_dpbsud(1, 4, 7);
+                _tile_dpbsud(2, 5, 6);
+                _tile_dpbsud(3, 5, 7);
+            }
+            _tile_stored(0, sums[0], 4 * LANES);
+            _tile_stored(1, sums[1], 4 * LANES);
+            _tile_stored(2, sums[2], 4 * LANES);
+            _tile_stored(3, sums[3], 4 * LANES);
+            const __m512 sw0 = _mm512_loadu_ps(ps + ((size_t)(g0 + 2 * p) * nb + b) * LANES);
+            const __m512 sw1 = _mm512_loadu_ps(ps + ((size_t)(g0 + 2 * p + 1) * nb + b) * LANES);
+            for (int r = 0; r < live; r++) {
+                const size_t at = (size_t)(r0 + r) * nb + b;
+                const __m512i corr = _mm512_set1_epi32(ZERO_POINT * a->asum[at]);
+                const __m512 sa = _mm512_set1_ps(a->sa[at]);
+                const int32_t *d0 = sums[(r / 16) * 2][r % 16], *d1 = sums[(r / 16) * 2 + 1][r % 16];
+                const __m512 s0 = _mm512_mul_ps(sw0, sa), s1 = _mm512_mul_ps(sw1, sa);
+                float *out = acc[p][r];
+                __m512 x0 = _mm512_load_ps(out), x1 = _mm512_load_ps(out + LANES);
+                x0 = _mm512_add_ps(x0, _mm512_mul_ps(s0, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(d0), corr))));
+                x1 = _mm512_add_ps(x1, _mm512_mul_ps(s1, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(d1), corr))));
+                _mm512_store_ps(out, x0);
+                _mm512_store_ps(out + LANES, x1);
+            }
+        }
+    for (int p = 0; p < pairs; p++)
+        for (int r = 0; r < live; r++)
+            for (int v = 0; v < 2; v++) {
+                const int lanes = valid - p * cols - v * LANES;
+                if (lanes <= 0) break;
+                _mm512_mask_storeu_ps(y + (size_t)(r0 + r) * m->n + n0 + p * cols + v * LANES,
+                                      lanes >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << lanes) - 1),
+                                      _mm512_load_ps(acc[p][r] + v * LANES));
+            }
+}
+
+/* The activation rows of AMX work, [row group][block][AMX_ROWS][blk], rows past `rows` zero: a tile then reads 16
+   rows blk bytes apart. Read in place, rows k bytes apart fall into two of L1's 64 sets at the 1.7B widths (2048,
+   6144), evict one another, and every pass over a weight pair reloads them from L2 (measured: ~25 % of the time). */
+static void amx_pack_rows(const me_linear *m, const me_act *a, int rows, int8_t *ap) {
+    const int nb = m->nb, blk = m->blk;
+    const size_t stride = (size_t)nb * blk;
+    for (int g = 0; g * AMX_ROWS < rows; g++)
+        for (int b = 0; b < nb; b++)
+            for (int r = 0; r < AMX_ROWS; r++) {
+                int8_t *dst = ap + (((size_t)g * nb + b) * AMX_ROWS + r) * blk;
+                const int row = g * AMX_ROWS + r;
+                if (row < rows)
+                    memcpy(dst, a->q + (size_t)row * stride + (size_t)b * blk, blk);
+                else
+                    memset(dst, 0, blk);
+            }
+}
+#endif
+
 /* bytes of the per-thread scratch gemm_rows packs a tile into, for products of at most k_padded inputs: a tile's
-   weights and scales (each at most TILE_BYTES, or one micro tile of the widest rows) and alignment */
-static size_t pack_bytes(size_t k_padded) {
+   weights and scales (each at most TILE_BYTES, or one micro tile of the widest rows) and alignment, and with AMX
+   the copy of `rows` activation rows */
+static size_t pack_bytes(size_t k_padded, int rows) {
 #ifdef PACKED
-    return 2 * (TILE_BYTES + (size_t)LANES * VECS * k_padded * WBYTES) + 64;
+    size_t bytes = 2 * (TILE_BYTES + (size_t)LANES * VECS * k_padded * WBYTES) + 64;
+#ifdef ME_AMX
+    bytes += ((size_t)rows + AMX_ROWS) * k_padded;  /* amx_pack_rows' copy */
+#endif
+    (void)rows;
+    return bytes;
 #else
     (void)k_padded;
+    (void)rows;
     return 0;
 #endif
 }
@@ -616,10 +820,36 @@ static void gemm_rows(const me_linear *m, const me_act *a, float *y, int rows, i
         if (tile < LANES * VECS) tile = LANES * VECS;  /* wide rows: one micro tile, the scratch was sized for it */
         uint8_t *pw = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
         float *ps = (float *)(pw + (size_t)tile * row_bytes * WBYTES);
+#ifdef ME_AMX
+        const int amx = m->blk % 64 == 0 && rows >= AMX_ROWS && amx_ready();
+        /* after the tile's weights and scales (pack_bytes' first part) */
+        int8_t *ap = (int8_t *)pw + (((2 * (TILE_BYTES + (size_t)LANES * VECS * row_bytes)) + 63) & ~(size_t)63);
+        if (amx) {
+            amx_configure();
+            amx_pack_rows(m, a, rows, ap);
+        }
+#endif
         for (int t0 = lo; t0 < hi; t0 += tile) {
             const int count = hi - t0 < tile ? hi - t0 : tile, groups = (count + LANES - 1) / LANES;
             pack_tile(m, t0, count, pw, ps);
-            for (int r0 = 0; r0 < rows; r0 += MR) {
+            int first = 0;  /* rows that the AMX tiles left to the vector form */
+#ifdef ME_AMX
+            /* a last row group of fewer than AMX_MIN_ROWS rows costs the tiles as much as a whole one: vectors */
+            for (; amx && rows - first >= AMX_MIN_ROWS; first += AMX_ROWS) {
+                const int live = rows - first < AMX_ROWS ? rows - first : AMX_ROWS;
+                const int8_t *rows_packed = ap + (size_t)(first / AMX_ROWS) * AMX_ROWS * row_bytes;
+                for (int g = 0; g < groups; g += 2 * AMX_PAIRS) {
+                    const int n0 = t0 + g * LANES, valid = count - g * LANES;
+                    const int pairs = (groups - g) / 2 < AMX_PAIRS ? (groups - g) / 2 : AMX_PAIRS;
+                    if (pairs > 0) amx_panel(m, a, rows_packed, pw, ps, g, pairs, first, live, y, n0, valid);
+                    if (pairs < AMX_PAIRS && (groups - g) % 2)  /* an odd last group */
+                        for (int r0 = first; r0 < first + live; r0 += MR)
+                            micro(m, a, pw, ps, g + 2 * pairs, 1, r0, first + live - r0 < MR ? first + live - r0 : MR,
+                                  y, n0 + 2 * pairs * LANES, valid - 2 * pairs * LANES);
+                }
+            }
+#endif
+            for (int r0 = first; r0 < rows; r0 += MR) {
                 const int cnt = rows - r0 < MR ? rows - r0 : MR;
                 for (int g = 0; g < groups; g += VECS) {
                     const int vecs = groups - g < VECS ? groups - g : VECS, n0 = t0 + g * LANES;
@@ -631,6 +861,9 @@ static void gemm_rows(const me_linear *m, const me_act *a, float *y, int rows, i
                 }
             }
         }
+#ifdef ME_AMX
+        if (amx) _tile_release();
+#endif
         return;
     }
 #endif
@@ -657,7 +890,7 @@ int me_gemm_q8(const uint8_t *w, const float *sw, const int8_t *q, const float *
     me_linear m = {w, sw, n, nb * blk, nb, blk};
     me_act a = {(int8_t *)q, (float *)sa, (int32_t *)asum};
     const int team = threads > 0 ? threads : 1;
-    const size_t per_thread = pack_bytes((size_t)nb * blk);
+    const size_t per_thread = pack_bytes((size_t)nb * blk, rows);
     char *pack = malloc(per_thread * team + 1);
     if (!pack) return -1;
 #ifdef _OPENMP
@@ -707,7 +940,7 @@ int me_prefill(const me_model *m, float *x, int rows, int start, const float *co
           *all_scores = malloc(sizeof(float) * 2 * m->capacity * team), *sa = malloc(sizeof(float) * R * (widest + 1));
     int32_t *asum = malloc(sizeof(int32_t) * R * (widest + 1));
     int8_t *q8 = malloc(R * wide_padded);
-    const size_t per_thread = pack_bytes(wide_padded);
+    const size_t per_thread = pack_bytes(wide_padded, rows);
     char *pack = malloc(per_thread * team + 1);
     void *owned[] = {qv, kv, vv, att, prod, gate, up, scratch, all_scores, sa, asum, q8, pack};
     const int count = sizeof(owned) / sizeof(owned[0]);
