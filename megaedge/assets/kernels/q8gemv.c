@@ -91,18 +91,30 @@ void me_quantize(const float *x, const float *norm, float eps, int k, int blk, i
         rms_norm(x, norm, eps, k, scratch);
         x = scratch;
     }
+    /* Written so that the compiler vectorizes both loops (fmaxf and lrintf were library calls per value: an eighth
+       of a 1.7B prompt's time): the largest magnitude as the largest of the floats' bit patterns with the sign
+       cleared, which order as the magnitudes do (NaN aside), and rintf, which rounds half to even as lrintf did. */
     for (int b = 0; b < nb; b++) {
         int lo = b * blk, hi = lo + blk < k ? lo + blk : k;
-        float amax = 0.f;
-        for (int i = lo; i < hi; i++) amax = fmaxf(amax, fabsf(x[i]));
+        uint32_t top = 0;
+        for (int i = lo; i < hi; i++) {
+            uint32_t bits;
+            memcpy(&bits, x + i, 4);
+            bits &= 0x7fffffffu;
+            top = bits > top ? bits : top;
+        }
+        float amax;
+        memcpy(&amax, &top, 4);
         float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
         int32_t sum = 0;
-        for (int i = lo; i < lo + blk; i++) {
-            int v = i < hi ? (int)lrintf(x[i] * inv) : 0;
-            v = v > 127 ? 127 : (v < -127 ? -127 : v);
-            q[i] = (int8_t)v;
-            sum += v;
+#pragma omp simd reduction(+ : sum)
+        for (int i = lo; i < hi; i++) {
+            float r = rintf(x[i] * inv);
+            r = r > 127.f ? 127.f : (r < -127.f ? -127.f : r);
+            q[i] = (int8_t)(int)r;
+            sum += (int)r;
         }
+        for (int i = hi; i < lo + blk; i++) q[i] = 0;
         sa[b] = s;
         asum[b] = sum;
     }
