@@ -1,7 +1,8 @@
 """The native CPU kernels (megaedge/assets/kernels/q8gemv.c): compiled once per machine, loaded with ctypes.
 
 They are built on the machine that runs them, with its own C compiler and ``-march=native``, because the fast
-path depends on the CPU (AVX512-VNNI) and a prebuilt binary for one CPU is wrong for the next. The shared object
+path depends on the CPU (AVX512-VNNI, AMX tiles, AVX2, ARM dot products) and a prebuilt binary for one CPU is
+wrong for the next. The shared object
 is cached under ``$MEGAEDGE_CACHE`` (default ``~/.cache/megaedge``) keyed by the source, the compiler and the
 CPU, so a copied home directory never hands a binary to a CPU it was not built for. ``megaedge prepare`` builds
 it ahead of time; without a compiler the runtime keeps onnxruntime's decode step and says why.
@@ -26,6 +27,8 @@ from megaedge.runtime import machine
 log = logging.getLogger("megaedge.runtime.kernels")
 
 SOURCE = Path(__file__).resolve().parents[1] / "assets" / "kernels" / "q8gemv.c"
+# what SOURCE includes: a build is cached by all of them
+SOURCES = (SOURCE, SOURCE.parent / "prompt_tiles.h")
 ABI_VERSION = 5
 ISA_NAMES = {4: "avx512-vnni+amx", 2: "avx512-vnni", 1: "avx2", 3: "arm-dotprod", 0: "portable-c"}
 # -ffp-contract=off: one rounding per operation however the compiler unrolls or vectorizes a loop, so a row computed
@@ -52,7 +55,7 @@ def compiler() -> str | None:
 
 def _key(cc: str) -> str:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES))
     for part in (*version, repr(VARIANT_FLAGS), machine.cpu_facts()["model"], " ".join(sorted(machine.cpu_flags())),
                  os.uname().machine):
         digest.update(part.encode())

@@ -119,6 +119,21 @@ def test_kernel_build_failure_is_reported_not_raised_at_import(monkeypatch, tmp_
         kernels.build()
 
 
+@needs_kernel
+def test_kernel_cache_key_covers_every_included_source(monkeypatch, tmp_path):
+    """A build is reused only for the same sources: editing the included prompt_tiles.h must rebuild too."""
+    included = {line.split('"')[1] for line in kernels.SOURCE.read_text().splitlines() if line.startswith('#include "')}
+    assert included and {kernels.SOURCE.parent / name for name in included} <= set(kernels.SOURCES)
+    cc = kernels.compiler()
+    before = kernels._key(cc)
+    for path in kernels.SOURCES:
+        copy = tmp_path / path.name
+        copy.write_bytes(path.read_bytes() + b"\n/* edited */\n")
+        monkeypatch.setattr(kernels, "SOURCES", tuple(copy if p == path else p for p in kernels.SOURCES))
+        assert kernels._key(cc) != before, path.name
+        monkeypatch.undo()
+
+
 @pytest.fixture(scope="module")
 def fixture_int8(fixture_bundles, tmp_path_factory):
     return int8_bundle_from(fixture_bundles["merged"], tmp_path_factory.mktemp("native"))
