@@ -237,11 +237,10 @@ static inline __attribute__((always_inline)) void micro(const me_linear *m, cons
 }
 #endif
 
-
 #ifdef ME_AMX
 /* AMX: one tile instruction multiplies 16 rows by 16 weight rows over 64 inputs (16K products), against 64 for an
    AVX512 dpbusd. The tiles (palette 1): 0-3 the int32 sums of 2 x 16 activation rows by 2 x 16 weight rows, 4-5 the
-   activation rows (16 x 64 bytes, read in place from the quantized rows), 6-7 the weights (64 inputs of 16 weight
+   activation rows (16 x 64 bytes, from amx_pack_rows' per-block copy), 6-7 the weights (64 inputs of 16 weight
    rows, 16 x 64 bytes: exactly pack_tile's AVX512 layout). Block by block the sums leave the tiles and are scaled
    and added as micro() does, so the bits are those of every other build. */
 #define AMX_ROWS 32
