@@ -75,6 +75,27 @@ static inline void transpose16(__m512i r[16]) {
 }
 #endif
 
+#if ME_ISA == 1
+/* 8 rows of 8 dwords in r become 8 columns: r[j] holds dword j of every row */
+static inline void transpose8(__m256i r[8]) {
+    __m256i t[8], u[8];
+    for (int j = 0; j < 4; j++) {
+        t[2 * j] = _mm256_unpacklo_epi32(r[2 * j], r[2 * j + 1]);
+        t[2 * j + 1] = _mm256_unpackhi_epi32(r[2 * j], r[2 * j + 1]);
+    }
+    for (int h = 0; h < 2; h++) {  /* u[4h + c], lane L: dword 4L + c of rows 4h..4h+3 */
+        u[4 * h] = _mm256_unpacklo_epi64(t[4 * h], t[4 * h + 2]);
+        u[4 * h + 1] = _mm256_unpackhi_epi64(t[4 * h], t[4 * h + 2]);
+        u[4 * h + 2] = _mm256_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]);
+        u[4 * h + 3] = _mm256_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]);
+    }
+    for (int c = 0; c < 4; c++) {
+        r[c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x20);
+        r[4 + c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x31);
+    }
+}
+#endif
+
 static void pack_tile(const me_linear *m, int t0, int count, uint8_t *pw, float *ps) {
     const int nb = m->nb, blk = m->blk, groups = (count + LANES - 1) / LANES;
     const size_t row_bytes = (size_t)nb * blk;
@@ -98,6 +119,33 @@ static void pack_tile(const me_linear *m, int t0, int count, uint8_t *pw, float 
                     transpose16(r);
                     uint8_t *dst = pw + (((size_t)g * nb + b) * blk + c) * LANES;
                     for (int j = 0; j < 16; j++) _mm512_store_si512(dst + 64 * j, r[j]);
+                }
+                for (int lane = 0; lane < LANES; lane++) {
+                    const int i = g * LANES + lane;
+                    ps[((size_t)g * nb + b) * LANES + lane] = i < count ? m->s[(size_t)(t0 + i) * nb + b] : 0.f;
+                }
+            }
+        }
+        return;
+    }
+#endif
+#if ME_ISA == 1
+    if (blk % 16 == 0) {  /* 16 inputs of 8 rows at a time: widened to int16 pairs, transposed in registers */
+        for (int g = 0; g < groups; g++) {
+            PREFETCH_NEXT_GROUP(g)
+            for (int b = 0; b < nb; b++) {
+                for (int c = 0; c < blk; c += 16) {
+                    __m256i r[8];
+                    for (int lane = 0; lane < LANES; lane++) {
+                        const int i = g * LANES + lane;
+                        r[lane] = i < count ? _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(
+                                                  (const __m128i *)(m->w + (size_t)(t0 + i) * row_bytes + (size_t)b * blk + c))),
+                                                  _mm256_set1_epi16(ZERO_POINT))
+                                            : _mm256_setzero_si256();  /* a zero weight */
+                    }
+                    transpose8(r);
+                    uint8_t *dst = pw + (((size_t)g * nb + b) * blk + c) * LANES * WBYTES;
+                    for (int j = 0; j < 8; j++) _mm256_store_si256((__m256i *)(dst + 32 * j), r[j]);
                 }
                 for (int lane = 0; lane < LANES; lane++) {
                     const int i = g * LANES + lane;
