@@ -28,18 +28,9 @@ class OrtSpanDecoding:
 
     def _run(self, ids: list[int], audio: np.ndarray, logits_at: list[int], past, gate: float | None,
              session=None):
-        import onnxruntime as ort
-
-        tr = self.tr
-        if past is None:
-            empty = ort.OrtValue.ortvalue_from_numpy(np.zeros(tr.kv_shape, tr.kv_dtype))
-            past = [empty] * len(tr.past_names)
-        feed = {"input_ids": np.asarray([ids], np.int64), "audio_features": audio,
-                "logits_at": np.asarray(logits_at, np.int64), **dict(zip(tr.past_names, past))}
-        if tr.manifest.routed:
-            feed["lora_gate"] = np.array([gate], tr.float_dtype)
+        feed = self.tr.decoder_feed(ids, audio, logits_at, past, gate)
         if session is None:
-            return tr.decoder_for(len(ids)).run_bound(feed)
+            return self.tr.decoder_for(len(ids)).run_bound(feed)
         return session.run_bound(feed, check=False)
 
     def extend(self, cache, ids: list[int], audio: np.ndarray, gate: float | None):

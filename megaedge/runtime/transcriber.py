@@ -264,6 +264,20 @@ class Transcriber:
         language_ids = enc(p.language_template.format(language=language)) if language else []
         return p.build(audio_tokens, enc(context) if context else [], language_ids)
 
+    def decoder_feed(self, ids: list[int], audio: np.ndarray, logits_at, past=None, gate: float | None = None) -> dict:
+        """The inputs of one decoder graph call: ``ids`` with ``audio`` rows at the audio placeholders, the logits of
+        rows ``logits_at``, after the cache ``past`` (None: an empty one); a routed bundle's ``gate`` (None: the
+        current segment's route)."""
+        if past is None:
+            import onnxruntime as ort
+
+            past = [ort.OrtValue.ortvalue_from_numpy(np.zeros(self.kv_shape, self.kv_dtype))] * len(self.past_names)
+        feed = {"input_ids": np.asarray([ids], np.int64), "audio_features": audio,
+                "logits_at": np.asarray(logits_at, np.int64), **dict(zip(self.past_names, past))}
+        if self.manifest.routed:
+            feed["lora_gate"] = self._gate_value if gate is None else np.array([gate], self.float_dtype)
+        return feed
+
     def decode(self, prompt_ids: list[int], audio: np.ndarray, max_new_tokens: int, timer: _Timer | None = None,
                ignore_eos: bool = False, no_repeat_ngram: int = 0) -> list[int]:
         """Greedy decoding. With a native decoder the steps run there, and the prompt too (``native_prefill``) or
@@ -273,14 +287,8 @@ class Transcriber:
         generated: list[int] = []
         outs: list = []  # the last onnxruntime outputs: logits, then the KV cache
         if not self.native_prefill:
-            import onnxruntime as ort
-
             session = self.decoder_for(len(prompt_ids))
-            empty = ort.OrtValue.ortvalue_from_numpy(np.zeros(self.kv_shape, self.kv_dtype))
-            feed = {"input_ids": np.asarray([prompt_ids], np.int64), "audio_features": audio,
-                    "logits_at": np.asarray([len(prompt_ids) - 1], np.int64), **dict.fromkeys(self.past_names, empty)}
-            if self.manifest.routed:
-                feed["lora_gate"] = self._gate_value
+            feed = self.decoder_feed(prompt_ids, audio, [len(prompt_ids) - 1])
             no_audio = np.zeros((0, audio.shape[1]), audio.dtype)
         t0 = time.perf_counter()
         for step in range(max_new_tokens):
@@ -307,10 +315,7 @@ class Transcriber:
             if self.native is not None:
                 continue
             session = self.sessions["decoder"]
-            feed = {"input_ids": np.asarray([[token]], np.int64), "audio_features": no_audio, "logits_at": LAST,
-                    **dict(zip(self.past_names, outs[1:]))}
-            if self.manifest.routed:
-                feed["lora_gate"] = self._gate_value
+            feed = self.decoder_feed([token], no_audio, LAST, outs[1:])
         if timer:
             timer.add("decode", time.perf_counter() - t0)
             timer.add("decode_tokens", max(len(generated) - 1, 0))
