@@ -85,7 +85,7 @@ def _emulated_gemm(weight, scales, x):
 @pytest.mark.parametrize("n,k,block,rows", [(2048, 2048, 128, 9), (37, 160, 128, 5), (321, 160, 32, 7),
                                             (50, 64, 16, 3), (1003, 384, 64, 13), (70, 6144, 128, 6),
                                             (100, 2048, 128, 1), (1003, 384, 64, 70), (300, 2048, 128, 37),
-                                            (50, 64, 16, 40)])
+                                            (300, 2048, 128, 50), (50, 64, 16, 40)])
 def test_prompt_product_is_the_same_arithmetic_on_every_build(n, k, block, rows, built):
     """Several rows per weight load (packed tiles on AVX2/AVX512, AMX tiles from 32 rows, partial groups and row
     groups included) give, bit for bit, the float32 emulation, with any number of threads."""
