@@ -99,6 +99,12 @@ static inline void transpose8(__m256i r[8]) {
 static void pack_tile(const me_linear *m, int t0, int count, uint8_t *pw, float *ps) {
     const int nb = m->nb, blk = m->blk, groups = (count + LANES - 1) / LANES;
     const size_t row_bytes = (size_t)nb * blk;
+    for (int g = 0; g < groups; g++)
+        for (int b = 0; b < nb; b++)
+            for (int lane = 0; lane < LANES; lane++) {
+                const int i = g * LANES + lane;
+                ps[((size_t)g * nb + b) * LANES + lane] = i < count ? m->s[(size_t)(t0 + i) * nb + b] : 0.f;
+            }
     /* the rows a group later (this tile's or the next one's) are fetched while this group is packed: the hardware
        prefetcher does not follow 16 rows read side by side, and packing waited on memory for half its time */
 #define PREFETCH_NEXT_GROUP(g)                                                                     \
@@ -119,10 +125,6 @@ static void pack_tile(const me_linear *m, int t0, int count, uint8_t *pw, float 
                     transpose16(r);
                     uint8_t *dst = pw + (((size_t)g * nb + b) * blk + c) * LANES;
                     for (int j = 0; j < 16; j++) _mm512_store_si512(dst + 64 * j, r[j]);
-                }
-                for (int lane = 0; lane < LANES; lane++) {
-                    const int i = g * LANES + lane;
-                    ps[((size_t)g * nb + b) * LANES + lane] = i < count ? m->s[(size_t)(t0 + i) * nb + b] : 0.f;
                 }
             }
         }
@@ -146,10 +148,6 @@ static void pack_tile(const me_linear *m, int t0, int count, uint8_t *pw, float 
                     transpose8(r);
                     uint8_t *dst = pw + (((size_t)g * nb + b) * blk + c) * LANES * WBYTES;
                     for (int j = 0; j < 8; j++) _mm256_store_si256((__m256i *)(dst + 32 * j), r[j]);
-                }
-                for (int lane = 0; lane < LANES; lane++) {
-                    const int i = g * LANES + lane;
-                    ps[((size_t)g * nb + b) * LANES + lane] = i < count ? m->s[(size_t)(t0 + i) * nb + b] : 0.f;
                 }
             }
         }
@@ -177,7 +175,6 @@ static void pack_tile(const me_linear *m, int t0, int count, uint8_t *pw, float 
                     dst[(size_t)k2 * 2 * LANES + 1] = sb ? (int16_t)(sb[2 * k2 + 1] - ZERO_POINT) : 0;
                 }
 #endif
-                ps[((size_t)g * nb + b) * LANES + lane] = src ? m->s[(size_t)(t0 + i) * nb + b] : 0.f;
             }
         }
     }

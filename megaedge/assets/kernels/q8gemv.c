@@ -476,8 +476,7 @@ static void gemm_rows(const me_linear *m, const me_act *a, float *y, int rows, i
         float *ps = (float *)(pw + (size_t)tile * row_bytes * WBYTES);
 #ifdef ME_AMX
         const int amx = m->blk % 64 == 0 && rows >= AMX_ROWS && amx_ready();
-        /* after the tile's weights and scales (pack_bytes' first part) */
-        int8_t *ap = (int8_t *)pw + (((2 * (TILE_BYTES + (size_t)LANES * VECS * row_bytes)) + 63) & ~(size_t)63);
+        int8_t *ap = (int8_t *)(((uintptr_t)(ps + (size_t)tile * m->nb) + 63) & ~(uintptr_t)63);  /* after the scales */
         if (amx) {
             amx_configure();
             amx_pack_rows(m, a, rows, ap);
