@@ -28,8 +28,8 @@ log = logging.getLogger("megaedge.runtime.kernels")
 
 SOURCE = Path(__file__).resolve().parents[1] / "assets" / "kernels" / "q8gemv.c"
 # what SOURCE includes: a build is cached by all of them
-SOURCES = (SOURCE, SOURCE.parent / "prompt_tiles.h")
-ABI_VERSION = 5
+SOURCES = (SOURCE, SOURCE.parent / "prompt_tiles.h", SOURCE.parent / "conv_stem.h")
+ABI_VERSION = 6
 ISA_NAMES = {4: "avx512-vnni+amx", 2: "avx512-vnni", 1: "avx2", 3: "arm-dotprod", 0: "portable-c"}
 # -ffp-contract=off: one rounding per operation however the compiler unrolls or vectorizes a loop, so a row computed
 # as one of four streams or alone, by any thread, gives the same bits (tests hold the decode step to it).
@@ -137,6 +137,8 @@ class Q8Kernels:
         lib.me_decode_step.restype = ctypes.c_int
         lib.me_prefill.argtypes = [ctypes.POINTER(ModelStruct), p, i, i, p, p, p, i, i]
         lib.me_prefill.restype = ctypes.c_int
+        lib.me_conv_stem.argtypes = [p, i, i, i, i, p, p, i, p, p, p, p, p, p, i, p, i]
+        lib.me_conv_stem.restype = ctypes.c_int
         self._lib, self.path = lib, path
         self.isa = ISA_NAMES.get(lib.me_isa(), "unknown")
 
@@ -192,6 +194,61 @@ class Q8Kernels:
         if self._lib.me_prefill(ctypes.byref(model), x.ctypes.data, x.shape[0], start, cos.ctypes.data,
                                 sin.ctypes.data, logits.ctypes.data, logit_rows, threads) != 0:
             raise MemoryError(f"native prefill: no memory for the scratch buffers of {x.shape[0]} rows")
+
+    def conv_stem(self, mel: np.ndarray, weights: StemWeights, threads: int) -> np.ndarray:
+        """The encoder's convolution stem (conv_stem.h) over mel [windows, bins, chunks * frames] in chunks of
+        ``weights.chunk_frames``: [windows * chunks, T, channels * F], the rows conv_out reads."""
+        mel = np.ascontiguousarray(mel, np.float32)
+        windows, bins, width = mel.shape
+        frames = weights.chunk_frames
+        if width % frames or bins != weights.bins:
+            raise ValueError(f"native stem: mel {mel.shape} is not [windows, {weights.bins}, chunks * {frames}]")
+        chunks = width // frames
+        f3, t3 = bins, frames
+        for _ in range(3):
+            f3, t3 = (f3 - 1) // 2 + 1, (t3 - 1) // 2 + 1
+        out = np.empty((windows * chunks, t3, weights.channels * f3), np.float32)
+        if self._lib.me_conv_stem(mel.ctypes.data, windows, chunks, bins, frames, weights.w1.ctypes.data,
+                                  weights.b1.ctypes.data, weights.channels, weights.w2.ctypes.data,
+                                  weights.s2.ctypes.data, weights.b2.ctypes.data, weights.w3.ctypes.data,
+                                  weights.s3.ctypes.data, weights.b3.ctypes.data, weights.block, out.ctypes.data,
+                                  threads) != 0:
+            raise MemoryError("native stem: no memory for its scratch buffers")
+        return out
+
+
+@dataclass(frozen=True)
+class StemWeights:
+    """The convolution stem as conv_stem.h takes it: w1 float32 [9, C] (tap-major), w2/w3 uint8 [C, 9 * Cp / block,
+    block] (value + 128; inputs ordered tap, then channel padded to Cp) with float32 scales [C, 9 * Cp / block],
+    float32 biases [C]."""
+    w1: np.ndarray
+    b1: np.ndarray
+    w2: np.ndarray
+    s2: np.ndarray
+    b2: np.ndarray
+    w3: np.ndarray
+    s3: np.ndarray
+    b3: np.ndarray
+    block: int
+    bins: int
+    chunk_frames: int
+
+    @property
+    def channels(self) -> int:
+        return self.b1.shape[0]
+
+    def __post_init__(self):
+        c, block = self.channels, self.block
+        blocks = 9 * (-(-c // block))
+        want = {"w1": ((9, c), np.float32), "b1": ((c,), np.float32), "b2": ((c,), np.float32),
+                "b3": ((c,), np.float32), "w2": ((c, blocks, block), np.uint8), "w3": ((c, blocks, block), np.uint8),
+                "s2": ((c, blocks), np.float32), "s3": ((c, blocks), np.float32)}
+        for name, (shape, dtype) in want.items():
+            array = getattr(self, name)
+            if array.shape != shape or array.dtype != dtype or not array.flags.c_contiguous:
+                raise ValueError(f"native stem: {name} is {array.dtype}{list(array.shape)}, needs a contiguous "
+                                 f"{np.dtype(dtype).name}{list(shape)}")
 
 
 _loaded: dict[str, Q8Kernels | str] = {}

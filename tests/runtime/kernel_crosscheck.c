@@ -105,6 +105,29 @@ static void decode_case(int threads, int prompt) {
     }
 }
 
+/* the encoder's convolution stem (conv_stem.h); prints "stem channels bins frames windows chunks blk threads" */
+static void stem_case(int channels, int bins, int frames, int windows, int chunks, int blk, int threads) {
+    const int nb = 9 * ((channels + blk - 1) / blk);
+    int f = bins, t = frames;
+    for (int i = 0; i < 3; i++) {
+        f = (f - 1) / 2 + 1;
+        t = (t - 1) / 2 + 1;
+    }
+    const size_t outs = (size_t)windows * chunks * t * channels * f;
+    float *mel = floats((size_t)windows * bins * chunks * frames, -2.f, 2.f), *out = calloc(outs, sizeof(float));
+    float *w1 = floats((size_t)9 * channels, -0.5f, 0.5f), *b1 = floats(channels, -0.2f, 0.2f);
+    uint8_t *w2 = bytes((size_t)channels * nb * blk), *w3 = bytes((size_t)channels * nb * blk);
+    float *s2 = floats((size_t)channels * nb, 0.0005f, 0.002f), *s3 = floats((size_t)channels * nb, 0.0005f, 0.002f);
+    float *b2 = floats(channels, -0.2f, 0.2f), *b3 = floats(channels, -0.2f, 0.2f);
+    if (me_conv_stem(mel, windows, chunks, bins, frames, w1, b1, channels, w2, s2, b2, w3, s3, b3, blk, out,
+                     threads) != 0) {
+        fprintf(stderr, "me_conv_stem failed\n");
+        exit(1);
+    }
+    printf("stem %d %d %d %d %d %d %d\n", channels, bins, frames, windows, chunks, blk, threads);
+    for (size_t i = 0; i < outs; i++) printf("%a\n", out[i]);
+}
+
 int main(void) {
     fprintf(stderr, "abi %d isa %d\n", me_abi_version(), me_isa());
     const int blocks[] = {16, 32, 64, 128};
@@ -121,5 +144,9 @@ int main(void) {
         gemm_case(19, 64, 16, 1, threads);
     }
     for (int threads = 1; threads <= 3; threads += 2) decode_case(threads, 1);
+    for (int threads = 1; threads <= 3; threads += 2) {
+        stem_case(40, 20, 30, 2, 2, 64, threads);
+        stem_case(130, 16, 20, 1, 1, 128, threads);
+    }
     return 0;
 }

@@ -1,5 +1,5 @@
-"""Builds of the native decode kernels against each other, outside Python: tests/runtime/kernel_crosscheck.c runs
-every product and three whole decoder steps on fixed inputs and prints the results as hex floats.
+"""Builds of the native kernels against each other, outside Python: tests/runtime/kernel_crosscheck.c runs every
+product, three whole decoder steps and the encoder's conv stem on fixed inputs and prints the results as hex floats.
 
 The ARM dot-product path (Jetson Orin's CPU) cannot run on this project's x86 machines, so it is cross-compiled and
 run under qemu's user-mode emulator where both are installed (Debian: ``apt install gcc-aarch64-linux-gnu
@@ -46,10 +46,10 @@ def _portable(tmp_path: Path):
 def test_this_machines_build_agrees_with_portable_c(tmp_path):
     native, isa = _run(HOST_CC, list(kernels.FLAG_SETS[0]), tmp_path / "native")
     portable, _ = _portable(tmp_path)
-    # 16 products, 6 prompt products, 2 x 3 steps from an empty cache, 2 x (a chunked prefill + 3 steps)
-    assert native.keys() == portable.keys() and len(native) == 36
+    # 16 products, 6 prompt products, 2 x 3 steps from an empty cache, 2 x (a chunked prefill + 3 steps), 4 stems
+    assert native.keys() == portable.keys() and len(native) == 40
     for case, want in portable.items():
-        if case.startswith("gemm"):  # the prompt's products: one arithmetic on every build
+        if case.startswith(("gemm", "stem")):  # prompt products and the conv stem: one arithmetic on every build
             np.testing.assert_array_equal(native[case], want, err_msg=case)
             continue
         # vector paths sum a block's float terms in lanes: the order differs, not the arithmetic

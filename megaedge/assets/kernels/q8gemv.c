@@ -21,6 +21,8 @@
    the rest of a row (norms, rotary, attention, SwiGLU) is the decode step's own code, so the portable build
    prefills to the same bits as it steps, and vector builds to within float rounding of their steps.
 
+   The encoder's convolution stem runs on the same products (conv_stem.h).
+
    Compiled on the machine that runs it (-march=native) by megaedge/runtime/kernels.py: AVX512-VNNI (and AMX),
    AVX2 or ARM dot-product instructions where the CPU has them, portable C elsewhere. */
 #include <math.h>
@@ -54,7 +56,7 @@
 #define STREAMS 4
 #define ZERO_POINT 128
 
-int me_abi_version(void) { return 5; }
+int me_abi_version(void) { return 6; }
 
 #ifdef ME_AMX
 /* Linux hands out the AMX tile registers (8 KB of state per thread) only to a process that asks; 1: granted,
@@ -553,6 +555,8 @@ int me_gemm_q8(const uint8_t *w, const float *sw, const int8_t *q, const float *
     free(pack);
     return 0;
 }
+
+#include "conv_stem.h"
 
 /* rows of x [rows][k] (RMS-normalized with `norm` first when given) quantized for m's blocks, rows shared out */
 static void quantize_rows_for(const float *x, int rows, const float *norm, float eps, const me_linear *m,

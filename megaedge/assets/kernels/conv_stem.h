@@ -1,0 +1,164 @@
+/* The audio encoder's convolution stem (megaedge/runtime/native_stem.py), included by q8gemv.c after the prompt
+   products it reuses.
+
+   Qwen3-ASR cuts the mel spectrogram into chunks of 100 frames and passes each through three 3x3 convolutions of
+   stride 2 (1 -> C -> C -> C channels, C = 480), each followed by an exact GELU. In float on a 2-core CPU that stem
+   is half of the INT8 encoder's time (1.7B, 30 s: ~0.7 of ~1.5 s in onnxruntime), nearly all of it in the two
+   C -> C convolutions. Here those two are int8 products on the prompt kernels (AMX tiles where present): the
+   input of each is quantized once per position and block of channels, symmetric, with its own scale (as the
+   decoder's activations are per block), and im2col only copies those int8 blocks. The weights are int8 per output
+   channel and block of 128 inputs (export/native_stem.py). That is finer than any static per-tensor scheme, which
+   is what cost onnxruntime's int8 stem (recipe cpu-fast) its accuracy. The first convolution (one input channel,
+   9 products per output) stays float.
+
+   Layout: each position's channels are padded to Cp (a multiple of the block), so a block never straddles two
+   taps and im2col's rows are whole blocks: row = (ky, kx, channel) with Cp channels per tap. Maps keep a zero
+   border (q = 0, scale 0), which is the convolution's zero padding. Chunks are independent: each thread takes
+   whole chunks, so a chunk's maps and products stay in its core's cache. */
+
+/* exp(x) for x <= 0, vectorizable (no library call): 2^n * e^r with |r| <= ln2 / 2, Taylor to r^6 (relative
+   error ~1e-7); n rounded with the 1.5 * 2^23 trick, exact since -ffp-contract=off keeps the two additions. */
+static inline float stem_exp(float x) {
+    x = x < -87.f ? -87.f : x;
+    const float n = (x * 1.44269504f + 12582912.f) - 12582912.f;
+    const float r = (x - n * 0.693145751953125f) - n * 1.42860682e-6f;
+    const float p = 1.f + r * (1.f + r * (0.5f + r * (0.16666667f + r * (0.041666668f + r * (0.0083333338f +
+                                                                                             r * 0.0013888889f)))));
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+/* exact GELU, x * (1 + erf(x / sqrt 2)) / 2, with erf from Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7) */
+static inline float stem_gelu(float x) {
+    const float z = fabsf(x) * 0.70710678f;
+    const float t = 1.f / (1.f + 0.3275911f * z);
+    const float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f +
+                                                                                         t * 1.061405429f))));
+    const float e = 1.f - poly * stem_exp(-z * z);
+    return 0.5f * x * (1.f + (x < 0.f ? -e : e));
+}
+
+typedef struct {  /* a quantized feature map with a one-position zero border: [H + 2][W + 2][Cp] */
+    int8_t *q;
+    float *sa;
+    int32_t *asum;
+    int h, w;
+} stem_map;
+
+static void stem_map_clear(const stem_map *map, int cp, int nbc) {
+    const size_t positions = (size_t)(map->h + 2) * (map->w + 2);
+    memset(map->q, 0, positions * cp);
+    memset(map->sa, 0, positions * nbc * sizeof(float));
+    memset(map->asum, 0, positions * nbc * sizeof(int32_t));
+}
+
+/* GELU(v + bias) of one position's channels, quantized into the map at (y, x) (unpadded coordinates) */
+static void stem_store(const stem_map *map, int y, int x, float *v, const float *bias, int channels, int blk,
+                       int nbc) {
+    for (int c = 0; c < channels; c++) v[c] = stem_gelu(v[c] + bias[c]);
+    const size_t at = (size_t)(y + 1) * (map->w + 2) + (x + 1);
+    me_quantize(v, NULL, 0.f, channels, blk, nbc, map->q + at * nbc * blk, map->sa + at * nbc, map->asum + at * nbc,
+                NULL);
+}
+
+/* im2col of a 3x3 stride-2 convolution over `map`: rows (y, x) of the output, each 9 taps of Cp channels */
+static void stem_im2col(const stem_map *map, int ho, int wo, int cp, int nbc, me_act *rows) {
+    for (int y = 0; y < ho; y++)
+        for (int x = 0; x < wo; x++) {
+            const size_t row = (size_t)y * wo + x;
+            for (int ky = 0; ky < 3; ky++)
+                for (int kx = 0; kx < 3; kx++) {
+                    const size_t at = (size_t)(2 * y + ky) * (map->w + 2) + (2 * x + kx);
+                    const size_t tap = row * 9 + ky * 3 + kx;
+                    memcpy(rows->q + tap * cp, map->q + at * cp, cp);
+                    memcpy(rows->sa + tap * nbc, map->sa + at * nbc, nbc * sizeof(float));
+                    memcpy(rows->asum + tap * nbc, map->asum + at * nbc, nbc * sizeof(int32_t));
+                }
+        }
+}
+
+static inline int stem_out(int n) { return (n - 1) / 2 + 1; }  /* kernel 3, stride 2, padding 1 */
+
+/* mel [windows][bins][chunks * frames] (chunk c of window w = frames c*frames..), the three convolutions' weights:
+   w1 [9][C] float (tap-major), w2/w3 [C][9 * Cp / blk][blk] uint8 (value + 128) with scales [C][9 * Cp / blk],
+   biases [C]; out [windows * chunks][T3][C * F3] (T3, F3: time and frequency after three halvings), the order
+   conv_out reads (channel-major, then frequency). Returns 0, or -1 without memory. */
+int me_conv_stem(const float *mel, int windows, int chunks, int bins, int frames, const float *w1, const float *b1,
+                 int channels, const uint8_t *w2, const float *s2, const float *b2, const uint8_t *w3,
+                 const float *s3, const float *b3, int blk, float *out, int threads) {
+    const int nbc = (channels + blk - 1) / blk, cp = nbc * blk, nb = 9 * nbc;
+    const int f1 = stem_out(bins), t1 = stem_out(frames), f2 = stem_out(f1), t2 = stem_out(t1);
+    const int f3 = stem_out(f2), t3 = stem_out(t2), rows2 = f2 * t2, rows3 = f3 * t3;
+    const me_linear m2 = {w2, s2, channels, nb * blk, nb, blk}, m3 = {w3, s3, channels, nb * blk, nb, blk};
+    const size_t map1 = (size_t)(f1 + 2) * (t1 + 2), map2 = (size_t)(f2 + 2) * (t2 + 2);
+    const size_t pack = pack_bytes((size_t)nb * blk, rows2);
+    /* per thread: two maps, the im2col rows, the products, one position's channels, the packing scratch */
+    const size_t per_thread = (map1 + map2) * (cp + nbc * 8) + (size_t)rows2 * (nb * blk + nb * 8) +
+                              (size_t)rows2 * channels * 4 + (size_t)cp * 4 + pack + 6 * 64;
+    const int team = threads > 0 ? threads : 1, total = windows * chunks, total_frames = chunks * frames;
+    char *all = malloc(per_thread * team);
+    if (!all) return -1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(team)
+#endif
+    {
+        char *base = all + per_thread * thread_id();
+/* the next `count` values of `type` from this thread's part, 64-byte aligned */
+#define STEM_TAKE(type, count) \
+    ((type *)(base = (char *)(((uintptr_t)base + 63) & ~(uintptr_t)63) + (count) * sizeof(type)) - (count))
+        stem_map first = {STEM_TAKE(int8_t, map1 * cp), NULL, NULL, f1, t1};
+        first.sa = STEM_TAKE(float, map1 * nbc);
+        first.asum = STEM_TAKE(int32_t, map1 * nbc);
+        stem_map second = {STEM_TAKE(int8_t, map2 * cp), NULL, NULL, f2, t2};
+        second.sa = STEM_TAKE(float, map2 * nbc);
+        second.asum = STEM_TAKE(int32_t, map2 * nbc);
+        me_act rows = {STEM_TAKE(int8_t, (size_t)rows2 * nb * blk), NULL, NULL};
+        rows.sa = STEM_TAKE(float, (size_t)rows2 * nb);
+        rows.asum = STEM_TAKE(int32_t, (size_t)rows2 * nb);
+        float *y = STEM_TAKE(float, (size_t)rows2 * channels);
+        float *v = STEM_TAKE(float, (size_t)cp);
+        void *scratch = STEM_TAKE(char, pack);
+#undef STEM_TAKE
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int i = 0; i < total; i++) {
+            const float *in = mel + (size_t)(i / chunks) * bins * total_frames + (size_t)(i % chunks) * frames;
+            stem_map_clear(&first, cp, nbc);
+            for (int fy = 0; fy < f1; fy++)
+                for (int tx = 0; tx < t1; tx++) {
+                    for (int c = 0; c < channels; c++) v[c] = 0.f;
+                    for (int ky = 0; ky < 3; ky++) {
+                        const int f = 2 * fy - 1 + ky;
+                        if (f < 0 || f >= bins) continue;
+                        for (int kx = 0; kx < 3; kx++) {
+                            const int t = 2 * tx - 1 + kx;
+                            if (t < 0 || t >= frames) continue;
+                            const float value = in[(size_t)f * total_frames + t], *w = w1 + (ky * 3 + kx) * channels;
+                            for (int c = 0; c < channels; c++) v[c] += value * w[c];
+                        }
+                    }
+                    stem_store(&first, fy, tx, v, b1, channels, blk, nbc);
+                }
+            stem_im2col(&first, f2, t2, cp, nbc, &rows);
+            gemm_rows(&m2, &rows, y, rows2, 0, channels, scratch);
+            stem_map_clear(&second, cp, nbc);
+            for (int r = 0; r < rows2; r++) {
+                memcpy(v, y + (size_t)r * channels, channels * sizeof(float));
+                stem_store(&second, r / t2, r % t2, v, b2, channels, blk, nbc);
+            }
+            stem_im2col(&second, f3, t3, cp, nbc, &rows);
+            gemm_rows(&m3, &rows, y, rows3, 0, channels, scratch);
+            float *dst = out + (size_t)i * t3 * channels * f3;
+            for (int r = 0; r < rows3; r++) {
+                const int fy = r / t3, tx = r % t3;
+                for (int c = 0; c < channels; c++)
+                    dst[((size_t)tx * channels + c) * f3 + fy] = stem_gelu(y[(size_t)r * channels + c] + b3[c]);
+            }
+        }
+    }
+    free(all);
+    return 0;
+}
