@@ -33,6 +33,10 @@ def add_decode_engine_option(parser) -> None:
                              "per weight load), ort (the bundle's onnxruntime graph), auto (the bundle's prefill "
                              "graph where it has one, else native; default). A stream that decodes natively "
                              "prefills natively too")
+    parser.add_argument("--stem", choices=("auto", "native", "ort"), default="auto",
+                        help="the encoder's convolution stem of an INT8 CPU bundle: native (megaedge's int8 kernel, "
+                             "then the bundle's encoder body graph), ort (the whole encoder graph in onnxruntime), "
+                             "auto (native where the CPU has int8 dot products; default)")
 
 
 def print_json(obj) -> None:

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     items = read_set(args.set or fixture.heldout_manifest())[: args.limit or None]
     transcriber = Transcriber.from_bundle(args.bundle, providers=args.providers.split(","), route=args.route,
                                           threads=args.threads, decode=args.decode,
-                                          prefill=args.prefill)
+                                          prefill=args.prefill, stem=args.stem)
 
     def one(path):
         result = transcriber.transcribe(path, language=args.language)

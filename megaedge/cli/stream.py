@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     chunks = _mic_chunks(args, options.hop_seconds) if args.mic else _file_chunks(args, options.hop_seconds)
     transcriber = Transcriber.from_bundle(args.bundle, providers=args.providers.split(","), route=args.route,
                                           threads=args.threads, decode=args.decode,
-                                          prefill=args.prefill)
+                                          prefill=args.prefill, stem=args.stem)
     stream = transcriber.create_stream(options)
     show = _Printer(args.json)
     try:

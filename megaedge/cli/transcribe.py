@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
         audio_io.check_readable(name)
     transcriber = Transcriber.from_bundle(args.bundle, providers=args.providers.split(","), route=args.route,
                                           verify=not args.no_verify, threads=args.threads, decode=args.decode,
-                                          prefill=args.prefill)
+                                          prefill=args.prefill, stem=args.stem)
     for name in args.files:
         result = transcriber.transcribe(name, language=args.language, context=args.context,
                                         max_new_tokens=args.max_new_tokens)

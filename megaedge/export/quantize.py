@@ -2,7 +2,9 @@
 
 Recipes (field-lessons.md decides the shape of each):
 * encoder: static INT8 in Q/DQ form, per-channel weights, activation ranges from wild-audio calibration clips; the
-  conv stem (Conv + conv_out) stays float;
+  conv stem (Conv + conv_out) stays float in the graph; the CPU recipes (``native_stem``) add the stem's two C -> C
+  convolutions in the native kernel's int8 form (per-position, per-block activation scales) and the graph from
+  conv_out on as ``encoder_body.onnx`` (export/native_stem.py);
 * decoder: weight-only INT8 (``MatMulNBits`` 8-bit, symmetric blocks of 128 along K, int8 dot products) — per-tensor
   INT8 broke the 1.7B decoder in the field and static INT8 garbled it; per-channel dynamic activations and a
   SmoothQuant-style W8A8 variant are the measured alternatives (benchmarks/results/int8_recipes_fixture.json);
@@ -57,6 +59,9 @@ class Int8Recipe:
     # with decoder_bits 4: module-path fragments whose weights take 4 bits (the rest of the layers stay 8-bit);
     # empty = every layer projection
     four_bit_scopes: tuple[str, ...] = ()
+    # the encoder's convolution stem also as the native kernel's int8 form (export/native_stem.py) next to the
+    # float graph: runtimes with a C compiler run it and the rest of the encoder as encoder_body.onnx
+    native_stem: bool = False
     smooth_alpha: float = 0.5  # smoothquant: migration strength (0 = all on weights' side, 1 = all on activations)
     # shared: the decoder graph serves prefill and decode; dynamic: a second decoder graph with per-channel s8
     # weights and dynamic u8 activations serves prompt-sized calls, where onnxruntime's 8-bit block kernel is
@@ -93,12 +98,12 @@ RECIPES = {
     # The default CPU recipe, chosen by the fixture study (benchmarks/int8_recipes.py): the only one that keeps
     # token agreement >= 99 % with no condition losing more than 0.5 WER points.
     "cpu": Int8Recipe("cpu", encoder="static", decoder="weight-only", tied_embedding_int8=True,
-                      float_scopes=(".fc2",), reduce_range=True,
+                      float_scopes=(".fc2",), reduce_range=True, native_stem=True,
                       description="encoder static Q/DQ (u8 activations, per-channel s8 weights; conv stem and the "
                                   "MLP output projections fc2 float); decoder weight-only s8 in blocks of 128 with "
                                   "int8 dot products; tied embedding / LM head one 8-bit block-quantized copy"),
     "cpu-prefill": Int8Recipe("cpu-prefill", encoder="static", decoder="weight-only", tied_embedding_int8=True,
-                              float_scopes=(".fc2",), prefill="dynamic", reduce_range=True,
+                              float_scopes=(".fc2",), prefill="dynamic", reduce_range=True, native_stem=True,
                               description="as cpu, plus a prefill decoder graph (per-channel s8 weights, dynamic u8 "
                                           "activations) for calls of >= 4 rows: 3-4x faster prompts, one more "
                                           "copy of the decoder weights on disk and in memory"),
@@ -108,21 +113,22 @@ RECIPES = {
     # of 64 kept 92.8 % (reverberation +19.8 WER points) and 4 bits for the MLP input projections only 95.1 %.
     # Prompts go to the int8 prefill graph: the 4-bit kernel is slower still than the 8-bit one for many rows.
     "cpu-int4": Int8Recipe("cpu-int4", encoder="static", decoder="weight-only", tied_embedding_int8=True,
-                           float_scopes=(".fc2",), prefill="dynamic", reduce_range=True, block_size=32, decoder_bits=4,
+                           float_scopes=(".fc2",), prefill="dynamic", reduce_range=True, native_stem=True,
+                           block_size=32, decoder_bits=4,
                            description="as cpu-prefill, but the decode graph's layer weights 4-bit in blocks of 32 "
                                        "(tied embedding / LM head, encoder and prefill graph stay 8-bit): the "
                                        "fastest decode, at a measured cost in agreement with FP32"),
     # The encoder's float parts cost more than its int8 ones on the CPU (1.7B, 30 s, AVX512-VNNI EPYC: conv stem
     # 1.28 of 2.45 s in onnxruntime's profile); these recipes quantize some of them, the fixture study decides.
     "cpu-fc2": Int8Recipe("cpu-fc2", encoder="static", decoder="weight-only", tied_embedding_int8=True,
-                          reduce_range=True,
+                          reduce_range=True, native_stem=True,
                           description="as cpu, but the encoder's MLP output projections fc2 int8 too (conv stem float)"),
     "cpu-fast": Int8Recipe("cpu-fast", encoder="static", decoder="weight-only", tied_embedding_int8=True,
                            conv_stem_float=False, float_scopes=("conv2d1", "conv_out"), reduce_range=True,
                            description="as cpu-fc2, and the conv stem's two 480-channel convolutions int8 (its first "
                                        "convolution and output projection stay float)"),
     "cpu-dynamic": Int8Recipe("cpu-dynamic", encoder="static", decoder="dynamic", tied_embedding_int8=True,
-                              float_scopes=(".fc2",), reduce_range=True,
+                              float_scopes=(".fc2",), reduce_range=True, native_stem=True,
                               description="as cpu, decoder per-channel s8 weights with dynamic u8 activations"),
     "smoothquant": Int8Recipe("smoothquant", encoder="static", decoder="smoothquant", tied_embedding_int8=True,
                               float_scopes=(".fc2",),
@@ -512,6 +518,14 @@ def quantize_bundle(fp32_bundle: Path, out: Path, recipe: Int8Recipe, calib_item
         log.info("%s: %s", name, details[name])
     doc = info.to_dict()
     doc["precision"] = "int8"
+    if recipe.native_stem and recipe.conv_stem_float:
+        from megaedge.export.native_stem import write_native_stem
+
+        doc["encoder"] = write_native_stem(out, doc["encoder"])
+        if "native_stem" in doc["encoder"]:
+            encoder = graphs["encoder"]
+            graphs["encoder_body"] = _graph_spec(out / manifest.ENCODER_BODY_FILE, encoder.precision,
+                                                 encoder.data_files)
     if recipe.decoder == "weight-only" and recipe.decoder_bits == 8 and not info.routed:
         from megaedge.export.native_index import with_native_index
 

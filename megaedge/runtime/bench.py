@@ -42,6 +42,7 @@ class BenchOptions:
     profile_dir: str | None = None  # after the timed runs, one profiled run per length; traces land here
     decode: str = "auto"  # decode-step engine (transcriber.DECODE_ENGINES)
     prefill: str = "auto"  # prompt engine when the steps run natively (transcriber.PREFILL_ENGINES)
+    stem: str = "auto"  # the encoder's convolution stem (native_stem.STEM_ENGINES)
 
 
 def speech_like_audio(seconds: float, seed: int = 0, rate: int = 16000) -> np.ndarray:
@@ -185,7 +186,7 @@ def run(bundle, options: BenchOptions = BenchOptions(), progress=None) -> dict:
     t0 = time.perf_counter()
     tr = Transcriber.from_bundle(bundle, providers=options.providers, route=options.route, threads=options.threads,
                                  verify=False, decode=options.decode,
-                                 prefill=options.prefill)
+                                 prefill=options.prefill, stem=options.stem)
     load_seconds = time.perf_counter() - t0
     if tr.native is not None:
         tr.native.wait_loaded()  # its background read would otherwise lower the bandwidth measured next
@@ -203,6 +204,7 @@ def run(bundle, options: BenchOptions = BenchOptions(), progress=None) -> dict:
                    "providers": list(prompts.providers),
                    "decode_engine": f"native ({tr.native.kernels.isa})" if tr.native else "onnxruntime",
                    "prefill_engine": f"native ({tr.native.kernels.isa})" if tr.native_prefill else "onnxruntime",
+                   "stem_engine": f"native ({tr.stem.kernel.isa})" if tr.stem else "onnxruntime",
                    **({"gpu": machine.gpu_name()} if on == "cuda" else {})},
         "versions": {"megaedge": __version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
@@ -267,7 +269,7 @@ def profile_runs(bundle: Path, options: BenchOptions) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     tr = Transcriber.from_bundle(bundle, providers=options.providers, route=options.route, threads=options.threads,
                                  verify=False, profile_dir=out.resolve(), decode=options.decode,
-                                 prefill=options.prefill)
+                                 prefill=options.prefill, stem=options.stem)
     for seconds in options.audio_seconds:
         tr.transcribe(speech_like_audio(seconds), max_new_tokens=options.new_tokens,
                       ignore_eos=options.new_tokens is not None, segment_seconds=None, loop_guard=False)

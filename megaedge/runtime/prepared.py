@@ -28,7 +28,7 @@ from megaedge.runtime import machine, manifest
 log = logging.getLogger("megaedge.runtime.prepared")
 
 INDEX_FILE = "prepared.json"
-PREPARED_GRAPHS = ("encoder", "decoder", "decoder_prefill")  # the router is small: nothing to gain
+PREPARED_GRAPHS = ("encoder", "encoder_body", "decoder", "decoder_prefill")  # the router is small: nothing to gain
 
 
 def machine_key() -> str:
@@ -96,9 +96,16 @@ def prepare(bundle: str | Path, threads: int | None = None) -> dict:
         raise MegaedgeError(f"{bundle}: cannot write {manifest.PREPARED_DIR}/ there ({exc.strerror}); copy the "
                             f"bundle to a writable directory first") from exc
     index = {"machine_key": machine_key(), "onnxruntime": ort.__version__, "graphs": {}}
+    from megaedge.runtime import kernels, native_decode, native_stem
+
+    # A bundle with a native stem has two encoder graphs on one weight file; the runtime here opens one of them.
+    skip = set()
+    if native_stem.available(info) is None:
+        stem_kernels = native_stem.select(bundle, info, "auto", cpu_only=True)
+        skip.add("encoder" if stem_kernels is not None else info.encoder["native_stem"]["graph"])
     for name in PREPARED_GRAPHS:
         spec = info.graphs.get(name)
-        if spec is None:
+        if spec is None or name in skip:
             continue
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -126,8 +133,6 @@ def prepare(bundle: str | Path, threads: int | None = None) -> dict:
                                  "bytes": sum(p.stat().st_size for p in files),
                                  "seconds": round(time.perf_counter() - t0, 2)}
         log.info("prepared %s in %.1f s", name, time.perf_counter() - t0)
-    from megaedge.runtime import kernels, native_decode
-
     if native_decode.available(info) is None:  # the decode-step kernel is per machine too: build it now
         try:
             index["native_kernel"] = kernels.load().isa
@@ -151,6 +156,8 @@ def _probe_feed(info: manifest.Manifest, name: str) -> dict:
         dtype = np.dtype(tensor.dtype)
         if tensor.name == "mel":
             feed["mel"] = rng.standard_normal((1, tensor.shape[1], 200)).astype(dtype)
+        elif tensor.name == "stem_features":  # what the stem makes of two chunks
+            feed["stem_features"] = rng.standard_normal((2, *tensor.shape[1:])).astype(dtype)
         elif tensor.name == "valid_tokens":
             feed["valid_tokens"] = np.array([26], dtype)
         elif tensor.name == "lora_gate":

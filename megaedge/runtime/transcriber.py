@@ -17,7 +17,7 @@ import numpy as np
 
 from megaedge.errors import MegaedgeError
 from megaedge.runtime import audio as audio_io
-from megaedge.runtime import features, manifest, routing, segmenting
+from megaedge.runtime import features, manifest, native_stem, routing, segmenting
 from megaedge.runtime.session import open_session
 from megaedge.runtime.text import max_new_tokens_for, parse_asr_output
 
@@ -103,9 +103,10 @@ def load_lanes(graph_bytes: dict[str, int], cores: int) -> list[list[str]]:
 
 class Transcriber:
     def __init__(self, bundle: Path, info: manifest.Manifest, sessions: dict, tokenizer, route: str, native=None,
-                 native_prefill: bool = False):
+                 native_prefill: bool = False, stem=None):
         self.bundle, self.manifest, self.sessions, self.tokenizer = bundle, info, sessions, tokenizer
         self.native = native  # runtime.native_decode.NativeDecoder: the decode steps (and the prompt) natively
+        self.stem = stem  # runtime.native_stem.NativeStem: the encoder's convolutions natively, the rest its body
         self.native_prefill = native is not None and native_prefill
         if route not in ROUTES:
             raise MegaedgeError(f"route {route!r} is not one of {ROUTES}")
@@ -125,7 +126,8 @@ class Transcriber:
     @classmethod
     def from_bundle(cls, path, providers=("cpu",), route: str = "auto", verify: bool = True,
                     threads: int | None = None, use_prepared: bool = True,
-                    profile_dir: Path | None = None, decode: str = "auto", prefill: str = "auto") -> Transcriber:
+                    profile_dir: Path | None = None, decode: str = "auto", prefill: str = "auto",
+                    stem: str = "auto") -> Transcriber:
         """Load a bundle. ``verify`` hashes every file against the manifest, unless ``megaedge prepare`` already
         did and no file changed since; on the CPU provider, graphs prepared for this machine load from their
         prepared copy (``use_prepared``). With ``profile_dir``, every onnxruntime session records a per-node trace
@@ -133,7 +135,10 @@ class Transcriber:
         with megaedge's own CPU kernel (runtime.native_decode), ``ort`` with onnxruntime, ``auto`` natively where
         the bundle, the providers (CPU only) and the machine (a C compiler) allow it. ``prefill``: which engine runs
         the prompt when the steps run natively: ``native`` (the same kernels, several rows per weight load), ``ort``
-        (the bundle's prefill graph), ``auto`` = the bundle's prefill graph where it has one, else native."""
+        (the bundle's prefill graph), ``auto`` = the bundle's prefill graph where it has one, else native.
+        ``stem``: the encoder's convolution stem in megaedge's kernel (``native``, then the bundle's encoder body
+        graph) or the whole encoder graph in onnxruntime (``ort``); ``auto``: native where the bundle has it, the
+        providers are the CPU only and the kernels build here (runtime.native_stem)."""
         import functools
         from concurrent.futures import ThreadPoolExecutor
 
@@ -179,7 +184,12 @@ class Transcriber:
         # 2.26 vs 2.44 s); everywhere else the native prompt beats MatMulNBits (2.44 vs 3.2 s there).
         native_prefill = native_kernels is not None and (
             prefill == "native" or (prefill == "auto" and "decoder_prefill" not in info.graphs))
+        stem_kernels = native_stem.select(bundle, info, stem, cpu_only)
+        # One of the two encoder graphs is needed; the other opens only if asked for.
+        unused_encoder = "encoder" if stem_kernels is not None else "encoder_body"
         deferred = {}
+        if unused_encoder in todo:
+            deferred[unused_encoder] = functools.partial(one, unused_encoder, todo.pop(unused_encoder))
         if native_prefill:
             # The whole decoder runs natively: onnxruntime's decoder graphs (another copy of the weights each, ~2 s
             # of a 1.7B cold start) serve only streaming, so they open on first use.
@@ -212,7 +222,9 @@ class Transcriber:
         # which is the critical path of a cold start.
         native = None if native_kernels is None else native_decode.NativeDecoder(bundle, info, native_kernels,
                                                                                  threads or _cores())
-        return cls(bundle, info, sessions, tokenizer, route, native, native_prefill)
+        stem_runner = None if stem_kernels is None else native_stem.NativeStem(bundle, info, stem_kernels,
+                                                                               threads or _cores())
+        return cls(bundle, info, sessions, tokenizer, route, native, native_prefill, stem_runner)
 
     # ------------------------------------------------------------------------------------------------ stages
     def encode(self, samples: np.ndarray, timer: _Timer | None = None) -> np.ndarray:
@@ -236,7 +248,11 @@ class Transcriber:
             feed = {"mel": mel_call.astype(self.float_dtype, copy=False), "valid_tokens": valid_call}
             if self.manifest.routed:
                 feed["lora_gate"] = self._gate_value if gate is None else np.array([gate], self.float_dtype)
-            enc = self.sessions["encoder"].run(feed)[0]
+            if self.stem is not None:  # the body graph reads mel for its window and chunk counts only
+                feed[native_stem.STEM_INPUT] = self.stem.run(feed["mel"])
+                enc = self.sessions[self.stem.graph].run(feed)[0]
+            else:
+                enc = self.sessions["encoder"].run(feed)[0]
             out.extend(enc[i, :v].astype(self.kv_dtype, copy=False) for i, v in enumerate(valid_call))
         return out
 
