@@ -16,27 +16,13 @@
    border (q = 0, scale 0), which is the convolution's zero padding. Chunks are independent: each thread takes
    whole chunks, so a chunk's maps and products stay in its core's cache. */
 
-/* exp(x) for x <= 0, vectorizable (no library call): 2^n * e^r with |r| <= ln2 / 2, Taylor to r^6 (relative
-   error ~1e-7); n rounded with the 1.5 * 2^23 trick, exact since -ffp-contract=off keeps the two additions. */
-static inline float stem_exp(float x) {
-    x = x < -87.f ? -87.f : x;
-    const float n = (x * 1.44269504f + 12582912.f) - 12582912.f;
-    const float r = (x - n * 0.693145751953125f) - n * 1.42860682e-6f;
-    const float p = 1.f + r * (1.f + r * (0.5f + r * (0.16666667f + r * (0.041666668f + r * (0.0083333338f +
-                                                                                             r * 0.0013888889f)))));
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, 4);
-    return p * scale;
-}
-
 /* exact GELU, x * (1 + erf(x / sqrt 2)) / 2, with erf from Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7) */
 static inline float stem_gelu(float x) {
     const float z = fabsf(x) * 0.70710678f;
     const float t = 1.f / (1.f + 0.3275911f * z);
     const float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f +
                                                                                          t * 1.061405429f))));
-    const float e = 1.f - poly * stem_exp(-z * z);
+    const float e = 1.f - poly * me_exp(-z * z);
     return 0.5f * x * (1.f + (x < 0.f ? -e : e));
 }
 

@@ -80,6 +80,21 @@ int me_isa(void) {
     return ME_ISA;
 }
 
+/* exp(x), vectorizable (glibc's expf is a call per value: ~5 % of a 1.7B prompt in softmax and SwiGLU): 2^n * e^r
+   with |r| <= ln2 / 2 and a degree-6 Taylor polynomial (relative error < 3e-7 over [-87, 88], where it clamps);
+   n rounded by the 1.5 * 2^23 trick, exact because -ffp-contract=off keeps both additions. */
+static inline float me_exp(float x) {
+    x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+    const float n = (x * 1.44269504f + 12582912.f) - 12582912.f;
+    const float r = (x - n * 0.693145751953125f) - n * 1.42860682e-6f;
+    const float p = 1.f + r * (1.f + r * (0.5f + r * (0.16666667f + r * (0.041666668f + r * (0.0083333338f +
+                                                                                             r * 0.0013888889f)))));
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
 static void rms_norm(const float *x, const float *weight, float eps, int k, float *out) {
     double ss = 0.0;
     for (int i = 0; i < k; i++) ss += (double)x[i] * x[i];
@@ -334,11 +349,17 @@ static inline __attribute__((always_inline)) void attend_dim(const me_model *m, 
             }
             s0[t] = a * m->scaling;
             s1[t] = b * m->scaling;
-            top0 = fmaxf(top0, s0[t]);
-            top1 = fmaxf(top1, s1[t]);
+            top0 = s0[t] > top0 ? s0[t] : top0;  /* scores are finite: no fmaxf call for NaN's sake */
+            top1 = s1[t] > top1 ? s1[t] : top1;
         }
-        for (int t = 0; t < len; t++) total0 += s0[t] = expf(s0[t] - top0);
-        for (int t = 0; t < len; t++) total1 += s1[t] = expf(s1[t] - top1);
+        for (int t = 0; t < len; t++) {
+            s0[t] = me_exp(s0[t] - top0);
+            s1[t] = me_exp(s1[t] - top1);
+        }
+        for (int t = 0; t < len; t++) {
+            total0 += s0[t];
+            total1 += s1[t];
+        }
         for (int i = 0; i < dim; i++) acc0[i] = acc1[i] = 0.f;
         for (int t = 0; t < len; t++) {
             const float *vt = values + (size_t)t * dim, p0 = s0[t] / total0, p1 = s1[t] / total1;
@@ -443,7 +464,7 @@ int me_decode_step(const me_model *m, float *x, int pos, const float *cos, const
 #pragma omp single
 #endif
             {
-                for (int j = 0; j < m->intermediate; j++) gate[j] = gate[j] / (1.f + expf(-gate[j])) * up[j];
+                for (int j = 0; j < m->intermediate; j++) gate[j] = gate[j] / (1.f + me_exp(-gate[j])) * up[j];
                 quantize_for(gate, NULL, 0.f, &l->down, &act, scratch);
             }
             gemv_share(&l->down, &act, prod);
@@ -650,7 +671,7 @@ int me_prefill(const me_model *m, float *x, int rows, int start, const float *co
 #pragma omp barrier
 #pragma omp for schedule(static)
 #endif
-            for (size_t j = 0; j < R * inter; j++) gate[j] = gate[j] / (1.f + expf(-gate[j])) * up[j];
+            for (size_t j = 0; j < R * inter; j++) gate[j] = gate[j] / (1.f + me_exp(-gate[j])) * up[j];
             quantize_rows_for(gate, rows, NULL, 0.f, &l->down, &act, mine);
             gemm_share(&l->down, &act, prod, rows, packed);
 #ifdef _OPENMP
