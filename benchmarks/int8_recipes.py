@@ -4,7 +4,8 @@ Builds the fixture's FP32 bundle (merged, or routed with --mode routed), quantiz
 wild-audio calibration clips, and compares all of them on the held-out clips in one pass: WER per condition and
 scenario, token agreement with FP32, encoder cosine, loop/empty rates, sizes. Prints a table and writes
 benchmarks/results/int8_recipes_fixture[_routed].json. Not a test: it is the evidence the default recipe cites.
-Usage: python benchmarks/int8_recipes.py [--recipes cpu,cpu-dynamic,...] [--mode merged|routed] [--work DIR] [--out F]
+Usage: python benchmarks/int8_recipes.py [--recipes cpu,cpu-dynamic,...] [--mode merged|routed] [--stem-arms]
+[--work DIR] [--out F]
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--mode", choices=("merged", "routed"), default="merged")
     parser.add_argument("--work", help="keep bundles here (default: a temporary directory)")
+    parser.add_argument("--stem-arms", action="store_true",
+                        help="recipes with a native stem run twice: with it (NAME) and with onnxruntime's float stem "
+                             "(NAME/ort-stem)")
     parser.add_argument("--out", help="results file name under benchmarks/results (default: "
                                       "int8_recipes_fixture[_routed].json)")
     args = parser.parse_args()
@@ -46,6 +50,11 @@ def main() -> None:
             variants[name] = quantize_bundle(fp32, work / name, RECIPES[name], items, "cpu", None, source) and (
                 work / name)
             seconds[name] = round(time.perf_counter() - start, 1)
+        if args.stem_arms:
+            for name in names:
+                if RECIPES[name].native_stem:
+                    variants[f"{name}/ort-stem"] = (variants[name], {"stem": "ort"})
+                    variants[name] = (variants[name], {"stem": "native"})
         report = compare(fp32, variants, read_set(fixture.heldout_manifest()))
     report["quantize_seconds"] = seconds
     report["recipes"] = {n: RECIPES[n].description for n in names}

@@ -102,13 +102,15 @@ def _route_for(info: manifest.Manifest) -> str:
     return "lora" if info.routed and not info.router else "auto"
 
 
-def compare(fp32_bundle: Path, variants: dict[str, Path], items: list[dict]) -> dict:
-    """Per group: WER of FP32 and each variant, token agreement and encoder cosine vs FP32, loop/empty rates."""
+def compare(fp32_bundle: Path, variants: dict[str, Path | tuple[Path, dict]], items: list[dict]) -> dict:
+    """Per group: WER of FP32 and each variant, token agreement and encoder cosine vs FP32, loop/empty rates. A
+    variant is a bundle, or (bundle, Transcriber.from_bundle options): one bundle run two ways is two variants."""
     from megaedge.runtime.transcriber import Transcriber
 
     jiwer = __import__("jiwer")
-    bundles = {"fp32": fp32_bundle, **variants}
-    trs = {name: Transcriber.from_bundle(path, verify=False) for name, path in bundles.items()}
+    arms = {name: v if isinstance(v, tuple) else (v, {}) for name, v in {"fp32": fp32_bundle, **variants}.items()}
+    bundles = {name: path for name, (path, _) in arms.items()}
+    trs = {name: Transcriber.from_bundle(path, verify=False, **options) for name, (path, options) in arms.items()}
     rows = []
     for item in track(items, desc="quantization report", unit="clip"):
         samples = audio_io.load(item["path"])
