@@ -7,8 +7,8 @@ import argparse
 NAME = "export"
 # The recipe names of megaedge.export.quantize.RECIPES, spelled out so --help needs no import of the exporter
 # (tests/cli/test_cli.py keeps the two in step).
-RECIPE_NAMES = ("cpu", "cpu-prefill", "cpu-int4", "cpu-fc2", "cpu-fast", "cpu-dynamic", "smoothquant", "cpu-weights", "tensorrt",
-                "naive")
+RECIPE_NAMES = ("cpu", "cpu-prefill", "cpu-int4", "cpu-float-fc2", "cpu-fast", "cpu-dynamic", "smoothquant", "cpu-weights",
+                "tensorrt", "naive")
 HELP = "export a checkpoint to a bundle (ONNX graphs + tokenizer + megaedge.json) the lean runtime runs"
 DESCRIPTION = (
     "Loads any supported checkpoint layout, folds the LoRA exactly (--mode merged) or keeps it as a gated branch "

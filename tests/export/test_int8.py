@@ -42,8 +42,9 @@ def test_recipes_keep_conv_stem_and_lora_float(tiny_bundles):
     assert len(skip) >= 4 + 2 * 6  # 3 convs + conv_out, and A/B of every LoRA branch of 2 layers x 6 linears
     naive_keep, naive_skip = quantize.select_nodes(encoder, quantize.RECIPES["naive"])
     assert naive_skip == [] and len(naive_keep) == len(keep) + len(skip)
-    keep2, skip2 = quantize.select_nodes(encoder, quantize.RECIPES["cpu"])  # the default keeps fc2 float
-    assert quantize.RECIPES["cpu"].float_scopes == (".fc2",)
+    assert quantize.RECIPES["cpu"].float_scopes == ()  # the default quantizes fc2 (README, INT8)
+    keep2, skip2 = quantize.select_nodes(encoder, quantize.RECIPES["cpu-float-fc2"])
+    assert quantize.RECIPES["cpu-float-fc2"].float_scopes == (".fc2",)
     assert len(skip2) == len(skip) + 2 and len(keep2) == len(keep) - 2  # the base fc2 of both encoder layers
 
 

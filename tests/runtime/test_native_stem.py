@@ -195,6 +195,24 @@ def test_native_stem_keeps_the_encoder_and_the_tokens_on_heldout_speech(fixture_
 
 
 @needs_kernel
+def test_routed_bundle_runs_its_gate_through_the_body_graph(fixture_bundles, tmp_path_factory):
+    """The conv stem is never adapted (mega-asr.md), conv_out is: the body graph takes lora_gate, and both routes'
+    encoder outputs follow onnxruntime's float stem."""
+    routed = int8_bundle_from(fixture_bundles["routed"], tmp_path_factory.mktemp("routed_stem"))
+    native = Transcriber.from_bundle(routed, stem="native")
+    ort = Transcriber.from_bundle(routed, stem="ort")
+    assert "lora_gate" in native.manifest.graph("encoder_body").input_names
+    mel, valid = segmenting.encoder_windows(features.asr_log_mel(speechlike(9.0, seed=6)))
+    outputs = {}
+    for gate in (0.0, 1.0):
+        got = np.concatenate(native.encode_windows(mel, valid, gate))
+        want = np.concatenate(ort.encode_windows(mel, valid, gate))
+        outputs[gate] = got
+        assert float(np.sum(got * want) / np.linalg.norm(got) / np.linalg.norm(want)) > 0.999
+    assert not np.allclose(outputs[0.0], outputs[1.0])  # the gate reaches the body's LoRA branches
+
+
+@needs_kernel
 def test_stem_engine_choice_is_checked(fixture_bundles, fixture_int8):
     with pytest.raises(MegaedgeError, match="stem engine"):
         Transcriber.from_bundle(fixture_int8, stem="fast")
