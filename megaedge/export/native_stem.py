@@ -23,19 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from megaedge.runtime import manifest
+from megaedge.runtime import features, manifest
 
 log = logging.getLogger("megaedge.export.native_stem")
 
 STEM_INPUT = "stem_features"
 CONVS = ("conv2d1", "conv2d2", "conv2d3")
-
-
-def _scope(node) -> str:
-    for prop in node.metadata_props:
-        if prop.key == "pkg.torch.onnx.name_scopes":
-            return prop.value
-    return ""
 
 
 def stem_block(channels: int) -> int:
@@ -73,16 +66,14 @@ def stem_arrays(conv1_w, conv1_b, conv2_w, conv2_b, conv3_w, conv3_b) -> dict[st
 
 def _stem_nodes(model) -> tuple[list, object]:
     """(the three stem Conv nodes in order, conv_out's MatMul node), or raises ValueError naming what is missing."""
-    convs = {}
-    for node in model.graph.node:
-        if node.op_type == "Conv":
-            for name in CONVS:
-                if f"'enc.{name}'" in _scope(node):
-                    convs[name] = node
+    from megaedge.export.quantize import module_path
+
+    convs = {module_path(n).removeprefix("enc."): n for n in model.graph.node if n.op_type == "Conv"}
     missing = [name for name in CONVS if name not in convs]
     if missing:
         raise ValueError(f"no Conv node of {missing} (float stem convolutions with module paths are needed)")
-    conv_out = [n for n in model.graph.node if n.op_type == "MatMul" and "enc.conv_out" in _scope(n)]
+    # routed bundles: the base product runs under enc.conv_out.base, the gated LoRA branch under enc.conv_out
+    conv_out = [n for n in model.graph.node if n.op_type == "MatMul" and module_path(n).startswith("enc.conv_out")]
     if not conv_out:
         raise ValueError("no float conv_out MatMul found")
     return [convs[name] for name in CONVS], conv_out[0]
@@ -153,12 +144,10 @@ def write_native_stem(bundle: Path, encoder: dict) -> dict:
         bins = mel.type.tensor_type.shape.dim[1].dim_value if mel is not None else 0
         if not bins:
             raise ValueError("no mel input with a fixed number of bins")
-        frames = int(encoder.get("chunk_frames", 100))
-        f3, t3 = bins, frames
-        for _ in range(3):
-            f3, t3 = (f3 - 1) // 2 + 1, (t3 - 1) // 2 + 1
+        frames = int(encoder.get("chunk_frames", features.CHUNK_FRAMES))
         channels = arrays["b1"].shape[0]
-        body = _body(model, conv_out.input[0], t3, channels * f3)
+        body = _body(model, conv_out.input[0], features.chunk_token_count(frames),
+                     channels * features.chunk_token_count(bins))
     except ValueError as exc:
         log.info("%s: no native stem (%s)", path.name, exc)
         return encoder

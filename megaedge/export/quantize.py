@@ -234,7 +234,7 @@ def _is_plain_gemm_over(node, weight: str) -> bool:
     return attrs.get("transB") == 1 and attrs.get("transA", 0) == 0 and attrs.get("alpha", 1.0) == 1.0
 
 
-def _module(node) -> str:
+def module_path(node) -> str:
     """Deepest torch module path recorded on an exported node ('' when none)."""
     import ast
 
@@ -257,7 +257,7 @@ def select_nodes(path: Path, recipe: Int8Recipe) -> tuple[list[str], list[str]]:
     weighted = [n for n in model.graph.node
                 if n.op_type in ("MatMul", "Gemm", "Conv") and len(n.input) >= 2 and n.input[1] in constants]
     # A gated LoRA module M runs its base Linear under scope "M.base" and its A/B products directly under "M".
-    module_of = {n.name: _module(n) for n in weighted}
+    module_of = {n.name: module_path(n) for n in weighted}
     gated = {m[: -len(".base")] for m in module_of.values() if m.endswith(".base")}
     # The LM head shares its matrix with the embedding lookup: quantizers would replace it under the Gather's feet.
     # quantize_tied_embedding handles that pair.
@@ -453,7 +453,7 @@ def _weight_only(src: Path, dst: Path, recipe: Int8Recipe, nodes: list[str], flo
     model = onnx.load(str(src))
     low = set(nodes)
     if recipe.decoder_bits != 8 and recipe.four_bit_scopes:
-        scope = {n.name: _module(n) for n in model.graph.node}
+        scope = {n.name: module_path(n) for n in model.graph.node}
         low = {n for n in nodes if any(f in scope.get(n, "") for f in recipe.four_bit_scopes)}
     for bits, chosen in ((recipe.decoder_bits, low), (8, set(nodes) - low)):
         if not chosen:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megaedge.runtime import machine
+from megaedge.runtime import features, machine
 
 log = logging.getLogger("megaedge.runtime.kernels")
 
@@ -203,11 +203,8 @@ class Q8Kernels:
         frames = weights.chunk_frames
         if width % frames or bins != weights.bins:
             raise ValueError(f"native stem: mel {mel.shape} is not [windows, {weights.bins}, chunks * {frames}]")
-        chunks = width // frames
-        f3, t3 = bins, frames
-        for _ in range(3):
-            f3, t3 = (f3 - 1) // 2 + 1, (t3 - 1) // 2 + 1
-        out = np.empty((windows * chunks, t3, weights.channels * f3), np.float32)
+        chunks, steps = width // frames, features.chunk_token_count(frames)
+        out = np.empty((windows * chunks, steps, weights.channels * features.chunk_token_count(bins)), np.float32)
         if self._lib.me_conv_stem(mel.ctypes.data, windows, chunks, bins, frames, weights.w1.ctypes.data,
                                   weights.b1.ctypes.data, weights.channels, weights.w2.ctypes.data,
                                   weights.s2.ctypes.data, weights.b2.ctypes.data, weights.w3.ctypes.data,

@@ -123,7 +123,7 @@ def test_four_bit_scopes_put_only_those_modules_at_4_bits(tiny_bundles, calib_it
     quantize.quantize_bundle(tiny_bundles["merged"], out, recipe, calib_items, "cpu")
     model = onnx.load(str(out / manifest.DECODER_FILE), load_external_data=False)
     source = onnx.load(str(tiny_bundles["merged"] / manifest.DECODER_FILE), load_external_data=False)
-    scope = {n.output[0]: quantize._module(n) for n in source.graph.node}  # quantized nodes keep their outputs
+    scope = {n.output[0]: quantize.module_path(n) for n in source.graph.node}  # quantized nodes keep their outputs
     bits = {}
     for node in model.graph.node:
         if node.op_type == "MatMulNBits" and node.input[1] != "tied_embedding_q8":
