@@ -158,18 +158,23 @@ def write_native_stem(bundle: Path, encoder: dict) -> dict:
                                        "chunk_frames": frames, "weights": "int8 per output channel and block"}}
 
 
-def stem_bundle(bundle: str | Path) -> manifest.Manifest:
-    """Add (or refresh) the native stem of an existing INT8 bundle in place and re-write its manifest."""
+def add_native_stem(bundle: Path, doc: dict) -> dict:
+    """``doc`` (a manifest document of the INT8 bundle at ``bundle``, graphs as dicts) with the native stem written
+    and listed: ``encoder.native_stem`` and the ``encoder_body`` graph, or unchanged when the encoder has none."""
     from megaedge.export.bundle import _graph_spec
 
-    bundle = Path(bundle)
-    info = manifest.read(bundle, verify=False)
-    doc = info.to_dict()
-    doc["encoder"] = write_native_stem(bundle, doc["encoder"])
+    doc = {**doc, "encoder": write_native_stem(bundle, doc["encoder"])}
     if "native_stem" in doc["encoder"]:
-        encoder = info.graph("encoder")
-        doc["graphs"]["encoder_body"] = asdict(_graph_spec(bundle / manifest.ENCODER_BODY_FILE, encoder.precision,
-                                                           encoder.data_files))
+        encoder = doc["graphs"]["encoder"]
+        body = _graph_spec(bundle / manifest.ENCODER_BODY_FILE, encoder["precision"], tuple(encoder["data_files"]))
+        doc["graphs"] = {**doc["graphs"], "encoder_body": asdict(body)}
+    return doc
+
+
+def stem_bundle(bundle: str | Path) -> manifest.Manifest:
+    """Add (or refresh) the native stem of an existing INT8 bundle in place and re-write its manifest."""
+    bundle = Path(bundle)
+    doc = add_native_stem(bundle, manifest.read(bundle, verify=False).to_dict())
     doc["files"] = manifest.file_hashes(bundle)
     frozen = manifest.Manifest.from_dict(doc)
     manifest.write(frozen, bundle)

@@ -524,19 +524,15 @@ def quantize_bundle(fp32_bundle: Path, out: Path, recipe: Int8Recipe, calib_item
         log.info("%s: %s", name, details[name])
     doc = info.to_dict()
     doc["precision"] = "int8"
-    if recipe.native_stem and recipe.conv_stem_float:
-        from megaedge.export.native_stem import write_native_stem
-
-        doc["encoder"] = write_native_stem(out, doc["encoder"])
-        if "native_stem" in doc["encoder"]:
-            encoder = graphs["encoder"]
-            graphs["encoder_body"] = _graph_spec(out / manifest.ENCODER_BODY_FILE, encoder.precision,
-                                                 encoder.data_files)
     if recipe.decoder == "weight-only" and recipe.decoder_bits == 8 and not info.routed:
         from megaedge.export.native_index import with_native_index
 
         doc["decoder"] = with_native_index(out, doc["decoder"])
     doc["graphs"] = {k: asdict(v) for k, v in graphs.items()}
+    if recipe.native_stem and recipe.conv_stem_float:
+        from megaedge.export.native_stem import add_native_stem
+
+        doc = add_native_stem(out, doc)
     doc["quantization"] = {"recipe": asdict(recipe), "target": target, "graphs": details,
                            "calibration": {"clips": len(calib_items), "source": calibration_source}}
     doc["files"] = manifest.file_hashes(out)

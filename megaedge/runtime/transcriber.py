@@ -247,7 +247,7 @@ class Transcriber:
         for mel_call, valid_call in segmenting.encoder_calls(mel, valid, step):
             feed = {"mel": mel_call.astype(self.float_dtype, copy=False), "valid_tokens": valid_call}
             if self.manifest.routed:
-                feed["lora_gate"] = self._gate_value if gate is None else np.array([gate], self.float_dtype)
+                feed["lora_gate"] = self.gate_input(gate)
             if self.stem is not None:  # the body graph reads mel for its window and chunk counts only
                 feed[native_stem.STEM_INPUT] = self.stem.run(feed["mel"])
                 enc = self.sessions[self.stem.graph].run(feed)[0]
@@ -280,6 +280,10 @@ class Transcriber:
         language_ids = enc(p.language_template.format(language=language)) if language else []
         return p.build(audio_tokens, enc(context) if context else [], language_ids)
 
+    def gate_input(self, gate: float | None = None) -> np.ndarray:
+        """A routed bundle's ``lora_gate`` input: ``gate``, or the current segment's route when None."""
+        return self._gate_value if gate is None else np.array([gate], self.float_dtype)
+
     def decoder_feed(self, ids: list[int], audio: np.ndarray, logits_at, past=None, gate: float | None = None) -> dict:
         """The inputs of one decoder graph call: ``ids`` with ``audio`` rows at the audio placeholders, the logits of
         rows ``logits_at``, after the cache ``past`` (None: an empty one); a routed bundle's ``gate`` (None: the
@@ -291,7 +295,7 @@ class Transcriber:
         feed = {"input_ids": np.asarray([ids], np.int64), "audio_features": audio,
                 "logits_at": np.asarray(logits_at, np.int64), **dict(zip(self.past_names, past))}
         if self.manifest.routed:
-            feed["lora_gate"] = self._gate_value if gate is None else np.array([gate], self.float_dtype)
+            feed["lora_gate"] = self.gate_input(gate)
         return feed
 
     def decode(self, prompt_ids: list[int], audio: np.ndarray, max_new_tokens: int, timer: _Timer | None = None,

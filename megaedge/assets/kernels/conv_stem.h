@@ -107,12 +107,14 @@ int me_conv_stem(const float *mel, int windows, int chunks, int bins, int frames
         float *v = STEM_TAKE(float, (size_t)cp);
         void *scratch = STEM_TAKE(char, pack);
 #undef STEM_TAKE
+        /* the borders (the zero padding) are never written; every chunk rewrites every interior position */
+        stem_map_clear(&first, cp, nbc);
+        stem_map_clear(&second, cp, nbc);
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
         for (int i = 0; i < total; i++) {
             const float *in = mel + (size_t)(i / chunks) * bins * total_frames + (size_t)(i % chunks) * frames;
-            stem_map_clear(&first, cp, nbc);
             for (int fy = 0; fy < f1; fy++)
                 for (int tx = 0; tx < t1; tx++) {
                     for (int c = 0; c < channels; c++) v[c] = 0.f;
@@ -130,7 +132,6 @@ int me_conv_stem(const float *mel, int windows, int chunks, int bins, int frames
                 }
             stem_im2col(&first, f2, t2, cp, nbc, &rows);
             gemm_rows(&m2, &rows, y, rows2, 0, channels, scratch);
-            stem_map_clear(&second, cp, nbc);
             for (int r = 0; r < rows2; r++) {
                 memcpy(v, y + (size_t)r * channels, channels * sizeof(float));
                 stem_store(&second, r / t2, r % t2, v, b2, channels, blk, nbc);
