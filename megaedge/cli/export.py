@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from megaedge.runtime import limits
+from megaedge.runtime.limits import arg_type
+
 NAME = "export"
 # The recipe names of megaedge.export.quantize.RECIPES, spelled out so --help needs no import of the exporter
 # (tests/cli/test_cli.py keeps the two in step).
@@ -28,9 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", help="LoRA adapter directory (default: the checkpoint's mega-asr-merged/)")
     parser.add_argument("--router", help="router safetensors (default: the checkpoint's audio_quality_router/)")
     parser.add_argument("--no-router", action="store_true", help="leave the router out of the bundle")
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; default 18)")
+    parser.add_argument("--opset", type=arg_type(limits.check_int, parse=int, option="opset", low=limits.OPSET[0],
+                                                 high=limits.OPSET[1]),
+                        default=18, help=f"ONNX opset, {limits.OPSET[0]}-{limits.OPSET[1]} (default 18)")
     parser.add_argument("--no-validate", action="store_true", help="skip the bundle-vs-torch check after export")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing bundle at --out (never a folder that is not a megaedge bundle, the "
+                             "working directory or one holding the inputs)")
     int8 = parser.add_argument_group("INT8 (calibrated on wild audio)")
     int8.add_argument("--int8", action="store_true", help="write an INT8 bundle and its per-condition accuracy report")
     int8.add_argument("--target", choices=("cpu", "cuda", "tensorrt"), default="cpu",
@@ -44,9 +51,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from megaedge.cli.signals import Terminated, stop_like_ctrl_c
+
+    # systemd / docker stop send SIGTERM: the export's cleanup must run for it as for Ctrl-C (a 1.7B staging
+    # folder is ~10 GB).
+    with stop_like_ctrl_c():
+        try:
+            return _run(args)
+        except Terminated as stop:
+            print(f"megaedge {NAME}: stopped by {stop.name}; nothing partial was left behind",
+                  file=sys.stderr)
+            return stop.exit_status
+
+
+def _run(args: argparse.Namespace) -> int:
     from megaedge.cli.common import need_export_extra, print_json
 
     need_export_extra()
+    limits.check_output_dir(args.out, "--out")  # a read-only folder fails now, not after the export
     from megaedge import fixture
     from megaedge.export.bundle import ExportOptions, export_bundle
     from megaedge.runtime import manifest
@@ -63,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
         int8 = Int8Options(target=args.target, recipe=args.recipe, calib=args.calib, calib_cache=args.calib_cache,
                            eval_set=args.eval_set, report=not args.no_report)
         int8.chosen_recipe()  # an unknown recipe fails before the export
+        if args.calib:  # so do a .wav given where a list or folder belongs, and a missing set
+            limits.check_list_input(args.calib, "--calib", suffixes=(".jsonl", ".json"), folder_ok=True)
+        if args.eval_set:
+            limits.check_list_input(args.eval_set, "--eval-set")
         out = export_int8(model, args.out, options, int8, adapter=args.adapter, router=args.router)
         report = out / manifest.QUANT_REPORT_JSON
         if report.is_file():

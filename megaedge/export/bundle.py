@@ -318,11 +318,23 @@ def validate(loaded, bundle: Path, opts: ExportOptions, samples: np.ndarray) -> 
 
 
 # ------------------------------------------------------------------------------------------- entry point
-def _check_output(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise BundleError(f"{out}: exists and is a file; choose a directory for the bundle")
-    if out.is_dir() and any(out.iterdir()) and not force:
+def _check_output(out: Path, force: bool, protected=()) -> None:
+    """Refuse, in one line, an --out that cannot or must not become a bundle. ``protected``: the export's inputs
+    (checkpoint, adapter, calibration data...), which --force must never delete."""
+    from megaedge import staging
+
+    if os.path.lexists(out) and not out.is_dir():
+        raise BundleError(f"{out}: exists and is not a directory; choose a directory for the bundle")
+    if not out.is_dir():
+        return
+    try:
+        empty = not any(out.iterdir())
+    except OSError as exc:
+        raise staging.not_writable(out, exc) from exc
+    if not empty and not force:
         raise BundleError(f"{out}: directory is not empty; choose a new directory or pass --force to replace it")
+    # The bundle is renamed onto ``out``: even an empty working directory would be swapped from under the shell.
+    staging.refuse_to_replace(out, "bundle", protected, marker=manifest.MANIFEST_NAME)
 
 
 def export_bundle(model_path, out_dir, options: ExportOptions = ExportOptions(), adapter=None, router=None,
@@ -332,8 +344,12 @@ def export_bundle(model_path, out_dir, options: ExportOptions = ExportOptions(),
 
     from megaedge.export.loader import load_checkpoint
 
-    out = Path(out_dir).expanduser()
-    _check_output(out, options.force)
+    from megaedge import staging as staged
+
+    # Absolute: Path(".").name is "" and its parent is itself, which once put the staging folder inside the target.
+    out = Path(os.path.abspath(Path(out_dir).expanduser()))
+    staged.clear_stale(out.parent, out.name)
+    _check_output(out, options.force, protected=(model_path, adapter, router))
     start = time.perf_counter()
     lora = "branches" if options.mode == "routed" else "merge"
     loaded = load_checkpoint(model_path, adapter=adapter, router=router, lora=lora,
@@ -346,8 +362,7 @@ def export_bundle(model_path, out_dir, options: ExportOptions = ExportOptions(),
         loaded.model.half()
     params = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     external = params > 256 * 1024**2  # small graphs stay single-file; big ones mmap-able external data
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = staged.make_staging(out.parent, out.name)
     try:
         graph_specs = {}
         steps = [("encoder", lambda: export_encoder(loaded, staging, options, external)),
@@ -369,17 +384,19 @@ def export_bundle(model_path, out_dir, options: ExportOptions = ExportOptions(),
                 validation_audio = _validation_audio()
             validate(loaded, staging, options, validation_audio)
         manifest.write(build_manifest(loaded, staging, options, graph_specs, notes), staging)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.chmod(0o755)  # mkdtemp creates 0700; a bundle is meant to be copied and shared
-        os.replace(staging, out)
+        # Checked again: the directory may have changed during the minutes of export.
+        _check_output(out, options.force, protected=(model_path, adapter, router))
+        staged.replace_dir(staging, out)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if exc.errno == errno.ENOSPC:
             raise BundleError(f"{out.parent}: disk full while writing the bundle; nothing was left behind; free "
                               f"space (a bundle needs about {params / 1e9:.1f} GB) or choose another --out") from exc
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise staged.not_writable(out.parent, exc) from exc
         raise
     except BaseException:
+        # Ctrl-C, SIGTERM (megaedge.cli.signals) and failures alike: an unfinished bundle never stays on disk.
         shutil.rmtree(staging, ignore_errors=True)
         raise
     log.info("bundle %s written in %.1f s", out, time.perf_counter() - start)

@@ -7,6 +7,7 @@ and the same recipe calibrated on clean audio only.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
@@ -173,18 +174,31 @@ def format_report(report: dict) -> str:
 
 
 def export_int8(model_path, out_dir, export_options, int8_options: Int8Options, **kwargs) -> Path:
-    """Export FP32 (validated) into a temporary bundle, quantize into ``out_dir``, write the report."""
+    """Export FP32 (validated) into a staging folder beside ``out_dir``, quantize there, then rename the INT8
+    bundle in: an interrupted run leaves no bundle, and its staging folder is removed (or cleared by the next run)."""
+    import os
+
+    from megaedge import staging as staged
     from megaedge.export.bundle import _check_output, export_bundle
 
-    out = Path(out_dir).expanduser()
-    _check_output(out, export_options.force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.parent) as tmp:
-        fp32 = export_bundle(model_path, Path(tmp) / "fp32", export_options, **kwargs)
-        staging = Path(tmp) / "int8"
+    out = Path(os.path.abspath(Path(out_dir).expanduser()))
+    protected = (model_path, kwargs.get("adapter"), kwargs.get("router"), int8_options.calib,
+                 int8_options.calib_cache, int8_options.eval_set)
+    staged.clear_stale(out.parent, out.name)
+    _check_output(out, export_options.force, protected)
+    tmp = staged.make_staging(out.parent, out.name)
+    try:
+        fp32 = export_bundle(model_path, tmp / "fp32", export_options, **kwargs)
+        staging = tmp / "int8"
         int8_from_fp32(fp32, staging, int8_options)
-        if out.exists():
-            shutil.rmtree(out)
+        _check_output(out, export_options.force, protected)  # again: minutes have passed
         staging.chmod(0o755)
-        shutil.move(str(staging), str(out))
+        staged.replace_dir(staging, out)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC):
+            raise staged.not_writable(out.parent, exc) from exc
+        raise
+    finally:
+        # Success, failure, Ctrl-C or SIGTERM (megaedge.cli.signals): the FP32 bundle and any INT8 remains go.
+        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -1,0 +1,66 @@
+"""SIGTERM and SIGHUP handled like Ctrl-C.
+
+systemd, ``docker stop`` and a closed terminal stop a process with SIGTERM / SIGHUP, whose default action kills it on
+the spot: no ``finally`` block runs, so an export leaves its staging folder and a stream loses its last words.
+Inside :func:`stop_like_ctrl_c` they raise :class:`Terminated`, a KeyboardInterrupt, so every cleanup path written
+for Ctrl-C runs for them too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when SIGTERM or SIGHUP arrives."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+    @property
+    def exit_status(self) -> int:
+        """The shell's status for a process stopped by this signal (143 for SIGTERM)."""
+        return 128 + self.signum
+
+
+class _Guard:
+    def __init__(self):
+        self.received: int | None = None
+        self.holding = False
+
+    def handler(self, signum, frame):
+        if self.received is not None or self.holding:
+            # Cleanup (or the final flush) is already running because of the first one: let it finish. A supervisor
+            # that will not wait sends SIGKILL anyway.
+            self.received = self.received or signum
+            return
+        self.received = signum
+        raise Terminated(signum)
+
+    def hold(self) -> None:
+        """From now on signals are only recorded: the caller is wrapping up and must not be cut short."""
+        self.holding = True
+
+
+@contextlib.contextmanager
+def stop_like_ctrl_c():
+    """Within the block, the first SIGTERM/SIGHUP raises :class:`Terminated`; later ones are ignored.
+
+    The previous handlers come back on exit. Outside the main thread (signals cannot be handled there) it does
+    nothing."""
+    guard = _Guard()
+    if threading.current_thread() is not threading.main_thread():
+        yield guard
+        return
+    previous = {sig: signal.signal(sig, guard.handler) for sig in _SIGNALS}
+    try:
+        yield guard
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)  # None: set outside Python
