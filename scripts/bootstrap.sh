@@ -16,3 +16,6 @@ if [[ ",$EXTRAS," == *",export,"* ]] && ! .venv/bin/python -c "import torch" 2>/
     "${PIP[@]}" install -c constraints/cpu-torch.txt torch
 fi
 "${PIP[@]}" install -c constraints/cpu-torch.txt -e ".[${EXTRAS}]"
+# Silero VAD's ONNX model (MIT; megaedge/runtime/vad.py, copied into bundles by `megaedge export`). --no-deps: the
+# package declares torch and torchaudio, which the model does not need (megaedge locates its file, never imports it).
+"${PIP[@]}" install --no-deps "silero-vad==${SILERO_VAD_VERSION:-6.2.3}"

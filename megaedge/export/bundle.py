@@ -212,6 +212,21 @@ def export_router(loaded, out: Path, opts: ExportOptions) -> tuple[str, ...]:
                    out / manifest.ROUTER_FILE, external=False)
 
 
+def add_vad(staging: Path, graph_specs: dict) -> None:
+    """Copy Silero VAD's ONNX model from the installed silero_vad package in as graph "vad" (hashed like every file),
+    so a device needs nothing else to gate non-speech; without the package the bundle has none and the runtime
+    falls back to an installed package or the energy VAD (runtime/vad.py)."""
+    from megaedge.runtime import vad
+
+    source = vad.installed_silero_model()
+    if source is None:
+        log.warning("silero_vad is not installed: the bundle gets no VAD graph (devices fall back to the energy VAD); "
+                    "pip install --no-deps silero-vad==6.2.3 and export again")
+        return
+    shutil.copyfile(source, staging / manifest.VAD_FILE)
+    graph_specs["vad"] = _graph_spec(staging / manifest.VAD_FILE, "fp32", ())
+
+
 # ------------------------------------------------------------------------------------------- manifest
 def _versions(opset: int) -> dict:
     import onnx
@@ -376,6 +391,7 @@ def export_bundle(model_path, out_dir, options: ExportOptions = ExportOptions(),
             precision = "fp32" if name == "router" else options.precision
             graph_specs[name] = _graph_spec(staging / manifest.GRAPH_FILES[name], precision, data_files)
             log.info("exported %s in %.1f s", name, time.perf_counter() - t0)
+        add_vad(staging, graph_specs)
         write_tokenizer(loaded, staging)
         if options.validate:
             # fp16 graphs are checked against fp32 arithmetic on the same (fp16-rounded) weights.

@@ -20,6 +20,7 @@ DECODER_FILE = "decoder.onnx"
 ROUTER_FILE = "router.onnx"
 PREFILL_FILE = "decoder_prefill.onnx"  # optional second decoder graph, quantized for prompt-sized calls
 TOKENIZER_FILE = "tokenizer.json"
+VAD_FILE = "vad.onnx"  # Silero VAD (runtime/vad.py), copied in by export
 NATIVE_DECODER_FILE = "decoder_native.npz"  # small tensors the native decode step needs that the graph holds inline
 ENCODER_BODY_FILE = "encoder_body.onnx"  # the encoder from conv_out on, for a native stem (same weight file)
 NATIVE_STEM_FILE = "encoder_stem.npz"  # the stem convolutions for the native kernel (int8 blocks)
@@ -28,7 +29,7 @@ QUANT_REPORT_JSON = "quant_report.json"
 QUANT_REPORT_MD = "quant_report.md"
 PREPARED_DIR = "prepared"  # machine-local copies made by `megaedge prepare`; not listed in the manifest
 GRAPH_FILES = {"encoder": ENCODER_FILE, "decoder": DECODER_FILE, "router": ROUTER_FILE, "decoder_prefill": PREFILL_FILE,
-               "encoder_body": ENCODER_BODY_FILE}
+               "encoder_body": ENCODER_BODY_FILE, "vad": VAD_FILE}
 PRECISIONS = ("fp32", "fp16", "int8")
 MODES = ("merged", "routed")
 
