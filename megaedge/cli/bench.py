@@ -4,36 +4,49 @@ from __future__ import annotations
 
 import argparse
 
-from megaedge.cli.common import add_decode_engine_option
+from megaedge.cli.common import add_decode_engine_option, add_threads_option
+from megaedge.runtime import limits
+from megaedge.runtime.limits import arg_type
 
 NAME = "bench"
 HELP = "measure a bundle on this machine: stages (median/p95), decode tok/s vs the bandwidth bound, RTF, memory"
 
 
 def _seconds_list(text: str) -> tuple[float, ...]:
-    from megaedge.errors import MegaedgeError
+    """'10,30' -> (10.0, 30.0); each length finite and in limits.BENCH_AUDIO_SECONDS (nan and inf refused)."""
+    import argparse
 
+    parts = [v for v in text.split(",") if v.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"{limits.show(text)}: expected seconds separated by commas, e.g. 10,30")
     try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise MegaedgeError(f"--audio {text!r}: expected seconds separated by commas, e.g. 10,30") from None
-    if not values or any(v <= 0 or v > 3600 for v in values):
-        raise MegaedgeError(f"--audio {text!r}: each length must be in (0, 3600] seconds, e.g. 10,30")
-    return values
+        return tuple(limits.check_audio_seconds(v) for v in parts)
+    except limits.LimitError as exc:
+        raise argparse.ArgumentTypeError(exc.detail) from None
+
+
+def _int_option(option: str, bounds: tuple[int, int], fix: str = ""):
+    return arg_type(limits.check_int, parse=int, option=option, low=bounds[0], high=bounds[1], fix=fix)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", help="bundle directory written by `megaedge export`")
-    parser.add_argument("--audio", default="10,30", help="audio lengths in seconds, comma separated (default 10,30)")
-    parser.add_argument("--repeat", type=int, default=3, help="measured runs per length (default 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured runs first (default 1)")
-    parser.add_argument("--tokens", type=int, default=32,
-                        help="generate exactly this many tokens, ignoring EOS, so runs compare (0: stop at EOS)")
+    high = limits.BENCH_AUDIO_SECONDS[1]
+    parser.add_argument("--audio", default="10,30", type=_seconds_list,
+                        help=f"audio lengths in seconds, comma separated, each in (0, {high:g}] (default 10,30)")
+    parser.add_argument("--repeat", type=_int_option("repeat", limits.BENCH_REPEAT), default=3,
+                        help=f"measured runs per length, {limits.BENCH_REPEAT[0]}-{limits.BENCH_REPEAT[1]} (default 3)")
+    parser.add_argument("--warmup", type=_int_option("warmup", limits.BENCH_WARMUP), default=1,
+                        help=f"unmeasured runs first, {limits.BENCH_WARMUP[0]}-{limits.BENCH_WARMUP[1]} (default 1)")
+    parser.add_argument("--tokens", type=_int_option("tokens", (0, limits.MAX_NEW_TOKENS), "0 stops at EOS"),
+                        default=32, help="generate exactly this many tokens, ignoring EOS, so runs compare, "
+                                         f"0-{limits.MAX_NEW_TOKENS} (0: stop at EOS; default 32)")
     parser.add_argument("--route", choices=("auto", "base", "lora"), default="auto")
     parser.add_argument("--providers", default="cpu", help="comma list: cpu, cuda, tensorrt (default cpu)")
     add_decode_engine_option(parser)
-    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
-    parser.add_argument("--json", dest="json_out", metavar="OUT", help="write the full report as JSON")
+    add_threads_option(parser)
+    parser.add_argument("--json", dest="json_out", metavar="OUT",
+                        help="write the full report as JSON to this file (its folder must exist)")
     parser.add_argument("--plot", metavar="OUT.png", help="stacked stage bar chart (needs matplotlib)")
     parser.add_argument("--profile", metavar="DIR",
                         help="after the timed runs, one run per length with onnxruntime's per-node profiler: traces "
@@ -48,10 +61,18 @@ def run(args: argparse.Namespace) -> int:
     from megaedge.progress import track
     from megaedge.runtime import bench
 
-    if args.repeat < 1 or args.warmup < 0 or args.tokens < 0:
-        raise MegaedgeError(f"--repeat {args.repeat} / --warmup {args.warmup} / --tokens {args.tokens}: need "
-                            "repeat >= 1, warmup >= 0, tokens >= 0")
-    lengths = _seconds_list(args.audio)
+    # Output paths are checked before the run: a typo must not cost minutes of benchmarking.
+    if args.json_out:
+        limits.check_output_file(args.json_out, "--json")
+    if args.plot:
+        limits.check_output_file(args.plot, "--plot")
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise MegaedgeError("--plot needs matplotlib: pip install 'megaedge[calib]'")
+    if args.profile:
+        limits.check_output_dir(args.profile, "--profile")
+    lengths = args.audio
     options = bench.BenchOptions(audio_seconds=lengths, repeat=args.repeat, warmup=args.warmup,
                                  new_tokens=args.tokens or None, route=args.route, threads=args.threads,
                                  providers=tuple(args.providers.split(",")), profile_dir=args.profile,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from megaedge.cli.common import add_engine_size_options
+
 NAME = "build-engines"
 HELP = "build TensorRT engines (fp16, or int8 from a --target tensorrt bundle) with profiles from the options"
 
@@ -14,9 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     precision.add_argument("--fp16", action="store_true", help="FP16 engines from an fp32 bundle (default)")
     precision.add_argument("--int8", action="store_true", help="INT8 engines from the explicit Q/DQ of a bundle "
                                                                "exported with --int8 --target tensorrt")
-    parser.add_argument("--max-audio-seconds", type=float, default=30.0)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--workspace", type=int, default=1024, help="builder workspace limit in MiB (default 1024)")
+    add_engine_size_options(parser)
     parser.add_argument("--timing-cache", help="timing cache file (read and updated; speeds up rebuilds)")
 
 

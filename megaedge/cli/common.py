@@ -6,6 +6,8 @@ import json
 import sys
 
 from megaedge.errors import require
+from megaedge.runtime import limits
+from megaedge.runtime.limits import arg_type
 
 
 def need_export_extra() -> None:
@@ -16,10 +18,45 @@ def need_export_extra() -> None:
 
 def add_decoding_options(parser) -> None:
     """Options every transcribing command shares (torch reference and lean runtime alike)."""
-    parser.add_argument("--language", help="force the output language (e.g. English)")
-    parser.add_argument("--context", help="context / hotwords placed in the system prompt")
-    parser.add_argument("--max-new-tokens", type=int, help="token budget (default: sized from the audio length)")
+    add_language_option(parser)
+    add_context_option(parser)
+    parser.add_argument("--max-new-tokens", type=arg_type(limits.check_max_new_tokens, parse=int),
+                        help=f"token budget per segment, 1-{limits.MAX_NEW_TOKENS} (default: sized from the audio "
+                             "length)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per file")
+
+
+def add_language_option(parser) -> None:
+    parser.add_argument("--language", type=arg_type(limits.check_language),
+                        help="force the output language: a name or ISO code Qwen3-ASR knows, any case (English, en, "
+                             "Chinese, zh, ...; default: detected)")
+
+
+def add_context_option(parser) -> None:
+    parser.add_argument("--context", type=arg_type(limits.check_context),
+                        help=f"context / hotwords placed in the system prompt: plain text, at most "
+                             f"{limits.MAX_CONTEXT_CHARS} characters and {limits.MAX_CONTEXT_TOKENS} tokens, no "
+                             "control tokens")
+
+
+def add_threads_option(parser, what: str = "default: all cores") -> None:
+    parser.add_argument("--threads", type=arg_type(limits.check_threads, parse=int),
+                        help=f"onnxruntime intra-op threads, 1 to {limits.THREADS_PER_CORE} x the usable cores "
+                             f"({what})")
+
+
+def add_engine_size_options(parser) -> None:
+    """Sizes TensorRT engines are built for (build-engines) or planned with (plan)."""
+    low, high = limits.ENGINE_AUDIO_SECONDS
+    audio = arg_type(limits.check_seconds, parse=float, option="max-audio-seconds", low=low, high=high,
+                     low_inclusive=True, fix="long files run in 30 s segments, so 30 covers any length")
+    parser.add_argument("--max-audio-seconds", type=audio, default=30.0, help=f"longest audio per call, {low:g}-{high:g} s (default 30)")
+    parser.add_argument("--max-new-tokens", type=arg_type(limits.check_max_new_tokens, parse=int), default=256,
+                        help=f"most tokens generated per segment, 1-{limits.MAX_NEW_TOKENS} (default 256)")
+    low, high = limits.WORKSPACE_MIB
+    parser.add_argument("--workspace", type=arg_type(limits.check_int, parse=int, option="workspace", low=low,
+                                                     high=high),
+                        default=1024, help=f"TensorRT builder workspace in MiB, {low}-{high} (default 1024)")
 
 
 def add_decode_engine_option(parser) -> None:

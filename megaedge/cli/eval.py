@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from megaedge.cli.common import add_decode_engine_option
+from megaedge.cli.common import add_decode_engine_option, add_language_option, add_threads_option
+from megaedge.runtime import limits
+from megaedge.runtime.limits import arg_type
 
 NAME = "eval"
 HELP = "measure WER/CER of a bundle on a JSONL clip set (per condition / scenario, empty and loop rates, routes)"
@@ -15,12 +17,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("set", nargs="?", help="JSONL clip set (path + text per line; default: the fixture's "
                                                "held-out set)")
     parser.add_argument("--route", choices=("auto", "base", "lora"), default="auto", help="route (default auto)")
-    parser.add_argument("--language", help="force the language")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N clips")
+    add_language_option(parser)
+    parser.add_argument("--limit", type=arg_type(limits.check_int, parse=int, option="limit", low=limits.EVAL_LIMIT[0],
+                                                 high=limits.EVAL_LIMIT[1], fix="leave it out to evaluate every clip"),
+                        help="evaluate only the first N clips (N >= 1; default: all)")
     parser.add_argument("--providers", default="cpu", help="comma list: cpu, cuda, tensorrt (default cpu)")
     add_decode_engine_option(parser)
-    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
-    parser.add_argument("--json", dest="json_out", help="also write the full report (groups + per-clip rows) here")
+    add_threads_option(parser)
+    parser.add_argument("--json", dest="json_out", metavar="OUT",
+                        help="also write the full report (groups + per-clip rows) to this file (its folder must exist)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,7 +39,11 @@ def run(args: argparse.Namespace) -> int:
     from megaedge.runtime.evaluate import evaluate, format_table, read_set
     from megaedge.runtime.transcriber import Transcriber
 
-    items = read_set(args.set or fixture.heldout_manifest())[: args.limit or None]
+    if args.json_out:  # checked before the run: a bad path must not cost a whole evaluation
+        limits.check_output_file(args.json_out, "--json")
+    if args.set:
+        limits.check_list_input(args.set, "SET")
+    items = read_set(args.set or fixture.heldout_manifest())[: args.limit]
     transcriber = Transcriber.from_bundle(args.bundle, providers=args.providers.split(","), route=args.route,
                                           threads=args.threads, decode=args.decode,
                                           prefill=args.prefill, stem=args.stem)

@@ -30,8 +30,19 @@ COMMANDS = (
 )
 
 
+class _UsageError(Exception):
+    """A bad command line, raised by the parser instead of argparse's usage dump and exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints the whole usage block and exits 2; megaedge's rule for every error the user can fix is one
+    # line and exit 1, and main() must return (not exit) so callers in-process get the status.
+    def error(self, message: str):
+        raise _UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="megaedge",
         description="Mega-ASR on edge devices: export, quantize, run, stream and benchmark.",
     )
@@ -49,7 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0

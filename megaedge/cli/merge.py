@@ -28,13 +28,13 @@ def run(args: argparse.Namespace) -> int:
 
     need_export_extra()
     import shutil
-    from pathlib import Path
 
     from megaedge.errors import MegaedgeError
     from megaedge.export import layout
     from megaedge.export.loader import load_checkpoint, save_native
+    from megaedge.runtime import limits
 
-    out = Path(args.out)
+    out = limits.check_output_dir(args.out, "--out")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise MegaedgeError(f"{out}: output directory is not empty; pass --force to write into it")
     loaded = load_checkpoint(args.model, adapter=args.adapter, router=args.router, lora="merge", load_router=False)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from megaedge.cli.common import add_engine_size_options
+from megaedge.runtime import limits
+
 NAME = "plan"
 HELP = "memory plan for TensorRT engines: weights + KV + activations + workspace vs a budget (e.g. --memory 8GB)"
 
@@ -16,9 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                          "assumed as the README states)")
     parser.add_argument("--precision", choices=("fp16", "int8"), help="engine precision (default: int8 for an int8 "
                                                                       "bundle, else fp16)")
-    parser.add_argument("--max-audio-seconds", type=float, default=30.0)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--workspace", type=int, default=1024, help="TensorRT workspace in MiB (default 1024)")
+    add_engine_size_options(parser)
     parser.add_argument("--json", action="store_true")
 
 
@@ -27,15 +28,17 @@ def parse_memory(text: str) -> float:
     from megaedge.errors import MegaedgeError
 
     raw = text.strip().upper().replace(" ", "").replace("IB", "B")
+    low, high = limits.PLAN_MEMORY_GIB
     for suffix, scale in (("GB", 1.0), ("MB", 1 / 1024), ("G", 1.0), ("M", 1 / 1024)):
         if raw.endswith(suffix):
             try:
                 value = float(raw[: -len(suffix)]) * scale
             except ValueError:
                 break
-            if value > 0:
+            if low < value <= high:  # also refuses nan and inf
                 return value
-    raise MegaedgeError(f"--memory {text!r}: expected a size like 8GB or 7500MB")
+            raise MegaedgeError(f"--memory {limits.show(text)}: must be more than 0 and at most {high:g} GB")
+    raise MegaedgeError(f"--memory {limits.show(text)}: expected a size like 8GB or 7500MB")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from megaedge.cli.common import add_decode_engine_option, add_decoding_options
+from megaedge.cli.common import add_decode_engine_option, add_decoding_options, add_threads_option
 
 NAME = "transcribe"
 HELP = "transcribe audio files with a bundle (lean runtime: numpy + onnxruntime + tokenizers)"
@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_decoding_options(parser)
     parser.add_argument("--providers", default="cpu", help="comma list: cpu, cuda, tensorrt (default cpu)")
     add_decode_engine_option(parser)
-    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    add_threads_option(parser)
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megaedge.runtime import machine
+from megaedge.runtime import limits, machine
 
 log = logging.getLogger("megaedge.runtime.bench")
 
@@ -43,6 +43,19 @@ class BenchOptions:
     decode: str = "auto"  # decode-step engine (transcriber.DECODE_ENGINES)
     prefill: str = "auto"  # prompt engine when the steps run natively (transcriber.PREFILL_ENGINES)
     stem: str = "auto"  # the encoder's convolution stem (native_stem.STEM_ENGINES)
+
+    def __post_init__(self):
+        # The same ranges as `megaedge bench` (limits.py), so API callers get the one-line error too.
+        if not self.audio_seconds:
+            raise limits.LimitError("audio_seconds", "is empty; give at least one length, e.g. (10.0, 30.0)")
+        object.__setattr__(self, "audio_seconds",
+                           tuple(limits.check_audio_seconds(s, "audio_seconds") for s in self.audio_seconds))
+        limits.check_int(self.repeat, "repeat", *limits.BENCH_REPEAT)
+        limits.check_int(self.warmup, "warmup", *limits.BENCH_WARMUP)
+        if self.new_tokens is not None:
+            limits.check_max_new_tokens(self.new_tokens, "new_tokens")
+        if self.threads is not None:
+            limits.check_threads(self.threads)
 
 
 def speech_like_audio(seconds: float, seed: int = 0, rate: int = 16000) -> np.ndarray:

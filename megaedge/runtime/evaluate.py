@@ -25,15 +25,20 @@ def read_set(path: str | Path) -> list[dict]:
     manifest = Path(path).expanduser()
     if not manifest.is_file():
         raise MegaedgeError(f"{manifest}: no such clip-set manifest (a JSONL file with path and text per line)")
+    try:
+        text = manifest.read_text(encoding="utf-8")
+    except UnicodeDecodeError:  # an audio file given where the list belongs
+        raise MegaedgeError(f"{manifest}: not a text file; expected a JSONL clip list (path and text per line), "
+                            "not audio") from None
     items = []
-    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
         except json.JSONDecodeError as exc:
             raise MegaedgeError(f"{manifest}:{number}: not valid JSON ({exc.msg})") from exc
-        if "path" not in item or "text" not in item:
+        if not isinstance(item, dict) or "path" not in item or "text" not in item:
             raise MegaedgeError(f"{manifest}:{number}: each line needs 'path' and 'text' (reference transcript)")
         item["path"] = str((manifest.parent / item["path"]).resolve())
         items.append(item)

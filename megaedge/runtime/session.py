@@ -5,11 +5,13 @@ dims), so a wrong feed fails with one line naming the tensor instead of an opaqu
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 
 from megaedge.errors import BundleError, MegaedgeError
+from megaedge.runtime.limits import check_threads
 from megaedge.runtime.manifest import GraphSpec
 
 log = logging.getLogger("megaedge.runtime.session")
@@ -45,6 +47,17 @@ def resolve_providers(names) -> list[str]:
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 _preloaded = False
+# onnxruntime's intra-op threads spin-wait for work between operators by default. megaedge runs the decode steps,
+# the stem and the tokenizer on the same cores beside the sessions, and edge boxes run other services: spinning
+# threads hold those cores at 100 % while doing nothing. Off unless MEGAEDGE_ORT_SPIN=1 (or spin=True) asks for it.
+SPIN_ENV = "MEGAEDGE_ORT_SPIN"
+
+
+def spin_enabled(spin: bool | None = None) -> bool:
+    """``spin`` if given, else the MEGAEDGE_ORT_SPIN environment variable (1/true/yes/on), else off."""
+    if spin is not None:
+        return bool(spin)
+    return os.environ.get(SPIN_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _preload_cuda_libraries(ort) -> None:
@@ -87,15 +100,17 @@ class OrtSession:
     backend = "onnxruntime"
 
     def __init__(self, path: Path, spec: GraphSpec, providers=("cpu",), threads: int | None = None,
-                 prepared: bool = False, profile_prefix: str | None = None):
+                 prepared: bool = False, profile_prefix: str | None = None, spin: bool | None = None):
         import onnxruntime as ort
 
         self.spec = spec
         self.prepared = prepared
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = int(threads)
+        if threads is not None:  # 0 or 100000 is a mistake, not "all cores": refuse it (limits.check_threads)
+            options.intra_op_num_threads = check_threads(threads)
+        self.spinning = spin_enabled(spin)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
         if profile_prefix:  # onnxruntime's per-node trace (chrome://tracing format), written by end_profiling()
             options.enable_profiling = True
             options.profile_file_prefix = profile_prefix
@@ -152,6 +167,7 @@ class OrtSession:
 
 
 def open_session(path: Path, spec: GraphSpec, providers=("cpu",), threads: int | None = None,
-                 prepared: bool = False, profile_prefix: str | None = None) -> OrtSession:
-    """Session for one graph file of a bundle (or of its prepared copy)."""
-    return OrtSession(path, spec, providers, threads, prepared, profile_prefix)
+                 prepared: bool = False, profile_prefix: str | None = None, spin: bool | None = None) -> OrtSession:
+    """Session for one graph file of a bundle (or of its prepared copy). ``threads``: 1 .. limits.max_threads(),
+    None for all cores; ``spin``: let idle intra-op threads spin-wait (None: MEGAEDGE_ORT_SPIN, default off)."""
+    return OrtSession(path, spec, providers, threads, prepared, profile_prefix, spin)

@@ -228,10 +228,10 @@ class Plan:
 
 def _widest_output(path: Path) -> int:
     """Widest MatMul output width from the graph's 2-D weights, without loading them."""
-    import onnx
+    from megaedge.runtime import onnx_meta
 
-    model = onnx.load(str(path), load_external_data=False)
-    dims = [tuple(i.dims) for i in model.graph.initializer if len(i.dims) == 2]
+    # onnx_meta, not onnx: `plan` must run on a runtime-only install, which has no onnx package.
+    dims = [d for d in onnx_meta.initializer_dims(path) if len(d) == 2]
     if not dims:
         return 1
     vocab = max(d[0] for d in dims)  # the embedding / LM head matrix: its rows are never a live activation
