@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from megaedge.runtime import limits
+from megaedge.runtime.limits import arg_type
+
 NAME = "calibrate"
 HELP = "simulate wild audio (7 conditions, 54 scenarios) from clean speech: wav files + JSONL manifest"
 
@@ -12,8 +15,17 @@ def _severity(text: str) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in text.split(":"))
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"severity range {text!r} must look like LO:HI, e.g. 0.3:0.9") from exc
+        raise argparse.ArgumentTypeError(f"severity range {limits.show(text)} must look like LO:HI, e.g. 0.3:0.9") \
+            from exc
+    if not 0.0 <= lo <= hi <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"severity range {limits.show(text)} must satisfy 0 <= LO <= HI <= 1, "
+                                         "e.g. 0.3:0.9")
     return lo, hi
+
+
+def _count(option: str):
+    low, high = limits.CALIB_COUNT
+    return arg_type(limits.check_int, parse=int, option=option, low=low, high=high)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,12 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (clips/ and manifest.jsonl)")
     parser.add_argument("--preset", choices=("calibration", "eval", "smoke"), default="calibration",
                         help="counts and scenario set (default calibration: 8 per condition, all 54 scenarios once)")
-    parser.add_argument("--per-condition", type=int, help="clips per atomic condition")
-    parser.add_argument("--per-scenario", type=int, help="clips per scenario")
-    parser.add_argument("--clean", type=int, help="clean copies to include")
+    counts = f"{limits.CALIB_COUNT[0]}-{limits.CALIB_COUNT[1]}"
+    parser.add_argument("--per-condition", type=_count("per-condition"), help=f"clips per atomic condition, {counts}")
+    parser.add_argument("--per-scenario", type=_count("per-scenario"), help=f"clips per scenario, {counts}")
+    parser.add_argument("--clean", type=_count("clean"), help=f"clean copies to include, {counts}")
     parser.add_argument("--scenarios", nargs="*", help="scenario names ('all' for every one, none for no scenarios)")
     parser.add_argument("--severity", type=_severity, help="severity range LO:HI within 0:1")
-    parser.add_argument("--seed", type=int, help="random seed (same seed -> identical files)")
+    parser.add_argument("--seed", type=arg_type(limits.check_int, parse=int, option="seed", low=limits.SEED[0],
+                                                high=limits.SEED[1]),
+                        help=f"random seed, {limits.SEED[0]}-{limits.SEED[1]} (same seed -> identical files)")
     parser.add_argument("--preview", metavar="PNG", help="also write spectrograms of one clip under each condition")
     parser.add_argument("--list-scenarios", action="store_true", help="print the scenario names and exit")
     parser.add_argument("--force", action="store_true", help="write into a non-empty output folder")
@@ -45,6 +60,12 @@ def run(args: argparse.Namespace) -> int:
         for name, scenario in sorted(scenarios.SCENARIOS.items()):
             print(f"{name}\t{' -> '.join(scenario.steps)}\t{scenario.description}")
         return 0
+    # Inputs and outputs are checked before any clip is simulated: a .wav given as the list, or a read-only
+    # folder, fails with one line instead of a parser traceback or an error after minutes of work.
+    limits.check_list_input(args.speech, "--speech", suffixes=(".jsonl", ".json"), folder_ok=True)
+    limits.check_output_dir(args.out, "--out")
+    if args.preview:
+        limits.check_output_file(args.preview, "--preview")
     options = builder.BuildOptions.preset(args.preset)
     changes = {k: v for k, v in {"per_condition": args.per_condition, "per_scenario": args.per_scenario,
                                  "clean": args.clean, "severity": args.severity, "seed": args.seed}.items()

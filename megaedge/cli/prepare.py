@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from megaedge.cli.common import add_threads_option
+
 NAME = "prepare"
 HELP = "once per device: save onnxruntime's optimized, pre-packed graphs for this CPU (faster cold start)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", help="bundle directory written by `megaedge export` (must be writable)")
-    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads while preparing")
+    add_threads_option(parser, "while preparing; default: all cores")
     parser.add_argument("--remove", action="store_true", help="delete this machine's prepared copies instead")
     parser.add_argument("--json", action="store_true")
 

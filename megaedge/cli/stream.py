@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from megaedge.cli.common import add_decode_engine_option
+from megaedge.cli.common import add_context_option, add_decode_engine_option, add_language_option, add_threads_option
+from megaedge.runtime import limits
+from megaedge.runtime.limits import arg_type
 
 NAME = "stream"
 HELP = "stream from a microphone (--mic) or a file (--file): partials update in place, finals on new lines"
@@ -16,20 +18,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--mic", action="store_true", help="record from a microphone (extra: mic)")
     source.add_argument("--file", help="stream an audio file (anything soundfile reads)")
     parser.add_argument("--device", help="microphone: sounddevice device index or name (default: system default)")
-    parser.add_argument("--seconds", type=float, help="stop after this much audio, then flush (default: until Ctrl-C "
-                                                      "or the end of the file)")
+    parser.add_argument("--seconds", type=arg_type(limits.check_stream_seconds, parse=float),
+                        help=f"stop after this much audio, 0-{limits.STREAM_SECONDS[1]:g} s (exclusive 0), then "
+                             "flush (default: until Ctrl-C or the end of the file)")
     parser.add_argument("--realtime", action="store_true", help="--file: feed at real-time speed, as a mic would")
     parser.add_argument("--preset", default="balanced",
                         help="balanced (default), interactive, dictation or exact (no endpointing, one utterance)")
-    parser.add_argument("--hop", type=float, help="seconds between partial results (overrides the preset)")
+    parser.add_argument("--hop", type=arg_type(limits.check_hop, parse=float),
+                        help=f"seconds between partial results, {limits.HOP_SECONDS[0]:g}-{limits.HOP_SECONDS[1]:g} "
+                             "(overrides the preset)")
     parser.add_argument("--no-endpoint", action="store_true", help="never finalise on silence")
     parser.add_argument("--route", choices=("auto", "base", "lora"), default="auto")
-    parser.add_argument("--language", help="force the output language (e.g. English)")
-    parser.add_argument("--context", help="context / hotwords placed in the system prompt")
+    add_language_option(parser)
+    add_context_option(parser)
     parser.add_argument("--json", action="store_true", help="one JSON event per line (partials and finals)")
     parser.add_argument("--providers", default="cpu", help="comma list: cpu, cuda, tensorrt (default cpu)")
     add_decode_engine_option(parser)
-    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    add_threads_option(parser)
 
 
 class _Printer:
@@ -94,14 +99,25 @@ def _file_chunks(args, hop: float):
         yield samples[i : i + step], audio_io.TARGET_RATE
 
 
+def _sounddevice():
+    """sounddevice, or one line naming the fix: without PortAudio its import raises OSError, not ImportError."""
+    from megaedge.errors import MegaedgeError, require
+
+    try:
+        return require("sounddevice", "mic")
+    except OSError as exc:
+        raise MegaedgeError(f"--mic: the PortAudio library is missing ({exc}); install it: "
+                            "apt-get install libportaudio2 (macOS: brew install portaudio)") from None
+
+
 def _mic_chunks(args, hop: float):
     import queue
 
     import numpy as np
 
-    from megaedge.errors import MegaedgeError, require
+    from megaedge.errors import MegaedgeError
 
-    sd = require("sounddevice", "mic")
+    sd = _sounddevice()
     device = int(args.device) if args.device and args.device.isdigit() else args.device
     try:
         rate = int(sd.query_devices(device, "input")["default_samplerate"])
