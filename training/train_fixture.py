@@ -394,10 +394,12 @@ def write_adapter(trained: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors, ranks, alphas, blocks = {}, {}, {}, {}
 
-    def put(raw: str, a, b, rank: int, alpha: float, block: bool):
+    def put(raw: str, a, b, rank: int, alpha: float, block: bool, whole_block: bool = False):
         key = f"base_model.model.thinker.{raw}"
         ranks["thinker." + raw], alphas["thinker." + raw] = rank, alpha
-        if block and rank >= 2:
+        if whole_block:  # one slice at the pattern's scale: the same delta as no blocks entry
+            blocks["thinker." + raw] = [{"start": 0, "end": rank, "rank": rank, "alpha": alpha}]
+        elif block and rank >= 2:
             cut = rank // 2
             b = b.clone()
             b[:, cut:] *= 0.5  # second slice's alpha doubles its scale
@@ -413,7 +415,10 @@ def write_adapter(trained: dict, out_dir: Path) -> None:
         if raw.startswith("model.layers."):
             half = rank // 2
             put(raw, a[:half], b[:, :half], half, alpha * half / rank, block)
-            put(raw[len("model.") :], a[half:], b[:, half:], rank - half, alpha * (rank - half) / rank, False)
+            # When the model.layers half has blocks, the layers half needs an entry of its own: upstream's lookup
+            # (blocks[raw] or blocks[thinker.model.layers...]) would otherwise hand it the other half's slices.
+            put(raw[len("model.") :], a[half:], b[:, half:], rank - half, alpha * (rank - half) / rank, False,
+                whole_block=block and half >= 2)
         else:
             put(raw, a, b, rank, alpha, block)
     save_file({k: v.to(torch.float32) for k, v in tensors.items()}, str(out_dir / layout.ADAPTER_WEIGHTS),

@@ -6,7 +6,10 @@ What the real adapter has (mega-asr.md) and this module handles:
 * keys ``base_model.model.thinker.<module>.lora_A.weight`` and the same without ``thinker.`` (upstream training
   script), with or without a peft adapter name before ``.weight``;
 * two decoder namespaces, ``thinker.layers.N`` and ``thinker.model.layers.N``: both add to the same module;
-* ``mega_lora_blocks.json``: per module, rank slices ``{start, end, rank, alpha}`` each with its own scale.
+* ``mega_lora_blocks.json``: per module, rank slices ``{start, end, rank, alpha}`` each with its own scale;
+* upstream's name lookup: a module's blocks / rank / alpha are looked up under its saved name, then under the
+  normalised name (``thinker.layers.`` -> ``thinker.model.layers.``), so an entry stored only under the second
+  decoder namespace also serves the first namespace's pair.
 
 Every (A, B) pair of a module and every block folds into ONE (A, B) per module with the scales inside B, so
 ``delta_W = B @ A`` exactly; routed bundles use that as a gated branch ``y = W x + g * B (A x)``.
@@ -101,18 +104,41 @@ def native_module_name(raw: str) -> str | None:
     return None
 
 
-def _pattern_value(patterns: dict, raw: str, target: str, saved_names: frozenset[str] = frozenset()):
-    """Exact lookup (saved name, with/without thinker./peft prefix, native name), then peft-style suffix patterns.
+def normalised_name(raw: str) -> str:
+    """Upstream's second lookup name: ``thinker.layers.`` -> ``thinker.model.layers.`` (mega-asr.md, LoRA semantics).
 
-    A key that is itself the exact name of a saved module is never used as a suffix pattern: without the
-    ``thinker.`` prefix, ``layers.1.q_proj`` (one decoder namespace) would otherwise also match
-    ``model.layers.1.q_proj`` (the other).
+    Adapters saved without the ``thinker.`` prefix get the same rule on their bare names (``layers.N`` ->
+    ``model.layers.N``), so both spellings of one adapter resolve alike.
+    """
+    if raw.startswith("thinker."):
+        return raw.replace("thinker.layers.", "thinker.model.layers.")
+    return "model." + raw if raw.startswith("layers.") else raw
+
+
+def _spellings(name: str) -> tuple[str, ...]:
+    bare = name[len("thinker.") :] if name.startswith("thinker.") else name
+    return (name, _PEFT_PREFIX + name, bare, "thinker." + bare)
+
+
+def _pattern_value(patterns: dict, raw: str, target: str, saved_names: frozenset[str] = frozenset(),
+                   skip_empty: bool = False):
+    """Exact lookup under the saved name, then under upstream's normalised name (each with/without the thinker. /
+    peft prefix), then the native name; then peft-style suffix patterns.
+
+    The saved name wins over the normalised one, as upstream's ``get(raw, get(normalised, default))``;
+    ``skip_empty`` follows upstream's ``blocks[raw] or blocks[normalised]`` for the blocks file, where an empty
+    entry under the saved name falls through to the normalised one. A key that is itself the exact name of a saved
+    module is never used as a suffix pattern: without the ``thinker.`` prefix, ``layers.1.q_proj`` (one decoder
+    namespace) would otherwise also match ``model.layers.1.q_proj`` (the other).
     """
     if not patterns:
         return None
-    bare = raw[len("thinker.") :] if raw.startswith("thinker.") else raw
-    for candidate in (raw, _PEFT_PREFIX + raw, bare, "thinker." + bare, target):
-        if candidate in patterns:
+    candidates = _spellings(raw)
+    normalised = normalised_name(raw)
+    if normalised != raw:
+        candidates += _spellings(normalised)
+    for candidate in (*candidates, target):
+        if candidate in patterns and not (skip_empty and not patterns[candidate]):
             return patterns[candidate]
     for pattern, value in patterns.items():
         if pattern in saved_names:
@@ -132,8 +158,12 @@ def _parse_blocks(raw_blocks, rank: int, name: str) -> tuple[Block, ...]:
             start, end = int(item["start"]), int(item["end"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{layout.ADAPTER_BLOCKS}: block {item!r} of {name} lacks integer start/end") from exc
-        blk_rank = float(item.get("rank", end - start))
-        blk_alpha = float(item.get("alpha", blk_rank))
+        try:  # int(), as upstream reads them: a rank or alpha of 2.5 in the file scales as 2
+            blk_rank = int(item.get("rank", end - start))
+            blk_alpha = int(item.get("alpha", blk_rank))
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{layout.ADAPTER_BLOCKS}: block {item!r} of {name} has a non-numeric rank or "
+                                  f"alpha") from exc
         if not (0 <= start < end <= rank) or blk_rank <= 0:
             raise CheckpointError(
                 f"{layout.ADAPTER_BLOCKS}: block [{start}, {end}) of {name} is outside rank {rank} or has rank <= 0"
@@ -325,7 +355,7 @@ def load_adapter(directory: str | Path) -> Adapter:
             continue
         rank = int(pair.a.shape[0])
         # The blocks file is keyed by exact module names (as upstream reads it): no suffix patterns there.
-        block_list = _pattern_value(blocks_cfg, raw, target, saved_names=frozenset(blocks_cfg))
+        block_list = _pattern_value(blocks_cfg, raw, target, saved_names=frozenset(blocks_cfg), skip_empty=True)
         if block_list:
             pair.blocks = _parse_blocks(block_list, rank, raw)
         else:

@@ -58,6 +58,7 @@ GEOMETRIES = {
 }
 LAYOUTS = ("mega", "original", "native")
 ENCODER_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")
+DECODER_NAMESPACES = ("layers", "model.layers")  # thinker.layers.N and thinker.model.layers.N
 DECODER_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _SHARD_BYTES = 2 * 1024**3
@@ -206,13 +207,29 @@ class AdapterSpec:
     thinker_prefix: bool = True
     blocks_every: int = 3  # every Nth module gets a rank-slice blocks entry
     delta_scale: float = 0.3  # ||B A|| relative to 1/sqrt(fan_in)
+    # Decoder namespaces the A/B tensors are saved under (the real adapter: both, and they add).
+    decoder_namespaces: tuple[str, ...] = DECODER_NAMESPACES
+    # Key blocks / rank_pattern / alpha_pattern by upstream's normalised name (``thinker.layers.N...`` ->
+    # ``thinker.model.layers.N...``) instead of the saved name: the held-out layout where the entries of pairs saved
+    # as ``thinker.layers.N...`` exist only under ``thinker.model.layers.N...`` (upstream's second lookup finds them).
+    # Needs decoder_namespaces=("layers",): with both saved, two pairs would share one entry.
+    normalised_names: bool = False
+
+    def __post_init__(self):
+        unknown = sorted(set(self.decoder_namespaces) - set(DECODER_NAMESPACES))
+        if unknown or not self.decoder_namespaces:
+            raise MegaedgeError(f"decoder_namespaces {self.decoder_namespaces!r}: expected a non-empty subset of "
+                                f"{DECODER_NAMESPACES}")
+        if self.normalised_names and "model.layers" in self.decoder_namespaces:
+            raise MegaedgeError("normalised_names needs decoder_namespaces=('layers',): pairs saved under both "
+                                "namespaces would share one blocks/pattern entry")
 
 
-def adapter_module_names(config) -> list[str]:
-    """Saved (original-layout) module names the real Mega-ASR adapter covers, both decoder namespaces."""
+def adapter_module_names(config, decoder_namespaces: tuple[str, ...] = DECODER_NAMESPACES) -> list[str]:
+    """Saved (original-layout) module names the real Mega-ASR adapter covers, both decoder namespaces by default."""
     names = [f"audio_tower.layers.{i}.{t}" for i in range(config.audio_config.encoder_layers) for t in ENCODER_TARGETS]
     names += ["audio_tower.conv_out", "audio_tower.proj1", "audio_tower.proj2"]
-    for namespace in ("layers", "model.layers"):
+    for namespace in decoder_namespaces:
         names += [f"{namespace}.{i}.{t}" for i in range(config.text_config.num_hidden_layers) for t in DECODER_TARGETS]
     return names
 
@@ -221,7 +238,7 @@ def write_adapter(config, out_dir: Path, seed: int, spec: AdapterSpec = AdapterS
     import torch
     from safetensors.torch import save_file
 
-    from megaedge.export.adapter import native_module_name
+    from megaedge.export.adapter import native_module_name, normalised_name
 
     out_dir.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -232,20 +249,28 @@ def write_adapter(config, out_dir: Path, seed: int, spec: AdapterSpec = AdapterS
     shapes = {n: tuple(m.weight.shape) for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear)}
     prefix = "thinker." if spec.thinker_prefix else ""
     tensors, rank_pattern, alpha_pattern, blocks = {}, {}, {}, {}
-    for i, short in enumerate(adapter_module_names(config)):
+    slots: dict[str, int] = {}
+    for short in adapter_module_names(config, spec.decoder_namespaces):
         raw = prefix + short
-        out_f, in_f = shapes[native_module_name("thinker." + short)]
+        entry = normalised_name(raw) if spec.normalised_names else raw  # the name blocks / patterns are keyed by
+        native = native_module_name("thinker." + short)
+        # One blocks decision per native module, so both decoder namespaces of a module have blocks or neither:
+        # upstream's lookup hands a thinker.layers.N pair without blocks of its own the thinker.model.layers.N
+        # pair's blocks (mega-asr.md), which would not fit its rank.
+        slot = slots.setdefault(native, len(slots))
+        out_f, in_f = shapes[native]
         rank = spec.ranks[int(torch.randint(len(spec.ranks), (1,), generator=gen))]
         alpha = spec.alphas[int(torch.randint(len(spec.alphas), (1,), generator=gen))]
         a = torch.randn(rank, in_f, generator=gen) / math.sqrt(in_f)
         b = torch.randn(out_f, rank, generator=gen) * spec.delta_scale / math.sqrt(rank) * rank / alpha
         tensors[f"base_model.model.{raw}.lora_A.weight"] = a
         tensors[f"base_model.model.{raw}.lora_B.weight"] = b
-        rank_pattern[raw], alpha_pattern[raw] = rank, alpha
-        if spec.blocks_every and i % spec.blocks_every == 0 and rank >= 2:
+        rank_pattern[entry], alpha_pattern[entry] = rank, alpha
+        if spec.blocks_every and slot % spec.blocks_every == 0:
             cut = rank // 2
-            blocks[raw] = [{"start": 0, "end": cut, "rank": cut, "alpha": alpha},
-                           {"start": cut, "end": rank, "rank": rank - cut, "alpha": 2 * alpha}]
+            blocks[entry] = ([{"start": 0, "end": cut, "rank": cut, "alpha": alpha},
+                              {"start": cut, "end": rank, "rank": rank - cut, "alpha": 2 * alpha}] if cut else
+                             [{"start": 0, "end": rank, "rank": rank, "alpha": alpha}])
     save_file(tensors, str(out_dir / layout.ADAPTER_WEIGHTS), metadata={"format": "pt"})
     adapter_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": max(spec.ranks), "lora_alpha": max(spec.alphas),
