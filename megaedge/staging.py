@@ -94,12 +94,19 @@ def make_staging(parent: Path, name: str, kind: str = PARTIAL) -> Path:
     return path
 
 
-def not_writable(folder: Path, exc: OSError) -> MegaedgeError:
+def not_writable(folder: Path, exc: OSError, option: str = "--out") -> MegaedgeError:
     """The one-line error for an output folder that cannot be created or written."""
     reason = exc.strerror or type(exc).__name__
+    probe = Path(folder)
+    while not os.path.lexists(probe) and probe.parent != probe:
+        probe = probe.parent
+    if os.path.lexists(probe) and not probe.is_dir():  # mkdir says "File exists" or "Not a directory" here
+        if probe == Path(folder):
+            return MegaedgeError(f"{folder}: is a file, not a folder; choose another {option}")
+        return MegaedgeError(f"{folder}: {probe} is a file, so the folder cannot be created; choose another {option}")
     if exc.errno == errno.ENOSPC:
-        return MegaedgeError(f"{folder}: disk full; nothing was left behind; free space or choose another --out")
-    return MegaedgeError(f"{folder}: cannot write there ({reason}); choose a writable --out folder")
+        return MegaedgeError(f"{folder}: disk full; nothing was left behind; free space or choose another {option}")
+    return MegaedgeError(f"{folder}: cannot write there ({reason}); choose a writable {option} folder")
 
 
 @contextlib.contextmanager

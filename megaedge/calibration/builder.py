@@ -6,8 +6,12 @@ whatever the order or subset of work, and different seeds differ.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,26 +172,114 @@ def render(job: Job, sources, options: BuildOptions) -> tuple[np.ndarray, dict]:
     return out, record
 
 
+# An existing --out keeps everything but clips/ and manifest.jsonl; the new set is staged in this hidden folder
+# inside it (same filesystem, so the final renames are atomic).
+STAGING_NAME = "calibrate"
+_CLIP_NAME = re.compile(r"^\d{5}_[A-Za-z0-9_.-]+\.wav$")  # what build() names its clips
+
+
+def _check_existing(out: Path, force: bool, inputs: list[Path]) -> None:
+    """One line for an existing --out that must not be written: not empty without --force, or (with --force) a
+    clips/ folder or manifest that build() did not write or that holds the speech being simulated."""
+    try:
+        entries = list(out.iterdir())
+    except OSError as exc:
+        from megaedge import staging
+
+        raise staging.not_writable(out, exc) from exc
+    if not entries:
+        return
+    if not force:
+        raise MegaedgeError(f"{out}: output directory is not empty; pass --force to overwrite its clips/ and "
+                            f"{MANIFEST_NAME}, or choose a new folder")
+    clips, manifest = out / CLIPS_DIR, out / MANIFEST_NAME
+    for source in inputs:
+        real = source.resolve()
+        if real == out.resolve() or real == manifest.resolve() or clips.resolve() in real.parents:
+            raise MegaedgeError(f"--out {out}: --force would replace the speech being simulated ({source}); "
+                                f"choose another --out")
+    if os.path.lexists(manifest) and not manifest.is_file():
+        raise MegaedgeError(f"{manifest}: is not a file; --force only replaces a calibration manifest; "
+                            f"choose another --out")
+    if os.path.lexists(clips):
+        if clips.is_symlink() or not clips.is_dir():
+            raise MegaedgeError(f"{clips}: is not a folder of clips; --force only replaces a calibration set's "
+                                f"clips/; choose another --out")
+        foreign = sorted(p.name for p in clips.iterdir() if not (_CLIP_NAME.match(p.name) and p.is_file()))
+        if foreign:
+            raise MegaedgeError(f"{clips}: holds {foreign[0]!r}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}"
+                                f", which megaedge calibrate did not write; --force only replaces a calibration "
+                                f"set's clips/; choose another --out")
+
+
+def _commit(work: Path, out: Path) -> None:
+    """Move the finished set from ``work`` to ``out``; the manifest arrives last, so a set without its manifest is
+    the only thing an interruption can leave, and such a set does not look complete."""
+    from megaedge import staging
+
+    with staging.signals_held():
+        if not out.is_dir():
+            os.rename(work, out)  # a new folder: one atomic rename
+            return
+        # An existing folder: the old manifest goes first and the new one comes last. The old pieces wait in
+        # ``work`` and go with it; a crash here leaves ``work`` to the next run's stale-folder clearing.
+        if os.path.lexists(out / MANIFEST_NAME):
+            os.rename(out / MANIFEST_NAME, work / ("old-" + MANIFEST_NAME))
+        if os.path.lexists(out / CLIPS_DIR):
+            os.rename(out / CLIPS_DIR, work / ("old-" + CLIPS_DIR))
+        os.rename(work / CLIPS_DIR, out / CLIPS_DIR)
+        os.rename(work / MANIFEST_NAME, out / MANIFEST_NAME)
+
+
 def build(speech: str | Path, out_dir: str | Path, options: BuildOptions, force: bool = False) -> Path:
-    """Write clips/ and manifest.jsonl under ``out_dir``; returns the manifest path."""
+    """Write clips/ and manifest.jsonl under ``out_dir``; returns the manifest path.
+
+    The set is simulated in a hidden staging folder and moved in when complete: an interrupted or failed run (Ctrl-C,
+    SIGTERM, a full disk) leaves ``out_dir`` as it was, never a partial set with a valid-looking manifest. With
+    ``force`` an existing set's clips/ and manifest are replaced and nothing else in the folder is touched.
+    """
     import soundfile as sf
 
+    from megaedge import staging
+
     options = options.validated()
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise MegaedgeError(f"{out}: output directory is not empty; pass --force to overwrite")
-    sources = load_sources(scan_speech(speech), options.max_seconds)
-    (out / CLIPS_DIR).mkdir(parents=True, exist_ok=True)
+    out = Path(os.path.abspath(Path(out_dir).expanduser()))
+    if os.path.lexists(out) and not out.is_dir():
+        raise MegaedgeError(f"--out {out}: exists and is not a folder; choose a folder for the calibration set")
+    scan = scan_speech(speech)
+    # Leftovers of runs that died (SIGKILL, power loss): beside a new folder, or inside an existing one.
+    staging.clear_stale(out.parent, out.name)
+    if out.is_dir():
+        staging.clear_stale(out, STAGING_NAME)
+        _check_existing(out, force, [Path(speech), *(s.path for s in scan.sources)])
+    sources = load_sources(scan, options.max_seconds)
     jobs = plan(options)
-    manifest = out / MANIFEST_NAME
-    with manifest.open("w", encoding="utf-8") as handle:
+    work = staging.make_staging(out, STAGING_NAME) if out.is_dir() else staging.make_staging(out.parent, out.name)
+    try:
+        (work / CLIPS_DIR).mkdir()
+        lines = []
         for job in track(jobs, desc="simulating", total=len(jobs), unit="clip"):
             samples, record = render(job, sources, options)
             rel = f"{CLIPS_DIR}/{job.index:05d}_{job.name.replace('+', '-')}.wav"
-            sf.write(out / rel, samples, SAMPLE_RATE, subtype="PCM_16")
-            handle.write(json.dumps({"path": rel, **record}, ensure_ascii=False, sort_keys=True) + "\n")
+            sf.write(work / rel, samples, SAMPLE_RATE, subtype="PCM_16")
+            lines.append(json.dumps({"path": rel, **record}, ensure_ascii=False, sort_keys=True) + "\n")
+        (work / MANIFEST_NAME).write_text("".join(lines), encoding="utf-8")
+        _commit(work, out)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC):
+            raise staging.not_writable(out, exc) from exc
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):  # another process filled a new --out meanwhile
+            raise MegaedgeError(f"--out {out}: was created by someone else during the run; nothing was written; "
+                                f"run again") from exc
+        raise
+    except getattr(sf, "LibsndfileError", RuntimeError) as exc:  # libsndfile reports a full disk its own way
+        raise MegaedgeError(f"--out {out}: a clip could not be written ({exc}); nothing was left behind; check "
+                            f"the free space and choose another --out if needed") from exc
+    finally:
+        # Ctrl-C, SIGTERM (megaedge.cli.signals), errors: the unfinished set goes; after success only old pieces.
+        shutil.rmtree(work, ignore_errors=True)
     log.info("wrote %d clips to %s", len(jobs), out)
-    return manifest
+    return out / MANIFEST_NAME
 
 
 def read_manifest(path: str | Path) -> Iterator[dict]:
@@ -224,7 +316,13 @@ def preview(speech: str | Path, png: str | Path, seed: int = 0, severity: float 
     axes[-1].set_xlabel(f"seconds ({source.path.name})")
     fig.tight_layout()
     out = Path(png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=80)
+    except OSError as exc:
+        from megaedge import staging
+
+        raise staging.not_writable(out.parent, exc, "--preview") from exc
+    finally:
+        plt.close(fig)
     return out

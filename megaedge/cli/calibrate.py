@@ -44,10 +44,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"random seed, {limits.SEED[0]}-{limits.SEED[1]} (same seed -> identical files)")
     parser.add_argument("--preview", metavar="PNG", help="also write spectrograms of one clip under each condition")
     parser.add_argument("--list-scenarios", action="store_true", help="print the scenario names and exit")
-    parser.add_argument("--force", action="store_true", help="write into a non-empty output folder")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the clips/ and manifest.jsonl of an existing set in --out (nothing else there "
+                             "is touched)")
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from megaedge.cli.signals import Terminated, stop_like_ctrl_c
+
+    # SIGTERM / SIGHUP run the same cleanup as Ctrl-C: the unfinished set is removed and --out stays as it was.
+    with stop_like_ctrl_c():
+        try:
+            return _run(args)
+        except Terminated as stop:
+            print(f"megaedge {NAME}: stopped by {stop.name}; --out was left as it was", file=sys.stderr)
+            return stop.exit_status
+
+
+def _run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from megaedge.errors import require

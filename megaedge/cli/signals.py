@@ -31,21 +31,39 @@ class Terminated(KeyboardInterrupt):
 
 class _Guard:
     def __init__(self):
-        self.received: int | None = None
+        self.received: int | None = None  # the first signal; later ones are ignored
         self.holding = False
+        self.deferring = False
+        self._raised = False
 
     def handler(self, signum, frame):
-        if self.received is not None or self.holding:
+        if self.received is not None:
             # Cleanup (or the final flush) is already running because of the first one: let it finish. A supervisor
             # that will not wait sends SIGKILL anyway.
-            self.received = self.received or signum
             return
         self.received = signum
-        raise Terminated(signum)
+        if not (self.holding or self.deferring):
+            self._raise()
+
+    def _raise(self):
+        self._raised = True
+        raise Terminated(self.received)
 
     def hold(self) -> None:
         """From now on signals are only recorded: the caller is wrapping up and must not be cut short."""
         self.holding = True
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """A signal inside the block is raised when the block ends, not in the middle of it (of a stream's state
+        update, say), so the work after the interruption starts from a consistent state."""
+        outer, self.deferring = self.deferring, True
+        try:
+            yield
+        finally:
+            self.deferring = outer
+        if not outer and self.received is not None and not (self._raised or self.holding):
+            self._raise()
 
 
 @contextlib.contextmanager

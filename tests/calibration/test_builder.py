@@ -1,5 +1,7 @@
 import hashlib
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ import soundfile as sf
 
 from megaedge.calibration import builder, scenarios
 from megaedge.errors import AudioError, MegaedgeError
-from tests.conftest import run_cli, speechlike
+from tests.conftest import REPO, run_cli, speechlike
 
 
 @pytest.fixture()
@@ -99,3 +101,150 @@ def test_cli_errors_are_one_line(tmp_path, speech_dir):
     ok = run_cli("--no-progress", "calibrate", "--speech", str(speech_dir), "--out", str(tmp_path / "o"),
                  "--preset", "smoke")
     assert ok.returncode == 0 and "wrote 9 clips" in ok.stdout
+
+
+# --------------------------------------------------------------------------- data safety (issue 28)
+def _hidden(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def _interrupt_at(monkeypatch, index, exc=KeyboardInterrupt):
+    """Make the simulation of job ``index`` raise, as Ctrl-C / SIGTERM (megaedge.cli.signals) would mid-run."""
+    real = builder.render
+
+    def render(job, sources, options):
+        if job.index == index:
+            raise exc()
+        return real(job, sources, options)
+
+    monkeypatch.setattr(builder, "render", render)
+
+
+def test_interrupted_build_leaves_nothing_and_a_rerun_works(speech_dir, tmp_path, monkeypatch):
+    options = builder.BuildOptions(per_condition=1, scenarios=(), clean=1)
+    _interrupt_at(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        builder.build(speech_dir, tmp_path / "set", options)
+    assert not (tmp_path / "set").exists()  # no folder, so no set that looks complete
+    assert _hidden(tmp_path) == []  # and no staging folder left behind
+    monkeypatch.undo()
+    manifest = builder.build(speech_dir, tmp_path / "set", options)
+    assert len(list(builder.read_manifest(manifest))) == 8
+    assert len(list((tmp_path / "set" / "clips").iterdir())) == 8 and _hidden(tmp_path / "set") == []
+
+
+def test_interrupted_force_rebuild_keeps_the_old_set(speech_dir, tmp_path, monkeypatch):
+    out = tmp_path / "set"
+    builder.build(speech_dir, out, builder.BuildOptions(per_condition=1, scenarios=(), clean=1, seed=1))
+    before = (out / "manifest.jsonl").read_bytes(), _digest(out)
+    _interrupt_at(monkeypatch, 3, OSError)
+    with pytest.raises(OSError):
+        builder.build(speech_dir, out, builder.BuildOptions(per_condition=1, scenarios=(), clean=1, seed=2), force=True)
+    assert ((out / "manifest.jsonl").read_bytes(), _digest(out)) == before
+    assert _hidden(out) == [] and _hidden(tmp_path) == []
+
+
+def test_force_replaces_only_the_set(speech_dir, tmp_path):
+    out = tmp_path / "set"
+    builder.build(speech_dir, out, builder.BuildOptions(per_condition=2, scenarios=(), clean=1, seed=1))
+    (out / "notes.txt").write_text("mine")
+    (out / "clips" / "00099_stale.wav").write_bytes(b"")  # a clip of an older, bigger set: replaced with clips/
+    builder.build(speech_dir, out, builder.BuildOptions(per_condition=1, scenarios=(), clean=1, seed=2), force=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == ["clips", "manifest.jsonl", "notes.txt"]
+    items = list(builder.read_manifest(out / "manifest.jsonl"))
+    assert len(items) == 8 and sorted(Path(i["path"]).name for i in items) == sorted(_digest(out))
+
+
+def test_force_refuses_what_calibrate_did_not_write(speech_dir, tmp_path):
+    options = builder.BuildOptions.preset("smoke")
+    mine = tmp_path / "mine"
+    (mine / "clips").mkdir(parents=True)
+    (mine / "clips" / "interview.wav").write_bytes(b"x")
+    with pytest.raises(MegaedgeError, match=r"clips: holds 'interview.wav', which megaedge calibrate did not write"):
+        builder.build(speech_dir, mine, options, force=True)
+    assert (mine / "clips" / "interview.wav").read_bytes() == b"x" and _hidden(mine) == []
+    # The speech being simulated lives in the output's clips/: --force would delete it.
+    data = tmp_path / "data"
+    builder.build(speech_dir, data, options)
+    listing = tmp_path / "from_set.jsonl"
+    listing.write_text(json.dumps({"path": str(next((data / "clips").iterdir())), "text": "x"}) + "\n")
+    with pytest.raises(MegaedgeError, match=r"--force would replace the speech being simulated"):
+        builder.build(listing, data, options, force=True)
+    with pytest.raises(MegaedgeError, match=r"--force would replace the speech being simulated"):
+        builder.build(data / "manifest.jsonl", data, options, force=True)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(MegaedgeError, match=r"afile: exists and is not a folder"):
+        builder.build(speech_dir, tmp_path / "afile", options)
+
+
+def test_stale_staging_of_dead_runs_is_cleared(speech_dir, tmp_path):
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # reaped: its pid names no process now
+    stale_beside = tmp_path / f".set.partial-{dead.pid}-abc"
+    (stale_beside / "clips").mkdir(parents=True)
+    live = tmp_path / f".set.partial-{os.getppid()}-abc"  # the pytest runner's parent: alive
+    live.mkdir()
+    builder.build(speech_dir, tmp_path / "set", builder.BuildOptions.preset("smoke"))
+    assert not stale_beside.exists() and live.is_dir()
+    stale_inside = tmp_path / "set" / f".calibrate.partial-{dead.pid}-xyz"
+    stale_inside.mkdir()
+    builder.build(speech_dir, tmp_path / "set", builder.BuildOptions.preset("smoke"), force=True)
+    assert not stale_inside.exists()
+
+
+def test_unwritable_output_is_one_line(speech_dir, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MegaedgeError) as err:
+        builder.build(speech_dir, tmp_path / "file" / "set", builder.BuildOptions.preset("smoke"))
+    assert str(err.value) == f"{tmp_path / 'file'}: is a file, not a folder; choose another --out"
+    with pytest.raises(MegaedgeError) as err:
+        builder.build(speech_dir, tmp_path / "file" / "sub" / "set", builder.BuildOptions.preset("smoke"))
+    assert str(err.value) == f"{tmp_path / 'file' / 'sub'}: {tmp_path / 'file'} is a file, so the folder cannot be " \
+                             f"created; choose another --out"
+    # root writes through chmod 555, so the read-only case is simulated where the staging folder is made.
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with pytest.raises(MegaedgeError) as err:
+        builder.build(speech_dir, tmp_path / "ro" / "set", builder.BuildOptions.preset("smoke"))
+    assert str(err.value) == f"{tmp_path / 'ro'}: cannot write there (Permission denied); choose a writable --out folder"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a chmod 555 folder; the case is simulated above")
+def test_read_only_output_folder_is_one_line(speech_dir, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(MegaedgeError, match=r"ro: cannot write there \(Permission denied\)"):
+            builder.build(speech_dir, ro / "set", builder.BuildOptions.preset("smoke"))
+    finally:
+        ro.chmod(0o755)
+
+
+def test_sigterm_stops_calibrate_without_a_partial_set(speech_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "set"
+    code = "import sys\nfrom megaedge.cli.main import main\nsys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, "--no-progress", "calibrate", "--speech", str(speech_dir),
+                             "--out", str(out), "--per-condition", "40", "--scenarios"],  # no scenarios
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".set.partial-*/clips/*.wav")):  # simulating: some clips written
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "megaedge calibrate: stopped by SIGTERM; --out was left as it was"
+    assert not out.exists() and _hidden(tmp_path) == []
