@@ -91,6 +91,8 @@ def _run(args: argparse.Namespace) -> int:
             limits.check_list_input(args.calib, "--calib", suffixes=(".jsonl", ".json"), folder_ok=True)
         if args.eval_set:
             limits.check_list_input(args.eval_set, "--eval-set")
+        if args.calib_cache:
+            limits.check_output_dir(args.calib_cache, "--calib-cache")
         out = export_int8(model, args.out, options, int8, adapter=args.adapter, router=args.router)
         report = out / manifest.QUANT_REPORT_JSON
         if report.is_file():
