@@ -196,3 +196,12 @@ def test_plan_and_doctor_bundle_without_onnx(capsys, monkeypatch, tiny_bundles):
     assert ready["findings"][0] == {"graph": "bundle", "level": "warning",
                                     "message": "operators and opset not checked: that needs the onnx package "
                                                "(pip install onnx, or pip install 'megaedge[export]')"}
+
+
+def test_prepare_read_only_bundle(capsys, tmp_path, monkeypatch):
+    from megaedge.runtime import limits
+
+    monkeypatch.setattr(limits.os, "access", lambda path, mode: False)
+    line = _one_line(capsys, ["prepare", str(tmp_path)])
+    assert line == f"megaedge prepare: error: BUNDLE {tmp_path}: cannot write in {tmp_path} (read-only); " \
+                   "pick a writable folder"
