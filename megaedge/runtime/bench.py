@@ -193,6 +193,7 @@ def run(bundle, options: BenchOptions = BenchOptions(), progress=None) -> dict:
     import onnxruntime
 
     from megaedge import __version__
+    from megaedge.runtime.session import spin_enabled
     from megaedge.runtime.transcriber import PREFILL_MIN_ROWS, Transcriber
 
     bundle = Path(bundle).expanduser()
@@ -214,6 +215,8 @@ def run(bundle, options: BenchOptions = BenchOptions(), progress=None) -> dict:
         "quantization": (info.quantization or {}).get("recipe", {}).get("name") if info.quantization else None,
         "device": {**{k: v for k, v in cpu.items() if k != "int8_note"},
                    "threads": options.threads or os.cpu_count(), "memory_gib": machine.memory_facts()["total_gib"],
+                   # sessions no longer spin-wait by default (runtime/session.py): say which way a run was timed
+                   "ort_spinning": spin_enabled(),
                    "providers": list(prompts.providers),
                    "decode_engine": f"native ({tr.native.kernels.isa})" if tr.native else "onnxruntime",
                    "prefill_engine": f"native ({tr.native.kernels.isa})" if tr.native_prefill else "onnxruntime",
