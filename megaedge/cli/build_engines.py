@@ -20,6 +20,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timing-cache", help="timing cache file (read and updated; speeds up rebuilds)")
 
 
+INT8_TARGETS = ("tensorrt", "cuda")  # quantization targets whose Q/DQ graphs TensorRT builds INT8 engines from
+
+
+def check_int8_source(bundle, info) -> None:
+    """``--int8`` builds from the explicit Q/DQ of an INT8 bundle quantized for TensorRT; refuse any other bundle."""
+    from megaedge.errors import MegaedgeError
+
+    target = (info.quantization or {}).get("target")
+    if info.precision != "int8" or target not in INT8_TARGETS:
+        raise MegaedgeError(f"{bundle}: --int8 needs a bundle exported with --int8 --target tensorrt "
+                            f"(this one: {info.precision}, target {target})")
+
+
 def run(args: argparse.Namespace) -> int:
     import json
     import time
@@ -34,9 +47,8 @@ def run(args: argparse.Namespace) -> int:
     options = rt.EngineOptions(precision="int8" if args.int8 else "fp16", max_audio_seconds=args.max_audio_seconds,
                                max_new_tokens=args.max_new_tokens, workspace_mib=args.workspace,
                                timing_cache=args.timing_cache)
-    if options.precision == "int8" and (info.quantization or {}).get("target") not in ("tensorrt", "cuda"):
-        raise MegaedgeError(f"{bundle}: --int8 needs a bundle exported with --int8 --target tensorrt "
-                            f"(this one: {info.precision}, target {(info.quantization or {}).get('target')})")
+    if options.precision == "int8":
+        check_int8_source(bundle, info)
     errors = [f for f in rt.check_bundle(bundle, info) if f.level == "error"]
     if errors:
         raise MegaedgeError(f"{bundle}: not ready for TensorRT: {errors[0].graph}: {errors[0].message}"

@@ -501,7 +501,7 @@ def quantize_bundle(fp32_bundle: Path, out: Path, recipe: Int8Recipe, calib_item
         raise MegaedgeError(f"recipe {recipe.name}: prefill {recipe.prefill!r} is not one of ('shared', 'dynamic')")
     for name, source, how in jobs:
         spec = info.graph(source)
-        target = manifest.GRAPH_FILES[name]
+        graph_file = manifest.GRAPH_FILES[name]  # not `target`: that names the device, kept for the manifest
         external = bool(spec.data_files)
         feeds = None
         # Ranges depend on the graph, the activation flavour and the clips: all three key the cache file.
@@ -514,12 +514,13 @@ def quantize_bundle(fp32_bundle: Path, out: Path, recipe: Int8Recipe, calib_item
                      else decoder_feeds(fp32_bundle, calib_items))
         elif cached:
             log.info("%s: activation ranges from cache %s", name, cache.name)
-        details[name] = _quantize_graph(fp32_bundle / spec.file, out / target, how, recipe, feeds, cache, external)
-        data = (out / target).with_name(target + ".data")
+        details[name] = _quantize_graph(fp32_bundle / spec.file, out / graph_file, how, recipe, feeds, cache,
+                                        external)
+        data = (out / graph_file).with_name(graph_file + ".data")
         precision = "fp32" if how == "float" else "int8"
         if how == "weight-only" and recipe.decoder_bits == 4:
             precision = "int4"  # the layers' weights; the bundle stays an INT8-calibrated bundle
-        graphs[name] = _graph_spec(out / target, precision,
+        graphs[name] = _graph_spec(out / graph_file, precision,
                                    (data.name,) if data.exists() else ())
         log.info("%s: %s", name, details[name])
     doc = info.to_dict()

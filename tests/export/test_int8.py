@@ -175,7 +175,7 @@ def test_prefill_graph_serves_prompts_and_hands_its_cache_to_the_decode_graph(ti
     calls.clear()
     stream = tr.create_stream(StreamOptions(endpointing=False, hop_seconds=0.64))
     for start in range(0, audio.size, 3200):
-        stream.accept_waveform(audio[start : start + 3200])
+        stream.accept_waveform(audio[start : start + 3200], 16000)
     final = stream.final()
     assert final.kind == "final" and final.token_ids
     assert sum(v for (n, _), v in calls.items() if n == "decoder_prefill") >= 4  # 3 s at 0.64 s hops
@@ -198,7 +198,19 @@ def test_tensorrt_flavour_is_signed_and_symmetric(tiny_bundles, calib_items, tmp
     import onnx
     from onnx import numpy_helper
 
+    from megaedge.cli.build_engines import check_int8_source
+
     quantize.quantize_bundle(tiny_bundles["merged"], tmp_path / "trt", quantize.RECIPES["tensorrt"], calib_items, "tensorrt")
+    info = manifest.read(tmp_path / "trt")
+    # the device, not a graph file name (quantize_bundle once reused the variable): build-engines --int8 accepts it
+    assert info.quantization["target"] == "tensorrt"
+    check_int8_source(tmp_path / "trt", info)
+    cpu = dataclasses.replace(info, quantization={**info.quantization, "target": "cpu"})
+    with pytest.raises(MegaedgeError, match=r"--int8 needs a bundle exported with --int8 --target tensorrt "
+                                            r"\(this one: int8, target cpu\)"):
+        check_int8_source(tmp_path / "trt", cpu)
+    with pytest.raises(MegaedgeError, match=r"\(this one: fp32, target None\)"):
+        check_int8_source(tiny_bundles["merged"], manifest.read(tiny_bundles["merged"]))
     for graph in (manifest.ENCODER_FILE, manifest.DECODER_FILE):
         model = onnx.load(str(tmp_path / "trt" / graph))
         inits = {i.name: i for i in model.graph.initializer}
