@@ -9,6 +9,7 @@ this module to build its parser, and ``--help`` must work on a runtime-only inst
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 from pathlib import Path
@@ -97,17 +98,17 @@ def max_threads() -> int:
 
 
 def _int(value, option: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise LimitError(option, f"{show(value)}: expected a whole number")
-    try:
-        number = int(value) if not isinstance(value, float) else None
-    except ValueError:
-        number = None
-    if number is None:
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise LimitError(option, f"{show(value)}: expected a whole number")
-    return number
+    # numbers.Integral: numpy integers count too; bool does not (True is not a thread count).
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise LimitError(option, f"{show(value)}: expected a whole number")
 
 
 def _float(value, option: str) -> float:
