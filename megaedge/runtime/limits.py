@@ -18,7 +18,7 @@ from megaedge.errors import BundleError, MegaedgeError
 
 # ------------------------------------------------------------------------------------------------------ ranges
 # More intra-op threads than cores only oversubscribe: the threads of one operator wait on each other at every
-# barrier (`--threads 1000` made no progress in 40 s on 2 cores; 100000 took 9.7 GB of stacks). A few per core are
+# barrier (`--threads 1000` made no progress in 40 s on 2 cores; 100000 reached 9.7 GB RSS). A few per core are
 # still allowed so scripts written for a bigger machine keep running; beyond that the value is a typo.
 THREADS_PER_CORE = 4
 # The decode budget of one segment. Segments are at most 30 s and Qwen3-ASR emits ~3-4 tokens per second of
@@ -44,10 +44,11 @@ BENCH_WARMUP = (0, 100)
 EVAL_LIMIT = (1, 10_000_000)
 CALIB_COUNT = (0, 100_000)  # clips per condition / scenario / clean copies
 SEED = (0, 2**32 - 1)  # numpy's SeedSequence refuses negative seeds
-# ONNX opsets: 17 is the first with LayerNormalization, which the exporter relies on; onnxruntime supports opset 21
-# since 1.18, the oldest wheel JetPack 6 devices commonly run, so newer opsets would not load on the device.
+# ONNX opsets: 17 is the first with LayerNormalization, which the exporter relies on. 21 is the newest onnxruntime
+# has read since 1.18; a newer opset would not load where a device's wheel lags behind. Raise it once a newer
+# opset has been run on the devices.
 OPSET = (17, 21)
-# TensorRT builder workspace in MiB: below 64 MiB tactics fail to build; 1 TiB is beyond any board or GPU.
+# TensorRT builder workspace in MiB: 64 is tensorrt.EngineOptions' floor; 1 TiB is beyond any board or GPU.
 WORKSPACE_MIB = (64, 1 << 20)
 ENGINE_AUDIO_SECONDS = (1.0, 1200.0)  # as tensorrt.EngineOptions checks it
 PLAN_MEMORY_GIB = (0.0, 4096.0)  # exclusive low end; 4 TiB is beyond any device megaedge plans for
