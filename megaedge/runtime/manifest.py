@@ -1,20 +1,33 @@
 """The bundle manifest, ``megaedge.json``: everything a runtime needs to know about a bundle, and nothing else.
 
 Export writes it; the runtime reads only it (plus the files it lists). File names of a bundle live here and
-nowhere else. Reading verifies the format version and, unless told not to, every file's sha256.
+nowhere else. Reading checks, before anything else trusts a value (runtime/bundle_check.py):
+
+* the manifest's own digest (``manifest_sha256``: sha256 of the canonical JSON of the rest), so an edit of
+  ``megaedge.json`` is refused like an edit of any listed file. A digest anyone can recompute stops accidents and
+  naive edits, not a forger: pin a bundle with ``expected_digest`` (``bundle_digest``) to stop those too; the
+  digest covers every file through the sha256 list in ``files``;
+* the types and enums of every field;
+* that every path stays inside the bundle and every file the runtime loads is listed (hashed);
+* that the numbers agree with the graphs and weight files they describe, before native code sees them;
+* unless told not to, every file's sha256.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from megaedge.errors import BundleError
 
 MANIFEST_NAME = "megaedge.json"
-FORMAT_VERSION = 1
+# 2: the manifest carries its own digest (DIGEST_FIELD). Format 1 had none, so a reader cannot tell an
+# edited format-1 manifest from a clean one: those are refused with a re-export message.
+FORMAT_VERSION = 2
+DIGEST_FIELD = "manifest_sha256"
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 ROUTER_FILE = "router.onnx"
@@ -115,26 +128,29 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, doc: dict) -> Manifest:
+        """The manifest of a JSON document; wrong types, unknown enums or null sections raise a one-line
+        BundleError (bundle_check.check_document) instead of surfacing later as a traceback."""
+        from megaedge.runtime import bundle_check
+
+        bundle_check.check_document(doc)
+
         def graph(raw: dict) -> GraphSpec:
             specs = lambda items: tuple(TensorSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in items)  # noqa: E731
             return GraphSpec(raw["file"], specs(raw["inputs"]), specs(raw["outputs"]), raw["precision"],
                              tuple(raw.get("data_files", ())))
 
-        try:
-            prompt = doc["prompt"]
-            return cls(
-                megaedge_version=doc["megaedge_version"], mode=doc["mode"], precision=doc["precision"],
-                graphs={k: graph(v) for k, v in doc["graphs"].items()}, files=dict(doc["files"]),
-                prompt=PromptIds(tuple(prompt["system_head"]), tuple(prompt["before_audio"]),
-                                 tuple(prompt["after_audio"]), int(prompt["audio_pad"]), int(prompt["asr_text"]),
-                                 tuple(prompt["eos"]), prompt.get("language_template", "language {language}<asr_text>")),
-                frontend=doc["frontend"], encoder=doc["encoder"], decoder=doc["decoder"], router=doc.get("router"),
-                streaming=doc["streaming"], versions=doc["versions"], source=doc.get("source", {}),
-                quantization=doc.get("quantization"), format_version=int(doc["format_version"]),
-                notes=tuple(doc.get("notes", ())), engines=doc.get("engines"),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"{MANIFEST_NAME}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+        prompt = doc["prompt"]
+        return cls(
+            megaedge_version=doc["megaedge_version"], mode=doc["mode"], precision=doc["precision"],
+            graphs={k: graph(v) for k, v in doc["graphs"].items()}, files=dict(doc["files"]),
+            prompt=PromptIds(tuple(prompt["system_head"]), tuple(prompt["before_audio"]),
+                             tuple(prompt["after_audio"]), prompt["audio_pad"], prompt["asr_text"],
+                             tuple(prompt["eos"]), prompt.get("language_template", "language {language}<asr_text>")),
+            frontend=doc["frontend"], encoder=doc["encoder"], decoder=doc["decoder"], router=doc.get("router"),
+            streaming=doc["streaming"], versions=doc["versions"], source=doc.get("source") or {},
+            quantization=doc.get("quantization"), format_version=doc["format_version"],
+            notes=tuple(doc.get("notes") or ()), engines=doc.get("engines"),
+        )
 
 
 def sha256_file(path: Path, block: int = 1 << 22) -> str:
@@ -150,33 +166,101 @@ def file_hashes(bundle_dir: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(bundle_dir.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
 
 
+def canonical_digest(doc: dict) -> str:
+    """sha256 of ``doc`` without its DIGEST_FIELD as canonical JSON (sorted keys, no whitespace, ASCII): the same
+    for every spelling of one document, so re-indenting megaedge.json keeps its digest and any value change does not."""
+    body = {k: v for k, v in doc.items() if k != DIGEST_FIELD}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def inside(bundle: str | Path, rel) -> Path:
+    """``bundle / rel`` when ``rel`` is a relative path that stays inside the bundle, symlinks followed; else a
+    one-line BundleError. Every path a manifest names goes through here, so no value can make the runtime load or
+    hash a file outside the bundle (and outside its hash list)."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise BundleError(f"{MANIFEST_NAME}: file path {rel!r} is not a relative path; re-export the bundle")
+    parts = Path(rel).parts
+    if Path(rel).is_absolute() or rel.startswith(("/", "\\")) or ".." in parts or ".." in rel.split("\\"):
+        raise BundleError(f"{MANIFEST_NAME}: file path {rel!r} points outside the bundle (absolute or '..'); "
+                          f"a bundle names only files inside its directory: re-export it or copy it again")
+    root = Path(bundle).resolve()
+    target = (root / rel).resolve()
+    if target != root and root not in target.parents:
+        raise BundleError(f"{MANIFEST_NAME}: {rel} resolves to {target}, outside the bundle {root} (a symlink out); "
+                          f"replace the link with the file itself")
+    return root / rel
+
+
 def write(manifest: Manifest, bundle_dir: Path) -> Path:
+    """Write ``megaedge.json`` in the current format with its digest, atomically (a reader sees the old manifest or
+    the new one, never half of one)."""
+    doc = json.loads(json.dumps(manifest.to_dict()))  # plain JSON values: exactly what read() will digest
+    doc["format_version"] = FORMAT_VERSION
+    doc[DIGEST_FIELD] = canonical_digest(doc)
     path = Path(bundle_dir) / MANIFEST_NAME
-    path.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
     return path
 
 
-def read(bundle_dir: str | Path, verify: bool = True) -> Manifest:
-    """Read and check ``megaedge.json``: format version, listed files present and (``verify``) their sha256."""
-    root = Path(bundle_dir).expanduser()
+def _document(root: Path) -> dict:
+    """The manifest document of bundle ``root`` once its format and its own digest check out."""
     if not root.is_dir():
         raise BundleError(f"{root}: not a directory; pass the bundle directory that `megaedge export` wrote")
     path = root / MANIFEST_NAME
     if not path.is_file():
         raise BundleError(f"{root}: no {MANIFEST_NAME}; this is not a megaedge bundle (run `megaedge export`)")
+    inside(root, MANIFEST_NAME)
     try:
         doc = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path}: not valid JSON ({exc})") from exc
     version = doc.get("format_version") if isinstance(doc, dict) else None
-    if not isinstance(version, int):
+    if version is None:
         raise BundleError(f"{path}: no format_version; not a megaedge manifest")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise BundleError(f"{path}: format_version {version!r} is not a format number (1, 2, ...); the manifest is "
+                          f"damaged: re-export the bundle or copy it again")
     if version > FORMAT_VERSION:
         raise BundleError(
             f"{path}: manifest format {version} (written by megaedge {doc.get('megaedge_version', '?')}) is newer "
             f"than this megaedge reads (format {FORMAT_VERSION}); upgrade: pip install -U megaedge"
         )
+    if version < FORMAT_VERSION:
+        raise BundleError(f"{path}: manifest format {version} has no integrity digest (format {FORMAT_VERSION} "
+                          f"has); re-export the bundle with this megaedge (megaedge export)")
+    stored, actual = doc.get(DIGEST_FIELD), canonical_digest(doc)
+    if stored != actual:
+        raise BundleError(f"{path}: megaedge.json was edited after export (its digest is {actual[:12]}..., it records "
+                          f"{str(stored)[:12]}...); re-export the bundle or copy it again")
+    return doc
+
+
+def bundle_digest(bundle_dir: str | Path) -> str:
+    """The bundle's digest (its manifest's, which covers every file through their sha256): pin a bundle with it
+    (``read(..., expected_digest=...)``)."""
+    return _document(Path(bundle_dir).expanduser())[DIGEST_FIELD]
+
+
+def read(bundle_dir: str | Path, verify: bool = True, expected_digest: str | None = None) -> Manifest:
+    """Read and check ``megaedge.json`` (see the module docstring); ``verify`` hashes every listed file,
+    ``expected_digest`` refuses any bundle but the pinned one."""
+    root = Path(bundle_dir).expanduser()
+    doc = _document(root)
+    if expected_digest is not None:
+        pinned = str(expected_digest).strip().lower()
+        if len(pinned) != 64 or any(c not in "0123456789abcdef" for c in pinned):
+            raise BundleError(f"expected digest {expected_digest!r} is not 64 hex digits; use the value "
+                              f"megaedge.runtime.manifest.bundle_digest(BUNDLE) printed for the bundle you trust")
+        if doc[DIGEST_FIELD] != pinned:
+            raise BundleError(f"{root}: bundle digest {doc[DIGEST_FIELD][:16]}... is not the pinned "
+                              f"{pinned[:16]}...; this is another bundle or an edited one: copy the pinned one")
     manifest = Manifest.from_dict(doc)
+    from megaedge.runtime import bundle_check
+
+    bundle_check.check_bundle(root, manifest)
     check_files(root, manifest, verify)
     return manifest
 
@@ -184,7 +268,7 @@ def read(bundle_dir: str | Path, verify: bool = True) -> Manifest:
 def check_files(root: Path, manifest: Manifest, verify: bool = True) -> None:
     """Every file the manifest lists is present and (``verify``) has its sha256."""
     for rel, expected in manifest.files.items():
-        file = root / rel
+        file = inside(root, rel)
         if not file.is_file():
             raise BundleError(f"{root}: {rel} is listed in {MANIFEST_NAME} but missing; copy the whole bundle")
         if verify:

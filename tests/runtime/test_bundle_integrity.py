@@ -1,0 +1,234 @@
+"""Integrity and containment of bundles (issue 28, class 3): the manifest's own digest and pinning, paths that stay
+inside the bundle, wrong-typed fields and numbers that disagree with the graphs and weight files refused with one
+line before anything (native code above all) uses them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from megaedge.errors import BundleError
+from megaedge.runtime import manifest
+from tests.conftest import int8_bundle_from, run_cli, speechlike
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tiny_bundles, tmp_path_factory):
+    """A weight-only INT8 bundle with a native decode index and a native stem (recipe cpu)."""
+    return int8_bundle_from(tiny_bundles["merged"], tmp_path_factory.mktemp("integrity"))
+
+
+def _clone(src, dst):
+    """A bundle at ``dst`` sharing ``src``'s files by hard links (no copy), with its own manifest to edit."""
+    dst.mkdir()
+    for path in src.iterdir():
+        if path.is_file():
+            (shutil.copyfile if path.name == manifest.MANIFEST_NAME else os.link)(path, dst / path.name)
+    return dst
+
+
+def _edit(bundle, change, restamp=True):
+    """Apply ``change`` to the manifest document; ``restamp``: recompute its digest, as a forger would."""
+    path = bundle / manifest.MANIFEST_NAME
+    doc = json.loads(path.read_text())
+    change(doc)
+    if restamp:
+        doc[manifest.DIGEST_FIELD] = manifest.canonical_digest(doc)
+    path.write_text(json.dumps(doc))
+    return bundle
+
+
+def _refused(bundle, match, verify=False):
+    with pytest.raises(BundleError, match=match) as caught:
+        manifest.read(bundle, verify=verify)
+    assert "\n" not in str(caught.value)
+    return str(caught.value)
+
+
+def _set(path, value):
+    """A change that sets doc[path[0]][path[1]]... to ``value``."""
+    def change(doc):
+        node = doc
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return change
+
+
+# ------------------------------------------------------------------------------------------- the manifest's digest
+def test_one_edit_of_the_manifest_is_refused_with_verification_on_or_off(int8_bundle, tmp_path):
+    bundle = _clone(int8_bundle, tmp_path / "b")
+    manifest.read(bundle)
+    _edit(bundle, _set(["decoder", "native", "heads"], 5), restamp=False)  # the issue's 4 -> 5
+    for verify in (True, False):
+        message = _refused(bundle, "megaedge.json was edited after export", verify)
+        assert "re-export" in message
+
+
+def test_the_digest_is_of_the_content_not_its_spelling(tiny_bundles, tmp_path):
+    bundle = _clone(tiny_bundles["merged"], tmp_path / "b")
+    digest = manifest.bundle_digest(bundle)
+    path = bundle / manifest.MANIFEST_NAME
+    path.write_text(json.dumps(json.loads(path.read_text()), indent=4, sort_keys=True))  # re-indented, reordered
+    assert manifest.read(bundle).files == manifest.read(tiny_bundles["merged"]).files
+    assert manifest.bundle_digest(bundle) == digest
+    manifest.write(manifest.read(bundle), bundle)  # a rewrite of the same content keeps the digest
+    assert manifest.bundle_digest(bundle) == digest
+
+
+def test_a_pinned_digest_admits_only_that_bundle(tiny_bundles, tmp_path):
+    merged, routed = tiny_bundles["merged"], tiny_bundles["routed"]
+    pin = manifest.bundle_digest(merged)
+    assert len(pin) == 64 and pin != manifest.bundle_digest(routed)
+    assert manifest.read(merged, expected_digest=pin.upper()).mode == "merged"
+    with pytest.raises(BundleError, match="is not the pinned") as caught:
+        manifest.read(routed, expected_digest=pin)
+    assert "\n" not in str(caught.value)
+    # a forger can recompute the self-digest of an edited manifest, not match a pin taken from the clean one
+    forged = _edit(_clone(merged, tmp_path / "b"), _set(["prompt", "eos"], [151643]))
+    assert manifest.read(forged).prompt.eos == (151643,)
+    with pytest.raises(BundleError, match="is not the pinned"):
+        manifest.read(forged, expected_digest=pin)
+    with pytest.raises(BundleError, match="not 64 hex digits"):
+        manifest.read(merged, expected_digest=pin[:12])
+
+
+def test_an_older_format_without_a_digest_is_refused(tiny_bundles, tmp_path):
+    def older(doc):
+        doc["format_version"] = 1
+        del doc[manifest.DIGEST_FIELD]
+
+    bundle = _edit(_clone(tiny_bundles["merged"], tmp_path / "b"), older, restamp=False)
+    assert "re-export the bundle with this megaedge" in _refused(bundle, "format 1 has no integrity digest")
+
+
+# ------------------------------------------------------------------------------------------- types
+@pytest.mark.parametrize("path,value,match", [
+    (["graphs"], [], "graphs is \\[\\], needs a mapping"),
+    (["prompt", "eos"], "151645", "prompt.eos is '151645', needs a list"),
+    (["prompt", "eos"], [True], "prompt.eos\\[0\\] is True, needs an integer"),
+    (["prompt", "audio_pad"], 1.5, "prompt.audio_pad is 1.5, needs an integer"),
+    (["mode"], "bogus", "mode is 'bogus', needs one of \\('merged', 'routed'\\)"),
+    (["precision"], "int3", "precision is 'int3', needs one of"),
+    (["frontend"], None, "frontend is None, needs a mapping"),
+    (["decoder"], None, "decoder is None, needs a mapping"),
+    (["prompt"], None, "prompt is None, needs a mapping"),
+    (["files"], ["tokenizer.json"], "files is \\['tokenizer.json'\\], needs a mapping"),
+    (["decoder", "num_layers"], True, "decoder.num_layers is True, needs an integer >= 1"),
+    (["decoder", "kv_dtype"], "float64", "decoder.kv_dtype is 'float64', needs one of"),
+    (["graphs", "decoder", "inputs", 0, "shape"], [True, "seq"], "shape\\[0\\] is True"),
+    (["graphs", "bogus"], {}, "a graph name is 'bogus'"),
+    (["router", "threshold"], 7, "router.threshold is 7, needs a probability"),
+    (["prompt", "language_template"], "language {lang}", "is not a template of \\{language\\}"),
+])
+def test_wrong_types_are_refused_with_one_line(tiny_bundles, tmp_path, path, value, match):
+    bundle = _edit(_clone(tiny_bundles["routed"], tmp_path / "b"), _set(path, value))
+    _refused(bundle, match)
+
+
+@pytest.mark.parametrize("value", [0, -5, True, "2", 2.0])
+def test_a_format_version_that_is_not_a_format_number_is_refused(tiny_bundles, tmp_path, value):
+    bundle = _edit(_clone(tiny_bundles["merged"], tmp_path / "b"), _set(["format_version"], value))
+    _refused(bundle, "format_version .* is not a format number")
+
+
+# ------------------------------------------------------------------------------------------- containment
+@pytest.mark.parametrize("path,value", [
+    (["graphs", "decoder", "file"], "../../merged/decoder.onnx"),
+    (["graphs", "decoder", "file"], "/etc/passwd"),
+    (["graphs", "encoder", "data_files"], ["../encoder.onnx.data"]),
+    (["encoder", "native_stem", "file"], "/tmp/encoder_stem.npz"),
+    (["decoder", "native", "final_norm", "file"], "sub/../../decoder_native.npz"),
+])
+def test_paths_that_leave_the_bundle_are_refused(int8_bundle, tmp_path, path, value):
+    bundle = _edit(_clone(int8_bundle, tmp_path / "b"), _set(path, value))
+    message = _refused(bundle, "points outside the bundle", verify=True)
+    assert repr(value[0] if isinstance(value, list) else value) in message
+
+
+def test_files_cannot_make_the_verifier_hash_a_system_file(tiny_bundles, tmp_path):
+    bundle = _edit(_clone(tiny_bundles["merged"], tmp_path / "b"), _set(["files", "/etc/hostname"], "0" * 64))
+    message = _refused(bundle, "'/etc/hostname' points outside the bundle", verify=True)
+    assert "sha256" not in message  # refused before anything was hashed
+
+
+def test_a_symlink_out_of_the_bundle_is_refused(tiny_bundles, tmp_path):
+    bundle = shutil.copytree(tiny_bundles["merged"], tmp_path / "b")
+    outside = tmp_path / "elsewhere.json"
+    (bundle / manifest.TOKENIZER_FILE).rename(outside)
+    (bundle / manifest.TOKENIZER_FILE).symlink_to(outside)  # same bytes, so its sha256 still matches
+    _refused(bundle, "tokenizer.json resolves to .*elsewhere.json, outside the bundle", verify=True)
+
+
+def test_a_file_the_runtime_loads_must_be_listed(int8_bundle, tmp_path):
+    bundle = _edit(_clone(int8_bundle, tmp_path / "b"), lambda doc: doc["files"].pop(manifest.NATIVE_DECODER_FILE))
+    _refused(bundle, "decoder.native.* names 'decoder_native.npz', which is not in its files")
+    bundle = _edit(_clone(int8_bundle, tmp_path / "c"), lambda doc: doc["files"].pop(manifest.TOKENIZER_FILE))
+    _refused(bundle, "the tokenizer names 'tokenizer.json', which is not in its files")
+
+
+# ------------------------------------------------------------------------------------------- values vs weights
+def _ref_to_decoder_graph(offset, length):
+    def change(doc):
+        doc["decoder"]["native"]["final_norm"] = {"file": "decoder.onnx", "offset": offset, "length": length,
+                                                  "dtype": "float32", "shape": [64]}
+    return change
+
+
+@pytest.mark.parametrize("change,match", [
+    (_set(["decoder", "native", "heads"], 5), "native\\.heads is 5, needs a multiple of kv_heads \\(2\\)"),
+    (_set(["decoder", "native", "heads"], 6), "layers\\[0\\]\\.q\\.n is 64, but the layer geometry gives 96"),
+    (_set(["decoder", "native", "lm_head", "n"], 100000), "lm_head\\.n is 100000, but .* gives 151936"),
+    (_set(["decoder", "native", "intermediate"], 100000), "layers\\[0\\]\\.gate\\.n is 128, but .* gives 100000"),
+    (_set(["decoder", "native", "hidden"], 100000), "native\\.hidden is 100000, but decoder\\.hidden_size is 64"),
+    (_set(["decoder", "native", "kv_heads"], 3), "native\\.kv_heads is 3, but decoder\\.kv_heads is 2"),
+    (_set(["decoder", "native", "scaling"], 0.5), "native\\.scaling is 0\\.5, but head_dim 16 gives 0\\.25"),
+    (_set(["decoder", "native", "layers", 1, "down", "block"], 100), "down\\.block is 100, needs a power of two"),
+    (_set(["decoder", "native", "layers", 0, "q", "weight", "shape"], [640, 1, 128]),
+     "q\\.weight is .* but decoder_native\\.npz\\[t0\\] is uint8\\[64, 1, 128\\]"),
+    (_set(["decoder", "native", "layers", 0, "q", "weight", "key"], "nope"), "names no array of decoder_native"),
+    (_set(["decoder", "native", "embedding", "weight", "shape"], [1000, 1, 64]),
+     "embedding\\.weight is .* but decoder_native\\.npz\\[t38\\] is uint8\\[151936"),
+    (_set(["decoder", "native", "layers"], []), "native\\.layers is '0 layers', but decoder\\.num_layers is 2"),
+    (_ref_to_decoder_graph(10 ** 9, 256), "final_norm\\.offset is 1000000000, but 256 bytes from there end past"),
+    (_ref_to_decoder_graph(0, 100000), "final_norm\\.length is 100000, but float32\\[64\\] takes 256 bytes"),
+    (_set(["decoder", "kv_heads"], 3), "decoder\\.kv_heads is 3, but graph decoder's past_key_0 heads is 2"),
+    (_set(["decoder", "vocab_size"], 321), "decoder\\.vocab_size is 321, but graph decoder's logits width is 151936"),
+    (_set(["decoder", "past_names", 0], "past_key_9"), "decoder\\.past_names is 'past_key_9', but graph decoder has no"),
+    (_set(["prompt", "eos"], [151643, 999999]), "prompt\\.eos is 999999, but the vocabulary has 151936 ids"),
+    (_set(["encoder", "native_stem", "channels"], 100000), "native_stem \\(encoder_stem\\.npz\\[w1\\]\\) is 'float32\\[9, 32\\]'"),
+    (_set(["encoder", "native_stem", "bins"], 100000), "native_stem\\.bins is 100000, but the encoder graph's mel has 128"),
+    (_set(["encoder", "native_stem", "block"], 128), "encoder_stem\\.npz\\[w2\\]"),
+    (_set(["encoder", "native_stem", "chunk_frames"], 99), "chunk_frames is 99, but encoder\\.chunk_frames is 100"),
+])
+def test_numbers_that_disagree_with_the_weights_are_refused(int8_bundle, tmp_path, change, match):
+    bundle = _edit(_clone(int8_bundle, tmp_path / "b"), change)  # digest recomputed: only the values are wrong
+    _refused(bundle, match)
+
+
+def test_the_clean_int8_bundle_passes_and_decodes(int8_bundle):
+    from megaedge.runtime.transcriber import Transcriber
+
+    info = manifest.read(int8_bundle)
+    assert info.decoder["native"]["heads"] == 4 and info.encoder["native_stem"]["channels"] == 32
+    tr = Transcriber.from_bundle(int8_bundle)
+    assert len(tr.transcribe(speechlike(2.0), max_new_tokens=4, ignore_eos=True, loop_guard=False).token_ids) == 4
+
+
+# ------------------------------------------------------------------------------------------- the CLI
+def test_transcribe_refuses_a_tampered_manifest_with_one_line(tiny_bundles, tmp_path):
+    import soundfile as sf
+
+    wav = tmp_path / "a.wav"
+    sf.write(str(wav), speechlike(1.0), 16000)
+    edited = _edit(_clone(tiny_bundles["merged"], tmp_path / "edited"), _set(["prompt", "eos"], [1]), restamp=False)
+    forged = _edit(_clone(tiny_bundles["merged"], tmp_path / "forged"), _set(["graphs", "decoder", "file"],
+                                                                               "/etc/passwd"))
+    for bundle, expected in ((edited, "was edited after export"), (forged, "points outside the bundle")):
+        out = run_cli("transcribe", str(bundle), str(wav))
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 1 and len(lines) == 1 and expected in lines[0], out.stderr
+        assert "Traceback" not in out.stderr and out.stdout == ""
