@@ -149,6 +149,21 @@ def _mic_chunks(args, hop: float):
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from megaedge.cli.signals import Terminated, stop_like_ctrl_c
+
+    # systemd and docker stop a service with SIGTERM, a closed terminal sends SIGHUP: both end the stream as Ctrl-C
+    # does, with what was heard so far flushed as a final event (they used to kill it with nothing flushed).
+    with stop_like_ctrl_c() as guard:
+        try:
+            return _run(args, guard)
+        except Terminated as stop:  # before the stream started: nothing was heard, nothing to flush
+            print(f"megaedge {NAME}: stopped by {stop.name} before streaming began", file=sys.stderr)
+            return stop.exit_status
+
+
+def _run(args: argparse.Namespace, guard) -> int:
     from megaedge.runtime.transcriber import Transcriber
 
     options = _options(args)
@@ -159,10 +174,12 @@ def run(args: argparse.Namespace) -> int:
     stream = transcriber.create_stream(options)
     show = _Printer(args.json)
     try:
-        for samples, rate in chunks:
-            for event in stream.accept_waveform(samples, rate):
-                show(event)
+        for samples, rate in chunks:  # SIGTERM here (waiting for audio) stops at once
+            with guard.deferred():  # ... and during a chunk's decoding, once the chunk is done
+                for event in stream.accept_waveform(samples, rate):
+                    show(event)
     except KeyboardInterrupt:
-        pass  # Ctrl-C: what was heard so far is flushed below, and the exit status stays 0
+        pass  # Ctrl-C, SIGTERM, SIGHUP: what was heard so far is flushed below, and the exit status stays 0
+    guard.hold()  # a second SIGTERM must not cut the final flush short
     show(stream.final())
     return 0

@@ -357,9 +357,8 @@ def export_bundle(model_path, out_dir, options: ExportOptions = ExportOptions(),
     """Export a checkpoint to a bundle directory; returns the bundle path."""
     import torch
 
-    from megaedge.export.loader import load_checkpoint
-
     from megaedge import staging as staged
+    from megaedge.export.loader import load_checkpoint
 
     # Absolute: Path(".").name is "" and its parent is itself, which once put the staging folder inside the target.
     out = Path(os.path.abspath(Path(out_dir).expanduser()))
