@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from megaedge.cli.common import add_threads_option
-from megaedge.runtime import limits
 
 NAME = "prepare"
 HELP = "once per device: save onnxruntime's optimized, pre-packed graphs for this CPU (faster cold start)"
@@ -26,11 +25,11 @@ def run(args: argparse.Namespace) -> int:
     from megaedge.runtime import prepared
 
     bundle = Path(args.bundle).expanduser()
-    # Both ways write under BUNDLE/prepared/: a read-only bundle fails here, not after minutes of optimizing.
-    limits.check_output_dir(bundle, "BUNDLE")
     if args.remove:
+        target = prepared.directory(bundle)
         removed = prepared.remove(bundle)
-        print(f"{prepared.directory(bundle)}: {'removed' if removed else 'nothing to remove'}")
+        left = " (copies a running process still uses stay until it exits)" if removed and target.exists() else ""
+        print(f"{target}: {'removed' if removed else 'nothing to remove'}{left}")
         return 0
     t0 = time.perf_counter()
     index = prepared.prepare(bundle, args.threads)
@@ -41,5 +40,6 @@ def run(args: argparse.Namespace) -> int:
           f"-> {prepared.directory(bundle)}")
     for name, entry in index["graphs"].items():
         print(f"  {name:<8} {entry['bytes'] / 2**30:6.2f} GiB on disk ({entry['seconds']:.1f} s)")
-    print("  bundle files verified; later loads skip the sha256 check until a file changes")
+    print("  bundle files verified; later loads skip the sha256 check until a file changes (size, mtime, ctime or "
+          "inode)")
     return 0

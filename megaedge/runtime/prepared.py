@@ -5,8 +5,22 @@ Creating an onnxruntime CPU session spends most of its time re-arranging weights
 that once and saves the result (``session.save_external_prepacked_constant_initializers``); later sessions load the
 saved graph with optimizations off and memory-map the pre-packed weights. The packed layout depends on the CPU's
 instruction set and on the onnxruntime version, so copies live under a key of both and a copy made elsewhere is
-never used. They also record the verified state of the bundle files (size + mtime), so a load after ``prepare``
-skips re-hashing gigabytes unless a file changed.
+never used.
+
+Integrity. ``prepare`` hashes every bundle file, then records each one's stamp: size, mtime, ctime and inode. A load
+skips re-hashing only while every stamp is unchanged and the manifest lists the same sha256s. mtime alone is not
+enough (``os.utime`` restores it after a same-size edit), but any write or utime also sets ctime to the current
+time, which only a clock change can undo, and a copied bundle has new inodes: the copy is hashed again. The same
+stamps tie the prepared copies to their content (recorded with their sha256; a changed one is re-hashed and used
+only if it still matches) and to the bundle: copies are used only while the bundle files are the ones ``prepare``
+verified, so a ``prepared/`` that came with a copied bundle is never used here. (Filesystems without a real ctime,
+e.g. FAT, weaken the fast path: run with ``use_prepared=False`` and verification there.)
+
+Concurrency. Each prepare builds a new generation directory under a per-process staging name and publishes it by
+atomically replacing the ``current`` pointer; one prepare per bundle and machine runs at a time (a second waits for
+the first, then prepares again). A process that uses a generation holds a shared lock on it for its life, and a
+generation is deleted (by a later prepare or ``remove``) only under an exclusive lock, so a transcribe that started
+on the old copies never sees them vanish while its sessions load them.
 
 Costs disk: the saved data holds the original weights and the packed ones (about 2x the graph's data).
 """
@@ -19,16 +33,28 @@ import logging
 import os
 import platform
 import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-from megaedge.errors import MegaedgeError
+from megaedge.errors import BundleError, MegaedgeError
 from megaedge.runtime import machine, manifest
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no flock; generations are still published atomically
+    fcntl = None
 
 log = logging.getLogger("megaedge.runtime.prepared")
 
 INDEX_FILE = "prepared.json"
+CURRENT_FILE = "current"  # names the generation in use; replaced atomically
+READERS_LOCK = ".readers"  # in each generation: shared by processes using it, exclusive while deleting it
+PREPARE_LOCK = ".prepare.lock"  # in the machine's directory: one prepare (or remove) at a time
+STAGING_PREFIX = ".staging-"
 PREPARED_GRAPHS = ("encoder", "encoder_body", "decoder", "decoder_prefill")  # the router is small: nothing to gain
+_held: dict[str, int] = {}  # generation -> descriptor holding its shared lock (for this process's life)
 
 
 def machine_key() -> str:
@@ -43,26 +69,47 @@ def directory(bundle: Path) -> Path:
     return Path(bundle) / manifest.PREPARED_DIR / machine_key()
 
 
-def _stamps(bundle: Path, info: manifest.Manifest) -> dict:
-    out = {}
-    for rel in sorted(info.files):
-        st = (Path(bundle) / rel).stat()
-        out[rel] = [st.st_size, st.st_mtime_ns]
-    return out
+def _stamp(path: Path) -> list[int]:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
-def _index(bundle: Path) -> dict | None:
-    path = directory(bundle) / INDEX_FILE
+def _stamps(bundle: Path, rels) -> dict | None:
+    """Stamps of the bundle files ``rels``, or None when one cannot be read (missing: never verified)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return {rel: _stamp(Path(bundle) / rel) for rel in sorted(rels)}
+    except OSError:
         return None
 
 
+def _current(bundle: Path) -> Path | None:
+    """This machine's generation in use, or None."""
+    try:
+        key_dir = manifest.inside(bundle, f"{manifest.PREPARED_DIR}/{machine_key()}")
+        name = (key_dir / CURRENT_FILE).read_text().strip()
+    except (OSError, BundleError):  # none, or prepared/ links out of the bundle: not ours to use
+        return None
+    if not name or name != Path(name).name or name.startswith("."):
+        return None
+    return key_dir / name
+
+
+def _read_index(generation: Path | None) -> dict | None:
+    if generation is None:
+        return None
+    try:
+        index = json.loads((generation / INDEX_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return index if isinstance(index, dict) else None
+
+
 def verified(bundle: Path, info: manifest.Manifest) -> bool:
-    """True when ``prepare`` hashed every bundle file and none changed since (same size and mtime)."""
-    index = _index(bundle)
-    return bool(index) and index.get("verified") == _stamps(bundle, info)
+    """True when ``prepare`` hashed every file this manifest lists against the same sha256s and no file changed
+    since (same size, mtime, ctime and inode: see the module docstring)."""
+    index = _read_index(_current(bundle))
+    stamps = _stamps(bundle, info.files)
+    return bool(index) and stamps is not None and index.get("files") == info.files and index.get("verified") == stamps
 
 
 def _source_key(info: manifest.Manifest, spec: manifest.GraphSpec) -> str:
@@ -70,31 +117,146 @@ def _source_key(info: manifest.Manifest, spec: manifest.GraphSpec) -> str:
     return "+".join(str(info.files.get(rel)) for rel in (spec.file, *spec.data_files))
 
 
+def _acquire(bundle: Path) -> Path | None:
+    """The current generation, with a shared lock held for this process's life (so no prepare or remove deletes
+    it while sessions load from it); None when there is none."""
+    for _ in range(3):  # a prepare may replace the generation between reading `current` and locking it
+        generation = _current(bundle)
+        if generation is None or str(generation) in _held or fcntl is None:
+            return generation
+        try:
+            fd = os.open(generation / READERS_LOCK, os.O_RDONLY)
+        except OSError:
+            continue
+        fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a collector deletes this generation
+        if os.fstat(fd).st_nlink == 0:  # it did: the generation is gone
+            os.close(fd)
+            continue
+        _held[str(generation)] = fd
+        return generation
+    return None
+
+
 def lookup(bundle: Path, info: manifest.Manifest, name: str) -> Path | None:
-    """The prepared copy of graph ``name`` made on this machine from the same graph files, if there is one."""
-    index = _index(bundle)
-    entry = (index or {}).get("graphs", {}).get(name)
+    """The prepared copy of graph ``name`` made on this machine from the same graph files, if there is one that is
+    intact and was made for these very bundle files."""
+    bundle = Path(bundle)
+    generation = _acquire(bundle)
+    index = _read_index(generation)
     spec = info.graphs.get(name)
-    if not entry or spec is None or entry.get("source") != _source_key(info, spec):
+    entry = (index or {}).get("graphs", {}).get(name) if index else None
+    if not isinstance(entry, dict) or spec is None or entry.get("source") != _source_key(info, spec):
         return None
-    path = directory(bundle) / entry["file"]
-    return path if path.is_file() else None
+    if index.get("verified") != _stamps(bundle, info.files):
+        log.info("bundle files changed since `megaedge prepare` (or it ran on another copy): prepared %s not used; "
+                 "run megaedge prepare again", name)
+        return None
+    files = entry.get("files")
+    if not isinstance(files, dict) or entry.get("file") not in files:
+        return None
+    for rel, record in files.items():
+        path = generation / str(rel)
+        if Path(str(rel)).name != rel or not isinstance(record, dict) or not path.is_file():
+            return None
+        if _stamp(path) != record.get("stamp") and manifest.sha256_file(path) != record.get("sha256"):
+            log.warning("prepared copy %s was modified after `megaedge prepare`: not used; run megaedge prepare "
+                        "again", path)
+            return None
+    return generation / entry["file"]
+
+
+@contextmanager
+def _exclusive(key_dir: Path):
+    """One prepare or remove of this bundle on this machine at a time (a second one waits)."""
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    while True:
+        key_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key_dir / PREPARE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink:  # not deleted by a remove we waited for
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def _collect(key_dir: Path) -> list[str]:
+    """Delete every generation but the current one that no process uses, staging left by interrupted prepares and
+    files of the old flat layout; returns the names kept because a running process uses them. Call under
+    ``_exclusive``."""
+    try:
+        current = (key_dir / CURRENT_FILE).read_text().strip()
+    except OSError:
+        current = None
+    kept = []
+    for child in sorted(key_dir.iterdir()):
+        if child.name in (current, CURRENT_FILE, PREPARE_LOCK):
+            continue
+        if not child.is_dir() or child.is_symlink():
+            child.unlink(missing_ok=True)
+            continue
+        if child.name.startswith(STAGING_PREFIX) or fcntl is None:  # no prepare runs: we hold the prepare lock
+            shutil.rmtree(child, ignore_errors=True)
+            continue
+        try:
+            fd = os.open(child / READERS_LOCK, os.O_RDONLY)
+        except OSError:  # no readers' lock: not a generation (or a damaged one); nobody can be using it
+            shutil.rmtree(child, ignore_errors=True)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            kept.append(child.name)
+            log.info("prepared copies %s are in use by a running process: kept until it exits", child.name)
+        else:
+            shutil.rmtree(child, ignore_errors=True)
+        finally:
+            os.close(fd)
+    return kept
 
 
 def prepare(bundle: str | Path, threads: int | None = None) -> dict:
     """Verify the bundle, then save each graph's optimized, pre-packed form for this machine. Returns the index."""
-    import onnxruntime as ort
-
     bundle = Path(bundle).expanduser()
-    info = manifest.read(bundle, verify=True)
-    target = directory(bundle)
-    staging = target.with_name(target.name + ".tmp")
+    info = manifest.read(bundle, verify=False)
+    before = _stamps(bundle, info.files)
+    manifest.check_files(bundle, info, verify=True)
+    key_dir = directory(bundle)
     try:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        manifest.inside(bundle, str(key_dir.relative_to(bundle)))
+        key_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MegaedgeError(f"{bundle}: cannot write {manifest.PREPARED_DIR}/ there ({exc.strerror}); copy the "
                             f"bundle to a writable directory first") from exc
+    with _exclusive(key_dir):
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=key_dir))
+        try:
+            index = _build(bundle, info, staging, threads)
+            if _stamps(bundle, info.files) != before:
+                raise MegaedgeError(f"{bundle}: bundle files changed while `megaedge prepare` ran; run it again")
+            index.update(bundle_digest=manifest.bundle_digest(bundle), files=info.files, verified=before)
+            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+            (staging / READERS_LOCK).touch()
+            generation = key_dir / f"g{time.time_ns()}-{os.getpid()}"
+            os.rename(staging, generation)  # files keep their inodes and ctimes: the recorded stamps stay valid
+            pointer = key_dir / f"{STAGING_PREFIX}{os.getpid()}-{CURRENT_FILE}"
+            pointer.write_text(generation.name + "\n")
+            os.replace(pointer, key_dir / CURRENT_FILE)  # readers see the old generation or the new one
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _collect(key_dir)
+    return index
+
+
+def _build(bundle: Path, info: manifest.Manifest, staging: Path, threads: int | None) -> dict:
+    """Save the prepared graphs into ``staging``; the index of what was kept (each file with sha256 and stamp)."""
+    import onnxruntime as ort
+
     index = {"machine_key": machine_key(), "onnxruntime": ort.__version__, "graphs": {}}
     from megaedge.runtime import kernels, native_decode, native_stem
 
@@ -130,6 +292,8 @@ def prepare(bundle: str | Path, threads: int | None = None) -> dict:
                 path.unlink()
             continue
         index["graphs"][name] = {"file": spec.file, "source": _source_key(info, spec),
+                                 "files": {p.name: {"sha256": manifest.sha256_file(p), "stamp": _stamp(p)}
+                                           for p in files},
                                  "bytes": sum(p.stat().st_size for p in files),
                                  "seconds": round(time.perf_counter() - t0, 2)}
         log.info("prepared %s in %.1f s", name, time.perf_counter() - t0)
@@ -138,10 +302,6 @@ def prepare(bundle: str | Path, threads: int | None = None) -> dict:
             index["native_kernel"] = kernels.load().isa
         except RuntimeError as exc:
             log.warning("native decode kernel not built (%s): decode steps stay in onnxruntime", exc)
-    index["verified"] = _stamps(bundle, info)
-    (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
     return index
 
 
@@ -162,9 +322,12 @@ def _probe_feed(info: manifest.Manifest, name: str) -> dict:
             feed["valid_tokens"] = np.array([26], dtype)
         elif tensor.name == "lora_gate":
             feed["lora_gate"] = np.array([1.0], dtype)
-        elif tensor.name == "input_ids":
+        elif tensor.name == "input_ids":  # ids of the vocabulary (the logits' width), never the audio placeholder
+            logits = next((t for t in spec.outputs if t.name == "logits"), None)
+            vocab = logits.shape[-1] if logits is not None and isinstance(logits.shape[-1], int) else \
+                info.decoder["vocab_size"]
             pad = info.prompt.audio_pad
-            feed["input_ids"] = np.array([[t + (t >= pad) for t in rng.integers(0, 1000, 6)]], dtype)
+            feed["input_ids"] = np.array([[t + (t >= pad) for t in rng.integers(0, max(vocab - 1, 1), 6)]], dtype)
         elif tensor.name == "audio_features":
             feed["audio_features"] = np.zeros((0, tensor.shape[1]), dtype)
         elif tensor.name == "logits_at":
@@ -193,9 +356,15 @@ def _disagreement(original, copy: Path, spec: manifest.GraphSpec, feed: dict, th
 
 
 def remove(bundle: str | Path) -> bool:
-    """Delete this machine's prepared copies (True if there were any)."""
-    target = directory(Path(bundle).expanduser())
-    if not target.exists():
+    """Delete this machine's prepared copies (True if there were any). Copies a running process still uses stay
+    until it exits (a later prepare or remove deletes them); the bundle no longer uses them either way."""
+    key_dir = directory(Path(bundle).expanduser())
+    if not key_dir.exists():
         return False
-    shutil.rmtree(target)
+    with _exclusive(key_dir):
+        (key_dir / CURRENT_FILE).unlink(missing_ok=True)
+        kept = _collect(key_dir)
+        if not kept:
+            shutil.rmtree(key_dir, ignore_errors=True)  # a prepare waiting for the lock sees its file unlinked
     return True
+

@@ -4,14 +4,18 @@ bundle and this machine, verification skipped only while no file changed."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import threading
 
 import pytest
 
 from megaedge.errors import BundleError
 from megaedge.runtime import manifest, prepared
 from megaedge.runtime.transcriber import Transcriber
-from tests.conftest import int8_bundle_from, run_cli, speechlike
+from tests.conftest import REPO, int8_bundle_from, run_cli, speechlike
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +56,7 @@ def test_copies_of_another_machine_or_graph_are_ignored(tiny_bundles, tmp_path):
     # a re-exported graph (different sha256 in the manifest): its old prepared copy is not used
     doc = json.loads((bundle / manifest.MANIFEST_NAME).read_text())
     doc["files"][manifest.DECODER_FILE] = "0" * 64
-    (bundle / manifest.MANIFEST_NAME).write_text(json.dumps(doc))
+    manifest.write(manifest.Manifest.from_dict(doc), bundle)  # with its digest, as a re-export writes it
     changed = manifest.read(bundle, verify=False)
     assert prepared.lookup(bundle, changed, "decoder") is None
     assert prepared.lookup(bundle, changed, "encoder") is not None
@@ -95,3 +99,89 @@ def test_a_copy_that_computes_differently_is_caught(tiny_bundles, int8_bundle):
     assert same == ""
     other = prepared._disagreement(original, int8_bundle / manifest.ENCODER_FILE, spec, feed, None)  # int8 weights
     assert other.startswith("max abs difference")
+
+
+def _same_size_edit(path, offset=-10):
+    """Flip one byte of ``path`` in place and restore its mtime, as an attacker hiding an edit would."""
+    st = os.stat(path)
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x01
+    path.write_bytes(bytes(raw))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_size == st.st_size and os.stat(path).st_mtime_ns == st.st_mtime_ns
+
+
+def test_a_same_size_edit_with_the_mtime_restored_is_verified_again(tiny_bundles, tmp_path):
+    bundle = shutil.copytree(tiny_bundles["merged"], tmp_path / "b")
+    prepared.prepare(bundle)
+    assert prepared.verified(bundle, manifest.read(bundle, verify=False))
+    _same_size_edit(bundle / manifest.ROUTER_FILE)  # ctime moved: the stamp differs, so the file is hashed
+    info = manifest.read(bundle, verify=False)
+    assert not prepared.verified(bundle, info)
+    assert prepared.lookup(bundle, info, "decoder") is None  # copies are used only for the files prepare verified
+    with pytest.raises(BundleError, match="router.onnx: sha256 .* does not match the manifest"):
+        Transcriber.from_bundle(bundle)
+
+
+def test_an_edited_prepared_copy_is_not_used(tiny_bundles, tmp_path):
+    bundle = shutil.copytree(tiny_bundles["merged"], tmp_path / "b")
+    before = _tokens(Transcriber.from_bundle(bundle, use_prepared=False))
+    prepared.prepare(bundle)
+    info = manifest.read(bundle, verify=False)
+    copy = prepared.lookup(bundle, info, "encoder")
+    assert copy is not None
+    data = copy.with_name(copy.name + ".data")
+    _same_size_edit(data, offset=len(data.read_bytes()) // 2)
+    assert prepared.lookup(bundle, info, "encoder") is None  # its sha256 no longer matches the recorded one
+    tr = Transcriber.from_bundle(bundle)
+    assert not tr.sessions["encoder"].prepared and _tokens(tr) == before
+    _same_size_edit(data, offset=len(data.read_bytes()) // 2)  # undone: a new stamp, the recorded content again
+    assert prepared.lookup(bundle, info, "encoder") == copy
+
+
+def test_prepared_copies_that_came_with_a_copied_bundle_are_not_used(tiny_bundles, tmp_path):
+    bundle = shutil.copytree(tiny_bundles["merged"], tmp_path / "b")
+    prepared.prepare(bundle)
+    copied = shutil.copytree(bundle, tmp_path / "copy")  # new inodes: prepare did not verify these files
+    info = manifest.read(copied, verify=False)
+    assert not prepared.verified(copied, info)
+    assert prepared.lookup(copied, info, "decoder") is None
+    assert prepared.lookup(bundle, info, "decoder") is not None
+
+
+def test_the_probe_feed_stays_inside_the_vocabulary(tiny_bundles):
+    from dataclasses import replace
+
+    info = manifest.read(tiny_bundles["merged"], verify=False)
+    spec = info.graph("decoder")
+    logits = next(t for t in spec.outputs if t.name == "logits")
+    small = replace(spec, outputs=tuple(replace(t, shape=(*t.shape[:-1], 321)) if t is logits else t
+                                        for t in spec.outputs))
+    for pad in (5, 151676):  # the fixture's placeholder inside the vocabulary, the tiny model's beyond it
+        shrunk = replace(info, graphs={**info.graphs, "decoder": small}, prompt=replace(info.prompt, audio_pad=pad))
+        ids = prepared._probe_feed(shrunk, "decoder")["input_ids"]
+        assert ids.shape == (1, 6) and 0 <= ids.min() and ids.max() < 321 and pad not in ids
+
+
+def test_concurrent_prepares_and_a_transcribe_during_them(tiny_bundles, tmp_path):
+    bundle = shutil.copytree(tiny_bundles["merged"], tmp_path / "b")
+    expected = _tokens(Transcriber.from_bundle(bundle, use_prepared=False))
+    code = "import sys\nfrom megaedge.cli.main import main\nsys.exit(main(sys.argv[1:]))"
+    runs = [subprocess.Popen([sys.executable, "-c", code, "prepare", str(bundle), "--threads", "1"], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    done = threading.Event()
+    threading.Thread(target=lambda: ([r.wait() for r in runs], done.set()), daemon=True).start()
+    loads = []
+    while not done.is_set() or not loads:  # transcribe while both prepare; every load must give the same tokens
+        tr = Transcriber.from_bundle(bundle)
+        loads.append(tr.sessions["decoder"].prepared)
+        assert _tokens(tr) == expected
+    for run in runs:
+        out, err = run.communicate()
+        assert run.returncode == 0 and "prepared b" in out, err
+    names = os.listdir(prepared.directory(bundle))
+    assert not [n for n in names if n.startswith(prepared.STAGING_PREFIX)]
+    info = manifest.read(bundle, verify=False)
+    assert prepared.verified(bundle, info) and prepared.lookup(bundle, info, "decoder") is not None
+    tr = Transcriber.from_bundle(bundle)
+    assert tr.sessions["decoder"].prepared and _tokens(tr) == expected
