@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from megaedge.cli.common import add_threads_option
+from megaedge.runtime import limits
 
 NAME = "prepare"
 HELP = "once per device: save onnxruntime's optimized, pre-packed graphs for this CPU (faster cold start)"
@@ -25,6 +26,8 @@ def run(args: argparse.Namespace) -> int:
     from megaedge.runtime import prepared
 
     bundle = Path(args.bundle).expanduser()
+    # Both ways write under BUNDLE/prepared/: a read-only bundle fails here, not after minutes of optimizing.
+    limits.check_output_dir(bundle, "BUNDLE")
     if args.remove:
         target = prepared.directory(bundle)
         removed = prepared.remove(bundle)
