@@ -264,3 +264,21 @@ def test_read_only_output_folder_is_one_line(checkpoint, tmp_path):
             export_bundle(checkpoint, ro / "b", ExportOptions(validate=False))
     finally:
         ro.chmod(0o755)
+
+
+def test_interrupted_int8_export_leaves_nothing(checkpoint, tmp_path, monkeypatch):
+    from megaedge.export import int8
+
+    def stop(*args, **kwargs):
+        raise Terminated(signal.SIGTERM)  # what megaedge.cli.signals raises when SIGTERM arrives mid-quantization
+
+    monkeypatch.setattr(int8, "int8_from_fp32", stop)
+    with pytest.raises(Terminated):
+        int8.export_int8(checkpoint, tmp_path / "q", ExportOptions(validate=False), int8.Int8Options(report=False))
+    assert list(tmp_path.iterdir()) == []  # neither the FP32 bundle nor any INT8 remains
+    # --force never deletes a calibration cache (or clips) kept inside the bundle folder.
+    (tmp_path / "q" / "cache").mkdir(parents=True)
+    (tmp_path / "q" / "megaedge.json").write_text("{}")
+    with pytest.raises(MegaedgeError, match=r"^--out .*/q: holds the input .*/q/cache; --force would delete it"):
+        int8.export_int8(checkpoint, tmp_path / "q", ExportOptions(validate=False, force=True),
+                         int8.Int8Options(report=False, calib_cache=str(tmp_path / "q" / "cache")))
