@@ -39,15 +39,16 @@ def _process_alive(pid: int) -> bool:
     if os.name != "posix":
         return True  # os.kill(pid, 0) terminates the process on Windows; leave leftovers to the user there
     if pid == os.getpid():
-        # Our own pid on a leftover made before this run started: a dead earlier process that had the same pid
-        # (containers restart their entry point as pid 1 every time).
+        # Our own pid on a leftover found before this run made its staging folder: a dead earlier process that had
+        # the same pid (containers restart their entry point as pid 1 every time). This assumes one run per target
+        # at a time within a process, which the CLI guarantees.
         return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
-        return True  # exists, owned by another user
+    except OSError:
+        return True  # EPERM: it exists, owned by another user
     return True
 
 
@@ -72,7 +73,11 @@ def clear_stale(parent: Path, name: str) -> list[Path]:
             continue
         target = parent / name
         if match.group(1) == OLD and not os.path.lexists(target):
-            os.rename(entry, target)
+            try:
+                os.rename(entry, target)
+            except OSError as exc:
+                log.warning("could not restore %s from %s (%s); it is kept", target, entry.name, exc)
+                continue
             log.warning("restored %s from %s (left by an interrupted run, pid %s)", target, entry.name, match.group(2))
             continue
         shutil.rmtree(entry, ignore_errors=True)
