@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                  high=limits.OPSET[1]),
                         default=18, help=f"ONNX opset, {limits.OPSET[0]}-{limits.OPSET[1]} (default 18)")
     parser.add_argument("--no-validate", action="store_true", help="skip the bundle-vs-torch check after export")
+    parser.add_argument("--validate-rtol", type=float, default=None,
+                        help="validation tolerance relative to the torch outputs' scale, 1e-6..1e-1 (default 1e-3 "
+                             "for fp32, 2e-2 for fp16); top-1 and greedy tokens must agree too")
     parser.add_argument("--force", action="store_true",
                         help="replace an existing bundle at --out (never a folder that is not a megaedge bundle, the "
                              "working directory or one holding the inputs)")
@@ -76,7 +79,8 @@ def _run(args: argparse.Namespace) -> int:
     from megaedge.runtime import manifest
 
     options = ExportOptions(precision=args.precision, mode=args.mode, opset=args.opset,
-                            validate=not args.no_validate, force=args.force, include_router=not args.no_router)
+                            validate=not args.no_validate, force=args.force, include_router=not args.no_router,
+                            validate_rtol=args.validate_rtol)
     model = args.model or fixture.model_dir()
     if args.int8:
         from megaedge.errors import MegaedgeError
