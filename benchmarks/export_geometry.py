@@ -53,7 +53,8 @@ import json, sys, time
 import numpy as np
 from megaedge.runtime.transcriber import Transcriber
 t = time.perf_counter()
-tr = Transcriber.from_bundle(sys.argv[1], route="lora" if sys.argv[2] == "routed" else "auto", verify=False)
+tr = Transcriber.from_bundle(sys.argv[1], route="lora" if sys.argv[2] == "routed" else "auto", verify=False,
+                             vad="off")
 load = time.perf_counter() - t
 rng = np.random.default_rng(0)
 audio = (0.1 * rng.standard_normal(160000)).astype(np.float32)

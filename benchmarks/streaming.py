@@ -64,7 +64,7 @@ def hop_latency(tr, audio: np.ndarray, at_seconds: list[float], options: StreamO
     last_needed = max(at_seconds) + cycle_seconds
     ends, costs = [], []
     for position in range(0, min(audio.size, int(last_needed * RATE) + hop), hop):
-        for event in stream.accept_waveform(audio[position : position + hop]):
+        for event in stream.accept_waveform(audio[position : position + hop], 16000):
             if event.kind == "partial":
                 ends.append(event.end)
                 costs.append(event.compute_seconds)
@@ -124,7 +124,7 @@ def latencies(tr, options: StreamOptions) -> dict:
         feed = int(options.hop_seconds * RATE)
         got_first = got_final = None
         for i in range(0, audio.size, feed):
-            for event in stream.accept_waveform(audio[i : i + feed]):
+            for event in stream.accept_waveform(audio[i : i + feed], 16000):
                 if event.kind == "partial" and event.text and got_first is None:
                     got_first = event.end + event.compute_seconds - onset
                 if event.kind == "final" and got_final is None and event.token_ids:
@@ -153,7 +153,7 @@ def memory(tr, hours: float, options: StreamOptions) -> dict:
     feed = int(options.hop_seconds * RATE)
     while fed < checkpoints[-1] * RATE:
         for i in range(0, chunk.size, feed):
-            finals += sum(e.kind == "final" for e in stream.accept_waveform(chunk[i : i + feed]))
+            finals += sum(e.kind == "final" for e in stream.accept_waveform(chunk[i : i + feed], 16000))
         fed += chunk.size
         seconds = fed // RATE
         if seconds in checkpoints:

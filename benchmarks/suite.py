@@ -95,7 +95,7 @@ from megaedge.runtime.bench import gpu_memory_mib
 from megaedge.runtime.transcriber import Transcriber
 cuda = sys.argv[5] == "cuda"
 tr = Transcriber.from_bundle(sys.argv[1], verify=False, threads=int(sys.argv[4]), providers=("cuda",) if cuda else ("cpu",),
-                             prefill=sys.argv[6])
+                             prefill=sys.argv[6], vad="off")
 tr.transcribe(speech_like_audio(1.0), max_new_tokens=2, ignore_eos=True, loop_guard=False)  # warm-up
 out = {}
 for seconds in json.loads(sys.argv[2]):
@@ -143,7 +143,7 @@ _COLD = """
 import sys, time
 from megaedge.runtime.bench import speech_like_audio
 from megaedge.runtime.transcriber import Transcriber
-tr = Transcriber.from_bundle(sys.argv[1], use_prepared=sys.argv[2] == "prepared")
+tr = Transcriber.from_bundle(sys.argv[1], use_prepared=sys.argv[2] == "prepared", vad="off")
 tr.transcribe(speech_like_audio(1.0), max_new_tokens=1, ignore_eos=True, loop_guard=False)
 print(time.time())
 """

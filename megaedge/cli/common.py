@@ -16,13 +16,16 @@ def need_export_extra() -> None:
         require(module, "export")
 
 
-def add_decoding_options(parser) -> None:
-    """Options every transcribing command shares (torch reference and lean runtime alike)."""
+def add_decoding_options(parser, text_tokens: bool = True) -> None:
+    """Options every transcribing command shares (torch reference and lean runtime alike). ``text_tokens``: the
+    budget counts the text after the language prefix (the runtime); else every generated token (transformers'
+    max_new_tokens, the reference)."""
     add_language_option(parser)
     add_context_option(parser)
+    counted = "text tokens after the 'language X' prefix" if text_tokens else "tokens generated"
     parser.add_argument("--max-new-tokens", type=arg_type(limits.check_max_new_tokens, parse=int),
-                        help=f"token budget per segment, 1-{limits.MAX_NEW_TOKENS} (default: sized from the audio "
-                             "length)")
+                        help=f"most {counted} per segment, 1-{limits.MAX_NEW_TOKENS} (default: sized from the "
+                             "audio length)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per file")
 
 
@@ -74,6 +77,15 @@ def add_decode_engine_option(parser) -> None:
                         help="the encoder's convolution stem of an INT8 CPU bundle: native (megaedge's int8 kernel, "
                              "then the bundle's encoder body graph), ort (the whole encoder graph in onnxruntime), "
                              "auto (native where the CPU has int8 dot products; default)")
+
+
+def add_vad_option(parser) -> None:
+    parser.add_argument("--vad", choices=("auto", "silero", "energy", "off"), default=None,
+                        help="voice-activity gate: audio in which it hears no speech gives no text (offline "
+                             "segments, stream partials and finals). silero (the bundle's Silero model, or an "
+                             "installed silero-vad), energy (frame energy: tones, hum and machinery can pass), off "
+                             "(only digital silence is gated), auto (silero where a model is found, else energy; "
+                             "default, or $MEGAEDGE_VAD)")
 
 
 def print_json(obj) -> None:

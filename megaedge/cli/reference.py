@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router", help="router safetensors file")
     parser.add_argument("--route", choices=("auto", "merged", "base"), default="auto",
                         help="auto: the router decides per file (default); merged: LoRA on; base: LoRA off")
-    add_decoding_options(parser)
+    add_decoding_options(parser, text_tokens=False)
 
 
 def run(args: argparse.Namespace) -> int:

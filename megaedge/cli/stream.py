@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from megaedge.cli.common import add_context_option, add_decode_engine_option, add_language_option, add_threads_option
+from megaedge.cli.common import (
+    add_context_option,
+    add_decode_engine_option,
+    add_language_option,
+    add_threads_option,
+    add_vad_option,
+)
 from megaedge.runtime import limits
 from megaedge.runtime.limits import arg_type
 
@@ -34,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON event per line (partials and finals)")
     parser.add_argument("--providers", default="cpu", help="comma list: cpu, cuda, tensorrt (default cpu)")
     add_decode_engine_option(parser)
+    add_vad_option(parser)
     add_threads_option(parser)
 
 
@@ -170,7 +177,7 @@ def _run(args: argparse.Namespace, guard) -> int:
     chunks = _mic_chunks(args, options.hop_seconds) if args.mic else _file_chunks(args, options.hop_seconds)
     transcriber = Transcriber.from_bundle(args.bundle, providers=args.providers.split(","), route=args.route,
                                           threads=args.threads, decode=args.decode,
-                                          prefill=args.prefill, stem=args.stem)
+                                          prefill=args.prefill, stem=args.stem, vad=args.vad)
     stream = transcriber.create_stream(options)
     show = _Printer(args.json)
     try:

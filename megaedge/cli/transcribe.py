@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from megaedge.cli.common import add_decode_engine_option, add_decoding_options, add_threads_option
+from megaedge.cli.common import add_decode_engine_option, add_decoding_options, add_threads_option, add_vad_option
 
 NAME = "transcribe"
 HELP = "transcribe audio files with a bundle (lean runtime: numpy + onnxruntime + tokenizers)"
@@ -18,6 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_decoding_options(parser)
     parser.add_argument("--providers", default="cpu", help="comma list: cpu, cuda, tensorrt (default cpu)")
     add_decode_engine_option(parser)
+    add_vad_option(parser)
     add_threads_option(parser)
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
 
@@ -31,10 +32,10 @@ def run(args: argparse.Namespace) -> int:
         audio_io.check_readable(name)
     transcriber = Transcriber.from_bundle(args.bundle, providers=args.providers.split(","), route=args.route,
                                           verify=not args.no_verify, threads=args.threads, decode=args.decode,
-                                          prefill=args.prefill, stem=args.stem)
+                                          prefill=args.prefill, stem=args.stem, vad=args.vad)
     for name in args.files:
         result = transcriber.transcribe(name, language=args.language, context=args.context,
-                                        max_new_tokens=args.max_new_tokens)
+                                        max_text_tokens=args.max_new_tokens)
         if args.json:
             doc = result.to_dict()
             doc.pop("raw", None)
@@ -42,5 +43,6 @@ def run(args: argparse.Namespace) -> int:
         else:
             prob = f" p_degraded={result.degraded_prob:.2f}" if result.degraded_prob is not None else ""
             guard = " loop-guard" if result.loop_guard else ""
-            print(f"{name}\t[{result.language or '?'}; {result.route}{prob}{guard}]\t{result.text}")
+            conf = f" logp={result.min_logprob:.2f}" if result.min_logprob is not None else ""
+            print(f"{name}\t[{result.language or '?'}; {result.route}{prob}{conf}{guard}]\t{result.text}")
     return 0

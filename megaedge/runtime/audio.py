@@ -14,6 +14,7 @@ import numpy as np
 from megaedge.errors import AudioError, NonFiniteAudioError
 
 TARGET_RATE = 16000
+MAX_RATE = 768_000  # the highest rate audio interfaces record at; anything above is a wrong argument
 
 
 def to_mono(samples: np.ndarray) -> np.ndarray:
@@ -41,13 +42,25 @@ def check_finite(samples: np.ndarray, name: str) -> None:
         raise NonFiniteAudioError(f"{name}: {bad} samples are NaN or Inf; clean the audio before transcribing it")
 
 
+def as_float(samples: np.ndarray, name: str = "audio") -> np.ndarray:
+    """float32 samples in [-1, 1]: integer PCM scaled by its type's range (int16 / 32768), floats as they are."""
+    arr = np.asarray(samples)
+    if arr.dtype.kind == "i":
+        return arr.astype(np.float32) / float(np.iinfo(arr.dtype).max + 1)
+    if arr.dtype.kind == "u":  # unsigned PCM (8-bit WAV) is offset by half its range
+        half = float(np.iinfo(arr.dtype).max + 1) / 2
+        return (arr.astype(np.float32) - half) / half
+    if arr.dtype.kind != "f":
+        raise AudioError(f"{name}: samples of type {arr.dtype} are not audio; pass float or integer PCM samples")
+    return arr.astype(np.float32, copy=False)
+
+
 def prepare(samples: np.ndarray, rate: int, name: str = "audio", target: int = TARGET_RATE) -> np.ndarray:
     """Validate an in-memory array and bring it to float32 mono at ``target`` Hz."""
-    arr = np.asarray(samples)
-    if arr.dtype.kind in "iu":
-        # Integer PCM: scale to [-1, 1) by the dtype's range.
-        arr = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max + 1)
-    arr = to_mono(arr.astype(np.float32, copy=False))
+    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or not 0 < rate <= MAX_RATE:
+        raise AudioError(f"{name}: sample rate {rate!r} is not a rate in Hz (1-{MAX_RATE}); pass the rate the "
+                         f"samples were recorded at, e.g. rate=16000")
+    arr = to_mono(as_float(samples, name))
     check_finite(arr, name)
     if arr.size == 0:
         raise AudioError(f"{name}: the audio is empty (0 samples)")
@@ -110,8 +123,8 @@ def check_readable(path: str | os.PathLike) -> None:
         raise AudioError(f"{p}: the audio is empty (0 samples)")
 
 
-def load(source, rate: int | None = None, target: int = TARGET_RATE) -> np.ndarray:
-    """``source`` is a path, or an array with ``rate`` given (arrays without a rate are taken as ``target`` Hz)."""
+def load(source, rate: int = TARGET_RATE, target: int = TARGET_RATE) -> np.ndarray:
+    """``source`` is a path (read at its own rate), or an array at ``rate`` Hz (16 kHz unless told)."""
     if isinstance(source, (str, os.PathLike)):
         return read_file(source, target)
-    return prepare(np.asarray(source), rate or target, target=target)
+    return prepare(np.asarray(source), TARGET_RATE if rate is None else rate, target=target)

@@ -200,7 +200,7 @@ def run(bundle, options: BenchOptions = BenchOptions(), progress=None) -> dict:
     t0 = time.perf_counter()
     tr = Transcriber.from_bundle(bundle, providers=options.providers, route=options.route, threads=options.threads,
                                  verify=False, decode=options.decode,
-                                 prefill=options.prefill, stem=options.stem)
+                                 prefill=options.prefill, stem=options.stem, vad="off")  # synthetic audio
     load_seconds = time.perf_counter() - t0
     if tr.native is not None:
         tr.native.wait_loaded()  # its background read would otherwise lower the bandwidth measured next
@@ -285,7 +285,7 @@ def profile_runs(bundle: Path, options: BenchOptions) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     tr = Transcriber.from_bundle(bundle, providers=options.providers, route=options.route, threads=options.threads,
                                  verify=False, profile_dir=out.resolve(), decode=options.decode,
-                                 prefill=options.prefill, stem=options.stem)
+                                 prefill=options.prefill, stem=options.stem, vad="off")
     for seconds in options.audio_seconds:
         tr.transcribe(speech_like_audio(seconds), max_new_tokens=options.new_tokens,
                       ignore_eos=options.new_tokens is not None, segment_seconds=None, loop_guard=False)

@@ -19,7 +19,6 @@ quantized per block as MatMulNBits does at accuracy level 4, so tokens agree wit
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import time
@@ -126,24 +125,14 @@ def available(info: manifest.Manifest) -> str | None:
     return None
 
 
-class NativeDecoder:
-    """Weights shared and read-only; the KV cache is per decoder (one decode at a time).
+class _Weights:
+    """The decoder's weights, shared by every NativeDecoder spawned from one load and never written after it, but
+    for the one change-over from the file map to the in-memory copy (``NativeDecoder`` docstring), which replaces
+    whole lists: a reader sees either the old or the new list, both valid for as long as it holds them."""
 
-    With ``in_memory`` the projection weights are copied from the memory map into anonymous memory by a background
-    thread started here, while the caller encodes and prefills; the first ``start`` waits for it. Why: a file map
-    is read through 4 KiB pages, anonymous memory through 2 MiB pages (numpy asks for transparent huge pages), and
-    the decode step reads 1.8 GB per token (1.7B, 2-core Xeon: 13.5 GB/s from the map, 19-24 GB/s from memory)."""
-
-    def __init__(self, bundle: Path, info: manifest.Manifest, kernels, threads: int | None = None,
-                 in_memory: bool = True):
-        reason = available(info)
-        if reason:
-            raise MegaedgeError(f"{bundle}: cannot decode natively: {reason}")
-        index = self._index = info.decoder["native"]
-        tensors = self._tensors = _Tensors(bundle)
-        self.kernels, self.threads = kernels, threads or 1
-        self.heads, self.kv_heads, self.head_dim = index["heads"], index["kv_heads"], index["head_dim"]
-        self.hidden, self.eps, self.scaling = index["hidden"], float(index["eps"]), float(index["scaling"])
+    def __init__(self, bundle: Path, info: manifest.Manifest, in_memory: bool):
+        index = self.index = info.decoder["native"]
+        tensors = self.tensors = _Tensors(bundle)
         self.layers = [Layer(**{name: _linear(tensors, entry[name]) for name in PROJECTIONS},
                              **{name: tensors(entry[name]).astype(np.float32)
                                 for name in ("input_norm", "post_norm", "q_norm", "k_norm")})
@@ -152,34 +141,76 @@ class NativeDecoder:
         self.final_norm = tensors(index["final_norm"]).astype(np.float32)
         self.inv_freq = tensors(index["inv_freq"]).astype(np.float32).reshape(-1)
         emb = index["embedding"]
-        self._embedding = tensors(emb["weight"])
-        self._embedding_scales = tensors(emb["scales"]) if emb["kind"] == "q8" else None
-        if self._embedding_scales is not None:
-            rows = self._embedding.shape[0]
-            self._embedding = self._embedding.reshape(rows, -1, self._embedding.shape[-1])
-            self._embedding_scales = self._embedding_scales.reshape(rows, -1).astype(np.float32)
+        self.embedding = tensors(emb["weight"])
+        self.embedding_scales = tensors(emb["scales"]) if emb["kind"] == "q8" else None
+        if self.embedding_scales is not None:
+            rows = self.embedding.shape[0]
+            self.embedding = self.embedding.reshape(rows, -1, self.embedding.shape[-1])
+            self.embedding_scales = self.embedding_scales.reshape(rows, -1).astype(np.float32)
+        self.load_seconds = 0.0
+        self.loader = threading.Thread(target=self._load_in_memory, name="megaedge-native-load", daemon=True)
+        if in_memory:
+            self.loader.start()
+
+    def _load_in_memory(self) -> None:
+        t0 = time.perf_counter()
+        read = lambda entry: _linear(self.tensors, entry, read=True)  # noqa: E731
+        layers = [replace(layer, **{name: read(entry[name]) for name in PROJECTIONS})
+                  for layer, entry in zip(self.layers, self.index["layers"])]
+        self.lm_head, self.layers = read(self.index["lm_head"]), layers
+        self.load_seconds = time.perf_counter() - t0
+        log.info("decoder weights in memory in %.2f s", self.load_seconds)
+
+    @property
+    def loading(self) -> bool:
+        return self.loader.is_alive()
+
+    def wait_loaded(self) -> None:
+        if self.loader.is_alive():
+            self.loader.join()
+
+
+class NativeDecoder:
+    """One decoder state (KV cache, its length, the C view of weights and cache) over weights shared with every
+    decoder ``spawn``-ed from it. A NativeDecoder is used by one thread at a time; a shared Transcriber spawns one
+    per call and per stream, so concurrent calls never share a cache.
+
+    With ``in_memory`` the projection weights are copied from the memory map into anonymous memory by a background
+    thread started here, while the caller encodes and prefills; the first ``step`` waits for it. Why: a file map
+    is read through 4 KiB pages, anonymous memory through 2 MiB pages (numpy asks for transparent huge pages), and
+    a decode step reads every projection weight once per token."""
+
+    def __init__(self, bundle: Path, info: manifest.Manifest, kernels, threads: int | None = None,
+                 in_memory: bool = True, _weights: _Weights | None = None):
+        reason = available(info)
+        if reason:
+            raise MegaedgeError(f"{bundle}: cannot decode natively: {reason}")
+        self.bundle, self.info = bundle, info
+        self._w = _weights or _Weights(bundle, info, in_memory)
+        index = self._w.index
+        self.kernels, self.threads = kernels, threads or 1
+        self.heads, self.kv_heads, self.head_dim = index["heads"], index["kv_heads"], index["head_dim"]
+        self.hidden, self.eps, self.scaling = index["hidden"], float(index["eps"]), float(index["scaling"])
         self.keys: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
         self.length = 0
         self._model: kernels.ModelStruct | None = None
         self._model_in_memory = False
-        self.load_seconds = 0.0
-        self._loader = threading.Thread(target=self._load_in_memory, name="megaedge-native-load", daemon=True)
-        if in_memory:
-            self._loader.start()
 
-    def _load_in_memory(self) -> None:
-        t0 = time.perf_counter()
-        read = lambda entry: _linear(self._tensors, entry, read=True)  # noqa: E731
-        self.layers = [replace(layer, **{name: read(entry[name]) for name in PROJECTIONS})
-                       for layer, entry in zip(self.layers, self._index["layers"])]
-        self.lm_head = read(self._index["lm_head"])
-        self.load_seconds = time.perf_counter() - t0
-        log.info("decoder weights in memory in %.2f s", self.load_seconds)
+    @property
+    def layers(self) -> list[Layer]:
+        return self._w.layers
+
+    @property
+    def lm_head(self) -> Linear:
+        return self._w.lm_head
+
+    @property
+    def load_seconds(self) -> float:
+        return self._w.load_seconds
 
     def wait_loaded(self) -> None:
-        if self._loader.is_alive():
-            self._loader.join()
+        self._w.wait_loaded()
 
     # ------------------------------------------------------------------------------------------- cache
     def start(self, presents: list[np.ndarray], max_new_tokens: int) -> None:
@@ -203,18 +234,20 @@ class NativeDecoder:
             return kernels.LinearStruct(item.weight.ctypes.data, item.scales.ctypes.data, item.n, item.k,
                                         item.blocks, item.block)
 
-        layers = (kernels.LayerStruct * len(self.layers))()
-        for layer, struct, keys, values in zip(self.layers, layers, self.keys, self.values):
+        weights, head = self._w.layers, self._w.lm_head  # one consistent set (see _Weights)
+        layers = (kernels.LayerStruct * len(weights))()
+        for layer, struct, keys, values in zip(weights, layers, self.keys, self.values):
             for name in PROJECTIONS:
                 setattr(struct, name, linear(getattr(layer, name)))
             for name in ("input_norm", "post_norm", "q_norm", "k_norm"):
                 setattr(struct, name, getattr(layer, name).ctypes.data)
             struct.keys, struct.values = keys.ctypes.data, values.ctypes.data
-        first = self.layers[0]
-        model = kernels.ModelStruct(len(self.layers), self.hidden, self.heads, self.kv_heads, self.head_dim,
-                                    first.gate.n, self.keys[0].shape[1], self.lm_head.n, self.eps, self.scaling,
-                                    layers, linear(self.lm_head), self.final_norm.ctypes.data)
-        model._keep = layers  # the array must live as long as the struct pointing at it
+        first = weights[0]
+        model = kernels.ModelStruct(len(weights), self.hidden, self.heads, self.kv_heads, self.head_dim,
+                                    first.gate.n, self.keys[0].shape[1], head.n, self.eps, self.scaling,
+                                    layers, linear(head), self._w.final_norm.ctypes.data)
+        # What the struct points at must live as long as it: the C array, and the weights and caches it names.
+        model._keep = (layers, weights, head, list(self.keys), list(self.values))
         return model
 
     def embed(self, token: int) -> np.ndarray:
@@ -222,19 +255,15 @@ class NativeDecoder:
 
     def embed_rows(self, ids: np.ndarray) -> np.ndarray:
         """Embeddings of ``ids``: float32 [len(ids), hidden] (the 8-bit table dequantized row by row)."""
-        if self._embedding_scales is None:
-            return np.array(self._embedding[ids], np.float32)
-        rows = (self._embedding[ids].astype(np.float32) - 128.0) * self._embedding_scales[ids][:, :, None]
+        table, scales = self._w.embedding, self._w.embedding_scales
+        if scales is None:
+            return np.array(table[ids], np.float32)
+        rows = (table[ids].astype(np.float32) - 128.0) * scales[ids][:, :, None]
         return np.ascontiguousarray(rows.reshape(len(ids), -1)[:, : self.hidden])
 
     def spawn(self) -> NativeDecoder:
-        """Another decoder over the same weights with a cache of its own (a stream's): the weights are shared, the
-        cache is per decoder. Waits for the background weight read, so every decoder reads the in-memory copy."""
-        self.wait_loaded()
-        other = copy.copy(self)
-        other.keys, other.values, other.length, other._model = [], [], 0, None
-        other._model_in_memory = True
-        return other
+        """Another decoder over the same weights with a cache of its own (a call's or a stream's)."""
+        return NativeDecoder(self.bundle, self.info, self.kernels, self.threads, _weights=self._w)
 
     def rows_for(self, ids: list[int], audio: np.ndarray, audio_token: int) -> np.ndarray:
         """Embeddings of ``ids`` with the i-th ``audio_token`` taking row i of ``audio`` [A, hidden] (the decoder
@@ -255,7 +284,7 @@ class NativeDecoder:
         self.keys, self.values, self.length = [], [], 0
         # The weights there are now: the file map while the background read runs, so the prompt need not wait for
         # it; the first step changes over to the copy in memory.
-        self._model_in_memory = not self._loader.is_alive()
+        self._model_in_memory = not self._w.loading
         self._reserve(len(prompt_ids) + max_new_tokens + 1)
         return self.extend(x)[0]
 
@@ -290,7 +319,7 @@ class NativeDecoder:
             raise MegaedgeError(f"native prefill: logits of {logit_rows} rows asked of {rows} rows")
         self._reserve(self.length + rows + 1)
         start = self.length
-        angles = np.arange(start, start + rows, dtype=np.float32)[:, None] * self.inv_freq[None, :]  # as step()
+        angles = np.arange(start, start + rows, dtype=np.float32)[:, None] * self._w.inv_freq[None, :]  # as step()
         angles = np.concatenate([angles, angles], axis=1)
         cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
         logits = np.empty((logit_rows, self.lm_head.n), np.float32)
@@ -314,7 +343,7 @@ class NativeDecoder:
             self._model, self._model_in_memory = self._model_struct(), True
         pos = self.length
         self._reserve(pos + 1)
-        angles = np.concatenate([pos * self.inv_freq] * 2)
+        angles = np.concatenate([pos * self._w.inv_freq] * 2)
         cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
         logits = np.empty(self.lm_head.n, np.float32)
         self.kernels.decode_step(self._model, self.embed(token), pos, cos, sin, logits, self.threads)

@@ -15,6 +15,9 @@ One ``Transcriber`` holds the weights; each ``Stream`` holds only its own state:
   disagrees with it; ``StreamStats.revisions`` counts that;
 * endpointing: an energy VAD finalises an utterance after trailing silence and starts a fresh one (routed bundles
   route each utterance);
+* exact long-form (``segment_seconds``, the ``exact`` preset): the stream is cut where offline transcription cuts
+  its segments (the quietest frame before each limit, runtime/segmenting.py), and each part's final is the offline
+  segment's, so the finals of any length of audio are exactly ``transcribe``'s segments;
 * long-form: after ``max_span_seconds`` the span is finalised at a window boundary and a new one starts with an
   audio overlap and the recent text as context; words the overlap repeats are dropped, so state stays bounded.
 """
@@ -30,8 +33,8 @@ import numpy as np
 
 from megaedge.errors import MegaedgeError
 from megaedge.runtime import audio as audio_io
-from megaedge.runtime import features, span_decoding
-from megaedge.runtime.text import ASR_TEXT_MARKER, max_new_tokens_for, parse_asr_output
+from megaedge.runtime import decoding, features, segmenting
+from megaedge.runtime.text import max_new_tokens_for
 
 log = logging.getLogger("megaedge.runtime.streaming")
 
@@ -53,6 +56,8 @@ class StreamOptions:
     max_span_seconds: float | None = 24.0
     overlap_seconds: float = 1.0
     context_chars: int = 120
+    # exact long-form: cut as offline segments are (None: no cuts); excludes max_span_seconds
+    segment_seconds: float | None = None
     language: str | None = None
     context: str | None = None
     route: str | None = None  # None: the transcriber's route
@@ -63,6 +68,10 @@ class StreamOptions:
             raise MegaedgeError(f"hop {self.hop_seconds} s is outside 0.02-30 s; pick e.g. 0.64")
         if self.unstable_tokens < 0:
             raise MegaedgeError(f"unstable_tokens {self.unstable_tokens} < 0; use 0 to commit everything")
+        if self.segment_seconds is not None and (self.max_span_seconds is not None or not
+                                                 8.0 <= self.segment_seconds <= 300.0):
+            raise MegaedgeError(f"segment_seconds {self.segment_seconds} must be 8-300 s and comes without "
+                                f"max_span_seconds (set that to None); e.g. 30, as offline transcription cuts")
         if self.max_span_seconds is not None and self.max_span_seconds < 8.0 + self.overlap_seconds:
             raise MegaedgeError(f"max_span_seconds {self.max_span_seconds} is shorter than one encoder window "
                                 f"(8 s) plus the overlap; use >= {8.0 + self.overlap_seconds:g} or None")
@@ -78,7 +87,9 @@ PRESETS = {
     "balanced": StreamOptions(),
     "interactive": StreamOptions(hop_seconds=0.48, endpoint_silence_seconds=0.6),
     "dictation": StreamOptions(hop_seconds=1.0, endpoint_silence_seconds=1.2, unstable_tokens=6),
-    "exact": StreamOptions(endpointing=False, max_span_seconds=None),  # one utterance: final == offline
+    # finals == offline transcription, segment by segment
+    "exact": StreamOptions(endpointing=False, max_span_seconds=None,
+                           segment_seconds=segmenting.DEFAULT_SEGMENT_SECONDS),
 }
 
 
@@ -93,7 +104,10 @@ class StreamEvent:
     route: str
     token_ids: tuple[int, ...]
     compute_seconds: float
-    reason: str = ""  # final: "endpoint" | "flush" | "span"
+    reason: str = ""  # final: "endpoint" | "flush" | "span" | "segment"
+    # finals: the mean and lowest log-probability of its tokens, as offline transcription gives them
+    mean_logprob: float | None = None
+    min_logprob: float | None = None
 
 
 @dataclass
@@ -146,7 +160,7 @@ class _Span:
         self.raw = np.zeros((features.ASR_MEL_BINS, 0), np.float32)  # log10 mel, floor not yet applied
         self.max = -np.inf
         self.windows: list[tuple[np.ndarray, float]] = []  # (audio features [104, H], floor max used)
-        self.kv = None  # decoder cache after prefix + windows[:kv_windows] (runtime/span_decoding.py)
+        self.kv: int | None = None  # length of the stream's decoder cache after prefix + windows[:kv_windows]
         self.kv_windows = 0
         self.committed: list[int] = []
         self.previous: list[int] = []  # the last hop's full hypothesis
@@ -156,7 +170,11 @@ class _Span:
 
 
 class Stream:
-    """Per-stream state over a shared ``Transcriber``: ``accept_waveform`` -> events, ``partial``, ``final``."""
+    """Per-stream state over a shared ``Transcriber``: ``accept_waveform`` -> events, ``partial``, ``final``.
+
+    Everything mutable lives here (audio, encoder outputs, a decoder state of its own: runtime/decoding.py), so any
+    number of streams and ``transcribe`` calls can share one Transcriber from different threads. One stream is
+    fed by one thread at a time."""
 
     def __init__(self, transcriber, options: StreamOptions = StreamOptions()):
         self.tr = transcriber
@@ -165,14 +183,12 @@ class Stream:
         self.window_frames = int(info.encoder.get("chunk_frames", 100)) * int(info.encoder.get("chunks_per_window", 8))
         hidden = int(info.graph("decoder").input("audio_features").shape[1])
         self._no_audio = np.zeros((0, hidden), transcriber.kv_dtype)
-        self._decoding = span_decoding.for_transcriber(transcriber)
+        self._state = decoding.open_state(transcriber, stream=True)
         p = info.prompt
         language = options.language
         self._suffix = [*p.after_audio, *(transcriber.tokenizer.encode(
             p.language_template.format(language=language), add_special_tokens=False).ids if language else [])]
-        self.route = options.route or transcriber.route
-        if self.route == "base" and not info.routed:
-            raise MegaedgeError("route 'base' needs a routed bundle (export with --mode routed); this one is merged")
+        self.route = transcriber.check_route(options.route or transcriber.route)
         self.reset()
 
     # -------------------------------------------------------------------------------------------- public API
@@ -183,24 +199,37 @@ class Stream:
         self.time = 0  # samples accepted so far (stream time)
         self._since_hop = 0
         self._resampler = None
-        self._vad = EnergyVad(self.opts.vad_margin_db, self.opts.vad_min_dbfs)
+        # The transcriber's detector (runtime/vad.py) gates partials and finals on speech and drives endpointing;
+        # without one, the energy VAD below only endpoints, as before detectors existed.
+        self._gated = self.tr.vad is not None
+        self._vad = (self.tr.vad.stream() if self._gated
+                     else EnergyVad(self.opts.vad_margin_db, self.opts.vad_min_dbfs))
         self._span = self._new_span(0, self.opts.context)
         self._previous_text = ""  # tail of the finished spans' text in this utterance (long-form de-duplication)
         self._last: StreamEvent | None = None
 
-    def accept_waveform(self, samples, sample_rate: int = RATE) -> list[StreamEvent]:
-        """Feed any number of samples (mono, or [n, channels]); returns the events this produced."""
-        chunk = self._to_16k(np.asarray(samples, np.float32), int(sample_rate))
+    def accept_waveform(self, samples, sample_rate: int) -> list[StreamEvent]:
+        """Feed any number of samples at ``sample_rate`` Hz (mono, or [n, channels]; float in [-1, 1], or integer
+        PCM, scaled by its type's range as ``transcribe`` does); returns the events this produced. A stream keeps
+        one input rate: a new rate starts a new resampler after flushing the old one."""
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or not \
+                0 < sample_rate <= audio_io.MAX_RATE:
+            raise MegaedgeError(f"sample_rate {sample_rate!r} is not a rate in Hz (1-{audio_io.MAX_RATE}); pass the "
+                                f"rate the samples were recorded at, e.g. 16000")
+        chunk = self._to_16k(audio_io.as_float(np.asarray(samples), "stream input"), int(sample_rate))
+        return self._accept(chunk)
+
+    def _accept(self, chunk: np.ndarray) -> list[StreamEvent]:
         if chunk.size == 0:
             return []
-        audio_io.check_finite(chunk, "stream input")
         span = self._span
         span.samples = np.concatenate([span.samples, chunk])
         self.time += chunk.size
         self._since_hop += chunk.size
         events = []
-        if self.opts.endpointing:
+        if self.opts.endpointing or self._gated:
             self._vad.update(chunk)
+        if self.opts.endpointing:
             if self._vad.heard_speech and self._vad.trailing_silence >= self.opts.endpoint_silence_seconds * RATE:
                 events.append(self._finish("endpoint"))
                 return events
@@ -208,9 +237,14 @@ class Stream:
                 self._drop_leading_silence()
         if self._since_hop >= self.opts.hop_seconds * RATE:
             self._since_hop = 0
+            if self._gated and not self._vad.heard_speech:
+                return events  # nothing said yet: no partial guessed from noise
             events.append(self._hop())
             if self._span_full():
                 events.append(self._roll_span())
+        limit = self.opts.segment_seconds
+        if limit is not None and self._span.samples.size > limit * RATE:
+            events.append(self._cut_segment())
         return events
 
     @property
@@ -219,7 +253,12 @@ class Stream:
         return self._last
 
     def final(self) -> StreamEvent:
-        """End of input: finalise the current utterance (exact: token-identical to offline transcription)."""
+        """End of input: finalise the current utterance (exact: token-identical to offline transcription). The
+        resampler's last samples are fed first: a file streamed at 48 kHz ends where the offline one does."""
+        events = self._accept(self._flush_resampler())
+        ended = [e for e in events if e.kind == "final"]
+        if ended and self.time - round(ended[-1].end * RATE) == 0 and self._span.samples.size == 0:
+            return ended[-1]  # the flushed samples ended the utterance themselves
         return self._finish("flush")
 
     flush = final
@@ -227,13 +266,28 @@ class Stream:
     # -------------------------------------------------------------------------------------------- internals
     def _to_16k(self, samples: np.ndarray, rate: int) -> np.ndarray:
         samples = audio_io.to_mono(samples)
+        audio_io.check_finite(samples, "stream input")
+        if self._resampler is not None and self._resampler[0] != rate:
+            tail = self._flush_resampler()
+        else:
+            tail = np.zeros(0, np.float32)
         if rate == RATE:
-            return samples
-        if self._resampler is None or self._resampler[0] != rate:
+            return np.concatenate([tail, samples]) if tail.size else samples
+        if self._resampler is None:
             import soxr
 
-            self._resampler = (rate, soxr.ResampleStream(rate, RATE, 1, dtype="float32"))
-        return self._resampler[1].resample_chunk(samples).astype(np.float32)
+            # The quality offline resampling uses (audio.resample): the same filter on the same samples.
+            self._resampler = (rate, soxr.ResampleStream(rate, RATE, 1, dtype="float32", quality="HQ"))
+        out = self._resampler[1].resample_chunk(samples).astype(np.float32)
+        return np.concatenate([tail, out]) if tail.size else out
+
+    def _flush_resampler(self) -> np.ndarray:
+        """The samples a resampler still holds (its filter's delay), and a fresh start for the next input."""
+        if self._resampler is None:
+            return np.zeros(0, np.float32)
+        out = self._resampler[1].resample_chunk(np.zeros(0, np.float32), last=True).astype(np.float32)
+        self._resampler = None
+        return out
 
     def _new_span(self, start_sample: int, context: str | None) -> _Span:
         gate = None
@@ -334,7 +388,14 @@ class Stream:
         ids = ([] if span.kv is not None else self._prefix_ids()) + [self.tr.manifest.prompt.audio_pad] * sum(
             len(w) for w, _ in new)
         audio = np.concatenate([w for w, _ in new]) if new else self._no_audio
-        span.kv, span.kv_windows = self._decoding.extend(span.kv, ids, audio, span.gate), len(span.windows)
+        self._state.rollback(span.kv or 0)
+        self._state.extend(ids, audio, span.gate, 0)
+        span.kv, span.kv_windows = self._state.length, len(span.windows)
+
+    def _run_tail(self, ids: list[int], audio: np.ndarray, logit_rows: int) -> np.ndarray:
+        """Logits of the last ``logit_rows`` of ``ids`` run after the committed cache (which stays as it was)."""
+        self._state.rollback(self._span.kv or 0)
+        return self._state.extend(ids, audio, self._span.gate, logit_rows)
 
     def _tail(self, open_audio: np.ndarray | None) -> tuple[list[int], np.ndarray]:
         """Ids after the cached KV (prefix + finished windows): open audio pads + suffix + committed text."""
@@ -343,16 +404,10 @@ class Stream:
         ids = [self.tr.manifest.prompt.audio_pad] * len(audio) + self._suffix + span.committed
         return ids, audio
 
-    def _greedy(self, logits: np.ndarray, limit: int) -> list[int]:
-        """Continue greedy decoding from the last tail's last logits (stops at EOS or ``limit`` tokens)."""
-        eos = set(self.tr.manifest.prompt.eos)
-        tokens: list[int] = []
-        while True:
-            token = int(np.argmax(logits))
-            if token in eos or len(tokens) >= limit:
-                return tokens
-            tokens.append(token)
-            logits = self._decoding.step(token, self._span.gate)
+    def _greedy(self, logits: np.ndarray, prefix: list[int], limit: int, new_limit: int | None = None):
+        """The one greedy loop (runtime/decoding.py), continuing ``prefix`` from the last tail's last logits."""
+        return decoding.greedy(self._state, logits, self._span.gate, self.tr.manifest.prompt.eos, limit=limit,
+                               new_limit=new_limit, prefix=prefix)
 
     def _hop(self) -> StreamEvent:
         t0 = time.perf_counter()
@@ -364,10 +419,10 @@ class Stream:
         open_audio = self._update_windows(frames, final=False)
         self._extend_kv()
         ids, audio = self._tail(open_audio)
-        logits = self._decoding.tail(span.kv, ids, audio, span.gate, 1)
-        budget = max_new_tokens_for(span.samples.size / RATE) - len(span.committed)
+        logits = self._run_tail(ids, audio, 1)
+        budget = max_new_tokens_for(span.samples.size / RATE)
         per_hop = self.opts.unstable_tokens + math.ceil(10 * self.opts.hop_seconds) + 2
-        new = self._greedy(logits[-1], max(0, min(budget, per_hop)))
+        new = self._greedy(logits[-1], span.committed, budget, per_hop).tokens
         hypothesis = span.committed + new
         # Commit what is older than the last unstable_tokens AND what the previous hop also proposed (local
         # agreement): one hop's guess at a word cut by the hop edge is never committed.
@@ -383,8 +438,9 @@ class Stream:
         self.stats.hop_seconds.append(event.compute_seconds)
         return event
 
-    def _final_tokens(self) -> list[int]:
-        """Exact greedy tokens for the span's audio: committed tokens checked against the full audio in one call."""
+    def _final_tokens(self) -> tuple[list[int], list[float]]:
+        """Exact greedy tokens for the span's audio, and their log-probabilities: committed tokens checked against
+        the full audio in one call (its logits are the ones offline decoding computes for them)."""
         span = self._span
         frames = self._extend_frames(final=True)
         open_audio = self._update_windows(frames, final=True)
@@ -392,26 +448,26 @@ class Stream:
         ids, audio = self._tail(open_audio)
         n = len(span.committed)
         first = len(ids) - n - 1  # position whose logits predict committed[0]
-        logits = self._decoding.tail(span.kv, ids, audio, span.gate, n + 1)
+        logits = self._run_tail(ids, audio, n + 1)
         predicted = logits.argmax(axis=-1)
         eos = set(self.tr.manifest.prompt.eos)
         agree = 0
         while agree < n and predicted[agree] == span.committed[agree]:
             agree += 1
         budget = max_new_tokens_for(span.samples.size / RATE)
+        logprobs = [decoding.log_softmax_at(logits[i], span.committed[i]) for i in range(min(agree, budget))]
         if agree == n:
             if n >= budget:
-                return span.committed[:budget]
-            rest = self._greedy(logits[-1], budget - n)
-            return span.committed + rest
+                return span.committed[:budget], logprobs
+            rest = self._greedy(logits[-1], span.committed, budget)
+            return span.committed + rest.tokens, logprobs + rest.logprobs
         self.stats.revisions += 1
         kept = span.committed[:agree]
         if int(predicted[agree]) in eos or agree >= budget:
-            return kept
-        # Re-run the tail up to the first disagreement (KV slicing would need a copy of every layer's cache).
-        ids = ids[: first + 1 + agree]
-        rest = self._greedy(self._decoding.tail(span.kv, ids, audio, span.gate, 1)[-1], budget - agree)
-        return kept + rest
+            return kept, logprobs
+        # Re-run the tail up to the first disagreement (cheaper than slicing every layer's cache).
+        rest = self._greedy(self._run_tail(ids[: first + 1 + agree], audio, 1)[-1], kept, budget)
+        return kept + rest.tokens, logprobs + rest.logprobs
 
     def _maybe_route(self, final: bool) -> None:
         span = self._span
@@ -431,16 +487,17 @@ class Stream:
     def _finish(self, reason: str) -> StreamEvent:
         t0 = time.perf_counter()
         span = self._span
-        silent = self.opts.endpointing and not self._vad.heard_speech  # the VAD heard no speech in it
-        if span.samples.size == 0 or not np.any(span.samples) or silent:
-            tokens = []
-        else:
+        # the VAD heard no speech in it
+        silent = (self.opts.endpointing or self._gated) and not self._vad.heard_speech
+        tokens, logprobs = [], []
+        if span.samples.size and np.any(span.samples) and not silent:
             self._maybe_route(final=True)
-            tokens = self._final_tokens()
-            if self.opts.loop_guard and _looks_looped(tokens):
+            tokens, logprobs = self._final_tokens()
+            if self.opts.loop_guard and decoding.repetition(tokens):
                 # Same handling as offline (re-decode on the base route or with no-repeat-4-gram).
-                tokens = self._offline_segment().token_ids
-        event = self._event("final", tokens, t0, reason)
+                segment = self._offline_segment()
+                tokens, logprobs = segment.token_ids, segment.logprobs
+        event = self._event("final", tokens, t0, reason, logprobs)
         self._previous_text = ""
         self.utterance += 1
         self._vad.reset_utterance()
@@ -454,6 +511,25 @@ class Stream:
         return tr._transcribe_segment(span.samples, 0, span.samples.size, self.opts.language, span.context, route,
                                       None, False, True, _NullTimer())
 
+    def _cut_segment(self) -> StreamEvent:
+        """Exact long-form: end the span where offline transcription ends its segment; its final is the offline
+        segment's (the same function decodes it), and the rest of the audio starts the next span afresh."""
+        t0 = time.perf_counter()
+        span = self._span
+        cut = segmenting.segments(span.samples, self.opts.segment_seconds)[0][1]
+        rest = span.samples[cut:]
+        span.samples = span.samples[:cut]
+        tokens, logprobs = [], []
+        if np.any(span.samples):
+            segment = self._offline_segment()
+            tokens, logprobs = segment.token_ids, segment.logprobs
+        event = self._event("final", tokens, t0, "segment", logprobs)
+        self.utterance += 1
+        self._vad.reset_utterance()
+        self._span = self._new_span(span.start_sample + cut, self.opts.context)
+        self._span.samples = rest
+        return event
+
     def _roll_span(self) -> StreamEvent:
         """Long-form: finalise the span at its last window boundary; continue with an overlap and text context."""
         t0 = time.perf_counter()
@@ -464,7 +540,7 @@ class Stream:
         # The span's final covers exactly the finished windows: cut the samples there (all frames are final).
         span.samples = span.samples[:boundary]
         span.raw = span.raw[:, : len(span.windows) * self.window_frames]
-        tokens = self._final_tokens()
+        tokens, logprobs = self._final_tokens()
         text = self._text(tokens)
         new_text = _drop_repeated_words(self._previous_text, text)
         # Only a tail is kept: de-duplication looks at a dozen words and the context at context_chars.
@@ -475,16 +551,13 @@ class Stream:
         nxt.samples = np.concatenate([keep, rest])
         nxt.gate, nxt.route_checked = span.gate, span.route_checked
         self._span = nxt
-        return replace(self._event("final", tokens, t0, "span"), text=new_text, committed=new_text)
+        return replace(self._event("final", tokens, t0, "span", logprobs), text=new_text, committed=new_text)
 
     # events ------------------------------------------------------------------------------------------------------
     def _text(self, tokens: list[int]) -> str:
-        raw = self.tr.tokenizer.decode(tokens, skip_special_tokens=True)
-        if ASR_TEXT_MARKER not in raw and not self.opts.language:
-            return ""  # still inside "language X": no text yet
-        return parse_asr_output(raw).text
+        return self.tr.text_of(tokens, self.opts.language is not None).text
 
-    def _event(self, kind: str, tokens: list[int], t0: float, reason: str = "") -> StreamEvent:
+    def _event(self, kind: str, tokens: list[int], t0: float, reason: str = "", logprobs=()) -> StreamEvent:
         span = self._span
         text = self._text(tokens)
         committed = self._text(span.committed) if kind == "partial" else text
@@ -495,8 +568,9 @@ class Stream:
             route = "merged" if self.tr.manifest.source.get("adapter") else "base"
         else:
             route = "lora" if span.gate else "base"
+        confidence = (float(np.mean(logprobs)), float(np.min(logprobs))) if len(logprobs) else (None, None)
         event = StreamEvent(kind, text, committed, span.start_sample / RATE, self.time / RATE, self.utterance, route,
-                            tuple(tokens), time.perf_counter() - t0, reason)
+                            tuple(tokens), time.perf_counter() - t0, reason, *confidence)
         self._last = event
         return event
 
@@ -504,12 +578,6 @@ class Stream:
 class _NullTimer:
     def add(self, name: str, seconds: float) -> None:
         pass
-
-
-def _looks_looped(tokens: list[int]) -> bool:
-    from megaedge.runtime.transcriber import _repetition
-
-    return _repetition(tokens)
 
 
 def _drop_repeated_words(previous: str, text: str, max_words: int = 12) -> str:

@@ -22,14 +22,19 @@ class ParsedOutput:
     text: str
 
 
-def parse_asr_output(decoded: str) -> ParsedOutput:
+def parse_asr_output(decoded: str, language_forced: bool = False) -> ParsedOutput:
     """``language English<asr_text>text`` -> (English, text); ``language None<asr_text>`` -> (None, '').
 
     A forced-language prompt already contains the prefix, so the generated text has no marker: all of it is text.
+    Otherwise output without the marker never reached its text: a bare ``language X`` (cut by a budget or ended
+    by EOS) is no text at all, and anything else is taken as text. Offline results and stream events both go
+    through here, so the same tokens always give the same text.
     """
     raw = (decoded or "").strip()
     if ASR_TEXT_MARKER not in raw:
-        return ParsedOutput(None, raw)
+        if language_forced or not (raw == "language" or raw.startswith("language ")):
+            return ParsedOutput(None, raw)
+        return ParsedOutput(None, "")
     prefix, text = raw.split(ASR_TEXT_MARKER, 1)
     first = next((line.strip() for line in prefix.splitlines() if line.strip()), "")
     language = first[len("language ") :].strip() if first.lower().startswith("language ") else (first or None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,17 +18,14 @@ import numpy as np
 
 from megaedge.errors import MegaedgeError
 from megaedge.runtime import audio as audio_io
-from megaedge.runtime import features, manifest, native_stem, routing, segmenting
+from megaedge.runtime import decoding, features, limits, manifest, native_stem, routing, segmenting
+from megaedge.runtime.decoding import LAST, PREFILL_MIN_ROWS  # noqa: F401  (where callers have found them)
 from megaedge.runtime.session import open_session
-from megaedge.runtime.text import max_new_tokens_for, parse_asr_output
+from megaedge.runtime.text import ParsedOutput, max_new_tokens_for, parse_asr_output
 
 log = logging.getLogger("megaedge.runtime.transcriber")
 
 ROUTES = ("auto", "base", "lora")
-LAST = np.zeros(1, np.int64)  # logits_at for one-token steps
-# From 4 rows on, per-channel dynamic int8 beats the 8-bit block kernel (benchmarks/gemv_bandwidth.py --rows 2,4,8:
-# 2 rows 22.8 vs 16.4 ms, 4 rows 21.2 vs 23.2 ms): the smallest call a prefill graph takes.
-PREFILL_MIN_ROWS = 4
 
 
 @dataclass
@@ -40,6 +38,12 @@ class SegmentResult:
     degraded_prob: float | None
     loop_guard: str | None = None  # how a degenerate repetition was handled, when it happened
     language: str | None = None
+    # Confidence: the mean and the lowest log-probability of the segment's tokens (None without tokens). A command
+    # interface can refuse to act on a low minimum: one unsure word is enough to change a command.
+    mean_logprob: float | None = None
+    min_logprob: float | None = None
+    speech: bool = True  # False when the voice-activity detector heard no speech (no decoding was done)
+    logprobs: list[float] = field(default_factory=list)  # of each token in token_ids
 
 
 @dataclass
@@ -53,6 +57,8 @@ class Result:
     segments: list[SegmentResult] = field(default_factory=list)
     loop_guard: bool = False
     raw: str = ""
+    mean_logprob: float | None = None  # over every token of every segment
+    min_logprob: float | None = None
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -68,17 +74,7 @@ class _Timer:
         self.totals[name] = self.totals.get(name, 0.0) + seconds
 
 
-def _repetition(tokens: list[int], min_repeats: int = 4, max_period: int = 12) -> bool:
-    """True when the tail is one n-gram (n <= max_period) repeated >= min_repeats times: a decoding loop."""
-    for period in range(1, max_period + 1):
-        need = period * min_repeats
-        if len(tokens) < need:
-            break
-        tail = tokens[-need:]
-        unit = tail[:period]
-        if all(tail[i] == unit[i % period] for i in range(need)):
-            return True
-    return False
+_repetition = decoding.repetition
 
 
 _TOKENIZER = "tokenizer"  # a load job beside the graphs
@@ -102,17 +98,21 @@ def load_lanes(graph_bytes: dict[str, int], cores: int) -> list[list[str]]:
 
 
 class Transcriber:
+    """A loaded bundle: sessions, native kernels, tokenizer, all read-only after load.
+
+    Safe to share between threads: ``transcribe`` and every ``Stream`` keep their decoding state (KV caches, the
+    route, scratch) per call or per stream (runtime/decoding.py); the shared onnxruntime sessions and native
+    weights are only read. Calls run side by side, each with the threads it was given, so on a small CPU two
+    concurrent calls share its cores rather than each getting all of them."""
+
     def __init__(self, bundle: Path, info: manifest.Manifest, sessions: dict, tokenizer, route: str, native=None,
-                 native_prefill: bool = False, stem=None):
+                 native_prefill: bool = False, stem=None, vad=None):
         self.bundle, self.manifest, self.sessions, self.tokenizer = bundle, info, sessions, tokenizer
+        self.vad = vad  # runtime.vad: gates segments and utterances on speech (None: only digital silence is gated)
         self.native = native  # runtime.native_decode.NativeDecoder: the decode steps (and the prompt) natively
         self.stem = stem  # runtime.native_stem.NativeStem: the encoder's convolutions natively, the rest its body
         self.native_prefill = native is not None and native_prefill
-        if route not in ROUTES:
-            raise MegaedgeError(f"route {route!r} is not one of {ROUTES}")
-        if route == "base" and not info.routed:  # a merged bundle has the LoRA folded in: no base route left
-            raise MegaedgeError("route 'base' needs a routed bundle (export with --mode routed); this one is merged")
-        self.route = route
+        self.route = self.check_route(route)
         dec = info.decoder
         if "logits_at" not in info.graph("decoder").input_names:
             raise MegaedgeError(f"{bundle}: made by an older megaedge (decoder has no logits_at input); re-export it")
@@ -120,14 +120,13 @@ class Transcriber:
         self.kv_dtype = np.dtype(dec["kv_dtype"])
         self.float_dtype = np.dtype(info.graph("encoder").input("mel").dtype)
         self.kv_shape = (1, dec["kv_heads"], 0, dec["head_dim"])
-        self._gate_value = np.array([1.0], self.float_dtype)  # routed bundles: the route of the current segment
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
     def from_bundle(cls, path, providers=("cpu",), route: str = "auto", verify: bool = True,
                     threads: int | None = None, use_prepared: bool = True,
                     profile_dir: Path | None = None, decode: str = "auto", prefill: str = "auto",
-                    stem: str = "auto") -> Transcriber:
+                    stem: str = "auto", vad=None) -> Transcriber:
         """Load a bundle. ``verify`` hashes every file against the manifest, unless ``megaedge prepare`` already
         did and no file changed since; on the CPU provider, graphs prepared for this machine load from their
         prepared copy (``use_prepared``). With ``profile_dir``, every onnxruntime session records a per-node trace
@@ -138,15 +137,19 @@ class Transcriber:
         (the bundle's prefill graph), ``auto`` = the bundle's prefill graph where it has one, else native.
         ``stem``: the encoder's convolution stem in megaedge's kernel (``native``, then the bundle's encoder body
         graph) or the whole encoder graph in onnxruntime (``ort``); ``auto``: native where the bundle has it, the
-        providers are the CPU only and the kernels build here (runtime.native_stem)."""
+        providers are the CPU only and the kernels build here (runtime.native_stem). ``vad``: the voice-activity
+        detector that gates segments and stream utterances on speech: a ``runtime.vad.VadOptions``, an engine name
+        (``auto``: the bundle's Silero model, else an installed one, else the energy detector; ``silero``;
+        ``energy``) or ``off`` (only digital silence is gated); None: ``$MEGAEDGE_VAD``, else ``auto``."""
         import functools
         from concurrent.futures import ThreadPoolExecutor
-
-        from tokenizers import Tokenizer
 
         from megaedge.runtime import native_decode, prepared
 
         bundle = Path(path).expanduser()
+        if threads is not None:
+            threads = limits.check_threads(threads)
+        vad_options = _vad_options(vad)
         info = manifest.read(bundle, verify=False)
         if verify and not prepared.verified(bundle, info):
             manifest.check_files(bundle, info)
@@ -173,8 +176,9 @@ class Transcriber:
             opened = {name: TrtSession(bundle / ENGINE_FILES[name], spec, info.engines[name])
                       for name, spec in info.graphs.items() if name in ENGINE_FILES}
         # An engine does its own prefill: the CPU prefill graph of a cpu-prefill bundle is left closed there.
+        # The VAD's graph runs in its own small session (runtime/vad.py), not as a bundle graph.
         todo = {name: spec for name, spec in info.graphs.items()
-                if name not in opened and not (opened and name == "decoder_prefill")}
+                if name not in opened and name != "vad" and not (opened and name == "decoder_prefill")}
         native_kernels = _native_kernels(bundle, info, decode, cpu_only)
         if prefill == "native" and native_kernels is None:
             raise MegaedgeError(f"{bundle}: --prefill native needs the native decoder (--decode auto or native, a "
@@ -205,7 +209,7 @@ class Transcriber:
 
         def run_lane(jobs: list[str]) -> None:
             for job in jobs:
-                loaded[job] = (Tokenizer.from_file(str(bundle / manifest.TOKENIZER_FILE)) if job == _TOKENIZER
+                loaded[job] = (limits.load_tokenizer(bundle / manifest.TOKENIZER_FILE) if job == _TOKENIZER
                                else one(job, todo[job]))
 
         # Session creation is CPU work (onnxruntime releases the GIL) and the largest graph's is the critical path:
@@ -224,16 +228,23 @@ class Transcriber:
                                                                                  threads or _cores())
         stem_runner = None if stem_kernels is None else native_stem.NativeStem(bundle, info, stem_kernels,
                                                                                threads or _cores())
-        return cls(bundle, info, sessions, tokenizer, route, native, native_prefill, stem_runner)
+        detector = None
+        if vad_options is not None:
+            from megaedge.runtime import vad as vad_module
+
+            detector, reason = vad_module.load(bundle, info, vad_options)
+            log.info("voice activity: %s", reason)
+        return cls(bundle, info, sessions, tokenizer, route, native, native_prefill, stem_runner, detector)
 
     # ------------------------------------------------------------------------------------------------ stages
-    def encode(self, samples: np.ndarray, timer: _Timer | None = None) -> np.ndarray:
-        """Audio features [tokens, hidden] for 16 kHz samples (windows batched, partial chunks exact)."""
+    def encode(self, samples: np.ndarray, timer: _Timer | None = None, gate: float | None = None) -> np.ndarray:
+        """Audio features [tokens, hidden] for 16 kHz samples (windows batched, partial chunks exact); ``gate``: a
+        routed bundle's LoRA gate (None: the LoRA route)."""
         t0 = time.perf_counter()
         feats = features.asr_log_mel(samples)
         mel, valid = segmenting.encoder_windows(feats, self.manifest.encoder)
         t1 = time.perf_counter()
-        out = self.encode_windows(mel, valid)
+        out = self.encode_windows(mel, valid, gate)
         if timer:
             timer.add("frontend", t1 - t0)
             timer.add("encoder", time.perf_counter() - t1)
@@ -241,7 +252,7 @@ class Transcriber:
 
     def encode_windows(self, mel: np.ndarray, valid: np.ndarray, gate: float | None = None) -> list[np.ndarray]:
         """Valid encoder output rows of each window of ``mel [W, bins, frames]`` (zero-padded), run in calls of
-        equal width (``segmenting.encoder_calls``); routed bundles use ``gate``, else the current route's."""
+        equal width (``segmenting.encoder_calls``); routed bundles use ``gate`` (None: the LoRA route)."""
         out = []
         step = int(self.manifest.encoder.get("max_windows_per_call", 16))
         for mel_call, valid_call in segmenting.encoder_calls(mel, valid, step):
@@ -270,7 +281,7 @@ class Transcriber:
     def decoder_for(self, rows: int):
         """The decoder session for a call over ``rows`` new positions: the bundle's prefill graph, when it has one,
         for calls of at least ``PREFILL_MIN_ROWS``; the KV cache either graph writes is what the other reads."""
-        if rows >= PREFILL_MIN_ROWS and "decoder_prefill" in self.sessions:
+        if rows >= decoding.PREFILL_MIN_ROWS and "decoder_prefill" in self.sessions:
             return self.sessions["decoder_prefill"]
         return self.sessions["decoder"]
 
@@ -281,13 +292,13 @@ class Transcriber:
         return p.build(audio_tokens, enc(context) if context else [], language_ids)
 
     def gate_input(self, gate: float | None = None) -> np.ndarray:
-        """A routed bundle's ``lora_gate`` input: ``gate``, or the current segment's route when None."""
-        return self._gate_value if gate is None else np.array([gate], self.float_dtype)
+        """A routed bundle's ``lora_gate`` input: ``gate`` (1 = LoRA route, 0 = base), the LoRA route when None."""
+        return np.array([1.0 if gate is None else gate], self.float_dtype)
 
     def decoder_feed(self, ids: list[int], audio: np.ndarray, logits_at, past=None, gate: float | None = None) -> dict:
         """The inputs of one decoder graph call: ``ids`` with ``audio`` rows at the audio placeholders, the logits of
         rows ``logits_at``, after the cache ``past`` (None: an empty one); a routed bundle's ``gate`` (None: the
-        current segment's route)."""
+        LoRA route)."""
         if past is None:
             import onnxruntime as ort
 
@@ -299,65 +310,54 @@ class Transcriber:
         return feed
 
     def decode(self, prompt_ids: list[int], audio: np.ndarray, max_new_tokens: int, timer: _Timer | None = None,
-               ignore_eos: bool = False, no_repeat_ngram: int = 0) -> list[int]:
-        """Greedy decoding. With a native decoder the steps run there, and the prompt too (``native_prefill``) or
-        in onnxruntime, whose cache it takes over; else everything runs in onnxruntime with the KV cache kept in
-        its memory between steps (IO binding)."""
-        eos = set(self.manifest.prompt.eos)
-        generated: list[int] = []
-        outs: list = []  # the last onnxruntime outputs: logits, then the KV cache
-        if not self.native_prefill:
-            session = self.decoder_for(len(prompt_ids))
-            feed = self.decoder_feed(prompt_ids, audio, [len(prompt_ids) - 1])
-            no_audio = np.zeros((0, audio.shape[1]), audio.dtype)
+               ignore_eos: bool = False, no_repeat_ngram: int = 0, gate: float | None = None,
+               max_text_tokens: int | None = None) -> decoding.Greedy:
+        """Greedy decoding of one prompt in a decoder state of its own (runtime/decoding.py): at most
+        ``max_new_tokens`` tokens, and at most ``max_text_tokens`` of them after the language prefix."""
+        state = decoding.open_state(self, max_new_tokens)
         t0 = time.perf_counter()
-        for step in range(max_new_tokens):
-            if self.native_prefill and step == 0:
-                logits = self.native.prefill(prompt_ids, audio, self.manifest.prompt.audio_pad, max_new_tokens)
-            elif self.native is not None and step > 0:
-                if step == 1 and not self.native_prefill:  # not right after the prefill: the first token need not
-                    # wait for the weight read
-                    self.native.start([value.numpy() for value in outs[1:]], max_new_tokens)
-                logits = self.native.step(generated[-1])
-            else:
-                outs = session.run_bound(feed, check=step < 2)
-                logits = outs[0].numpy()[0]
-            if no_repeat_ngram and len(generated) >= no_repeat_ngram - 1:
-                for banned in _banned_tokens(generated, no_repeat_ngram):
-                    logits[banned] = -np.inf
-            token = int(np.argmax(logits))
-            if step == 0 and timer:
-                timer.add("prefill", time.perf_counter() - t0)
-                t0 = time.perf_counter()
-            if token in eos and not ignore_eos:
-                break
-            generated.append(token)
-            if self.native is not None:
-                continue
-            session = self.sessions["decoder"]
-            feed = self.decoder_feed([token], no_audio, LAST, outs[1:])
+        logits = state.extend(prompt_ids, audio, gate)[-1]
+        if timer:
+            timer.add("prefill", time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        marker = None if prompt_ids[-1] == self.manifest.prompt.asr_text else self.manifest.prompt.asr_text
+        out = decoding.greedy(state, logits, gate, self.manifest.prompt.eos, limit=max_new_tokens,
+                              text_budget=max_text_tokens, marker=marker, ignore_eos=ignore_eos,
+                              no_repeat_ngram=no_repeat_ngram)
         if timer:
             timer.add("decode", time.perf_counter() - t0)
-            timer.add("decode_tokens", max(len(generated) - 1, 0))
-        return generated
+            timer.add("decode_tokens", max(len(out.tokens) - 1, 0))
+        return out
 
     # ------------------------------------------------------------------------------------------------ API
     def create_stream(self, options=None):
-        """A streaming state over this transcriber's weights (any number of streams can share them)."""
+        """A streaming state over this transcriber's weights (any number of streams can share them, from any
+        threads; one stream is fed by one thread at a time)."""
+        from dataclasses import replace
+
         from megaedge.runtime.streaming import Stream, StreamOptions
 
+        options = options or StreamOptions()
+        language, context = self.check_request(options.language, options.context)
+        options = replace(options, language=language, context=context)
         if self.native is None:  # streams step in onnxruntime's decode graph: open it now, not at the first hop
             self.sessions["decoder"]
-        return Stream(self, options or StreamOptions())
+        return Stream(self, options)
 
-    def transcribe(self, audio, rate: int | None = None, language: str | None = None, context: str | None = None,
+    def text_of(self, tokens: list[int], language_forced: bool) -> ParsedOutput:
+        """Language and text of generated tokens: one rule for offline results and stream events."""
+        return parse_asr_output(self.tokenizer.decode(tokens, skip_special_tokens=True), language_forced)
+
+    def transcribe(self, audio, rate: int = audio_io.TARGET_RATE, language: str | None = None, context: str | None = None,
                    route: str | None = None, max_new_tokens: int | None = None, ignore_eos: bool = False,
                    segment_seconds: float | None = segmenting.DEFAULT_SEGMENT_SECONDS,
-                   loop_guard: bool = True) -> Result:
-        """Transcribe a file path or a sample array (any rate with ``rate``; stereo is mixed to mono)."""
-        route = route or self.route
-        if route not in ROUTES:
-            raise MegaedgeError(f"route {route!r} is not one of {ROUTES}")
+                   loop_guard: bool = True, max_text_tokens: int | None = None) -> Result:
+        """Transcribe a file path (at its own rate), or a sample array at ``rate`` Hz (16 kHz unless told; integer
+        PCM is scaled by its type's range; stereo is mixed to mono). ``max_new_tokens`` bounds the tokens per segment as
+        transformers' generate counts them (language prefix included; default: from the segment's duration),
+        ``max_text_tokens`` the text after the language prefix. Safe to call from several threads at once."""
+        route = self.check_route(route or self.route)
+        language, context = self.check_request(language, context, max_new_tokens, max_text_tokens)
         timer = _Timer()
         t_start = time.perf_counter()
         samples = audio_io.load(audio, rate)
@@ -367,11 +367,13 @@ class Transcriber:
         segments = []
         for start, end in segmenting.segments(samples, segment_seconds):
             segments.append(self._transcribe_segment(samples[start:end], start, end, language, context, route,
-                                                     max_new_tokens, ignore_eos, loop_guard, timer))
+                                                     max_new_tokens, ignore_eos, loop_guard, timer,
+                                                     max_text_tokens))
         text = " ".join(s.text for s in segments if s.text).strip()
         routes = {s.route for s in segments}
         probs = [s.degraded_prob for s in segments if s.degraded_prob is not None]
         tokens = [t for s in segments for t in s.token_ids]
+        logprobs = [lp for s in segments for lp in s.logprobs]
         raw = "\n".join(self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in segments)
         detected = next((s.language for s in segments if s.language), None)
         timer.add("total", time.perf_counter() - t_start)
@@ -383,10 +385,32 @@ class Transcriber:
             route=routes.pop() if len(routes) == 1 else "mixed",
             degraded_prob=float(np.mean(probs)) if probs else None, token_ids=tokens, timings=timings,
             segments=segments, loop_guard=any(s.loop_guard for s in segments), raw=raw,
+            mean_logprob=float(np.mean(logprobs)) if logprobs else None,
+            min_logprob=float(np.min(logprobs)) if logprobs else None,
         )
 
+    def check_request(self, language, context, max_new_tokens=None, max_text_tokens=None) -> tuple:
+        """One line for a request value outside its range (runtime/limits.py): a language the model does not know,
+        context too long or holding a control token, budgets out of range. Returns (language, context) as the prompt
+        takes them (the language as the model spells it; blank context as None)."""
+        language, context, _ = limits.check_decoding(language, context, max_new_tokens, self.tokenizer,
+                                                     self.manifest.prompt)
+        if max_text_tokens is not None:
+            limits.check_max_new_tokens(max_text_tokens, "max_text_tokens")
+        return language, context
+
+    def check_route(self, route: str) -> str:
+        """``route`` if this bundle can take it, else one line saying why not."""
+        if route not in ROUTES:
+            raise MegaedgeError(f"route {route!r} is not one of {ROUTES}")
+        if route != "auto" and not self.manifest.routed:
+            # A merged bundle has the LoRA folded into its weights: there is neither a base route nor one to pick.
+            raise MegaedgeError(f"route {route!r} needs a routed bundle (export with --mode routed); this one is "
+                                f"merged and always applies the LoRA: leave the route at 'auto'")
+        return route
+
     def _transcribe_segment(self, samples, start, end, language, context, route, max_new_tokens, ignore_eos,
-                            loop_guard, timer):
+                            loop_guard, timer, max_text_tokens=None) -> SegmentResult:
         rate = audio_io.TARGET_RATE
         prob = None
         chosen = route
@@ -398,27 +422,63 @@ class Transcriber:
             timer.add("router", time.perf_counter() - t0)
             prob = decision.degraded_prob
             chosen = decision.route
-        if not np.any(samples):  # digital silence: nothing was said, and the decoder would only guess
-            return SegmentResult(start / rate, end / rate, "", [], chosen, prob)
-        self._gate_value = np.array([1.0 if chosen in ("lora", "merged") else 0.0], self.float_dtype)
-        audio = self.encode(samples, timer)
+        if not self.heard_speech(samples, timer):  # nothing was said, and the decoder would only guess
+            return SegmentResult(start / rate, end / rate, "", [], chosen, prob, speech=False)
+        gate = None if not self.manifest.routed else (1.0 if chosen == "lora" else 0.0)
+        audio = self.encode(samples, timer, gate)
         prompt = self.prompt(audio.shape[0], context, language)
         budget = max_new_tokens or max_new_tokens_for(len(samples) / rate)
-        tokens = self.decode(prompt, audio, budget, timer, ignore_eos)
+        out = self.decode(prompt, audio, budget, timer, ignore_eos, gate=gate, max_text_tokens=max_text_tokens)
         guard = None
-        if loop_guard and not ignore_eos and _repetition(tokens):
+        if loop_guard and not ignore_eos and _repetition(out.tokens):
             if self.manifest.routed and chosen == "lora":
-                self._gate_value = np.array([0.0], self.float_dtype)
-                audio = self.encode(samples, timer)
-                retry, guard, chosen = self.decode(prompt, audio, budget, timer), "base_route", "base"
+                gate, chosen, guard = 0.0, "base", "base_route"
+                audio = self.encode(samples, timer, gate)
+                out = self.decode(prompt, audio, budget, timer, gate=gate, max_text_tokens=max_text_tokens)
             else:
-                retry, guard = self.decode(prompt, audio, budget, timer, no_repeat_ngram=4), "no_repeat_ngram"
+                guard = "no_repeat_ngram"
+                out = self.decode(prompt, audio, budget, timer, no_repeat_ngram=4, gate=gate,
+                                  max_text_tokens=max_text_tokens)
             log.info("loop guard: degenerate repetition at %.1f-%.1f s, re-decoded (%s)", start / rate,
                      end / rate, guard)
-            tokens = retry
-        raw = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        parsed = parse_asr_output(raw)
-        return SegmentResult(start / rate, end / rate, parsed.text, tokens, chosen, prob, guard, parsed.language)
+        parsed = self.text_of(out.tokens, language is not None)
+        mean, least = _confidence(out.logprobs)
+        return SegmentResult(start / rate, end / rate, parsed.text, out.tokens, chosen, prob, guard, parsed.language,
+                             mean, least, logprobs=out.logprobs)
+
+    def heard_speech(self, samples: np.ndarray, timer: _Timer | None = None) -> bool:
+        """Whether the voice-activity detector hears speech in ``samples`` (16 kHz)."""
+        if not np.any(samples):
+            return False
+        if self.vad is None:
+            return True
+        t0 = time.perf_counter()
+        heard = self.vad.has_speech(samples)
+        if timer:
+            timer.add("vad", time.perf_counter() - t0)
+        return heard
+
+
+VAD_ENV = "MEGAEDGE_VAD"  # a deployment-wide default for from_bundle's vad: auto | silero | energy | off
+
+
+def _vad_options(vad):
+    """from_bundle's ``vad`` -> VadOptions, or None for no detector."""
+    from megaedge.runtime import vad as vad_module
+
+    if isinstance(vad, vad_module.VadOptions):
+        return vad
+    name = os.environ.get(VAD_ENV, "auto") if vad is None else vad
+    if name == "off":
+        return None
+    if name not in vad_module.ENGINES:
+        raise MegaedgeError(f"vad {name!r} is not one of {(*vad_module.ENGINES, 'off')} (from "
+                            f"{'$' + VAD_ENV if vad is None else 'the vad argument'})")
+    return vad_module.VadOptions(engine=name)
+
+
+def _confidence(logprobs: list[float]) -> tuple[float | None, float | None]:
+    return (float(np.mean(logprobs)), float(np.min(logprobs))) if logprobs else (None, None)
 
 
 DECODE_ENGINES = ("auto", "native", "ort")
@@ -431,20 +491,27 @@ class Sessions(dict):
     def __init__(self, opened: dict, deferred: dict | None = None):
         super().__init__(opened)
         self._deferred = dict(deferred or {})
+        self._lock = threading.Lock()  # two threads asking for a closed graph at once open it once
 
     def __missing__(self, name: str):
-        if name not in self._deferred:
-            raise KeyError(name)
-        log.info("opening the %s graph on first use", name)
-        session = self[name] = self._deferred.pop(name)()
-        return session
+        with self._lock:
+            if dict.__contains__(self, name):
+                return dict.__getitem__(self, name)
+            if name not in self._deferred:
+                raise KeyError(name)
+            log.info("opening the %s graph on first use", name)
+            session = self._deferred[name]()
+            dict.__setitem__(self, name, session)
+            del self._deferred[name]
+            return session
 
     def __contains__(self, name) -> bool:
         return dict.__contains__(self, name) or name in self._deferred
 
     @property
     def closed(self) -> list[str]:
-        return list(self._deferred)
+        with self._lock:
+            return list(self._deferred)
 
 
 def _native_kernels(bundle: Path, info: manifest.Manifest, decode: str, cpu_only: bool):
@@ -473,10 +540,4 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _banned_tokens(tokens: list[int], n: int) -> set[int]:
-    prefix = tuple(tokens[len(tokens) - (n - 1) :]) if n > 1 else ()
-    banned = set()
-    for i in range(len(tokens) - n + 1):
-        if tuple(tokens[i : i + n - 1]) == prefix:
-            banned.add(tokens[i + n - 1])
-    return banned
+

@@ -92,7 +92,7 @@ def test_stream_final_on_cuda_equals_offline(fixture_bundles, clips):
     samples = clips[3]
     stream = gpu.create_stream(StreamOptions.preset("exact"))
     for i in range(0, len(samples), 8000):
-        stream.accept_waveform(samples[i : i + 8000])
+        stream.accept_waveform(samples[i : i + 8000], 16000)
     assert list(stream.final().token_ids) == gpu.transcribe(samples, segment_seconds=None).token_ids
 
 

@@ -39,7 +39,7 @@ def _stream(tr, samples, options, feed):
     stream = tr.create_stream(options)
     events = []
     for i in range(0, len(samples), feed):
-        events += stream.accept_waveform(samples[i : i + feed])
+        events += stream.accept_waveform(samples[i : i + feed], 16000)
     events.append(stream.final())
     return stream, events
 
@@ -86,18 +86,18 @@ def test_committed_text_only_grows_and_windows_are_encoded_once(merged, clips):
 def test_streams_share_weights_but_not_state(merged, clips):
     a, b = merged.create_stream(EXACT), merged.create_stream(EXACT)
     for i in range(0, max(len(clips[0]), len(clips[1])), 8000):
-        a.accept_waveform(clips[0][i : i + 8000])
-        b.accept_waveform(clips[1][i : i + 8000])
+        a.accept_waveform(clips[0][i : i + 8000], 16000)
+        b.accept_waveform(clips[1][i : i + 8000], 16000)
     assert list(a.final().token_ids) == merged.transcribe(clips[0], segment_seconds=None).token_ids
     assert list(b.final().token_ids) == merged.transcribe(clips[1], segment_seconds=None).token_ids
     a.reset()
     _, events = _stream(merged, clips[1], EXACT, 8000)
-    a.accept_waveform(clips[1])
+    a.accept_waveform(clips[1], 16000)
     assert a.final().token_ids == events[-1].token_ids
 
 
 def test_native_stream_is_exact_and_never_opens_the_decoder_graphs(fixture_bundles, clips, tmp_path_factory):
-    """A weight-only INT8 bundle decoding natively streams natively too (runtime/span_decoding.py): finals equal its
+    """A weight-only INT8 bundle decoding natively streams natively too (runtime/decoding.py): finals equal its
     offline transcription, two streams keep separate caches, and onnxruntime's decoder graphs stay closed."""
     from megaedge.runtime import kernels
     from megaedge.runtime.transcriber import Transcriber
@@ -110,11 +110,11 @@ def test_native_stream_is_exact_and_never_opens_the_decoder_graphs(fixture_bundl
     native, ort = Transcriber.from_bundle(bundle, decode="native"), Transcriber.from_bundle(bundle, decode="ort")
     chain = np.concatenate(clips[:4])
     a, b = native.create_stream(replace(EXACT, hop_seconds=0.64)), native.create_stream(EXACT)
-    assert type(a._decoding).__name__ == "NativeSpanDecoding"
+    assert type(a._state).__name__ == "NativeState"
     for i in range(0, len(chain), 8000):
-        a.accept_waveform(chain[i : i + 8000])
+        a.accept_waveform(chain[i : i + 8000], 16000)
         if i < len(clips[1]):
-            b.accept_waveform(clips[1][i : i + 8000])
+            b.accept_waveform(clips[1][i : i + 8000], 16000)
     assert list(a.final().token_ids) == native.transcribe(chain, segment_seconds=None).token_ids
     assert list(b.final().token_ids) == native.transcribe(clips[1], segment_seconds=None).token_ids
     assert a.stats.hops > 10
@@ -165,7 +165,7 @@ def test_long_form_state_is_bounded_and_boundary_text_not_repeated(merged, clips
     stream = merged.create_stream(options)
     events, largest = [], 0
     for i in range(0, len(chain), 16000):
-        events += stream.accept_waveform(chain[i : i + 16000])
+        events += stream.accept_waveform(chain[i : i + 16000], 16000)
         largest = max(largest, stream._span.samples.size)
     events.append(stream.final())
     spans = [e for e in events if e.kind == "final"]

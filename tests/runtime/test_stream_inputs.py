@@ -1,0 +1,138 @@
+"""Streams take input as offline transcription does: any rate (the resampler flushed at the end), integer PCM
+scaled, a rate always given; the same tokens give the same text; routes a bundle cannot take are refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from megaedge.errors import MegaedgeError
+from megaedge.runtime.streaming import StreamOptions
+
+EXACT = StreamOptions.preset("exact")
+
+
+@pytest.fixture(scope="module")
+def clips():
+    from megaedge import fixture
+    from megaedge.runtime.evaluate import read_set
+
+    return [item["path"] for item in read_set(fixture.heldout_manifest())[::4]]
+
+
+@pytest.fixture(scope="module")
+def merged(fixture_bundles):
+    from megaedge.runtime.transcriber import Transcriber
+
+    return Transcriber.from_bundle(fixture_bundles["merged"])
+
+
+def _final(tr, samples, rate, feed):
+    stream = tr.create_stream(EXACT)
+    for i in range(0, len(samples), feed):
+        stream.accept_waveform(samples[i: i + feed], rate)
+    return stream.final()
+
+
+@pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
+def test_finals_at_any_input_rate_equal_offline(merged, clips, rate):
+    """Resampled by soxr in a stream, flushed at the end: the final equals offline transcription of the same
+    samples at the same rate (its one-shot resampling), clip by clip."""
+    from megaedge.runtime import audio as audio_io
+
+    for path in clips:
+        at_rate = audio_io.load(path, target=rate)
+        offline = merged.transcribe(at_rate, rate=rate, segment_seconds=None)
+        final = _final(merged, at_rate, rate, 4410)
+        assert list(final.token_ids) == offline.token_ids, (path, rate)
+        assert final.text == offline.text
+
+
+@pytest.mark.parametrize("dtype", ["int16", "int32", "float64"])
+def test_integer_pcm_is_scaled_as_offline(merged, clips, dtype):
+    from megaedge.runtime import audio as audio_io
+
+    samples = audio_io.load(clips[0])
+    if dtype == "int16":
+        pcm = np.clip(np.round(samples * 32768), -32768, 32767).astype(np.int16)
+    elif dtype == "int32":
+        pcm = np.clip(np.round(samples * 2.0**31), -2.0**31, 2.0**31 - 1).astype(np.int32)
+    else:
+        pcm = samples.astype(np.float64)
+    offline = merged.transcribe(pcm, rate=16000, segment_seconds=None)
+    assert offline.text and list(_final(merged, pcm, 16000, 3000).token_ids) == offline.token_ids
+
+
+def test_a_rate_is_required_and_checked(merged):
+    stream = merged.create_stream(EXACT)
+    with pytest.raises(TypeError):
+        stream.accept_waveform(np.zeros(100, np.float32))  # the rate is not optional
+    for bad in (0, -16000, 10**9, 16000.5, True, "16000"):
+        with pytest.raises(MegaedgeError, match="not a rate in Hz"):
+            stream.accept_waveform(np.zeros(100, np.float32), bad)
+    with pytest.raises(MegaedgeError, match="not a rate in Hz"):
+        merged.transcribe(np.zeros(1600, np.float32), rate=0)
+    with pytest.raises(MegaedgeError, match="not audio"):
+        stream.accept_waveform(np.array(["a", "b"]), 16000)
+
+
+def test_same_tokens_same_text_offline_and_streaming(merged):
+    """The model's output without the <asr_text> marker: one rule for both (runtime/text.py)."""
+    from megaedge.runtime.text import parse_asr_output
+
+    assert parse_asr_output("language English").text == ""
+    assert parse_asr_output("language English", language_forced=True).text == "language English"
+    assert parse_asr_output("open valve").text == "open valve"
+    assert parse_asr_output("language English<asr_text>open valve").text == "open valve"
+    tok = merged.tokenizer
+    ids = tok.encode("language English", add_special_tokens=False).ids
+    stream = merged.create_stream(EXACT)
+    assert stream._text(ids) == merged.text_of(ids, False).text == ""
+
+
+def test_route_a_bundle_cannot_take_is_refused(merged, fixture_bundles):
+    from megaedge.runtime.transcriber import Transcriber
+
+    for route in ("lora", "base"):
+        with pytest.raises(MegaedgeError, match=f"route '{route}' needs a routed bundle"):
+            merged.transcribe(np.zeros(16000, np.float32), route=route)
+        with pytest.raises(MegaedgeError, match=f"route '{route}' needs a routed bundle"):
+            merged.create_stream(StreamOptions(route=route))
+        with pytest.raises(MegaedgeError, match=f"route '{route}' needs a routed bundle"):
+            Transcriber.from_bundle(fixture_bundles["merged"], route=route)
+
+
+def test_finals_carry_the_offline_confidence(merged, clips):
+    offline = merged.transcribe(clips[1], segment_seconds=None)
+    from megaedge.runtime import audio as audio_io
+
+    final = _final(merged, audio_io.load(clips[1]), 16000, 5000)
+    assert offline.mean_logprob is not None and offline.min_logprob <= offline.mean_logprob <= 0
+    assert final.mean_logprob == pytest.approx(offline.mean_logprob, abs=1e-4)
+    assert final.min_logprob == pytest.approx(offline.min_logprob, abs=1e-4)
+    segment = offline.segments[0]
+    assert len(segment.logprobs) == len(segment.token_ids) and segment.min_logprob == offline.min_logprob
+
+
+def test_exact_preset_is_offline_segment_by_segment_on_long_audio(merged):
+    """Past 30 s the exact preset cuts where offline transcription cuts, so its finals are transcribe()'s segments
+    (a 60 s stream once ended in an empty final after partials had committed words)."""
+    from megaedge import fixture
+    from megaedge.runtime import audio as audio_io
+    from megaedge.runtime.evaluate import read_set
+
+    items = read_set(fixture.heldout_manifest())
+    chain = np.concatenate([audio_io.load(item["path"]) for item in items[:40]])
+    chain = chain[: int(65 * 16000)]
+    offline = merged.transcribe(chain)
+    assert len(offline.segments) == 3
+    stream = merged.create_stream(EXACT)
+    events = []
+    for i in range(0, chain.size, 8000):
+        events += stream.accept_waveform(chain[i: i + 8000], 16000)
+    events.append(stream.final())
+    finals = [e for e in events if e.kind == "final"]
+    assert [e.reason for e in finals] == ["segment", "segment", "flush"]
+    assert [list(e.token_ids) for e in finals] == [s.token_ids for s in offline.segments]
+    assert " ".join(e.text for e in finals if e.text) == offline.text and offline.text
+    assert [round(e.start, 3) for e in finals] == [round(s.start, 3) for s in offline.segments]
