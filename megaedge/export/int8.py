@@ -111,7 +111,9 @@ def compare(fp32_bundle: Path, variants: dict[str, Path | tuple[Path, dict]], it
     jiwer = __import__("jiwer")
     arms = {name: v if isinstance(v, tuple) else (v, {}) for name, v in {"fp32": fp32_bundle, **variants}.items()}
     bundles = {name: path for name, (path, _) in arms.items()}
-    trs = {name: Transcriber.from_bundle(path, verify=False, **options) for name, (path, options) in arms.items()}
+    # No speech gate: the report measures what quantization changes, on every clip the decoder sees.
+    trs = {name: Transcriber.from_bundle(path, verify=False, **{"vad": "off", **options})
+           for name, (path, options) in arms.items()}
     rows = []
     for item in track(items, desc="quantization report", unit="clip"):
         samples = audio_io.load(item["path"])
@@ -120,8 +122,7 @@ def compare(fp32_bundle: Path, variants: dict[str, Path | tuple[Path, dict]], it
         for name, tr in trs.items():
             result = tr.transcribe(samples, route=_route_for(tr.manifest))
             gate = 1.0 if result.route in ("lora", "merged") else 0.0
-            tr._gate_value = np.array([gate], np.float32)
-            enc = tr.encode(samples).astype(np.float32)
+            enc = tr.encode(samples, gate=gate).astype(np.float32)
             if name == "fp32":
                 ref_enc = enc
             cos = float(np.sum(enc * ref_enc) / (np.linalg.norm(enc) * np.linalg.norm(ref_enc) + 1e-12))

@@ -311,20 +311,19 @@ def decoder_feeds(fp32_bundle: Path, items: list[dict], max_steps: int = 8) -> l
     """Prefill and a few decode-step feeds per clip, recorded from greedy decoding of the FP32 bundle."""
     from megaedge.runtime.transcriber import Transcriber
 
-    tr = Transcriber.from_bundle(fp32_bundle, verify=False, route="lora" if manifest.read(
-        fp32_bundle, verify=False).routed else "auto")
+    tr = Transcriber.from_bundle(fp32_bundle, verify=False, vad="off")
     feeds = []
     session = tr.sessions["decoder"]
     for i, item in enumerate(track(items, desc="calibration (decoder)", unit="clip")):
         samples = audio_io.load(item["path"])
-        tr._gate_value = np.array([float(i % 2)], np.float32)
-        audio = tr.encode(samples)
+        gate = float(i % 2)  # both routes' activation ranges
+        audio = tr.encode(samples, gate=gate)
         prompt = tr.prompt(audio.shape[0], None, None)
         feed = {"input_ids": np.asarray([prompt], np.int64), "audio_features": audio,
                 "logits_at": np.asarray([len(prompt) - 1], np.int64),
                 **dict.fromkeys(tr.past_names, np.zeros(tr.kv_shape, np.float32))}
         if tr.manifest.routed:
-            feed["lora_gate"] = tr._gate_value
+            feed["lora_gate"] = tr.gate_input(gate)
         for _ in range(max_steps):
             feeds.append(feed)
             outs = session.run(feed)
