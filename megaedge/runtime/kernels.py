@@ -1,19 +1,28 @@
-"""The native CPU kernels (megaedge/assets/kernels/q8gemv.c): compiled once per machine, loaded with ctypes.
+"""The native CPU kernels (megaedge/assets/kernels/decoder.c and its parts), loaded with ctypes.
 
-They are built on the machine that runs them, with its own C compiler and ``-march=native``, because the fast
-path depends on the CPU (AVX512-VNNI, AMX tiles, AVX2, ARM dot products) and a prebuilt binary for one CPU is
-wrong for the next. The shared object
-is cached under ``$MEGAEDGE_CACHE`` (default ``~/.cache/megaedge``) keyed by the source, the compiler and the
-CPU, so a copied home directory never hands a binary to a CPU it was not built for. ``megaedge prepare`` builds
-it ahead of time; without a compiler the runtime keeps onnxruntime's decode step and says why.
+A package built by ``pip wheel .`` / ``pip install .`` carries them prebuilt (build_kernels.py): one shared object
+per instruction-set variant of its architecture in megaedge/_kernels/ (x86-64: portable, AVX2, AVX512-VNNI, AMX;
+aarch64: portable, dot product; megaedge/assets/kernels/variants.py), of which ``load`` takes the best the CPU's
+flags allow, as ggml's CPU variants are chosen. So a device needs no compiler. A prebuilt library is used only
+while the kernel sources installed beside it are the ones it was built from (an edited editable checkout compiles
+afresh).
+
+Without a usable prebuilt library (a source checkout, a build machine without a compiler, an architecture without
+variants) the kernels are compiled here at first use, with the machine's C compiler and ``-march=native``. That
+build is cached under ``$MEGAEDGE_CACHE`` (default ``~/.cache/megaedge``) keyed by the sources, the compiler and
+the CPU, so a copied home directory never hands a binary to a CPU it was not built for. ``megaedge prepare`` loads
+it ahead of time; with neither, the runtime keeps onnxruntime's decode step and says why.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.util
+import json
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -26,9 +35,12 @@ from megaedge.runtime import features, machine
 
 log = logging.getLogger("megaedge.runtime.kernels")
 
-SOURCE = Path(__file__).resolve().parents[1] / "assets" / "kernels" / "q8gemv.c"
-# what SOURCE includes: a build is cached by all of them
-SOURCES = (SOURCE, SOURCE.parent / "prompt_tiles.h", SOURCE.parent / "conv_stem.h")
+KERNEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "kernels"
+SOURCE = KERNEL_DIR / "decoder.c"  # the one translation unit; it includes the other parts
+# what a build is made from (every part, and variants.py's flags): a cached or prebuilt build is used only for these
+SOURCES = tuple(sorted(path for path in KERNEL_DIR.iterdir() if path.suffix in (".c", ".h", ".py")))
+PREBUILT_DIR = Path(__file__).resolve().parents[1] / "_kernels"  # written by build_kernels.py
+PREBUILT_MANIFEST = "BUILD.json"
 ABI_VERSION = 6
 ISA_NAMES = {4: "avx512-vnni+amx", 2: "avx512-vnni", 1: "avx2", 3: "arm-dotprod", 0: "portable-c"}
 # -ffp-contract=off: one rounding per operation however the compiler unrolls or vectorizes a loop, so a row computed
@@ -42,6 +54,17 @@ AVX2_FLAG_SETS = (("-O3", "-march=native", "-mno-avx512f", "-fopenmp", "-ffp-con
 # The AVX512-VNNI prompt on a CPU with AMX tiles: what AVX512 CPUs without AMX run (and a baseline for AMX's gain).
 VNNI_FLAG_SETS = (("-O3", "-march=native", "-mno-amx-tile", "-mno-amx-int8", "-fopenmp", "-ffp-contract=off"),)
 VARIANT_FLAGS = {"native": FLAG_SETS, "portable": PORTABLE_FLAG_SETS, "avx2": AVX2_FLAG_SETS, "vnni": VNNI_FLAG_SETS}
+
+
+def _variants_module():
+    """megaedge/assets/kernels/variants.py, which build_kernels.py also reads (by path: it cannot import megaedge)."""
+    spec = importlib.util.spec_from_file_location("megaedge_kernel_variants", KERNEL_DIR / "variants.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+variants = _variants_module()
 
 
 def cache_dir() -> Path:
@@ -71,7 +94,7 @@ def build(force: bool = False, portable: bool = False, variant: str = "native") 
     cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
-    out = cache_dir() / f"q8gemv-{_key(cc)}{'' if variant == 'native' else '-' + variant}.so"
+    out = cache_dir() / f"megaedge-{_key(cc)}{'' if variant == 'native' else '-' + variant}.so"
     if out.is_file() and not force:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -120,9 +143,11 @@ class Quantized:
 
 
 class Q8Kernels:
-    """ctypes front of the shared object; arrays are passed by pointer, so callers keep them contiguous."""
+    """ctypes front of the shared object; arrays are passed by pointer, so callers keep them contiguous.
+    ``variant``: which build (a prebuilt variant's name, or build()'s); ``origin``: "prebuilt" (shipped in the
+    package) or "compiled here" (first use)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, variant: str = "native", origin: str = "compiled here"):
         lib = ctypes.CDLL(str(path))
         if lib.me_abi_version() != ABI_VERSION:
             raise RuntimeError(f"{path.name}: kernel ABI {lib.me_abi_version()}, this megaedge needs {ABI_VERSION}")
@@ -139,7 +164,7 @@ class Q8Kernels:
         lib.me_prefill.restype = ctypes.c_int
         lib.me_conv_stem.argtypes = [p, i, i, i, i, p, p, i, p, p, p, p, p, p, i, p, i]
         lib.me_conv_stem.restype = ctypes.c_int
-        self._lib, self.path = lib, path
+        self._lib, self.path, self.variant, self.origin = lib, path, variant, origin
         self.isa = ISA_NAMES.get(lib.me_isa(), "unknown")
 
     def quantize(self, x: np.ndarray, block: int, blocks: int, norm: np.ndarray | None = None,
@@ -176,7 +201,7 @@ class Q8Kernels:
 
     def decode_step(self, model: ModelStruct, x: np.ndarray, pos: int, cos: np.ndarray, sin: np.ndarray,
                     logits: np.ndarray, threads: int) -> None:
-        """One decoder step of ``model`` (see q8gemv.c, me_decode_step): x [hidden] is the token's embedding and
+        """One decoder step of ``model`` (see decode_step.h, me_decode_step): x [hidden] is the token's embedding and
         is overwritten; every layer's cache gets position ``pos``; logits [vocab] are written."""
         if self._lib.me_decode_step(ctypes.byref(model), x.ctypes.data, pos, cos.ctypes.data, sin.ctypes.data,
                                     logits.ctypes.data, threads) != 0:
@@ -184,7 +209,7 @@ class Q8Kernels:
 
     def prefill(self, model: ModelStruct, x: np.ndarray, start: int, cos: np.ndarray, sin: np.ndarray,
                 logits: np.ndarray, threads: int, logit_rows: int = 1) -> None:
-        """Rows x [rows, hidden] (embeddings, overwritten) at positions start.. through ``model`` (q8gemv.c,
+        """Rows x [rows, hidden] (embeddings, overwritten) at positions start.. through ``model`` (prefill.h,
         me_prefill): every layer's cache gets those positions; logits [logit_rows, vocab] (or [vocab] for one) are
         those of the last ``logit_rows`` rows, none for 0. cos/sin [rows, head_dim]; the caches must hold positions
         [0, start) already."""
@@ -248,17 +273,81 @@ class StemWeights:
                                  f"{np.dtype(dtype).name}{list(shape)}")
 
 
+def choose_variants(arch: str, cpu_flags: set[str] | frozenset[str]) -> list[str]:
+    """Prebuilt variants a CPU of architecture ``arch`` (platform.machine()) with ``cpu_flags`` (/proc/cpuinfo's)
+    can run, best first; empty for an architecture without prebuilt variants."""
+    return variants.supported(arch, cpu_flags)
+
+
+def load_prebuilt(directory: Path | None = None, arch: str | None = None,
+                  cpu_flags: set[str] | None = None) -> tuple[Q8Kernels | None, str]:
+    """The best prebuilt library of ``directory`` (the package's megaedge/_kernels/) this CPU runs, and "", or None
+    and why none is."""
+    directory = PREBUILT_DIR if directory is None else directory
+    arch = arch or platform.machine()
+    try:
+        built = json.loads((directory / PREBUILT_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None, "no prebuilt kernels in this install"
+    if variants.ALIASES.get(arch.lower(), arch.lower()) != built.get("machine"):
+        return None, f"the prebuilt kernels are for {built.get('machine')}, this machine is {arch}"
+    current = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in SOURCES}
+    if built.get("sources") != current:
+        return None, "the prebuilt kernels were built from other kernel sources than these (edited since?)"
+    candidates = [name for name in choose_variants(arch, machine.cpu_flags() if cpu_flags is None else cpu_flags)
+                  if name in built.get("variants", {})]
+    problems = []
+    for name in candidates:
+        try:
+            found = Q8Kernels(directory / variants.library_name(name), variant=name, origin="prebuilt")
+        except (OSError, RuntimeError) as exc:  # a missing OpenMP runtime, a stale ABI: the next variant may do
+            problems.append(f"{name}: {exc}")
+            continue
+        if name == "amx" and found.isa != ISA_NAMES[4]:
+            # Linux refused the tile registers (isa.h asks): the AVX512-VNNI variant runs that CPU's prompts better,
+            # with the tile size its vectors are tuned for
+            problems.append("amx: the kernel refused this process the AMX tile registers")
+            continue
+        log.debug("native kernels: prebuilt %s (%s)", name, found.isa)
+        return found, ""
+    if not candidates:
+        return None, f"no prebuilt kernel for this CPU (built: {', '.join(built.get('variants', {})) or 'none'})"
+    return None, f"no prebuilt kernel loads here ({'; '.join(problems)})"
+
+
 _loaded: dict[str, Q8Kernels | str] = {}
 
 
+def _load() -> Q8Kernels:
+    found, why_not = load_prebuilt()
+    if found is not None:
+        return found
+    if PREBUILT_DIR.is_dir():  # shipped libraries that do not serve: worth a line, unlike a plain source checkout
+        log.info("native kernels: %s; compiling them here", why_not)
+    try:
+        return Q8Kernels(build())
+    except RuntimeError as exc:
+        raise RuntimeError(f"{why_not}, and {exc}") from None
+
+
 def load() -> Q8Kernels:
-    """The kernels for this machine, built on first use; raises RuntimeError (cached) when they cannot be."""
+    """The kernels for this machine: the best prebuilt variant, else built here on first use; raises RuntimeError
+    (cached) when neither can be had."""
     if "kernels" not in _loaded:
         try:
-            _loaded["kernels"] = Q8Kernels(build())
+            _loaded["kernels"] = _load()
         except (RuntimeError, OSError) as exc:
             _loaded["kernels"] = str(exc)
     found = _loaded["kernels"]
     if isinstance(found, str):
         raise RuntimeError(found)
     return found
+
+
+def describe() -> dict:
+    """What ``load`` gives here, for ``megaedge doctor``: variant, origin, isa and path, or error."""
+    try:
+        found = load()
+    except RuntimeError as exc:
+        return {"error": str(exc)}
+    return {"variant": found.variant, "origin": found.origin, "isa": found.isa, "path": str(found.path)}

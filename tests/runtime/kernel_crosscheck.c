@@ -1,10 +1,10 @@
-/* Drives megaedge/assets/kernels/q8gemv.c on deterministic inputs and prints every result as a hex float, so two
+/* Drives megaedge/assets/kernels/decoder.c on deterministic inputs and prints every result as a hex float, so two
    builds of the kernels (this machine's portable C and, say, an aarch64 dot-product build run under qemu) can be
    compared bit for bit by tests/runtime/test_kernel_crosscheck.py. Inputs come from a fixed LCG, not rand(): the
    same on every C library. */
 #include <stdio.h>
 
-#include "q8gemv.c"  /* one translation unit: the structs and functions as the runtime builds them */
+#include "decoder.c"  /* one translation unit: the structs and functions as the runtime builds them */
 
 static uint64_t state = 0x9E3779B97F4A7C15ull;
 

@@ -7,6 +7,7 @@ qemu-user-static``). It adds integers in the same order as the portable C path, 
 
 from __future__ import annotations
 
+import platform
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megaedge.runtime import kernels
+from megaedge.runtime import kernels, machine
 
 DRIVER = Path(__file__).with_name("kernel_crosscheck.c")
 CROSS_CC = shutil.which("aarch64-linux-gnu-gcc")
@@ -42,19 +43,43 @@ def _portable(tmp_path: Path):
     return _run(HOST_CC, list(kernels.PORTABLE_FLAG_SETS[0]), tmp_path / "portable")
 
 
+def _agrees_with_portable(built: dict[str, np.ndarray], isa: str, portable: dict[str, np.ndarray]) -> None:
+    # 16 products, 6 prompt products, 2 x 3 steps from an empty cache, 2 x (a chunked prefill + 3 steps), 4 stems
+    assert built.keys() == portable.keys() and len(built) == 40
+    for case, want in portable.items():
+        if case.startswith(("gemm", "stem")):  # prompt products and the conv stem: one arithmetic on every build
+            np.testing.assert_array_equal(built[case], want, err_msg=case)
+            continue
+        # vector paths sum a block's float terms in lanes: the order differs, not the arithmetic
+        scale = float(np.abs(want).max())
+        assert np.abs(built[case] - want).max() <= 1e-5 * scale, (case, isa)
+
+
 @pytest.mark.skipif(HOST_CC is None, reason="no C compiler")
 def test_this_machines_build_agrees_with_portable_c(tmp_path):
     native, isa = _run(HOST_CC, list(kernels.FLAG_SETS[0]), tmp_path / "native")
     portable, _ = _portable(tmp_path)
-    # 16 products, 6 prompt products, 2 x 3 steps from an empty cache, 2 x (a chunked prefill + 3 steps), 4 stems
-    assert native.keys() == portable.keys() and len(native) == 40
-    for case, want in portable.items():
-        if case.startswith(("gemm", "stem")):  # prompt products and the conv stem: one arithmetic on every build
-            np.testing.assert_array_equal(native[case], want, err_msg=case)
-            continue
-        # vector paths sum a block's float terms in lanes: the order differs, not the arithmetic
-        scale = float(np.abs(want).max())
-        assert np.abs(native[case] - want).max() <= 1e-5 * scale, (case, isa)
+    _agrees_with_portable(native, isa, portable)
+
+
+# the ISA each prebuilt variant's flags select in common.h (amx: 2 where Linux refuses the tile registers)
+PREBUILT_ISA = {"amx": ("isa 4", "isa 2"), "vnni": ("isa 2",), "avx2": ("isa 1",), "portable": ("isa 0",),
+                "dotprod": ("isa 3",)}
+
+
+@pytest.mark.skipif(HOST_CC is None, reason="no C compiler")
+@pytest.mark.parametrize("name,flags", [pytest.param(name, flags, id=name) for name, flags, _
+                                        in kernels.variants.for_machine(platform.machine())])
+def test_prebuilt_variant_flags_agree_with_portable_c(name, flags, tmp_path):
+    """Each variant build_kernels.py ships, compiled with its own flags (not -march=native), on this CPU if it runs
+    it: the ISA it was meant to select, and the arithmetic of every other build."""
+    if name not in kernels.choose_variants(platform.machine(), machine.cpu_flags()):
+        pytest.skip(f"this CPU cannot run the {name} variant")
+    shared = ("-shared", "-fPIC")  # the driver is an executable around the same translation unit
+    built, isa = _run(HOST_CC, [f for f in kernels.variants.COMMON_FLAGS if f not in shared] + list(flags),
+                      tmp_path / name)
+    assert isa in {f"abi {kernels.ABI_VERSION} {want}" for want in PREBUILT_ISA[name]}
+    _agrees_with_portable(built, isa, _portable(tmp_path)[0])
 
 
 @pytest.mark.skipif(HOST_CC is None or CROSS_CC is None or QEMU is None,

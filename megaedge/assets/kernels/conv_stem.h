@@ -1,5 +1,5 @@
-/* The audio encoder's convolution stem (megaedge/runtime/native_stem.py), included by q8gemv.c after the prompt
-   products it reuses.
+/* The audio encoder's convolution stem (megaedge/runtime/native_stem.py), on the prompt products (gemm.h); part of
+   decoder.c's one translation unit.
 
    Qwen3-ASR cuts the mel spectrogram into chunks of 100 frames and passes each through three 3x3 convolutions of
    stride 2 (1 -> C -> C -> C channels, C = 480), each followed by an exact GELU. In float on a 2-core CPU that stem
@@ -15,6 +15,11 @@
    taps and im2col's rows are whole blocks: row = (ky, kx, channel) with Cp channels per tap. Maps keep a zero
    border (q = 0, scale 0), which is the convolution's zero padding. Chunks are independent: each thread takes
    whole chunks, so a chunk's maps and products stay in its core's cache. */
+
+#ifndef ME_CONV_STEM_H
+#define ME_CONV_STEM_H
+#include "gemm.h"
+#include "quantize.h"
 
 /* exact GELU, x * (1 + erf(x / sqrt 2)) / 2, with erf from Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7) */
 static inline float stem_gelu(float x) {
@@ -149,3 +154,5 @@ int me_conv_stem(const float *mel, int windows, int chunks, int bins, int frames
     free(all);
     return 0;
 }
+
+#endif /* ME_CONV_STEM_H */

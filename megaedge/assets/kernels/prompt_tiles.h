@@ -1,6 +1,11 @@
-/* The packed tiles of the prompt's products (included by q8gemv.c, one translation unit so that the micro kernels
+/* The packed tiles of the prompt's products (part of decoder.c's one translation unit, so that the micro kernels
    inline): weights repacked per tile so that lanes are weight rows (AVX2/AVX512), the vector micro kernels, and
    on CPUs with AMX the int8 tile kernels. Every form gives the bits of the portable arithmetic (row_block). */
+#ifndef ME_PROMPT_TILES_H
+#define ME_PROMPT_TILES_H
+#include "gemv.h" /* dot_block */
+#include "isa.h"  /* amx_ready */
+
 #define MR 4                    /* activation rows per pass over a packed weight tile */
 #ifndef TILE_BYTES /* weights packed per tile: they stay in L2 while every row group passes */
 #ifdef ME_AMX
@@ -406,3 +411,4 @@ static size_t pack_bytes(size_t k_padded, int rows) {
 #endif
 }
 
+#endif /* ME_PROMPT_TILES_H */

@@ -1,0 +1,96 @@
+/* What every part of the kernel library shares (decoder.c includes the parts into one translation unit): the C
+   headers, which instruction set this build targets (ME_ISA, ME_AMX: chosen by the compiler flags, see
+   megaedge/assets/kernels/variants.py), the weight and model structs that runtime/kernels.py mirrors with ctypes,
+   and the small inline helpers (threads, exp) the products, attention and stem all use. */
+#ifndef ME_COMMON_H
+#define ME_COMMON_H
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(ME_PORTABLE)
+#define ME_ISA 0
+#elif defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define ME_ISA 2
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define ME_AMX 1
+#endif
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define ME_ISA 1
+#elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+#include <arm_neon.h>
+#define ME_ISA 3
+#else
+#define ME_ISA 0
+#endif
+
+#define STREAMS 4
+#define ZERO_POINT 128
+
+/* ------------------------------------------------------------------------------------------ structs */
+
+typedef struct {
+    const uint8_t *w; /* [n][nb][blk] */
+    const float *s;   /* [n][nb] */
+    int32_t n, k, nb, blk;
+} me_linear;
+
+typedef struct {  /* activations quantized for one block size: a vector, or rows of nb * blk values each */
+    int8_t *q;
+    float *sa;
+    int32_t *asum;
+} me_act;
+
+typedef struct {
+    me_linear q, k, v, o, gate, up, down;
+    const float *input_norm, *post_norm, *q_norm, *k_norm;
+    float *keys, *values; /* [kv_heads][capacity][head_dim], written at the step's position */
+} me_layer;
+
+typedef struct {
+    int32_t layers, hidden, heads, kv_heads, head_dim, intermediate, capacity, vocab;
+    float eps, scaling;
+    me_layer *layer;
+    me_linear lm_head;
+    const float *final_norm;
+} me_model;
+
+static inline int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+static inline int team_size(void) {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
+/* exp(x), vectorizable (glibc's expf is a call per value: ~5 % of a 1.7B prompt in softmax and SwiGLU): 2^n * e^r
+   with |r| <= ln2 / 2 and a degree-6 Taylor polynomial (relative error < 3e-7 over [-87, 88], where it clamps);
+   n rounded by the 1.5 * 2^23 trick, exact because -ffp-contract=off keeps both additions. */
+static inline float me_exp(float x) {
+    x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+    const float n = (x * 1.44269504f + 12582912.f) - 12582912.f;
+    const float r = (x - n * 0.693145751953125f) - n * 1.42860682e-6f;
+    const float p = 1.f + r * (1.f + r * (0.5f + r * (0.16666667f + r * (0.041666668f + r * (0.0083333338f +
+                                                                                             r * 0.0013888889f)))));
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+#endif /* ME_COMMON_H */

@@ -1,0 +1,94 @@
+/* The prompt's products Y = A W^T, several activation rows per pass over the weights (tiles from prompt_tiles.h). */
+#ifndef ME_GEMM_H
+#define ME_GEMM_H
+#include "prompt_tiles.h"
+
+/* weight rows [lo, hi) of Y [rows][n] = A W^T for all `rows` activation rows */
+static void gemm_rows(const me_linear *m, const me_act *a, float *y, int rows, int lo, int hi, void *scratch) {
+#ifdef PACKED
+    if (m->blk % 4 == 0 && hi > lo) {
+        const size_t row_bytes = (size_t)m->nb * m->blk;
+        int tile = (int)(TILE_BYTES / (row_bytes * WBYTES)) / (LANES * VECS) * (LANES * VECS);
+        if (tile < LANES * VECS) tile = LANES * VECS;  /* wide rows: one micro tile, the scratch was sized for it */
+        uint8_t *pw = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+        float *ps = (float *)(pw + (size_t)tile * row_bytes * WBYTES);
+#ifdef ME_AMX
+        const int amx = m->blk % 64 == 0 && rows >= AMX_ROWS && amx_ready();
+        int8_t *ap = (int8_t *)(((uintptr_t)(ps + (size_t)tile * m->nb) + 63) & ~(uintptr_t)63);  /* after the scales */
+        if (amx) {
+            amx_configure();
+            amx_pack_rows(m, a, rows, ap);
+        }
+#endif
+        for (int t0 = lo; t0 < hi; t0 += tile) {
+            const int count = hi - t0 < tile ? hi - t0 : tile, groups = (count + LANES - 1) / LANES;
+            pack_tile(m, t0, count, pw, ps);
+            int first = 0;  /* rows that the AMX tiles left to the vector form */
+#ifdef ME_AMX
+            /* a last row group of fewer than AMX_MIN_ROWS rows costs the tiles as much as a whole one: vectors */
+            for (; amx && rows - first >= AMX_MIN_ROWS; first += AMX_ROWS) {
+                const int live = rows - first < AMX_ROWS ? rows - first : AMX_ROWS;
+                const int8_t *rows_packed = ap + (size_t)(first / AMX_ROWS) * AMX_ROWS * row_bytes;
+                for (int g = 0; g < groups; g += 2 * AMX_PAIRS) {
+                    const int n0 = t0 + g * LANES, valid = count - g * LANES;
+                    const int pairs = (groups - g) / 2 < AMX_PAIRS ? (groups - g) / 2 : AMX_PAIRS;
+                    if (pairs > 0) amx_panel(m, a, rows_packed, pw, ps, g, pairs, first, live, y, n0, valid);
+                    if (pairs < AMX_PAIRS && (groups - g) % 2)  /* an odd last group */
+                        for (int r0 = first; r0 < first + live; r0 += MR)
+                            micro(m, a, pw, ps, g + 2 * pairs, 1, r0, first + live - r0 < MR ? first + live - r0 : MR,
+                                  y, n0 + 2 * pairs * LANES, valid - 2 * pairs * LANES);
+                }
+            }
+#endif
+            for (int r0 = first; r0 < rows; r0 += MR) {
+                const int cnt = rows - r0 < MR ? rows - r0 : MR;
+                for (int g = 0; g < groups; g += VECS) {
+                    const int vecs = groups - g < VECS ? groups - g : VECS, n0 = t0 + g * LANES;
+                    const int valid = count - g * LANES;
+                    if (cnt == MR && vecs == VECS && m->blk == 128)  /* the common case with constant trip counts */
+                        micro(&(me_linear){m->w, m->s, m->n, m->k, m->nb, 128}, a, pw, ps, g, VECS, r0, MR, y, n0, valid);
+                    else
+                        micro(m, a, pw, ps, g, vecs, r0, cnt, y, n0, valid);
+                }
+            }
+        }
+#ifdef ME_AMX
+        if (amx) _tile_release();
+#endif
+        return;
+    }
+#endif
+    (void)scratch;
+    for (int r0 = 0; r0 < rows; r0 += MR)
+        for (int n = lo; n < hi; n++) row_block(m, a, y, m->n, r0, rows - r0 < MR ? rows - r0 : MR, n);
+}
+
+/* this thread's share of Y [rows][n] = A W^T, inside a parallel region; shares are whole packed groups */
+static void gemm_share(const me_linear *m, const me_act *a, float *y, int rows, void *scratch) {
+    int t = thread_id(), T = team_size();
+#ifdef PACKED
+    const int unit = LANES * VECS, units = (m->n + unit - 1) / unit;
+    int lo = (int)((long long)units * t / T) * unit, hi = (int)((long long)units * (t + 1) / T) * unit;
+    gemm_rows(m, a, y, rows, lo, hi < m->n ? hi : m->n, scratch);
+#else
+    gemm_rows(m, a, y, rows, (int)((long long)m->n * t / T), (int)((long long)m->n * (t + 1) / T), scratch);
+#endif
+}
+
+/* Y [rows][n] = A W^T for activation rows quantized like me_quantize's; returns 0, or -1 without memory */
+int me_gemm_q8(const uint8_t *w, const float *sw, const int8_t *q, const float *sa, const int32_t *asum, float *y,
+               int rows, int n, int nb, int blk, int threads) {
+    me_linear m = {w, sw, n, nb * blk, nb, blk};
+    me_act a = {(int8_t *)q, (float *)sa, (int32_t *)asum};
+    const int team = threads > 0 ? threads : 1;
+    const size_t per_thread = pack_bytes((size_t)nb * blk, rows);
+    char *pack = malloc(per_thread * team + 1);
+    if (!pack) return -1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(team)
+#endif
+    gemm_share(&m, &a, y, rows, pack + per_thread * thread_id());
+    free(pack);
+    return 0;
+}
+#endif /* ME_GEMM_H */
