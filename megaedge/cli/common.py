@@ -79,6 +79,12 @@ def add_decode_engine_option(parser) -> None:
                              "auto (native where the CPU has int8 dot products; default)")
 
 
+def add_digest_option(parser) -> None:
+    parser.add_argument("--expect-digest", metavar="SHA256",
+                        help="refuse the bundle unless its manifest digest is this one (megaedge doctor --bundle "
+                             "prints it): pins the exact bundle a deployment was tested with")
+
+
 def add_vad_option(parser) -> None:
     parser.add_argument("--vad", choices=("auto", "silero", "energy", "off"), default=None,
                         help="voice-activity gate: audio in which it hears no speech gives no text (offline "

@@ -101,6 +101,14 @@ def _tensorrt() -> dict:
         return {"available": False, "reason": f"tensorrt present but not importable: {exc}"}
 
 
+def _kernels() -> dict:
+    """The native kernels this machine runs: a prebuilt variant of the package, or compiled here at first use (which
+    this may do, as a transcription would)."""
+    from megaedge.runtime import kernels
+
+    return kernels.describe()
+
+
 def collect() -> dict:
     return {
         "megaedge": _version("megaedge"),
@@ -111,6 +119,7 @@ def collect() -> dict:
         "onnxruntime": _onnxruntime(),
         "tensorrt": _tensorrt(),
         "cpu": machine.cpu_facts(),
+        "kernels": _kernels(),
         "memory": machine.memory_facts(),
         "gpus": _gpus(),
         "audio": _audio_inputs(),
@@ -123,6 +132,11 @@ def _print(report: dict) -> None:
     cpu = report["cpu"]
     print(f"cpu          {cpu['model']} x{cpu['logical_cores']} [{', '.join(cpu['int8_features']) or 'no AVX2/VNNI'}]")
     print(f"             {cpu['int8_note']}")
+    kern = report["kernels"]
+    if "error" in kern:
+        print(f"kernels      none: {kern['error']}; decode steps run in onnxruntime")
+    else:
+        print(f"kernels      {kern['variant']}, {kern['origin']} (isa {kern['isa']}; {kern['path']})")
     mem = report["memory"]
     print(f"memory       {mem['total_gib']} GiB total, {mem['available_gib']} GiB available")
     if report["gpus"]:
@@ -148,6 +162,8 @@ def _print(report: dict) -> None:
         print(f"WARNING      {warning}")
     if "error" in ort:
         print(f"ERROR        onnxruntime: {ort['error']}")
+    if report.get("bundle_digest"):
+        print(f"bundle digest {report['bundle_digest']}  (pin it: --expect-digest)")
     ready = report.get("tensorrt_readiness")
     if ready:
         verdict = {True: "yes", False: "NO", None: "unknown (see the warning)"}[ready["ready"]]
@@ -190,6 +206,10 @@ def _readiness(bundle: str) -> dict:
 def run(args: argparse.Namespace) -> int:
     report = collect()
     if args.bundle:
+        from megaedge.runtime import manifest
+
+        # The digest a deployment pins (--expect-digest): it covers the manifest and, through it, every file.
+        report["bundle_digest"] = manifest.bundle_digest(args.bundle)
         report["tensorrt_readiness"] = _readiness(args.bundle)
     if args.json:
         from megaedge.cli.common import print_json

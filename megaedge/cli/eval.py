@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from megaedge.cli.common import add_decode_engine_option, add_language_option, add_threads_option, add_vad_option
+from megaedge.cli.common import (
+    add_decode_engine_option,
+    add_digest_option,
+    add_language_option,
+    add_threads_option,
+    add_vad_option,
+)
 from megaedge.runtime import limits
 from megaedge.runtime.limits import arg_type
 
@@ -24,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--providers", default="cpu", help="comma list: cpu, cuda, tensorrt (default cpu)")
     add_decode_engine_option(parser)
     add_vad_option(parser)
+    add_digest_option(parser)
     add_threads_option(parser)
     parser.add_argument("--json", dest="json_out", metavar="OUT",
                         help="also write the full report (groups + per-clip rows) to this file (its folder must exist)")
@@ -47,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     items = read_set(args.set or fixture.heldout_manifest())[: args.limit]
     transcriber = Transcriber.from_bundle(args.bundle, providers=args.providers.split(","), route=args.route,
                                           threads=args.threads, decode=args.decode,
-                                          prefill=args.prefill, stem=args.stem, vad=args.vad)
+                                          prefill=args.prefill, stem=args.stem, vad=args.vad,
+                                          expected_digest=args.expect_digest)
 
     def one(path):
         result = transcriber.transcribe(path, language=args.language)

@@ -7,6 +7,7 @@ import argparse
 from megaedge.cli.common import (
     add_context_option,
     add_decode_engine_option,
+    add_digest_option,
     add_language_option,
     add_threads_option,
     add_vad_option,
@@ -41,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--providers", default="cpu", help="comma list: cpu, cuda, tensorrt (default cpu)")
     add_decode_engine_option(parser)
     add_vad_option(parser)
+    add_digest_option(parser)
     add_threads_option(parser)
 
 
@@ -177,7 +179,8 @@ def _run(args: argparse.Namespace, guard) -> int:
     chunks = _mic_chunks(args, options.hop_seconds) if args.mic else _file_chunks(args, options.hop_seconds)
     transcriber = Transcriber.from_bundle(args.bundle, providers=args.providers.split(","), route=args.route,
                                           threads=args.threads, decode=args.decode,
-                                          prefill=args.prefill, stem=args.stem, vad=args.vad)
+                                          prefill=args.prefill, stem=args.stem, vad=args.vad,
+                                          expected_digest=args.expect_digest)
     stream = transcriber.create_stream(options)
     show = _Printer(args.json)
     try:

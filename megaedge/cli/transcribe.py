@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from megaedge.cli.common import add_decode_engine_option, add_decoding_options, add_threads_option, add_vad_option
+from megaedge.cli.common import (
+    add_decode_engine_option,
+    add_decoding_options,
+    add_digest_option,
+    add_threads_option,
+    add_vad_option,
+)
 
 NAME = "transcribe"
 HELP = "transcribe audio files with a bundle (lean runtime: numpy + onnxruntime + tokenizers)"
@@ -19,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--providers", default="cpu", help="comma list: cpu, cuda, tensorrt (default cpu)")
     add_decode_engine_option(parser)
     add_vad_option(parser)
+    add_digest_option(parser)
     add_threads_option(parser)
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
 
@@ -32,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
         audio_io.check_readable(name)
     transcriber = Transcriber.from_bundle(args.bundle, providers=args.providers.split(","), route=args.route,
                                           verify=not args.no_verify, threads=args.threads, decode=args.decode,
-                                          prefill=args.prefill, stem=args.stem, vad=args.vad)
+                                          prefill=args.prefill, stem=args.stem, vad=args.vad,
+                                          expected_digest=args.expect_digest)
     for name in args.files:
         result = transcriber.transcribe(name, language=args.language, context=args.context,
                                         max_text_tokens=args.max_new_tokens)

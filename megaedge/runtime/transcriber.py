@@ -20,6 +20,7 @@ from megaedge.errors import MegaedgeError
 from megaedge.runtime import audio as audio_io
 from megaedge.runtime import decoding, features, limits, manifest, native_stem, routing, segmenting
 from megaedge.runtime.decoding import LAST, PREFILL_MIN_ROWS  # noqa: F401  (where callers have found them)
+from megaedge.runtime.options import RuntimeOptions
 from megaedge.runtime.session import open_session
 from megaedge.runtime.text import ParsedOutput, max_new_tokens_for, parse_asr_output
 
@@ -123,47 +124,31 @@ class Transcriber:
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
-    def from_bundle(cls, path, providers=("cpu",), route: str = "auto", verify: bool = True,
-                    threads: int | None = None, use_prepared: bool = True,
-                    profile_dir: Path | None = None, decode: str = "auto", prefill: str = "auto",
-                    stem: str = "auto", vad=None) -> Transcriber:
-        """Load a bundle. ``verify`` hashes every file against the manifest, unless ``megaedge prepare`` already
-        did and no file changed since; on the CPU provider, graphs prepared for this machine load from their
-        prepared copy (``use_prepared``). With ``profile_dir``, every onnxruntime session records a per-node trace
-        there (``runtime.profiling``). ``decode``: ``native`` runs the decode steps of a weight-only INT8 bundle
-        with megaedge's own CPU kernel (runtime.native_decode), ``ort`` with onnxruntime, ``auto`` natively where
-        the bundle, the providers (CPU only) and the machine (a C compiler) allow it. ``prefill``: which engine runs
-        the prompt when the steps run natively: ``native`` (the same kernels, several rows per weight load), ``ort``
-        (the bundle's prefill graph), ``auto`` = the bundle's prefill graph where it has one, else native.
-        ``stem``: the encoder's convolution stem in megaedge's kernel (``native``, then the bundle's encoder body
-        graph) or the whole encoder graph in onnxruntime (``ort``); ``auto``: native where the bundle has it, the
-        providers are the CPU only and the kernels build here (runtime.native_stem). ``vad``: the voice-activity
-        detector that gates segments and stream utterances on speech: a ``runtime.vad.VadOptions``, an engine name
-        (``auto``: the bundle's Silero model, else an installed one, else the energy detector; ``silero``;
-        ``energy``) or ``off`` (only digital silence is gated); None: ``$MEGAEDGE_VAD``, else ``auto``."""
+    def from_bundle(cls, path, options: RuntimeOptions | None = None, **overrides) -> Transcriber:
+        """Load a bundle with ``options`` (runtime/options.py: providers, threads, engines, route, verification,
+        prepared copies, speech gate, a pinned digest), any of whose fields may be given as keywords instead
+        (``from_bundle(path, threads=2, decode="ort")``). The engines are chosen by ``options.select``, which logs
+        what it chose and why in one INFO line."""
         import functools
         from concurrent.futures import ThreadPoolExecutor
 
         from megaedge.runtime import native_decode, prepared
+        from megaedge.runtime import options as runtime_options
 
+        opts = (options or RuntimeOptions()).with_(**overrides)
         bundle = Path(path).expanduser()
-        if threads is not None:
-            threads = limits.check_threads(threads)
-        vad_options = _vad_options(vad)
-        info = manifest.read(bundle, verify=False)
-        if verify and not prepared.verified(bundle, info):
+        providers, threads, profile_dir = opts.providers, opts.threads, opts.profile_dir
+        vad_options = _vad_options(opts.vad)
+        info = manifest.read(bundle, verify=False, expected_digest=opts.expected_digest)
+        if opts.verify and not prepared.verified(bundle, info):
             manifest.check_files(bundle, info)
-        if decode not in DECODE_ENGINES:
-            raise MegaedgeError(f"decode engine {decode!r} is not one of {DECODE_ENGINES}")
-        if prefill not in PREFILL_ENGINES:
-            raise MegaedgeError(f"prefill engine {prefill!r} is not one of {PREFILL_ENGINES}")
         cpu_only = tuple(providers) == ("cpu",)
         ort_providers = ("cpu",) if "engine" in providers else providers  # graphs without an engine
         opened = {}
 
         def one(name: str, spec):
             prefix = str(Path(profile_dir) / name) if profile_dir else None
-            copy = prepared.lookup(bundle, info, name) if cpu_only and use_prepared else None
+            copy = prepared.lookup(bundle, info, name) if cpu_only and opts.use_prepared else None
             if copy is not None:
                 return open_session(copy, spec, ort_providers, threads, prepared=True, profile_prefix=prefix)
             return open_session(bundle / spec.file, spec, ort_providers, threads, profile_prefix=prefix)
@@ -179,16 +164,9 @@ class Transcriber:
         # The VAD's graph runs in its own small session (runtime/vad.py), not as a bundle graph.
         todo = {name: spec for name, spec in info.graphs.items()
                 if name not in opened and name != "vad" and not (opened and name == "decoder_prefill")}
-        native_kernels = _native_kernels(bundle, info, decode, cpu_only)
-        if prefill == "native" and native_kernels is None:
-            raise MegaedgeError(f"{bundle}: --prefill native needs the native decoder (--decode auto or native, a "
-                                f"weight-only INT8 bundle on the CPU); use --prefill ort")
-        # auto: a bundle exported with a prefill graph (cpu-prefill, cpu-int4) keeps it for prompts, where it paid a
-        # second weight copy to have it: its dynamic int8 is a little faster (1.7B, 30 s, 2-core AVX512-VNNI EPYC:
-        # 2.26 vs 2.44 s); everywhere else the native prompt beats MatMulNBits (2.44 vs 3.2 s there).
-        native_prefill = native_kernels is not None and (
-            prefill == "native" or (prefill == "auto" and "decoder_prefill" not in info.graphs))
-        stem_kernels = native_stem.select(bundle, info, stem, cpu_only)
+        engines = runtime_options.select(bundle, info, opts)
+        native_kernels, native_prefill, stem_kernels = (engines.decode_kernels, engines.native_prefill,
+                                                        engines.stem_kernels)
         # One of the two encoder graphs is needed; the other opens only if asked for.
         unused_encoder = "encoder" if stem_kernels is not None else "encoder_body"
         deferred = {}
@@ -234,7 +212,9 @@ class Transcriber:
 
             detector, reason = vad_module.load(bundle, info, vad_options)
             log.info("voice activity: %s", reason)
-        return cls(bundle, info, sessions, tokenizer, route, native, native_prefill, stem_runner, detector)
+        transcriber = cls(bundle, info, sessions, tokenizer, opts.route, native, native_prefill, stem_runner, detector)
+        transcriber.options, transcriber.engines = opts, engines
+        return transcriber
 
     # ------------------------------------------------------------------------------------------------ stages
     def encode(self, samples: np.ndarray, timer: _Timer | None = None, gate: float | None = None) -> np.ndarray:
@@ -481,8 +461,8 @@ def _confidence(logprobs: list[float]) -> tuple[float | None, float | None]:
     return (float(np.mean(logprobs)), float(np.min(logprobs))) if logprobs else (None, None)
 
 
-DECODE_ENGINES = ("auto", "native", "ort")
-PREFILL_ENGINES = ("auto", "native", "ort")
+DECODE_ENGINES = ("auto", "native", "ort")  # runtime.options.ENGINES
+PREFILL_ENGINES = DECODE_ENGINES
 
 
 class Sessions(dict):
@@ -512,27 +492,6 @@ class Sessions(dict):
     def closed(self) -> list[str]:
         with self._lock:
             return list(self._deferred)
-
-
-def _native_kernels(bundle: Path, info: manifest.Manifest, decode: str, cpu_only: bool):
-    """The kernels that will run the decode steps natively for ``decode`` (see from_bundle), or None for
-    onnxruntime's step."""
-    if decode == "ort":
-        return None
-    from megaedge.runtime import kernels, native_decode
-
-    reason = native_decode.available(info) or (None if cpu_only else "it runs on the CPU provider only")
-    if reason is None:
-        try:
-            loaded = kernels.load()
-        except RuntimeError as exc:
-            reason = f"the native kernel cannot be built here: {exc}"
-    if reason is not None:
-        if decode == "native":
-            raise MegaedgeError(f"{bundle}: --decode native is not possible: {reason}; use --decode ort")
-        log.info("decode steps in onnxruntime: %s", reason)
-        return None
-    return loaded
 
 
 def _cores() -> int:

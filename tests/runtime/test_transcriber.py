@@ -129,7 +129,7 @@ def test_loop_guard_redecodes_repetition(tiny_bundles):
 
     assert _repetition([5, 6, 7, 8, 8, 8, 8]) and _repetition([1, 2, 3] * 4) and not _repetition([1, 2, 3, 4, 5])
     tr = Transcriber.from_bundle(tiny_bundles["merged"])
-    audio = speechlike(1.0, seed=10)
+    audio = speechlike(2.0, seed=10)
     plain = tr.transcribe(audio, max_new_tokens=40, loop_guard=False)
     assert _repetition(plain.token_ids), "random tiny weights loop; this clip must show it"
     guarded = tr.transcribe(audio, max_new_tokens=40)
@@ -197,3 +197,24 @@ def test_load_lanes_keep_the_largest_graph_alone():
     # one core: everything in turn; many cores: at most one lane per job
     assert load_lanes(sizes, 1) == [["decoder", "encoder", "router", "tokenizer"]]
     assert sorted(map(tuple, load_lanes(sizes, 16))) == [("decoder",), ("encoder",), ("router",), ("tokenizer",)]
+
+
+def test_a_pinned_digest_admits_only_that_bundle(tiny_bundles):
+    from megaedge.runtime import manifest
+    from megaedge.runtime.transcriber import Transcriber
+    from tests.conftest import run_cli
+
+    merged, routed = tiny_bundles["merged"], tiny_bundles["routed"]
+    digest = manifest.bundle_digest(merged)
+    assert Transcriber.from_bundle(merged, expected_digest=digest).manifest.mode == "merged"
+    with pytest.raises(MegaedgeError, match="digest"):
+        Transcriber.from_bundle(routed, expected_digest=digest)
+    doctor = run_cli("doctor", "--bundle", str(merged))
+    assert doctor.returncode == 0 and f"bundle digest {digest}" in doctor.stdout
+    clip = speechlike(1.0, seed=3)
+    import soundfile as sf
+
+    path = merged.parent / "pin.wav"
+    sf.write(str(path), clip, 16000)
+    wrong = run_cli("transcribe", str(routed), str(path), "--expect-digest", digest)
+    assert wrong.returncode == 1 and len(wrong.stderr.strip().splitlines()) == 1 and "digest" in wrong.stderr
