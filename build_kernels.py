@@ -159,9 +159,11 @@ class BuildPy(build_py):
 class BdistWheel(bdist_wheel):
     """A platform wheel: the package carries machine code, though no Python extension."""
 
-    def finalize_options(self):
-        super().finalize_options()
-        self.root_is_pure = False
+    def initialize_options(self):
+        super().initialize_options()
+        # what marks a distribution non-pure to setuptools: the wheel is then tagged for the platform and the
+        # package installs to platlib, the wheel's root (not under .data/purelib)
+        self.distribution.has_ext_modules = lambda: True
 
     def get_tag(self):
         _, _, plat = super().get_tag()
