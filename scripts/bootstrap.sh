@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON_BIN=${PYTHON:-python3}
-EXTRAS=${EXTRAS:-export,calib,eval,mic,dev}
+EXTRAS=${EXTRAS:-export,calib,eval,mic,serve,dev}
 
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON_BIN" -m venv .venv

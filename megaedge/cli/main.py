@@ -19,6 +19,7 @@ COMMANDS = (
     "megaedge.cli.export",
     "megaedge.cli.transcribe",
     "megaedge.cli.stream",
+    "megaedge.cli.serve",
     "megaedge.cli.bench",
     "megaedge.cli.prepare",
     "megaedge.cli.plan",

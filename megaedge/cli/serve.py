@@ -1,0 +1,104 @@
+"""``megaedge serve``: an OpenAI-compatible transcription server (HTTP + realtime WebSocket) over one bundle."""
+
+from __future__ import annotations
+
+import argparse
+
+from megaedge.cli.common import add_decode_engine_option, add_threads_option, add_vad_option
+from megaedge.runtime.limits import arg_type, check_int, check_seconds
+
+NAME = "serve"
+HELP = "serve a bundle over HTTP: OpenAI-style /v1/audio/transcriptions, realtime WebSocket, /health, /metrics"
+DESCRIPTION = (HELP + ". Binds 127.0.0.1 unless --host says otherwise; the API key (--api-key or $MEGAEDGE_API_KEY) "
+               "is off unless given. See docs/serving.md.")
+
+
+def _port(value):
+    return check_int(value, "port", 0, 65535, "0 picks a free port")
+
+
+def _streams(value):
+    return check_int(value, "max-streams", 1, 1024)
+
+
+def _queue(value):
+    return check_int(value, "max-queue", 0, 100_000)
+
+
+def _megabytes(value):
+    return check_seconds(value, "max-request-mb", 0, 4096, fix="a size in MiB, e.g. 25")
+
+
+def _audio_seconds(value):
+    return check_seconds(value, "max-audio-seconds", 0, 86_400, fix="e.g. 600")
+
+
+def _idle(value):
+    return check_seconds(value, "idle-timeout", 0, 86_400, fix="seconds without a client event, e.g. 60")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", help="bundle directory written by `megaedge export`")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=arg_type(_port), default=8000, help="TCP port (default 8000; 0: a free one)")
+    parser.add_argument("--max-streams", type=arg_type(_streams), default=4,
+                        help="stream slots: realtime connections plus transcriptions decoding at once; also the "
+                             "worker threads (default 4)")
+    parser.add_argument("--max-queue", type=arg_type(_queue),
+                        help="transcription requests that may wait for a slot; beyond, 429 (default: --max-streams). "
+                             "Realtime connections never wait: beyond the slots they get an error and close 1013")
+    parser.add_argument("--api-key", help="require Authorization: Bearer KEY (WebSockets: the header or ?api_key=KEY); "
+                                          "default $MEGAEDGE_API_KEY, else no key (keep the default host then)")
+    parser.add_argument("--model-name", default="megaedge", help="the model id /v1/models lists (default megaedge)")
+    parser.add_argument("--route", choices=("auto", "base", "lora"), default="auto",
+                        help="routed bundles: auto = the router decides (default); base / lora force one")
+    parser.add_argument("--preset", default="balanced",
+                        help="stream preset of realtime sessions: balanced (default), interactive, dictation")
+    parser.add_argument("--providers", default="cpu", help="comma list: cpu, cuda, tensorrt (default cpu)")
+    add_decode_engine_option(parser)
+    add_vad_option(parser)
+    add_threads_option(parser, "per call; default: all cores. With several streams, cores / --max-streams "
+                               "avoids oversubscribing")
+    parser.add_argument("--max-request-mb", type=arg_type(_megabytes), default=25.0,
+                        help="largest request body in MiB: 413 beyond (default 25, OpenAI's upload limit)")
+    parser.add_argument("--max-audio-seconds", type=arg_type(_audio_seconds), default=600.0,
+                        help="longest audio per transcription request: 400 beyond (default 600)")
+    parser.add_argument("--idle-timeout", type=arg_type(_idle), default=60.0,
+                        help="close a realtime connection after this many seconds without a client event "
+                             "(default 60)")
+    parser.add_argument("--shutdown-timeout", type=arg_type(_idle), default=30.0,
+                        help="on SIGTERM / Ctrl-C: seconds to finish open utterances and requests (default 30)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    from megaedge.errors import MegaedgeError, require
+
+    for module in ("fastapi", "uvicorn", "multipart", "prometheus_client", "websockets"):
+        require(module, "serve")
+    from megaedge.runtime.streaming import PRESETS
+    from megaedge.serve.app import ServeConfig, env_api_key, serve
+
+    bundle = Path(args.bundle).expanduser()
+    if not (bundle / "megaedge.json").is_file():
+        raise MegaedgeError(f"{bundle}: not a bundle (no megaedge.json); export one with `megaedge export`")
+    if args.preset not in PRESETS or args.preset == "exact":
+        raise MegaedgeError(f"--preset {args.preset!r}: realtime sessions take balanced, interactive or dictation")
+    config = ServeConfig(
+        bundle=str(bundle), host=args.host, port=args.port, max_streams=args.max_streams, max_queue=args.max_queue,
+        api_key=args.api_key or env_api_key(), providers=tuple(args.providers.split(",")), threads=args.threads,
+        decode=args.decode, prefill=args.prefill, stem=args.stem, vad=args.vad, route=args.route,
+        verify=not args.no_verify, max_request_mb=args.max_request_mb, max_audio_seconds=args.max_audio_seconds,
+        idle_timeout=args.idle_timeout, preset=args.preset, model_name=args.model_name,
+        shutdown_timeout=args.shutdown_timeout)
+    log = logging.getLogger("megaedge.serve")
+    verbose = logging.getLogger("megaedge").getEffectiveLevel() <= logging.INFO
+    if not verbose:  # a server says where it listens and when the bundle is loaded
+        log.setLevel(logging.INFO)
+    if not config.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without an API key: anyone who can reach it can use it (--api-key)", args.host)
+    return serve(config, log_level="debug" if args.verbose >= 2 else "info")

@@ -1,0 +1,683 @@
+"""The server: FastAPI routes over one shared ``Transcriber``, run under uvicorn (extra ``serve``).
+
+* ``POST /v1/audio/transcriptions``: OpenAI's transcription endpoint (multipart ``file``, ``model``, ``language``,
+  ``prompt``, ``response_format`` json | text | verbose_json, ``temperature`` 0). The blocking ``transcribe`` runs
+  in a thread pool of ``max_streams`` workers once a stream slot is free (admission.py).
+* ``GET /v1/realtime?intent=transcription``: OpenAI's realtime transcription events (protocol.py); each
+  connection holds a slot and owns one ``Stream``, fed in the same pool, one job at a time per connection.
+* ``GET /health`` (503 until the bundle is loaded in the background), ``GET /metrics`` (Prometheus), ``GET /``
+  (a web page streaming the microphone).
+
+Everything that waits on the model runs in the pool; the event loop only moves bytes. ``serve()`` stops like this:
+no new work (503 / close 1001), each realtime connection's open utterance is finalised and sent, then uvicorn's
+own shutdown waits for the HTTP requests in flight.
+"""
+
+
+import asyncio
+import hmac
+import logging
+import os
+import tempfile
+import threading
+import time
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megaedge.errors import MegaedgeError
+
+log = logging.getLogger("megaedge.serve")
+
+STATIC = Path(__file__).resolve().parent / "static"
+RESPONSE_FORMATS = ("json", "text", "verbose_json")
+MAX_PENDING_APPENDS = 256  # appends queued per realtime connection before the server stops reading it
+MAX_JOB_SECONDS = 5.0  # audio per worker job: a connection's backlog is fed in jobs of at most this
+CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TRY_AGAIN = 1001, 1008, 1013
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    bundle: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_streams: int = 4
+    max_queue: int | None = None  # transcription requests waiting for a slot (None: max_streams)
+    api_key: str | None = None
+    providers: tuple[str, ...] = ("cpu",)
+    threads: int | None = None
+    decode: str = "auto"
+    prefill: str = "auto"
+    stem: str = "auto"
+    vad: str | None = None
+    route: str = "auto"
+    verify: bool = True
+    max_request_mb: float = 25.0
+    max_audio_seconds: float = 600.0
+    idle_timeout: float = 60.0
+    preset: str = "balanced"
+    model_name: str = "megaedge"
+    shutdown_timeout: float = 30.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def queue(self) -> int:
+        return self.max_streams if self.max_queue is None else self.max_queue
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * 1024 * 1024)
+
+
+def _error_body(message: str, code: str, kind: str = "invalid_request_error", param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _BodyLimit:
+    """ASGI middleware: 413 for request bodies over the limit, by Content-Length or while they stream in."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await _send_too_large(send, self.limit)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        await self.app(scope, limited, send)
+
+
+async def _send_too_large(send, limit: int) -> None:
+    import json
+
+    body = json.dumps(_error_body(f"the request is larger than this server's limit of {limit / 2**20:g} MiB "
+                                  "(megaedge serve --max-request-mb)", "request_too_large")).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class ServerState:
+    """What the routes share: config, the transcriber (None until loaded), slots, the pool, metrics, sessions."""
+
+    def __init__(self, config: ServeConfig, transcriber=None):
+        from megaedge.serve.admission import Admission
+        from megaedge.serve.metrics import Metrics
+
+        self.config = config
+        self.metrics = Metrics()
+        self.admission = Admission(config.max_streams, config.queue)
+        self.transcriber = transcriber
+        self.load_error: str | None = None
+        self.on_load_error = None  # callable(message), e.g. stop the server
+        self.connections: set = set()
+        self.draining = False
+        self.executor = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.info: dict = {}
+        if transcriber is not None:
+            self._loaded(transcriber, 0.0)
+
+    # -- loading
+    def start(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.loop = asyncio.get_running_loop()
+        self.executor = ThreadPoolExecutor(max_workers=self.config.max_streams, thread_name_prefix="megaedge-serve")
+        if self.transcriber is None:
+            threading.Thread(target=self._load, name="megaedge-serve-load", daemon=True).start()
+
+    def _load(self) -> None:
+        from megaedge.runtime.transcriber import Transcriber
+
+        c = self.config
+        t0 = time.perf_counter()
+        try:
+            tr = Transcriber.from_bundle(c.bundle, providers=list(c.providers), route=c.route, verify=c.verify,
+                                         threads=c.threads, decode=c.decode, prefill=c.prefill, stem=c.stem,
+                                         vad=c.vad)
+            self.stream_options()  # a bad preset fails here, once
+        except MegaedgeError as exc:
+            self.load_error = str(exc)
+        except Exception as exc:  # a bug, or a library's own error: keep the traceback in the log
+            log.exception("loading %s failed", c.bundle)
+            self.load_error = f"{type(exc).__name__}: {exc}"
+        if self.load_error is not None:
+            log.error("cannot load the bundle %s: %s", c.bundle, self.load_error)
+            if self.on_load_error:
+                self.on_load_error(self.load_error)
+            return
+        self._loaded(tr, time.perf_counter() - t0)
+
+    def _loaded(self, tr, seconds: float) -> None:
+        m = tr.manifest
+        self.info = {"bundle": str(self.config.bundle), "model": self.config.model_name, "mode": m.mode,
+                     "precision": m.precision, "routed": m.routed, "route": tr.route,
+                     "vad": type(tr.vad).__name__ if tr.vad is not None else None,
+                     "megaedge_version": m.megaedge_version, "load_seconds": round(seconds, 3),
+                     "max_streams": self.config.max_streams, "max_queue": self.config.queue}
+        self.transcriber = tr
+        self.metrics.model_loaded.set(1)
+        log.info("bundle %s loaded in %.2f s", self.config.bundle, seconds)
+
+    def stream_options(self):
+        from dataclasses import replace
+
+        from megaedge.runtime.streaming import StreamOptions
+
+        return replace(StreamOptions.preset(self.config.preset), route=None)
+
+    # -- auth
+    def authorized(self, headers, query=None) -> bool:
+        key = self.config.api_key
+        if not key:
+            return True
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode()):
+            return True
+        given = query.get("api_key") if query is not None else None
+        return bool(given) and hmac.compare_digest(given.encode(), key.encode())
+
+    # -- slots
+    def set_gauges(self) -> None:
+        self.metrics.queued_requests.set(self.admission.queued)
+
+    async def run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop taking work; finalise every realtime connection's open utterance and close it (1001)."""
+        self.draining = True
+        connections = list(self.connections)
+        if connections:
+            log.info("shutting down: finishing %d realtime connection(s)", len(connections))
+        for conn in connections:
+            conn.shutdown()
+        waits = [conn.done.wait() for conn in connections]
+        if waits:
+            try:
+                await asyncio.wait_for(asyncio.gather(*waits), timeout)
+            except asyncio.TimeoutError:
+                log.warning("shutdown: %d realtime connection(s) did not finish in %.0f s",
+                            sum(not c.done.is_set() for c in connections), timeout)
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)
+
+
+# ------------------------------------------------------------------------------------------------ the app
+def create_app(config: ServeConfig, transcriber=None):
+    """The FastAPI application. ``transcriber``: an already loaded one (tests), else the bundle loads in the
+    background at startup and /health answers 503 until it has."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request, WebSocket
+    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+
+    state = ServerState(config, transcriber)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        state.start()
+        try:
+            yield
+        finally:
+            state.close()
+
+    app = FastAPI(title="megaedge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.megaedge = state
+    app.add_middleware(_BodyLimit, limit=config.max_request_bytes)
+
+    def error(status: int, message: str, code: str, kind: str = "invalid_request_error", param=None):
+        state.metrics.errors.labels(code).inc()
+        return JSONResponse(_error_body(message, code, kind, param), status_code=status)
+
+    @app.exception_handler(_TooLarge)
+    async def too_large(request, exc):
+        state.metrics.errors.labels("request_too_large").inc()
+        return JSONResponse(_error_body(f"the request is larger than this server's limit of "
+                                        f"{config.max_request_mb:g} MiB (megaedge serve --max-request-mb)",
+                                        "request_too_large"), status_code=413, headers={"connection": "close"})
+
+    @app.get("/health")
+    async def health():
+        if state.load_error:
+            return JSONResponse({"status": "error", "error": state.load_error}, status_code=503)
+        if state.transcriber is None:
+            return JSONResponse({"status": "loading", "bundle": str(config.bundle)}, status_code=503)
+        if state.draining:
+            return JSONResponse({"status": "shutting_down", **state.info}, status_code=503)
+        return {"status": "ok", **state.info, "active_streams": state.admission.active,
+                "queued_requests": state.admission.queued}
+
+    @app.get("/metrics")
+    async def metrics():
+        state.set_gauges()
+        body, content_type = state.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/")
+    async def index():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/static/{name}")
+    async def static(name: str):
+        path = STATIC / name
+        if name not in {p.name for p in STATIC.iterdir()} or not path.is_file():
+            return error(404, f"no such file {name!r}", "not_found")
+        kind = "text/javascript" if name.endswith(".js") else "text/css" if name.endswith(".css") else None
+        return FileResponse(path, media_type=kind)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        if not state.authorized(request.headers):
+            return error(401, "missing or wrong API key: send Authorization: Bearer KEY", "invalid_api_key")
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
+                                            "owned_by": "megaedge"}]}
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(request: Request):
+        t0 = time.perf_counter()
+        if not state.authorized(request.headers):
+            return error(401, "missing or wrong API key: send Authorization: Bearer KEY", "invalid_api_key")
+        if state.transcriber is None or state.draining:
+            why = state.load_error or ("shutting down" if state.draining else "the model is still loading")
+            return error(503, f"not ready: {why}", "not_ready", "server_error")
+        try:
+            form = await request.form(max_files=1, max_fields=32)
+        except _TooLarge:
+            raise
+        except Exception as exc:  # starlette's MultiPartException, or a body that is not a form
+            return error(400, f"cannot read the multipart form ({exc})", "invalid_form")
+        try:
+            request_fields = _form_fields(form)
+            if isinstance(request_fields, tuple):
+                return error(400, *request_fields)
+            upload = form.get("file")
+            data = await upload.read()
+            name = getattr(upload, "filename", None) or "audio"
+        finally:
+            await form.close()
+        return await _transcribe(request_fields, data, name, t0)
+
+    async def _transcribe(fields: dict, data: bytes, name: str, t0: float):
+        tr = state.transcriber
+        try:
+            language, context = tr.check_request(fields["language"], fields["prompt"])
+        except MegaedgeError as exc:
+            return error(400, str(exc), "invalid_value", param="language" if fields["language"] else "prompt")
+        from megaedge.serve.admission import Busy
+
+        with tempfile.TemporaryDirectory(prefix="megaedge-serve-") as tmp:
+            path = Path(tmp) / ("upload" + (Path(name).suffix[:10] or ".audio"))
+            try:
+                duration = await asyncio.to_thread(_store_upload, path, data)
+            except MegaedgeError as exc:
+                return error(400, str(exc).replace(str(path), name), "invalid_audio", param="file")
+            if duration > config.max_audio_seconds:
+                return error(400, f"the audio is {duration:.1f} s long; this server transcribes at most "
+                             f"{config.max_audio_seconds:g} s per request (megaedge serve --max-audio-seconds)",
+                             "audio_too_long", param="file")
+            try:
+                state.metrics.queued_requests.set(state.admission.queued + 1)
+                await state.admission.acquire()
+            except Busy:
+                state.metrics.requests.labels("transcription", "429").inc()
+                return error(429, f"server busy: {config.max_streams} streams in use and {config.queue} requests "
+                             "queued; retry later", "rate_limit_exceeded", "rate_limit_error")
+            finally:
+                state.set_gauges()
+            active = state.metrics.active_streams.labels("transcription")
+            active.inc()
+            try:
+                result = await state.run(lambda: tr.transcribe(str(path), language=language, context=context))
+            except MegaedgeError as exc:
+                return error(400, str(exc).replace(str(path), name), "invalid_audio", param="file")
+            finally:
+                active.dec()
+                state.admission.release()
+                state.set_gauges()
+        m = state.metrics
+        m.request_seconds.observe(time.perf_counter() - t0)
+        m.requests.labels("transcription", "200").inc()
+        m.tokens.labels("transcription").inc(len(result.token_ids))
+        m.decode_seconds.inc(result.timings.get("decode", 0.0))
+        m.audio_seconds.labels("transcription").inc(duration)
+        fmt = fields["response_format"]
+        if fmt == "text":
+            return PlainTextResponse(result.text)
+        if fmt == "json":
+            return {"text": result.text, "usage": {"type": "duration", "seconds": round(duration, 3)}}
+        return _verbose(result, duration, fields["model"])
+
+    @app.websocket("/v1/realtime")
+    async def realtime(ws: WebSocket):
+        if not state.authorized(ws.headers, ws.query_params):
+            state.metrics.errors.labels("invalid_api_key").inc()
+            await ws.send_denial_response(JSONResponse(_error_body(
+                "missing or wrong API key: send Authorization: Bearer KEY (or ?api_key=KEY)", "invalid_api_key"),
+                status_code=401))
+            return
+        offered = ws.scope.get("subprotocols") or []
+        await ws.accept(subprotocol="realtime" if "realtime" in offered else None)
+        intent = ws.query_params.get("intent")
+        refusal = None
+        if intent not in (None, "transcription"):
+            refusal = (CLOSE_POLICY, "invalid_intent", f"intent {intent[:40]!r}: this server only runs "
+                       "transcription sessions (?intent=transcription)")
+        elif state.draining:
+            refusal = (CLOSE_GOING_AWAY, "shutting_down", "the server is shutting down")
+        elif state.transcriber is None:
+            refusal = (CLOSE_TRY_AGAIN, "not_ready", f"not ready: {state.load_error or 'the model is still loading'}")
+        elif not state.admission.try_acquire():
+            refusal = (CLOSE_TRY_AGAIN, "rate_limit_exceeded",
+                       f"server busy: all {config.max_streams} streams are in use; retry later")
+        if refusal is not None:
+            code, err, message = refusal
+            state.metrics.requests.labels("realtime", err).inc()
+            from megaedge.serve.protocol import error_event
+
+            await _Connection.send_raw(state, ws, [error_event(err, message, kind="server_error"
+                                                                if code != CLOSE_POLICY else "invalid_request_error")])
+            await _close(ws, code, err)
+            return
+        active = state.metrics.active_streams.labels("realtime")
+        active.inc()
+        state.metrics.requests.labels("realtime", "accepted").inc()
+        try:
+            await _Connection(state, ws).run()
+        finally:
+            active.dec()
+            state.admission.release()
+
+    return app
+
+
+def _form_fields(form) -> dict | tuple:
+    """The request's fields, or (message, code, kind, param) for a 400."""
+    from starlette.datastructures import UploadFile
+
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        return ("'file' is required: the audio as a multipart file", "missing_file", "invalid_request_error", "file")
+
+    def text(name):
+        value = form.get(name)
+        return value.strip() if isinstance(value, str) and value.strip() else None
+
+    fmt = text("response_format") or "json"
+    if fmt not in RESPONSE_FORMATS:
+        return (f"response_format {fmt[:40]!r} is not supported; use one of {', '.join(RESPONSE_FORMATS)}",
+                "invalid_value", "invalid_request_error", "response_format")
+    temperature = text("temperature")
+    if temperature is not None:
+        try:
+            ok = float(temperature) == 0.0
+        except ValueError:
+            ok = False
+        if not ok:
+            return (f"temperature {temperature[:20]!r}: megaedge decodes greedily; send 0 or leave it out",
+                    "invalid_value", "invalid_request_error", "temperature")
+    if (text("stream") or "false").lower() not in ("false", "0"):
+        return ("stream=true is not supported here; use the realtime WebSocket /v1/realtime for streaming",
+                "invalid_value", "invalid_request_error", "stream")
+    granularities = [g for g in form.getlist("timestamp_granularities[]") if isinstance(g, str)]
+    if any(g != "segment" for g in granularities):
+        return ("timestamp_granularities: only 'segment' is supported", "invalid_value", "invalid_request_error",
+                "timestamp_granularities[]")
+    return {"model": text("model"), "language": text("language"), "prompt": text("prompt"),
+            "response_format": fmt}
+
+
+def _store_upload(path: Path, data: bytes) -> float:
+    """Write the upload where ``transcribe`` reads it (the same checks and decoding as a file on disk) -> seconds."""
+    import soundfile as sf
+
+    from megaedge.runtime import audio as audio_io
+
+    if not data:
+        raise MegaedgeError("the uploaded file is empty")
+    path.write_bytes(data)
+    audio_io.check_readable(path)
+    info = sf.info(str(path))
+    return info.frames / info.samplerate
+
+
+def _compression_ratio(text: str) -> float:
+    raw = text.encode("utf-8")
+    return round(len(raw) / len(zlib.compress(raw)), 4) if raw else 0.0
+
+
+def _verbose(result, duration: float, model: str | None) -> dict:
+    segments = []
+    for i, s in enumerate(result.segments):
+        segments.append({
+            "id": i, "seek": round(s.start * 100), "start": s.start, "end": s.end, "text": s.text,
+            "tokens": list(s.token_ids), "temperature": 0.0, "avg_logprob": s.mean_logprob,
+            "compression_ratio": _compression_ratio(s.text), "no_speech_prob": 0.0 if s.speech else 1.0,
+            "route": s.route, "degraded_prob": s.degraded_prob, "mean_logprob": s.mean_logprob,
+            "min_logprob": s.min_logprob, "loop_guard": s.loop_guard, "language": s.language})
+    language = (result.language or "").lower() or None
+    return {"task": "transcribe", "language": language, "duration": round(duration, 3), "text": result.text,
+            "segments": segments, "usage": {"type": "duration", "seconds": round(duration, 3)}, "model": model,
+            "route": result.route, "degraded_prob": result.degraded_prob, "mean_logprob": result.mean_logprob,
+            "min_logprob": result.min_logprob, "loop_guard": result.loop_guard}
+
+
+async def _close(ws, code: int, reason: str = "") -> None:
+    try:
+        await ws.close(code=code, reason=reason[:120])
+    except Exception:  # already closed by the client
+        pass
+
+
+# ------------------------------------------------------------------------------------------------ realtime
+_STOP, _FLUSH = object(), object()
+
+
+class _Connection:
+    """One realtime WebSocket: a reader (this task) and a worker that runs the session's commands in the pool, in
+    order. Appends that arrive while the worker is busy are fed together (in jobs of at most MAX_JOB_SECONDS)."""
+
+    def __init__(self, state: ServerState, ws):
+        self.state, self.ws = state, ws
+        self.inbox: deque = deque()
+        self.wake = asyncio.Event()
+        self.room = asyncio.Semaphore(MAX_PENDING_APPENDS)
+        self.send_lock = asyncio.Lock()
+        self.done = asyncio.Event()
+        self.closed = False
+        self.session = None
+
+    @staticmethod
+    async def send_raw(state, ws, events: list[dict]) -> bool:
+        import json
+
+        for event in events:
+            if event.get("type") == "error":
+                state.metrics.errors.labels(event["error"].get("code") or "error").inc()
+            try:
+                await ws.send_text(json.dumps(event, ensure_ascii=False))
+            except Exception:  # the client went away
+                return False
+        return True
+
+    async def send(self, events: list[dict]) -> None:
+        if self.closed or not events:
+            return
+        async with self.send_lock:
+            if not await self.send_raw(self.state, self.ws, events):
+                self.closed = True
+
+    def post(self, item) -> None:
+        self.inbox.append(item)
+        self.wake.set()
+
+    def shutdown(self) -> None:
+        self.post(_FLUSH)
+
+    def _observe(self, kind: str, seconds: float, tokens: int) -> None:
+        m = self.state.metrics
+        m.hop_seconds.labels(kind).observe(seconds)
+        if kind == "final":
+            m.tokens.labels("realtime").inc(tokens)
+
+    async def run(self) -> None:
+        from megaedge.serve.protocol import RealtimeSession
+
+        state = self.state
+        try:
+            self.session = await state.run(RealtimeSession, state.transcriber, state.stream_options(),
+                                           state.config.model_name, self._observe)
+            await self.send([self.session.created()])
+            state.connections.add(self)
+            reader = asyncio.create_task(self.read())
+            worker = asyncio.create_task(self.work())
+            finished, _ = await asyncio.wait({reader, worker}, return_when=asyncio.FIRST_COMPLETED)
+            if worker in finished:  # shutdown: the worker flushed and closed
+                reader.cancel()
+            else:  # the client left (or idled out): drop what it queued, finish the job in flight
+                self.inbox.clear()
+                self.post(_STOP)
+            await asyncio.gather(reader, worker, return_exceptions=True)
+            for task in (reader, worker):
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("realtime connection failed", exc_info=task.exception())
+        finally:
+            state.connections.discard(self)
+            self.done.set()
+
+    async def read(self) -> None:
+        from starlette.websockets import WebSocketDisconnect
+
+        from megaedge.serve.protocol import ProtocolError, error_event, error_from, parse_client_event
+
+        idle = self.state.config.idle_timeout
+        while not self.closed:
+            try:
+                message = await asyncio.wait_for(self.ws.receive(), idle)
+            except asyncio.TimeoutError:
+                await self.send([error_event("idle_timeout", f"no event for {idle:g} s; closing",
+                                             kind="invalid_request_error")])
+                await _close(self.ws, 1000, "idle timeout")
+                return
+            except (WebSocketDisconnect, RuntimeError):
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:  # errors go through the worker too: replies keep the order of the client's events
+                self.post(error_event("invalid_event", "binary frames are not events: send JSON text frames "
+                                      "(audio as base64 in input_audio_buffer.append)"))
+                continue
+            try:
+                command = parse_client_event(text)
+            except ProtocolError as exc:
+                self.post(error_from(exc))
+                continue
+            if command.kind == "append":
+                await self.room.acquire()  # backpressure: stop reading while the worker is far behind
+            self.post(command)
+
+    async def work(self) -> None:
+        from megaedge.serve.protocol import Command
+
+        session = self.session
+        while True:
+            while not self.inbox:
+                self.wake.clear()
+                await self.wake.wait()
+            item = self.inbox.popleft()
+            if item is _STOP:
+                return
+            if item is _FLUSH:
+                events = await self.state.run(session.flush)
+                await self.send(events)
+                await _close(self.ws, CLOSE_GOING_AWAY, "server shutting down")
+                self.closed = True
+                return
+            if isinstance(item, dict):  # an error event of the reader's
+                await self.send([item])
+                continue
+            if item.kind == "append":
+                self.room.release()
+                parts, limit = [item.pcm], int(MAX_JOB_SECONDS * session.config.rate)
+                total = item.pcm.size
+                while self.inbox and total < limit and isinstance(self.inbox[0], Command) \
+                        and self.inbox[0].kind == "append":
+                    nxt = self.inbox.popleft()
+                    self.room.release()
+                    parts.append(nxt.pcm)
+                    total += nxt.pcm.size
+                import numpy as np
+
+                item = Command("append", pcm=np.concatenate(parts) if len(parts) > 1 else parts[0])
+                self.state.metrics.audio_seconds.labels("realtime").inc(total / session.config.rate)
+            try:
+                events = await self.state.run(session.run, item)
+            except Exception:
+                log.exception("realtime session %s: %s failed", session.id, item.kind)
+                from megaedge.serve.protocol import error_event
+
+                events = [error_event("server_error", f"{item.kind} failed on the server; the stream was reset",
+                                      kind="server_error")]
+                await self.state.run(session.clear)
+            await self.send(events)
+
+
+# ------------------------------------------------------------------------------------------------ running
+def make_server(config: ServeConfig, transcriber=None, log_level: str = "warning"):
+    """A uvicorn server for ``config`` whose shutdown finishes the realtime connections' open utterances first."""
+    import uvicorn
+
+    app = create_app(config, transcriber)
+    state: ServerState = app.state.megaedge
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            await state.drain(config.shutdown_timeout)
+            await super().shutdown(sockets)
+
+    uconfig = uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level, lifespan="on",
+                             ws_max_size=max(config.max_request_bytes, 1 << 20),
+                             timeout_graceful_shutdown=config.shutdown_timeout, server_header=False)
+    server = Server(uconfig)
+    server.megaedge = state
+
+    def stop(message: str) -> None:
+        server.should_exit = True
+
+    state.on_load_error = stop
+    return server
+
+
+def serve(config: ServeConfig, log_level: str = "info") -> int:
+    """Run until SIGINT / SIGTERM; raises MegaedgeError when the bundle cannot be loaded."""
+    server = make_server(config, log_level=log_level)
+    server.run()
+    if server.megaedge.load_error:
+        raise MegaedgeError(f"cannot load {config.bundle}: {server.megaedge.load_error}")
+    return 0
+
+
+def env_api_key() -> str | None:
+    return os.environ.get("MEGAEDGE_API_KEY") or None

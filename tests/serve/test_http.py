@@ -1,0 +1,201 @@
+"""POST /v1/audio/transcriptions through the official openai client, limits, API key, /health and /metrics."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from tests.conftest import run_cli
+from tests.serve.conftest import Running, health, metric
+
+openai = pytest.importorskip("openai", reason="needs the openai client (dev extra)")
+
+
+def client(running, key: str = "unused"):
+    return openai.OpenAI(base_url=running.url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def test_openai_client_returns_the_transcriber_text_in_every_format(server, serve_transcriber, clips):
+    api = client(server)
+    for item in clips[:4]:
+        expected = serve_transcriber.transcribe(item["path"])
+        with open(item["path"], "rb") as f:
+            plain = api.audio.transcriptions.create(model="whisper-1", file=f)
+        assert plain.text == expected.text
+        with open(item["path"], "rb") as f:
+            text = api.audio.transcriptions.create(model="whisper-1", file=f, response_format="text")
+        assert text == expected.text
+        with open(item["path"], "rb") as f:
+            verbose = api.audio.transcriptions.create(model="megaedge-test", file=f, response_format="verbose_json",
+                                                      temperature=0)
+        doc = verbose.model_dump()
+        assert doc["text"] == expected.text and doc["model"] == "megaedge-test"
+        assert doc["language"] == (expected.language or "").lower()
+        assert doc["route"] == expected.route == "merged"
+        assert doc["mean_logprob"] == expected.mean_logprob and doc["min_logprob"] == expected.min_logprob
+        assert len(doc["segments"]) == len(expected.segments) == 1
+        seg, ref = doc["segments"][0], expected.segments[0]
+        assert (seg["id"], seg["start"], seg["end"], seg["text"]) == (0, ref.start, ref.end, ref.text)
+        assert seg["tokens"] == ref.token_ids
+        assert (seg["route"], seg["degraded_prob"], seg["mean_logprob"], seg["min_logprob"]) == (
+            ref.route, ref.degraded_prob, ref.mean_logprob, ref.min_logprob)
+
+
+def test_language_and_prompt_reach_the_transcriber(server, serve_transcriber, clips):
+    item = clips[1]
+    expected = serve_transcriber.transcribe(item["path"], language="English", context="valves and pumps")
+    with open(item["path"], "rb") as f:
+        out = client(server).audio.transcriptions.create(model="m", file=f, language="en",
+                                                         prompt="valves and pumps")
+    assert out.text == expected.text
+
+
+def test_bad_requests_get_400_with_one_line(server, clips, tmp_path):
+    api = client(server)
+    path = clips[0]["path"]
+    cases = [
+        ({"temperature": 0.7}, "temperature"),
+        ({"response_format": "srt"}, "response_format"),
+        ({"language": "klingon"}, "language"),
+    ]
+    for extra, param in cases:
+        with open(path, "rb") as f, pytest.raises(openai.BadRequestError) as err:
+            api.audio.transcriptions.create(model="m", file=f, **extra)
+        assert err.value.body["param"] == param
+        assert "\n" not in err.value.body["message"]
+    garbage = tmp_path / "notes.wav"
+    garbage.write_bytes(b"this is not audio at all" * 10)
+    with open(garbage, "rb") as f, pytest.raises(openai.BadRequestError) as err:
+        api.audio.transcriptions.create(model="m", file=f)
+    assert err.value.body["code"] == "invalid_audio" and "notes.wav" in err.value.body["message"]
+    import httpx
+
+    missing = httpx.post(server.url + "/v1/audio/transcriptions", data={"model": "m"}, timeout=30)
+    assert missing.status_code == 400 and missing.json()["error"]["code"] == "missing_file"
+
+
+@pytest.fixture(scope="module")
+def strict(fixture_bundles, serve_transcriber):
+    """A server with an API key and small limits."""
+    from megaedge.serve.app import ServeConfig
+
+    running = Running(ServeConfig(bundle=str(fixture_bundles["merged"]), api_key="sesame", max_streams=2,
+                                  max_request_mb=0.25, max_audio_seconds=4.0, idle_timeout=1.5), serve_transcriber)
+    yield running
+    running.stop()
+
+
+def test_api_key_is_enforced(strict, clips):
+    import httpx
+
+    path = clips[1]["path"]  # 3.1 s
+    with open(path, "rb") as f, pytest.raises(openai.AuthenticationError) as err:
+        client(strict, "wrong").audio.transcriptions.create(model="m", file=f)
+    assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
+    with open(path, "rb") as f:
+        assert client(strict, "sesame").audio.transcriptions.create(model="m", file=f).text
+    assert httpx.get(strict.url + "/health", timeout=30).status_code == 200  # probes need no key
+    assert httpx.get(strict.url + "/v1/models", timeout=30).status_code == 401
+    models = httpx.get(strict.url + "/v1/models", headers={"Authorization": "Bearer sesame"}, timeout=30).json()
+    assert [m["id"] for m in models["data"]] == ["megaedge"]
+
+
+def test_unauthorized_without_the_key_is_401_even_for_plain_http(strict, clips):
+    import httpx
+
+    with open(clips[1]["path"], "rb") as f:
+        reply = httpx.post(strict.url + "/v1/audio/transcriptions", files={"file": f}, timeout=30)
+    assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_request_size_and_audio_duration_limits(strict, clips, tmp_path):
+    import soundfile as sf
+
+    api = client(strict, "sesame")
+    big = tmp_path / "big.wav"
+    sf.write(str(big), np.zeros(16000 * 10, np.float32), 16000, subtype="PCM_16")  # 320 KB > 0.25 MiB
+    with open(big, "rb") as f, pytest.raises(openai.APIStatusError) as err:
+        api.audio.transcriptions.create(model="m", file=f)
+    assert err.value.status_code == 413 and err.value.body["code"] == "request_too_large"
+    long = tmp_path / "long.flac"
+    sf.write(str(long), np.zeros(16000 * 6, np.float32), 16000)  # small file, 6 s > 4 s
+    with open(long, "rb") as f, pytest.raises(openai.BadRequestError) as err:
+        api.audio.transcriptions.create(model="m", file=f)
+    assert err.value.body["code"] == "audio_too_long" and "--max-audio-seconds" in err.value.body["message"]
+    assert strict.state.admission.active == 0  # refused before taking a slot
+
+
+def test_chunked_upload_over_the_limit_is_413(strict):
+    import httpx
+
+    def body():
+        yield (b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+               b"Content-Type: application/octet-stream\r\n\r\n")
+        for _ in range(40):
+            yield b"\0" * 10_000  # no Content-Length: counted while it streams in
+
+    reply = httpx.post(strict.url + "/v1/audio/transcriptions", content=body(), timeout=30,
+                       headers={"Authorization": "Bearer sesame", "content-type": "multipart/form-data; boundary=x"})
+    assert reply.status_code == 413
+
+
+def test_health_and_metrics(server, clips):
+    doc = health(server)
+    assert doc["status"] == "ok" and doc["mode"] == "merged" and doc["precision"] == "fp32"
+    assert (doc["max_streams"], doc["max_queue"], doc["active_streams"]) == (8, 8, 0)
+    import httpx
+
+    before = metric(server, "megaedge_requests_total", 'kind="transcription",status="200"') \
+        if "megaedge_requests_total{" in httpx.get(server.url + "/metrics").text else 0.0
+    with open(clips[2]["path"], "rb") as f:
+        client(server).audio.transcriptions.create(model="m", file=f)
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+    for name in ("megaedge_model_loaded 1.0", 'megaedge_active_streams{kind="realtime"} 0.0',
+                 'megaedge_active_streams{kind="transcription"} 0.0', "megaedge_queued_requests 0.0",
+                 "megaedge_request_seconds_bucket", "megaedge_stream_event_seconds",
+                 'megaedge_decoded_tokens_total{kind="transcription"}', "megaedge_decode_seconds_total",
+                 "megaedge_errors_total"):
+        assert name in text, name
+    assert metric(server, "megaedge_requests_total", 'kind="transcription",status="200"') == before + 1
+    assert metric(server, "megaedge_decoded_tokens_total", 'kind="transcription"') > 0
+
+
+def test_health_is_503_until_the_bundle_is_loaded(fixture_bundles, serve_transcriber, monkeypatch):
+    import threading
+
+    import httpx
+
+    from megaedge.runtime.transcriber import Transcriber
+    from megaedge.serve.app import ServeConfig
+
+    release = threading.Event()
+
+    def slow_load(path, **kwargs):
+        release.wait(60)
+        return serve_transcriber
+
+    monkeypatch.setattr(Transcriber, "from_bundle", staticmethod(slow_load))
+    running = Running(ServeConfig(bundle=str(fixture_bundles["merged"])))
+    try:
+        reply = httpx.get(running.url + "/health", timeout=30)
+        assert reply.status_code == 503 and reply.json()["status"] == "loading"
+        busy = httpx.post(running.url + "/v1/audio/transcriptions", files={"file": ("a.wav", b"x")}, timeout=30)
+        assert busy.status_code == 503 and busy.json()["error"]["code"] == "not_ready"
+        release.set()
+        running.wait_for(lambda: httpx.get(running.url + "/health", timeout=30).status_code == 200, "loaded")
+    finally:
+        release.set()
+        running.stop()
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    proc = run_cli("serve", str(tmp_path / "nope"))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and "not a bundle" in proc.stderr
+    blocked = run_cli("serve", str(tmp_path), python_prelude="import sys\nsys.modules['fastapi'] = None\n")
+    assert blocked.returncode == 1 and "pip install 'megaedge[serve]'" in blocked.stderr
+    bad = run_cli("serve", str(tmp_path), "--max-streams", "0")
+    assert bad.returncode == 1 and "max-streams" in bad.stderr
+    assert "megaedge serve" not in io.StringIO(proc.stdout).getvalue()

@@ -1,0 +1,102 @@
+"""The realtime protocol without a server: client events, session updates in both of OpenAI's shapes, admission."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import numpy as np
+import pytest
+
+from megaedge.serve.protocol import ProtocolError, SessionConfig, apply_update, decode_pcm16, parse_client_event
+
+
+def test_client_events_parse_to_commands():
+    pcm = np.array([0, 1, -1, 32767, -32768], "<i2")
+    command = parse_client_event(json.dumps({"type": "input_audio_buffer.append", "event_id": "e1",
+                                             "audio": base64.b64encode(pcm.tobytes()).decode()}))
+    assert (command.kind, command.event_id) == ("append", "e1")
+    assert command.pcm.tolist() == pcm.tolist()
+    assert parse_client_event('{"type": "input_audio_buffer.commit"}').kind == "commit"
+    assert parse_client_event('{"type": "input_audio_buffer.clear"}').kind == "clear"
+    assert parse_client_event('{"type": "session.update", "session": {}}').kind == "update"
+
+
+@pytest.mark.parametrize("text, code", [
+    ("{", "invalid_json"),
+    ("[1, 2]", "invalid_event"),
+    ('{"type": 3}', "invalid_event"),
+    ('{"type": "response.create"}', "unknown_event_type"),
+    ('{"type": "transcription_session.update"}', "invalid_value"),
+    ('{"type": "input_audio_buffer.append"}', "invalid_value"),
+    ('{"type": "input_audio_buffer.append", "audio": "not base64!"}', "invalid_base64"),
+    ('{"type": "input_audio_buffer.append", "audio": "AAE="}', "invalid_audio_format"),  # 2 bytes: fine
+])
+def test_bad_client_events_are_protocol_errors(text, code):
+    if code == "invalid_audio_format":
+        assert decode_pcm16("AAE=").tolist() == [256]
+        with pytest.raises(ProtocolError) as err:
+            decode_pcm16(base64.b64encode(b"\x00\x01\x02").decode())
+    else:
+        with pytest.raises(ProtocolError) as err:
+            parse_client_event(text)
+    assert err.value.code == code
+
+
+def test_session_updates_in_the_beta_and_the_ga_shape():
+    base = SessionConfig()
+    assert base.rate == 24000 and base.server_vad
+    beta = apply_update(base, {"input_audio_format": "pcm16", "input_audio_rate": 16000,
+                               "input_audio_transcription": {"language": "en", "prompt": "valves"},
+                               "turn_detection": {"type": "server_vad", "silence_duration_ms": 600},
+                               "input_audio_noise_reduction": None, "include": []})
+    assert (beta.rate, beta.language, beta.prompt, beta.server_vad, beta.silence_ms) == (16000, "en", "valves",
+                                                                                         True, 600)
+    ga = apply_update(base, {"type": "transcription", "audio": {"input": {
+        "format": {"type": "audio/pcm", "rate": 16000}, "transcription": {"language": "de"},
+        "turn_detection": None}}})
+    assert (ga.rate, ga.language, ga.server_vad) == (16000, "de", False)
+    assert apply_update(beta, {"input_audio_format": "pcm16"}).rate == 24000  # pcm16 alone: OpenAI's 24 kHz
+    assert apply_update(beta, {}) == beta
+
+
+@pytest.mark.parametrize("session, code, param", [
+    ({"input_audio_format": "g711_ulaw"}, "unsupported_audio_format", "session.input_audio_format"),
+    ({"input_audio_rate": 44100}, "unsupported_audio_format", "session.input_audio_rate"),
+    ({"turn_detection": {"type": "semantic_vad"}}, "invalid_value", "session.turn_detection.type"),
+    ({"turn_detection": {"silence_duration_ms": 10}}, "invalid_value",
+     "session.turn_detection.silence_duration_ms"),
+    ({"input_audio_transcription": {"language": 7}}, "invalid_value",
+     "session.input_audio_transcription.language"),
+])
+def test_bad_session_updates_name_the_field(session, code, param):
+    with pytest.raises(ProtocolError) as err:
+        apply_update(SessionConfig(), session, "ev9")
+    assert (err.value.code, err.value.param, err.value.event_id) == (code, param, "ev9")
+
+
+def test_admission_queues_in_order_and_refuses_beyond_the_queue():
+    from megaedge.serve.admission import Admission, Busy
+
+    async def scenario():
+        slots = Admission(2, 1)
+        assert slots.try_acquire() and slots.try_acquire() and not slots.try_acquire()
+        waiter = asyncio.ensure_future(slots.acquire())
+        await asyncio.sleep(0)
+        assert slots.queued == 1
+        with pytest.raises(Busy):
+            await slots.acquire()
+        slots.release()  # handed to the waiter, not freed
+        await waiter
+        assert (slots.active, slots.queued, slots.free) == (2, 0, 0)
+        cancelled = asyncio.ensure_future(slots.acquire())
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        await asyncio.gather(cancelled, return_exceptions=True)
+        assert slots.queued == 0
+        slots.release()
+        slots.release()
+        assert (slots.active, slots.free) == (0, 2)
+
+    asyncio.run(scenario())
