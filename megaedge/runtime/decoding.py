@@ -21,6 +21,7 @@ each token's log-probability (the confidence results carry).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,6 +101,7 @@ class NativeState:
         self.decoder = transcriber.native.spawn()
         self.audio_token = transcriber.manifest.prompt.audio_pad
         self.budget = budget  # steps expected after the first extend: its cache is sized for them at once
+        self.batcher = getattr(transcriber, "batcher", None)  # runtime/batching.py: steps of concurrent states
 
     @property
     def length(self) -> int:
@@ -112,7 +114,11 @@ class NativeState:
         return self.decoder.extend(self.decoder.rows_for(ids, audio, self.audio_token), logit_rows)
 
     def step(self, token: int, gate: float | None) -> np.ndarray:
-        return self.decoder.step(token)
+        return self.decoder.step(token) if self.batcher is None else self.batcher.step(self.decoder, token)
+
+    def stepping(self):
+        """Around a run of steps: lets the batcher wait for this state's next step (runtime/batching.py)."""
+        return self.batcher.stepping() if self.batcher is not None else contextlib.nullcontext()
 
     def rollback(self, length: int) -> None:
         self.decoder.rewind(length)
@@ -145,6 +151,9 @@ class HandoffState:
 
     def rollback(self, length: int) -> None:
         (self.native if self._native else self.ort).rollback(length)
+
+    def stepping(self):
+        return self.native.stepping()
 
 
 def open_state(transcriber, budget: int = 0, stream: bool = False):
@@ -198,6 +207,14 @@ def greedy(state, logits: np.ndarray, gate: float | None, eos, *, limit: int, ne
     if len(history) >= limit or new_limit == 0 or text_budget == 0:
         out.stop = "limit"
         return out
+    stepping = getattr(state, "stepping", None)
+    with stepping() if stepping is not None else contextlib.nullcontext():
+        return _greedy(state, logits, gate, eos, out, history, limit, new_limit, text_budget, marker, ignore_eos,
+                       no_repeat_ngram)
+
+
+def _greedy(state, logits, gate, eos, out, history, limit, new_limit, text_budget, marker, ignore_eos,
+            no_repeat_ngram) -> Greedy:
     while True:
         if no_repeat_ngram and len(history) >= no_repeat_ngram - 1:
             banned = _banned_tokens(history, no_repeat_ngram)

@@ -41,7 +41,8 @@ SOURCE = KERNEL_DIR / "decoder.c"  # the one translation unit; it includes the o
 SOURCES = tuple(sorted(path for path in KERNEL_DIR.iterdir() if path.suffix in (".c", ".h", ".py")))
 PREBUILT_DIR = Path(__file__).resolve().parents[1] / "_kernels"  # written by build_kernels.py
 PREBUILT_MANIFEST = "BUILD.json"
-ABI_VERSION = 6
+ABI_VERSION = 7
+MAX_BATCH = 16  # ME_MAX_BATCH in decode_batch.h
 ISA_NAMES = {4: "avx512-vnni+amx", 2: "avx512-vnni", 1: "avx2", 3: "arm-dotprod", 0: "portable-c"}
 # -ffp-contract=off: one rounding per operation however the compiler unrolls or vectorizes a loop, so a row computed
 # as one of four streams or alone, by any thread, gives the same bits (tests hold the decode step to it).
@@ -160,6 +161,8 @@ class Q8Kernels:
         lib.me_gemm_q8.restype = ctypes.c_int
         lib.me_decode_step.argtypes = [ctypes.POINTER(ModelStruct), p, i, p, p, p, i]
         lib.me_decode_step.restype = ctypes.c_int
+        lib.me_decode_batch.argtypes = [ctypes.POINTER(ctypes.POINTER(ModelStruct)), i, p, p, p, p, p, i]
+        lib.me_decode_batch.restype = ctypes.c_int
         lib.me_prefill.argtypes = [ctypes.POINTER(ModelStruct), p, i, i, p, p, p, i, i]
         lib.me_prefill.restype = ctypes.c_int
         lib.me_conv_stem.argtypes = [p, i, i, i, i, p, p, i, p, p, p, p, p, p, i, p, i]
@@ -198,6 +201,19 @@ class Q8Kernels:
                                 x.sums.ctypes.data, out.ctypes.data, x.q.shape[0], n, blocks, block, threads) != 0:
             raise MemoryError("native matrix product: no memory for its packing buffers")
         return out
+
+    def decode_batch(self, models: list[ModelStruct], x: np.ndarray, pos: np.ndarray, cos: np.ndarray,
+                     sin: np.ndarray, logits: np.ndarray, threads: int) -> None:
+        """One decoder step of each of ``models`` (sequences over the same weights, each with its own caches; see
+        decode_batch.h, me_decode_batch): x [B, hidden] embeddings, overwritten; pos int32 [B]; cos/sin
+        [B, head_dim]; logits [B, vocab] written. Each sequence gets the bits ``decode_step`` gives it alone."""
+        pointers = (ctypes.POINTER(ModelStruct) * len(models))(*[ctypes.pointer(m) for m in models])
+        status = self._lib.me_decode_batch(pointers, len(models), x.ctypes.data, pos.ctypes.data, cos.ctypes.data,
+                                           sin.ctypes.data, logits.ctypes.data, threads)
+        if status == -2:
+            raise ValueError(f"native decode batch of {len(models)} sequences: 1-{MAX_BATCH} per call")
+        if status != 0:
+            raise MemoryError("native decode batch: no memory for its scratch buffers")
 
     def decode_step(self, model: ModelStruct, x: np.ndarray, pos: int, cos: np.ndarray, sin: np.ndarray,
                     logits: np.ndarray, threads: int) -> None:

@@ -336,16 +336,46 @@ class NativeDecoder:
 
     def step(self, token: int) -> np.ndarray:
         """Logits [vocab] after appending ``token`` at the next position."""
+        pos = self._ready_for_step()
+        cos, sin = self._rotary(pos)
+        logits = np.empty(self.lm_head.n, np.float32)
+        self.kernels.decode_step(self._model, self.embed(token), pos, cos, sin, logits, self.threads)
+        self.length = pos + 1
+        return logits
+
+    def _ready_for_step(self) -> int:
+        """The position the next step writes, with the in-memory weights and a cache that has room for it."""
         if self._model is None:
             raise MegaedgeError("native decoder: start() with a prefill's cache before step()")
         if not self._model_in_memory:
             self.wait_loaded()
             self._model, self._model_in_memory = self._model_struct(), True
-        pos = self.length
-        self._reserve(pos + 1)
+        self._reserve(self.length + 1)
+        return self.length
+
+    def _rotary(self, pos: int) -> tuple[np.ndarray, np.ndarray]:
         angles = np.concatenate([pos * self._w.inv_freq] * 2)
-        cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-        logits = np.empty(self.lm_head.n, np.float32)
-        self.kernels.decode_step(self._model, self.embed(token), pos, cos, sin, logits, self.threads)
-        self.length = pos + 1
-        return logits
+        return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def step_batch(decoders: list[NativeDecoder], tokens: list[int]) -> np.ndarray:
+    """One step of each decoder in one kernel call (decode_batch.h): the decoders share their weights (``spawn``)
+    and keep their own caches; logits [len(decoders), vocab]. Each decoder gets the bits its own ``step`` gives."""
+    if len(decoders) != len(tokens) or not 1 <= len(decoders) <= kernels.MAX_BATCH:
+        raise MegaedgeError(f"native decode batch: {len(decoders)} decoders for {len(tokens)} tokens "
+                            f"(1-{kernels.MAX_BATCH} per call)")
+    if len(decoders) == 1:
+        return decoders[0].step(tokens[0])[None]
+    first = decoders[0]
+    if any(d._w is not first._w for d in decoders) or len({id(d) for d in decoders}) != len(decoders):
+        raise MegaedgeError("native decode batch: decoders must be distinct and share one set of weights (spawn)")
+    positions = np.array([d._ready_for_step() for d in decoders], np.int32)
+    rotary = [d._rotary(int(pos)) for d, pos in zip(decoders, positions)]
+    cos = np.ascontiguousarray(np.stack([c for c, _ in rotary]))
+    sin = np.ascontiguousarray(np.stack([s for _, s in rotary]))
+    x = np.ascontiguousarray(np.stack([d.embed(t) for d, t in zip(decoders, tokens)]))
+    logits = np.empty((len(decoders), first.lm_head.n), np.float32)
+    first.kernels.decode_batch([d._model for d in decoders], x, positions, cos, sin, logits, first.threads)
+    for d in decoders:
+        d.length += 1
+    return logits

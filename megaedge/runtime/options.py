@@ -32,7 +32,9 @@ class RuntimeOptions:
     file against the manifest (skipped after ``megaedge prepare`` while no file changed). ``use_prepared``: load
     graphs from this machine's prepared copies. ``vad``: the speech gate (``auto``, ``silero``, ``energy``,
     ``off``, a ``runtime.vad.VadOptions``; None: ``$MEGAEDGE_VAD``, else ``auto``). ``expected_digest``: refuse
-    any bundle but the one with this manifest digest. ``profile_dir``: onnxruntime per-node traces go there."""
+    any bundle but the one with this manifest digest. ``profile_dir``: onnxruntime per-node traces go there.
+    ``batch_steps``: native decode steps of concurrent streams and calls run together, up to this many per kernel
+    call (1-16; 1: each alone; runtime/batching.py)."""
 
     providers: tuple[str, ...] = ("cpu",)
     threads: int | None = None
@@ -45,6 +47,7 @@ class RuntimeOptions:
     vad: object = None
     expected_digest: str | None = None
     profile_dir: str | Path | None = None
+    batch_steps: int = 8
 
     def __post_init__(self):
         providers = (self.providers,) if isinstance(self.providers, str) else tuple(self.providers or ("cpu",))
@@ -56,6 +59,9 @@ class RuntimeOptions:
             if value not in allowed:
                 raise MegaedgeError(f"{name} engine {value!r} is not one of {allowed}" if name != "route"
                                     else f"route {value!r} is not one of {allowed}")
+        if isinstance(self.batch_steps, bool) or not isinstance(self.batch_steps, int) or \
+                not 1 <= self.batch_steps <= 16:
+            raise MegaedgeError(f"batch_steps {self.batch_steps!r} is outside 1-16; e.g. 8 (1: no batching)")
         if isinstance(self.vad, str) and self.vad not in VAD_CHOICES:
             raise MegaedgeError(f"vad {self.vad!r} is not one of {VAD_CHOICES}")
 

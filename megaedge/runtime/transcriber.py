@@ -110,6 +110,7 @@ class Transcriber:
                  native_prefill: bool = False, stem=None, vad=None):
         self.bundle, self.manifest, self.sessions, self.tokenizer = bundle, info, sessions, tokenizer
         self.vad = vad  # runtime.vad: gates segments and utterances on speech (None: only digital silence is gated)
+        self.batcher = None  # runtime.batching.StepBatcher: native steps of concurrent calls and streams together
         self.native = native  # runtime.native_decode.NativeDecoder: the decode steps (and the prompt) natively
         self.stem = stem  # runtime.native_stem.NativeStem: the encoder's convolutions natively, the rest its body
         self.native_prefill = native is not None and native_prefill
@@ -214,6 +215,10 @@ class Transcriber:
             log.info("voice activity: %s", reason)
         transcriber = cls(bundle, info, sessions, tokenizer, opts.route, native, native_prefill, stem_runner, detector)
         transcriber.options, transcriber.engines = opts, engines
+        if native is not None and opts.batch_steps > 1:
+            from megaedge.runtime.batching import StepBatcher
+
+            transcriber.batcher = StepBatcher(opts.batch_steps)
         return transcriber
 
     # ------------------------------------------------------------------------------------------------ stages

@@ -35,6 +35,7 @@
 #include "gemv.h"        /* the decode product (me_gemv_q8) */
 #include "attention.h"   /* q/k norm, rotary, KV cache, attention */
 #include "decode_step.h" /* one token through every layer (me_decode_step) */
+#include "decode_batch.h" /* one token of each of several sequences, weights read once (me_decode_batch) */
 #include "gemm.h"        /* the prompt products (me_gemm_q8; tiles: prompt_tiles.h) */
 #include "conv_stem.h"   /* the encoder's convolution stem (me_conv_stem) */
 #include "prefill.h"     /* a whole prompt through every layer (me_prefill) */

@@ -1,0 +1,196 @@
+/* Decode steps of several independent sequences (streams) in one call: every weight block is read once for all of
+   them, and each sequence attends over its own KV cache.
+
+   Why: a decode step reads every decoder weight once and does ~2 multiply-adds per weight byte, so on its own it is
+   bound by memory; B sequences stepping together reuse each weight block from L1 B times, so the same read feeds
+   B tokens until the int8 products become the limit. Every sequence's arithmetic is the single step's exactly
+   (rows_batch below is rows_together's per-row order for each activation vector; quantization, attention and
+   SwiGLU are the same functions), so a sequence stepped in a batch of any size gets the bits it gets alone. */
+#ifndef ME_DECODE_BATCH_H
+#define ME_DECODE_BATCH_H
+#include "attention.h"
+#include "gemv.h"
+#include "quantize.h"
+
+#define ME_MAX_BATCH 16
+
+/* Row r of m against B activation vectors: y[b * ystride + r] for each b, each summed exactly as rows_together
+   sums one row for one activation vector (block order, the same vector operations, the same final reduction). */
+static inline __attribute__((always_inline)) void rows_batch(const me_linear *m, const me_act *acts, int B,
+                                                             float *y, size_t ystride, int r, int blk) {
+    const int nb = m->nb;
+    const uint8_t *row = m->w + (size_t)r * nb * blk;
+    const float *sw = m->s + (size_t)r * nb;
+#if ME_ISA == 2
+    if (blk % 64 == 0) {
+        __m512 acc[ME_MAX_BATCH];
+        float corr[ME_MAX_BATCH];
+        for (int b = 0; b < B; b++) { acc[b] = _mm512_setzero_ps(); corr[b] = 0.f; }
+        for (int k = 0; k < nb; k++) {
+            const uint8_t *p = row + (size_t)k * blk;
+            _mm_prefetch((const char *)(p + 1024), _MM_HINT_T0);
+            for (int b = 0; b < B; b++) {
+                const int8_t *qb = acts[b].q + (size_t)k * blk;
+                __m512i d = _mm512_setzero_si512();
+                for (int c = 0; c < blk; c += 64)
+                    d = _mm512_dpbusd_epi32(d, _mm512_loadu_si512(p + c), _mm512_loadu_si512(qb + c));
+                float s = sw[k] * acts[b].sa[k];
+                acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(s), acc[b]);
+                corr[b] += s * (float)acts[b].asum[k];
+            }
+        }
+        for (int b = 0; b < B; b++) y[b * ystride + r] = _mm512_reduce_add_ps(acc[b]) - ZERO_POINT * corr[b];
+        return;
+    }
+#endif
+#if ME_ISA == 1
+    if (blk % 32 == 0) {
+        __m256 acc[ME_MAX_BATCH];
+        for (int b = 0; b < B; b++) acc[b] = _mm256_setzero_ps();
+        for (int k = 0; k < nb; k++) {
+            const uint8_t *p = row + (size_t)k * blk;
+            for (int b = 0; b < B; b++) {
+                const int8_t *qb = acts[b].q + (size_t)k * blk;
+                __m256i d = dot32_avx2(p, _mm256_loadu_si256((const __m256i *)qb));
+                for (int c = 32; c < blk; c += 32)
+                    d = _mm256_add_epi32(d, dot32_avx2(p + c, _mm256_loadu_si256((const __m256i *)(qb + c))));
+                float s = sw[k] * acts[b].sa[k];
+                acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(s), acc[b]);
+            }
+        }
+        for (int b = 0; b < B; b++) {
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[b]), _mm256_extractf128_ps(acc[b], 1));
+            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_add_ss(h, _mm_movehdup_ps(h));
+            y[b * ystride + r] = _mm_cvtss_f32(h);
+        }
+        return;
+    }
+#endif
+    float sum[ME_MAX_BATCH];
+    for (int b = 0; b < B; b++) sum[b] = 0.f;
+    for (int k = 0; k < nb; k++) {
+        const uint8_t *p = row + (size_t)k * blk;
+        for (int b = 0; b < B; b++)
+            sum[b] += sw[k] * acts[b].sa[k] * (float)dot_block(p, acts[b].q + (size_t)k * blk, blk, acts[b].asum[k]);
+    }
+    for (int b = 0; b < B; b++) y[b * ystride + r] = sum[b];
+}
+
+/* this thread's share of the rows of y_b = m x_b for every b (y: [B][ystride]), inside a parallel region */
+static void gemv_batch_share(const me_linear *m, const me_act *acts, int B, float *y, size_t ystride) {
+    const int t = thread_id(), T = team_size();
+    const int lo = (int)((long long)m->n * t / T), hi = (int)((long long)m->n * (t + 1) / T);
+    for (int r = lo; r < hi; r++) {
+        if (m->blk == 128)
+            rows_batch(m, acts, B, y, ystride, r, 128);
+        else
+            rows_batch(m, acts, B, y, ystride, r, m->blk);
+    }
+}
+
+/* One decoder step of each of `batch` sequences. models[b] describes sequence b: the same weights for every b (only
+   models[0]'s are read for the products), its own caches and capacity; x [batch][hidden] holds the tokens'
+   embeddings and is overwritten; pos[b] is sequence b's position, cos/sin [batch][head_dim] its rotary factors;
+   logits [batch][vocab] are written. Returns 0, -1 when scratch memory could not be had, -2 for a batch outside
+   1..ME_MAX_BATCH. */
+int me_decode_batch(const me_model *const *models, int batch, float *x, const int32_t *pos, const float *cos,
+                    const float *sin, float *logits, int threads) {
+    if (batch < 1 || batch > ME_MAX_BATCH) return -2;
+    const me_model *m = models[0];
+    const int hidden = m->hidden, qdim = m->heads * m->head_dim, kvdim = m->kv_heads * m->head_dim;
+    const int team = threads > 0 ? threads : 1, B = batch, dim = m->head_dim;
+    int widest = hidden > m->intermediate ? hidden : m->intermediate, capacity = 0;
+    if (qdim > widest) widest = qdim;
+    for (int b = 0; b < B; b++) capacity = models[b]->capacity > capacity ? models[b]->capacity : capacity;
+    const size_t act_bytes = (size_t)widest + 1024, blocks = (size_t)widest + 1;
+    float *qv = malloc(sizeof(float) * qdim * B), *kv = malloc(sizeof(float) * kvdim * B),
+          *vv = malloc(sizeof(float) * kvdim * B), *att = malloc(sizeof(float) * qdim * B),
+          *prod = malloc(sizeof(float) * hidden * B), *gate = malloc(sizeof(float) * m->intermediate * B),
+          *up = malloc(sizeof(float) * m->intermediate * B), *scratch = malloc(sizeof(float) * widest),
+          *all_scores = malloc(sizeof(float) * 2 * (size_t)capacity * team), *sa = malloc(sizeof(float) * blocks * B);
+    int32_t *asum = malloc(sizeof(int32_t) * blocks * B);
+    int8_t *q8 = malloc(act_bytes * B);
+    void *owned[] = {qv, kv, vv, att, prod, gate, up, scratch, all_scores, sa, asum, q8};
+    const int count = sizeof(owned) / sizeof(owned[0]);
+    for (int i = 0; i < count; i++)
+        if (!owned[i]) {
+            for (int j = 0; j < count; j++) free(owned[j]);
+            return -1;
+        }
+    me_act acts[ME_MAX_BATCH];
+    for (int b = 0; b < B; b++) acts[b] = (me_act){q8 + act_bytes * b, sa + blocks * b, asum + blocks * b};
+
+#ifdef _OPENMP
+#pragma omp parallel num_threads(team)
+#endif
+    {
+        float *scores = all_scores + (size_t)thread_id() * 2 * capacity;
+        for (int i = 0; i < m->layers; i++) {
+            const me_layer *l = &m->layer[i];
+#ifdef _OPENMP
+#pragma omp single
+#endif
+            for (int b = 0; b < B; b++) quantize_for(x + (size_t)b * hidden, l->input_norm, m->eps, &l->q, &acts[b],
+                                                     scratch);
+            gemv_batch_share(&l->q, acts, B, qv, qdim);
+            gemv_batch_share(&l->k, acts, B, kv, kvdim);
+            gemv_batch_share(&l->v, acts, B, vv, kvdim);
+#ifdef _OPENMP
+#pragma omp barrier
+#pragma omp for schedule(static)
+#endif
+            for (int bg = 0; bg < B * m->kv_heads; bg++) {
+                const int b = bg / m->kv_heads, g = bg % m->kv_heads;
+                const me_model *mb = models[b];
+                const me_layer *lb = &mb->layer[i];
+                cache_and_rotate(mb, lb, g, pos[b], qv + (size_t)b * qdim, kv + (size_t)b * kvdim,
+                                 vv + (size_t)b * kvdim, cos + (size_t)b * dim, sin + (size_t)b * dim);
+                attend(mb, lb, g, qv + (size_t)b * qdim, att + (size_t)b * qdim, pos[b] + 1, scores);
+            }
+#ifdef _OPENMP
+#pragma omp single
+#endif
+            for (int b = 0; b < B; b++) quantize_for(att + (size_t)b * qdim, NULL, 0.f, &l->o, &acts[b], scratch);
+            gemv_batch_share(&l->o, acts, B, prod, hidden);
+#ifdef _OPENMP
+#pragma omp barrier
+#pragma omp single
+#endif
+            for (int b = 0; b < B; b++) {
+                float *xb = x + (size_t)b * hidden, *pb = prod + (size_t)b * hidden;
+                for (int j = 0; j < hidden; j++) xb[j] += pb[j];
+                quantize_for(xb, l->post_norm, m->eps, &l->gate, &acts[b], scratch);
+            }
+            gemv_batch_share(&l->gate, acts, B, gate, m->intermediate);
+            gemv_batch_share(&l->up, acts, B, up, m->intermediate);
+#ifdef _OPENMP
+#pragma omp barrier
+#pragma omp single
+#endif
+            for (int b = 0; b < B; b++) {
+                float *gb = gate + (size_t)b * m->intermediate, *ub = up + (size_t)b * m->intermediate;
+                for (int j = 0; j < m->intermediate; j++) gb[j] = gb[j] / (1.f + me_exp(-gb[j])) * ub[j];
+                quantize_for(gb, NULL, 0.f, &l->down, &acts[b], scratch);
+            }
+            gemv_batch_share(&l->down, acts, B, prod, hidden);
+#ifdef _OPENMP
+#pragma omp barrier
+#pragma omp single
+#endif
+            for (int b = 0; b < B; b++) {
+                float *xb = x + (size_t)b * hidden, *pb = prod + (size_t)b * hidden;
+                for (int j = 0; j < hidden; j++) xb[j] += pb[j];
+            }
+        }
+#ifdef _OPENMP
+#pragma omp single
+#endif
+        for (int b = 0; b < B; b++)
+            quantize_for(x + (size_t)b * hidden, m->final_norm, m->eps, &m->lm_head, &acts[b], scratch);
+        gemv_batch_share(&m->lm_head, acts, B, logits, m->vocab);
+    }
+    for (int i = 0; i < count; i++) free(owned[i]);
+    return 0;
+}
+#endif /* ME_DECODE_BATCH_H */

@@ -1,0 +1,119 @@
+"""Decode steps of concurrent streams and calls, run as one batch over one read of the weights.
+
+Every stream and ``transcribe`` call decodes in its own thread with its own decoder state (runtime/decoding.py).
+With a ``StepBatcher`` their native decode steps meet here: the first caller to arrive becomes the leader, waits a
+moment for the others that are decoding right now, and runs all the waiting steps as one kernel call
+(native_decode.step_batch: every weight block read once for all of them, attention per sequence over its own
+cache). Each sequence gets exactly the bits it gets alone, so batching changes no transcript, only the time.
+
+Why a leader and not a worker thread: a lone caller runs its own step at once, with no hand-off; a batch costs
+the followers one wake-up each. The wait is bounded by ``gather_seconds`` and skipped as soon as every decoder
+that is between steps has arrived (``stepping`` counts them), so a single stream never waits for anybody.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+
+import numpy as np
+
+from megaedge.errors import MegaedgeError
+from megaedge.runtime import kernels, native_decode
+
+# A decode step of the 1.7B model takes tens of milliseconds: a wait of 2 ms for a peer costs a few per cent of one
+# step and saves a whole weight read when the peer comes.
+GATHER_SECONDS = 0.002
+
+
+class _Request:
+    __slots__ = ("decoder", "token", "logits", "error", "done")
+
+    def __init__(self, decoder, token: int):
+        self.decoder, self.token = decoder, token
+        self.logits = self.error = None
+        self.done = threading.Event()
+
+
+class StepBatcher:
+    """Batches ``NativeDecoder.step`` calls of concurrent threads (see the module docstring). ``max_batch``:
+    1-16 steps per kernel call (1: every step alone)."""
+
+    def __init__(self, max_batch: int = 8, gather_seconds: float = GATHER_SECONDS):
+        if not 1 <= int(max_batch) <= kernels.MAX_BATCH:
+            raise MegaedgeError(f"max_batch {max_batch} is outside 1-{kernels.MAX_BATCH}; e.g. 8")
+        if not 0 <= gather_seconds <= 0.1:
+            raise MegaedgeError(f"gather_seconds {gather_seconds} is outside 0-0.1 s; e.g. {GATHER_SECONDS}")
+        self.max_batch, self.gather_seconds = int(max_batch), float(gather_seconds)
+        self._cond = threading.Condition()
+        self._pending: list[_Request] = []
+        self._leader = False  # a thread is gathering or running a batch
+        self._stepping = 0  # decoders inside a greedy loop: the ones a batch may wait for
+        self.batches: dict[int, int] = {}  # batch size -> kernel calls (what batching achieved)
+
+    @contextmanager
+    def stepping(self):
+        """Around a decoder's run of steps: while inside, a leader may wait for its next step."""
+        with self._cond:
+            self._stepping += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._stepping -= 1
+                self._cond.notify_all()
+
+    def step(self, decoder, token: int) -> np.ndarray:
+        """``decoder.step(token)``, possibly in one kernel call with other threads' steps."""
+        if self.max_batch == 1:
+            return decoder.step(token)
+        request = _Request(decoder, token)
+        with self._cond:
+            self._pending.append(request)
+            self._cond.notify_all()
+        while True:
+            with self._cond:
+                while not request.done.is_set() and self._leader:
+                    self._cond.wait()
+                if request.done.is_set():
+                    return self._result(request)
+                self._leader = True  # no leader and this step unserved: lead the next batch
+                deadline = time.perf_counter() + self.gather_seconds
+                while len(self._pending) < min(self.max_batch, max(self._stepping, 1)):
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                batch = self._pending[: self.max_batch]
+                del self._pending[: len(batch)]
+            try:
+                self._run(batch)
+            finally:
+                with self._cond:
+                    self._leader = False
+                    self._cond.notify_all()
+
+    def _run(self, batch: list[_Request]) -> None:
+        groups: dict[int, list[_Request]] = {}
+        for request in batch:  # decoders of different weights (two transcribers) cannot share a call
+            groups.setdefault(id(request.decoder._w), []).append(request)
+        for group in groups.values():
+            try:
+                logits = native_decode.step_batch([r.decoder for r in group], [r.token for r in group])
+            except BaseException as exc:  # noqa: BLE001 - handed to each waiting caller
+                for r in group:
+                    r.error = exc
+                    r.done.set()
+                continue
+            self.batches[len(group)] = self.batches.get(len(group), 0) + 1
+            for r, row in zip(group, logits):
+                r.logits = row
+                r.done.set()
+
+    @staticmethod
+    def _result(request: _Request) -> np.ndarray:
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return request.logits

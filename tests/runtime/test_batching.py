@@ -1,0 +1,119 @@
+"""Batched native decode steps (assets/kernels/decode_batch.h, runtime/batching.py): sequences stepped together in
+one kernel call get exactly the bits each gets stepped alone, on every kernel build, and concurrent greedy loops
+meet in batches without changing a token."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from megaedge.errors import MegaedgeError
+from megaedge.runtime import decoding, manifest, native_decode
+from megaedge.runtime.batching import StepBatcher
+from tests.conftest import int8_bundle_from
+from tests.runtime.kernel_builds import VARIANTS, needs_kernel
+
+
+@pytest.fixture(scope="module")
+def fixture_int8(fixture_bundles, tmp_path_factory):
+    return int8_bundle_from(fixture_bundles["merged"], tmp_path_factory.mktemp("batch_int8"))
+
+
+def _decoders(bundle, built, lengths, threads=2):
+    """Spawned decoders over one set of weights, each with a cache of its own length (random prompt rows)."""
+    info = manifest.read(bundle, verify=False)
+    base = native_decode.NativeDecoder(bundle, info, built, threads=threads)
+    rng = np.random.default_rng(7)
+    out = []
+    for n in lengths:
+        d = base.spawn()
+        ids = [int(t) for t in rng.integers(0, info.decoder["vocab_size"], n)]
+        d.prefill(ids, np.zeros((0, d.hidden), np.float32), -1, 8)
+        out.append((d, ids))
+    return base, out
+
+
+@needs_kernel
+@pytest.mark.parametrize("built", VARIANTS)
+def test_a_batch_gives_each_sequence_its_solo_bits(fixture_int8, built):
+    """Three sequences at different positions, four steps: batched logits and caches equal stepping each alone."""
+    lengths = (5, 17, 11)
+    _, batched = _decoders(fixture_int8, built, lengths)
+    _, alone = _decoders(fixture_int8, built, lengths)
+    tokens = [[3, 5, 7], [11, 13, 17], [19, 23, 29], [31, 37, 41]]
+    for step in tokens:
+        got = native_decode.step_batch([d for d, _ in batched], step)
+        for row, (d, _), token in zip(got, alone, step):
+            np.testing.assert_array_equal(row, d.step(token))
+    for (a, _), (b, _) in zip(batched, alone):
+        assert a.length == b.length
+        for mine, theirs in zip(a.keys + a.values, b.keys + b.values):
+            np.testing.assert_array_equal(mine[:, : a.length], theirs[:, : b.length])
+
+
+@needs_kernel
+def test_batch_arguments_are_checked(fixture_int8):
+    from tests.runtime.kernel_builds import KERNELS
+
+    base, pairs = _decoders(fixture_int8, KERNELS, (4, 4))
+    a, b = pairs[0][0], pairs[1][0]
+    with pytest.raises(MegaedgeError, match="distinct"):
+        native_decode.step_batch([a, a], [1, 2])
+    with pytest.raises(MegaedgeError, match="2 decoders for 1 tokens"):
+        native_decode.step_batch([a, b], [1])
+    with pytest.raises(MegaedgeError, match="1-16 per call"):
+        native_decode.step_batch([base.spawn() for _ in range(17)], list(range(17)))
+    with pytest.raises(MegaedgeError, match="max_batch 0"):
+        StepBatcher(0)
+
+
+@needs_kernel
+def test_concurrent_greedy_loops_meet_in_batches_with_their_solo_tokens(fixture_int8):
+    """Four threads decode 24 tokens each from their own prompts through one StepBatcher: the tokens are the ones
+    each gets alone, and most steps ran in batches of more than one."""
+    from tests.runtime.kernel_builds import KERNELS
+
+    lengths = (6, 9, 12, 15)
+    _, solo = _decoders(fixture_int8, KERNELS, lengths)
+    eos = ()
+    want = []
+    for d, ids in solo:
+        logits = d.rewind(0) or d.prefill(ids, np.zeros((0, d.hidden), np.float32), -1, 30)
+        state = _Adapter(d, None)
+        want.append(decoding.greedy(state, logits, None, eos, limit=24).tokens)
+    batcher = StepBatcher(8, gather_seconds=0.05)
+    _, shared = _decoders(fixture_int8, KERNELS, lengths)
+    got, errors = [None] * 4, []
+
+    def run(k):
+        try:
+            d, ids = shared[k]
+            logits = d.rewind(0) or d.prefill(ids, np.zeros((0, d.hidden), np.float32), -1, 30)
+            got[k] = decoding.greedy(_Adapter(d, batcher), logits, None, eos, limit=24).tokens
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors, errors
+    assert got == want
+    batched = sum(calls * size for size, calls in batcher.batches.items() if size > 1)
+    assert batched >= 0.5 * sum(calls * size for size, calls in batcher.batches.items()), batcher.batches
+
+
+class _Adapter:
+    """A NativeState-like view of one decoder (the greedy loop's interface) with an optional batcher."""
+
+    def __init__(self, decoder, batcher):
+        self.decoder, self.batcher = decoder, batcher
+
+    def step(self, token, gate):
+        return self.decoder.step(token) if self.batcher is None else self.batcher.step(self.decoder, token)
+
+    def stepping(self):
+        import contextlib
+
+        return self.batcher.stepping() if self.batcher is not None else contextlib.nullcontext()
