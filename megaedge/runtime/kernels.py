@@ -149,6 +149,7 @@ class Q8Kernels:
     package) or "compiled here" (first use)."""
 
     def __init__(self, path: Path, variant: str = "native", origin: str = "compiled here"):
+        passive_openmp()
         lib = ctypes.CDLL(str(path))
         if lib.me_abi_version() != ABI_VERSION:
             raise RuntimeError(f"{path.name}: kernel ABI {lib.me_abi_version()}, this megaedge needs {ABI_VERSION}")
@@ -293,6 +294,16 @@ def choose_variants(arch: str, cpu_flags: set[str] | frozenset[str]) -> list[str
     """Prebuilt variants a CPU of architecture ``arch`` (platform.machine()) with ``cpu_flags`` (/proc/cpuinfo's)
     can run, best first; empty for an architecture without prebuilt variants."""
     return variants.supported(arch, cpu_flags)
+
+
+def passive_openmp() -> None:
+    """OpenMP threads that sleep between parallel regions unless the user chose otherwise (OMP_WAIT_POLICY).
+
+    GNU OpenMP spins a while after each region by default; on a device whose cores are shared with other work
+    (the audio pipeline, a second stream, the rest of the product) the spinning threads take the cores the others
+    need, and hop latency multiplies (benchmarks/contention.py). libgomp reads the policy once, when it starts, so
+    this runs before the first kernel library loads."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def load_prebuilt(directory: Path | None = None, arch: str | None = None,
