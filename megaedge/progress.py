@@ -33,6 +33,21 @@ def track(items: Iterable[T], desc: str, total: int | None = None, unit: str = "
 
 
 def setup_logging(verbosity: int = 0) -> None:
+    """megaedge's own messages from WARNING (INFO with -v, DEBUG with -vv). Other libraries' warnings (onnxruntime's
+    quantizer notes, deprecation warnings of torch and transformers) are not the user's to act on: they show only
+    with -v; their errors always show."""
+    import warnings
+
     level = logging.WARNING - 10 * verbosity
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("megaedge").setLevel(max(level, logging.DEBUG))
+    if verbosity > 0:
+        return
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_own_or_error)
+    logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger, which the filter then holds back
+    warnings.simplefilter("default")
+
+
+def _own_or_error(record: logging.LogRecord) -> bool:
+    return record.name == "megaedge" or record.name.startswith("megaedge.") or record.levelno >= logging.ERROR

@@ -172,14 +172,3 @@ def with_native_index(bundle: Path, decoder: dict) -> dict:
         with open(path, "wb") as f:
             np.savez(f, **sidecar)
     return {**decoder, "native": index}
-
-
-def index_bundle(bundle: str | Path) -> manifest.Manifest:
-    """Add (or refresh) the native decode index of an existing INT8 bundle in place and re-write its manifest."""
-    bundle = Path(bundle)
-    doc = manifest.read(bundle, verify=False).to_dict()
-    doc["decoder"] = with_native_index(bundle, doc["decoder"])
-    doc["files"] = manifest.file_hashes(bundle)
-    frozen = manifest.Manifest.from_dict(doc)
-    manifest.write(frozen, bundle)
-    return frozen

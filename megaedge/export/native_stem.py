@@ -169,13 +169,3 @@ def add_native_stem(bundle: Path, doc: dict) -> dict:
         body = _graph_spec(bundle / manifest.ENCODER_BODY_FILE, encoder["precision"], tuple(encoder["data_files"]))
         doc["graphs"] = {**doc["graphs"], "encoder_body": asdict(body)}
     return doc
-
-
-def stem_bundle(bundle: str | Path) -> manifest.Manifest:
-    """Add (or refresh) the native stem of an existing INT8 bundle in place and re-write its manifest."""
-    bundle = Path(bundle)
-    doc = add_native_stem(bundle, manifest.read(bundle, verify=False).to_dict())
-    doc["files"] = manifest.file_hashes(bundle)
-    frozen = manifest.Manifest.from_dict(doc)
-    manifest.write(frozen, bundle)
-    return frozen

@@ -1,0 +1,33 @@
+"""Logging of the CLI: megaedge's warnings always, other libraries' warnings only with -v, their errors always."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+CODE = """
+import logging, sys, warnings
+from megaedge.progress import setup_logging
+setup_logging(int(sys.argv[1]))
+logging.getLogger("megaedge.export").warning("own warning")
+logging.getLogger("megaedge.runtime").info("own info")
+logging.getLogger().warning("quantizer note")  # onnxruntime's quantizer logs on the root logger
+logging.getLogger("transformers").warning("library warning")
+warnings.warn("deprecated thing", DeprecationWarning)
+warnings.warn("user warning")
+logging.getLogger("onnxruntime").error("library error")
+"""
+
+
+def _stderr(verbosity: int) -> str:
+    return subprocess.run([sys.executable, "-c", CODE, str(verbosity)], capture_output=True, text=True).stderr
+
+
+def test_third_party_warnings_only_with_verbose():
+    quiet = _stderr(0)
+    assert "own warning" in quiet and "library error" in quiet
+    for hidden in ("own info", "quantizer note", "library warning", "deprecated thing", "user warning"):
+        assert hidden not in quiet, hidden
+    loud = _stderr(1)
+    for shown in ("own warning", "own info", "quantizer note", "library warning", "library error"):
+        assert shown in loud, shown
