@@ -1,0 +1,266 @@
+"""GET /v1/realtime: OpenAI's realtime transcription events over megaedge streams, against offline transcription."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from tests.serve.conftest import (
+    Running,
+    barrier,
+    health,
+    metric,
+    pcm16,
+    receive_until,
+    send_audio,
+)
+
+ws_sync = pytest.importorskip("websockets.sync.client", reason="needs websockets (dev extra)")
+SILENCE = np.zeros(16000, "<i2")  # 1 s: longer than the 0.8 s endpoint silence
+SESSION_16K = json.dumps({"type": "transcription_session.update",
+                          "session": {"input_audio_format": "pcm16", "input_audio_rate": 16000}})
+
+
+def connect(running, **kwargs):
+    return ws_sync.connect(running.ws_url, open_timeout=60, max_size=None, **kwargs)
+
+
+def stream_clip(running, pcm: np.ndarray) -> list[dict]:
+    """Session at 16 kHz with server VAD; the clip and 1 s of silence at once (faster than real time); every event
+    up to the first completed one."""
+    with connect(running) as ws:
+        assert json.loads(ws.recv(timeout=60))["type"] == "transcription_session.created"
+        ws.send(SESSION_16K)
+        send_audio(ws, np.concatenate([pcm, SILENCE]))
+        return receive_until(ws, "conversation.item.input_audio_transcription.completed")
+
+
+def check_utterance(events: list[dict], pcm: np.ndarray, transcriber) -> dict:
+    """The events of one endpointed utterance are in order and its transcript is offline transcription's of the
+    same samples (the span the final covers)."""
+    kinds = [e["type"] for e in events if not e["type"].startswith("transcription_session")]
+    assert kinds[0] == "input_audio_buffer.speech_started"
+    assert kinds[-3:] == ["input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
+                          "conversation.item.input_audio_transcription.completed"]
+    assert set(kinds[1:-3]) <= {"conversation.item.input_audio_transcription.delta"}
+    done = events[-1]
+    items = {e["item_id"] for e in events if "item_id" in e}
+    assert items == {done["item_id"]}
+    audio = np.concatenate([pcm, SILENCE])
+    span = audio[round(done["start"] * 16000): round(done["end"] * 16000)]
+    offline = transcriber.transcribe(span, 16000)
+    assert done["transcript"] == offline.text
+    assert done["route"] == offline.route == "merged" and done["reason"] == "endpoint"
+    assert done["min_logprob"] == pytest.approx(offline.min_logprob, abs=1e-3)
+    assert done["mean_logprob"] == pytest.approx(offline.mean_logprob, abs=1e-3)
+    for delta in (e for e in events if e["type"].endswith(".delta")):
+        assert isinstance(delta["delta"], str) and delta["partial"].startswith(delta["stable"][:1])
+    return done
+
+
+def test_eight_concurrent_clients_get_offline_transcripts(server, serve_transcriber, clips):
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda item: stream_clip(server, item["pcm"]), clips))
+    for item, events in zip(clips, results):
+        check_utterance(events, item["pcm"], serve_transcriber)
+    server.wait_for(lambda: health(server)["active_streams"] == 0, "slots released")
+    assert metric(server, "megaedge_active_streams", 'kind="realtime"') == 0
+
+
+@pytest.mark.parametrize("rate", [16000, 24000])
+def test_manual_commit_transcribes_the_whole_buffer_like_offline(server, serve_transcriber, clips, rate):
+    from megaedge.runtime import audio as audio_io
+
+    item = clips[3]
+    pcm = pcm16(audio_io.load(item["path"], target=rate))
+    with connect(server) as ws:
+        ws.recv(timeout=60)
+        update = {"turn_detection": None}
+        if rate == 16000:
+            update["audio"] = {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}
+        ws.send(json.dumps({"type": "session.update", "session": update}))
+        send_audio(ws, pcm, chunk=rate // 10)
+        ws.send(json.dumps({"type": "input_audio_buffer.commit", "event_id": "c1"}))
+        events = receive_until(ws, "conversation.item.input_audio_transcription.completed")
+    kinds = [e["type"] for e in events]
+    assert "input_audio_buffer.speech_started" not in kinds  # no server VAD
+    assert kinds[-2:] == ["input_audio_buffer.committed", "conversation.item.input_audio_transcription.completed"]
+    updated = events[0]
+    assert updated["type"] == "transcription_session.updated"
+    assert updated["session"]["turn_detection"] is None and updated["session"]["input_audio_rate"] == rate
+    offline = serve_transcriber.transcribe(pcm, rate)
+    assert events[-1]["transcript"] == offline.text and events[-1]["start"] == 0.0
+
+
+def test_capacity_32_clients_against_8_streams(server, serve_transcriber, clips):
+    """32 realtime clients: exactly 8 get a session, 24 an error and close 1013; then, with those 8 slots held,
+    32 transcription requests: 8 wait in the queue, 24 get 429; every admitted one is answered correctly."""
+    from contextlib import ExitStack
+
+    import openai
+    from websockets.exceptions import ConnectionClosed
+
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(connect(server)) for _ in range(32)]
+        first = [json.loads(ws.recv(timeout=60)) for ws in sockets]
+        accepted = [ws for ws, e in zip(sockets, first) if e["type"] == "transcription_session.created"]
+        refused = [(ws, e) for ws, e in zip(sockets, first) if e["type"] == "error"]
+        assert (len(accepted), len(refused)) == (8, 24)
+        for ws, event in refused:
+            assert event["error"]["code"] == "rate_limit_exceeded"
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=60)
+            assert closed.value.rcvd.code == 1013
+        assert health(server)["active_streams"] == 8
+
+        api = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=300)
+        path = clips[0]["path"]
+
+        def request(_):
+            try:
+                with open(path, "rb") as f:
+                    return api.audio.transcriptions.create(model="m", file=f).text
+            except openai.RateLimitError as exc:
+                return exc
+
+        with ThreadPoolExecutor(32) as pool:
+            pending = [pool.submit(request, i) for i in range(32)]
+            server.wait_for(lambda: sum(f.done() for f in pending) == 24 and health(server)["queued_requests"] == 8,
+                            "24 refused and 8 queued")
+            refusals = [f.result() for f in pending if f.done()]
+            assert all(isinstance(r, openai.RateLimitError) and r.status_code == 429 for r in refusals)
+            # The 8 realtime sessions stream their clips while 8 requests wait; then they leave and free the slots.
+            for ws, item in zip(accepted, clips):
+                ws.send(SESSION_16K)
+                send_audio(ws, np.concatenate([item["pcm"], SILENCE]))
+            for ws, item in zip(accepted, clips):
+                events = receive_until(ws, "conversation.item.input_audio_transcription.completed")
+                check_utterance(events, item["pcm"], serve_transcriber)
+                ws.close()
+            texts = [f.result() for f in pending if not isinstance(f.result(), Exception)]
+        assert texts == [serve_transcriber.transcribe(path).text] * 8
+    server.wait_for(lambda: health(server)["active_streams"] == 0, "slots released")
+    assert metric(server, "megaedge_requests_total", 'kind="realtime",status="rate_limit_exceeded"') >= 24
+
+
+def test_malformed_events_get_errors_and_the_connection_keeps_serving(server, serve_transcriber, clips):
+    import base64
+
+    item = clips[4]
+    with connect(server) as ws:
+        ws.recv(timeout=60)
+        bad = [
+            ("{not json", "invalid_json"),
+            (json.dumps({"type": "response.create"}), "unknown_event_type"),
+            (json.dumps({"type": "input_audio_buffer.append", "audio": "***"}), "invalid_base64"),
+            (json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"\1\2\3").decode()}),
+             "invalid_audio_format"),
+            (json.dumps({"type": "transcription_session.update", "session": {"input_audio_format": "g711_alaw"}}),
+             "unsupported_audio_format"),
+            (json.dumps({"type": "transcription_session.update",
+                         "session": {"input_audio_transcription": {"language": "Klingon"}}}), "invalid_value"),
+            (json.dumps({"type": "input_audio_buffer.commit"}), "input_audio_buffer_commit_empty"),
+        ]
+        for text, code in bad:
+            ws.send(text)
+            event = json.loads(ws.recv(timeout=60))
+            assert (event["type"], event["error"]["code"]) == ("error", code), text
+        ws.send(b"\0\1")
+        assert json.loads(ws.recv(timeout=60))["error"]["code"] == "invalid_event"
+        ws.send(SESSION_16K)
+        send_audio(ws, np.concatenate([item["pcm"], SILENCE]))
+        events = receive_until(ws, "conversation.item.input_audio_transcription.completed")
+    assert events[0]["type"] == "transcription_session.updated"
+    assert events[0]["session"]["input_audio_transcription"]["language"] is None  # the bad update changed nothing
+    check_utterance(events, item["pcm"], serve_transcriber)
+
+
+def test_clear_drops_the_buffer(server, serve_transcriber, clips):
+    item = clips[5]
+    with connect(server) as ws:
+        ws.recv(timeout=60)
+        ws.send(SESSION_16K)
+        send_audio(ws, clips[6]["pcm"][:8000])  # half a second of another clip, then cleared
+        ws.send(json.dumps({"type": "input_audio_buffer.clear"}))
+        events = barrier(ws)
+        assert events[-1]["type"] == "input_audio_buffer.cleared"
+        send_audio(ws, np.concatenate([item["pcm"], SILENCE]))
+        events = receive_until(ws, "conversation.item.input_audio_transcription.completed")
+    done = events[-1]
+    assert done["start"] >= 0.5  # session time counts on across the clear
+    shifted = dict(done, start=done["start"] - 0.5, end=done["end"] - 0.5)
+    check_utterance(events[:-1] + [shifted], item["pcm"], serve_transcriber)
+
+
+def test_a_client_leaving_mid_utterance_frees_its_stream(server, clips):
+    with connect(server) as ws:
+        ws.recv(timeout=60)
+        ws.send(SESSION_16K)
+        send_audio(ws, clips[0]["pcm"][: len(clips[0]["pcm"]) // 2])
+        barrier(ws)
+        assert health(server)["active_streams"] == 1
+        ws.socket.close()  # gone without a close frame
+    server.wait_for(lambda: health(server)["active_streams"] == 0, "the stream slot is released")
+    assert metric(server, "megaedge_active_streams", 'kind="realtime"') == 0
+
+
+def test_realtime_api_key_idle_timeout(fixture_bundles, serve_transcriber):
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+    from megaedge.serve.app import ServeConfig
+
+    running = Running(ServeConfig(bundle=str(fixture_bundles["merged"]), api_key="sesame", idle_timeout=1.0),
+                      serve_transcriber)
+    try:
+        with pytest.raises(InvalidStatus) as err:
+            connect(running)
+        assert err.value.response.status_code == 401
+        with pytest.raises(InvalidStatus):
+            connect(running, additional_headers={"Authorization": "Bearer nope"})
+        with connect(running, additional_headers={"Authorization": "Bearer sesame"}) as ws:
+            assert json.loads(ws.recv(timeout=60))["type"] == "transcription_session.created"
+        url = running.ws_url + "&api_key=sesame"
+        with ws_sync.connect(url, open_timeout=60) as ws:
+            assert json.loads(ws.recv(timeout=60))["type"] == "transcription_session.created"
+            # no events: the idle timeout closes the connection with an error first
+            assert json.loads(ws.recv(timeout=60))["error"]["code"] == "idle_timeout"
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=60)
+            assert closed.value.rcvd.code == 1000
+    finally:
+        running.stop()
+
+
+def test_shutdown_finishes_open_utterances(fixture_bundles, serve_transcriber, clips):
+    from websockets.exceptions import ConnectionClosed
+
+    from megaedge.serve.app import ServeConfig
+
+    running = Running(ServeConfig(bundle=str(fixture_bundles["merged"])), serve_transcriber)
+    item = clips[7]
+    stopped = False
+    try:
+        with connect(running) as ws:
+            ws.recv(timeout=60)
+            ws.send(SESSION_16K)
+            send_audio(ws, item["pcm"])  # no trailing silence: the utterance is still open
+            before = barrier(ws)
+            assert any(e["type"] == "input_audio_buffer.speech_started" for e in before)
+            running.stop()  # as SIGTERM: finalise, send, close 1001
+            stopped = True
+            events = receive_until(ws, "conversation.item.input_audio_transcription.completed")
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=60)
+        assert closed.value.rcvd.code == 1001
+    finally:
+        if not stopped:
+            running.stop()
+    assert [e["type"] for e in events][-3:] == ["input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
+                                               "conversation.item.input_audio_transcription.completed"]
+    done = events[-1]
+    assert done["reason"] == "flush"
+    offline = serve_transcriber.transcribe(item["pcm"][round(done["start"] * 16000):], 16000)
+    assert done["transcript"] == offline.text
