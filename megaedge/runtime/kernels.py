@@ -90,7 +90,8 @@ def build(force: bool = False, portable: bool = False, variant: str = "native") 
     """Compile the kernels for this machine (or find the cached build); returns the shared object's path.
     ``portable`` (variant ``portable``): the plain C form only (no vector instructions), which CPUs without a tuned
     path run; variant ``avx2``: the AVX2 path even where the CPU has AVX512; ``vnni``: AVX512 without AMX tiles;
-    tests hold them all to the same arithmetic. Raises RuntimeError naming what failed."""
+    tests hold them all to the same arithmetic. These are this machine's builds (-march=native less what a variant
+    leaves out); the package's prebuilt variants are variants.py's. Raises RuntimeError naming what failed."""
     variant = "portable" if portable else variant
     cc = compiler()
     if cc is None:

@@ -1,4 +1,5 @@
-"""The native kernel builds a test can run here: this machine's, and the other variants it can also execute."""
+"""The native kernel builds a test can run here: what the runtime loads (a prebuilt variant of the package, or this
+machine's build), and the other builds it can also execute."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from megaedge.runtime import kernels
 try:
     KERNELS = kernels.load()
     WHY_NOT = ""
-except RuntimeError as exc:  # no C compiler on this machine: onnxruntime runs, as the runtime itself falls back
+except RuntimeError as exc:  # no prebuilt library for this CPU and no C compiler: onnxruntime runs, as the runtime does
     KERNELS, WHY_NOT = None, f"native kernel not buildable here: {exc}"
 needs_kernel = pytest.mark.skipif(KERNELS is None, reason=WHY_NOT or "kernel available")
 
