@@ -1,5 +1,5 @@
 """The decoder of a weight-only INT8 bundle on the CPU without onnxruntime: one call per token into megaedge's own C
-kernels (runtime/kernels.py, assets/kernels/q8gemv.c), which run every layer's products, norms, rotary embedding,
+kernels (runtime/kernels.py, assets/kernels/decoder.c), which run every layer's products, norms, rotary embedding,
 attention and SwiGLU and the LM head with one thread team, and one call per prompt chunk (``prefill``).
 
 Why: one decode step reads every decoder weight once, so its speed is the speed of reading ~1.8 GB (1.7B). The

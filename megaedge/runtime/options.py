@@ -146,7 +146,7 @@ def _decode_kernels(bundle: Path, info, decode: str, cpu_only: bool):
         except RuntimeError as exc:
             reason = f"no native kernel here: {exc}"
         else:
-            return loaded, f"decode steps native ({loaded.isa} kernels)"
+            return loaded, f"decode steps native ({loaded.isa} kernels, {loaded.origin})"
     if decode == "native":
         raise MegaedgeError(f"{bundle}: --decode native is not possible: {reason}; use --decode ort")
     return None, f"decode steps in onnxruntime: {reason}"

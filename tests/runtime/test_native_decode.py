@@ -1,4 +1,4 @@
-"""The native CPU decode step (runtime/native_decode.py + assets/kernels/q8gemv.c): the kernel against numpy, the
+"""The native CPU decode step (runtime/native_decode.py + assets/kernels/decoder.c): the kernel against numpy, the
 export's weight index, and tokens against onnxruntime's decode step on the trained fixture."""
 
 from __future__ import annotations
