@@ -23,7 +23,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from megaedge.errors import MegaedgeError
@@ -59,7 +59,6 @@ class ServeConfig:
     preset: str = "balanced"
     model_name: str = "megaedge"
     shutdown_timeout: float = 30.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def queue(self) -> int:
