@@ -108,6 +108,8 @@ class StreamEvent:
     # finals: the mean and lowest log-probability of its tokens, as offline transcription gives them
     mean_logprob: float | None = None
     min_logprob: float | None = None
+    degraded_prob: float | None = None  # routed bundles, route auto: the router's degraded probability
+    language: str | None = None  # finals: the language the model named (or the one forced)
 
 
 @dataclass
@@ -167,6 +169,7 @@ class _Span:
         self.context = context
         self.gate = gate
         self.route_checked = False
+        self.degraded_prob: float | None = None
 
 
 class Stream:
@@ -246,6 +249,12 @@ class Stream:
         if limit is not None and self._span.samples.size > limit * RATE:
             events.append(self._cut_segment())
         return events
+
+    @property
+    def speech_heard(self) -> bool:
+        """Whether the voice-activity detector has heard speech in the current utterance (a server's
+        ``speech_started``)."""
+        return bool(self._vad.heard_speech)
 
     @property
     def partial(self) -> StreamEvent | None:
@@ -477,7 +486,7 @@ class Stream:
             return
         decision = self.tr.route_probability(span.samples)
         gate = 1.0 if decision.route == "lora" else 0.0
-        span.route_checked = True
+        span.route_checked, span.degraded_prob = True, decision.degraded_prob
         if gate != span.gate:
             if final:
                 self.stats.reroutes += 1
@@ -569,8 +578,12 @@ class Stream:
         else:
             route = "lora" if span.gate else "base"
         confidence = (float(np.mean(logprobs)), float(np.min(logprobs))) if len(logprobs) else (None, None)
+        language = None
+        if kind == "final":
+            language = self.opts.language or self.tr.text_of(tokens, False).language
         event = StreamEvent(kind, text, committed, span.start_sample / RATE, self.time / RATE, self.utterance, route,
-                            tuple(tokens), time.perf_counter() - t0, reason, *confidence)
+                            tuple(tokens), time.perf_counter() - t0, reason, *confidence, span.degraded_prob,
+                            language)
         self._last = event
         return event
 

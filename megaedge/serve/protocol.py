@@ -21,8 +21,9 @@ Choices where megaedge's stream differs from OpenAI's service (docs/serving.md):
   field ``partial`` (and the committed part in ``stable``), for live captions. ``completed.transcript`` is the
   authority: the final checks every committed token against the whole utterance, so it can differ from the
   concatenated deltas (rarely; the stream's ``revisions`` count).
-* ``completed`` carries megaedge fields beside OpenAI's: ``route``, ``degraded_prob`` (null: the stream does not
-  report it), ``mean_logprob``, ``min_logprob``, ``start`` / ``end`` (seconds of session audio), ``reason``.
+* ``completed`` carries megaedge fields beside OpenAI's: ``route``, ``degraded_prob`` (routed bundles on the auto
+  route; else null), ``language``, ``mean_logprob``, ``min_logprob``, ``start`` / ``end`` (seconds of session
+  audio), ``reason``.
 """
 
 from __future__ import annotations
@@ -209,12 +210,8 @@ def apply_update(config: SessionConfig, session: dict, event_id: str | None = No
 
 # ------------------------------------------------------------------------------------------------ a session
 def heard_speech(stream) -> bool:
-    """Whether the stream's voice-activity detector has heard speech in the current utterance.
-
-    The stream does not publish this (runtime/streaming.py keeps its detector private); both of its detectors, the
-    energy endpointer and runtime.vad.VadStream, have ``heard_speech``."""
-    vad = getattr(stream, "_vad", None)
-    return bool(getattr(vad, "heard_speech", False))
+    """Whether the stream's voice-activity detector has heard speech in the current utterance."""
+    return stream.speech_heard
 
 
 class RealtimeSession:
@@ -331,7 +328,8 @@ class RealtimeSession:
         out.append({"type": "conversation.item.input_audio_transcription.completed", "event_id": new_id("event"),
                     "item_id": item, "content_index": 0, "transcript": event.text,
                     "usage": {"type": "duration", "seconds": round(event.end - event.start, 3)},
-                    "route": event.route, "degraded_prob": None, "mean_logprob": event.mean_logprob,
+                    "route": event.route, "degraded_prob": event.degraded_prob, "language": event.language,
+                    "mean_logprob": event.mean_logprob,
                     "min_logprob": event.min_logprob, "start": self.offset / 16000 + event.start,
                     "end": self.offset / 16000 + event.end, "reason": event.reason})
         self.previous_item = item

@@ -136,3 +136,24 @@ def test_exact_preset_is_offline_segment_by_segment_on_long_audio(merged):
     assert [list(e.token_ids) for e in finals] == [s.token_ids for s in offline.segments]
     assert " ".join(e.text for e in finals if e.text) == offline.text and offline.text
     assert [round(e.start, 3) for e in finals] == [round(s.start, 3) for s in offline.segments]
+
+
+def test_finals_name_route_probability_and_language_and_the_stream_says_when_it_heard_speech(fixture_bundles):
+    from megaedge import fixture
+    from megaedge.runtime import audio as audio_io
+    from megaedge.runtime.evaluate import read_set
+    from megaedge.runtime.transcriber import Transcriber
+
+    routed = Transcriber.from_bundle(fixture_bundles["routed"], vad="auto")
+    item = read_set(fixture.heldout_manifest())[0]
+    samples = np.concatenate([np.zeros(8000, np.float32), audio_io.load(item["path"])])
+    offline = routed.transcribe(samples, segment_seconds=None)
+    stream = routed.create_stream(EXACT)
+    heard = []
+    for i in range(0, samples.size, 4000):
+        stream.accept_waveform(samples[i: i + 4000], 16000)
+        heard.append(stream.speech_heard)
+    final = stream.final()
+    assert heard[0] is False and heard[-1] is True
+    assert final.degraded_prob == pytest.approx(offline.degraded_prob, abs=1e-6)
+    assert final.language == offline.language and final.route == offline.route
