@@ -107,6 +107,7 @@ def _run(args: argparse.Namespace) -> int:
         out = export_bundle(model, args.out, options, adapter=args.adapter, router=args.router)
     info = manifest.read(out, verify=False)
     size = sum((out / f).stat().st_size for f in info.files)
+    validation = next((note for note in info.notes if note.startswith("validation")), None)
     print_json({"bundle": str(out), "mode": info.mode, "precision": info.precision,
-                "graphs": sorted(info.graphs), "size_mb": round(size / 1e6, 2)})
+                "graphs": sorted(info.graphs), "size_mb": round(size / 1e6, 2), "validation": validation})
     return 0

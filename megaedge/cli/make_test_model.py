@@ -20,6 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                 high=limits.SEED[1]),
                         default=0, help=f"random seed, {limits.SEED[0]}-{limits.SEED[1]} (default 0)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="weight dtype (default fp32 tiny, bf16 else)")
+    parser.add_argument("--init", choices=("default", "realistic"), default="default",
+                        help="realistic: unit-variance embeddings, norms 1, biases 0, so activations and logits spread "
+                             "like a trained model's (what export validation must cope with); default: small "
+                             "embeddings, logits within about +-5")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     limits.check_output_dir(args.out, "OUT")
     from megaedge.export.factory import count_parameters, make_config, write_checkpoint
 
-    path = write_checkpoint(args.out, geometry=args.geometry, layout_name=args.layout, seed=args.seed, dtype=args.dtype)
+    path = write_checkpoint(args.out, geometry=args.geometry, layout_name=args.layout, seed=args.seed, dtype=args.dtype,
+                            init=args.init)
     counts = count_parameters(make_config(args.geometry))
     print(f"wrote {args.geometry} ({counts['total'] / 1e9:.3f}B parameters, {args.layout} layout) to {path}")
     return 0
