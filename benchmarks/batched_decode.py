@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import provenance
 
 from megaedge.runtime import kernels, machine, native_decode
 
@@ -40,13 +40,7 @@ GEOMETRIES = {
 BLOCK = 128
 
 
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).parent).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
+_commit = provenance.commit
 
 def write_weights(folder: Path, g: dict, seed: int = 0) -> tuple[dict, int]:
     """weights.bin with every projection (uint8 blocks + float32 scales), norms and inv_freq; the native index of

@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import provenance
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POLICIES = {  # environment of the measured process
@@ -55,13 +56,7 @@ print(json.dumps({"costs": costs, "decoder": "native" if tr.native is not None e
 """
 
 
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).parent).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
+_commit = provenance.commit
 
 def _hogs(count: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]

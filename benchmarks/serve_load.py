@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import provenance
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,16 +40,7 @@ RATE = 16000
 SILENCE = np.zeros(RATE, "<i2")
 
 
-def _commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=ROOT).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
-
+_commit = provenance.commit
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -116,11 +108,11 @@ SESSION = json.dumps({"type": "transcription_session.update",
 
 
 def load_phase(url: str, ws_url: str, clips: list[dict], clients: int, checker: Checker) -> dict:
+    from contextlib import ExitStack
+
     import httpx
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
-
-    from contextlib import ExitStack
 
     stack = ExitStack()
     sockets = [stack.enter_context(connect(ws_url, open_timeout=60, max_size=None)) for _ in range(clients)]

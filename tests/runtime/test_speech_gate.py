@@ -9,7 +9,6 @@ clips, each of which FP32 gets half or more wrong (benchmarks/results/vad.json).
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from megaedge.runtime import vad as vad_module
