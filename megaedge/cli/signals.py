@@ -9,10 +9,23 @@ for Ctrl-C runs for them too.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 
 _SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+_IMPORT_RETRY_S = 0.05
+
+
+def _importing(frame) -> bool:
+    """Whether the interrupted code runs inside an import (the import machinery is on its stack)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 class Terminated(KeyboardInterrupt):
@@ -35,15 +48,28 @@ class _Guard:
         self.holding = False
         self.deferring = False
         self._raised = False
+        self._waiting_for_import = False
 
     def handler(self, signum, frame):
-        if self.received is not None:
+        if self.received is not None and not self._waiting_for_import:
             # Cleanup (or the final flush) is already running because of the first one: let it finish. A supervisor
             # that will not wait sends SIGKILL anyway.
             return
-        self.received = signum
-        if not (self.holding or self.deferring):
-            self._raise()
+        if self.received is None:
+            self.received = signum
+        self._waiting_for_import = False
+        if self.holding or self.deferring:
+            return
+        if _importing(frame):
+            # An exception raised while a module is being imported can escape through a C extension's init function,
+            # which some binding libraries (nanobind, pybind11) turn into std::terminate: the process aborts and no
+            # cleanup runs. Imports are short, so ask again a moment later, once the import is over.
+            self._waiting_for_import = True
+            timer = threading.Timer(_IMPORT_RETRY_S, os.kill, (os.getpid(), self.received))
+            timer.daemon = True
+            timer.start()
+            return
+        self._raise()
 
     def _raise(self):
         self._raised = True

@@ -194,6 +194,22 @@ def test_sigterm_and_sighup_raise_like_ctrl_c():
         assert guard.received == signal.SIGTERM
 
 
+def test_a_signal_during_an_import_waits_for_the_import(tmp_path, monkeypatch):
+    # A KeyboardInterrupt raised inside a C extension's module init can end in std::terminate (nanobind's onnx did):
+    # the signal must be raised only once the import is over, and the module must be complete.
+    (tmp_path / "slow_import_mod.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\n"
+        "for _ in range(20):\n    time.sleep(0.01)\nDONE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with stop_like_ctrl_c() as guard:
+        with pytest.raises(Terminated):
+            import slow_import_mod  # noqa: F401
+            time.sleep(5)  # the retried signal arrives here
+        assert guard.received == signal.SIGTERM
+    assert sys.modules["slow_import_mod"].DONE is True
+    del sys.modules["slow_import_mod"]
+
+
 def _wait_for(predicate, proc, seconds=240):
     deadline = time.monotonic() + seconds
     while not predicate():
