@@ -119,6 +119,7 @@ def collect() -> dict:
         "onnxruntime": _onnxruntime(),
         "tensorrt": _tensorrt(),
         "cpu": machine.cpu_facts(),
+        "int8_recipe": _recipe(None),
         "kernels": _kernels(),
         "memory": machine.memory_facts(),
         "gpus": _gpus(),
@@ -132,6 +133,9 @@ def _print(report: dict) -> None:
     cpu = report["cpu"]
     print(f"cpu          {cpu['model']} x{cpu['logical_cores']} [{', '.join(cpu['int8_features']) or 'no AVX2/VNNI'}]")
     print(f"             {cpu['int8_note']}")
+    advice = report["int8_recipe"]
+    print(f"int8 recipe  {advice['recommended']} for this CPU ({advice['cpu_class']}): "
+          f"megaedge export --int8 --recipe {advice['recommended']}")
     kern = report["kernels"]
     if "error" in kern:
         print(f"kernels      none: {kern['error']}; decode steps run in onnxruntime")
@@ -164,12 +168,26 @@ def _print(report: dict) -> None:
         print(f"ERROR        onnxruntime: {ort['error']}")
     if report.get("bundle_digest"):
         print(f"bundle digest {report['bundle_digest']}  (pin it: --expect-digest)")
+    bundle_recipe = report.get("bundle_recipe")
+    if bundle_recipe and bundle_recipe["recipe"]:
+        verdict = (f"WARNING {bundle_recipe['problem']} here: export with --int8 --recipe {advice['recommended']}"
+                   if bundle_recipe["problem"] else "suits this CPU")
+        print(f"bundle recipe {bundle_recipe['recipe']}: {verdict}")
     ready = report.get("tensorrt_readiness")
     if ready:
         verdict = {True: "yes", False: "NO", None: "unknown (see the warning)"}[ready["ready"]]
         print(f"tensorrt-ready {ready['bundle']}: {verdict}")
         for f in ready["findings"]:
             print(f"  {f['level']:<8} {f['graph']}: {f['message']}")
+
+
+def _recipe(recipe: str | None) -> dict:
+    """The INT8 recipe to export for this CPU, and what is wrong with ``recipe`` (a bundle's) here."""
+    from megaedge.runtime.recipe_advice import advise
+
+    advice = advise(recipe)
+    return {"recipe": recipe, "cpu_class": advice.cpu_class, "recommended": advice.recommended,
+            "problem": advice.problem}
 
 
 def _readiness(bundle: str) -> dict:
@@ -210,6 +228,9 @@ def run(args: argparse.Namespace) -> int:
 
         # The digest a deployment pins (--expect-digest): it covers the manifest and, through it, every file.
         report["bundle_digest"] = manifest.bundle_digest(args.bundle)
+        info = manifest.read(args.bundle, verify=False)
+        recipe = ((info.quantization or {}).get("recipe") or {}).get("name")
+        report["bundle_recipe"] = _recipe(recipe if isinstance(recipe, str) else None)
         report["tensorrt_readiness"] = _readiness(args.bundle)
     if args.json:
         from megaedge.cli.common import print_json

@@ -130,6 +130,9 @@ def select(bundle: Path, info, options: RuntimeOptions) -> Engines:
         engines.reasons.append("encoder stem native" if engines.stem_kernels is not None
                                else "encoder stem in onnxruntime")
     log.info("engines: %s", engines.summary())
+    from megaedge.runtime.recipe_advice import warn_if_unsuited
+
+    warn_if_unsuited(info, tuple(options.providers))
     return engines
 
 
