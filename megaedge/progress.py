@@ -45,6 +45,10 @@ def setup_logging(verbosity: int = 0) -> None:
         return
     for handler in logging.getLogger().handlers:
         handler.addFilter(_own_or_error)
+    # torch's loggers print through torch's own handler, which the filter above never sees (the ONNX exporter's
+    # "torchvision is not installed" notes); torch reads its levels from TORCH_LOGS when it is imported, which the
+    # CLI does after this. A user's own TORCH_LOGS wins.
+    os.environ.setdefault("TORCH_LOGS", "-onnx")
     logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger, which the filter then holds back
     warnings.simplefilter("default")
 
