@@ -63,11 +63,13 @@ def add_engine_size_options(parser) -> None:
 
 
 def add_decode_engine_option(parser) -> None:
-    """--decode: which engine runs the decode steps of the lean runtime (runtime.transcriber.DECODE_ENGINES)."""
-    parser.add_argument("--decode", choices=("auto", "native", "ort"), default="auto",
-                        help="decode steps of a weight-only INT8 bundle: native (megaedge's CPU kernel, built on "
-                             "first use with the machine's C compiler), ort (onnxruntime), auto (native where "
-                             "possible; default)")
+    """--decode: which engine runs the decode steps of the lean runtime (runtime.options.ENGINES)."""
+    from megaedge.runtime.options import ENGINES
+
+    parser.add_argument("--decode", choices=ENGINES, default="auto",
+                        help="decode steps of a weight-only INT8 bundle: native (megaedge's CPU kernel for this "
+                             "CPU's instruction set, shipped with the package), ort (onnxruntime), auto (native "
+                             "where possible; default)")
     parser.add_argument("--prefill", choices=("auto", "native", "ort"), default="auto",
                         help="the prompt, when the decode steps run natively: native (the same kernel, several rows "
                              "per weight load), ort (the bundle's onnxruntime graph), auto (the bundle's prefill "

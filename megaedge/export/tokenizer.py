@@ -14,7 +14,7 @@ from pathlib import Path
 from megaedge.errors import CheckpointError, MissingExtraError
 
 # Real Qwen3-ASR ids (qwen3-asr.md). Gaps between them are reserved ids whose names do not matter to ASR.
-IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643
+IM_END, ENDOFTEXT = 151645, 151643
 AUDIO_START, AUDIO_END, AUDIO_PAD = 151669, 151670, 151676
 ASR_TEXT, TIMESTAMP = 151704, 151705
 ASR_TOKEN_NAMES = {

@@ -40,8 +40,8 @@ class BenchOptions:
     providers: tuple[str, ...] = ("cpu",)
     bandwidth_mib: int = 256
     profile_dir: str | None = None  # after the timed runs, one profiled run per length; traces land here
-    decode: str = "auto"  # decode-step engine (transcriber.DECODE_ENGINES)
-    prefill: str = "auto"  # prompt engine when the steps run natively (transcriber.PREFILL_ENGINES)
+    decode: str = "auto"  # decode-step engine (runtime.options.ENGINES)
+    prefill: str = "auto"  # prompt engine when the steps run natively (runtime.options.ENGINES)
     stem: str = "auto"  # the encoder's convolution stem (native_stem.STEM_ENGINES)
 
     def __post_init__(self):

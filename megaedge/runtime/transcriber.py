@@ -466,10 +466,6 @@ def _confidence(logprobs: list[float]) -> tuple[float | None, float | None]:
     return (float(np.mean(logprobs)), float(np.min(logprobs))) if logprobs else (None, None)
 
 
-DECODE_ENGINES = ("auto", "native", "ort")  # runtime.options.ENGINES
-PREFILL_ENGINES = DECODE_ENGINES
-
-
 class Sessions(dict):
     """Graph name -> session. Graphs left closed at load (``deferred``: name -> opener) open on first use."""
 
