@@ -21,7 +21,7 @@ from megaedge import __version__
 from megaedge.errors import BundleError, CheckpointError, MegaedgeError
 from megaedge.export import graphs
 from megaedge.progress import track
-from megaedge.runtime import features, manifest, routing, segmenting
+from megaedge.runtime import features, fixed_kv, manifest, routing, segmenting
 
 log = logging.getLogger("megaedge.export.bundle")
 
@@ -39,6 +39,10 @@ ROUTER_ATOL = 1e-5
 GREEDY_STEPS = 8  # tokens of the short decode compared token for token
 
 
+TARGETS = ("cpu", "cuda")
+WEIGHTS = ("int4", "int8")  # export/fixed_kv.py WEIGHTS (that module imports torch)
+
+
 class ExportValidationError(MegaedgeError):
     """The exported bundle does not reproduce the torch model within tolerance."""
 
@@ -54,6 +58,11 @@ class ExportOptions:
     # Validation tolerance relative to the torch output's scale (max|bundle - torch| / max|torch|), for encoder output
     # and logits; 1e-6..1e-1; None: the precision's default (fp32 1e-3, fp16 2e-2).
     validate_rtol: float | None = None
+    # cpu: the growing-cache decoder; cuda: the fixed-KV decoder (GroupQueryAttention over buffers of max_kv_length
+    # positions updated in place: fixed step shapes for CUDA graphs; runtime/fixed_kv.py)
+    target: str = "cpu"
+    max_kv_length: int = fixed_kv.DEFAULT_MAX_KV  # target cuda: positions per KV buffer, MAX_KV_RANGE (64..32768)
+    weights: str | None = None  # target cuda: int4 | int8 weight-only decoder projections (MatMulNBits); None: float
 
     def __post_init__(self):
         low, high = RTOL_RANGE
@@ -64,6 +73,18 @@ class ExportOptions:
             raise MegaedgeError(f"--precision {self.precision!r} is not fp32 or fp16 (INT8: use --int8)")
         if self.mode not in manifest.MODES:
             raise MegaedgeError(f"--mode {self.mode!r} is not one of {manifest.MODES}")
+        if self.target not in TARGETS:
+            raise MegaedgeError(f"--target {self.target!r} is not one of {TARGETS}")
+        low, high = fixed_kv.MAX_KV_RANGE
+        if isinstance(self.max_kv_length, bool) or not isinstance(self.max_kv_length, int) or \
+                not low <= self.max_kv_length <= high:
+            raise MegaedgeError(f"--max-kv-length {self.max_kv_length!r} is outside {low}-{high} (positions of the "
+                                f"fixed KV buffer; default {fixed_kv.DEFAULT_MAX_KV})")
+        if self.weights is not None:
+            if self.weights not in WEIGHTS:
+                raise MegaedgeError(f"--weights {self.weights!r} is not one of {WEIGHTS}")
+            if self.target != "cuda":
+                raise MegaedgeError(f"--weights {self.weights} is for --target cuda (CPUs: --int8 --recipe cpu-int4)")
         if self.opset < MIN_OPSET:
             raise MegaedgeError(
                 f"--opset {self.opset} is below {MIN_OPSET}: fp32-safe LayerNormalization needs opset >= {MIN_OPSET}; "
@@ -143,7 +164,8 @@ def _graph_spec(path: Path, precision: str, data_files: tuple[str, ...]) -> mani
                               precision, data_files)
 
 
-def _export(module, args, kwargs, input_names, output_names, dynamic_shapes, opset, path: Path, external: bool):
+def _export(module, args, kwargs, input_names, output_names, dynamic_shapes, opset, path: Path, external: bool,
+            translations=None):
     import contextlib
     import io
     import warnings
@@ -159,6 +181,7 @@ def _export(module, args, kwargs, input_names, output_names, dynamic_shapes, ops
         program = torch.onnx.export(
             module, args, kwargs=kwargs, dynamo=True, input_names=input_names, output_names=output_names,
             dynamic_shapes=dynamic_shapes, opset_version=opset, verbose=False, optimize=True,
+            custom_translation_table=translations,
         )
     log.debug("torch.onnx: %s", captured.getvalue())
     files = _save_program(program, path, external)
@@ -252,7 +275,16 @@ def _versions(opset: int) -> dict:
             "onnx": onnx.__version__, "onnxruntime_validated": onnxruntime.__version__, "opset": opset}
 
 
-def build_manifest(loaded, out: Path, opts: ExportOptions, graph_specs: dict, notes: list[str]) -> manifest.Manifest:
+def _decoder_exporter(opts: ExportOptions):
+    if opts.target == "cuda":
+        from megaedge.export.fixed_kv import export_decoder as fixed
+
+        return fixed
+    return export_decoder
+
+
+def build_manifest(loaded, out: Path, opts: ExportOptions, graph_specs: dict, notes: list[str],
+                   quantization: dict | None = None) -> manifest.Manifest:
     cfg = loaded.config
     text = cfg.text_config
     files = manifest.file_hashes(out)
@@ -277,13 +309,15 @@ def build_manifest(loaded, out: Path, opts: ExportOptions, graph_specs: dict, no
                     "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
                     "hidden_size": text.hidden_size, "vocab_size": text.vocab_size, "kv_cache": "growing",
                     "past_names": past_names, "present_names": present_names,
-                    "kv_dtype": "float16" if opts.precision == "fp16" else "float32"},
+                    "kv_dtype": "float16" if opts.precision == "fp16" else "float32",
+                    **({"kv_cache": "fixed", "max_kv_length": opts.max_kv_length} if opts.target == "cuda" else {})},
         "router": router,
         "streaming": {"hop_seconds": 1.0, "unstable_tokens": 5, "endpoint_silence_seconds": 0.8},
         "versions": _versions(opts.opset),
         "source": {"checkpoint": loaded.source.base_dir.name, "layout": loaded.source.root_layout.value,
                    "adapter": loaded.adapter.summary() if loaded.adapter else None},
         "notes": notes,
+        **({"quantization": quantization} if quantization else {}),
     }
     return manifest.Manifest.from_dict({"format_version": manifest.FORMAT_VERSION, **doc})
 
@@ -353,23 +387,13 @@ def validate(loaded, bundle: Path, opts: ExportOptions, samples: np.ndarray) -> 
             greedy = generated[0, ids.shape[1]:].tolist()
         enc = sess["encoder"].run(None, {"mel": mel.astype(np_dtype), "valid_tokens": valid, **extra})[0]
         audio = np.concatenate([enc[i, :v] for i, v in enumerate(valid)])
-        empty = np.zeros((1, cfg.num_key_value_heads, 0, head_dim), np_dtype)
-        out = sess["decoder"].run(None, {"input_ids": ids, "audio_features": audio,
-                                         "logits_at": np.arange(ids.shape[1], dtype=np.int64),
-                                         **dict.fromkeys(past_names, empty), **extra})
+        prompt_logits, picks = _decode_for_validation(sess["decoder"], opts, cfg, head_dim, past_names, ids, audio,
+                                                      gate, extra, greedy)
+        out = [prompt_logits]
         key = "" if gate is None else f"[g={gate:g}]"
         enc_abs, enc_scale, enc_rel = _compare(ref_audio, audio.astype(np.float32))
         log_abs, log_scale, log_rel = _compare(ref_logits, out[0].astype(np.float32))
         agreement = _token_agreement(ref_logits, out[0].astype(np.float32), 2 * rtol * log_scale)
-        # KV-cached decode fed torch's greedy tokens: the bundle's pick at every step (its row 0 is the prefill's
-        # last position)
-        picks, past = [int(out[0][-1].argmax())], out[1:]
-        for token in greedy[:-1]:
-            step = sess["decoder"].run(None, {"input_ids": np.asarray([[token]], np.int64), "audio_features": audio[:0],
-                                              "logits_at": np.zeros(1, np.int64), **dict(zip(past_names, past)),
-                                              **extra})
-            picks.append(int(step[0][0].argmax()))
-            past = step[1:]
         matched = sum(p == t for p, t in zip(picks, greedy))
         greedy_non_ties = 0
         if matched < len(greedy):  # torch's logits at every step (one more forward) tell ties from real misses
@@ -408,6 +432,37 @@ def validate(loaded, bundle: Path, opts: ExportOptions, samples: np.ndarray) -> 
         raise ExportValidationError(f"exported bundle does not match the torch model: {'; '.join(failures)} "
                                     f"(--validate-rtol sets the relative tolerance)")
     return report
+
+
+def _decode_for_validation(session, opts: ExportOptions, cfg, head_dim: int, past_names, ids, audio, gate, extra,
+                           greedy) -> tuple[np.ndarray, list[int]]:
+    """The decoder's logits at every prompt position, and its picks along torch's greedy tokens (KV-cached steps
+    fed those tokens; pick 0 is the prompt's last position): through the graph directly for the growing cache,
+    through the runtime's own state (runtime/fixed_kv.py) for the fixed one."""
+    rows = ids.shape[1]
+    if opts.target == "cuda":
+        text = cfg
+        decoder = {"num_layers": text.num_hidden_layers, "kv_heads": text.num_key_value_heads, "head_dim": head_dim,
+                   "hidden_size": text.hidden_size, "vocab_size": text.vocab_size, "max_kv_length": opts.max_kv_length,
+                   "kv_dtype": str(audio.dtype), "past_names": past_names,
+                   "present_names": graphs.kv_names(text.num_hidden_layers)[1]}
+        runner = fixed_kv.FixedKVRunner(session, decoder, gate is not None, audio.dtype)
+        state = fixed_kv.FixedKVState(runner)
+        logits = state.extend(ids[0].tolist(), audio, gate, logit_rows=rows)
+        picks = [int(logits[-1].argmax())]
+        for token in greedy[:-1]:
+            picks.append(int(state.step(token, gate).argmax()))
+        return logits, picks
+    empty = np.zeros((1, cfg.num_key_value_heads, 0, head_dim), audio.dtype)
+    out = session.run(None, {"input_ids": ids, "audio_features": audio, "logits_at": np.arange(rows, dtype=np.int64),
+                             **dict.fromkeys(past_names, empty), **extra})
+    picks, past = [int(out[0][-1].argmax())], out[1:]
+    for token in greedy[:-1]:
+        step = session.run(None, {"input_ids": np.asarray([[token]], np.int64), "audio_features": audio[:0],
+                                  "logits_at": np.zeros(1, np.int64), **dict(zip(past_names, past)), **extra})
+        picks.append(int(step[0][0].argmax()))
+        past = step[1:]
+    return out[0], picks
 
 
 def validation_note(report: dict) -> str:
@@ -471,7 +526,7 @@ def export_bundle(model_path, out_dir, options: ExportOptions = ExportOptions(),
     try:
         graph_specs = {}
         steps = [("encoder", lambda: export_encoder(loaded, staging, options, external)),
-                 ("decoder", lambda: export_decoder(loaded, staging, options, external))]
+                 ("decoder", lambda: _decoder_exporter(options)(loaded, staging, options, external))]
         if loaded.router is not None and options.include_router:
             steps.append(("router", lambda: export_router(loaded, staging, options)))
         for name, step in track(steps, desc="export", unit="graph"):
@@ -489,7 +544,16 @@ def export_bundle(model_path, out_dir, options: ExportOptions = ExportOptions(),
             if validation_audio is None:
                 validation_audio = _validation_audio()
             notes.append(validation_note(validate(loaded, staging, options, validation_audio)))
-        manifest.write(build_manifest(loaded, staging, options, graph_specs, notes), staging)
+        quantization = None
+        if options.weights:
+            from megaedge.export.fixed_kv import quantize_weights
+
+            graph_specs["decoder"], quantization = quantize_weights(
+                staging, graph_specs["decoder"], options.weights, "float16" if options.precision == "fp16" else "float32")
+            notes.append(f"decoder weights {options.weights}: MatMulNBits blocks of "
+                         f"{quantization['recipe']['block_size']}, tied embedding / LM head 8-bit; validated in "
+                         f"{options.precision} before quantization")
+        manifest.write(build_manifest(loaded, staging, options, graph_specs, notes, quantization), staging)
         # Checked again: the directory may have changed during the minutes of export.
         _check_output(out, options.force, protected=(model_path, adapter, router))
         staged.replace_dir(staging, out)

@@ -136,14 +136,7 @@ class DecoderGraph(nn.Module):
         if self.gate is not None:
             self.gate.value = lora_gate
         lm = self.lm
-        embeds = lm.embed_tokens(input_ids)
-        # Audio merge: the i-th audio placeholder takes the i-th audio feature row. A zero row is appended so
-        # the gather stays valid when there is no audio in this step (decode).
-        is_audio = input_ids == self.audio_token_id
-        index = (torch.cumsum(is_audio.to(torch.int64), dim=-1) - 1).clamp(min=0)
-        padded = torch.cat([audio_features.to(embeds.dtype), embeds.new_zeros(1, embeds.shape[-1])], dim=0)
-        x = torch.where(is_audio[..., None], padded[index], embeds)
-
+        x = self.embed(input_ids, audio_features)
         seq = input_ids.shape[1]
         past_len = past[0].shape[2]
         positions = (torch.arange(seq, device=input_ids.device) + past_len)[None, :]
@@ -170,9 +163,21 @@ class DecoderGraph(nn.Module):
             o = o.reshape(1, self.heads, seq, self.head_dim)
             x = residual + attn.o_proj(o.transpose(1, 2).reshape(1, seq, -1))
             x = x + layer.mlp(_rms_norm(layer.post_attention_layernorm, x))
-        picked = _rms_norm(lm.norm, x[0].index_select(0, logits_at))
-        logits = self.lm_head(picked).float()
-        return (logits, *presents)
+        return (self.logits(x, logits_at), *presents)
+
+    def embed(self, input_ids, audio_features):
+        """Token embeddings with the i-th audio placeholder replaced by the i-th audio feature row. A zero row is
+        appended so the gather stays valid when there is no audio in this call (decode)."""
+        embeds = self.lm.embed_tokens(input_ids)
+        is_audio = input_ids == self.audio_token_id
+        index = (torch.cumsum(is_audio.to(torch.int64), dim=-1) - 1).clamp(min=0)
+        padded = torch.cat([audio_features.to(embeds.dtype), embeds.new_zeros(1, embeds.shape[-1])], dim=0)
+        return torch.where(is_audio[..., None], padded[index], embeds)
+
+    def logits(self, x, logits_at):
+        """fp32 logits of the rows ``logits_at`` of the last hidden states ``x`` [1, S, hidden]."""
+        picked = _rms_norm(self.lm.norm, x[0].index_select(0, logits_at))
+        return self.lm_head(picked).float()
 
 
 class RouterGraph(nn.Module):

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import math
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from megaedge.errors import BundleError
-from megaedge.runtime import features, manifest
+from megaedge.runtime import features, fixed_kv, manifest
 
 GRAPH_PRECISIONS = ("fp32", "fp16", "int8", "int4")
 TENSOR_DTYPES = ("float32", "float16", "int64", "int32", "bool", "uint8", "int8")
@@ -163,6 +164,14 @@ def check_document(doc) -> None:
                                                    f"({2 * decoder['num_layers']})")
     if decoder.get("native") is not None:
         _dict(decoder["native"], "decoder.native")  # its numbers: _check_native_decoder
+    if _choice(decoder.get("kv_cache", "growing"), "decoder.kv_cache", fixed_kv.KV_CACHE_KINDS) == "fixed":
+        low, high = fixed_kv.MAX_KV_RANGE
+        length = _int(decoder.get("max_kv_length"), "decoder.max_kv_length", low)
+        if length > high:
+            raise _refuse("decoder.max_kv_length", length, f"needs {low}-{high} positions")
+        if decoder.get("native") is not None or "decoder_prefill" in graphs:
+            raise _refuse("decoder.kv_cache", "fixed", "but the bundle also names a native index or a prefill graph "
+                                                       "(growing-cache engines)")
     if doc.get("router") is not None:
         router = _dict(doc["router"], "router")
         _int(router.get("position_rows"), "router.position_rows", 1)
@@ -412,6 +421,8 @@ def _check_graphs(info: manifest.Manifest) -> None:
         out = _output(spec, "audio_features") if spec else None
         if out is not None and out.shape:
             _fixed(out.shape[-1], hidden, f"graph {name}'s audio_features width", "decoder.hidden_size", hidden)
+    if fixed_kv.is_fixed(dec):
+        _check_fixed_decoder(info)
     p = info.prompt
     for key in ("system_head", "before_audio", "after_audio", "eos"):
         for token in getattr(p, key):
@@ -420,6 +431,28 @@ def _check_graphs(info: manifest.Manifest) -> None:
     for key in ("audio_pad", "asr_text"):
         if getattr(p, key) >= vocab:
             raise _refuse(f"prompt.{key}", getattr(p, key), f"but the vocabulary has {vocab} ids")
+
+
+def _check_fixed_decoder(info: manifest.Manifest) -> None:
+    """A fixed-KV decoder graph (runtime/fixed_kv.py) against decoder.max_kv_length: its position, length and total
+    inputs, and KV buffers whose positions axis is the manifest's length (the runtime allocates exactly that)."""
+    dec, spec = info.decoder, info.graph("decoder")
+    length = dec["max_kv_length"]
+    inputs, outputs = {t.name: t for t in spec.inputs}, {t.name: t for t in spec.outputs}
+    want = {fixed_kv.POSITION_IDS: ("int64", 2), fixed_kv.SEQLENS_K: ("int32", 1), fixed_kv.TOTAL_LENGTH: ("int32", 0)}
+    for name, (dtype, rank) in want.items():
+        tensor = inputs.get(name)
+        if tensor is None or tensor.dtype != dtype or len(tensor.shape) != rank:
+            raise _refuse(f"graphs.decoder input {name}", None if tensor is None else asdict(tensor),
+                          f"needs {dtype} of rank {rank} for decoder.kv_cache 'fixed'")
+    for key, table in (("past_names", inputs), ("present_names", outputs)):
+        for name in dec[key]:
+            if table[name].shape[2] != length:
+                raise _refuse("decoder.max_kv_length", length,
+                              f"but the decoder graph's {name} holds {table[name].shape[2]} positions")
+    if np.dtype(inputs[dec["past_names"][0]].dtype) != np.dtype(dec["kv_dtype"]):
+        raise _refuse("decoder.kv_dtype", dec["kv_dtype"],
+                      f"but the decoder graph's caches are {inputs[dec['past_names'][0]].dtype}")
 
 
 def check_bundle(root: Path, info: manifest.Manifest) -> None:

@@ -9,9 +9,10 @@ makes a Transcriber safe to share between threads. The calls:
 * ``step(token, gate)``: append one token; its logits.
 * ``rollback(length)``: forget the positions from ``length`` on (a stream drops a hop's uncommitted tail).
 
-Three implementations: onnxruntime's decoder graphs (``OrtState``; the prefill graph for calls of several rows
-where the bundle has one), megaedge's native kernels (``NativeState``), and the hand-off of an onnxruntime prompt
-to native steps (``HandoffState``, for bundles that paid for a prefill graph). ``gate`` is the LoRA gate of a
+Four implementations: onnxruntime's decoder graphs (``OrtState``; the prefill graph for calls of several rows
+where the bundle has one), megaedge's native kernels (``NativeState``), the hand-off of an onnxruntime prompt
+to native steps (``HandoffState``, for bundles that paid for a prefill graph), and the fixed-KV decoder of
+``--target cuda`` bundles (``fixed_kv.FixedKVState``: buffers updated in place, CUDA graphs on the GPU). ``gate`` is the LoRA gate of a
 routed bundle (1 = LoRA route, 0 = base), an argument of every call: the route belongs to the segment or stream,
 never to the shared transcriber; native states run only merged bundles and ignore it.
 
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megaedge.errors import MegaedgeError
+from megaedge.runtime import fixed_kv
 
 LAST = np.zeros(1, np.int64)  # logits_at for one-row calls
 # From 4 rows on, per-channel dynamic int8 beats the 8-bit block kernel (benchmarks/gemv_bandwidth.py --rows 2,4,8):
@@ -158,6 +160,8 @@ class HandoffState:
 
 def open_state(transcriber, budget: int = 0, stream: bool = False):
     """A fresh decoder state for one call (``budget``: the steps it expects) or one stream."""
+    if fixed_kv.is_fixed(transcriber.manifest.decoder):
+        return fixed_kv.FixedKVState.of(transcriber)
     if transcriber.native is None:
         return OrtState(transcriber)
     if stream or transcriber.native_prefill:

@@ -123,10 +123,11 @@ class OrtSession:
         except Exception:  # pragma: no cover - older onnxruntime
             pass
         chosen = resolve_providers(providers)
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=chosen)
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise BundleError(f"{path}: onnxruntime cannot load this graph ({str(exc).splitlines()[0]})") from exc
+        self.cuda_graph = False
+        if chosen[0] == "CUDAExecutionProvider" and _fixed_kv(spec):
+            self.session, self.cuda_graph = _cuda_graph_session(ort, path, spec, options, chosen)
+        else:
+            self.session = _inference_session(ort, path, options, chosen)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.providers = self.session.get_providers()
         wanted = chosen[0]
@@ -164,6 +165,37 @@ class OrtSession:
             binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()
+
+
+def _inference_session(ort, path: Path, options, providers):
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise BundleError(f"{path}: onnxruntime cannot load this graph ({str(exc).splitlines()[0]})") from exc
+
+
+def _fixed_kv(spec: GraphSpec) -> bool:
+    from megaedge.runtime import fixed_kv
+
+    return fixed_kv.SEQLENS_K in spec.input_names
+
+
+def _cuda_graph_session(ort, path: Path, spec: GraphSpec, options, providers) -> tuple:
+    """(session, captures CUDA graphs) for a fixed-KV decoder on CUDA (runtime/fixed_kv.py): opened with
+    enable_cuda_graph; where onnxruntime refuses that (a node it would run off the GPU), opened without it and
+    said so, since the decode steps still run, only launch-bound."""
+    cache = next((t for t in spec.inputs if t.name.startswith("past_key")), None)
+    if cache is not None and cache.dtype != "float16":
+        raise MegaedgeError(f"{path.name}: this fixed-KV decoder's attention runs in {cache.dtype}, and onnxruntime's "
+                            f"CUDA GroupQueryAttention takes float16 only; export with --target cuda --precision "
+                            f"fp16, or run this bundle with --providers cpu")
+    graphed = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), *providers[1:]]
+    try:
+        return ort.InferenceSession(str(path), options, providers=graphed), True
+    except Exception as exc:  # onnxruntime raises its own exception types
+        log.warning("%s: onnxruntime cannot capture CUDA graphs for this graph (%s); decode steps run without them",
+                    path.name, str(exc).splitlines()[0])
+    return _inference_session(ort, path, options, providers), False
 
 
 def open_session(path: Path, spec: GraphSpec, providers=("cpu",), threads: int | None = None,
