@@ -1,19 +1,21 @@
 """Calibration / evaluation set builder: clean speech in, degraded 16 kHz wav files and a JSONL manifest out.
 
 Each output item k draws everything from a generator seeded by (seed, k), so the same seed gives identical bytes
-whatever the order or subset of work, and different seeds differ.
+whatever the order or subset of work, and different seeds differ. A finished set records its cache key (options,
+speech, code version) in set.json: building the same set into the same folder again reuses it.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,7 @@ log = logging.getLogger("megaedge.calibration")
 SAMPLE_RATE = audio_io.TARGET_RATE
 MANIFEST_NAME = "manifest.jsonl"
 CLIPS_DIR = "clips"
+SET_INFO = "set.json"  # cache key and where the speech came from
 
 
 @dataclass(frozen=True)
@@ -39,13 +42,18 @@ class BuildOptions:
     seed: int = 0
     clean: int = 8  # clean copies (condition "clean"): routers and reports need the clean side too
     max_seconds: float = 30.0  # longer sources are cut: calibration needs variety, not hours
+    # Fixed severities the degraded clips of each condition / scenario cycle through (empty: uniform in
+    # ``severity``): an evaluation set then has every severity equally often in every group.
+    severity_levels: tuple[float, ...] = ()
 
     @classmethod
     def preset(cls, name: str) -> BuildOptions:
         presets = {
             "calibration": cls(per_condition=8, scenarios=tuple(scenarios.SCENARIOS), per_scenario=1, clean=8),
-            "eval": cls(per_condition=20, scenarios=tuple(scenarios.SCENARIOS), per_scenario=2, clean=40,
-                        severity=(0.5, 0.9)),
+            # ~150 utterances per atomic condition resolve a WER delta of half a point (docs/int8.md); the 54
+            # scenarios once each are read together ("degraded"), not one by one.
+            "eval": cls(per_condition=150, scenarios=tuple(scenarios.SCENARIOS), per_scenario=1, clean=150,
+                        severity=(0.3, 0.9), severity_levels=(0.3, 0.5, 0.7, 0.9)),
             "smoke": cls(per_condition=1, scenarios=("factory_floor",), per_scenario=1, clean=1),
         }
         if name not in presets:
@@ -56,6 +64,8 @@ class BuildOptions:
         lo, hi = self.severity
         if not (0.0 <= lo <= hi <= 1.0):
             raise MegaedgeError(f"severity range {lo}:{hi} must satisfy 0 <= LO <= HI <= 1 (e.g. --severity 0.3:0.9)")
+        if not all(0.0 <= level <= 1.0 for level in self.severity_levels):
+            raise MegaedgeError(f"severity levels {self.severity_levels} must lie within 0..1")
         for name in self.scenarios:
             scenarios.get(name)
         if min(self.per_condition, self.per_scenario, self.clean) < 0:
@@ -67,6 +77,20 @@ class BuildOptions:
 class SpeechSource:
     path: Path
     text: str | None = None
+    voice: str | None = None
+    origin: str | None = None  # recorded on every clip when the speech is not the user's (e.g. a fallback)
+
+
+@dataclass(frozen=True)
+class SpeechSet:
+    """Where a set's clean speech comes from: a description, a digest of everything that decides its samples (part
+    of the cache key, known before any audio is loaded or synthesized), the loader, and the input paths that
+    --force must never replace."""
+
+    description: str
+    digest: str
+    load: Callable[[float], list]  # max_seconds -> [(SpeechSource, samples)]
+    inputs: tuple[Path, ...] = ()
 
 
 @dataclass
@@ -131,20 +155,69 @@ def load_sources(scan: SourceScan, max_seconds: float) -> list[tuple[SpeechSourc
     return loaded
 
 
+def speech_set(location: str | Path) -> SpeechSet:
+    """The user's speech (folder or JSONL list); its digest covers every file's bytes and text."""
+    scan = scan_speech(location)
+    digest = hashlib.sha256()
+    for source in scan.sources:
+        digest.update(f"{source.path.name}\0{source.text}\0".encode())
+        try:
+            digest.update(hashlib.sha256(source.path.read_bytes()).digest())
+        except OSError:
+            digest.update(b"unreadable")  # load_sources skips it and says so
+    return SpeechSet(str(location), digest.hexdigest(), lambda seconds: load_sources(scan, seconds),
+                     (Path(location), *(s.path for s in scan.sources)))
+
+
+def code_version() -> str:
+    """megaedge's version and the simulator's own source: a changed condition makes a cached set stale."""
+    import megaedge
+
+    digest = hashlib.sha256(megaedge.__version__.encode())
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def set_key(speech: SpeechSet, options: BuildOptions) -> str:
+    doc = {"options": asdict(options), "speech": speech.digest, "code": code_version()}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def reusable(out: str | Path, key: str) -> bool:
+    """A complete set with this cache key is already in ``out``: its set.json says so and every clip is there."""
+    out = Path(out)
+    try:
+        info = json.loads((out / SET_INFO).read_text(encoding="utf-8"))
+        rows = [json.loads(line) for line in (out / MANIFEST_NAME).read_text(encoding="utf-8").splitlines() if line]
+    except (OSError, ValueError):
+        return False
+    return info.get("key") == key and len(rows) == info.get("clips") and all((out / r["path"]).is_file()
+                                                                             for r in rows)
+
+
+def default_out(key: str) -> Path:
+    """Where a set built without --out is cached: ``$MEGAEDGE_CACHE/sets/KEY`` (default ~/.cache/megaedge)."""
+    root = os.environ.get("MEGAEDGE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / \
+        "megaedge"
+    return Path(root) / "sets" / key[:16]
+
+
 @dataclass(frozen=True)
 class Job:
     index: int
     kind: str  # "clean", "condition" or "scenario"
     name: str
+    rank: int = 0  # position among the jobs of the same name (picks the severity level)
 
 
 def plan(options: BuildOptions) -> list[Job]:
-    jobs = [("clean", "clean")] * options.clean
+    jobs = [("clean", "clean", i) for i in range(options.clean)]
     for condition in ATOMIC:
-        jobs += [("condition", condition)] * options.per_condition
+        jobs += [("condition", condition, i) for i in range(options.per_condition)]
     for name in options.scenarios:
-        jobs += [("scenario", name)] * options.per_scenario
-    return [Job(i, kind, name) for i, (kind, name) in enumerate(jobs)]
+        jobs += [("scenario", name, i) for i in range(options.per_scenario)]
+    return [Job(i, kind, name, rank) for i, (kind, name, rank) in enumerate(jobs)]
 
 
 def render(job: Job, sources, options: BuildOptions) -> tuple[np.ndarray, dict]:
@@ -152,6 +225,8 @@ def render(job: Job, sources, options: BuildOptions) -> tuple[np.ndarray, dict]:
     source, clean = sources[int(rng.integers(len(sources)))]
     lo, hi = options.severity
     severity = 0.0 if job.kind == "clean" else float(rng.uniform(lo, hi))
+    if options.severity_levels and job.kind != "clean":
+        severity = options.severity_levels[job.rank % len(options.severity_levels)]
     sub_seed = int(rng.integers(2**31))
     info: dict = {}
     if job.kind == "clean":
@@ -160,15 +235,19 @@ def render(job: Job, sources, options: BuildOptions) -> tuple[np.ndarray, dict]:
         out = scenarios.apply_atomic(job.name, clean, SAMPLE_RATE, severity, sub_seed, info)
     else:
         out = scenarios.apply(job.name, clean, SAMPLE_RATE, severity, sub_seed, info)
+    steps = [] if job.kind == "clean" else [job.name] if job.kind == "condition" else list(scenarios.get(job.name).steps)
     record = {
         "source": str(source.path),
         "condition": job.name if job.kind != "scenario" else None,
-        "scenario": job.name if job.kind == "scenario" else None,
+        # scenario and conditions as the fixture's held-out manifest has them: the reports group clips by both
+        "scenario": job.name,
+        "conditions": steps,
         "severity": round(severity, 4),
         "params": info,
         "text": source.text,
         "duration": round(out.size / SAMPLE_RATE, 3),
     }
+    record.update({k: v for k, v in (("voice", source.voice), ("origin", source.origin)) if v})
     return out, record
 
 
@@ -223,16 +302,16 @@ def _commit(work: Path, out: Path) -> None:
             return
         # An existing folder: the old manifest goes first and the new one comes last. The old pieces wait in
         # ``work`` and go with it; a crash here leaves ``work`` to the next run's stale-folder clearing.
-        if os.path.lexists(out / MANIFEST_NAME):
-            os.rename(out / MANIFEST_NAME, work / ("old-" + MANIFEST_NAME))
-        if os.path.lexists(out / CLIPS_DIR):
-            os.rename(out / CLIPS_DIR, work / ("old-" + CLIPS_DIR))
-        os.rename(work / CLIPS_DIR, out / CLIPS_DIR)
-        os.rename(work / MANIFEST_NAME, out / MANIFEST_NAME)
+        for name in (MANIFEST_NAME, SET_INFO, CLIPS_DIR):
+            if os.path.lexists(out / name):
+                os.rename(out / name, work / ("old-" + name))
+        for name in (CLIPS_DIR, SET_INFO, MANIFEST_NAME):
+            os.rename(work / name, out / name)
 
 
-def build(speech: str | Path, out_dir: str | Path, options: BuildOptions, force: bool = False) -> Path:
-    """Write clips/ and manifest.jsonl under ``out_dir``; returns the manifest path.
+def build(speech: str | Path | SpeechSet, out_dir: str | Path, options: BuildOptions, force: bool = False) -> Path:
+    """Write clips/ and manifest.jsonl under ``out_dir``; returns the manifest path. A complete set of the same
+    cache key (options, speech, code version; see set.json) already in ``out_dir`` is reused as it is.
 
     The set is simulated in a hidden staging folder and moved in when complete: an interrupted or failed run (Ctrl-C,
     SIGTERM, a full disk) leaves ``out_dir`` as it was, never a partial set with a valid-looking manifest. With
@@ -246,13 +325,19 @@ def build(speech: str | Path, out_dir: str | Path, options: BuildOptions, force:
     out = Path(os.path.abspath(Path(out_dir).expanduser()))
     if os.path.lexists(out) and not out.is_dir():
         raise MegaedgeError(f"--out {out}: exists and is not a folder; choose a folder for the calibration set")
-    scan = scan_speech(speech)
+    source_set = speech if isinstance(speech, SpeechSet) else speech_set(speech)
+    key = set_key(source_set, options)
+    if reusable(out, key):
+        log.info("%s: reusing the set built with the same options, speech and code", out)
+        return out / MANIFEST_NAME
     # Leftovers of runs that died (SIGKILL, power loss): beside a new folder, or inside an existing one.
     staging.clear_stale(out.parent, out.name)
     if out.is_dir():
         staging.clear_stale(out, STAGING_NAME)
-        _check_existing(out, force, [Path(speech), *(s.path for s in scan.sources)])
-    sources = load_sources(scan, options.max_seconds)
+        _check_existing(out, force, list(source_set.inputs))
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)  # the default cache folder may not exist yet
+    sources = source_set.load(options.max_seconds)
     jobs = plan(options)
     work = staging.make_staging(out, STAGING_NAME) if out.is_dir() else staging.make_staging(out.parent, out.name)
     try:
@@ -263,6 +348,9 @@ def build(speech: str | Path, out_dir: str | Path, options: BuildOptions, force:
             rel = f"{CLIPS_DIR}/{job.index:05d}_{job.name.replace('+', '-')}.wav"
             sf.write(work / rel, samples, SAMPLE_RATE, subtype="PCM_16")
             lines.append(json.dumps({"path": rel, **record}, ensure_ascii=False, sort_keys=True) + "\n")
+        info = {"key": key, "clips": len(lines), "speech": source_set.description, "code": code_version(),
+                "options": asdict(options)}
+        (work / SET_INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
         (work / MANIFEST_NAME).write_text("".join(lines), encoding="utf-8")
         _commit(work, out)
     except OSError as exc:

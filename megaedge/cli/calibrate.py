@@ -29,10 +29,15 @@ def _count(option: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--speech", required=True, help="folder of clean speech (sidecar .txt = text) or a JSONL list")
-    parser.add_argument("--out", required=True, help="output folder (clips/ and manifest.jsonl)")
+    parser.add_argument("--speech", help="folder of clean speech (sidecar .txt = text) or a JSONL list; --preset eval "
+                                         "without it uses the fixture's held-out sentences and voices (espeak-ng, "
+                                         "else the shipped held-out clean clips)")
+    parser.add_argument("--out", help="output folder (clips/, manifest.jsonl, set.json); default: a cache folder "
+                                      "under $MEGAEDGE_CACHE/sets (~/.cache/megaedge/sets) named by the set's key. "
+                                      "The same options, speech and code reuse a set already there")
     parser.add_argument("--preset", choices=("calibration", "eval", "smoke"), default="calibration",
-                        help="counts and scenario set (default calibration: 8 per condition, all 54 scenarios once)")
+                        help="counts and scenario set (default calibration: 8 per condition, all 54 scenarios once; "
+                             "eval: 150 per condition and 150 clean, severities 0.3/0.5/0.7/0.9, every scenario once)")
     counts = f"{limits.CALIB_COUNT[0]}-{limits.CALIB_COUNT[1]}"
     parser.add_argument("--per-condition", type=_count("per-condition"), help=f"clips per atomic condition, {counts}")
     parser.add_argument("--per-scenario", type=_count("per-scenario"), help=f"clips per scenario, {counts}")
@@ -65,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     import dataclasses
+    import sys
 
     from megaedge.errors import require
 
@@ -78,8 +84,14 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     # Inputs and outputs are checked before any clip is simulated: a .wav given as the list, or a read-only
     # folder, fails with one line instead of a parser traceback or an error after minutes of work.
-    limits.check_list_input(args.speech, "--speech", suffixes=(".jsonl", ".json"), folder_ok=True)
-    limits.check_output_dir(args.out, "--out")
+    from megaedge.errors import MegaedgeError
+
+    if args.speech is None and (args.preset != "eval" or args.preview):
+        raise MegaedgeError("--speech is required (only --preset eval has a default: the fixture's held-out speech)")
+    if args.speech is not None:
+        limits.check_list_input(args.speech, "--speech", suffixes=(".jsonl", ".json"), folder_ok=True)
+    if args.out is not None:
+        limits.check_output_dir(args.out, "--out")
     if args.preview:
         limits.check_output_file(args.preview, "--preview")
     options = builder.BuildOptions.preset(args.preset)
@@ -88,10 +100,22 @@ def _run(args: argparse.Namespace) -> int:
                if v is not None}
     if args.scenarios is not None:
         changes["scenarios"] = tuple(scenarios.SCENARIOS) if args.scenarios == ["all"] else tuple(args.scenarios)
-    options = dataclasses.replace(options, **changes)
-    manifest = builder.build(args.speech, args.out, options, force=args.force)
+    options = dataclasses.replace(options, **changes).validated()
+    if args.speech is None:
+        from megaedge.calibration import heldout
+
+        speech = heldout.heldout_speech(options.seed, builder.SAMPLE_RATE)
+    else:
+        speech = builder.speech_set(args.speech)
+    key = builder.set_key(speech, options)
+    out = args.out or builder.default_out(key)
+    reused = builder.reusable(out, key)
+    if not reused:
+        jobs = len(builder.plan(options))
+        print(f"simulating {jobs} clips from {speech.description}", file=sys.stderr)
+    manifest = builder.build(speech, out, options, force=args.force)
     count = sum(1 for _ in manifest.open(encoding="utf-8"))
-    print(f"wrote {count} clips and {manifest}")
+    print(f"{'reused' if reused else 'wrote'} {count} clips and {manifest}")
     if args.preview:
         require("matplotlib", "calib")
         print(f"preview: {builder.preview(args.speech, args.preview, seed=options.seed)}")
