@@ -8,6 +8,8 @@ from megaedge.runtime import limits
 from megaedge.runtime.limits import arg_type
 
 NAME = "export"
+MAX_KV = (64, 32768)  # megaedge.runtime.fixed_kv.MAX_KV_RANGE (tests/export/test_fixed_kv.py keeps them equal)
+REPORT_CLIPS = (1, 100_000)  # megaedge.export.int8.REPORT_CLIPS (tests/export/test_int8_report.py keeps them equal)
 # The recipe names of megaedge.export.quantize.RECIPES, spelled out so --help needs no import of the exporter
 # (tests/cli/test_cli.py keeps the two in step).
 RECIPE_NAMES = ("cpu", "cpu-prefill", "cpu-int4", "cpu-float-fc2", "cpu-fast", "cpu-dynamic", "smoothquant", "cpu-weights",
@@ -44,13 +46,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     int8 = parser.add_argument_group("INT8 (calibrated on wild audio)")
     int8.add_argument("--int8", action="store_true", help="write an INT8 bundle and its per-condition accuracy report")
     int8.add_argument("--target", choices=("cpu", "cuda", "tensorrt"), default="cpu",
-                      help="device the INT8 flavour is made for (default cpu)")
+                      help="device the bundle is made for (default cpu); without --int8, cuda writes the fixed-KV "
+                           "decoder (in-place KV buffers, CUDA graphs; run it with --precision fp16); with --int8, "
+                           "the device the INT8 flavour is made for")
     int8.add_argument("--recipe", help=f"INT8 recipe: {', '.join(RECIPE_NAMES)} (default: the target's)")
     int8.add_argument("--calib", help="calibration clips: a folder or a JSONL manifest (default: the shipped "
                                       "wild-audio calibration clips)")
     int8.add_argument("--calib-cache", help="folder that keeps activation ranges so re-runs skip calibration")
     int8.add_argument("--eval-set", help="labelled JSONL set for the report (default: the fixture's held-out clips)")
     int8.add_argument("--no-report", action="store_true", help="skip the accuracy report")
+    int8.add_argument("--report-clips", type=arg_type(limits.check_int, parse=int, option="report-clips",
+                                                      low=REPORT_CLIPS[0], high=REPORT_CLIPS[1]),
+                      help=f"report on at most N clips of the set, spread over its groups, {REPORT_CLIPS[0]}-"
+                           f"{REPORT_CLIPS[1]} (default all; the report transcribes each clip once per variant)")
+    int8.add_argument("--no-compare", action="store_true",
+                      help="report FP32 vs INT8 only, without quantizing and transcribing the naive and "
+                           "clean-calibrated comparison variants (half the report's cost)")
+    gpu = parser.add_argument_group("GPU (--target cuda, docs/device.md)")
+    gpu.add_argument("--weights", choices=("int4", "int8"),
+                     help="decoder weights as weight-only MatMulNBits blocks (int4: blocks of 32, int8: of 128; "
+                          "float activations); default float")
+    gpu.add_argument("--max-kv-length", type=arg_type(limits.check_int, parse=int, option="max-kv-length",
+                                                      low=MAX_KV[0], high=MAX_KV[1]),
+                     default=2048, help=f"positions of each stream's fixed KV buffer, {MAX_KV[0]}-{MAX_KV[1]} "
+                                        f"(default 2048: a 30 s segment, its context and 256 new tokens fit)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +88,12 @@ def run(args: argparse.Namespace) -> int:
             return stop.exit_status
 
 
+def _stderr(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
+
+
 def _run(args: argparse.Namespace) -> int:
     from megaedge.cli.common import need_export_extra, print_json
 
@@ -80,7 +105,8 @@ def _run(args: argparse.Namespace) -> int:
 
     options = ExportOptions(precision=args.precision, mode=args.mode, opset=args.opset,
                             validate=not args.no_validate, force=args.force, include_router=not args.no_router,
-                            validate_rtol=args.validate_rtol)
+                            validate_rtol=args.validate_rtol, max_kv_length=args.max_kv_length, weights=args.weights,
+                            target="cuda" if args.target == "cuda" and not args.int8 else "cpu")
     model = args.model or fixture.model_dir()
     if args.int8:
         from megaedge.errors import MegaedgeError
@@ -88,8 +114,11 @@ def _run(args: argparse.Namespace) -> int:
 
         if args.precision != "fp32":
             raise MegaedgeError(f"--int8 with --precision {args.precision}: INT8 is built from fp32; drop --precision")
+        if args.weights:
+            raise MegaedgeError(f"--int8 with --weights {args.weights}: choose one (--weights is for --target cuda)")
         int8 = Int8Options(target=args.target, recipe=args.recipe, calib=args.calib, calib_cache=args.calib_cache,
-                           eval_set=args.eval_set, report=not args.no_report)
+                           eval_set=args.eval_set, report=not args.no_report, compare=not args.no_compare,
+                           report_clips=args.report_clips)
         int8.chosen_recipe()  # an unknown recipe fails before the export
         if args.calib:  # so do a .wav given where a list or folder belongs, and a missing set
             limits.check_list_input(args.calib, "--calib", suffixes=(".jsonl", ".json"), folder_ok=True)
@@ -97,7 +126,7 @@ def _run(args: argparse.Namespace) -> int:
             limits.check_list_input(args.eval_set, "--eval-set")
         if args.calib_cache:
             limits.check_output_dir(args.calib_cache, "--calib-cache")
-        out = export_int8(model, args.out, options, int8, adapter=args.adapter, router=args.router)
+        out = export_int8(model, args.out, options, int8, say=_stderr, adapter=args.adapter, router=args.router)
         report = out / manifest.QUANT_REPORT_JSON
         if report.is_file():
             import json
