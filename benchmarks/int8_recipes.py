@@ -1,11 +1,13 @@
 """Which INT8 recipe is the default: every recipe on the trained fixture, judged against FP32 per condition.
 
 Builds the fixture's FP32 bundle (merged, or routed with --mode routed), quantizes it with each recipe from the same
-wild-audio calibration clips, and compares all of them on the held-out clips in one pass: WER per condition and
-scenario, token agreement with FP32, encoder cosine, loop/empty rates, sizes. Prints a table and writes
-benchmarks/results/int8_recipes_fixture[_routed].json. Not a test: it is the evidence the default recipe cites.
-Usage: python benchmarks/int8_recipes.py [--recipes cpu,cpu-dynamic,...] [--mode merged|routed] [--stem-arms]
-[--work DIR] [--out F]
+wild-audio calibration clips, and compares all of them on a held-out set in one pass: WER per condition and
+scenario with each recipe's delta against FP32 and its paired-bootstrap 95 % interval, token agreement with FP32,
+encoder cosine, loop/empty rates, sizes. The set is the large one `megaedge calibrate --preset eval` builds (pass its
+manifest as --eval-set; the 96 shipped held-out clips cannot resolve half a WER point per condition). Prints a table
+and writes benchmarks/results/int8_recipes_fixture[_routed].json. Not a test: it is the evidence the default recipe
+cites. Usage: python benchmarks/int8_recipes.py [--recipes cpu,cpu-dynamic,...] [--mode merged|routed]
+[--eval-set MANIFEST] [--stem-arms] [--work DIR] [--out F]
 """
 
 from __future__ import annotations
@@ -13,14 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+import provenance
 
 from megaedge import fixture
 from megaedge.export.bundle import ExportOptions, export_bundle
 from megaedge.export.int8 import calibration_items, compare, format_report
 from megaedge.export.quantize import RECIPES, quantize_bundle
+from megaedge.runtime import machine
 from megaedge.runtime.evaluate import read_set
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -31,6 +37,8 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--mode", choices=("merged", "routed"), default="merged")
     parser.add_argument("--work", help="keep bundles here (default: a temporary directory)")
+    parser.add_argument("--eval-set", help="labelled JSONL set (default: the fixture's 96 held-out clips)")
+    parser.add_argument("--machine-class", help="words for the machine, recorded in the result")
     parser.add_argument("--stem-arms", action="store_true",
                         help="recipes with a native stem run twice: with it (NAME) and with onnxruntime's float stem "
                              "(NAME/ort-stem)")
@@ -55,11 +63,16 @@ def main() -> None:
                 if RECIPES[name].native_stem:
                     variants[f"{name}/ort-stem"] = (variants[name], {"stem": "ort"})
                     variants[name] = (variants[name], {"stem": "native"})
-        report = compare(fp32, variants, read_set(fixture.heldout_manifest()))
+        eval_set = args.eval_set or fixture.heldout_manifest()
+        report = compare(fp32, variants, read_set(eval_set), say=lambda line: print(line, file=sys.stderr, flush=True))
+    report = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": provenance.commit(),
+              "command": " ".join(["python", *sys.argv]),
+              "machine": {**machine.cpu_facts(), "python": platform.python_version()},
+              **({"machine_class": args.machine_class} if args.machine_class else {}),
+              "eval_set": str(eval_set), **report}
     report["quantize_seconds"] = seconds
     report["recipes"] = {n: RECIPES[n].description for n in names}
     report["mode"] = args.mode
-    report["machine"] = {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
     print(format_report(report))
     suffix = "" if args.mode == "merged" else f"_{args.mode}"
     out = RESULTS / (args.out or f"int8_recipes_fixture{suffix}.json")
