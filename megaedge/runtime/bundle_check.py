@@ -423,6 +423,9 @@ def _check_graphs(info: manifest.Manifest) -> None:
             _fixed(out.shape[-1], hidden, f"graph {name}'s audio_features width", "decoder.hidden_size", hidden)
     if fixed_kv.is_fixed(dec):
         _check_fixed_decoder(info)
+    elif fixed_kv.SEQLENS_K in info.graph("decoder").input_names:
+        raise _refuse("decoder.kv_cache", dec.get("kv_cache", "growing"),
+                      f"but the decoder graph takes {fixed_kv.SEQLENS_K} (a fixed-KV graph needs 'fixed')")
     p = info.prompt
     for key in ("system_head", "before_audio", "after_audio", "eos"):
         for token in getattr(p, key):

@@ -1,0 +1,286 @@
+"""The fixed-KV decoder of ``--target cuda`` bundles (export/fixed_kv.py, runtime/fixed_kv.py) on the CPU: the op
+against onnxruntime's GroupQueryAttention, the shipped fixture's greedy tokens against the growing-cache graph,
+routing and streaming through it, weight-only 4/8-bit decoders against FP32, and the manifest's fixed-KV fields."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from megaedge.errors import BundleError, MegaedgeError
+from megaedge.runtime import fixed_kv, manifest
+
+# Agreement of the low-bit decoders with FP32 on the held-out clips (the share of each clip's tokens before the
+# first difference, over all clips). Measured on the fixture: int8 weights 100 % (fp16 activations), int4 93.5 %
+# (84 of 96 clips identical); the bounds leave room for another CPU's rounding, not for a broken graph (a wrong
+# scale or block layout gives a few percent).
+MIN_AGREEMENT = {"int8": 0.97, "int4": 0.85}
+
+
+@pytest.fixture(scope="module")
+def clips():
+    from megaedge import fixture
+    from megaedge.runtime import audio as audio_io
+    from megaedge.runtime.evaluate import read_set
+
+    return [audio_io.load(item["path"]) for item in read_set(fixture.heldout_manifest())[::6]]
+
+
+@pytest.fixture(scope="module")
+def fixed_bundles(fixture_bundles, tmp_path_factory):
+    """Fixed-KV bundles of the fixture: fp32 merged (validated against torch at export), fp16 merged with int8
+    weights, fp16 routed with int4 weights."""
+    from megaedge import fixture
+    from megaedge.export.bundle import ExportOptions, export_bundle
+
+    root = tmp_path_factory.mktemp("fixed_kv")
+    return {
+        "fp32": export_bundle(fixture.model_dir(), root / "fp32", ExportOptions(target="cuda")),
+        "int8": export_bundle(fixture.model_dir(), root / "int8", ExportOptions(
+            target="cuda", precision="fp16", weights="int8", validate=False)),
+        "routed-int4": export_bundle(fixture.model_dir(), root / "routed-int4", ExportOptions(
+            target="cuda", precision="fp16", weights="int4", mode="routed", validate=False)),
+    }
+
+
+def _tokens(tr, clips, **kw):
+    return [tr.transcribe(c, segment_seconds=None, **kw).token_ids for c in clips]
+
+
+def _agreement(reference: list[list[int]], other: list[list[int]]) -> float:
+    """Tokens before each clip's first difference, over the longer clip's tokens, summed over clips."""
+    same = total = 0
+    for a, b in zip(reference, other):
+        k = 0
+        while k < min(len(a), len(b)) and a[k] == b[k]:
+            k += 1
+        same, total = same + k, total + max(len(a), len(b), 1)
+    return same / total
+
+
+# ------------------------------------------------------------------------------------------- the op
+def _gqa_session(tmp_path, heads, kv_heads, dim, dtype):
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    t = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
+    node = helper.make_node("GroupQueryAttention", ["q", "k", "v", "pk", "pv", "seqlens_k", "total"],
+                            ["o", "ok", "ov"], domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads,
+                            scale=dim ** -0.5)
+    io = lambda n, ty, shape: helper.make_tensor_value_info(n, ty, shape)  # noqa: E731
+    graph = helper.make_graph([node], "gqa", [
+        io("q", t, [1, "S", heads * dim]), io("k", t, [1, "S", kv_heads * dim]), io("v", t, [1, "S", kv_heads * dim]),
+        io("pk", t, [1, kv_heads, "M", dim]), io("pv", t, [1, kv_heads, "M", dim]),
+        io("seqlens_k", TensorProto.INT32, [1]), io("total", TensorProto.INT32, [])],
+        [io("o", t, [1, "S", heads * dim]), io("ok", t, [1, kv_heads, "M", dim]), io("ov", t, [1, kv_heads, "M", dim])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    onnx.save(model, str(tmp_path / "gqa.onnx"))
+    return ort.InferenceSession(str(tmp_path / "gqa.onnx"), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_torch_op_matches_group_query_attention(tmp_path, dtype):
+    """The torch reference the graph's attention is exported from equals the contrib op it becomes, through a
+    prompt, a continued prompt, a step with total = buffer length (the runtime's step) and a rolled-back step, with
+    the buffer shared and updated in place."""
+    import onnxruntime as ort
+    import torch
+
+    from megaedge.export import fixed_kv as export_fixed
+
+    heads, kv_heads, dim, size, n = 4, 2, 8, 16, 10
+    session = _gqa_session(tmp_path, heads, kv_heads, dim, dtype)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, n, h * dim)).astype(dtype) for h in (heads, kv_heads, kv_heads))
+    caches = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kv_heads, size, dim), dtype)) for _ in range(2)]
+    torch_caches = [torch.zeros(1, kv_heads, size, dim, dtype=torch.from_numpy(q).dtype) for _ in range(2)]
+    tol = 1e-5 if dtype == np.float32 else 4e-3
+    for start, end, total in ((0, 4, 4), (4, 7, 7), (7, 8, size), (8, 9, size), (8, 9, size)):  # last: rolled back
+        binding = session.io_binding()
+        for name, array in (("q", q), ("k", k), ("v", v)):
+            binding.bind_cpu_input(name, np.ascontiguousarray(array[:, start:end]))
+        binding.bind_cpu_input("seqlens_k", np.array([end - 1], np.int32))
+        binding.bind_cpu_input("total", np.array(total, np.int32))
+        binding.bind_output("o", "cpu")
+        for (past, present), cache in zip((("pk", "ok"), ("pv", "ov")), caches):
+            binding.bind_ortvalue_input(past, cache)
+            binding.bind_ortvalue_output(present, cache)
+        session.run_with_iobinding(binding)
+        got = binding.get_outputs()[0].numpy()
+        want, *torch_caches = export_fixed.group_query_attention(
+            *(torch.from_numpy(np.ascontiguousarray(a[:, start:end])) for a in (q, k, v)), *torch_caches,
+            torch.tensor([end - 1], dtype=torch.int32), torch.tensor(total, dtype=torch.int32), heads, kv_heads,
+            dim ** -0.5)
+        np.testing.assert_allclose(got.astype(np.float32), want.float().numpy(), atol=tol, rtol=0)
+        for cache, reference in zip(caches, torch_caches):
+            np.testing.assert_allclose(cache.numpy()[:, :, :end].astype(np.float32),
+                                       reference[:, :, :end].float().numpy(), atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------- the fixture
+def test_fixed_kv_gives_the_growing_graphs_greedy_tokens(fixture_bundles, fixed_bundles, clips):
+    from megaedge.runtime import decoding
+    from megaedge.runtime.transcriber import Transcriber
+
+    growing = Transcriber.from_bundle(fixture_bundles["merged"])
+    fixed = Transcriber.from_bundle(fixed_bundles["fp32"])
+    info = fixed.manifest
+    assert info.decoder["kv_cache"] == "fixed" and info.decoder["max_kv_length"] == fixed_kv.DEFAULT_MAX_KV
+    assert "decoder_prefill" not in info.graphs and fixed.native is None
+    assert isinstance(decoding.open_state(fixed), fixed_kv.FixedKVState)
+    assert any(n.startswith("validation fp32") and "greedy 8/8" in n for n in info.notes)
+    assert _tokens(fixed, clips) == _tokens(growing, clips)
+
+
+def test_stream_on_the_fixed_kv_decoder_equals_offline(fixed_bundles, clips):
+    """A stream's hops extend, roll back and extend again: its final equals the offline result."""
+    from megaedge.runtime.streaming import StreamOptions
+    from megaedge.runtime.transcriber import Transcriber
+
+    tr = Transcriber.from_bundle(fixed_bundles["fp32"])
+    samples = np.concatenate(clips[:3])
+    stream = tr.create_stream(StreamOptions.preset("exact"))
+    partials = []
+    for i in range(0, len(samples), 8000):
+        partials += [e for e in stream.accept_waveform(samples[i: i + 8000], 16000) if e.kind == "partial"]
+    assert partials  # hops decoded (and rolled back) before the final
+    assert list(stream.final().token_ids) == tr.transcribe(samples, segment_seconds=None).token_ids
+
+
+@pytest.mark.parametrize("weights", ["int8"])
+def test_low_bit_weights_agree_with_fp32(fixture_bundles, fixed_bundles, clips, weights):
+    import onnx
+
+    from megaedge.runtime.transcriber import Transcriber
+
+    bundle = fixed_bundles[weights]
+    info = manifest.read(bundle)
+    assert info.graph("decoder").precision == weights and info.quantization["weights"] == weights
+    ops = {n.op_type for n in onnx.load(str(bundle / "decoder.onnx"), load_external_data=False).graph.node}
+    assert {"MatMulNBits", "GroupQueryAttention"} <= ops and "MatMul" not in ops
+    fp32 = _tokens(Transcriber.from_bundle(fixture_bundles["merged"]), clips)
+    low = _tokens(Transcriber.from_bundle(bundle), clips)
+    assert _agreement(fp32, low) >= MIN_AGREEMENT[weights]
+
+
+def test_routed_int4_routes_and_gates_like_the_growing_routed_bundle(fixture_bundles, fixed_bundles, clips):
+    """The router picks the same routes (its graph is the same), the gate input reaches the int4 decoder (base and
+    LoRA routes decode differently), and the tokens agree with the FP32 routed bundle's."""
+    from megaedge.runtime import decoding
+    from megaedge.runtime.transcriber import Transcriber
+
+    growing = Transcriber.from_bundle(fixture_bundles["routed"])
+    fixed = Transcriber.from_bundle(fixed_bundles["routed-int4"])
+    want = [growing.transcribe(c, segment_seconds=None) for c in clips]
+    got = [fixed.transcribe(c, segment_seconds=None) for c in clips]
+    assert [r.route for r in got] == [r.route for r in want]
+    assert _agreement([r.token_ids for r in want], [r.token_ids for r in got]) >= MIN_AGREEMENT["int4"]
+    audio = fixed.encode(clips[0], gate=1.0)
+    prompt = fixed.prompt(audio.shape[0], None, None)
+    base, lora = (decoding.open_state(fixed).extend(prompt, audio, g)[-1] for g in (0.0, 1.0))
+    assert np.abs(base - lora).max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------- the cache
+def test_cache_positions_rollback_and_the_length_limit(fixed_bundles):
+    from megaedge.runtime.transcriber import Transcriber
+    from tests.conftest import speechlike
+
+    tr = Transcriber.from_bundle(fixed_bundles["fp32"])
+    audio = tr.encode(speechlike(2.0, seed=1))
+    ids = tr.prompt(audio.shape[0], None, None)
+    state = fixed_kv.FixedKVState.of(tr)
+    state.extend(ids, audio, None, 0)
+    assert state.length == len(ids)
+    first = state.step(11, None)
+    state.step(12, None)
+    state.rollback(len(ids))  # only the length moves: the next step overwrites position len(ids)
+    np.testing.assert_array_equal(state.step(11, None), first)
+    with pytest.raises(MegaedgeError, match="roll back"):
+        state.rollback(state.length + 1)
+    limit = state.max_length
+    with pytest.raises(MegaedgeError, match=f"exceed this bundle's fixed KV buffer of {limit}") as caught:
+        state.extend([11] * (limit - state.length + 1), None, None)
+    assert "\n" not in str(caught.value) and "--max-kv-length" in str(caught.value)
+    full = fixed_kv.FixedKVState.of(tr)
+    full.extend([11] * (limit - 1), None, None)
+    full.step(12, None)  # the last position
+    with pytest.raises(MegaedgeError, match="exceed"):
+        full.step(13, None)
+
+
+def test_graph_buffers_are_pooled_per_session(fixed_bundles):
+    """The CUDA-graph bookkeeping on the CPU (the graph id is a run option the CPU provider ignores): every live
+    state has buffers of its own id, a released set goes to the next state, beyond MAX_GRAPHS states run without
+    a graph; tokens are the same through every set."""
+    import gc
+
+    from megaedge.runtime.transcriber import Transcriber
+
+    tr = Transcriber.from_bundle(fixed_bundles["fp32"])
+    session = tr.sessions["decoder"]
+    runner = fixed_kv.FixedKVRunner(session.session, tr.manifest.decoder, False, np.float32, "cpu", cuda_graph=True)
+    states = [fixed_kv.FixedKVState(runner) for _ in range(fixed_kv.MAX_GRAPHS + 1)]
+    ids = [s.buffers.graph_id for s in states]
+    assert ids[:-1] == list(range(1, fixed_kv.MAX_GRAPHS + 1)) and ids[-1] == -1
+    logits = [s.extend([11, 12, 13], None, None)[-1] for s in states[:2]]
+    np.testing.assert_array_equal(logits[0], logits[1])
+    del states
+    gc.collect()
+    again = fixed_kv.FixedKVState(runner)
+    assert again.buffers.graph_id in range(1, fixed_kv.MAX_GRAPHS + 1)
+    np.testing.assert_array_equal(again.extend([11, 12, 13], None, None)[-1], logits[0])
+
+
+# ------------------------------------------------------------------------------------------- manifest + options
+def _clone(src, dst):
+    dst.mkdir()
+    for path in src.iterdir():
+        if path.is_file():
+            (shutil.copyfile if path.name == manifest.MANIFEST_NAME else os.link)(path, dst / path.name)
+    return dst
+
+
+def _restamped(bundle, change):
+    path = bundle / manifest.MANIFEST_NAME
+    doc = json.loads(path.read_text())
+    change(doc)
+    doc[manifest.DIGEST_FIELD] = manifest.canonical_digest(doc)
+    path.write_text(json.dumps(doc))
+    return bundle
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda d: d["decoder"].update(max_kv_length=1024), "max_kv_length is 1024, but the decoder graph's past_key_0 "
+                                                        "holds 2048"),
+    (lambda d: d["decoder"].update(max_kv_length=10), "max_kv_length is 10, needs an integer >= 64"),
+    (lambda d: d["decoder"].update(max_kv_length=True), "max_kv_length is True"),
+    (lambda d: d["decoder"].update(kv_cache="paged"), "kv_cache is 'paged'"),
+    (lambda d: d["decoder"].update(kv_cache="growing"), "kv_cache is 'growing', but the decoder graph takes seqlens_k"),
+])
+def test_manifest_fixed_kv_values_are_checked(fixed_bundles, tmp_path, change, match):
+    bundle = _restamped(_clone(fixed_bundles["fp32"], tmp_path / "b"), change)
+    with pytest.raises(BundleError, match=match) as caught:
+        from megaedge.runtime.transcriber import Transcriber
+
+        Transcriber.from_bundle(bundle, verify=False)
+        raise BundleError("decoder: a growing-cache feed reached the fixed graph")  # pragma: no cover
+    assert "\n" not in str(caught.value)
+
+
+def test_export_options_for_the_fixed_kv_decoder():
+    from megaedge.cli import export as cli_export
+    from megaedge.export.bundle import ExportOptions
+
+    assert cli_export.MAX_KV == fixed_kv.MAX_KV_RANGE
+    for kwargs, match in (({"weights": "int4"}, "for --target cuda"), ({"target": "cuda", "weights": "int2"}, "int2"),
+                          ({"target": "cuda", "max_kv_length": 32}, "outside 64-32768"),
+                          ({"target": "gpu"}, "--target 'gpu'")):
+        with pytest.raises(MegaedgeError, match=match):
+            ExportOptions(**kwargs)
+    assert ExportOptions(target="cuda", precision="fp16", weights="int4").max_kv_length == fixed_kv.DEFAULT_MAX_KV
