@@ -327,16 +327,14 @@ def build(speech: str | Path | SpeechSet, out_dir: str | Path, options: BuildOpt
         raise MegaedgeError(f"--out {out}: exists and is not a folder; choose a folder for the calibration set")
     source_set = speech if isinstance(speech, SpeechSet) else speech_set(speech)
     key = set_key(source_set, options)
-    if reusable(out, key):
-        log.info("%s: reusing the set built with the same options, speech and code", out)
-        return out / MANIFEST_NAME
     # Leftovers of runs that died (SIGKILL, power loss): beside a new folder, or inside an existing one.
     staging.clear_stale(out.parent, out.name)
     if out.is_dir():
         staging.clear_stale(out, STAGING_NAME)
+        if reusable(out, key):
+            log.info("%s: reusing the set built with the same options, speech and code", out)
+            return out / MANIFEST_NAME
         _check_existing(out, force, list(source_set.inputs))
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)  # the default cache folder may not exist yet
     sources = source_set.load(options.max_seconds)
     jobs = plan(options)
     work = staging.make_staging(out, STAGING_NAME) if out.is_dir() else staging.make_staging(out.parent, out.name)

@@ -108,7 +108,10 @@ def _run(args: argparse.Namespace) -> int:
     else:
         speech = builder.speech_set(args.speech)
     key = builder.set_key(speech, options)
-    out = args.out or builder.default_out(key)
+    out = args.out
+    if out is None:
+        out = builder.default_out(key)
+        out.parent.mkdir(parents=True, exist_ok=True)
     reused = builder.reusable(out, key)
     if not reused:
         jobs = len(builder.plan(options))

@@ -151,7 +151,7 @@ def test_force_replaces_only_the_set(speech_dir, tmp_path):
     (out / "clips" / "00099_stale.wav").write_bytes(b"")  # a clip of an older, bigger set: replaced with clips/
     builder.build(speech_dir, out, builder.BuildOptions(per_condition=1, scenarios=(), clean=1, seed=2), force=True)
     assert (out / "notes.txt").read_text() == "mine"
-    assert sorted(p.name for p in out.iterdir()) == ["clips", "manifest.jsonl", "notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["clips", "manifest.jsonl", "notes.txt", "set.json"]
     items = list(builder.read_manifest(out / "manifest.jsonl"))
     assert len(items) == 8 and sorted(Path(i["path"]).name for i in items) == sorted(_digest(out))
 
