@@ -32,9 +32,12 @@ log = logging.getLogger("megaedge.serve")
 
 STATIC = Path(__file__).resolve().parent / "static"
 RESPONSE_FORMATS = ("json", "text", "verbose_json")
-MAX_PENDING_APPENDS = 256  # appends queued per realtime connection before the server stops reading it
+# Events queued per realtime connection: beyond, an event is answered with an error at once and dropped (tiny
+# appends or a flood of bad frames would otherwise hold memory that the audio bound below does not see).
+MAX_QUEUED_EVENTS = 1024
 MAX_JOB_SECONDS = 5.0  # audio per worker job: a connection's backlog is fed in jobs of at most this
 CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TRY_AGAIN = 1001, 1008, 1013
+IDLE_TRIM_SECONDS = 10.0  # with no stream decoding for this long, freed memory is handed back (memory.py)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,13 @@ class ServeConfig:
     preset: str = "balanced"
     model_name: str = "megaedge"
     shutdown_timeout: float = 30.0
+    # realtime: a new connection waits this long for a slot before it is refused (one being released, e.g. by
+    # the same client's previous connection, whose disconnect the server may see just after the new handshake)
+    slot_wait_seconds: float = 1.0
+    # realtime: with more than this much of a connection's audio waiting, it is decoded without partials (finals
+    # only) until the connection has caught up; beyond max_backlog_seconds an append is refused with an error
+    partials_behind_seconds: float = 2.0
+    max_backlog_seconds: float = 30.0
 
     @property
     def queue(self) -> int:
@@ -132,6 +142,10 @@ class ServerState:
         self.executor = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.info: dict = {}
+        self.decoding = self.decoding_peak = 0  # pool jobs running now / at most so far (never > max_streams)
+        self.jobs = 0  # pool jobs finished
+        self._jobs_lock = threading.Lock()
+        self._trimmer: asyncio.Task | None = None
         if transcriber is not None:
             self._loaded(transcriber, 0.0)
 
@@ -143,6 +157,18 @@ class ServerState:
         self.executor = ThreadPoolExecutor(max_workers=self.config.max_streams, thread_name_prefix="megaedge-serve")
         if self.transcriber is None:
             threading.Thread(target=self._load, name="megaedge-serve-load", daemon=True).start()
+        self._trimmer = asyncio.create_task(self._trim_when_idle())
+
+    async def _trim_when_idle(self) -> None:
+        """Once per idle spell (no slot held, no job running, jobs done since the last trim): malloc_trim."""
+        from megaedge.serve import memory
+
+        trimmed_at = 0
+        while True:
+            await asyncio.sleep(IDLE_TRIM_SECONDS)
+            if self.jobs != trimmed_at and self.admission.active == 0 and self.decoding == 0:
+                trimmed_at = self.jobs
+                await asyncio.to_thread(memory.trim)
 
     def _load(self) -> None:
         from megaedge.runtime.transcriber import Transcriber
@@ -200,7 +226,18 @@ class ServerState:
         self.metrics.queued_requests.set(self.admission.queued)
 
     async def run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self._job, fn, args)
+
+    def _job(self, fn, args):
+        with self._jobs_lock:
+            self.decoding += 1
+            self.decoding_peak = max(self.decoding_peak, self.decoding)
+        try:
+            return fn(*args)
+        finally:
+            with self._jobs_lock:
+                self.decoding -= 1
+                self.jobs += 1
 
     async def drain(self, timeout: float) -> None:
         """Stop taking work; finalise every realtime connection's open utterance and close it (1001)."""
@@ -219,6 +256,8 @@ class ServerState:
                             sum(not c.done.is_set() for c in connections), timeout)
 
     def close(self) -> None:
+        if self._trimmer is not None:
+            self._trimmer.cancel()
         if self.executor is not None:
             self.executor.shutdown(wait=True)
 
@@ -387,7 +426,7 @@ def create_app(config: ServeConfig, transcriber=None):
             refusal = (CLOSE_GOING_AWAY, "shutting_down", "the server is shutting down")
         elif state.transcriber is None:
             refusal = (CLOSE_TRY_AGAIN, "not_ready", f"not ready: {state.load_error or 'the model is still loading'}")
-        elif not state.admission.try_acquire():
+        elif not await state.admission.wait(config.slot_wait_seconds):
             refusal = (CLOSE_TRY_AGAIN, "rate_limit_exceeded",
                        f"server busy: all {config.max_streams} streams are in use; retry later")
         if refusal is not None:
@@ -402,11 +441,12 @@ def create_app(config: ServeConfig, transcriber=None):
         active = state.metrics.active_streams.labels("realtime")
         active.inc()
         state.metrics.requests.labels("realtime", "accepted").inc()
-        try:
-            await _Connection(state, ws).run()
-        finally:
+
+        def release() -> None:
             active.dec()
             state.admission.release()
+
+        await _Connection(state, ws, release).run()
 
     return app
 
@@ -495,17 +535,32 @@ _STOP, _FLUSH = object(), object()
 
 class _Connection:
     """One realtime WebSocket: a reader (this task) and a worker that runs the session's commands in the pool, in
-    order. Appends that arrive while the worker is busy are fed together (in jobs of at most MAX_JOB_SECONDS)."""
+    order. Appends that arrive while the worker is busy are fed together (in jobs of at most MAX_JOB_SECONDS).
 
-    def __init__(self, state: ServerState, ws):
+    Backpressure: the reader never stops reading (so a disconnect is seen at once); the audio waiting for the
+    worker is bounded by ``max_backlog_seconds`` (an append beyond gets an ``audio_backlog_exceeded`` error at once
+    and is dropped), and while more than ``partials_behind_seconds`` wait, jobs are decoded without partials, which
+    is most of a stream's compute: a stream that fell behind catches up and still gets every final.
+
+    ``release`` frees the stream slot; it is called once, as soon as the stream is over (client gone, idle, or
+    closed at shutdown), not after the job in flight: a client that reconnects at once must find its slot free.
+    How many jobs decode at once stays bounded by the pool (``max_streams`` workers)."""
+
+    def __init__(self, state: ServerState, ws, release=None):
         self.state, self.ws = state, ws
         self.inbox: deque = deque()
         self.wake = asyncio.Event()
-        self.room = asyncio.Semaphore(MAX_PENDING_APPENDS)
         self.send_lock = asyncio.Lock()
         self.done = asyncio.Event()
         self.closed = False
         self.session = None
+        self.backlog = 0  # samples appended and not yet decoded (queued, or in the job in flight)
+        self._release = release
+
+    def end_stream(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
     @staticmethod
     async def send_raw(state, ws, events: list[dict]) -> bool:
@@ -556,14 +611,40 @@ class _Connection:
                 reader.cancel()
             else:  # the client left (or idled out): drop what it queued, finish the job in flight
                 self.inbox.clear()
+                self.end_stream()
                 self.post(_STOP)
             await asyncio.gather(reader, worker, return_exceptions=True)
             for task in (reader, worker):
                 if not task.cancelled() and task.exception() is not None:
                     log.error("realtime connection failed", exc_info=task.exception())
         finally:
+            self.end_stream()
             state.connections.discard(self)
             self.done.set()
+
+    def _refuse(self, command, code: str, message: str) -> list[dict]:
+        from megaedge.serve.protocol import error_event
+
+        return [error_event(code, message, "audio" if code == "audio_backlog_exceeded" else None,
+                            getattr(command, "event_id", None), kind="rate_limit_error")]
+
+    def _admit(self, command) -> list[dict]:
+        """Whether the reader may queue ``command`` (an event, or a reader's error event): [] if so, else the
+        error to send at once (ahead of replies still queued: the client must learn to slow down now)."""
+        if len(self.inbox) >= MAX_QUEUED_EVENTS:
+            return self._refuse(command, "event_backlog_exceeded", f"{len(self.inbox)} events are waiting for "
+                                "this connection's decoder; this one was dropped: send fewer, larger appends")
+        if getattr(command, "kind", None) != "append":
+            return []
+        rate = self.session.config.rate
+        limit = self.state.config.max_backlog_seconds
+        if self.backlog + command.pcm.size > limit * rate:
+            return self._refuse(command, "audio_backlog_exceeded",
+                                f"{self.backlog / rate:.1f} s of this connection's audio wait to be decoded and "
+                                f"this append adds {command.pcm.size / rate:.1f} s, over the server's limit of "
+                                f"{limit:g} s; it was dropped: send audio at real-time pace")
+        self.backlog += command.pcm.size
+        return []
 
     async def read(self) -> None:
         from starlette.websockets import WebSocketDisconnect
@@ -585,17 +666,18 @@ class _Connection:
                 return
             text = message.get("text")
             if text is None:  # errors go through the worker too: replies keep the order of the client's events
-                self.post(error_event("invalid_event", "binary frames are not events: send JSON text frames "
-                                      "(audio as base64 in input_audio_buffer.append)"))
-                continue
-            try:
-                command = parse_client_event(text)
-            except ProtocolError as exc:
-                self.post(error_from(exc))
-                continue
-            if command.kind == "append":
-                await self.room.acquire()  # backpressure: stop reading while the worker is far behind
-            self.post(command)
+                item = error_event("invalid_event", "binary frames are not events: send JSON text frames "
+                                   "(audio as base64 in input_audio_buffer.append)")
+            else:
+                try:
+                    item = parse_client_event(text)
+                except ProtocolError as exc:
+                    item = error_from(exc)
+            refused = self._admit(item)
+            if refused:
+                await self.send(refused)
+            else:
+                self.post(item)
 
     async def work(self) -> None:
         from megaedge.serve.protocol import Command
@@ -613,24 +695,31 @@ class _Connection:
                 await self.send(events)
                 await _close(self.ws, CLOSE_GOING_AWAY, "server shutting down")
                 self.closed = True
+                self.end_stream()
                 return
             if isinstance(item, dict):  # an error event of the reader's
                 await self.send([item])
                 continue
+            total = 0
             if item.kind == "append":
-                self.room.release()
-                parts, limit = [item.pcm], int(MAX_JOB_SECONDS * session.config.rate)
+                rate = session.config.rate
+                # Behind: more audio waits than partials_behind_seconds (this job's and what queued behind it).
+                partials = self.backlog <= self.state.config.partials_behind_seconds * rate
+                parts, limit = [item.pcm], int(MAX_JOB_SECONDS * rate)
                 total = item.pcm.size
                 while self.inbox and total < limit and isinstance(self.inbox[0], Command) \
                         and self.inbox[0].kind == "append":
                     nxt = self.inbox.popleft()
-                    self.room.release()
                     parts.append(nxt.pcm)
                     total += nxt.pcm.size
                 import numpy as np
 
-                item = Command("append", pcm=np.concatenate(parts) if len(parts) > 1 else parts[0])
-                self.state.metrics.audio_seconds.labels("realtime").inc(total / session.config.rate)
+                item = Command("append", pcm=np.concatenate(parts) if len(parts) > 1 else parts[0],
+                               partials=partials)
+                m = self.state.metrics
+                m.audio_seconds.labels("realtime").inc(total / rate)
+                if not partials:
+                    m.catch_up_seconds.inc(total / rate)
             try:
                 events = await self.state.run(session.run, item)
             except Exception:
@@ -640,6 +729,8 @@ class _Connection:
                 events = [error_event("server_error", f"{item.kind} failed on the server; the stream was reset",
                                       kind="server_error")]
                 await self.state.run(session.clear)
+            finally:
+                self.backlog -= total
             await self.send(events)
 
 
@@ -671,6 +762,9 @@ def make_server(config: ServeConfig, transcriber=None, log_level: str = "warning
 
 def serve(config: ServeConfig, log_level: str = "info") -> int:
     """Run until SIGINT / SIGTERM; raises MegaedgeError when the bundle cannot be loaded."""
+    from megaedge.serve import memory
+
+    memory.tune()  # before any thread of the server's allocates: see memory.py
     server = make_server(config, log_level=log_level)
     server.run()
     if server.megaedge.load_error:
