@@ -1,6 +1,8 @@
 """Stream slots: at most ``slots`` decoding at once (realtime sessions and transcription requests together), at
-most ``queue`` transcription requests waiting for a slot; beyond that a request is refused at once (HTTP 429, or an
-``error`` event and close code 1013 on a realtime connection). Used from the event loop only (no locks needed)."""
+most ``queue`` transcription requests waiting for a slot; beyond that a request is refused at once (HTTP 429).
+A realtime connection may wait a moment for a slot (``wait``), never longer: a live stream cannot queue, but a
+client that closes and reconnects at once races the release of its own old slot, and refusing it would be wrong.
+Used from the event loop only (no locks needed)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ class Admission:
             raise ValueError(f"slots {slots} must be >= 1 and queue {queue} >= 0")
         self.slots, self.queue = slots, queue
         self.free = slots
-        self._waiters: deque[asyncio.Future] = deque()
+        self._waiters: deque[asyncio.Future] = deque()  # FIFO, transcription requests and realtime connections
+        self._brief: set[asyncio.Future] = set()  # the realtime ones among them (not counted as queued requests)
 
     @property
     def active(self) -> int:
@@ -26,11 +29,15 @@ class Admission:
 
     @property
     def queued(self) -> int:
-        return sum(1 for w in self._waiters if not w.done())
+        """Transcription requests waiting for a slot."""
+        return sum(1 for w in self._waiters if not w.done() and w not in self._brief)
+
+    def _waiting(self) -> bool:
+        return any(not w.done() for w in self._waiters)
 
     def try_acquire(self) -> bool:
-        """A slot now, or False (realtime sessions do not queue: a live stream cannot wait)."""
-        if self.free > 0 and not self.queued:
+        """A slot now, or False (someone waiting comes first)."""
+        if self.free > 0 and not self._waiting():
             self.free -= 1
             return True
         return False
@@ -41,21 +48,40 @@ class Admission:
             return
         if self.queued >= self.queue:
             raise Busy()
-        waiter = asyncio.get_running_loop().create_future()
+        await self._wait(asyncio.get_running_loop().create_future())
+
+    async def wait(self, seconds: float) -> bool:
+        """A slot now or within ``seconds`` (FIFO with the queued requests); False when none came in time."""
+        if self.try_acquire():
+            return True
+        if seconds <= 0:
+            return False
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._brief.add(waiter)
+        timer = loop.call_later(seconds, lambda: waiter.done() or waiter.set_result(False))
+        try:
+            return await self._wait(waiter)
+        finally:
+            timer.cancel()
+            self._brief.discard(waiter)
+
+    async def _wait(self, waiter: asyncio.Future) -> bool:
         self._waiters.append(waiter)
         try:
-            await waiter
+            return await waiter  # True: release() handed this waiter its slot; False: the time ran out
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.release()  # the slot was handed over just as the request was dropped: pass it on
-            else:
-                self._waiters.remove(waiter)
+            if waiter.done() and not waiter.cancelled() and waiter.result():
+                self.release()  # the slot was handed over just as the waiter was dropped: pass it on
             raise
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
 
     def release(self) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)  # the slot goes straight to the first waiter
+                waiter.set_result(True)  # the slot goes straight to the first waiter
                 return
         self.free += 1

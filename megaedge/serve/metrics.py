@@ -32,6 +32,9 @@ class Metrics:
                                      registry=registry)
         self.requests = Counter("megaedge_requests", "requests and realtime sessions by outcome",
                                 ["kind", "status"], registry=registry)
+        self.catch_up_seconds = Counter("megaedge_realtime_catch_up_audio_seconds",
+                                        "realtime audio decoded without partials because the server was behind its "
+                                        "connection", registry=registry)
         self.errors = Counter("megaedge_errors", "errors sent to clients, by code", ["code"], registry=registry)
         for kind in ("realtime", "transcription"):
             self.active_streams.labels(kind).set(0)

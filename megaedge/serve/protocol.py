@@ -85,6 +85,7 @@ class Command:
     event_id: str | None = None
     session: dict | None = None  # update
     pcm: np.ndarray | None = None  # append: int16 samples at the session's rate
+    partials: bool = True  # append: decode partials (off while the server is behind this connection)
 
 
 def parse_client_event(text: str | bytes) -> Command:
@@ -270,9 +271,10 @@ class RealtimeSession:
                  "session": config.to_session(self.id, self.silence_ms)}]
 
     # -- audio
-    def append(self, pcm: np.ndarray) -> list[dict]:
+    def append(self, pcm: np.ndarray, partials: bool = True) -> list[dict]:
         """Feed int16 samples at the session's rate, in pieces of PIECE_SECONDS (so that speech and endpoints are
-        seen where they happen even when a client sends seconds at once)."""
+        seen where they happen even when a client sends seconds at once). ``partials=False``: finals only (no
+        deltas), for a connection the server has fallen behind."""
         rate = self.config.rate
         step = max(1, int(rate * PIECE_SECONDS))
         out: list[dict] = []
@@ -281,7 +283,7 @@ class RealtimeSession:
             if self.item is None and not self.config.server_vad:
                 self.item = new_id("item")  # commit by hand: an item starts with its first audio
             self.item_samples += piece.size * 16000 / rate
-            events = self.stream.accept_waveform(piece, rate)
+            events = self.stream.accept_waveform(piece, rate, partials)
             if self.config.server_vad and not self.speaking and heard_speech(self.stream):
                 out.append(self._speech_started())
             for event in events:
@@ -372,7 +374,7 @@ class RealtimeSession:
             if command.kind == "update":
                 return self.update(command.session or {}, command.event_id)
             if command.kind == "append":
-                return self.append(command.pcm)
+                return self.append(command.pcm, command.partials)
             if command.kind == "commit":
                 return self.commit(command.event_id)
             if command.kind == "clear":

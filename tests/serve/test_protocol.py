@@ -100,3 +100,25 @@ def test_admission_queues_in_order_and_refuses_beyond_the_queue():
         assert (slots.active, slots.free) == (0, 2)
 
     asyncio.run(scenario())
+
+
+def test_admission_lets_a_realtime_connection_wait_briefly_for_a_slot():
+    import asyncio
+
+    from megaedge.serve.admission import Admission
+
+    async def scenario():
+        admission = Admission(1, 1)
+        assert admission.try_acquire()
+        assert await admission.wait(0.05) is False  # nobody released it: refused when the time is up
+        assert admission.queued == 0 and not admission._waiters
+        waiting = asyncio.ensure_future(admission.wait(30))
+        await asyncio.sleep(0)
+        assert admission.queued == 0  # a realtime wait is not a queued transcription request
+        admission.release()  # handed straight over
+        assert await waiting is True
+        assert (admission.active, admission.free) == (1, 0)
+        admission.release()
+        assert (admission.active, admission.free) == (0, 1)
+
+    asyncio.run(scenario())
