@@ -6,20 +6,30 @@ import argparse
 
 from megaedge.cli.common import add_engine_size_options
 from megaedge.runtime import limits
+from megaedge.runtime.limits import arg_type
 
 NAME = "plan"
-HELP = "memory plan for TensorRT engines: weights + KV + activations + workspace vs a budget (e.g. --memory 8GB)"
+HELP = ("memory plan vs a budget (e.g. --memory 8GB): TensorRT engines, or a --target cuda bundle's weights + fixed "
+        "KV buffers + activations on onnxruntime's CUDA provider")
+DEVICE_NAMES = ("orin-nano-4gb", "orin-nano-8gb", "orin-nx-8gb", "orin-nx-16gb", "orin-agx-32gb", "orin-agx-64gb",
+                "gpu-8gb")  # megaedge.runtime.gpu_plan.DEVICES (tests/runtime/test_gpu_plan.py keeps them equal)
+STREAMS = (1, 64)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", help="bundle directory written by `megaedge export`")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--memory", help="memory the process may use, e.g. 6GB, 7500MB (what is left after the OS)")
-    target.add_argument("--device", help="a known board: orin-nano-8gb, orin-nx-16gb, gpu-8gb (usable memory "
-                                         "assumed as the README states)")
+    target.add_argument("--device", help=f"a known board: {', '.join(DEVICE_NAMES)} (usable memory assumed as "
+                                         f"docs/device.md states; TensorRT plans know orin-nano-8gb, orin-nx-16gb, "
+                                         f"gpu-8gb)")
     parser.add_argument("--precision", choices=("fp16", "int8"), help="engine precision (default: int8 for an int8 "
                                                                       "bundle, else fp16)")
     add_engine_size_options(parser)
+    parser.add_argument("--streams", type=arg_type(limits.check_int, parse=int, option="streams", low=STREAMS[0],
+                                                   high=STREAMS[1]),
+                        default=1, help=f"fixed-KV bundles: concurrent calls or streams, each with its own KV "
+                                        f"buffers, {STREAMS[0]}-{STREAMS[1]} (default 1)")
     parser.add_argument("--json", action="store_true")
 
 
@@ -52,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
 
     bundle = Path(args.bundle)
     info = manifest.read(bundle, verify=False)
+    if info.decoder.get("kv_cache") == "fixed":
+        return _fixed_kv_plan(args, bundle, info)
     if args.device:
         if args.device not in trt_plan.DEVICES:
             raise MegaedgeError(f"--device {args.device!r} is not one of {sorted(trt_plan.DEVICES)}; or pass --memory")
@@ -74,4 +86,34 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {label:<16} {value / 1024:7.2f} GiB")
     print(f"  largest audio that fits: {result.max_audio_seconds:g} s per segment (longer files run in 30 s "
           f"segments); largest KV length at {args.max_audio_seconds:g} s: {result.max_kv_tokens} tokens")
+    return 0
+
+
+def _fixed_kv_plan(args, bundle, info) -> int:
+    import json
+
+    from megaedge.errors import MegaedgeError
+    from megaedge.runtime import gpu_plan
+
+    if args.device:
+        if args.device not in gpu_plan.DEVICES:
+            raise MegaedgeError(f"--device {args.device!r} is not one of {sorted(gpu_plan.DEVICES)}; or pass --memory")
+        memory = gpu_plan.DEVICES[args.device]["usable_gib"]
+    else:
+        memory = parse_memory(args.memory or "8GB")
+    result = gpu_plan.plan(bundle, memory, args.streams, args.max_audio_seconds, info)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    verdict = "fits" if result.fits else "does NOT fit"
+    weights = result.assumptions["weights"]
+    print(f"{bundle.name} on onnxruntime CUDA ({weights} weights, fixed KV of {result.max_kv_length} positions), "
+          f"{args.streams} stream(s), budget {result.budget_mib / 1024:.2f} GiB: {verdict}")
+    for label, value in (("weights", result.weights_mib), (f"KV buffers x{args.streams}",
+                                                           result.kv_mib_per_stream * args.streams),
+                         ("activations", result.activations_mib), ("CUDA context", result.context_mib),
+                         ("total", result.total_mib)):
+        print(f"  {label:<16} {value / 1024:7.2f} GiB")
+    print(f"  streams that fit: {result.max_streams} ({result.kv_mib_per_stream:.0f} MiB of KV each); each call "
+          f"holds at most {result.max_kv_length} positions (prompt + new tokens)")
     return 0

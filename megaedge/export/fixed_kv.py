@@ -230,3 +230,22 @@ def quantize_weights(bundle: Path, spec: manifest.GraphSpec, weights: str, float
              "graphs": {"decoder": details}}
     log.info("decoder weights %s: %s", weights, details)
     return new_spec, facts
+
+
+def bundle_with_weights(src: Path, out: Path, weights: str) -> Path:
+    """A copy of the float fixed-KV bundle ``src`` at ``out`` with ``weights``-bit decoder projections (what
+    ``export --weights`` makes in one go, for bundles already exported: benchmarks compare the two)."""
+    info = manifest.read(src, verify=False)
+    if not fixed_kv.is_fixed(info.decoder) or info.quantization:
+        raise MegaedgeError(f"{src}: --weights applies to a float fixed-KV bundle (export --target cuda)")
+    out.mkdir(parents=True)
+    for rel in info.files:
+        shutil.copyfile(src / rel, out / rel)
+    doc = info.to_dict()
+    spec, facts = quantize_weights(out, info.graph("decoder"), weights, info.decoder["kv_dtype"])
+    doc["graphs"]["decoder"] = asdict(spec)
+    doc["quantization"] = facts
+    doc["files"] = manifest.file_hashes(out)
+    frozen = manifest.Manifest.from_dict(doc)
+    manifest.write(frozen, out)
+    return out

@@ -131,3 +131,34 @@ def test_offline_and_streaming_share_one_greedy_loop():
     for module in (streaming, transcriber):
         source = inspect.getsource(module)
         assert "np.argmax(logits)" not in source and "decoding.greedy(" in source
+
+
+@pytest.fixture(scope="module")
+def tiny_fixed(tiny_mega, tmp_path_factory):
+    """The tiny checkpoint's fixed-KV decoder (export --target cuda), fp32: runs on the CPU provider."""
+    from megaedge.export.bundle import ExportOptions, export_bundle
+    from megaedge.runtime.transcriber import Transcriber
+
+    bundle = export_bundle(tiny_mega, tmp_path_factory.mktemp("fixed") / "b", ExportOptions(target="cuda"))
+    return Transcriber.from_bundle(bundle)
+
+
+def test_fixed_kv_state_rolls_back_exactly(tiny_fixed):
+    from megaedge.runtime import fixed_kv
+
+    _rollback_case(tiny_fixed, lambda: fixed_kv.FixedKVState.of(tiny_fixed))
+    assert isinstance(decoding.open_state(tiny_fixed, 8), fixed_kv.FixedKVState)
+    assert isinstance(decoding.open_state(tiny_fixed, stream=True), fixed_kv.FixedKVState)
+
+
+def test_fixed_kv_state_gives_the_onnxruntime_states_logits(tiny_fixed, transcribers):
+    """Same weights, growing cache vs fixed buffers: the same prompt and steps give the same logits."""
+    growing = transcribers["merged"]
+    audio = growing.encode(speechlike(3.0, seed=4))
+    ids = growing.prompt(audio.shape[0], None, None)
+    a, b = decoding.OrtState(growing), decoding.open_state(tiny_fixed)
+    la, lb = a.extend(ids, audio, None, 3), b.extend(ids, audio, None, 3)
+    scale = float(np.abs(la).max())
+    np.testing.assert_allclose(lb, la, rtol=0, atol=1e-5 * scale)
+    for token in (5, 9, 7):
+        np.testing.assert_allclose(b.step(token, None), a.step(token, None), rtol=0, atol=1e-5 * scale)
