@@ -284,3 +284,19 @@ def test_export_options_for_the_fixed_kv_decoder():
         with pytest.raises(MegaedgeError, match=match):
             ExportOptions(**kwargs)
     assert ExportOptions(target="cuda", precision="fp16", weights="int4").max_kv_length == fixed_kv.DEFAULT_MAX_KV
+
+
+def test_an_fp32_fixed_kv_decoder_is_refused_on_cuda_in_one_line():
+    """onnxruntime's CUDA GroupQueryAttention takes fp16 only: an fp32 fixed-KV graph would run its attention on
+    the CPU, every step copying the cache across; refused before a session is made."""
+    from pathlib import Path
+
+    from megaedge.runtime import session
+    from megaedge.runtime.manifest import GraphSpec, TensorSpec
+
+    spec = GraphSpec("decoder.onnx", (TensorSpec("seqlens_k", "int32", (1,)),
+                                      TensorSpec("past_key_0", "float32", (1, 2, 2048, 64))), (), "fp32")
+    assert session._fixed_kv(spec)
+    with pytest.raises(MegaedgeError, match="--precision fp16") as caught:
+        session._cuda_graph_session(None, Path("decoder.onnx"), spec, None, ["CUDAExecutionProvider"])
+    assert "\n" not in str(caught.value)

@@ -1,6 +1,7 @@
 """The onnxruntime CUDA execution provider on the trained fixture (marked gpu; skipped with the reason elsewhere):
 FP32 and FP16 bundles on the GPU give the CPU FP32 tokens, routed bundles route alike, a stream's final equals the
-offline result, and the KV cache stays on the device between decode steps."""
+offline result, and the KV cache stays on the device between decode steps; the fixed-KV decoder of --target cuda
+bundles captures a CUDA graph and gives the same tokens, its int4 weights agree with FP32."""
 
 from __future__ import annotations
 
@@ -138,3 +139,67 @@ def test_bench_on_cuda_holds_decode_to_the_gpu_bound(fixture_bundles, tmp_path):
     assert "GPU copy bandwidth" in proc.stdout and report["device"]["gpu"] in proc.stdout
     run = report["runs"]["5s"]
     assert 0 < run["decode_percent_of_read_bound"] < 100
+
+
+# ------------------------------------------------------------------------------------------- fixed-KV decoder
+@pytest.fixture(scope="module")
+def fixed_fp16(tmp_path_factory):
+    """The fixture as a --target cuda bundle: fixed-KV decoder, fp16 (CUDA's GroupQueryAttention is fp16 only),
+    float and int4 weights."""
+    from megaedge import fixture
+    from megaedge.export.bundle import ExportOptions, export_bundle
+    from megaedge.export.fixed_kv import bundle_with_weights
+
+    root = tmp_path_factory.mktemp("fixed")
+    fp16 = export_bundle(fixture.model_dir(), root / "fp16", ExportOptions(precision="fp16", target="cuda"))
+    return {"fp16": fp16, "int4": bundle_with_weights(fp16, root / "int4", "int4")}
+
+
+def test_fixed_kv_on_cuda_captures_a_graph_and_gives_the_cpu_fp32_tokens(fixture_bundles, fixed_fp16, clips):
+    from megaedge.runtime import decoding, fixed_kv
+    from megaedge.runtime.transcriber import Transcriber
+
+    cpu = Transcriber.from_bundle(fixture_bundles["merged"])
+    gpu = Transcriber.from_bundle(fixed_fp16["fp16"], providers=("cuda",))
+    session = gpu.sessions["decoder"]
+    assert session.device == "cuda" and session.cuda_graph
+    state = decoding.open_state(gpu)
+    assert isinstance(state, fixed_kv.FixedKVState) and state.buffers.graph_id > 0
+    assert {v.device_name().lower() for v in state.buffers.kv} == {"cuda"}
+    del state
+    # several clips in turn: each call leases the pooled buffers and replays the graph captured on them
+    assert _tokens(gpu, clips) == _tokens(cpu, clips)
+
+
+def test_fixed_kv_int4_on_cuda_agrees_with_fp32(fixture_bundles, fixed_fp16, clips):
+    from megaedge.runtime.transcriber import Transcriber
+    from tests.export.test_fixed_kv import MIN_AGREEMENT, _agreement
+
+    cpu = _tokens(Transcriber.from_bundle(fixture_bundles["merged"]), clips)
+    gpu = _tokens(Transcriber.from_bundle(fixed_fp16["int4"], providers=("cuda",)), clips)
+    assert _agreement(cpu, gpu) >= MIN_AGREEMENT["int4"]
+
+
+def test_fixed_kv_stream_on_cuda_equals_offline(fixed_fp16, clips):
+    """Streams extend and roll back through prompt runs (no graph) between replayed steps."""
+    from megaedge.runtime.streaming import StreamOptions
+    from megaedge.runtime.transcriber import Transcriber
+
+    gpu = Transcriber.from_bundle(fixed_fp16["fp16"], providers=("cuda",))
+    samples = clips[3]
+    stream = gpu.create_stream(StreamOptions.preset("exact"))
+    for i in range(0, len(samples), 8000):
+        stream.accept_waveform(samples[i : i + 8000], 16000)
+    assert list(stream.final().token_ids) == gpu.transcribe(samples, segment_seconds=None).token_ids
+
+
+def test_concurrent_calls_on_cuda_graphs_keep_their_own_buffers(fixed_fp16, clips):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from megaedge.runtime.transcriber import Transcriber
+
+    gpu = Transcriber.from_bundle(fixed_fp16["fp16"], providers=("cuda",))
+    alone = _tokens(gpu, clips)
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda c: gpu.transcribe(c, segment_seconds=None).token_ids, clips * 2))
+    assert together == alone * 2
