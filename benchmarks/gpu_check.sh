@@ -62,7 +62,8 @@ echo "env: rc $?"
 timeout 90 "$PY" - "$OUT/ort_cuda.json" <<'EOF'
 import json, sys, traceback
 import numpy as np
-checks, result = [], {"runs": False, "cuda_graph": False, "checks": checks}
+checks = []
+result = {"runs": False, "cuda_graph": False, "checks": checks}
 
 def check(what, fn):
     try:
