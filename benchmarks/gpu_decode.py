@@ -264,6 +264,8 @@ def main(argv=None) -> int:
             run.update(read_bytes_per_token=weights + kv, bound_tok_per_s=round(bound, 1),
                        percent_of_read_bound=round(100 * run["tok_per_s"] / bound, 1))
         save()
+    results.setdefault("stage_seconds", {}).update(
+        {f"run {k}": v for k, v in runs.pop("stage_seconds", {}).items()})
     if not args.no_contender:
         checkpoint = work / f"ckpt-{args.geometry}"
         if not checkpoint.exists():
