@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from megaedge.errors import MegaedgeError
 from megaedge.export import graphs
