@@ -211,18 +211,23 @@ class Stream:
         self._previous_text = ""  # tail of the finished spans' text in this utterance (long-form de-duplication)
         self._last: StreamEvent | None = None
 
-    def accept_waveform(self, samples, sample_rate: int) -> list[StreamEvent]:
+    def accept_waveform(self, samples, sample_rate: int, partials: bool = True) -> list[StreamEvent]:
         """Feed any number of samples at ``sample_rate`` Hz (mono, or [n, channels]; float in [-1, 1], or integer
         PCM, scaled by its type's range as ``transcribe`` does); returns the events this produced. A stream keeps
-        one input rate: a new rate starts a new resampler after flushing the old one."""
+        one input rate: a new rate starts a new resampler after flushing the old one.
+
+        ``partials=False``: no partial hops for these samples, for a caller that has fallen behind real time and
+        must catch up (a hop is most of a stream's compute). Endpoints, span rolls and segment cuts cut the audio
+        where they would anyway and each final is still exact for its audio; hops missed are made up by the next
+        call with partials on."""
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or not \
                 0 < sample_rate <= audio_io.MAX_RATE:
             raise MegaedgeError(f"sample_rate {sample_rate!r} is not a rate in Hz (1-{audio_io.MAX_RATE}); pass the "
                                 f"rate the samples were recorded at, e.g. 16000")
         chunk = self._to_16k(audio_io.as_float(np.asarray(samples), "stream input"), int(sample_rate))
-        return self._accept(chunk)
+        return self._accept(chunk, partials)
 
-    def _accept(self, chunk: np.ndarray) -> list[StreamEvent]:
+    def _accept(self, chunk: np.ndarray, partials: bool = True) -> list[StreamEvent]:
         if chunk.size == 0:
             return []
         span = self._span
@@ -238,11 +243,13 @@ class Stream:
                 return events
             if not self._vad.heard_speech and span.samples.size > 2 * RATE and not span.committed:
                 self._drop_leading_silence()
-        if self._since_hop >= self.opts.hop_seconds * RATE:
+        if self._since_hop >= self.opts.hop_seconds * RATE and (partials or self._roll_due()):
             self._since_hop = 0
             if self._gated and not self._vad.heard_speech:
                 return events  # nothing said yet: no partial guessed from noise
-            events.append(self._hop())
+            hop = self._hop()  # without partials only to encode the windows the roll cuts at
+            if partials:
+                events.append(hop)
             if self._span_full():
                 events.append(self._roll_span())
         limit = self.opts.segment_seconds
@@ -310,6 +317,16 @@ class Stream:
         dropped = span.samples.size - keep
         self._span = self._new_span(span.start_sample + dropped, span.context)
         self._span.samples = span.samples[dropped:]
+
+    def _roll_due(self) -> bool:
+        """Whether the span holds the audio of the finished windows ``_span_full`` waits for: with partials off,
+        the hop that encodes them still runs, so that a span rolls at the same boundary and its state stays
+        bounded."""
+        limit = self.opts.max_span_seconds
+        if limit is None:
+            return False
+        window = self.window_frames * features.HOP
+        return self._span.samples.size >= math.ceil(limit * RATE / window) * window + _HALF_WINDOW
 
     def _span_full(self) -> bool:
         limit = self.opts.max_span_seconds

@@ -240,3 +240,32 @@ def test_mic_path_records_through_an_alsa_file_plugin(fixture_bundles, merged, t
     final = json.loads(proc.stdout.splitlines()[-1])
     heard = pcm.astype(np.float32) / 32768.0  # what PortAudio delivers as float32
     assert final["token_ids"] == merged.transcribe(heard, segment_seconds=None).token_ids
+
+
+def test_without_partials_the_finals_are_the_same(merged, clips):
+    """partials=False (a server behind its client): no partial events, and the spans roll at the same boundaries
+    as with partials (state stays bounded); with partials back on, a partial comes within a hop."""
+    audio = np.concatenate(clips)  # ~48 s of speech: a span rolls once 3 windows (24 s) are finished
+    options = StreamOptions(endpointing=False, max_span_seconds=17.0, hop_seconds=0.64)
+
+    def run(partials_until: int):
+        stream = merged.create_stream(options)
+        events = []
+        for i in range(0, len(audio), 3200):
+            events += stream.accept_waveform(audio[i : i + 3200], 16000, partials=i >= partials_until)
+        events.append(stream.final())
+        return events
+
+    def finals(events):  # where each span starts (its tokens are exact for its audio either way, but on 24 s of
+        # back-to-back commands the tiny fixture loops, and near-ties differ between a prefill and single steps)
+        return [(e.reason, e.start) for e in events if e.kind == "final"]
+
+    with_partials, without, later = run(0), run(len(audio)), run(len(audio) // 2)
+    assert "span" in {reason for reason, *_ in finals(with_partials)}
+    assert not [e for e in without if e.kind == "partial"]
+    assert finals(without) == finals(with_partials)
+    assert finals(later) == finals(with_partials)
+    first = next(i for i, e in enumerate(later) if e.kind == "partial")
+    switched = -(-(len(audio) // 2) // 3200) * 3200  # the first sample fed with partials on
+    assert first > 0 and all(e.kind == "final" for e in later[:first])
+    assert switched < later[first].end * 16000 <= switched + options.hop_seconds * 16000 + 3200
