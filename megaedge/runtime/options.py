@@ -34,7 +34,9 @@ class RuntimeOptions:
     ``off``, a ``runtime.vad.VadOptions``; None: ``$MEGAEDGE_VAD``, else ``auto``). ``expected_digest``: refuse
     any bundle but the one with this manifest digest. ``profile_dir``: onnxruntime per-node traces go there.
     ``batch_steps``: native decode steps of concurrent streams and calls run together, up to this many per kernel
-    call (1-16; 1: each alone; runtime/batching.py)."""
+    call (1-16; 1: each alone; runtime/batching.py). ``memory_arena``: onnxruntime's CPU memory pool; it grows
+    with every new input shape and never gives memory back, which a long-lived service sees as RSS that only
+    rises (``megaedge serve`` turns it off; a single transcription is a little faster with it)."""
 
     providers: tuple[str, ...] = ("cpu",)
     threads: int | None = None
@@ -48,6 +50,7 @@ class RuntimeOptions:
     expected_digest: str | None = None
     profile_dir: str | Path | None = None
     batch_steps: int = 8
+    memory_arena: bool = True
 
     def __post_init__(self):
         providers = (self.providers,) if isinstance(self.providers, str) else tuple(self.providers or ("cpu",))
@@ -62,6 +65,8 @@ class RuntimeOptions:
         if isinstance(self.batch_steps, bool) or not isinstance(self.batch_steps, int) or \
                 not 1 <= self.batch_steps <= 16:
             raise MegaedgeError(f"batch_steps {self.batch_steps!r} is outside 1-16; e.g. 8 (1: no batching)")
+        if not isinstance(self.memory_arena, bool):
+            raise MegaedgeError(f"memory_arena {self.memory_arena!r} must be True or False")
         if isinstance(self.vad, str) and self.vad not in VAD_CHOICES:
             raise MegaedgeError(f"vad {self.vad!r} is not one of {VAD_CHOICES}")
 

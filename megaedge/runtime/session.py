@@ -100,13 +100,15 @@ class OrtSession:
     backend = "onnxruntime"
 
     def __init__(self, path: Path, spec: GraphSpec, providers=("cpu",), threads: int | None = None,
-                 prepared: bool = False, profile_prefix: str | None = None, spin: bool | None = None):
+                 prepared: bool = False, profile_prefix: str | None = None, spin: bool | None = None,
+                 arena: bool = True):
         import onnxruntime as ort
 
         self.spec = spec
         self.prepared = prepared
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.enable_cpu_mem_arena = arena
         if threads is not None:  # 0 or 100000 is a mistake, not "all cores": refuse it (limits.check_threads)
             options.intra_op_num_threads = check_threads(threads)
         self.spinning = spin_enabled(spin)
@@ -199,7 +201,9 @@ def _cuda_graph_session(ort, path: Path, spec: GraphSpec, options, providers) ->
 
 
 def open_session(path: Path, spec: GraphSpec, providers=("cpu",), threads: int | None = None,
-                 prepared: bool = False, profile_prefix: str | None = None, spin: bool | None = None) -> OrtSession:
+                 prepared: bool = False, profile_prefix: str | None = None, spin: bool | None = None,
+                 arena: bool = True) -> OrtSession:
     """Session for one graph file of a bundle (or of its prepared copy). ``threads``: 1 .. limits.max_threads(),
-    None for all cores; ``spin``: let idle intra-op threads spin-wait (None: MEGAEDGE_ORT_SPIN, default off)."""
-    return OrtSession(path, spec, providers, threads, prepared, profile_prefix, spin)
+    None for all cores; ``spin``: let idle intra-op threads spin-wait (None: MEGAEDGE_ORT_SPIN, default off);
+    ``arena``: onnxruntime's CPU memory pool (RuntimeOptions.memory_arena)."""
+    return OrtSession(path, spec, providers, threads, prepared, profile_prefix, spin, arena)

@@ -151,8 +151,10 @@ class Transcriber:
             prefix = str(Path(profile_dir) / name) if profile_dir else None
             copy = prepared.lookup(bundle, info, name) if cpu_only and opts.use_prepared else None
             if copy is not None:
-                return open_session(copy, spec, ort_providers, threads, prepared=True, profile_prefix=prefix)
-            return open_session(bundle / spec.file, spec, ort_providers, threads, profile_prefix=prefix)
+                return open_session(copy, spec, ort_providers, threads, prepared=True, profile_prefix=prefix,
+                                    arena=opts.memory_arena)
+            return open_session(bundle / spec.file, spec, ort_providers, threads, profile_prefix=prefix,
+                                arena=opts.memory_arena)
 
         if "engine" in providers:  # native TensorRT engines written by `megaedge build-engines`
             from megaedge.runtime.tensorrt import ENGINE_FILES, TrtSession

@@ -178,7 +178,7 @@ class ServerState:
         try:
             tr = Transcriber.from_bundle(c.bundle, providers=list(c.providers), route=c.route, verify=c.verify,
                                          threads=c.threads, decode=c.decode, prefill=c.prefill, stem=c.stem,
-                                         vad=c.vad)
+                                         vad=c.vad, memory_arena=False)
             self.stream_options()  # a bad preset fails here, once
         except MegaedgeError as exc:
             self.load_error = str(exc)

@@ -39,3 +39,22 @@ def test_cuda_that_falls_back_to_cpu_is_an_error(fixture_bundles, monkeypatch):
 def test_unknown_provider_names_the_fix():
     with pytest.raises(MegaedgeError, match="not available in this onnxruntime.*install onnxruntime-gpu"):
         session.resolve_providers(("no-such-provider",))
+
+
+def test_memory_arena_option_reaches_every_session(tiny_bundles):
+    # megaedge serve opens its sessions without onnxruntime's CPU pool (it only grows); results must not change.
+    import numpy as np
+
+    from megaedge.runtime.options import RuntimeOptions
+    from megaedge.runtime.transcriber import Transcriber
+
+    audio = (0.1 * np.random.default_rng(0).standard_normal(32000)).astype(np.float32)
+    texts = {}
+    for arena in (True, False):
+        tr = Transcriber.from_bundle(tiny_bundles["merged"], memory_arena=arena, vad="off")
+        sessions = [s for s in tr.sessions.values() if hasattr(s, "session")]
+        assert sessions and all(s.session.get_session_options().enable_cpu_mem_arena is arena for s in sessions)
+        texts[arena] = tr.transcribe(audio, max_new_tokens=8).token_ids
+    assert texts[True] == texts[False]
+    with pytest.raises(MegaedgeError, match="memory_arena 'no' must be True or False"):
+        RuntimeOptions(memory_arena="no")

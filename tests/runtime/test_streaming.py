@@ -242,7 +242,7 @@ def test_mic_path_records_through_an_alsa_file_plugin(fixture_bundles, merged, t
     assert final["token_ids"] == merged.transcribe(heard, segment_seconds=None).token_ids
 
 
-def test_without_partials_the_finals_are_the_same(merged, clips):
+def test_without_partials_spans_roll_at_the_same_places(merged, clips):
     """partials=False (a server behind its client): no partial events, and the spans roll at the same boundaries
     as with partials (state stays bounded); with partials back on, a partial comes within a hop."""
     audio = np.concatenate(clips)  # ~48 s of speech: a span rolls once 3 windows (24 s) are finished
