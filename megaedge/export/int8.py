@@ -34,6 +34,9 @@ RESAMPLES = 2000
 # The acceptance bar the report judges the shipped INT8 by (docs/int8.md): per group a WER delta of at most half a
 # point whose 95 % interval stays under one point, and token agreement with FP32 of at least 99 %.
 TARGET = {"max_delta": 0.5, "max_ci_high": 1.0, "min_agreement": 99.0}
+# Below this many utterances a bootstrap interval says nothing (one clip resamples to itself: a zero-width
+# "interval" that would flag a single changed word): such groups get the delta without interval, flag or verdict.
+MIN_CLIPS_FOR_INTERVAL = 10
 
 
 @dataclass(frozen=True)
@@ -248,8 +251,12 @@ def compare(fp32_bundle: Path, variants: dict[str, Path | tuple[Path, dict]], it
                                                                [r[name]["tokens"] for r in sel]), 2)
                 entry[f"cosine_{name}"] = round(float(np.mean([r[name]["cosine"] for r in sel])), 5)
                 delta, low, high = paired_delta(base, np.array([r[name]["errors"] for r in sel]), words,
-                                                          resamples, seed)
-                entry[f"delta_{name}"], entry[f"ci_{name}"] = round(delta, 2), [round(low, 2), round(high, 2)]
+                                                resamples, seed)
+                entry[f"delta_{name}"] = round(delta, 2)
+                if len(sel) < MIN_CLIPS_FOR_INTERVAL:
+                    entry[f"ci_{name}"] = entry[f"flag_{name}"] = entry[f"target_{name}"] = None
+                    continue
+                entry[f"ci_{name}"] = [round(low, 2), round(high, 2)]
                 # Flagged only when the interval excludes zero: "worse" / "better" than FP32 beyond resampling.
                 entry[f"flag_{name}"] = "worse" if low > 0 else "better" if high < 0 else None
                 entry[f"target_{name}"] = bool(delta <= TARGET["max_delta"] and high <= TARGET["max_ci_high"]
@@ -282,7 +289,8 @@ def format_report(report: dict) -> str:
     mark = {"worse": " ▲", "better": " ▼", None: ""}
     for group, e in report["groups"].items():
         cells = [group, str(e["clips"]), f"{e['wer_fp32']:.2f}"] + [f"{e[f'wer_{n}']:.2f}" for n in names]
-        cells += [f"{e[f'delta_{n}']:+.2f} [{e[f'ci_{n}'][0]:+.2f}, {e[f'ci_{n}'][1]:+.2f}]{mark[e[f'flag_{n}']]}"
+        cells += [(f"{e[f'delta_{n}']:+.2f} [{e[f'ci_{n}'][0]:+.2f}, {e[f'ci_{n}'][1]:+.2f}]{mark[e[f'flag_{n}']]}"
+                   if e.get(f"ci_{n}") else f"{e[f'delta_{n}']:+.2f} (n < {MIN_CLIPS_FOR_INTERVAL})")
                   if f"delta_{n}" in e else "" for n in names]
         cells += [f"{e[f'agree_{n}']:.2f}" for n in names]
         cells += [f"{e[f'cosine_{primary}']:.4f}", f"{e[f'loop_{primary}']:.1f}", f"{e[f'empty_{primary}']:.1f}"]
@@ -292,7 +300,7 @@ def format_report(report: dict) -> str:
     if "bootstrap" in report:
         target = report["acceptance"]
         missed = [g for g, e in report["groups"].items()
-                  if g.startswith(("condition:", "clean", "all")) and not e.get(f"target_{primary}", True)]
+                  if g.startswith(("condition:", "clean", "all")) and e.get(f"target_{primary}", True) is False]
         text += (f"\n\nΔ = WER minus FP32's in points; 95 % interval from a paired bootstrap over utterances "
                  f"({report['bootstrap']['resamples']} resamples); ▲/▼ = the interval excludes zero (worse/better). "
                  f"Target per condition: Δ <= {target['max_delta']}, upper bound <= {target['max_ci_high']}, "
