@@ -8,13 +8,19 @@ manifest as --eval-set; the 96 shipped held-out clips cannot resolve half a WER 
 and writes benchmarks/results/int8_recipes_fixture[_routed].json. Not a test: it is the evidence the default recipe
 cites. Usage: python benchmarks/int8_recipes.py [--recipes cpu,cpu-dynamic,...] [--mode merged|routed]
 [--eval-set MANIFEST] [--stem-arms] [--work DIR] [--out F]
+
+A recipe name may carry overrides of its fields after '@', joined by '+', to find which part of a recipe costs
+accuracy (ablations, layers kept float): ``cpu@encoder=float``, ``cpu@decoder=float``,
+``cpu@float_scopes=layers.0.;layers.1.`` (tuple fields take ';'-separated items), ``cpu@reduce_range=false``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -25,11 +31,36 @@ import provenance
 from megaedge import fixture
 from megaedge.export.bundle import ExportOptions, export_bundle
 from megaedge.export.int8 import calibration_items, compare, format_report
-from megaedge.export.quantize import RECIPES, quantize_bundle
+from megaedge.export.quantize import RECIPES, Int8Recipe, quantize_bundle
 from megaedge.runtime import machine
 from megaedge.runtime.evaluate import read_set
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def recipe(spec: str) -> Int8Recipe:
+    """A recipe by name, with optional field overrides: NAME@field=value+field=value."""
+    name, _, overrides = spec.partition("@")
+    if name not in RECIPES:
+        raise SystemExit(f"--recipes: {name!r} is not one of {sorted(RECIPES)}")
+    fields = {f.name: f for f in dataclasses.fields(Int8Recipe)}
+    changes = {"name": spec}
+    for item in filter(None, overrides.split("+")):
+        key, eq, value = item.partition("=")
+        if key not in fields or not eq or key == "name":
+            raise SystemExit(f"--recipes: override {item!r} is not FIELD=VALUE with FIELD one of {sorted(fields)}")
+        current = getattr(RECIPES[name], key)
+        if isinstance(current, bool):
+            if value.lower() not in ("true", "false"):
+                raise SystemExit(f"--recipes: {key} takes true or false, not {value!r}")
+            changes[key] = value.lower() == "true"
+        elif isinstance(current, tuple):
+            changes[key] = tuple(v for v in value.split(";") if v)
+        elif isinstance(current, (int, float)):
+            changes[key] = type(current)(value)
+        else:
+            changes[key] = value
+    return dataclasses.replace(RECIPES[name], **changes)
 
 
 def main() -> None:
@@ -46,6 +77,7 @@ def main() -> None:
                                       "int8_recipes_fixture[_routed].json)")
     args = parser.parse_args()
     names = [n.strip() for n in args.recipes.split(",") if n.strip()]
+    recipes = {n: recipe(n) for n in names}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         fp32 = work / f"fp32-{args.mode}"
@@ -55,12 +87,12 @@ def main() -> None:
         seconds, variants = {}, {}
         for name in names:
             start = time.perf_counter()
-            variants[name] = quantize_bundle(fp32, work / name, RECIPES[name], items, "cpu", None, source) and (
-                work / name)
+            folder = work / re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+            variants[name] = quantize_bundle(fp32, folder, recipes[name], items, "cpu", None, source) and folder
             seconds[name] = round(time.perf_counter() - start, 1)
         if args.stem_arms:
             for name in names:
-                if RECIPES[name].native_stem:
+                if recipes[name].native_stem:
                     variants[f"{name}/ort-stem"] = (variants[name], {"stem": "ort"})
                     variants[name] = (variants[name], {"stem": "native"})
         eval_set = args.eval_set or fixture.heldout_manifest()
@@ -71,7 +103,8 @@ def main() -> None:
               **({"machine_class": args.machine_class} if args.machine_class else {}),
               "eval_set": str(eval_set), **report}
     report["quantize_seconds"] = seconds
-    report["recipes"] = {n: RECIPES[n].description for n in names}
+    report["recipes"] = {n: recipes[n].description + ("" if n in RECIPES else f" (overrides: {n.partition('@')[2]})")
+                         for n in names}
     report["mode"] = args.mode
     print(format_report(report))
     suffix = "" if args.mode == "merged" else f"_{args.mode}"
