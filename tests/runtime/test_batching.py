@@ -38,11 +38,12 @@ def _decoders(bundle, built, lengths, threads=2):
 @needs_kernel
 @pytest.mark.parametrize("built", VARIANTS)
 def test_a_batch_gives_each_sequence_its_solo_bits(fixture_int8, built):
-    """Three sequences at different positions, four steps: batched logits and caches equal stepping each alone."""
-    lengths = (5, 17, 11)
+    """Six sequences at different positions (a full group of four and a part group, as the AVX2 products take
+    them), four steps: batched logits and caches equal stepping each alone."""
+    lengths = (5, 17, 11, 2, 23, 8)
     _, batched = _decoders(fixture_int8, built, lengths)
     _, alone = _decoders(fixture_int8, built, lengths)
-    tokens = [[3, 5, 7], [11, 13, 17], [19, 23, 29], [31, 37, 41]]
+    tokens = [[3, 5, 7, 43, 47, 53], [11, 13, 17, 59, 61, 67], [19, 23, 29, 71, 73, 79], [31, 37, 41, 83, 89, 97]]
     for step in tokens:
         got = native_decode.step_batch([d for d, _ in batched], step)
         for row, (d, _), token in zip(got, alone, step):

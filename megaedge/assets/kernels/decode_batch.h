@@ -44,40 +44,55 @@ static inline __attribute__((always_inline)) void rows_batch(const me_linear *m,
     }
 #endif
 #if ME_ISA == 1
-    if (blk % 32 == 0) {
+    if (blk % 32 == 0 && blk <= 128) {
         /* dot32_avx2 per sequence, with the weights' half of it (signed, magnitude) done once per chunk instead of
-           once per sequence where a block fits in registers (blk <= 128): AVX2's byte products are the limit of a
-           batch, and this is a third of them. Each sum is formed exactly as dot32_avx2 and rows_together form it. */
-        __m256 acc[ME_MAX_BATCH];
-        for (int b = 0; b < B; b++) acc[b] = _mm256_setzero_ps();
+           once per sequence: AVX2's byte products are the limit of a batch, and this is a third of them. At most four
+           sequences (gemv_batch_share's groups), so that their accumulators and a block's weight chunks stay in
+           the sixteen registers. Each sum is formed exactly as dot32_avx2 and rows_together form it. */
         const __m256i bias = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
         const int chunks = blk / 32;
-        for (int k = 0; k < nb; k++) {
-            const uint8_t *p = row + (size_t)k * blk;
-            if (chunks <= 4) {
+        for (int b0 = 0; b0 < B; b0 += 4) {
+            const int G = B - b0 < 4 ? B - b0 : 4;
+            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int k = 0; k < nb; k++) {
+                const uint8_t *p = row + (size_t)k * blk;
                 __m256i ws[4], aw[4];
                 for (int c = 0; c < chunks; c++) {
                     ws[c] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 32 * c)), bias);
                     aw[c] = _mm256_abs_epi8(ws[c]);
                 }
-                for (int b = 0; b < B; b++) {
-                    const int8_t *qb = acts[b].q + (size_t)k * blk;
+                for (int g = 0; g < G; g++) {
+                    const me_act *a = &acts[b0 + g];
+                    const int8_t *qb = a->q + (size_t)k * blk;
                     __m256i d = _mm256_madd_epi16(
                         _mm256_maddubs_epi16(aw[0], _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)qb), ws[0])),
                         ones);
                     for (int c = 1; c < chunks; c++)
                         d = _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_maddubs_epi16(
                             aw[c], _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(qb + 32 * c)), ws[c])), ones));
-                    acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(sw[k] * acts[b].sa[k]), acc[b]);
+                    acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(sw[k] * a->sa[k]), acc[g]);
                 }
-            } else {
-                for (int b = 0; b < B; b++) {
-                    const int8_t *qb = acts[b].q + (size_t)k * blk;
-                    __m256i d = dot32_avx2(p, _mm256_loadu_si256((const __m256i *)qb));
-                    for (int c = 32; c < blk; c += 32)
-                        d = _mm256_add_epi32(d, dot32_avx2(p + c, _mm256_loadu_si256((const __m256i *)(qb + c))));
-                    acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(sw[k] * acts[b].sa[k]), acc[b]);
-                }
+            }
+            for (int g = 0; g < G; g++) {
+                __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[g]), _mm256_extractf128_ps(acc[g], 1));
+                h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                h = _mm_add_ss(h, _mm_movehdup_ps(h));
+                y[(b0 + g) * ystride + r] = _mm_cvtss_f32(h);
+            }
+        }
+        return;
+    }
+    if (blk % 32 == 0) {
+        __m256 acc[ME_MAX_BATCH];
+        for (int b = 0; b < B; b++) acc[b] = _mm256_setzero_ps();
+        for (int k = 0; k < nb; k++) {
+            const uint8_t *p = row + (size_t)k * blk;
+            for (int b = 0; b < B; b++) {
+                const int8_t *qb = acts[b].q + (size_t)k * blk;
+                __m256i d = dot32_avx2(p, _mm256_loadu_si256((const __m256i *)qb));
+                for (int c = 32; c < blk; c += 32)
+                    d = _mm256_add_epi32(d, dot32_avx2(p + c, _mm256_loadu_si256((const __m256i *)(qb + c))));
+                acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(sw[k] * acts[b].sa[k]), acc[b]);
             }
         }
         for (int b = 0; b < B; b++) {
@@ -99,15 +114,26 @@ static inline __attribute__((always_inline)) void rows_batch(const me_linear *m,
     for (int b = 0; b < B; b++) y[b * ystride + r] = sum[b];
 }
 
-/* this thread's share of the rows of y_b = m x_b for every b (y: [B][ystride]), inside a parallel region */
+/* this thread's share of the rows of y_b = m x_b for every b (y: [B][ystride]), inside a parallel region.
+   Sequences go in groups of four over a tile of rows, then the next group over the same tile: a group's
+   activation vectors (up to 4 x 6 KB at 1.7B's MLP) stay in L1 across the tile, and the tile's weights (16 rows)
+   come from L2 for the second group, where all eight sequences' vectors cycling through L1 per row spilled both. */
+#define ME_BATCH_GROUP 4
+#define ME_BATCH_TILE 16
 static void gemv_batch_share(const me_linear *m, const me_act *acts, int B, float *y, size_t ystride) {
     const int t = thread_id(), T = team_size();
     const int lo = (int)((long long)m->n * t / T), hi = (int)((long long)m->n * (t + 1) / T);
-    for (int r = lo; r < hi; r++) {
-        if (m->blk == 128)
-            rows_batch(m, acts, B, y, ystride, r, 128);
-        else
-            rows_batch(m, acts, B, y, ystride, r, m->blk);
+    for (int r0 = lo; r0 < hi; r0 += ME_BATCH_TILE) {
+        const int r1 = r0 + ME_BATCH_TILE < hi ? r0 + ME_BATCH_TILE : hi;
+        for (int b0 = 0; b0 < B; b0 += ME_BATCH_GROUP) {
+            const int G = B - b0 < ME_BATCH_GROUP ? B - b0 : ME_BATCH_GROUP;
+            for (int r = r0; r < r1; r++) {
+                if (m->blk == 128)
+                    rows_batch(m, acts + b0, G, y + (size_t)b0 * ystride, ystride, r, 128);
+                else
+                    rows_batch(m, acts + b0, G, y + (size_t)b0 * ystride, ystride, r, m->blk);
+            }
+        }
     }
 }
 
@@ -129,11 +155,11 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
     float *qv = malloc(sizeof(float) * qdim * B), *kv = malloc(sizeof(float) * kvdim * B),
           *vv = malloc(sizeof(float) * kvdim * B), *att = malloc(sizeof(float) * qdim * B),
           *prod = malloc(sizeof(float) * hidden * B), *gate = malloc(sizeof(float) * m->intermediate * B),
-          *up = malloc(sizeof(float) * m->intermediate * B), *scratch = malloc(sizeof(float) * widest),
+          *up = malloc(sizeof(float) * m->intermediate * B), *scratches = malloc(sizeof(float) * widest * team),
           *all_scores = malloc(sizeof(float) * 2 * (size_t)capacity * team), *sa = malloc(sizeof(float) * blocks * B);
     int32_t *asum = malloc(sizeof(int32_t) * blocks * B);
     int8_t *q8 = malloc(act_bytes * B);
-    void *owned[] = {qv, kv, vv, att, prod, gate, up, scratch, all_scores, sa, asum, q8};
+    void *owned[] = {qv, kv, vv, att, prod, gate, up, scratches, all_scores, sa, asum, q8};
     const int count = sizeof(owned) / sizeof(owned[0]);
     for (int i = 0; i < count; i++)
         if (!owned[i]) {
@@ -147,11 +173,14 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
 #pragma omp parallel num_threads(team)
 #endif
     {
+        /* per-sequence work between the products (norms, quantization, residuals, SwiGLU) is shared out over
+           the sequences; each sequence's is the same function wherever it runs, so its bits do not change */
         float *scores = all_scores + (size_t)thread_id() * 2 * capacity;
+        float *scratch = scratches + (size_t)thread_id() * widest;
         for (int i = 0; i < m->layers; i++) {
             const me_layer *l = &m->layer[i];
 #ifdef _OPENMP
-#pragma omp single
+#pragma omp for schedule(static)
 #endif
             for (int b = 0; b < B; b++) quantize_for(x + (size_t)b * hidden, l->input_norm, m->eps, &l->q, &acts[b],
                                                      scratch);
@@ -171,13 +200,13 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
                 attend(mb, lb, g, qv + (size_t)b * qdim, att + (size_t)b * qdim, pos[b] + 1, scores);
             }
 #ifdef _OPENMP
-#pragma omp single
+#pragma omp for schedule(static)
 #endif
             for (int b = 0; b < B; b++) quantize_for(att + (size_t)b * qdim, NULL, 0.f, &l->o, &acts[b], scratch);
             gemv_batch_share(&l->o, acts, B, prod, hidden);
 #ifdef _OPENMP
 #pragma omp barrier
-#pragma omp single
+#pragma omp for schedule(static)
 #endif
             for (int b = 0; b < B; b++) {
                 float *xb = x + (size_t)b * hidden, *pb = prod + (size_t)b * hidden;
@@ -188,7 +217,7 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
             gemv_batch_share(&l->up, acts, B, up, m->intermediate);
 #ifdef _OPENMP
 #pragma omp barrier
-#pragma omp single
+#pragma omp for schedule(static)
 #endif
             for (int b = 0; b < B; b++) {
                 float *gb = gate + (size_t)b * m->intermediate, *ub = up + (size_t)b * m->intermediate;
@@ -198,7 +227,7 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
             gemv_batch_share(&l->down, acts, B, prod, hidden);
 #ifdef _OPENMP
 #pragma omp barrier
-#pragma omp single
+#pragma omp for schedule(static)
 #endif
             for (int b = 0; b < B; b++) {
                 float *xb = x + (size_t)b * hidden, *pb = prod + (size_t)b * hidden;
@@ -206,7 +235,7 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
             }
         }
 #ifdef _OPENMP
-#pragma omp single
+#pragma omp for schedule(static)
 #endif
         for (int b = 0; b < B; b++)
             quantize_for(x + (size_t)b * hidden, m->final_norm, m->eps, &m->lm_head, &acts[b], scratch);
