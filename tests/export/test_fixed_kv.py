@@ -38,13 +38,21 @@ def fixed_bundles(fixture_bundles, tmp_path_factory):
     from megaedge.export.bundle import ExportOptions, export_bundle
 
     root = tmp_path_factory.mktemp("fixed_kv")
-    return {
-        "fp32": export_bundle(fixture.model_dir(), root / "fp32", ExportOptions(target="cuda")),
-        "int8": export_bundle(fixture.model_dir(), root / "int8", ExportOptions(
-            target="cuda", precision="fp16", weights="int8", validate=False)),
-        "routed-int4": export_bundle(fixture.model_dir(), root / "routed-int4", ExportOptions(
-            target="cuda", precision="fp16", weights="int4", mode="routed", validate=False)),
+    options = {
+        "fp32": ExportOptions(target="cuda"),
+        "int8": ExportOptions(target="cuda", precision="fp16", weights="int8", validate=False),
+        "routed-int4": ExportOptions(target="cuda", precision="fp16", weights="int4", mode="routed", validate=False),
     }
+
+    class Lazy(dict):
+        """Each bundle exported when a test first asks for it: the slow-marked tests' bundles cost the default
+        suite nothing."""
+
+        def __missing__(self, name):
+            self[name] = export_bundle(fixture.model_dir(), root / name, options[name])
+            return self[name]
+
+    return Lazy()
 
 
 def _tokens(tr, clips, **kw):
@@ -168,6 +176,7 @@ def test_low_bit_weights_agree_with_fp32(fixture_bundles, fixed_bundles, clips, 
     assert _agreement(fp32, low) >= MIN_AGREEMENT[weights]
 
 
+@pytest.mark.slow
 def test_routed_int4_routes_and_gates_like_the_growing_routed_bundle(fixture_bundles, fixed_bundles, clips):
     """The router picks the same routes (its graph is the same), the gate input reaches the int4 decoder (base and
     LoRA routes decode differently), and the tokens agree with the FP32 routed bundle's."""
