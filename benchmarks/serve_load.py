@@ -305,9 +305,9 @@ def main() -> int:
             server.kill()
     results = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _commit(),
-        "command": " ".join(["python", *sys.argv]), "server_command": " ".join(command[1:]),
+        "command": " ".join(["python", *sys.argv]), "server_command": " ".join("BUNDLE" if part == str(bundle) else part for part in command[1:]),
         "machine": {**machine.cpu_facts(), "python": platform.python_version()},
-        "bundle": str(args.bundle or "fixture (merged FP32, exported by this run)"),
+        "bundle": "BUNDLE (--bundle)" if args.bundle else "fixture (merged FP32, exported by this run)",
         "server_ready_seconds": round(ready, 2), "load": load,
         "soak": soak,
         "transcripts_checked": checker.checked, "transcripts_differing_from_offline": checker.mismatched,
