@@ -42,10 +42,16 @@ def test_recipes_keep_conv_stem_and_lora_float(tiny_bundles):
     assert len(skip) >= 4 + 2 * 6  # 3 convs + conv_out, and A/B of every LoRA branch of 2 layers x 6 linears
     naive_keep, naive_skip = quantize.select_nodes(encoder, quantize.RECIPES["naive"])
     assert naive_skip == [] and len(naive_keep) == len(keep) + len(skip)
-    assert quantize.RECIPES["cpu"].float_scopes == ()  # the default quantizes fc2 (README, INT8)
-    keep2, skip2 = quantize.select_nodes(encoder, quantize.RECIPES["cpu-float-fc2"])
-    assert quantize.RECIPES["cpu-float-fc2"].float_scopes == (".fc2",)
-    assert len(skip2) == len(skip) + 2 and len(keep2) == len(keep) - 2  # the base fc2 of both encoder layers
+    # the default keeps the encoder's fc2 and its projector float (docs/int8.md: the large-set measurement)
+    assert quantize.RECIPES["cpu"].float_scopes == quantize.SENSITIVE_ENCODER_SCOPES == (".fc2", "proj.linear_")
+    keep2, skip2 = quantize.select_nodes(encoder, quantize.RECIPES["cpu"])
+    # the base fc2 of both encoder layers and the projector's two linears
+    assert len(skip2) == len(skip) + 4 and len(keep2) == len(keep) - 4
+    assert quantize.select_nodes(encoder, quantize.RECIPES["cpu-int8-fc2"]) == (keep, skip)
+    # no decoder module matches the encoder's fragments
+    decoder = tiny_bundles["routed"] / "decoder.onnx"
+    assert (quantize.select_nodes(decoder, quantize.RECIPES["cpu"])
+            == quantize.select_nodes(decoder, dataclasses.replace(quantize.RECIPES["cpu"], float_scopes=())))
 
 
 @pytest.mark.parametrize("recipe", ["cpu", "tensorrt"])
