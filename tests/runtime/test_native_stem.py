@@ -170,28 +170,32 @@ def test_float_and_trt_bundles_have_no_native_stem(fixture_bundles, tmp_path_fac
 
 
 @needs_kernel
-def test_native_stem_keeps_the_encoder_and_the_tokens_on_heldout_speech(fixture_int8):
+def test_native_stem_keeps_the_encoder_and_the_tokens_on_heldout_speech(fixture_bundles, fixture_int8):
+    """Both stems are int8 approximations of the float one, so neither is the other's oracle: FP32 is. A greedy
+    transcript that flips on one near-tie diverges for the rest of the clip, so whole transcripts are counted: the
+    native stem must give FP32's transcript about as often as onnxruntime's stem does (near-ties flip either
+    way: two clips of twelve); a broken stem gives almost none."""
     from megaedge import fixture
     from megaedge.runtime.evaluate import read_set
 
     native = Transcriber.from_bundle(fixture_int8, stem="native")
     ort = Transcriber.from_bundle(fixture_int8, stem="ort")
+    fp32 = Transcriber.from_bundle(fixture_bundles["merged"])
     assert native.stem is not None and ort.stem is None
     assert "encoder" in native.sessions.closed and "encoder_body" in ort.sessions.closed
     items = read_set(fixture.heldout_manifest())
-    clean = [it for it in items if it["scenario"] == "clean"]
-    clips = clean[:2] + [it for it in items if it["scenario"] != "clean"][:4]
-    agree = total = 0
+    clips = [it for it in items if it["scenario"] == "clean"][:4] + [it for it in items if it["scenario"] != "clean"][:8]
+    same_native = same_ort = 0
     for item in clips:
-        a, b = native.transcribe(item["path"]), ort.transcribe(item["path"])
-        agree += sum(x == y for x, y in zip(a.token_ids, b.token_ids))
-        total += max(len(a.token_ids), len(b.token_ids))
+        want = fp32.transcribe(item["path"]).token_ids
+        same_native += native.transcribe(item["path"]).token_ids == want
+        same_ort += ort.transcribe(item["path"]).token_ids == want
     feats = features.asr_log_mel(speechlike(12.0, seed=3))
     mel, valid = segmenting.encoder_windows(feats)
     got, want = np.concatenate(native.encode_windows(mel, valid)), np.concatenate(ort.encode_windows(mel, valid))
     cosine = float(np.sum(got * want) / np.linalg.norm(got) / np.linalg.norm(want))
     assert cosine > 0.999, cosine
-    assert agree >= 0.97 * total, f"{agree}/{total} tokens agree"
+    assert same_native >= same_ort - 2 and same_native >= 0.75 * len(clips), (same_native, same_ort, len(clips))
 
 
 @needs_kernel
