@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 32 in one run on a lent GPU machine (installs nothing; about 8 minutes at most):
+# The GPU checks of issue 32 in one run on a lent GPU machine (installs nothing; 8 minutes at most, TOTAL_S=480):
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh          # $OUT: where the JSON goes (default out/gpu_check)
 #
@@ -26,7 +26,9 @@ fi
 mkdir -p "$OUT" "$WORK"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MEGAEDGE_NO_PROGRESS=1 MEGAEDGE_VAD=off
 START=$(date +%s)
-left() { echo $(( 480 - ($(date +%s) - START) )); }
+TOTAL_S="${TOTAL_S:-480}"  # the whole script's budget; PYTEST_S: the gpu tests' share of it
+PYTEST_S="${PYTEST_S:-150}"
+left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
 budget() { local want=$1 have; have=$(left); [ "$have" -lt "$want" ] && want=$have; [ "$want" -lt 1 ] && want=1; echo "$want"; }
 
 # ---------------------------------------------------------------------------------------------- 1. environment
@@ -144,7 +146,7 @@ EOF
 echo "ort_cuda: rc $?"
 
 # ---------------------------------------------------------------------------------------------- 3. gpu tests
-timeout "$(budget 150)" "$PY" -m pytest tests/runtime/test_cuda.py -m gpu -q -rs -p no:cacheprovider \
+timeout "$(budget "$PYTEST_S")" "$PY" -m pytest tests/runtime/test_cuda.py -m gpu -q -rs -p no:cacheprovider \
   --junitxml="$OUT/pytest.xml" > "$OUT/pytest.txt" 2>&1
 rc=$?
 "$PY" - "$OUT/pytest.txt" "$rc" "$OUT/pytest.json" <<'EOF'
@@ -155,7 +157,7 @@ EOF
 echo "pytest gpu: rc $rc"
 
 # ---------------------------------------------------------------------------------------------- 4. decode benchmark
-timeout "$(budget 300)" "$PY" benchmarks/gpu_decode.py --work "$WORK" --geometry "$GEOMETRY" --device "$DEVICE" \
+timeout "$(budget "$TOTAL_S")" "$PY" benchmarks/gpu_decode.py --work "$WORK" --geometry "$GEOMETRY" --device "$DEVICE" \
   --out "$OUT/gpu_decode.json" > "$OUT/gpu_decode.txt" 2>&1
 echo "gpu_decode: rc $? (timeouts leave the stages done so far in gpu_decode.json)"
 echo "done in $(( $(date +%s) - START )) s; results in $OUT"

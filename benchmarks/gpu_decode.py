@@ -4,6 +4,7 @@ torch.compile) as the contender.
 
     python benchmarks/gpu_decode.py --work DIR [--geometry 1.7b] [--past 420] [--tokens 64] [--out JSON]
     python benchmarks/gpu_decode.py --work DIR --device cpu --geometry tiny --tokens 8      # dry run of the code
+    python benchmarks/gpu_decode.py --work DIR --bundles-only      # only the checkpoint and bundles, reused later
 
 Random weights at the real geometry (``make-test-model --init realistic``). Each variant: a prompt of ``past``
 positions (audio rows + the prompt's tokens), then ``tokens`` decode steps fed a fixed token, timed after warm-up
@@ -226,11 +227,17 @@ def main(argv=None) -> int:
     parser.add_argument("--no-contender", action="store_true", help="skip transformers")
     parser.add_argument("--no-compile", action="store_true", help="transformers without torch.compile")
     parser.add_argument("--out", default=None, help="JSON path (default WORK/gpu_decode.json)")
+    parser.add_argument("--bundles-only", action="store_true",
+                        help="only write the checkpoint and bundles into WORK (on the CPU, e.g. while other work runs)")
     args = parser.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    out = Path(args.out or work / "gpu_decode.json")
     variants = [v for v in args.variants.split(",") if v]
+    if args.bundles_only:
+        t0 = time.perf_counter()
+        print(json.dumps(make_bundles(work, args.geometry, variants)), f"{time.perf_counter() - t0:.0f} s", flush=True)
+        return 0
+    out = Path(args.out or work / "gpu_decode.json")
     results: dict = {"machine": platform.node(), "python": sys.version.split()[0], "geometry": args.geometry,
                      "device": args.device, "past": args.past, "tokens": args.tokens}
 
