@@ -29,6 +29,7 @@ import numpy as np
 
 from megaedge.errors import MegaedgeError
 from megaedge.runtime import fixed_kv
+from megaedge.runtime.session import gpu_gate
 
 LAST = np.zeros(1, np.int64)  # logits_at for one-row calls
 # From 4 rows on, per-channel dynamic int8 beats the 8-bit block kernel (benchmarks/gemv_bandwidth.py --rows 2,4,8):
@@ -87,13 +88,15 @@ class OrtState:
         else:
             import onnxruntime as ort
 
-            self.cache = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :length]))
-                          for v in self.cache]
+            with gpu_gate.shared(self.cache[0].device_name().lower() == "cuda"):  # a device-to-host copy
+                self.cache = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :length]))
+                              for v in self.cache]
         self.length = length
 
     def presents(self) -> list[np.ndarray]:
         """The cache as arrays [1, kv_heads, length, head_dim], key then value per layer (the native hand-off)."""
-        return [value.numpy() for value in self.cache]
+        with gpu_gate.shared(bool(self.cache) and self.cache[0].device_name().lower() == "cuda"):
+            return [value.numpy() for value in self.cache]
 
 
 class NativeState:

@@ -19,7 +19,9 @@ are small device buffers updated in place, the logits output a preallocated buff
 opened with ``enable_cuda_graph`` (runtime/session.py) and every state's buffers carry a graph id: its first steps
 capture a graph, later steps replay it; prompts run as ordinary runs (graph id -1). Buffers with a graph id are
 leased from a pool per session and returned when the state goes away, so a captured graph is only ever replayed
-over the buffers it was captured with, and the number of graphs stays bounded.
+over the buffers it was captured with, and the number of graphs stays bounded. The first steps over a set of
+buffers (where onnxruntime captures) hold runtime/session.py's GPU gate alone, every other GPU call holds it
+shared: a capture breaks if another thread allocates or copies meanwhile.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import weakref
 import numpy as np
 
 from megaedge.errors import MegaedgeError
+from megaedge.runtime.session import gpu_gate
 
 log = logging.getLogger("megaedge.runtime.fixed_kv")
 
@@ -46,6 +49,9 @@ DEFAULT_MAX_KV = 2048  # a 30 s segment's ~420 prompt rows + context + 256 new t
 # CUDA graphs per decoder session: each is captured over one state's buffers (a full KV cache); states beyond this
 # many at once run their steps without a graph (same results, launch-bound).
 MAX_GRAPHS = 8
+# onnxruntime captures a graph id's graph on one of its first runs (after a warm-up run that makes the
+# allocations); steps over a buffer set hold the GPU gate alone until this many have run.
+CAPTURE_RUNS = 3
 GRAPH_RUN_KEY = "gpu_graph_id"  # onnxruntime run option: which captured graph a run uses; -1 none
 
 
@@ -84,6 +90,7 @@ class _Buffers:
         self.gate_value = 1.0
         self.logits = put(np.zeros((1, dec["vocab_size"]), np.float32))
         self.graph_id = graph_id
+        self.runs = 0  # step runs over these buffers so far
         self.step_options = ort.RunOptions()
         self.step_options.add_run_config_entry(GRAPH_RUN_KEY, str(graph_id))
         binding = runner.session.io_binding()
@@ -121,15 +128,23 @@ class FixedKVRunner:
         """Buffers for a new state: a free pooled set (its graph already captured), a new pooled set with the next
         graph id, or beyond MAX_GRAPHS an unpooled set that runs without a graph."""
         if not self.cuda_graph:
-            return _Buffers(self, -1)
+            return self._new(-1)
         with self._lock:
             if self._free:
                 return self._free.pop()
             if self._graphs < MAX_GRAPHS:
                 self._graphs += 1  # ids from 1: onnxruntime reserves 0
-                return _Buffers(self, self._graphs)
-        log.warning("more than %d fixed-KV decoder states at once: this one steps without a CUDA graph", MAX_GRAPHS)
-        return _Buffers(self, -1)
+                graph_id = self._graphs
+            else:
+                graph_id = -1
+        if graph_id < 0:
+            log.warning("more than %d fixed-KV decoder states at once: this one steps without a CUDA graph",
+                        MAX_GRAPHS)
+        return self._new(graph_id)
+
+    def _new(self, graph_id: int) -> _Buffers:
+        with gpu_gate.shared(self.device == "cuda"):  # device allocations and copies
+            return _Buffers(self, graph_id)
 
     def release(self, buffers: _Buffers) -> None:
         if buffers.graph_id > 0:
@@ -142,6 +157,14 @@ class FixedKVRunner:
             return
         with self.run_lock:
             self.session.run_with_iobinding(binding, options)
+
+    def gate_for(self, buffers: _Buffers | None = None):
+        """The GPU gate for a prompt run (None) or a step over ``buffers``: alone while that step may capture."""
+        if self.device != "cuda":
+            return gpu_gate.shared(False)
+        if buffers is not None and self.cuda_graph and buffers.graph_id > 0 and buffers.runs < CAPTURE_RUNS:
+            return gpu_gate.alone()
+        return gpu_gate.shared()
 
 
 _runners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -185,7 +208,7 @@ class FixedKVState:
                 f"{self.runner.max_length} (decoder.max_kv_length); shorten the segments or the context, or "
                 f"re-export with a larger --max-kv-length")
 
-    def _gate(self, gate: float | None) -> None:
+    def _set_lora_gate(self, gate: float | None) -> None:  # under the GPU gate: a host-to-device copy
         value = 1.0 if gate is None else float(gate)
         b = self.buffers
         if b.gate is not None and value != b.gate_value:
@@ -201,7 +224,6 @@ class FixedKVState:
         self._room(rows)
         runner, b = self.runner, self.buffers
         dec = runner.decoder
-        self._gate(gate)
         total = self.length + rows
         if audio is None:
             audio = np.zeros((0, dec["hidden_size"]), dec["kv_dtype"])
@@ -217,10 +239,12 @@ class FixedKVState:
             binding.bind_ortvalue_input("lora_gate", b.gate)
         for name, value in zip(dec["past_names"], b.kv):
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", runner.device)  # first: get_outputs() lists in binding order
+        binding.bind_output("logits", "cpu")  # first: get_outputs() lists in binding order; copied in the run
         for name, value in zip(dec["present_names"], b.kv):
             binding.bind_ortvalue_output(name, value)
-        runner.run(binding, runner.prompt_options)
+        with runner.gate_for():
+            self._set_lora_gate(gate)
+            runner.run(binding, runner.prompt_options)
         self.length = total
         logits = binding.get_outputs()[0].numpy()
         return logits[len(logits) - logit_rows:]
@@ -228,13 +252,16 @@ class FixedKVState:
     def step(self, token: int, gate: float | None) -> np.ndarray:
         self._room(1)
         b = self.buffers
-        self._gate(gate)
-        b.ids.update_inplace(np.array([[token]], np.int64))
-        b.positions.update_inplace(np.array([[self.length]], np.int64))
-        b.seqlens.update_inplace(np.array([self.length], np.int32))
-        self.runner.run(b.step_binding, b.step_options)
+        with self.runner.gate_for(b):
+            self._set_lora_gate(gate)
+            b.ids.update_inplace(np.array([[token]], np.int64))
+            b.positions.update_inplace(np.array([[self.length]], np.int64))
+            b.seqlens.update_inplace(np.array([self.length], np.int32))
+            self.runner.run(b.step_binding, b.step_options)
+            b.runs += 1
+            logits = b.logits.numpy()[0].copy()  # the buffer is the next step's output
         self.length += 1
-        return b.logits.numpy()[0].copy()  # the buffer is the next step's output
+        return logits
 
     def rollback(self, length: int) -> None:
         if not 0 <= length <= self.length:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,60 @@ def resolve_providers(names) -> list[str]:
 
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 _preloaded = False
+
+
+class GpuGate:
+    """Who may touch the GPU while onnxruntime captures a CUDA graph.
+
+    onnxruntime captures in cudaStreamCaptureModeGlobal (it supports CUDA graphs from one thread only): while one
+    thread captures, a cudaMalloc or a synchronous copy made by any other thread of the process fails and breaks
+    the capture, and the other thread's call silently goes wrong (an empty transcript where several threads shared
+    a fixed-KV Transcriber on the GPU). So every megaedge call that does GPU work holds this gate shared, and the
+    decode steps that may capture (the first steps over a new set of fixed-KV buffers, runtime/fixed_kv.py) hold it
+    alone. A reader-writer lock preferring the writer; never taken again by a thread that holds it."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._alone = False
+        self._waiting = 0  # threads waiting to hold it alone: new shared holders wait behind them
+
+    @contextmanager
+    def shared(self, on_gpu: bool = True):
+        if not on_gpu:
+            yield
+            return
+        with self._cond:
+            while self._alone or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                if not self._shared:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def alone(self):
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._alone or self._shared:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._alone = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._alone = False
+                self._cond.notify_all()
+
+
+gpu_gate = GpuGate()
 # onnxruntime's intra-op threads spin-wait for work between operators by default. megaedge runs the decode steps,
 # the stem and the tokenizer on the same cores beside the sessions, and edge boxes run other services: spinning
 # threads hold those cores at 100 % while doing nothing. Off unless MEGAEDGE_ORT_SPIN=1 (or spin=True) asks for it.
@@ -148,11 +204,13 @@ class OrtSession:
     def run(self, feed: dict, check: bool = True) -> list[np.ndarray]:
         if check:
             check_feed(self.spec, feed)
-        return self.session.run(None, feed)
+        with gpu_gate.shared(self.device == "cuda"):
+            return self.session.run(None, feed)
 
     def run_bound(self, feed: dict, check: bool = True) -> list:
         """Run with IO binding: inputs may be OrtValues from a previous call (KV cache stays in backend memory);
-        returns OrtValues."""
+        returns OrtValues: the KV outputs (present*) in the session's memory, the others copied to the host inside
+        the run (a host read of a GPU value later would be a copy outside the GPU gate)."""
         import onnxruntime as ort
 
         if check:
@@ -164,8 +222,9 @@ class OrtSession:
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in self.output_names:
-            binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
+            binding.bind_output(name, self.device if name.startswith("present") else "cpu")
+        with gpu_gate.shared(self.device == "cuda"):
+            self.session.run_with_iobinding(binding)
         return binding.get_outputs()
 
 

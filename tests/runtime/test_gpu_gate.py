@@ -1,0 +1,144 @@
+"""runtime/session.py's GPU gate: onnxruntime captures CUDA graphs in global capture mode, so a capture must run
+while no other thread does GPU work. The lock's semantics are tested here with threads; which fixed-KV steps hold
+it alone is tested on a runner with a CUDA device named (the real capture is tests/runtime/test_cuda.py's)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from megaedge.runtime import fixed_kv
+from megaedge.runtime.session import GpuGate
+
+
+def _in_thread(fn):
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    return t
+
+
+def test_shared_holders_overlap_and_alone_waits_for_them():
+    gate, inside, order = GpuGate(), threading.Barrier(2, timeout=5), []
+    release = threading.Event()
+
+    def shared():
+        with gate.shared():
+            inside.wait()  # both shared holders are in at once
+            release.wait(5)
+            order.append("shared out")
+
+    threads = [_in_thread(shared), _in_thread(shared)]
+    time.sleep(0.2)
+
+    def alone():
+        with gate.alone():
+            order.append("alone in")
+
+    waiter = _in_thread(alone)
+    time.sleep(0.2)
+    assert order == []  # the capture waits for the GPU work under way
+    release.set()
+    for t in (*threads, waiter):
+        t.join(5)
+    assert order == ["shared out", "shared out", "alone in"]
+
+
+def test_alone_keeps_new_shared_holders_out_until_it_is_done():
+    gate, order = GpuGate(), []
+    holding, release = threading.Event(), threading.Event()
+
+    def alone():
+        with gate.alone():
+            holding.set()
+            release.wait(5)
+            order.append("alone out")
+
+    a = _in_thread(alone)
+    holding.wait(5)
+
+    def shared():
+        with gate.shared():
+            order.append("shared in")
+
+    b = _in_thread(shared)
+    time.sleep(0.2)
+    assert order == []
+    release.set()
+    a.join(5), b.join(5)
+    assert order == ["alone out", "shared in"]
+
+
+def test_a_waiting_capture_is_not_starved_by_a_stream_of_shared_holders():
+    gate, order = GpuGate(), []
+    first_in, release_first = threading.Event(), threading.Event()
+
+    def first():
+        with gate.shared():
+            first_in.set()
+            release_first.wait(5)
+
+    a = _in_thread(first)
+    first_in.wait(5)
+
+    def alone():
+        with gate.alone():
+            order.append("alone")
+
+    def late():
+        with gate.shared():
+            order.append("late shared")
+
+    b = _in_thread(alone)
+    time.sleep(0.2)
+    c = _in_thread(late)
+    time.sleep(0.2)
+    assert order == []  # the late shared holder queues behind the waiting capture
+    release_first.set()
+    for t in (a, b, c):
+        t.join(5)
+    assert order == ["alone", "late shared"]
+
+
+def test_off_gpu_calls_never_wait():
+    gate = GpuGate()
+    with gate.alone():
+        with gate.shared(on_gpu=False):  # CPU sessions pass through
+            pass
+
+
+class _Buffers:
+    def __init__(self, graph_id, runs):
+        self.graph_id, self.runs = graph_id, runs
+
+
+@pytest.mark.parametrize("device, graphs, graph_id, runs, alone", [
+    ("cuda", True, 1, 0, True), ("cuda", True, 3, fixed_kv.CAPTURE_RUNS - 1, True),
+    ("cuda", True, 1, fixed_kv.CAPTURE_RUNS, False),  # captured: replays share the GPU
+    ("cuda", True, -1, 0, False),  # beyond MAX_GRAPHS: never captured
+    ("cuda", False, 1, 0, False),  # a session onnxruntime opened without CUDA graphs
+    ("cpu", False, -1, 0, False),
+])
+def test_fixed_kv_steps_hold_the_gate_alone_only_while_they_may_capture(monkeypatch, device, graphs, graph_id, runs,
+                                                                         alone):
+    calls = []
+
+    class Recorder:
+        def shared(self, on_gpu=True):
+            calls.append("shared" if on_gpu else "off")
+            return GpuGate().shared(on_gpu)
+
+        def alone(self):
+            calls.append("alone")
+            return GpuGate().alone()
+
+    monkeypatch.setattr(fixed_kv, "gpu_gate", Recorder())
+    runner = fixed_kv.FixedKVRunner.__new__(fixed_kv.FixedKVRunner)
+    runner.device, runner.cuda_graph = device, graphs
+    with runner.gate_for(_Buffers(graph_id, runs)):
+        pass
+    with runner.gate_for():  # a prompt run never captures
+        pass
+    want_prompt = "shared" if device == "cuda" else "off"
+    assert calls == ["alone" if alone else want_prompt, want_prompt]
