@@ -171,7 +171,7 @@ def read_bandwidth(device: str, use_ort: bool) -> dict:
 # ------------------------------------------------------------------------------------------- the contender
 def transformers_decode(checkpoint: Path, device: str, past: int, tokens: int, compile_: bool) -> dict:
     """The checkpoint's LLM as transformers' Qwen3ForCausalLM in fp16 (fp32 on CPU) with a static cache, the step
-    compiled (mode reduce-overhead: CUDA graphs) where asked; decode tok/s = the extra tokens over the extra time
+    compiled by generate() (CUDA graphs) on a GPU unless told not to; decode tok/s = the extra tokens over the extra time
     of a long generate against a one-token one (the prefill cancels)."""
     import torch
     from transformers import Qwen3ForCausalLM
@@ -189,8 +189,9 @@ def transformers_decode(checkpoint: Path, device: str, past: int, tokens: int, c
     model = model.to(dev, dtype).eval()
     model.generation_config.cache_implementation = "static"
     model.generation_config.pad_token_id = 0
-    if compile_:
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    # generate() compiles the decode step itself on a GPU with a static cache (fullgraph, CUDA graphs, the step
+    # boundaries marked): compiling forward by hand instead breaks on its CUDA-graph outputs being reused.
+    model.generation_config.disable_compile = not compile_
     ids = torch.randint(10, 1000, (1, past), device=dev)
 
     def run(n: int) -> float:
@@ -209,7 +210,7 @@ def transformers_decode(checkpoint: Path, device: str, past: int, tokens: int, c
     weights = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "embed_tokens" not in name)
     cfg = model.config
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * past * (2 if dtype == torch.float16 else 4)
-    return {"dtype": str(dtype), "compiled": compile_, "tokens": tokens, "decode_s": round(long - short, 4),
+    return {"dtype": str(dtype), "compiled": compile_ and dev.type == "cuda", "tokens": tokens, "decode_s": round(long - short, 4),
             "tok_per_s": round(tokens / max(long - short, 1e-9), 2), "read_bytes_per_token": weights + kv,
             "torch": torch.__version__}
 
@@ -238,8 +239,16 @@ def main(argv=None) -> int:
         print(json.dumps(make_bundles(work, args.geometry, variants)), f"{time.perf_counter() - t0:.0f} s", flush=True)
         return 0
     out = Path(args.out or work / "gpu_decode.json")
-    results: dict = {"machine": platform.node(), "python": sys.version.split()[0], "geometry": args.geometry,
-                     "device": args.device, "past": args.past, "tokens": args.tokens}
+    import provenance  # beside this script
+
+    from megaedge.runtime import machine
+
+    gpu = machine.gpu_name() if args.device == "cuda" else None
+    results: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": provenance.commit(),
+                     "command": f"python benchmarks/gpu_decode.py --work DIR --geometry {args.geometry} --device "
+                                f"{args.device} --past {args.past} --tokens {args.tokens} --variants {args.variants}",
+                     "machine": gpu or platform.processor() or platform.machine(), "python": sys.version.split()[0],
+                     "geometry": args.geometry, "device": args.device, "past": args.past, "tokens": args.tokens}
 
     def save():
         out.write_text(json.dumps(results, indent=2, default=str) + "\n")

@@ -184,6 +184,13 @@ class BandwidthBounds:
         return max(self.reads)
 
 
+def _percent(part: float, whole: float) -> float:
+    """100 * part / whole to one decimal, or two significant digits below 1 % (a small model on a large GPU runs
+    at a fraction of a percent of the read bound: 0.0 would say nothing)."""
+    value = 100 * part / whole
+    return round(value, 1) if value >= 1 else float(f"{value:.2g}")
+
+
 def _summary(values: list[float]) -> dict:
     return {"median": round(float(np.median(values)), 4), "p95": round(float(np.percentile(values, 95)), 4)}
 
@@ -264,9 +271,9 @@ def run(bundle, options: BenchOptions = BenchOptions(), progress=None) -> dict:
         bound = bandwidth * 1e9 / run["decode_bytes_per_token"]
         read_bound = reads * 1e9 / run["decode_bytes_per_token"]
         decode = run["tokens_per_s"]["median"]
-        run.update(decode_bound_tokens_per_s=round(bound, 3), decode_percent_of_bound=round(100 * decode / bound, 1),
+        run.update(decode_bound_tokens_per_s=round(bound, 3), decode_percent_of_bound=_percent(decode, bound),
                    decode_read_bound_tokens_per_s=round(read_bound, 3),
-                   decode_percent_of_read_bound=round(100 * decode / read_bound, 1))
+                   decode_percent_of_read_bound=_percent(decode, read_bound))
     report["peak_rss_mib"] = round(peak_rss_mib(), 1)
     report["gpu_memory_mib"] = gpu_memory_mib() if on == "cuda" else None
     if options.profile_dir:
@@ -306,8 +313,8 @@ def format_table(report: dict) -> str:
         cells = [f"{run['audio_seconds']:g} s", str(run["generated_tokens"])]
         cells += [f"{1e3 * run[s]['median']:.0f} (p95 {1e3 * run[s]['p95']:.0f})" for s in STAGES]
         cells += [f"{1e3 * run['first_token']['median']:.0f}", f"{run['tokens_per_s']['median']:.2f}",
-                  f"{run['decode_percent_of_bound']:.0f}",
-                  f"{run['decode_percent_of_read_bound']:.0f}" if "decode_percent_of_read_bound" in run else "-",
+                  f"{run['decode_percent_of_bound']:g}",
+                  f"{run['decode_percent_of_read_bound']:g}" if "decode_percent_of_read_bound" in run else "-",
                   f"{run['rtf']['median']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
