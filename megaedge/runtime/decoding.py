@@ -88,15 +88,18 @@ class OrtState:
         else:
             import onnxruntime as ort
 
-            with gpu_gate.shared(self.cache[0].device_name().lower() == "cuda"):  # a device-to-host copy
+            with gpu_gate.shared(self._cache_on_gpu()):  # a device-to-host copy
                 self.cache = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :length]))
                               for v in self.cache]
         self.length = length
 
     def presents(self) -> list[np.ndarray]:
         """The cache as arrays [1, kv_heads, length, head_dim], key then value per layer (the native hand-off)."""
-        with gpu_gate.shared(bool(self.cache) and self.cache[0].device_name().lower() == "cuda"):
+        with gpu_gate.shared(self._cache_on_gpu()):
             return [value.numpy() for value in self.cache]
+
+    def _cache_on_gpu(self) -> bool:
+        return bool(self.cache) and self.cache[0].device_name().lower() == "cuda"
 
 
 class NativeState:

@@ -143,7 +143,7 @@ class FixedKVRunner:
         return self._new(graph_id)
 
     def _new(self, graph_id: int) -> _Buffers:
-        with gpu_gate.shared(self.device == "cuda"):  # device allocations and copies
+        with self.gate_for():  # device allocations and copies
             return _Buffers(self, graph_id)
 
     def release(self, buffers: _Buffers) -> None:

@@ -19,6 +19,15 @@ def _in_thread(fn):
     return t
 
 
+def _enter(hold, order: list, label: str):
+    """A thread that takes ``hold()`` (the gate's shared or alone), notes ``label`` inside it and leaves."""
+    def run():
+        with hold():
+            order.append(label)
+
+    return _in_thread(run)
+
+
 def test_shared_holders_overlap_and_alone_waits_for_them():
     gate, inside, order = GpuGate(), threading.Barrier(2, timeout=5), []
     release = threading.Event()
@@ -31,12 +40,7 @@ def test_shared_holders_overlap_and_alone_waits_for_them():
 
     threads = [_in_thread(shared), _in_thread(shared)]
     time.sleep(0.2)
-
-    def alone():
-        with gate.alone():
-            order.append("alone in")
-
-    waiter = _in_thread(alone)
+    waiter = _enter(gate.alone, order, "alone in")
     time.sleep(0.2)
     assert order == []  # the capture waits for the GPU work under way
     release.set()
@@ -57,12 +61,7 @@ def test_alone_keeps_new_shared_holders_out_until_it_is_done():
 
     a = _in_thread(alone)
     holding.wait(5)
-
-    def shared():
-        with gate.shared():
-            order.append("shared in")
-
-    b = _in_thread(shared)
+    b = _enter(gate.shared, order, "shared in")
     time.sleep(0.2)
     assert order == []
     release.set()
@@ -82,17 +81,9 @@ def test_a_waiting_capture_is_not_starved_by_a_stream_of_shared_holders():
     a = _in_thread(first)
     first_in.wait(5)
 
-    def alone():
-        with gate.alone():
-            order.append("alone")
-
-    def late():
-        with gate.shared():
-            order.append("late shared")
-
-    b = _in_thread(alone)
+    b = _enter(gate.alone, order, "alone")
     time.sleep(0.2)
-    c = _in_thread(late)
+    c = _enter(gate.shared, order, "late shared")
     time.sleep(0.2)
     assert order == []  # the late shared holder queues behind the waiting capture
     release_first.set()
