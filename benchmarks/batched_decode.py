@@ -11,6 +11,7 @@ per step and per token, the rate they are read at, and the share of the step a p
 at the one-sequence rate (the rest is products, attention and the small work between them).
 
 Usage: python benchmarks/batched_decode.py [--geometry 1.7b] [--batches 1,2,4,8] [--steps 12] [--rounds 3]
+       [--baseline REV] (the kernels of git revision REV timed beside these, in the same rounds)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -86,6 +88,18 @@ def write_weights(folder: Path, g: dict, seed: int = 0) -> tuple[dict, int]:
     return index, step_bytes
 
 
+def baseline_kernels(rev: str, folder: Path) -> kernels.Q8Kernels:
+    """The kernel library as built from git revision ``rev``'s sources (same compiler and flags as this build), to
+    time beside this checkout's in one run."""
+    subprocess.run(f"git archive {rev} megaedge/assets/kernels | tar -x -C {folder}", shell=True, check=True,
+                   cwd=Path(__file__).resolve().parents[1])
+    cc, out = kernels.compiler(), folder / "baseline.so"
+    source = folder / "megaedge" / "assets" / "kernels" / "decoder.c"
+    subprocess.run([cc, *kernels.VARIANT_FLAGS["native"][0], "-shared", "-fPIC", "-o", str(out), str(source), "-lm"],
+                   check=True)
+    return kernels.Q8Kernels(out, origin=f"git {rev}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="1.7b")
@@ -93,6 +107,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="steps timed per batch size and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--context", type=int, default=400, help="cache positions per sequence before stepping")
+    parser.add_argument("--short-context", type=int, default=8,
+                        help="cache positions of the attention split's second run (0: no split)")
+    parser.add_argument("--baseline", default=None, metavar="REV",
+                        help="also time the kernels of git revision REV, interleaved with these")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="JSON file (default results/batched_decode_<geometry>.json)")
     args = parser.parse_args()
@@ -100,6 +118,7 @@ def main() -> None:
     g = GEOMETRIES[args.geometry]
     built = kernels.load()
     threads = args.threads or len(os.sched_getaffinity(0))
+    contexts = [args.context] + ([args.short_context] if args.short_context else [])
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         t0 = time.perf_counter()
@@ -109,56 +128,79 @@ def main() -> None:
         info = SimpleNamespace(decoder={"native": index}, routed=False)
         base = native_decode.NativeDecoder(folder, info, built, threads=threads)
         base.wait_loaded()
+        builds = {"this": base}
+        if args.baseline:
+            other = baseline_kernels(args.baseline, folder)
+            builds[args.baseline] = native_decode.NativeDecoder(folder, info, other, threads=threads, _weights=base._w)
         rng = np.random.default_rng(1)
-        shape = (1, g["kv_heads"], args.context, g["head_dim"])
-        presents = [rng.standard_normal(shape).astype(np.float32) for _ in range(2 * g["layers"])]
-        pools = {}
-        for b in batches:
-            pools[b] = []
-            for _ in range(b):
-                d = base.spawn()
-                d.start(presents, args.rounds * (args.steps + 1) + 2)
-                pools[b].append(d)
-        times: dict[int, list[float]] = {b: [] for b in batches}
+        pools = {}  # (build, context, batch) -> decoders
+        for context in contexts:
+            shape = (1, g["kv_heads"], context, g["head_dim"])
+            presents = [rng.standard_normal(shape).astype(np.float32) for _ in range(2 * g["layers"])]
+            for name, decoder in builds.items():
+                for b in batches:
+                    pools[name, context, b] = []
+                    for _ in range(b):
+                        d = decoder.spawn()
+                        d.start(presents, args.rounds * (args.steps + 1) + 2)
+                        pools[name, context, b].append(d)
+        times: dict[tuple, list[float]] = {key: [] for key in pools}
         for r in range(args.rounds):
-            for b in batches:  # interleaved: each round runs every batch size
-                decoders = pools[b]
+            for key, decoders in pools.items():  # interleaved: each round runs every build, context and size
+                b = len(decoders)
                 tokens = [int(t) for t in rng.integers(0, g["vocab"], b)]
                 for _ in range(args.steps):
                     s0 = time.perf_counter()
                     logits = (decoders[0].step(tokens[0])[None] if b == 1
                               else native_decode.step_batch(decoders, tokens))
-                    times[b].append(time.perf_counter() - s0)
+                    times[key].append(time.perf_counter() - s0)
                     tokens = [int(np.argmax(row)) for row in logits]
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(
-                f"B={b} {statistics.median(times[b][-args.steps:]) * 1e3:.0f} ms" for b in batches), flush=True)
-    one = statistics.median(times[batches[0]]) if batches[0] == 1 else None
+                f"B={b} {statistics.median(times['this', args.context, b][-args.steps:]) * 1e3:.0f} ms"
+                for b in batches), flush=True)
+    step = {key: statistics.median(values) for key, values in times.items()}
+    one = step["this", args.context, 1] if 1 in batches else None
     rows = []
     for b in batches:
-        step = statistics.median(times[b])
-        rows.append({
-            "batch": b, "step_seconds": round(step, 4), "tokens_per_second": round(b / step, 2),
-            "speedup_vs_one": round((b / step) / (1 / one), 2) if one else None,
+        s = step["this", args.context, b]
+        row = {
+            "batch": b, "step_seconds": round(s, 4), "tokens_per_second": round(b / s, 2),
+            "speedup_vs_one": round((b / s) / (1 / one), 2) if one else None,
             "weight_bytes_per_step": step_bytes, "weight_bytes_per_token": step_bytes // b,
-            "read_gb_per_second": round(step_bytes / step / 1e9, 2),
-            "read_share_at_one_sequence_rate": round(one / step, 3) if one else None,
-        })
+            "read_gb_per_second": round(step_bytes / s / 1e9, 2),
+            "read_share_at_one_sequence_rate": round(one / s, 3) if one else None,
+        }
+        if args.short_context:
+            short = step["this", args.short_context, b]
+            row["attention_share"] = round(max(0.0, s - short) / s, 3)
+        if args.baseline:
+            old = step[args.baseline, args.context, b]
+            row["baseline_step_seconds"] = round(old, 4)
+            row["baseline_tokens_per_second"] = round(b / old, 2)
+        rows.append(row)
     result = {
         "benchmark": "batched_decode", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "commit": _commit(), "command": "python " + " ".join(sys.argv),
         "machine": {**machine.cpu_facts(), "python": platform.python_version(), "kernel_isa": built.isa,
                     "threads": threads},
         "geometry": args.geometry, "context": args.context, "steps_per_round": args.steps, "rounds": args.rounds,
-        "results": rows,
+        "baseline": args.baseline, "results": rows,
         "notes": "Random int8 weights at the real geometry in the MatMulNBits layout; every sequence's tokens are "
-                 "the bits it gets alone (tests/runtime/test_batching.py). read_share_at_one_sequence_rate: the "
-                 "one-sequence step time over this size's step time, i.e. the share a weight read at the "
-                 "single-stream rate would take; the rest is int8 products and per-sequence attention.",
+                 "the bits it gets alone (tests/runtime/test_batching.py). Where the step goes: "
+                 "read_share_at_one_sequence_rate is the one-sequence step over this size's step, i.e. the share a "
+                 "read of the weights at the single-stream rate would take; attention_share is (step at --context "
+                 "- step at --short-context) / step, the per-sequence attention over the cache; the rest is the "
+                 "int8 products and the small per-sequence work between them. baseline_*: the kernels of git "
+                 "revision `baseline`, timed in the same rounds.",
     }
-    print(f"{'batch':>5} {'step ms':>8} {'tok/s':>7} {'speed-up':>8} {'GB/s':>6}")
+    print(f"{'batch':>5} {'step ms':>8} {'tok/s':>7} {'speed-up':>8} {'GB/s':>6} {'read':>5} {'attn':>5}"
+          + (f" {'baseline ms':>11} {'tok/s':>7}" if args.baseline else ""))
     for row in rows:
         print(f"{row['batch']:>5} {row['step_seconds'] * 1e3:>8.0f} {row['tokens_per_second']:>7.2f} "
-              f"{row['speedup_vs_one'] or 0:>8.2f} {row['read_gb_per_second']:>6.1f}")
+              f"{row['speedup_vs_one'] or 0:>8.2f} {row['read_gb_per_second']:>6.1f} "
+              f"{row['read_share_at_one_sequence_rate'] or 0:>5.2f} {row.get('attention_share', 0):>5.2f}"
+              + (f" {row['baseline_step_seconds'] * 1e3:>11.0f} {row['baseline_tokens_per_second']:>7.2f}"
+                 if args.baseline else ""))
     out = Path(args.out) if args.out else RESULTS / f"batched_decode_{args.geometry}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"saved {out}")

@@ -38,14 +38,15 @@ def _decoders(bundle, built, lengths, threads=2):
 @needs_kernel
 @pytest.mark.parametrize("built", VARIANTS)
 def test_a_batch_gives_each_sequence_its_solo_bits(fixture_int8, built):
-    """Six sequences at different positions (a full group of four and a part group, as the AVX2 products take
-    them), four steps: batched logits and caches equal stepping each alone."""
-    lengths = (5, 17, 11, 2, 23, 8)
+    """Eleven sequences at different positions, stepped in batches of every size the products treat apart (a full
+    group of eight and a part group of three, then 8, 7, ... 2 of them): batched logits and caches equal stepping
+    each alone."""
+    lengths = (5, 17, 11, 2, 23, 8, 14, 3, 9, 20, 6)
     _, batched = _decoders(fixture_int8, built, lengths)
     _, alone = _decoders(fixture_int8, built, lengths)
-    tokens = [[3, 5, 7, 43, 47, 53], [11, 13, 17, 59, 61, 67], [19, 23, 29, 71, 73, 79], [31, 37, 41, 83, 89, 97]]
-    for step in tokens:
-        got = native_decode.step_batch([d for d, _ in batched], step)
+    for size in (11, 8, 7, 6, 5, 4, 3, 2):
+        step = [3 + 7 * i + size for i in range(size)]
+        got = native_decode.step_batch([d for d, _ in batched[:size]], step)
         for row, (d, _), token in zip(got, alone, step):
             np.testing.assert_array_equal(row, d.step(token))
     for (a, _), (b, _) in zip(batched, alone):
@@ -54,7 +55,6 @@ def test_a_batch_gives_each_sequence_its_solo_bits(fixture_int8, built):
             np.testing.assert_array_equal(mine[:, : a.length], theirs[:, : b.length])
 
 
-@needs_kernel
 def test_batch_arguments_are_checked(fixture_int8):
     from tests.runtime.kernel_builds import KERNELS
 

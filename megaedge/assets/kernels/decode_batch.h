@@ -13,6 +13,8 @@
 #include "quantize.h"
 
 #define ME_MAX_BATCH 16
+/* sequences a row's weight block is read for while it is in registers (see gemv_batch_share) */
+#define ME_BATCH_GROUP 8
 
 /* Row r of m against B activation vectors: y[b * ystride + r] for each b, each summed exactly as rows_together
    sums one row for one activation vector (block order, the same vector operations, the same final reduction). */
@@ -45,40 +47,45 @@ static inline __attribute__((always_inline)) void rows_batch(const me_linear *m,
 #endif
 #if ME_ISA == 1
     if (blk % 32 == 0 && blk <= 128) {
-        /* dot32_avx2 per sequence, with the weights' half of it (signed, magnitude) done once per chunk instead of
-           once per sequence: AVX2's byte products are the limit of a batch, and this is a third of them. At most four
-           sequences (gemv_batch_share's groups), so that their accumulators and a block's weight chunks stay in
-           the sixteen registers. Each sum is formed exactly as dot32_avx2 and rows_together form it. */
+        /* dot32_avx2 per sequence, with the weights' half of it (signed, magnitude) done once per chunk for up to
+           eight sequences (gemv_batch_share's groups) instead of once per sequence: AVX2's byte products are the
+           limit of a batch, and this is a third of them. G is a constant here (gemv_batch_share dispatches), so the
+           accumulators stay in registers, and the block scales' products come from a table made once per row
+           (each the same float product sw * sa). Each sum is formed exactly as dot32_avx2 and rows_together form
+           it: int32 lanes summed over the chunks, then one fused multiply-add per block in block order. */
         const __m256i bias = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
         const int chunks = blk / 32;
-        for (int b0 = 0; b0 < B; b0 += 4) {
-            const int G = B - b0 < 4 ? B - b0 : 4;
-            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-            for (int k = 0; k < nb; k++) {
-                const uint8_t *p = row + (size_t)k * blk;
-                __m256i ws[4], aw[4];
-                for (int c = 0; c < chunks; c++) {
-                    ws[c] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 32 * c)), bias);
-                    aw[c] = _mm256_abs_epi8(ws[c]);
-                }
-                for (int g = 0; g < G; g++) {
-                    const me_act *a = &acts[b0 + g];
-                    const int8_t *qb = a->q + (size_t)k * blk;
-                    __m256i d = _mm256_madd_epi16(
-                        _mm256_maddubs_epi16(aw[0], _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)qb), ws[0])),
-                        ones);
-                    for (int c = 1; c < chunks; c++)
-                        d = _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_maddubs_epi16(
-                            aw[c], _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(qb + 32 * c)), ws[c])), ones));
-                    acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(sw[k] * a->sa[k]), acc[g]);
-                }
+        float scale[ME_BATCH_GROUP][nb];
+        for (int g = 0; g < B; g++)
+            for (int k = 0; k < nb; k++) scale[g][k] = sw[k] * acts[g].sa[k];
+        __m256 acc[ME_BATCH_GROUP];
+        for (int g = 0; g < B; g++) acc[g] = _mm256_setzero_ps();
+        for (int k = 0; k < nb; k++) {
+            const uint8_t *p = row + (size_t)k * blk;
+            /* a group spends long enough on each weight byte that the hardware prefetcher falls behind (the solo
+               step, gemv.h, reads too fast for that and does better without): ask for the rows after this one */
+            _mm_prefetch((const char *)(p + 8192), _MM_HINT_T0);
+            if (blk > 64) _mm_prefetch((const char *)(p + 8192 + 64), _MM_HINT_T0);
+            __m256i ws[4], aw[4];
+            for (int c = 0; c < chunks; c++) {
+                ws[c] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 32 * c)), bias);
+                aw[c] = _mm256_abs_epi8(ws[c]);
             }
-            for (int g = 0; g < G; g++) {
-                __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[g]), _mm256_extractf128_ps(acc[g], 1));
-                h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-                h = _mm_add_ss(h, _mm_movehdup_ps(h));
-                y[(b0 + g) * ystride + r] = _mm_cvtss_f32(h);
+            for (int g = 0; g < B; g++) {
+                const int8_t *qb = acts[g].q + (size_t)k * blk;
+                __m256i d = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(aw[0], _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)qb), ws[0])), ones);
+                for (int c = 1; c < chunks; c++)
+                    d = _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_maddubs_epi16(
+                        aw[c], _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(qb + 32 * c)), ws[c])), ones));
+                acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_broadcast_ss(&scale[g][k]), acc[g]);
             }
+        }
+        for (int g = 0; g < B; g++) {
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[g]), _mm256_extractf128_ps(acc[g], 1));
+            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_add_ss(h, _mm_movehdup_ps(h));
+            y[g * ystride + r] = _mm_cvtss_f32(h);
         }
         return;
     }
@@ -114,11 +121,22 @@ static inline __attribute__((always_inline)) void rows_batch(const me_linear *m,
     for (int b = 0; b < B; b++) y[b * ystride + r] = sum[b];
 }
 
+/* rows [r0, r1) of y_b = m x_b for a group of G sequences; G and the block size constants where it matters, so that
+   rows_batch keeps a group's accumulators in registers */
+static inline __attribute__((always_inline)) void rows_group(const me_linear *m, const me_act *acts, const int G,
+                                                             float *y, size_t ystride, int r0, int r1) {
+    for (int r = r0; r < r1; r++) {
+        if (m->blk == 128)
+            rows_batch(m, acts, G, y, ystride, r, 128);
+        else
+            rows_batch(m, acts, G, y, ystride, r, m->blk);
+    }
+}
+
 /* this thread's share of the rows of y_b = m x_b for every b (y: [B][ystride]), inside a parallel region.
-   Sequences go in groups of four over a tile of rows, then the next group over the same tile: a group's
-   activation vectors (up to 4 x 6 KB at 1.7B's MLP) stay in L1 across the tile, and the tile's weights (16 rows)
-   come from L2 for the second group, where all eight sequences' vectors cycling through L1 per row spilled both. */
-#define ME_BATCH_GROUP 4
+   Sequences go in groups of up to eight over a tile of rows, then the next group over the same tile: each weight
+   block is read once from memory for a group (its signed and magnitude forms made once for all eight), a group's
+   activation vectors stay in L1 across the tile, and the tile's weights (16 rows) come from L2 for the next group. */
 #define ME_BATCH_TILE 16
 static void gemv_batch_share(const me_linear *m, const me_act *acts, int B, float *y, size_t ystride) {
     const int t = thread_id(), T = team_size();
@@ -126,12 +144,17 @@ static void gemv_batch_share(const me_linear *m, const me_act *acts, int B, floa
     for (int r0 = lo; r0 < hi; r0 += ME_BATCH_TILE) {
         const int r1 = r0 + ME_BATCH_TILE < hi ? r0 + ME_BATCH_TILE : hi;
         for (int b0 = 0; b0 < B; b0 += ME_BATCH_GROUP) {
-            const int G = B - b0 < ME_BATCH_GROUP ? B - b0 : ME_BATCH_GROUP;
-            for (int r = r0; r < r1; r++) {
-                if (m->blk == 128)
-                    rows_batch(m, acts + b0, G, y + (size_t)b0 * ystride, ystride, r, 128);
-                else
-                    rows_batch(m, acts + b0, G, y + (size_t)b0 * ystride, ystride, r, m->blk);
+            const me_act *a = acts + b0;
+            float *yb = y + (size_t)b0 * ystride;
+            switch (B - b0 < ME_BATCH_GROUP ? B - b0 : ME_BATCH_GROUP) {
+            case 1: rows_group(m, a, 1, yb, ystride, r0, r1); break;
+            case 2: rows_group(m, a, 2, yb, ystride, r0, r1); break;
+            case 3: rows_group(m, a, 3, yb, ystride, r0, r1); break;
+            case 4: rows_group(m, a, 4, yb, ystride, r0, r1); break;
+            case 5: rows_group(m, a, 5, yb, ystride, r0, r1); break;
+            case 6: rows_group(m, a, 6, yb, ystride, r0, r1); break;
+            case 7: rows_group(m, a, 7, yb, ystride, r0, r1); break;
+            default: rows_group(m, a, 8, yb, ystride, r0, r1); break;
             }
         }
     }
