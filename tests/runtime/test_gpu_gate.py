@@ -28,6 +28,23 @@ def _enter(hold, order: list, label: str):
     return _in_thread(run)
 
 
+def _holding(hold, order: list | None = None, label: str = ""):
+    """A thread inside ``hold()`` once this returns, staying until the returned event is set; it notes ``label``
+    on its way out, if given. Returns (thread, release)."""
+    inside, release = threading.Event(), threading.Event()
+
+    def run():
+        with hold():
+            inside.set()
+            release.wait(5)
+            if label:
+                order.append(label)
+
+    thread = _in_thread(run)
+    inside.wait(5)
+    return thread, release
+
+
 def test_shared_holders_overlap_and_alone_waits_for_them():
     gate, inside, order = GpuGate(), threading.Barrier(2, timeout=5), []
     release = threading.Event()
@@ -51,16 +68,7 @@ def test_shared_holders_overlap_and_alone_waits_for_them():
 
 def test_alone_keeps_new_shared_holders_out_until_it_is_done():
     gate, order = GpuGate(), []
-    holding, release = threading.Event(), threading.Event()
-
-    def alone():
-        with gate.alone():
-            holding.set()
-            release.wait(5)
-            order.append("alone out")
-
-    a = _in_thread(alone)
-    holding.wait(5)
+    a, release = _holding(gate.alone, order, "alone out")
     b = _enter(gate.shared, order, "shared in")
     time.sleep(0.2)
     assert order == []
@@ -71,16 +79,7 @@ def test_alone_keeps_new_shared_holders_out_until_it_is_done():
 
 def test_a_waiting_capture_is_not_starved_by_a_stream_of_shared_holders():
     gate, order = GpuGate(), []
-    first_in, release_first = threading.Event(), threading.Event()
-
-    def first():
-        with gate.shared():
-            first_in.set()
-            release_first.wait(5)
-
-    a = _in_thread(first)
-    first_in.wait(5)
-
+    a, release_first = _holding(gate.shared)
     b = _enter(gate.alone, order, "alone")
     time.sleep(0.2)
     c = _enter(gate.shared, order, "late shared")
