@@ -5,6 +5,8 @@ torch.compile) as the contender.
     python benchmarks/gpu_decode.py --work DIR [--geometry 1.7b] [--past 420] [--tokens 64] [--out JSON]
     python benchmarks/gpu_decode.py --work DIR --device cpu --geometry tiny --tokens 8      # dry run of the code
     python benchmarks/gpu_decode.py --work DIR --bundles-only      # only the checkpoint and bundles, reused later
+    git show REV:megaedge/export/fixed_kv.py > prev.py             # an earlier fixed-KV graph as a contender:
+    python benchmarks/gpu_decode.py --work DIR --previous-exporter prev.py --variants fixed-fp16-prev,fixed-fp16
 
 Random weights at the real geometry (``make-test-model --init realistic``). Each variant: a prompt of ``past``
 positions (audio rows + the prompt's tokens), then ``tokens`` decode steps fed a fixed token, timed after warm-up
@@ -12,6 +14,11 @@ steps (the fixed-KV variant captures its CUDA graph there). The read bound: the 
 KV bytes a step attends, over the device's measured read bandwidth (runtime/device_bandwidth.py through
 onnxruntime; with torch where onnxruntime has no CUDA). Stages that cannot run (no CUDA provider, no transformers,
 no torch GPU) are recorded with the reason, never fatal: the JSON always says what ran.
+
+Each onnxruntime variant also gets an op census: the nodes one decode step runs after the provider's graph
+optimizations (from onnxruntime's profile of an ordinary, uncaptured run), and whether onnxruntime folded the
+q/k norms into the attention. ``--kernels`` adds where the GPU time of the CUDA-graph steps goes, kernel by
+kernel (torch's CUPTI profiler, which sees every kernel in the process).
 """
 
 from __future__ import annotations
@@ -64,7 +71,66 @@ def ort_cuda_reason() -> str | None:
 
 
 # ------------------------------------------------------------------------------------------- bundles
-def make_bundles(work: Path, geometry: str, variants: list[str]) -> dict:
+def previous_exporter(path: Path):
+    """export_decoder of an earlier revision's export/fixed_kv.py (``path``), loaded beside today's: its torch
+    ops renamed into their own namespace (the names are global), its graph inputs as that revision named them
+    (position_ids first; today's runtime still binds it where a graph has it)."""
+    import types
+
+    source = path.read_text().replace("megaedge::", "megaedge_prev::").replace("torch.ops.megaedge.",
+                                                                              "torch.ops.megaedge_prev.")
+    source = source.replace("*fixed_kv.FIXED_INPUTS", '"position_ids", "seqlens_k", "total_sequence_length"')
+    module = types.ModuleType("megaedge_prev_fixed_kv")
+    module.__file__ = str(path)
+    exec(compile(source, str(path), "exec"), module.__dict__)  # noqa: S102 - a file the user named
+    return module.export_decoder
+
+
+def with_qk_norm_in_attention(src: Path, out: Path) -> Path:
+    """A copy of the fixed-KV bundle ``src`` whose attention nodes take the q/k norms themselves (``q_norm_weight``
+    / ``k_norm_weight``, inputs 14 and 15 of GroupQueryAttention, CUDA only): the rewrite onnxruntime's
+    GroupQueryAttentionPreNormFusion makes, made here so its speed is measured whether or not the installed
+    onnxruntime makes it. The weights file is hard-linked, not copied; the manifest's digests no longer hold
+    (the benchmark reads bundles unverified)."""
+    import os
+
+    import onnx
+    from onnx import helper
+
+    out.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name != "decoder.onnx":
+            os.link(f, out / f.name)
+    model = onnx.load(str(src / "decoder.onnx"), load_external_data=False)
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    drop = set()
+    for node in graph.node:
+        if node.op_type != "GroupQueryAttention":
+            continue
+        weights, eps = [], None
+        for slot in (0, 1):
+            outer = producer[node.input[slot]]
+            norm = producer[outer.input[0]]
+            inner = producer[norm.input[0]]
+            assert (outer.op_type, norm.op_type, inner.op_type) == ("Reshape", "SimplifiedLayerNormalization",
+                                                                    "Reshape"), "not the pre-norm chain"
+            node.input[slot] = inner.input[0]
+            weights.append(norm.input[1])
+            eps = next((a.f for a in norm.attribute if a.name == "epsilon"), 1e-5)
+            drop.update(id(n) for n in (outer, norm, inner))
+        inputs = list(node.input) + [""] * (14 - len(node.input))
+        del node.input[:]
+        node.input.extend(inputs[:14] + weights)
+        node.attribute.append(helper.make_attribute("qk_norm_epsilon", eps))
+    kept = [n for n in graph.node if id(n) not in drop]
+    del graph.node[:]
+    graph.node.extend(kept)
+    onnx.save(model, str(out / "decoder.onnx"))
+    return out
+
+
+def make_bundles(work: Path, geometry: str, variants: list[str], previous: Path | None = None) -> dict:
     """The checkpoint and the bundles the variants need, in ``work`` (reused when already there)."""
     from megaedge.export.bundle import ExportOptions, export_bundle
     from megaedge.export.factory import write_checkpoint
@@ -79,12 +145,29 @@ def make_bundles(work: Path, geometry: str, variants: list[str]) -> dict:
               "fixed-fp16": ("fixed-fp16", ExportOptions(precision="fp16", target="cuda", validate=False,
                                                          include_router=False))}
     for variant in variants:
+        if variant == "fixed-fp16-prev":
+            if previous is None:
+                raise ValueError("variant fixed-fp16-prev needs --previous-exporter")
+            if not (work / variant / "megaedge.json").is_file():
+                from unittest import mock
+
+                shutil.rmtree(work / variant, ignore_errors=True)
+                with mock.patch("megaedge.export.bundle._decoder_exporter",
+                                return_value=previous_exporter(previous)):
+                    export_bundle(checkpoint, work / variant, wanted["fixed-fp16"][1])
+            paths[variant] = work / variant
+            continue
         base = "fixed-fp16" if variant.startswith("fixed") else "growing-fp16"
         name, options = wanted[base]
         if not (work / name / "megaedge.json").is_file():
             shutil.rmtree(work / name, ignore_errors=True)
             export_bundle(checkpoint, work / name, options)
         paths[variant] = work / name
+        if variant == "fixed-fp16-qknorm":
+            if not (work / variant / "megaedge.json").is_file():
+                shutil.rmtree(work / variant, ignore_errors=True)
+                with_qk_norm_in_attention(work / name, work / variant)
+            paths[variant] = work / variant
         if variant == "fixed-int4":
             if not (work / "fixed-int4" / "megaedge.json").is_file():
                 shutil.rmtree(work / "fixed-int4", ignore_errors=True)
@@ -133,6 +216,79 @@ def ort_decode(bundle: Path, device: str, past: int, tokens: int, warmup: int) -
             "cuda_graph": bool(getattr(session, "cuda_graph", False)), "prompt_rows": len(ids),
             "prefill_s": round(prefill, 4), "tokens": tokens, "decode_s": round(seconds, 4),
             "tok_per_s": round(tokens / seconds, 2), "logits_finite": bool(np.isfinite(logits).all())}
+
+
+def op_census(bundle: Path, device: str, past: int) -> dict:
+    """The nodes one decode step runs after onnxruntime's optimizations for ``device``: op type counts from the
+    profile of an ordinary run (no CUDA graph, whose replays the profiler cannot see), and how many attention
+    nodes onnxruntime gave the q/k norms (GroupQueryAttentionPreNormFusion names them ``*_qknorm``)."""
+    import onnxruntime as ort
+
+    from megaedge.runtime import fixed_kv, manifest, session as me_session
+
+    info = manifest.read(bundle, verify=False)
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(bundle.parent / f"profile-{bundle.name}")
+    sess = ort.InferenceSession(str(bundle / info.graph("decoder").file), options,
+                                providers=me_session.resolve_providers((device,)))
+    runner = fixed_kv.FixedKVRunner(sess, info.decoder, info.routed, np.dtype(info.decoder["kv_dtype"]), device)
+    state = fixed_kv.FixedKVState(runner)
+    state.extend(list(range(10, 10 + past)), None, None)
+    for _ in range(3):
+        state.step(11, None)
+    trace = json.loads(Path(sess.end_profiling()).read_text())
+    runs = [e for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    last = runs[-1]
+    nodes = [e for e in trace if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+             and last["ts"] <= e["ts"] <= last["ts"] + last["dur"]]
+    ops: dict = {}
+    for e in nodes:
+        ops[e["args"]["op_name"]] = ops.get(e["args"]["op_name"], 0) + 1
+    providers: dict = {}
+    for e in nodes:
+        providers[e["args"].get("provider", "?")] = providers.get(e["args"].get("provider", "?"), 0) + 1
+    return {"nodes_per_step": len(nodes), "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
+            "providers": providers, "attention_nodes_with_qk_norm": sum(
+                e["args"]["op_name"] == "GroupQueryAttention" and "_qknorm" in e["name"] for e in nodes),
+            "step_host_ms": round(last["dur"] / 1000, 3)}
+
+
+def kernel_profile(bundle: Path, past: int, steps: int = 16) -> dict:
+    """GPU time per kernel over ``steps`` CUDA-graph decode steps (torch.profiler's CUPTI trace of the process)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from megaedge.runtime import decoding
+    from megaedge.runtime.transcriber import Transcriber
+
+    tr = Transcriber.from_bundle(bundle, providers=("cuda",), vad="off", verify=False)
+    ids = tr.prompt(max(past - len(tr.prompt(0, None, None)), 0), None, None)
+    rows = ids.count(int(tr.manifest.prompt.audio_pad))
+    audio = np.zeros((rows, tr.manifest.decoder["hidden_size"]), tr.kv_dtype)
+    state = decoding.open_state(tr, steps + 8)
+    state.extend(ids, audio, None)
+    token = int(tr.manifest.prompt.asr_text)
+    for _ in range(6):  # capture and warm
+        state.step(token, None)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            state.step(token, None)
+        torch.cuda.synchronize()
+    kernels: dict = {}
+    for e in prof.events():
+        if e.device_type.name != "CUDA":
+            continue
+        k = kernels.setdefault(e.name[:120], [0, 0.0])
+        k[0] += 1
+        k[1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+    total = sum(v[1] for v in kernels.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:25]
+    return {"steps": steps, "kernels_per_step": round(sum(v[0] for v in kernels.values()) / steps, 1),
+            "gpu_ms_per_step": round(total / steps / 1000, 4),
+            "top": [{"kernel": name, "per_step": round(n / steps, 2), "us_per_step": round(t / steps, 1),
+                     "share": round(t / total, 3) if total else None} for name, (n, t) in top]}
 
 
 # ------------------------------------------------------------------------------------------- bandwidth
@@ -224,7 +380,12 @@ def main(argv=None) -> int:
     parser.add_argument("--past", type=int, default=420, help="prompt positions before decoding (default 420)")
     parser.add_argument("--tokens", type=int, default=64, help="timed decode steps (default 64)")
     parser.add_argument("--warmup", type=int, default=8, help="untimed steps first (CUDA graph capture)")
-    parser.add_argument("--variants", default="growing-fp16,fixed-fp16,fixed-int4")
+    parser.add_argument("--variants", default="growing-fp16,fixed-fp16,fixed-int4",
+                        help="of growing-fp16, fixed-fp16, fixed-int4, fixed-fp16-qknorm (q/k norms in the "
+                             "attention node, CUDA only), fixed-fp16-prev (--previous-exporter)")
+    parser.add_argument("--previous-exporter", type=Path, default=None,
+                        help="an earlier revision's export/fixed_kv.py: its graph is the variant fixed-fp16-prev")
+    parser.add_argument("--kernels", default="", help="variants whose CUDA-graph steps get a kernel profile")
     parser.add_argument("--no-contender", action="store_true", help="skip transformers")
     parser.add_argument("--no-compile", action="store_true", help="transformers without torch.compile")
     parser.add_argument("--out", default=None, help="JSON path (default WORK/gpu_decode.json)")
@@ -236,7 +397,8 @@ def main(argv=None) -> int:
     variants = [v for v in args.variants.split(",") if v]
     if args.bundles_only:
         t0 = time.perf_counter()
-        print(json.dumps(make_bundles(work, args.geometry, variants)), f"{time.perf_counter() - t0:.0f} s", flush=True)
+        print(json.dumps(make_bundles(work, args.geometry, variants, args.previous_exporter)),
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
         return 0
     out = Path(args.out or work / "gpu_decode.json")
     import provenance  # beside this script
@@ -246,7 +408,9 @@ def main(argv=None) -> int:
     gpu = machine.gpu_name() if args.device == "cuda" else None
     results: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": provenance.commit(),
                      "command": f"python benchmarks/gpu_decode.py --work DIR --geometry {args.geometry} --device "
-                                f"{args.device} --past {args.past} --tokens {args.tokens} --variants {args.variants}",
+                                f"{args.device} --past {args.past} --tokens {args.tokens} --variants {args.variants}"
+                                + (" --previous-exporter PREV" if args.previous_exporter else "")
+                                + (f" --kernels {args.kernels}" if args.kernels else ""),
                      "machine": gpu or platform.processor() or platform.machine(), "python": sys.version.split()[0],
                      "geometry": args.geometry, "device": args.device, "past": args.past, "tokens": args.tokens}
 
@@ -263,7 +427,8 @@ def main(argv=None) -> int:
     save()
     bandwidth = _stage(results, "bandwidth", read_bandwidth, args.device, reason is None)
     save()
-    built = _stage(results, "bundles", make_bundles, work, args.geometry, variants) if reason is None else \
+    built = _stage(results, "bundles", make_bundles, work, args.geometry, variants, args.previous_exporter) \
+        if reason is None else \
         {"skipped": reason}
     results["bundles"] = built
     save()
@@ -280,6 +445,16 @@ def main(argv=None) -> int:
             run.update(read_bytes_per_token=weights + kv, bound_tok_per_s=round(bound, 1),
                        percent_of_read_bound=round(100 * run["tok_per_s"] / bound, 1))
         save()
+    census = results.setdefault("op_census", {})
+    for variant in variants:
+        if reason is None and variant.startswith("fixed") and variant in built.get("bundles", {}):
+            _stage(census, variant, op_census, Path(built["bundles"][variant]), args.device, args.past)
+            save()
+    kernels = results.setdefault("kernels", {})
+    for variant in (v for v in args.kernels.split(",") if v):
+        if reason is None and args.device == "cuda" and variant in built.get("bundles", {}):
+            _stage(kernels, variant, kernel_profile, Path(built["bundles"][variant]), args.past)
+            save()
     results.setdefault("stage_seconds", {}).update(
         {f"run {k}": v for k, v in runs.pop("stage_seconds", {}).items()})
     if not args.no_contender:
@@ -294,6 +469,7 @@ def main(argv=None) -> int:
             bound = bandwidth["read_gbps"] * 1e9 / run["read_bytes_per_token"]
             run.update(bound_tok_per_s=round(bound, 1), percent_of_read_bound=round(100 * run["tok_per_s"] / bound, 1))
         save()
+    save()
     print(json.dumps({k: v for k, v in results.items() if k != "stage_seconds"}, indent=1, default=str)[:4000])
     return 0
 

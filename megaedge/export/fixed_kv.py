@@ -1,16 +1,29 @@
 """The fixed-KV decoder graph (``megaedge export --target cuda``) and its weight-only low-bit weights.
 
 The graph is exported from the same torch model as the growing-cache decoder (graphs.DecoderGraph): the same
-embedding and audio merge, norms, projections, rotary embedding and LM head; only the attention differs. It is a
-torch custom op, ``megaedge::group_query_attention``, whose ONNX translation is onnxruntime's
-``com.microsoft.GroupQueryAttention`` node and whose torch implementation is the reference the tests hold that node
-to. Emitting the contrib op at export, rather than pattern-matching the exported attention subgraph afterwards,
-keeps the graph independent of how the exporter happens to spell matmuls, masks and softmax.
+embedding and audio merge, weights and LM head. The attention is a torch custom op,
+``megaedge::group_query_attention``, whose ONNX translation is onnxruntime's ``com.microsoft.GroupQueryAttention``
+node and whose torch implementation is the reference the tests hold that node to; the norms are custom ops in the
+same way. Emitting the contrib ops at export, rather than pattern-matching the exported subgraphs afterwards,
+keeps the graph independent of how the exporter happens to spell matmuls, masks, softmax and norms.
 
-Qwen3 normalises q and k per head (q_norm, k_norm) before the rotary embedding; the graph applies both itself, from
-``position_ids``, and hands GroupQueryAttention rotated q and k (``do_rotary`` off): the same arithmetic as the
-growing graph, element for element, and no rotary cache sized by the buffer. Runtime contract:
-runtime/fixed_kv.py.
+Every step of the graph is meant to run as few kernels as the CUDA provider allows, because at batch 1 a GPU
+step is bound by its kernels, not by bytes (a 1.7B step with the norms, casts and rotary as separate nodes ran
+~30 kernels a layer). So the graph is written in the form onnxruntime fuses, with the fusable parts emitted as
+the contrib nodes themselves rather than left to pattern matching over whatever the exporter writes:
+
+* every RMSNorm is one ``SimplifiedLayerNormalization`` node in the graph's float type (fp32 statistics inside
+  the kernel, no casts around it), and each residual add is one ``SkipSimplifiedLayerNormalization`` with the
+  norm that follows it (onnxruntime's own fusion of the two wants static sequence lengths);
+* the rotary embedding is GroupQueryAttention's own (``do_rotary`` with cos/sin caches of ``max_kv_length``
+  rows): positions are the cache slots, which is what the runtime always uses (runtime/fixed_kv.py). The node
+  rotates only heads of a multiple of 16 (Qwen3's are 128); other geometries rotate in the graph;
+* Qwen3's per-head q/k norms are written as ``Reshape -> SimplifiedLayerNormalization -> Reshape`` straight
+  into the attention's query and key, the pattern onnxruntime's CUDA optimizer folds into the attention kernel
+  (``GroupQueryAttentionPreNormFusion``: ``q_norm_weight`` / ``k_norm_weight``); on the CPU the three nodes run
+  as written.
+
+Runtime contract: runtime/fixed_kv.py.
 
 ``--weights int4|int8`` then rewrites the decoder's projections as ``MatMulNBits`` (symmetric blocks; 4 bits in
 blocks of 32, 8 bits in blocks of 128) with the quantizer the CPU recipes use (export/quantize.py), the tied
@@ -34,25 +47,70 @@ from megaedge.runtime import fixed_kv, manifest
 log = logging.getLogger("megaedge.export.fixed_kv")
 
 WEIGHTS = ("int4", "int8")
+ROTARY_HEAD_MULTIPLE = 16  # GroupQueryAttention's own rotary embedding needs head_size % 16 == 0
 WEIGHT_BLOCKS = {"int4": 32, "int8": 128}  # int4 blocks of 32: the block the cpu-int4 study kept (quantize.py)
 
 
 # ------------------------------------------------------------------------------------------- the attention op
+@torch.library.custom_op("megaedge::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """RMSNorm over the last axis as onnxruntime's SimplifiedLayerNormalization computes it: statistics and the
+    product by ``weight`` in fp32, one rounding to the input's type at the end."""
+    h = x.float()
+    h = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + epsilon)
+    return (h * weight.float()).to(x.dtype)
+
+
+@rms_norm.register_fake
+def _(x, weight, epsilon):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("megaedge::skip_rms_norm", mutates_args=())
+def skip_rms_norm(x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor, epsilon: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm of x + skip, x + skip): a residual add and the next norm as onnxruntime's
+    SkipSimplifiedLayerNormalization computes them (the sum in the input's type, as the plain add rounds it)."""
+    total = x + skip
+    return rms_norm(total, weight, epsilon), total
+
+
+@skip_rms_norm.register_fake
+def _(x, skip, weight, epsilon):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding of ``x`` [B, S, N, D] (halves rotated, not interleaved) with ``cos`` / ``sin``
+    [S, D/2], in fp32."""
+    half = x.shape[-1] // 2
+    a, b = x[..., :half].float(), x[..., half:].float()
+    c, s = cos[None, :, None].float(), sin[None, :, None].float()
+    return torch.cat([a * c - b * s, b * c + a * s], dim=-1)
+
+
 @torch.library.custom_op("megaedge::group_query_attention", mutates_args=())
 def group_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor,
                           past_value: torch.Tensor, seqlens_k: torch.Tensor, total_sequence_length: torch.Tensor,
-                          num_heads: int, kv_num_heads: int, scale: float
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GroupQueryAttention with a shared past/present buffer, in torch: ``query`` [1, S, H*D], ``key`` / ``value``
-    [1, S, KV*D] written into copies of the caches [1, KV, M, D] at positions seqlens_k + 1 - S .. seqlens_k; each
-    new row attends causally over the cache up to its own position (scores and softmax in fp32). Returns (output
-    [1, S, H*D], present_key, present_value)."""
+                          cos_cache: torch.Tensor | None, sin_cache: torch.Tensor | None, num_heads: int,
+                          kv_num_heads: int,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GroupQueryAttention with a shared past/present buffer and its own rotary embedding, in torch: ``query``
+    [1, S, H*D] and ``key`` [1, S, KV*D] are rotated at positions seqlens_k + 1 - S .. seqlens_k (rows of
+    ``cos_cache`` / ``sin_cache`` [M, D/2]); keys and ``value`` [1, S, KV*D] are written into copies of the caches
+    [1, KV, M, D] at those positions; each new row attends causally over the cache up to its own position (scores
+    and softmax in fp32). Returns (output [1, S, H*D], present_key, present_value)."""
     batch, seq, _ = query.shape
     head_dim = past_key.shape[-1]
     end = int(seqlens_k[0]) + 1
     start = end - seq
+    key = key.view(batch, seq, kv_num_heads, head_dim)
+    if cos_cache is not None:  # else the caller rotated q and k
+        cos, sin = cos_cache[start:end], sin_cache[start:end]
+        query = _rotate(query.view(batch, seq, num_heads, head_dim), cos, sin).to(query.dtype)
+        key = _rotate(key, cos, sin).to(key.dtype)
     present_key, present_value = past_key.clone(), past_value.clone()
-    present_key[:, :, start:end] = key.view(batch, seq, kv_num_heads, head_dim).transpose(1, 2).to(past_key.dtype)
+    present_key[:, :, start:end] = key.transpose(1, 2).to(past_key.dtype)
     present_value[:, :, start:end] = value.view(batch, seq, kv_num_heads, head_dim).transpose(1, 2).to(
         past_value.dtype)
     group = num_heads // kv_num_heads
@@ -68,76 +126,160 @@ def group_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
 
 
 @group_query_attention.register_fake
-def _(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, num_heads, kv_num_heads, scale):
+def _(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache, num_heads,
+      kv_num_heads, scale):
     return torch.empty_like(query), torch.empty_like(past_key), torch.empty_like(past_value)
 
 
 def _onnx_translation():
-    """{the custom op: a function emitting com.microsoft.GroupQueryAttention} for torch.onnx.export. The contrib op
-    has no schema in the onnx package, so one is declared here with the inputs and attributes the node uses."""
+    """{the custom ops: functions emitting com.microsoft.GroupQueryAttention and SimplifiedLayerNormalization} for
+    torch.onnx.export. Neither has a schema in the onnx package, so each is declared here with the inputs and
+    attributes the node uses."""
     from onnx.defs import OpSchema
     from onnxscript._internal.values import Op, Opset
 
     param = OpSchema.FormalParameter
-    schema = OpSchema(
+    floats = ("T", ["tensor(float)", "tensor(float16)"], "float types")
+    gqa_schema = OpSchema(
         "GroupQueryAttention", "com.microsoft", 1,
         inputs=[param("query", "T"), param("key", "T"), param("value", "T"), param("past_key", "T"),
-                param("past_value", "T"), param("seqlens_k", "M"), param("total_sequence_length", "M")],
+                param("past_value", "T"), param("seqlens_k", "M"), param("total_sequence_length", "M"),
+                param("cos_cache", "T", param_option=OpSchema.FormalParameterOption.Optional),
+                param("sin_cache", "T", param_option=OpSchema.FormalParameterOption.Optional)],
         outputs=[param("output", "T"), param("present_key", "T"), param("present_value", "T")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "float types"), ("M", ["tensor(int32)"], "")],
+        type_constraints=[floats, ("M", ["tensor(int32)"], "")],
         attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "query heads", required=True),
                     OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, "key/value heads", required=True),
-                    OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "score scale", required=False)])
-    op = Op(Opset("com.microsoft", 1), "GroupQueryAttention", schema)
+                    OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "score scale", required=False),
+                    OpSchema.Attribute("do_rotary", OpSchema.AttrType.INT, "rotary inside", required=False)])
+    gqa = Op(Opset("com.microsoft", 1), "GroupQueryAttention", gqa_schema)
+    # onnxruntime registers SimplifiedLayerNormalization in the ONNX domain at version 1
+    norm_schema = OpSchema(
+        "SimplifiedLayerNormalization", "", 1, inputs=[param("X", "T"), param("scale", "T")],
+        outputs=[param("Y", "T")], type_constraints=[floats],
+        attributes=[OpSchema.Attribute("axis", OpSchema.AttrType.INT, "normalized axis", required=False),
+                    OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, "epsilon", required=False),
+                    OpSchema.Attribute("stash_type", OpSchema.AttrType.INT, "statistics type", required=False)])
+    norm = Op(Opset("", 1), "SimplifiedLayerNormalization", norm_schema)
+    skip_schema = OpSchema(
+        "SkipSimplifiedLayerNormalization", "com.microsoft", 1,
+        inputs=[param("input", "T"), param("skip", "T"), param("gamma", "T")],
+        outputs=[param("output", "T"), param("mean", "U"), param("inv_std_var", "U"),
+                 param("input_skip_bias_sum", "T")],
+        type_constraints=[floats, ("U", ["tensor(float)"], "statistics")],
+        attributes=[OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, "epsilon", required=False)])
+    skip_norm = Op(Opset("com.microsoft", 1), "SkipSimplifiedLayerNormalization", skip_schema)
 
-    def translate(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, num_heads: int,
-                  kv_num_heads: int, scale: float):
-        return op(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, num_heads=num_heads,
-                  kv_num_heads=kv_num_heads, scale=scale)
+    def translate_gqa(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache,
+                      sin_cache, num_heads: int, kv_num_heads: int, scale: float):
+        if cos_cache is None:
+            return gqa(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
+                       num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale)
+        return gqa(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache,
+                   num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, do_rotary=1)
 
-    return {torch.ops.megaedge.group_query_attention.default: translate}
+    def translate_norm(x, weight, epsilon: float):
+        return norm(x, weight, axis=-1, epsilon=epsilon, stash_type=1)
+
+    def translate_skip_norm(x, skip, weight, epsilon: float):
+        out, _mean, _inv_std, total = skip_norm(x, skip, weight, epsilon=epsilon)  # statistics: dropped on save
+        return out, total
+
+    return {torch.ops.megaedge.group_query_attention.default: translate_gqa,
+            torch.ops.megaedge.rms_norm.default: translate_norm,
+            torch.ops.megaedge.skip_rms_norm.default: translate_skip_norm}
+
+
+def _drop_unused_outputs(path: Path) -> None:
+    """Blank the names of node outputs nothing reads (the skip norms' statistics), so no provider computes or
+    allocates them; the weights (external data) are untouched."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    read = {name for node in model.graph.node for name in node.input}
+    read |= {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        if node.op_type == "SkipSimplifiedLayerNormalization":
+            for i in (1, 2):
+                if i < len(node.output) and node.output[i] not in read:
+                    node.output[i] = ""
+    onnx.save(model, str(path))
 
 
 # ------------------------------------------------------------------------------------------- the graph
+def _norm(module, x: torch.Tensor) -> torch.Tensor:
+    """transformers' Qwen3RMSNorm ``module`` (its weight and epsilon) as one SimplifiedLayerNormalization node."""
+    return torch.ops.megaedge.rms_norm(x, module.weight, float(module.variance_epsilon))
+
+
+def _skip_norm(module, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``module``'s RMSNorm of residual + x, residual + x) as one SkipSimplifiedLayerNormalization node."""
+    return torch.ops.megaedge.skip_rms_norm(x, residual, module.weight, float(module.variance_epsilon))
+
+
 class FixedKVDecoderGraph(graphs.DecoderGraph):
-    """graphs.DecoderGraph with the KV cache in fixed buffers updated in place.
+    """graphs.DecoderGraph with the KV cache in fixed buffers updated in place (module docstring).
 
-    Inputs: input_ids [1, S], audio_features [A, H], logits_at [L], position_ids [1, S] int64, seqlens_k [1] int32,
-    total_sequence_length [] int32, past_key_i / past_value_i [1, kv_heads, max_kv_length, head_dim] (and
-    lora_gate in a routed bundle). Outputs: logits [L, vocab], present_key_i / present_value_i (the past buffers,
-    updated: the runtime binds each present to its past)."""
+    Inputs: input_ids [1, S], audio_features [A, H], logits_at [L], seqlens_k [1] int32, total_sequence_length []
+    int32, past_key_i / past_value_i [1, kv_heads, max_kv_length, head_dim] (and lora_gate in a routed bundle).
+    Outputs: logits [L, vocab], present_key_i / present_value_i (the past buffers, updated: the runtime binds each
+    present to its past)."""
 
-    def forward(self, input_ids, audio_features, logits_at, position_ids, seqlens_k, total_sequence_length, *past,
+    def __init__(self, model, gate, max_kv_length: int):
+        super().__init__(model, gate)
+        dtype = next(model.parameters()).dtype
+        positions = torch.arange(max_kv_length)[None]
+        with torch.no_grad():
+            cos, sin = self.lm.rotary_emb(torch.zeros(1, dtype=dtype), positions)  # [1, M, D]: halves repeated
+        # GroupQueryAttention rotates heads whose size is a multiple of 16 (Qwen3's 128); smaller geometries (the
+        # shipped fixture's 40) rotate in the graph, at positions computed there from seqlens_k
+        self.graph_rotary = self.head_dim % ROTARY_HEAD_MULTIPLE != 0
+        half = self.head_dim // 2
+        if not (torch.equal(cos[..., :half], cos[..., half:]) and torch.equal(sin[..., :half], sin[..., half:])):
+            raise NotImplementedError("a rotary embedding whose halves differ (partial or interleaved rotary)")
+        self.register_buffer("cos_cache", cos[0, :, :half].to(dtype).contiguous(), persistent=False)
+        self.register_buffer("sin_cache", sin[0, :, :half].to(dtype).contiguous(), persistent=False)
+
+    def forward(self, input_ids, audio_features, logits_at, seqlens_k, total_sequence_length, *past,
                 lora_gate=None):
-        from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
-
         if self.gate is not None:
             self.gate.value = lora_gate
         x = self.embed(input_ids, audio_features)
         seq = input_ids.shape[1]
-        cos, sin = self.lm.rotary_emb(x, position_ids)
+        layers = self.lm.layers
+        rotary = (self.cos_cache, self.sin_cache)
+        if self.graph_rotary:
+            from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
+
+            first = seqlens_k.to(torch.int64) + 1 - seq  # the new rows' positions are their cache slots
+            cos, sin = self.lm.rotary_emb(x, (first + torch.arange(seq))[None])
+            rotary = (None, None)
+        h = _norm(layers[0].input_layernorm, x)
         presents = []
-        for i, layer in enumerate(self.lm.layers):
+        for i, layer in enumerate(layers):
             attn = layer.self_attn
-            residual = x
-            h = graphs._rms_norm(layer.input_layernorm, x)
-            q = graphs._rms_norm(attn.q_norm, attn.q_proj(h).view(1, seq, self.heads, self.head_dim))
-            k = graphs._rms_norm(attn.k_norm, attn.k_proj(h).view(1, seq, self.kv_heads, self.head_dim))
-            q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)  # [1, S, heads, D]: no transposes
+            # [1, S, H*D] -> [1, S, H, D] -> norm -> [1, S, H*D]: the chain onnxruntime folds into the attention
+            q = _norm(attn.q_norm, attn.q_proj(h).view(1, seq, self.heads, self.head_dim))
+            k = _norm(attn.k_norm, attn.k_proj(h).view(1, seq, self.kv_heads, self.head_dim))
+            if self.graph_rotary:
+                q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
             o, key, value = torch.ops.megaedge.group_query_attention(
-                q.reshape(1, seq, -1), k.reshape(1, seq, -1), attn.v_proj(h), past[2 * i], past[2 * i + 1],
-                seqlens_k, total_sequence_length, self.heads, self.kv_heads, float(attn.scaling))
+                q.view(1, seq, -1), k.view(1, seq, -1), attn.v_proj(h), past[2 * i], past[2 * i + 1], seqlens_k,
+                total_sequence_length, *rotary, self.heads, self.kv_heads, float(attn.scaling))
             presents += [key, value]
-            x = residual + attn.o_proj(o)
-            x = x + layer.mlp(graphs._rms_norm(layer.post_attention_layernorm, x))
-        return (self.logits(x, logits_at), *presents)
+            h, x = _skip_norm(layer.post_attention_layernorm, attn.o_proj(o), x)
+            # each residual add travels with the norm after it: the next layer's, after the last the final norm
+            after = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.lm.norm
+            h, x = _skip_norm(after, layer.mlp(h), x)
+        # the final norm ran over every row (a row's norm is its own): keep the rows whose logits are wanted
+        return (self.lm_head(h[0].index_select(0, logits_at)).float(), *presents)
 
 
 def export_decoder(loaded, out: Path, opts, external: bool) -> tuple[str, ...]:
     """decoder.onnx as the fixed-KV graph, buffers of ``opts.max_kv_length`` positions (a fixed dim of the graph)."""
     from megaedge.export.bundle import _export
 
-    module = FixedKVDecoderGraph(loaded.model, loaded.gate if opts.mode == "routed" else None)
+    module = FixedKVDecoderGraph(loaded.model, loaded.gate if opts.mode == "routed" else None, opts.max_kv_length)
     dtype = next(loaded.model.parameters()).dtype
     cfg = loaded.config
     seq = torch.export.Dim("seq", min=1, max=32768)
@@ -145,22 +287,22 @@ def export_decoder(loaded, out: Path, opts, external: bool) -> tuple[str, ...]:
     rows = torch.export.Dim("logit_rows", min=1, max=32768)
     pad = int(cfg.audio_token_id)
     ids = torch.tensor([[1, 2, pad, pad, 5]])
-    positions = torch.arange(3, 8)[None]
     past = [torch.zeros(1, module.kv_heads, opts.max_kv_length, module.head_dim, dtype=dtype)
             for _ in range(2 * module.num_layers)]
     past_names, present_names = graphs.kv_names(module.num_layers)
-    shapes = {"input_ids": {1: seq}, "audio_features": {0: audio}, "logits_at": {0: rows}, "position_ids": {1: seq},
-              "seqlens_k": {}, "total_sequence_length": {}, "past": tuple({} for _ in past)}
+    shapes = {"input_ids": {1: seq}, "audio_features": {0: audio}, "logits_at": {0: rows}, "seqlens_k": {}, "total_sequence_length": {}, "past": tuple({} for _ in past)}
     names = ["input_ids", "audio_features", "logits_at", *fixed_kv.FIXED_INPUTS, *past_names]
     kwargs = None
     if opts.mode == "routed":
         kwargs = {"lora_gate": torch.ones(1, dtype=dtype)}
         shapes["lora_gate"] = None
         names.append("lora_gate")
-    args = (ids, torch.zeros(2, cfg.text_config.hidden_size, dtype=dtype), torch.tensor([3, 4]), positions,
+    args = (ids, torch.zeros(2, cfg.text_config.hidden_size, dtype=dtype), torch.tensor([3, 4]),
             torch.tensor([7], dtype=torch.int32), torch.tensor(8, dtype=torch.int32), *past)
-    return _export(module, args, kwargs, names, ["logits", *present_names], shapes, opts.opset,
-                   out / manifest.DECODER_FILE, external, translations=_onnx_translation())
+    files = _export(module, args, kwargs, names, ["logits", *present_names], shapes, opts.opset,
+                    out / manifest.DECODER_FILE, external, translations=_onnx_translation())
+    _drop_unused_outputs(out / manifest.DECODER_FILE)
+    return files
 
 
 # ------------------------------------------------------------------------------------------- low-bit weights

@@ -437,14 +437,16 @@ def _check_graphs(info: manifest.Manifest) -> None:
 
 
 def _check_fixed_decoder(info: manifest.Manifest) -> None:
-    """A fixed-KV decoder graph (runtime/fixed_kv.py) against decoder.max_kv_length: its position, length and total
-    inputs, and KV buffers whose positions axis is the manifest's length (the runtime allocates exactly that)."""
+    """A fixed-KV decoder graph (runtime/fixed_kv.py) against decoder.max_kv_length: its length and total inputs
+    (and an older graph's positions), and KV buffers whose positions axis is the manifest's length (the runtime allocates exactly that)."""
     dec, spec = info.decoder, info.graph("decoder")
     length = dec["max_kv_length"]
     inputs, outputs = {t.name: t for t in spec.inputs}, {t.name: t for t in spec.outputs}
     want = {fixed_kv.POSITION_IDS: ("int64", 2), fixed_kv.SEQLENS_K: ("int32", 1), fixed_kv.TOTAL_LENGTH: ("int32", 0)}
     for name, (dtype, rank) in want.items():
         tensor = inputs.get(name)
+        if tensor is None and name not in fixed_kv.FIXED_INPUTS:  # position_ids: an older graph's, optional
+            continue
         if tensor is None or tensor.dtype != dtype or len(tensor.shape) != rank:
             raise _refuse(f"graphs.decoder input {name}", None if tensor is None else asdict(tensor),
                           f"needs {dtype} of rank {rank} for decoder.kv_cache 'fixed'")

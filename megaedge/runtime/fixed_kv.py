@@ -4,14 +4,16 @@ the same shapes and the same addresses (what a CUDA graph needs to be captured o
 A bundle exported with ``--target cuda`` has such a decoder graph (``decoder.kv_cache == "fixed"`` in the
 manifest): each attention is onnxruntime's ``com.microsoft.GroupQueryAttention`` with ``past_key`` / ``past_value``
 of ``[1, kv_heads, max_kv_length, head_dim]`` bound to the same buffers as ``present_key`` / ``present_value``
-(past_present_share_buffer), plus three inputs of this module's names:
+(past_present_share_buffer), plus two inputs of this module's names:
 
-* ``position_ids [1, S]`` int64: the rotary positions of the new rows (RoPE is applied in the graph before the
-  attention, after Qwen3's per-head q/k norms, from these positions, so no shape computation feeds the GPU);
 * ``seqlens_k [1]`` int32: the cache length after this call minus one (GroupQueryAttention's convention);
 * ``total_sequence_length []`` int32, read on the host: the exact total for a prompt (the kernel tells a first
   prompt, S == total, from a continued one), ``max_kv_length`` for a step, so the value captured into a CUDA graph
   stays right at every replay while ``seqlens_k`` (device memory, updated in place) carries the real length.
+
+The rotary embedding is the attention node's own: each new row's position is the cache slot it is written to,
+which is what this module always asks for (after a rollback the next rows take the freed slots and positions). Bundles exported before that applied RoPE in the graph from a
+third input, ``position_ids [1, S]`` int64; it is bound where the graph has it.
 
 ``FixedKVState`` implements runtime/decoding.py's interface over it; ``rollback`` only moves the length (the next
 call overwrites the positions from there). Steps go through one IO binding built once per state: the step inputs
@@ -37,10 +39,10 @@ from megaedge.runtime.session import gpu_gate
 
 log = logging.getLogger("megaedge.runtime.fixed_kv")
 
-POSITION_IDS = "position_ids"
 SEQLENS_K = "seqlens_k"
 TOTAL_LENGTH = "total_sequence_length"
-FIXED_INPUTS = (POSITION_IDS, SEQLENS_K, TOTAL_LENGTH)
+FIXED_INPUTS = (SEQLENS_K, TOTAL_LENGTH)
+POSITION_IDS = "position_ids"  # older fixed-KV graphs: RoPE in the graph from these positions
 KV_CACHE_KINDS = ("growing", "fixed")
 # The buffer length a manifest may name: at least a short prompt plus a few tokens, at most what the 30 s segments
 # and streams need many times over (1.7B fp16: 112 KiB per position, 3.5 GiB at the top of the range).
@@ -94,8 +96,9 @@ class _Buffers:
         self.step_options = ort.RunOptions()
         self.step_options.add_run_config_entry(GRAPH_RUN_KEY, str(graph_id))
         binding = runner.session.io_binding()
+        positions = ((POSITION_IDS, self.positions),) if runner.positions else ()
         for name, value in (("input_ids", self.ids), ("audio_features", self.audio), ("logits_at", self.logits_at),
-                            (POSITION_IDS, self.positions), (SEQLENS_K, self.seqlens), (TOTAL_LENGTH, self.total),
+                            *positions, (SEQLENS_K, self.seqlens), (TOTAL_LENGTH, self.total),
                             *zip(dec["past_names"], self.kv), *((("lora_gate", self.gate),) if self.gate else ())):
             binding.bind_ortvalue_input(name, value)
         binding.bind_ortvalue_output("logits", self.logits)
@@ -116,6 +119,7 @@ class FixedKVRunner:
         self.session, self.decoder, self.routed = session, decoder, routed
         self.gate_dtype, self.device, self.cuda_graph = np.dtype(gate_dtype), device, cuda_graph
         self.max_length = int(decoder["max_kv_length"])
+        self.positions = POSITION_IDS in {i.name for i in session.get_inputs()}  # an older graph's RoPE input
         self.prompt_options = ort.RunOptions()
         if cuda_graph:
             self.prompt_options.add_run_config_entry(GRAPH_RUN_KEY, "-1")
@@ -232,7 +236,8 @@ class FixedKVState:
         cpu("input_ids", np.asarray([ids], np.int64))
         cpu("audio_features", np.asarray(audio, dec["kv_dtype"]))
         cpu("logits_at", np.arange(rows - max(logit_rows, 1), rows, dtype=np.int64))  # at least one row
-        cpu(POSITION_IDS, np.arange(self.length, total, dtype=np.int64)[None])
+        if runner.positions:
+            cpu(POSITION_IDS, np.arange(self.length, total, dtype=np.int64)[None])
         cpu(SEQLENS_K, np.array([total - 1], np.int32))
         binding.bind_ortvalue_input(TOTAL_LENGTH, ort.OrtValue.ortvalue_from_numpy(np.array(total, np.int32)))
         if b.gate is not None:
@@ -255,7 +260,8 @@ class FixedKVState:
         with self.runner.gate_for(b):
             self._set_lora_gate(gate)
             b.ids.update_inplace(np.array([[token]], np.int64))
-            b.positions.update_inplace(np.array([[self.length]], np.int64))
+            if self.runner.positions:
+                b.positions.update_inplace(np.array([[self.length]], np.int64))
             b.seqlens.update_inplace(np.array([self.length], np.int32))
             self.runner.run(b.step_binding, b.step_options)
             b.runs += 1

@@ -203,3 +203,46 @@ def test_concurrent_calls_on_cuda_graphs_keep_their_own_buffers(fixed_fp16, clip
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda c: gpu.transcribe(c, segment_seconds=None).token_ids, clips * 2))
     assert together == alone * 2
+
+
+@pytest.fixture(scope="module")
+def tiny_rotary(tmp_path_factory):
+    """The tiny geometry (heads of 16: GroupQueryAttention rotates them itself, and onnxruntime may fold the q/k
+    norms into it on CUDA) with realistic random weights: growing FP32 for the CPU, fixed-KV FP16 for the GPU."""
+    from megaedge.export.bundle import ExportOptions, export_bundle
+    from megaedge.export.factory import write_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny_rotary")
+    checkpoint = write_checkpoint(root / "ckpt", geometry="tiny", layout_name="mega", seed=0, init="realistic")
+    return {"growing": export_bundle(checkpoint, root / "growing", ExportOptions(validate=False, include_router=False)),
+            "fixed": export_bundle(checkpoint, root / "fixed", ExportOptions(target="cuda", precision="fp16",
+                                                                             validate=False, include_router=False))}
+
+
+def test_fixed_kv_rotary_on_cuda_follows_cpu_fp32_call_by_call(tiny_rotary):
+    """Prompt, continued prompt, steps (captured, then replayed), a rollback and more: the CUDA graph's logits
+    (its attention rotating from seqlens_k, the q/k norms wherever onnxruntime puts them) stay within fp16 rounding
+    of CPU FP32's at every call, and pick the same token."""
+    from megaedge.runtime import decoding, fixed_kv
+    from megaedge.runtime.transcriber import Transcriber
+    from tests.conftest import speechlike
+
+    cpu = Transcriber.from_bundle(tiny_rotary["growing"])
+    gpu = Transcriber.from_bundle(tiny_rotary["fixed"], providers=("cuda",))
+    assert gpu.sessions["decoder"].cuda_graph
+    audio = cpu.encode(speechlike(3.0, seed=4))
+    ids = cpu.prompt(audio.shape[0], None, None)
+    want, got = decoding.OrtState(cpu), decoding.open_state(gpu)
+    assert isinstance(got, fixed_kv.FixedKVState)
+    calls = [("extend", (ids, audio, None, 1)), ("extend", ([11, 12, 13, 14], None, None, 4))]
+    calls += [("step", (20 + i, None)) for i in range(8)]
+    calls += [("rollback", (len(ids) + 6,)), ("extend", ([31, 32], None, None, 2))]
+    calls += [("step", (40 + i, None)) for i in range(4)]
+    for name, args in calls:
+        a, b = getattr(want, name)(*args), getattr(got, name)(*args)
+        if name == "rollback":
+            continue
+        a, b = np.atleast_2d(a), np.atleast_2d(b).astype(np.float32)
+        scale = float(np.abs(a).max())
+        assert float(np.abs(a - b).max()) <= 0.02 * scale + 1e-3, f"{name}{args[:1]}"
+        assert (a.argmax(-1) == b.argmax(-1)).all(), f"{name}{args[:1]}"
