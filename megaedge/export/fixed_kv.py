@@ -17,7 +17,8 @@ the contrib nodes themselves rather than left to pattern matching over whatever 
   norm that follows it (onnxruntime's own fusion of the two wants static sequence lengths);
 * the rotary embedding is GroupQueryAttention's own (``do_rotary`` with cos/sin caches of ``max_kv_length``
   rows): positions are the cache slots, which is what the runtime always uses (runtime/fixed_kv.py). The node
-  rotates only heads of a multiple of 16 (Qwen3's are 128); other geometries rotate in the graph;
+  rotates only heads of a multiple of 16 (Qwen3's are 128); other geometries rotate in the graph from a
+  ``position_ids`` input, as earlier fixed-KV graphs all did;
 * Qwen3's per-head q/k norms are written as ``Reshape -> SimplifiedLayerNormalization -> Reshape`` straight
   into the attention's query and key, the pattern onnxruntime's CUDA optimizer folds into the attention kernel
   (``GroupQueryAttentionPreNormFusion``: ``q_norm_weight`` / ``k_norm_weight``); on the CPU the three nodes run
@@ -231,8 +232,9 @@ class FixedKVDecoderGraph(graphs.DecoderGraph):
         positions = torch.arange(max_kv_length)[None]
         with torch.no_grad():
             cos, sin = self.lm.rotary_emb(torch.zeros(1, dtype=dtype), positions)  # [1, M, D]: halves repeated
-        # GroupQueryAttention rotates heads whose size is a multiple of 16 (Qwen3's 128); smaller geometries (the
-        # shipped fixture's 40) rotate in the graph, at positions computed there from seqlens_k
+        # GroupQueryAttention rotates heads whose size is a multiple of 16 (Qwen3's 128); other geometries (the
+        # shipped fixture's 40) rotate in the graph from a position_ids input: positions computed in the graph
+        # from seqlens_k need an int64 range that onnxruntime places on the CPU, which rules out CUDA graphs
         self.graph_rotary = self.head_dim % ROTARY_HEAD_MULTIPLE != 0
         half = self.head_dim // 2
         if not (torch.equal(cos[..., :half], cos[..., half:]) and torch.equal(sin[..., :half], sin[..., half:])):
@@ -241,7 +243,7 @@ class FixedKVDecoderGraph(graphs.DecoderGraph):
         self.register_buffer("sin_cache", sin[0, :, :half].to(dtype).contiguous(), persistent=False)
 
     def forward(self, input_ids, audio_features, logits_at, seqlens_k, total_sequence_length, *past,
-                lora_gate=None):
+                position_ids=None, lora_gate=None):
         if self.gate is not None:
             self.gate.value = lora_gate
         x = self.embed(input_ids, audio_features)
@@ -251,8 +253,7 @@ class FixedKVDecoderGraph(graphs.DecoderGraph):
         if self.graph_rotary:
             from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
-            first = seqlens_k.to(torch.int64) + 1 - seq  # the new rows' positions are their cache slots
-            cos, sin = self.lm.rotary_emb(x, (first + torch.arange(seq))[None])
+            cos, sin = self.lm.rotary_emb(x, position_ids)
             rotary = (None, None)
         h = _norm(layers[0].input_layernorm, x)
         presents = []
@@ -290,11 +291,16 @@ def export_decoder(loaded, out: Path, opts, external: bool) -> tuple[str, ...]:
     past = [torch.zeros(1, module.kv_heads, opts.max_kv_length, module.head_dim, dtype=dtype)
             for _ in range(2 * module.num_layers)]
     past_names, present_names = graphs.kv_names(module.num_layers)
-    shapes = {"input_ids": {1: seq}, "audio_features": {0: audio}, "logits_at": {0: rows}, "seqlens_k": {}, "total_sequence_length": {}, "past": tuple({} for _ in past)}
+    shapes = {"input_ids": {1: seq}, "audio_features": {0: audio}, "logits_at": {0: rows}, "seqlens_k": {},
+              "total_sequence_length": {}, "past": tuple({} for _ in past)}
     names = ["input_ids", "audio_features", "logits_at", *fixed_kv.FIXED_INPUTS, *past_names]
-    kwargs = None
+    kwargs = {}
+    if module.graph_rotary:
+        kwargs["position_ids"] = torch.arange(3, 8)[None]
+        shapes["position_ids"] = {1: seq}
+        names.append(fixed_kv.POSITION_IDS)
     if opts.mode == "routed":
-        kwargs = {"lora_gate": torch.ones(1, dtype=dtype)}
+        kwargs["lora_gate"] = torch.ones(1, dtype=dtype)
         shapes["lora_gate"] = None
         names.append("lora_gate")
     args = (ids, torch.zeros(2, cfg.text_config.hidden_size, dtype=dtype), torch.tensor([3, 4]),

@@ -12,8 +12,10 @@ of ``[1, kv_heads, max_kv_length, head_dim]`` bound to the same buffers as ``pre
   stays right at every replay while ``seqlens_k`` (device memory, updated in place) carries the real length.
 
 The rotary embedding is the attention node's own: each new row's position is the cache slot it is written to,
-which is what this module always asks for (after a rollback the next rows take the freed slots and positions). Bundles exported before that applied RoPE in the graph from a
-third input, ``position_ids [1, S]`` int64; it is bound where the graph has it.
+which is what this module always asks for (after a rollback the next rows take the freed slots and positions).
+Graphs whose heads the node cannot rotate (sizes not a multiple of 16), and all fixed-KV graphs exported before
+it could, apply RoPE in the graph from a third input, ``position_ids [1, S]`` int64: it is bound where the graph
+has it, with the same positions.
 
 ``FixedKVState`` implements runtime/decoding.py's interface over it; ``rollback`` only moves the length (the next
 call overwrites the positions from there). Steps go through one IO binding built once per state: the step inputs
