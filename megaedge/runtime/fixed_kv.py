@@ -23,9 +23,10 @@ are small device buffers updated in place, the logits output a preallocated buff
 opened with ``enable_cuda_graph`` (runtime/session.py) and every state's buffers carry a graph id: its first steps
 capture a graph, later steps replay it; prompts run as ordinary runs (graph id -1). Buffers with a graph id are
 leased from a pool per session and returned when the state goes away, so a captured graph is only ever replayed
-over the buffers it was captured with, and the number of graphs stays bounded. The first steps over a set of
-buffers (where onnxruntime captures) hold runtime/session.py's GPU gate alone, every other GPU call holds it
-shared: a capture breaks if another thread allocates or copies meanwhile.
+over the buffers it was captured with, and the number of graph ids stays bounded. onnxruntime keeps captured
+graphs per calling thread, so a buffer set is captured once in every thread that steps it. The first steps over
+a set of buffers in a thread (where onnxruntime captures) hold runtime/session.py's GPU gate alone, every other
+GPU call holds it shared: a capture breaks if another thread allocates or copies meanwhile.
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ DEFAULT_MAX_KV = 2048  # a 30 s segment's ~420 prompt rows + context + 256 new t
 # many at once run their steps without a graph (same results, launch-bound).
 MAX_GRAPHS = 8
 # onnxruntime captures a graph id's graph on one of its first runs (after a warm-up run that makes the
-# allocations); steps over a buffer set hold the GPU gate alone until this many have run.
+# allocations), and keeps captured graphs per calling thread (the CUDA provider's per-thread context): a buffer
+# set stepped from a thread that has not stepped it before is captured again there. So steps over a buffer set
+# hold the GPU gate alone until this many have run from the calling thread.
 CAPTURE_RUNS = 3
 GRAPH_RUN_KEY = "gpu_graph_id"  # onnxruntime run option: which captured graph a run uses; -1 none
 
@@ -94,7 +97,7 @@ class _Buffers:
         self.gate_value = 1.0
         self.logits = put(np.zeros((1, dec["vocab_size"]), np.float32))
         self.graph_id = graph_id
-        self.runs = 0  # step runs over these buffers so far
+        self.runs: dict[int, int] = {}  # step runs over these buffers so far, per calling thread
         self.step_options = ort.RunOptions()
         self.step_options.add_run_config_entry(GRAPH_RUN_KEY, str(graph_id))
         binding = runner.session.io_binding()
@@ -168,7 +171,8 @@ class FixedKVRunner:
         """The GPU gate for a prompt run (None) or a step over ``buffers``: alone while that step may capture."""
         if self.device != "cuda":
             return gpu_gate.shared(False)
-        if buffers is not None and self.cuda_graph and buffers.graph_id > 0 and buffers.runs < CAPTURE_RUNS:
+        if (buffers is not None and self.cuda_graph and buffers.graph_id > 0
+                and buffers.runs.get(threading.get_ident(), 0) < CAPTURE_RUNS):
             return gpu_gate.alone()
         return gpu_gate.shared()
 
@@ -266,7 +270,8 @@ class FixedKVState:
                 b.positions.update_inplace(np.array([[self.length]], np.int64))
             b.seqlens.update_inplace(np.array([self.length], np.int32))
             self.runner.run(b.step_binding, b.step_options)
-            b.runs += 1
+            me = threading.get_ident()
+            b.runs[me] = b.runs.get(me, 0) + 1
             logits = b.logits.numpy()[0].copy()  # the buffer is the next step's output
         self.length += 1
         return logits

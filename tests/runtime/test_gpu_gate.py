@@ -100,7 +100,7 @@ def test_off_gpu_calls_never_wait():
 
 class _Buffers:
     def __init__(self, graph_id, runs):
-        self.graph_id, self.runs = graph_id, runs
+        self.graph_id, self.runs = graph_id, {threading.get_ident(): runs}
 
 
 @pytest.mark.parametrize("device, graphs, graph_id, runs, alone", [
@@ -132,3 +132,36 @@ def test_fixed_kv_steps_hold_the_gate_alone_only_while_they_may_capture(monkeypa
         pass
     want_prompt = "shared" if device == "cuda" else "off"
     assert calls == ["alone" if alone else want_prompt, want_prompt]
+
+
+def test_a_buffer_set_stepped_from_another_thread_captures_there_alone(monkeypatch):
+    """onnxruntime keeps captured CUDA graphs per calling thread: buffers captured by one thread are captured again
+    by the next thread that steps them (a pooled set leased by a worker thread), so that thread's first steps go
+    alone too: captured under the shared gate, beside other threads' calls, the likely cause of the empty
+    transcript the concurrency test got on the lent H200."""
+    calls = []
+
+    class Recorder:
+        def shared(self, on_gpu=True):
+            calls.append("shared")
+            return GpuGate().shared(on_gpu)
+
+        def alone(self):
+            calls.append("alone")
+            return GpuGate().alone()
+
+    monkeypatch.setattr(fixed_kv, "gpu_gate", Recorder())
+    runner = fixed_kv.FixedKVRunner.__new__(fixed_kv.FixedKVRunner)
+    runner.device, runner.cuda_graph = "cuda", True
+    buffers = _Buffers(1, fixed_kv.CAPTURE_RUNS)  # captured by this thread
+
+    def other_thread():
+        with runner.gate_for(buffers):
+            pass
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    worker.join()
+    with runner.gate_for(buffers):
+        pass
+    assert calls == ["alone", "shared"]
