@@ -9,8 +9,8 @@
 #    the CPU); one fp16 GroupQueryAttention node with a shared buffer on CUDA; the same session with enable_cuda_graph
 #    and a replay that follows a changed seqlens_k.
 # 3. pytest.json: the gpu-marked tests (tests/runtime/test_cuda.py), which skip with the reason when (2) fails.
-# 4. gpu_decode.json: benchmarks/gpu_decode.py at the 1.7B geometry: fixed-KV + CUDA graph FP16 (with the q/k
-#    norms in the attention as onnxruntime's fusion makes them, and an earlier revision's graph given PREVIOUS) and
+# 4. gpu_decode.json: benchmarks/gpu_decode.py at the 1.7B geometry: fixed-KV + CUDA graph FP16 (with q/k/v and
+#    gate/up packed into one MatMul each, and an earlier revision's graph given PREVIOUS) and
 #    INT4, tok/s and % of the measured read bound, each variant's op census, a kernel profile of the FP16 steps,
 #    transformers FP16 (static cache + torch.compile) beside them.
 #    Without the CUDA provider only the contender and the bandwidth run.
@@ -173,7 +173,7 @@ if [ -n "${WAIT_FOR:-}" ]; then
 fi
 # PREVIOUS: an earlier revision's export/fixed_kv.py (git show REV:megaedge/export/fixed_kv.py), timed as
 # fixed-fp16-prev beside today's graph in the same run
-VARIANTS="${VARIANTS:-fixed-fp16,fixed-fp16-qknorm,fixed-int4${PREVIOUS:+,fixed-fp16-prev}}"
+VARIANTS="${VARIANTS:-fixed-fp16,fixed-fp16-packed,fixed-int4${PREVIOUS:+,fixed-fp16-prev}}"
 timeout "$(budget "$TOTAL_S")" "$PY" benchmarks/gpu_decode.py --work "$WORK" --geometry "$GEOMETRY" --device "$DEVICE" \
   --variants "$VARIANTS" ${PREVIOUS:+--previous-exporter "$PREVIOUS"} --kernels "${KERNELS:-fixed-fp16}" \
   --out "$OUT/gpu_decode.json" > "$OUT/gpu_decode.txt" 2>&1

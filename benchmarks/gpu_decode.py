@@ -130,6 +130,59 @@ def with_qk_norm_in_attention(src: Path, out: Path) -> Path:
     return out
 
 
+def with_packed_projections(src: Path, out: Path) -> Path:
+    """A copy of the float fixed-KV bundle ``src`` whose projections that read the same activations (q, k and v;
+    gate and up) are one MatMul over their weights side by side, split after: fewer, larger GEMVs a step. Made
+    here to measure before the export writes it; digests no longer hold (the benchmark reads bundles
+    unverified)."""
+    import os
+
+    import onnx
+    from onnx import helper, numpy_helper
+
+    out.mkdir(parents=True)
+    for f in src.iterdir():
+        if not f.name.startswith("decoder.onnx"):
+            os.link(f, out / f.name)
+    model = onnx.load(str(src / "decoder.onnx"))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    groups: dict = {}
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
+            groups.setdefault(node.input[0], []).append(node)
+    replace, drop = {}, set()
+    for source, nodes in groups.items():
+        if len(nodes) < 2:
+            continue
+        weights = [numpy_helper.to_array(inits[n.input[1]]) for n in nodes]
+        name = f"{nodes[0].input[1]}_packed"
+        graph.initializer.append(numpy_helper.from_array(np.concatenate(weights, axis=1), name))
+        sizes = numpy_helper.from_array(np.array([w.shape[1] for w in weights], np.int64), f"{name}_split")
+        graph.initializer.append(sizes)
+        packed = f"{nodes[0].output[0]}_packed"
+        replace[id(nodes[0])] = [helper.make_node("MatMul", [source, name], [packed], name=f"{nodes[0].name}_packed"),
+                                 helper.make_node("Split", [packed, sizes.name], [n.output[0] for n in nodes], axis=-1,
+                                                  name=f"{nodes[0].name}_split")]
+        drop.update(id(n) for n in nodes[1:])
+        for n in nodes:
+            inits.pop(n.input[1])
+    kept = []
+    for node in graph.node:
+        if id(node) in replace:
+            kept += replace[id(node)]
+        elif id(node) not in drop:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    names = set(inits) | {i.name for i in graph.initializer if i.name.endswith(("_packed", "_packed_split"))}
+    keep = [i for i in graph.initializer if i.name in names]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    onnx.save(model, str(out / "decoder.onnx"), save_as_external_data=True, location="decoder.onnx.data")
+    return out
+
+
 def make_bundles(work: Path, geometry: str, variants: list[str], previous: Path | None = None) -> dict:
     """The checkpoint and the bundles the variants need, in ``work`` (reused when already there)."""
     from megaedge.export.bundle import ExportOptions, export_bundle
@@ -163,10 +216,11 @@ def make_bundles(work: Path, geometry: str, variants: list[str], previous: Path 
             shutil.rmtree(work / name, ignore_errors=True)
             export_bundle(checkpoint, work / name, options)
         paths[variant] = work / name
-        if variant == "fixed-fp16-qknorm":
+        if variant in ("fixed-fp16-qknorm", "fixed-fp16-packed"):
             if not (work / variant / "megaedge.json").is_file():
                 shutil.rmtree(work / variant, ignore_errors=True)
-                with_qk_norm_in_attention(work / name, work / variant)
+                make = with_qk_norm_in_attention if variant.endswith("qknorm") else with_packed_projections
+                make(work / name, work / variant)
             paths[variant] = work / variant
         if variant == "fixed-int4":
             if not (work / "fixed-int4" / "megaedge.json").is_file():
@@ -382,7 +436,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=8, help="untimed steps first (CUDA graph capture)")
     parser.add_argument("--variants", default="growing-fp16,fixed-fp16,fixed-int4",
                         help="of growing-fp16, fixed-fp16, fixed-int4, fixed-fp16-qknorm (q/k norms in the "
-                             "attention node, CUDA only), fixed-fp16-prev (--previous-exporter)")
+                             "attention node, CUDA only), fixed-fp16-packed (q/k/v and gate/up as one MatMul each), "
+                             "fixed-fp16-prev (--previous-exporter)")
     parser.add_argument("--previous-exporter", type=Path, default=None,
                         help="an earlier revision's export/fixed_kv.py: its graph is the variant fixed-fp16-prev")
     parser.add_argument("--kernels", default="", help="variants whose CUDA-graph steps get a kernel profile")
@@ -455,8 +510,9 @@ def main(argv=None) -> int:
         if reason is None and args.device == "cuda" and variant in built.get("bundles", {}):
             _stage(kernels, variant, kernel_profile, Path(built["bundles"][variant]), args.past)
             save()
-    results.setdefault("stage_seconds", {}).update(
-        {f"run {k}": v for k, v in runs.pop("stage_seconds", {}).items()})
+    for prefix, table in (("run", runs), ("census", census), ("kernels", kernels)):
+        results.setdefault("stage_seconds", {}).update(
+            {f"{prefix} {k}": v for k, v in table.pop("stage_seconds", {}).items()})
     if not args.no_contender:
         checkpoint = work / f"ckpt-{args.geometry}"
         if not checkpoint.exists():

@@ -97,7 +97,6 @@ class _Buffers:
         self.gate_value = 1.0
         self.logits = put(np.zeros((1, dec["vocab_size"]), np.float32))
         self.graph_id = graph_id
-        self.runs: dict[int, int] = {}  # step runs over these buffers so far, per calling thread
         self.step_options = ort.RunOptions()
         self.step_options.add_run_config_entry(GRAPH_RUN_KEY, str(graph_id))
         binding = runner.session.io_binding()
@@ -132,6 +131,9 @@ class FixedKVRunner:
         self.run_lock = threading.Lock() if cuda_graph else None
         self._free: list[_Buffers] = []
         self._graphs = 0
+        # step runs per graph id made by the calling thread: thread-local, as onnxruntime's captured graphs are (a
+        # thread that ends takes its graphs and its counts along; a new thread that reuses its id starts at 0)
+        self._thread_runs = threading.local()
 
     def lease(self) -> _Buffers:
         """Buffers for a new state: a free pooled set (its graph already captured), a new pooled set with the next
@@ -167,12 +169,20 @@ class FixedKVRunner:
         with self.run_lock:
             self.session.run_with_iobinding(binding, options)
 
+    def step_runs(self, graph_id: int) -> int:
+        """Steps the calling thread has run over graph id ``graph_id``'s buffers."""
+        return getattr(self._thread_runs, "counts", {}).get(graph_id, 0)
+
+    def count_step(self, graph_id: int) -> None:
+        counts = self._thread_runs.__dict__.setdefault("counts", {})
+        counts[graph_id] = counts.get(graph_id, 0) + 1
+
     def gate_for(self, buffers: _Buffers | None = None):
         """The GPU gate for a prompt run (None) or a step over ``buffers``: alone while that step may capture."""
         if self.device != "cuda":
             return gpu_gate.shared(False)
         if (buffers is not None and self.cuda_graph and buffers.graph_id > 0
-                and buffers.runs.get(threading.get_ident(), 0) < CAPTURE_RUNS):
+                and self.step_runs(buffers.graph_id) < CAPTURE_RUNS):
             return gpu_gate.alone()
         return gpu_gate.shared()
 
@@ -270,8 +280,7 @@ class FixedKVState:
                 b.positions.update_inplace(np.array([[self.length]], np.int64))
             b.seqlens.update_inplace(np.array([self.length], np.int32))
             self.runner.run(b.step_binding, b.step_options)
-            me = threading.get_ident()
-            b.runs[me] = b.runs.get(me, 0) + 1
+            self.runner.count_step(b.graph_id)
             logits = b.logits.numpy()[0].copy()  # the buffer is the next step's output
         self.length += 1
         return logits

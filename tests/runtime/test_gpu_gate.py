@@ -99,8 +99,18 @@ def test_off_gpu_calls_never_wait():
 
 
 class _Buffers:
-    def __init__(self, graph_id, runs):
-        self.graph_id, self.runs = graph_id, {threading.get_ident(): runs}
+    def __init__(self, graph_id):
+        self.graph_id = graph_id
+
+
+def _runner(device, graphs, graph_id=None, runs=0):
+    """A runner with only what gate_for reads, the calling thread having stepped ``graph_id`` ``runs`` times."""
+    runner = fixed_kv.FixedKVRunner.__new__(fixed_kv.FixedKVRunner)
+    runner.device, runner.cuda_graph = device, graphs
+    runner._thread_runs = threading.local()
+    for _ in range(runs):
+        runner.count_step(graph_id)
+    return runner
 
 
 @pytest.mark.parametrize("device, graphs, graph_id, runs, alone", [
@@ -124,9 +134,8 @@ def test_fixed_kv_steps_hold_the_gate_alone_only_while_they_may_capture(monkeypa
             return GpuGate().alone()
 
     monkeypatch.setattr(fixed_kv, "gpu_gate", Recorder())
-    runner = fixed_kv.FixedKVRunner.__new__(fixed_kv.FixedKVRunner)
-    runner.device, runner.cuda_graph = device, graphs
-    with runner.gate_for(_Buffers(graph_id, runs)):
+    runner = _runner(device, graphs, graph_id, runs)
+    with runner.gate_for(_Buffers(graph_id)):
         pass
     with runner.gate_for():  # a prompt run never captures
         pass
@@ -151,9 +160,8 @@ def test_a_buffer_set_stepped_from_another_thread_captures_there_alone(monkeypat
             return GpuGate().alone()
 
     monkeypatch.setattr(fixed_kv, "gpu_gate", Recorder())
-    runner = fixed_kv.FixedKVRunner.__new__(fixed_kv.FixedKVRunner)
-    runner.device, runner.cuda_graph = "cuda", True
-    buffers = _Buffers(1, fixed_kv.CAPTURE_RUNS)  # captured by this thread
+    runner = _runner("cuda", True, 1, fixed_kv.CAPTURE_RUNS)  # graph 1 captured by this thread
+    buffers = _Buffers(1)
 
     def other_thread():
         with runner.gate_for(buffers):
