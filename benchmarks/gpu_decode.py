@@ -278,7 +278,8 @@ def op_census(bundle: Path, device: str, past: int) -> dict:
     nodes onnxruntime gave the q/k norms (GroupQueryAttentionPreNormFusion names them ``*_qknorm``)."""
     import onnxruntime as ort
 
-    from megaedge.runtime import fixed_kv, manifest, session as me_session
+    from megaedge.runtime import fixed_kv, manifest
+    from megaedge.runtime import session as me_session
 
     info = manifest.read(bundle, verify=False)
     options = ort.SessionOptions()

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from megaedge.runtime import machine, recipe_advice
+from megaedge.runtime import machine
 from megaedge.runtime.recipe_advice import advise, cpu_class
 from tests.conftest import int8_bundle_from, run_cli
 
