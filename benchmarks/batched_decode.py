@@ -12,6 +12,8 @@ at the one-sequence rate (the rest is products, attention and the small work bet
 
 Usage: python benchmarks/batched_decode.py [--geometry 1.7b] [--batches 1,2,4,8] [--steps 12] [--rounds 3]
        [--baseline REV] (the kernels of git revision REV timed beside these, in the same rounds)
+       [--block-sizes 128,32] (weights quantized in blocks of each size, timed in the same rounds: the first is
+       the main one; a recipe's block size is what an INT8 study may trade for accuracy)
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ BLOCK = 128
 
 _commit = provenance.commit
 
-def write_weights(folder: Path, g: dict, seed: int = 0) -> tuple[dict, int]:
+def write_weights(folder: Path, g: dict, seed: int = 0, block: int = BLOCK) -> tuple[dict, int]:
     """weights.bin with every projection (uint8 blocks + float32 scales), norms and inv_freq; the native index of
     it, and the bytes one decode step reads (projections, their scales and the LM head)."""
     rng = np.random.default_rng(seed)
@@ -63,12 +65,12 @@ def write_weights(folder: Path, g: dict, seed: int = 0) -> tuple[dict, int]:
 
         def linear(k: int, n: int) -> dict:
             nonlocal step_bytes
-            blocks = k // BLOCK
-            weight = rng.integers(0, 256, (n, blocks, BLOCK), dtype=np.uint8)
+            blocks = k // block
+            weight = rng.integers(0, 256, (n, blocks, block), dtype=np.uint8)
             # scales that keep activations near unit variance through the layer (1/sqrt(k) per product)
             scales = np.full((n, blocks), 1.0 / (64.0 * np.sqrt(k)), np.float32)
             step_bytes += weight.nbytes + scales.nbytes
-            return {"k": k, "n": n, "block": BLOCK, "weight": put(weight), "scales": put(scales)}
+            return {"k": k, "n": n, "block": block, "weight": put(weight), "scales": put(scales)}
 
         h, q, kv, i = g["hidden"], g["heads"] * g["head_dim"], g["kv_heads"] * g["head_dim"], g["intermediate"]
         shapes = {"q": (h, q), "k": (h, kv), "v": (h, kv), "o": (q, h), "gate": (h, i), "up": (h, i), "down": (i, h)}
@@ -111,10 +113,14 @@ def main() -> None:
                         help="cache positions of the attention split's second run (0: no split)")
     parser.add_argument("--baseline", default=None, metavar="REV",
                         help="also time the kernels of git revision REV, interleaved with these")
+    parser.add_argument("--block-sizes", default=str(BLOCK),
+                        help="weights per scale, comma-separated: the first is the main build, the others are timed "
+                             "beside it (e.g. 128,32)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="JSON file (default results/batched_decode_<geometry>.json)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    blocks = [int(b) for b in args.block_sizes.split(",")]
     g = GEOMETRIES[args.geometry]
     built = kernels.load()
     threads = args.threads or len(os.sched_getaffinity(0))
@@ -122,13 +128,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         t0 = time.perf_counter()
-        index, step_bytes = write_weights(folder, g)
+        index, step_bytes = write_weights(folder, g, block=blocks[0])
         print(f"weights written in {time.perf_counter() - t0:.1f} s: {step_bytes / 1e9:.2f} GB read per step",
               flush=True)
         info = SimpleNamespace(decoder={"native": index}, routed=False)
         base = native_decode.NativeDecoder(folder, info, built, threads=threads)
         base.wait_loaded()
         builds = {"this": base}
+        block_bytes = {}
+        for block in blocks[1:]:
+            sub = folder / f"block{block}"
+            sub.mkdir()
+            other_index, block_bytes[block] = write_weights(sub, g, block=block)
+            other_info = SimpleNamespace(decoder={"native": other_index}, routed=False)
+            builds[f"block {block}"] = native_decode.NativeDecoder(sub, other_info, built, threads=threads)
+            builds[f"block {block}"].wait_loaded()
         if args.baseline:
             other = baseline_kernels(args.baseline, folder)
             builds[args.baseline] = native_decode.NativeDecoder(folder, info, other, threads=threads, _weights=base._w)
@@ -177,6 +191,10 @@ def main() -> None:
             old = step[args.baseline, args.context, b]
             row["baseline_step_seconds"] = round(old, 4)
             row["baseline_tokens_per_second"] = round(b / old, 2)
+        for block in blocks[1:]:
+            other = step[f"block {block}", args.context, b]
+            row[f"block_{block}"] = {"step_seconds": round(other, 4), "tokens_per_second": round(b / other, 2),
+                                     "weight_bytes_per_step": block_bytes[block]}
         rows.append(row)
     result = {
         "benchmark": "batched_decode", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -184,14 +202,14 @@ def main() -> None:
         "machine": {**machine.cpu_facts(), "python": platform.python_version(), "kernel_isa": built.isa,
                     "threads": threads},
         "geometry": args.geometry, "context": args.context, "steps_per_round": args.steps, "rounds": args.rounds,
-        "baseline": args.baseline, "results": rows,
+        "baseline": args.baseline, "block": blocks[0], "results": rows,
         "notes": "Random int8 weights at the real geometry in the MatMulNBits layout; every sequence's tokens are "
                  "the bits it gets alone (tests/runtime/test_batching.py). Where the step goes: "
                  "read_share_at_one_sequence_rate is the one-sequence step over this size's step, i.e. the share a "
                  "read of the weights at the single-stream rate would take; attention_share is (step at --context "
                  "- step at --short-context) / step, the per-sequence attention over the cache; the rest is the "
                  "int8 products and the small per-sequence work between them. baseline_*: the kernels of git "
-                 "revision `baseline`, timed in the same rounds.",
+                 "revision `baseline`, timed in the same rounds; block_N: the same with weights in blocks of N.",
     }
     print(f"{'batch':>5} {'step ms':>8} {'tok/s':>7} {'speed-up':>8} {'GB/s':>6} {'read':>5} {'attn':>5}"
           + (f" {'baseline ms':>11} {'tok/s':>7}" if args.baseline else ""))
@@ -201,6 +219,10 @@ def main() -> None:
               f"{row['read_share_at_one_sequence_rate'] or 0:>5.2f} {row.get('attention_share', 0):>5.2f}"
               + (f" {row['baseline_step_seconds'] * 1e3:>11.0f} {row['baseline_tokens_per_second']:>7.2f}"
                  if args.baseline else ""))
+    for block in blocks[1:]:
+        print(f"blocks of {block}: " + ", ".join(
+            f"B={row['batch']} {row[f'block_{block}']['step_seconds'] * 1e3:.0f} ms "
+            f"{row[f'block_{block}']['tokens_per_second']:.2f} tok/s" for row in rows))
     out = Path(args.out) if args.out else RESULTS / f"batched_decode_{args.geometry}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"saved {out}")
