@@ -73,8 +73,11 @@ def fixture_bundles(tmp_path_factory):
             for mode in ("merged", "routed")}
 
 
-def int8_bundle_from(fp32_bundle: Path, root: Path, recipe: str = "cpu") -> Path:
-    """An INT8 bundle of ``fp32_bundle`` at ``root / 'int8'``, calibrated on two short speech-like clips."""
+def int8_bundle_from(fp32_bundle: Path, root: Path, recipe: str = "cpu", **changes) -> Path:
+    """An INT8 bundle of ``fp32_bundle`` at ``root / 'int8'``, calibrated on two short speech-like clips;
+    ``changes``: recipe fields replaced (e.g. block_size=32)."""
+    import dataclasses
+
     import soundfile as sf
 
     from megaedge.export import quantize
@@ -85,7 +88,7 @@ def int8_bundle_from(fp32_bundle: Path, root: Path, recipe: str = "cpu") -> Path
         sf.write(str(path), speechlike(2.0 + i, seed=i), 16000)
         items.append({"path": str(path), "text": "", "scenario": "clean"})
     out = root / "int8"
-    quantize.quantize_bundle(fp32_bundle, out, quantize.RECIPES[recipe], items, recipe)
+    quantize.quantize_bundle(fp32_bundle, out, dataclasses.replace(quantize.RECIPES[recipe], **changes), items, recipe)
     return out
 
 

@@ -21,6 +21,12 @@ def fixture_int8(fixture_bundles, tmp_path_factory):
     return int8_bundle_from(fixture_bundles["merged"], tmp_path_factory.mktemp("batch_int8"))
 
 
+@pytest.fixture(scope="module")
+def fixture_int8_blocks_of_32(fixture_bundles, tmp_path_factory):
+    """The same with decoder weights in blocks of 32, which the products treat apart (their own constant path)."""
+    return int8_bundle_from(fixture_bundles["merged"], tmp_path_factory.mktemp("batch_int8_32"), block_size=32)
+
+
 def _decoders(bundle, built, lengths, threads=2):
     """Spawned decoders over one set of weights, each with a cache of its own length (random prompt rows)."""
     info = manifest.read(bundle, verify=False)
@@ -36,14 +42,17 @@ def _decoders(bundle, built, lengths, threads=2):
 
 
 @needs_kernel
+@pytest.mark.parametrize("blocks", [128, 32])
 @pytest.mark.parametrize("built", VARIANTS)
-def test_a_batch_gives_each_sequence_its_solo_bits(fixture_int8, built):
+def test_a_batch_gives_each_sequence_its_solo_bits(request, built, blocks):
     """Eleven sequences at different positions, stepped in batches of every size the products treat apart (a full
     group of eight and a part group of three, then 8, 7, ... 2 of them): batched logits and caches equal stepping
-    each alone."""
+    each alone, with weights in blocks of 128 and of 32."""
+    bundle = request.getfixturevalue("fixture_int8" if blocks == 128 else "fixture_int8_blocks_of_32")
+    assert manifest.read(bundle, verify=False).decoder["native"]["layers"][0]["q"]["block"] == blocks
     lengths = (5, 17, 11, 2, 23, 8, 14, 3, 9, 20, 6)
-    _, batched = _decoders(fixture_int8, built, lengths)
-    _, alone = _decoders(fixture_int8, built, lengths)
+    _, batched = _decoders(bundle, built, lengths)
+    _, alone = _decoders(bundle, built, lengths)
     for size in (11, 8, 7, 6, 5, 4, 3, 2):
         step = [3 + 7 * i + size for i in range(size)]
         got = native_decode.step_batch([d for d, _ in batched[:size]], step)

@@ -128,6 +128,8 @@ static inline __attribute__((always_inline)) void rows_group(const me_linear *m,
     for (int r = r0; r < r1; r++) {
         if (m->blk == 128)
             rows_batch(m, acts, G, y, ystride, r, 128);
+        else if (m->blk == 32)
+            rows_batch(m, acts, G, y, ystride, r, 32);
         else
             rows_batch(m, acts, G, y, ystride, r, m->blk);
     }

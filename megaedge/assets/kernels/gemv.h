@@ -103,6 +103,8 @@ static void gemv_rows(const me_linear *m, const me_act *a, float *y, int lo, int
         for (int s = 0; s < STREAMS; s++) idx[s] = lo + s * len + j;
         if (m->blk == 128)
             rows_together(m, a, y, idx, STREAMS, 128);
+        else if (m->blk == 32)  /* constant too: a block is one vector, its loop must not stay a loop */
+            rows_together(m, a, y, idx, STREAMS, 32);
         else
             rows_together(m, a, y, idx, STREAMS, m->blk);
     }
