@@ -242,29 +242,27 @@ def test_routed_int4_routes_and_gates_like_the_growing_routed_bundle(fixture_bun
 
 # ------------------------------------------------------------------------------------------- the node's own rotary
 @pytest.fixture(scope="module")
-def tiny_bundles(tmp_path_factory):
-    """The tiny geometry (heads of 16, which GroupQueryAttention rotates itself; the fixture's 40 are rotated in
-    the graph) with realistic random weights: growing FP32, fixed-KV FP32 and FP16."""
+def tiny_fixed(tiny_mega, tiny_bundles, tmp_path_factory):
+    """The session's tiny checkpoint (heads of 16, which GroupQueryAttention rotates itself; the fixture's 40 are
+    rotated in the graph) as fixed-KV FP32 and FP16 bundles, beside its growing merged bundle."""
     from megaedge.export.bundle import ExportOptions, export_bundle
-    from megaedge.export.factory import write_checkpoint
 
     root = tmp_path_factory.mktemp("tiny_fixed")
-    checkpoint = write_checkpoint(root / "ckpt", geometry="tiny", layout_name="mega", seed=0, init="realistic")
-    options = {"growing": ExportOptions(validate=False, include_router=False),
-               "fixed": ExportOptions(target="cuda", validate=False, include_router=False),
+    options = {"fixed": ExportOptions(target="cuda", validate=False, include_router=False),
                "fixed-fp16": ExportOptions(target="cuda", precision="fp16", validate=False, include_router=False)}
-    return {name: export_bundle(checkpoint, root / name, opts) for name, opts in options.items()}
+    return {"growing": tiny_bundles["merged"],
+            **{name: export_bundle(tiny_mega, root / name, opts) for name, opts in options.items()}}
 
 
-def test_fixed_kv_graph_is_in_the_form_onnxruntime_fuses(tiny_bundles):
+def test_fixed_kv_graph_is_in_the_form_onnxruntime_fuses(tiny_fixed):
     """Per layer of the FP16 graph: no casts; one plain norm per q and k between two reshapes straight into the
     attention (the chain GroupQueryAttentionPreNormFusion folds into the CUDA kernel); two skip norms carrying the
     residual adds; the attention rotating itself from cos/sin caches of max_kv_length rows."""
     import onnx
     from onnx import numpy_helper
 
-    info = manifest.read(tiny_bundles["fixed-fp16"])
-    model = onnx.load(str(tiny_bundles["fixed-fp16"] / "decoder.onnx"), load_external_data=False)
+    info = manifest.read(tiny_fixed["fixed-fp16"])
+    model = onnx.load(str(tiny_fixed["fixed-fp16"] / "decoder.onnx"), load_external_data=False)
     layers = info.decoder["num_layers"]
     nodes = model.graph.node
     count = lambda op: sum(n.op_type == op for n in nodes)  # noqa: E731
@@ -297,32 +295,28 @@ def test_fixed_kv_graph_is_in_the_form_onnxruntime_fuses(tiny_bundles):
         assert list(skip.output[1:3]) == ["", ""]  # statistics never computed
 
 
-def test_the_nodes_own_rotary_gives_the_growing_graphs_tokens(tiny_bundles):
+def test_the_nodes_own_rotary_gives_the_growing_graphs_tokens(tiny_fixed):
     """Greedy tokens of the fixed-KV graph whose attention rotates (positions from seqlens_k) equal the growing
-    graph's (RoPE in the graph from its own positions), and the FP16 graph's agree."""
+    graph's (RoPE in the graph from its own positions)."""
     from megaedge.runtime.transcriber import Transcriber
     from tests.conftest import speechlike
 
-    trs = {name: Transcriber.from_bundle(path) for name, path in tiny_bundles.items()}
-    agree = []
-    for seed, seconds in ((0, 2.0), (1, 5.0), (2, 9.0)):
+    growing, fixed = (Transcriber.from_bundle(tiny_fixed[name]) for name in ("growing", "fixed"))
+    for seed, seconds in ((0, 2.0), (2, 9.0)):
         samples = speechlike(seconds, seed=seed)
-        want, got, half = (trs[name].transcribe(samples, segment_seconds=None, max_new_tokens=24,
-                                                ignore_eos=True).token_ids
-                           for name in ("growing", "fixed", "fixed-fp16"))
+        want, got = (tr.transcribe(samples, segment_seconds=None, max_new_tokens=24, ignore_eos=True).token_ids
+                     for tr in (growing, fixed))
         assert len(want) == 24 and got == want
-        agree.append(_agreement([want], [half]))
-    assert np.mean(agree) >= 0.5  # fp16 rounding on random weights may flip a near tie; a broken graph gives ~0
 
 
-def test_continued_prompts_steps_and_rollback_match_the_growing_graph(tiny_bundles):
+def test_continued_prompts_steps_and_rollback_match_the_growing_graph(tiny_fixed):
     """The positions the node derives from seqlens_k for a continued prompt (several rows over a cache), a step
     and a step after a rollback are the growing graph's: logits equal at every call."""
     from megaedge.runtime import decoding
     from megaedge.runtime.transcriber import Transcriber
     from tests.conftest import speechlike
 
-    growing_tr, fixed_tr = (Transcriber.from_bundle(tiny_bundles[n]) for n in ("growing", "fixed"))
+    growing_tr, fixed_tr = (Transcriber.from_bundle(tiny_fixed[n]) for n in ("growing", "fixed"))
     audio = growing_tr.encode(speechlike(3.0, seed=4))
     ids = growing_tr.prompt(audio.shape[0], None, None)
     growing, fixed = decoding.OrtState(growing_tr), fixed_kv.FixedKVState.of(fixed_tr)
