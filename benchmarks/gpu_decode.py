@@ -30,6 +30,7 @@ import shutil
 import sys
 import time
 import traceback
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -86,21 +87,27 @@ def previous_exporter(path: Path):
     return module.export_decoder
 
 
+def _bundle_beside(src: Path, out: Path, keep) -> None:
+    """``out`` with hard links to the files of bundle ``src`` for which ``keep(name)`` holds (the decoder graph a
+    rewrite replaces is left out; weights are linked, never copied)."""
+    import os
+
+    out.mkdir(parents=True)
+    for f in src.iterdir():
+        if keep(f.name):
+            os.link(f, out / f.name)
+
+
 def with_qk_norm_in_attention(src: Path, out: Path) -> Path:
     """A copy of the fixed-KV bundle ``src`` whose attention nodes take the q/k norms themselves (``q_norm_weight``
     / ``k_norm_weight``, inputs 14 and 15 of GroupQueryAttention, CUDA only): the rewrite onnxruntime's
     GroupQueryAttentionPreNormFusion makes, made here so its speed is measured whether or not the installed
     onnxruntime makes it. The weights file is hard-linked, not copied; the manifest's digests no longer hold
     (the benchmark reads bundles unverified)."""
-    import os
-
     import onnx
     from onnx import helper
 
-    out.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.name != "decoder.onnx":
-            os.link(f, out / f.name)
+    _bundle_beside(src, out, lambda name: name != "decoder.onnx")
     model = onnx.load(str(src / "decoder.onnx"), load_external_data=False)
     graph = model.graph
     producer = {o: n for n in graph.node for o in n.output}
@@ -135,15 +142,10 @@ def with_packed_projections(src: Path, out: Path) -> Path:
     gate and up) are one MatMul over their weights side by side, split after: fewer, larger GEMVs a step. Made
     here to measure before the export writes it; digests no longer hold (the benchmark reads bundles
     unverified)."""
-    import os
-
     import onnx
     from onnx import helper, numpy_helper
 
-    out.mkdir(parents=True)
-    for f in src.iterdir():
-        if not f.name.startswith("decoder.onnx"):
-            os.link(f, out / f.name)
+    _bundle_beside(src, out, lambda name: not name.startswith("decoder.onnx"))  # the weights are rewritten
     model = onnx.load(str(src / "decoder.onnx"))
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
@@ -297,14 +299,9 @@ def op_census(bundle: Path, device: str, past: int) -> dict:
     last = runs[-1]
     nodes = [e for e in trace if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
              and last["ts"] <= e["ts"] <= last["ts"] + last["dur"]]
-    ops: dict = {}
-    for e in nodes:
-        ops[e["args"]["op_name"]] = ops.get(e["args"]["op_name"], 0) + 1
-    providers: dict = {}
-    for e in nodes:
-        providers[e["args"].get("provider", "?")] = providers.get(e["args"].get("provider", "?"), 0) + 1
-    return {"nodes_per_step": len(nodes), "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
-            "providers": providers, "attention_nodes_with_qk_norm": sum(
+    ops = Counter(e["args"]["op_name"] for e in nodes)
+    providers = Counter(e["args"].get("provider", "?") for e in nodes)
+    return {"nodes_per_step": len(nodes), "ops": dict(ops.most_common()), "providers": dict(providers), "attention_nodes_with_qk_norm": sum(
                 e["args"]["op_name"] == "GroupQueryAttention" and "_qknorm" in e["name"] for e in nodes),
             "step_host_ms": round(last["dur"] / 1000, 3)}
 

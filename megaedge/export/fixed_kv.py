@@ -192,8 +192,8 @@ def _onnx_translation():
 
 
 def _drop_unused_outputs(path: Path) -> None:
-    """Blank the names of node outputs nothing reads (the skip norms' statistics), so no provider computes or
-    allocates them; the weights (external data) are untouched."""
+    """Blank the names of the skip norms' optional outputs nothing reads (their statistics; the last one's sum), so
+    no provider computes or allocates them; the weights (external data) are untouched."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -201,8 +201,8 @@ def _drop_unused_outputs(path: Path) -> None:
     read |= {o.name for o in model.graph.output}
     for node in model.graph.node:
         if node.op_type == "SkipSimplifiedLayerNormalization":
-            for i in (1, 2):
-                if i < len(node.output) and node.output[i] not in read:
+            for i in range(1, len(node.output)):
+                if node.output[i] not in read:
                     node.output[i] = ""
     onnx.save(model, str(path))
 
@@ -228,19 +228,21 @@ class FixedKVDecoderGraph(graphs.DecoderGraph):
 
     def __init__(self, model, gate, max_kv_length: int):
         super().__init__(model, gate)
-        dtype = next(model.parameters()).dtype
-        positions = torch.arange(max_kv_length)[None]
-        with torch.no_grad():
-            cos, sin = self.lm.rotary_emb(torch.zeros(1, dtype=dtype), positions)  # [1, M, D]: halves repeated
         # GroupQueryAttention rotates heads whose size is a multiple of 16 (Qwen3's 128); other geometries (the
         # shipped fixture's 40) rotate in the graph from a position_ids input: positions computed in the graph
         # from seqlens_k need an int64 range that onnxruntime places on the CPU, which rules out CUDA graphs
         self.graph_rotary = self.head_dim % ROTARY_HEAD_MULTIPLE != 0
-        half = self.head_dim // 2
-        if not (torch.equal(cos[..., :half], cos[..., half:]) and torch.equal(sin[..., :half], sin[..., half:])):
-            raise NotImplementedError("a rotary embedding whose halves differ (partial or interleaved rotary)")
-        self.register_buffer("cos_cache", cos[0, :, :half].to(dtype).contiguous(), persistent=False)
-        self.register_buffer("sin_cache", sin[0, :, :half].to(dtype).contiguous(), persistent=False)
+        caches = (None, None)  # the node's cos/sin rows [M, D/2]; None where the graph rotates
+        if not self.graph_rotary:
+            dtype = next(model.parameters()).dtype
+            with torch.no_grad():  # [1, M, D]: halves repeated
+                cos, sin = self.lm.rotary_emb(torch.zeros(1, dtype=dtype), torch.arange(max_kv_length)[None])
+            half = self.head_dim // 2
+            if not (torch.equal(cos[..., :half], cos[..., half:]) and torch.equal(sin[..., :half], sin[..., half:])):
+                raise NotImplementedError("a rotary embedding whose halves differ (partial or interleaved rotary)")
+            caches = tuple(c[0, :, :half].to(dtype).contiguous() for c in (cos, sin))
+        self.register_buffer("cos_cache", caches[0], persistent=False)
+        self.register_buffer("sin_cache", caches[1], persistent=False)
 
     def forward(self, input_ids, audio_features, logits_at, seqlens_k, total_sequence_length, *past,
                 position_ids=None, lora_gate=None):
@@ -249,12 +251,10 @@ class FixedKVDecoderGraph(graphs.DecoderGraph):
         x = self.embed(input_ids, audio_features)
         seq = input_ids.shape[1]
         layers = self.lm.layers
-        rotary = (self.cos_cache, self.sin_cache)
         if self.graph_rotary:
             from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
             cos, sin = self.lm.rotary_emb(x, position_ids)
-            rotary = (None, None)
         h = _norm(layers[0].input_layernorm, x)
         presents = []
         for i, layer in enumerate(layers):
@@ -266,7 +266,8 @@ class FixedKVDecoderGraph(graphs.DecoderGraph):
                 q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
             o, key, value = torch.ops.megaedge.group_query_attention(
                 q.view(1, seq, -1), k.view(1, seq, -1), attn.v_proj(h), past[2 * i], past[2 * i + 1], seqlens_k,
-                total_sequence_length, *rotary, self.heads, self.kv_heads, float(attn.scaling))
+                total_sequence_length, self.cos_cache, self.sin_cache, self.heads, self.kv_heads,
+                float(attn.scaling))
             presents += [key, value]
             h, x = _skip_norm(layer.post_attention_layernorm, attn.o_proj(o), x)
             # each residual add travels with the norm after it: the next layer's, after the last the final norm

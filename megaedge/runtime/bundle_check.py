@@ -438,7 +438,8 @@ def _check_graphs(info: manifest.Manifest) -> None:
 
 def _check_fixed_decoder(info: manifest.Manifest) -> None:
     """A fixed-KV decoder graph (runtime/fixed_kv.py) against decoder.max_kv_length: its length and total inputs
-    (and an older graph's positions), and KV buffers whose positions axis is the manifest's length (the runtime allocates exactly that)."""
+    (and an older graph's positions), and KV buffers whose positions axis is the manifest's length (the runtime
+    allocates exactly that)."""
     dec, spec = info.decoder, info.graph("decoder")
     length = dec["max_kv_length"]
     inputs, outputs = {t.name: t for t in spec.inputs}, {t.name: t for t in spec.outputs}

@@ -87,7 +87,7 @@ class _Buffers:
         # even be possible there.
         self.kv = [put(np.zeros(shape, kv_dtype)) for _ in dec["past_names"]]
         self.ids = put(np.zeros((1, 1), np.int64))
-        self.positions = put(np.zeros((1, 1), np.int64))
+        self.positions = put(np.zeros((1, 1), np.int64)) if runner.positions else None  # older graphs only
         self.seqlens = put(np.zeros(1, np.int32))
         # Read on the host by the kernel: a CPU value whatever the provider.
         self.total = ort.OrtValue.ortvalue_from_numpy(np.array(dec["max_kv_length"], np.int32))
@@ -100,7 +100,7 @@ class _Buffers:
         self.step_options = ort.RunOptions()
         self.step_options.add_run_config_entry(GRAPH_RUN_KEY, str(graph_id))
         binding = runner.session.io_binding()
-        positions = ((POSITION_IDS, self.positions),) if runner.positions else ()
+        positions = ((POSITION_IDS, self.positions),) if self.positions is not None else ()
         for name, value in (("input_ids", self.ids), ("audio_features", self.audio), ("logits_at", self.logits_at),
                             *positions, (SEQLENS_K, self.seqlens), (TOTAL_LENGTH, self.total),
                             *zip(dec["past_names"], self.kv), *((("lora_gate", self.gate),) if self.gate else ())):
