@@ -8,6 +8,10 @@ the manifest, the data file and the sidecar; it never parses ONNX.
 
 Projections are found in graph order, seven per layer (q, k, v, o, gate, up, down), each checked against the
 layer geometry; the parity tests hold the native step's logits to onnxruntime's, so a mismatch cannot pass.
+
+A routed decoder adds a gated low-rank branch to a projection: ``Add(MatMulNBits(x), Mul(lora_gate,
+MatMul(MatMul(x, A), B)))`` with A [k, rank] and B [rank, n] float initializers. The index records A and B (the
+graph's bytes again, nothing copied) under the projection's ``lora``; any other float MatMul refuses the index.
 """
 
 from __future__ import annotations
@@ -82,9 +86,38 @@ def _attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+def _lora_branches(model, tensors) -> tuple[dict[str, dict], set[str]]:
+    """{MatMulNBits output: {"a": name, "b": name, "rank": R}} for every projection with a gated branch, and the
+    outputs of the MatMul nodes those branches are made of."""
+    producer = {out: n for n in model.graph.node for out in n.output}
+    gate = "lora_gate"
+    found, used = {}, set()
+    for add in (n for n in model.graph.node if n.op_type == "Add" and len(n.input) == 2):
+        pair = [producer.get(i) for i in add.input]
+        for nbits, mul in (pair, pair[::-1]):
+            if nbits and nbits.op_type == "MatMulNBits" and mul and mul.op_type == "Mul" and gate in mul.input:
+                break
+        else:
+            continue
+        up = producer.get([i for i in mul.input if i != gate][0])
+        if not up or up.op_type != "MatMul" or up.input[1] not in tensors.by_name:
+            continue
+        down = producer.get(up.input[0])
+        if (not down or down.op_type != "MatMul" or down.input[1] not in tensors.by_name
+                or down.input[0] != nbits.input[0]):
+            continue
+        a, b = tensors.by_name[down.input[1]], tensors.by_name[up.input[1]]
+        if len(a.dims) != 2 or len(b.dims) != 2 or a.dims[1] != b.dims[0]:
+            continue
+        found[nbits.output[0]] = {"a": down.input[1], "b": up.input[1], "rank": int(a.dims[1])}
+        used.update((down.output[0], up.output[0]))
+    return found, used
+
+
 def build_index(decoder_path: Path, decoder: dict) -> tuple[dict, dict[str, np.ndarray]] | None:
     """(index, sidecar arrays) for a weight-only 8-bit decoder graph, or None (with the reason logged) for any
-    other graph: float or 4-bit projections, LoRA branches (routed), zero points, an unexpected layout."""
+    other graph: float or 4-bit projections, float MatMuls other than gated branches, zero points, an unexpected
+    layout."""
     import onnx
 
     model = onnx.load(str(decoder_path), load_external_data=False)
@@ -102,8 +135,10 @@ def build_index(decoder_path: Path, decoder: dict) -> tuple[dict, dict[str, np.n
     if len(nbits) != per_layer * layers + 1:
         return why_not(f"{len(nbits)} MatMulNBits nodes, a weight-only 8-bit decoder of {layers} layers has "
                        f"{per_layer * layers + 1}")
-    if any(n.op_type == "MatMul" and n.input[1] in tensors.by_name for n in model.graph.node):
-        return why_not("float projections remain (LoRA branches or excluded layers)")
+    branches, branch_nodes = _lora_branches(model, tensors)
+    if any(n.op_type == "MatMul" and n.input[1] in tensors.by_name and n.output[0] not in branch_nodes
+           for n in model.graph.node):
+        return why_not("float projections remain (excluded layers, or LoRA branches not in the gated form)")
     # The LM head can sit anywhere in node order (the tied-embedding rewrite inserts it first); the projections
     # keep the order the layers were traced in.
     heads = [n for n in nbits if _attrs(n).get("N") == decoder["vocab_size"]]
@@ -117,8 +152,15 @@ def build_index(decoder_path: Path, decoder: dict) -> tuple[dict, dict[str, np.n
         a = _attrs(node)
         if a.get("bits") != 8 or len(node.input) > 3 or (want and (a["K"], a["N"]) != want):
             return None
-        return {"k": a["K"], "n": a["N"], "block": a["block_size"],
-                "weight": tensors.ref(node.input[1]), "scales": tensors.ref(node.input[2])}
+        entry = {"k": a["K"], "n": a["N"], "block": a["block_size"],
+                 "weight": tensors.ref(node.input[1]), "scales": tensors.ref(node.input[2])}
+        branch = branches.get(node.output[0])
+        if branch is not None:
+            shapes = (list(tensors.by_name[branch["a"]].dims), list(tensors.by_name[branch["b"]].dims))
+            if shapes != ([a["K"], branch["rank"]], [branch["rank"], a["N"]]):
+                return None
+            entry["lora"] = {"rank": branch["rank"], "a": tensors.ref(branch["a"]), "b": tensors.ref(branch["b"])}
+        return entry
 
     index_layers = []
     for i in range(layers):
@@ -137,8 +179,11 @@ def build_index(decoder_path: Path, decoder: dict) -> tuple[dict, dict[str, np.n
             entry[key] = tensors.ref(prefix + suffix)
         index_layers.append(entry)
     head = linear(nbits[-1], (g["hidden"], g["vocab"]))
-    if head is None:
-        return why_not("the LM head is not an 8-bit MatMulNBits")
+    if head is None or "lora" in head:
+        return why_not("the LM head is not an 8-bit MatMulNBits without a branch")
+    indexed = sum("lora" in layer[name] for layer in index_layers for name in PROJECTIONS)
+    if indexed != len(branches):
+        return why_not(f"{len(branches)} gated branches, {indexed} of them on the layers' projections")
     if "tied_embedding_q8" in tensors.by_name:
         embedding = {"kind": "q8", "weight": tensors.ref("tied_embedding_q8"),
                      "scales": tensors.ref("tied_embedding_scale")}

@@ -542,7 +542,7 @@ def quantize_bundle(fp32_bundle: Path, out: Path, recipe: Int8Recipe, calib_item
         log.info("%s: %s", name, details[name])
     doc = info.to_dict()
     doc["precision"] = "int8"
-    if recipe.decoder == "weight-only" and recipe.decoder_bits == 8 and not info.routed:
+    if recipe.decoder == "weight-only" and recipe.decoder_bits == 8:
         from megaedge.export.native_index import with_native_index
 
         doc["decoder"] = with_native_index(out, doc["decoder"])

@@ -28,10 +28,10 @@ GATHER_SECONDS = 0.002
 
 
 class _Request:
-    __slots__ = ("decoder", "token", "logits", "error", "done")
+    __slots__ = ("decoder", "token", "gate", "logits", "error", "done")
 
-    def __init__(self, decoder, token: int):
-        self.decoder, self.token = decoder, token
+    def __init__(self, decoder, token: int, gate: float | None):
+        self.decoder, self.token, self.gate = decoder, token, gate
         self.logits = self.error = None
         self.done = threading.Event()
 
@@ -64,11 +64,12 @@ class StepBatcher:
                 self._stepping -= 1
                 self._cond.notify_all()
 
-    def step(self, decoder, token: int) -> np.ndarray:
-        """``decoder.step(token)``, possibly in one kernel call with other threads' steps."""
+    def step(self, decoder, token: int, gate: float | None = None) -> np.ndarray:
+        """``decoder.step(token, gate)``, possibly in one kernel call with other threads' steps (of either route
+        of a routed bundle: each row carries its own gate)."""
         if self.max_batch == 1:
-            return decoder.step(token)
-        request = _Request(decoder, token)
+            return decoder.step(token, gate)
+        request = _Request(decoder, token, gate)
         with self._cond:
             self._pending.append(request)
             self._cond.notify_all()
@@ -100,7 +101,8 @@ class StepBatcher:
             groups.setdefault(id(request.decoder._w), []).append(request)
         for group in groups.values():
             try:
-                logits = native_decode.step_batch([r.decoder for r in group], [r.token for r in group])
+                logits = native_decode.step_batch([r.decoder for r in group], [r.token for r in group],
+                                                  [r.gate for r in group])
             except BaseException as exc:  # noqa: BLE001 - handed to each waiting caller
                 for r in group:
                     r.error = exc

@@ -277,6 +277,15 @@ def _linear(files: _Files, entry, where: str, k: int, n: int) -> int:
         raise _refuse(f"{where}.weight.shape", list(weight), f"needs {n} x {blocks} x {block} bytes")
     if math.prod(scales) != n * blocks:
         raise _refuse(f"{where}.scales.shape", list(scales), f"needs {n} x {blocks} scales")
+    if entry.get("lora") is not None:  # a routed decoder's gated branch: A [k, rank], B [rank, n]
+        branch = _dict(entry["lora"], f"{where}.lora")
+        rank = _int(branch.get("rank"), f"{where}.lora.rank", 1)
+        if rank > min(k, n):
+            raise _refuse(f"{where}.lora.rank", rank, f"needs at most min(k, n) = {min(k, n)}")
+        for key, size in (("a", k * rank), ("b", rank * n)):
+            shape = _tensor_ref(files, branch.get(key), f"{where}.lora.{key}", "float")
+            if math.prod(shape) != size:
+                raise _refuse(f"{where}.lora.{key}.shape", list(shape), f"needs {size} values (rank {rank})")
     return block
 
 
@@ -324,6 +333,12 @@ def _check_native_decoder(files: _Files, info: manifest.Manifest, index: dict) -
             _linear(files, layer.get(name), f"{where}.{name}", *shapes[name])
         for name, size in norms.items():
             _vector(files, layer.get(name), f"{where}.{name}", size)
+    branches = sum(isinstance(layer.get(name), dict) and layer[name].get("lora") is not None
+                   for layer in layers for name in manifest.NATIVE_PROJECTIONS)
+    if branches and not info.routed:
+        raise _refuse(f"{w}.layers", f"{branches} LoRA branches", "but only a routed bundle has them")
+    if _dict(index.get("lm_head"), f"{w}.lm_head").get("lora") is not None:
+        raise _refuse(f"{w}.lm_head.lora", "a branch", "but the LM head is never adapted")
     _linear(files, index.get("lm_head"), f"{w}.lm_head", hidden, vocab)
     _vector(files, index.get("final_norm"), f"{w}.final_norm", hidden)
     _vector(files, index.get("inv_freq"), f"{w}.inv_freq", head_dim // 2)

@@ -14,7 +14,7 @@ where the bundle has one), megaedge's native kernels (``NativeState``), the hand
 to native steps (``HandoffState``, for bundles that paid for a prefill graph), and the fixed-KV decoder of
 ``--target cuda`` bundles (``fixed_kv.FixedKVState``: buffers updated in place, CUDA graphs on the GPU). ``gate`` is the LoRA gate of a
 routed bundle (1 = LoRA route, 0 = base), an argument of every call: the route belongs to the segment or stream,
-never to the shared transcriber; native states run only merged bundles and ignore it.
+never to the shared transcriber (native states pass it to the kernels per call; merged bundles ignore it).
 
 ``greedy`` is the one greedy loop: EOS, budgets counted in text tokens, the no-repeat ban of the loop guard, and
 each token's log-probability (the confidence results carry).
@@ -118,11 +118,13 @@ class NativeState:
     def extend(self, ids: list[int], audio, gate: float | None, logit_rows: int = 1) -> np.ndarray:
         audio = np.zeros((0, self.decoder.hidden), np.float32) if audio is None else audio
         if self.decoder.length == 0 and self.budget:
-            return self.decoder.prefill(ids, audio, self.audio_token, self.budget)[None]
-        return self.decoder.extend(self.decoder.rows_for(ids, audio, self.audio_token), logit_rows)
+            return self.decoder.prefill(ids, audio, self.audio_token, self.budget, gate)[None]
+        return self.decoder.extend(self.decoder.rows_for(ids, audio, self.audio_token), logit_rows, gate)
 
     def step(self, token: int, gate: float | None) -> np.ndarray:
-        return self.decoder.step(token) if self.batcher is None else self.batcher.step(self.decoder, token)
+        if self.batcher is None:
+            return self.decoder.step(token, gate)
+        return self.batcher.step(self.decoder, token, gate)
 
     def stepping(self):
         """Around a run of steps: lets the batcher wait for this state's next step (runtime/batching.py)."""

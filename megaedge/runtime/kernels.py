@@ -41,7 +41,7 @@ SOURCE = KERNEL_DIR / "decoder.c"  # the one translation unit; it includes the o
 SOURCES = tuple(sorted(path for path in KERNEL_DIR.iterdir() if path.suffix in (".c", ".h", ".py")))
 PREBUILT_DIR = Path(__file__).resolve().parents[1] / "_kernels"  # written by build_kernels.py
 PREBUILT_MANIFEST = "BUILD.json"
-ABI_VERSION = 7
+ABI_VERSION = 8
 MAX_BATCH = 16  # ME_MAX_BATCH in decode_batch.h
 ISA_NAMES = {4: "avx512-vnni+amx", 2: "avx512-vnni", 1: "avx2", 3: "arm-dotprod", 0: "portable-c"}
 # -ffp-contract=off: one rounding per operation however the compiler unrolls or vectorizes a loop, so a row computed
@@ -128,12 +128,19 @@ class LayerStruct(ctypes.Structure):
                                                         "values")]]
 
 
+class LoraStruct(ctypes.Structure):
+    """``me_lora``: a routed decoder's low-rank branch of one projection, float32 A [k, rank] and B [rank, n]."""
+    _fields_ = [("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("rank", ctypes.c_int32)]
+
+
 class ModelStruct(ctypes.Structure):
-    """``me_model``: geometry, layers, final norm and LM head of one decoder step."""
+    """``me_model``: geometry, layers, final norm and LM head of one decoder step; a routed decoder's branches
+    ([layers * 7] in NATIVE_PROJECTIONS order, or NULL) and this sequence's gate (1: the LoRA route, 0: the base)."""
     _fields_ = [*[(name, ctypes.c_int32) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim",
                                                        "intermediate", "capacity", "vocab")],
                 ("eps", ctypes.c_float), ("scaling", ctypes.c_float), ("layer", ctypes.POINTER(LayerStruct)),
-                ("lm_head", LinearStruct), ("final_norm", ctypes.c_void_p)]
+                ("lm_head", LinearStruct), ("final_norm", ctypes.c_void_p), ("lora", ctypes.POINTER(LoraStruct)),
+                ("lora_gate", ctypes.c_float)]
 
 
 @dataclass(frozen=True)

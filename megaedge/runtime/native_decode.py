@@ -14,7 +14,9 @@ The weights are the bundle's own MatMulNBits bytes (export's native index, ``man
 nothing is converted or duplicated on disk. The arithmetic is the graph's: RMS norms, q/k norms, rotary embedding
 from the graph's own inverse frequencies, grouped-query attention over an fp32 cache, SwiGLU; activations are
 quantized per block as MatMulNBits does at accuracy level 4, so tokens agree with onnxruntime's
-(tests/runtime/test_native_decode.py holds them to it).
+(tests/runtime/test_native_decode.py holds them to it). A routed bundle's gated low-rank branches run too
+(assets/kernels/lora.h), the route a per-call argument, so one set of weights serves both routes and streams on
+either route step in one batch.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class Linear:
     weight: np.ndarray  # uint8 [N, blocks, block] (value + 128)
     scales: np.ndarray  # float32 [N, blocks]
     k: int
+    lora_a: np.ndarray | None = None  # a routed decoder's branch: float32 [k, rank] and [rank, N]
+    lora_b: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -107,7 +111,12 @@ def _linear(tensors: _Tensors, entry: dict, read: bool = False) -> Linear:
     scales = get(entry["scales"]).reshape(n, weight.shape[1])
     if scales.dtype != np.float32:
         scales = scales.astype(np.float32)
-    return Linear(weight, scales, entry["k"])
+    branch = entry.get("lora")
+    if branch is None:
+        return Linear(weight, scales, entry["k"])
+    rank = branch["rank"]
+    a, b = (np.ascontiguousarray(get(branch[key]), np.float32) for key in ("a", "b"))
+    return Linear(weight, scales, entry["k"], a.reshape(entry["k"], rank), b.reshape(rank, n))
 
 
 def available(info: manifest.Manifest) -> str | None:
@@ -117,8 +126,8 @@ def available(info: manifest.Manifest) -> str | None:
         return "the bundle has no native decode index (a weight-only 8-bit decoder exported by megaedge >= 0.9)"
     if index.get("format") != "matmulnbits-q8":
         return f"native index format {index.get('format')!r} is not known to this megaedge"
-    if info.routed:
-        return "routed bundles gate the LoRA inside the graph"
+    if info.routed and not any("lora" in layer[name] for layer in index["layers"] for name in PROJECTIONS):
+        return "the routed bundle's index has no LoRA branches"
     for layer in index["layers"]:  # products of one input share one quantized activation
         if len({layer[name]["block"] for name in ("q", "k", "v")}) > 1 or layer["gate"]["block"] != layer["up"]["block"]:
             return "projections of one input are quantized with different block sizes"
@@ -243,12 +252,26 @@ class NativeDecoder:
                 setattr(struct, name, getattr(layer, name).ctypes.data)
             struct.keys, struct.values = keys.ctypes.data, values.ctypes.data
         first = weights[0]
+        branches = None
+        if any(getattr(layer, name).lora_a is not None for layer in weights for name in PROJECTIONS):
+            branches = (kernels.LoraStruct * (len(weights) * len(PROJECTIONS)))()
+            slots = iter(branches)
+            for layer in weights:
+                for name in PROJECTIONS:
+                    item, slot = getattr(layer, name), next(slots)
+                    if item.lora_a is not None:
+                        slot.a, slot.b = item.lora_a.ctypes.data, item.lora_b.ctypes.data
+                        slot.rank = item.lora_a.shape[1]
         model = kernels.ModelStruct(len(weights), self.hidden, self.heads, self.kv_heads, self.head_dim,
                                     first.gate.n, self.keys[0].shape[1], head.n, self.eps, self.scaling,
-                                    layers, linear(head), self._w.final_norm.ctypes.data)
-        # What the struct points at must live as long as it: the C array, and the weights and caches it names.
-        model._keep = (layers, weights, head, list(self.keys), list(self.values))
+                                    layers, linear(head), self._w.final_norm.ctypes.data, branches, 0.0)
+        # What the struct points at must live as long as it: the C arrays, and the weights and caches they name.
+        model._keep = (layers, branches, weights, head, list(self.keys), list(self.values))
         return model
+
+    def _routed(self, gate: float | None) -> None:
+        """This decoder's next call on ``gate``'s route (a routed bundle: None or 1 the LoRA, 0 the base)."""
+        self._model.lora_gate = 1.0 if gate is None else float(gate)
 
     def embed(self, token: int) -> np.ndarray:
         return self.embed_rows(np.array([token]))[0]
@@ -276,17 +299,19 @@ class NativeDecoder:
         x[is_audio] = audio
         return x
 
-    def prefill(self, prompt_ids: list[int], audio: np.ndarray, audio_token: int, max_new_tokens: int) -> np.ndarray:
+    def prefill(self, prompt_ids: list[int], audio: np.ndarray, audio_token: int, max_new_tokens: int,
+                gate: float | None = None) -> np.ndarray:
         """Logits [vocab] after the whole prompt, run natively from an empty cache: the i-th ``audio_token`` of the
         prompt takes row i of ``audio`` [A, hidden] (the decoder graph's merge). Leaves the cache ready for
-        ``max_new_tokens`` steps. Prompts run in chunks of PREFILL_CHUNK rows, which bounds the scratch memory."""
+        ``max_new_tokens`` steps. Prompts run in chunks of PREFILL_CHUNK rows, which bounds the scratch memory.
+        ``gate``: a routed bundle's route (None or 1: the LoRA, 0: the base); merged bundles ignore it."""
         x = self.rows_for(prompt_ids, audio, audio_token)
         self.keys, self.values, self.length = [], [], 0
         # The weights there are now: the file map while the background read runs, so the prompt need not wait for
         # it; the first step changes over to the copy in memory.
         self._model_in_memory = not self._w.loading
         self._reserve(len(prompt_ids) + max_new_tokens + 1)
-        return self.extend(x)[0]
+        return self.extend(x, gate=gate)[0]
 
     def rewind(self, length: int) -> None:
         """Forget the positions from ``length`` on (the next rows are written there): a stream drops a hop's
@@ -311,7 +336,7 @@ class NativeDecoder:
         self.keys, self.values = grown
         self._model = self._model_struct()
 
-    def extend(self, x: np.ndarray, logit_rows: int = 1) -> np.ndarray:
+    def extend(self, x: np.ndarray, logit_rows: int = 1, gate: float | None = None) -> np.ndarray:
         """Rows x [rows, hidden] (embeddings, see ``rows_for``) appended at the next positions; returns the logits
         [logit_rows, vocab] of the last ``logit_rows`` rows (0: none). Runs in chunks of PREFILL_CHUNK rows."""
         rows = len(x)
@@ -324,6 +349,7 @@ class NativeDecoder:
         cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
         logits = np.empty((logit_rows, self.lm_head.n), np.float32)
         first_logit = rows - logit_rows  # row of logits[0]
+        self._routed(gate)
         for lo in range(0, rows, PREFILL_CHUNK):
             hi = min(lo + PREFILL_CHUNK, rows)
             wanted = max(0, hi - max(lo, first_logit))  # the chunk's last rows whose logits were asked for
@@ -334,11 +360,12 @@ class NativeDecoder:
             self.length = start + hi
         return logits
 
-    def step(self, token: int) -> np.ndarray:
-        """Logits [vocab] after appending ``token`` at the next position."""
+    def step(self, token: int, gate: float | None = None) -> np.ndarray:
+        """Logits [vocab] after appending ``token`` at the next position (``gate``: as for ``prefill``)."""
         pos = self._ready_for_step()
         cos, sin = self._rotary(pos)
         logits = np.empty(self.lm_head.n, np.float32)
+        self._routed(gate)
         self.kernels.decode_step(self._model, self.embed(token), pos, cos, sin, logits, self.threads)
         self.length = pos + 1
         return logits
@@ -358,14 +385,18 @@ class NativeDecoder:
         return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def step_batch(decoders: list[NativeDecoder], tokens: list[int]) -> np.ndarray:
+def step_batch(decoders: list[NativeDecoder], tokens: list[int], gates: list[float | None] | None = None
+               ) -> np.ndarray:
     """One step of each decoder in one kernel call (decode_batch.h): the decoders share their weights (``spawn``)
-    and keep their own caches; logits [len(decoders), vocab]. Each decoder gets the bits its own ``step`` gives."""
-    if len(decoders) != len(tokens) or not 1 <= len(decoders) <= kernels.MAX_BATCH:
-        raise MegaedgeError(f"native decode batch: {len(decoders)} decoders for {len(tokens)} tokens "
-                            f"(1-{kernels.MAX_BATCH} per call)")
+    and keep their own caches; logits [len(decoders), vocab]. Each decoder gets the bits its own ``step`` gives.
+    ``gates``: each decoder's route in a routed bundle (as ``step``'s gate; None: all on the LoRA route), so
+    streams on both routes share one read of the base weights."""
+    gates = [None] * len(decoders) if gates is None else list(gates)
+    if len(decoders) != len(tokens) or len(gates) != len(tokens) or not 1 <= len(decoders) <= kernels.MAX_BATCH:
+        raise MegaedgeError(f"native decode batch: {len(decoders)} decoders for {len(tokens)} tokens and "
+                            f"{len(gates)} gates (1-{kernels.MAX_BATCH} per call)")
     if len(decoders) == 1:
-        return decoders[0].step(tokens[0])[None]
+        return decoders[0].step(tokens[0], gates[0])[None]
     first = decoders[0]
     if any(d._w is not first._w for d in decoders) or len({id(d) for d in decoders}) != len(decoders):
         raise MegaedgeError("native decode batch: decoders must be distinct and share one set of weights (spawn)")
@@ -375,6 +406,8 @@ def step_batch(decoders: list[NativeDecoder], tokens: list[int]) -> np.ndarray:
     sin = np.ascontiguousarray(np.stack([s for _, s in rotary]))
     x = np.ascontiguousarray(np.stack([d.embed(t) for d, t in zip(decoders, tokens)]))
     logits = np.empty((len(decoders), first.lm_head.n), np.float32)
+    for d, gate in zip(decoders, gates):
+        d._routed(gate)
     first.kernels.decode_batch([d._model for d in decoders], x, positions, cos, sin, logits, first.threads)
     for d in decoders:
         d.length += 1

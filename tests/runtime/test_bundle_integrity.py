@@ -209,6 +209,29 @@ def test_numbers_that_disagree_with_the_weights_are_refused(int8_bundle, tmp_pat
     _refused(bundle, match)
 
 
+@pytest.fixture(scope="module")
+def routed_int8_bundle(tiny_bundles, tmp_path_factory):
+    """A routed INT8 bundle: its native index carries the gated low-rank branches (A, B and their rank)."""
+    return int8_bundle_from(tiny_bundles["routed"], tmp_path_factory.mktemp("integrity_routed"))
+
+
+def _branch(layer, name):
+    return ["decoder", "native", "layers", layer, name, "lora"]
+
+
+@pytest.mark.parametrize("change, match", [
+    (_set([*_branch(1, "v"), "rank"], 3), "layers\\[1\\]\\.v\\.lora\\.a\\.shape is \\[64, 16\\], needs 192 values"),
+    (_set([*_branch(0, "down"), "rank"], 10 ** 6), "down\\.lora\\.rank is 1000000, needs at most min\\(k, n\\)"),
+    (_set([*_branch(0, "q"), "b", "shape"], [8, 1]), "q\\.lora\\.b is .* but decoder_native\\.npz"),
+    (lambda doc: doc["decoder"]["native"]["lm_head"].update(lora=doc["decoder"]["native"]["layers"][0]["q"]["lora"]),
+     "lm_head\\.lora is 'a branch', but the LM head is never adapted"),
+    (_set(["mode"], "merged"), "LoRA branches', but only a routed bundle has them"),
+])
+def test_branches_that_disagree_with_the_weights_are_refused(routed_int8_bundle, tmp_path, change, match):
+    bundle = _edit(_clone(routed_int8_bundle, tmp_path / "b"), change)
+    _refused(bundle, match)
+
+
 def test_the_clean_int8_bundle_passes_and_decodes(int8_bundle):
     from megaedge.runtime.transcriber import Transcriber
 

@@ -123,7 +123,8 @@ def test_int8_export_indexes_the_decoder_weights(fixture_int8):
     assert index["embedding"]["kind"] == "q8" and index["lm_head"]["n"] == info.decoder["vocab_size"]
 
 
-def test_routed_and_float_bundles_have_no_native_index(fixture_bundles):
+def test_float_bundles_have_no_native_index(fixture_bundles):
+    """FP32 bundles, merged and routed: the native decoder reads 8-bit weights only."""
     from megaedge.runtime import native_decode
 
     for path in fixture_bundles.values():

@@ -55,12 +55,21 @@ typedef struct {
     float *keys, *values; /* [kv_heads][capacity][head_dim], written at the step's position */
 } me_layer;
 
+typedef struct { /* a routed bundle's low-rank branch of one projection (lora.h): the graph's float initializers */
+    const float *a; /* [k][rank] */
+    const float *b; /* [rank][n] */
+    int32_t rank;   /* 0: no branch */
+} me_lora;
+
 typedef struct {
     int32_t layers, hidden, heads, kv_heads, head_dim, intermediate, capacity, vocab;
     float eps, scaling;
     me_layer *layer;
     me_linear lm_head;
     const float *final_norm;
+    /* after the fields above, so a library of an earlier revision still reads a merged model's struct */
+    const me_lora *lora; /* [layers][7] in q, k, v, o, gate, up, down order; NULL: no branches */
+    float lora_gate;     /* this sequence's route: 1 the LoRA, 0 the base (the branches skipped) */
 } me_model;
 
 static inline int thread_id(void) {

@@ -10,6 +10,7 @@
 #define ME_DECODE_BATCH_H
 #include "attention.h"
 #include "gemv.h"
+#include "lora.h"
 #include "quantize.h"
 
 #define ME_MAX_BATCH 16
@@ -162,11 +163,33 @@ static void gemv_batch_share(const me_linear *m, const me_act *acts, int B, floa
     }
 }
 
+/* The low-rank branches of one input's projections (lora.h) for every sequence of the batch on the LoRA route
+   (models[b]->lora_gate != 0; the others skip them): x + b * xstride is sequence b's input, t + b * 3 * rank its
+   scratch, ys[j] + b * ystrides[j] its output of projection first + j. The branch weights are models[0]'s, shared
+   like the products'. Each sequence's values are formed as lora_group forms them for it alone. */
+static void lora_batch(const me_model *const *models, int B, int layer, int first, int count, const float *x,
+                       size_t xstride, float *t, int rank, float *const *ys, const size_t *ystrides) {
+    const me_model *m = models[0];
+    for (int b = 0; b < B; b++)
+        if (models[b]->lora_gate != 0.f)
+            lora_group_down(m, layer, first, count, x + b * xstride, t + (size_t)b * 3 * rank, rank);
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+    for (int b = 0; b < B; b++)
+        if (models[b]->lora_gate != 0.f) {
+            float *yb[3];
+            for (int j = 0; j < count; j++) yb[j] = ys[j] + b * ystrides[j];
+            lora_group_up(m, layer, first, count, t + (size_t)b * 3 * rank, rank, models[b]->lora_gate, yb);
+        }
+}
+
 /* One decoder step of each of `batch` sequences. models[b] describes sequence b: the same weights for every b (only
    models[0]'s are read for the products), its own caches and capacity; x [batch][hidden] holds the tokens'
    embeddings and is overwritten; pos[b] is sequence b's position, cos/sin [batch][head_dim] its rotary factors;
-   logits [batch][vocab] are written. Returns 0, -1 when scratch memory could not be had, -2 for a batch outside
-   1..ME_MAX_BATCH. */
+   logits [batch][vocab] are written; models[b]->lora_gate is sequence b's route in a routed model (lora.h), so
+   sequences on both routes share every weight read. Returns 0, -1 when scratch memory could not be had, -2 for a
+   batch outside 1..ME_MAX_BATCH. */
 int me_decode_batch(const me_model *const *models, int batch, float *x, const int32_t *pos, const float *cos,
                     const float *sin, float *logits, int threads) {
     if (batch < 1 || batch > ME_MAX_BATCH) return -2;
@@ -184,7 +207,12 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
           *all_scores = malloc(sizeof(float) * 2 * (size_t)capacity * team), *sa = malloc(sizeof(float) * blocks * B);
     int32_t *asum = malloc(sizeof(int32_t) * blocks * B);
     int8_t *q8 = malloc(act_bytes * B);
-    void *owned[] = {qv, kv, vv, att, prod, gate, up, scratches, all_scores, sa, asum, q8};
+    const int rank = lora_max_rank(m);
+    int lora = 0;  /* any sequence on the LoRA route */
+    for (int b = 0; b < B; b++) lora |= rank > 0 && models[b]->lora_gate != 0.f;
+    /* the products' normalized inputs per sequence (the branches read them), the branches' first products */
+    float *xn = malloc(sizeof(float) * widest * B), *lt = malloc(sizeof(float) * (3 * (size_t)rank * B + 1));
+    void *owned[] = {qv, kv, vv, att, prod, gate, up, scratches, all_scores, sa, asum, q8, xn, lt};
     const int count = sizeof(owned) / sizeof(owned[0]);
     for (int i = 0; i < count; i++)
         if (!owned[i]) {
@@ -208,10 +236,13 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
 #pragma omp for schedule(static)
 #endif
             for (int b = 0; b < B; b++) quantize_for(x + (size_t)b * hidden, l->input_norm, m->eps, &l->q, &acts[b],
-                                                     scratch);
+                                                     xn + (size_t)b * widest);
             gemv_batch_share(&l->q, acts, B, qv, qdim);
             gemv_batch_share(&l->k, acts, B, kv, kvdim);
             gemv_batch_share(&l->v, acts, B, vv, kvdim);
+            if (lora)
+                lora_batch(models, B, i, LORA_Q, 3, xn, widest, lt, rank, (float *const[]){qv, kv, vv},
+                           (const size_t[]){qdim, kvdim, kvdim});
 #ifdef _OPENMP
 #pragma omp barrier
 #pragma omp for schedule(static)
@@ -229,6 +260,9 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
 #endif
             for (int b = 0; b < B; b++) quantize_for(att + (size_t)b * qdim, NULL, 0.f, &l->o, &acts[b], scratch);
             gemv_batch_share(&l->o, acts, B, prod, hidden);
+            if (lora)
+                lora_batch(models, B, i, LORA_O, 1, att, qdim, lt, rank, (float *const[]){prod},
+                           (const size_t[]){hidden});
 #ifdef _OPENMP
 #pragma omp barrier
 #pragma omp for schedule(static)
@@ -236,10 +270,13 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
             for (int b = 0; b < B; b++) {
                 float *xb = x + (size_t)b * hidden, *pb = prod + (size_t)b * hidden;
                 for (int j = 0; j < hidden; j++) xb[j] += pb[j];
-                quantize_for(xb, l->post_norm, m->eps, &l->gate, &acts[b], scratch);
+                quantize_for(xb, l->post_norm, m->eps, &l->gate, &acts[b], xn + (size_t)b * widest);
             }
             gemv_batch_share(&l->gate, acts, B, gate, m->intermediate);
             gemv_batch_share(&l->up, acts, B, up, m->intermediate);
+            if (lora)
+                lora_batch(models, B, i, LORA_GATE, 2, xn, widest, lt, rank, (float *const[]){gate, up},
+                           (const size_t[]){m->intermediate, m->intermediate});
 #ifdef _OPENMP
 #pragma omp barrier
 #pragma omp for schedule(static)
@@ -250,6 +287,9 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
                 quantize_for(gb, NULL, 0.f, &l->down, &acts[b], scratch);
             }
             gemv_batch_share(&l->down, acts, B, prod, hidden);
+            if (lora)
+                lora_batch(models, B, i, LORA_DOWN, 1, gate, m->intermediate, lt, rank, (float *const[]){prod},
+                           (const size_t[]){hidden});
 #ifdef _OPENMP
 #pragma omp barrier
 #pragma omp for schedule(static)

@@ -3,12 +3,15 @@
 #define ME_DECODE_STEP_H
 #include "attention.h"
 #include "gemv.h"
+#include "lora.h"
 #include "quantize.h"
 
 /* One decoder step: x [hidden] holds the token's embedding and is overwritten; the layers' caches get this
    position's keys and values; logits [vocab] are written. cos/sin [head_dim] are the rotary factors of pos.
    Returns 0, or -1 when scratch memory could not be had. Parallel work: row shares of every product and the kv
-   heads of attention; the small vector work between them runs on one thread while the others wait. */
+   heads of attention; the small vector work between them runs on one thread while the others wait. A routed
+   model on the LoRA route (m->lora_gate != 0) adds each projection's low-rank branch after its product (lora.h):
+   one more barrier per input, between the branch's two products. */
 int me_decode_step(const me_model *m, float *x, int pos, const float *cos, const float *sin, float *logits,
                    int threads) {
     const int hidden = m->hidden, qdim = m->heads * m->head_dim, kvdim = m->kv_heads * m->head_dim;
@@ -23,7 +26,10 @@ int me_decode_step(const me_model *m, float *x, int pos, const float *cos, const
           *sa = malloc(sizeof(float) * (widest + 1));
     int32_t *asum = malloc(sizeof(int32_t) * (widest + 1));
     int8_t *q8 = malloc((size_t)widest + 1024);
-    void *owned[] = {qv, kv, vv, att, prod, gate, up, scratch, all_scores, sa, asum, q8};
+    const int lora = m->lora_gate != 0.f && m->lora != NULL, rank = lora ? lora_max_rank(m) : 0;
+    const float route = m->lora_gate;
+    float *lt = malloc(sizeof(float) * (3 * (size_t)rank + 1)); /* the branches' first products, 3 at most at once */
+    void *owned[] = {qv, kv, vv, att, prod, gate, up, scratch, all_scores, sa, asum, q8, lt};
     const int count = sizeof(owned) / sizeof(owned[0]);
     for (int i = 0; i < count; i++)
         if (!owned[i]) {
@@ -47,6 +53,7 @@ int me_decode_step(const me_model *m, float *x, int pos, const float *cos, const
             gemv_share(&l->q, &act, qv);  /* q, k, v read the same input: no barrier between them */
             gemv_share(&l->k, &act, kv);
             gemv_share(&l->v, &act, vv);
+            if (lora) lora_group(m, i, LORA_Q, 3, scratch, lt, rank, route, (float *const[]){qv, kv, vv});
 #ifdef _OPENMP
 #pragma omp barrier
 #pragma omp for schedule(static)
@@ -60,6 +67,7 @@ int me_decode_step(const me_model *m, float *x, int pos, const float *cos, const
 #endif
             quantize_for(att, NULL, 0.f, &l->o, &act, scratch);
             gemv_share(&l->o, &act, prod);
+            if (lora) lora_group(m, i, LORA_O, 1, att, lt, rank, route, (float *const[]){prod});
 #ifdef _OPENMP
 #pragma omp barrier
 #pragma omp single
@@ -70,6 +78,7 @@ int me_decode_step(const me_model *m, float *x, int pos, const float *cos, const
             }
             gemv_share(&l->gate, &act, gate);
             gemv_share(&l->up, &act, up);
+            if (lora) lora_group(m, i, LORA_GATE, 2, scratch, lt, rank, route, (float *const[]){gate, up});
 #ifdef _OPENMP
 #pragma omp barrier
 #pragma omp single
@@ -79,6 +88,7 @@ int me_decode_step(const me_model *m, float *x, int pos, const float *cos, const
                 quantize_for(gate, NULL, 0.f, &l->down, &act, scratch);
             }
             gemv_share(&l->down, &act, prod);
+            if (lora) lora_group(m, i, LORA_DOWN, 1, gate, lt, rank, route, (float *const[]){prod});
 #ifdef _OPENMP
 #pragma omp barrier
 #pragma omp single

@@ -34,6 +34,7 @@
 #include "quantize.h"    /* activations to int8 per block (me_quantize) */
 #include "gemv.h"        /* the decode product (me_gemv_q8) */
 #include "attention.h"   /* q/k norm, rotary, KV cache, attention */
+#include "lora.h"        /* the low-rank branches of a routed model (LoRA route) */
 #include "decode_step.h" /* one token through every layer (me_decode_step) */
 #include "decode_batch.h" /* one token of each of several sequences, weights read once (me_decode_batch) */
 #include "gemm.h"        /* the prompt products (me_gemm_q8; tiles: prompt_tiles.h) */

@@ -52,14 +52,16 @@ static void quantize_for(const float *x, const float *norm, float eps, const me_
     me_quantize(x, norm, eps, m->k, m->blk, m->nb, a->q, a->sa, a->asum, scratch);
 }
 
-/* rows of x [rows][k] (RMS-normalized with `norm` first when given) quantized for m's blocks, rows shared out */
+/* rows of x [rows][k] (RMS-normalized with `norm` first when given) quantized for m's blocks, rows shared out;
+   row r normalizes into scratch + r * scratch_stride (stride 0: one scratch for every row, e.g. the thread's own;
+   a routed prompt keeps each row's normalized values for the low-rank branches) */
 static void quantize_rows_for(const float *x, int rows, const float *norm, float eps, const me_linear *m,
-                              me_act *a, float *scratch) {
+                              me_act *a, float *scratch, size_t scratch_stride) {
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
     for (int r = 0; r < rows; r++)
         me_quantize(x + (size_t)r * m->k, norm, eps, m->k, m->blk, m->nb, a->q + (size_t)r * m->nb * m->blk,
-                    a->sa + (size_t)r * m->nb, a->asum + (size_t)r * m->nb, scratch);
+                    a->sa + (size_t)r * m->nb, a->asum + (size_t)r * m->nb, scratch + (size_t)r * scratch_stride);
 }
 #endif /* ME_QUANTIZE_H */
