@@ -10,6 +10,11 @@ Per batch size: step seconds, aggregate tokens/s (batch / step), speed-up over o
 per step and per token, the rate they are read at, and the share of the step a pure read of those bytes takes
 at the one-sequence rate (the rest is products, attention and the small work between them).
 
+With ``--lora-rank R`` every projection also gets a gated low-rank branch of rank R (a routed bundle's decoder)
+and each batch size is timed on three routes in the same rounds: every sequence on the base route (the branches
+skipped), every sequence on the LoRA route, and the two routes alternating in one batch (what streams of a routed
+bundle share).
+
 Usage: python benchmarks/batched_decode.py [--geometry 1.7b] [--batches 1,2,4,8] [--steps 12] [--rounds 3]
        [--baseline REV] (the kernels of git revision REV timed beside these, in the same rounds)
        [--block-sizes 128,32] (weights quantized in blocks of each size, timed in the same rounds: the first is
@@ -46,12 +51,14 @@ BLOCK = 128
 
 _commit = provenance.commit
 
-def write_weights(folder: Path, g: dict, seed: int = 0, block: int = BLOCK) -> tuple[dict, int]:
-    """weights.bin with every projection (uint8 blocks + float32 scales), norms and inv_freq; the native index of
-    it, and the bytes one decode step reads (projections, their scales and the LM head)."""
+def write_weights(folder: Path, g: dict, seed: int = 0, block: int = BLOCK, lora_rank: int = 0
+                  ) -> tuple[dict, int, int]:
+    """weights.bin with every projection (uint8 blocks + float32 scales; with ``lora_rank`` a float32 branch A
+    [k, rank], B [rank, n] too), norms and inv_freq; the native index of it, the bytes one decode step reads
+    (projections, their scales and the LM head) and the branches' bytes (read on the LoRA route only)."""
     rng = np.random.default_rng(seed)
     path = folder / "weights.bin"
-    offset, step_bytes = 0, 0
+    offset, step_bytes, lora_bytes = 0, 0, 0
 
     with open(path, "wb") as f:
         def put(array: np.ndarray) -> dict:
@@ -63,20 +70,26 @@ def write_weights(folder: Path, g: dict, seed: int = 0, block: int = BLOCK) -> t
             offset += data.nbytes
             return ref
 
-        def linear(k: int, n: int) -> dict:
-            nonlocal step_bytes
+        def linear(k: int, n: int, rank: int = 0) -> dict:
+            nonlocal step_bytes, lora_bytes
             blocks = k // block
             weight = rng.integers(0, 256, (n, blocks, block), dtype=np.uint8)
             # scales that keep activations near unit variance through the layer (1/sqrt(k) per product)
             scales = np.full((n, blocks), 1.0 / (64.0 * np.sqrt(k)), np.float32)
             step_bytes += weight.nbytes + scales.nbytes
-            return {"k": k, "n": n, "block": block, "weight": put(weight), "scales": put(scales)}
+            entry = {"k": k, "n": n, "block": block, "weight": put(weight), "scales": put(scales)}
+            if rank:  # a branch whose output is a tenth of the product's (a LoRA's delta is small)
+                a = (rng.standard_normal((k, rank)) / np.sqrt(k)).astype(np.float32)
+                b = (0.1 * rng.standard_normal((rank, n)) / np.sqrt(rank)).astype(np.float32)
+                lora_bytes += a.nbytes + b.nbytes
+                entry["lora"] = {"rank": rank, "a": put(a), "b": put(b)}
+            return entry
 
         h, q, kv, i = g["hidden"], g["heads"] * g["head_dim"], g["kv_heads"] * g["head_dim"], g["intermediate"]
         shapes = {"q": (h, q), "k": (h, kv), "v": (h, kv), "o": (q, h), "gate": (h, i), "up": (h, i), "down": (i, h)}
         layers = []
         for _ in range(g["layers"]):
-            entry = {name: linear(*shapes[name]) for name in native_decode.PROJECTIONS}
+            entry = {name: linear(*shapes[name], lora_rank) for name in native_decode.PROJECTIONS}
             for name, size in (("input_norm", h), ("post_norm", h), ("q_norm", g["head_dim"]),
                                ("k_norm", g["head_dim"])):
                 entry[name] = put(np.ones(size, np.float32))
@@ -87,7 +100,7 @@ def write_weights(folder: Path, g: dict, seed: int = 0, block: int = BLOCK) -> t
                  "layers": layers, "lm_head": head,
                  "embedding": {"kind": "q8", "weight": head["weight"], "scales": head["scales"]},
                  "final_norm": put(np.ones(h, np.float32)), "inv_freq": put(inv_freq.astype(np.float32))}
-    return index, step_bytes
+    return index, step_bytes, lora_bytes
 
 
 def baseline_kernels(rev: str, folder: Path) -> kernels.Q8Kernels:
@@ -116,6 +129,9 @@ def main() -> None:
     parser.add_argument("--block-sizes", default=str(BLOCK),
                         help="weights per scale, comma-separated: the first is the main build, the others are timed "
                              "beside it (e.g. 128,32)")
+    parser.add_argument("--lora-rank", type=int, default=0,
+                        help="give every projection a gated branch of this rank (a routed decoder) and time the base "
+                             "route, the LoRA route and both mixed in one batch")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="JSON file (default results/batched_decode_<geometry>.json)")
     args = parser.parse_args()
@@ -128,10 +144,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         t0 = time.perf_counter()
-        index, step_bytes = write_weights(folder, g, block=blocks[0])
-        print(f"weights written in {time.perf_counter() - t0:.1f} s: {step_bytes / 1e9:.2f} GB read per step",
-              flush=True)
-        info = SimpleNamespace(decoder={"native": index}, routed=False)
+        index, step_bytes, lora_bytes = write_weights(folder, g, block=blocks[0], lora_rank=args.lora_rank)
+        print(f"weights written in {time.perf_counter() - t0:.1f} s: {step_bytes / 1e9:.2f} GB read per step"
+              + (f", branches {lora_bytes / 1e9:.2f} GB" if lora_bytes else ""), flush=True)
+        info = SimpleNamespace(decoder={"native": index}, routed=bool(args.lora_rank))
         base = native_decode.NativeDecoder(folder, info, built, threads=threads)
         base.wait_loaded()
         builds = {"this": base}
@@ -139,14 +155,18 @@ def main() -> None:
         for block in blocks[1:]:
             sub = folder / f"block{block}"
             sub.mkdir()
-            other_index, block_bytes[block] = write_weights(sub, g, block=block)
-            other_info = SimpleNamespace(decoder={"native": other_index}, routed=False)
+            other_index, block_bytes[block], _ = write_weights(sub, g, block=block, lora_rank=args.lora_rank)
+            other_info = SimpleNamespace(decoder={"native": other_index}, routed=bool(args.lora_rank))
             builds[f"block {block}"] = native_decode.NativeDecoder(sub, other_info, built, threads=threads)
             builds[f"block {block}"].wait_loaded()
         if args.baseline:
             other = baseline_kernels(args.baseline, folder)
             builds[args.baseline] = native_decode.NativeDecoder(folder, info, other, threads=threads, _weights=base._w)
         rng = np.random.default_rng(1)
+        # routes: each sequence's gate (a merged decoder has no branches and ignores it)
+        routes = {"base": lambda b: [0.0] * b}
+        if args.lora_rank:
+            routes.update(lora=lambda b: [1.0] * b, mixed=lambda b: [float(i % 2) for i in range(b)])
         pools = {}  # (build, context, batch) -> decoders
         for context in contexts:
             shape = (1, g["kv_heads"], context, g["head_dim"])
@@ -156,23 +176,25 @@ def main() -> None:
                     pools[name, context, b] = []
                     for _ in range(b):
                         d = decoder.spawn()
-                        d.start(presents, args.rounds * (args.steps + 1) + 2)
+                        d.start(presents, args.rounds * len(routes) * (args.steps + 1) + 2)
                         pools[name, context, b].append(d)
-        times: dict[tuple, list[float]] = {key: [] for key in pools}
+        times: dict[tuple, list[float]] = {(*key, route): [] for key in pools for route in routes
+                                           if route == "base" or (key[0] == "this" and (route != "mixed" or key[2] > 1))}
         for r in range(args.rounds):
-            for key, decoders in pools.items():  # interleaved: each round runs every build, context and size
-                b = len(decoders)
+            for key in times:  # interleaved: each round runs every build, context, size and route
+                decoders = pools[key[:3]]
+                b, gates = len(decoders), routes[key[3]](len(decoders))
                 tokens = [int(t) for t in rng.integers(0, g["vocab"], b)]
                 for _ in range(args.steps):
                     s0 = time.perf_counter()
-                    logits = (decoders[0].step(tokens[0])[None] if b == 1
-                              else native_decode.step_batch(decoders, tokens))
+                    logits = (decoders[0].step(tokens[0], gates[0])[None] if b == 1
+                              else native_decode.step_batch(decoders, tokens, gates))
                     times[key].append(time.perf_counter() - s0)
                     tokens = [int(np.argmax(row)) for row in logits]
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(
-                f"B={b} {statistics.median(times['this', args.context, b][-args.steps:]) * 1e3:.0f} ms"
+                f"B={b} {statistics.median(times['this', args.context, b, 'base'][-args.steps:]) * 1e3:.0f} ms"
                 for b in batches), flush=True)
-    step = {key: statistics.median(values) for key, values in times.items()}
+    step = {key[:3] if key[3] == "base" else key: statistics.median(values) for key, values in times.items()}
     one = step["this", args.context, 1] if 1 in batches else None
     rows = []
     for b in batches:
@@ -195,6 +217,10 @@ def main() -> None:
             other = step[f"block {block}", args.context, b]
             row[f"block_{block}"] = {"step_seconds": round(other, 4), "tokens_per_second": round(b / other, 2),
                                      "weight_bytes_per_step": block_bytes[block]}
+        for route in [r for r in list(routes)[1:] if ("this", args.context, b, r) in step]:
+            other = step["this", args.context, b, route]
+            row[f"route_{route}"] = {"step_seconds": round(other, 4), "tokens_per_second": round(b / other, 2),
+                                     "x_base_route_step": round(other / s, 3)}
         rows.append(row)
     result = {
         "benchmark": "batched_decode", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -202,14 +228,17 @@ def main() -> None:
         "machine": {**machine.cpu_facts(), "python": platform.python_version(), "kernel_isa": built.isa,
                     "threads": threads},
         "geometry": args.geometry, "context": args.context, "steps_per_round": args.steps, "rounds": args.rounds,
-        "baseline": args.baseline, "block": blocks[0], "results": rows,
+        "baseline": args.baseline, "block": blocks[0], "lora_rank": args.lora_rank,
+        "lora_bytes_per_step_on_the_lora_route": lora_bytes, "results": rows,
         "notes": "Random int8 weights at the real geometry in the MatMulNBits layout; every sequence's tokens are "
                  "the bits it gets alone (tests/runtime/test_batching.py). Where the step goes: "
                  "read_share_at_one_sequence_rate is the one-sequence step over this size's step, i.e. the share a "
                  "read of the weights at the single-stream rate would take; attention_share is (step at --context "
                  "- step at --short-context) / step, the per-sequence attention over the cache; the rest is the "
                  "int8 products and the small per-sequence work between them. baseline_*: the kernels of git "
-                 "revision `baseline`, timed in the same rounds; block_N: the same with weights in blocks of N.",
+                 "revision `baseline`, timed in the same rounds; block_N: the same with weights in blocks of N; "
+                 "route_lora / route_mixed (with --lora-rank): every sequence on the LoRA route / the routes "
+                 "alternating in the batch, against the base-route step of the main rows.",
     }
     print(f"{'batch':>5} {'step ms':>8} {'tok/s':>7} {'speed-up':>8} {'GB/s':>6} {'read':>5} {'attn':>5}"
           + (f" {'baseline ms':>11} {'tok/s':>7}" if args.baseline else ""))
@@ -219,6 +248,11 @@ def main() -> None:
               f"{row['read_share_at_one_sequence_rate'] or 0:>5.2f} {row.get('attention_share', 0):>5.2f}"
               + (f" {row['baseline_step_seconds'] * 1e3:>11.0f} {row['baseline_tokens_per_second']:>7.2f}"
                  if args.baseline else ""))
+    for route in list(routes)[1:]:
+        print(f"{route} route: " + ", ".join(
+            f"B={row['batch']} {row[f'route_{route}']['step_seconds'] * 1e3:.0f} ms "
+            f"(x{row[f'route_{route}']['x_base_route_step']:.2f}) {row[f'route_{route}']['tokens_per_second']:.2f} "
+            "tok/s" for row in rows if f"route_{route}" in row))
     for block in blocks[1:]:
         print(f"blocks of {block}: " + ", ".join(
             f"B={row['batch']} {row[f'block_{block}']['step_seconds'] * 1e3:.0f} ms "

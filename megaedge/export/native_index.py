@@ -114,6 +114,50 @@ def _lora_branches(model, tensors) -> tuple[dict[str, dict], set[str]]:
     return found, used
 
 
+class _Graph:
+    """Producers and consumers of the graph's values, to find a norm's weight by where it sits rather than by its
+    name: the exporter merges initializers with equal values (a freshly initialized model's norms are all ones), so
+    layer 5's k_norm may be read from an initializer named after layer 0's q_norm."""
+
+    def __init__(self, model, tensors):
+        self.tensors = tensors
+        self.producer = {out: n for n in model.graph.node for out in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in model.graph.node:
+            for name in n.input:
+                self.consumers.setdefault(name, []).append(n)
+
+    def scale_of(self, node, size: int) -> str | None:
+        """The 1-D initializer of ``size`` values that ``node`` (a Mul) multiplies by, if it is one."""
+        if node is None or node.op_type != "Mul":
+            return None
+        for name in node.input:
+            tensor = self.tensors.by_name.get(name)
+            if tensor is not None and list(tensor.dims) == [size]:
+                return name
+        return None
+
+    def norm_before(self, value: str, size: int) -> str | None:
+        """The weight of the RMS norm whose output is ``value`` (a projection's input)."""
+        return self.scale_of(self.producer.get(value), size)
+
+    def norm_after(self, value: str, size: int, depth: int = 12) -> str | None:
+        """The weight of the first RMS norm downstream of ``value`` (a q or k projection's output: reshape, norm)."""
+        frontier, seen = [value], set()
+        for _ in range(depth):
+            following = []
+            for name in frontier:
+                for node in self.consumers.get(name, []):
+                    found = self.scale_of(node, size)
+                    if found:
+                        return found
+                    if id(node) not in seen:
+                        seen.add(id(node))
+                        following.extend(node.output)
+            frontier = following
+        return None
+
+
 def build_index(decoder_path: Path, decoder: dict) -> tuple[dict, dict[str, np.ndarray]] | None:
     """(index, sidecar arrays) for a weight-only 8-bit decoder graph, or None (with the reason logged) for any
     other graph: float or 4-bit projections, float MatMuls other than gated branches, zero points, an unexpected
@@ -162,21 +206,25 @@ def build_index(decoder_path: Path, decoder: dict) -> tuple[dict, dict[str, np.n
             entry["lora"] = {"rank": branch["rank"], "a": tensors.ref(branch["a"]), "b": tensors.ref(branch["b"])}
         return entry
 
+    graph = _Graph(model, tensors)
     index_layers = []
     for i in range(layers):
         entry = {}
+        nodes = nbits[per_layer * i: per_layer * (i + 1)]
         for j, name in enumerate(PROJECTIONS):
-            found = linear(nbits[per_layer * i + j], expected[name])
+            found = linear(nodes[j], expected[name])
             if found is None:
                 return why_not(f"layer {i} {name}: not an 8-bit {expected[name]} projection")
             entry[name] = found
-        prefix = f"lm.layers.{i}."
-        norms = {"input_norm": "input_layernorm.weight", "post_norm": "post_attention_layernorm.weight",
-                 "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight"}
-        for key, suffix in norms.items():
-            if prefix + suffix not in tensors.by_name:
-                return why_not(f"no initializer {prefix + suffix}")
-            entry[key] = tensors.ref(prefix + suffix)
+        q, k, gate = nodes[0], nodes[1], nodes[4]
+        norms = {"input_norm": graph.norm_before(q.input[0], g["hidden"]),
+                 "post_norm": graph.norm_before(gate.input[0], g["hidden"]),
+                 "q_norm": graph.norm_after(q.output[0], g["head_dim"]),
+                 "k_norm": graph.norm_after(k.output[0], g["head_dim"])}
+        for key, found in norms.items():
+            if found is None:
+                return why_not(f"layer {i}: no {key} weight found")
+            entry[key] = tensors.ref(found)
         index_layers.append(entry)
     head = linear(nbits[-1], (g["hidden"], g["vocab"]))
     if head is None or "lora" in head:
@@ -193,11 +241,13 @@ def build_index(decoder_path: Path, decoder: dict) -> tuple[dict, dict[str, np.n
         if not gathers:
             return why_not("no embedding table found")
         embedding = {"kind": "float", "weight": tensors.ref(gathers[0].input[0])}
-    for name in ("lm.norm.weight", "lm.rotary_emb.inv_freq"):
-        if name not in tensors.by_name:
-            return why_not(f"no initializer {name}")
+    final_norm = graph.norm_before(nbits[-1].input[0], g["hidden"])
+    if final_norm is None:
+        return why_not("no final norm weight found before the LM head")
+    if "lm.rotary_emb.inv_freq" not in tensors.by_name:
+        return why_not("no initializer lm.rotary_emb.inv_freq")
     index = {"format": "matmulnbits-q8", "zero_point": 128, **g, "layers": index_layers, "lm_head": head,
-             "embedding": embedding, "final_norm": tensors.ref("lm.norm.weight"),
+             "embedding": embedding, "final_norm": tensors.ref(final_norm),
              "inv_freq": tensors.ref("lm.rotary_emb.inv_freq")}
     return index, tensors.sidecar
 

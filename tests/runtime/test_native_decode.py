@@ -3,11 +3,13 @@ export's weight index, and tokens against onnxruntime's decode step on the train
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from megaedge.errors import MegaedgeError
-from megaedge.runtime import kernels, manifest
+from megaedge.runtime import decoding, kernels, manifest
 from megaedge.runtime.transcriber import Transcriber
 from tests.conftest import int8_bundle_from, speechlike
 from tests.runtime.kernel_builds import KERNELS, VARIANTS, needs_kernel
@@ -121,6 +123,31 @@ def test_int8_export_indexes_the_decoder_weights(fixture_int8):
     assert index["heads"] * index["head_dim"] == index["layers"][0]["q"]["n"]
     assert manifest.NATIVE_DECODER_FILE in info.files
     assert index["embedding"]["kind"] == "q8" and index["lm_head"]["n"] == info.decoder["vocab_size"]
+
+
+@needs_kernel
+def test_norm_weights_are_found_where_the_exporter_merged_equal_ones(tmp_path):
+    """A freshly initialized model's norms are all ones and the exporter keeps one initializer for all of them, so
+    the index finds each norm's weight by its place in the graph (export/native_index.py); the native step then
+    follows onnxruntime's as on any bundle."""
+    from megaedge.export.bundle import ExportOptions, export_bundle
+    from megaedge.export.factory import write_checkpoint
+    from megaedge.runtime.native_decode import NativeDecoder
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", "tiny", "mega", seed=1, init="realistic")
+    bundle = int8_bundle_from(export_bundle(ckpt, tmp_path / "fp32", ExportOptions(mode="merged")), tmp_path)
+    info = manifest.read(bundle)
+    index = info.decoder["native"]
+    refs = {json.dumps(layer[name], sort_keys=True) for layer in index["layers"] for name in ("q_norm", "k_norm")}
+    assert len(refs) < 2 * len(index["layers"]), "no merged norm weights: this test would not test the lookup"
+    tr = Transcriber.from_bundle(bundle, decode="ort")
+    audio = tr.encode(speechlike(2.0, seed=2))
+    ids = tr.prompt(audio.shape[0], None, None)
+    native = NativeDecoder(bundle, info, KERNELS, threads=2)
+    got = native.prefill(ids, audio, info.prompt.audio_pad, 2)
+    state = decoding.OrtState(tr)
+    want = state.extend(ids, audio, None)[0]
+    assert np.corrcoef(want, got)[0, 1] > 0.999
 
 
 def test_float_bundles_have_no_native_index(fixture_bundles):
