@@ -16,33 +16,44 @@
 #define ME_MAX_BATCH 16
 /* sequences a row's weight block is read for while it is in registers (see gemv_batch_share) */
 #define ME_BATCH_GROUP 8
+/* 64-byte chunks of the largest block (1024) */
+#define ME_VNNI_CHUNKS 16
 
 /* Row r of m against B activation vectors: y[b * ystride + r] for each b, each summed exactly as rows_together
-   sums one row for one activation vector (block order, the same vector operations, the same final reduction). */
+   sums one row for one activation vector (block order, the same vector operations, the same final reduction).
+   zero_points [B][nb]: -128 * asum of each sequence's blocks (gemv_batch_share; used by the AVX512 form). */
 static inline __attribute__((always_inline)) void rows_batch(const me_linear *m, const me_act *acts, int B,
-                                                             float *y, size_t ystride, int r, int blk) {
+                                                             float *y, size_t ystride, int r, int blk,
+                                                             const int32_t *zero_points) {
     const int nb = m->nb;
     const uint8_t *row = m->w + (size_t)r * nb * blk;
     const float *sw = m->s + (size_t)r * nb;
 #if ME_ISA == 2
     if (blk % 64 == 0) {
-        __m512 acc[ME_MAX_BATCH];
-        float corr[ME_MAX_BATCH];
-        for (int b = 0; b < B; b++) { acc[b] = _mm512_setzero_ps(); corr[b] = 0.f; }
+        /* rows_together's sums (zero point in lane 0, one fused multiply-add per block) for up to eight sequences
+           per weight block: the weight chunks stay in registers, each sequence's zero-point share comes from
+           zero_points (made once per call, gemv_batch_share) and its block scales' products from a table made
+           once per row, 16 products at a time (each the same float product sw * sa the solo step forms). */
+        float scale[ME_BATCH_GROUP][nb];
+        for (int g = 0; g < B; g++)
+            for (int k = 0; k < nb; k++) scale[g][k] = sw[k] * acts[g].sa[k];
+        __m512 acc[ME_BATCH_GROUP];
+        for (int g = 0; g < B; g++) acc[g] = _mm512_setzero_ps();
         for (int k = 0; k < nb; k++) {
             const uint8_t *p = row + (size_t)k * blk;
-            _mm_prefetch((const char *)(p + 1024), _MM_HINT_T0);
-            for (int b = 0; b < B; b++) {
-                const int8_t *qb = acts[b].q + (size_t)k * blk;
-                __m512i d = _mm512_setzero_si512();
-                for (int c = 0; c < blk; c += 64)
-                    d = _mm512_dpbusd_epi32(d, _mm512_loadu_si512(p + c), _mm512_loadu_si512(qb + c));
-                float s = sw[k] * acts[b].sa[k];
-                acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(s), acc[b]);
-                corr[b] += s * (float)acts[b].asum[k];
+            _mm_prefetch((const char *)(p + 4096), _MM_HINT_T0);
+            if (blk > 64) _mm_prefetch((const char *)(p + 4096 + 64), _MM_HINT_T0);
+            __m512i w[ME_VNNI_CHUNKS];
+            for (int c = 0; c < blk / 64; c++) w[c] = _mm512_loadu_si512(p + 64 * c);
+            for (int g = 0; g < B; g++) {
+                const int8_t *qb = acts[g].q + (size_t)k * blk;
+                __m512i d = _mm512_maskz_set1_epi32(1, zero_points[(size_t)g * nb + k]);
+                for (int c = 0; c < blk / 64; c++)
+                    d = _mm512_dpbusd_epi32(d, w[c], _mm512_loadu_si512(qb + 64 * c));
+                acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(scale[g][k]), acc[g]);
             }
         }
-        for (int b = 0; b < B; b++) y[b * ystride + r] = _mm512_reduce_add_ps(acc[b]) - ZERO_POINT * corr[b];
+        for (int g = 0; g < B; g++) y[g * ystride + r] = _mm512_reduce_add_ps(acc[g]);
         return;
     }
 #endif
@@ -125,14 +136,15 @@ static inline __attribute__((always_inline)) void rows_batch(const me_linear *m,
 /* rows [r0, r1) of y_b = m x_b for a group of G sequences; G and the block size constants where it matters, so that
    rows_batch keeps a group's accumulators in registers */
 static inline __attribute__((always_inline)) void rows_group(const me_linear *m, const me_act *acts, const int G,
-                                                             float *y, size_t ystride, int r0, int r1) {
+                                                             float *y, size_t ystride, int r0, int r1,
+                                                             const int32_t *zero_points) {
     for (int r = r0; r < r1; r++) {
         if (m->blk == 128)
-            rows_batch(m, acts, G, y, ystride, r, 128);
+            rows_batch(m, acts, G, y, ystride, r, 128, zero_points);
         else if (m->blk == 32)
-            rows_batch(m, acts, G, y, ystride, r, 32);
+            rows_batch(m, acts, G, y, ystride, r, 32, zero_points);
         else
-            rows_batch(m, acts, G, y, ystride, r, m->blk);
+            rows_batch(m, acts, G, y, ystride, r, m->blk, zero_points);
     }
 }
 
@@ -144,43 +156,43 @@ static inline __attribute__((always_inline)) void rows_group(const me_linear *m,
 static void gemv_batch_share(const me_linear *m, const me_act *acts, int B, float *y, size_t ystride) {
     const int t = thread_id(), T = team_size();
     const int lo = (int)((long long)m->n * t / T), hi = (int)((long long)m->n * (t + 1) / T);
+    int32_t zero_points[ME_MAX_BATCH * m->nb];
+#if ME_ISA == 2
+    for (int b = 0; b < B; b++)
+        for (int k = 0; k < m->nb; k++) zero_points[b * m->nb + k] = -ZERO_POINT * acts[b].asum[k];
+#endif
     for (int r0 = lo; r0 < hi; r0 += ME_BATCH_TILE) {
         const int r1 = r0 + ME_BATCH_TILE < hi ? r0 + ME_BATCH_TILE : hi;
         for (int b0 = 0; b0 < B; b0 += ME_BATCH_GROUP) {
             const me_act *a = acts + b0;
+            const int32_t *zp = zero_points + (size_t)b0 * m->nb;
             float *yb = y + (size_t)b0 * ystride;
             switch (B - b0 < ME_BATCH_GROUP ? B - b0 : ME_BATCH_GROUP) {
-            case 1: rows_group(m, a, 1, yb, ystride, r0, r1); break;
-            case 2: rows_group(m, a, 2, yb, ystride, r0, r1); break;
-            case 3: rows_group(m, a, 3, yb, ystride, r0, r1); break;
-            case 4: rows_group(m, a, 4, yb, ystride, r0, r1); break;
-            case 5: rows_group(m, a, 5, yb, ystride, r0, r1); break;
-            case 6: rows_group(m, a, 6, yb, ystride, r0, r1); break;
-            case 7: rows_group(m, a, 7, yb, ystride, r0, r1); break;
-            default: rows_group(m, a, 8, yb, ystride, r0, r1); break;
+            case 1: rows_group(m, a, 1, yb, ystride, r0, r1, zp); break;
+            case 2: rows_group(m, a, 2, yb, ystride, r0, r1, zp); break;
+            case 3: rows_group(m, a, 3, yb, ystride, r0, r1, zp); break;
+            case 4: rows_group(m, a, 4, yb, ystride, r0, r1, zp); break;
+            case 5: rows_group(m, a, 5, yb, ystride, r0, r1, zp); break;
+            case 6: rows_group(m, a, 6, yb, ystride, r0, r1, zp); break;
+            case 7: rows_group(m, a, 7, yb, ystride, r0, r1, zp); break;
+            default: rows_group(m, a, 8, yb, ystride, r0, r1, zp); break;
             }
         }
     }
 }
 
 /* The low-rank branches of one input's projections (lora.h) for every sequence of the batch on the LoRA route
-   (models[b]->lora_gate != 0; the others skip them): x + b * xstride is sequence b's input, t + b * 3 * rank its
-   scratch, ys[j] + b * ystrides[j] its output of projection first + j. The branch weights are models[0]'s, shared
-   like the products'. Each sequence's values are formed as lora_group forms them for it alone. */
+   (models[b]->lora_gate != 0; the others skip them): x + b * xstride is sequence b's input, t this thread's
+   scratch (3 * rank values), ys[j] + b * ystrides[j] sequence b's output of projection first + j. The branch
+   weights are models[0]'s, shared like the products'. Each sequence's values are formed as lora_group forms them
+   for it alone, each thread adding to the rows it computed, so no barrier is needed. */
 static void lora_batch(const me_model *const *models, int B, int layer, int first, int count, const float *x,
                        size_t xstride, float *t, int rank, float *const *ys, const size_t *ystrides) {
-    const me_model *m = models[0];
-    for (int b = 0; b < B; b++)
-        if (models[b]->lora_gate != 0.f)
-            lora_group_down(m, layer, first, count, x + b * xstride, t + (size_t)b * 3 * rank, rank);
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
     for (int b = 0; b < B; b++)
         if (models[b]->lora_gate != 0.f) {
             float *yb[3];
             for (int j = 0; j < count; j++) yb[j] = ys[j] + b * ystrides[j];
-            lora_group_up(m, layer, first, count, t + (size_t)b * 3 * rank, rank, models[b]->lora_gate, yb);
+            lora_group(models[0], layer, first, count, x + b * xstride, t, rank, models[b]->lora_gate, yb);
         }
 }
 
@@ -211,8 +223,8 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
     int lora = 0;  /* any sequence on the LoRA route */
     for (int b = 0; b < B; b++) lora |= rank > 0 && models[b]->lora_gate != 0.f;
     /* the products' normalized inputs per sequence (the branches read them), the branches' first products */
-    float *xn = malloc(sizeof(float) * widest * B), *lt = malloc(sizeof(float) * (3 * (size_t)rank * B + 1));
-    void *owned[] = {qv, kv, vv, att, prod, gate, up, scratches, all_scores, sa, asum, q8, xn, lt};
+    float *xn = malloc(sizeof(float) * widest * B), *lts = malloc(sizeof(float) * (3 * (size_t)rank * team + 1));
+    void *owned[] = {qv, kv, vv, att, prod, gate, up, scratches, all_scores, sa, asum, q8, xn, lts};
     const int count = sizeof(owned) / sizeof(owned[0]);
     for (int i = 0; i < count; i++)
         if (!owned[i]) {
@@ -230,6 +242,7 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
            the sequences; each sequence's is the same function wherever it runs, so its bits do not change */
         float *scores = all_scores + (size_t)thread_id() * 2 * capacity;
         float *scratch = scratches + (size_t)thread_id() * widest;
+        float *lt = lts + (size_t)thread_id() * 3 * rank;
         for (int i = 0; i < m->layers; i++) {
             const me_layer *l = &m->layer[i];
 #ifdef _OPENMP

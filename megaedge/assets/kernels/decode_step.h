@@ -10,8 +10,8 @@
    position's keys and values; logits [vocab] are written. cos/sin [head_dim] are the rotary factors of pos.
    Returns 0, or -1 when scratch memory could not be had. Parallel work: row shares of every product and the kv
    heads of attention; the small vector work between them runs on one thread while the others wait. A routed
-   model on the LoRA route (m->lora_gate != 0) adds each projection's low-rank branch after its product (lora.h):
-   one more barrier per input, between the branch's two products. */
+   model on the LoRA route (m->lora_gate != 0) adds each projection's low-rank branch after its product (lora.h),
+   each thread to the rows it computed. */
 int me_decode_step(const me_model *m, float *x, int pos, const float *cos, const float *sin, float *logits,
                    int threads) {
     const int hidden = m->hidden, qdim = m->heads * m->head_dim, kvdim = m->kv_heads * m->head_dim;
@@ -28,8 +28,9 @@ int me_decode_step(const me_model *m, float *x, int pos, const float *cos, const
     int8_t *q8 = malloc((size_t)widest + 1024);
     const int lora = m->lora_gate != 0.f && m->lora != NULL, rank = lora ? lora_max_rank(m) : 0;
     const float route = m->lora_gate;
-    float *lt = malloc(sizeof(float) * (3 * (size_t)rank + 1)); /* the branches' first products, 3 at most at once */
-    void *owned[] = {qv, kv, vv, att, prod, gate, up, scratch, all_scores, sa, asum, q8, lt};
+    /* each thread's first products of the branches, 3 at most at once */
+    float *lts = malloc(sizeof(float) * (3 * (size_t)rank * team + 1));
+    void *owned[] = {qv, kv, vv, att, prod, gate, up, scratch, all_scores, sa, asum, q8, lts};
     const int count = sizeof(owned) / sizeof(owned[0]);
     for (int i = 0; i < count; i++)
         if (!owned[i]) {
@@ -44,6 +45,7 @@ int me_decode_step(const me_model *m, float *x, int pos, const float *cos, const
 #endif
     {
         float *scores = all_scores + (size_t)thread_id() * 2 * m->capacity;
+        float *lt = lts + (size_t)thread_id() * 3 * rank;
         for (int i = 0; i < m->layers; i++) {
             const me_layer *l = &m->layer[i];
 #ifdef _OPENMP

@@ -51,7 +51,7 @@ static void lora_up(const me_lora *l, int n, const float *t, float g, float *y, 
     }
 }
 
-/* this thread's share of [0, count) inside a parallel region */
+/* this thread's share of [0, count) inside a parallel region: the rows gemv_share gives it */
 static inline void share_of(int count, int *lo, int *hi) {
     const int t = thread_id(), T = team_size();
     *lo = (int)((long long)count * t / T);
@@ -64,40 +64,25 @@ static const me_linear *linear_of(const me_layer *l, int slot) {
 }
 
 /* The branches of the projections of one input (slots first .. first + count - 1: q/k/v, o, gate/up or down) for
-   one sequence, in two halves inside a parallel region: every thread calls lora_group_down after its shares of the
-   base products, then (after a barrier: the whole of t is needed) lora_group_up with the same arguments; the
-   caller's barrier after that publishes ys. x: the products' input (normalized where they normalize); t: the
-   sequence's scratch, count * rank values (rank: lora_max_rank); ys[j]: the output of projection first + j. */
-static void lora_group_down(const me_model *m, int layer, int first, int count, const float *x, float *t, int rank) {
-    for (int j = 0; j < count; j++) {
-        const me_lora *l = lora_of(m, layer, first + j);
-        if (!l) continue;
-        int lo, hi;
-        share_of(l->rank, &lo, &hi);
-        lora_down(l, linear_of(&m->layer[layer], first + j)->k, x, t + (size_t)j * rank, lo, hi);
-    }
-}
-
-static void lora_group_up(const me_model *m, int layer, int first, int count, const float *t, int rank, float g,
-                          float *const *ys) {
-    for (int j = 0; j < count; j++) {
-        const me_lora *l = lora_of(m, layer, first + j);
-        if (!l) continue;
-        const int n = linear_of(&m->layer[layer], first + j)->n;
-        int lo, hi;
-        share_of(n, &lo, &hi);
-        lora_up(l, n, t + (size_t)j * rank, g, ys[j], lo, hi);
-    }
-}
-
-/* a sequence's branches of one input, both halves and the barrier between them (a one-sequence caller) */
+   one sequence, inside a parallel region after the base products, with no barrier: every thread forms the whole
+   first product t = x A itself (rank * k multiply-adds, a few microseconds) in its own scratch t (count * rank
+   values; rank: lora_max_rank), then adds the branch to the rows of ys it computed the base product of (share_of
+   gives the rows gemv_share and gemv_batch_share give it). The caller's barrier after the products publishes
+   ys. x: the products' input (normalized where they normalize); ys[j]: the output of projection first + j. Why no
+   barrier: with threads that sleep while they wait, a barrier costs tens of microseconds, and a decoder step
+   has four inputs a layer. */
 static void lora_group(const me_model *m, int layer, int first, int count, const float *x, float *t, int rank,
                        float g, float *const *ys) {
-    lora_group_down(m, layer, first, count, x, t, rank);
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
-    lora_group_up(m, layer, first, count, t, rank, g, ys);
+    for (int j = 0; j < count; j++) {
+        const me_lora *l = lora_of(m, layer, first + j);
+        if (!l) continue;
+        const me_linear *lin = linear_of(&m->layer[layer], first + j);
+        float *tj = t + (size_t)j * rank;
+        lora_down(l, lin->k, x, tj, 0, l->rank);
+        int lo, hi;
+        share_of(lin->n, &lo, &hi);
+        lora_up(l, lin->n, tj, g, ys[j], lo, hi);
+    }
 }
 
 /* the widest rank of any branch (0: none): the per-projection scratch a sequence needs */
