@@ -200,56 +200,58 @@ static void lora_batch(const me_model *const *models, int B, int layer, int firs
    models[0]'s are read for the products), its own caches and capacity; x [batch][hidden] holds the tokens'
    embeddings and is overwritten; pos[b] is sequence b's position, cos/sin [batch][head_dim] its rotary factors;
    logits [batch][vocab] are written; models[b]->lora_gate is sequence b's route in a routed model (lora.h), so
-   sequences on both routes share every weight read. Returns 0, -1 when scratch memory could not be had, -2 for a
-   batch outside 1..ME_MAX_BATCH. */
+   sequences on both routes share every weight read. As in me_decode_step, the small per-sequence work between
+   the products every thread does itself on its own copies (five barriers a layer instead of ten); each
+   sequence's is the same function as its solo step's, so its bits do not change. Returns 0, -1 when scratch
+   memory could not be had, -2 for a batch outside 1..ME_MAX_BATCH. */
 int me_decode_batch(const me_model *const *models, int batch, float *x, const int32_t *pos, const float *cos,
                     const float *sin, float *logits, int threads) {
     if (batch < 1 || batch > ME_MAX_BATCH) return -2;
     const me_model *m = models[0];
     const int hidden = m->hidden, qdim = m->heads * m->head_dim, kvdim = m->kv_heads * m->head_dim;
-    const int team = threads > 0 ? threads : 1, B = batch, dim = m->head_dim;
-    int widest = hidden > m->intermediate ? hidden : m->intermediate, capacity = 0;
+    const int team = threads > 0 ? threads : 1, B = batch, dim = m->head_dim, inter = m->intermediate;
+    int widest = hidden > inter ? hidden : inter, capacity = 0;
     if (qdim > widest) widest = qdim;
     for (int b = 0; b < B; b++) capacity = models[b]->capacity > capacity ? models[b]->capacity : capacity;
-    const size_t act_bytes = (size_t)widest + 1024, blocks = (size_t)widest + 1;
-    float *qv = malloc(sizeof(float) * qdim * B), *kv = malloc(sizeof(float) * kvdim * B),
-          *vv = malloc(sizeof(float) * kvdim * B), *att = malloc(sizeof(float) * qdim * B),
-          *prod = malloc(sizeof(float) * hidden * B), *gate = malloc(sizeof(float) * m->intermediate * B),
-          *up = malloc(sizeof(float) * m->intermediate * B), *scratches = malloc(sizeof(float) * widest * team),
-          *all_scores = malloc(sizeof(float) * 2 * (size_t)capacity * team), *sa = malloc(sizeof(float) * blocks * B);
-    int32_t *asum = malloc(sizeof(int32_t) * blocks * B);
-    int8_t *q8 = malloc(act_bytes * B);
     const int rank = lora_max_rank(m);
     int lora = 0;  /* any sequence on the LoRA route */
     for (int b = 0; b < B; b++) lora |= rank > 0 && models[b]->lora_gate != 0.f;
-    /* the products' normalized inputs per sequence (the branches read them), the branches' first products */
-    float *xn = malloc(sizeof(float) * widest * B), *lts = malloc(sizeof(float) * (3 * (size_t)rank * team + 1));
-    void *owned[] = {qv, kv, vv, att, prod, gate, up, scratches, all_scores, sa, asum, q8, xn, lts};
+    /* per thread and sequence: the hidden state, a normalized input (the branches read it too), the SwiGLU output,
+       the activations of a product (`widest` inputs padded to a whole block, a scale and sum per block); per
+       thread: attention scores and the branches' first products */
+    const size_t act_bytes = (size_t)widest + 1024, blocks = (size_t)widest + 1,
+                 seq_floats = (size_t)hidden + widest + inter + 2 * blocks,
+                 per_thread = ((seq_floats * B + 2 * (size_t)capacity + 3 * (size_t)rank) * sizeof(float)
+                               + act_bytes * B + 63) / 64 * 64;
+    float *qv = malloc(sizeof(float) * qdim * B), *kv = malloc(sizeof(float) * kvdim * B),
+          *vv = malloc(sizeof(float) * kvdim * B), *att = malloc(sizeof(float) * qdim * B),
+          *prod = malloc(sizeof(float) * hidden * B), *gate = malloc(sizeof(float) * inter * B),
+          *up = malloc(sizeof(float) * inter * B);
+    char *mine_all = malloc(per_thread * team);
+    void *owned[] = {qv, kv, vv, att, prod, gate, up, mine_all};
     const int count = sizeof(owned) / sizeof(owned[0]);
     for (int i = 0; i < count; i++)
         if (!owned[i]) {
             for (int j = 0; j < count; j++) free(owned[j]);
             return -1;
         }
-    me_act acts[ME_MAX_BATCH];
-    for (int b = 0; b < B; b++) acts[b] = (me_act){q8 + act_bytes * b, sa + blocks * b, asum + blocks * b};
 
 #ifdef _OPENMP
 #pragma omp parallel num_threads(team)
 #endif
     {
-        /* per-sequence work between the products (norms, quantization, residuals, SwiGLU) is shared out over
-           the sequences; each sequence's is the same function wherever it runs, so its bits do not change */
-        float *scores = all_scores + (size_t)thread_id() * 2 * capacity;
-        float *scratch = scratches + (size_t)thread_id() * widest;
-        float *lt = lts + (size_t)thread_id() * 3 * rank;
+        float *xs = (float *)(mine_all + per_thread * thread_id()), *xn = xs + (size_t)hidden * B,
+              *h = xn + (size_t)widest * B, *sa = h + (size_t)inter * B, *asum_f = sa + blocks * B,
+              *scores = asum_f + blocks * B, *lt = scores + 2 * (size_t)capacity;
+        int8_t *q8 = (int8_t *)(lt + 3 * (size_t)rank);
+        me_act acts[ME_MAX_BATCH];
+        for (int b = 0; b < B; b++)
+            acts[b] = (me_act){q8 + act_bytes * b, sa + blocks * b, (int32_t *)asum_f + blocks * b};
+        memcpy(xs, x, sizeof(float) * hidden * B);
         for (int i = 0; i < m->layers; i++) {
             const me_layer *l = &m->layer[i];
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-            for (int b = 0; b < B; b++) quantize_for(x + (size_t)b * hidden, l->input_norm, m->eps, &l->q, &acts[b],
-                                                     xn + (size_t)b * widest);
+            for (int b = 0; b < B; b++)
+                quantize_for(xs + (size_t)b * hidden, l->input_norm, m->eps, &l->q, &acts[b], xn + (size_t)b * widest);
             gemv_batch_share(&l->q, acts, B, qv, qdim);
             gemv_batch_share(&l->k, acts, B, kv, kvdim);
             gemv_batch_share(&l->v, acts, B, vv, kvdim);
@@ -268,56 +270,51 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
                                  vv + (size_t)b * kvdim, cos + (size_t)b * dim, sin + (size_t)b * dim);
                 attend(mb, lb, g, qv + (size_t)b * qdim, att + (size_t)b * qdim, pos[b] + 1, scores);
             }
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-            for (int b = 0; b < B; b++) quantize_for(att + (size_t)b * qdim, NULL, 0.f, &l->o, &acts[b], scratch);
+            for (int b = 0; b < B; b++)
+                quantize_for(att + (size_t)b * qdim, NULL, 0.f, &l->o, &acts[b], xn + (size_t)b * widest);
             gemv_batch_share(&l->o, acts, B, prod, hidden);
             if (lora)
                 lora_batch(models, B, i, LORA_O, 1, att, qdim, lt, rank, (float *const[]){prod},
                            (const size_t[]){hidden});
 #ifdef _OPENMP
 #pragma omp barrier
-#pragma omp for schedule(static)
 #endif
             for (int b = 0; b < B; b++) {
-                float *xb = x + (size_t)b * hidden, *pb = prod + (size_t)b * hidden;
+                float *xb = xs + (size_t)b * hidden, *pb = prod + (size_t)b * hidden;
                 for (int j = 0; j < hidden; j++) xb[j] += pb[j];
                 quantize_for(xb, l->post_norm, m->eps, &l->gate, &acts[b], xn + (size_t)b * widest);
             }
-            gemv_batch_share(&l->gate, acts, B, gate, m->intermediate);
-            gemv_batch_share(&l->up, acts, B, up, m->intermediate);
+            gemv_batch_share(&l->gate, acts, B, gate, inter);
+            gemv_batch_share(&l->up, acts, B, up, inter);
             if (lora)
                 lora_batch(models, B, i, LORA_GATE, 2, xn, widest, lt, rank, (float *const[]){gate, up},
-                           (const size_t[]){m->intermediate, m->intermediate});
+                           (const size_t[]){inter, inter});
 #ifdef _OPENMP
 #pragma omp barrier
-#pragma omp for schedule(static)
 #endif
             for (int b = 0; b < B; b++) {
-                float *gb = gate + (size_t)b * m->intermediate, *ub = up + (size_t)b * m->intermediate;
-                for (int j = 0; j < m->intermediate; j++) gb[j] = gb[j] / (1.f + me_exp(-gb[j])) * ub[j];
-                quantize_for(gb, NULL, 0.f, &l->down, &acts[b], scratch);
+                const float *gb = gate + (size_t)b * inter, *ub = up + (size_t)b * inter;
+                float *hb = h + (size_t)b * inter;
+                for (int j = 0; j < inter; j++) hb[j] = gb[j] / (1.f + me_exp(-gb[j])) * ub[j];
+                quantize_for(hb, NULL, 0.f, &l->down, &acts[b], xn + (size_t)b * widest);
             }
             gemv_batch_share(&l->down, acts, B, prod, hidden);
             if (lora)
-                lora_batch(models, B, i, LORA_DOWN, 1, gate, m->intermediate, lt, rank, (float *const[]){prod},
+                lora_batch(models, B, i, LORA_DOWN, 1, h, inter, lt, rank, (float *const[]){prod},
                            (const size_t[]){hidden});
 #ifdef _OPENMP
 #pragma omp barrier
-#pragma omp for schedule(static)
 #endif
             for (int b = 0; b < B; b++) {
-                float *xb = x + (size_t)b * hidden, *pb = prod + (size_t)b * hidden;
+                float *xb = xs + (size_t)b * hidden, *pb = prod + (size_t)b * hidden;
                 for (int j = 0; j < hidden; j++) xb[j] += pb[j];
             }
         }
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
         for (int b = 0; b < B; b++)
-            quantize_for(x + (size_t)b * hidden, m->final_norm, m->eps, &m->lm_head, &acts[b], scratch);
+            quantize_for(xs + (size_t)b * hidden, m->final_norm, m->eps, &m->lm_head, &acts[b],
+                         xn + (size_t)b * widest);
         gemv_batch_share(&m->lm_head, acts, B, logits, m->vocab);
+        if (thread_id() == 0) memcpy(x, xs, sizeof(float) * hidden * B);
     }
     for (int i = 0; i < count; i++) free(owned[i]);
     return 0;
