@@ -56,6 +56,28 @@ static inline __attribute__((always_inline)) void rows_batch(const me_linear *m,
         for (int g = 0; g < B; g++) y[g * ystride + r] = _mm512_reduce_add_ps(acc[g]);
         return;
     }
+    if (blk % 32 == 0) {  /* blocks of 32: rows_together's 256-bit form, the same way */
+        float scale[ME_BATCH_GROUP][nb];
+        for (int g = 0; g < B; g++)
+            for (int k = 0; k < nb; k++) scale[g][k] = sw[k] * acts[g].sa[k];
+        __m256 acc[ME_BATCH_GROUP];
+        for (int g = 0; g < B; g++) acc[g] = _mm256_setzero_ps();
+        for (int k = 0; k < nb; k++) {
+            const uint8_t *p = row + (size_t)k * blk;
+            _mm_prefetch((const char *)(p + 4096), _MM_HINT_T0);
+            __m256i w[2 * ME_VNNI_CHUNKS];
+            for (int c = 0; c < blk / 32; c++) w[c] = _mm256_loadu_si256((const __m256i *)(p + 32 * c));
+            for (int g = 0; g < B; g++) {
+                const int8_t *qb = acts[g].q + (size_t)k * blk;
+                __m256i d = _mm256_maskz_set1_epi32(1, zero_points[(size_t)g * nb + k]);
+                for (int c = 0; c < blk / 32; c++)
+                    d = _mm256_dpbusd_epi32(d, w[c], _mm256_loadu_si256((const __m256i *)(qb + 32 * c)));
+                acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(scale[g][k]), acc[g]);
+            }
+        }
+        for (int g = 0; g < B; g++) y[g * ystride + r] = me_sum8(acc[g]);
+        return;
+    }
 #endif
 #if ME_ISA == 1
     if (blk % 32 == 0 && blk <= 128) {

@@ -30,6 +30,16 @@ static inline __m256i dot32_avx2(const uint8_t *p, __m256i qv) {
 }
 #endif
 
+#if ME_ISA == 2
+/* the sum of a 256-bit vector's eight floats, in one fixed order (the solo and the batch products share it) */
+static inline float me_sum8(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+#endif
+
 /* rows idx[0..cnt) advanced together, block by block: cnt independent read streams. Always inlined so that the
    common cases (cnt = STREAMS, blk = 128) compile with constant trip counts and the accumulators in registers. */
 static inline __attribute__((always_inline)) void rows_together(const me_linear *m, const me_act *a, float *y,
@@ -58,6 +68,26 @@ static inline __attribute__((always_inline)) void rows_together(const me_linear 
             }
         }
         for (int r = 0; r < cnt; r++) y[idx[r]] = _mm512_reduce_add_ps(acc[r]);
+        return;
+    }
+    if (blk % 32 == 0) {  /* blocks of 32: the same sums in 256-bit lanes (AVX512-VL forms of the same instructions) */
+        __m256 acc[STREAMS];
+        for (int r = 0; r < cnt; r++) acc[r] = _mm256_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            const int8_t *qb = a->q + (size_t)b * blk;
+            const __m256i zero_point = _mm256_maskz_set1_epi32(1, -ZERO_POINT * a->asum[b]);
+            for (int r = 0; r < cnt; r++) {
+                const uint8_t *p = m->w + (size_t)idx[r] * row_bytes + (size_t)b * blk;
+                _mm_prefetch((const char *)(p + 1024), _MM_HINT_T0);
+                __m256i d = zero_point;
+                for (int c = 0; c < blk; c += 32)
+                    d = _mm256_dpbusd_epi32(d, _mm256_loadu_si256((const __m256i *)(p + c)),
+                                            _mm256_loadu_si256((const __m256i *)(qb + c)));
+                const float s = m->s[(size_t)idx[r] * nb + b] * a->sa[b];
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(s), acc[r]);
+            }
+        }
+        for (int r = 0; r < cnt; r++) y[idx[r]] = me_sum8(acc[r]);
         return;
     }
 #endif
