@@ -359,8 +359,14 @@ def _quantize_graph(src: Path, dst: Path, how: str, recipe: Int8Recipe, feeds: l
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     nodes, floats = select_nodes(src, recipe)
-    if how == "float":
+    if how == "float":  # the graph as it is, with the weight files it names (a 1.7B graph keeps its weights apart)
+        import onnx
+
         shutil.copyfile(src, dst)
+        graph = onnx.load(str(src), load_external_data=False).graph
+        locations = {e.value for t in graph.initializer for e in t.external_data if e.key == "location"}
+        for location in sorted(locations):
+            shutil.copyfile(manifest.inside(src.parent, location), manifest.inside(dst.parent, location))
         return {"method": "float", "quantized_nodes": 0}
     original = src
     staged: list[Path] = []

@@ -345,3 +345,28 @@ def test_smoothquant_recipe_quantizes_decoder_statically(tiny_bundles, calib_ite
     tokens = Transcriber.from_bundle(out).transcribe(speechlike(3.0, seed=5), max_new_tokens=5,
                                                     loop_guard=False).token_ids
     assert len(tokens) == 5
+
+
+def test_a_graph_kept_float_keeps_its_weight_file(tmp_path):
+    """A graph a recipe keeps float (encoder=float) is copied with the weight files it names: at 1.7B the weights
+    live beside the graph, and a copy of the graph alone could not load (nor feed the native stem)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.arange(12, dtype=np.float32).reshape(3, 4)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                              [numpy_helper.from_array(weight, "w")])
+    src_dir, dst_dir = tmp_path / "src", tmp_path / "dst"
+    src_dir.mkdir()
+    dst_dir.mkdir()
+    onnx.save(helper.make_model(graph), str(src_dir / "encoder.onnx"), save_as_external_data=True,
+              location="encoder.onnx.data", size_threshold=0)
+    details = quantize._quantize_graph(src_dir / "encoder.onnx", dst_dir / "encoder.onnx", "float",
+                                       quantize.RECIPES["cpu"], None, None, True)
+    assert details["method"] == "float" and (dst_dir / "encoder.onnx.data").is_file()
+    x = np.ones((1, 3), np.float32)
+    got = ort.InferenceSession(str(dst_dir / "encoder.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_array_equal(got[0], x @ weight)
