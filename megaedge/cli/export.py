@@ -12,8 +12,8 @@ MAX_KV = (64, 32768)  # megaedge.runtime.fixed_kv.MAX_KV_RANGE (tests/export/tes
 REPORT_CLIPS = (1, 100_000)  # megaedge.export.int8.REPORT_CLIPS (tests/export/test_int8_report.py keeps them equal)
 # The recipe names of megaedge.export.quantize.RECIPES, spelled out so --help needs no import of the exporter
 # (tests/cli/test_cli.py keeps the two in step).
-RECIPE_NAMES = ("cpu", "cpu-prefill", "cpu-int4", "cpu-int8-fc2", "cpu-accurate", "cpu-fast", "cpu-dynamic",
-                "smoothquant", "cpu-weights", "tensorrt", "naive")
+RECIPE_NAMES = ("cpu", "cpu-prefill", "cpu-int4", "cpu-int8-fc2", "cpu-accurate", "cpu-float-encoder", "cpu-fast",
+                "cpu-dynamic", "smoothquant", "cpu-weights", "tensorrt", "naive")
 HELP = "export a checkpoint to a bundle (ONNX graphs + tokenizer + megaedge.json) the lean runtime runs"
 DESCRIPTION = (
     "Loads any supported checkpoint layout, folds the LoRA exactly (--mode merged) or keeps it as a gated branch "

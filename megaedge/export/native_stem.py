@@ -136,9 +136,11 @@ def write_native_stem(bundle: Path, encoder: dict) -> dict:
                 raise ValueError(f"{name} is not a constant")
             return numpy_helper.to_array(inits[name], base_dir=str(bundle)).astype(np.float32)
 
-        params = [value(n.input[k]) if len(n.input) > k else None for n in convs for k in (1, 2)]
-        if any(p is None for p in params):
-            raise ValueError("a stem convolution without bias")
+        params = []
+        for n in convs:  # a bias of zeros may have been dropped by the exporter (a freshly initialized model's)
+            weight = value(n.input[1])
+            bias = value(n.input[2]) if len(n.input) > 2 and n.input[2] else np.zeros(weight.shape[0], np.float32)
+            params += [weight, bias]
         arrays = stem_arrays(*params)
         mel = next((i for i in model.graph.input if i.name == "mel"), None)
         bins = mel.type.tensor_type.shape.dim[1].dim_value if mel is not None else 0

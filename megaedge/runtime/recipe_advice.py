@@ -29,7 +29,7 @@ _INACCURATE = {
 }
 # Recipes without a prefill graph: where the CPU lacks int8 dot products their prompts run in megaedge's portable
 # kernel or onnxruntime's weight-only MatMul, several times slower than the dynamic-int8 prefill graph.
-_NO_PREFILL_GRAPH = {"cpu", "cpu-int8-fc2", "cpu-accurate", "cpu-fast", "cpu-dynamic"}
+_NO_PREFILL_GRAPH = {"cpu", "cpu-int8-fc2", "cpu-accurate", "cpu-float-encoder", "cpu-fast", "cpu-dynamic"}
 
 
 @dataclass(frozen=True)

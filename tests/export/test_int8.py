@@ -370,3 +370,40 @@ def test_a_graph_kept_float_keeps_its_weight_file(tmp_path):
     x = np.ones((1, 3), np.float32)
     got = ort.InferenceSession(str(dst_dir / "encoder.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_array_equal(got[0], x @ weight)
+
+
+def test_float_encoder_recipe_keeps_the_encoder_and_blocks_the_decoder_by_32(tiny_bundles, calib_items, tmp_path):
+    """cpu-float-encoder: the encoder graph exactly the FP32 one, the decoder's weights in 8-bit blocks of 32 with a
+    native index (routed: its branches too), and the bundle decodes both routes natively."""
+    from megaedge.runtime.transcriber import Transcriber
+
+    out = tmp_path / "fe"
+    info = quantize.quantize_bundle(tiny_bundles["routed"], out, quantize.RECIPES["cpu-float-encoder"], calib_items,
+                                    "cpu", cache_dir=tmp_path / "cache")
+    assert (out / manifest.ENCODER_FILE).read_bytes() == (tiny_bundles["routed"] / manifest.ENCODER_FILE).read_bytes()
+    assert _ops(out / manifest.ENCODER_FILE)["QuantizeLinear"] == 0
+    index = info.decoder["native"]
+    assert {layer[p]["block"] for layer in index["layers"] for p in manifest.NATIVE_PROJECTIONS} == {32}
+    assert all("lora" in layer["q"] for layer in index["layers"])
+    tr = Transcriber.from_bundle(out)
+    for route in ("lora", "base"):
+        assert len(tr.transcribe(speechlike(2.0, seed=3), route=route, max_new_tokens=5, loop_guard=False,
+                                 ignore_eos=True).token_ids) == 5
+
+
+def test_native_stem_takes_convolutions_whose_zero_bias_was_dropped(tiny_bundles, tmp_path):
+    """A freshly initialized model's stem biases are zeros and the exporter may leave them out of the Conv nodes;
+    the native stem then uses zeros instead of refusing (1.7B realistic-init bundles had no native stem)."""
+    import onnx
+
+    from megaedge.export import native_stem
+
+    model = onnx.load(str(tiny_bundles["merged"] / manifest.ENCODER_FILE))
+    convs, _ = native_stem._stem_nodes(model)
+    for node in convs:
+        del node.input[2]
+    onnx.save(model, str(tmp_path / manifest.ENCODER_FILE))
+    encoder = native_stem.write_native_stem(tmp_path, {"chunk_frames": 100})
+    assert "native_stem" in encoder
+    with np.load(tmp_path / manifest.NATIVE_STEM_FILE) as arrays:
+        assert not arrays["b1"].any() and not arrays["b2"].any() and not arrays["b3"].any()
