@@ -156,10 +156,13 @@ class Q8Kernels:
     ``variant``: which build (a prebuilt variant's name, or build()'s); ``origin``: "prebuilt" (shipped in the
     package) or "compiled here" (first use)."""
 
-    def __init__(self, path: Path, variant: str = "native", origin: str = "compiled here"):
+    def __init__(self, path: Path, variant: str = "native", origin: str = "compiled here",
+                 abis: tuple[int, ...] = (ABI_VERSION,)):
+        """``abis``: the library versions accepted (a benchmark's older revision may add ones whose structs are a
+        prefix of this version's)."""
         passive_openmp()
         lib = ctypes.CDLL(str(path))
-        if lib.me_abi_version() != ABI_VERSION:
+        if lib.me_abi_version() not in abis:
             raise RuntimeError(f"{path.name}: kernel ABI {lib.me_abi_version()}, this megaedge needs {ABI_VERSION}")
         p, i = ctypes.c_void_p, ctypes.c_int
         lib.me_quantize.argtypes = [p, p, ctypes.c_float, i, i, i, p, p, p, p]
