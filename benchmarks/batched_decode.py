@@ -112,7 +112,8 @@ def baseline_kernels(rev: str, folder: Path) -> kernels.Q8Kernels:
     source = folder / "megaedge" / "assets" / "kernels" / "decoder.c"
     subprocess.run([cc, *kernels.VARIANT_FLAGS["native"][0], "-shared", "-fPIC", "-o", str(out), str(source), "-lm"],
                    check=True)
-    return kernels.Q8Kernels(out, origin=f"git {rev}")
+    # ABI 7 (before routed branches) reads the same merged-model structs: version 8 only appended fields to me_model
+    return kernels.Q8Kernels(out, origin=f"git {rev}", abis=(7, kernels.ABI_VERSION))
 
 
 def main() -> None:
