@@ -161,6 +161,8 @@ def main() -> None:
             builds[f"block {block}"] = native_decode.NativeDecoder(sub, other_info, built, threads=threads)
             builds[f"block {block}"].wait_loaded()
         if args.baseline:
+            if args.lora_rank:
+                sys.exit("--baseline with --lora-rank: an earlier revision's kernels may not know the branches")
             other = baseline_kernels(args.baseline, folder)
             builds[args.baseline] = native_decode.NativeDecoder(folder, info, other, threads=threads, _weights=base._w)
         rng = np.random.default_rng(1)

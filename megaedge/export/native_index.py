@@ -99,7 +99,8 @@ def _lora_branches(model, tensors) -> tuple[dict[str, dict], set[str]]:
                 break
         else:
             continue
-        up = producer.get([i for i in mul.input if i != gate][0])
+        others = [i for i in mul.input if i != gate]
+        up = producer.get(others[0]) if others else None
         if not up or up.op_type != "MatMul" or up.input[1] not in tensors.by_name:
             continue
         down = producer.get(up.input[0])
@@ -109,7 +110,8 @@ def _lora_branches(model, tensors) -> tuple[dict[str, dict], set[str]]:
         a, b = tensors.by_name[down.input[1]], tensors.by_name[up.input[1]]
         if len(a.dims) != 2 or len(b.dims) != 2 or a.dims[1] != b.dims[0]:
             continue
-        found[nbits.output[0]] = {"a": down.input[1], "b": up.input[1], "rank": int(a.dims[1])}
+        found[nbits.output[0]] = {"a": down.input[1], "b": up.input[1], "rank": int(a.dims[1]),
+                                  "gate_use": mul.output[0]}
         used.update((down.output[0], up.output[0]))
     return found, used
 
@@ -180,6 +182,11 @@ def build_index(decoder_path: Path, decoder: dict) -> tuple[dict, dict[str, np.n
         return why_not(f"{len(nbits)} MatMulNBits nodes, a weight-only 8-bit decoder of {layers} layers has "
                        f"{per_layer * layers + 1}")
     branches, branch_nodes = _lora_branches(model, tensors)
+    # every use of the gate must be one of those branches: a branch in another form (a Cast or Transpose on its
+    # weights, a Gemm) would otherwise run as the base projection on the LoRA route
+    gated = {b["gate_use"] for b in branches.values()}
+    if any("lora_gate" in n.input and n.output[0] not in gated for n in model.graph.node):
+        return why_not("the LoRA gate feeds a branch not in the gated form")
     if any(n.op_type == "MatMul" and n.input[1] in tensors.by_name and n.output[0] not in branch_nodes
            for n in model.graph.node):
         return why_not("float projections remain (excluded layers, or LoRA branches not in the gated form)")

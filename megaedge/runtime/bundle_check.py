@@ -282,10 +282,10 @@ def _linear(files: _Files, entry, where: str, k: int, n: int) -> int:
         rank = _int(branch.get("rank"), f"{where}.lora.rank", 1)
         if rank > min(k, n):
             raise _refuse(f"{where}.lora.rank", rank, f"needs at most min(k, n) = {min(k, n)}")
-        for key, size in (("a", k * rank), ("b", rank * n)):
+        for key, want in (("a", (k, rank)), ("b", (rank, n))):
             shape = _tensor_ref(files, branch.get(key), f"{where}.lora.{key}", "float")
-            if math.prod(shape) != size:
-                raise _refuse(f"{where}.lora.{key}.shape", list(shape), f"needs {size} values (rank {rank})")
+            if tuple(shape) != want:
+                raise _refuse(f"{where}.lora.{key}.shape", list(shape), f"needs {list(want)} (rank {rank})")
     return block
 
 

@@ -126,7 +126,8 @@ def available(info: manifest.Manifest) -> str | None:
         return "the bundle has no native decode index (a weight-only 8-bit decoder exported by megaedge >= 0.9)"
     if index.get("format") != "matmulnbits-q8":
         return f"native index format {index.get('format')!r} is not known to this megaedge"
-    if info.routed and not any("lora" in layer[name] for layer in index["layers"] for name in PROJECTIONS):
+    if info.routed and not any(layer[name].get("lora") is not None for layer in index["layers"]
+                               for name in PROJECTIONS):
         return "the routed bundle's index has no LoRA branches"
     for layer in index["layers"]:  # products of one input share one quantized activation
         if len({layer[name]["block"] for name in ("q", "k", "v")}) > 1 or layer["gate"]["block"] != layer["up"]["block"]:

@@ -220,7 +220,7 @@ def _branch(layer, name):
 
 
 @pytest.mark.parametrize("change, match", [
-    (_set([*_branch(1, "v"), "rank"], 3), "layers\\[1\\]\\.v\\.lora\\.a\\.shape is \\[64, 16\\], needs 192 values"),
+    (_set([*_branch(1, "v"), "rank"], 3), "layers\\[1\\]\\.v\\.lora\\.a\\.shape is \\[64, 16\\], needs \\[64, 3\\]"),
     (_set([*_branch(0, "down"), "rank"], 10 ** 6), "down\\.lora\\.rank is 1000000, needs at most min\\(k, n\\)"),
     (_set([*_branch(0, "q"), "b", "shape"], [8, 1]), "q\\.lora\\.b is .* but decoder_native\\.npz"),
     (lambda doc: doc["decoder"]["native"]["lm_head"].update(lora=doc["decoder"]["native"]["layers"][0]["q"]["lora"]),

@@ -173,3 +173,26 @@ def test_streams_on_both_routes_batch_and_keep_their_finals(routed_int8):
     assert not errors
     assert all(got[i] == want[("lora", "base")[i % 2]] for i in range(4))
     assert any(size > 1 for size in tr.batcher.batches), tr.batcher.batches
+
+
+def test_a_branch_in_another_form_refuses_the_index(routed_int8, tmp_path):
+    """A gated branch whose weight reaches its MatMul through another node (a Cast, a Transpose) is not one the
+    index can describe: the whole index is refused rather than that projection running as base on the LoRA route."""
+    import onnx
+    from onnx import helper
+
+    from megaedge.export.native_index import build_index
+
+    model = onnx.load(str(routed_int8 / manifest.DECODER_FILE))
+    inits = {t.name for t in model.graph.initializer}
+    gate_mul = next(n for n in model.graph.node if "lora_gate" in n.input)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    up = producer[[i for i in gate_mul.input if i != "lora_gate"][0]]
+    assert up.op_type == "MatMul" and up.input[1] in inits
+    weight = up.input[1]
+    up.input[1] = weight + "_through"
+    model.graph.node.insert(0, helper.make_node("Identity", [weight], [weight + "_through"]))
+    onnx.save(model, str(tmp_path / manifest.DECODER_FILE))
+    decoder = manifest.read(routed_int8, verify=False).decoder
+    assert build_index(routed_int8 / manifest.DECODER_FILE, decoder) is not None
+    assert build_index(tmp_path / manifest.DECODER_FILE, decoder) is None
