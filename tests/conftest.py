@@ -24,6 +24,16 @@ def speechlike(seconds: float, seed: int = 0, rate: int = 16000) -> np.ndarray:
     return speech_like_audio(seconds, seed, rate)
 
 
+def heldout_clips(clean: int, degraded: int) -> list[dict]:
+    """The first ``clean`` clean and ``degraded`` degraded clips of the fixture's held-out set (manifest items)."""
+    from megaedge import fixture
+    from megaedge.runtime.evaluate import read_set
+
+    items = read_set(fixture.heldout_manifest())
+    return ([it for it in items if it["scenario"] == "clean"][:clean]
+            + [it for it in items if it["scenario"] != "clean"][:degraded])
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """{'mega': root, 'original': dir, 'native': dir} with the SAME random weights (same seed)."""

@@ -9,7 +9,7 @@ import pytest
 from megaedge.errors import MegaedgeError
 from megaedge.runtime import decoding, kernels, manifest
 from megaedge.runtime.transcriber import Transcriber
-from tests.conftest import int8_bundle_from, speechlike
+from tests.conftest import heldout_clips, int8_bundle_from, speechlike
 from tests.runtime.kernel_builds import KERNELS, VARIANTS, needs_kernel
 
 
@@ -162,14 +162,11 @@ def test_float_bundles_have_no_native_index(fixture_bundles):
 
 @needs_kernel
 def test_native_decode_gives_onnxruntime_tokens_on_heldout_speech(fixture_int8):
-    from megaedge import fixture
-    from megaedge.runtime.evaluate import read_set
 
     native = Transcriber.from_bundle(fixture_int8, decode="native")
     ort = Transcriber.from_bundle(fixture_int8, decode="ort")
     assert native.native is not None and native.native_prefill and ort.native is None
-    items = read_set(fixture.heldout_manifest())
-    clips = [it for it in items if it["scenario"] == "clean"][:3] + [it for it in items if it["scenario"] != "clean"][:3]
+    clips = heldout_clips(3, 3)
     agree = total = 0
     for item in clips:
         a = native.transcribe(item["path"]).token_ids

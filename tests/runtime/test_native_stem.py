@@ -13,7 +13,7 @@ from megaedge.errors import MegaedgeError
 from megaedge.export.native_stem import quantize_conv, stem_arrays
 from megaedge.runtime import features, kernels, manifest, native_stem, prepared, segmenting
 from megaedge.runtime.transcriber import Transcriber
-from tests.conftest import int8_bundle_from, speechlike
+from tests.conftest import heldout_clips, int8_bundle_from, speechlike
 from tests.runtime.kernel_builds import VARIANTS, needs_kernel
 
 FIELDS = ("w1", "b1", "w2", "s2", "b2", "w3", "s3", "b3")
@@ -175,16 +175,13 @@ def test_native_stem_keeps_the_encoder_and_the_tokens_on_heldout_speech(fixture_
     transcript that flips on one near-tie diverges for the rest of the clip, so whole transcripts are counted: the
     native stem must give FP32's transcript about as often as onnxruntime's stem does (near-ties flip either
     way: two clips of twelve); a broken stem gives almost none."""
-    from megaedge import fixture
-    from megaedge.runtime.evaluate import read_set
 
     native = Transcriber.from_bundle(fixture_int8, stem="native")
     ort = Transcriber.from_bundle(fixture_int8, stem="ort")
     fp32 = Transcriber.from_bundle(fixture_bundles["merged"])
     assert native.stem is not None and ort.stem is None
     assert "encoder" in native.sessions.closed and "encoder_body" in ort.sessions.closed
-    items = read_set(fixture.heldout_manifest())
-    clips = [it for it in items if it["scenario"] == "clean"][:4] + [it for it in items if it["scenario"] != "clean"][:8]
+    clips = heldout_clips(4, 8)
     same_native = same_ort = 0
     for item in clips:
         want = fp32.transcribe(item["path"]).token_ids

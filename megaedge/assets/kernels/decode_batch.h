@@ -19,6 +19,12 @@
 /* 64-byte chunks of the largest block (1024) */
 #define ME_VNNI_CHUNKS 16
 
+/* each sequence's block scales' products sw[k] * sa[k] for one row: the float product the solo step forms */
+static inline void row_scales(float *scale, int nb, const float *sw, const me_act *acts, int B) {
+    for (int g = 0; g < B; g++)
+        for (int k = 0; k < nb; k++) scale[(size_t)g * nb + k] = sw[k] * acts[g].sa[k];
+}
+
 /* Row r of m against B activation vectors: y[b * ystride + r] for each b, each summed exactly as rows_together
    sums one row for one activation vector (block order, the same vector operations, the same final reduction).
    zero_points [B][nb]: -128 * asum of each sequence's blocks (gemv_batch_share; used by the AVX512 form). */
@@ -35,8 +41,7 @@ static inline __attribute__((always_inline)) void rows_batch(const me_linear *m,
            zero_points (made once per call, gemv_batch_share) and its block scales' products from a table made
            once per row, 16 products at a time (each the same float product sw * sa the solo step forms). */
         float scale[ME_BATCH_GROUP][nb];
-        for (int g = 0; g < B; g++)
-            for (int k = 0; k < nb; k++) scale[g][k] = sw[k] * acts[g].sa[k];
+        row_scales(&scale[0][0], nb, sw, acts, B);
         __m512 acc[ME_BATCH_GROUP];
         for (int g = 0; g < B; g++) acc[g] = _mm512_setzero_ps();
         for (int k = 0; k < nb; k++) {
@@ -58,8 +63,7 @@ static inline __attribute__((always_inline)) void rows_batch(const me_linear *m,
     }
     if (blk % 32 == 0) {  /* blocks of 32: rows_together's 256-bit form, the same way */
         float scale[ME_BATCH_GROUP][nb];
-        for (int g = 0; g < B; g++)
-            for (int k = 0; k < nb; k++) scale[g][k] = sw[k] * acts[g].sa[k];
+        row_scales(&scale[0][0], nb, sw, acts, B);
         __m256 acc[ME_BATCH_GROUP];
         for (int g = 0; g < B; g++) acc[g] = _mm256_setzero_ps();
         for (int k = 0; k < nb; k++) {
@@ -90,8 +94,7 @@ static inline __attribute__((always_inline)) void rows_batch(const me_linear *m,
         const __m256i bias = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
         const int chunks = blk / 32;
         float scale[ME_BATCH_GROUP][nb];
-        for (int g = 0; g < B; g++)
-            for (int k = 0; k < nb; k++) scale[g][k] = sw[k] * acts[g].sa[k];
+        row_scales(&scale[0][0], nb, sw, acts, B);
         __m256 acc[ME_BATCH_GROUP];
         for (int g = 0; g < B; g++) acc[g] = _mm256_setzero_ps();
         for (int k = 0; k < nb; k++) {
@@ -205,17 +208,37 @@ static void gemv_batch_share(const me_linear *m, const me_act *acts, int B, floa
 
 /* The low-rank branches of one input's projections (lora.h) for every sequence of the batch on the LoRA route
    (models[b]->lora_gate != 0; the others skip them): x + b * xstride is sequence b's input, t this thread's
-   scratch (3 * rank values), ys[j] + b * ystrides[j] sequence b's output of projection first + j. The branch
-   weights are models[0]'s, shared like the products'. Each sequence's values are formed as lora_group forms them
-   for it alone, each thread adding to the rows it computed, so no barrier is needed. */
+   scratch (B * rank values), ys[j] + b * ystrides[j] sequence b's output of projection first + j. The branch
+   weights are models[0]'s, shared like the products': each A is read once for all the sequences on the LoRA route
+   (every value summed as lora_down sums it), then each sequence's branch is added to the rows this thread
+   computed, as lora_group adds it for a sequence alone, so no barrier is needed. */
 static void lora_batch(const me_model *const *models, int B, int layer, int first, int count, const float *x,
                        size_t xstride, float *t, int rank, float *const *ys, const size_t *ystrides) {
+    const me_model *m = models[0];
+    int on[ME_MAX_BATCH], n_on = 0;
     for (int b = 0; b < B; b++)
-        if (models[b]->lora_gate != 0.f) {
-            float *yb[3];
-            for (int j = 0; j < count; j++) yb[j] = ys[j] + b * ystrides[j];
-            lora_group(models[0], layer, first, count, x + b * xstride, t, rank, models[b]->lora_gate, yb);
+        if (models[b]->lora_gate != 0.f) on[n_on++] = b;
+    for (int j = 0; j < count; j++) {
+        const me_lora *l = lora_of(m, layer, first + j);
+        if (!l) continue;
+        const me_linear *lin = linear_of(&m->layer[layer], first + j);
+        const int lr = l->rank;
+        for (int s = 0; s < n_on; s++)
+            for (int r = 0; r < lr; r++) t[(size_t)s * rank + r] = 0.f;
+        for (int i = 0; i < lin->k; i++) {
+            const float *row = l->a + (size_t)i * lr;
+            for (int s = 0; s < n_on; s++) {
+                const float xi = x[on[s] * xstride + i];
+                float *ts = t + (size_t)s * rank;
+#pragma omp simd
+                for (int r = 0; r < lr; r++) ts[r] += xi * row[r];
+            }
         }
+        int lo, hi;
+        share_of(lin->n, &lo, &hi);
+        for (int s = 0; s < n_on; s++)
+            lora_up(l, lin->n, t + (size_t)s * rank, models[on[s]]->lora_gate, ys[j] + on[s] * ystrides[j], lo, hi);
+    }
 }
 
 /* One decoder step of each of `batch` sequences. models[b] describes sequence b: the same weights for every b (only
@@ -243,7 +266,7 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
        thread: attention scores and the branches' first products */
     const size_t act_bytes = (size_t)widest + 1024, blocks = (size_t)widest + 1,
                  seq_floats = (size_t)hidden + widest + inter + 2 * blocks,
-                 per_thread = ((seq_floats * B + 2 * (size_t)capacity + 3 * (size_t)rank) * sizeof(float)
+                 per_thread = ((seq_floats * B + 2 * (size_t)capacity + (size_t)B * rank) * sizeof(float)
                                + act_bytes * B + 63) / 64 * 64;
     float *qv = malloc(sizeof(float) * qdim * B), *kv = malloc(sizeof(float) * kvdim * B),
           *vv = malloc(sizeof(float) * kvdim * B), *att = malloc(sizeof(float) * qdim * B),
@@ -265,7 +288,7 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
         float *xs = (float *)(mine_all + per_thread * thread_id()), *xn = xs + (size_t)hidden * B,
               *h = xn + (size_t)widest * B, *sa = h + (size_t)inter * B, *asum_f = sa + blocks * B,
               *scores = asum_f + blocks * B, *lt = scores + 2 * (size_t)capacity;
-        int8_t *q8 = (int8_t *)(lt + 3 * (size_t)rank);
+        int8_t *q8 = (int8_t *)(lt + (size_t)B * rank);
         me_act acts[ME_MAX_BATCH];
         for (int b = 0; b < B; b++)
             acts[b] = (me_act){q8 + act_bytes * b, sa + blocks * b, (int32_t *)asum_f + blocks * b};
