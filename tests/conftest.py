@@ -34,6 +34,16 @@ def heldout_clips(clean: int, degraded: int) -> list[dict]:
             + [it for it in items if it["scenario"] != "clean"][:degraded])
 
 
+def native_and_onnxruntime(bundle: Path):
+    """Two Transcribers of ``bundle``: one decoding natively (prompt too), one in onnxruntime's decoder graphs."""
+    from megaedge.runtime.transcriber import Transcriber
+
+    native = Transcriber.from_bundle(bundle, decode="native")
+    ort = Transcriber.from_bundle(bundle, decode="ort")
+    assert native.native is not None and native.native_prefill and ort.native is None
+    return native, ort
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """{'mega': root, 'original': dir, 'native': dir} with the SAME random weights (same seed)."""

@@ -9,7 +9,7 @@ import pytest
 from megaedge.errors import MegaedgeError
 from megaedge.runtime import decoding, kernels, manifest
 from megaedge.runtime.transcriber import Transcriber
-from tests.conftest import heldout_clips, int8_bundle_from, speechlike
+from tests.conftest import heldout_clips, int8_bundle_from, native_and_onnxruntime, speechlike
 from tests.runtime.kernel_builds import KERNELS, VARIANTS, needs_kernel
 
 
@@ -162,10 +162,7 @@ def test_float_bundles_have_no_native_index(fixture_bundles):
 
 @needs_kernel
 def test_native_decode_gives_onnxruntime_tokens_on_heldout_speech(fixture_int8):
-
-    native = Transcriber.from_bundle(fixture_int8, decode="native")
-    ort = Transcriber.from_bundle(fixture_int8, decode="ort")
-    assert native.native is not None and native.native_prefill and ort.native is None
+    native, ort = native_and_onnxruntime(fixture_int8)
     clips = heldout_clips(3, 3)
     agree = total = 0
     for item in clips:

@@ -10,7 +10,7 @@ import pytest
 from megaedge.errors import MegaedgeError
 from megaedge.runtime import manifest, native_decode
 from megaedge.runtime.transcriber import Transcriber
-from tests.conftest import heldout_clips, int8_bundle_from, speechlike
+from tests.conftest import heldout_clips, int8_bundle_from, native_and_onnxruntime, speechlike
 from tests.runtime.kernel_builds import VARIANTS, needs_kernel
 
 
@@ -32,10 +32,7 @@ def test_the_index_carries_every_gated_branch(routed_int8):
 
 @needs_kernel
 def test_each_route_gives_onnxruntime_tokens_on_heldout_speech(routed_int8):
-
-    native = Transcriber.from_bundle(routed_int8, decode="native")
-    ort = Transcriber.from_bundle(routed_int8, decode="ort")
-    assert native.native is not None and native.native_prefill and ort.native is None
+    native, ort = native_and_onnxruntime(routed_int8)
     clips = heldout_clips(2, 2)
     differ = 0
     for item in clips:

@@ -175,7 +175,6 @@ def test_native_stem_keeps_the_encoder_and_the_tokens_on_heldout_speech(fixture_
     transcript that flips on one near-tie diverges for the rest of the clip, so whole transcripts are counted: the
     native stem must give FP32's transcript about as often as onnxruntime's stem does (near-ties flip either
     way: two clips of twelve); a broken stem gives almost none."""
-
     native = Transcriber.from_bundle(fixture_int8, stem="native")
     ort = Transcriber.from_bundle(fixture_int8, stem="ort")
     fp32 = Transcriber.from_bundle(fixture_bundles["merged"])
