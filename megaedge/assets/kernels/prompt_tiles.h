@@ -135,6 +135,27 @@ static void pack_tile(const me_linear *m, int t0, int count, uint8_t *pw, float 
         }
         return;
     }
+    if (blk == 32) {  /* two adjacent blocks of 32 are 64 contiguous bytes of a row: the same transpose, and each
+                         half of its output lands where its block's packed bytes go (an odd last block alone) */
+        for (int g = 0; g < groups; g++) {
+            PREFETCH_NEXT_GROUP(g)
+            for (int b = 0; b < nb; b += 2) {
+                const int both = b + 1 < nb;
+                __m512i r[16];
+                for (int lane = 0; lane < LANES; lane++) {
+                    const int i = g * LANES + lane;
+                    const uint8_t *src = m->w + (size_t)(t0 + i) * row_bytes + (size_t)b * blk;
+                    r[lane] = i >= count ? _mm512_set1_epi8((char)0x80)  /* stored value + 128: a zero weight */
+                              : both ? _mm512_loadu_si512(src)
+                                     : _mm512_mask_loadu_epi8(_mm512_set1_epi8((char)0x80), 0xffffffffULL, src);
+                }
+                transpose16(r);
+                uint8_t *dst = pw + ((size_t)g * nb + b) * blk * LANES;
+                for (int j = 0; j < (both ? 16 : 8); j++) _mm512_store_si512(dst + 64 * j, r[j]);
+            }
+        }
+        return;
+    }
 #endif
 #if ME_ISA == 1
     if (blk % 16 == 0) {  /* 16 inputs of 8 rows at a time: widened to int16 pairs, transposed in registers */
