@@ -86,39 +86,9 @@ def _attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _lora_branches(model, tensors) -> tuple[dict[str, dict], set[str]]:
-    """{MatMulNBits output: {"a": name, "b": name, "rank": R}} for every projection with a gated branch, and the
-    outputs of the MatMul nodes those branches are made of."""
-    producer = {out: n for n in model.graph.node for out in n.output}
-    gate = "lora_gate"
-    found, used = {}, set()
-    for add in (n for n in model.graph.node if n.op_type == "Add" and len(n.input) == 2):
-        pair = [producer.get(i) for i in add.input]
-        for nbits, mul in (pair, pair[::-1]):
-            if nbits and nbits.op_type == "MatMulNBits" and mul and mul.op_type == "Mul" and gate in mul.input:
-                break
-        else:
-            continue
-        others = [i for i in mul.input if i != gate]
-        up = producer.get(others[0]) if others else None
-        if not up or up.op_type != "MatMul" or up.input[1] not in tensors.by_name:
-            continue
-        down = producer.get(up.input[0])
-        if (not down or down.op_type != "MatMul" or down.input[1] not in tensors.by_name
-                or down.input[0] != nbits.input[0]):
-            continue
-        a, b = tensors.by_name[down.input[1]], tensors.by_name[up.input[1]]
-        if len(a.dims) != 2 or len(b.dims) != 2 or a.dims[1] != b.dims[0]:
-            continue
-        found[nbits.output[0]] = {"a": down.input[1], "b": up.input[1], "rank": int(a.dims[1]),
-                                  "gate_use": mul.output[0]}
-        used.update((down.output[0], up.output[0]))
-    return found, used
-
-
 class _Graph:
-    """Producers and consumers of the graph's values, to find a norm's weight by where it sits rather than by its
-    name: the exporter merges initializers with equal values (a freshly initialized model's norms are all ones), so
+    """Producers and consumers of the graph's values, read once: the gated branches are found by their shape in
+    the graph, and a norm's weight by where it sits rather than by its name: the exporter merges initializers with equal values (a freshly initialized model's norms are all ones), so
     layer 5's k_norm may be read from an initializer named after layer 0's q_norm."""
 
     def __init__(self, model, tensors):
@@ -160,6 +130,36 @@ class _Graph:
         return None
 
 
+def _lora_branches(model, graph: _Graph) -> tuple[dict[str, dict], set[str]]:
+    """{MatMulNBits output: {"a": name, "b": name, "rank": R}} for every projection with a gated branch, and the
+    outputs of the MatMul nodes those branches are made of."""
+    producer, tensors = graph.producer, graph.tensors
+    gate = "lora_gate"
+    found, used = {}, set()
+    for add in (n for n in model.graph.node if n.op_type == "Add" and len(n.input) == 2):
+        pair = [producer.get(i) for i in add.input]
+        for nbits, mul in (pair, pair[::-1]):
+            if nbits and nbits.op_type == "MatMulNBits" and mul and mul.op_type == "Mul" and gate in mul.input:
+                break
+        else:
+            continue
+        others = [i for i in mul.input if i != gate]
+        up = producer.get(others[0]) if others else None
+        if not up or up.op_type != "MatMul" or up.input[1] not in tensors.by_name:
+            continue
+        down = producer.get(up.input[0])
+        if (not down or down.op_type != "MatMul" or down.input[1] not in tensors.by_name
+                or down.input[0] != nbits.input[0]):
+            continue
+        a, b = tensors.by_name[down.input[1]], tensors.by_name[up.input[1]]
+        if len(a.dims) != 2 or len(b.dims) != 2 or a.dims[1] != b.dims[0]:
+            continue
+        found[nbits.output[0]] = {"a": down.input[1], "b": up.input[1], "rank": int(a.dims[1]),
+                                  "gate_use": mul.output[0]}
+        used.update((down.output[0], up.output[0]))
+    return found, used
+
+
 def build_index(decoder_path: Path, decoder: dict) -> tuple[dict, dict[str, np.ndarray]] | None:
     """(index, sidecar arrays) for a weight-only 8-bit decoder graph, or None (with the reason logged) for any
     other graph: float or 4-bit projections, float MatMuls other than gated branches, zero points, an unexpected
@@ -181,11 +181,12 @@ def build_index(decoder_path: Path, decoder: dict) -> tuple[dict, dict[str, np.n
     if len(nbits) != per_layer * layers + 1:
         return why_not(f"{len(nbits)} MatMulNBits nodes, a weight-only 8-bit decoder of {layers} layers has "
                        f"{per_layer * layers + 1}")
-    branches, branch_nodes = _lora_branches(model, tensors)
+    graph = _Graph(model, tensors)
+    branches, branch_nodes = _lora_branches(model, graph)
     # every use of the gate must be one of those branches: a branch in another form (a Cast or Transpose on its
     # weights, a Gemm) would otherwise run as the base projection on the LoRA route
     gated = {b["gate_use"] for b in branches.values()}
-    if any("lora_gate" in n.input and n.output[0] not in gated for n in model.graph.node):
+    if any(n.output[0] not in gated for n in graph.consumers.get("lora_gate", [])):
         return why_not("the LoRA gate feeds a branch not in the gated form")
     if any(n.op_type == "MatMul" and n.input[1] in tensors.by_name and n.output[0] not in branch_nodes
            for n in model.graph.node):
@@ -213,7 +214,6 @@ def build_index(decoder_path: Path, decoder: dict) -> tuple[dict, dict[str, np.n
             entry["lora"] = {"rank": branch["rank"], "a": tensors.ref(branch["a"]), "b": tensors.ref(branch["b"])}
         return entry
 
-    graph = _Graph(model, tensors)
     index_layers = []
     for i in range(layers):
         entry = {}

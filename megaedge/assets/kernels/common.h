@@ -88,6 +88,14 @@ static inline int team_size(void) {
 #endif
 }
 
+/* this thread's share [lo, hi) of count rows inside a parallel region: the one split of every product, so a thread
+   that adds to rows after a product (a LoRA branch, lora.h) adds to the rows it computed */
+static inline void share_of(int count, int *lo, int *hi) {
+    const int t = thread_id(), T = team_size();
+    *lo = (int)((long long)count * t / T);
+    *hi = (int)((long long)count * (t + 1) / T);
+}
+
 /* exp(x), vectorizable (glibc's expf is a call per value: ~5 % of a 1.7B prompt in softmax and SwiGLU): 2^n * e^r
    with |r| <= ln2 / 2 and a degree-6 Taylor polynomial (relative error < 3e-7 over [-87, 88], where it clamps);
    n rounded by the 1.5 * 2^23 trick, exact because -ffp-contract=off keeps both additions. */

@@ -179,9 +179,9 @@ static inline __attribute__((always_inline)) void rows_group(const me_linear *m,
    activation vectors stay in L1 across the tile, and the tile's weights (16 rows) come from L2 for the next group. */
 #define ME_BATCH_TILE 16
 static void gemv_batch_share(const me_linear *m, const me_act *acts, int B, float *y, size_t ystride) {
-    const int t = thread_id(), T = team_size();
-    const int lo = (int)((long long)m->n * t / T), hi = (int)((long long)m->n * (t + 1) / T);
-    int32_t zero_points[ME_MAX_BATCH * m->nb];
+    int lo, hi;
+    share_of(m->n, &lo, &hi);
+    int32_t zero_points[B * m->nb];
 #if ME_ISA == 2
     for (int b = 0; b < B; b++)
         for (int k = 0; k < m->nb; k++) zero_points[b * m->nb + k] = -ZERO_POINT * acts[b].asum[k];
@@ -209,36 +209,17 @@ static void gemv_batch_share(const me_linear *m, const me_act *acts, int B, floa
 /* The low-rank branches of one input's projections (lora.h) for every sequence of the batch on the LoRA route
    (models[b]->lora_gate != 0; the others skip them): x + b * xstride is sequence b's input, t this thread's
    scratch (B * rank values), ys[j] + b * ystrides[j] sequence b's output of projection first + j. The branch
-   weights are models[0]'s, shared like the products': each A is read once for all the sequences on the LoRA route
-   (every value summed as lora_down sums it), then each sequence's branch is added to the rows this thread
-   computed, as lora_group adds it for a sequence alone, so no barrier is needed. */
+   weights are models[0]'s, shared like the products' (lora_group reads each A once for all of them). */
 static void lora_batch(const me_model *const *models, int B, int layer, int first, int count, const float *x,
                        size_t xstride, float *t, int rank, float *const *ys, const size_t *ystrides) {
-    const me_model *m = models[0];
     int on[ME_MAX_BATCH], n_on = 0;
+    float gates[ME_MAX_BATCH];
     for (int b = 0; b < B; b++)
-        if (models[b]->lora_gate != 0.f) on[n_on++] = b;
-    for (int j = 0; j < count; j++) {
-        const me_lora *l = lora_of(m, layer, first + j);
-        if (!l) continue;
-        const me_linear *lin = linear_of(&m->layer[layer], first + j);
-        const int lr = l->rank;
-        for (int s = 0; s < n_on; s++)
-            for (int r = 0; r < lr; r++) t[(size_t)s * rank + r] = 0.f;
-        for (int i = 0; i < lin->k; i++) {
-            const float *row = l->a + (size_t)i * lr;
-            for (int s = 0; s < n_on; s++) {
-                const float xi = x[on[s] * xstride + i];
-                float *ts = t + (size_t)s * rank;
-#pragma omp simd
-                for (int r = 0; r < lr; r++) ts[r] += xi * row[r];
-            }
+        if (models[b]->lora_gate != 0.f) {
+            gates[n_on] = models[b]->lora_gate;
+            on[n_on++] = b;
         }
-        int lo, hi;
-        share_of(lin->n, &lo, &hi);
-        for (int s = 0; s < n_on; s++)
-            lora_up(l, lin->n, t + (size_t)s * rank, models[on[s]]->lora_gate, ys[j] + on[s] * ystrides[j], lo, hi);
-    }
+    lora_group(models[0], layer, first, count, x, xstride, on, gates, n_on, t, rank, ys, ystrides);
 }
 
 /* One decoder step of each of `batch` sequences. models[b] describes sequence b: the same weights for every b (only

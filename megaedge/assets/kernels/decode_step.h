@@ -6,6 +6,14 @@
 #include "lora.h"
 #include "quantize.h"
 
+/* lora_group for the step's one sequence: input x, gate g, outputs ys[j] */
+static void lora_step(const me_model *m, int layer, int first, int count, const float *x, float *t, int rank,
+                      float g, float *const *ys) {
+    static const int only = 0;
+    static const size_t no_strides[3] = {0, 0, 0};
+    lora_group(m, layer, first, count, x, 0, &only, &g, 1, t, rank, ys, no_strides);
+}
+
 /* One decoder step: x [hidden] holds the token's embedding and is overwritten; the layers' caches get this
    position's keys and values; logits [vocab] are written. cos/sin [head_dim] are the rotary factors of pos.
    Returns 0, or -1 when scratch memory could not be had. Parallel work: row shares of every product and the kv
@@ -25,8 +33,8 @@ int me_decode_step(const me_model *m, float *x, int pos, const float *cos, const
     const float route = m->lora_gate;
     /* per thread: the hidden state, a normalized input, the SwiGLU output, the activations of any product (at most
        `widest` inputs padded to a whole block, a scale and sum per block), attention scores, the branches' first
-       products (3 at most at once) */
-    const size_t floats = (size_t)hidden + widest + inter + 2 * (widest + 1) + 2 * (size_t)m->capacity + 3 * rank,
+       products (one projection's at a time) */
+    const size_t floats = (size_t)hidden + widest + inter + 2 * (widest + 1) + 2 * (size_t)m->capacity + rank,
                  per_thread = (floats * sizeof(float) + (size_t)widest + 1024 + 63) / 64 * 64;
     float *qv = malloc(sizeof(float) * qdim), *kv = malloc(sizeof(float) * kvdim), *vv = malloc(sizeof(float) * kvdim),
           *att = malloc(sizeof(float) * qdim), *prod = malloc(sizeof(float) * hidden),
@@ -48,7 +56,7 @@ int me_decode_step(const me_model *m, float *x, int pos, const float *cos, const
         float *xs = (float *)(mine_all + per_thread * thread_id()), *normed = xs + hidden, *h = normed + widest,
               *sa = h + inter, *asum_f = sa + widest + 1, *scores = asum_f + widest + 1,
               *lt = scores + 2 * (size_t)m->capacity;
-        int8_t *q8 = (int8_t *)(lt + 3 * rank);
+        int8_t *q8 = (int8_t *)(lt + rank);
         me_act act = {q8, sa, (int32_t *)asum_f};
         memcpy(xs, x, sizeof(float) * hidden);
         for (int i = 0; i < m->layers; i++) {
@@ -57,7 +65,7 @@ int me_decode_step(const me_model *m, float *x, int pos, const float *cos, const
             gemv_share(&l->q, &act, qv);  /* q, k, v read the same input: no barrier between them */
             gemv_share(&l->k, &act, kv);
             gemv_share(&l->v, &act, vv);
-            if (lora) lora_group(m, i, LORA_Q, 3, normed, lt, rank, route, (float *const[]){qv, kv, vv});
+            if (lora) lora_step(m, i, LORA_Q, 3, normed, lt, rank, route, (float *const[]){qv, kv, vv});
 #ifdef _OPENMP
 #pragma omp barrier
 #pragma omp for schedule(static)
@@ -68,7 +76,7 @@ int me_decode_step(const me_model *m, float *x, int pos, const float *cos, const
             }
             quantize_for(att, NULL, 0.f, &l->o, &act, normed);
             gemv_share(&l->o, &act, prod);
-            if (lora) lora_group(m, i, LORA_O, 1, att, lt, rank, route, (float *const[]){prod});
+            if (lora) lora_step(m, i, LORA_O, 1, att, lt, rank, route, (float *const[]){prod});
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
@@ -76,14 +84,14 @@ int me_decode_step(const me_model *m, float *x, int pos, const float *cos, const
             quantize_for(xs, l->post_norm, m->eps, &l->gate, &act, normed);
             gemv_share(&l->gate, &act, gate);
             gemv_share(&l->up, &act, up);
-            if (lora) lora_group(m, i, LORA_GATE, 2, normed, lt, rank, route, (float *const[]){gate, up});
+            if (lora) lora_step(m, i, LORA_GATE, 2, normed, lt, rank, route, (float *const[]){gate, up});
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
             for (int j = 0; j < inter; j++) h[j] = gate[j] / (1.f + me_exp(-gate[j])) * up[j];
             quantize_for(h, NULL, 0.f, &l->down, &act, normed);
             gemv_share(&l->down, &act, prod);
-            if (lora) lora_group(m, i, LORA_DOWN, 1, h, lt, rank, route, (float *const[]){prod});
+            if (lora) lora_step(m, i, LORA_DOWN, 1, h, lt, rank, route, (float *const[]){prod});
 #ifdef _OPENMP
 #pragma omp barrier
 #endif

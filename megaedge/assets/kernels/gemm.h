@@ -65,13 +65,16 @@ static void gemm_rows(const me_linear *m, const me_act *a, float *y, int rows, i
 
 /* this thread's share of Y [rows][n] = A W^T, inside a parallel region; shares are whole packed groups */
 static void gemm_share(const me_linear *m, const me_act *a, float *y, int rows, void *scratch) {
-    int t = thread_id(), T = team_size();
+    int lo, hi;
 #ifdef PACKED
-    const int unit = LANES * VECS, units = (m->n + unit - 1) / unit;
-    int lo = (int)((long long)units * t / T) * unit, hi = (int)((long long)units * (t + 1) / T) * unit;
+    const int unit = LANES * VECS;
+    share_of((m->n + unit - 1) / unit, &lo, &hi);
+    lo *= unit;
+    hi *= unit;
     gemm_rows(m, a, y, rows, lo, hi < m->n ? hi : m->n, scratch);
 #else
-    gemm_rows(m, a, y, rows, (int)((long long)m->n * t / T), (int)((long long)m->n * (t + 1) / T), scratch);
+    share_of(m->n, &lo, &hi);
+    gemm_rows(m, a, y, rows, lo, hi, scratch);
 #endif
 }
 

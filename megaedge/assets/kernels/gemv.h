@@ -148,8 +148,9 @@ static void gemv_rows(const me_linear *m, const me_act *a, float *y, int lo, int
 
 /* this thread's share of y = m x, inside a parallel region */
 static void gemv_share(const me_linear *m, const me_act *a, float *y) {
-    int t = thread_id(), T = team_size();
-    gemv_rows(m, a, y, (int)((long long)m->n * t / T), (int)((long long)m->n * (t + 1) / T));
+    int lo, hi;
+    share_of(m->n, &lo, &hi);
+    gemv_rows(m, a, y, lo, hi);
 }
 
 void me_gemv_q8(const uint8_t *w, const float *sw, const int8_t *q, const float *sa, const int32_t *asum, float *y,

@@ -21,15 +21,21 @@ static inline const me_lora *lora_of(const me_model *m, int layer, int slot) {
     return l->rank > 0 ? l : NULL;
 }
 
-/* t[r0..r1) = x . A[:, r0..r1) over the k inputs */
-static void lora_down(const me_lora *l, int k, const float *x, float *t, int r0, int r1) {
+/* t_s = x_s . A over the k inputs for n sequences, x_s = x + seqs[s] * xstride into t + s * tstride: one pass over A
+   for all of them, each t_s[r] summed over i in order as for a sequence alone */
+static void lora_down(const me_lora *l, int k, const float *x, size_t xstride, const int *seqs, int n, float *t,
+                      size_t tstride) {
     const int rank = l->rank;
-    for (int r = r0; r < r1; r++) t[r] = 0.f;
+    for (int s = 0; s < n; s++)
+        for (int r = 0; r < rank; r++) t[s * tstride + r] = 0.f;
     for (int i = 0; i < k; i++) {
-        const float xi = x[i];
         const float *row = l->a + (size_t)i * rank;
+        for (int s = 0; s < n; s++) {
+            const float xi = x[seqs[s] * xstride + i];
+            float *ts = t + s * tstride;
 #pragma omp simd
-        for (int r = r0; r < r1; r++) t[r] += xi * row[r];
+            for (int r = 0; r < rank; r++) ts[r] += xi * row[r];
+        }
     }
 }
 
@@ -51,37 +57,32 @@ static void lora_up(const me_lora *l, int n, const float *t, float g, float *y, 
     }
 }
 
-/* this thread's share of [0, count) inside a parallel region: the rows gemv_share gives it */
-static inline void share_of(int count, int *lo, int *hi) {
-    const int t = thread_id(), T = team_size();
-    *lo = (int)((long long)count * t / T);
-    *hi = (int)((long long)count * (t + 1) / T);
-}
-
 static const me_linear *linear_of(const me_layer *l, int slot) {
     const me_linear *all[LORA_SLOTS] = {&l->q, &l->k, &l->v, &l->o, &l->gate, &l->up, &l->down};
     return all[slot];
 }
 
 /* The branches of the projections of one input (slots first .. first + count - 1: q/k/v, o, gate/up or down) for
-   one sequence, inside a parallel region after the base products, with no barrier: every thread forms the whole
-   first product t = x A itself (rank * k multiply-adds, a few microseconds) in its own scratch t (count * rank
-   values; rank: lora_max_rank), then adds the branch to the rows of ys it computed the base product of (share_of
-   gives the rows gemv_share and gemv_batch_share give it). The caller's barrier after the products publishes
-   ys. x: the products' input (normalized where they normalize); ys[j]: the output of projection first + j. Why no
-   barrier: with threads that sleep while they wait, a barrier costs tens of microseconds, and a decoder step
-   has four inputs a layer. */
-static void lora_group(const me_model *m, int layer, int first, int count, const float *x, float *t, int rank,
-                       float g, float *const *ys) {
+   n sequences (a step's one, or a batch's on the LoRA route), inside a parallel region after the base products,
+   with no barrier: every thread forms the whole first product t = x A itself (rank * k multiply-adds per sequence,
+   a few microseconds; one pass over A for all n) in its own scratch t (n * rank values; rank: lora_max_rank), then
+   adds each sequence's branch to the rows of its output it computed the base product of (share_of, the split of
+   every product). The caller's barrier after the products publishes the outputs. Sequence s is seqs[s]: its input
+   x + seqs[s] * xstride (normalized where the products normalize), its gate gates[s], its output of projection
+   first + j ys[j] + seqs[s] * ystrides[j]. Why no barrier: with threads that sleep while they wait, a barrier
+   costs tens of microseconds, and a decoder step has four inputs a layer. */
+static void lora_group(const me_model *m, int layer, int first, int count, const float *x, size_t xstride,
+                       const int *seqs, const float *gates, int n, float *t, int rank, float *const *ys,
+                       const size_t *ystrides) {
     for (int j = 0; j < count; j++) {
         const me_lora *l = lora_of(m, layer, first + j);
         if (!l) continue;
         const me_linear *lin = linear_of(&m->layer[layer], first + j);
-        float *tj = t + (size_t)j * rank;
-        lora_down(l, lin->k, x, tj, 0, l->rank);
+        lora_down(l, lin->k, x, xstride, seqs, n, t, rank);
         int lo, hi;
         share_of(lin->n, &lo, &hi);
-        lora_up(l, lin->n, tj, g, ys[j], lo, hi);
+        for (int s = 0; s < n; s++)
+            lora_up(l, lin->n, t + (size_t)s * rank, gates[s], ys[j] + seqs[s] * ystrides[j], lo, hi);
     }
 }
 

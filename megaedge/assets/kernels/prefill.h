@@ -28,8 +28,8 @@ static void lora_rows(const me_model *m, int layer, int first, int count, const 
     for (int r = 0; r < rows; r++)
         for (int j = 0; j < count; j++) {
             const me_lora *l = lora_of(m, layer, first + j);
-            if (l) lora_down(l, linear_of(&m->layer[layer], first + j)->k, x + r * xstride,
-                             t + ((size_t)r * 3 + j) * rank, 0, l->rank);
+            if (l) lora_down(l, linear_of(&m->layer[layer], first + j)->k, x, xstride, &r, 1,
+                             t + ((size_t)r * 3 + j) * rank, 0);
         }
 #ifdef _OPENMP
 #pragma omp for schedule(static)
