@@ -136,6 +136,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="JSON file (default results/batched_decode_<geometry>.json)")
     args = parser.parse_args()
+    if args.baseline and args.lora_rank:
+        sys.exit("--baseline with --lora-rank: an earlier revision's kernels may not know the branches")
     batches = [int(b) for b in args.batches.split(",")]
     blocks = [int(b) for b in args.block_sizes.split(",")]
     g = GEOMETRIES[args.geometry]
@@ -161,8 +163,6 @@ def main() -> None:
             builds[f"block {block}"] = native_decode.NativeDecoder(sub, other_info, built, threads=threads)
             builds[f"block {block}"].wait_loaded()
         if args.baseline:
-            if args.lora_rank:
-                sys.exit("--baseline with --lora-rank: an earlier revision's kernels may not know the branches")
             other = baseline_kernels(args.baseline, folder)
             builds[args.baseline] = native_decode.NativeDecoder(folder, info, other, threads=threads, _weights=base._w)
         rng = np.random.default_rng(1)
@@ -190,8 +190,7 @@ def main() -> None:
                 tokens = [int(t) for t in rng.integers(0, g["vocab"], b)]
                 for _ in range(args.steps):
                     s0 = time.perf_counter()
-                    logits = (decoders[0].step(tokens[0], gates[0])[None] if b == 1
-                              else native_decode.step_batch(decoders, tokens, gates))
+                    logits = native_decode.step_batch(decoders, tokens, gates)  # one decoder: its own step
                     times[key].append(time.perf_counter() - s0)
                     tokens = [int(np.argmax(row)) for row in logits]
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(
