@@ -18,6 +18,11 @@
 #define ME_BATCH_GROUP 8
 /* 64-byte chunks of the largest block (1024) */
 #define ME_VNNI_CHUNKS 16
+/* How far ahead of its products a batch asks for weights, into L2. A group of eight spends about as long on a
+   weight block as memory takes to deliver it, so reads and products must overlap; with the hardware prefetcher
+   alone, or a nearer prefetch into L1, they ran one after the other (a group's read rate fell to two thirds of one
+   sequence's); this far ahead, with two rows side by side (rows_pair), it reaches one sequence's rate. */
+#define ME_VNNI_AHEAD 16384
 
 /* each sequence's block scales' products sw[k] * sa[k] for one row: the float product the solo step forms */
 static inline void row_scales(float *scale, int nb, const float *sw, const me_act *acts, int B) {
@@ -46,8 +51,8 @@ static inline __attribute__((always_inline)) void rows_batch(const me_linear *m,
         for (int g = 0; g < B; g++) acc[g] = _mm512_setzero_ps();
         for (int k = 0; k < nb; k++) {
             const uint8_t *p = row + (size_t)k * blk;
-            _mm_prefetch((const char *)(p + 4096), _MM_HINT_T0);
-            if (blk > 64) _mm_prefetch((const char *)(p + 4096 + 64), _MM_HINT_T0);
+            _mm_prefetch((const char *)(p + ME_VNNI_AHEAD), _MM_HINT_T1);
+            if (blk > 64) _mm_prefetch((const char *)(p + ME_VNNI_AHEAD + 64), _MM_HINT_T1);
             __m512i w[ME_VNNI_CHUNKS];
             for (int c = 0; c < blk / 64; c++) w[c] = _mm512_loadu_si512(p + 64 * c);
             for (int g = 0; g < B; g++) {
@@ -68,7 +73,7 @@ static inline __attribute__((always_inline)) void rows_batch(const me_linear *m,
         for (int g = 0; g < B; g++) acc[g] = _mm256_setzero_ps();
         for (int k = 0; k < nb; k++) {
             const uint8_t *p = row + (size_t)k * blk;
-            _mm_prefetch((const char *)(p + 4096), _MM_HINT_T0);
+            _mm_prefetch((const char *)(p + ME_VNNI_AHEAD), _MM_HINT_T1);
             __m256i w[2 * ME_VNNI_CHUNKS];
             for (int c = 0; c < blk / 32; c++) w[c] = _mm256_loadu_si256((const __m256i *)(p + 32 * c));
             for (int g = 0; g < B; g++) {
@@ -158,11 +163,67 @@ static inline __attribute__((always_inline)) void rows_batch(const me_linear *m,
     for (int b = 0; b < B; b++) y[b * ystride + r] = sum[b];
 }
 
-/* rows [r0, r1) of y_b = m x_b for a group of G sequences; G and the block size constants where it matters, so that
-   rows_batch keeps a group's accumulators in registers */
+#if ME_ISA == 2
+/* Rows r and r2 of m against G activation vectors, each row summed exactly as rows_batch sums it (so as
+   rows_together does): the same instructions per row and sequence, two rows in flight. Two distant rows are two
+   read streams, which keep more of memory's bandwidth busy than one (gemv.h walks four for the same reason), and
+   each sequence's activation chunk and zero point, loaded once, serve both rows. blk 64 or 128 (for blocks of 32
+   the pair measured no faster: their products, not the reads, are the limit). */
+static inline __attribute__((always_inline)) void rows_pair(const me_linear *m, const me_act *acts, const int G,
+                                                            float *y, size_t ystride, int r, int r2, int blk,
+                                                            const int32_t *zero_points) {
+    const int nb = m->nb;
+    const uint8_t *row0 = m->w + (size_t)r * nb * blk, *row1 = m->w + (size_t)r2 * nb * blk;
+    float scale0[ME_BATCH_GROUP][nb], scale1[ME_BATCH_GROUP][nb];
+    row_scales(&scale0[0][0], nb, m->s + (size_t)r * nb, acts, G);
+    row_scales(&scale1[0][0], nb, m->s + (size_t)r2 * nb, acts, G);
+    __m512 acc0[ME_BATCH_GROUP], acc1[ME_BATCH_GROUP];
+    for (int g = 0; g < G; g++) acc0[g] = acc1[g] = _mm512_setzero_ps();
+    for (int k = 0; k < nb; k++) {
+        const uint8_t *p0 = row0 + (size_t)k * blk, *p1 = row1 + (size_t)k * blk;
+        __m512i w0[2], w1[2];
+        for (int c = 0; c < blk / 64; c++) {
+            _mm_prefetch((const char *)(p0 + ME_VNNI_AHEAD + 64 * c), _MM_HINT_T1);
+            _mm_prefetch((const char *)(p1 + ME_VNNI_AHEAD + 64 * c), _MM_HINT_T1);
+            w0[c] = _mm512_loadu_si512(p0 + 64 * c);
+            w1[c] = _mm512_loadu_si512(p1 + 64 * c);
+        }
+        for (int g = 0; g < G; g++) {
+            const int8_t *qb = acts[g].q + (size_t)k * blk;
+            __m512i d0 = _mm512_maskz_set1_epi32(1, zero_points[(size_t)g * nb + k]), d1 = d0;
+            for (int c = 0; c < blk / 64; c++) {
+                const __m512i q = _mm512_loadu_si512(qb + 64 * c);
+                d0 = _mm512_dpbusd_epi32(d0, w0[c], q);
+                d1 = _mm512_dpbusd_epi32(d1, w1[c], q);
+            }
+            acc0[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(scale0[g][k]), acc0[g]);
+            acc1[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(scale1[g][k]), acc1[g]);
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        y[g * ystride + r] = _mm512_reduce_add_ps(acc0[g]);
+        y[g * ystride + r2] = _mm512_reduce_add_ps(acc1[g]);
+    }
+}
+#endif
+
+/* rows [r0, r1) of y_b = m x_b for a group of G sequences, or with `apart` > 0 the pairs (r, r + apart) for r in
+   [r0, r1) (rows_pair); G and the block size constants where it matters, so that the accumulators stay in
+   registers */
 static inline __attribute__((always_inline)) void rows_group(const me_linear *m, const me_act *acts, const int G,
-                                                             float *y, size_t ystride, int r0, int r1,
+                                                             float *y, size_t ystride, int r0, int r1, int apart,
                                                              const int32_t *zero_points) {
+#if ME_ISA == 2
+    if (apart > 0) {
+        for (int r = r0; r < r1; r++) {
+            if (m->blk == 128)
+                rows_pair(m, acts, G, y, ystride, r, r + apart, 128, zero_points);
+            else
+                rows_pair(m, acts, G, y, ystride, r, r + apart, 64, zero_points);
+        }
+        return;
+    }
+#endif
     for (int r = r0; r < r1; r++) {
         if (m->blk == 128)
             rows_batch(m, acts, G, y, ystride, r, 128, zero_points);
@@ -173,37 +234,51 @@ static inline __attribute__((always_inline)) void rows_group(const me_linear *m,
     }
 }
 
+/* rows [r0, r1) (or the pairs (r, r + apart), rows_group) of y_b = m x_b for every b (y: [B][ystride]): sequences in
+   groups of up to eight over the rows, then the next group over the same rows (from L2 by then) */
+static inline void rows_groups(const me_linear *m, const me_act *acts, int B, float *y, size_t ystride, int r0,
+                               int r1, int apart, const int32_t *zero_points) {
+    for (int b0 = 0; b0 < B; b0 += ME_BATCH_GROUP) {
+        const me_act *a = acts + b0;
+        const int32_t *zp = zero_points + (size_t)b0 * m->nb;
+        float *yb = y + (size_t)b0 * ystride;
+        switch (B - b0 < ME_BATCH_GROUP ? B - b0 : ME_BATCH_GROUP) {
+        case 1: rows_group(m, a, 1, yb, ystride, r0, r1, apart, zp); break;
+        case 2: rows_group(m, a, 2, yb, ystride, r0, r1, apart, zp); break;
+        case 3: rows_group(m, a, 3, yb, ystride, r0, r1, apart, zp); break;
+        case 4: rows_group(m, a, 4, yb, ystride, r0, r1, apart, zp); break;
+        case 5: rows_group(m, a, 5, yb, ystride, r0, r1, apart, zp); break;
+        case 6: rows_group(m, a, 6, yb, ystride, r0, r1, apart, zp); break;
+        case 7: rows_group(m, a, 7, yb, ystride, r0, r1, apart, zp); break;
+        default: rows_group(m, a, 8, yb, ystride, r0, r1, apart, zp); break;
+        }
+    }
+}
+
 /* this thread's share of the rows of y_b = m x_b for every b (y: [B][ystride]), inside a parallel region.
    Sequences go in groups of up to eight over a tile of rows, then the next group over the same tile: each weight
-   block is read once from memory for a group (its signed and magnitude forms made once for all eight), a group's
-   activation vectors stay in L1 across the tile, and the tile's weights (16 rows) come from L2 for the next group. */
+   block is read once from memory for a group (on AVX2 its signed and magnitude forms made once for all eight), a
+   group's activation vectors stay in L1 across the tile, and the tile's weights (16 rows, or 16 pairs) come from
+   L2 for the next group. On AVX512 the share's two halves go side by side, row j of the first with row j of the
+   second (rows_pair). */
 #define ME_BATCH_TILE 16
 static void gemv_batch_share(const me_linear *m, const me_act *acts, int B, float *y, size_t ystride) {
     int lo, hi;
     share_of(m->n, &lo, &hi);
     int32_t zero_points[B * m->nb];
+    int apart = 0, end = hi;
 #if ME_ISA == 2
     for (int b = 0; b < B; b++)
         for (int k = 0; k < m->nb; k++) zero_points[b * m->nb + k] = -ZERO_POINT * acts[b].asum[k];
-#endif
-    for (int r0 = lo; r0 < hi; r0 += ME_BATCH_TILE) {
-        const int r1 = r0 + ME_BATCH_TILE < hi ? r0 + ME_BATCH_TILE : hi;
-        for (int b0 = 0; b0 < B; b0 += ME_BATCH_GROUP) {
-            const me_act *a = acts + b0;
-            const int32_t *zp = zero_points + (size_t)b0 * m->nb;
-            float *yb = y + (size_t)b0 * ystride;
-            switch (B - b0 < ME_BATCH_GROUP ? B - b0 : ME_BATCH_GROUP) {
-            case 1: rows_group(m, a, 1, yb, ystride, r0, r1, zp); break;
-            case 2: rows_group(m, a, 2, yb, ystride, r0, r1, zp); break;
-            case 3: rows_group(m, a, 3, yb, ystride, r0, r1, zp); break;
-            case 4: rows_group(m, a, 4, yb, ystride, r0, r1, zp); break;
-            case 5: rows_group(m, a, 5, yb, ystride, r0, r1, zp); break;
-            case 6: rows_group(m, a, 6, yb, ystride, r0, r1, zp); break;
-            case 7: rows_group(m, a, 7, yb, ystride, r0, r1, zp); break;
-            default: rows_group(m, a, 8, yb, ystride, r0, r1, zp); break;
-            }
-        }
+    if (m->blk % 64 == 0 && m->blk <= 128 && hi - lo >= 2) {
+        apart = (hi - lo) / 2;
+        end = lo + apart;
     }
+#endif
+    for (int r0 = lo; r0 < end; r0 += ME_BATCH_TILE)
+        rows_groups(m, acts, B, y, ystride, r0, r0 + ME_BATCH_TILE < end ? r0 + ME_BATCH_TILE : end, apart,
+                    zero_points);
+    if (apart > 0 && (hi - lo) % 2) rows_groups(m, acts, B, y, ystride, hi - 1, hi, 0, zero_points);
 }
 
 /* The low-rank branches of one input's projections (lora.h) for every sequence of the batch on the LoRA route
