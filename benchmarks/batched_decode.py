@@ -113,7 +113,7 @@ def baseline_kernels(rev: str, folder: Path) -> kernels.Q8Kernels:
     subprocess.run([cc, *kernels.VARIANT_FLAGS["native"][0], "-shared", "-fPIC", "-o", str(out), str(source), "-lm"],
                    check=True)
     # ABI 7 (before routed branches) reads the same merged-model structs: version 8 only appended fields to me_model
-    return kernels.Q8Kernels(out, origin=f"git {rev}", abis=(7, kernels.ABI_VERSION))
+    return kernels.Q8Kernels(out, origin=f"git {rev}", abis=(7, 8, kernels.ABI_VERSION))
 
 
 def main() -> None:
@@ -133,6 +133,9 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, default=0,
                         help="give every projection a gated branch of this rank (a routed decoder) and time the base "
                              "route, the LoRA route and both mixed in one batch")
+    parser.add_argument("--half-cache", action="store_true",
+                        help="also time decoders that keep their KV caches in float16 (kv_cache='float16'), "
+                             "interleaved with these")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="JSON file (default results/batched_decode_<geometry>.json)")
     args = parser.parse_args()
@@ -162,6 +165,9 @@ def main() -> None:
             other_info = SimpleNamespace(decoder={"native": other_index}, routed=bool(args.lora_rank))
             builds[f"block {block}"] = native_decode.NativeDecoder(sub, other_info, built, threads=threads)
             builds[f"block {block}"].wait_loaded()
+        if args.half_cache:
+            builds["kv float16"] = native_decode.NativeDecoder(folder, info, built, threads=threads,
+                                                               kv_cache="float16", _weights=base._w)
         if args.baseline:
             other = baseline_kernels(args.baseline, folder)
             builds[args.baseline] = native_decode.NativeDecoder(folder, info, other, threads=threads, _weights=base._w)
@@ -215,6 +221,13 @@ def main() -> None:
             old = step[args.baseline, args.context, b]
             row["baseline_step_seconds"] = round(old, 4)
             row["baseline_tokens_per_second"] = round(b / old, 2)
+        if args.half_cache:
+            half, half_one = step["kv float16", args.context, b], step.get(("kv float16", args.context, 1))
+            row["kv_float16"] = {"step_seconds": round(half, 4), "tokens_per_second": round(b / half, 2),
+                                 "speedup_vs_one": round(half_one / half * b, 2) if half_one else None}
+            if args.short_context:
+                row["kv_float16"]["attention_share"] = round(
+                    max(0.0, half - step["kv float16", args.short_context, b]) / half, 3)
         for block in blocks[1:]:
             other = step[f"block {block}", args.context, b]
             row[f"block_{block}"] = {"step_seconds": round(other, 4), "tokens_per_second": round(b / other, 2),
@@ -238,7 +251,8 @@ def main() -> None:
                  "read of the weights at the single-stream rate would take; attention_share is (step at --context "
                  "- step at --short-context) / step, the per-sequence attention over the cache; the rest is the "
                  "int8 products and the small per-sequence work between them. baseline_*: the kernels of git "
-                 "revision `baseline`, timed in the same rounds; block_N: the same with weights in blocks of N; "
+                 "revision `baseline`, timed in the same rounds; kv_float16 (with --half-cache): decoders "
+                 "keeping their caches in float16; block_N: the same with weights in blocks of N; "
                  "route_lora / route_mixed (with --lora-rank): every sequence on the LoRA route / the routes "
                  "alternating in the batch, against the base-route step of the main rows.",
     }
@@ -255,6 +269,10 @@ def main() -> None:
             f"B={row['batch']} {row[f'route_{route}']['step_seconds'] * 1e3:.0f} ms "
             f"(x{row[f'route_{route}']['x_base_route_step']:.2f}) {row[f'route_{route}']['tokens_per_second']:.2f} "
             "tok/s" for row in rows if f"route_{route}" in row))
+    if args.half_cache:
+        print("float16 caches: " + ", ".join(
+            f"B={row['batch']} {row['kv_float16']['step_seconds'] * 1e3:.0f} ms "
+            f"{row['kv_float16']['tokens_per_second']:.2f} tok/s" for row in rows))
     for block in blocks[1:]:
         print(f"blocks of {block}: " + ", ".join(
             f"B={row['batch']} {row[f'block_{block}']['step_seconds'] * 1e3:.0f} ms "

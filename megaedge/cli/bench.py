@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     options = bench.BenchOptions(audio_seconds=lengths, repeat=args.repeat, warmup=args.warmup,
                                  new_tokens=args.tokens or None, route=args.route, threads=args.threads,
                                  providers=tuple(args.providers.split(",")), profile_dir=args.profile,
-                                 decode=args.decode, prefill=args.prefill, stem=args.stem)
+                                 decode=args.decode, prefill=args.prefill, stem=args.stem, kv_cache=args.kv_cache)
     bar = track(range(len(lengths) * (args.repeat + args.warmup)), desc="bench", unit="run")
     steps = iter(bar)
     report = bench.run(args.bundle, options, progress=lambda seconds, i: next(steps, None))

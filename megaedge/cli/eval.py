@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     items = read_set(args.set or fixture.heldout_manifest())[: args.limit]
     transcriber = Transcriber.from_bundle(args.bundle, providers=args.providers.split(","), route=args.route,
                                           threads=args.threads, decode=args.decode,
-                                          prefill=args.prefill, stem=args.stem, vad=args.vad,
+                                          prefill=args.prefill, stem=args.stem, kv_cache=args.kv_cache, vad=args.vad,
                                           expected_digest=args.expect_digest)
 
     def one(path):

@@ -179,7 +179,7 @@ def _run(args: argparse.Namespace, guard) -> int:
     chunks = _mic_chunks(args, options.hop_seconds) if args.mic else _file_chunks(args, options.hop_seconds)
     transcriber = Transcriber.from_bundle(args.bundle, providers=args.providers.split(","), route=args.route,
                                           threads=args.threads, decode=args.decode,
-                                          prefill=args.prefill, stem=args.stem, vad=args.vad,
+                                          prefill=args.prefill, stem=args.stem, kv_cache=args.kv_cache, vad=args.vad,
                                           expected_digest=args.expect_digest)
     stream = transcriber.create_stream(options)
     show = _Printer(args.json)

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         audio_io.check_readable(name)
     transcriber = Transcriber.from_bundle(args.bundle, providers=args.providers.split(","), route=args.route,
                                           verify=not args.no_verify, threads=args.threads, decode=args.decode,
-                                          prefill=args.prefill, stem=args.stem, vad=args.vad,
+                                          prefill=args.prefill, stem=args.stem, kv_cache=args.kv_cache, vad=args.vad,
                                           expected_digest=args.expect_digest)
     for name in args.files:
         result = transcriber.transcribe(name, language=args.language, context=args.context,

@@ -41,7 +41,7 @@ SOURCE = KERNEL_DIR / "decoder.c"  # the one translation unit; it includes the o
 SOURCES = tuple(sorted(path for path in KERNEL_DIR.iterdir() if path.suffix in (".c", ".h", ".py")))
 PREBUILT_DIR = Path(__file__).resolve().parents[1] / "_kernels"  # written by build_kernels.py
 PREBUILT_MANIFEST = "BUILD.json"
-ABI_VERSION = 8
+ABI_VERSION = 9
 MAX_BATCH = 16  # ME_MAX_BATCH in decode_batch.h
 ISA_NAMES = {4: "avx512-vnni+amx", 2: "avx512-vnni", 1: "avx2", 3: "arm-dotprod", 0: "portable-c"}
 # -ffp-contract=off: one rounding per operation however the compiler unrolls or vectorizes a loop, so a row computed
@@ -122,7 +122,8 @@ class LinearStruct(ctypes.Structure):
 
 
 class LayerStruct(ctypes.Structure):
-    """``me_layer``: a decoder layer's projections, norm weights and KV cache (float32 [kv_heads, capacity, dim])."""
+    """``me_layer``: a decoder layer's projections, norm weights and KV cache ([kv_heads, capacity, dim] of float32,
+    or of float16 where the model's ``kv_half`` says so)."""
     _fields_ = [*[(name, LinearStruct) for name in ("q", "k", "v", "o", "gate", "up", "down")],
                 *[(name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "q_norm", "k_norm", "keys",
                                                         "values")]]
@@ -135,12 +136,13 @@ class LoraStruct(ctypes.Structure):
 
 class ModelStruct(ctypes.Structure):
     """``me_model``: geometry, layers, final norm and LM head of one decoder step; a routed decoder's branches
-    ([layers * 7] in NATIVE_PROJECTIONS order, or NULL) and this sequence's gate (1: the LoRA route, 0: the base)."""
+    ([layers * 7] in NATIVE_PROJECTIONS order, or NULL), this sequence's gate (1: the LoRA route, 0: the base)
+    and its caches' type (``kv_half`` 1: float16)."""
     _fields_ = [*[(name, ctypes.c_int32) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim",
                                                        "intermediate", "capacity", "vocab")],
                 ("eps", ctypes.c_float), ("scaling", ctypes.c_float), ("layer", ctypes.POINTER(LayerStruct)),
                 ("lm_head", LinearStruct), ("final_norm", ctypes.c_void_p), ("lora", ctypes.POINTER(LoraStruct)),
-                ("lora_gate", ctypes.c_float)]
+                ("lora_gate", ctypes.c_float), ("kv_half", ctypes.c_int32)]
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ took 12.8 s). ``start`` still takes over a KV cache onnxruntime prefilled (``--p
 
 The weights are the bundle's own MatMulNBits bytes (export's native index, ``manifest.decoder["native"]``), so
 nothing is converted or duplicated on disk. The arithmetic is the graph's: RMS norms, q/k norms, rotary embedding
-from the graph's own inverse frequencies, grouped-query attention over an fp32 cache, SwiGLU; activations are
+from the graph's own inverse frequencies, grouped-query attention over an fp32 cache (or an fp16 one, ``kv_cache``), SwiGLU; activations are
 quantized per block as MatMulNBits does at accuracy level 4, so tokens agree with onnxruntime's
 (tests/runtime/test_native_decode.py holds them to it). A routed bundle's gated low-rank branches run too
 (assets/kernels/lora.h), the route a per-call argument, so one set of weights serves both routes and streams on
@@ -30,13 +30,14 @@ from pathlib import Path
 import numpy as np
 
 from megaedge.errors import MegaedgeError
-from megaedge.runtime import kernels, manifest
+from megaedge.runtime import kernels, manifest, options
 
 log = logging.getLogger("megaedge.runtime.native_decode")
 PROJECTIONS = manifest.NATIVE_PROJECTIONS
 # Rows per prefill call: its scratch (activations of every row, ~110 KiB a row at 1.7B) stays near 60 MiB, and a
 # chunk is long enough that reading the weights once per chunk costs little next to its products.
 PREFILL_CHUNK = 512
+KV_CACHES = {name: np.dtype(name).type for name in options.KV_CACHES}  # float16: attention.h's kv_half
 
 
 @dataclass(frozen=True)
@@ -188,13 +189,21 @@ class NativeDecoder:
     With ``in_memory`` the projection weights are copied from the memory map into anonymous memory by a background
     thread started here, while the caller encodes and prefills; the first ``step`` waits for it. Why: a file map
     is read through 4 KiB pages, anonymous memory through 2 MiB pages (numpy asks for transparent huge pages), and
-    a decode step reads every projection weight once per token."""
+    a decode step reads every projection weight once per token.
+
+    ``kv_cache``: the type of the keys and values kept (``float32``, the graphs' own; ``float16``: half the memory
+    a position holds and half the bytes a step's attention reads, values rounded to nearest and clamped to the
+    half range; the logits move by about the rounding of the values, attention.h)."""
 
     def __init__(self, bundle: Path, info: manifest.Manifest, kernels, threads: int | None = None,
-                 in_memory: bool = True, _weights: _Weights | None = None):
+                 in_memory: bool = True, kv_cache: str = "float32", _weights: _Weights | None = None):
         reason = available(info)
         if reason:
             raise MegaedgeError(f"{bundle}: cannot decode natively: {reason}")
+        if kv_cache not in KV_CACHES:
+            raise MegaedgeError(f"kv_cache {kv_cache!r} is not one of {sorted(KV_CACHES)}; e.g. float16 to halve "
+                                "the cache")
+        self.kv_cache, self._kv_dtype = kv_cache, KV_CACHES[kv_cache]
         self.bundle, self.info = bundle, info
         self._w = _weights or _Weights(bundle, info, in_memory)
         index = self._w.index
@@ -231,11 +240,19 @@ class NativeDecoder:
         self.keys, self.values = [], []
         for i in range(len(self.layers)):
             for store, present in ((self.keys, presents[2 * i]), (self.values, presents[2 * i + 1])):
-                buffer = np.empty((self.kv_heads, capacity, self.head_dim), np.float32)
-                buffer[:, :positions] = present[0]
+                buffer = np.empty((self.kv_heads, capacity, self.head_dim), self._kv_dtype)
+                buffer[:, :positions] = self._cache_values(present[0])
                 store.append(buffer)
         self.length = positions
         self._model, self._model_in_memory = self._model_struct(), True
+
+    def _cache_values(self, present: np.ndarray) -> np.ndarray:
+        """Values of an onnxruntime cache as this decoder keeps them: a float16 cache rounds them to nearest and
+        clamps them to +-65504, as the kernels store their own (attention.h: me_half)."""
+        if self._kv_dtype is np.float32:
+            return present
+        limit = float(np.finfo(np.float16).max)
+        return np.clip(present, -limit, limit).astype(np.float16)
 
     # ------------------------------------------------------------------------------------------- step
     def _model_struct(self) -> kernels.ModelStruct:
@@ -265,7 +282,8 @@ class NativeDecoder:
                         slot.rank = item.lora_a.shape[1]
         model = kernels.ModelStruct(len(weights), self.hidden, self.heads, self.kv_heads, self.head_dim,
                                     first.gate.n, self.keys[0].shape[1], head.n, self.eps, self.scaling,
-                                    layers, linear(head), self._w.final_norm.ctypes.data, branches, 0.0)
+                                    layers, linear(head), self._w.final_norm.ctypes.data, branches, 0.0,
+                                    int(self._kv_dtype is np.float16))
         # What the struct points at must live as long as it: the C arrays, and the weights and caches they name.
         model._keep = (layers, branches, weights, head, list(self.keys), list(self.values))
         return model
@@ -287,7 +305,8 @@ class NativeDecoder:
 
     def spawn(self) -> NativeDecoder:
         """Another decoder over the same weights with a cache of its own (a call's or a stream's)."""
-        return NativeDecoder(self.bundle, self.info, self.kernels, self.threads, _weights=self._w)
+        return NativeDecoder(self.bundle, self.info, self.kernels, self.threads, kv_cache=self.kv_cache,
+                             _weights=self._w)
 
     def rows_for(self, ids: list[int], audio: np.ndarray, audio_token: int) -> np.ndarray:
         """Embeddings of ``ids`` with the i-th ``audio_token`` taking row i of ``audio`` [A, hidden] (the decoder
@@ -330,7 +349,7 @@ class NativeDecoder:
         capacity = max(positions, 2 * have, 64)
         grown = []
         for old in (self.keys, self.values):
-            new = [np.zeros((self.kv_heads, capacity, self.head_dim), np.float32) for _ in self.layers]
+            new = [np.zeros((self.kv_heads, capacity, self.head_dim), self._kv_dtype) for _ in self.layers]
             for buffer, kept in zip(new, old):
                 buffer[:, : self.length] = kept[:, : self.length]
             grown.append(new)

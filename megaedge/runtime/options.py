@@ -20,6 +20,7 @@ ENGINES = ("auto", "native", "ort")
 ROUTES = ("auto", "base", "lora")
 VAD_CHOICES = ("auto", "silero", "energy", "off")
 PROVIDERS = ("cpu", "cuda", "tensorrt", "engine")
+KV_CACHES = ("float32", "float16")  # runtime/native_decode.py's KV_CACHES (this module imports nothing heavy)
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,9 @@ class RuntimeOptions:
     ``batch_steps``: native decode steps of concurrent streams and calls run together, up to this many per kernel
     call (1-16; 1: each alone; runtime/batching.py). ``memory_arena``: onnxruntime's CPU memory pool; it grows
     with every new input shape and never gives memory back, which a long-lived service sees as RSS that only
-    rises (``megaedge serve`` turns it off; a single transcription is a little faster with it)."""
+    rises (``megaedge serve`` turns it off; a single transcription is a little faster with it). ``kv_cache``: the
+    native decoder's keys and values, ``float32`` (the graphs' own) or ``float16`` (half the memory per position
+    and half of what a step's attention reads; logits move by the values' rounding; runtime/native_decode.py)."""
 
     providers: tuple[str, ...] = ("cpu",)
     threads: int | None = None
@@ -51,6 +54,7 @@ class RuntimeOptions:
     profile_dir: str | Path | None = None
     batch_steps: int = 8
     memory_arena: bool = True
+    kv_cache: str = "float32"
 
     def __post_init__(self):
         providers = (self.providers,) if isinstance(self.providers, str) else tuple(self.providers or ("cpu",))
@@ -65,6 +69,9 @@ class RuntimeOptions:
         if isinstance(self.batch_steps, bool) or not isinstance(self.batch_steps, int) or \
                 not 1 <= self.batch_steps <= 16:
             raise MegaedgeError(f"batch_steps {self.batch_steps!r} is outside 1-16; e.g. 8 (1: no batching)")
+        if self.kv_cache not in KV_CACHES:
+            raise MegaedgeError(f"kv_cache {self.kv_cache!r} is not one of {KV_CACHES}; e.g. float16 to halve the "
+                                "native decoder's cache")
         if not isinstance(self.memory_arena, bool):
             raise MegaedgeError(f"memory_arena {self.memory_arena!r} must be True or False")
         if isinstance(self.vad, str) and self.vad not in VAD_CHOICES:

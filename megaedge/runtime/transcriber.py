@@ -206,7 +206,8 @@ class Transcriber:
         # After the sessions: its background weight read then overlaps encoding and prefill, not session creation,
         # which is the critical path of a cold start.
         native = None if native_kernels is None else native_decode.NativeDecoder(bundle, info, native_kernels,
-                                                                                 threads or _cores())
+                                                                                 threads or _cores(),
+                                                                                 kv_cache=opts.kv_cache)
         stem_runner = None if stem_kernels is None else native_stem.NativeStem(bundle, info, stem_kernels,
                                                                                threads or _cores())
         detector = None

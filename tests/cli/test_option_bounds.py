@@ -65,6 +65,7 @@ BAD = [
     (("bench", B, "--tokens", "-1"), "--tokens", "-1 is outside 0-4096"),
     (("bench", B, "--tokens", "100000"), "--tokens", "100000 is outside 0-4096"),
     (("bench", B, "--threads", "1000"), "--threads", "1000 is outside 1-8"),
+    (("transcribe", B, "a.wav", "--kv-cache", "int8"), "--kv-cache", "invalid choice: 'int8'"),
     (("prepare", B, "--threads", "0"), "--threads", "0 is outside 1-8"),
     (("plan", B, "--max-new-tokens", "0"), "--max-new-tokens", "0 is outside 1-4096"),
     (("plan", B, "--max-audio-seconds", "0"), "--max-audio-seconds", "0 is outside [1, 1200] seconds"),

@@ -4,6 +4,76 @@
 #define ME_ATTENTION_H
 #include "common.h"
 
+/* ------------------------------------------------------------------ the cache in half floats (me_model.kv_half)
+
+   Why: at eight streams attention reads the caches as many bytes as a fifth of the step (1.7B, 400 positions: 734
+   MB of fp32 keys and values a step beside 1.8 GB of weights), and a cache's memory grows with every position a
+   stream holds. Half floats halve both. Values are rounded to nearest even and clamped to +-65504 (a value past
+   the half range would become infinite and every score after it NaN); keys are RMS-normed, so only the values
+   can come near it. A row is widened to floats before use, so attention's arithmetic is the float cache's on the
+   widened values; the hardware conversions (F16C, NEON) and the portable ones below give the same bits. */
+#define ME_HALF_MAX 65504.f
+
+static inline uint16_t me_half(float f) {  /* IEEE binary16 of f, clamped to +-65504, rounded to nearest even */
+    f = f > ME_HALF_MAX ? ME_HALF_MAX : (f < -ME_HALF_MAX ? -ME_HALF_MAX : f);
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return (uint16_t)(sign | 0x7e00u | ((ax >> 13) & 0x3ffu));  /* NaN stays NaN */
+    if (ax >= 0x38800000u) {  /* a normal half: rebias the exponent, round the 13 dropped bits to even */
+        uint32_t r = ax - 0x38000000u;
+        r += 0x0fffu + ((r >> 13) & 1u);
+        return (uint16_t)(sign | (r >> 13));
+    }
+    /* a subnormal half (or zero): |f| * 2^24 is exact, and rintf rounds it to even in the default mode */
+    return (uint16_t)(sign | (uint32_t)rintf(fabsf(f) * 16777216.f));
+}
+
+static inline float me_unhalf(uint16_t h) {  /* exact */
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    uint32_t x;
+    if (e == 0) {
+        const float f = (float)m * (1.f / 16777216.f);
+        memcpy(&x, &f, 4);
+        x |= sign;
+    } else {
+        x = sign | (e == 31 ? 0x7f800000u | (m << 13) : ((e + 112u) << 23) | (m << 13));
+    }
+    float f;
+    memcpy(&f, &x, 4);
+    return f;
+}
+
+/* n floats of src into the cache row dst (half or float) */
+static inline void kv_store(const me_model *m, float *dst_row, size_t at, const float *src, int n) {
+    if (!m->kv_half) {
+        memcpy(dst_row + at, src, sizeof(float) * n);
+        return;
+    }
+    uint16_t *dst = (uint16_t *)dst_row + at;
+    int i = 0;
+#if ME_ISA == 1 || ME_ISA == 2
+    const __m256 hi = _mm256_set1_ps(ME_HALF_MAX), lo = _mm256_set1_ps(-ME_HALF_MAX);
+    for (; i + 8 <= n; i += 8) {  /* max/min return their second operand where one is NaN, so a NaN stays NaN */
+        const __m256 v = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_loadu_ps(src + i)));
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+#endif
+    for (; i < n; i++) dst[i] = me_half(src[i]);
+}
+
+/* row `at` (n values) of a cache as floats: the row itself, or widened into tmp */
+static inline const float *kv_row(const me_model *m, const float *base, size_t at, int n, float *tmp) {
+    if (!m->kv_half) return base + at;
+    const uint16_t *src = (const uint16_t *)base + at;
+    int i = 0;
+#if ME_ISA == 1 || ME_ISA == 2
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(tmp + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+#endif
+    for (; i < n; i++) tmp[i] = me_unhalf(src[i]);
+    return tmp;
+}
+
 /* q/k norm and rotary embedding (rotate-half form) of one head vector in place */
 static void norm_rotate(float *h, const float *weight, float eps, int dim, const float *cos, const float *sin) {
     float tmp[dim];
@@ -23,15 +93,15 @@ static inline __attribute__((always_inline)) void attend_dim(const me_model *m, 
                                                              const float *qh, float *out, int len,
                                                              float *restrict scores, const int dim) {
     const int group = m->heads / m->kv_heads;
-    const float *restrict keys = l->keys + (size_t)g * m->capacity * dim;
-    const float *restrict values = l->values + (size_t)g * m->capacity * dim;
+    const size_t first = (size_t)g * m->capacity * dim;  /* kv head g's rows, in values (half or float) */
+    float widened[dim];
     for (int j0 = 0; j0 < group; j0 += 2) {  /* two heads at a time: their sums stay in registers */
         const int pair = group - j0 < 2 ? 1 : 2;
         const float *restrict q0 = qh + (size_t)(g * group + j0) * dim, *restrict q1 = q0 + (pair - 1) * dim;
         float *restrict s0 = scores, *restrict s1 = scores + len;
         float acc0[dim], acc1[dim], top0 = -INFINITY, top1 = -INFINITY, total0 = 0.f, total1 = 0.f;
         for (int t = 0; t < len; t++) {
-            const float *kt = keys + (size_t)t * dim;
+            const float *restrict kt = kv_row(m, l->keys, first + (size_t)t * dim, dim, widened);
             float a = 0.f, b = 0.f;
 #pragma omp simd reduction(+ : a, b)
             for (int i = 0; i < dim; i++) {
@@ -53,7 +123,8 @@ static inline __attribute__((always_inline)) void attend_dim(const me_model *m, 
         }
         for (int i = 0; i < dim; i++) acc0[i] = acc1[i] = 0.f;
         for (int t = 0; t < len; t++) {
-            const float *vt = values + (size_t)t * dim, p0 = s0[t] / total0, p1 = s1[t] / total1;
+            const float *restrict vt = kv_row(m, l->values, first + (size_t)t * dim, dim, widened);
+            const float p0 = s0[t] / total0, p1 = s1[t] / total1;
 #pragma omp simd
             for (int i = 0; i < dim; i++) {
                 acc0[i] += p0 * vt[i];
@@ -80,8 +151,8 @@ static void cache_and_rotate(const me_model *m, const me_layer *l, int g, int po
     const int dim = m->head_dim, group = m->heads / m->kv_heads;
     float *kh = k + (size_t)g * dim;
     norm_rotate(kh, l->k_norm, m->eps, dim, cos, sin);
-    memcpy(l->keys + ((size_t)g * m->capacity + pos) * dim, kh, sizeof(float) * dim);
-    memcpy(l->values + ((size_t)g * m->capacity + pos) * dim, v + (size_t)g * dim, sizeof(float) * dim);
+    kv_store(m, l->keys, ((size_t)g * m->capacity + pos) * dim, kh, dim);
+    kv_store(m, l->values, ((size_t)g * m->capacity + pos) * dim, v + (size_t)g * dim, dim);
     for (int j = 0; j < group; j++) norm_rotate(q + (size_t)(g * group + j) * dim, l->q_norm, m->eps, dim, cos, sin);
 }
 #endif /* ME_ATTENTION_H */

@@ -70,6 +70,7 @@ typedef struct {
     /* after the fields above, so a library of an earlier revision still reads a merged model's struct */
     const me_lora *lora; /* [layers][7] in q, k, v, o, gate, up, down order; NULL: no branches */
     float lora_gate;     /* this sequence's route: 1 the LoRA, 0 the base (the branches skipped) */
+    int32_t kv_half;     /* 1: the caches (me_layer keys, values) hold IEEE half floats, not floats */
 } me_model;
 
 static inline int thread_id(void) {

@@ -223,6 +223,8 @@ static inline __attribute__((always_inline)) void rows_group(const me_linear *m,
         }
         return;
     }
+#else
+    (void)apart;  /* pairs are an AVX512 form */
 #endif
     for (int r = r0; r < r1; r++) {
         if (m->blk == 128)
