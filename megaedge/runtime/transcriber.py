@@ -208,6 +208,9 @@ class Transcriber:
         native = None if native_kernels is None else native_decode.NativeDecoder(bundle, info, native_kernels,
                                                                                  threads or _cores(),
                                                                                  kv_cache=opts.kv_cache)
+        if native is None and opts.kv_cache != "float32":
+            log.warning("kv_cache %s applies to the native decoder; onnxruntime's decoder graphs keep their float "
+                        "caches", opts.kv_cache)
         stem_runner = None if stem_kernels is None else native_stem.NativeStem(bundle, info, stem_kernels,
                                                                                threads or _cores())
         detector = None
