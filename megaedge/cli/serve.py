@@ -91,10 +91,10 @@ def run(args: argparse.Namespace) -> int:
     config = ServeConfig(
         bundle=str(bundle), host=args.host, port=args.port, max_streams=args.max_streams, max_queue=args.max_queue,
         api_key=args.api_key or env_api_key(), providers=tuple(args.providers.split(",")), threads=args.threads,
-        decode=args.decode, prefill=args.prefill, stem=args.stem, kv_cache=args.kv_cache, vad=args.vad, route=args.route,
-        verify=not args.no_verify, max_request_mb=args.max_request_mb, max_audio_seconds=args.max_audio_seconds,
-        idle_timeout=args.idle_timeout, preset=args.preset, model_name=args.model_name,
-        shutdown_timeout=args.shutdown_timeout)
+        decode=args.decode, prefill=args.prefill, stem=args.stem, kv_cache=args.kv_cache, vad=args.vad,
+        route=args.route, verify=not args.no_verify, max_request_mb=args.max_request_mb,
+        max_audio_seconds=args.max_audio_seconds, idle_timeout=args.idle_timeout, preset=args.preset,
+        model_name=args.model_name, shutdown_timeout=args.shutdown_timeout)
     log = logging.getLogger("megaedge.serve")
     verbose = logging.getLogger("megaedge").getEffectiveLevel() <= logging.INFO
     if not verbose:  # a server says where it listens and when the bundle is loaded

@@ -43,6 +43,7 @@ class BenchOptions:
     decode: str = "auto"  # decode-step engine (runtime.options.ENGINES)
     prefill: str = "auto"  # prompt engine when the steps run natively (runtime.options.ENGINES)
     stem: str = "auto"  # the encoder's convolution stem (native_stem.STEM_ENGINES)
+    kv_cache: str = "float32"  # the native decoder's cache type (runtime.options.KV_CACHES)
 
     def __post_init__(self):
         # The same ranges as `megaedge bench` (limits.py), so API callers get the one-line error too.
@@ -206,8 +207,8 @@ def run(bundle, options: BenchOptions = BenchOptions(), progress=None) -> dict:
     bundle = Path(bundle).expanduser()
     t0 = time.perf_counter()
     tr = Transcriber.from_bundle(bundle, providers=options.providers, route=options.route, threads=options.threads,
-                                 verify=False, decode=options.decode,
-                                 prefill=options.prefill, stem=options.stem, vad="off")  # synthetic audio
+                                 verify=False, decode=options.decode, prefill=options.prefill, stem=options.stem,
+                                 kv_cache=options.kv_cache, vad="off")  # synthetic audio
     load_seconds = time.perf_counter() - t0
     if tr.native is not None:
         tr.native.wait_loaded()  # its background read would otherwise lower the bandwidth measured next
@@ -226,6 +227,7 @@ def run(bundle, options: BenchOptions = BenchOptions(), progress=None) -> dict:
                    "ort_spinning": spin_enabled(),
                    "providers": list(prompts.providers),
                    "decode_engine": f"native ({tr.native.kernels.isa})" if tr.native else "onnxruntime",
+                   "kv_cache": tr.native.kv_cache if tr.native else "float32",
                    "prefill_engine": f"native ({tr.native.kernels.isa})" if tr.native_prefill else "onnxruntime",
                    "stem_engine": f"native ({tr.stem.kernel.isa})" if tr.stem else "onnxruntime",
                    **({"gpu": machine.gpu_name()} if on == "cuda" else {})},
@@ -292,7 +294,7 @@ def profile_runs(bundle: Path, options: BenchOptions) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     tr = Transcriber.from_bundle(bundle, providers=options.providers, route=options.route, threads=options.threads,
                                  verify=False, profile_dir=out.resolve(), decode=options.decode,
-                                 prefill=options.prefill, stem=options.stem, vad="off")
+                                 prefill=options.prefill, stem=options.stem, kv_cache=options.kv_cache, vad="off")
     for seconds in options.audio_seconds:
         tr.transcribe(speech_like_audio(seconds), max_new_tokens=options.new_tokens,
                       ignore_eos=options.new_tokens is not None, segment_seconds=None, loop_guard=False)

@@ -53,6 +53,7 @@ class ServeConfig:
     decode: str = "auto"
     prefill: str = "auto"
     stem: str = "auto"
+    kv_cache: str = "float32"
     vad: str | None = None
     route: str = "auto"
     verify: bool = True
@@ -178,7 +179,7 @@ class ServerState:
         try:
             tr = Transcriber.from_bundle(c.bundle, providers=list(c.providers), route=c.route, verify=c.verify,
                                          threads=c.threads, decode=c.decode, prefill=c.prefill, stem=c.stem,
-                                         vad=c.vad, memory_arena=False)
+                                         kv_cache=c.kv_cache, vad=c.vad, memory_arena=False)
             self.stream_options()  # a bad preset fails here, once
         except MegaedgeError as exc:
             self.load_error = str(exc)
