@@ -154,7 +154,7 @@ def int8_from_fp32(fp32_bundle: Path, out: Path, options: Int8Options,
     arms = ["fp32", "int8", *extra]
     subset = f" of {len(all_items)}" if len(eval_items) < len(all_items) else ""
     say(f"quantization report: {len(arms)} variants ({', '.join(arms)}) x {len(eval_items)}{subset} clips"
-        + (f", after quantizing the {len(extra)} comparison variants" if extra else "")
+        + (f", after quantizing the {len(extra)} comparison variant{'s' if len(extra) > 1 else ''}" if extra else "")
         + "; bound it with --report-clips N, --no-compare or --no-report")
     # The bundle is quantized and reported on in a hidden folder beside ``out`` and renamed to ``out`` only with its
     # report listed in its manifest: an interrupted report leaves no folder that passes for a complete bundle.
@@ -208,9 +208,17 @@ def compare(fp32_bundle: Path, variants: dict[str, Path | tuple[Path, dict]], it
     jiwer = __import__("jiwer")
     arms = {name: v if isinstance(v, tuple) else (v, {}) for name, v in {"fp32": fp32_bundle, **variants}.items()}
     bundles = {name: path for name, (path, _) in arms.items()}
-    # No speech gate: the report measures what quantization changes, on every clip the decoder sees.
-    trs = {name: Transcriber.from_bundle(path, verify=False, **{"vad": "off", **options})
-           for name, (path, options) in arms.items()}
+    # No speech gate: the report measures what quantization changes, on every clip the decoder sees. The load-time
+    # recipe advice is for the device a bundle runs on, not this machine, and the comparison arms (naive INT8) are
+    # inaccurate by design: it stays quiet here.
+    advice = logging.getLogger("megaedge.runtime.recipe_advice")
+    level = advice.level
+    advice.setLevel(logging.ERROR)
+    try:
+        trs = {name: Transcriber.from_bundle(path, verify=False, **{"vad": "off", **options})
+               for name, (path, options) in arms.items()}
+    finally:
+        advice.setLevel(level)
     say = say or log.info
     rows = []
     start, step = time.perf_counter(), max(1, len(items) // 10)
