@@ -2,9 +2,10 @@
 
 A bundle is exported on a workstation and copied to a device: the recipe is chosen far from the CPU that will run
 it. What separates the CPU classes is whether the CPU has int8 dot products (x86 VNNI / AMX, ARM dot product):
-with them megaedge's native kernels run prompts and decode steps from one weight copy; without them (AVX2 only,
-ARM without dot product) the native prompt is slow and onnxruntime's dynamic-int8 prefill graph of ``cpu-prefill``
-is what keeps prompts fast. The evidence is in docs/int8.md. This module names the recipe; it does not measure.
+with them megaedge's native kernels run prompts and decode steps from one weight copy, and ``cpu-float-encoder``
+(the export default, the recipe that keeps every acoustic condition within half a WER point of FP32) is the
+choice; without them (AVX2 only, ARM without dot product) the native prompt is slow and onnxruntime's dynamic-int8
+prefill graph of ``cpu-prefill`` is what keeps prompts fast, at a measured cost in accuracy. The evidence is in docs/int8.md. This module names the recipe; it does not measure.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ log = logging.getLogger("megaedge.runtime.recipe_advice")
 CPU_CLASSES = ("amx", "avx512-vnni", "avx-vnni", "avx2", "arm-dotprod", "arm", "portable")
 _DOT_PRODUCT_CLASSES = {"amx", "avx512-vnni", "avx-vnni", "arm-dotprod"}
 
-RECOMMENDED = {cls: ("cpu" if cls in _DOT_PRODUCT_CLASSES else "cpu-prefill") for cls in CPU_CLASSES}
+RECOMMENDED = {cls: ("cpu-float-encoder" if cls in _DOT_PRODUCT_CLASSES else "cpu-prefill") for cls in CPU_CLASSES}
 
 # Recipes that cost accuracy on every CPU (docs/int8.md: the static W8A8 decoders and the per-tensor baseline are
 # the worst in every measurement) and the reason given to the user.

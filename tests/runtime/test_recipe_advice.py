@@ -28,17 +28,27 @@ def test_cpu_class_from_flags(expected):
     assert cpu_class(flags, arch) == expected
 
 
-@pytest.mark.parametrize("klass,recommended", [("amx", "cpu"), ("avx512-vnni", "cpu"), ("avx-vnni", "cpu"),
-                                               ("arm-dotprod", "cpu"), ("avx2", "cpu-prefill"),
+FE = "cpu-float-encoder"
+
+
+@pytest.mark.parametrize("klass,recommended", [("amx", FE), ("avx512-vnni", FE), ("avx-vnni", FE),
+                                               ("arm-dotprod", FE), ("avx2", "cpu-prefill"),
                                                ("arm", "cpu-prefill"), ("portable", "cpu-prefill")])
 def test_recommendation_per_class(klass, recommended):
     assert advise(None, klass).recommended == recommended
     assert advise(recommended, klass).problem is None
 
 
+def test_the_export_default_is_what_int8_dot_product_cpus_are_told_to_export():
+    from megaedge.export.quantize import Int8Recipe
+
+    assert Int8Recipe.for_target("cpu").name == advise(None, "avx512-vnni").recommended == FE
+    assert advise(FE, "avx2").problem.startswith("slow")  # no prefill graph: AVX2 is told cpu-prefill
+
+
 def test_what_is_wrong_where():
     assert advise("cpu", "avx2").problem.startswith("slow")
-    assert advise("cpu", "amx").problem is None
+    assert advise("cpu", "amx").problem is None  # the int8 encoder: a documented trade, not a warning
     assert advise("cpu-prefill", "amx").problem is None  # a second weight copy, but not slow or inaccurate
     for recipe in ("naive", "smoothquant", "tensorrt"):
         assert advise(recipe, "amx").problem.startswith("inaccurate")
@@ -94,5 +104,5 @@ def test_doctor_names_the_recipe_for_this_cpu(int8_cpu_bundle):
                for line in lines), avx2.stdout
     amx = run_cli("doctor", "--json", "--bundle", str(int8_cpu_bundle), python_prelude=FAKE_AMX)
     report = json.loads(amx.stdout)
-    assert report["int8_recipe"] == {"recipe": None, "cpu_class": "amx", "recommended": "cpu", "problem": None}
+    assert report["int8_recipe"] == {"recipe": None, "cpu_class": "amx", "recommended": FE, "problem": None}
     assert report["bundle_recipe"]["recipe"] == "cpu" and report["bundle_recipe"]["problem"] is None
