@@ -66,8 +66,8 @@ static void gemm_case(int n, int k, int blk, int rows, int threads) {
 
 /* three steps of a tiny two-layer decoder; prints "step pos" then the logits. With `prompt`, positions 0-4 are
    first prefilled (rows 0-2, then 3-4, as chunks) and the steps follow at 5-7; prints "prefill" then the logits of
-   rows 3 and 4. */
-static void decode_case(int threads, int prompt) {
+   rows 3 and 4. With `half` the caches hold half floats (me_model.kv_half) and the headers end in "half". */
+static void decode_case(int threads, int prompt, int half) {
     const int layers = 2, hidden = 64, heads = 4, kv_heads = 2, dim = 16, inter = 96, cap = 8, vocab = 50, blk = 32;
     me_layer layer[2];
     for (int i = 0; i < layers; i++) {
@@ -81,6 +81,7 @@ static void decode_case(int threads, int prompt) {
     }
     me_model m = {layers, hidden, heads, kv_heads, dim, inter, cap, vocab, 1e-6f, 0.25f, layer,
                   linear(vocab, hidden, blk), floats(hidden, 0.5f, 1.5f)};
+    m.kv_half = half;  /* the float-sized caches above hold the halves too */
     float *logits = malloc(sizeof(float) * 2 * vocab);
     const int first = prompt ? 5 : 0;
     if (prompt) {
@@ -91,7 +92,7 @@ static void decode_case(int threads, int prompt) {
             fprintf(stderr, "me_prefill failed\n");
             exit(1);
         }
-        printf("prefill %d\n", threads);  /* the logits of both rows of the second call */
+        printf("prefill %d%s\n", threads, half ? " half" : "");  /* the logits of both rows of the second call */
         for (int i = 0; i < 2 * vocab; i++) printf("%a\n", logits[i]);
     }
     for (int pos = first; pos < first + 3; pos++) {
@@ -100,7 +101,7 @@ static void decode_case(int threads, int prompt) {
             fprintf(stderr, "me_decode_step failed\n");
             exit(1);
         }
-        printf("step %d %d %d\n", pos, threads, prompt);
+        printf("step %d %d %d%s\n", pos, threads, prompt, half ? " half" : "");
         for (int i = 0; i < vocab; i++) printf("%a\n", logits[i]);
     }
 }
@@ -136,17 +137,18 @@ int main(void) {
             gemv_case(37, 4 * blocks[b], blocks[b], threads);
             gemv_case(9, 3 * blocks[b] - 5, blocks[b], threads);  /* padded last block */
         }
-    for (int threads = 1; threads <= 3; threads += 2) decode_case(threads, 0);
+    for (int threads = 1; threads <= 3; threads += 2) decode_case(threads, 0, 0);
     /* added later, after the cases above so that those keep their inputs */
     for (int threads = 1; threads <= 3; threads += 2) {
         gemm_case(37, 4 * 32, 32, 6, threads);  /* a partial row group and partial weight groups */
         gemm_case(40, 3 * 128 - 5, 128, 9, threads);
         gemm_case(19, 64, 16, 1, threads);
     }
-    for (int threads = 1; threads <= 3; threads += 2) decode_case(threads, 1);
+    for (int threads = 1; threads <= 3; threads += 2) decode_case(threads, 1, 0);
     for (int threads = 1; threads <= 3; threads += 2) {
         stem_case(40, 20, 30, 2, 2, 64, threads);
         stem_case(130, 16, 20, 1, 1, 128, threads);
     }
+    for (int threads = 1; threads <= 3; threads += 2) decode_case(threads, 1, 1);  /* half-float caches */
     return 0;
 }
