@@ -219,8 +219,10 @@ static inline __attribute__((always_inline)) void micro(const me_linear *m, cons
         for (int v = 0; v < vecs; v++) acc[r][v] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
         __m512i d[MR][VECS];
-        for (int r = 0; r < cnt; r++)
-            for (int v = 0; v < vecs; v++) d[r][v] = _mm512_setzero_si512();
+        for (int r = 0; r < cnt; r++) {  /* the zero point's share (-128 * sum q) starts every lane's sum */
+            const __m512i zero_point = _mm512_set1_epi32(-ZERO_POINT * a->asum[(size_t)(r0 + r) * nb + b]);
+            for (int v = 0; v < vecs; v++) d[r][v] = zero_point;
+        }
         const uint8_t *wb = pw + (size_t)g0 * gbytes + (size_t)b * blk * LANES;
         const int8_t *qb = a->q + (size_t)r0 * stride + (size_t)b * blk;
         for (int k4 = 0; k4 < blk / 4; k4++) {
@@ -234,13 +236,10 @@ static inline __attribute__((always_inline)) void micro(const me_linear *m, cons
             }
         }
         for (int r = 0; r < cnt; r++) {
-            const size_t at = (size_t)(r0 + r) * nb + b;
-            const __m512i corr = _mm512_set1_epi32(ZERO_POINT * a->asum[at]);
-            const __m512 sa = _mm512_set1_ps(a->sa[at]);
+            const __m512 sa = _mm512_set1_ps(a->sa[(size_t)(r0 + r) * nb + b]);
             for (int v = 0; v < vecs; v++) {
                 const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(ps + ((size_t)(g0 + v) * nb + b) * LANES), sa);
-                acc[r][v] = _mm512_add_ps(acc[r][v],
-                                          _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(d[r][v], corr))));
+                acc[r][v] = _mm512_add_ps(acc[r][v], _mm512_mul_ps(s, _mm512_cvtepi32_ps(d[r][v])));
             }
         }
     }
