@@ -32,7 +32,7 @@ from megaedge import fixture
 from megaedge.export.bundle import ExportOptions, export_bundle
 from megaedge.export.int8 import calibration_items, compare, format_report
 from megaedge.export.quantize import RECIPES, Int8Recipe, quantize_bundle
-from megaedge.runtime import machine
+from megaedge.runtime import kernels, machine
 from megaedge.runtime.evaluate import read_set
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -73,6 +73,10 @@ def main() -> None:
     parser.add_argument("--stem-arms", action="store_true",
                         help="recipes with a native stem run twice: with it (NAME) and with onnxruntime's float stem "
                              "(NAME/ort-stem)")
+    parser.add_argument("--kernels", choices=("portable", "avx2", "vnni"),
+                        help="run megaedge's native kernels of this build instead of this CPU's best, the stem native "
+                             "too: portable is the arithmetic of the ARM dot-product build, which equals it bit for "
+                             "bit (tests/runtime/test_kernel_crosscheck.py, under qemu)")
     parser.add_argument("--out", help="results file name under benchmarks/results (default: "
                                       "int8_recipes_fixture[_routed].json)")
     args = parser.parse_args()
@@ -95,12 +99,21 @@ def main() -> None:
                 if recipes[name].native_stem:
                     variants[f"{name}/ort-stem"] = (variants[name], {"stem": "ort"})
                     variants[name] = (variants[name], {"stem": "native"})
+        if args.kernels:
+            kernels.pin(kernels.Q8Kernels(kernels.build(variant=args.kernels)))
+            # every engine native ("auto" keeps the stem in onnxruntime where the kernels lack int8 dot products)
+            native = {"decode": "native", "prefill": "native"}
+            for name in names:
+                if not isinstance(variants[name], tuple):
+                    variants[name] = (variants[name], {**native, **({"stem": "native"} if recipes[name].native_stem
+                                                                    else {})})
         eval_set = args.eval_set or fixture.heldout_manifest()
         report = compare(fp32, variants, read_set(eval_set), say=lambda line: print(line, file=sys.stderr, flush=True))
     report = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": provenance.commit(),
               "command": " ".join(["python", *sys.argv]),
               "machine": {**machine.cpu_facts(), "python": platform.python_version()},
               **({"machine_class": args.machine_class} if args.machine_class else {}),
+              **({"kernels": kernels.load().isa} if args.kernels else {}),
               "eval_set": str(eval_set), **report}
     report["quantize_seconds"] = seconds
     report["recipes"] = {n: recipes[n].description + ("" if n in RECIPES else f" (overrides: {n.partition('@')[2]})")

@@ -370,6 +370,12 @@ def _load() -> Q8Kernels:
         raise RuntimeError(f"{why_not}, and {exc}") from None
 
 
+def pin(built: Q8Kernels) -> None:
+    """Make ``load`` return ``built`` from now on in this process: a benchmark that runs another build's arithmetic
+    (e.g. the portable build, which the ARM dot-product build equals bit for bit) through the whole runtime."""
+    _loaded["kernels"] = built
+
+
 def load() -> Q8Kernels:
     """The kernels for this machine: the best prebuilt variant, else built here on first use; raises RuntimeError
     (cached) when neither can be had."""

@@ -222,3 +222,15 @@ def test_wheel_runs_native_decode_without_a_compiler(fixture_bundles, tmp_path):
     print(f"wheel {wheel.name} {wheel.stat().st_size} bytes; doctor: {want.variant}, prebuilt ({want.isa}); "
           f"{run.stderr.strip().splitlines()}")
 
+
+
+def test_pinned_kernels_serve_every_later_load(monkeypatch):
+    """kernels.pin: a benchmark runs another build's arithmetic through the whole runtime (int8_recipes.py
+    --kernels portable); load() returns the pinned build until the process ends."""
+    monkeypatch.setattr(kernels, "_loaded", {})
+    try:
+        portable = kernels.Q8Kernels(kernels.build(variant="portable"))
+    except (RuntimeError, OSError) as exc:
+        pytest.skip(f"no portable build here: {exc}")
+    kernels.pin(portable)
+    assert kernels.load() is portable and portable.isa == "portable-c"
