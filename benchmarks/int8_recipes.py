@@ -36,6 +36,9 @@ from megaedge.runtime import kernels, machine
 from megaedge.runtime.evaluate import read_set
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# --kernels: the build, and where the CPU class it stands for runs the encoder's stem (native needs int8 dot
+# products: an ARM dot-product CPU has them, the portable build that equals its bits does not; AVX2 does not)
+KERNEL_CLASSES = {"portable": "native", "avx2": "ort", "vnni": "native"}
 
 
 def recipe(spec: str) -> Int8Recipe:
@@ -73,10 +76,11 @@ def main() -> None:
     parser.add_argument("--stem-arms", action="store_true",
                         help="recipes with a native stem run twice: with it (NAME) and with onnxruntime's float stem "
                              "(NAME/ort-stem)")
-    parser.add_argument("--kernels", choices=("portable", "avx2", "vnni"),
-                        help="run megaedge's native kernels of this build instead of this CPU's best, the stem native "
-                             "too: portable is the arithmetic of the ARM dot-product build, which equals it bit for "
-                             "bit (tests/runtime/test_kernel_crosscheck.py, under qemu)")
+    parser.add_argument("--kernels", choices=sorted(KERNEL_CLASSES),
+                        help="run megaedge's native kernels of this build instead of this CPU's best, with the stem "
+                             "where that CPU class runs it: portable stands for the ARM dot-product build, which "
+                             "equals it bit for bit (tests/runtime/test_kernel_crosscheck.py, under qemu); avx2 for "
+                             "an AVX2-only CPU (its stem in onnxruntime)")
     parser.add_argument("--out", help="results file name under benchmarks/results (default: "
                                       "int8_recipes_fixture[_routed].json)")
     args = parser.parse_args()
@@ -101,12 +105,12 @@ def main() -> None:
                     variants[name] = (variants[name], {"stem": "native"})
         if args.kernels:
             kernels.pin(kernels.Q8Kernels(kernels.build(variant=args.kernels)))
-            # every engine native ("auto" keeps the stem in onnxruntime where the kernels lack int8 dot products)
-            native = {"decode": "native", "prefill": "native"}
+            # decode steps and prompt native, the stem where the class runs it ("auto" would decide by this CPU)
+            stem = KERNEL_CLASSES[args.kernels]
             for name in names:
                 if not isinstance(variants[name], tuple):
-                    variants[name] = (variants[name], {**native, **({"stem": "native"} if recipes[name].native_stem
-                                                                    else {})})
+                    variants[name] = (variants[name], {"decode": "native", "prefill": "native",
+                                                       "stem": stem if recipes[name].native_stem else "ort"})
         eval_set = args.eval_set or fixture.heldout_manifest()
         report = compare(fp32, variants, read_set(eval_set), say=lambda line: print(line, file=sys.stderr, flush=True))
     report = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": provenance.commit(),
