@@ -4,9 +4,9 @@ transformers fp16 vs megaedge FP16 on onnxruntime's CUDA execution provider (``-
 INT8 five ways: the default ``cpu-float-encoder`` (encoder FP32, decoder weight-only int8 in blocks of 32; prompt
 and steps in megaedge's native kernels), ``cpu`` (as it with an int8 encoder and blocks of 128: smaller and faster,
 less exact), ``cpu-fast`` (as cpu with the encoder's conv stem int8 in the graph; opt-in, it costs accuracy in
-reverberation, see README), ``cpu-prefill`` run with ``prefill="ort"`` (its second decoder graph, dynamic int8 activations, runs the
-prompt in onnxruntime; steps native) and ``cpu-int4`` (the decode graph's layer weights in 4-bit blocks, all in
-onnxruntime).
+reverberation, see README), ``cpu-prefill`` run with ``prefill="ort"`` (its second decoder graph, dynamic int8
+activations, runs the prompt in onnxruntime; steps native) and ``cpu-int4`` (the decode graph's layer weights in
+4-bit blocks, all in onnxruntime).
 
 Random-weight checkpoints at the real 0.6B / 1.7B geometry, the same speech-like audio (10 s and 30 s) and the same
 forced token count (EOS ignored) for every contender. Each measurement runs in a fresh process (clean peak-RSS

@@ -64,7 +64,7 @@ def add_engine_size_options(parser) -> None:
 
 def add_decode_engine_option(parser) -> None:
     """--decode: which engine runs the decode steps of the lean runtime (runtime.options.ENGINES)."""
-    from megaedge.runtime.options import ENGINES
+    from megaedge.runtime.options import ENGINES, KV_CACHES
 
     parser.add_argument("--decode", choices=ENGINES, default="auto",
                         help="decode steps of a weight-only INT8 bundle: native (megaedge's CPU kernel for this "
@@ -79,7 +79,7 @@ def add_decode_engine_option(parser) -> None:
                         help="the encoder's convolution stem of an INT8 CPU bundle: native (megaedge's int8 kernel, "
                              "then the bundle's encoder body graph), ort (the whole encoder graph in onnxruntime), "
                              "auto (native where the CPU has int8 dot products; default)")
-    parser.add_argument("--kv-cache", choices=("float32", "float16"), default="float32",
+    parser.add_argument("--kv-cache", choices=KV_CACHES, default="float32",
                         help="keys and values the native decoder keeps: float32 (default, as the graphs) or float16 "
                              "(half the memory per position and half what attention reads per step; the logits "
                              "move by the rounding)")

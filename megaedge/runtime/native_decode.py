@@ -12,11 +12,11 @@ took 12.8 s). ``start`` still takes over a KV cache onnxruntime prefilled (``--p
 
 The weights are the bundle's own MatMulNBits bytes (export's native index, ``manifest.decoder["native"]``), so
 nothing is converted or duplicated on disk. The arithmetic is the graph's: RMS norms, q/k norms, rotary embedding
-from the graph's own inverse frequencies, grouped-query attention over an fp32 cache (or an fp16 one, ``kv_cache``), SwiGLU; activations are
-quantized per block as MatMulNBits does at accuracy level 4, so tokens agree with onnxruntime's
-(tests/runtime/test_native_decode.py holds them to it). A routed bundle's gated low-rank branches run too
-(assets/kernels/lora.h), the route a per-call argument, so one set of weights serves both routes and streams on
-either route step in one batch.
+from the graph's own inverse frequencies, grouped-query attention over an fp32 cache (or an fp16 one,
+``kv_cache``), SwiGLU; activations are quantized per block as MatMulNBits does at accuracy level 4, so tokens agree
+with onnxruntime's (tests/runtime/test_native_decode.py holds them to it). A routed bundle's gated low-rank
+branches run too (assets/kernels/lora.h), the route a per-call argument, so one set of weights serves both routes
+and streams on either route step in one batch.
 """
 
 from __future__ import annotations

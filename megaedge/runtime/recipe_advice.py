@@ -5,7 +5,8 @@ it. What separates the CPU classes is whether the CPU has int8 dot products (x86
 with them megaedge's native kernels run prompts and decode steps from one weight copy, and ``cpu-float-encoder``
 (the export default, the recipe that keeps every acoustic condition within half a WER point of FP32) is the
 choice; without them (AVX2 only, ARM without dot product) the native prompt is slow and onnxruntime's dynamic-int8
-prefill graph of ``cpu-prefill`` is what keeps prompts fast, at a measured cost in accuracy. The evidence is in docs/int8.md. This module names the recipe; it does not measure.
+prefill graph of ``cpu-prefill`` is what keeps prompts fast, at a measured cost in accuracy. The evidence is in
+docs/int8.md. This module names the recipe; it does not measure.
 """
 
 from __future__ import annotations
