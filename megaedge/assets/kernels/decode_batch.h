@@ -63,7 +63,7 @@ static inline __attribute__((always_inline)) void rows_batch(const me_linear *m,
                 acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(scale[g][k]), acc[g]);
             }
         }
-        for (int g = 0; g < B; g++) y[g * ystride + r] = _mm512_reduce_add_ps(acc[g]);
+        for (int g = 0; g < B; g++) y[g * ystride + r] = me_sum16(acc[g]);
         return;
     }
     if (blk % 32 == 0) {  /* blocks of 32: rows_together's 256-bit form, the same way */
@@ -192,7 +192,8 @@ static inline __attribute__((always_inline)) void rows_pair(const me_linear *m, 
             const int8_t *qb = acts[g].q + (size_t)k * blk;
             __m512i d0 = _mm512_maskz_set1_epi32(1, zero_points[(size_t)g * nb + k]), d1 = d0;
             for (int c = 0; c < blk / 64; c++) {
-                const __m512i q = _mm512_loadu_si512(qb + 64 * c);
+                __m512i q = _mm512_loadu_si512(qb + 64 * c);
+                __asm__("" : "+v"(q));  /* one load for both rows: folded into each product it would load twice */
                 d0 = _mm512_dpbusd_epi32(d0, w0[c], q);
                 d1 = _mm512_dpbusd_epi32(d1, w1[c], q);
             }
@@ -200,9 +201,23 @@ static inline __attribute__((always_inline)) void rows_pair(const me_linear *m, 
             acc1[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(scale1[g][k]), acc1[g]);
         }
     }
+    if (G == ME_BATCH_GROUP) {  /* sixteen sums: both rows of all eight */
+        __m512 v[16];
+        float sums[16];
+        for (int g = 0; g < 8; g++) {
+            v[2 * g] = acc0[g];
+            v[2 * g + 1] = acc1[g];
+        }
+        me_sums16(v, sums);
+        for (int g = 0; g < 8; g++) {
+            y[g * ystride + r] = sums[2 * g];
+            y[g * ystride + r2] = sums[2 * g + 1];
+        }
+        return;
+    }
     for (int g = 0; g < G; g++) {
-        y[g * ystride + r] = _mm512_reduce_add_ps(acc0[g]);
-        y[g * ystride + r2] = _mm512_reduce_add_ps(acc1[g]);
+        y[g * ystride + r] = me_sum16(acc0[g]);
+        y[g * ystride + r2] = me_sum16(acc1[g]);
     }
 }
 #endif
