@@ -136,6 +136,9 @@ def main() -> None:
     parser.add_argument("--half-cache", action="store_true",
                         help="also time decoders that keep their KV caches in float16 (kv_cache='float16'), "
                              "interleaved with these")
+    parser.add_argument("--compare-small-pages", action="store_true",
+                        help="also time decoders whose weights and caches are not advised as huge pages "
+                             "(4 KiB pages, as before megaedge asked for them), interleaved with these")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="JSON file (default results/batched_decode_<geometry>.json)")
     args = parser.parse_args()
@@ -168,6 +171,11 @@ def main() -> None:
         if args.half_cache:
             builds["kv float16"] = native_decode.NativeDecoder(folder, info, built, threads=threads,
                                                                kv_cache="float16", _weights=base._w)
+        if args.compare_small_pages:
+            native_decode._Arena.HUGE_PAGES = False
+            builds["small pages"] = native_decode.NativeDecoder(folder, info, built, threads=threads)
+            builds["small pages"].wait_loaded()
+            native_decode._Arena.HUGE_PAGES = True
         if args.baseline:
             other = baseline_kernels(args.baseline, folder)
             builds[args.baseline] = native_decode.NativeDecoder(folder, info, other, threads=threads, _weights=base._w)
@@ -185,7 +193,9 @@ def main() -> None:
                     pools[name, context, b] = []
                     for _ in range(b):
                         d = decoder.spawn()
+                        native_decode._Arena.HUGE_PAGES = name != "small pages"  # the caches too
                         d.start(presents, args.rounds * len(routes) * (args.steps + 1) + 2)
+                        native_decode._Arena.HUGE_PAGES = True
                         pools[name, context, b].append(d)
         times: dict[tuple, list[float]] = {(*key, route): [] for key in pools for route in routes
                                            if route == "base" or (key[0] == "this" and (route != "mixed" or key[2] > 1))}
@@ -228,6 +238,10 @@ def main() -> None:
             if args.short_context:
                 row["kv_float16"]["attention_share"] = round(
                     max(0.0, half - step["kv float16", args.short_context, b]) / half, 3)
+        if args.compare_small_pages:
+            small, small_one = step["small pages", args.context, b], step.get(("small pages", args.context, 1))
+            row["small_pages"] = {"step_seconds": round(small, 4), "tokens_per_second": round(b / small, 2),
+                                  "speedup_vs_one": round(small_one / small * b, 2) if small_one else None}
         for block in blocks[1:]:
             other = step[f"block {block}", args.context, b]
             row[f"block_{block}"] = {"step_seconds": round(other, 4), "tokens_per_second": round(b / other, 2),
@@ -252,7 +266,8 @@ def main() -> None:
                  "- step at --short-context) / step, the per-sequence attention over the cache; the rest is the "
                  "int8 products and the small per-sequence work between them. baseline_*: the kernels of git "
                  "revision `baseline`, timed in the same rounds; kv_float16 (with --half-cache): decoders "
-                 "keeping their caches in float16; block_N: the same with weights in blocks of N; "
+                 "keeping their caches in float16; small_pages (with --compare-small-pages): weights and caches "
+                 "in memory not advised as huge pages; block_N: the same with weights in blocks of N; "
                  "route_lora / route_mixed (with --lora-rank): every sequence on the LoRA route / the routes "
                  "alternating in the batch, against the base-route step of the main rows.",
     }
@@ -273,6 +288,10 @@ def main() -> None:
         print("float16 caches: " + ", ".join(
             f"B={row['batch']} {row['kv_float16']['step_seconds'] * 1e3:.0f} ms "
             f"{row['kv_float16']['tokens_per_second']:.2f} tok/s" for row in rows))
+    if args.compare_small_pages:
+        print("4 KiB pages: " + ", ".join(
+            f"B={row['batch']} {row['small_pages']['step_seconds'] * 1e3:.0f} ms "
+            f"{row['small_pages']['tokens_per_second']:.2f} tok/s" for row in rows))
     for block in blocks[1:]:
         print(f"blocks of {block}: " + ", ".join(
             f"B={row['batch']} {row[f'block_{block}']['step_seconds'] * 1e3:.0f} ms "
