@@ -23,6 +23,8 @@
    alone, or a nearer prefetch into L1, they ran one after the other (a group's read rate fell to two thirds of one
    sequence's); this far ahead, with two rows side by side (rows_pair), it reaches one sequence's rate. */
 #define ME_VNNI_AHEAD 16384
+/* rows (or pairs) a group of sequences goes over before the next group (gemv_batch_share) */
+#define ME_BATCH_TILE 16
 
 /* each sequence's block scales' products sw[k] * sa[k] for one row: the float product the solo step forms */
 static inline void row_scales(float *scale, int nb, const float *sw, const me_act *acts, int B) {
@@ -167,8 +169,8 @@ static inline __attribute__((always_inline)) void rows_batch(const me_linear *m,
 /* Rows r and r2 of m against G activation vectors, each row summed exactly as rows_batch sums it (so as
    rows_together does): the same instructions per row and sequence, two rows in flight. Two distant rows are two
    read streams, which keep more of memory's bandwidth busy than one (gemv.h walks four for the same reason), and
-   each sequence's activation chunk and zero point, loaded once, serve both rows. blk 64 or 128 (for blocks of 32
-   the pair measured no faster: their products, not the reads, are the limit). */
+   each sequence's activation chunk and zero point, loaded once, serve both rows. blk 64 or 128 (rows_pair32 is
+   the 256-bit form for blocks of 32). */
 static inline __attribute__((always_inline)) void rows_pair(const me_linear *m, const me_act *acts, const int G,
                                                             float *y, size_t ystride, int r, int r2, int blk,
                                                             const int32_t *zero_points) {
@@ -220,6 +222,42 @@ static inline __attribute__((always_inline)) void rows_pair(const me_linear *m, 
         y[g * ystride + r2] = me_sum16(acc1[g]);
     }
 }
+
+/* rows_pair for blocks of 32: each row summed exactly as rows_batch's 256-bit form sums it, two rows in flight,
+   each sequence's activation chunk and zero point loaded once for both rows (a batch of blocks of 32 spends more
+   on those loads than on its products). Running a long row in spans over a tile of rows, so that a span of eight
+   sequences' activations stays in L1 (all of a 6144-wide row's are 48 KiB), measured slower. */
+static inline __attribute__((always_inline)) void rows_pair32(const me_linear *m, const me_act *acts, const int G,
+                                                              float *y, size_t ystride, int r, int r2,
+                                                              const int32_t *zero_points) {
+    const int nb = m->nb;
+    const uint8_t *row0 = m->w + (size_t)r * nb * 32, *row1 = m->w + (size_t)r2 * nb * 32;
+    float scale0[ME_BATCH_GROUP][nb], scale1[ME_BATCH_GROUP][nb];
+    row_scales(&scale0[0][0], nb, m->s + (size_t)r * nb, acts, G);
+    row_scales(&scale1[0][0], nb, m->s + (size_t)r2 * nb, acts, G);
+    __m256 acc0[ME_BATCH_GROUP], acc1[ME_BATCH_GROUP];
+    for (int g = 0; g < G; g++) acc0[g] = acc1[g] = _mm256_setzero_ps();
+    for (int k = 0; k < nb; k++) {
+        const uint8_t *p0 = row0 + (size_t)k * 32, *p1 = row1 + (size_t)k * 32;
+        if (k % 2 == 0) {  /* a line holds two blocks */
+            _mm_prefetch((const char *)(p0 + ME_VNNI_AHEAD), _MM_HINT_T1);
+            _mm_prefetch((const char *)(p1 + ME_VNNI_AHEAD), _MM_HINT_T1);
+        }
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)p0), w1 = _mm256_loadu_si256((const __m256i *)p1);
+        for (int g = 0; g < G; g++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(acts[g].q + (size_t)k * 32));
+            __asm__("" : "+v"(q));  /* one load for both rows */
+            const __m256i zp = _mm256_maskz_set1_epi32(1, zero_points[(size_t)g * nb + k]);
+            const __m256i d0 = _mm256_dpbusd_epi32(zp, w0, q), d1 = _mm256_dpbusd_epi32(zp, w1, q);
+            acc0[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(scale0[g][k]), acc0[g]);
+            acc1[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(scale1[g][k]), acc1[g]);
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        y[g * ystride + r] = me_sum8(acc0[g]);
+        y[g * ystride + r2] = me_sum8(acc1[g]);
+    }
+}
 #endif
 
 /* rows [r0, r1) of y_b = m x_b for a group of G sequences, or with `apart` > 0 the pairs (r, r + apart) for r in
@@ -231,7 +269,9 @@ static inline __attribute__((always_inline)) void rows_group(const me_linear *m,
 #if ME_ISA == 2
     if (apart > 0) {
         for (int r = r0; r < r1; r++) {
-            if (m->blk == 128)
+            if (m->blk == 32)
+                rows_pair32(m, acts, G, y, ystride, r, r + apart, zero_points);
+            else if (m->blk == 128)
                 rows_pair(m, acts, G, y, ystride, r, r + apart, 128, zero_points);
             else
                 rows_pair(m, acts, G, y, ystride, r, r + apart, 64, zero_points);
@@ -278,7 +318,6 @@ static inline void rows_groups(const me_linear *m, const me_act *acts, int B, fl
    group's activation vectors stay in L1 across the tile, and the tile's weights (16 rows, or 16 pairs) come from
    L2 for the next group. On AVX512 the share's two halves go side by side, row j of the first with row j of the
    second (rows_pair). */
-#define ME_BATCH_TILE 16
 static void gemv_batch_share(const me_linear *m, const me_act *acts, int B, float *y, size_t ystride) {
     int lo, hi;
     share_of(m->n, &lo, &hi);
@@ -287,7 +326,7 @@ static void gemv_batch_share(const me_linear *m, const me_act *acts, int B, floa
 #if ME_ISA == 2
     for (int b = 0; b < B; b++)
         for (int k = 0; k < m->nb; k++) zero_points[b * m->nb + k] = -ZERO_POINT * acts[b].asum[k];
-    if (m->blk % 64 == 0 && m->blk <= 128 && hi - lo >= 2) {
+    if ((m->blk == 32 || (m->blk % 64 == 0 && m->blk <= 128)) && hi - lo >= 2) {
         apart = (hi - lo) / 2;
         end = lo + apart;
     }
