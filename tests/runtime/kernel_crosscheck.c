@@ -66,9 +66,10 @@ static void gemm_case(int n, int k, int blk, int rows, int threads) {
 
 /* three steps of a tiny two-layer decoder; prints "step pos" then the logits. With `prompt`, positions 0-4 are
    first prefilled (rows 0-2, then 3-4, as chunks) and the steps follow at 5-7; prints "prefill" then the logits of
-   rows 3 and 4. With `half` the caches hold half floats (me_model.kv_half) and the headers end in "half". */
-static void decode_case(int threads, int prompt, int half) {
-    const int layers = 2, hidden = 64, heads = 4, kv_heads = 2, dim = 16, inter = 96, cap = 8, vocab = 50, blk = 32;
+   rows 3 and 4. With `half` the caches hold half floats (me_model.kv_half) and the headers end in "half"; heads of
+   `dim` values (16, or 128 as Qwen3's, which AVX512 builds attend over half caches in a form of their own) */
+static void decode_case(int threads, int prompt, int half, int dim) {
+    const int layers = 2, hidden = 64, heads = 4, kv_heads = 2, inter = 96, cap = 8, vocab = 50, blk = 32;
     me_layer layer[2];
     for (int i = 0; i < layers; i++) {
         me_layer l = {linear(heads * dim, hidden, blk), linear(kv_heads * dim, hidden, blk),
@@ -92,7 +93,7 @@ static void decode_case(int threads, int prompt, int half) {
             fprintf(stderr, "me_prefill failed\n");
             exit(1);
         }
-        printf("prefill %d%s\n", threads, half ? " half" : "");  /* the logits of both rows of the second call */
+        printf("prefill %d%s%s\n", threads, half ? " half" : "", dim == 16 ? "" : " dim128");  /* the logits of both rows of the second call */
         for (int i = 0; i < 2 * vocab; i++) printf("%a\n", logits[i]);
     }
     for (int pos = first; pos < first + 3; pos++) {
@@ -101,7 +102,7 @@ static void decode_case(int threads, int prompt, int half) {
             fprintf(stderr, "me_decode_step failed\n");
             exit(1);
         }
-        printf("step %d %d %d%s\n", pos, threads, prompt, half ? " half" : "");
+        printf("step %d %d %d%s%s\n", pos, threads, prompt, half ? " half" : "", dim == 16 ? "" : " dim128");
         for (int i = 0; i < vocab; i++) printf("%a\n", logits[i]);
     }
 }
@@ -137,18 +138,22 @@ int main(void) {
             gemv_case(37, 4 * blocks[b], blocks[b], threads);
             gemv_case(9, 3 * blocks[b] - 5, blocks[b], threads);  /* padded last block */
         }
-    for (int threads = 1; threads <= 3; threads += 2) decode_case(threads, 0, 0);
+    for (int threads = 1; threads <= 3; threads += 2) decode_case(threads, 0, 0, 16);
     /* added later, after the cases above so that those keep their inputs */
     for (int threads = 1; threads <= 3; threads += 2) {
         gemm_case(37, 4 * 32, 32, 6, threads);  /* a partial row group and partial weight groups */
         gemm_case(40, 3 * 128 - 5, 128, 9, threads);
         gemm_case(19, 64, 16, 1, threads);
     }
-    for (int threads = 1; threads <= 3; threads += 2) decode_case(threads, 1, 0);
+    for (int threads = 1; threads <= 3; threads += 2) decode_case(threads, 1, 0, 16);
     for (int threads = 1; threads <= 3; threads += 2) {
         stem_case(40, 20, 30, 2, 2, 64, threads);
         stem_case(130, 16, 20, 1, 1, 128, threads);
     }
-    for (int threads = 1; threads <= 3; threads += 2) decode_case(threads, 1, 1);  /* half-float caches */
+    for (int threads = 1; threads <= 3; threads += 2) decode_case(threads, 1, 1, 16);  /* half-float caches */
+    for (int threads = 1; threads <= 3; threads += 2) {  /* heads of 128 over both caches */
+        decode_case(threads, 1, 0, 128);
+        decode_case(threads, 1, 1, 128);
+    }
     return 0;
 }

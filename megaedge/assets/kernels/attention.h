@@ -136,8 +136,79 @@ static inline __attribute__((always_inline)) void attend_dim(const me_model *m, 
     }
 }
 
+#if ME_ISA == 2
+/* attend_dim over half caches with heads of 128, the rows widened in registers as they are read: kv_row's widening
+   through a buffer cost about what the halved reads saved. Each query pair's vectors stay in registers for the keys; each score is the sum
+   of its lanes in me_sum16's order; the values' weighted sums are held in registers, one fused multiply-add per
+   16 values (the float path's loops leave their order to the compiler, so only the two paths' arithmetic, not
+   their bits, is the same). The same form over float caches measured no faster: those reads, not the
+   arithmetic, bound it. */
+static inline __m512 half16(const uint16_t *row, int c) {  /* values 16c..16c+15 of a half cache row */
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + 16 * c)));
+}
+
+static void attend_half128(const me_model *m, const me_layer *l, int g, const float *qh, float *out, int len,
+                           float *restrict scores) {
+    const int group = m->heads / m->kv_heads;
+    const uint16_t *keys = (const uint16_t *)l->keys + (size_t)g * m->capacity * 128;
+    const uint16_t *values = (const uint16_t *)l->values + (size_t)g * m->capacity * 128;
+    for (int j0 = 0; j0 < group; j0 += 2) {
+        const int pair = group - j0 < 2 ? 1 : 2;
+        const float *q0 = qh + (size_t)(g * group + j0) * 128, *q1 = q0 + (pair - 1) * 128;
+        float *restrict s0 = scores, *restrict s1 = scores + len;
+        __m512 a[8], b[8];
+        for (int c = 0; c < 8; c++) {
+            a[c] = _mm512_loadu_ps(q0 + 16 * c);
+            b[c] = _mm512_loadu_ps(q1 + 16 * c);
+        }
+        float top0 = -INFINITY, top1 = -INFINITY, total0 = 0.f, total1 = 0.f;
+        for (int t = 0; t < len; t++) {
+            const uint16_t *kt = keys + (size_t)t * 128;
+            __m512 x = _mm512_setzero_ps(), y = _mm512_setzero_ps();
+            for (int c = 0; c < 8; c++) {
+                const __m512 k = half16(kt, c);
+                x = _mm512_fmadd_ps(a[c], k, x);
+                y = _mm512_fmadd_ps(b[c], k, y);
+            }
+            s0[t] = me_sum16(x) * m->scaling;
+            s1[t] = me_sum16(y) * m->scaling;
+            top0 = s0[t] > top0 ? s0[t] : top0;
+            top1 = s1[t] > top1 ? s1[t] : top1;
+        }
+        for (int t = 0; t < len; t++) {
+            s0[t] = me_exp(s0[t] - top0);
+            s1[t] = me_exp(s1[t] - top1);
+        }
+        for (int t = 0; t < len; t++) {
+            total0 += s0[t];
+            total1 += s1[t];
+        }
+        for (int c = 0; c < 8; c++) a[c] = b[c] = _mm512_setzero_ps();
+        for (int t = 0; t < len; t++) {
+            const uint16_t *vt = values + (size_t)t * 128;
+            const __m512 p0 = _mm512_set1_ps(s0[t] / total0), p1 = _mm512_set1_ps(s1[t] / total1);
+            for (int c = 0; c < 8; c++) {
+                const __m512 v = half16(vt, c);
+                a[c] = _mm512_fmadd_ps(p0, v, a[c]);
+                b[c] = _mm512_fmadd_ps(p1, v, b[c]);
+            }
+        }
+        for (int c = 0; c < 8; c++) {
+            _mm512_storeu_ps(out + (size_t)(g * group + j0) * 128 + 16 * c, a[c]);
+            if (pair == 2) _mm512_storeu_ps(out + (size_t)(g * group + j0 + 1) * 128 + 16 * c, b[c]);
+        }
+    }
+}
+#endif
+
 static void attend(const me_model *m, const me_layer *l, int g, const float *qh, float *out, int len,
                    float *scores) {
+#if ME_ISA == 2
+    if (m->kv_half && m->head_dim == 128) {
+        attend_half128(m, l, g, qh, out, len, scores);
+        return;
+    }
+#endif
     if (m->head_dim == 128)
         attend_dim(m, l, g, qh, out, len, scores, 128);
     else
