@@ -7,7 +7,7 @@ encoder cosine, loop/empty rates, sizes. The set is the large one `megaedge cali
 manifest as --eval-set; the 96 shipped held-out clips cannot resolve half a WER point per condition). Prints a table
 and writes benchmarks/results/int8_recipes_fixture[_routed].json. Not a test: it is the evidence the default recipe
 cites. Usage: python benchmarks/int8_recipes.py [--recipes cpu,cpu-dynamic,...] [--mode merged|routed]
-[--eval-set MANIFEST] [--stem-arms] [--work DIR] [--out F]
+[--eval-set MANIFEST] [--stem-arms] [--kv-arms] [--work DIR] [--out F]
 
 A recipe name may carry overrides of its fields after '@', joined by '+', to find which part of a recipe costs
 accuracy (ablations, layers kept float): ``cpu@encoder=float``, ``cpu@decoder=float``,
@@ -76,6 +76,9 @@ def main() -> None:
     parser.add_argument("--stem-arms", action="store_true",
                         help="recipes with a native stem run twice: with it (NAME) and with onnxruntime's float stem "
                              "(NAME/ort-stem)")
+    parser.add_argument("--kv-arms", action="store_true",
+                        help="also run each recipe with its native decoder's KV caches in float16 (kv_cache), "
+                             "as an arm of its own")
     parser.add_argument("--kernels", choices=sorted(KERNEL_CLASSES),
                         help="run megaedge's native kernels of this build instead of this CPU's best, with the stem "
                              "where that CPU class runs it: portable stands for the ARM dot-product build, which "
@@ -103,6 +106,10 @@ def main() -> None:
                 if recipes[name].native_stem:
                     variants[f"{name}/ort-stem"] = (variants[name], {"stem": "ort"})
                     variants[name] = (variants[name], {"stem": "native"})
+        if args.kv_arms:
+            for name in names:
+                path, options = variants[name] if isinstance(variants[name], tuple) else (variants[name], {})
+                variants[f"{name}/kv-float16"] = (path, {**options, "kv_cache": "float16"})
         if args.kernels:
             kernels.pin(kernels.Q8Kernels(kernels.build(variant=args.kernels)))
             # decode steps and prompt native, the stem where the class runs it ("auto" would decide by this CPU)
