@@ -3,8 +3,9 @@
 Builds the native decoder's weights directly (random int8 blocks in the MatMulNBits layout, the 1.7B or 0.6B
 decoder geometry, the LM head tied to the embedding as exported bundles do), so no 1.7B export is needed: the
 products, attention and per-layer work are the runtime's own (native_decode.step / step_batch). Each sequence
-has a cache of ``--context`` positions (a 30 s prompt is ~400). Batch sizes are interleaved round by round, so
-a busy spell of the machine hits every size alike; the median step of each size is reported.
+has a cache of ``--context`` positions (a 30 s prompt is ~400). Batch sizes (and the other contenders) are
+interleaved step by step, so a busy spell of the machine hits every size alike; the median step of each size is
+reported.
 
 Per batch size: step seconds, aggregate tokens/s (batch / step), speed-up over one sequence, weight bytes read
 per step and per token, the rate they are read at, and the share of the step a pure read of those bytes takes
@@ -139,6 +140,11 @@ def main() -> None:
     parser.add_argument("--compare-small-pages", action="store_true",
                         help="also time decoders whose weights and caches are not advised as huge pages "
                              "(4 KiB pages, as before megaedge asked for them), interleaved with these")
+    parser.add_argument("--kernels", choices=("avx2", "vnni", "portable"), default=None,
+                        help="time this build of megaedge's kernels instead of this CPU's best (avx2: the path an "
+                             "AVX2-only CPU runs, here on this CPU's cores and memory)")
+    parser.add_argument("--compare-kernels", choices=("avx2", "vnni", "portable"), default=None,
+                        help="also time this build of the kernels, interleaved with the main one")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="JSON file (default results/batched_decode_<geometry>.json)")
     args = parser.parse_args()
@@ -147,7 +153,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     blocks = [int(b) for b in args.block_sizes.split(",")]
     g = GEOMETRIES[args.geometry]
-    built = kernels.load()
+    built = kernels.Q8Kernels(kernels.build(variant=args.kernels)) if args.kernels else kernels.load()
     threads = args.threads or len(os.sched_getaffinity(0))
     contexts = [args.context] + ([args.short_context] if args.short_context else [])
     with tempfile.TemporaryDirectory() as tmp:
@@ -176,6 +182,9 @@ def main() -> None:
             builds["small pages"] = native_decode.NativeDecoder(folder, info, built, threads=threads)
             builds["small pages"].wait_loaded()
             native_decode._Arena.HUGE_PAGES = True
+        if args.compare_kernels:
+            other = kernels.Q8Kernels(kernels.build(variant=args.compare_kernels))
+            builds["kernels"] = native_decode.NativeDecoder(folder, info, other, threads=threads, _weights=base._w)
         if args.baseline:
             other = baseline_kernels(args.baseline, folder)
             builds[args.baseline] = native_decode.NativeDecoder(folder, info, other, threads=threads, _weights=base._w)
@@ -200,15 +209,17 @@ def main() -> None:
         times: dict[tuple, list[float]] = {(*key, route): [] for key in pools for route in routes
                                            if route == "base" or (key[0] == "this" and (route != "mixed" or key[2] > 1))}
         for r in range(args.rounds):
-            for key in times:  # interleaved: each round runs every build, context, size and route
-                decoders = pools[key[:3]]
-                b, gates = len(decoders), routes[key[3]](len(decoders))
-                tokens = [int(t) for t in rng.integers(0, g["vocab"], b)]
-                for _ in range(args.steps):
+            # interleaved step by step: every build, context, size and route takes one step in turn, so a spell
+            # of slower memory (this VM's bandwidth changes by a third from minute to minute) hits all alike
+            tokens = {key: [int(t) for t in rng.integers(0, g["vocab"], len(pools[key[:3]]))] for key in times}
+            for _ in range(args.steps):
+                for key in times:
+                    decoders = pools[key[:3]]
+                    gates = routes[key[3]](len(decoders))
                     s0 = time.perf_counter()
-                    logits = native_decode.step_batch(decoders, tokens, gates)  # one decoder: its own step
+                    logits = native_decode.step_batch(decoders, tokens[key], gates)  # one decoder: its own step
                     times[key].append(time.perf_counter() - s0)
-                    tokens = [int(np.argmax(row)) for row in logits]
+                    tokens[key] = [int(np.argmax(row)) for row in logits]
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(
                 f"B={b} {statistics.median(times['this', args.context, b, 'base'][-args.steps:]) * 1e3:.0f} ms"
                 for b in batches), flush=True)
@@ -238,6 +249,11 @@ def main() -> None:
             if args.short_context:
                 row["kv_float16"]["attention_share"] = round(
                     max(0.0, half - step["kv float16", args.short_context, b]) / half, 3)
+        if args.compare_kernels:
+            other, other_one = step["kernels", args.context, b], step.get(("kernels", args.context, 1))
+            row[f"kernels_{args.compare_kernels}"] = {
+                "step_seconds": round(other, 4), "tokens_per_second": round(b / other, 2),
+                "speedup_vs_one": round(other_one / other * b, 2) if other_one else None}
         if args.compare_small_pages:
             small, small_one = step["small pages", args.context, b], step.get(("small pages", args.context, 1))
             row["small_pages"] = {"step_seconds": round(small, 4), "tokens_per_second": round(b / small, 2),
@@ -267,7 +283,8 @@ def main() -> None:
                  "int8 products and the small per-sequence work between them. baseline_*: the kernels of git "
                  "revision `baseline`, timed in the same rounds; kv_float16 (with --half-cache): decoders "
                  "keeping their caches in float16; small_pages (with --compare-small-pages): weights and caches "
-                 "in memory not advised as huge pages; block_N: the same with weights in blocks of N; "
+                 "in memory not advised as huge pages; kernels_X (with --compare-kernels X): the X build of "
+                 "the kernels (avx2: the path AVX2-only CPUs run) on this machine; block_N: the same with weights in blocks of N; "
                  "route_lora / route_mixed (with --lora-rank): every sequence on the LoRA route / the routes "
                  "alternating in the batch, against the base-route step of the main rows.",
     }
@@ -288,6 +305,10 @@ def main() -> None:
         print("float16 caches: " + ", ".join(
             f"B={row['batch']} {row['kv_float16']['step_seconds'] * 1e3:.0f} ms "
             f"{row['kv_float16']['tokens_per_second']:.2f} tok/s" for row in rows))
+    if args.compare_kernels:
+        print(f"{args.compare_kernels} kernels: " + ", ".join(
+            f"B={row['batch']} {row[f'kernels_{args.compare_kernels}']['step_seconds'] * 1e3:.0f} ms "
+            f"{row[f'kernels_{args.compare_kernels}']['tokens_per_second']:.2f} tok/s" for row in rows))
     if args.compare_small_pages:
         print("4 KiB pages: " + ", ".join(
             f"B={row['batch']} {row['small_pages']['step_seconds'] * 1e3:.0f} ms "
