@@ -170,10 +170,11 @@ static inline __attribute__((always_inline)) void rows_batch(const me_linear *m,
    rows_together does): the same instructions per row and sequence, two rows in flight. Two distant rows are two
    read streams, which keep more of memory's bandwidth busy than one (gemv.h walks four for the same reason), and
    each sequence's activation chunk and zero point, loaded once, serve both rows. blk 64 or 128 (rows_pair32 is
-   the 256-bit form for blocks of 32). */
+   the 256-bit form for blocks of 32). qi, zpi: the group's activations and zero points interleaved by block
+   (gemv_batch_share). */
 static inline __attribute__((always_inline)) void rows_pair(const me_linear *m, const me_act *acts, const int G,
                                                             float *y, size_t ystride, int r, int r2, int blk,
-                                                            const int32_t *zero_points) {
+                                                            const int8_t *qi, const int32_t *zpi) {
     const int nb = m->nb;
     const uint8_t *row0 = m->w + (size_t)r * nb * blk, *row1 = m->w + (size_t)r2 * nb * blk;
     float scale0[ME_BATCH_GROUP][nb], scale1[ME_BATCH_GROUP][nb];
@@ -191,8 +192,8 @@ static inline __attribute__((always_inline)) void rows_pair(const me_linear *m, 
             w1[c] = _mm512_loadu_si512(p1 + 64 * c);
         }
         for (int g = 0; g < G; g++) {
-            const int8_t *qb = acts[g].q + (size_t)k * blk;
-            __m512i d0 = _mm512_maskz_set1_epi32(1, zero_points[(size_t)g * nb + k]), d1 = d0;
+            const int8_t *qb = qi + ((size_t)k * G + g) * blk;
+            __m512i d0 = _mm512_maskz_set1_epi32(1, zpi[(size_t)k * G + g]), d1 = d0;
             for (int c = 0; c < blk / 64; c++) {
                 __m512i q = _mm512_loadu_si512(qb + 64 * c);
                 __asm__("" : "+v"(q));  /* one load for both rows: folded into each product it would load twice */
@@ -229,7 +230,7 @@ static inline __attribute__((always_inline)) void rows_pair(const me_linear *m, 
    sequences' activations stays in L1 (all of a 6144-wide row's are 48 KiB), measured slower. */
 static inline __attribute__((always_inline)) void rows_pair32(const me_linear *m, const me_act *acts, const int G,
                                                               float *y, size_t ystride, int r, int r2,
-                                                              const int32_t *zero_points) {
+                                                              const int8_t *qi, const int32_t *zpi) {
     const int nb = m->nb;
     const uint8_t *row0 = m->w + (size_t)r * nb * 32, *row1 = m->w + (size_t)r2 * nb * 32;
     float scale0[ME_BATCH_GROUP][nb], scale1[ME_BATCH_GROUP][nb];
@@ -244,10 +245,12 @@ static inline __attribute__((always_inline)) void rows_pair32(const me_linear *m
             _mm_prefetch((const char *)(p1 + ME_VNNI_AHEAD), _MM_HINT_T1);
         }
         const __m256i w0 = _mm256_loadu_si256((const __m256i *)p0), w1 = _mm256_loadu_si256((const __m256i *)p1);
+        const int8_t *qk = qi + (size_t)k * G * 32;
+        const int32_t *zk = zpi + (size_t)k * G;
         for (int g = 0; g < G; g++) {
-            __m256i q = _mm256_loadu_si256((const __m256i *)(acts[g].q + (size_t)k * 32));
+            __m256i q = _mm256_loadu_si256((const __m256i *)(qk + 32 * g));
             __asm__("" : "+v"(q));  /* one load for both rows */
-            const __m256i zp = _mm256_maskz_set1_epi32(1, zero_points[(size_t)g * nb + k]);
+            const __m256i zp = _mm256_maskz_set1_epi32(1, zk[g]);
             const __m256i d0 = _mm256_dpbusd_epi32(zp, w0, q), d1 = _mm256_dpbusd_epi32(zp, w1, q);
             acc0[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(scale0[g][k]), acc0[g]);
             acc1[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(scale1[g][k]), acc1[g]);
@@ -265,21 +268,24 @@ static inline __attribute__((always_inline)) void rows_pair32(const me_linear *m
    registers */
 static inline __attribute__((always_inline)) void rows_group(const me_linear *m, const me_act *acts, const int G,
                                                              float *y, size_t ystride, int r0, int r1, int apart,
-                                                             const int32_t *zero_points) {
+                                                             const int32_t *zero_points, const int8_t *qi,
+                                                             const int32_t *zpi) {
 #if ME_ISA == 2
     if (apart > 0) {
         for (int r = r0; r < r1; r++) {
             if (m->blk == 32)
-                rows_pair32(m, acts, G, y, ystride, r, r + apart, zero_points);
+                rows_pair32(m, acts, G, y, ystride, r, r + apart, qi, zpi);
             else if (m->blk == 128)
-                rows_pair(m, acts, G, y, ystride, r, r + apart, 128, zero_points);
+                rows_pair(m, acts, G, y, ystride, r, r + apart, 128, qi, zpi);
             else
-                rows_pair(m, acts, G, y, ystride, r, r + apart, 64, zero_points);
+                rows_pair(m, acts, G, y, ystride, r, r + apart, 64, qi, zpi);
         }
         return;
     }
 #else
     (void)apart;  /* pairs are an AVX512 form */
+    (void)qi;
+    (void)zpi;
 #endif
     for (int r = r0; r < r1; r++) {
         if (m->blk == 128)
@@ -294,25 +300,31 @@ static inline __attribute__((always_inline)) void rows_group(const me_linear *m,
 /* rows [r0, r1) (or the pairs (r, r + apart), rows_group) of y_b = m x_b for every b (y: [B][ystride]): sequences in
    groups of up to eight over the rows, then the next group over the same rows (from L2 by then) */
 static inline void rows_groups(const me_linear *m, const me_act *acts, int B, float *y, size_t ystride, int r0,
-                               int r1, int apart, const int32_t *zero_points) {
+                               int r1, int apart, const int32_t *zero_points, const int8_t *qi,
+                               const int32_t *zpi) {
     for (int b0 = 0; b0 < B; b0 += ME_BATCH_GROUP) {
         const me_act *a = acts + b0;
         const int32_t *zp = zero_points + (size_t)b0 * m->nb;
+        const int8_t *qg = qi ? qi + (size_t)b0 * m->nb * m->blk : NULL;
+        const int32_t *zg = zpi ? zpi + (size_t)b0 * m->nb : NULL;
         float *yb = y + (size_t)b0 * ystride;
         switch (B - b0 < ME_BATCH_GROUP ? B - b0 : ME_BATCH_GROUP) {
-        case 1: rows_group(m, a, 1, yb, ystride, r0, r1, apart, zp); break;
-        case 2: rows_group(m, a, 2, yb, ystride, r0, r1, apart, zp); break;
-        case 3: rows_group(m, a, 3, yb, ystride, r0, r1, apart, zp); break;
-        case 4: rows_group(m, a, 4, yb, ystride, r0, r1, apart, zp); break;
-        case 5: rows_group(m, a, 5, yb, ystride, r0, r1, apart, zp); break;
-        case 6: rows_group(m, a, 6, yb, ystride, r0, r1, apart, zp); break;
-        case 7: rows_group(m, a, 7, yb, ystride, r0, r1, apart, zp); break;
-        default: rows_group(m, a, 8, yb, ystride, r0, r1, apart, zp); break;
+        case 1: rows_group(m, a, 1, yb, ystride, r0, r1, apart, zp, qg, zg); break;
+        case 2: rows_group(m, a, 2, yb, ystride, r0, r1, apart, zp, qg, zg); break;
+        case 3: rows_group(m, a, 3, yb, ystride, r0, r1, apart, zp, qg, zg); break;
+        case 4: rows_group(m, a, 4, yb, ystride, r0, r1, apart, zp, qg, zg); break;
+        case 5: rows_group(m, a, 5, yb, ystride, r0, r1, apart, zp, qg, zg); break;
+        case 6: rows_group(m, a, 6, yb, ystride, r0, r1, apart, zp, qg, zg); break;
+        case 7: rows_group(m, a, 7, yb, ystride, r0, r1, apart, zp, qg, zg); break;
+        default: rows_group(m, a, 8, yb, ystride, r0, r1, apart, zp, qg, zg); break;
         }
     }
 }
 
 /* this thread's share of the rows of y_b = m x_b for every b (y: [B][ystride]), inside a parallel region.
+   For the AVX512 row pairs the sequences' activations and zero points are first copied interleaved by block
+   ([group][block][sequence]): a block's eight chunks are then one pointer and constant offsets, where eight
+   separate vectors took eight pointers the loop could not keep in registers beside sixteen accumulators.
    Sequences go in groups of up to eight over a tile of rows, then the next group over the same tile: each weight
    block is read once from memory for a group (on AVX2 its signed and magnitude forms made once for all eight), a
    group's activation vectors stay in L1 across the tile, and the tile's weights (16 rows, or 16 pairs) come from
@@ -331,10 +343,24 @@ static void gemv_batch_share(const me_linear *m, const me_act *acts, int B, floa
         end = lo + apart;
     }
 #endif
+    const int inter = ME_ISA == 2 && apart > 0, blk = m->blk;
+    int8_t qi[inter ? (size_t)B * m->nb * blk : 1];
+    int32_t zpi[inter ? (size_t)B * m->nb : 1];
+    if (inter)
+        for (int b0 = 0; b0 < B; b0 += ME_BATCH_GROUP) {
+            const int G = B - b0 < ME_BATCH_GROUP ? B - b0 : ME_BATCH_GROUP;
+            int8_t *qg = qi + (size_t)b0 * m->nb * blk;
+            int32_t *zg = zpi + (size_t)b0 * m->nb;
+            for (int k = 0; k < m->nb; k++)
+                for (int g = 0; g < G; g++) {
+                    memcpy(qg + ((size_t)k * G + g) * blk, acts[b0 + g].q + (size_t)k * blk, blk);
+                    zg[(size_t)k * G + g] = zero_points[(size_t)(b0 + g) * m->nb + k];
+                }
+        }
     for (int r0 = lo; r0 < end; r0 += ME_BATCH_TILE)
         rows_groups(m, acts, B, y, ystride, r0, r0 + ME_BATCH_TILE < end ? r0 + ME_BATCH_TILE : end, apart,
-                    zero_points);
-    if (apart > 0 && (hi - lo) % 2) rows_groups(m, acts, B, y, ystride, hi - 1, hi, 0, zero_points);
+                    zero_points, inter ? qi : NULL, inter ? zpi : NULL);
+    if (apart > 0 && (hi - lo) % 2) rows_groups(m, acts, B, y, ystride, hi - 1, hi, 0, zero_points, NULL, NULL);
 }
 
 /* The low-rank branches of one input's projections (lora.h) for every sequence of the batch on the LoRA route
