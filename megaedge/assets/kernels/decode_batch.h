@@ -325,13 +325,16 @@ static inline void rows_groups(const me_linear *m, const me_act *acts, int B, fl
 /* this thread's share of the rows of y_b = m x_b for every b (y: [B][ystride]), inside a parallel region.
    For the AVX512 row pairs the sequences' activations and zero points are first copied interleaved by block
    ([group][block][sequence]): a block's eight chunks are then one pointer and constant offsets, where eight
-   separate vectors took eight pointers the loop could not keep in registers beside sixteen accumulators.
+   separate vectors took eight pointers the loop could not keep in registers beside sixteen accumulators. qi, zpi:
+   this thread's room for them (B * nb * blk bytes, B * nb values; heap, not stack: a worker thread's stack can be
+   small).
    Sequences go in groups of up to eight over a tile of rows, then the next group over the same tile: each weight
    block is read once from memory for a group (on AVX2 its signed and magnitude forms made once for all eight), a
    group's activation vectors stay in L1 across the tile, and the tile's weights (16 rows, or 16 pairs) come from
    L2 for the next group. On AVX512 the share's two halves go side by side, row j of the first with row j of the
    second (rows_pair). */
-static void gemv_batch_share(const me_linear *m, const me_act *acts, int B, float *y, size_t ystride) {
+static void gemv_batch_share(const me_linear *m, const me_act *acts, int B, float *y, size_t ystride, int8_t *qi,
+                             int32_t *zpi) {
     int lo, hi;
     share_of(m->n, &lo, &hi);
     int32_t zero_points[B * m->nb];
@@ -345,8 +348,6 @@ static void gemv_batch_share(const me_linear *m, const me_act *acts, int B, floa
     }
 #endif
     const int inter = ME_ISA == 2 && apart > 0, blk = m->blk;
-    int8_t qi[inter ? (size_t)B * m->nb * blk : 1];
-    int32_t zpi[inter ? (size_t)B * m->nb : 1];
     if (inter)
         for (int b0 = 0; b0 < B; b0 += ME_BATCH_GROUP) {
             const int G = B - b0 < ME_BATCH_GROUP ? B - b0 : ME_BATCH_GROUP;
@@ -401,12 +402,12 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
     int lora = 0;  /* any sequence on the LoRA route */
     for (int b = 0; b < B; b++) lora |= rank > 0 && models[b]->lora_gate != 0.f;
     /* per thread and sequence: the hidden state, a normalized input (the branches read it too), the SwiGLU output,
-       the activations of a product (`widest` inputs padded to a whole block, a scale and sum per block); per
-       thread: attention scores and the branches' first products */
+       the activations of a product (`widest` inputs padded to a whole block, a scale and sum per block) and their
+       interleaved copy; per thread: attention scores and the branches' first products */
     const size_t act_bytes = (size_t)widest + 1024, blocks = (size_t)widest + 1,
                  seq_floats = (size_t)hidden + widest + inter + 2 * blocks,
-                 per_thread = ((seq_floats * B + 2 * (size_t)capacity + (size_t)B * rank) * sizeof(float)
-                               + act_bytes * B + 63) / 64 * 64;
+                 per_thread = ((seq_floats * B + 2 * (size_t)capacity + (size_t)B * rank + blocks * B) * sizeof(float)
+                               + 2 * act_bytes * B + 63) / 64 * 64;
     float *qv = malloc(sizeof(float) * qdim * B), *kv = malloc(sizeof(float) * kvdim * B),
           *vv = malloc(sizeof(float) * kvdim * B), *att = malloc(sizeof(float) * qdim * B),
           *prod = malloc(sizeof(float) * hidden * B), *gate = malloc(sizeof(float) * inter * B),
@@ -427,7 +428,8 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
         float *xs = (float *)(mine_all + per_thread * thread_id()), *xn = xs + (size_t)hidden * B,
               *h = xn + (size_t)widest * B, *sa = h + (size_t)inter * B, *asum_f = sa + blocks * B,
               *scores = asum_f + blocks * B, *lt = scores + 2 * (size_t)capacity;
-        int8_t *q8 = (int8_t *)(lt + (size_t)B * rank);
+        int32_t *zpi = (int32_t *)(lt + (size_t)B * rank);  /* gemv_batch_share's interleaved copies */
+        int8_t *q8 = (int8_t *)(zpi + blocks * B), *qi = q8 + act_bytes * B;
         me_act acts[ME_MAX_BATCH];
         for (int b = 0; b < B; b++)
             acts[b] = (me_act){q8 + act_bytes * b, sa + blocks * b, (int32_t *)asum_f + blocks * b};
@@ -436,9 +438,9 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
             const me_layer *l = &m->layer[i];
             for (int b = 0; b < B; b++)
                 quantize_for(xs + (size_t)b * hidden, l->input_norm, m->eps, &l->q, &acts[b], xn + (size_t)b * widest);
-            gemv_batch_share(&l->q, acts, B, qv, qdim);
-            gemv_batch_share(&l->k, acts, B, kv, kvdim);
-            gemv_batch_share(&l->v, acts, B, vv, kvdim);
+            gemv_batch_share(&l->q, acts, B, qv, qdim, qi, zpi);
+            gemv_batch_share(&l->k, acts, B, kv, kvdim, qi, zpi);
+            gemv_batch_share(&l->v, acts, B, vv, kvdim, qi, zpi);
             if (lora)
                 lora_batch(models, B, i, LORA_Q, 3, xn, widest, lt, rank, (float *const[]){qv, kv, vv},
                            (const size_t[]){qdim, kvdim, kvdim});
@@ -456,7 +458,7 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
             }
             for (int b = 0; b < B; b++)
                 quantize_for(att + (size_t)b * qdim, NULL, 0.f, &l->o, &acts[b], xn + (size_t)b * widest);
-            gemv_batch_share(&l->o, acts, B, prod, hidden);
+            gemv_batch_share(&l->o, acts, B, prod, hidden, qi, zpi);
             if (lora)
                 lora_batch(models, B, i, LORA_O, 1, att, qdim, lt, rank, (float *const[]){prod},
                            (const size_t[]){hidden});
@@ -468,8 +470,8 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
                 for (int j = 0; j < hidden; j++) xb[j] += pb[j];
                 quantize_for(xb, l->post_norm, m->eps, &l->gate, &acts[b], xn + (size_t)b * widest);
             }
-            gemv_batch_share(&l->gate, acts, B, gate, inter);
-            gemv_batch_share(&l->up, acts, B, up, inter);
+            gemv_batch_share(&l->gate, acts, B, gate, inter, qi, zpi);
+            gemv_batch_share(&l->up, acts, B, up, inter, qi, zpi);
             if (lora)
                 lora_batch(models, B, i, LORA_GATE, 2, xn, widest, lt, rank, (float *const[]){gate, up},
                            (const size_t[]){inter, inter});
@@ -482,7 +484,7 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
                 for (int j = 0; j < inter; j++) hb[j] = gb[j] / (1.f + me_exp(-gb[j])) * ub[j];
                 quantize_for(hb, NULL, 0.f, &l->down, &acts[b], xn + (size_t)b * widest);
             }
-            gemv_batch_share(&l->down, acts, B, prod, hidden);
+            gemv_batch_share(&l->down, acts, B, prod, hidden, qi, zpi);
             if (lora)
                 lora_batch(models, B, i, LORA_DOWN, 1, h, inter, lt, rank, (float *const[]){prod},
                            (const size_t[]){hidden});
@@ -497,7 +499,7 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
         for (int b = 0; b < B; b++)
             quantize_for(xs + (size_t)b * hidden, m->final_norm, m->eps, &m->lm_head, &acts[b],
                          xn + (size_t)b * widest);
-        gemv_batch_share(&m->lm_head, acts, B, logits, m->vocab);
+        gemv_batch_share(&m->lm_head, acts, B, logits, m->vocab, qi, zpi);
         if (thread_id() == 0) memcpy(x, xs, sizeof(float) * hidden * B);
     }
     for (int i = 0; i < count; i++) free(owned[i]);
