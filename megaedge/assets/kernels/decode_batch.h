@@ -322,19 +322,38 @@ static inline void rows_groups(const me_linear *m, const me_act *acts, int B, fl
     }
 }
 
-/* this thread's share of the rows of y_b = m x_b for every b (y: [B][ystride]), inside a parallel region.
-   For the AVX512 row pairs the sequences' activations and zero points are first copied interleaved by block
-   ([group][block][sequence]): a block's eight chunks are then one pointer and constant offsets, where eight
-   separate vectors took eight pointers the loop could not keep in registers beside sixteen accumulators. qi, zpi:
-   this thread's room for them (B * nb * blk bytes, B * nb values; heap, not stack: a worker thread's stack can be
-   small).
+/* Block sizes the AVX512 row pairs take (rows_pair, rows_pair32). */
+static inline int paired_blocks(int blk) { return ME_ISA == 2 && (blk == 32 || blk == 64 || blk == 128); }
+
+/* One input's activations for the row pairs, made once for all the products that read it (q, k and v; gate and
+   up): the sequences' chunks and zero-point shares (-128 * asum) copied interleaved by block, [group][block]
+   [sequence], so that a block's eight chunks are one pointer and constant offsets, where eight separate vectors
+   took eight pointers the loop could not keep in registers beside sixteen accumulators. qi, zpi: this thread's
+   room (B * nb * blk bytes, B * nb values; heap, not stack: a worker thread's stack can be small). */
+static void interleave_input(const me_linear *m, const me_act *acts, int B, int8_t *qi, int32_t *zpi) {
+    if (!paired_blocks(m->blk)) return;
+    const int nb = m->nb, blk = m->blk;
+    for (int b0 = 0; b0 < B; b0 += ME_BATCH_GROUP) {
+        const int G = B - b0 < ME_BATCH_GROUP ? B - b0 : ME_BATCH_GROUP;
+        int8_t *qg = qi + (size_t)b0 * nb * blk;
+        int32_t *zg = zpi + (size_t)b0 * nb;
+        for (int k = 0; k < nb; k++)
+            for (int g = 0; g < G; g++) {
+                memcpy(qg + ((size_t)k * G + g) * blk, acts[b0 + g].q + (size_t)k * blk, blk);
+                zg[(size_t)k * G + g] = -ZERO_POINT * acts[b0 + g].asum[k];
+            }
+    }
+}
+
+/* this thread's share of the rows of y_b = m x_b for every b (y: [B][ystride]), inside a parallel region; qi,
+   zpi: the input as interleave_input made it, read by the AVX512 row pairs.
    Sequences go in groups of up to eight over a tile of rows, then the next group over the same tile: each weight
    block is read once from memory for a group (on AVX2 its signed and magnitude forms made once for all eight), a
    group's activation vectors stay in L1 across the tile, and the tile's weights (16 rows, or 16 pairs) come from
    L2 for the next group. On AVX512 the share's two halves go side by side, row j of the first with row j of the
    second (rows_pair). */
-static void gemv_batch_share(const me_linear *m, const me_act *acts, int B, float *y, size_t ystride, int8_t *qi,
-                             int32_t *zpi) {
+static void gemv_batch_share(const me_linear *m, const me_act *acts, int B, float *y, size_t ystride,
+                             const int8_t *qi, const int32_t *zpi) {
     int lo, hi;
     share_of(m->n, &lo, &hi);
     int32_t zero_points[B * m->nb];
@@ -342,26 +361,14 @@ static void gemv_batch_share(const me_linear *m, const me_act *acts, int B, floa
 #if ME_ISA == 2
     for (int b = 0; b < B; b++)
         for (int k = 0; k < m->nb; k++) zero_points[b * m->nb + k] = -ZERO_POINT * acts[b].asum[k];
-    if ((m->blk == 32 || (m->blk % 64 == 0 && m->blk <= 128)) && hi - lo >= 2) {
+    if (paired_blocks(m->blk) && hi - lo >= 2) {
         apart = (hi - lo) / 2;
         end = lo + apart;
     }
 #endif
-    const int inter = ME_ISA == 2 && apart > 0, blk = m->blk;
-    if (inter)
-        for (int b0 = 0; b0 < B; b0 += ME_BATCH_GROUP) {
-            const int G = B - b0 < ME_BATCH_GROUP ? B - b0 : ME_BATCH_GROUP;
-            int8_t *qg = qi + (size_t)b0 * m->nb * blk;
-            int32_t *zg = zpi + (size_t)b0 * m->nb;
-            for (int k = 0; k < m->nb; k++)
-                for (int g = 0; g < G; g++) {
-                    memcpy(qg + ((size_t)k * G + g) * blk, acts[b0 + g].q + (size_t)k * blk, blk);
-                    zg[(size_t)k * G + g] = zero_points[(size_t)(b0 + g) * m->nb + k];
-                }
-        }
     for (int r0 = lo; r0 < end; r0 += ME_BATCH_TILE)
         rows_groups(m, acts, B, y, ystride, r0, r0 + ME_BATCH_TILE < end ? r0 + ME_BATCH_TILE : end, apart,
-                    zero_points, inter ? qi : NULL, inter ? zpi : NULL);
+                    zero_points, apart > 0 ? qi : NULL, apart > 0 ? zpi : NULL);
     if (apart > 0 && (hi - lo) % 2) rows_groups(m, acts, B, y, ystride, hi - 1, hi, 0, zero_points, NULL, NULL);
 }
 
@@ -428,7 +435,7 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
         float *xs = (float *)(mine_all + per_thread * thread_id()), *xn = xs + (size_t)hidden * B,
               *h = xn + (size_t)widest * B, *sa = h + (size_t)inter * B, *asum_f = sa + blocks * B,
               *scores = asum_f + blocks * B, *lt = scores + 2 * (size_t)capacity;
-        int32_t *zpi = (int32_t *)(lt + (size_t)B * rank);  /* gemv_batch_share's interleaved copies */
+        int32_t *zpi = (int32_t *)(lt + (size_t)B * rank);  /* interleave_input's copies */
         int8_t *q8 = (int8_t *)(zpi + blocks * B), *qi = q8 + act_bytes * B;
         me_act acts[ME_MAX_BATCH];
         for (int b = 0; b < B; b++)
@@ -438,6 +445,7 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
             const me_layer *l = &m->layer[i];
             for (int b = 0; b < B; b++)
                 quantize_for(xs + (size_t)b * hidden, l->input_norm, m->eps, &l->q, &acts[b], xn + (size_t)b * widest);
+            interleave_input(&l->q, acts, B, qi, zpi);
             gemv_batch_share(&l->q, acts, B, qv, qdim, qi, zpi);
             gemv_batch_share(&l->k, acts, B, kv, kvdim, qi, zpi);
             gemv_batch_share(&l->v, acts, B, vv, kvdim, qi, zpi);
@@ -458,6 +466,7 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
             }
             for (int b = 0; b < B; b++)
                 quantize_for(att + (size_t)b * qdim, NULL, 0.f, &l->o, &acts[b], xn + (size_t)b * widest);
+            interleave_input(&l->o, acts, B, qi, zpi);
             gemv_batch_share(&l->o, acts, B, prod, hidden, qi, zpi);
             if (lora)
                 lora_batch(models, B, i, LORA_O, 1, att, qdim, lt, rank, (float *const[]){prod},
@@ -470,6 +479,7 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
                 for (int j = 0; j < hidden; j++) xb[j] += pb[j];
                 quantize_for(xb, l->post_norm, m->eps, &l->gate, &acts[b], xn + (size_t)b * widest);
             }
+            interleave_input(&l->gate, acts, B, qi, zpi);
             gemv_batch_share(&l->gate, acts, B, gate, inter, qi, zpi);
             gemv_batch_share(&l->up, acts, B, up, inter, qi, zpi);
             if (lora)
@@ -484,6 +494,7 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
                 for (int j = 0; j < inter; j++) hb[j] = gb[j] / (1.f + me_exp(-gb[j])) * ub[j];
                 quantize_for(hb, NULL, 0.f, &l->down, &acts[b], xn + (size_t)b * widest);
             }
+            interleave_input(&l->down, acts, B, qi, zpi);
             gemv_batch_share(&l->down, acts, B, prod, hidden, qi, zpi);
             if (lora)
                 lora_batch(models, B, i, LORA_DOWN, 1, h, inter, lt, rank, (float *const[]){prod},
@@ -499,6 +510,7 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
         for (int b = 0; b < B; b++)
             quantize_for(xs + (size_t)b * hidden, m->final_norm, m->eps, &m->lm_head, &acts[b],
                          xn + (size_t)b * widest);
+        interleave_input(&m->lm_head, acts, B, qi, zpi);
         gemv_batch_share(&m->lm_head, acts, B, logits, m->vocab, qi, zpi);
         if (thread_id() == 0) memcpy(x, xs, sizeof(float) * hidden * B);
     }
