@@ -85,6 +85,23 @@ static void norm_rotate(float *h, const float *weight, float eps, int dim, const
     }
 }
 
+/* The two score rows of a query pair (len each) to unnormalized softmax weights, exp(s - top) in place, and
+   their sums (a value's weight is s / total); shared by the float and half forms of attention */
+static inline void softmax_pair(float *restrict s0, float *restrict s1, int len, float top0, float top1,
+                                float *total0, float *total1) {
+    float sum0 = 0.f, sum1 = 0.f;
+    for (int t = 0; t < len; t++) {
+        s0[t] = me_exp(s0[t] - top0);
+        s1[t] = me_exp(s1[t] - top1);
+    }
+    for (int t = 0; t < len; t++) {
+        sum0 += s0[t];
+        sum1 += s1[t];
+    }
+    *total0 = sum0;
+    *total1 = sum1;
+}
+
 /* grouped-query attention of the query heads of kv head g over positions [0, len): the heads of a group in one
    pass over the cache (each key and value loaded once for all of them), inlined per head size so that the common
    one (128) compiles with constant trip counts, the dot products unrolled and the outputs summed in registers
@@ -99,7 +116,7 @@ static inline __attribute__((always_inline)) void attend_dim(const me_model *m, 
         const int pair = group - j0 < 2 ? 1 : 2;
         const float *restrict q0 = qh + (size_t)(g * group + j0) * dim, *restrict q1 = q0 + (pair - 1) * dim;
         float *restrict s0 = scores, *restrict s1 = scores + len;
-        float acc0[dim], acc1[dim], top0 = -INFINITY, top1 = -INFINITY, total0 = 0.f, total1 = 0.f;
+        float acc0[dim], acc1[dim], top0 = -INFINITY, top1 = -INFINITY, total0, total1;
         for (int t = 0; t < len; t++) {
             const float *restrict kt = kv_row(m, l->keys, first + (size_t)t * dim, dim, widened);
             float a = 0.f, b = 0.f;
@@ -113,14 +130,7 @@ static inline __attribute__((always_inline)) void attend_dim(const me_model *m, 
             top0 = s0[t] > top0 ? s0[t] : top0;  /* scores are finite: no fmaxf call for NaN's sake */
             top1 = s1[t] > top1 ? s1[t] : top1;
         }
-        for (int t = 0; t < len; t++) {
-            s0[t] = me_exp(s0[t] - top0);
-            s1[t] = me_exp(s1[t] - top1);
-        }
-        for (int t = 0; t < len; t++) {
-            total0 += s0[t];
-            total1 += s1[t];
-        }
+        softmax_pair(s0, s1, len, top0, top1, &total0, &total1);
         for (int i = 0; i < dim; i++) acc0[i] = acc1[i] = 0.f;
         for (int t = 0; t < len; t++) {
             const float *restrict vt = kv_row(m, l->values, first + (size_t)t * dim, dim, widened);
@@ -138,11 +148,11 @@ static inline __attribute__((always_inline)) void attend_dim(const me_model *m, 
 
 #if ME_ISA == 2
 /* attend_dim over half caches with heads of 128, the rows widened in registers as they are read: kv_row's widening
-   through a buffer cost about what the halved reads saved. Each query pair's vectors stay in registers for the keys; each score is the sum
-   of its lanes in me_sum16's order; the values' weighted sums are held in registers, one fused multiply-add per
-   16 values (the float path's loops leave their order to the compiler, so only the two paths' arithmetic, not
-   their bits, is the same). The same form over float caches measured no faster: those reads, not the
-   arithmetic, bound it. */
+   through a buffer cost about what the halved reads saved. Each query pair's vectors stay in registers for the
+   keys; each score is the sum of its lanes in me_sum16's order; the values' weighted sums are held in registers,
+   one fused multiply-add per 16 values (the float path's loops leave their order to the compiler, so only the
+   two paths' arithmetic, not their bits, is the same). The same form over float caches measured no faster:
+   those reads, not the arithmetic, bound it. */
 static inline __m512 half16(const uint16_t *row, int c) {  /* values 16c..16c+15 of a half cache row */
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(row + 16 * c)));
 }
@@ -161,7 +171,7 @@ static void attend_half128(const me_model *m, const me_layer *l, int g, const fl
             a[c] = _mm512_loadu_ps(q0 + 16 * c);
             b[c] = _mm512_loadu_ps(q1 + 16 * c);
         }
-        float top0 = -INFINITY, top1 = -INFINITY, total0 = 0.f, total1 = 0.f;
+        float top0 = -INFINITY, top1 = -INFINITY, total0, total1;
         for (int t = 0; t < len; t++) {
             const uint16_t *kt = keys + (size_t)t * 128;
             __m512 x = _mm512_setzero_ps(), y = _mm512_setzero_ps();
@@ -175,14 +185,7 @@ static void attend_half128(const me_model *m, const me_layer *l, int g, const fl
             top0 = s0[t] > top0 ? s0[t] : top0;
             top1 = s1[t] > top1 ? s1[t] : top1;
         }
-        for (int t = 0; t < len; t++) {
-            s0[t] = me_exp(s0[t] - top0);
-            s1[t] = me_exp(s1[t] - top1);
-        }
-        for (int t = 0; t < len; t++) {
-            total0 += s0[t];
-            total1 += s1[t];
-        }
+        softmax_pair(s0, s1, len, top0, top1, &total0, &total1);
         for (int c = 0; c < 8; c++) a[c] = b[c] = _mm512_setzero_ps();
         for (int t = 0; t < len; t++) {
             const uint16_t *vt = values + (size_t)t * 128;
