@@ -125,15 +125,11 @@ class _Tensors:
         self._maps: dict[str, np.memmap] = {}
         self._sidecar = None
 
-    def read(self, ref: dict, arena: _Arena | None = None) -> np.ndarray:
-        """A private in-memory copy (in ``arena`` when given), read with plain file reads: the file's pages stay in
-        the page cache instead of also counting in this process's resident memory, as touched pages of a map
-        would."""
+    def read(self, ref: dict, arena: _Arena) -> np.ndarray:
+        """A private in-memory copy in ``arena``, read with plain file reads: the file's pages stay in the page
+        cache instead of also counting in this process's resident memory, as touched pages of a map would."""
         if "key" in ref:
             return self(ref).copy()
-        if arena is None:
-            data = np.fromfile(self.bundle / ref["file"], np.uint8, count=ref["length"], offset=ref["offset"])
-            return data.view(ref["dtype"]).reshape(ref["shape"])
         data = arena.take(ref["length"])
         view, done = memoryview(data), 0
         with open(self.bundle / ref["file"], "rb", buffering=0) as f:
@@ -159,8 +155,9 @@ class _Tensors:
         return self._maps[ref["file"]][start : start + ref["length"]].view(dtype).reshape(shape)
 
 
-def _linear(tensors: _Tensors, entry: dict, read: bool = False, arena: _Arena | None = None) -> Linear:
-    get = (lambda ref: tensors.read(ref, arena)) if read else tensors
+def _linear(tensors: _Tensors, entry: dict, arena: _Arena | None = None) -> Linear:
+    """One projection: copied into ``arena`` when given, else slices of the file map."""
+    get = tensors if arena is None else (lambda ref: tensors.read(ref, arena))
     n = entry["n"]
     weight = get(entry["weight"]).reshape(n, -1, entry["block"])
     scales = get(entry["scales"]).reshape(n, weight.shape[1])
@@ -227,7 +224,7 @@ class _Weights:
         t0 = time.perf_counter()
         entries = [entry[name] for entry in self.index["layers"] for name in PROJECTIONS] + [self.index["lm_head"]]
         arena = _Arena(sum(_Arena.room(ref["length"]) for entry in entries for ref in _refs(entry)))
-        read = lambda entry: _linear(self.tensors, entry, read=True, arena=arena)  # noqa: E731
+        read = lambda entry: _linear(self.tensors, entry, arena)  # noqa: E731
         layers = [replace(layer, **{name: read(entry[name]) for name in PROJECTIONS})
                   for layer, entry in zip(self.layers, self.index["layers"])]
         self.lm_head, self.layers = read(self.index["lm_head"]), layers
