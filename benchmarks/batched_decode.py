@@ -225,6 +225,10 @@ def main() -> None:
                 for b in batches), flush=True)
     step = {key[:3] if key[3] == "base" else key: statistics.median(values) for key, values in times.items()}
     one = step["this", args.context, 1] if 1 in batches else None
+    asides = {build: field for build, field, on in (
+        ("kv float16", "kv_float16", args.half_cache), ("kernels", f"kernels_{args.compare_kernels}",
+                                                         args.compare_kernels),
+        ("small pages", "small_pages", args.compare_small_pages)) if on}
     rows = []
     for b in batches:
         s = step["this", args.context, b]
@@ -242,22 +246,14 @@ def main() -> None:
             old = step[args.baseline, args.context, b]
             row["baseline_step_seconds"] = round(old, 4)
             row["baseline_tokens_per_second"] = round(b / old, 2)
-        if args.half_cache:
-            half, half_one = step["kv float16", args.context, b], step.get(("kv float16", args.context, 1))
-            row["kv_float16"] = {"step_seconds": round(half, 4), "tokens_per_second": round(b / half, 2),
-                                 "speedup_vs_one": round(half_one / half * b, 2) if half_one else None}
-            if args.short_context:
-                row["kv_float16"]["attention_share"] = round(
-                    max(0.0, half - step["kv float16", args.short_context, b]) / half, 3)
-        if args.compare_kernels:
-            other, other_one = step["kernels", args.context, b], step.get(("kernels", args.context, 1))
-            row[f"kernels_{args.compare_kernels}"] = {
-                "step_seconds": round(other, 4), "tokens_per_second": round(b / other, 2),
-                "speedup_vs_one": round(other_one / other * b, 2) if other_one else None}
-        if args.compare_small_pages:
-            small, small_one = step["small pages", args.context, b], step.get(("small pages", args.context, 1))
-            row["small_pages"] = {"step_seconds": round(small, 4), "tokens_per_second": round(b / small, 2),
-                                  "speedup_vs_one": round(small_one / small * b, 2) if small_one else None}
+        for build, field in asides.items():  # contenders beside the main rows, each against its own one stream
+            other, other_one = step[build, args.context, b], step.get((build, args.context, 1))
+            row[field] = {"step_seconds": round(other, 4), "tokens_per_second": round(b / other, 2),
+                          "speedup_vs_one": round(other_one / other * b, 2) if other_one else None}
+        if args.half_cache and args.short_context:
+            half = step["kv float16", args.context, b]
+            row["kv_float16"]["attention_share"] = round(
+                max(0.0, half - step["kv float16", args.short_context, b]) / half, 3)
         for block in blocks[1:]:
             other = step[f"block {block}", args.context, b]
             row[f"block_{block}"] = {"step_seconds": round(other, 4), "tokens_per_second": round(b / other, 2),
@@ -284,7 +280,8 @@ def main() -> None:
                  "revision `baseline`, timed in the same rounds; kv_float16 (with --half-cache): decoders "
                  "keeping their caches in float16; small_pages (with --compare-small-pages): weights and caches "
                  "in memory not advised as huge pages; kernels_X (with --compare-kernels X): the X build of "
-                 "the kernels (avx2: the path AVX2-only CPUs run) on this machine; block_N: the same with weights in blocks of N; "
+                 "the kernels (avx2: the path AVX2-only CPUs run) on this machine; block_N: the same with "
+                 "weights in blocks of N; "
                  "route_lora / route_mixed (with --lora-rank): every sequence on the LoRA route / the routes "
                  "alternating in the batch, against the base-route step of the main rows.",
     }
@@ -301,18 +298,12 @@ def main() -> None:
             f"B={row['batch']} {row[f'route_{route}']['step_seconds'] * 1e3:.0f} ms "
             f"(x{row[f'route_{route}']['x_base_route_step']:.2f}) {row[f'route_{route}']['tokens_per_second']:.2f} "
             "tok/s" for row in rows if f"route_{route}" in row))
-    if args.half_cache:
-        print("float16 caches: " + ", ".join(
-            f"B={row['batch']} {row['kv_float16']['step_seconds'] * 1e3:.0f} ms "
-            f"{row['kv_float16']['tokens_per_second']:.2f} tok/s" for row in rows))
-    if args.compare_kernels:
-        print(f"{args.compare_kernels} kernels: " + ", ".join(
-            f"B={row['batch']} {row[f'kernels_{args.compare_kernels}']['step_seconds'] * 1e3:.0f} ms "
-            f"{row[f'kernels_{args.compare_kernels}']['tokens_per_second']:.2f} tok/s" for row in rows))
-    if args.compare_small_pages:
-        print("4 KiB pages: " + ", ".join(
-            f"B={row['batch']} {row['small_pages']['step_seconds'] * 1e3:.0f} ms "
-            f"{row['small_pages']['tokens_per_second']:.2f} tok/s" for row in rows))
+    labels = {"kv float16": "float16 caches", "kernels": f"{args.compare_kernels} kernels",
+              "small pages": "4 KiB pages"}
+    for build, field in asides.items():
+        print(f"{labels[build]}: " + ", ".join(
+            f"B={row['batch']} {row[field]['step_seconds'] * 1e3:.0f} ms "
+            f"{row[field]['tokens_per_second']:.2f} tok/s" for row in rows))
     for block in blocks[1:]:
         print(f"blocks of {block}: " + ", ".join(
             f"B={row['batch']} {row[f'block_{block}']['step_seconds'] * 1e3:.0f} ms "
