@@ -47,9 +47,12 @@ def _best_seconds(session, feed: dict, output: str, device: str, rounds: int) ->
 
 
 def _slope(bytes_moved: tuple[int, int], seconds: tuple[float, float]) -> float:
-    """GB/s from two sizes; where timer noise makes the larger no slower, the larger size's plain rate."""
+    """GB/s from two sizes. Where noise (a slow spell during the smaller size's calls) leaves the larger size barely
+    slower, the slope would claim a fixed cost above half of the larger call and a rate many times the real one
+    (a busy 2-core CI machine once gave 58,868 GB/s); the larger size's plain rate is reported there instead."""
     extra = seconds[1] - seconds[0]
-    if extra <= 0:
+    fixed = seconds[0] - extra * bytes_moved[0] / (bytes_moved[1] - bytes_moved[0])  # the call's cost at 0 bytes
+    if extra <= 0 or fixed > seconds[1] / 2:
         return bytes_moved[1] / seconds[1] / 1e9
     return (bytes_moved[1] - bytes_moved[0]) / extra / 1e9
 

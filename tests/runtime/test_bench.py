@@ -63,9 +63,12 @@ def test_shipped_probe_graphs_are_the_built_ones():
 def test_device_bandwidth_slope_and_cpu_probe():
     from megaedge.runtime import device_bandwidth
 
-    # 1 GB more costs 1 ms more: 1000 GB/s, whatever the fixed cost of a call (here 5 ms)
-    assert abs(device_bandwidth._slope((10**9, 2 * 10**9), (0.006, 0.007)) - 1000) < 1e-6
+    # 1 GB more costs 1 ms more: 1000 GB/s, whatever the fixed cost of a call (here 1 ms)
+    assert abs(device_bandwidth._slope((10**9, 2 * 10**9), (0.002, 0.003)) - 1000) < 1e-6
     assert device_bandwidth._slope((10**9, 2 * 10**9), (0.007, 0.007)) == 2 * 10**9 / 0.007 / 1e9  # noise guard
+    # a fixed cost of 4 ms in a 7 ms call at the larger size: noise, not a 333 GB/s memory; the plain rate instead
+    assert device_bandwidth._slope((10**9, 2 * 10**9), (0.0055, 0.007)) == 2 * 10**9 / 0.007 / 1e9
+    assert abs(device_bandwidth._slope((10**9, 2 * 10**9), (0.0045, 0.007)) - 400) < 1e-6  # 2 ms fixed: kept
     copy, read = device_bandwidth.device_bandwidths("cpu", mib=32, rounds=3)
     assert 0.1 < copy < 5000 and 0.1 < read < 5000
     with pytest.raises(ValueError, match="not one of"):
