@@ -113,8 +113,9 @@ def baseline_kernels(rev: str, folder: Path) -> kernels.Q8Kernels:
     source = folder / "megaedge" / "assets" / "kernels" / "decoder.c"
     subprocess.run([cc, *kernels.VARIANT_FLAGS["native"][0], "-shared", "-fPIC", "-o", str(out), str(source), "-lm"],
                    check=True)
-    # ABI 7 (before routed branches) reads the same merged-model structs: version 8 only appended fields to me_model
-    return kernels.Q8Kernels(out, origin=f"git {rev}", abis=(7, 8, kernels.ABI_VERSION))
+    # ABI 7-9 read the same merged-model structs but for me_linear's layout field (10; kernels._structs): versions 8
+    # and 9 only appended fields to me_model
+    return kernels.Q8Kernels(out, origin=f"git {rev}", abis=(7, 8, 9, kernels.ABI_VERSION))
 
 
 def main() -> None:
@@ -182,12 +183,15 @@ def main() -> None:
             builds["small pages"] = native_decode.NativeDecoder(folder, info, built, threads=threads)
             builds["small pages"].wait_loaded()
             native_decode._Arena.HUGE_PAGES = True
+        others = {}
         if args.compare_kernels:
-            other = kernels.Q8Kernels(kernels.build(variant=args.compare_kernels))
-            builds["kernels"] = native_decode.NativeDecoder(folder, info, other, threads=threads, _weights=base._w)
+            others["kernels"] = kernels.Q8Kernels(kernels.build(variant=args.compare_kernels))
         if args.baseline:
-            other = baseline_kernels(args.baseline, folder)
-            builds[args.baseline] = native_decode.NativeDecoder(folder, info, other, threads=threads, _weights=base._w)
+            others[args.baseline] = baseline_kernels(args.baseline, folder)
+        for name, other in others.items():  # weights of their own where those kernels read another layout
+            builds[name] = native_decode.NativeDecoder(folder, info, other, threads=threads,
+                                                       _weights=base._w if base._w.suits(other) else None)
+            builds[name].wait_loaded()
         rng = np.random.default_rng(1)
         # routes: each sequence's gate (a merged decoder has no branches and ignores it)
         routes = {"base": lambda b: [0.0] * b}

@@ -28,6 +28,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -41,7 +42,7 @@ SOURCE = KERNEL_DIR / "decoder.c"  # the one translation unit; it includes the o
 SOURCES = tuple(sorted(path for path in KERNEL_DIR.iterdir() if path.suffix in (".c", ".h", ".py")))
 PREBUILT_DIR = Path(__file__).resolve().parents[1] / "_kernels"  # written by build_kernels.py
 PREBUILT_MANIFEST = "BUILD.json"
-ABI_VERSION = 9
+ABI_VERSION = 10
 MAX_BATCH = 16  # ME_MAX_BATCH in decode_batch.h
 ISA_NAMES = {4: "avx512-vnni+amx", 2: "avx512-vnni", 1: "avx2", 3: "arm-dotprod", 0: "portable-c"}
 # -ffp-contract=off: one rounding per operation however the compiler unrolls or vectorizes a loop, so a row computed
@@ -115,34 +116,43 @@ def build(force: bool = False, portable: bool = False, variant: str = "native") 
     raise RuntimeError(f"{cc} could not build {SOURCE.name} ({'; '.join(errors)})")
 
 
-class LinearStruct(ctypes.Structure):
-    """``me_linear``: one MatMulNBits weight, uint8 [n, nb, blk] and float32 scales [n, nb]."""
-    _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
-                ("nb", ctypes.c_int32), ("blk", ctypes.c_int32)]
+def _structs(abi: int) -> SimpleNamespace:
+    """The ctypes mirrors of the kernel library's structs at ABI ``abi`` (a benchmark may load an earlier revision's
+    library beside this one; before ABI 10 ``me_linear`` had no ``packed`` field)."""
+
+    class LinearStruct(ctypes.Structure):
+        """``me_linear``: one MatMulNBits weight, uint8 [n, nb, blk] and float32 scales [n, nb], or those rows in
+        the library's packed layout (``packed``: the rows per group, me_pack_q8; 0: the row layout)."""
+        _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
+                    ("nb", ctypes.c_int32), ("blk", ctypes.c_int32)] + ([("packed", ctypes.c_int32)] if abi >= 10
+                                                                         else [])
+
+    class LayerStruct(ctypes.Structure):
+        """``me_layer``: a decoder layer's projections, norm weights and KV cache ([kv_heads, capacity, dim] of
+        float32, or of float16 where the model's ``kv_half`` says so)."""
+        _fields_ = [*[(name, LinearStruct) for name in ("q", "k", "v", "o", "gate", "up", "down")],
+                    *[(name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "q_norm", "k_norm", "keys",
+                                                            "values")]]
+
+    class LoraStruct(ctypes.Structure):
+        """``me_lora``: a routed decoder's low-rank branch of one projection, float32 A [k, rank] and B [rank, n]."""
+        _fields_ = [("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("rank", ctypes.c_int32)]
+
+    class ModelStruct(ctypes.Structure):
+        """``me_model``: geometry, layers, final norm and LM head of one decoder step; a routed decoder's branches
+        ([layers * 7] in NATIVE_PROJECTIONS order, or NULL), this sequence's gate (1: the LoRA route, 0: the
+        base) and its caches' type (``kv_half`` 1: float16)."""
+        _fields_ = [*[(name, ctypes.c_int32) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim",
+                                                           "intermediate", "capacity", "vocab")],
+                    ("eps", ctypes.c_float), ("scaling", ctypes.c_float), ("layer", ctypes.POINTER(LayerStruct)),
+                    ("lm_head", LinearStruct), ("final_norm", ctypes.c_void_p),
+                    ("lora", ctypes.POINTER(LoraStruct)), ("lora_gate", ctypes.c_float), ("kv_half", ctypes.c_int32)]
+
+    return SimpleNamespace(Linear=LinearStruct, Layer=LayerStruct, Lora=LoraStruct, Model=ModelStruct)
 
 
-class LayerStruct(ctypes.Structure):
-    """``me_layer``: a decoder layer's projections, norm weights and KV cache ([kv_heads, capacity, dim] of float32,
-    or of float16 where the model's ``kv_half`` says so)."""
-    _fields_ = [*[(name, LinearStruct) for name in ("q", "k", "v", "o", "gate", "up", "down")],
-                *[(name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "q_norm", "k_norm", "keys",
-                                                        "values")]]
-
-
-class LoraStruct(ctypes.Structure):
-    """``me_lora``: a routed decoder's low-rank branch of one projection, float32 A [k, rank] and B [rank, n]."""
-    _fields_ = [("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("rank", ctypes.c_int32)]
-
-
-class ModelStruct(ctypes.Structure):
-    """``me_model``: geometry, layers, final norm and LM head of one decoder step; a routed decoder's branches
-    ([layers * 7] in NATIVE_PROJECTIONS order, or NULL), this sequence's gate (1: the LoRA route, 0: the base)
-    and its caches' type (``kv_half`` 1: float16)."""
-    _fields_ = [*[(name, ctypes.c_int32) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim",
-                                                       "intermediate", "capacity", "vocab")],
-                ("eps", ctypes.c_float), ("scaling", ctypes.c_float), ("layer", ctypes.POINTER(LayerStruct)),
-                ("lm_head", LinearStruct), ("final_norm", ctypes.c_void_p), ("lora", ctypes.POINTER(LoraStruct)),
-                ("lora_gate", ctypes.c_float), ("kv_half", ctypes.c_int32)]
+STRUCTS = _structs(ABI_VERSION)
+LinearStruct, LayerStruct, LoraStruct, ModelStruct = STRUCTS.Linear, STRUCTS.Layer, STRUCTS.Lora, STRUCTS.Model
 
 
 @dataclass(frozen=True)
@@ -167,20 +177,28 @@ class Q8Kernels:
         if lib.me_abi_version() not in abis:
             raise RuntimeError(f"{path.name}: kernel ABI {lib.me_abi_version()}, this megaedge needs {ABI_VERSION}")
         p, i = ctypes.c_void_p, ctypes.c_int
+        self.abi = lib.me_abi_version()
+        self.structs = structs = STRUCTS if self.abi == ABI_VERSION else _structs(self.abi)
+        model = structs.Model
         lib.me_quantize.argtypes = [p, p, ctypes.c_float, i, i, i, p, p, p, p]
         lib.me_quantize.restype = None
-        lib.me_gemv_q8.argtypes = [p, p, p, p, p, p, i, i, i, i]
+        lib.me_gemv_q8.argtypes = [p, p, p, p, p, p, i, i, i, i] + ([i] if self.abi >= 10 else [])
         lib.me_gemv_q8.restype = None
-        lib.me_gemm_q8.argtypes = [p, p, p, p, p, p, i, i, i, i, i]
+        lib.me_gemm_q8.argtypes = [p, p, p, p, p, p, i, i, i, i, i] + ([i] if self.abi >= 10 else [])
         lib.me_gemm_q8.restype = ctypes.c_int
-        lib.me_decode_step.argtypes = [ctypes.POINTER(ModelStruct), p, i, p, p, p, i]
+        lib.me_decode_step.argtypes = [ctypes.POINTER(model), p, i, p, p, p, i]
         lib.me_decode_step.restype = ctypes.c_int
-        lib.me_decode_batch.argtypes = [ctypes.POINTER(ctypes.POINTER(ModelStruct)), i, p, p, p, p, p, i]
+        lib.me_decode_batch.argtypes = [ctypes.POINTER(ctypes.POINTER(model)), i, p, p, p, p, p, i]
         lib.me_decode_batch.restype = ctypes.c_int
-        lib.me_prefill.argtypes = [ctypes.POINTER(ModelStruct), p, i, i, p, p, p, i, i]
+        lib.me_prefill.argtypes = [ctypes.POINTER(model), p, i, i, p, p, p, i, i]
         lib.me_prefill.restype = ctypes.c_int
         lib.me_conv_stem.argtypes = [p, i, i, i, i, p, p, i, p, p, p, p, p, p, i, p, i]
         lib.me_conv_stem.restype = ctypes.c_int
+        if self.abi >= 10:
+            lib.me_pack_lanes.argtypes = [i]
+            lib.me_pack_lanes.restype = i
+            lib.me_pack_q8.argtypes = [p, p, i, i, i, p, p]
+            lib.me_pack_q8.restype = i
         self._lib, self.path, self.variant, self.origin = lib, path, variant, origin
         self.isa = ISA_NAMES.get(lib.me_isa(), "unknown")
 
@@ -195,12 +213,55 @@ class Q8Kernels:
                               None if scratch is None else scratch.ctypes.data)
         return out
 
-    def gemv(self, weight: np.ndarray, scales: np.ndarray, x: Quantized, out: np.ndarray, threads: int) -> np.ndarray:
-        """out[n] = sum over blocks of scales[n, b] * x.scales[b] * <weight[n, b] - 128, x.q[b]>."""
-        n, blocks, block = weight.shape
+    def gemv(self, weight: np.ndarray, scales: np.ndarray, x: Quantized, out: np.ndarray, threads: int,
+             packed: int = 0) -> np.ndarray:
+        """out[n] = sum over blocks of scales[n, b] * x.scales[b] * <weight[n, b] - 128, x.q[b]>; with ``packed``
+        the weights and scales are ``pack_matrix``'s (n: out's length)."""
+        n, blocks, block = (out.shape[0], *weight.shape[1:]) if packed else weight.shape
         self._lib.me_gemv_q8(weight.ctypes.data, scales.ctypes.data, x.q.ctypes.data, x.scales.ctypes.data,
-                             x.sums.ctypes.data, out.ctypes.data, n, blocks, block, threads)
+                             x.sums.ctypes.data, out.ctypes.data, n, blocks, block, threads, *self._layout(packed))
         return out
+
+    def pack_matrix(self, weight: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """(weights, scales, lanes) of ``weight`` [n, blocks, block] in this library's packed layout (``pack``):
+        [rows rounded up to lanes, blocks, block] in 64-byte aligned memory; lanes 0 and the inputs where this
+        library keeps that block size in the row layout."""
+        n, blocks, block = weight.shape
+        lanes = self.pack_lanes(block)
+        if not lanes:
+            return weight, scales, 0
+        rows = -(-n // lanes) * lanes
+        room = np.empty(rows * blocks * block + 64, np.uint8)
+        start = -room.ctypes.data % 64
+        out = room[start : start + rows * blocks * block].reshape(rows, blocks, block)
+        out_scales = np.empty((rows, blocks), np.float32)
+        self.pack(np.ascontiguousarray(weight), np.ascontiguousarray(scales, np.float32), out, out_scales)
+        return out, out_scales, lanes
+
+    def _layout(self, packed: int) -> tuple[int, ...]:
+        """The products' layout argument (none before ABI 10, whose products read the row layout only)."""
+        if self.abi < 10 and packed:
+            raise ValueError(f"{self.path.name}: kernel ABI {self.abi} reads no packed weights")
+        return (packed,) if self.abi >= 10 else ()
+
+    def pack_lanes(self, block: int) -> int:
+        """Rows per group where this library keeps a matrix of ``block``-sized blocks packed (``pack``), else 0:
+        then its decode and prompt products read the packed layout in place."""
+        return self._lib.me_pack_lanes(block) if self.abi >= 10 else 0
+
+    def pack(self, weight: np.ndarray, scales: np.ndarray, out_weight: np.ndarray, out_scales: np.ndarray) -> None:
+        """Rows weight uint8 [n, blocks, block] and scales float32 [n, blocks] into the packed layout (me_pack_q8):
+        out_weight holds ceil(n / lanes) * lanes * blocks * block bytes (64-byte aligned), out_scales as many
+        scales as that many rows have; rows past n are zero weights."""
+        n, blocks, block = weight.shape
+        lanes = self.pack_lanes(block)
+        rows = -(-n // lanes) * lanes if lanes else 0
+        if (not lanes or scales.shape != (n, blocks) or out_weight.nbytes < rows * blocks * block
+                or out_scales.size < rows * blocks
+                or out_weight.ctypes.data % 64 or not weight.flags.c_contiguous or not scales.flags.c_contiguous):
+            raise ValueError(f"native pack: {weight.shape} into {out_weight.nbytes} bytes with {lanes} lanes")
+        self._lib.me_pack_q8(weight.ctypes.data, scales.ctypes.data, n, blocks, block, out_weight.ctypes.data,
+                             out_scales.ctypes.data)
 
     def quantize_rows(self, x: np.ndarray, block: int, blocks: int) -> Quantized:
         """``quantize`` of every row of x [rows, k]: q [rows, blocks * block], scales and sums [rows, blocks]."""
@@ -208,11 +269,13 @@ class Q8Kernels:
         return Quantized(np.stack([p.q for p in parts]), np.stack([p.scales for p in parts]),
                          np.stack([p.sums for p in parts]))
 
-    def gemm(self, weight: np.ndarray, scales: np.ndarray, x: Quantized, out: np.ndarray, threads: int) -> np.ndarray:
+    def gemm(self, weight: np.ndarray, scales: np.ndarray, x: Quantized, out: np.ndarray, threads: int,
+             packed: int = 0) -> np.ndarray:
         """``gemv`` of every row of ``x`` (from ``quantize_rows``) in one pass over the weights: out [rows, n]."""
-        n, blocks, block = weight.shape
+        n, blocks, block = (out.shape[1], *weight.shape[1:]) if packed else weight.shape
         if self._lib.me_gemm_q8(weight.ctypes.data, scales.ctypes.data, x.q.ctypes.data, x.scales.ctypes.data,
-                                x.sums.ctypes.data, out.ctypes.data, x.q.shape[0], n, blocks, block, threads) != 0:
+                                x.sums.ctypes.data, out.ctypes.data, x.q.shape[0], n, blocks, block, threads,
+                                *self._layout(packed)) != 0:
             raise MemoryError("native matrix product: no memory for its packing buffers")
         return out
 
@@ -221,7 +284,7 @@ class Q8Kernels:
         """One decoder step of each of ``models`` (sequences over the same weights, each with its own caches; see
         decode_batch.h, me_decode_batch): x [B, hidden] embeddings, overwritten; pos int32 [B]; cos/sin
         [B, head_dim]; logits [B, vocab] written. Each sequence gets the bits ``decode_step`` gives it alone."""
-        pointers = (ctypes.POINTER(ModelStruct) * len(models))(*[ctypes.pointer(m) for m in models])
+        pointers = (ctypes.POINTER(self.structs.Model) * len(models))(*[ctypes.pointer(m) for m in models])
         status = self._lib.me_decode_batch(pointers, len(models), x.ctypes.data, pos.ctypes.data, cos.ctypes.data,
                                            sin.ctypes.data, logits.ctypes.data, threads)
         if status == -2:

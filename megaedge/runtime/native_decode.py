@@ -83,23 +83,25 @@ class _Arena:
 
 @dataclass(frozen=True)
 class Linear:
-    weight: np.ndarray  # uint8 [N, blocks, block] (value + 128)
-    scales: np.ndarray  # float32 [N, blocks]
+    weight: np.ndarray  # uint8 [N, blocks, block] (value + 128); packed: the kernels' layout of whole groups
+    scales: np.ndarray  # float32 [N, blocks]; packed: as the kernels' layout orders them
     k: int
     lora_a: np.ndarray | None = None  # a routed decoder's branch: float32 [k, rank] and [rank, N]
     lora_b: np.ndarray | None = None
+    packed: int = 0  # rows per group of the kernels' packed layout (Q8Kernels.pack), 0: the row layout
+    shape: tuple[int, int, int] | None = None  # (N, blocks, block) where ``weight`` is packed
 
     @property
     def n(self) -> int:
-        return self.weight.shape[0]
+        return (self.shape or self.weight.shape)[0]
 
     @property
     def blocks(self) -> int:
-        return self.weight.shape[1]
+        return (self.shape or self.weight.shape)[1]
 
     @property
     def block(self) -> int:
-        return self.weight.shape[2]
+        return (self.shape or self.weight.shape)[2]
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,61 @@ def _linear(tensors: _Tensors, entry: dict, arena: _Arena | None = None) -> Line
     return Linear(weight, scales, entry["k"], a.reshape(entry["k"], rank), b.reshape(rank, n))
 
 
+PACK_CHUNK = 16 << 20  # bytes of rows read at a time where the kernels repack them
+
+
+def _read_into(path: Path, offset: int, out: np.ndarray) -> None:
+    """``out.nbytes`` bytes of ``path`` from ``offset`` into ``out`` with plain reads (see ``_Tensors.read``)."""
+    view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        while done < len(view):  # one read returns at most ~2 GiB on Linux
+            got = f.readinto(view[done:])
+            if not got:
+                raise MegaedgeError(f"{path.name}: ends before byte {offset + len(view)}; the bundle is truncated: "
+                                    "export it again")
+            done += got
+
+
+def _packed_bytes(entry: dict, lanes: int) -> int:
+    """Arena bytes of one projection packed in groups of ``lanes`` rows: weights, scales, a branch's factors."""
+    rows = -(-entry["n"] // lanes) * lanes
+    blocks = -(-entry["k"] // entry["block"])
+    refs = [entry["lora"][key] for key in ("a", "b") if entry.get("lora") and "key" not in entry["lora"][key]]
+    return (_Arena.room(rows * blocks * entry["block"]) + _Arena.room(rows * blocks * 4)
+            + sum(_Arena.room(ref["length"]) for ref in refs))
+
+
+def _packed_linear(tensors: _Tensors, entry: dict, arena: _Arena, lanes: int, kernels) -> Linear:
+    """One projection in ``arena`` in the kernels' packed layout: rows read from the file a chunk at a time and
+    repacked by the kernels into their place."""
+    n, block, wref, sref = entry["n"], entry["block"], entry["weight"], entry["scales"]
+    blocks = -(-entry["k"] // block)
+    row_bytes, groups = blocks * block, -(-n // lanes)
+    weight = arena.take(groups * lanes * row_bytes)
+    scales = arena.take(groups * lanes * blocks * 4).view(np.float32)
+    whole = "key" in wref or "key" in sref  # a test bundle's sidecar arrays: in memory already
+    rows = n if whole else max(lanes, PACK_CHUNK // row_bytes // lanes * lanes)
+    chunk_w = np.empty((rows, blocks, block), np.uint8)
+    chunk_s = np.empty((rows, blocks), sref["dtype"])
+    for first in range(0, n, rows):
+        count = min(rows, n - first)
+        if whole:
+            chunk_w[:], chunk_s[:] = tensors(wref).reshape(n, blocks, block), tensors(sref).reshape(n, blocks)
+        else:
+            _read_into(tensors.bundle / wref["file"], wref["offset"] + first * row_bytes, chunk_w[:count])
+            _read_into(tensors.bundle / sref["file"], sref["offset"] + first * chunk_s[0].nbytes, chunk_s[:count])
+        at = first // lanes * lanes  # a chunk is whole groups
+        kernels.pack(chunk_w[:count], np.ascontiguousarray(chunk_s[:count], np.float32), weight[at * row_bytes :],
+                     scales[at * blocks :])
+    lora = {}
+    if entry.get("lora") is not None:
+        rank = entry["lora"]["rank"]
+        a, b = (np.ascontiguousarray(tensors.read(entry["lora"][key], arena), np.float32) for key in ("a", "b"))
+        lora = {"lora_a": a.reshape(entry["k"], rank), "lora_b": b.reshape(rank, n)}
+    return Linear(weight, scales, entry["k"], packed=lanes, shape=(n, blocks, block), **lora)
+
+
 def _refs(entry: dict) -> list[dict]:
     """The file tensors of one projection's index entry (weights, scales, a branch's factors)."""
     refs = [entry["weight"], entry["scales"]] + [entry["lora"][key] for key in ("a", "b") if entry.get("lora")]
@@ -198,8 +255,14 @@ class _Weights:
     for the one change-over from the file map to the in-memory copy (``NativeDecoder`` docstring), which replaces
     whole lists: a reader sees either the old or the new list, both valid for as long as it holds them."""
 
-    def __init__(self, bundle: Path, info: manifest.Manifest, in_memory: bool):
+    def __init__(self, bundle: Path, info: manifest.Manifest, in_memory: bool, kernels=None):
         index = self.index = info.decoder["native"]
+        # the layout each block size is kept in: packed where the kernels read packed weights (Q8Kernels.pack)
+        blocks = {entry["block"] for layer in index["layers"] for entry in layer.values()
+                  if isinstance(entry, dict) and "block" in entry} | {index["lm_head"]["block"]}
+        self.lanes = {block: kernels.pack_lanes(block) if kernels is not None and in_memory else 0
+                      for block in blocks}
+        self._kernels = kernels
         tensors = self.tensors = _Tensors(bundle)
         self.layers = [Layer(**{name: _linear(tensors, entry[name]) for name in PROJECTIONS},
                              **{name: tensors(entry[name]).astype(np.float32)
@@ -223,13 +286,24 @@ class _Weights:
     def _load_in_memory(self) -> None:
         t0 = time.perf_counter()
         entries = [entry[name] for entry in self.index["layers"] for name in PROJECTIONS] + [self.index["lm_head"]]
-        arena = _Arena(sum(_Arena.room(ref["length"]) for entry in entries for ref in _refs(entry)))
-        read = lambda entry: _linear(self.tensors, entry, arena)  # noqa: E731
+        lanes = lambda entry: self.lanes[entry["block"]]  # noqa: E731
+        arena = _Arena(sum(_packed_bytes(entry, lanes(entry)) if lanes(entry) else
+                           sum(_Arena.room(ref["length"]) for ref in _refs(entry)) for entry in entries))
+
+        def read(entry: dict) -> Linear:
+            if lanes(entry):
+                return _packed_linear(self.tensors, entry, arena, lanes(entry), self._kernels)
+            return _linear(self.tensors, entry, arena)
+
         layers = [replace(layer, **{name: read(entry[name]) for name in PROJECTIONS})
                   for layer, entry in zip(self.layers, self.index["layers"])]
         self.lm_head, self.layers = read(self.index["lm_head"]), layers
         self.load_seconds = time.perf_counter() - t0
         log.info("decoder weights in memory in %.2f s", self.load_seconds)
+
+    def suits(self, kernels) -> bool:
+        """Whether ``kernels`` read these weights in the layout they are kept in."""
+        return all(lanes in (0, kernels.pack_lanes(block)) for block, lanes in self.lanes.items())
 
     @property
     def loading(self) -> bool:
@@ -264,7 +338,10 @@ class NativeDecoder:
                                 "the cache")
         self.kv_cache, self._kv_dtype = kv_cache, KV_CACHES[kv_cache]
         self.bundle, self.info = bundle, info
-        self._w = _weights or _Weights(bundle, info, in_memory)
+        if _weights is not None and not _weights.suits(kernels):
+            raise MegaedgeError(f"{kernels.path.name} reads its weights in another layout than the shared ones; "
+                                "load them for it")
+        self._w = _weights or _Weights(bundle, info, in_memory, kernels)
         index = self._w.index
         self.kernels, self.threads = kernels, threads or 1
         self.heads, self.kv_heads, self.head_dim = index["heads"], index["kv_heads"], index["head_dim"]
@@ -323,12 +400,14 @@ class NativeDecoder:
     # ------------------------------------------------------------------------------------------- step
     def _model_struct(self) -> kernels.ModelStruct:
         """The C view of the weights and caches; pointers into arrays this object keeps alive."""
-        def linear(item: Linear) -> kernels.LinearStruct:
-            return kernels.LinearStruct(item.weight.ctypes.data, item.scales.ctypes.data, item.n, item.k,
-                                        item.blocks, item.block)
+        structs = self.kernels.structs  # this library's revision of them
+
+        def linear(item: Linear):
+            fields = (item.weight.ctypes.data, item.scales.ctypes.data, item.n, item.k, item.blocks, item.block)
+            return structs.Linear(*fields, item.packed) if self.kernels.abi >= 10 else structs.Linear(*fields)
 
         weights, head = self._w.layers, self._w.lm_head  # one consistent set (see _Weights)
-        layers = (kernels.LayerStruct * len(weights))()
+        layers = (structs.Layer * len(weights))()
         for layer, struct, keys, values in zip(weights, layers, self.keys, self.values):
             for name in PROJECTIONS:
                 setattr(struct, name, linear(getattr(layer, name)))
@@ -338,7 +417,7 @@ class NativeDecoder:
         first = weights[0]
         branches = None
         if any(getattr(layer, name).lora_a is not None for layer in weights for name in PROJECTIONS):
-            branches = (kernels.LoraStruct * (len(weights) * len(PROJECTIONS)))()
+            branches = (structs.Lora * (len(weights) * len(PROJECTIONS)))()
             slots = iter(branches)
             for layer in weights:
                 for name in PROJECTIONS:
@@ -346,10 +425,10 @@ class NativeDecoder:
                     if item.lora_a is not None:
                         slot.a, slot.b = item.lora_a.ctypes.data, item.lora_b.ctypes.data
                         slot.rank = item.lora_a.shape[1]
-        model = kernels.ModelStruct(len(weights), self.hidden, self.heads, self.kv_heads, self.head_dim,
-                                    first.gate.n, self.keys[0].shape[1], head.n, self.eps, self.scaling,
-                                    layers, linear(head), self._w.final_norm.ctypes.data, branches, 0.0,
-                                    int(self._kv_dtype is np.float16))
+        model = structs.Model(len(weights), self.hidden, self.heads, self.kv_heads, self.head_dim,
+                              first.gate.n, self.keys[0].shape[1], head.n, self.eps, self.scaling,
+                              layers, linear(head), self._w.final_norm.ctypes.data, branches, 0.0,
+                              int(self._kv_dtype is np.float16))
         # What the struct points at must live as long as it: the C arrays, and the weights and caches they name.
         model._keep = (layers, branches, weights, head, list(self.keys), list(self.values))
         return model

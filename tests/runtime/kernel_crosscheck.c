@@ -29,26 +29,45 @@ static float *floats(size_t count, float lo, float hi) {
 
 static me_linear linear(int n, int k, int blk) {
     int nb = (k + blk - 1) / blk;
-    me_linear m = {bytes((size_t)n * nb * blk), floats((size_t)n * nb, 0.001f, 0.02f), n, k, nb, blk};
+    me_linear m = {bytes((size_t)n * nb * blk), floats((size_t)n * nb, 0.001f, 0.02f), n, k, nb, blk, 0};
+    return m;
+}
+
+/* m in the build's packed layout where it keeps one for this block size (me_pack_lanes), else m itself */
+static me_linear packed_copy(me_linear m) {
+    const int lanes = me_pack_lanes(m.blk);
+    if (!lanes) return m;
+    const size_t rows = (size_t)(m.n + lanes - 1) / lanes * lanes, bytes = rows * m.nb * m.blk;
+    uint8_t *pw = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    float *ps = malloc(sizeof(float) * rows * m.nb);
+    if (me_pack_q8(m.w, m.s, m.n, m.nb, m.blk, pw, ps) != 0) {
+        fprintf(stderr, "me_pack_q8 failed\n");
+        exit(1);
+    }
+    m.w = pw;
+    m.s = ps;
+    m.packed = lanes;
     return m;
 }
 
 /* y = W x for one shape, block size and thread count; prints "gemv n k blk threads" then the values */
-static void gemv_case(int n, int k, int blk, int threads) {
+static void gemv_case(int n, int k, int blk, int threads, int packed) {
     me_linear m = linear(n, k, blk);
+    if (packed) m = packed_copy(m);
     float *x = floats((size_t)k, -3.f, 3.f), *y = calloc((size_t)n, sizeof(float));
     float *scratch = malloc(sizeof(float) * k), *sa = malloc(sizeof(float) * m.nb);
     int8_t *q = calloc((size_t)m.nb * blk, 1);
     int32_t *asum = malloc(sizeof(int32_t) * m.nb);
     me_quantize(x, NULL, 0.f, k, blk, m.nb, q, sa, asum, scratch);
-    me_gemv_q8(m.w, m.s, q, sa, asum, y, n, m.nb, blk, threads);
-    printf("gemv %d %d %d %d\n", n, k, blk, threads);
+    me_gemv_q8(m.w, m.s, q, sa, asum, y, n, m.nb, blk, threads, m.packed);
+    printf("gemv %d %d %d %d%s\n", n, k, blk, threads, packed ? " packed" : "");
     for (int i = 0; i < n; i++) printf("%a\n", y[i]);
 }
 
 /* Y = A W^T for `rows` activation rows (the prompt's product); prints "gemm n k blk rows threads" then the values */
-static void gemm_case(int n, int k, int blk, int rows, int threads) {
+static void gemm_case(int n, int k, int blk, int rows, int threads, int packed) {
     me_linear m = linear(n, k, blk);
+    if (packed) m = packed_copy(m);
     const size_t stride = (size_t)m.nb * blk;
     float *x = floats((size_t)k * rows, -3.f, 3.f), *y = calloc((size_t)n * rows, sizeof(float));
     float *scratch = malloc(sizeof(float) * k), *sa = malloc(sizeof(float) * m.nb * rows);
@@ -56,11 +75,11 @@ static void gemm_case(int n, int k, int blk, int rows, int threads) {
     int32_t *asum = malloc(sizeof(int32_t) * m.nb * rows);
     for (int r = 0; r < rows; r++)
         me_quantize(x + (size_t)r * k, NULL, 0.f, k, blk, m.nb, q + r * stride, sa + r * m.nb, asum + r * m.nb, scratch);
-    if (me_gemm_q8(m.w, m.s, q, sa, asum, y, rows, n, m.nb, blk, threads) != 0) {
+    if (me_gemm_q8(m.w, m.s, q, sa, asum, y, rows, n, m.nb, blk, threads, m.packed) != 0) {
         fprintf(stderr, "me_gemm_q8 failed\n");
         exit(1);
     }
-    printf("gemm %d %d %d %d %d\n", n, k, blk, rows, threads);
+    printf("gemm %d %d %d %d %d%s\n", n, k, blk, rows, threads, packed ? " packed" : "");
     for (int i = 0; i < n * rows; i++) printf("%a\n", y[i]);
 }
 
@@ -68,7 +87,8 @@ static void gemm_case(int n, int k, int blk, int rows, int threads) {
    first prefilled (rows 0-2, then 3-4, as chunks) and the steps follow at 5-7; prints "prefill" then the logits of
    rows 3 and 4. With `half` the caches hold half floats (me_model.kv_half) and the headers end in "half"; heads of
    `dim` values (16, or 128 as Qwen3's, which AVX512 builds attend over half caches in a form of their own) */
-static void decode_case(int threads, int prompt, int half, int dim) {
+static void decode_case(int threads, int prompt, int half, int dim, const char *tag) {
+    const int packed = tag[0] == 'p';  /* "packed": every matrix in the build's packed layout */
     const int layers = 2, hidden = 64, heads = 4, kv_heads = 2, inter = 96, cap = 8, vocab = 50, blk = 32;
     me_layer layer[2];
     for (int i = 0; i < layers; i++) {
@@ -78,11 +98,16 @@ static void decode_case(int threads, int prompt, int half, int dim) {
                       floats(hidden, 0.5f, 1.5f), floats(hidden, 0.5f, 1.5f), floats(dim, 0.5f, 1.5f),
                       floats(dim, 0.5f, 1.5f), calloc((size_t)kv_heads * cap * dim, sizeof(float)),
                       calloc((size_t)kv_heads * cap * dim, sizeof(float))};
+        if (packed) {
+            me_linear *all[] = {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down};
+            for (int j = 0; j < 7; j++) *all[j] = packed_copy(*all[j]);
+        }
         layer[i] = l;
     }
     me_model m = {layers, hidden, heads, kv_heads, dim, inter, cap, vocab, 1e-6f, 0.25f, layer,
                   linear(vocab, hidden, blk), floats(hidden, 0.5f, 1.5f)};
     m.kv_half = half;  /* the float-sized caches above hold the halves too */
+    if (packed) m.lm_head = packed_copy(m.lm_head);
     float *logits = malloc(sizeof(float) * 2 * vocab);
     const int first = prompt ? 5 : 0;
     if (prompt) {
@@ -93,7 +118,8 @@ static void decode_case(int threads, int prompt, int half, int dim) {
             fprintf(stderr, "me_prefill failed\n");
             exit(1);
         }
-        printf("prefill %d%s%s\n", threads, half ? " half" : "", dim == 16 ? "" : " dim128");  /* the logits of both rows of the second call */
+        /* the logits of both rows of the second call */
+        printf("prefill %d%s%s%s\n", threads, half ? " half" : "", dim == 16 ? "" : " dim128", tag);
         for (int i = 0; i < 2 * vocab; i++) printf("%a\n", logits[i]);
     }
     for (int pos = first; pos < first + 3; pos++) {
@@ -102,7 +128,7 @@ static void decode_case(int threads, int prompt, int half, int dim) {
             fprintf(stderr, "me_decode_step failed\n");
             exit(1);
         }
-        printf("step %d %d %d%s%s\n", pos, threads, prompt, half ? " half" : "", dim == 16 ? "" : " dim128");
+        printf("step %d %d %d%s%s%s\n", pos, threads, prompt, half ? " half" : "", dim == 16 ? "" : " dim128", tag);
         for (int i = 0; i < vocab; i++) printf("%a\n", logits[i]);
     }
 }
@@ -135,25 +161,44 @@ int main(void) {
     const int blocks[] = {16, 32, 64, 128};
     for (int b = 0; b < 4; b++)
         for (int threads = 1; threads <= 3; threads += 2) {
-            gemv_case(37, 4 * blocks[b], blocks[b], threads);
-            gemv_case(9, 3 * blocks[b] - 5, blocks[b], threads);  /* padded last block */
+            gemv_case(37, 4 * blocks[b], blocks[b], threads, 0);
+            gemv_case(9, 3 * blocks[b] - 5, blocks[b], threads, 0);  /* padded last block */
         }
-    for (int threads = 1; threads <= 3; threads += 2) decode_case(threads, 0, 0, 16);
+    for (int threads = 1; threads <= 3; threads += 2) decode_case(threads, 0, 0, 16, "");
     /* added later, after the cases above so that those keep their inputs */
     for (int threads = 1; threads <= 3; threads += 2) {
-        gemm_case(37, 4 * 32, 32, 6, threads);  /* a partial row group and partial weight groups */
-        gemm_case(40, 3 * 128 - 5, 128, 9, threads);
-        gemm_case(19, 64, 16, 1, threads);
+        gemm_case(37, 4 * 32, 32, 6, threads, 0);  /* a partial row group and partial weight groups */
+        gemm_case(40, 3 * 128 - 5, 128, 9, threads, 0);
+        gemm_case(19, 64, 16, 1, threads, 0);
     }
-    for (int threads = 1; threads <= 3; threads += 2) decode_case(threads, 1, 0, 16);
+    for (int threads = 1; threads <= 3; threads += 2) decode_case(threads, 1, 0, 16, "");
     for (int threads = 1; threads <= 3; threads += 2) {
         stem_case(40, 20, 30, 2, 2, 64, threads);
         stem_case(130, 16, 20, 1, 1, 128, threads);
     }
-    for (int threads = 1; threads <= 3; threads += 2) decode_case(threads, 1, 1, 16);  /* half-float caches */
+    for (int threads = 1; threads <= 3; threads += 2) decode_case(threads, 1, 1, 16, "");  /* half-float caches */
     for (int threads = 1; threads <= 3; threads += 2) {  /* heads of 128 over both caches */
-        decode_case(threads, 1, 0, 128);
-        decode_case(threads, 1, 1, 128);
+        decode_case(threads, 1, 0, 128, "");
+        decode_case(threads, 1, 1, 128, "");
     }
+    /* the packed layout (me_pack_q8) where the build keeps one: its products, and decoder steps over packed
+       weights, each run on the inputs of a row-layout twin ("rows") that must give the same bits */
+    for (int b = 0; b < 4; b++)
+        for (int threads = 1; threads <= 3; threads += 2) {
+            gemv_case(37, 4 * blocks[b], blocks[b], threads, 1);
+            gemv_case(9, 3 * blocks[b] - 5, blocks[b], threads, 1);
+        }
+    for (int threads = 1; threads <= 3; threads += 2) {
+        gemm_case(37, 4 * 32, 32, 6, threads, 1);
+        gemm_case(40, 3 * 128 - 5, 128, 9, threads, 1);
+        gemm_case(19, 64, 16, 1, threads, 1);
+    }
+    for (int threads = 1; threads <= 3; threads += 2)
+        for (int dim = 16; dim <= 128; dim *= 8) {
+            const uint64_t inputs = state;
+            decode_case(threads, 1, 0, dim, " rows");
+            state = inputs;
+            decode_case(threads, 1, 0, dim, " packed");
+        }
     return 0;
 }

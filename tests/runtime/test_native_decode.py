@@ -77,6 +77,37 @@ def test_prompt_product_is_the_same_arithmetic_on_every_build(n, k, block, rows,
 
 
 @needs_kernel
+@pytest.mark.parametrize("built", VARIANTS)
+@pytest.mark.parametrize("n,k,block", [(2048, 2048, 128), (37, 160, 128), (321, 160, 32), (1003, 384, 64),
+                                       (50, 64, 16), (6, 96, 32)])
+def test_packed_weights_are_read_to_the_prompt_arithmetic(n, k, block, built):
+    """AVX512 builds keep decoder weights packed (groups of 16 rows, me_pack_q8; partial last groups included): the
+    decode product over them is the prompt's arithmetic, bit for bit its float32 emulation, as over the row layout,
+    and the prompt product reads them in place to the same bits. Other builds decline to pack."""
+    rng = np.random.default_rng(n + block)
+    blocks = -(-k // block)
+    weight = rng.integers(0, 256, (n, blocks, block), dtype=np.uint8)
+    weight[0, 0, :] = 0
+    scales = rng.uniform(0.001, 0.02, (n, blocks)).astype(np.float32)
+    packed, packed_scales, lanes = built.pack_matrix(weight, scales)
+    avx512 = built.isa.startswith("avx512")
+    assert lanes == (16 if avx512 and block % 32 == 0 else 0)
+    if lanes:
+        assert packed.shape == (-(-n // 16) * 16, blocks, block) and packed.ctypes.data % 64 == 0
+    x = built.quantize_rows(rng.standard_normal((5, k)).astype(np.float32), block, blocks)
+    want = _emulated_gemm(weight, scales, x)
+    for threads in (1, 2, 3):
+        one = kernels.Quantized(x.q[0], x.scales[0], x.sums[0])
+        rows = built.gemv(weight, scales, one, np.full(n, np.nan, np.float32), threads)
+        got = built.gemv(packed, packed_scales, one, np.full(n, np.nan, np.float32), threads, packed=lanes)
+        np.testing.assert_array_equal(got, rows)
+        if avx512 or built.isa in ("portable-c", "arm-dotprod"):
+            np.testing.assert_array_equal(got, want[0])
+        prompt = built.gemm(packed, packed_scales, x, np.full((5, n), np.nan, np.float32), threads, packed=lanes)
+        np.testing.assert_array_equal(prompt, want)
+
+
+@needs_kernel
 def test_quantize_with_norm_is_rms_norm_then_quantize():
     rng = np.random.default_rng(1)
     x, norm = rng.standard_normal(300).astype(np.float32), rng.uniform(0.5, 2, 300).astype(np.float32)

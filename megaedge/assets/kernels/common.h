@@ -38,9 +38,10 @@
 /* ------------------------------------------------------------------------------------------ structs */
 
 typedef struct {
-    const uint8_t *w; /* [n][nb][blk] */
-    const float *s;   /* [n][nb] */
+    const uint8_t *w; /* [n][nb][blk], or packed: [n / LANES][nb][blk / 4][LANES][4] (prompt_tiles.h) */
+    const float *s;   /* [n][nb], or packed: [n / LANES][nb][LANES] */
     int32_t n, k, nb, blk;
+    int32_t packed; /* 0: MatMulNBits' row layout; LANES: groups of LANES rows, padded (me_pack_q8) */
 } me_linear;
 
 typedef struct {  /* activations quantized for one block size: a vector, or rows of nb * blk values each */
@@ -97,6 +98,18 @@ static inline void share_of(int count, int *lo, int *hi) {
     *hi = (int)((long long)count * (t + 1) / T);
 }
 
+/* this thread's share [lo, hi) of a product's rows: whole groups of a packed matrix, so that a thread that adds to
+   rows after the product adds to rows it computed */
+static inline void rows_share(const me_linear *m, int *lo, int *hi) {
+    if (!m->packed) {
+        share_of(m->n, lo, hi);
+        return;
+    }
+    share_of((m->n + m->packed - 1) / m->packed, lo, hi);
+    *lo *= m->packed;
+    *hi = *hi * m->packed < m->n ? *hi * m->packed : m->n;
+}
+
 /* exp(x), vectorizable (glibc's expf is a call per value: ~5 % of a 1.7B prompt in softmax and SwiGLU): 2^n * e^r
    with |r| <= ln2 / 2 and a degree-6 Taylor polynomial (relative error < 3e-7 over [-87, 88], where it clamps);
    n rounded by the 1.5 * 2^23 trick, exact because -ffp-contract=off keeps both additions. */
@@ -113,17 +126,8 @@ static inline float me_exp(float x) {
 }
 
 #if ME_ISA == 2
-/* the sum of a 256-bit vector's eight floats, in one fixed order (the solo and the batch products share it) */
-static inline float me_sum8(__m256 v) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    return _mm_cvtss_f32(h);
-}
-
-/* the sum of a 512-bit vector's sixteen floats, in one fixed order (the solo and the batch products share it, and
-   me_sums16 forms the same sums sixteen at a time): s_i = v_i + v_(i+8), t_j = s_j + s_(j+4), (t_0 + t_2) +
-   (t_1 + t_3), which is also the order GCC's _mm512_reduce_add_ps takes */
+/* the sum of a 512-bit vector's sixteen floats, in one fixed order (attention's scores): s_i = v_i + v_(i+8),
+   t_j = s_j + s_(j+4), (t_0 + t_2) + (t_1 + t_3), which is also the order GCC's _mm512_reduce_add_ps takes */
 static inline float me_sum16(__m512 v) {
     const __m256 s = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
     const __m128 t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
@@ -131,24 +135,5 @@ static inline float me_sum16(__m512 v) {
     return _mm_cvtss_f32(_mm_add_ss(u, _mm_movehdup_ps(u)));
 }
 
-/* out[i] = me_sum16(v[i]) for sixteen vectors at once, each sum paired exactly as me_sum16 pairs it: the halves
-   of two vectors at a time are lined up by shuffles so that one vector addition does a step of both trees (46
-   instructions instead of ~130; a batch of eight sequences ends every pair of rows with sixteen such sums). */
-static inline void me_sums16(const __m512 v[16], float out[16]) {
-    __m512 x[8], z[4], w[2];
-    for (int p = 0; p < 8; p++)  /* s of v[2p] in the low half, of v[2p + 1] in the high half */
-        x[p] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0x44),
-                             _mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0xEE));
-    for (int q = 0; q < 4; q++)  /* t of v[4q + m] in 128-bit lane m */
-        z[q] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * q], x[2 * q + 1], 0x88),
-                             _mm512_shuffle_f32x4(x[2 * q], x[2 * q + 1], 0xDD));
-    for (int h = 0; h < 2; h++)  /* lane m: t_0 + t_2, t_1 + t_3 of v[8h + m], then of v[8h + 4 + m] */
-        w[h] = _mm512_add_ps(_mm512_shuffle_ps(z[2 * h], z[2 * h + 1], 0x44),
-                             _mm512_shuffle_ps(z[2 * h], z[2 * h + 1], 0xEE));
-    /* lane m, element e: the sum of v[m + 4e] */
-    const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xDD));
-    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-    _mm512_storeu_ps(out, _mm512_permutexvar_ps(order, r));
-}
 #endif
 #endif /* ME_COMMON_H */

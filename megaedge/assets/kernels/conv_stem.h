@@ -82,7 +82,8 @@ int me_conv_stem(const float *mel, int windows, int chunks, int bins, int frames
     const int nbc = (channels + blk - 1) / blk, cp = nbc * blk, nb = 9 * nbc;
     const int f1 = stem_out(bins), t1 = stem_out(frames), f2 = stem_out(f1), t2 = stem_out(t1);
     const int f3 = stem_out(f2), t3 = stem_out(t2), rows2 = f2 * t2, rows3 = f3 * t3;
-    const me_linear m2 = {w2, s2, channels, nb * blk, nb, blk}, m3 = {w3, s3, channels, nb * blk, nb, blk};
+    const me_linear m2 = {w2, s2, channels, nb * blk, nb, blk, 0},
+                    m3 = {w3, s3, channels, nb * blk, nb, blk, 0};
     const size_t map1 = (size_t)(f1 + 2) * (t1 + 2), map2 = (size_t)(f2 + 2) * (t2 + 2);
     const size_t pack = pack_bytes((size_t)nb * blk, rows2);
     /* per thread: two maps, the im2col rows, the products, one position's channels, the packing scratch */

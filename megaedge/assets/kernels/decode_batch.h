@@ -4,8 +4,9 @@
    Why: a decode step reads every decoder weight once and does ~2 multiply-adds per weight byte, so on its own it is
    bound by memory; B sequences stepping together reuse each weight block from L1 B times, so the same read feeds
    B tokens until the int8 products become the limit. Every sequence's arithmetic is the single step's exactly
-   (rows_batch below is rows_together's per-row order for each activation vector; quantization, attention and
-   SwiGLU are the same functions), so a sequence stepped in a batch of any size gets the bits it gets alone. */
+   (packed_groups for up to eight activation vectors on AVX512, rows_batch rows_together's per-row order
+   elsewhere; quantization, attention and SwiGLU are the same functions), so a sequence stepped in a batch of any
+   size gets the bits it gets alone. */
 #ifndef ME_DECODE_BATCH_H
 #define ME_DECODE_BATCH_H
 #include "attention.h"
@@ -16,15 +17,9 @@
 #define ME_MAX_BATCH 16
 /* sequences a row's weight block is read for while it is in registers (see gemv_batch_share) */
 #define ME_BATCH_GROUP 8
-/* 64-byte chunks of the largest block (1024) */
-#define ME_VNNI_CHUNKS 16
-/* How far ahead of its products a batch asks for weights, into L2. A group of eight spends about as long on a
-   weight block as memory takes to deliver it, so reads and products must overlap; with the hardware prefetcher
-   alone, or a nearer prefetch into L1, they ran one after the other (a group's read rate fell to two thirds of one
-   sequence's); this far ahead, with two rows side by side (rows_pair), it reaches one sequence's rate. */
-#define ME_VNNI_AHEAD 16384
-/* rows (or pairs) a group of sequences goes over before the next group (gemv_batch_share) */
+/* rows, or packed groups of 16 rows, a group of sequences goes over before the next group (gemv_batch_share) */
 #define ME_BATCH_TILE 16
+#define ME_PACKED_TILE 4
 
 /* each sequence's block scales' products sw[k] * sa[k] for one row: the float product the solo step forms */
 static inline void row_scales(float *scale, int nb, const float *sw, const me_act *acts, int B) {
@@ -34,62 +29,12 @@ static inline void row_scales(float *scale, int nb, const float *sw, const me_ac
 
 /* Row r of m against B activation vectors: y[b * ystride + r] for each b, each summed exactly as rows_together
    sums one row for one activation vector (block order, the same vector operations, the same final reduction).
-   zero_points [B][nb]: -128 * asum of each sequence's blocks (gemv_batch_share; used by the AVX512 form). */
+   A matrix in the row layout; AVX512 builds pack theirs (packed_span). */
 static inline __attribute__((always_inline)) void rows_batch(const me_linear *m, const me_act *acts, int B,
-                                                             float *y, size_t ystride, int r, int blk,
-                                                             const int32_t *zero_points) {
+                                                             float *y, size_t ystride, int r, int blk) {
     const int nb = m->nb;
     const uint8_t *row = m->w + (size_t)r * nb * blk;
     const float *sw = m->s + (size_t)r * nb;
-#if ME_ISA == 2
-    if (blk % 64 == 0) {
-        /* rows_together's sums (zero point in lane 0, one fused multiply-add per block) for up to eight sequences
-           per weight block: the weight chunks stay in registers, each sequence's zero-point share comes from
-           zero_points (made once per call, gemv_batch_share) and its block scales' products from a table made
-           once per row, 16 products at a time (each the same float product sw * sa the solo step forms). */
-        float scale[ME_BATCH_GROUP][nb];
-        row_scales(&scale[0][0], nb, sw, acts, B);
-        __m512 acc[ME_BATCH_GROUP];
-        for (int g = 0; g < B; g++) acc[g] = _mm512_setzero_ps();
-        for (int k = 0; k < nb; k++) {
-            const uint8_t *p = row + (size_t)k * blk;
-            _mm_prefetch((const char *)(p + ME_VNNI_AHEAD), _MM_HINT_T1);
-            if (blk > 64) _mm_prefetch((const char *)(p + ME_VNNI_AHEAD + 64), _MM_HINT_T1);
-            __m512i w[ME_VNNI_CHUNKS];
-            for (int c = 0; c < blk / 64; c++) w[c] = _mm512_loadu_si512(p + 64 * c);
-            for (int g = 0; g < B; g++) {
-                const int8_t *qb = acts[g].q + (size_t)k * blk;
-                __m512i d = _mm512_maskz_set1_epi32(1, zero_points[(size_t)g * nb + k]);
-                for (int c = 0; c < blk / 64; c++)
-                    d = _mm512_dpbusd_epi32(d, w[c], _mm512_loadu_si512(qb + 64 * c));
-                acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(scale[g][k]), acc[g]);
-            }
-        }
-        for (int g = 0; g < B; g++) y[g * ystride + r] = me_sum16(acc[g]);
-        return;
-    }
-    if (blk % 32 == 0) {  /* blocks of 32: rows_together's 256-bit form, the same way */
-        float scale[ME_BATCH_GROUP][nb];
-        row_scales(&scale[0][0], nb, sw, acts, B);
-        __m256 acc[ME_BATCH_GROUP];
-        for (int g = 0; g < B; g++) acc[g] = _mm256_setzero_ps();
-        for (int k = 0; k < nb; k++) {
-            const uint8_t *p = row + (size_t)k * blk;
-            _mm_prefetch((const char *)(p + ME_VNNI_AHEAD), _MM_HINT_T1);
-            __m256i w[2 * ME_VNNI_CHUNKS];
-            for (int c = 0; c < blk / 32; c++) w[c] = _mm256_loadu_si256((const __m256i *)(p + 32 * c));
-            for (int g = 0; g < B; g++) {
-                const int8_t *qb = acts[g].q + (size_t)k * blk;
-                __m256i d = _mm256_maskz_set1_epi32(1, zero_points[(size_t)g * nb + k]);
-                for (int c = 0; c < blk / 32; c++)
-                    d = _mm256_dpbusd_epi32(d, w[c], _mm256_loadu_si256((const __m256i *)(qb + 32 * c)));
-                acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(scale[g][k]), acc[g]);
-            }
-        }
-        for (int g = 0; g < B; g++) y[g * ystride + r] = me_sum8(acc[g]);
-        return;
-    }
-#endif
 #if ME_ISA == 1
     if (blk % 32 == 0 && blk <= 128) {
         /* dot32_avx2 per sequence, with the weights' half of it (signed, magnitude) done once per chunk for up to
@@ -165,211 +110,96 @@ static inline __attribute__((always_inline)) void rows_batch(const me_linear *m,
     for (int b = 0; b < B; b++) y[b * ystride + r] = sum[b];
 }
 
-#if ME_ISA == 2
-/* Rows r and r2 of m against G activation vectors, each row summed exactly as rows_batch sums it (so as
-   rows_together does): the same instructions per row and sequence, two rows in flight. Two distant rows are two
-   read streams, which keep more of memory's bandwidth busy than one (gemv.h walks four for the same reason), and
-   each sequence's activation chunk and zero point, loaded once, serve both rows. blk 64 or 128 (rows_pair32 is
-   the 256-bit form for blocks of 32). qi, zpi: the group's activations and zero points interleaved by block
-   (gemv_batch_share). */
-static inline __attribute__((always_inline)) void rows_pair(const me_linear *m, const me_act *acts, const int G,
-                                                            float *y, size_t ystride, int r, int r2, int blk,
-                                                            const int8_t *qi, const int32_t *zpi) {
-    const int nb = m->nb;
-    const uint8_t *row0 = m->w + (size_t)r * nb * blk, *row1 = m->w + (size_t)r2 * nb * blk;
-    float scale0[ME_BATCH_GROUP][nb], scale1[ME_BATCH_GROUP][nb];
-    row_scales(&scale0[0][0], nb, m->s + (size_t)r * nb, acts, G);
-    row_scales(&scale1[0][0], nb, m->s + (size_t)r2 * nb, acts, G);
-    __m512 acc0[ME_BATCH_GROUP], acc1[ME_BATCH_GROUP];
-    for (int g = 0; g < G; g++) acc0[g] = acc1[g] = _mm512_setzero_ps();
-    for (int k = 0; k < nb; k++) {
-        const uint8_t *p0 = row0 + (size_t)k * blk, *p1 = row1 + (size_t)k * blk;
-        __m512i w0[2], w1[2];
-        for (int c = 0; c < blk / 64; c++) {
-            _mm_prefetch((const char *)(p0 + ME_VNNI_AHEAD + 64 * c), _MM_HINT_T1);
-            _mm_prefetch((const char *)(p1 + ME_VNNI_AHEAD + 64 * c), _MM_HINT_T1);
-            w0[c] = _mm512_loadu_si512(p0 + 64 * c);
-            w1[c] = _mm512_loadu_si512(p1 + 64 * c);
-        }
-        for (int g = 0; g < G; g++) {
-            const int8_t *qb = qi + ((size_t)k * G + g) * blk;
-            __m512i d0 = _mm512_maskz_set1_epi32(1, zpi[(size_t)k * G + g]), d1 = d0;
-            for (int c = 0; c < blk / 64; c++) {
-                __m512i q = _mm512_loadu_si512(qb + 64 * c);
-                if (G == ME_BATCH_GROUP)  /* one load for both rows (folded into each product it loads twice; */
-                    __asm__("" : "+v"(q));  /* smaller groups measured faster so) */
-                d0 = _mm512_dpbusd_epi32(d0, w0[c], q);
-                d1 = _mm512_dpbusd_epi32(d1, w1[c], q);
-            }
-            acc0[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(scale0[g][k]), acc0[g]);
-            acc1[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(scale1[g][k]), acc1[g]);
-        }
-    }
-    if (G == ME_BATCH_GROUP) {  /* sixteen sums: both rows of all eight */
-        __m512 v[16];
-        float sums[16];
-        for (int g = 0; g < 8; g++) {
-            v[2 * g] = acc0[g];
-            v[2 * g + 1] = acc1[g];
-        }
-        me_sums16(v, sums);
-        for (int g = 0; g < 8; g++) {
-            y[g * ystride + r] = sums[2 * g];
-            y[g * ystride + r2] = sums[2 * g + 1];
-        }
-        return;
-    }
-    for (int g = 0; g < G; g++) {
-        y[g * ystride + r] = me_sum16(acc0[g]);
-        y[g * ystride + r2] = me_sum16(acc1[g]);
-    }
-}
-
-/* rows_pair for blocks of 32: each row summed exactly as rows_batch's 256-bit form sums it, two rows in flight,
-   each sequence's activation chunk and zero point loaded once for both rows (a batch of blocks of 32 spends more
-   on those loads than on its products). Running a long row in spans over a tile of rows, so that a span of eight
-   sequences' activations stays in L1 (all of a 6144-wide row's are 48 KiB), measured slower. */
-static inline __attribute__((always_inline)) void rows_pair32(const me_linear *m, const me_act *acts, const int G,
-                                                              float *y, size_t ystride, int r, int r2,
-                                                              const int8_t *qi, const int32_t *zpi) {
-    const int nb = m->nb;
-    const uint8_t *row0 = m->w + (size_t)r * nb * 32, *row1 = m->w + (size_t)r2 * nb * 32;
-    float scale0[ME_BATCH_GROUP][nb], scale1[ME_BATCH_GROUP][nb];
-    row_scales(&scale0[0][0], nb, m->s + (size_t)r * nb, acts, G);
-    row_scales(&scale1[0][0], nb, m->s + (size_t)r2 * nb, acts, G);
-    __m256 acc0[ME_BATCH_GROUP], acc1[ME_BATCH_GROUP];
-    for (int g = 0; g < G; g++) acc0[g] = acc1[g] = _mm256_setzero_ps();
-    for (int k = 0; k < nb; k++) {
-        const uint8_t *p0 = row0 + (size_t)k * 32, *p1 = row1 + (size_t)k * 32;
-        if (k % 2 == 0) {  /* a line holds two blocks */
-            _mm_prefetch((const char *)(p0 + ME_VNNI_AHEAD), _MM_HINT_T1);
-            _mm_prefetch((const char *)(p1 + ME_VNNI_AHEAD), _MM_HINT_T1);
-        }
-        const __m256i w0 = _mm256_loadu_si256((const __m256i *)p0), w1 = _mm256_loadu_si256((const __m256i *)p1);
-        const int8_t *qk = qi + (size_t)k * G * 32;
-        const int32_t *zk = zpi + (size_t)k * G;
-        for (int g = 0; g < G; g++) {
-            __m256i q = _mm256_loadu_si256((const __m256i *)(qk + 32 * g));
-            __asm__("" : "+v"(q));  /* one load for both rows */
-            const __m256i zp = _mm256_maskz_set1_epi32(1, zk[g]);
-            const __m256i d0 = _mm256_dpbusd_epi32(zp, w0, q), d1 = _mm256_dpbusd_epi32(zp, w1, q);
-            acc0[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(scale0[g][k]), acc0[g]);
-            acc1[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(scale1[g][k]), acc1[g]);
-        }
-    }
-    for (int g = 0; g < G; g++) {
-        y[g * ystride + r] = me_sum8(acc0[g]);
-        y[g * ystride + r2] = me_sum8(acc1[g]);
-    }
-}
-#endif
-
-/* rows [r0, r1) of y_b = m x_b for a group of G sequences, or with `apart` > 0 the pairs (r, r + apart) for r in
-   [r0, r1) (rows_pair); G and the block size constants where it matters, so that the accumulators stay in
-   registers */
+/* rows [r0, r1) of y_b = m x_b for a group of G sequences (row layout), or with qi the packed groups [r0, r1)
+   (packed_span); G and the block size constants where it matters, so that the accumulators stay in registers */
 static inline __attribute__((always_inline)) void rows_group(const me_linear *m, const me_act *acts, const int G,
-                                                             float *y, size_t ystride, int r0, int r1, int apart,
-                                                             const int32_t *zero_points, const int8_t *qi,
-                                                             const int32_t *zpi) {
+                                                             float *y, size_t ystride, int r0, int r1,
+                                                             const int8_t *qi, const int32_t *asi,
+                                                             const float *sai) {
 #if ME_ISA == 2
-    if (apart > 0) {
-        for (int r = r0; r < r1; r++) {
-            if (m->blk == 32)
-                rows_pair32(m, acts, G, y, ystride, r, r + apart, qi, zpi);
-            else if (m->blk == 128)
-                rows_pair(m, acts, G, y, ystride, r, r + apart, 128, qi, zpi);
-            else
-                rows_pair(m, acts, G, y, ystride, r, r + apart, 64, qi, zpi);
-        }
+    if (qi) {
+        packed_span(m, qi, asi, sai, G, r0, r1, y, ystride);
         return;
     }
 #else
-    (void)apart;  /* pairs are an AVX512 form */
     (void)qi;
-    (void)zpi;
+    (void)asi;
+    (void)sai;
 #endif
     for (int r = r0; r < r1; r++) {
         if (m->blk == 128)
-            rows_batch(m, acts, G, y, ystride, r, 128, zero_points);
+            rows_batch(m, acts, G, y, ystride, r, 128);
         else if (m->blk == 32)
-            rows_batch(m, acts, G, y, ystride, r, 32, zero_points);
+            rows_batch(m, acts, G, y, ystride, r, 32);
         else
-            rows_batch(m, acts, G, y, ystride, r, m->blk, zero_points);
+            rows_batch(m, acts, G, y, ystride, r, m->blk);
     }
 }
 
-/* rows [r0, r1) (or the pairs (r, r + apart), rows_group) of y_b = m x_b for every b (y: [B][ystride]): sequences in
-   groups of up to eight over the rows, then the next group over the same rows (from L2 by then) */
+/* rows (or packed groups) [r0, r1) of y_b = m x_b for every b (y: [B][ystride]): sequences in groups of up to
+   eight over them, then the next group over the same rows (from L2 by then) */
 static inline void rows_groups(const me_linear *m, const me_act *acts, int B, float *y, size_t ystride, int r0,
-                               int r1, int apart, const int32_t *zero_points, const int8_t *qi,
-                               const int32_t *zpi) {
+                               int r1, const int8_t *qi, const int32_t *asi, const float *sai) {
     for (int b0 = 0; b0 < B; b0 += ME_BATCH_GROUP) {
         const me_act *a = acts + b0;
-        const int32_t *zp = zero_points + (size_t)b0 * m->nb;
         const int8_t *qg = qi ? qi + (size_t)b0 * m->nb * m->blk : NULL;
-        const int32_t *zg = zpi ? zpi + (size_t)b0 * m->nb : NULL;
+        const int32_t *ag = asi + (size_t)b0 * m->nb;
+        const float *sg = sai + (size_t)b0 * m->nb;
         float *yb = y + (size_t)b0 * ystride;
         switch (B - b0 < ME_BATCH_GROUP ? B - b0 : ME_BATCH_GROUP) {
-        case 1: rows_group(m, a, 1, yb, ystride, r0, r1, apart, zp, qg, zg); break;
-        case 2: rows_group(m, a, 2, yb, ystride, r0, r1, apart, zp, qg, zg); break;
-        case 3: rows_group(m, a, 3, yb, ystride, r0, r1, apart, zp, qg, zg); break;
-        case 4: rows_group(m, a, 4, yb, ystride, r0, r1, apart, zp, qg, zg); break;
-        case 5: rows_group(m, a, 5, yb, ystride, r0, r1, apart, zp, qg, zg); break;
-        case 6: rows_group(m, a, 6, yb, ystride, r0, r1, apart, zp, qg, zg); break;
-        case 7: rows_group(m, a, 7, yb, ystride, r0, r1, apart, zp, qg, zg); break;
-        default: rows_group(m, a, 8, yb, ystride, r0, r1, apart, zp, qg, zg); break;
+        case 1: rows_group(m, a, 1, yb, ystride, r0, r1, qg, ag, sg); break;
+        case 2: rows_group(m, a, 2, yb, ystride, r0, r1, qg, ag, sg); break;
+        case 3: rows_group(m, a, 3, yb, ystride, r0, r1, qg, ag, sg); break;
+        case 4: rows_group(m, a, 4, yb, ystride, r0, r1, qg, ag, sg); break;
+        case 5: rows_group(m, a, 5, yb, ystride, r0, r1, qg, ag, sg); break;
+        case 6: rows_group(m, a, 6, yb, ystride, r0, r1, qg, ag, sg); break;
+        case 7: rows_group(m, a, 7, yb, ystride, r0, r1, qg, ag, sg); break;
+        default: rows_group(m, a, 8, yb, ystride, r0, r1, qg, ag, sg); break;
         }
     }
 }
 
-/* Block sizes the AVX512 row pairs take (rows_pair, rows_pair32). */
-static inline int paired_blocks(int blk) { return ME_ISA == 2 && (blk == 32 || blk == 64 || blk == 128); }
-
-/* One input's activations for the row pairs, made once for all the products that read it (q, k and v; gate and
-   up): the sequences' chunks and zero-point shares (-128 * asum) copied interleaved by block, [group][block]
-   [sequence], so that a block's eight chunks are one pointer and constant offsets, where eight separate vectors
-   took eight pointers the loop could not keep in registers beside sixteen accumulators. qi, zpi: this thread's
-   room (B * nb * blk bytes, B * nb values; heap, not stack: a worker thread's stack can be small). */
-static void interleave_input(const me_linear *m, const me_act *acts, int B, int8_t *qi, int32_t *zpi) {
-    if (!paired_blocks(m->blk)) return;
+/* One input's activations for the packed products, made once for all the products that read it (q, k and v; gate
+   and up): the sequences' int8 blocks, block sums and scales interleaved by block, [group][block][sequence], so
+   that a block's eight sequences are one pointer and constant offsets (eight separate vectors took eight pointers
+   the loop could not keep in registers beside its sums). qi, asi, sai: this thread's room (B * nb * blk bytes,
+   B * nb values each; heap, not stack: a worker thread's stack can be small). */
+static void interleave_input(const me_linear *m, const me_act *acts, int B, int8_t *qi, int32_t *asi, float *sai) {
+    if (!m->packed) return;
     const int nb = m->nb, blk = m->blk;
     for (int b0 = 0; b0 < B; b0 += ME_BATCH_GROUP) {
         const int G = B - b0 < ME_BATCH_GROUP ? B - b0 : ME_BATCH_GROUP;
         int8_t *qg = qi + (size_t)b0 * nb * blk;
-        int32_t *zg = zpi + (size_t)b0 * nb;
+        int32_t *ag = asi + (size_t)b0 * nb;
+        float *sg = sai + (size_t)b0 * nb;
         for (int k = 0; k < nb; k++)
             for (int g = 0; g < G; g++) {
                 memcpy(qg + ((size_t)k * G + g) * blk, acts[b0 + g].q + (size_t)k * blk, blk);
-                zg[(size_t)k * G + g] = -ZERO_POINT * acts[b0 + g].asum[k];
+                ag[(size_t)k * G + g] = acts[b0 + g].asum[k];
+                sg[(size_t)k * G + g] = acts[b0 + g].sa[k];
             }
     }
 }
 
-/* this thread's share of the rows of y_b = m x_b for every b (y: [B][ystride]), inside a parallel region; qi,
-   zpi: the input as interleave_input made it, read by the AVX512 row pairs.
-   Sequences go in groups of up to eight over a tile of rows, then the next group over the same tile: each weight
-   block is read once from memory for a group (on AVX2 its signed and magnitude forms made once for all eight), a
-   group's activation vectors stay in L1 across the tile, and the tile's weights (16 rows, or 16 pairs) come from
-   L2 for the next group. On AVX512 the share's two halves go side by side, row j of the first with row j of the
-   second (rows_pair). */
+/* this thread's share of the rows of y_b = m x_b for every b (y: [B][ystride]), inside a parallel region; qi, asi,
+   sai: the input as interleave_input made it, read by the packed products.
+   Sequences go in groups of up to eight over a tile of rows (ME_BATCH_TILE rows, or ME_PACKED_TILE packed
+   groups), then the next group over the same tile: each weight block is read once from memory for a group (on
+   AVX2 its signed and magnitude forms made once for all eight), a group's activation vectors stay in L1 across
+   the tile, and the tile's weights come from L2 for the next group. */
 static void gemv_batch_share(const me_linear *m, const me_act *acts, int B, float *y, size_t ystride,
-                             const int8_t *qi, const int32_t *zpi) {
+                             const int8_t *qi, const int32_t *asi, const float *sai) {
     int lo, hi;
-    share_of(m->n, &lo, &hi);
-    int32_t zero_points[B * m->nb];
-    int apart = 0, end = hi;
-#if ME_ISA == 2
-    for (int b = 0; b < B; b++)
-        for (int k = 0; k < m->nb; k++) zero_points[b * m->nb + k] = -ZERO_POINT * acts[b].asum[k];
-    if (paired_blocks(m->blk) && hi - lo >= 2) {
-        apart = (hi - lo) / 2;
-        end = lo + apart;
+    rows_share(m, &lo, &hi);
+    if (m->packed) {
+        lo /= m->packed;
+        hi = (hi + m->packed - 1) / m->packed;
+    } else {
+        qi = NULL;
     }
-#endif
-    for (int r0 = lo; r0 < end; r0 += ME_BATCH_TILE)
-        rows_groups(m, acts, B, y, ystride, r0, r0 + ME_BATCH_TILE < end ? r0 + ME_BATCH_TILE : end, apart,
-                    zero_points, apart > 0 ? qi : NULL, apart > 0 ? zpi : NULL);
-    if (apart > 0 && (hi - lo) % 2) rows_groups(m, acts, B, y, ystride, hi - 1, hi, 0, zero_points, NULL, NULL);
+    const int tile = m->packed ? ME_PACKED_TILE : ME_BATCH_TILE;
+    for (int r0 = lo; r0 < hi; r0 += tile)
+        rows_groups(m, acts, B, y, ystride, r0, r0 + tile < hi ? r0 + tile : hi, qi, asi, sai);
 }
 
 /* The low-rank branches of one input's projections (lora.h) for every sequence of the batch on the LoRA route
@@ -413,7 +243,8 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
        interleaved copy; per thread: attention scores and the branches' first products */
     const size_t act_bytes = (size_t)widest + 1024, blocks = (size_t)widest + 1,
                  seq_floats = (size_t)hidden + widest + inter + 2 * blocks,
-                 per_thread = ((seq_floats * B + 2 * (size_t)capacity + (size_t)B * rank + blocks * B) * sizeof(float)
+                 per_thread = ((seq_floats * B + 2 * (size_t)capacity + (size_t)B * rank + 2 * blocks * B)
+                                   * sizeof(float)
                                + 2 * act_bytes * B + 63) / 64 * 64;
     float *qv = malloc(sizeof(float) * qdim * B), *kv = malloc(sizeof(float) * kvdim * B),
           *vv = malloc(sizeof(float) * kvdim * B), *att = malloc(sizeof(float) * qdim * B),
@@ -435,8 +266,9 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
         float *xs = (float *)(mine_all + per_thread * thread_id()), *xn = xs + (size_t)hidden * B,
               *h = xn + (size_t)widest * B, *sa = h + (size_t)inter * B, *asum_f = sa + blocks * B,
               *scores = asum_f + blocks * B, *lt = scores + 2 * (size_t)capacity;
-        int32_t *zpi = (int32_t *)(lt + (size_t)B * rank);  /* interleave_input's copies */
-        int8_t *q8 = (int8_t *)(zpi + blocks * B), *qi = q8 + act_bytes * B;
+        int32_t *asi = (int32_t *)(lt + (size_t)B * rank);  /* interleave_input's copies */
+        float *sai = (float *)(asi + blocks * B);
+        int8_t *q8 = (int8_t *)(sai + blocks * B), *qi = q8 + act_bytes * B;
         me_act acts[ME_MAX_BATCH];
         for (int b = 0; b < B; b++)
             acts[b] = (me_act){q8 + act_bytes * b, sa + blocks * b, (int32_t *)asum_f + blocks * b};
@@ -445,10 +277,10 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
             const me_layer *l = &m->layer[i];
             for (int b = 0; b < B; b++)
                 quantize_for(xs + (size_t)b * hidden, l->input_norm, m->eps, &l->q, &acts[b], xn + (size_t)b * widest);
-            interleave_input(&l->q, acts, B, qi, zpi);
-            gemv_batch_share(&l->q, acts, B, qv, qdim, qi, zpi);
-            gemv_batch_share(&l->k, acts, B, kv, kvdim, qi, zpi);
-            gemv_batch_share(&l->v, acts, B, vv, kvdim, qi, zpi);
+            interleave_input(&l->q, acts, B, qi, asi, sai);
+            gemv_batch_share(&l->q, acts, B, qv, qdim, qi, asi, sai);
+            gemv_batch_share(&l->k, acts, B, kv, kvdim, qi, asi, sai);
+            gemv_batch_share(&l->v, acts, B, vv, kvdim, qi, asi, sai);
             if (lora)
                 lora_batch(models, B, i, LORA_Q, 3, xn, widest, lt, rank, (float *const[]){qv, kv, vv},
                            (const size_t[]){qdim, kvdim, kvdim});
@@ -466,8 +298,8 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
             }
             for (int b = 0; b < B; b++)
                 quantize_for(att + (size_t)b * qdim, NULL, 0.f, &l->o, &acts[b], xn + (size_t)b * widest);
-            interleave_input(&l->o, acts, B, qi, zpi);
-            gemv_batch_share(&l->o, acts, B, prod, hidden, qi, zpi);
+            interleave_input(&l->o, acts, B, qi, asi, sai);
+            gemv_batch_share(&l->o, acts, B, prod, hidden, qi, asi, sai);
             if (lora)
                 lora_batch(models, B, i, LORA_O, 1, att, qdim, lt, rank, (float *const[]){prod},
                            (const size_t[]){hidden});
@@ -479,9 +311,9 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
                 for (int j = 0; j < hidden; j++) xb[j] += pb[j];
                 quantize_for(xb, l->post_norm, m->eps, &l->gate, &acts[b], xn + (size_t)b * widest);
             }
-            interleave_input(&l->gate, acts, B, qi, zpi);
-            gemv_batch_share(&l->gate, acts, B, gate, inter, qi, zpi);
-            gemv_batch_share(&l->up, acts, B, up, inter, qi, zpi);
+            interleave_input(&l->gate, acts, B, qi, asi, sai);
+            gemv_batch_share(&l->gate, acts, B, gate, inter, qi, asi, sai);
+            gemv_batch_share(&l->up, acts, B, up, inter, qi, asi, sai);
             if (lora)
                 lora_batch(models, B, i, LORA_GATE, 2, xn, widest, lt, rank, (float *const[]){gate, up},
                            (const size_t[]){inter, inter});
@@ -494,8 +326,8 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
                 for (int j = 0; j < inter; j++) hb[j] = gb[j] / (1.f + me_exp(-gb[j])) * ub[j];
                 quantize_for(hb, NULL, 0.f, &l->down, &acts[b], xn + (size_t)b * widest);
             }
-            interleave_input(&l->down, acts, B, qi, zpi);
-            gemv_batch_share(&l->down, acts, B, prod, hidden, qi, zpi);
+            interleave_input(&l->down, acts, B, qi, asi, sai);
+            gemv_batch_share(&l->down, acts, B, prod, hidden, qi, asi, sai);
             if (lora)
                 lora_batch(models, B, i, LORA_DOWN, 1, h, inter, lt, rank, (float *const[]){prod},
                            (const size_t[]){hidden});
@@ -510,8 +342,8 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
         for (int b = 0; b < B; b++)
             quantize_for(xs + (size_t)b * hidden, m->final_norm, m->eps, &m->lm_head, &acts[b],
                          xn + (size_t)b * widest);
-        interleave_input(&m->lm_head, acts, B, qi, zpi);
-        gemv_batch_share(&m->lm_head, acts, B, logits, m->vocab, qi, zpi);
+        interleave_input(&m->lm_head, acts, B, qi, asi, sai);
+        gemv_batch_share(&m->lm_head, acts, B, logits, m->vocab, qi, asi, sai);
         if (thread_id() == 0) memcpy(x, xs, sizeof(float) * hidden * B);
     }
     for (int i = 0; i < count; i++) free(owned[i]);

@@ -18,8 +18,10 @@
    AVX2/AVX512 a tile is first repacked so that lanes are weight rows (prompt_tiles.h); with AMX, row groups of 32
    go through int8 tile instructions. Its products use the
    portable arithmetic on every build (each block's integer dot exactly, then scaled and added in block order);
-   the rest of a row (norms, rotary, attention, SwiGLU) is the decode step's own code, so the portable build
-   prefills to the same bits as it steps, and vector builds to within float rounding of their steps.
+   the rest of a row (norms, rotary, attention, SwiGLU) is the decode step's own code. AVX512 builds keep the
+   weights in that packed layout from the start (me_pack_q8, when the runtime loads them) and their decode products
+   read it in place with the same arithmetic, so the portable, ARM and AVX512 builds prefill to the same bits as
+   they step; AVX2 steps add a block's terms in lanes (within float rounding of its prompt).
 
    The encoder's convolution stem runs on the same products (conv_stem.h).
 

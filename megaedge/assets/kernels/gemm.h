@@ -22,7 +22,14 @@ static void gemm_rows(const me_linear *m, const me_act *a, float *y, int rows, i
 #endif
         for (int t0 = lo; t0 < hi; t0 += tile) {
             const int count = hi - t0 < tile ? hi - t0 : tile, groups = (count + LANES - 1) / LANES;
-            pack_tile(m, t0, count, pw, ps);
+            const uint8_t *tw = pw;
+            const float *ts = ps;
+            if (m->packed) {  /* the tile is already in the packed layout (t0 is a whole number of groups) */
+                tw = m->w + (size_t)(t0 / LANES) * row_bytes * LANES;
+                ts = m->s + (size_t)(t0 / LANES) * m->nb * LANES;
+            } else {
+                pack_tile(m, t0, count, pw, ps);
+            }
             int first = 0;  /* rows that the AMX tiles left to the vector form */
 #ifdef ME_AMX
             /* a last row group of fewer than AMX_MIN_ROWS rows costs the tiles as much as a whole one: vectors */
@@ -32,10 +39,10 @@ static void gemm_rows(const me_linear *m, const me_act *a, float *y, int rows, i
                 for (int g = 0; g < groups; g += 2 * AMX_PAIRS) {
                     const int n0 = t0 + g * LANES, valid = count - g * LANES;
                     const int pairs = (groups - g) / 2 < AMX_PAIRS ? (groups - g) / 2 : AMX_PAIRS;
-                    if (pairs > 0) amx_panel(m, a, rows_packed, pw, ps, g, pairs, first, live, y, n0, valid);
+                    if (pairs > 0) amx_panel(m, a, rows_packed, tw, ts, g, pairs, first, live, y, n0, valid);
                     if (pairs < AMX_PAIRS && (groups - g) % 2)  /* an odd last group */
                         for (int r0 = first; r0 < first + live; r0 += MR)
-                            micro(m, a, pw, ps, g + 2 * pairs, 1, r0, first + live - r0 < MR ? first + live - r0 : MR,
+                            micro(m, a, tw, ts, g + 2 * pairs, 1, r0, first + live - r0 < MR ? first + live - r0 : MR,
                                   y, n0 + 2 * pairs * LANES, valid - 2 * pairs * LANES);
                 }
             }
@@ -46,9 +53,10 @@ static void gemm_rows(const me_linear *m, const me_act *a, float *y, int rows, i
                     const int vecs = groups - g < VECS ? groups - g : VECS, n0 = t0 + g * LANES;
                     const int valid = count - g * LANES;
                     if (cnt == MR && vecs == VECS && m->blk == 128)  /* the common case with constant trip counts */
-                        micro(&(me_linear){m->w, m->s, m->n, m->k, m->nb, 128}, a, pw, ps, g, VECS, r0, MR, y, n0, valid);
+                        micro(&(me_linear){m->w, m->s, m->n, m->k, m->nb, 128, m->packed}, a, tw, ts, g, VECS, r0, MR,
+                              y, n0, valid);
                     else
-                        micro(m, a, pw, ps, g, vecs, r0, cnt, y, n0, valid);
+                        micro(m, a, tw, ts, g, vecs, r0, cnt, y, n0, valid);
                 }
             }
         }
@@ -78,10 +86,37 @@ static void gemm_share(const me_linear *m, const me_act *a, float *y, int rows, 
 #endif
 }
 
-/* Y [rows][n] = A W^T for activation rows quantized like me_quantize's; returns 0, or -1 without memory */
+/* LANES where this build keeps a matrix of blocks of blk in the packed layout (me_pack_q8) and its decode and prompt
+   products read it in place, else 0. Why AVX512 only: the AVX2 tiles widen the weights to int16 (twice the bytes). */
+int me_pack_lanes(int blk) {
+#if ME_ISA == 2
+    return blk % 32 == 0 ? LANES : 0;
+#else
+    (void)blk;
+    return 0;
+#endif
+}
+
+/* rows [0, n) of a MatMulNBits matrix (w [n][nb][blk], sw [n][nb]) in the packed layout pack_tile makes of a tile:
+   pw [ceil(n / LANES)][nb][blk / 4][LANES][4] (64-byte aligned), ps [ceil(n / LANES)][nb][LANES], rows past n zero
+   weights with zero scales. A matrix is packed in parts of whole groups: w, sw and pw, ps at the part's first
+   row. Returns 0, or -1 where this build keeps that block size in the row layout (me_pack_lanes). */
+int me_pack_q8(const uint8_t *w, const float *sw, int n, int nb, int blk, uint8_t *pw, float *ps) {
+    if (!me_pack_lanes(blk)) return -1;
+#if ME_ISA == 2
+    me_linear m = {w, sw, n, nb * blk, nb, blk, 0};
+    pack_tile(&m, 0, n, pw, ps);
+#else
+    (void)w, (void)sw, (void)n, (void)nb, (void)pw, (void)ps;
+#endif
+    return 0;
+}
+
+/* Y [rows][n] = A W^T for activation rows quantized like me_quantize's, the weights in the row layout or packed
+   (`packed`, me_gemv_q8); returns 0, or -1 without memory */
 int me_gemm_q8(const uint8_t *w, const float *sw, const int8_t *q, const float *sa, const int32_t *asum, float *y,
-               int rows, int n, int nb, int blk, int threads) {
-    me_linear m = {w, sw, n, nb * blk, nb, blk};
+               int rows, int n, int nb, int blk, int threads, int packed) {
+    me_linear m = {w, sw, n, nb * blk, nb, blk, packed};
     me_act a = {(int8_t *)q, (float *)sa, (int32_t *)asum};
     const int team = threads > 0 ? threads : 1;
     const size_t per_thread = pack_bytes((size_t)nb * blk, rows);

@@ -1,11 +1,31 @@
 /* The decode step's matrix-vector product y = W x over MatMulNBits 8-bit weights (see decoder.c): bound by reading
-   the weights, so every thread walks STREAMS distant row ranges side by side. */
+   the weights, so every thread walks several distant read streams side by side (STREAMS rows, or on AVX512 four
+   packed groups of rows). */
 #ifndef ME_GEMV_H
 #define ME_GEMV_H
 #include "common.h"
 
-/* Sum over one block of (w - 128) * q for a row p, where no vector form applies. */
+/* Sum over one block of (w - 128) * q for a row p: the portable arithmetic's integer, exactly, where no lane form
+   applies (and on AVX512 for a matrix in the row layout, so that it gives the packed products' bits). */
 static inline int32_t dot_block(const uint8_t *p, const int8_t *qb, int blk, int32_t asum) {
+#if ME_ISA == 2
+    if (blk % 64 == 0) {  /* a matrix in the row layout (me_gemv_q8, or not packed): integers, any order is exact */
+        __m512i d = _mm512_maskz_set1_epi32(1, -ZERO_POINT * asum);
+        for (int c = 0; c < blk; c += 64)
+            d = _mm512_dpbusd_epi32(d, _mm512_loadu_si512(p + c), _mm512_loadu_si512(qb + c));
+        return _mm512_reduce_add_epi32(d);
+    }
+    if (blk % 32 == 0) {
+        __m256i d = _mm256_maskz_set1_epi32(1, -ZERO_POINT * asum);
+        for (int c = 0; c < blk; c += 32)
+            d = _mm256_dpbusd_epi32(d, _mm256_loadu_si256((const __m256i *)(p + c)),
+                                    _mm256_loadu_si256((const __m256i *)(qb + c)));
+        __m128i h = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
+        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+        return _mm_cvtsi128_si32(h);
+    }
+#endif
 #if ME_ISA == 3
     if (blk % 16 == 0) {
         int32x4_t d = vdupq_n_s32(0);
@@ -30,11 +50,6 @@ static inline __m256i dot32_avx2(const uint8_t *p, __m256i qv) {
 }
 #endif
 
-#if ME_ISA == 2
-/* How far ahead each of the STREAMS rows asks for its weights, into L2: with four rows in flight, a nearer
-   prefetch into L1 left memory idle between requests (a quarter less bandwidth than this on a 2-core Zen 4). */
-#define ME_SOLO_AHEAD 8192
-#endif
 
 /* rows idx[0..cnt) advanced together, block by block: cnt independent read streams. Always inlined so that the
    common cases (cnt = STREAMS, blk = 128) compile with constant trip counts and the accumulators in registers. */
@@ -42,51 +57,6 @@ static inline __attribute__((always_inline)) void rows_together(const me_linear 
                                                                 const int *idx, int cnt, int blk) {
     const int nb = m->nb;
     const size_t row_bytes = (size_t)nb * blk;
-#if ME_ISA == 2
-    if (blk % 64 == 0) {
-        /* Each block's sum of (w - 128) * q exactly in int32 lanes: the zero point's share, -128 * sum(q), starts
-           lane 0 and the byte products add to it (vpdpbusd multiplies the stored unsigned bytes), so no float
-           correction is carried beside the sum; then one fused multiply-add by the block's scales per block. */
-        __m512 acc[STREAMS];
-        for (int r = 0; r < cnt; r++) acc[r] = _mm512_setzero_ps();
-        for (int b = 0; b < nb; b++) {
-            const int8_t *qb = a->q + (size_t)b * blk;
-            const __m512i zero_point = _mm512_maskz_set1_epi32(1, -ZERO_POINT * a->asum[b]);
-            for (int r = 0; r < cnt; r++) {
-                const uint8_t *p = m->w + (size_t)idx[r] * row_bytes + (size_t)b * blk;
-                _mm_prefetch((const char *)(p + ME_SOLO_AHEAD), _MM_HINT_T1);
-                _mm_prefetch((const char *)(p + ME_SOLO_AHEAD + 64), _MM_HINT_T1);
-                __m512i d = zero_point;
-                for (int c = 0; c < blk; c += 64)
-                    d = _mm512_dpbusd_epi32(d, _mm512_loadu_si512(p + c), _mm512_loadu_si512(qb + c));
-                const float s = m->s[(size_t)idx[r] * nb + b] * a->sa[b];
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(s), acc[r]);
-            }
-        }
-        for (int r = 0; r < cnt; r++) y[idx[r]] = me_sum16(acc[r]);
-        return;
-    }
-    if (blk % 32 == 0) {  /* blocks of 32: the same sums in 256-bit lanes (AVX512-VL forms of the same instructions) */
-        __m256 acc[STREAMS];
-        for (int r = 0; r < cnt; r++) acc[r] = _mm256_setzero_ps();
-        for (int b = 0; b < nb; b++) {
-            const int8_t *qb = a->q + (size_t)b * blk;
-            const __m256i zero_point = _mm256_maskz_set1_epi32(1, -ZERO_POINT * a->asum[b]);
-            for (int r = 0; r < cnt; r++) {
-                const uint8_t *p = m->w + (size_t)idx[r] * row_bytes + (size_t)b * blk;
-                _mm_prefetch((const char *)(p + ME_SOLO_AHEAD), _MM_HINT_T1);
-                __m256i d = zero_point;
-                for (int c = 0; c < blk; c += 32)
-                    d = _mm256_dpbusd_epi32(d, _mm256_loadu_si256((const __m256i *)(p + c)),
-                                            _mm256_loadu_si256((const __m256i *)(qb + c)));
-                const float s = m->s[(size_t)idx[r] * nb + b] * a->sa[b];
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(s), acc[r]);
-            }
-        }
-        for (int r = 0; r < cnt; r++) y[idx[r]] = me_sum8(acc[r]);
-        return;
-    }
-#endif
 #if ME_ISA == 1
     if (blk % 32 == 0) {  /* int32 per block, scaled into float lanes; one horizontal sum per row, not per block */
         __m256 acc[STREAMS];
@@ -124,6 +94,91 @@ static inline __attribute__((always_inline)) void rows_together(const me_linear 
     for (int r = 0; r < cnt; r++) y[idx[r]] = sum[r];
 }
 
+#if ME_ISA == 2
+/* Packed matrices (me_linear.packed, me_pack_q8): sixteen weight rows side by side, so a vector's lanes are sixteen
+   rows and a block's integer sums need no horizontal sum. Each output is the portable arithmetic (dot_block, the
+   last form of rows_together, and the prompt's micro kernels): the block's integer sum exactly, then y += (sw * sa)
+   * sum in block order, a multiply, a multiply and an add for sixteen rows. That costs one instruction per 64 byte
+   products at blocks of 128 and one per 8 at blocks of 32, where the per-row form's fused multiply-add per row and
+   block cost as much as the products themselves (blocks of 32) and a batch of eight sequences was bound by them. */
+#define ME_PACKED_LANES 16
+/* a group's weights are read in one sequence, so the prefetch asks for the bytes this far on, into L2 */
+#define ME_PACKED_AHEAD 8192
+
+/* Groups g0 .. g0 + NG of a packed m against G activation vectors: qi [nb][G][blk] their int8 blocks (a single
+   vector's own layout for G = 1), asi [nb][G] their blocks' sums, sai [nb][G] their scales; outputs y[s * ystride
+   + row]. NG, G and blk are constants where it is inlined, so the NG x G sums stay in registers: NG groups side by
+   side are NG read streams (a single vector needs four to keep memory busy) and NG x G independent sums. */
+static inline __attribute__((always_inline)) void packed_groups(const me_linear *m, const int8_t *qi,
+                                                                const int32_t *asi, const float *sai, const int G,
+                                                                const int NG, const int blk, int g0, float *y,
+                                                                size_t ystride) {
+    const int nb = m->nb;
+    const size_t gbytes = (size_t)nb * blk * ME_PACKED_LANES;
+    const uint8_t *w0 = m->w + (size_t)g0 * gbytes;
+    const float *s0 = m->s + (size_t)g0 * nb * ME_PACKED_LANES;
+    __m512 acc[4][8];
+    for (int n = 0; n < NG; n++)
+        for (int s = 0; s < G; s++) acc[n][s] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *wb = w0 + (size_t)b * blk * ME_PACKED_LANES;
+        const int8_t *qb = qi + (size_t)b * G * blk;
+        __m512i d[4][8];
+        for (int s = 0; s < G; s++) {  /* the zero point's share, -128 * sum(q), starts every row's sum */
+            const __m512i zero_point = _mm512_set1_epi32(-ZERO_POINT * asi[(size_t)b * G + s]);
+            for (int n = 0; n < NG; n++) d[n][s] = zero_point;
+        }
+#pragma GCC unroll 4
+        for (int j = 0; j < blk / 4; j++) {  /* inputs 4j .. 4j + 3 of the block for sixteen rows: 64 bytes */
+            __m512i w[4];
+            for (int n = 0; n < NG; n++) {
+                const uint8_t *p = wb + n * gbytes + 64 * (size_t)j;
+                _mm_prefetch((const char *)(p + ME_PACKED_AHEAD), _MM_HINT_T1);
+                w[n] = _mm512_loadu_si512(p);
+            }
+            for (int s = 0; s < G; s++) {
+                int32_t four;
+                memcpy(&four, qb + (size_t)s * blk + 4 * j, 4);
+                const __m512i q = _mm512_set1_epi32(four);
+                for (int n = 0; n < NG; n++) d[n][s] = _mm512_dpbusd_epi32(d[n][s], w[n], q);
+            }
+        }
+        for (int n = 0; n < NG; n++) {
+            const __m512 sw = _mm512_loadu_ps(s0 + ((size_t)n * nb + b) * ME_PACKED_LANES);
+            for (int s = 0; s < G; s++) {
+                const __m512 scale = _mm512_mul_ps(sw, _mm512_set1_ps(sai[(size_t)b * G + s]));
+                acc[n][s] = _mm512_add_ps(acc[n][s], _mm512_mul_ps(scale, _mm512_cvtepi32_ps(d[n][s])));
+            }
+        }
+    }
+    for (int n = 0; n < NG; n++) {
+        const int row = (g0 + n) * ME_PACKED_LANES, lanes = m->n - row;
+        if (lanes <= 0) break;
+        const __mmask16 keep = lanes >= ME_PACKED_LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << lanes) - 1);
+        for (int s = 0; s < G; s++) _mm512_mask_storeu_ps(y + s * ystride + row, keep, acc[n][s]);
+    }
+}
+
+/* groups [g0, g1) of a packed m against G vectors (packed_groups), NG at a time while NG are left: four for one
+   vector (four read streams), two for up to four (eight sums), one for more */
+static inline __attribute__((always_inline)) void packed_span(const me_linear *m, const int8_t *qi,
+                                                              const int32_t *asi, const float *sai, const int G,
+                                                              int g0, int g1, float *y, size_t ystride) {
+    const int NG = G == 1 ? 4 : (G <= 4 ? 2 : 1);
+    int g = g0;
+    if (m->blk == 128) {
+        for (; g + NG <= g1; g += NG) packed_groups(m, qi, asi, sai, G, NG, 128, g, y, ystride);
+        for (; g < g1; g++) packed_groups(m, qi, asi, sai, G, 1, 128, g, y, ystride);
+    } else if (m->blk == 32) {
+        for (; g + NG <= g1; g += NG) packed_groups(m, qi, asi, sai, G, NG, 32, g, y, ystride);
+        for (; g < g1; g++) packed_groups(m, qi, asi, sai, G, 1, 32, g, y, ystride);
+    } else {
+        for (; g + NG <= g1; g += NG) packed_groups(m, qi, asi, sai, G, NG, m->blk, g, y, ystride);
+        for (; g < g1; g++) packed_groups(m, qi, asi, sai, G, 1, m->blk, g, y, ystride);
+    }
+}
+#endif
+
 /* rows [lo, hi) of y = m x: STREAMS distant row ranges side by side, then the remainder one by one */
 static void gemv_rows(const me_linear *m, const me_act *a, float *y, int lo, int hi) {
     int len = (hi - lo) / STREAMS, idx[STREAMS];
@@ -145,13 +200,21 @@ static void gemv_rows(const me_linear *m, const me_act *a, float *y, int lo, int
 /* this thread's share of y = m x, inside a parallel region */
 static void gemv_share(const me_linear *m, const me_act *a, float *y) {
     int lo, hi;
-    share_of(m->n, &lo, &hi);
+    rows_share(m, &lo, &hi);
+#if ME_ISA == 2
+    if (m->packed) {
+        const int groups_end = (hi + ME_PACKED_LANES - 1) / ME_PACKED_LANES;
+        packed_span(m, a->q, a->asum, a->sa, 1, lo / ME_PACKED_LANES, groups_end, y, 0);
+        return;
+    }
+#endif
     gemv_rows(m, a, y, lo, hi);
 }
 
+/* y = m x; w, sw in the row layout, or packed by me_pack_q8 where `packed` is me_pack_lanes(blk) (else 0) */
 void me_gemv_q8(const uint8_t *w, const float *sw, const int8_t *q, const float *sa, const int32_t *asum, float *y,
-                int n, int nb, int blk, int threads) {
-    me_linear m = {w, sw, n, nb * blk, nb, blk};
+                int n, int nb, int blk, int threads, int packed) {
+    me_linear m = {w, sw, n, nb * blk, nb, blk, packed};
     me_act a = {(int8_t *)q, (float *)sa, (int32_t *)asum};
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)

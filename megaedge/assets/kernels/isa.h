@@ -4,7 +4,7 @@
 #define ME_ISA_H
 #include "common.h"
 
-int me_abi_version(void) { return 9; }
+int me_abi_version(void) { return 10; }
 
 #ifdef ME_AMX
 /* Linux hands out the AMX tile registers (8 KB of state per thread) only to a process that asks; 1: granted,

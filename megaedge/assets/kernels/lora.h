@@ -66,7 +66,7 @@ static const me_linear *linear_of(const me_layer *l, int slot) {
    n sequences (a step's one, or a batch's on the LoRA route), inside a parallel region after the base products,
    with no barrier: every thread forms the whole first product t = x A itself (rank * k multiply-adds per sequence,
    a few microseconds; one pass over A for all n) in its own scratch t (n * rank values; rank: lora_max_rank), then
-   adds each sequence's branch to the rows of its output it computed the base product of (share_of, the split of
+   adds each sequence's branch to the rows of its output it computed the base product of (rows_share, the split of
    every product). The caller's barrier after the products publishes the outputs. Sequence s is seqs[s]: its input
    x + seqs[s] * xstride (normalized where the products normalize), its gate gates[s], its output of projection
    first + j ys[j] + seqs[s] * ystrides[j]. Why no barrier: with threads that sleep while they wait, a barrier
@@ -80,7 +80,7 @@ static void lora_group(const me_model *m, int layer, int first, int count, const
         const me_linear *lin = linear_of(&m->layer[layer], first + j);
         lora_down(l, lin->k, x, xstride, seqs, n, t, rank);
         int lo, hi;
-        share_of(lin->n, &lo, &hi);
+        rows_share(lin, &lo, &hi);
         for (int s = 0; s < n; s++)
             lora_up(l, lin->n, t + (size_t)s * rank, gates[s], ys[j] + seqs[s] * ystrides[j], lo, hi);
     }

@@ -42,7 +42,8 @@ static void row_block(const me_linear *m, const me_act *a, float *y, int ystride
    (lanes = weight rows): a block's dot products then need no horizontal sums, and its scaling is one vector
    multiply per LANES outputs instead of several instructions per output. Packed tile: AVX512 w[g][b][k/4][LANES][4]
    bytes (as stored, value + 128), AVX2 w[g][b][k/2][LANES][2] int16 (value); groups g of LANES rows, scales
-   s[g][b][LANES]; rows past the matrix are zero weights with zero scales. */
+   s[g][b][LANES]; rows past the matrix are zero weights with zero scales. AVX512 builds keep whole matrices in
+   this layout from the start (me_pack_q8, gemm.h; me_linear.packed), and gemm_rows then reads tiles in place. */
 #if ME_ISA == 2
 #define LANES 16
 #define VECS 2   /* weight groups per micro tile */
