@@ -133,16 +133,20 @@ class _Tensors:
         if "key" in ref:
             return self(ref).copy()
         data = arena.take(ref["length"])
-        view, done = memoryview(data), 0
-        with open(self.bundle / ref["file"], "rb", buffering=0) as f:
-            f.seek(ref["offset"])
-            while done < len(data):  # one read returns at most ~2 GiB on Linux
+        self.read_into(ref["file"], ref["offset"], data)
+        return data.view(ref["dtype"]).reshape(ref["shape"])
+
+    def read_into(self, file: str, offset: int, out: np.ndarray) -> None:
+        """``out.nbytes`` bytes of the bundle's ``file`` from ``offset`` into ``out``, with plain reads."""
+        view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+        with open(self.bundle / file, "rb", buffering=0) as f:
+            f.seek(offset)
+            while done < len(view):  # one read returns at most ~2 GiB on Linux
                 got = f.readinto(view[done:])
                 if not got:
-                    raise MegaedgeError(f"{ref['file']}: ends before byte {ref['offset'] + ref['length']}; the "
-                                        "bundle is truncated: export it again")
+                    raise MegaedgeError(f"{file}: ends before byte {offset + len(view)}; the bundle is truncated: "
+                                        "export it again")
                 done += got
-        return data.view(ref["dtype"]).reshape(ref["shape"])
 
     def __call__(self, ref: dict) -> np.ndarray:
         dtype, shape = np.dtype(ref["dtype"]), tuple(ref["shape"])
@@ -165,28 +169,20 @@ def _linear(tensors: _Tensors, entry: dict, arena: _Arena | None = None) -> Line
     scales = get(entry["scales"]).reshape(n, weight.shape[1])
     if scales.dtype != np.float32:
         scales = scales.astype(np.float32)
+    return Linear(weight, scales, entry["k"], **_branch(get, entry))
+
+
+def _branch(get, entry: dict) -> dict:
+    """A routed projection's LoRA factors as Linear's fields (none where it has no branch), read with ``get``."""
     branch = entry.get("lora")
     if branch is None:
-        return Linear(weight, scales, entry["k"])
+        return {}
     rank = branch["rank"]
     a, b = (np.ascontiguousarray(get(branch[key]), np.float32) for key in ("a", "b"))
-    return Linear(weight, scales, entry["k"], a.reshape(entry["k"], rank), b.reshape(rank, n))
+    return {"lora_a": a.reshape(entry["k"], rank), "lora_b": b.reshape(rank, entry["n"])}
 
 
 PACK_CHUNK = 16 << 20  # bytes of rows read at a time where the kernels repack them
-
-
-def _read_into(path: Path, offset: int, out: np.ndarray) -> None:
-    """``out.nbytes`` bytes of ``path`` from ``offset`` into ``out`` with plain reads (see ``_Tensors.read``)."""
-    view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
-    with open(path, "rb", buffering=0) as f:
-        f.seek(offset)
-        while done < len(view):  # one read returns at most ~2 GiB on Linux
-            got = f.readinto(view[done:])
-            if not got:
-                raise MegaedgeError(f"{path.name}: ends before byte {offset + len(view)}; the bundle is truncated: "
-                                    "export it again")
-            done += got
 
 
 def _packed_bytes(entry: dict, lanes: int) -> int:
@@ -215,17 +211,13 @@ def _packed_linear(tensors: _Tensors, entry: dict, arena: _Arena, lanes: int, ke
         if whole:
             chunk_w[:], chunk_s[:] = tensors(wref).reshape(n, blocks, block), tensors(sref).reshape(n, blocks)
         else:
-            _read_into(tensors.bundle / wref["file"], wref["offset"] + first * row_bytes, chunk_w[:count])
-            _read_into(tensors.bundle / sref["file"], sref["offset"] + first * chunk_s[0].nbytes, chunk_s[:count])
+            tensors.read_into(wref["file"], wref["offset"] + first * row_bytes, chunk_w[:count])
+            tensors.read_into(sref["file"], sref["offset"] + first * chunk_s[0].nbytes, chunk_s[:count])
         at = first // lanes * lanes  # a chunk is whole groups
         kernels.pack(chunk_w[:count], np.ascontiguousarray(chunk_s[:count], np.float32), weight[at * row_bytes :],
                      scales[at * blocks :])
-    lora = {}
-    if entry.get("lora") is not None:
-        rank = entry["lora"]["rank"]
-        a, b = (np.ascontiguousarray(tensors.read(entry["lora"][key], arena), np.float32) for key in ("a", "b"))
-        lora = {"lora_a": a.reshape(entry["k"], rank), "lora_b": b.reshape(rank, n)}
-    return Linear(weight, scales, entry["k"], packed=lanes, shape=(n, blocks, block), **lora)
+    return Linear(weight, scales, entry["k"], packed=lanes, shape=(n, blocks, block),
+                  **_branch(lambda ref: tensors.read(ref, arena), entry))
 
 
 def _refs(entry: dict) -> list[dict]:
@@ -258,8 +250,8 @@ class _Weights:
     def __init__(self, bundle: Path, info: manifest.Manifest, in_memory: bool, kernels=None):
         index = self.index = info.decoder["native"]
         # the layout each block size is kept in: packed where the kernels read packed weights (Q8Kernels.pack)
-        blocks = {entry["block"] for layer in index["layers"] for entry in layer.values()
-                  if isinstance(entry, dict) and "block" in entry} | {index["lm_head"]["block"]}
+        blocks = {layer[name]["block"] for layer in index["layers"] for name in PROJECTIONS}
+        blocks.add(index["lm_head"]["block"])
         self.lanes = {block: kernels.pack_lanes(block) if kernels is not None and in_memory else 0
                       for block in blocks}
         self._kernels = kernels
