@@ -105,27 +105,30 @@ static inline __attribute__((always_inline)) void rows_together(const me_linear 
 /* a group's weights are read in one sequence, so the prefetch asks for the bytes this far on, into L2 */
 #define ME_PACKED_AHEAD 8192
 
-/* Groups g0 .. g0 + NG of a packed m against G activation vectors: qi [nb][G][blk] their int8 blocks (a single
-   vector's own layout for G = 1), asi [nb][G] their blocks' sums, sai [nb][G] their scales; outputs y[s * ystride
-   + row]. NG, G and blk are constants where it is inlined, so the NG x G sums stay in registers: NG groups side by
-   side are NG read streams (a single vector needs four to keep memory busy) and NG x G independent sums. */
-static inline __attribute__((always_inline)) void packed_groups(const me_linear *m, const int8_t *qi,
-                                                                const int32_t *asi, const float *sai, const int G,
-                                                                const int NG, const int blk, int g0, float *y,
-                                                                size_t ystride) {
-    const int nb = m->nb;
+/* Packed groups g0 .. g0 + NG (weights pw, scales ps of nb blocks of blk; `valid` rows from group g0's first are
+   real) against G activation vectors: vector s's block b is q + s * q_vec + b * q_blk, its block sum and scale
+   asum / sa [s * a_vec + b * a_blk]; vector s's outputs for group g0 + n go to y + s * y_vec + 16 n. The decode
+   products (packed_groups) and the prompt's micro kernel (prompt_tiles.h) are this with their own layouts. NG, G
+   and blk are constants where it is inlined in the hot cases, so the NG x G sums stay in registers; `ahead`: a
+   decode step streams its weights once, so it asks for them ME_PACKED_AHEAD bytes on (a prompt's tile is in L2). */
+static inline __attribute__((always_inline)) void packed_core(int nb, const int blk, const uint8_t *pw,
+                                                              const float *ps, int g0, const int NG, int valid,
+                                                              const int8_t *q, size_t q_vec, size_t q_blk,
+                                                              const int32_t *asum, const float *sa, size_t a_vec,
+                                                              size_t a_blk, const int G, float *y, size_t y_vec,
+                                                              const int ahead) {
     const size_t gbytes = (size_t)nb * blk * ME_PACKED_LANES;
-    const uint8_t *w0 = m->w + (size_t)g0 * gbytes;
-    const float *s0 = m->s + (size_t)g0 * nb * ME_PACKED_LANES;
+    const uint8_t *w0 = pw + (size_t)g0 * gbytes;
+    const float *s0 = ps + (size_t)g0 * nb * ME_PACKED_LANES;
     __m512 acc[4][8];
     for (int n = 0; n < NG; n++)
         for (int s = 0; s < G; s++) acc[n][s] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const uint8_t *wb = w0 + (size_t)b * blk * ME_PACKED_LANES;
-        const int8_t *qb = qi + (size_t)b * G * blk;
+        const int8_t *qb = q + (size_t)b * q_blk;
         __m512i d[4][8];
         for (int s = 0; s < G; s++) {  /* the zero point's share, -128 * sum(q), starts every row's sum */
-            const __m512i zero_point = _mm512_set1_epi32(-ZERO_POINT * asi[(size_t)b * G + s]);
+            const __m512i zero_point = _mm512_set1_epi32(-ZERO_POINT * asum[(size_t)s * a_vec + (size_t)b * a_blk]);
             for (int n = 0; n < NG; n++) d[n][s] = zero_point;
         }
 #pragma GCC unroll 4
@@ -133,30 +136,42 @@ static inline __attribute__((always_inline)) void packed_groups(const me_linear 
             __m512i w[4];
             for (int n = 0; n < NG; n++) {
                 const uint8_t *p = wb + n * gbytes + 64 * (size_t)j;
-                _mm_prefetch((const char *)(p + ME_PACKED_AHEAD), _MM_HINT_T1);
+                if (ahead) _mm_prefetch((const char *)(p + ME_PACKED_AHEAD), _MM_HINT_T1);
                 w[n] = _mm512_loadu_si512(p);
             }
             for (int s = 0; s < G; s++) {
                 int32_t four;
-                memcpy(&four, qb + (size_t)s * blk + 4 * j, 4);
-                const __m512i q = _mm512_set1_epi32(four);
-                for (int n = 0; n < NG; n++) d[n][s] = _mm512_dpbusd_epi32(d[n][s], w[n], q);
+                memcpy(&four, qb + (size_t)s * q_vec + 4 * j, 4);
+                const __m512i q4 = _mm512_set1_epi32(four);
+                for (int n = 0; n < NG; n++) d[n][s] = _mm512_dpbusd_epi32(d[n][s], w[n], q4);
             }
         }
-        for (int n = 0; n < NG; n++) {
-            const __m512 sw = _mm512_loadu_ps(s0 + ((size_t)n * nb + b) * ME_PACKED_LANES);
-            for (int s = 0; s < G; s++) {
-                const __m512 scale = _mm512_mul_ps(sw, _mm512_set1_ps(sai[(size_t)b * G + s]));
+        for (int s = 0; s < G; s++) {
+            const __m512 scale_a = _mm512_set1_ps(sa[(size_t)s * a_vec + (size_t)b * a_blk]);
+            for (int n = 0; n < NG; n++) {
+                const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(s0 + ((size_t)n * nb + b) * ME_PACKED_LANES),
+                                                   scale_a);
                 acc[n][s] = _mm512_add_ps(acc[n][s], _mm512_mul_ps(scale, _mm512_cvtepi32_ps(d[n][s])));
             }
         }
     }
     for (int n = 0; n < NG; n++) {
-        const int row = (g0 + n) * ME_PACKED_LANES, lanes = m->n - row;
+        const int lanes = valid - n * ME_PACKED_LANES;
         if (lanes <= 0) break;
         const __mmask16 keep = lanes >= ME_PACKED_LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << lanes) - 1);
-        for (int s = 0; s < G; s++) _mm512_mask_storeu_ps(y + s * ystride + row, keep, acc[n][s]);
+        for (int s = 0; s < G; s++) _mm512_mask_storeu_ps(y + s * y_vec + n * ME_PACKED_LANES, keep, acc[n][s]);
     }
+}
+
+/* Groups g0 .. g0 + NG of a packed m against G activation vectors: qi [nb][G][blk] their int8 blocks (a single
+   vector's own layout for G = 1), asi [nb][G] their blocks' sums, sai [nb][G] their scales; outputs y[s * ystride
+   + row]. NG groups side by side are NG read streams (a single vector needs four to keep memory busy). */
+static inline __attribute__((always_inline)) void packed_groups(const me_linear *m, const int8_t *qi,
+                                                                const int32_t *asi, const float *sai, const int G,
+                                                                const int NG, const int blk, int g0, float *y,
+                                                                size_t ystride) {
+    packed_core(m->nb, blk, m->w, m->s, g0, NG, m->n - g0 * ME_PACKED_LANES, qi, blk, (size_t)G * blk, asi, sai, 1,
+                G, G, y + (size_t)g0 * ME_PACKED_LANES, ystride, 1);
 }
 
 /* groups [g0, g1) of a packed m against G vectors (packed_groups), NG at a time while NG are left: four for one

@@ -215,43 +215,9 @@ static inline __attribute__((always_inline)) void micro(const me_linear *m, cons
     const int nb = m->nb, blk = m->blk;
     const size_t stride = (size_t)nb * blk, gbytes = stride * LANES;
 #if ME_ISA == 2
-    __m512 acc[MR][VECS];
-    for (int r = 0; r < cnt; r++)
-        for (int v = 0; v < vecs; v++) acc[r][v] = _mm512_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        __m512i d[MR][VECS];
-        for (int r = 0; r < cnt; r++) {  /* the zero point's share (-128 * sum q) starts every lane's sum */
-            const __m512i zero_point = _mm512_set1_epi32(-ZERO_POINT * a->asum[(size_t)(r0 + r) * nb + b]);
-            for (int v = 0; v < vecs; v++) d[r][v] = zero_point;
-        }
-        const uint8_t *wb = pw + (size_t)g0 * gbytes + (size_t)b * blk * LANES;
-        const int8_t *qb = a->q + (size_t)r0 * stride + (size_t)b * blk;
-        for (int k4 = 0; k4 < blk / 4; k4++) {
-            __m512i w[VECS];
-            for (int v = 0; v < vecs; v++) w[v] = _mm512_loadu_si512(wb + v * gbytes + (size_t)k4 * 4 * LANES);
-            for (int r = 0; r < cnt; r++) {
-                int32_t four;
-                memcpy(&four, qb + (size_t)r * stride + 4 * k4, 4);
-                const __m512i q4 = _mm512_set1_epi32(four);
-                for (int v = 0; v < vecs; v++) d[r][v] = _mm512_dpbusd_epi32(d[r][v], w[v], q4);
-            }
-        }
-        for (int r = 0; r < cnt; r++) {
-            const __m512 sa = _mm512_set1_ps(a->sa[(size_t)(r0 + r) * nb + b]);
-            for (int v = 0; v < vecs; v++) {
-                const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(ps + ((size_t)(g0 + v) * nb + b) * LANES), sa);
-                acc[r][v] = _mm512_add_ps(acc[r][v], _mm512_mul_ps(s, _mm512_cvtepi32_ps(d[r][v])));
-            }
-        }
-    }
-    for (int r = 0; r < cnt; r++)
-        for (int v = 0; v < vecs; v++) {
-            const int lanes = valid - v * LANES;
-            if (lanes <= 0) break;
-            float *out = y + (size_t)(r0 + r) * m->n + n0 + v * LANES;
-            _mm512_mask_storeu_ps(out, lanes >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << lanes) - 1),
-                                  acc[r][v]);
-        }
+    (void)gbytes;
+    packed_core(nb, blk, pw, ps, g0, vecs, valid, a->q + (size_t)r0 * stride, stride, blk, a->asum + (size_t)r0 * nb,
+                a->sa + (size_t)r0 * nb, nb, 1, cnt, y + (size_t)r0 * m->n + n0, m->n, 0);
 #else
     /* AVX2 has no int8 product that is exact without a sign fix-up per pair (maddubs saturates), which made the
        int8 form 3 multiply-port instructions per 32 products; with 16-bit weights (packed) and 16-bit activations
