@@ -5,6 +5,7 @@ torch.compile) as the contender.
     python benchmarks/gpu_decode.py --work DIR [--geometry 1.7b] [--past 420] [--tokens 64] [--out JSON]
     python benchmarks/gpu_decode.py --work DIR --device cpu --geometry tiny --tokens 8      # dry run of the code
     python benchmarks/gpu_decode.py --work DIR --bundles-only      # only the checkpoint and bundles, reused later
+    python benchmarks/gpu_decode.py --work DIR --batches 1,2,4,8   # + steps of B states through the batch axis
     git show REV:megaedge/export/fixed_kv.py > prev.py             # an earlier fixed-KV graph as a contender:
     python benchmarks/gpu_decode.py --work DIR --previous-exporter prev.py --variants fixed-fp16-prev,fixed-fp16
 
@@ -198,6 +199,8 @@ def make_bundles(work: Path, geometry: str, variants: list[str], previous: Path 
     wanted = {"growing-fp16": ("growing-fp16", ExportOptions(precision="fp16", validate=False,
                                                              include_router=False)),
               "fixed-fp16": ("fixed-fp16", ExportOptions(precision="fp16", target="cuda", validate=False,
+                                                         include_router=False)),
+              "fixed-fp32": ("fixed-fp32", ExportOptions(precision="fp32", target="cuda", validate=False,
                                                          include_router=False))}
     for variant in variants:
         if variant == "fixed-fp16-prev":
@@ -212,7 +215,8 @@ def make_bundles(work: Path, geometry: str, variants: list[str], previous: Path 
                     export_bundle(checkpoint, work / variant, wanted["fixed-fp16"][1])
             paths[variant] = work / variant
             continue
-        base = "fixed-fp16" if variant.startswith("fixed") else "growing-fp16"
+        base = ("fixed-fp32" if variant.startswith("fixed-fp32") else "fixed-fp16" if variant.startswith("fixed")
+                else "growing-fp16")
         name, options = wanted[base]
         if not (work / name / "megaedge.json").is_file():
             shutil.rmtree(work / name, ignore_errors=True)
@@ -224,11 +228,11 @@ def make_bundles(work: Path, geometry: str, variants: list[str], previous: Path 
                 make = with_qk_norm_in_attention if variant.endswith("qknorm") else with_packed_projections
                 make(work / name, work / variant)
             paths[variant] = work / variant
-        if variant == "fixed-int4":
-            if not (work / "fixed-int4" / "megaedge.json").is_file():
-                shutil.rmtree(work / "fixed-int4", ignore_errors=True)
-                bundle_with_weights(work / name, work / "fixed-int4", "int4")
-            paths[variant] = work / "fixed-int4"
+        if variant in ("fixed-int4", "fixed-fp32-int8"):
+            if not (work / variant / "megaedge.json").is_file():
+                shutil.rmtree(work / variant, ignore_errors=True)
+                bundle_with_weights(work / name, work / variant, variant.split("-")[-1])
+            paths[variant] = work / variant
     return {"checkpoint": str(checkpoint), "bundles": {k: str(v) for k, v in paths.items()}}
 
 
@@ -272,6 +276,51 @@ def ort_decode(bundle: Path, device: str, past: int, tokens: int, warmup: int) -
             "cuda_graph": bool(getattr(session, "cuda_graph", False)), "prompt_rows": len(ids),
             "prefill_s": round(prefill, 4), "tokens": tokens, "decode_s": round(seconds, 4),
             "tok_per_s": round(tokens / seconds, 2), "logits_finite": bool(np.isfinite(logits).all())}
+
+
+def ort_batched_decode(bundle: Path, device: str, past: int, tokens: int, warmup: int, batches: list[int],
+                       rounds: int) -> dict:
+    """Aggregate decode tokens/s of B states stepping together through the fixed-KV graph's batch axis
+    (runtime/fixed_kv.py ``step_batch``: one run for B states side by side in a bank), for each B in ``batches``,
+    the sizes interleaved round by round; every state holds ``past`` positions. Batches run without a CUDA graph
+    (batch 1 here too, so the column compares the batch axis alone; ``runs`` has the CUDA-graph solo step)."""
+    from megaedge.runtime import fixed_kv
+    from megaedge.runtime.options import RuntimeOptions
+    from megaedge.runtime.transcriber import Transcriber
+
+    most = max(batches)
+    tr = Transcriber.from_bundle(bundle, RuntimeOptions(providers=(device,), verify=False,
+                                                        batch_steps=max(most, 1)), vad="off")
+    runner = fixed_kv.runner_for(tr)
+    if runner.bank_slots < most:
+        return {"skipped": f"the decoder graph takes batches of {runner.bank_slots} (exported before the batch axis?)"}
+    hidden = tr.manifest.decoder["hidden_size"]
+    ids = tr.prompt(max(past - len(tr.prompt(0, None, None)), 0), None, None)
+    rows = ids.count(int(tr.manifest.prompt.audio_pad))
+    audio = np.random.default_rng(0).standard_normal((rows, hidden)).astype(tr.kv_dtype)
+    states = [fixed_kv.FixedKVState(runner) for _ in range(most)]
+    for state in states:
+        state.extend(ids, audio, None)
+    token = int(tr.manifest.prompt.asr_text)
+    seconds: dict[int, list[float]] = {b: [] for b in batches}
+    for round_ in range(rounds + 1):  # round 0 warms every size
+        for b in batches:
+            group = states[:b]
+            steps = warmup if round_ == 0 else tokens
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                logits = runner.step_batch(group, [token] * b, [None] * b)
+            if round_:
+                seconds[b].append((time.perf_counter() - t0) / steps)
+            for state in group:
+                state.rollback(len(ids))
+    out = {"rounds": rounds, "steps_per_round": tokens, "logits_finite": bool(np.isfinite(logits).all())}
+    one = float(np.median(seconds[batches[0]]))
+    for b in batches:
+        step = float(np.median(seconds[b]))
+        out[str(b)] = {"step_ms": round(step * 1e3, 2), "tok_per_s": round(b / step, 2),
+                       "vs_first": round((b / step) / (batches[0] / one), 2)}
+    return out
 
 
 def op_census(bundle: Path, device: str, past: int) -> dict:
@@ -433,12 +482,17 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=64, help="timed decode steps (default 64)")
     parser.add_argument("--warmup", type=int, default=8, help="untimed steps first (CUDA graph capture)")
     parser.add_argument("--variants", default="growing-fp16,fixed-fp16,fixed-int4",
-                        help="of growing-fp16, fixed-fp16, fixed-int4, fixed-fp16-qknorm (q/k norms in the "
-                             "attention node, CUDA only), fixed-fp16-packed (q/k/v and gate/up as one MatMul each), "
-                             "fixed-fp16-prev (--previous-exporter)")
+                        help="of growing-fp16, fixed-fp16, fixed-int4, fixed-fp32, fixed-fp32-int8 (the last two "
+                             "for CPU runs), fixed-fp16-qknorm (q/k norms in the attention node, CUDA only), "
+                             "fixed-fp16-packed (q/k/v and gate/up as one MatMul each), fixed-fp16-prev "
+                             "(--previous-exporter)")
     parser.add_argument("--previous-exporter", type=Path, default=None,
                         help="an earlier revision's export/fixed_kv.py: its graph is the variant fixed-fp16-prev")
     parser.add_argument("--kernels", default="", help="variants whose CUDA-graph steps get a kernel profile")
+    parser.add_argument("--batches", default="",
+                        help="e.g. 1,2,4,8: fixed-KV variants also step this many states at once through the "
+                             "graph's batch axis (aggregate tokens/s, sizes interleaved)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --batches (default 3)")
     parser.add_argument("--no-contender", action="store_true", help="skip transformers")
     parser.add_argument("--no-compile", action="store_true", help="transformers without torch.compile")
     parser.add_argument("--out", default=None, help="JSON path (default WORK/gpu_decode.json)")
@@ -463,7 +517,8 @@ def main(argv=None) -> int:
                      "command": f"python benchmarks/gpu_decode.py --work DIR --geometry {args.geometry} --device "
                                 f"{args.device} --past {args.past} --tokens {args.tokens} --variants {args.variants}"
                                 + (" --previous-exporter PREV" if args.previous_exporter else "")
-                                + (f" --kernels {args.kernels}" if args.kernels else ""),
+                                + (f" --kernels {args.kernels}" if args.kernels else "")
+                                + (f" --batches {args.batches} --rounds {args.rounds}" if args.batches else ""),
                      "machine": gpu or platform.processor() or platform.machine(), "python": sys.version.split()[0],
                      "geometry": args.geometry, "device": args.device, "past": args.past, "tokens": args.tokens}
 
@@ -498,6 +553,13 @@ def main(argv=None) -> int:
             run.update(read_bytes_per_token=weights + kv, bound_tok_per_s=round(bound, 1),
                        percent_of_read_bound=round(100 * run["tok_per_s"] / bound, 1))
         save()
+    batches = [int(b) for b in args.batches.split(",") if b]
+    batched = results.setdefault("batched", {})
+    for variant in variants:
+        if batches and reason is None and variant.startswith("fixed") and variant in built.get("bundles", {}):
+            _stage(batched, variant, ort_batched_decode, Path(built["bundles"][variant]), args.device, args.past,
+                   args.tokens, args.warmup, batches, args.rounds)
+            save()
     census = results.setdefault("op_census", {})
     for variant in variants:
         if reason is None and variant.startswith("fixed") and variant in built.get("bundles", {}):
@@ -508,7 +570,7 @@ def main(argv=None) -> int:
         if reason is None and args.device == "cuda" and variant in built.get("bundles", {}):
             _stage(kernels, variant, kernel_profile, Path(built["bundles"][variant]), args.past)
             save()
-    for prefix, table in (("run", runs), ("census", census), ("kernels", kernels)):
+    for prefix, table in (("run", runs), ("batched", batched), ("census", census), ("kernels", kernels)):
         results.setdefault("stage_seconds", {}).update(
             {f"{prefix} {k}": v for k, v in table.pop("stage_seconds", {}).items()})
     if not args.no_contender:

@@ -30,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                    high=STREAMS[1]),
                         default=1, help=f"fixed-KV bundles: concurrent calls or streams, each with its own KV "
                                         f"buffers, {STREAMS[0]}-{STREAMS[1]} (default 1)")
+    parser.add_argument("--batch-steps", type=arg_type(limits.check_int, parse=int, option="batch-steps", low=1,
+                                                       high=16),
+                        default=8, help="fixed-KV bundles: the runtime's batch_steps (1-16, default 8); a decoder "
+                                        "graph with a batch axis allocates KV buffers this many streams at a time")
     parser.add_argument("--json", action="store_true")
 
 
@@ -101,7 +105,7 @@ def _fixed_kv_plan(args, bundle, info) -> int:
         memory = gpu_plan.DEVICES[args.device]["usable_gib"]
     else:
         memory = parse_memory(args.memory or "8GB")
-    result = gpu_plan.plan(bundle, memory, args.streams, args.max_audio_seconds, info)
+    result = gpu_plan.plan(bundle, memory, args.streams, args.max_audio_seconds, info, args.batch_steps)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -109,11 +113,13 @@ def _fixed_kv_plan(args, bundle, info) -> int:
     weights = result.assumptions["weights"]
     print(f"{bundle.name} on onnxruntime CUDA ({weights} weights, fixed KV of {result.max_kv_length} positions), "
           f"{args.streams} stream(s), budget {result.budget_mib / 1024:.2f} GiB: {verdict}")
-    for label, value in (("weights", result.weights_mib), (f"KV buffers x{args.streams}",
-                                                           result.kv_mib_per_stream * args.streams),
+    slots = result.kv_slots
+    for label, value in (("weights", result.weights_mib), (f"KV buffers x{slots}", result.kv_mib_per_stream * slots),
                          ("activations", result.activations_mib), ("CUDA context", result.context_mib),
                          ("total", result.total_mib)):
         print(f"  {label:<16} {value / 1024:7.2f} GiB")
-    print(f"  streams that fit: {result.max_streams} ({result.kv_mib_per_stream:.0f} MiB of KV each); each call "
-          f"holds at most {result.max_kv_length} positions (prompt + new tokens)")
+    print(f"  streams that fit: {result.max_streams} ({result.kv_mib_per_stream:.0f} MiB of KV each"
+          + (f", allocated {result.bank_slots} at a time for batched steps; --batch-steps 1: one at a time"
+             if result.bank_slots > 1 else "")
+          + f"); each call holds at most {result.max_kv_length} positions (prompt + new tokens)")
     return 0

@@ -96,34 +96,45 @@ def group_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
                           cos_cache: torch.Tensor | None, sin_cache: torch.Tensor | None, num_heads: int,
                           kv_num_heads: int,
                           scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GroupQueryAttention with a shared past/present buffer and its own rotary embedding, in torch: ``query``
-    [1, S, H*D] and ``key`` [1, S, KV*D] are rotated at positions seqlens_k + 1 - S .. seqlens_k (rows of
-    ``cos_cache`` / ``sin_cache`` [M, D/2]); keys and ``value`` [1, S, KV*D] are written into copies of the caches
-    [1, KV, M, D] at those positions; each new row attends causally over the cache up to its own position (scores
-    and softmax in fp32). Returns (output [1, S, H*D], present_key, present_value)."""
+    """GroupQueryAttention with a shared past/present buffer and its own rotary embedding, in torch: row b of
+    ``query`` [B, S, H*D] and ``key`` [B, S, KV*D] is rotated at positions seqlens_k[b] + 1 - S .. seqlens_k[b]
+    (rows of ``cos_cache`` / ``sin_cache`` [M, D/2]); keys and ``value`` [B, S, KV*D] are written into copies of
+    the caches [B, KV, M, D] at those positions; each new row attends causally over its own cache up to its own
+    position (scores and softmax in fp32). Every batch row has its own length, as in the contrib op (a batch of
+    decode steps of streams at different lengths). Returns (output [B, S, H*D], present_key, present_value)."""
     batch, seq, _ = query.shape
     head_dim = past_key.shape[-1]
-    end = int(seqlens_k[0]) + 1
+    present_key, present_value = past_key.clone(), past_value.clone()
+    out = []
+    for b in range(batch):
+        out.append(_attend_row(query[b:b + 1], key[b:b + 1], value[b:b + 1], present_key[b:b + 1],
+                               present_value[b:b + 1], int(seqlens_k[b]) + 1, cos_cache, sin_cache, num_heads,
+                               kv_num_heads, head_dim, scale))
+    return torch.cat(out), present_key, present_value
+
+
+def _attend_row(query, key, value, present_key, present_value, end: int, cos_cache, sin_cache, num_heads: int,
+                kv_num_heads: int, head_dim: int, scale: float) -> torch.Tensor:
+    """group_query_attention for one batch row ([1, ...] views; the caches are written in place)."""
+    seq = query.shape[1]
     start = end - seq
-    key = key.view(batch, seq, kv_num_heads, head_dim)
+    key = key.view(1, seq, kv_num_heads, head_dim)
     if cos_cache is not None:  # else the caller rotated q and k
         cos, sin = cos_cache[start:end], sin_cache[start:end]
-        query = _rotate(query.view(batch, seq, num_heads, head_dim), cos, sin).to(query.dtype)
+        query = _rotate(query.view(1, seq, num_heads, head_dim), cos, sin).to(query.dtype)
         key = _rotate(key, cos, sin).to(key.dtype)
-    present_key, present_value = past_key.clone(), past_value.clone()
-    present_key[:, :, start:end] = key.transpose(1, 2).to(past_key.dtype)
-    present_value[:, :, start:end] = value.view(batch, seq, kv_num_heads, head_dim).transpose(1, 2).to(
-        past_value.dtype)
+    present_key[:, :, start:end] = key.transpose(1, 2).to(present_key.dtype)
+    present_value[:, :, start:end] = value.view(1, seq, kv_num_heads, head_dim).transpose(1, 2).to(
+        present_value.dtype)
     group = num_heads // kv_num_heads
     # query head h reads KV head h // group, as in graphs.DecoderGraph
-    q = query.view(batch, seq, kv_num_heads, group, head_dim).permute(0, 2, 3, 1, 4)  # [B, KV, G, S, D]
+    q = query.view(1, seq, kv_num_heads, group, head_dim).permute(0, 2, 3, 1, 4)  # [1, KV, G, S, D]
     keys, values = present_key[:, :, None, :end], present_value[:, :, None, :end]
     scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * scale
     keep = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
     probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
-    out = torch.matmul(probs.to(values.dtype), values)  # [B, KV, G, S, D]
-    return (out.permute(0, 3, 1, 2, 4).reshape(batch, seq, num_heads * head_dim).to(query.dtype), present_key,
-            present_value)
+    out = torch.matmul(probs.to(values.dtype), values)  # [1, KV, G, S, D]
+    return out.permute(0, 3, 1, 2, 4).reshape(1, seq, num_heads * head_dim).to(query.dtype)
 
 
 @group_query_attention.register_fake
@@ -221,10 +232,14 @@ def _skip_norm(module, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.T
 class FixedKVDecoderGraph(graphs.DecoderGraph):
     """graphs.DecoderGraph with the KV cache in fixed buffers updated in place (module docstring).
 
-    Inputs: input_ids [1, S], audio_features [A, H], logits_at [L], seqlens_k [1] int32, total_sequence_length []
-    int32, past_key_i / past_value_i [1, kv_heads, max_kv_length, head_dim] (and lora_gate in a routed bundle).
-    Outputs: logits [L, vocab], present_key_i / present_value_i (the past buffers, updated: the runtime binds each
-    present to its past)."""
+    Inputs: input_ids [B, S], audio_features [A, H], logits_at [L], seqlens_k [B] int32, total_sequence_length []
+    int32, past_key_i / past_value_i [B, kv_heads, max_kv_length, head_dim] (and lora_gate in a routed bundle).
+    Outputs: logits [L, vocab] of the rows ``logits_at`` of the B * S rows in row-major order, present_key_i /
+    present_value_i (the past buffers, updated: the runtime binds each present to its past).
+
+    The batch axis is for decode steps of several states at once (runtime/fixed_kv.py ``step_batch``): each row
+    its own cache and length. Audio placeholders are filled in row-major order, so a batch may carry prompts too,
+    but the runtime runs prompts one state at a time."""
 
     def __init__(self, model, gate, max_kv_length: int):
         super().__init__(model, gate)
@@ -248,8 +263,8 @@ class FixedKVDecoderGraph(graphs.DecoderGraph):
                 position_ids=None, lora_gate=None):
         if self.gate is not None:
             self.gate.value = lora_gate
-        x = self.embed(input_ids, audio_features)
-        seq = input_ids.shape[1]
+        batch, seq = input_ids.shape
+        x = self.embed(input_ids.reshape(1, -1), audio_features).reshape(batch, seq, -1)
         layers = self.lm.layers
         if self.graph_rotary:
             from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
@@ -260,12 +275,12 @@ class FixedKVDecoderGraph(graphs.DecoderGraph):
         for i, layer in enumerate(layers):
             attn = layer.self_attn
             # [1, S, H*D] -> [1, S, H, D] -> norm -> [1, S, H*D]: the chain onnxruntime folds into the attention
-            q = _norm(attn.q_norm, attn.q_proj(h).view(1, seq, self.heads, self.head_dim))
-            k = _norm(attn.k_norm, attn.k_proj(h).view(1, seq, self.kv_heads, self.head_dim))
+            q = _norm(attn.q_norm, attn.q_proj(h).view(batch, seq, self.heads, self.head_dim))
+            k = _norm(attn.k_norm, attn.k_proj(h).view(batch, seq, self.kv_heads, self.head_dim))
             if self.graph_rotary:
                 q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
             o, key, value = torch.ops.megaedge.group_query_attention(
-                q.view(1, seq, -1), k.view(1, seq, -1), attn.v_proj(h), past[2 * i], past[2 * i + 1], seqlens_k,
+                q.view(batch, seq, -1), k.view(batch, seq, -1), attn.v_proj(h), past[2 * i], past[2 * i + 1], seqlens_k,
                 total_sequence_length, self.cos_cache, self.sin_cache, self.heads, self.kv_heads,
                 float(attn.scaling))
             presents += [key, value]
@@ -274,38 +289,41 @@ class FixedKVDecoderGraph(graphs.DecoderGraph):
             after = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.lm.norm
             h, x = _skip_norm(after, layer.mlp(h), x)
         # the final norm ran over every row (a row's norm is its own): keep the rows whose logits are wanted
-        return (self.lm_head(h[0].index_select(0, logits_at)).float(), *presents)
+        return (self.lm_head(h.reshape(batch * seq, -1).index_select(0, logits_at)).float(), *presents)
 
 
 def export_decoder(loaded, out: Path, opts, external: bool) -> tuple[str, ...]:
-    """decoder.onnx as the fixed-KV graph, buffers of ``opts.max_kv_length`` positions (a fixed dim of the graph)."""
+    """decoder.onnx as the fixed-KV graph, buffers of ``opts.max_kv_length`` positions (a fixed dim of the graph)
+    and a batch axis of 1-MAX_BATCH states."""
     from megaedge.export.bundle import _export
 
     module = FixedKVDecoderGraph(loaded.model, loaded.gate if opts.mode == "routed" else None, opts.max_kv_length)
     dtype = next(loaded.model.parameters()).dtype
     cfg = loaded.config
+    batch = torch.export.Dim("batch", min=1, max=fixed_kv.MAX_BATCH)
     seq = torch.export.Dim("seq", min=1, max=32768)
     audio = torch.export.Dim("audio", min=0, max=65536)
     rows = torch.export.Dim("logit_rows", min=1, max=32768)
     pad = int(cfg.audio_token_id)
-    ids = torch.tensor([[1, 2, pad, pad, 5]])
-    past = [torch.zeros(1, module.kv_heads, opts.max_kv_length, module.head_dim, dtype=dtype)
+    # two rows: an example of size 1 would fix the batch axis at 1
+    ids = torch.tensor([[1, 2, pad, pad, 5], [6, pad, 7, 8, 9]])
+    past = [torch.zeros(2, module.kv_heads, opts.max_kv_length, module.head_dim, dtype=dtype)
             for _ in range(2 * module.num_layers)]
     past_names, present_names = graphs.kv_names(module.num_layers)
-    shapes = {"input_ids": {1: seq}, "audio_features": {0: audio}, "logits_at": {0: rows}, "seqlens_k": {},
-              "total_sequence_length": {}, "past": tuple({} for _ in past)}
+    shapes = {"input_ids": {0: batch, 1: seq}, "audio_features": {0: audio}, "logits_at": {0: rows},
+              "seqlens_k": {0: batch}, "total_sequence_length": {}, "past": tuple({0: batch} for _ in past)}
     names = ["input_ids", "audio_features", "logits_at", *fixed_kv.FIXED_INPUTS, *past_names]
     kwargs = {}
     if module.graph_rotary:
-        kwargs["position_ids"] = torch.arange(3, 8)[None]
-        shapes["position_ids"] = {1: seq}
+        kwargs["position_ids"] = torch.stack([torch.arange(3, 8), torch.arange(5, 10)])
+        shapes["position_ids"] = {0: batch, 1: seq}
         names.append(fixed_kv.POSITION_IDS)
     if opts.mode == "routed":
         kwargs["lora_gate"] = torch.ones(1, dtype=dtype)
         shapes["lora_gate"] = None
         names.append("lora_gate")
-    args = (ids, torch.zeros(2, cfg.text_config.hidden_size, dtype=dtype), torch.tensor([3, 4]),
-            torch.tensor([7], dtype=torch.int32), torch.tensor(8, dtype=torch.int32), *past)
+    args = (ids, torch.zeros(3, cfg.text_config.hidden_size, dtype=dtype), torch.tensor([4, 9]),
+            torch.tensor([7, 9], dtype=torch.int32), torch.tensor(opts.max_kv_length, dtype=torch.int32), *past)
     files = _export(module, args, kwargs, names, ["logits", *present_names], shapes, opts.opset,
                     out / manifest.DECODER_FILE, external, translations=_onnx_translation())
     _drop_unused_outputs(out / manifest.DECODER_FILE)

@@ -1,10 +1,13 @@
 """Decode steps of concurrent streams and calls, run as one batch over one read of the weights.
 
 Every stream and ``transcribe`` call decodes in its own thread with its own decoder state (runtime/decoding.py).
-With a ``StepBatcher`` their native decode steps meet here: the first caller to arrive becomes the leader, waits a
-moment for the others that are decoding right now, and runs all the waiting steps as one kernel call
-(native_decode.step_batch: every weight block read once for all of them, attention per sequence over its own
-cache). Each sequence gets exactly the bits it gets alone, so batching changes no transcript, only the time.
+With a ``StepBatcher`` their decode steps meet here: the first caller to arrive becomes the leader, waits a
+moment for the others that are decoding right now, and runs all the waiting steps as one call: the native
+kernels' (native_decode.step_batch: every weight block read once for all of them, attention per sequence over its
+own cache; each sequence gets exactly the bits it gets alone, so batching changes no transcript, only the time) or
+a fixed-KV decoder graph's batch axis (fixed_kv.FixedKVRunner.step_batch: onnxruntime's products over a batch may
+round differently from one row's, so logits agree to float rounding, not bit for bit). A decoder takes part through
+``batch_key`` (steps of equal keys may share a call) and ``step_many(decoders, tokens, gates)``.
 
 Why a leader and not a worker thread: a lone caller runs its own step at once, with no hand-off; a batch costs
 the followers one wake-up each. The wait is bounded by ``gather_seconds`` and skipped as soon as every decoder
@@ -20,7 +23,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from megaedge.errors import MegaedgeError
-from megaedge.runtime import kernels, native_decode
+from megaedge.runtime import kernels
 
 # A decode step of the 1.7B model takes tens of milliseconds: a wait of 2 ms for a peer costs a few per cent of one
 # step and saves a whole weight read when the peer comes.
@@ -37,7 +40,7 @@ class _Request:
 
 
 class StepBatcher:
-    """Batches ``NativeDecoder.step`` calls of concurrent threads (see the module docstring). ``max_batch``:
+    """Batches the decode steps of concurrent threads (see the module docstring). ``max_batch``:
     1-16 steps per kernel call (1: every step alone)."""
 
     def __init__(self, max_batch: int = 8, gather_seconds: float = GATHER_SECONDS):
@@ -65,10 +68,10 @@ class StepBatcher:
                 self._cond.notify_all()
 
     def step(self, decoder, token: int, gate: float | None = None) -> np.ndarray:
-        """``decoder.step(token, gate)``, possibly in one kernel call with other threads' steps (of either route
-        of a routed bundle: each row carries its own gate)."""
+        """``decoder``'s step of ``token``, possibly in one call with other threads' steps (of either route of a
+        routed bundle: each row carries its own gate)."""
         if self.max_batch == 1:
-            return decoder.step(token, gate)
+            return decoder.step_many([decoder], [token], [gate])[0]
         request = _Request(decoder, token, gate)
         with self._cond:
             self._pending.append(request)
@@ -98,11 +101,11 @@ class StepBatcher:
     def _run(self, batch: list[_Request]) -> None:
         groups: dict[int, list[_Request]] = {}
         for request in batch:  # decoders of different weights (two transcribers) cannot share a call
-            groups.setdefault(id(request.decoder._w), []).append(request)
+            groups.setdefault(id(request.decoder.batch_key), []).append(request)
         for group in groups.values():
             try:
-                logits = native_decode.step_batch([r.decoder for r in group], [r.token for r in group],
-                                                  [r.gate for r in group])
+                logits = group[0].decoder.step_many([r.decoder for r in group], [r.token for r in group],
+                                                    [r.gate for r in group])
             except BaseException as exc:  # noqa: BLE001 - handed to each waiting caller
                 for r in group:
                     r.error = exc

@@ -27,10 +27,21 @@ over the buffers it was captured with, and the number of graph ids stays bounded
 graphs per calling thread, so a buffer set is captured once in every thread that steps it. The first steps over
 a set of buffers in a thread (where onnxruntime captures) hold runtime/session.py's GPU gate alone, every other
 GPU call holds it shared: a capture breaks if another thread allocates or copies meanwhile.
+
+Many streams: graphs exported with a batch axis (every graph since it had one; ``past_key_i`` of [batch, ...]) take
+the steps of several states in one run, each row with its own ``seqlens_k`` (GroupQueryAttention attends each row
+over its own cache to its own length), so the weights are read once for all of them. For that a state's buffers
+are a slot of a bank, [slots, kv_heads, max_kv_length, head_dim] per cache, bound by address: a state alone binds
+its slot as [1, ...], a batch binds a run of adjacent slots as [n, ...]. Slots are leased lowest first, so states
+that live together sit together; ``step_batch`` (called by runtime/batching.py's ``StepBatcher``, which gathers
+the steps of concurrent threads) runs each run of adjacent slots with one LoRA gate as one batch and anything else
+apart. On the CPU each row's logits are bit for bit its solo step's (tested on the fixture's graphs); on a GPU the
+products of a batch may round differently from one row's. Batched runs use no CUDA graph (their shapes vary).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import weakref
@@ -54,6 +65,8 @@ DEFAULT_MAX_KV = 2048  # a 30 s segment's ~420 prompt rows + context + 256 new t
 # CUDA graphs per decoder session: each is captured over one state's buffers (a full KV cache); states beyond this
 # many at once run their steps without a graph (same results, launch-bound).
 MAX_GRAPHS = 8
+# Decode steps of this many states at most in one run of a batched graph (the graph's batch axis, ``step_batch``).
+MAX_BATCH = 16
 # onnxruntime captures a graph id's graph on one of its first runs (after a warm-up run that makes the
 # allocations), and keeps captured graphs per calling thread (the CUDA provider's per-thread context): a buffer
 # set stepped from a thread that has not stepped it before is captured again there. So steps over a buffer set
@@ -72,27 +85,89 @@ def kv_bytes(decoder: dict) -> int:
             * np.dtype(decoder["kv_dtype"]).itemsize)
 
 
-class _Buffers:
-    """One state's device buffers and the step binding over them (a CUDA graph, once captured, holds their
-    addresses)."""
+def bank_slots(past_shape, batch_steps: int) -> int:
+    """States per KV bank for a decoder graph whose past buffers have ``past_shape``: ``batch_steps`` (1-MAX_BATCH)
+    where the batch axis is free, 1 for graphs exported before it had one (their buffers hold one state)."""
+    return max(1, min(int(batch_steps), MAX_BATCH)) if not isinstance(past_shape[0], int) else 1
 
-    def __init__(self, runner: FixedKVRunner, graph_id: int):
+
+def next_bank(held: int, bank_slots: int, device: str) -> int:
+    """The slots of the next bank a runner allocates when it holds ``held`` slots. On the CPU every bank has
+    ``bank_slots`` (untouched pages cost nothing); on a GPU, which allocates a bank whole, banks double what is held
+    (1, 1, 2, 4, 8, then ``bank_slots`` each), so one stream holds one slot and n streams at most 2n."""
+    if device == "cpu":
+        return bank_slots
+    return max(1, min(held, bank_slots))
+
+
+def slots_for(streams: int, bank_slots: int, device: str) -> int:
+    """KV slots a runner holds once ``streams`` states are live at once (whole banks, ``next_bank``)."""
+    held = 0
+    while held < streams:
+        held += next_bank(held, bank_slots, device)
+    return held
+
+
+class _Bank:
+    """The KV buffers of ``slots`` states side by side: per cache one [slots, kv_heads, max_kv_length, head_dim]
+    buffer, so a batched step binds a contiguous run of slots as one [n, ...] tensor (``FixedKVRunner.step_batch``).
+    On the CPU the zeros are the allocator's untouched pages: a slot's memory is committed as its positions are
+    written, so a bank of eight costs what its states use. On a GPU the whole bank is allocated at once, so banks
+    there grow with the states (``next_bank``)."""
+
+    def __init__(self, runner: FixedKVRunner, slots: int, number: int):
+        import onnxruntime as ort
+
+        dec = runner.decoder
+        self.slots, self.device, self.number = slots, runner.device, number  # number: the runner's n-th bank
+        self.shape = (int(dec["kv_heads"]), int(dec["max_kv_length"]), int(dec["head_dim"]))
+        self.dtype = np.dtype(dec["kv_dtype"])
+        self.slot_bytes = int(np.prod(self.shape)) * self.dtype.itemsize
+        self.past_names, self.present_names = dec["past_names"], dec["present_names"]
+        # Zeros, not uninitialized memory: positions past the length are never attended, but a garbage NaN must not
+        # even be possible there. On the CPU the arrays are the buffers (kept here: the OrtValues borrow them).
+        self._arrays = [np.zeros((slots, *self.shape), self.dtype) for _ in self.past_names]
+        if self.device == "cpu":
+            self._pointers = [a.ctypes.data for a in self._arrays]
+        else:
+            self._values = [ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in self._arrays]
+            self._arrays = None  # the device holds them now
+            self._pointers = [v.data_ptr() for v in self._values]
+
+    def bind(self, binding, first: int, count: int) -> None:
+        """Slots [first, first + count) as every past input and, the same memory, its present output."""
+        if not (0 <= first and count >= 1 and first + count <= self.slots):
+            raise MegaedgeError(f"fixed-KV bank: slots {first}-{first + count - 1} of {self.slots}")
+        shape = [count, *self.shape]
+        for past, present, pointer in zip(self.past_names, self.present_names, self._pointers):
+            address = pointer + first * self.slot_bytes
+            binding.bind_input(past, self.device, 0, self.dtype.type, shape, address)
+            binding.bind_output(present, self.device, 0, self.dtype.type, shape, address)
+
+    def read(self, slot: int, cache: int) -> np.ndarray:
+        """A copy of one slot's cache ``cache`` [1, kv_heads, max_kv_length, head_dim] (tests, inspection)."""
+        if self._arrays is not None:
+            return self._arrays[cache][slot:slot + 1].copy()
+        return self._values[cache].numpy()[slot:slot + 1].copy()
+
+
+class _Buffers:
+    """One state's slot of a bank, its small step inputs and the step binding over them (a CUDA graph, once
+    captured, holds their addresses)."""
+
+    def __init__(self, runner: FixedKVRunner, graph_id: int, bank: _Bank, slot: int):
         import onnxruntime as ort
 
         device, dec = runner.device, runner.decoder
-        shape = (1, dec["kv_heads"], dec["max_kv_length"], dec["head_dim"])
-        kv_dtype = np.dtype(dec["kv_dtype"])
+        self.bank, self.slot = bank, slot
         put = lambda array: ort.OrtValue.ortvalue_from_numpy(array, device, 0)  # noqa: E731
-        # Zeros, not uninitialized memory: positions past the length are never attended, but a garbage NaN must not
-        # even be possible there.
-        self.kv = [put(np.zeros(shape, kv_dtype)) for _ in dec["past_names"]]
         self.ids = put(np.zeros((1, 1), np.int64))
         self.positions = put(np.zeros((1, 1), np.int64)) if runner.positions else None  # older graphs only
         self.seqlens = put(np.zeros(1, np.int32))
         # Read on the host by the kernel: a CPU value whatever the provider.
         self.total = ort.OrtValue.ortvalue_from_numpy(np.array(dec["max_kv_length"], np.int32))
         self.logits_at = put(np.zeros(1, np.int64))
-        self.audio = put(np.zeros((0, dec["hidden_size"]), kv_dtype))
+        self.audio = put(np.zeros((0, dec["hidden_size"]), np.dtype(dec["kv_dtype"])))
         self.gate = put(np.ones(1, runner.gate_dtype)) if runner.routed else None
         self.gate_value = 1.0
         self.logits = put(np.zeros((1, dec["vocab_size"]), np.float32))
@@ -103,64 +178,82 @@ class _Buffers:
         positions = ((POSITION_IDS, self.positions),) if self.positions is not None else ()
         for name, value in (("input_ids", self.ids), ("audio_features", self.audio), ("logits_at", self.logits_at),
                             *positions, (SEQLENS_K, self.seqlens), (TOTAL_LENGTH, self.total),
-                            *zip(dec["past_names"], self.kv), *((("lora_gate", self.gate),) if self.gate else ())):
+                            *((("lora_gate", self.gate),) if self.gate else ())):
             binding.bind_ortvalue_input(name, value)
         binding.bind_ortvalue_output("logits", self.logits)
-        for name, value in zip(dec["present_names"], self.kv):
-            binding.bind_ortvalue_output(name, value)  # the same buffer as the past: updated in place
+        bank.bind(binding, slot, 1)
         self.step_binding = binding
+
+    def sort_key(self) -> tuple[int, int]:
+        return self.bank.number, self.slot
 
 
 class FixedKVRunner:
-    """Per decoder session (shared, read-only but for its buffer pool): geometry, the session, and buffer sets
+    """Per decoder session (shared, read-only but for its slot pool): geometry, the session, and slots of KV banks
     leased to states. ``session`` is an onnxruntime InferenceSession; ``cuda_graph``: the session was opened with
-    enable_cuda_graph (its runs are serialised: a captured graph replays on the session's one stream)."""
+    enable_cuda_graph (its runs are serialised: a captured graph replays on the session's one stream).
+    ``batch_steps``: states per KV bank, the most one batched step takes (``bank_slots``; 1 where the graph has no
+    batch axis)."""
 
     def __init__(self, session, decoder: dict, routed: bool, gate_dtype, device: str = "cpu",
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, batch_steps: int = 1):
         import onnxruntime as ort
 
         self.session, self.decoder, self.routed = session, decoder, routed
         self.gate_dtype, self.device, self.cuda_graph = np.dtype(gate_dtype), device, cuda_graph
         self.max_length = int(decoder["max_kv_length"])
-        self.positions = POSITION_IDS in {i.name for i in session.get_inputs()}  # an older graph's RoPE input
+        inputs = {i.name: i for i in session.get_inputs()}
+        self.positions = POSITION_IDS in inputs  # an older graph's RoPE input
+        self.bank_slots = bank_slots(inputs[decoder["past_names"][0]].shape, batch_steps)
         self.prompt_options = ort.RunOptions()
         if cuda_graph:
             self.prompt_options.add_run_config_entry(GRAPH_RUN_KEY, "-1")
         self._lock = threading.Lock()  # the pool
+        self._grow = threading.Lock()  # one lease at a time
         self.run_lock = threading.Lock() if cuda_graph else None
-        self._free: list[_Buffers] = []
+        self._banks: list[_Bank] = []
+        self._free: list[_Buffers] = []  # slots of departed states, lowest first when leased
+        self._used = 0  # slots handed out of the newest bank
         self._graphs = 0
         # step runs per graph id made by the calling thread: thread-local, as onnxruntime's captured graphs are (a
         # thread that ends takes its graphs and its counts along; a new thread that reuses its id starts at 0)
         self._thread_runs = threading.local()
 
     def lease(self) -> _Buffers:
-        """Buffers for a new state: a free pooled set (its graph already captured), a new pooled set with the next
-        graph id, or beyond MAX_GRAPHS an unpooled set that runs without a graph."""
-        if not self.cuda_graph:
-            return self._new(-1)
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-            if self._graphs < MAX_GRAPHS:
-                self._graphs += 1  # ids from 1: onnxruntime reserves 0
-                graph_id = self._graphs
-            else:
+        """A slot for a new state: the lowest free one (states that step together sit side by side, so their
+        steps run as one batch), else the next of the newest bank, else the first of a new bank. On CUDA each slot
+        gets a graph id while there are ids left (MAX_GRAPHS); later ones step without a graph. Allocations wait
+        for the GPU gate outside the pool's lock, which ``release`` (a finalizer, any thread) takes."""
+        with self._grow:
+            with self._lock:
+                if self._free:
+                    best = min(self._free, key=_Buffers.sort_key)
+                    self._free.remove(best)
+                    return best
+                full = not self._banks or self._used == self._banks[-1].slots
+                size = next_bank(sum(b.slots for b in self._banks), self.bank_slots, self.device)
+            if full:
+                with self.gate_for():  # device allocations and copies
+                    bank = _Bank(self, size, len(self._banks))
+                with self._lock:
+                    self._banks.append(bank)
+                    self._used = 0
+            with self._lock:
+                bank, slot = self._banks[-1], self._used
+                self._used += 1
                 graph_id = -1
-        if graph_id < 0:
-            log.warning("more than %d fixed-KV decoder states at once: this one steps without a CUDA graph",
-                        MAX_GRAPHS)
-        return self._new(graph_id)
-
-    def _new(self, graph_id: int) -> _Buffers:
-        with self.gate_for():  # device allocations and copies
-            return _Buffers(self, graph_id)
+                if self.cuda_graph and self._graphs < MAX_GRAPHS:
+                    self._graphs += 1  # ids from 1: onnxruntime reserves 0
+                    graph_id = self._graphs
+            if self.cuda_graph and graph_id < 0:
+                log.warning("more than %d fixed-KV decoder states at once: this one steps without a CUDA graph",
+                            MAX_GRAPHS)
+            with self.gate_for():
+                return _Buffers(self, graph_id, bank, slot)
 
     def release(self, buffers: _Buffers) -> None:
-        if buffers.graph_id > 0:
-            with self._lock:
-                self._free.append(buffers)
+        with self._lock:
+            self._free.append(buffers)
 
     def run(self, binding, options) -> None:
         if self.run_lock is None:
@@ -186,6 +279,61 @@ class FixedKVRunner:
             return gpu_gate.alone()
         return gpu_gate.shared()
 
+    def step_batch(self, states: list[FixedKVState], tokens: list[int], gates: list[float | None]) -> np.ndarray:
+        """One step of each state; logits [len(states), vocab]. States in adjacent slots of one bank with the
+        same LoRA gate run as one batch (one read of the weights; each row attends over its own cache at its own
+        length); the rest in further runs. Batches run without a CUDA graph (their shapes vary)."""
+        if not (len(states) == len(tokens) == len(gates)) or len({id(s) for s in states}) != len(states):
+            raise MegaedgeError(f"fixed-KV batch: {len(states)} distinct states for {len(tokens)} tokens")
+        if any(s.runner is not self for s in states):
+            raise MegaedgeError("fixed-KV batch: states of another decoder session")
+        logits: list[np.ndarray | None] = [None] * len(states)
+        order = sorted(range(len(states)), key=lambda i: states[i].buffers.sort_key())
+        run: list[int] = []
+        for i in order + [None]:
+            if run and (i is None or not self._extends(states[run[-1]], states[i], gates[run[-1]], gates[i])):
+                if len(run) == 1:
+                    logits[run[0]] = states[run[0]].step_alone(tokens[run[0]], gates[run[0]])
+                else:
+                    rows = self._run_batch([states[j] for j in run], [tokens[j] for j in run], gates[run[0]])
+                    for j, row in zip(run, rows):
+                        logits[j] = row
+                run = []
+            if i is not None:
+                run.append(i)
+        return np.stack(logits)
+
+    @staticmethod
+    def _extends(last: FixedKVState, state: FixedKVState, last_gate, gate) -> bool:
+        a, b = last.buffers, state.buffers
+        same_gate = (1.0 if last_gate is None else float(last_gate)) == (1.0 if gate is None else float(gate))
+        return a.bank is b.bank and b.slot == a.slot + 1 and same_gate
+
+    def _run_batch(self, states: list[FixedKVState], tokens: list[int], gate: float | None) -> np.ndarray:
+        for s in states:
+            s._room(1)
+        lengths = np.array([s.length for s in states], np.int32)
+        n = len(states)
+        binding = self.session.io_binding()
+        cpu = lambda name, array: binding.bind_cpu_input(name, np.ascontiguousarray(array))  # noqa: E731
+        cpu("input_ids", np.asarray(tokens, np.int64)[:, None])
+        cpu("audio_features", np.zeros((0, self.decoder["hidden_size"]), self.decoder["kv_dtype"]))
+        cpu("logits_at", np.arange(n, dtype=np.int64))  # one row per state: rows 0..n-1 of the n x 1
+        if self.positions:
+            cpu(POSITION_IDS, lengths.astype(np.int64)[:, None])
+        cpu(SEQLENS_K, lengths)
+        binding.bind_ortvalue_input(TOTAL_LENGTH, states[0].buffers.total)
+        if self.routed:
+            cpu("lora_gate", np.array([1.0 if gate is None else float(gate)], self.gate_dtype))
+        binding.bind_output("logits", "cpu")
+        first = states[0].buffers
+        first.bank.bind(binding, first.slot, n)
+        with self.gate_for():
+            self.run(binding, self.prompt_options)
+        for s in states:
+            s.length += 1
+        return binding.get_outputs()[0].numpy()
+
 
 _runners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _runners_lock = threading.Lock()
@@ -198,8 +346,10 @@ def runner_for(transcriber) -> FixedKVRunner:
         runner = _runners.get(session)
         if runner is None:
             info = transcriber.manifest
+            options = getattr(transcriber, "options", None)
             runner = FixedKVRunner(session.session, info.decoder, info.routed, transcriber.float_dtype,
-                                   session.device, getattr(session, "cuda_graph", False))
+                                   session.device, getattr(session, "cuda_graph", False),
+                                   options.batch_steps if options is not None else 1)
             _runners[session] = runner
     return runner
 
@@ -207,15 +357,29 @@ def runner_for(transcriber) -> FixedKVRunner:
 class FixedKVState:
     """runtime/decoding.py's decoder state over a fixed-KV decoder graph (module docstring)."""
 
-    def __init__(self, runner: FixedKVRunner):
+    def __init__(self, runner: FixedKVRunner, batcher=None):
         self.runner = runner
         self.length = 0
         self.buffers = runner.lease()
         weakref.finalize(self, runner.release, self.buffers)
+        # runtime/batching.py: steps of concurrent states in one run, where the graph has a batch axis
+        self.batcher = batcher if runner.bank_slots > 1 else None
 
     @classmethod
     def of(cls, transcriber) -> FixedKVState:
-        return cls(runner_for(transcriber))
+        return cls(runner_for(transcriber), getattr(transcriber, "batcher", None))
+
+    @property
+    def batch_key(self):
+        """States whose steps may share a run (runtime/batching.py): those of one decoder session."""
+        return self.runner
+
+    def step_many(self, states: list[FixedKVState], tokens: list[int], gates: list[float | None]) -> np.ndarray:
+        return self.runner.step_batch(states, tokens, gates)
+
+    def stepping(self):
+        """Around a run of steps: lets the batcher wait for this state's next step."""
+        return self.batcher.stepping() if self.batcher is not None else contextlib.nullcontext()
 
     @property
     def max_length(self) -> int:
@@ -258,11 +422,8 @@ class FixedKVState:
         binding.bind_ortvalue_input(TOTAL_LENGTH, ort.OrtValue.ortvalue_from_numpy(np.array(total, np.int32)))
         if b.gate is not None:
             binding.bind_ortvalue_input("lora_gate", b.gate)
-        for name, value in zip(dec["past_names"], b.kv):
-            binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")  # first: get_outputs() lists in binding order; copied in the run
-        for name, value in zip(dec["present_names"], b.kv):
-            binding.bind_ortvalue_output(name, value)
+        b.bank.bind(binding, b.slot, 1)
         with runner.gate_for():
             self._set_lora_gate(gate)
             runner.run(binding, runner.prompt_options)
@@ -271,6 +432,11 @@ class FixedKVState:
         return logits[len(logits) - logit_rows:]
 
     def step(self, token: int, gate: float | None) -> np.ndarray:
+        if self.batcher is not None:
+            return self.batcher.step(self, token, gate)
+        return self.step_alone(token, gate)
+
+    def step_alone(self, token: int, gate: float | None) -> np.ndarray:
         self._room(1)
         b = self.buffers
         with self.runner.gate_for(b):

@@ -3,7 +3,10 @@ buffer per concurrent stream + activations + the CUDA context, against a Jetson'
 
 Unlike TensorRT engines (runtime/tensorrt.py), nothing here grows with the input: every stream holds KV buffers of
 ``decoder.max_kv_length`` positions from its first call, so the plan is exact in the KV term and says how many
-streams fit; the longest input is the buffer's length in positions, not a memory question.
+streams fit; the longest input is the buffer's length in positions, not a memory question. A decoder graph with a
+batch axis keeps the buffers in banks of streams side by side (runtime/fixed_kv.py: that is what lets concurrent
+streams step in one run), and a GPU allocates a bank whole, doubling what it holds up to banks of ``batch_steps``:
+the KV term counts whole banks.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ class GpuPlan:
     fits: bool
     max_streams: int  # streams that fit the budget beside weights, activations and context
     max_kv_length: int
+    bank_slots: int = 1  # streams whose KV buffers are allocated together (batched steps)
+    kv_slots: int = 1  # KV buffer sets allocated for ``streams``: whole banks
     assumptions: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -54,10 +59,20 @@ def _graph_bytes(bundle: Path, spec) -> int:
     return sum((bundle / f).stat().st_size for f in (spec.file, *spec.data_files))
 
 
+def _max_streams(room: float, kv: int, bank: int) -> int:
+    """The most streams whose whole banks fit ``room`` bytes: every slot of the banks that fit."""
+    held = 0
+    while True:
+        grown = held + fixed_kv.next_bank(held, bank, "cuda")
+        if grown * kv > room:
+            return held
+        held = grown
+
+
 def plan(bundle: Path, memory_gib: float, streams: int = 1, max_audio_seconds: float = 30.0,
-         info: manifest.Manifest | None = None) -> GpuPlan:
+         info: manifest.Manifest | None = None, batch_steps: int = 8) -> GpuPlan:
     """The memory a fixed-KV bundle needs with ``streams`` concurrent calls or streams, each encoding up to
-    ``max_audio_seconds`` at a time, against ``memory_gib``."""
+    ``max_audio_seconds`` at a time, against ``memory_gib``; ``batch_steps``: the runtime option of that name."""
     info = info or manifest.read(bundle, verify=False)
     dec = info.decoder
     if not fixed_kv.is_fixed(dec):
@@ -66,6 +81,8 @@ def plan(bundle: Path, memory_gib: float, streams: int = 1, max_audio_seconds: f
     # Every graph the GPU session loads holds its weights there; the VAD runs on the CPU.
     weights = sum(_graph_bytes(bundle, spec) for name, spec in info.graphs.items() if name != "vad")
     kv = fixed_kv.kv_bytes(dec)
+    bank = fixed_kv.bank_slots(info.graph("decoder").input(dec["past_names"][0]).shape, batch_steps)
+    slots = fixed_kv.slots_for(streams, bank, "cuda")
     item = 2 if dec["kv_dtype"] == "float16" else 4
     # The encoder's live buffers: windows of a call x tokens x the widest layer (4 x hidden in its MLP), x4 for
     # input, output and two residual / attention buffers; attention scores per window and head in fp32.
@@ -81,13 +98,14 @@ def plan(bundle: Path, memory_gib: float, streams: int = 1, max_audio_seconds: f
     activations = max(encoder, decoder) + min(streams, fixed_kv.MAX_GRAPHS) * GRAPH_MIB * mib
     context = CUDA_CONTEXT_MIB * mib
     budget = memory_gib * 2**30
-    total = weights + streams * kv + activations + context
+    total = weights + slots * kv + activations + context
     room = budget - weights - activations - context
     return GpuPlan(budget_mib=round(budget / mib, 1), weights_mib=round(weights / mib, 1),
                    kv_mib_per_stream=round(kv / mib, 1), streams=streams,
                    activations_mib=round(activations / mib, 1), context_mib=float(CUDA_CONTEXT_MIB),
-                   total_mib=round(total / mib, 1), fits=total <= budget, max_streams=max(0, int(room // kv)),
-                   max_kv_length=int(dec["max_kv_length"]),
+                   total_mib=round(total / mib, 1), fits=total <= budget,
+                   max_streams=_max_streams(room, kv, bank), max_kv_length=int(dec["max_kv_length"]),
+                   bank_slots=bank, kv_slots=slots,
                    assumptions={"kv_dtype": dec["kv_dtype"], "cuda_context_mib": CUDA_CONTEXT_MIB,
                                 "max_audio_seconds": max_audio_seconds,
                                 "weights": (info.quantization or {}).get("weights") or info.precision})

@@ -525,6 +525,15 @@ class NativeDecoder:
         self.length = pos + 1
         return logits
 
+    @property
+    def batch_key(self):
+        """Decoders whose steps may share a kernel call (runtime/batching.py): those over one set of weights."""
+        return self._w
+
+    @staticmethod
+    def step_many(decoders: list[NativeDecoder], tokens: list[int], gates: list[float | None]) -> np.ndarray:
+        return step_batch(decoders, tokens, gates)
+
     def _ready_for_step(self) -> int:
         """The position the next step writes, with the in-memory weights and a cache that has room for it."""
         if self._model is None:

@@ -34,8 +34,8 @@ class RuntimeOptions:
     graphs from this machine's prepared copies. ``vad``: the speech gate (``auto``, ``silero``, ``energy``,
     ``off``, a ``runtime.vad.VadOptions``; None: ``$MEGAEDGE_VAD``, else ``auto``). ``expected_digest``: refuse
     any bundle but the one with this manifest digest. ``profile_dir``: onnxruntime per-node traces go there.
-    ``batch_steps``: native decode steps of concurrent streams and calls run together, up to this many per kernel
-    call (1-16; 1: each alone; runtime/batching.py). ``memory_arena``: onnxruntime's CPU memory pool; it grows
+    ``batch_steps``: decode steps of concurrent streams and calls run together, up to this many per call of the
+    native kernels or of a fixed-KV decoder graph (1-16; 1: each alone; runtime/batching.py). ``memory_arena``: onnxruntime's CPU memory pool; it grows
     with every new input shape and never gives memory back, which a long-lived service sees as RSS that only
     rises (``megaedge serve`` turns it off; a single transcription is a little faster with it). ``kv_cache``: the
     native decoder's keys and values, ``float32`` (the graphs' own) or ``float16`` (half the memory per position

@@ -18,7 +18,7 @@ import numpy as np
 
 from megaedge.errors import MegaedgeError
 from megaedge.runtime import audio as audio_io
-from megaedge.runtime import decoding, features, limits, manifest, native_stem, routing, segmenting
+from megaedge.runtime import decoding, features, fixed_kv, limits, manifest, native_stem, routing, segmenting
 from megaedge.runtime.decoding import LAST, PREFILL_MIN_ROWS  # noqa: F401  (where callers have found them)
 from megaedge.runtime.options import RuntimeOptions
 from megaedge.runtime.session import open_session
@@ -110,7 +110,7 @@ class Transcriber:
                  native_prefill: bool = False, stem=None, vad=None):
         self.bundle, self.manifest, self.sessions, self.tokenizer = bundle, info, sessions, tokenizer
         self.vad = vad  # runtime.vad: gates segments and utterances on speech (None: only digital silence is gated)
-        self.batcher = None  # runtime.batching.StepBatcher: native steps of concurrent calls and streams together
+        self.batcher = None  # runtime.batching.StepBatcher: decode steps of concurrent calls and streams together
         self.native = native  # runtime.native_decode.NativeDecoder: the decode steps (and the prompt) natively
         self.stem = stem  # runtime.native_stem.NativeStem: the encoder's convolutions natively, the rest its body
         self.native_prefill = native is not None and native_prefill
@@ -221,7 +221,7 @@ class Transcriber:
             log.info("voice activity: %s", reason)
         transcriber = cls(bundle, info, sessions, tokenizer, opts.route, native, native_prefill, stem_runner, detector)
         transcriber.options, transcriber.engines = opts, engines
-        if native is not None and opts.batch_steps > 1:
+        if (native is not None or fixed_kv.is_fixed(info.decoder)) and opts.batch_steps > 1:
             from megaedge.runtime.batching import StepBatcher
 
             transcriber.batcher = StepBatcher(opts.batch_steps)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -378,6 +379,83 @@ def test_graph_buffers_are_pooled_per_session(fixed_bundles):
     again = fixed_kv.FixedKVState(runner)
     assert again.buffers.graph_id in range(1, fixed_kv.MAX_GRAPHS + 1)
     np.testing.assert_array_equal(again.extend([11, 12, 13], None, None)[-1], logits[0])
+
+
+@pytest.mark.parametrize("name", ["fp32", pytest.param("routed-int4", marks=pytest.mark.slow)])
+def test_batched_steps_give_each_state_its_solo_logits(fixed_bundles, name, monkeypatch):
+    """Six states at different lengths in two banks of four slots, stepped in one ``step_batch`` call in shuffled
+    order: states side by side in a bank with the same LoRA gate run as one batch of the graph's batch axis, the
+    rest apart; every row's logits are its solo step's (on the CPU bit for bit: onnxruntime's products here do
+    not depend on the rows beside them), the lengths advance, and rollback after a batch is a solo rollback."""
+    import gc
+
+    from megaedge.runtime.transcriber import Transcriber
+
+    tr = Transcriber.from_bundle(fixed_bundles[name])
+    session = tr.sessions["decoder"]
+    routed = tr.manifest.routed
+    runner = fixed_kv.FixedKVRunner(session.session, tr.manifest.decoder, routed, tr.float_dtype, "cpu",
+                                    batch_steps=4)
+    assert runner.bank_slots == 4
+    solo_runner = fixed_kv.FixedKVRunner(session.session, tr.manifest.decoder, routed, tr.float_dtype, "cpu")
+    assert solo_runner.bank_slots == 1
+    rng = np.random.default_rng(3)
+    prompts = [[int(t) for t in rng.integers(1, 250, size=n)] for n in (3, 17, 8, 30, 5, 12)]
+    gates = [None] * 6 if not routed else [None, None, 0.0, 0.0, 1.0, None]
+    batched = [fixed_kv.FixedKVState(runner) for _ in prompts]
+    banks = [s.buffers.bank for s in batched]
+    assert banks[:4] == [banks[0]] * 4 and banks[4:] == [banks[4]] * 2 and banks[4] is not banks[0]
+    assert [s.buffers.slot for s in batched] == [0, 1, 2, 3, 0, 1]
+    solo = [fixed_kv.FixedKVState(solo_runner) for _ in prompts]
+    for b, s, ids, g in zip(batched, solo, prompts, gates):
+        np.testing.assert_array_equal(b.extend(ids, None, g), s.extend(ids, None, g))
+    runs = []
+    real = runner._run_batch
+    monkeypatch.setattr(runner, "_run_batch", lambda states, *a: runs.append(len(states)) or real(states, *a))
+    order = [3, 0, 5, 1, 4, 2]
+    tokens = [11 + k for k in range(6)]
+    for _ in range(3):
+        got = runner.step_batch([batched[k] for k in order], [tokens[k] for k in order], [gates[k] for k in order])
+        want = np.stack([solo[k].step_alone(tokens[k], gates[k]) for k in order])
+        np.testing.assert_array_equal(got, want)
+        tokens = [int(t) for t in np.argmax(np.stack([want[order.index(k)] for k in range(6)]), axis=1)]
+    # bank 0 holds states 0-3, bank 1 states 4-5; the routed gates cut bank 0 after state 1 (None is the LoRA
+    # route, gate 1)
+    assert runs == ([4, 2] if not routed else [2, 2, 2]) * 3
+    assert [b.length for b in batched] == [len(p) + 3 for p in prompts]
+    batched[1].rollback(len(prompts[1]))
+    solo[1].rollback(len(prompts[1]))
+    np.testing.assert_array_equal(batched[1].step_alone(7, gates[1]), solo[1].step_alone(7, gates[1]))
+    del batched[2]  # its slot is the lowest free one and goes to the next state
+    gc.collect()
+    again = fixed_kv.FixedKVState(runner)
+    assert (again.buffers.slot, again.buffers.bank) == (2, batched[0].buffers.bank)
+
+
+def test_concurrent_transcriptions_meet_in_batched_steps(fixed_bundles, clips):
+    """Four threads transcribing through one Transcriber over a fixed-KV bundle: their decode steps meet in runs
+    of the graph's batch axis (runtime/batching.py), and every transcript is the one it gets alone."""
+    from megaedge.runtime.batching import StepBatcher
+    from megaedge.runtime.transcriber import Transcriber
+
+    tr = Transcriber.from_bundle(fixed_bundles["fp32"])
+    assert isinstance(tr.batcher, StepBatcher)
+    want = [tr.transcribe(c, segment_seconds=None).token_ids for c in clips[:4]]
+    tr.batcher = StepBatcher(8, gather_seconds=0.05)  # the fixture's steps take ~1 ms: wait longer for the peers
+    got, errors = [None] * 4, []
+
+    def run(k):
+        try:
+            got[k] = tr.transcribe(clips[k], segment_seconds=None).token_ids
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors, errors
+    assert got == want
+    assert any(size > 1 for size in tr.batcher.batches), tr.batcher.batches
 
 
 # ------------------------------------------------------------------------------------------- manifest + options

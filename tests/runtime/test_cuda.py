@@ -165,7 +165,7 @@ def test_fixed_kv_on_cuda_captures_a_graph_and_gives_the_cpu_fp32_tokens(fixture
     assert session.device == "cuda" and session.cuda_graph
     state = decoding.open_state(gpu)
     assert isinstance(state, fixed_kv.FixedKVState) and state.buffers.graph_id > 0
-    assert {v.device_name().lower() for v in state.buffers.kv} == {"cuda"}
+    assert {v.device_name().lower() for v in state.buffers.bank._values} == {"cuda"}
     del state
     # several clips in turn: each call leases the pooled buffers and replays the graph captured on them
     assert _tokens(gpu, clips) == _tokens(cpu, clips)
@@ -203,6 +203,31 @@ def test_concurrent_calls_on_cuda_graphs_keep_their_own_buffers(fixed_fp16, clip
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda c: gpu.transcribe(c, segment_seconds=None).token_ids, clips * 2))
     assert together == alone * 2
+
+
+def test_batched_steps_on_cuda_follow_the_solo_steps(fixed_fp16):
+    """Five states at different lengths stepped through the graph's batch axis on the GPU (no CUDA graph) against
+    the same states stepped alone with their captured graphs: the same greedy tokens, logits to fp16 rounding."""
+    from megaedge.runtime import fixed_kv
+    from megaedge.runtime.transcriber import Transcriber
+
+    gpu = Transcriber.from_bundle(fixed_fp16["fp16"], providers=("cuda",))
+    runner = fixed_kv.runner_for(gpu)
+    assert runner.bank_slots == 8
+    rng = np.random.default_rng(5)
+    prompts = [[int(t) for t in rng.integers(1, 250, size=n)] for n in (4, 19, 9, 27, 6)]
+    batched = [fixed_kv.FixedKVState(runner) for _ in prompts]
+    solo = [fixed_kv.FixedKVState(runner) for _ in prompts]
+    for b, s, ids in zip(batched, solo, prompts):
+        b.extend(ids, None, None)
+        s.extend(ids, None, None)
+    tokens = [11] * 5
+    for _ in range(6):
+        got = runner.step_batch(batched, tokens, [None] * 5)
+        want = np.stack([s.step_alone(t, None) for s, t in zip(solo, tokens)])
+        assert list(got.argmax(1)) == list(want.argmax(1))
+        np.testing.assert_allclose(got, want, atol=0.05, rtol=0)
+        tokens = [int(t) for t in want.argmax(1)]
 
 
 @pytest.fixture(scope="module")

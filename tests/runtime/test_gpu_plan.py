@@ -19,14 +19,29 @@ def tiny_fixed(tiny_mega, tmp_path_factory):
                          ExportOptions(target="cuda", precision="fp16", max_kv_length=512, validate=False))
 
 
-def test_plan_counts_one_kv_buffer_per_stream(tiny_fixed):
+def test_plan_counts_one_kv_buffer_per_stream_in_whole_banks(tiny_fixed):
+    """One KV buffer set per stream; a graph with a batch axis allocates them a bank of ``batch_steps`` at a time
+    (runtime/fixed_kv.py), which the plan counts whole."""
     info = manifest.read(tiny_fixed)
     dec = info.decoder
-    one, four = (gpu_plan.plan(tiny_fixed, 6.0, streams) for streams in (1, 4))
+    one, four = (gpu_plan.plan(tiny_fixed, 6.0, streams, batch_steps=1) for streams in (1, 4))
     per_stream = len(dec["past_names"]) * dec["kv_heads"] * dec["head_dim"] * 512 * 2
     assert fixed_kv.kv_bytes(dec) == per_stream
     assert one.kv_mib_per_stream == round(per_stream / 2**20, 1) and one.max_kv_length == 512
-    assert four.total_mib - one.total_mib >= 3 * per_stream / 2**20 - 0.2
+    mib = 2**20
+    assert (one.bank_slots, one.kv_slots, four.kv_slots) == (1, 1, 4)
+    kv_term = lambda p: p.total_mib - p.activations_mib  # noqa: E731 - activations grow with captured graphs
+    assert abs((kv_term(four) - kv_term(one)) - 3 * per_stream / mib) < 0.2
+    banked = {n: gpu_plan.plan(tiny_fixed, 6.0, n) for n in (1, 2, 3, 8, 9)}  # default batch_steps 8
+    assert [(p.bank_slots, p.kv_slots) for p in banked.values()] == [(8, 1), (8, 2), (8, 4), (8, 8), (8, 16)]
+    assert abs((kv_term(banked[9]) - kv_term(banked[8])) - 8 * per_stream / mib) < 0.2
+    # a GPU's banks double what is held (one stream: one buffer set), the CPU's are all batch_steps wide
+    assert [fixed_kv.slots_for(n, 8, "cuda") for n in (1, 2, 3, 5, 8, 9, 16, 17, 25)] == [1, 2, 4, 8, 8, 16, 16,
+                                                                                        24, 32]
+    assert [fixed_kv.slots_for(n, 8, "cpu") for n in (1, 8, 9)] == [8, 8, 16]
+    assert [fixed_kv.slots_for(n, 1, "cuda") for n in (1, 5)] == [1, 5]
+    small = gpu_plan.plan(tiny_fixed, (one.total_mib + 2.5 * per_stream / mib) / 1024, 1)
+    assert small.max_streams == 2  # three streams would hold four buffer sets
     weights = sum((tiny_fixed / f).stat().st_size for name, spec in info.graphs.items() if name != "vad"
                   for f in (spec.file, *spec.data_files))
     assert one.weights_mib == round(weights / 2**20, 1) and one.fits
