@@ -120,6 +120,7 @@ class StreamStats:
     revisions: int = 0  # finals where the full audio disagreed with a committed token
     reroutes: int = 0  # utterances whose final route differed from the provisional one
     hop_seconds: list[float] = field(default_factory=list)
+    tail_rows: list[int] = field(default_factory=list)  # rows of each prompt run after the cached KV (a hop's)
 
 
 class EnergyVad:
@@ -421,6 +422,7 @@ class Stream:
     def _run_tail(self, ids: list[int], audio: np.ndarray, logit_rows: int) -> np.ndarray:
         """Logits of the last ``logit_rows`` of ``ids`` run after the committed cache (which stays as it was)."""
         self._state.rollback(self._span.kv or 0)
+        self.stats.tail_rows.append(len(ids))
         return self._state.extend(ids, audio, self._span.gate, logit_rows)
 
     def _tail(self, open_audio: np.ndarray | None) -> tuple[list[int], np.ndarray]:
