@@ -280,10 +280,11 @@ def ort_decode(bundle: Path, device: str, past: int, tokens: int, warmup: int) -
 
 def ort_batched_decode(bundle: Path, device: str, past: int, tokens: int, warmup: int, batches: list[int],
                        rounds: int) -> dict:
-    """Aggregate decode tokens/s of B states stepping together through the fixed-KV graph's batch axis
-    (runtime/fixed_kv.py ``step_batch``: one run for B states side by side in a bank), for each B in ``batches``,
-    the sizes interleaved round by round; every state holds ``past`` positions. Batches run without a CUDA graph
-    (batch 1 here too, so the column compares the batch axis alone; ``runs`` has the CUDA-graph solo step)."""
+    """Aggregate decode tokens/s of B states stepping together through the fixed-KV graph's batch axis (one run
+    of B states side by side in one bank: a runner with full banks, as the CPU's are; a GPU's runtime banks grow
+    1, 1, 2, 4, 8), for each B in ``batches``, the sizes interleaved round by round; every state holds ``past``
+    positions. Every size runs without a CUDA graph, batch 1 too, so the sizes compare the batch axis alone;
+    ``runs`` has the CUDA-graph solo step."""
     from megaedge.runtime import fixed_kv
     from megaedge.runtime.options import RuntimeOptions
     from megaedge.runtime.transcriber import Transcriber
@@ -291,7 +292,10 @@ def ort_batched_decode(bundle: Path, device: str, past: int, tokens: int, warmup
     most = max(batches)
     tr = Transcriber.from_bundle(bundle, RuntimeOptions(providers=(device,), verify=False,
                                                         batch_steps=max(most, 1)), vad="off")
-    runner = fixed_kv.runner_for(tr)
+    session = tr.sessions["decoder"]
+    runner = fixed_kv.FixedKVRunner(session.session, tr.manifest.decoder, tr.manifest.routed, tr.float_dtype,
+                                    session.device, getattr(session, "cuda_graph", False), batch_steps=most,
+                                    full_banks=True)
     if runner.bank_slots < most:
         return {"skipped": f"the decoder graph takes batches of {runner.bank_slots} (exported before the batch axis?)"}
     hidden = tr.manifest.decoder["hidden_size"]
@@ -309,7 +313,7 @@ def ort_batched_decode(bundle: Path, device: str, past: int, tokens: int, warmup
             steps = warmup if round_ == 0 else tokens
             t0 = time.perf_counter()
             for _ in range(steps):
-                logits = runner.step_batch(group, [token] * b, [None] * b)
+                logits = runner._run_batch(group, [token] * b, None)
             if round_:
                 seconds[b].append((time.perf_counter() - t0) / steps)
             for state in group:

@@ -5,9 +5,11 @@ With a ``StepBatcher`` their decode steps meet here: the first caller to arrive 
 moment for the others that are decoding right now, and runs all the waiting steps as one call: the native
 kernels' (native_decode.step_batch: every weight block read once for all of them, attention per sequence over its
 own cache; each sequence gets exactly the bits it gets alone, so batching changes no transcript, only the time) or
-a fixed-KV decoder graph's batch axis (fixed_kv.FixedKVRunner.step_batch: onnxruntime's products over a batch may
-round differently from one row's, so logits agree to float rounding, not bit for bit). A decoder takes part through
-``batch_key`` (steps of equal keys may share a call) and ``step_many(decoders, tokens, gates)``.
+a fixed-KV decoder graph's batch axis (fixed_kv.FixedKVRunner.step_batch: one run per group of states with one
+LoRA gate; on this project's CPUs each row has been its solo step's bits on the fixture's graphs, but onnxruntime's
+products over a batch may round differently from one row's elsewhere, GPUs included). A decoder takes part through
+``batch_key`` (steps of equal keys may share a call) and ``step_many(decoders, tokens, gates)``, which returns
+each decoder's logits or the error of one that cannot step (it fails alone; the others step).
 
 Why a leader and not a worker thread: a lone caller runs its own step at once, with no hand-off; a batch costs
 the followers one wake-up each. The wait is bounded by ``gather_seconds`` and skipped as soon as every decoder
@@ -71,7 +73,7 @@ class StepBatcher:
         """``decoder``'s step of ``token``, possibly in one call with other threads' steps (of either route of a
         routed bundle: each row carries its own gate)."""
         if self.max_batch == 1:
-            return decoder.step_many([decoder], [token], [gate])[0]
+            return _value(decoder.step_many([decoder], [token], [gate])[0])
         request = _Request(decoder, token, gate)
         with self._cond:
             self._pending.append(request)
@@ -112,13 +114,29 @@ class StepBatcher:
                     r.done.set()
                 continue
             self.batches[len(group)] = self.batches.get(len(group), 0) + 1
-            for r, row in zip(group, logits):
-                r.logits = row
+            for r, row in zip(group, logits):  # a row may be the error of a decoder that could not step
+                if isinstance(row, BaseException):
+                    r.error = row
+                else:
+                    r.logits = row
                 r.done.set()
 
     @staticmethod
     def _result(request: _Request) -> np.ndarray:
+        try:
+            return StepBatcher._wait(request)
+        finally:
+            request.error = None  # no traceback kept on the request: its frames would hold the batch alive
+
+    @staticmethod
+    def _wait(request: _Request) -> np.ndarray:
         request.done.wait()
         if request.error is not None:
             raise request.error
         return request.logits
+
+
+def _value(row):
+    if isinstance(row, BaseException):
+        raise row
+    return row

@@ -3,10 +3,12 @@ the same shapes and the same addresses (what a CUDA graph needs to be captured o
 
 A bundle exported with ``--target cuda`` has such a decoder graph (``decoder.kv_cache == "fixed"`` in the
 manifest): each attention is onnxruntime's ``com.microsoft.GroupQueryAttention`` with ``past_key`` / ``past_value``
-of ``[1, kv_heads, max_kv_length, head_dim]`` bound to the same buffers as ``present_key`` / ``present_value``
-(past_present_share_buffer), plus two inputs of this module's names:
+of ``[batch, kv_heads, max_kv_length, head_dim]`` (``[1, ...]`` in graphs exported before the batch axis) bound to
+the same buffers as ``present_key`` / ``present_value`` (past_present_share_buffer), plus two inputs of this
+module's names:
 
-* ``seqlens_k [1]`` int32: the cache length after this call minus one (GroupQueryAttention's convention);
+* ``seqlens_k [batch]`` int32: each row's cache length after this call minus one (GroupQueryAttention's
+  convention);
 * ``total_sequence_length []`` int32, read on the host: the exact total for a prompt (the kernel tells a first
   prompt, S == total, from a continued one), ``max_kv_length`` for a step, so the value captured into a CUDA graph
   stays right at every replay while ``seqlens_k`` (device memory, updated in place) carries the real length.
@@ -21,8 +23,8 @@ has it, with the same positions.
 call overwrites the positions from there). Steps go through one IO binding built once per state: the step inputs
 are small device buffers updated in place, the logits output a preallocated buffer. On CUDA the decoder session is
 opened with ``enable_cuda_graph`` (runtime/session.py) and every state's buffers carry a graph id: its first steps
-capture a graph, later steps replay it; prompts run as ordinary runs (graph id -1). Buffers with a graph id are
-leased from a pool per session and returned when the state goes away, so a captured graph is only ever replayed
+capture a graph, later steps replay it; prompts run as ordinary runs (graph id -1). Buffers are leased from a
+pool per session and returned when the state goes away, so a captured graph is only ever replayed
 over the buffers it was captured with, and the number of graph ids stays bounded. onnxruntime keeps captured
 graphs per calling thread, so a buffer set is captured once in every thread that steps it. The first steps over
 a set of buffers in a thread (where onnxruntime captures) hold runtime/session.py's GPU gate alone, every other
@@ -35,14 +37,17 @@ are a slot of a bank, [slots, kv_heads, max_kv_length, head_dim] per cache, boun
 its slot as [1, ...], a batch binds a run of adjacent slots as [n, ...]. Slots are leased lowest first, so states
 that live together sit together; ``step_batch`` (called by runtime/batching.py's ``StepBatcher``, which gathers
 the steps of concurrent threads) runs each run of adjacent slots with one LoRA gate as one batch and anything else
-apart. On the CPU each row's logits are bit for bit its solo step's (tested on the fixture's graphs); on a GPU the
-products of a batch may round differently from one row's. Batched runs use no CUDA graph (their shapes vary).
+apart. On this project's CPUs each row's logits have been its solo step's bits (tested on the fixture's graphs);
+elsewhere, GPUs included, a batch's products may round differently from one row's. Batched runs use no CUDA graph
+(their shapes vary).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
+import mmap
 import threading
 import weakref
 
@@ -91,11 +96,12 @@ def bank_slots(past_shape, batch_steps: int) -> int:
     return max(1, min(int(batch_steps), MAX_BATCH)) if not isinstance(past_shape[0], int) else 1
 
 
-def next_bank(held: int, bank_slots: int, device: str) -> int:
+def next_bank(held: int, bank_slots: int, device: str, full: bool | None = None) -> int:
     """The slots of the next bank a runner allocates when it holds ``held`` slots. On the CPU every bank has
     ``bank_slots`` (untouched pages cost nothing); on a GPU, which allocates a bank whole, banks double what is held
-    (1, 1, 2, 4, 8, then ``bank_slots`` each), so one stream holds one slot and n streams at most 2n."""
-    if device == "cpu":
+    (1, 1, 2, 4, 8, then ``bank_slots`` each), so one stream holds one slot and n streams at most 2n. ``full``:
+    every bank ``bank_slots`` wide whatever the device (a benchmark of the batch axis)."""
+    if (device == "cpu") if full is None else full:
         return bank_slots
     return max(1, min(held, bank_slots))
 
@@ -125,13 +131,20 @@ class _Bank:
         self.slot_bytes = int(np.prod(self.shape)) * self.dtype.itemsize
         self.past_names, self.present_names = dec["past_names"], dec["present_names"]
         # Zeros, not uninitialized memory: positions past the length are never attended, but a garbage NaN must not
-        # even be possible there. On the CPU the arrays are the buffers (kept here: the OrtValues borrow them).
-        self._arrays = [np.zeros((slots, *self.shape), self.dtype) for _ in self.past_names]
+        # even be possible there. On the CPU the buffers are anonymous maps (zero pages, committed when written,
+        # handed back when a slot is released: ``forget``), viewed as arrays whose addresses the bindings take.
+        size = slots * self.slot_bytes
         if self.device == "cpu":
+            # private: released pages then read as zeros (a shared map would keep them)
+            self._maps = [mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+                          for _ in self.past_names]
+            self._arrays = [np.frombuffer(m, self.dtype).reshape(slots, *self.shape) for m in self._maps]
             self._pointers = [a.ctypes.data for a in self._arrays]
         else:
-            self._values = [ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in self._arrays]
-            self._arrays = None  # the device holds them now
+            self._maps = None
+            self._values = [ort.OrtValue.ortvalue_from_numpy(np.zeros((slots, *self.shape), self.dtype),
+                                                             self.device, 0) for _ in self.past_names]
+            self._arrays = None
             self._pointers = [v.data_ptr() for v in self._values]
 
     def bind(self, binding, first: int, count: int) -> None:
@@ -144,11 +157,24 @@ class _Bank:
             binding.bind_input(past, self.device, 0, self.dtype.type, shape, address)
             binding.bind_output(present, self.device, 0, self.dtype.type, shape, address)
 
+    def forget(self, slot: int) -> None:
+        """Hand a released CPU slot's pages back to the system (they read as zeros again), so a long-lived process
+        holds the memory of the states it has now, not of the most it ever had. A no-op on a GPU."""
+        if self._maps is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start = -(-slot * self.slot_bytes // page) * page  # whole pages inside the slot only
+        end = (slot + 1) * self.slot_bytes // page * page
+        if end > start:
+            for m in self._maps:
+                m.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def read(self, slot: int, cache: int) -> np.ndarray:
         """A copy of one slot's cache ``cache`` [1, kv_heads, max_kv_length, head_dim] (tests, inspection)."""
         if self._arrays is not None:
             return self._arrays[cache][slot:slot + 1].copy()
-        return self._values[cache].numpy()[slot:slot + 1].copy()
+        with gpu_gate.shared():  # a device-to-host copy
+            return self._values[cache].numpy()[slot:slot + 1].copy()
 
 
 class _Buffers:
@@ -196,7 +222,7 @@ class FixedKVRunner:
     batch axis)."""
 
     def __init__(self, session, decoder: dict, routed: bool, gate_dtype, device: str = "cpu",
-                 cuda_graph: bool = False, batch_steps: int = 1):
+                 cuda_graph: bool = False, batch_steps: int = 1, full_banks: bool | None = None):
         import onnxruntime as ort
 
         self.session, self.decoder, self.routed = session, decoder, routed
@@ -205,12 +231,15 @@ class FixedKVRunner:
         inputs = {i.name: i for i in session.get_inputs()}
         self.positions = POSITION_IDS in inputs  # an older graph's RoPE input
         self.bank_slots = bank_slots(inputs[decoder["past_names"][0]].shape, batch_steps)
+        self.full_banks = device == "cpu" if full_banks is None else bool(full_banks)  # next_bank
         self.prompt_options = ort.RunOptions()
         if cuda_graph:
             self.prompt_options.add_run_config_entry(GRAPH_RUN_KEY, "-1")
-        self._lock = threading.Lock()  # the pool
-        self._grow = threading.Lock()  # one lease at a time
         self.run_lock = threading.Lock() if cuda_graph else None
+        self._grow = threading.Lock()  # leases, one at a time; the pool below is only touched under it
+        # Released slots arrive here from finalizers, on any thread and perhaps inside a lease on the same thread:
+        # deque.append takes no lock, so a release can never wait for one.
+        self._returned: collections.deque = collections.deque()
         self._banks: list[_Bank] = []
         self._free: list[_Buffers] = []  # slots of departed states, lowest first when leased
         self._used = 0  # slots handed out of the newest bank
@@ -222,38 +251,34 @@ class FixedKVRunner:
     def lease(self) -> _Buffers:
         """A slot for a new state: the lowest free one (states that step together sit side by side, so their
         steps run as one batch), else the next of the newest bank, else the first of a new bank. On CUDA each slot
-        gets a graph id while there are ids left (MAX_GRAPHS); later ones step without a graph. Allocations wait
-        for the GPU gate outside the pool's lock, which ``release`` (a finalizer, any thread) takes."""
+        gets a graph id while there are ids left (MAX_GRAPHS); later ones step without a graph."""
         with self._grow:
-            with self._lock:
-                if self._free:
-                    best = min(self._free, key=_Buffers.sort_key)
-                    self._free.remove(best)
-                    return best
-                full = not self._banks or self._used == self._banks[-1].slots
-                size = next_bank(sum(b.slots for b in self._banks), self.bank_slots, self.device)
-            if full:
+            while self._returned:
+                self._free.append(self._returned.popleft())
+            if self._free:
+                best = min(self._free, key=_Buffers.sort_key)
+                self._free.remove(best)
+                return best
+            if not self._banks or self._used == self._banks[-1].slots:
+                size = next_bank(sum(b.slots for b in self._banks), self.bank_slots, self.device,
+                                 self.full_banks)
                 with self.gate_for():  # device allocations and copies
-                    bank = _Bank(self, size, len(self._banks))
-                with self._lock:
-                    self._banks.append(bank)
-                    self._used = 0
-            with self._lock:
-                bank, slot = self._banks[-1], self._used
-                self._used += 1
-                graph_id = -1
-                if self.cuda_graph and self._graphs < MAX_GRAPHS:
-                    self._graphs += 1  # ids from 1: onnxruntime reserves 0
-                    graph_id = self._graphs
+                    self._banks.append(_Bank(self, size, len(self._banks)))
+                self._used = 0
+            bank, slot = self._banks[-1], self._used
+            graph_id = self._graphs + 1 if self.cuda_graph and self._graphs < MAX_GRAPHS else -1  # 0: reserved
             if self.cuda_graph and graph_id < 0:
                 log.warning("more than %d fixed-KV decoder states at once: this one steps without a CUDA graph",
                             MAX_GRAPHS)
             with self.gate_for():
-                return _Buffers(self, graph_id, bank, slot)
+                buffers = _Buffers(self, graph_id, bank, slot)
+            self._used += 1  # only now: a slot whose buffers failed is not lost
+            self._graphs += graph_id > 0
+            return buffers
 
     def release(self, buffers: _Buffers) -> None:
-        with self._lock:
-            self._free.append(buffers)
+        buffers.bank.forget(buffers.slot)
+        self._returned.append(buffers)
 
     def run(self, binding, options) -> None:
         if self.run_lock is None:
@@ -282,18 +307,23 @@ class FixedKVRunner:
     def step_batch(self, states: list[FixedKVState], tokens: list[int], gates: list[float | None]) -> np.ndarray:
         """One step of each state; logits [len(states), vocab]. States in adjacent slots of one bank with the
         same LoRA gate run as one batch (one read of the weights; each row attends over its own cache at its own
-        length); the rest in further runs. Batches run without a CUDA graph (their shapes vary)."""
+        length); the rest in further runs. Batches run without a CUDA graph (their shapes vary), and so does a lone
+        state stepped from a thread other than its own (onnxruntime keeps captured graphs per thread: stepping it
+        here would capture its graph again, with every other GPU call held off meanwhile)."""
         if not (len(states) == len(tokens) == len(gates)) or len({id(s) for s in states}) != len(states):
             raise MegaedgeError(f"fixed-KV batch: {len(states)} distinct states for {len(tokens)} tokens")
         if any(s.runner is not self for s in states):
             raise MegaedgeError("fixed-KV batch: states of another decoder session")
+        for s in states:  # all before any run: a call that raises has stepped nobody
+            s._room(1)
         logits: list[np.ndarray | None] = [None] * len(states)
         order = sorted(range(len(states)), key=lambda i: states[i].buffers.sort_key())
         run: list[int] = []
         for i in order + [None]:
             if run and (i is None or not self._extends(states[run[-1]], states[i], gates[run[-1]], gates[i])):
-                if len(run) == 1:
-                    logits[run[0]] = states[run[0]].step_alone(tokens[run[0]], gates[run[0]])
+                lone = states[run[0]]
+                if len(run) == 1 and (not self.cuda_graph or lone.stepper == threading.get_ident()):
+                    logits[run[0]] = lone.step_alone(tokens[run[0]], gates[run[0]])  # its captured graph
                 else:
                     rows = self._run_batch([states[j] for j in run], [tokens[j] for j in run], gates[run[0]])
                     for j, row in zip(run, rows):
@@ -364,6 +394,7 @@ class FixedKVState:
         weakref.finalize(self, runner.release, self.buffers)
         # runtime/batching.py: steps of concurrent states in one run, where the graph has a batch axis
         self.batcher = batcher if runner.bank_slots > 1 else None
+        self.stepper = threading.get_ident()
 
     @classmethod
     def of(cls, transcriber) -> FixedKVState:
@@ -374,8 +405,23 @@ class FixedKVState:
         """States whose steps may share a run (runtime/batching.py): those of one decoder session."""
         return self.runner
 
-    def step_many(self, states: list[FixedKVState], tokens: list[int], gates: list[float | None]) -> np.ndarray:
-        return self.runner.step_batch(states, tokens, gates)
+    def step_many(self, states: list[FixedKVState], tokens: list[int], gates: list[float | None]) -> list:
+        """runtime/batching.py's call: each state's logits, or the error of a state that cannot step (its buffer
+        full), which then fails alone."""
+        out: list = [None] * len(states)
+        ready = []
+        for i, state in enumerate(states):
+            try:
+                state._room(1)
+                ready.append(i)
+            except MegaedgeError as exc:
+                out[i] = exc
+        if ready:
+            rows = self.runner.step_batch([states[i] for i in ready], [tokens[i] for i in ready],
+                                          [gates[i] for i in ready])
+            for i, row in zip(ready, rows):
+                out[i] = row
+        return out
 
     def stepping(self):
         """Around a run of steps: lets the batcher wait for this state's next step."""
@@ -433,6 +479,7 @@ class FixedKVState:
 
     def step(self, token: int, gate: float | None) -> np.ndarray:
         if self.batcher is not None:
+            self.stepper = threading.get_ident()  # the thread whose captured graph a lone step may replay
             return self.batcher.step(self, token, gate)
         return self.step_alone(token, gate)
 

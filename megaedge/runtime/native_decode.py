@@ -531,8 +531,22 @@ class NativeDecoder:
         return self._w
 
     @staticmethod
-    def step_many(decoders: list[NativeDecoder], tokens: list[int], gates: list[float | None]) -> np.ndarray:
-        return step_batch(decoders, tokens, gates)
+    def step_many(decoders: list[NativeDecoder], tokens: list[int], gates: list[float | None]) -> list:
+        """runtime/batching.py's call: each decoder's logits, or the error of one that cannot step, which then
+        fails alone."""
+        out: list = [None] * len(decoders)
+        ready = []
+        for i, d in enumerate(decoders):
+            try:
+                d._ready_for_step()
+                ready.append(i)
+            except MegaedgeError as exc:
+                out[i] = exc
+        if ready:
+            rows = step_batch([decoders[i] for i in ready], [tokens[i] for i in ready], [gates[i] for i in ready])
+            for i, row in zip(ready, rows):
+                out[i] = row
+        return out
 
     def _ready_for_step(self) -> int:
         """The position the next step writes, with the in-memory weights and a cache that has room for it."""

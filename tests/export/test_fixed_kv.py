@@ -425,16 +425,46 @@ def test_batched_steps_give_each_state_its_solo_logits(fixed_bundles, name, monk
     # route, gate 1)
     assert runs == ([4, 2] if not routed else [2, 2, 2]) * 3
     assert [b.length for b in batched] == [len(p) + 3 for p in prompts]
+    # without state 1 between them, state 0 steps alone and states 2-3 as a run; state 1 is untouched
+    runs.clear()
+    subset = [2, 0, 3]
+    got = runner.step_batch([batched[k] for k in subset], [tokens[k] for k in subset], [gates[k] for k in subset])
+    np.testing.assert_array_equal(got, np.stack([solo[k].step_alone(tokens[k], gates[k]) for k in subset]))
+    assert runs == [2]
+    np.testing.assert_array_equal(batched[1].step_alone(tokens[1], gates[1]), solo[1].step_alone(tokens[1], gates[1]))
     batched[1].rollback(len(prompts[1]))
     solo[1].rollback(len(prompts[1]))
     np.testing.assert_array_equal(batched[1].step_alone(7, gates[1]), solo[1].step_alone(7, gates[1]))
-    del batched[2]  # its slot is the lowest free one and goes to the next state
+    del batched[2]  # its slot is the lowest free one and goes to the next state, its pages handed back
     gc.collect()
+    bank = batched[0].buffers.bank
+    assert not bank.read(2, 0).any() and bank.read(1, 0).any()
     again = fixed_kv.FixedKVState(runner)
     assert (again.buffers.slot, again.buffers.bank) == (2, batched[0].buffers.bank)
 
 
-def test_concurrent_transcriptions_meet_in_batched_steps(fixed_bundles, clips):
+def test_a_full_state_fails_alone_in_a_batch(fixed_bundles):
+    """A state whose buffer is full raises its one-line error in a batched step; the states beside it step (the
+    batcher hands each its own result), and a direct ``step_batch`` with it refuses before stepping anybody."""
+    from megaedge.runtime.transcriber import Transcriber
+
+    tr = Transcriber.from_bundle(fixed_bundles["fp32"])
+    session = tr.sessions["decoder"]
+    runner = fixed_kv.FixedKVRunner(session.session, tr.manifest.decoder, False, tr.float_dtype, "cpu",
+                                    batch_steps=4)
+    a, full, b = (fixed_kv.FixedKVState(runner) for _ in range(3))
+    full.extend([11] * runner.max_length, None, None)
+    for s in (a, b):
+        s.extend([11, 12, 13], None, None)
+    with pytest.raises(MegaedgeError, match="exceed"):
+        runner.step_batch([a, full, b], [5, 5, 5], [None] * 3)
+    assert (a.length, b.length) == (3, 3)
+    out = a.step_many([a, full, b], [5, 5, 5], [None] * 3)
+    assert isinstance(out[1], MegaedgeError) and "--max-kv-length" in str(out[1])
+    assert all(isinstance(row, np.ndarray) for row in (out[0], out[2])) and (a.length, b.length) == (4, 4)
+
+
+def test_concurrent_transcriptions_meet_in_batched_steps(fixed_bundles, clips, monkeypatch):
     """Four threads transcribing through one Transcriber over a fixed-KV bundle: their decode steps meet in runs
     of the graph's batch axis (runtime/batching.py), and every transcript is the one it gets alone."""
     from megaedge.runtime.batching import StepBatcher
@@ -444,6 +474,10 @@ def test_concurrent_transcriptions_meet_in_batched_steps(fixed_bundles, clips):
     assert isinstance(tr.batcher, StepBatcher)
     want = [tr.transcribe(c, segment_seconds=None).token_ids for c in clips[:4]]
     tr.batcher = StepBatcher(8, gather_seconds=0.05)  # the fixture's steps take ~1 ms: wait longer for the peers
+    runner = fixed_kv.runner_for(tr)
+    runs = []
+    real = runner._run_batch
+    monkeypatch.setattr(runner, "_run_batch", lambda states, *a: runs.append(len(states)) or real(states, *a))
     got, errors = [None] * 4, []
 
     def run(k):
@@ -458,6 +492,7 @@ def test_concurrent_transcriptions_meet_in_batched_steps(fixed_bundles, clips):
     assert not errors, errors
     assert got == want
     assert any(size > 1 for size in tr.batcher.batches), tr.batcher.batches
+    assert runs and max(runs) > 1  # runs of the graph's batch axis, not only groups of the batcher
 
 
 # ------------------------------------------------------------------------------------------- manifest + options

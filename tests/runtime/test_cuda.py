@@ -206,24 +206,29 @@ def test_concurrent_calls_on_cuda_graphs_keep_their_own_buffers(fixed_fp16, clip
 
 
 def test_batched_steps_on_cuda_follow_the_solo_steps(fixed_fp16):
-    """Five states at different lengths stepped through the graph's batch axis on the GPU (no CUDA graph) against
-    the same states stepped alone with their captured graphs: the same greedy tokens, logits to fp16 rounding."""
+    """Five states at different lengths in one bank, stepped through the graph's batch axis on the GPU (no CUDA
+    graph) against the same prompts in states stepped alone (the runtime's runner: captured graphs for the first
+    eight slots): the same greedy tokens, logits to fp16 rounding."""
     from megaedge.runtime import fixed_kv
     from megaedge.runtime.transcriber import Transcriber
 
     gpu = Transcriber.from_bundle(fixed_fp16["fp16"], providers=("cuda",))
     runner = fixed_kv.runner_for(gpu)
-    assert runner.bank_slots == 8
+    assert runner.bank_slots == 8 and not runner.full_banks
+    session = gpu.sessions["decoder"]
+    wide = fixed_kv.FixedKVRunner(session.session, gpu.manifest.decoder, False, gpu.float_dtype, "cuda",
+                                  session.cuda_graph, batch_steps=8, full_banks=True)
     rng = np.random.default_rng(5)
     prompts = [[int(t) for t in rng.integers(1, 250, size=n)] for n in (4, 19, 9, 27, 6)]
-    batched = [fixed_kv.FixedKVState(runner) for _ in prompts]
+    batched = [fixed_kv.FixedKVState(wide) for _ in prompts]
+    assert len({id(s.buffers.bank) for s in batched}) == 1
     solo = [fixed_kv.FixedKVState(runner) for _ in prompts]
     for b, s, ids in zip(batched, solo, prompts):
         b.extend(ids, None, None)
         s.extend(ids, None, None)
     tokens = [11] * 5
     for _ in range(6):
-        got = runner.step_batch(batched, tokens, [None] * 5)
+        got = wide.step_batch(batched, tokens, [None] * 5)
         want = np.stack([s.step_alone(t, None) for s, t in zip(solo, tokens)])
         assert list(got.argmax(1)) == list(want.argmax(1))
         np.testing.assert_allclose(got, want, atol=0.05, rtol=0)

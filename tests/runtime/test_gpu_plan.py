@@ -40,6 +40,8 @@ def test_plan_counts_one_kv_buffer_per_stream_in_whole_banks(tiny_fixed):
                                                                                         24, 32]
     assert [fixed_kv.slots_for(n, 8, "cpu") for n in (1, 8, 9)] == [8, 8, 16]
     assert [fixed_kv.slots_for(n, 1, "cuda") for n in (1, 5)] == [1, 5]
+    # graphs exported before the batch axis hold one state per buffer; the option's range is capped
+    assert fixed_kv.bank_slots((1, 2, 512, 16), 8) == 1 and fixed_kv.bank_slots(("batch", 2, 512, 16), 32) == 16
     small = gpu_plan.plan(tiny_fixed, (one.total_mib + 2.5 * per_stream / mib) / 1024, 1)
     assert small.max_streams == 2  # three streams would hold four buffer sets
     weights = sum((tiny_fixed / f).stat().st_size for name, spec in info.graphs.items() if name != "vad"
