@@ -465,20 +465,24 @@ def test_a_full_state_fails_alone_in_a_batch(fixed_bundles):
 
 
 def test_concurrent_transcriptions_meet_in_batched_steps(fixed_bundles, clips, monkeypatch):
-    """Four threads transcribing through one Transcriber over a fixed-KV bundle: their decode steps meet in runs
-    of the graph's batch axis (runtime/batching.py), and every transcript is the one it gets alone."""
+    """Four threads transcribing through one Transcriber over a fixed-KV bundle, and two streams beside them
+    (hops that extend, roll back and step): their decode steps meet in runs of the graph's batch axis
+    (runtime/batching.py), every transcript is the one it gets alone and every stream's final its offline one."""
     from megaedge.runtime.batching import StepBatcher
+    from megaedge.runtime.streaming import StreamOptions
     from megaedge.runtime.transcriber import Transcriber
 
     tr = Transcriber.from_bundle(fixed_bundles["fp32"])
     assert isinstance(tr.batcher, StepBatcher)
     want = [tr.transcribe(c, segment_seconds=None).token_ids for c in clips[:4]]
+    long = [np.concatenate(clips[4:6]), np.concatenate(clips[6:8])]
+    want_streams = [list(tr.transcribe(s, segment_seconds=None).token_ids) for s in long]
     tr.batcher = StepBatcher(8, gather_seconds=0.05)  # the fixture's steps take ~1 ms: wait longer for the peers
     runner = fixed_kv.runner_for(tr)
     runs = []
     real = runner._run_batch
     monkeypatch.setattr(runner, "_run_batch", lambda states, *a: runs.append(len(states)) or real(states, *a))
-    got, errors = [None] * 4, []
+    got, streamed, errors = [None] * 4, [None] * 2, []
 
     def run(k):
         try:
@@ -486,11 +490,22 @@ def test_concurrent_transcriptions_meet_in_batched_steps(fixed_bundles, clips, m
         except BaseException as exc:  # noqa: BLE001
             errors.append(repr(exc))
 
+    def stream(k):
+        try:
+            s = tr.create_stream(StreamOptions.preset("exact"))
+            for i in range(0, len(long[k]), 4000):
+                s.accept_waveform(long[k][i: i + 4000], 16000)
+            streamed[k] = list(s.final().token_ids)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(repr(exc))
+
     threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    threads += [threading.Thread(target=stream, args=(k,)) for k in range(2)]
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert not errors, errors
     assert got == want
+    assert streamed == want_streams
     assert any(size > 1 for size in tr.batcher.batches), tr.batcher.batches
     assert runs and max(runs) > 1  # runs of the graph's batch axis, not only groups of the batcher
 
