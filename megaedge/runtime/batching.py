@@ -56,6 +56,7 @@ class StepBatcher:
         self._leader = False  # a thread is gathering or running a batch
         self._stepping = 0  # decoders inside a greedy loop: the ones a batch may wait for
         self.batches: dict[int, int] = {}  # batch size -> kernel calls (what batching achieved)
+        self.on_batch = None  # called with each call's size (a server's metrics), from the leading thread
 
     @contextmanager
     def stepping(self):
@@ -114,6 +115,8 @@ class StepBatcher:
                     r.done.set()
                 continue
             self.batches[len(group)] = self.batches.get(len(group), 0) + 1
+            if self.on_batch is not None:
+                self.on_batch(len(group))
             for r, row in zip(group, logits):  # a row may be the error of a decoder that could not step
                 if isinstance(row, BaseException):
                     r.error = row

@@ -201,6 +201,8 @@ class ServerState:
                      "megaedge_version": m.megaedge_version, "load_seconds": round(seconds, 3),
                      "max_streams": self.config.max_streams, "max_queue": self.config.queue}
         self.transcriber = tr
+        if tr.batcher is not None:
+            tr.batcher.on_batch = self.metrics.batch_size.observe
         self.metrics.model_loaded.set(1)
         log.info("bundle %s loaded in %.2f s", self.config.bundle, seconds)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 # Hop and request latencies: from a 20 ms hop of a tiny model to a minute-long file on a small CPU.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16)  # runtime/batching.py: at most 16 steps a call
 
 
 class Metrics:
@@ -36,6 +37,10 @@ class Metrics:
                                         "realtime audio decoded without partials because the server was behind its "
                                         "connection", registry=registry)
         self.errors = Counter("megaedge_errors", "errors sent to clients, by code", ["code"], registry=registry)
+        self.batch_size = Histogram("megaedge_decode_batch_size",
+                                    "decode steps of concurrent streams and requests run in one call (1: a step "
+                                    "alone); only bundles whose decoder batches (native INT8, --target cuda)",
+                                    buckets=BATCH_BUCKETS, registry=registry)
         for kind in ("realtime", "transcription"):
             self.active_streams.labels(kind).set(0)
             self.tokens.labels(kind)

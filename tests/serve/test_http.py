@@ -199,3 +199,35 @@ def test_cli_errors_are_one_line(tmp_path):
     bad = run_cli("serve", str(tmp_path), "--max-streams", "0")
     assert bad.returncode == 1 and "max-streams" in bad.stderr
     assert "megaedge serve" not in io.StringIO(proc.stdout).getvalue()
+
+
+def test_batched_decode_steps_show_in_metrics(fixture_bundles, clips, tmp_path_factory):
+    """A bundle whose decoder batches (native INT8): concurrent transcription requests' decode steps are counted
+    by their batch size in megaedge_decode_batch_size (every step once: the sizes sum to the steps)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from megaedge.runtime.batching import StepBatcher
+    from megaedge.runtime.transcriber import Transcriber
+    from megaedge.serve.app import ServeConfig
+    from tests.conftest import int8_bundle_from
+
+    bundle = int8_bundle_from(fixture_bundles["merged"], tmp_path_factory.mktemp("serve_int8"))
+    tr = Transcriber.from_bundle(bundle, vad="off")
+    assert isinstance(tr.batcher, StepBatcher)
+    tr.batcher.gather_seconds = 0.05  # the fixture's steps take ~1 ms: wait longer for the peers
+    running = Running(ServeConfig(bundle=str(bundle), max_streams=4, max_queue=4), tr)
+    try:
+        def post(item):
+            with open(item["path"], "rb") as f:
+                return client(running).audio.transcriptions.create(model="m", file=f).text
+
+        with ThreadPoolExecutor(4) as pool:
+            texts = list(pool.map(post, clips[:4]))
+        assert all(isinstance(t, str) for t in texts)
+        count = metric(running, "megaedge_decode_batch_size_count")
+        total = metric(running, "megaedge_decode_batch_size_sum")
+        assert count == sum(tr.batcher.batches.values()) > 0
+        assert total == sum(size * calls for size, calls in tr.batcher.batches.items())
+        assert metric(running, "megaedge_decode_batch_size_bucket", 'le="16.0"') == count
+    finally:
+        running.stop()
