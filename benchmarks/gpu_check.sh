@@ -12,7 +12,8 @@
 # 4. gpu_decode.json: benchmarks/gpu_decode.py at the 1.7B geometry: fixed-KV + CUDA graph FP16 (with q/k/v and
 #    gate/up packed into one MatMul each, and an earlier revision's graph given PREVIOUS) and
 #    INT4, tok/s and % of the measured read bound, each variant's op census, a kernel profile of the FP16 steps,
-#    transformers FP16 (static cache + torch.compile) beside them.
+#    transformers FP16 (static cache + torch.compile) beside them; then 1 / 2 / 4 / 8 states stepping together
+#    through the graph's batch axis (BATCHES, aggregate tok/s; BATCHES= skips it).
 #    Without the CUDA provider only the contender and the bandwidth run.
 # Every stage has its own time limit and writes its JSON whether it passed or not.
 set -u
@@ -174,8 +175,9 @@ fi
 # PREVIOUS: an earlier revision's export/fixed_kv.py (git show REV:megaedge/export/fixed_kv.py), timed as
 # fixed-fp16-prev beside today's graph in the same run
 VARIANTS="${VARIANTS:-fixed-fp16,fixed-fp16-packed,fixed-int4${PREVIOUS:+,fixed-fp16-prev}}"
+BATCHES="${BATCHES-1,2,4,8}"  # set but empty: no batch-axis stage
 timeout "$(budget "$TOTAL_S")" "$PY" benchmarks/gpu_decode.py --work "$WORK" --geometry "$GEOMETRY" --device "$DEVICE" \
   --variants "$VARIANTS" ${PREVIOUS:+--previous-exporter "$PREVIOUS"} --kernels "${KERNELS:-fixed-fp16}" \
-  --out "$OUT/gpu_decode.json" > "$OUT/gpu_decode.txt" 2>&1
+  ${BATCHES:+--batches "$BATCHES"} --out "$OUT/gpu_decode.json" > "$OUT/gpu_decode.txt" 2>&1
 echo "gpu_decode: rc $? (timeouts leave the stages done so far in gpu_decode.json)"
 echo "done in $(( $(date +%s) - START )) s; results in $OUT"
