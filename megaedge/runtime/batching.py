@@ -9,7 +9,8 @@ a fixed-KV decoder graph's batch axis (fixed_kv.FixedKVRunner.step_batch: one ru
 LoRA gate; on this project's CPUs each row has been its solo step's bits on the fixture's graphs, but onnxruntime's
 products over a batch may round differently from one row's elsewhere, GPUs included). A decoder takes part through
 ``batch_key`` (steps of equal keys may share a call) and ``step_many(decoders, tokens, gates)``, which returns
-each decoder's logits or the error of one that cannot step (it fails alone; the others step).
+(each decoder's logits or the error of one that cannot step, which fails alone; the sizes of the calls it made:
+a fixed-KV group splits where its slots are not adjacent). ``batches`` and ``on_batch`` count those calls.
 
 Why a leader and not a worker thread: a lone caller runs its own step at once, with no hand-off; a batch costs
 the followers one wake-up each. The wait is bounded by ``gather_seconds`` and skipped as soon as every decoder
@@ -55,7 +56,7 @@ class StepBatcher:
         self._pending: list[_Request] = []
         self._leader = False  # a thread is gathering or running a batch
         self._stepping = 0  # decoders inside a greedy loop: the ones a batch may wait for
-        self.batches: dict[int, int] = {}  # batch size -> kernel calls (what batching achieved)
+        self.batches: dict[int, int] = {}  # steps per call -> calls made (what batching achieved)
         self.on_batch = None  # called with each call's size (a server's metrics), from the leading thread
 
     @contextmanager
@@ -74,7 +75,7 @@ class StepBatcher:
         """``decoder``'s step of ``token``, possibly in one call with other threads' steps (of either route of a
         routed bundle: each row carries its own gate)."""
         if self.max_batch == 1:
-            return _value(decoder.step_many([decoder], [token], [gate])[0])
+            return _value(decoder.step_many([decoder], [token], [gate])[0][0])
         request = _Request(decoder, token, gate)
         with self._cond:
             self._pending.append(request)
@@ -107,16 +108,17 @@ class StepBatcher:
             groups.setdefault(id(request.decoder.batch_key), []).append(request)
         for group in groups.values():
             try:
-                logits = group[0].decoder.step_many([r.decoder for r in group], [r.token for r in group],
-                                                    [r.gate for r in group])
+                logits, calls = group[0].decoder.step_many([r.decoder for r in group], [r.token for r in group],
+                                                           [r.gate for r in group])
             except BaseException as exc:  # noqa: BLE001 - handed to each waiting caller
                 for r in group:
                     r.error = exc
                     r.done.set()
                 continue
-            self.batches[len(group)] = self.batches.get(len(group), 0) + 1
-            if self.on_batch is not None:
-                self.on_batch(len(group))
+            for size in calls:
+                self.batches[size] = self.batches.get(size, 0) + 1
+                if self.on_batch is not None:
+                    self.on_batch(size)
             for r, row in zip(group, logits):  # a row may be the error of a decoder that could not step
                 if isinstance(row, BaseException):
                     r.error = row

@@ -304,12 +304,14 @@ class FixedKVRunner:
             return gpu_gate.alone()
         return gpu_gate.shared()
 
-    def step_batch(self, states: list[FixedKVState], tokens: list[int], gates: list[float | None]) -> np.ndarray:
+    def step_batch(self, states: list[FixedKVState], tokens: list[int], gates: list[float | None],
+                   runs: list[int] | None = None) -> np.ndarray:
         """One step of each state; logits [len(states), vocab]. States in adjacent slots of one bank with the
         same LoRA gate run as one batch (one read of the weights; each row attends over its own cache at its own
         length); the rest in further runs. Batches run without a CUDA graph (their shapes vary), and so does a lone
         state stepped from a thread other than its own (onnxruntime keeps captured graphs per thread: stepping it
-        here would capture its graph again, with every other GPU call held off meanwhile)."""
+        here would capture its graph again, with every other GPU call held off meanwhile). ``runs``: gets the
+        size of each run made."""
         if not (len(states) == len(tokens) == len(gates)) or len({id(s) for s in states}) != len(states):
             raise MegaedgeError(f"fixed-KV batch: {len(states)} distinct states for {len(tokens)} tokens")
         if any(s.runner is not self for s in states):
@@ -321,6 +323,8 @@ class FixedKVRunner:
         run: list[int] = []
         for i in order + [None]:
             if run and (i is None or not self._extends(states[run[-1]], states[i], gates[run[-1]], gates[i])):
+                if runs is not None:
+                    runs.append(len(run))
                 lone = states[run[0]]
                 if len(run) == 1 and (not self.cuda_graph or lone.stepper == threading.get_ident()):
                     logits[run[0]] = lone.step_alone(tokens[run[0]], gates[run[0]])  # its captured graph
@@ -405,9 +409,10 @@ class FixedKVState:
         """States whose steps may share a run (runtime/batching.py): those of one decoder session."""
         return self.runner
 
-    def step_many(self, states: list[FixedKVState], tokens: list[int], gates: list[float | None]) -> list:
-        """runtime/batching.py's call: each state's logits, or the error of a state that cannot step (its buffer
-        full), which then fails alone."""
+    def step_many(self, states: list[FixedKVState], tokens: list[int], gates: list[float | None]
+                  ) -> tuple[list, list]:
+        """runtime/batching.py's call: (each state's logits, or the error of a state that cannot step (its buffer
+        full), which then fails alone; the steps of each onnxruntime run made)."""
         out: list = [None] * len(states)
         ready = []
         for i, state in enumerate(states):
@@ -416,12 +421,13 @@ class FixedKVState:
                 ready.append(i)
             except MegaedgeError as exc:
                 out[i] = exc
+        runs: list[int] = []
         if ready:
             rows = self.runner.step_batch([states[i] for i in ready], [tokens[i] for i in ready],
-                                          [gates[i] for i in ready])
+                                          [gates[i] for i in ready], runs)
             for i, row in zip(ready, rows):
                 out[i] = row
-        return out
+        return out, runs
 
     def stepping(self):
         """Around a run of steps: lets the batcher wait for this state's next step."""

@@ -531,9 +531,9 @@ class NativeDecoder:
         return self._w
 
     @staticmethod
-    def step_many(decoders: list[NativeDecoder], tokens: list[int], gates: list[float | None]) -> list:
-        """runtime/batching.py's call: each decoder's logits, or the error of one that cannot step, which then
-        fails alone."""
+    def step_many(decoders: list[NativeDecoder], tokens: list[int], gates: list[float | None]) -> tuple[list, list]:
+        """runtime/batching.py's call: (each decoder's logits, or the error of one that cannot step, which then
+        fails alone; [steps of the one kernel call made])."""
         out: list = [None] * len(decoders)
         ready = []
         for i, d in enumerate(decoders):
@@ -546,7 +546,7 @@ class NativeDecoder:
             rows = step_batch([decoders[i] for i in ready], [tokens[i] for i in ready], [gates[i] for i in ready])
             for i, row in zip(ready, rows):
                 out[i] = row
-        return out
+        return out, [len(ready)] if ready else []
 
     def _ready_for_step(self) -> int:
         """The position the next step writes, with the in-memory weights and a cache that has room for it."""

@@ -193,7 +193,37 @@ class Stream:
         self._suffix = [*p.after_audio, *(transcriber.tokenizer.encode(
             p.language_template.format(language=language), add_special_tokens=False).ids if language else [])]
         self.route = transcriber.check_route(options.route or transcriber.route)
+        if getattr(self._state, "max_length", None) is not None:  # a fixed-KV decoder: a buffer of fixed length
+            self._check_kv_room(self._state.max_length)
         self.reset()
+
+    def _kv_positions(self, seconds: float) -> int:
+        """Positions a span of ``seconds`` of audio may hold at most: the prompt with this stream's context, the
+        audio rows, the suffix, the committed text and the final's new tokens (each at most its budget)."""
+        p, enc = self.tr.manifest.prompt, self.tr.tokenizer.encode
+        context = len(enc(self.opts.context, add_special_tokens=False).ids) if self.opts.context else 0
+        audio = features.audio_token_count(math.ceil(seconds * RATE / features.HOP))
+        return (len(p.system_head) + context + len(p.before_audio) + audio + len(self._suffix)
+                + 2 * max_new_tokens_for(seconds))
+
+    def _check_kv_room(self, limit: int) -> None:
+        """Refuse, in one line, stream options whose longest span cannot fit a fixed KV buffer of ``limit``
+        positions (``--target cuda`` bundles), rather than failing every hop of such a span."""
+        span = self.opts.max_span_seconds or self.opts.segment_seconds
+        if span is None:
+            return  # no cut: the length of an utterance is the caller's (a full buffer fails that call alone)
+        window = self.window_frames * features.HOP / RATE
+        longest = math.ceil(span / window) * window + window  # spans roll at a window boundary, a hop late
+        need = self._kv_positions(longest)
+        if need <= limit:
+            return
+        fits = [s for s in range(int(window + self.opts.overlap_seconds) + 1, int(span))
+                if self._kv_positions(math.ceil(s / window) * window + window) <= limit]
+        fix = f"max_span_seconds {fits[-1]}" if fits and self.opts.max_span_seconds else None
+        raise MegaedgeError(
+            f"stream spans of up to {longest:g} s need up to {need} KV positions, but this bundle's fixed KV buffer "
+            f"holds {limit} (decoder.max_kv_length): " + (f"use {fix}, or " if fix else "")
+            + f"re-export with --max-kv-length {need} or more")
 
     # -------------------------------------------------------------------------------------------- public API
     def reset(self) -> None:

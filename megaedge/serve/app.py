@@ -180,7 +180,7 @@ class ServerState:
             tr = Transcriber.from_bundle(c.bundle, providers=list(c.providers), route=c.route, verify=c.verify,
                                          threads=c.threads, decode=c.decode, prefill=c.prefill, stem=c.stem,
                                          kv_cache=c.kv_cache, vad=c.vad, memory_arena=False)
-            self.stream_options()  # a bad preset fails here, once
+            tr.create_stream(self.stream_options())  # a bad preset, or spans a fixed KV buffer cannot hold, fail here
         except MegaedgeError as exc:
             self.load_error = str(exc)
         except Exception as exc:  # a bug, or a library's own error: keep the traceback in the log
@@ -623,6 +623,10 @@ class _Connection:
         finally:
             self.end_stream()
             state.connections.discard(self)
+            # The session holds this connection's bound _observe: dropping it here breaks the cycle, so the
+            # stream's decoder state (its KV cache or fixed-KV slot) is freed when the socket closes, not at the
+            # next cyclic garbage collection.
+            self.session = None
             self.done.set()
 
     def _refuse(self, command, code: str, message: str) -> list[dict]:

@@ -459,9 +459,31 @@ def test_a_full_state_fails_alone_in_a_batch(fixed_bundles):
     with pytest.raises(MegaedgeError, match="exceed"):
         runner.step_batch([a, full, b], [5, 5, 5], [None] * 3)
     assert (a.length, b.length) == (3, 3)
-    out = a.step_many([a, full, b], [5, 5, 5], [None] * 3)
+    out, calls = a.step_many([a, full, b], [5, 5, 5], [None] * 3)
+    assert calls == [1, 1]  # without the full state between them, a and b are not adjacent: two runs
     assert isinstance(out[1], MegaedgeError) and "--max-kv-length" in str(out[1])
     assert all(isinstance(row, np.ndarray) for row in (out[0], out[2])) and (a.length, b.length) == (4, 4)
+
+
+def test_a_stream_whose_spans_cannot_fit_the_buffer_is_refused_in_one_line(fixed_bundles, monkeypatch):
+    """Stream options whose longest span (prompt, audio, text and new tokens) would overflow the fixed KV buffer
+    are refused when the stream is made, naming the span that fits or the export option, instead of failing every
+    hop of a long utterance; the default buffer takes every preset."""
+    from megaedge.runtime.streaming import PRESETS, StreamOptions
+    from megaedge.runtime.transcriber import Transcriber
+
+    tr = Transcriber.from_bundle(fixed_bundles["fp32"])
+    for name in PRESETS:
+        tr.create_stream(StreamOptions.preset(name))
+    runner = fixed_kv.runner_for(tr)
+    monkeypatch.setattr(runner, "max_length", 900)
+    with pytest.raises(MegaedgeError, match="holds 900") as caught:
+        tr.create_stream(StreamOptions.preset("balanced"))
+    assert "\n" not in str(caught.value) and "max_span_seconds 16" in str(caught.value)
+    tr.create_stream(StreamOptions(max_span_seconds=16))
+    monkeypatch.setattr(runner, "max_length", 256)
+    with pytest.raises(MegaedgeError, match="re-export with --max-kv-length"):
+        tr.create_stream(StreamOptions.preset("exact"))
 
 
 def test_concurrent_transcriptions_meet_in_batched_steps(fixed_bundles, clips, monkeypatch):
