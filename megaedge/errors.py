@@ -24,6 +24,10 @@ class BundleError(MegaedgeError):
     """A bundle directory or manifest that cannot be used."""
 
 
+class ContextLengthError(MegaedgeError):
+    """A request whose prompt, audio and text would overflow the decoder's fixed KV buffer (``--target cuda``)."""
+
+
 class MissingExtraError(MegaedgeError):
     """An optional dependency group is not installed."""
 

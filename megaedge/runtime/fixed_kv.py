@@ -53,7 +53,7 @@ import weakref
 
 import numpy as np
 
-from megaedge.errors import MegaedgeError
+from megaedge.errors import ContextLengthError, MegaedgeError
 from megaedge.runtime.session import gpu_gate
 
 log = logging.getLogger("megaedge.runtime.fixed_kv")
@@ -439,7 +439,7 @@ class FixedKVState:
 
     def _room(self, rows: int) -> None:
         if self.length + rows > self.runner.max_length:
-            raise MegaedgeError(
+            raise ContextLengthError(
                 f"decoder: {self.length} cached + {rows} new positions exceed this bundle's fixed KV buffer of "
                 f"{self.runner.max_length} (decoder.max_kv_length); shorten the segments or the context, or "
                 f"re-export with a larger --max-kv-length")

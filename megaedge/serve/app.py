@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from megaedge.errors import MegaedgeError
+from megaedge.errors import ContextLengthError, MegaedgeError
 
 log = logging.getLogger("megaedge.serve")
 
@@ -391,6 +391,8 @@ def create_app(config: ServeConfig, transcriber=None):
             active.inc()
             try:
                 result = await state.run(lambda: tr.transcribe(str(path), language=language, context=context))
+            except ContextLengthError as exc:  # the audio and the prompt together: name the one the client chose
+                return error(400, str(exc), "context_length_exceeded", param="prompt" if context else "file")
             except MegaedgeError as exc:
                 return error(400, str(exc).replace(str(path), name), "invalid_audio", param="file")
             finally:

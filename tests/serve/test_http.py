@@ -76,6 +76,31 @@ def test_bad_requests_get_400_with_one_line(server, clips, tmp_path):
     assert missing.status_code == 400 and missing.json()["error"]["code"] == "missing_file"
 
 
+def test_a_request_over_the_fixed_kv_buffer_names_what_to_shorten(server, serve_transcriber, clips, monkeypatch):
+    """A --target cuda bundle's decoder refuses a request whose prompt, audio and text overflow its fixed KV
+    buffer (runtime/fixed_kv.py): the answer is context_length_exceeded, naming the prompt when the client sent one
+    and the file otherwise, and the server keeps serving."""
+    from megaedge.errors import ContextLengthError
+
+    def full(*args, **kwargs):
+        raise ContextLengthError("decoder: 2000 cached + 100 new positions exceed this bundle's fixed KV buffer of "
+                                 "2048 (decoder.max_kv_length); shorten the segments or the context, or re-export "
+                                 "with a larger --max-kv-length")
+
+    api = client(server)
+    with monkeypatch.context() as patch:
+        patch.setattr(serve_transcriber, "transcribe", full)
+        for extra, param in (({"prompt": "a long context"}, "prompt"), ({}, "file")):
+            with open(clips[0]["path"], "rb") as f, pytest.raises(openai.BadRequestError) as err:
+                api.audio.transcriptions.create(model="m", file=f, **extra)
+            body = err.value.body
+            assert (body["code"], body["param"]) == ("context_length_exceeded", param), body
+            assert "--max-kv-length" in body["message"] and "\n" not in body["message"]
+    with open(clips[0]["path"], "rb") as f:
+        assert api.audio.transcriptions.create(model="m", file=f).text == serve_transcriber.transcribe(
+            clips[0]["path"]).text
+
+
 @pytest.fixture(scope="module")
 def strict(fixture_bundles, serve_transcriber):
     """A server with an API key and small limits."""
