@@ -141,6 +141,26 @@ class StepBatcher:
         return request.logits
 
 
+def step_ready(decoders: list, tokens: list[int], gates: list, ready, step) -> tuple[list, list[int]]:
+    """``step_many``'s common part: ``ready(decoder)`` raises the MegaedgeError of a decoder that cannot step (it
+    becomes that row's result); ``step(decoders, tokens, gates, calls)`` steps the rest, appending the size of each
+    call it makes to ``calls``. Returns (each row's logits or error, calls)."""
+    out: list = [None] * len(decoders)
+    fit = []
+    for i, decoder in enumerate(decoders):
+        try:
+            ready(decoder)
+            fit.append(i)
+        except MegaedgeError as exc:
+            out[i] = exc
+    calls: list[int] = []
+    if fit:
+        rows = step([decoders[i] for i in fit], [tokens[i] for i in fit], [gates[i] for i in fit], calls)
+        for i, row in zip(fit, rows):
+            out[i] = row
+    return out, calls
+
+
 def _value(row):
     if isinstance(row, BaseException):
         raise row

@@ -54,6 +54,7 @@ import weakref
 import numpy as np
 
 from megaedge.errors import ContextLengthError, MegaedgeError
+from megaedge.runtime.batching import step_ready
 from megaedge.runtime.session import gpu_gate
 
 log = logging.getLogger("megaedge.runtime.fixed_kv")
@@ -96,21 +97,19 @@ def bank_slots(past_shape, batch_steps: int) -> int:
     return max(1, min(int(batch_steps), MAX_BATCH)) if not isinstance(past_shape[0], int) else 1
 
 
-def next_bank(held: int, bank_slots: int, device: str, full: bool | None = None) -> int:
-    """The slots of the next bank a runner allocates when it holds ``held`` slots. On the CPU every bank has
-    ``bank_slots`` (untouched pages cost nothing); on a GPU, which allocates a bank whole, banks double what is held
-    (1, 1, 2, 4, 8, then ``bank_slots`` each), so one stream holds one slot and n streams at most 2n. ``full``:
-    every bank ``bank_slots`` wide whatever the device (a benchmark of the batch axis)."""
-    if (device == "cpu") if full is None else full:
-        return bank_slots
-    return max(1, min(held, bank_slots))
+def next_bank(held: int, bank_slots: int, full: bool) -> int:
+    """The slots of the next bank a runner allocates when it holds ``held`` slots. ``full`` (the CPU's, where
+    untouched pages cost nothing): every bank has ``bank_slots``; else (a GPU, which allocates a bank whole) banks
+    double what is held (1, 1, 2, 4, 8, then ``bank_slots`` each), so one stream holds one slot and n streams at
+    most 2n."""
+    return bank_slots if full else max(1, min(held, bank_slots))
 
 
 def slots_for(streams: int, bank_slots: int, device: str) -> int:
-    """KV slots a runner holds once ``streams`` states are live at once (whole banks, ``next_bank``)."""
+    """KV slots a runner on ``device`` holds once ``streams`` states are live at once (whole banks, ``next_bank``)."""
     held = 0
     while held < streams:
-        held += next_bank(held, bank_slots, device)
+        held += next_bank(held, bank_slots, device == "cpu")
     return held
 
 
@@ -231,7 +230,7 @@ class FixedKVRunner:
         inputs = {i.name: i for i in session.get_inputs()}
         self.positions = POSITION_IDS in inputs  # an older graph's RoPE input
         self.bank_slots = bank_slots(inputs[decoder["past_names"][0]].shape, batch_steps)
-        self.full_banks = device == "cpu" if full_banks is None else bool(full_banks)  # next_bank
+        self.full_banks = device == "cpu" if full_banks is None else bool(full_banks)  # next_bank; a benchmark
         self.prompt_options = ort.RunOptions()
         if cuda_graph:
             self.prompt_options.add_run_config_entry(GRAPH_RUN_KEY, "-1")
@@ -260,8 +259,7 @@ class FixedKVRunner:
                 self._free.remove(best)
                 return best
             if not self._banks or self._used == self._banks[-1].slots:
-                size = next_bank(sum(b.slots for b in self._banks), self.bank_slots, self.device,
-                                 self.full_banks)
+                size = next_bank(sum(b.slots for b in self._banks), self.bank_slots, self.full_banks)
                 with self.gate_for():  # device allocations and copies
                     self._banks.append(_Bank(self, size, len(self._banks)))
                 self._used = 0
@@ -413,21 +411,7 @@ class FixedKVState:
                   ) -> tuple[list, list]:
         """runtime/batching.py's call: (each state's logits, or the error of a state that cannot step (its buffer
         full), which then fails alone; the steps of each onnxruntime run made)."""
-        out: list = [None] * len(states)
-        ready = []
-        for i, state in enumerate(states):
-            try:
-                state._room(1)
-                ready.append(i)
-            except MegaedgeError as exc:
-                out[i] = exc
-        runs: list[int] = []
-        if ready:
-            rows = self.runner.step_batch([states[i] for i in ready], [tokens[i] for i in ready],
-                                          [gates[i] for i in ready], runs)
-            for i, row in zip(ready, rows):
-                out[i] = row
-        return out, runs
+        return step_ready(states, tokens, gates, lambda s: s._room(1), self.runner.step_batch)
 
     def stepping(self):
         """Around a run of steps: lets the batcher wait for this state's next step."""

@@ -63,7 +63,7 @@ def _max_streams(room: float, kv: int, bank: int) -> int:
     """The most streams whose whole banks fit ``room`` bytes: every slot of the banks that fit."""
     held = 0
     while True:
-        grown = held + fixed_kv.next_bank(held, bank, "cuda")
+        grown = held + fixed_kv.next_bank(held, bank, full=False)
         if grown * kv > room:
             return held
         held = grown

@@ -32,6 +32,7 @@ import numpy as np
 
 from megaedge.errors import MegaedgeError
 from megaedge.runtime import kernels, manifest, options
+from megaedge.runtime.batching import step_ready
 
 log = logging.getLogger("megaedge.runtime.native_decode")
 PROJECTIONS = manifest.NATIVE_PROJECTIONS
@@ -534,19 +535,11 @@ class NativeDecoder:
     def step_many(decoders: list[NativeDecoder], tokens: list[int], gates: list[float | None]) -> tuple[list, list]:
         """runtime/batching.py's call: (each decoder's logits, or the error of one that cannot step, which then
         fails alone; [steps of the one kernel call made])."""
-        out: list = [None] * len(decoders)
-        ready = []
-        for i, d in enumerate(decoders):
-            try:
-                d._ready_for_step()
-                ready.append(i)
-            except MegaedgeError as exc:
-                out[i] = exc
-        if ready:
-            rows = step_batch([decoders[i] for i in ready], [tokens[i] for i in ready], [gates[i] for i in ready])
-            for i, row in zip(ready, rows):
-                out[i] = row
-        return out, [len(ready)] if ready else []
+        def one_call(ready, tokens, gates, calls):
+            calls.append(len(ready))
+            return step_batch(ready, tokens, gates)
+
+        return step_ready(decoders, tokens, gates, lambda d: d._ready_for_step(), one_call)
 
     def _ready_for_step(self) -> int:
         """The position the next step writes, with the in-memory weights and a cache that has room for it."""
