@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from megaedge.errors import MegaedgeError
+from megaedge.errors import ContextLengthError, MegaedgeError
 
 log = logging.getLogger("megaedge.serve")
 
@@ -382,5 +382,8 @@ class RealtimeSession:
             raise ProtocolError("unknown_event_type", f"unknown command {command.kind!r}", None, command.event_id)
         except ProtocolError as exc:
             return [error_from(exc)]
+        except ContextLengthError as exc:  # a fixed KV buffer (--target cuda) too small: name the prompt if one is set
+            param = "session.input_audio_transcription.prompt" if self.config.prompt else None
+            return [error_event("context_length_exceeded", str(exc), param, command.event_id)]
         except MegaedgeError as exc:
             return [error_event("invalid_value", str(exc), None, command.event_id)]

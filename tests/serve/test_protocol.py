@@ -122,3 +122,37 @@ def test_admission_lets_a_realtime_connection_wait_briefly_for_a_slot():
         assert (admission.active, admission.free) == (0, 1)
 
     asyncio.run(scenario())
+
+
+def test_a_full_fixed_kv_buffer_is_context_length_exceeded_and_the_session_goes_on():
+    """A stream on a --target cuda bundle whose fixed KV buffer cannot hold a span (runtime/fixed_kv.py raises
+    ContextLengthError) answers that event with context_length_exceeded, naming the prompt when the session set
+    one, not a generic invalid_value; the next append is served."""
+    from types import SimpleNamespace
+
+    from megaedge.errors import ContextLengthError
+    from megaedge.runtime.streaming import StreamOptions
+    from megaedge.serve.protocol import Command, RealtimeSession
+
+    class Stream:
+        time, speech_heard, full = 0, False, True
+
+        def accept_waveform(self, pcm, rate, partials):
+            if self.full:
+                raise ContextLengthError("decoder: 2000 cached + 100 new positions exceed this bundle's fixed KV "
+                                         "buffer of 2048 (decoder.max_kv_length)")
+            return []
+
+    streams = []
+    tr = SimpleNamespace(create_stream=lambda options: streams.append(Stream()) or streams[-1])
+    session = RealtimeSession(tr, StreamOptions())
+    pcm = np.zeros(2400, np.int16)
+    for prompt, param in ((None, None), ("a long context", "session.input_audio_transcription.prompt")):
+        if prompt:
+            session.run(Command("update", session={"input_audio_transcription": {"prompt": prompt}}))
+        (event,) = session.run(Command("append", "ev1", pcm=pcm))
+        assert event["type"] == "error", event
+        assert (event["error"]["code"], event["error"]["param"], event["error"]["event_id"]) == (
+            "context_length_exceeded", param, "ev1")
+    streams[-1].full = False
+    assert session.run(Command("append", "ev2", pcm=pcm)) == []
