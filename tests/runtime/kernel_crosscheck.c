@@ -133,6 +133,96 @@ static void decode_case(int threads, int prompt, int half, int dim, const char *
     }
 }
 
+/* `batch` sequences of one tiny decoder (heads of 128, Qwen3's) stepped together by me_decode_batch, each at its
+   own position over its own cache, and stepped alone by me_decode_step on a twin with the same weights and cache:
+   prints "batch B threads [half] [lora] [tag] step S" then the batch's logits, the same header with " solo" then
+   the solo steps' logits, for two steps. With `lora` every projection has a rank-4 branch and the sequences' gates
+   alternate (both routes in one batch). The test asserts the two equal bit for bit on every build. */
+static void batch_case(int batch, int threads, int half, int lora, const char *tag) {
+    const int packed = tag[0] == 'p';
+    const int layers = 2, hidden = 64, heads = 4, kv_heads = 2, dim = 128, inter = 96, cap = 8, vocab = 50,
+              blk = 32, rank = 4;
+    me_linear w[2][7];
+    const float *norms[2][4];
+    for (int i = 0; i < layers; i++) {
+        const int n[7] = {heads * dim, kv_heads * dim, kv_heads * dim, hidden, inter, inter, hidden},
+                  k[7] = {hidden, hidden, hidden, heads * dim, hidden, hidden, inter};
+        for (int j = 0; j < 7; j++) {
+            w[i][j] = linear(n[j], k[j], blk);
+            if (packed) w[i][j] = packed_copy(w[i][j]);
+        }
+        for (int j = 0; j < 4; j++) norms[i][j] = floats(j < 2 ? hidden : dim, 0.5f, 1.5f);
+    }
+    me_lora *branches = NULL;
+    if (lora) {
+        branches = malloc(sizeof(me_lora) * layers * 7);
+        for (int i = 0; i < layers * 7; i++) {
+            const me_linear *m = &w[i / 7][i % 7];
+            me_lora l = {floats((size_t)m->k * rank, -0.1f, 0.1f), floats((size_t)rank * m->n, -0.1f, 0.1f), rank};
+            branches[i] = l;
+        }
+    }
+    const me_linear head = packed ? packed_copy(linear(vocab, hidden, blk)) : linear(vocab, hidden, blk);
+    const float *final_norm = floats(hidden, 0.5f, 1.5f);
+    me_model *together = malloc(sizeof(me_model) * batch), *alone = malloc(sizeof(me_model) * batch);
+    const me_model **models = malloc(sizeof(me_model *) * batch);
+    int32_t *pos = malloc(sizeof(int32_t) * batch);
+    float *logits = malloc(sizeof(float) * batch * vocab);
+    for (int b = 0; b < batch; b++) {
+        for (int twin = 0; twin < 2; twin++) {
+            me_layer *ls = malloc(sizeof(me_layer) * layers);
+            for (int i = 0; i < layers; i++) {
+                me_layer l = {w[i][0], w[i][1], w[i][2], w[i][3], w[i][4], w[i][5], w[i][6],
+                              norms[i][0], norms[i][1], norms[i][2], norms[i][3],
+                              calloc((size_t)kv_heads * cap * dim, sizeof(float)),
+                              calloc((size_t)kv_heads * cap * dim, sizeof(float))};
+                ls[i] = l;
+            }
+            me_model m = {layers, hidden, heads, kv_heads, dim, inter, cap, vocab, 1e-6f, 0.25f, ls, head,
+                          final_norm};
+            m.lora = branches;
+            m.lora_gate = lora ? (float)(b % 2) : 0.f;
+            m.kv_half = half;
+            (twin ? alone : together)[b] = m;
+        }
+        models[b] = together + b;
+        /* a prompt of its own length (1-4 rows) in both twins' caches */
+        pos[b] = 1 + b % 4;
+        float *x = floats((size_t)hidden * pos[b], -1.f, 1.f), *cos = floats((size_t)dim * pos[b], -1.f, 1.f),
+              *sin = floats((size_t)dim * pos[b], -1.f, 1.f), *copy = malloc(sizeof(float) * hidden * pos[b]);
+        memcpy(copy, x, sizeof(float) * hidden * pos[b]);
+        if (me_prefill(together + b, x, pos[b], 0, cos, sin, logits, 1, threads) != 0 ||
+            me_prefill(alone + b, copy, pos[b], 0, cos, sin, logits, 1, threads) != 0) {
+            fprintf(stderr, "me_prefill failed\n");
+            exit(1);
+        }
+    }
+    char header[96];
+    snprintf(header, sizeof header, "batch %d %d%s%s%s", batch, threads, half ? " half" : "", lora ? " lora" : "",
+             tag);
+    for (int step = 0; step < 2; step++) {
+        float *x = floats((size_t)hidden * batch, -1.f, 1.f), *cos = floats((size_t)dim * batch, -1.f, 1.f),
+              *sin = floats((size_t)dim * batch, -1.f, 1.f), *copy = malloc(sizeof(float) * hidden * batch);
+        memcpy(copy, x, sizeof(float) * hidden * batch);
+        if (me_decode_batch(models, batch, x, pos, cos, sin, logits, threads) != 0) {
+            fprintf(stderr, "me_decode_batch failed\n");
+            exit(1);
+        }
+        printf("%s step %d\n", header, step);
+        for (int i = 0; i < batch * vocab; i++) printf("%a\n", logits[i]);
+        printf("%s step %d solo\n", header, step);
+        for (int b = 0; b < batch; b++) {
+            if (me_decode_step(alone + b, copy + (size_t)b * hidden, pos[b], cos + (size_t)b * dim,
+                               sin + (size_t)b * dim, logits, threads) != 0) {
+                fprintf(stderr, "me_decode_step failed\n");
+                exit(1);
+            }
+            for (int i = 0; i < vocab; i++) printf("%a\n", logits[i]);
+        }
+        for (int b = 0; b < batch; b++) pos[b]++;
+    }
+}
+
 /* the encoder's convolution stem (conv_stem.h); prints "stem channels bins frames windows chunks blk threads" */
 static void stem_case(int channels, int bins, int frames, int windows, int chunks, int blk, int threads) {
     const int nb = 9 * ((channels + blk - 1) / blk);
@@ -199,6 +289,13 @@ int main(void) {
             decode_case(threads, 1, 0, dim, " rows");
             state = inputs;
             decode_case(threads, 1, 0, dim, " packed");
+        }
+    /* batched steps (decode_batch.h) against solo ones: a part group (3), a full group and one more (9) */
+    for (int threads = 1; threads <= 3; threads += 2)
+        for (int batch = 3; batch <= 9; batch += 6) {
+            batch_case(batch, threads, 0, 0, "");
+            batch_case(batch, threads, 1, 1, "");
+            batch_case(batch, threads, 0, 1, " packed");
         }
     return 0;
 }

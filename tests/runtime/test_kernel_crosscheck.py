@@ -1,5 +1,6 @@
 """Builds of the native kernels against each other, outside Python: tests/runtime/kernel_crosscheck.c runs every
-product, three whole decoder steps and the encoder's conv stem on fixed inputs and prints the results as hex floats.
+product, three whole decoder steps, batched steps beside solo ones and the encoder's conv stem on fixed inputs and
+prints the results as hex floats.
 
 The ARM dot-product path (Jetson Orin's CPU) cannot run on this project's x86 machines, so it is cross-compiled and
 run under qemu's user-mode emulator where both are installed (Debian: ``apt install gcc-aarch64-linux-gnu
@@ -47,14 +48,20 @@ def _agrees_with_portable(built: dict[str, np.ndarray], isa: str, portable: dict
     # 16 products, 6 prompt products, 2 x 3 steps from an empty cache, 2 x (a chunked prefill + 3 steps), 4 stems,
     # 2 x (a chunked prefill + 3 steps) over half-float caches, 2 x 2 x (the same with heads of 128, float and half);
     # then the packed layout: 16 products, 6 prompt products, 2 x 2 x (a chunked prefill + 3 steps) over the row
-    # layout and the same over packed weights
-    assert built.keys() == portable.keys() and len(built) == 118
+    # layout and the same over packed weights; then 2 threads x 2 batch sizes x 3 kinds x 2 steps of sequences
+    # stepped together (me_decode_batch) and the same stepped alone
+    assert built.keys() == portable.keys() and len(built) == 118 + 2 * 24
     for case in built:  # packed weights (where the build packs) change nothing but where the bytes lie
         if case.endswith(" rows"):
             np.testing.assert_array_equal(built[case.replace(" rows", " packed")], built[case], err_msg=case)
+    batched = [case for case in built if case.startswith("batch") and not case.endswith(" solo")]
+    for case in batched:  # a sequence stepped in a batch gets the bits it gets alone, on every build
+        np.testing.assert_array_equal(built[case], built[case + " solo"], err_msg=case)
     # AVX512 builds (isa 2, 4) and the portable one share the products' arithmetic, the decode step's too
     exact = ("gemm", "stem", "gemv") if isa.endswith(("isa 2", "isa 4")) else ("gemm", "stem")
     for case, want in portable.items():
+        if case.startswith("batch") and " step 1" in case:
+            continue  # a second step's inputs carry the first's float order: an int8 activation may round otherwise
         if case.startswith(exact):  # prompt products and the conv stem: one arithmetic on every build
             np.testing.assert_array_equal(built[case], want, err_msg=case)
             continue
@@ -101,5 +108,8 @@ def test_arm_dot_product_build_equals_portable_c_bit_for_bit(tmp_path):
     assert "isa 3" in isa  # the dot-product path compiled, not the portable fallback
     portable, _ = _portable(tmp_path)
     assert arm.keys() == portable.keys()
+    for case in arm:  # the batch path too: every sequence its solo bits
+        if case.startswith("batch") and not case.endswith(" solo"):
+            np.testing.assert_array_equal(arm[case], arm[case + " solo"], err_msg=case)
     for case, want in portable.items():
         np.testing.assert_array_equal(arm[case], want, err_msg=case)
