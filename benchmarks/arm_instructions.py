@@ -1,0 +1,133 @@
+"""Instructions the ARM dot-product build executes for one batched product, counted under qemu.
+
+No ARM machine is lent to this project, so the aarch64 kernels (Jetson Orin's CPU) can be checked for their bits
+(tests/runtime/test_kernel_crosscheck.py) but not timed. What can be measured here is the instruction stream: this
+cross-compiles a small driver around the kernel source of this checkout and of git revision ``--baseline``, runs
+the batched product (decode_batch.h ``rows_groups``: ``--rows`` rows of ``--k`` inputs for B sequences, the batched
+decode step's inner work) under qemu's user-mode emulator in single-step mode, and counts the instructions it
+executes (qemu's ``exec`` log, one entry per instruction there), less those of the same driver with the product
+skipped. An instruction count is not a time: an A78's two vector pipes, its loads and the memory decide that, and
+only a run on the board can say it (``python benchmarks/batched_decode.py`` there).
+
+Needs ``aarch64-linux-gnu-gcc`` and ``qemu-aarch64-static`` (Debian: gcc-aarch64-linux-gnu, qemu-user-static).
+
+    python benchmarks/arm_instructions.py [--baseline REV] [--blocks 32,128] [--batches 1,2,4,8] [--out JSON]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import provenance
+
+from megaedge.runtime import kernels
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FLAGS = ["-O3", "-ffp-contract=off", "-march=armv8.2-a+dotprod", "-static"]  # a Jetson build's, without OpenMP
+
+DRIVER = r"""
+#include <stdio.h>
+#include "decoder.c"
+/* rows_groups over n rows of k inputs for B sequences (argv: n k blk B [skip]) on fixed inputs */
+int main(int argc, char **argv) {
+    const int n = atoi(argv[1]), k = atoi(argv[2]), blk = atoi(argv[3]), B = atoi(argv[4]), nb = k / blk;
+    uint8_t *w = malloc((size_t)n * k);
+    float *s = malloc(sizeof(float) * n * nb), *y = malloc(sizeof(float) * n * B);
+    for (size_t i = 0; i < (size_t)n * k; i++) w[i] = (uint8_t)(i * 2654435761u >> 13);
+    for (int i = 0; i < n * nb; i++) s[i] = 0.01f;
+    me_linear m = {w, s, n, k, nb, blk, 0};
+    me_act acts[ME_MAX_BATCH];
+    int32_t *asi = calloc((size_t)B * nb, sizeof(int32_t));
+    float *sai = calloc((size_t)B * nb, sizeof(float));
+    for (int b = 0; b < B; b++) {
+        acts[b].q = malloc(k);
+        acts[b].sa = malloc(sizeof(float) * nb);
+        acts[b].asum = calloc(nb, sizeof(int32_t));
+        for (int i = 0; i < k; i++) acts[b].q[i] = (int8_t)((i * 7 + b * 13) % 255 - 127);
+        for (int i = 0; i < nb; i++) acts[b].sa[i] = 0.02f;
+    }
+    if (argc < 6) rows_groups(&m, acts, B, y, n, 0, n, NULL, asi, sai);
+    else y[0] = 0.f;
+    printf("%a\n", y[0]);
+    return 0;
+}
+"""
+
+
+def build(source: Path, out: Path, cc: str) -> Path:
+    driver = out.with_suffix(".c")
+    driver.write_text(DRIVER)
+    subprocess.run([cc, *FLAGS, f"-I{source}", str(driver), "-o", str(out), "-lm"], check=True,
+                   capture_output=True)
+    return out
+
+
+def executed(qemu: str, binary: Path, args: list[str], log: Path) -> int:
+    """Instructions executed by one run: single-stepped, every instruction is a block of its own in the log."""
+    subprocess.run([qemu, "-cpu", "max", "-singlestep", "-d", "exec,nochain", "-D", str(log), str(binary), *args],
+                   check=True, capture_output=True)
+    with open(log, "rb") as f:
+        count = sum(1 for line in f if line.startswith(b"Trace"))
+    log.unlink()
+    return count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", default="HEAD~1", metavar="REV", help="kernels of this git revision beside")
+    parser.add_argument("--blocks", default="32,128")
+    parser.add_argument("--batches", default="1,2,4,8")
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--k", type=int, default=2048, help="inputs per row (the 1.7B decoder's hidden size)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64-static") or shutil.which(
+        "qemu-aarch64")
+    if not cc or not qemu:
+        sys.exit("needs aarch64-linux-gnu-gcc and qemu-aarch64 (apt install gcc-aarch64-linux-gnu qemu-user-static)")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        subprocess.run(f"git archive {args.baseline} megaedge/assets/kernels | tar -x -C {tmp}", shell=True,
+                       check=True, cwd=provenance.ROOT)
+        builds = {"this": build(kernels.SOURCE.parent, tmp / "this", cc),
+                  "baseline": build(tmp / "megaedge" / "assets" / "kernels", tmp / "baseline", cc)}
+        for blk in (int(b) for b in args.blocks.split(",")):
+            for batch in (int(b) for b in args.batches.split(",")):
+                shape = [str(args.rows), str(args.k), str(blk), str(batch)]
+                setup = executed(qemu, builds["this"], [*shape, "skip"], tmp / "log")
+                row = {"block": blk, "batch": batch}
+                for name, binary in builds.items():
+                    row[f"{name}_instructions"] = executed(qemu, binary, shape, tmp / "log") - setup
+                per = args.rows * (args.k // blk) * batch  # block products of the call
+                row["this_per_block_and_sequence"] = round(row["this_instructions"] / per, 2)
+                row["baseline_per_block_and_sequence"] = round(row["baseline_instructions"] / per, 2)
+                row["change"] = round(row["this_instructions"] / row["baseline_instructions"] - 1, 3)
+                rows.append(row)
+                print(f"blocks of {blk}, {batch} sequences: {row['baseline_per_block_and_sequence']} -> "
+                      f"{row['this_per_block_and_sequence']} instructions per block and sequence "
+                      f"({row['change'] * 100:+.0f} %)", flush=True)
+    result = {
+        "benchmark": "arm_instructions", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": provenance.commit(), "command": "python " + " ".join(sys.argv),
+        "machine": {"compiler": subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.split(
+            "\n")[0], "emulator": subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout.split(
+            "\n")[0], "flags": " ".join(FLAGS)},
+        "baseline": args.baseline, "rows": args.rows, "k": args.k, "results": rows,
+        "notes": "Dynamic instruction counts of one batched product (rows x k int8 weights, B sequences) in the "
+                 "aarch64 dot-product build, under qemu user mode, one thread; not a time.",
+    }
+    out = Path(args.out) if args.out else RESULTS / "arm_instructions.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()
