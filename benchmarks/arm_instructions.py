@@ -1,17 +1,19 @@
-"""Instructions the ARM dot-product build executes for one batched product, counted under qemu.
+"""Instructions the ARM dot-product build executes for its int8 products, counted under qemu.
 
 No ARM machine is lent to this project, so the aarch64 kernels (Jetson Orin's CPU) can be checked for their bits
 (tests/runtime/test_kernel_crosscheck.py) but not timed. What can be measured here is the instruction stream: this
-cross-compiles a small driver around the kernel source of this checkout and of git revision ``--baseline``, runs
-the batched product (decode_batch.h ``rows_groups``: ``--rows`` rows of ``--k`` inputs for B sequences, the batched
-decode step's inner work) under qemu's user-mode emulator in single-step mode, and counts the instructions it
-executes (qemu's ``exec`` log, one entry per instruction there), less those of the same driver with the product
-skipped. An instruction count is not a time: an A78's two vector pipes, its loads and the memory decide that, and
-only a run on the board can say it (``python benchmarks/batched_decode.py`` there).
+cross-compiles a small driver around the kernel source of this checkout and of git revision ``--baseline`` and
+runs one product of ``--rows`` weight rows of ``--k`` inputs, as a batched decode step makes it for B sequences
+(decode_batch.h ``rows_groups``) and as a prompt of R rows makes it (gemm.h ``gemm_rows``, the tile packing
+included), under qemu's user-mode emulator in single-step mode, counting the instructions executed (qemu's
+``exec`` log, one entry per instruction there) less those of the same driver with the product skipped. An
+instruction count is not a time: an A78's two vector pipes, its loads and the memory decide that, and only a run
+on the board can say it (``python benchmarks/batched_decode.py``, ``megaedge bench`` there).
 
 Needs ``aarch64-linux-gnu-gcc`` and ``qemu-aarch64-static`` (Debian: gcc-aarch64-linux-gnu, qemu-user-static).
 
-    python benchmarks/arm_instructions.py [--baseline REV] [--blocks 32,128] [--batches 1,2,4,8] [--out JSON]
+    python benchmarks/arm_instructions.py [--baseline REV] [--blocks 32,128] [--batches 1,2,4,8]
+                                          [--prompt-rows 1,4,16,64] [--out JSON]
 """
 
 from __future__ import annotations
@@ -35,26 +37,35 @@ FLAGS = ["-O3", "-ffp-contract=off", "-march=armv8.2-a+dotprod", "-static"]  # a
 DRIVER = r"""
 #include <stdio.h>
 #include "decoder.c"
-/* rows_groups over n rows of k inputs for B sequences (argv: n k blk B [skip]) on fixed inputs */
+/* argv: mode n k blk B [skip]. mode "steps": rows_groups, n weight rows of k inputs for B sequences (a batched
+   decode step's products); mode "prompt": gemm_rows, the same weights for a prompt of B rows. Fixed inputs. */
 int main(int argc, char **argv) {
-    const int n = atoi(argv[1]), k = atoi(argv[2]), blk = atoi(argv[3]), B = atoi(argv[4]), nb = k / blk;
+    const int prompt = argv[1][0] == 'p';
+    const int n = atoi(argv[2]), k = atoi(argv[3]), blk = atoi(argv[4]), B = atoi(argv[5]), nb = k / blk;
     uint8_t *w = malloc((size_t)n * k);
     float *s = malloc(sizeof(float) * n * nb), *y = malloc(sizeof(float) * n * B);
     for (size_t i = 0; i < (size_t)n * k; i++) w[i] = (uint8_t)(i * 2654435761u >> 13);
     for (int i = 0; i < n * nb; i++) s[i] = 0.01f;
     me_linear m = {w, s, n, k, nb, blk, 0};
     me_act acts[ME_MAX_BATCH];
-    int32_t *asi = calloc((size_t)B * nb, sizeof(int32_t));
-    float *sai = calloc((size_t)B * nb, sizeof(float));
-    for (int b = 0; b < B; b++) {
-        acts[b].q = malloc(k);
-        acts[b].sa = malloc(sizeof(float) * nb);
-        acts[b].asum = calloc(nb, sizeof(int32_t));
-        for (int i = 0; i < k; i++) acts[b].q[i] = (int8_t)((i * 7 + b * 13) % 255 - 127);
-        for (int i = 0; i < nb; i++) acts[b].sa[i] = 0.02f;
+    int8_t *q = malloc((size_t)B * k);
+    float *sa = malloc(sizeof(float) * B * nb);
+    int32_t *asum = calloc((size_t)B * nb, sizeof(int32_t));
+    for (int i = 0; i < B * k; i++) q[i] = (int8_t)((i * 7 + i / k * 13) % 255 - 127);
+    for (int i = 0; i < B * nb; i++) sa[i] = 0.02f;
+    for (int b = 0; b < B && b < ME_MAX_BATCH; b++) {
+        acts[b].q = q + (size_t)b * k;
+        acts[b].sa = sa + (size_t)b * nb;
+        acts[b].asum = asum + (size_t)b * nb;
     }
-    if (argc < 6) rows_groups(&m, acts, B, y, n, 0, n, NULL, asi, sai);
-    else y[0] = 0.f;
+    me_act rows = {q, sa, asum};
+    void *scratch = malloc(pack_bytes((size_t)k, B) + 64);
+    if (argc > 6)
+        y[0] = 0.f;
+    else if (prompt)
+        gemm_rows(&m, &rows, y, B, 0, n, scratch);
+    else
+        rows_groups(&m, acts, B, y, n, 0, n, NULL, asum, sa);
     printf("%a\n", y[0]);
     return 0;
 }
@@ -83,7 +94,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", default="HEAD~1", metavar="REV", help="kernels of this git revision beside")
     parser.add_argument("--blocks", default="32,128")
-    parser.add_argument("--batches", default="1,2,4,8")
+    parser.add_argument("--batches", default="1,2,4,8", help="sequences of a batched decode step")
+    parser.add_argument("--prompt-rows", default="1,4,16,64", help="rows of a prompt (0: none)")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--k", type=int, default=2048, help="inputs per row (the 1.7B decoder's hidden size)")
     parser.add_argument("--out", default=None)
@@ -99,21 +111,24 @@ def main() -> None:
                        check=True, cwd=provenance.ROOT)
         builds = {"this": build(kernels.SOURCE.parent, tmp / "this", cc),
                   "baseline": build(tmp / "megaedge" / "assets" / "kernels", tmp / "baseline", cc)}
+        cases = [("steps", int(b)) for b in args.batches.split(",")]
+        cases += [("prompt", int(r)) for r in args.prompt_rows.split(",") if int(r)]
         for blk in (int(b) for b in args.blocks.split(",")):
-            for batch in (int(b) for b in args.batches.split(",")):
-                shape = [str(args.rows), str(args.k), str(blk), str(batch)]
+            for mode, count in cases:
+                shape = [mode, str(args.rows), str(args.k), str(blk), str(count)]
                 setup = executed(qemu, builds["this"], [*shape, "skip"], tmp / "log")
-                row = {"block": blk, "batch": batch}
+                row = {"product": mode, "block": blk, "sequences" if mode == "steps" else "prompt_rows": count}
                 for name, binary in builds.items():
                     row[f"{name}_instructions"] = executed(qemu, binary, shape, tmp / "log") - setup
-                per = args.rows * (args.k // blk) * batch  # block products of the call
-                row["this_per_block_and_sequence"] = round(row["this_instructions"] / per, 2)
-                row["baseline_per_block_and_sequence"] = round(row["baseline_instructions"] / per, 2)
+                per = args.rows * (args.k // blk) * count  # block products of the call
+                row["this_per_block_and_row"] = round(row["this_instructions"] / per, 2)
+                row["baseline_per_block_and_row"] = round(row["baseline_instructions"] / per, 2)
                 row["change"] = round(row["this_instructions"] / row["baseline_instructions"] - 1, 3)
                 rows.append(row)
-                print(f"blocks of {blk}, {batch} sequences: {row['baseline_per_block_and_sequence']} -> "
-                      f"{row['this_per_block_and_sequence']} instructions per block and sequence "
-                      f"({row['change'] * 100:+.0f} %)", flush=True)
+                what = f"{count} sequences" if mode == "steps" else f"a prompt of {count} rows"
+                print(f"blocks of {blk}, {what}: {row['baseline_per_block_and_row']} -> "
+                      f"{row['this_per_block_and_row']} instructions per block and row ({row['change'] * 100:+.0f} %)",
+                      flush=True)
     result = {
         "benchmark": "arm_instructions", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "commit": provenance.commit(), "command": "python " + " ".join(sys.argv),
@@ -121,8 +136,11 @@ def main() -> None:
             "\n")[0], "emulator": subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout.split(
             "\n")[0], "flags": " ".join(FLAGS)},
         "baseline": args.baseline, "rows": args.rows, "k": args.k, "results": rows,
-        "notes": "Dynamic instruction counts of one batched product (rows x k int8 weights, B sequences) in the "
-                 "aarch64 dot-product build, under qemu user mode, one thread; not a time.",
+        "notes": "Dynamic instruction counts of one product of `rows` x `k` int8 weights in the aarch64 "
+                 "dot-product build, under qemu user mode, one thread; not a time. steps: a batched decode step's "
+                 "product for that many sequences (decode_batch.h); prompt: a prompt's product for that many "
+                 "activation rows (gemm.h, weights packed per tile, the packing counted). Per block and row: "
+                 "per block of weights and sequence or prompt row.",
     }
     out = Path(args.out) if args.out else RESULTS / "arm_instructions.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -6,7 +6,9 @@
 /* weight rows [lo, hi) of Y [rows][n] = A W^T for all `rows` activation rows */
 static void gemm_rows(const me_linear *m, const me_act *a, float *y, int rows, int lo, int hi, void *scratch) {
 #ifdef PACKED
-    if (m->blk % 4 == 0 && hi > lo) {
+    /* ARM packs 16 inputs at a time (pack_tile), and for one row (a prompt's logits) packing costs more than the
+       vectors save: ARM's one-row products are row_block's */
+    if (m->blk % (ME_ISA == 3 ? 16 : 4) == 0 && hi > lo && (ME_ISA != 3 || rows > 1)) {
         const size_t row_bytes = (size_t)m->nb * m->blk;
         int tile = (int)(TILE_BYTES / (row_bytes * WBYTES)) / (LANES * VECS) * (LANES * VECS);
         if (tile < LANES * VECS) tile = LANES * VECS;  /* wide rows: one micro tile, the scratch was sized for it */

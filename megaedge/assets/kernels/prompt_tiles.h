@@ -36,18 +36,24 @@ static void row_block(const me_linear *m, const me_act *a, float *y, int ystride
     for (int r = 0; r < cnt; r++) y[(size_t)(r0 + r) * ystride + n] = sum[r];
 }
 
-#if ME_ISA == 1 || ME_ISA == 2
+#if ME_ISA == 1 || ME_ISA == 2 || ME_ISA == 3
 #define PACKED 1
 /* Vector builds repack a tile of weights so that one vector load holds consecutive weights of LANES weight rows
    (lanes = weight rows): a block's dot products then need no horizontal sums, and its scaling is one vector
    multiply per LANES outputs instead of several instructions per output. Packed tile: AVX512 w[g][b][k/4][LANES][4]
    bytes (as stored, value + 128), AVX2 w[g][b][k/2][LANES][2] int16 (value); groups g of LANES rows, scales
    s[g][b][LANES]; rows past the matrix are zero weights with zero scales. AVX512 builds keep whole matrices in
-   this layout from the start (me_pack_q8, gemm.h; me_linear.packed), and gemm_rows then reads tiles in place. */
+   this layout from the start (me_pack_q8, gemm.h; me_linear.packed), and gemm_rows then reads tiles in place.
+   ARM dot-product builds: w[g][b][k/4][4][4] signed bytes (value, stored ^ 0x80), groups of 4 rows, so that one
+   vector is 4 inputs of 4 weight rows and a dot product by lane multiplies it by 4 inputs of one activation row. */
 #if ME_ISA == 2
 #define LANES 16
 #define VECS 2   /* weight groups per micro tile */
 #define WBYTES 1 /* bytes of a packed weight */
+#elif ME_ISA == 3
+#define LANES 4
+#define VECS 2
+#define WBYTES 1
 #else
 #define LANES 8
 #define VECS 2
@@ -181,6 +187,36 @@ static void pack_tile(const me_linear *m, int t0, int count, uint8_t *pw, float 
         return;
     }
 #endif
+#if ME_ISA == 3
+    if (blk % 16 == 0) {  /* 16 inputs of 4 rows at a time: a 4 x 4 transpose of 4-byte words, made signed */
+        const uint8x16_t bias = vdupq_n_u8(0x80);
+        for (int g = 0; g < groups; g++) {
+            PREFETCH_NEXT_GROUP(g)
+            for (int b = 0; b < nb; b++)
+                for (int c = 0; c < blk; c += 16) {
+                    uint32x4_t r[4];
+                    for (int lane = 0; lane < LANES; lane++) {
+                        const int i = g * LANES + lane;
+                        uint8x16_t v = vdupq_n_u8(0);  /* a zero weight */
+                        if (i < count)
+                            v = veorq_u8(vld1q_u8(m->w + (size_t)(t0 + i) * row_bytes + (size_t)b * blk + c), bias);
+                        r[lane] = vreinterpretq_u32_u8(v);
+                    }
+                    /* pairs of rows interleaved by word, then by double word: out[j] = word j of rows 0-3 */
+                    const uint64x2_t p0 = vreinterpretq_u64_u32(vtrn1q_u32(r[0], r[1])),
+                                     p1 = vreinterpretq_u64_u32(vtrn2q_u32(r[0], r[1])),
+                                     p2 = vreinterpretq_u64_u32(vtrn1q_u32(r[2], r[3])),
+                                     p3 = vreinterpretq_u64_u32(vtrn2q_u32(r[2], r[3]));
+                    uint8_t *dst = pw + (((size_t)g * nb + b) * blk + c) * LANES;
+                    vst1q_u8(dst, vreinterpretq_u8_u64(vtrn1q_u64(p0, p2)));
+                    vst1q_u8(dst + 16, vreinterpretq_u8_u64(vtrn1q_u64(p1, p3)));
+                    vst1q_u8(dst + 32, vreinterpretq_u8_u64(vtrn2q_u64(p0, p2)));
+                    vst1q_u8(dst + 48, vreinterpretq_u8_u64(vtrn2q_u64(p1, p3)));
+                }
+        }
+        return;
+    }
+#endif
     for (int g = 0; g < groups; g++) {
         PREFETCH_NEXT_GROUP(g)
         for (int lane = 0; lane < LANES; lane++) {
@@ -188,12 +224,12 @@ static void pack_tile(const me_linear *m, int t0, int count, uint8_t *pw, float 
             const uint8_t *src = i < count ? m->w + (size_t)(t0 + i) * row_bytes : NULL;
             for (int b = 0; b < nb; b++) {
                 const uint8_t *sb = src ? src + (size_t)b * blk : NULL;
-#if ME_ISA == 2
+#if ME_ISA == 2 || ME_ISA == 3
                 uint32_t *dst = (uint32_t *)(pw + ((size_t)g * nb + b) * blk * LANES) + lane;
                 for (int k4 = 0; k4 < blk / 4; k4++) {
                     uint32_t v = 0x80808080u;  /* stored value + 128: 128 is a zero weight */
                     if (sb) memcpy(&v, sb + 4 * k4, 4);
-                    dst[(size_t)k4 * LANES] = v;
+                    dst[(size_t)k4 * LANES] = ME_ISA == 3 ? v ^ 0x80808080u : v;  /* ARM: the signed value */
                 }
 #else
                 int16_t *dst = (int16_t *)(pw + ((size_t)g * nb + b) * blk * LANES * WBYTES) + 2 * lane;
@@ -218,6 +254,58 @@ static inline __attribute__((always_inline)) void micro(const me_linear *m, cons
     (void)gbytes;
     packed_core(nb, blk, pw, ps, g0, vecs, valid, a->q + (size_t)r0 * stride, stride, blk, a->asum + (size_t)r0 * nb,
                 a->sa + (size_t)r0 * nb, nb, 1, cnt, y + (size_t)r0 * m->n + n0, m->n, 0);
+#elif ME_ISA == 3
+    /* Per block, the int32 sums of cnt activation rows by 4 * vecs weight rows: each dot product by lane takes 4
+       inputs of one activation row (lane j of a 16-input load) against the same 4 inputs of 4 weight rows, so a
+       weight vector serves every activation row and no sum is horizontal. Then row_block's scaling per lane, in
+       its order: sw * sa, times the sum as a float, added (ps holds sw; the product of two floats is the same
+       either way round). */
+    float32x4_t acc[MR][VECS];
+    for (int r = 0; r < cnt; r++)
+        for (int v = 0; v < vecs; v++) acc[r][v] = vdupq_n_f32(0.f);
+    for (int b = 0; b < nb; b++) {
+        int32x4_t d[MR][VECS];
+        for (int r = 0; r < cnt; r++)
+            for (int v = 0; v < vecs; v++) d[r][v] = vdupq_n_s32(0);
+        const int8_t *wb = (const int8_t *)(pw + (size_t)g0 * gbytes + (size_t)b * blk * LANES);
+        for (int c = 0; c < blk; c += 16) {
+            int8x16_t q[MR];
+            for (int r = 0; r < cnt; r++) q[r] = vld1q_s8(a->q + (size_t)(r0 + r) * stride + (size_t)b * blk + c);
+            const int8_t *wc = wb + (size_t)c * LANES;
+#define ME_DOT_LANE(j)                                                                     \
+    {                                                                                      \
+        int8x16_t w[VECS];                                                                 \
+        for (int v = 0; v < vecs; v++) w[v] = vld1q_s8(wc + v * gbytes + 16 * (j));       \
+        for (int r = 0; r < cnt; r++)                                                      \
+            for (int v = 0; v < vecs; v++) d[r][v] = vdotq_laneq_s32(d[r][v], w[v], q[r], j); \
+    }
+            ME_DOT_LANE(0)
+            ME_DOT_LANE(1)
+            ME_DOT_LANE(2)
+            ME_DOT_LANE(3)
+#undef ME_DOT_LANE
+        }
+        for (int r = 0; r < cnt; r++) {
+            const float32x4_t sa = vdupq_n_f32(a->sa[(size_t)(r0 + r) * nb + b]);
+            for (int v = 0; v < vecs; v++) {
+                const float32x4_t s = vmulq_f32(vld1q_f32(ps + ((size_t)(g0 + v) * nb + b) * LANES), sa);
+                acc[r][v] = vaddq_f32(acc[r][v], vmulq_f32(s, vcvtq_f32_s32(d[r][v])));
+            }
+        }
+    }
+    for (int r = 0; r < cnt; r++)
+        for (int v = 0; v < vecs; v++) {
+            const int lanes = valid - v * LANES;
+            if (lanes <= 0) break;
+            float *out = y + (size_t)(r0 + r) * m->n + n0 + v * LANES;
+            if (lanes >= LANES) {
+                vst1q_f32(out, acc[r][v]);
+            } else {
+                float tmp[LANES];
+                vst1q_f32(tmp, acc[r][v]);
+                memcpy(out, tmp, sizeof(float) * lanes);
+            }
+        }
 #else
     /* AVX2 has no int8 product that is exact without a sign fix-up per pair (maddubs saturates), which made the
        int8 form 3 multiply-port instructions per 32 products; with 16-bit weights (packed) and 16-bit activations
