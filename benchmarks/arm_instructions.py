@@ -3,9 +3,9 @@
 No ARM machine is lent to this project, so the aarch64 kernels (Jetson Orin's CPU) can be checked for their bits
 (tests/runtime/test_kernel_crosscheck.py) but not timed. What can be measured here is the instruction stream: this
 cross-compiles a small driver around the kernel source of this checkout and of git revision ``--baseline`` and
-runs one product of ``--rows`` weight rows of ``--k`` inputs, as a batched decode step makes it for B sequences
-(decode_batch.h ``rows_groups``) and as a prompt of R rows makes it (gemm.h ``gemm_rows``, the tile packing
-included), under qemu's user-mode emulator in single-step mode, counting the instructions executed (qemu's
+runs one product of ``--rows`` weight rows of ``--k`` inputs, as a decode step makes it for one sequence (gemv.h
+``gemv_rows``) and a batched one for B sequences (decode_batch.h ``rows_groups``), and as a prompt of R rows
+makes it (gemm.h ``gemm_rows``, the tile packing included), under qemu's user-mode emulator in single-step mode, counting the instructions executed (qemu's
 ``exec`` log, one entry per instruction there) less those of the same driver with the product skipped. An
 instruction count is not a time: an A78's two vector pipes, its loads and the memory decide that, and only a run
 on the board can say it (``python benchmarks/batched_decode.py``, ``megaedge bench`` there).
@@ -37,8 +37,9 @@ FLAGS = ["-O3", "-ffp-contract=off", "-march=armv8.2-a+dotprod", "-static"]  # a
 DRIVER = r"""
 #include <stdio.h>
 #include "decoder.c"
-/* argv: mode n k blk B [skip]. mode "steps": rows_groups, n weight rows of k inputs for B sequences (a batched
-   decode step's products); mode "prompt": gemm_rows, the same weights for a prompt of B rows. Fixed inputs. */
+/* argv: mode n k blk B [skip]. mode "steps": n weight rows of k inputs for B sequences, a decode step's product
+   (gemv_rows) for one, a batched step's (rows_groups) for more; mode "prompt": gemm_rows, the same weights for a
+   prompt of B rows. Fixed inputs. */
 int main(int argc, char **argv) {
     const int prompt = argv[1][0] == 'p';
     const int n = atoi(argv[2]), k = atoi(argv[3]), blk = atoi(argv[4]), B = atoi(argv[5]), nb = k / blk;
@@ -64,6 +65,8 @@ int main(int argc, char **argv) {
         y[0] = 0.f;
     else if (prompt)
         gemm_rows(&m, &rows, y, B, 0, n, scratch);
+    else if (B == 1)  /* one sequence: the decode step's own product (me_decode_step), not a batch of one */
+        gemv_rows(&m, &acts[0], y, 0, n);
     else
         rows_groups(&m, acts, B, y, n, 0, n, NULL, asum, sa);
     printf("%a\n", y[0]);
@@ -137,10 +140,11 @@ def main() -> None:
             "\n")[0], "flags": " ".join(FLAGS)},
         "baseline": args.baseline, "rows": args.rows, "k": args.k, "results": rows,
         "notes": "Dynamic instruction counts of one product of `rows` x `k` int8 weights in the aarch64 "
-                 "dot-product build, under qemu user mode, one thread; not a time. steps: a batched decode step's "
-                 "product for that many sequences (decode_batch.h); prompt: a prompt's product for that many "
-                 "activation rows (gemm.h, weights packed per tile, the packing counted). Per block and row: "
-                 "per block of weights and sequence or prompt row.",
+                 "dot-product build, under qemu user mode, one thread; not a time. steps: a decode step's product "
+                 "for one sequence (gemv.h), a batched step's for more (decode_batch.h); prompt: a prompt's "
+                 "product for that many activation rows (gemm.h, weights packed per tile, the packing counted). "
+                 "Per block and row: per block of weights and sequence or prompt row. The setup subtracted is "
+                 "this build's driver's, so the baseline's figures carry its driver's small difference.",
     }
     out = Path(args.out) if args.out else RESULTS / "arm_instructions.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

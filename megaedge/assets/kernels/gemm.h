@@ -7,7 +7,7 @@
 static void gemm_rows(const me_linear *m, const me_act *a, float *y, int rows, int lo, int hi, void *scratch) {
 #ifdef PACKED
     /* ARM packs 16 inputs at a time (pack_tile), and for one row (a prompt's logits) packing costs more than the
-       vectors save: ARM's one-row products are row_block's */
+       vectors save: ARM's one-row products are the decode step's (below) */
     if (m->blk % (ME_ISA == 3 ? 16 : 4) == 0 && hi > lo && (ME_ISA != 3 || rows > 1)) {
         const size_t row_bytes = (size_t)m->nb * m->blk;
         int tile = (int)(TILE_BYTES / (row_bytes * WBYTES)) / (LANES * VECS) * (LANES * VECS);
@@ -57,6 +57,11 @@ static void gemm_rows(const me_linear *m, const me_act *a, float *y, int rows, i
                     if (cnt == MR && vecs == VECS && m->blk == 128)  /* the common case with constant trip counts */
                         micro(&(me_linear){m->w, m->s, m->n, m->k, m->nb, 128, m->packed}, a, tw, ts, g, VECS, r0, MR,
                               y, n0, valid);
+#if ME_ISA == 3
+                    else if (cnt == MR && vecs == VECS && m->blk == 32)  /* ARM's sums stay in registers only so */
+                        micro(&(me_linear){m->w, m->s, m->n, m->k, m->nb, 32, m->packed}, a, tw, ts, g, VECS, r0, MR,
+                              y, n0, valid);
+#endif
                     else
                         micro(m, a, tw, ts, g, vecs, r0, cnt, y, n0, valid);
                 }
@@ -69,6 +74,12 @@ static void gemm_rows(const me_linear *m, const me_act *a, float *y, int rows, i
     }
 #endif
     (void)scratch;
+#if ME_ISA == 3
+    if (rows == 1) {  /* one row (a prompt's logits): the decode step's product, the same arithmetic as row_block */
+        gemv_rows(m, a, y, lo, hi);
+        return;
+    }
+#endif
     for (int r0 = 0; r0 < rows; r0 += MR)
         for (int n = lo; n < hi; n++) row_block(m, a, y, m->n, r0, rows - r0 < MR ? rows - r0 : MR, n);
 }
