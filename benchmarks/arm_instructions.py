@@ -5,9 +5,10 @@ No ARM machine is lent to this project, so the aarch64 kernels (Jetson Orin's CP
 cross-compiles a small driver around the kernel source of this checkout and of git revision ``--baseline`` and
 runs one product of ``--rows`` weight rows of ``--k`` inputs, as a decode step makes it for one sequence (gemv.h
 ``gemv_rows``) and a batched one for B sequences (decode_batch.h ``rows_groups``), and as a prompt of R rows
-makes it (gemm.h ``gemm_rows``, the tile packing included), under qemu's user-mode emulator in single-step mode, counting the instructions executed (qemu's
-``exec`` log, one entry per instruction there) less those of the same driver with the product skipped. An
-instruction count is not a time: an A78's two vector pipes, its loads and the memory decide that, and only a run
+makes it (gemm.h ``gemm_rows``, the tile packing included), under qemu's user-mode emulator in single-step
+mode, counting the instructions executed (qemu's ``exec`` log, one entry per instruction there) less those of the
+same driver with the product skipped. An instruction count is not a time: an A78's two vector pipes, its loads and
+the memory decide that, and only a run
 on the board can say it (``python benchmarks/batched_decode.py``, ``megaedge bench`` there).
 
 Needs ``aarch64-linux-gnu-gcc`` and ``qemu-aarch64-static`` (Debian: gcc-aarch64-linux-gnu, qemu-user-static).
