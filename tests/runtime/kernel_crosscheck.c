@@ -297,5 +297,10 @@ int main(void) {
             batch_case(batch, threads, 1, 1, "");
             batch_case(batch, threads, 0, 1, " packed");
         }
+    /* prompt products of several rows at the block sizes above left to one-row cases (16) or untried (64) */
+    for (int threads = 1; threads <= 3; threads += 2) {
+        gemm_case(19, 64, 16, 5, threads, 0);
+        gemm_case(23, 4 * 64 - 7, 64, 7, threads, 0);
+    }
     return 0;
 }
