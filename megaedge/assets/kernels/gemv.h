@@ -87,7 +87,7 @@ static inline __attribute__((always_inline)) void rows_together(const me_linear 
         /* The loop below for four rows (STREAMS) with their block sums as the lanes of one vector: the rows' sums
            are integers (exact in any order, paired by vpaddq instead of one horizontal sum each), and lane r does
            what the loop does for row r, in its order: sw * sa, its product with the sum as a float, that added.
-           So the bits are the loop's, with a third of its instructions per block at blocks of 32. */
+           So the bits are the loop's, with one conversion and three float operations per block for four rows. */
         const uint8_t *rows[4];
         const float *scales[4];
         for (int r = 0; r < 4; r++) {
