@@ -1,20 +1,20 @@
-"""Instructions the ARM dot-product build executes for its int8 products, counted under qemu.
+"""Instructions the ARM dot-product build executes for its products and attention, counted under qemu.
 
 No ARM machine is lent to this project, so the aarch64 kernels (Jetson Orin's CPU) can be checked for their bits
 (tests/runtime/test_kernel_crosscheck.py) but not timed. What can be measured here is the instruction stream: this
 cross-compiles a small driver around the kernel source of this checkout and of git revision ``--baseline`` and
 runs one product of ``--rows`` weight rows of ``--k`` inputs, as a decode step makes it for one sequence (gemv.h
 ``gemv_rows``) and a batched one for B sequences (decode_batch.h ``rows_groups``), and as a prompt of R rows
-makes it (gemm.h ``gemm_rows``, the tile packing included), under qemu's user-mode emulator in single-step
-mode, counting the instructions executed (qemu's ``exec`` log, one entry per instruction there) less those of the
-same driver with the product skipped. An instruction count is not a time: an A78's two vector pipes, its loads and
-the memory decide that, and only a run
+makes it (gemm.h ``gemm_rows``, the tile packing included), and one layer's attention over float or half caches
+(attention.h ``attend``), under qemu's user-mode emulator in single-step mode, counting the instructions executed
+(qemu's ``exec`` log, one entry per instruction there) less those of the same driver with the work skipped. An
+instruction count is not a time: an A78's two vector pipes, its loads and the memory decide that, and only a run
 on the board can say it (``python benchmarks/batched_decode.py``, ``megaedge bench`` there).
 
 Needs ``aarch64-linux-gnu-gcc`` and ``qemu-aarch64-static`` (Debian: gcc-aarch64-linux-gnu, qemu-user-static).
 
     python benchmarks/arm_instructions.py [--baseline REV] [--blocks 32,128] [--batches 1,2,4,8]
-                                          [--prompt-rows 1,4,16,64] [--out JSON]
+                                          [--prompt-rows 1,4,16,64] [--attention 400] [--out JSON]
 """
 
 from __future__ import annotations
@@ -61,6 +61,31 @@ int main(int argc, char **argv) {
         acts[b].asum = asum + (size_t)b * nb;
     }
     me_act rows = {q, sa, asum};
+    if (argv[1][0] == 'a') {  /* "attend-half" / "attend-float": one layer's attention of a 1.7B step, B positions */
+        const int heads = 16, kv_heads = 8, dim = 128, half = argv[1][7] == 'h';
+        float *keys = malloc(sizeof(float) * kv_heads * B * dim), *values = malloc(sizeof(float) * kv_heads * B * dim);
+        me_layer l = {m, m, m, m, m, m, m, NULL, NULL, NULL, NULL, keys, values};
+        me_model model = {1, 2048, heads, kv_heads, dim, 6144, B, 151936, 1e-6f, 0.088f, &l, m, NULL};
+        model.kv_half = half;
+        uint16_t *hk = (uint16_t *)keys, *hv = (uint16_t *)values;
+        for (int i = 0; i < kv_heads * B * dim; i++) {
+            const float v = (float)((i * 37) % 101 - 50) / 50.f;
+            if (half) {
+                hk[i] = me_half(v);
+                hv[i] = me_half(-v);
+            } else {
+                keys[i] = v;
+                values[i] = -v;
+            }
+        }
+        float *qh = malloc(sizeof(float) * heads * dim), *out = malloc(sizeof(float) * heads * dim),
+              *scores = malloc(sizeof(float) * 2 * B);
+        for (int i = 0; i < heads * dim; i++) qh[i] = (float)(i % 17) / 17.f;
+        if (argc <= 6)
+            for (int g = 0; g < kv_heads; g++) attend(&model, &l, g, qh, out, B, scores);
+        printf("%a\n", out[0]);
+        return 0;
+    }
     void *scratch = malloc(pack_bytes((size_t)k, B) + 64);
     if (argc > 6)
         y[0] = 0.f;
@@ -100,6 +125,7 @@ def main() -> None:
     parser.add_argument("--blocks", default="32,128")
     parser.add_argument("--batches", default="1,2,4,8", help="sequences of a batched decode step")
     parser.add_argument("--prompt-rows", default="1,4,16,64", help="rows of a prompt (0: none)")
+    parser.add_argument("--attention", default="400", help="cached positions of an attention count (0: none)")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--k", type=int, default=2048, help="inputs per row (the 1.7B decoder's hidden size)")
     parser.add_argument("--out", default=None)
@@ -115,24 +141,30 @@ def main() -> None:
                        check=True, cwd=provenance.ROOT)
         builds = {"this": build(kernels.SOURCE.parent, tmp / "this", cc),
                   "baseline": build(tmp / "megaedge" / "assets" / "kernels", tmp / "baseline", cc)}
-        cases = [("steps", int(b)) for b in args.batches.split(",")]
-        cases += [("prompt", int(r)) for r in args.prompt_rows.split(",") if int(r)]
-        for blk in (int(b) for b in args.blocks.split(",")):
-            for mode, count in cases:
-                shape = [mode, str(args.rows), str(args.k), str(blk), str(count)]
-                setup = executed(qemu, builds["this"], [*shape, "skip"], tmp / "log")
-                row = {"product": mode, "block": blk, "sequences" if mode == "steps" else "prompt_rows": count}
-                for name, binary in builds.items():
-                    row[f"{name}_instructions"] = executed(qemu, binary, shape, tmp / "log") - setup
-                per = args.rows * (args.k // blk) * count  # block products of the call
-                row["this_per_block_and_row"] = round(row["this_instructions"] / per, 2)
-                row["baseline_per_block_and_row"] = round(row["baseline_instructions"] / per, 2)
-                row["change"] = round(row["this_instructions"] / row["baseline_instructions"] - 1, 3)
-                rows.append(row)
-                what = f"{count} sequences" if mode == "steps" else f"a prompt of {count} rows"
-                print(f"blocks of {blk}, {what}: {row['baseline_per_block_and_row']} -> "
-                      f"{row['this_per_block_and_row']} instructions per block and row ({row['change'] * 100:+.0f} %)",
-                      flush=True)
+        products = [("steps", int(b)) for b in args.batches.split(",")]
+        products += [("prompt", int(r)) for r in args.prompt_rows.split(",") if int(r)]
+        cases = [(int(blk), mode, count) for blk in args.blocks.split(",") for mode, count in products]
+        cases += [(128, f"attend-{kind}", int(n)) for n in args.attention.split(",") if int(n)
+                  for kind in ("float", "half")]  # no weights read: the block is a placeholder
+        for blk, mode, count in cases:
+            shape = [mode, str(args.rows), str(args.k), str(blk), str(count)]
+            setup = executed(qemu, builds["this"], [*shape, "skip"], tmp / "log")
+            attention = mode.startswith("attend")
+            row = {"product": mode, **({} if attention else {"block": blk}),
+                   {"steps": "sequences", "prompt": "prompt_rows"}.get(mode, "positions"): count,
+                   "unit": "kv head and position" if attention else "weight block and row"}
+            for name, binary in builds.items():
+                row[f"{name}_instructions"] = executed(qemu, binary, shape, tmp / "log") - setup
+            # block products of the call (for a sequence or prompt row each); attention: kv heads x positions
+            per = 8 * count if attention else args.rows * (args.k // blk) * count
+            row["this_per_unit"] = round(row["this_instructions"] / per, 2)
+            row["baseline_per_unit"] = round(row["baseline_instructions"] / per, 2)
+            row["change"] = round(row["this_instructions"] / row["baseline_instructions"] - 1, 3)
+            rows.append(row)
+            what = {"steps": f"blocks of {blk}, {count} sequences", "prompt": f"blocks of {blk}, a prompt of "
+                    f"{count} rows"}.get(mode, f"{mode}, {count} positions")
+            print(f"{what}: {row['baseline_per_unit']} -> {row['this_per_unit']} instructions per "
+                  f"{row['unit']} ({row['change'] * 100:+.0f} %)", flush=True)
     result = {
         "benchmark": "arm_instructions", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "commit": provenance.commit(), "command": "python " + " ".join(sys.argv),
@@ -144,7 +176,9 @@ def main() -> None:
                  "dot-product build, under qemu user mode, one thread; not a time. steps: a decode step's product "
                  "for one sequence (gemv.h), a batched step's for more (decode_batch.h); prompt: a prompt's "
                  "product for that many activation rows (gemm.h, weights packed per tile, the packing counted). "
-                 "Per block and row: per block of weights and sequence or prompt row. The setup subtracted is "
+                 "attend-float / attend-half: one 1.7B layer's attention (16 query heads over 8 kv heads of 128) "
+                 "over that many cached positions in float or half caches, per kv head and position. Products: per "
+                 "block of weights and sequence or prompt row. The setup subtracted is "
                  "this build's driver's, so the baseline's figures carry its driver's small difference.",
     }
     out = Path(args.out) if args.out else RESULTS / "arm_instructions.json"

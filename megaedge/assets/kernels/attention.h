@@ -11,7 +11,7 @@
    stream holds. Half floats halve both. Values are rounded to nearest even and clamped to +-65504 (a value past
    the half range would become infinite and every score after it NaN); keys are RMS-normed, so only the values
    can come near it. A row is widened to floats before use, so attention's arithmetic is the float cache's on the
-   widened values; the hardware conversions (F16C, NEON) and the portable ones below give the same bits. */
+   widened values; the hardware conversions (F16C, AArch64's FCVT) and the portable ones below give the same bits. */
 #define ME_HALF_MAX 65504.f
 
 static inline uint16_t me_half(float f) {  /* IEEE binary16 of f, clamped to +-65504, rounded to nearest even */
@@ -58,6 +58,12 @@ static inline void kv_store(const me_model *m, float *dst_row, size_t at, const 
         const __m256 v = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_loadu_ps(src + i)));
         _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
+#elif ME_ISA == 3
+    const float32x4_t hi = vdupq_n_f32(ME_HALF_MAX), lo = vdupq_n_f32(-ME_HALF_MAX);
+    for (; i + 4 <= n; i += 4) {  /* fmax / fmin return a NaN operand, so a NaN stays NaN */
+        const float32x4_t v = vminq_f32(hi, vmaxq_f32(lo, vld1q_f32(src + i)));
+        vst1_u16(dst + i, vreinterpret_u16_f16(vcvt_f16_f32(v)));
+    }
 #endif
     for (; i < n; i++) dst[i] = me_half(src[i]);
 }
@@ -69,6 +75,8 @@ static inline const float *kv_row(const me_model *m, const float *base, size_t a
     int i = 0;
 #if ME_ISA == 1 || ME_ISA == 2
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(tmp + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+#elif ME_ISA == 3
+    for (; i + 4 <= n; i += 4) vst1q_f32(tmp + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(src + i))));
 #endif
     for (; i < n; i++) tmp[i] = me_unhalf(src[i]);
     return tmp;
@@ -119,12 +127,30 @@ static inline __attribute__((always_inline)) void attend_dim(const me_model *m, 
         float acc0[dim], acc1[dim], top0 = -INFINITY, top1 = -INFINITY, total0, total1;
         for (int t = 0; t < len; t++) {
             const float *restrict kt = kv_row(m, l->keys, first + (size_t)t * dim, dim, widened);
+#if ME_ISA == 0 || ME_ISA == 3
+            /* four partial sums, lane j over inputs j, j + 4, ..., added lane by lane: the order the portable build
+               had as the compiler vectorized the reduction below, now written down, so that the ARM build shares
+               it by construction (left to the compiler, it followed unrelated edits to this function) */
+            float x[4] = {0.f, 0.f, 0.f, 0.f}, z[4] = {0.f, 0.f, 0.f, 0.f};
+            int i = 0;
+            for (; i + 4 <= dim; i += 4)
+                for (int j = 0; j < 4; j++) {
+                    x[j] += q0[i + j] * kt[i + j];
+                    z[j] += q1[i + j] * kt[i + j];
+                }
+            float a = ((x[0] + x[1]) + x[2]) + x[3], b = ((z[0] + z[1]) + z[2]) + z[3];
+            for (; i < dim; i++) {
+                a += q0[i] * kt[i];
+                b += q1[i] * kt[i];
+            }
+#else
             float a = 0.f, b = 0.f;
 #pragma omp simd reduction(+ : a, b)
             for (int i = 0; i < dim; i++) {
                 a += q0[i] * kt[i];
                 b += q1[i] * kt[i];
             }
+#endif
             s0[t] = a * m->scaling;
             s1[t] = b * m->scaling;
             top0 = s0[t] > top0 ? s0[t] : top0;  /* scores are finite: no fmaxf call for NaN's sake */
