@@ -133,6 +133,18 @@ static inline __attribute__((always_inline)) void attend_dim(const me_model *m, 
                it by construction (left to the compiler, it followed unrelated edits to this function) */
             float x[4] = {0.f, 0.f, 0.f, 0.f}, z[4] = {0.f, 0.f, 0.f, 0.f};
             int i = 0;
+#if ME_ISA == 3
+            {  /* the same lanes in vectors (the compiler left the loop below scalar on ARM) */
+                float32x4_t xv = vdupq_n_f32(0.f), zv = vdupq_n_f32(0.f);
+                for (; i + 4 <= dim; i += 4) {
+                    const float32x4_t k4 = vld1q_f32(kt + i);
+                    xv = vaddq_f32(xv, vmulq_f32(vld1q_f32(q0 + i), k4));
+                    zv = vaddq_f32(zv, vmulq_f32(vld1q_f32(q1 + i), k4));
+                }
+                vst1q_f32(x, xv);
+                vst1q_f32(z, zv);
+            }
+#endif
             for (; i + 4 <= dim; i += 4)
                 for (int j = 0; j < 4; j++) {
                     x[j] += q0[i + j] * kt[i + j];
