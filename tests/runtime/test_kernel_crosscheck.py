@@ -49,8 +49,9 @@ def _agrees_with_portable(built: dict[str, np.ndarray], isa: str, portable: dict
     # 2 x (a chunked prefill + 3 steps) over half-float caches, 2 x 2 x (the same with heads of 128, float and half);
     # then the packed layout: 16 products, 6 prompt products, 2 x 2 x (a chunked prefill + 3 steps) over the row
     # layout and the same over packed weights; then 2 threads x 2 batch sizes x 3 kinds x 2 steps of sequences
-    # stepped together (me_decode_batch) and the same stepped alone; 4 prompt products at blocks of 16 and 64
-    assert built.keys() == portable.keys() and len(built) == 118 + 2 * 24 + 4
+    # stepped together (me_decode_batch) and the same stepped alone; 4 prompt products at blocks of 16 and 64; 2
+    # stems whose scratch parts are small beside their alignment
+    assert built.keys() == portable.keys() and len(built) == 118 + 2 * 24 + 4 + 2
     for case in built:  # packed weights (where the build packs) change nothing but where the bytes lie
         if case.endswith(" rows"):
             np.testing.assert_array_equal(built[case.replace(" rows", " packed")], built[case], err_msg=case)
@@ -113,3 +114,18 @@ def test_arm_dot_product_build_equals_portable_c_bit_for_bit(tmp_path):
             np.testing.assert_array_equal(arm[case], arm[case + " solo"], err_msg=case)
     for case, want in portable.items():
         np.testing.assert_array_equal(arm[case], want, err_msg=case)
+
+
+@pytest.mark.skipif(HOST_CC is None or shutil.which("valgrind") is None,
+                    reason="needs a C compiler and valgrind (apt install valgrind)")
+def test_portable_build_touches_only_its_own_memory(tmp_path):
+    """Every case of the crosscheck in the portable build under valgrind's memcheck: no read or write outside what
+    was allocated (the conv stem's per-thread scratch once fell short of its parts' alignment, which only the
+    portable build, with no packing scratch to absorb it, overran)."""
+    binary = tmp_path / "portable"
+    build = subprocess.run([HOST_CC, *kernels.PORTABLE_FLAG_SETS[0], f"-I{kernels.SOURCE.parent}", str(DRIVER), "-o",
+                            str(binary), "-lm"], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-2000:]
+    run = subprocess.run(["valgrind", "-q", "--error-exitcode=9", str(binary)], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]

@@ -72,6 +72,13 @@ static void stem_im2col(const stem_map *map, int ho, int wo, int cp, int nbc, me
 
 static inline int stem_out(int n) { return (n - 1) / 2 + 1; }  /* kernel 3, stride 2, padding 1 */
 
+/* the next part of a thread's share of scratch: `bytes` at *base, which moves on by them rounded up to 64 */
+static inline void *stem_take(char **base, size_t bytes) {
+    void *part = *base;
+    *base += (bytes + 63) / 64 * 64;
+    return part;
+}
+
 /* mel [windows][bins][chunks * frames] (chunk c of window w = frames c*frames..), the three convolutions' weights:
    w1 [9][C] float (tap-major), w2/w3 [C][9 * Cp / blk][blk] uint8 (value + 128) with scales [C][9 * Cp / blk],
    biases [C]; out [windows * chunks][T3][C * F3] (T3, F3: time and frequency after three halvings), the order
@@ -86,33 +93,35 @@ int me_conv_stem(const float *mel, int windows, int chunks, int bins, int frames
                     m3 = {w3, s3, channels, nb * blk, nb, blk, 0};
     const size_t map1 = (size_t)(f1 + 2) * (t1 + 2), map2 = (size_t)(f2 + 2) * (t2 + 2);
     const size_t pack = pack_bytes((size_t)nb * blk, rows2);
-    /* per thread: two maps, the im2col rows, the products, one position's channels, the packing scratch */
-    const size_t per_thread = (map1 + map2) * (cp + nbc * 8) + (size_t)rows2 * (nb * blk + nb * 8) +
-                              (size_t)rows2 * channels * 4 + (size_t)cp * 4 + pack + 6 * 64;
+    /* per thread, in the order they are taken: two maps (bytes, scales, sums), the im2col rows (the same), the
+       products, one position's channels, the packing scratch; each part starts on 64 bytes, so the thread's whole
+       share is the sum of the parts rounded up (a margin for alignment once fell short: the portable build wrote
+       past its share) */
+    const size_t parts[12] = {map1 * cp, map1 * nbc * 4, map1 * nbc * 4, map2 * cp, map2 * nbc * 4, map2 * nbc * 4,
+                              (size_t)rows2 * nb * blk, (size_t)rows2 * nb * 4, (size_t)rows2 * nb * 4,
+                              (size_t)rows2 * channels * 4, (size_t)cp * 4, pack};
+    size_t per_thread = 0;
+    for (int i = 0; i < 12; i++) per_thread += (parts[i] + 63) / 64 * 64;
     const int team = threads > 0 ? threads : 1, total = windows * chunks, total_frames = chunks * frames;
-    char *all = malloc(per_thread * team);
+    char *all = aligned_alloc(64, per_thread * team);  /* a whole number of 64s, never 0 (the maps are not empty) */
     if (!all) return -1;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(team)
 #endif
     {
         char *base = all + per_thread * thread_id();
-/* the next `count` values of `type` from this thread's part, 64-byte aligned */
-#define STEM_TAKE(type, count) \
-    ((type *)(base = (char *)(((uintptr_t)base + 63) & ~(uintptr_t)63) + (count) * sizeof(type)) - (count))
-        stem_map first = {STEM_TAKE(int8_t, map1 * cp), NULL, NULL, f1, t1};
-        first.sa = STEM_TAKE(float, map1 * nbc);
-        first.asum = STEM_TAKE(int32_t, map1 * nbc);
-        stem_map second = {STEM_TAKE(int8_t, map2 * cp), NULL, NULL, f2, t2};
-        second.sa = STEM_TAKE(float, map2 * nbc);
-        second.asum = STEM_TAKE(int32_t, map2 * nbc);
-        me_act rows = {STEM_TAKE(int8_t, (size_t)rows2 * nb * blk), NULL, NULL};
-        rows.sa = STEM_TAKE(float, (size_t)rows2 * nb);
-        rows.asum = STEM_TAKE(int32_t, (size_t)rows2 * nb);
-        float *y = STEM_TAKE(float, (size_t)rows2 * channels);
-        float *v = STEM_TAKE(float, (size_t)cp);
-        void *scratch = STEM_TAKE(char, pack);
-#undef STEM_TAKE
+        stem_map first = {stem_take(&base, parts[0]), NULL, NULL, f1, t1};
+        first.sa = stem_take(&base, parts[1]);
+        first.asum = stem_take(&base, parts[2]);
+        stem_map second = {stem_take(&base, parts[3]), NULL, NULL, f2, t2};
+        second.sa = stem_take(&base, parts[4]);
+        second.asum = stem_take(&base, parts[5]);
+        me_act rows = {stem_take(&base, parts[6]), NULL, NULL};
+        rows.sa = stem_take(&base, parts[7]);
+        rows.asum = stem_take(&base, parts[8]);
+        float *y = stem_take(&base, parts[9]);
+        float *v = stem_take(&base, parts[10]);
+        void *scratch = stem_take(&base, parts[11]);
         /* the borders (the zero padding) are never written; every chunk rewrites every interior position */
         stem_map_clear(&first, cp, nbc);
         stem_map_clear(&second, cp, nbc);
