@@ -188,9 +188,13 @@ def main() -> None:
             others["kernels"] = kernels.Q8Kernels(kernels.build(variant=args.compare_kernels))
         if args.baseline:
             others[args.baseline] = baseline_kernels(args.baseline, folder)
-        for name, other in others.items():  # weights of their own where those kernels read another layout
+        for name, other in others.items():
+            # the weights in the layout those kernels choose for themselves (packed where they pack), shared only
+            # where that is this build's: a VNNI build can read an AVX2 build's row layout (suits), but runs its
+            # batches over it at less than half its own speed, which is not the build a user would run
+            own = all(lanes == other.pack_lanes(block) for block, lanes in base._w.lanes.items())
             builds[name] = native_decode.NativeDecoder(folder, info, other, threads=threads,
-                                                       _weights=base._w if base._w.suits(other) else None)
+                                                       _weights=base._w if own else None)
             builds[name].wait_loaded()
         rng = np.random.default_rng(1)
         # routes: each sequence's gate (a merged decoder has no branches and ignores it)
