@@ -88,7 +88,7 @@ static void gemm_case(int n, int k, int blk, int rows, int threads, int packed) 
    rows 3 and 4. With `half` the caches hold half floats (me_model.kv_half) and the headers end in "half"; heads of
    `dim` values (16, or 128 as Qwen3's, which AVX512 builds attend over half caches in a form of their own) */
 static void decode_case(int threads, int prompt, int half, int dim, const char *tag) {
-    const int packed = tag[0] == 'p';  /* "packed": every matrix in the build's packed layout */
+    const int packed = strstr(tag, "packed") != NULL;  /* "packed": every matrix in the build's packed layout */
     const int layers = 2, hidden = 64, heads = 4, kv_heads = 2, inter = 96, cap = 8, vocab = 50, blk = 32;
     me_layer layer[2];
     for (int i = 0; i < layers; i++) {
@@ -139,7 +139,7 @@ static void decode_case(int threads, int prompt, int half, int dim, const char *
    the solo steps' logits, for two steps. With `lora` every projection has a rank-4 branch and the sequences' gates
    alternate (both routes in one batch). The test asserts the two equal bit for bit on every build. */
 static void batch_case(int batch, int threads, int half, int lora, const char *tag) {
-    const int packed = tag[0] == 'p';
+    const int packed = strstr(tag, "packed") != NULL;
     const int layers = 2, hidden = 64, heads = 4, kv_heads = 2, dim = 128, inter = 96, cap = 8, vocab = 50,
               blk = 32, rank = 4;
     me_linear w[2][7];
