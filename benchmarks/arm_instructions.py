@@ -4,7 +4,7 @@ No ARM machine is lent to this project, so the aarch64 kernels (Jetson Orin's CP
 (tests/runtime/test_kernel_crosscheck.py) but not timed. What can be measured here is the instruction stream: this
 cross-compiles a small driver around the kernel source of this checkout and of git revision ``--baseline`` and
 runs one product of ``--rows`` weight rows of ``--k`` inputs, as a decode step makes it for one sequence (gemv.h
-``gemv_rows``) and a batched one for B sequences (decode_batch.h ``rows_groups``), and as a prompt of R rows
+``gemv_share``) and a batched one for B sequences (decode_batch.h ``rows_groups``), and as a prompt of R rows
 makes it (gemm.h ``gemm_rows``, the tile packing included), and one layer's attention over float or half caches
 (attention.h ``attend``), under qemu's user-mode emulator in single-step mode, counting the instructions executed
 (qemu's ``exec`` log, one entry per instruction there) less those of the same driver with the work skipped. An
@@ -39,7 +39,7 @@ DRIVER = r"""
 #include <stdio.h>
 #include "decoder.c"
 /* argv: mode n k blk B [skip]. mode "steps": n weight rows of k inputs for B sequences, a decode step's product
-   (gemv_rows) for one, a batched step's (rows_groups) for more; mode "prompt": gemm_rows, the same weights for a
+   (gemv_share) for one, a batched step's (rows_groups) for more; mode "prompt": gemm_rows, the same weights for a
    prompt of B rows. Fixed inputs. */
 int main(int argc, char **argv) {
     const int prompt = argv[1][0] == 'p';
@@ -49,6 +49,16 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < (size_t)n * k; i++) w[i] = (uint8_t)(i * 2654435761u >> 13);
     for (int i = 0; i < n * nb; i++) s[i] = 0.01f;
     me_linear m = {w, s, n, k, nb, blk, 0};
+    const int lanes = me_pack_lanes(blk);  /* the layout the runtime keeps in memory: packed where the build packs */
+    if (lanes) {
+        const size_t rows = (size_t)(n + lanes - 1) / lanes * lanes;
+        uint8_t *pw = aligned_alloc(64, (rows * k + 63) / 64 * 64);
+        float *ps = malloc(sizeof(float) * rows * nb);
+        me_pack_q8(w, s, n, nb, blk, pw, ps);
+        m.w = pw;
+        m.s = ps;
+        m.packed = lanes;
+    }
     me_act acts[ME_MAX_BATCH];
     int8_t *q = malloc((size_t)B * k);
     float *sa = malloc(sizeof(float) * B * nb);
@@ -92,9 +102,9 @@ int main(int argc, char **argv) {
     else if (prompt)
         gemm_rows(&m, &rows, y, B, 0, n, scratch);
     else if (B == 1)  /* one sequence: the decode step's own product (me_decode_step), not a batch of one */
-        gemv_rows(&m, &acts[0], y, 0, n);
+        gemv_share(&m, &acts[0], y);  /* outside a parallel region: one thread's share is every row */
     else
-        rows_groups(&m, acts, B, y, n, 0, n, NULL, asum, sa);
+        rows_groups(&m, acts, B, y, n, 0, lanes ? (n + lanes - 1) / lanes : n, NULL, asum, sa);  /* groups */
     printf("%a\n", y[0]);
     return 0;
 }
@@ -148,13 +158,13 @@ def main() -> None:
                   for kind in ("float", "half")]  # no weights read: the block is a placeholder
         for blk, mode, count in cases:
             shape = [mode, str(args.rows), str(args.k), str(blk), str(count)]
-            setup = executed(qemu, builds["this"], [*shape, "skip"], tmp / "log")
             attention = mode.startswith("attend")
             row = {"product": mode, **({} if attention else {"block": blk}),
                    {"steps": "sequences", "prompt": "prompt_rows"}.get(mode, "positions"): count,
                    "unit": "kv head and position" if attention else "weight block and row"}
-            for name, binary in builds.items():
-                row[f"{name}_instructions"] = executed(qemu, binary, shape, tmp / "log") - setup
+            for name, binary in builds.items():  # less the same binary's run without the work (its setup)
+                row[f"{name}_instructions"] = (executed(qemu, binary, shape, tmp / "log")
+                                               - executed(qemu, binary, [*shape, "skip"], tmp / "log"))
             # block products of the call (for a sequence or prompt row each); attention: kv heads x positions
             per = 8 * count if attention else args.rows * (args.k // blk) * count
             row["this_per_unit"] = round(row["this_instructions"] / per, 2)
@@ -175,7 +185,8 @@ def main() -> None:
         "notes": "Dynamic instruction counts of one product of `rows` x `k` int8 weights in the aarch64 "
                  "dot-product build, under qemu user mode, one thread; not a time. steps: a decode step's product "
                  "for one sequence (gemv.h), a batched step's for more (decode_batch.h); prompt: a prompt's "
-                 "product for that many activation rows (gemm.h, weights packed per tile, the packing counted). "
+                 "product for that many activation rows (gemm.h: over weights packed at load where the build packs "
+                 "them, as the runtime keeps them, else packed per tile and the packing counted). "
                  "attend-float / attend-half: one 1.7B layer's attention (16 query heads over 8 kv heads of 128) "
                  "over that many cached positions in float or half caches, per kv head and position. Products: per "
                  "block of weights and sequence or prompt row. The setup subtracted is "

@@ -173,6 +173,15 @@ static inline __attribute__((always_inline)) void rows_group(const me_linear *m,
     (void)sai;
 #endif
 #if ME_ISA == 3
+    if (m->packed) {  /* groups of 4 rows [r0, r1) */
+        if (m->blk == 32)
+            dot_groups(m, acts, G, y, ystride, r0, r1, 32);
+        else if (m->blk == 128)
+            dot_groups(m, acts, G, y, ystride, r0, r1, 128);
+        else
+            dot_groups(m, acts, G, y, ystride, r0, r1, m->blk);
+        return;
+    }
     if (G > 1 && m->blk % 16 == 0 && m->blk <= 128) {
         if (m->blk == 32)
             rows_dot(m, acts, G, y, ystride, r0, r1, 32);
@@ -222,7 +231,7 @@ static inline void rows_groups(const me_linear *m, const me_act *acts, int B, fl
    the loop could not keep in registers beside its sums). qi, asi, sai: this thread's room (B * nb * blk bytes,
    B * nb values each; heap, not stack: a worker thread's stack can be small). */
 static void interleave_input(const me_linear *m, const me_act *acts, int B, int8_t *qi, int32_t *asi, float *sai) {
-    if (!m->packed) return;
+    if (!m->packed || ME_ISA != 2) return;  /* ARM's packed products read each sequence's own vectors */
     const int nb = m->nb, blk = m->blk;
     for (int b0 = 0; b0 < B; b0 += ME_BATCH_GROUP) {
         const int G = B - b0 < ME_BATCH_GROUP ? B - b0 : ME_BATCH_GROUP;

@@ -76,7 +76,7 @@ static void gemm_rows(const me_linear *m, const me_act *a, float *y, int rows, i
     (void)scratch;
 #if ME_ISA == 3
     if (rows == 1) {  /* one row (a prompt's logits): the decode step's product, the same arithmetic as row_block */
-        gemv_rows(m, a, y, lo, hi);
+        gemv_span(m, a, y, lo, hi);
         return;
     }
 #endif
@@ -100,10 +100,13 @@ static void gemm_share(const me_linear *m, const me_act *a, float *y, int rows, 
 }
 
 /* LANES where this build keeps a matrix of blocks of blk in the packed layout (me_pack_q8) and its decode and prompt
-   products read it in place, else 0. Why AVX512 only: the AVX2 tiles widen the weights to int16 (twice the bytes). */
+   products read it in place, else 0. AVX512 and ARM; not AVX2: its tiles widen the weights to int16 (twice the
+   bytes). */
 int me_pack_lanes(int blk) {
 #if ME_ISA == 2
     return blk % 32 == 0 ? LANES : 0;
+#elif ME_ISA == 3
+    return blk % 16 == 0 ? LANES : 0;
 #else
     (void)blk;
     return 0;
@@ -116,7 +119,7 @@ int me_pack_lanes(int blk) {
    row. Returns 0, or -1 where this build keeps that block size in the row layout (me_pack_lanes). */
 int me_pack_q8(const uint8_t *w, const float *sw, int n, int nb, int blk, uint8_t *pw, float *ps) {
     if (!me_pack_lanes(blk)) return -1;
-#if ME_ISA == 2
+#if ME_ISA == 2 || ME_ISA == 3
     me_linear m = {w, sw, n, nb * blk, nb, blk, 0};
     pack_tile(&m, 0, n, pw, ps);
 #else

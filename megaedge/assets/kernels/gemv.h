@@ -228,6 +228,52 @@ static inline __attribute__((always_inline)) void packed_span(const me_linear *m
 }
 #endif
 
+#if ME_ISA == 3
+/* ARM packed matrices (me_pack_q8: groups of 4 rows, each 16 inputs of a block as 4 vectors of 4 inputs of the 4
+   rows, signed): groups [g0, g1) against G <= 8 activation vectors, sequence s's outputs at y + s * ystride. A
+   dot product by lane takes 4 inputs of one vector against the same inputs of 4 rows, so a group's block sums
+   are one vector with no horizontal sum, its weight vectors serve all G sequences, and lane r does the portable
+   arithmetic for row r in its order (sw * sa, times the sum as a float, added): the bits of row_block and
+   rows_together. */
+static inline __attribute__((always_inline)) void dot_groups(const me_linear *m, const me_act *acts, const int G,
+                                                             float *y, size_t ystride, int g0, int g1,
+                                                             const int blk) {
+    const int nb = m->nb;
+    const size_t gbytes = (size_t)nb * blk * 4;
+    for (int g = g0; g < g1; g++) {
+        const int8_t *wg = (const int8_t *)m->w + (size_t)g * gbytes;
+        const float *sg = m->s + (size_t)g * nb * 4;
+        float32x4_t acc[8];
+        for (int s = 0; s < G; s++) acc[s] = vdupq_n_f32(0.f);
+        for (int b = 0; b < nb; b++) {
+            int32x4_t d[8];
+            for (int s = 0; s < G; s++) d[s] = vdupq_n_s32(0);
+            const int8_t *wb = wg + (size_t)b * blk * 4;
+            for (int c = 0; c < blk; c += 16) {
+                const int8x16_t w0 = vld1q_s8(wb + 4 * c), w1 = vld1q_s8(wb + 4 * c + 16),
+                                w2 = vld1q_s8(wb + 4 * c + 32), w3 = vld1q_s8(wb + 4 * c + 48);
+                for (int s = 0; s < G; s++) {
+                    const int8x16_t q = vld1q_s8(acts[s].q + (size_t)b * blk + c);
+                    d[s] = vdotq_laneq_s32(d[s], w0, q, 0);
+                    d[s] = vdotq_laneq_s32(d[s], w1, q, 1);
+                    d[s] = vdotq_laneq_s32(d[s], w2, q, 2);
+                    d[s] = vdotq_laneq_s32(d[s], w3, q, 3);
+                }
+            }
+            const float32x4_t sw = vld1q_f32(sg + (size_t)b * 4);
+            for (int s = 0; s < G; s++)
+                acc[s] = vaddq_f32(acc[s], vmulq_f32(vmulq_f32(sw, vdupq_n_f32(acts[s].sa[b])), vcvtq_f32_s32(d[s])));
+        }
+        const int rows = m->n - 4 * g < 4 ? m->n - 4 * g : 4;
+        for (int s = 0; s < G; s++) {
+            float out[4];
+            vst1q_f32(out, acc[s]);
+            for (int r = 0; r < rows; r++) y[s * ystride + 4 * g + r] = out[r];
+        }
+    }
+}
+#endif
+
 /* rows [lo, hi) of y = m x: STREAMS distant row ranges side by side, then the remainder one by one */
 static void gemv_rows(const me_linear *m, const me_act *a, float *y, int lo, int hi) {
     int len = (hi - lo) / STREAMS, idx[STREAMS];
@@ -246,18 +292,33 @@ static void gemv_rows(const me_linear *m, const me_act *a, float *y, int lo, int
     }
 }
 
-/* this thread's share of y = m x, inside a parallel region */
-static void gemv_share(const me_linear *m, const me_act *a, float *y) {
-    int lo, hi;
-    rows_share(m, &lo, &hi);
+/* rows [lo, hi) of y = m x (lo a whole group where m is packed) */
+static void gemv_span(const me_linear *m, const me_act *a, float *y, int lo, int hi) {
 #if ME_ISA == 2
     if (m->packed) {
         const int groups_end = (hi + ME_PACKED_LANES - 1) / ME_PACKED_LANES;
         packed_span(m, a->q, a->asum, a->sa, 1, lo / ME_PACKED_LANES, groups_end, y, 0);
         return;
     }
+#elif ME_ISA == 3
+    if (m->packed) {
+        if (m->blk == 32)
+            dot_groups(m, a, 1, y, 0, lo / 4, (hi + 3) / 4, 32);
+        else if (m->blk == 128)
+            dot_groups(m, a, 1, y, 0, lo / 4, (hi + 3) / 4, 128);
+        else
+            dot_groups(m, a, 1, y, 0, lo / 4, (hi + 3) / 4, m->blk);
+        return;
+    }
 #endif
     gemv_rows(m, a, y, lo, hi);
+}
+
+/* this thread's share of y = m x, inside a parallel region */
+static void gemv_share(const me_linear *m, const me_act *a, float *y) {
+    int lo, hi;
+    rows_share(m, &lo, &hi);
+    gemv_span(m, a, y, lo, hi);
 }
 
 /* y = m x; w, sw in the row layout, or packed by me_pack_q8 where `packed` is me_pack_lanes(blk) (else 0) */
