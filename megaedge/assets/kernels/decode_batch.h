@@ -29,7 +29,7 @@ static inline void row_scales(float *scale, int nb, const float *sw, const me_ac
 
 /* Row r of m against B activation vectors: y[b * ystride + r] for each b, each summed exactly as rows_together
    sums one row for one activation vector (block order, the same vector operations, the same final reduction).
-   A matrix in the row layout; AVX512 builds pack theirs (packed_span). */
+   A matrix in the row layout; AVX512 and ARM builds pack theirs (packed_span, dot_groups). */
 static inline __attribute__((always_inline)) void rows_batch(const me_linear *m, const me_act *acts, int B,
                                                              float *y, size_t ystride, int r, int blk) {
     const int nb = m->nb;
@@ -110,54 +110,9 @@ static inline __attribute__((always_inline)) void rows_batch(const me_linear *m,
     for (int b = 0; b < B; b++) y[b * ystride + r] = sum[b];
 }
 
-#if ME_ISA == 3
-/* Rows [r0, r1) for a group of G <= 8 sequences on ARM (blk a multiple of 16, at most 128): rows_batch's
-   portable loop, which it replaces there, in the dot-product form. Each block's weights are loaded and made
-   signed once for the group instead of once per sequence, and the block's float terms of four sequences are
-   formed in one vector. Every value is the loop's: a sequence's block sum is an integer (exact in any order: the
-   dot products' lanes, paired across sequences by vpaddq), and lane b does what the loop does for sequence b, in
-   its order, one rounding each: sw * sa, its product with the sum as a float, that added to the row's total. So
-   a sequence gets dot_block's bits, and the bits it gets alone (rows_together). */
-static inline __attribute__((always_inline)) void rows_dot(const me_linear *m, const me_act *acts, const int G,
-                                                           float *y, size_t ystride, int r0, int r1, const int blk) {
-    const int nb = m->nb, chunks = blk / 16;
-    float sa8[nb][ME_BATCH_GROUP];  /* the sequences' block scales side by side, for every row; lanes past G zero */
-    for (int k = 0; k < nb; k++)
-        for (int g = 0; g < ME_BATCH_GROUP; g++) sa8[k][g] = g < G ? acts[g].sa[k] : 0.f;
-    for (int r = r0; r < r1; r++) {
-        const uint8_t *row = m->w + (size_t)r * nb * blk;
-        const float *sw = m->s + (size_t)r * nb;
-        float32x4_t acc[2] = {vdupq_n_f32(0.f), vdupq_n_f32(0.f)};
-        for (int k = 0; k < nb; k++) {
-            const uint8_t *p = row + (size_t)k * blk;
-            int8x16_t ws[8];
-            for (int c = 0; c < chunks; c++)
-                ws[c] = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(p + 16 * c), vdupq_n_u8(0x80)));
-            int32x4_t d[ME_BATCH_GROUP];
-            for (int g = 0; g < ME_BATCH_GROUP; g++) {
-                d[g] = vdupq_n_s32(0);
-                if (g >= G) continue;
-                const int8_t *qb = acts[g].q + (size_t)k * blk;
-                for (int c = 0; c < chunks; c++) d[g] = vdotq_s32(d[g], ws[c], vld1q_s8(qb + 16 * c));
-            }
-            const float32x4_t wscale = vdupq_n_f32(sw[k]);
-            for (int h = 0; h < (G + 3) / 4; h++) {
-                const int32x4_t sums = vpaddq_s32(vpaddq_s32(d[4 * h], d[4 * h + 1]),
-                                                  vpaddq_s32(d[4 * h + 2], d[4 * h + 3]));
-                const float32x4_t scale = vmulq_f32(wscale, vld1q_f32(&sa8[k][4 * h]));
-                acc[h] = vaddq_f32(acc[h], vmulq_f32(scale, vcvtq_f32_s32(sums)));
-            }
-        }
-        float out[ME_BATCH_GROUP];
-        vst1q_f32(out, acc[0]);
-        vst1q_f32(out + 4, acc[1]);
-        for (int g = 0; g < G; g++) y[g * ystride + r] = out[g];
-    }
-}
-#endif
-
-/* rows [r0, r1) of y_b = m x_b for a group of G sequences (row layout), or with qi the packed groups [r0, r1)
-   (packed_span); G and the block size constants where it matters, so that the accumulators stay in registers */
+/* rows [r0, r1) of y_b = m x_b for a group of G sequences (row layout), or the packed groups [r0, r1) (AVX512
+   with qi: packed_span; ARM: dot_groups); G and the block size constants where it matters, so that the
+   accumulators stay in registers */
 static inline __attribute__((always_inline)) void rows_group(const me_linear *m, const me_act *acts, const int G,
                                                              float *y, size_t ystride, int r0, int r1,
                                                              const int8_t *qi, const int32_t *asi,
@@ -174,21 +129,7 @@ static inline __attribute__((always_inline)) void rows_group(const me_linear *m,
 #endif
 #if ME_ISA == 3
     if (m->packed) {  /* groups of 4 rows [r0, r1) */
-        if (m->blk == 32)
-            dot_groups(m, acts, G, y, ystride, r0, r1, 32);
-        else if (m->blk == 128)
-            dot_groups(m, acts, G, y, ystride, r0, r1, 128);
-        else
-            dot_groups(m, acts, G, y, ystride, r0, r1, m->blk);
-        return;
-    }
-    if (G > 1 && m->blk % 16 == 0 && m->blk <= 128) {
-        if (m->blk == 32)
-            rows_dot(m, acts, G, y, ystride, r0, r1, 32);
-        else if (m->blk == 128)
-            rows_dot(m, acts, G, y, ystride, r0, r1, 128);
-        else
-            rows_dot(m, acts, G, y, ystride, r0, r1, m->blk);
+        dot_groups_of(m, acts, G, y, ystride, r0, r1);
         return;
     }
 #endif

@@ -272,6 +272,17 @@ static inline __attribute__((always_inline)) void dot_groups(const me_linear *m,
         }
     }
 }
+
+/* dot_groups with the common block sizes as constants (the loops then unroll and the sums stay in registers) */
+static inline __attribute__((always_inline)) void dot_groups_of(const me_linear *m, const me_act *acts, const int G,
+                                                                float *y, size_t ystride, int g0, int g1) {
+    if (m->blk == 32)
+        dot_groups(m, acts, G, y, ystride, g0, g1, 32);
+    else if (m->blk == 128)
+        dot_groups(m, acts, G, y, ystride, g0, g1, 128);
+    else
+        dot_groups(m, acts, G, y, ystride, g0, g1, m->blk);
+}
 #endif
 
 /* rows [lo, hi) of y = m x: STREAMS distant row ranges side by side, then the remainder one by one */
@@ -302,12 +313,7 @@ static void gemv_span(const me_linear *m, const me_act *a, float *y, int lo, int
     }
 #elif ME_ISA == 3
     if (m->packed) {
-        if (m->blk == 32)
-            dot_groups(m, a, 1, y, 0, lo / 4, (hi + 3) / 4, 32);
-        else if (m->blk == 128)
-            dot_groups(m, a, 1, y, 0, lo / 4, (hi + 3) / 4, 128);
-        else
-            dot_groups(m, a, 1, y, 0, lo / 4, (hi + 3) / 4, m->blk);
+        dot_groups_of(m, a, 1, y, 0, lo / 4, (hi + 3) / 4);
         return;
     }
 #endif
