@@ -254,7 +254,9 @@ static inline __attribute__((always_inline)) void micro(const me_linear *m, cons
     (void)gbytes;
     packed_core(nb, blk, pw, ps, g0, vecs, valid, a->q + (size_t)r0 * stride, stride, blk, a->asum + (size_t)r0 * nb,
                 a->sa + (size_t)r0 * nb, nb, 1, cnt, y + (size_t)r0 * m->n + n0, m->n, 0);
-#elif ME_ISA == 3
+#else
+    float tile[MR][VECS][LANES];  /* the sums as floats, for the stores below */
+#if ME_ISA == 3
     /* Per block, the int32 sums of cnt activation rows by 4 * vecs weight rows: each dot product by lane takes 4
        inputs of one activation row (lane j of a 16-input load) against the same 4 inputs of 4 weight rows, so a
        weight vector serves every activation row and no sum is horizontal. Then row_block's scaling per lane, in
@@ -294,19 +296,8 @@ static inline __attribute__((always_inline)) void micro(const me_linear *m, cons
         }
     }
     for (int r = 0; r < cnt; r++)
-        for (int v = 0; v < vecs; v++) {
-            const int lanes = valid - v * LANES;
-            if (lanes <= 0) break;
-            float *out = y + (size_t)(r0 + r) * m->n + n0 + v * LANES;
-            if (lanes >= LANES) {
-                vst1q_f32(out, acc[r][v]);
-            } else {
-                float tmp[LANES];
-                vst1q_f32(tmp, acc[r][v]);
-                memcpy(out, tmp, sizeof(float) * lanes);
-            }
-        }
-#else
+        for (int v = 0; v < vecs; v++) vst1q_f32(tile[r][v], acc[r][v]);
+#else /* AVX2 */
     /* AVX2 has no int8 product that is exact without a sign fix-up per pair (maddubs saturates), which made the
        int8 form 3 multiply-port instructions per 32 products; with 16-bit weights (packed) and 16-bit activations
        (widened per block) one madd makes 16 exact products, and per 32 that is 2 (2-core AMD Zen 3 VM, 400 rows at
@@ -346,17 +337,16 @@ static inline __attribute__((always_inline)) void micro(const me_linear *m, cons
         }
     }
     for (int r = 0; r < cnt; r++)
-        for (int v = 0; v < vecs; v++) {
-            const int lanes = valid - v * LANES;
-            if (lanes <= 0) break;
+        for (int v = 0; v < vecs; v++) _mm256_storeu_ps(tile[r][v], acc[r][v]);
+#endif
+    /* the outputs of the real weight rows (`valid` from n0 on; a last group's padding rows are dropped) */
+    for (int r = 0; r < cnt; r++)
+        for (int v = 0; v < vecs && valid - v * LANES > 0; v++) {
             float *out = y + (size_t)(r0 + r) * m->n + n0 + v * LANES;
-            if (lanes >= LANES) {
-                _mm256_storeu_ps(out, acc[r][v]);
-            } else {
-                float tmp[LANES];
-                _mm256_storeu_ps(tmp, acc[r][v]);
-                memcpy(out, tmp, sizeof(float) * lanes);
-            }
+            if (valid - v * LANES >= LANES)
+                memcpy(out, tile[r][v], sizeof(float) * LANES);  /* a constant size: one vector store */
+            else
+                memcpy(out, tile[r][v], sizeof(float) * (valid - v * LANES));
         }
 #endif
 }
