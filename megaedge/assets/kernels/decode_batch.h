@@ -4,8 +4,8 @@
    Why: a decode step reads every decoder weight once and does ~2 multiply-adds per weight byte, so on its own it is
    bound by memory; B sequences stepping together reuse each weight block from L1 B times, so the same read feeds
    B tokens until the int8 products become the limit. Every sequence's arithmetic is the single step's exactly
-   (packed_groups for up to eight activation vectors on AVX512, rows_batch rows_together's per-row order
-   elsewhere; quantization, attention and SwiGLU are the same functions), so a sequence stepped in a batch of any
+   (packed_groups for up to eight activation vectors on AVX512, rows_batch_avx2 and rows_batch rows_together's
+   per-row order elsewhere; quantization, attention and SwiGLU are the same functions), so a sequence stepped in a batch of any
    size gets the bits it gets alone. */
 #ifndef ME_DECODE_BATCH_H
 #define ME_DECODE_BATCH_H
@@ -21,11 +21,8 @@
 #define ME_BATCH_TILE 16
 #define ME_PACKED_TILE 4
 
-/* each sequence's block scales' products sw[k] * sa[k] for one row: the float product the solo step forms */
-static inline void row_scales(float *scale, int nb, const float *sw, const me_act *acts, int B) {
-    for (int g = 0; g < B; g++)
-        for (int k = 0; k < nb; k++) scale[(size_t)g * nb + k] = sw[k] * acts[g].sa[k];
-}
+/* an AVX2 product whose activations interleave_input lays out for rows_batch_avx2 */
+static inline int avx2_interleaved(const me_linear *m) { return m->blk % 32 == 0 && m->blk <= 128; }
 
 /* Row r of m against B activation vectors: y[b * ystride + r] for each b, each summed exactly as rows_together
    sums one row for one activation vector (block order, the same vector operations, the same final reduction).
@@ -36,48 +33,6 @@ static inline __attribute__((always_inline)) void rows_batch(const me_linear *m,
     const uint8_t *row = m->w + (size_t)r * nb * blk;
     const float *sw = m->s + (size_t)r * nb;
 #if ME_ISA == 1
-    if (blk % 32 == 0 && blk <= 128) {
-        /* dot32_avx2 per sequence, with the weights' half of it (signed, magnitude) done once per chunk for up to
-           eight sequences (gemv_batch_share's groups) instead of once per sequence: AVX2's byte products are the
-           limit of a batch, and this is a third of them. G is a constant here (gemv_batch_share dispatches), so the
-           accumulators stay in registers, and the block scales' products come from a table made once per row
-           (each the same float product sw * sa). Each sum is formed exactly as dot32_avx2 and rows_together form
-           it: int32 lanes summed over the chunks, then one fused multiply-add per block in block order. */
-        const __m256i bias = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
-        const int chunks = blk / 32;
-        float scale[ME_BATCH_GROUP][nb];
-        row_scales(&scale[0][0], nb, sw, acts, B);
-        __m256 acc[ME_BATCH_GROUP];
-        for (int g = 0; g < B; g++) acc[g] = _mm256_setzero_ps();
-        for (int k = 0; k < nb; k++) {
-            const uint8_t *p = row + (size_t)k * blk;
-            /* a group spends long enough on each weight byte that the hardware prefetcher falls behind (the solo
-               step, gemv.h, reads too fast for that and does better without): ask for the rows after this one */
-            _mm_prefetch((const char *)(p + 8192), _MM_HINT_T0);
-            if (blk > 64) _mm_prefetch((const char *)(p + 8192 + 64), _MM_HINT_T0);
-            __m256i ws[4], aw[4];
-            for (int c = 0; c < chunks; c++) {
-                ws[c] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 32 * c)), bias);
-                aw[c] = _mm256_abs_epi8(ws[c]);
-            }
-            for (int g = 0; g < B; g++) {
-                const int8_t *qb = acts[g].q + (size_t)k * blk;
-                __m256i d = _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(aw[0], _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)qb), ws[0])), ones);
-                for (int c = 1; c < chunks; c++)
-                    d = _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_maddubs_epi16(
-                        aw[c], _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(qb + 32 * c)), ws[c])), ones));
-                acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_broadcast_ss(&scale[g][k]), acc[g]);
-            }
-        }
-        for (int g = 0; g < B; g++) {
-            __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[g]), _mm256_extractf128_ps(acc[g], 1));
-            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            h = _mm_add_ss(h, _mm_movehdup_ps(h));
-            y[g * ystride + r] = _mm_cvtss_f32(h);
-        }
-        return;
-    }
     if (blk % 32 == 0) {
         __m256 acc[ME_MAX_BATCH];
         for (int b = 0; b < B; b++) acc[b] = _mm256_setzero_ps();
@@ -110,6 +65,62 @@ static inline __attribute__((always_inline)) void rows_batch(const me_linear *m,
     for (int b = 0; b < B; b++) y[b * ystride + r] = sum[b];
 }
 
+#if ME_ISA == 1
+/* Row r of m (row layout, blocks of 32..128) against a group of G <= 8 sequences on AVX2, their activations as
+   interleave_input lays them out (qi [nb][G][blk], sai [nb][G]): dot32_avx2 per sequence, with the weights' half
+   of it (signed, magnitude) done once per chunk for all G instead of once per sequence: AVX2's byte products are
+   the limit of a batch, and this is a third of them. One pointer with constant offsets reaches every sequence's
+   block (eight pointers and a table of scales spilled the sums out of AVX2's sixteen registers). Each sum is
+   formed exactly as dot32_avx2 and rows_together form it: int32 lanes summed over the chunks, then one fused
+   multiply-add per block in block order, by the same float product sw * sa. */
+static inline __attribute__((always_inline)) void rows_batch_avx2(const me_linear *m, const int8_t *qi,
+                                                                  const float *sai, const int G, float *y,
+                                                                  size_t ystride, int r, const int blk) {
+    const int nb = m->nb, chunks = blk / 32;
+    if (chunks < 1 || chunks > 4) __builtin_unreachable();  /* avx2_interleaved */
+    const uint8_t *row = m->w + (size_t)r * nb * blk;
+    const float *sw = m->s + (size_t)r * nb;
+    const __m256i bias = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    __m256 acc[ME_BATCH_GROUP];
+    for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
+    for (int k = 0; k < nb; k++) {
+        const uint8_t *p = row + (size_t)k * blk;
+        /* a group spends long enough on each weight byte that the hardware prefetcher falls behind (the solo
+           step, gemv.h, reads too fast for that and does better without): ask for the rows after this one */
+        _mm_prefetch((const char *)(p + 8192), _MM_HINT_T0);
+        if (blk > 64) _mm_prefetch((const char *)(p + 8192 + 64), _MM_HINT_T0);
+        __m256i ws[4], aw[4];
+        for (int c = 0; c < chunks; c++) {
+            ws[c] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 32 * c)), bias);
+            aw[c] = _mm256_abs_epi8(ws[c]);
+        }
+        const int8_t *qk = qi + (size_t)k * G * blk;
+        /* the G products sw * sa in one vector multiply, each broadcast from memory (a load, not a shuffle) */
+        float scale[ME_BATCH_GROUP];
+        if (G == ME_BATCH_GROUP) {
+            _mm256_storeu_ps(scale, _mm256_mul_ps(_mm256_set1_ps(sw[k]), _mm256_loadu_ps(sai + (size_t)k * G)));
+        } else {
+            for (int g = 0; g < G; g++) scale[g] = sw[k] * sai[(size_t)k * G + g];
+        }
+        for (int g = 0; g < G; g++) {
+            const int8_t *qb = qk + (size_t)g * blk;
+            __m256i d = _mm256_madd_epi16(
+                _mm256_maddubs_epi16(aw[0], _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)qb), ws[0])), ones);
+            for (int c = 1; c < chunks; c++)
+                d = _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_maddubs_epi16(
+                    aw[c], _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(qb + 32 * c)), ws[c])), ones));
+            acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_broadcast_ss(scale + g), acc[g]);
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[g]), _mm256_extractf128_ps(acc[g], 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        y[g * ystride + r] = _mm_cvtss_f32(h);
+    }
+}
+#endif
+
 /* rows [r0, r1) of y_b = m x_b for a group of G sequences (row layout), or the packed groups [r0, r1) (AVX512
    with qi: packed_span; ARM: dot_groups); G and the block size constants where it matters, so that the
    accumulators stay in registers */
@@ -120,6 +131,19 @@ static inline __attribute__((always_inline)) void rows_group(const me_linear *m,
 #if ME_ISA == 2
     if (qi) {
         packed_span(m, qi, asi, sai, G, r0, r1, y, ystride);
+        return;
+    }
+#elif ME_ISA == 1
+    (void)asi;
+    if (qi) {  /* interleave_input's layout: blocks of 32, 64, 96 or 128 */
+        for (int r = r0; r < r1; r++) {
+            if (m->blk == 128)
+                rows_batch_avx2(m, qi, sai, G, y, ystride, r, 128);
+            else if (m->blk == 32)
+                rows_batch_avx2(m, qi, sai, G, y, ystride, r, 32);
+            else
+                rows_batch_avx2(m, qi, sai, G, y, ystride, r, m->blk);
+        }
         return;
     }
 #else
@@ -166,13 +190,14 @@ static inline void rows_groups(const me_linear *m, const me_act *acts, int B, fl
     }
 }
 
-/* One input's activations for the packed products, made once for all the products that read it (q, k and v; gate
+/* One input's activations for the packed products (AVX512) and AVX2's rows_batch_avx2, made once for all the products that read it (q, k and v; gate
    and up): the sequences' int8 blocks, block sums and scales interleaved by block, [group][block][sequence], so
    that a block's eight sequences are one pointer and constant offsets (eight separate vectors took eight pointers
    the loop could not keep in registers beside its sums). qi, asi, sai: this thread's room (B * nb * blk bytes,
    B * nb values each; heap, not stack: a worker thread's stack can be small). */
 static void interleave_input(const me_linear *m, const me_act *acts, int B, int8_t *qi, int32_t *asi, float *sai) {
-    if (!m->packed || ME_ISA != 2) return;  /* ARM's packed products read each sequence's own vectors */
+    /* ARM's packed products read each sequence's own vectors, and so do AVX2's of blocks past 128 */
+    if (ME_ISA == 2 ? !m->packed : ME_ISA != 1 || !avx2_interleaved(m)) return;
     const int nb = m->nb, blk = m->blk;
     for (int b0 = 0; b0 < B; b0 += ME_BATCH_GROUP) {
         const int G = B - b0 < ME_BATCH_GROUP ? B - b0 : ME_BATCH_GROUP;
@@ -201,7 +226,7 @@ static void gemv_batch_share(const me_linear *m, const me_act *acts, int B, floa
     if (m->packed) {
         lo /= m->packed;
         hi = (hi + m->packed - 1) / m->packed;
-    } else {
+    } else if (!(ME_ISA == 1 && avx2_interleaved(m))) {
         qi = NULL;
     }
     const int tile = m->packed ? ME_PACKED_TILE : ME_BATCH_TILE;
