@@ -104,15 +104,15 @@ def write_weights(folder: Path, g: dict, seed: int = 0, block: int = BLOCK, lora
     return index, step_bytes, lora_bytes
 
 
-def baseline_kernels(rev: str, folder: Path) -> kernels.Q8Kernels:
-    """The kernel library as built from git revision ``rev``'s sources (same compiler and flags as this build), to
-    time beside this checkout's in one run."""
+def baseline_kernels(rev: str, folder: Path, variant: str | None = None) -> kernels.Q8Kernels:
+    """The kernel library as built from git revision ``rev``'s sources (same compiler and flags as this build: the
+    ``variant``'s, e.g. avx2, else this CPU's), to time beside this checkout's in one run."""
     subprocess.run(f"git archive {rev} megaedge/assets/kernels | tar -x -C {folder}", shell=True, check=True,
                    cwd=Path(__file__).resolve().parents[1])
     cc, out = kernels.compiler(), folder / "baseline.so"
     source = folder / "megaedge" / "assets" / "kernels" / "decoder.c"
-    subprocess.run([cc, *kernels.VARIANT_FLAGS["native"][0], "-shared", "-fPIC", "-o", str(out), str(source), "-lm"],
-                   check=True)
+    flags = kernels.VARIANT_FLAGS[variant or "native"][0]
+    subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", str(out), str(source), "-lm"], check=True)
     # ABI 7-9 read the same merged-model structs but for me_linear's layout field (10; kernels._structs): versions 8
     # and 9 only appended fields to me_model
     return kernels.Q8Kernels(out, origin=f"git {rev}", abis=(7, 8, 9, kernels.ABI_VERSION))
@@ -187,7 +187,7 @@ def main() -> None:
         if args.compare_kernels:
             others["kernels"] = kernels.Q8Kernels(kernels.build(variant=args.compare_kernels))
         if args.baseline:
-            others[args.baseline] = baseline_kernels(args.baseline, folder)
+            others[args.baseline] = baseline_kernels(args.baseline, folder, args.kernels)
         for name, other in others.items():
             # the weights in the layout those kernels choose for themselves (packed where they pack), shared only
             # where that is this build's: a VNNI build can read an AVX2 build's row layout (suits), but runs its
