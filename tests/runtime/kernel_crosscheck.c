@@ -306,6 +306,14 @@ int main(void) {
             batch_case(batch, threads, 1, 0, " blk128", 128);
             state = inputs;
         }
+    /* a group of 6: AVX2 forms four sequences' block scales in one multiply and the others one by one */
+    for (int threads = 1; threads <= 3; threads += 2) {
+        const uint64_t inputs = state;
+        state = inputs + 1u;
+        batch_case(6, threads, 0, 0, "", 32);
+        batch_case(6, threads, 1, 0, " blk128", 128);
+        state = inputs;
+    }
     /* prompt products of several rows at the block sizes above left to one-row cases (16) or untried (64) */
     for (int threads = 1; threads <= 3; threads += 2) {
         gemm_case(19, 64, 16, 5, threads, 0);

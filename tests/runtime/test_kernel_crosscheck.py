@@ -50,9 +50,10 @@ def _agrees_with_portable(built: dict[str, np.ndarray], isa: str, portable: dict
     # then the packed layout: 16 products, 6 prompt products, 2 x 2 x (a chunked prefill + 3 steps) over the row
     # layout and the same over packed weights; then 2 threads x 2 batch sizes x 5 kinds (blocks of 32: plain, half
     # caches with LoRA, packed with LoRA; blocks of 128, half; of 64, packed with LoRA) x 2 steps of sequences
-    # stepped together (me_decode_batch) and the same stepped alone; 4 prompt products at blocks of 16 and 64; 2
-    # stems whose scratch parts are small beside their alignment
-    assert built.keys() == portable.keys() and len(built) == 118 + 2 * 40 + 4 + 2
+    # stepped together (me_decode_batch) and the same stepped alone, and 2 threads x 2 kinds x 2 steps of 6
+    # sequences; 4 prompt products at blocks of 16 and 64; 2 stems whose scratch parts are small beside their
+    # alignment
+    assert built.keys() == portable.keys() and len(built) == 118 + 2 * 40 + 2 * 8 + 4 + 2
     for case in built:  # packed weights (where the build packs) change nothing but where the bytes lie
         if case.endswith(" rows"):
             np.testing.assert_array_equal(built[case.replace(" rows", " packed")], built[case], err_msg=case)

@@ -95,13 +95,18 @@ static inline __attribute__((always_inline)) void rows_batch_avx2(const me_linea
             aw[c] = _mm256_abs_epi8(ws[c]);
         }
         const int8_t *qk = qi + (size_t)k * G * blk;
-        /* the G products sw * sa in one vector multiply, each broadcast from memory (a load, not a shuffle) */
+        /* the G products sw * sa in one vector multiply (or four in one), each broadcast from memory (a load, not
+           a shuffle) */
         float scale[ME_BATCH_GROUP];
+        int first = 0;
         if (G == ME_BATCH_GROUP) {
             _mm256_storeu_ps(scale, _mm256_mul_ps(_mm256_set1_ps(sw[k]), _mm256_loadu_ps(sai + (size_t)k * G)));
-        } else {
-            for (int g = 0; g < G; g++) scale[g] = sw[k] * sai[(size_t)k * G + g];
+            first = G;
+        } else if (G >= 4) {
+            _mm_storeu_ps(scale, _mm_mul_ps(_mm_set1_ps(sw[k]), _mm_loadu_ps(sai + (size_t)k * G)));
+            first = 4;
         }
+        for (int g = first; g < G; g++) scale[g] = sw[k] * sai[(size_t)k * G + g];
         for (int g = 0; g < G; g++) {
             const int8_t *qb = qk + (size_t)g * blk;
             __m256i d = _mm256_madd_epi16(
