@@ -247,8 +247,32 @@ static void stem_case(int channels, int bins, int frames, int windows, int chunk
     for (size_t i = 0; i < outs; i++) printf("%a\n", out[i]);
 }
 
+/* me_exp_shifted and me_swiglu (the vector forms of me_exp, value for value) over the clamps' edges, zeros of
+   both signs, infinities, a NaN and random values on both sides of the clamps, 203 values (vectors and a tail):
+   prints "exp" then the values, "swiglu" then SwiGLU's. Every build must give the portable C's bits exactly. */
+static void exp_case(void) {
+    const int n = 203;
+    float *x = floats(n, -95.f, 95.f), *g = malloc(sizeof(float) * n), *u = floats(n, -2.f, 2.f);
+    const float edges[] = {-87.f, -86.99999f, -87.00001f, 88.f, 87.99999f, 88.00001f, 0.f, -0.f, INFINITY,
+                           -INFINITY, NAN, 1e-30f, -1e-30f, 0.34657359f, -0.34657359f};
+    for (int i = 0; i < (int)(sizeof edges / sizeof edges[0]); i++) x[3 * i] = edges[i];
+    for (int i = 0; i < n; i++) g[i] = x[i] / 4.f;  /* SwiGLU's gates span the exp's range less widely */
+    me_exp_shifted(x, (size_t)n, 0.5f);
+    printf("exp\n");
+    for (int i = 0; i < n; i++) printf("%+a\n", x[i]);  /* a sign first: "inf" would read as a header */
+    me_swiglu(g, g, u, (size_t)n);  /* in place, as prefill runs it */
+    printf("swiglu\n");
+    for (int i = 0; i < n; i++) printf("%+a\n", g[i]);
+    free(x);
+    free(g);
+    free(u);
+}
+
 int main(void) {
     fprintf(stderr, "abi %d isa %d\n", me_abi_version(), me_isa());
+    const uint64_t start = state;  /* the other cases keep the inputs they had before this one */
+    exp_case();
+    state = start;
     const int blocks[] = {16, 32, 64, 128};
     for (int b = 0; b < 4; b++)
         for (int threads = 1; threads <= 3; threads += 2) {

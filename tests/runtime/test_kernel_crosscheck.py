@@ -45,7 +45,7 @@ def _portable(tmp_path: Path):
 
 
 def _agrees_with_portable(built: dict[str, np.ndarray], isa: str, portable: dict[str, np.ndarray]) -> None:
-    # 16 products, 6 prompt products, 2 x 3 steps from an empty cache, 2 x (a chunked prefill + 3 steps), 4 stems,
+    # exp and SwiGLU over 203 values each, 16 products, 6 prompt products, 2 x 3 steps from an empty cache, 2 x (a chunked prefill + 3 steps), 4 stems,
     # 2 x (a chunked prefill + 3 steps) over half-float caches, 2 x 2 x (the same with heads of 128, float and half);
     # then the packed layout: 16 products, 6 prompt products, 2 x 2 x (a chunked prefill + 3 steps) over the row
     # layout and the same over packed weights; then 2 threads x 2 batch sizes x 5 kinds (blocks of 32: plain, half
@@ -53,7 +53,7 @@ def _agrees_with_portable(built: dict[str, np.ndarray], isa: str, portable: dict
     # stepped together (me_decode_batch) and the same stepped alone, and 2 threads x 2 kinds x 2 steps of 6
     # sequences; 4 prompt products at blocks of 16 and 64; 2 stems whose scratch parts are small beside their
     # alignment
-    assert built.keys() == portable.keys() and len(built) == 118 + 2 * 40 + 2 * 8 + 4 + 2
+    assert built.keys() == portable.keys() and len(built) == 2 + 118 + 2 * 40 + 2 * 8 + 4 + 2
     for case in built:  # packed weights (where the build packs) change nothing but where the bytes lie
         if case.endswith(" rows"):
             np.testing.assert_array_equal(built[case.replace(" rows", " packed")], built[case], err_msg=case)
@@ -61,11 +61,11 @@ def _agrees_with_portable(built: dict[str, np.ndarray], isa: str, portable: dict
     for case in batched:  # a sequence stepped in a batch gets the bits it gets alone, on every build
         np.testing.assert_array_equal(built[case], built[case + " solo"], err_msg=case)
     # AVX512 builds (isa 2, 4) and the portable one share the products' arithmetic, the decode step's too
-    exact = ("gemm", "stem", "gemv") if isa.endswith(("isa 2", "isa 4")) else ("gemm", "stem")
+    exact = ("exp", "swiglu", "gemm", "stem") + (("gemv",) if isa.endswith(("isa 2", "isa 4")) else ())
     for case, want in portable.items():
         if case.startswith("batch") and " step 1" in case:
             continue  # a second step's inputs carry the first's float order: an int8 activation may round otherwise
-        if case.startswith(exact):  # prompt products and the conv stem: one arithmetic on every build
+        if case.startswith(exact):  # exp, SwiGLU, prompt products, the stem: one arithmetic on every build
             np.testing.assert_array_equal(built[case], want, err_msg=case)
             continue
         # vector paths sum a block's float terms in lanes: the order differs, not the arithmetic

@@ -98,10 +98,8 @@ static void norm_rotate(float *h, const float *weight, float eps, int dim, const
 static inline void softmax_pair(float *restrict s0, float *restrict s1, int len, float top0, float top1,
                                 float *total0, float *total1) {
     float sum0 = 0.f, sum1 = 0.f;
-    for (int t = 0; t < len; t++) {
-        s0[t] = me_exp(s0[t] - top0);
-        s1[t] = me_exp(s1[t] - top1);
-    }
+    me_exp_shifted(s0, (size_t)len, top0);
+    me_exp_shifted(s1, (size_t)len, top1);
     for (int t = 0; t < len; t++) {
         sum0 += s0[t];
         sum1 += s1[t];

@@ -360,7 +360,7 @@ int me_decode_batch(const me_model *const *models, int batch, float *x, const in
             for (int b = 0; b < B; b++) {
                 const float *gb = gate + (size_t)b * inter, *ub = up + (size_t)b * inter;
                 float *hb = h + (size_t)b * inter;
-                for (int j = 0; j < inter; j++) hb[j] = gb[j] / (1.f + me_exp(-gb[j])) * ub[j];
+                me_swiglu(hb, gb, ub, (size_t)inter);
                 quantize_for(hb, NULL, 0.f, &l->down, &acts[b], xn + (size_t)b * widest);
             }
             interleave_input(&l->down, acts, B, qi, asi, sai);

@@ -88,7 +88,7 @@ int me_decode_step(const me_model *m, float *x, int pos, const float *cos, const
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
-            for (int j = 0; j < inter; j++) h[j] = gate[j] / (1.f + me_exp(-gate[j])) * up[j];
+            me_swiglu(h, gate, up, (size_t)inter);
             quantize_for(h, NULL, 0.f, &l->down, &act, normed);
             gemv_share(&l->down, &act, prod);
             if (lora) lora_step(m, i, LORA_DOWN, 1, h, lt, rank, route, (float *const[]){prod});

@@ -130,7 +130,8 @@ int me_prefill(const me_model *m, float *x, int rows, int start, const float *co
 #pragma omp barrier
 #pragma omp for schedule(static)
 #endif
-            for (size_t j = 0; j < R * inter; j++) gate[j] = gate[j] / (1.f + me_exp(-gate[j])) * up[j];
+            for (size_t r = 0; r < R; r++)  /* value by value, so any split gives the same bits */
+                me_swiglu(gate + r * inter, gate + r * inter, up + r * inter, (size_t)inter);
             quantize_rows_for(gate, rows, NULL, 0.f, &l->down, &act, mine, 0);
             gemm_share(&l->down, &act, prod, rows, packed);
             if (lora)
