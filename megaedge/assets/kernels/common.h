@@ -110,9 +110,10 @@ static inline void rows_share(const me_linear *m, int *lo, int *hi) {
     *hi = *hi * m->packed < m->n ? *hi * m->packed : m->n;
 }
 
-/* exp(x), vectorizable (glibc's expf is a call per value: ~5 % of a 1.7B prompt in softmax and SwiGLU): 2^n * e^r
-   with |r| <= ln2 / 2 and a degree-6 Taylor polynomial (relative error < 3e-7 over [-87, 88], where it clamps);
-   n rounded by the 1.5 * 2^23 trick, exact because -ffp-contract=off keeps both additions. */
+/* exp(x) in plain operations (glibc's expf is a call per value: ~5 % of a 1.7B prompt in softmax and SwiGLU),
+   which me_exp8 / me_exp4 below repeat on vectors: 2^n * e^r with |r| <= ln2 / 2 and a degree-6 Taylor polynomial
+   (relative error < 3e-7 over [-87, 88], where it clamps); n rounded by the 1.5 * 2^23 trick, exact because
+   -ffp-contract=off keeps both additions. */
 static inline float me_exp(float x) {
     x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
     const float n = (x * 1.44269504f + 12582912.f) - 12582912.f;
