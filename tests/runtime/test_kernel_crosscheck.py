@@ -45,14 +45,14 @@ def _portable(tmp_path: Path):
 
 
 def _agrees_with_portable(built: dict[str, np.ndarray], isa: str, portable: dict[str, np.ndarray]) -> None:
-    # exp and SwiGLU over 203 values each, 16 products, 6 prompt products, 2 x 3 steps from an empty cache, 2 x (a chunked prefill + 3 steps), 4 stems,
-    # 2 x (a chunked prefill + 3 steps) over half-float caches, 2 x 2 x (the same with heads of 128, float and half);
-    # then the packed layout: 16 products, 6 prompt products, 2 x 2 x (a chunked prefill + 3 steps) over the row
-    # layout and the same over packed weights; then 2 threads x 2 batch sizes x 5 kinds (blocks of 32: plain, half
-    # caches with LoRA, packed with LoRA; blocks of 128, half; of 64, packed with LoRA) x 2 steps of sequences
-    # stepped together (me_decode_batch) and the same stepped alone, and 2 threads x 2 kinds x 2 steps of 6
-    # sequences; 4 prompt products at blocks of 16 and 64; 2 stems whose scratch parts are small beside their
-    # alignment
+    # exp and SwiGLU over 203 values each, 16 products, 6 prompt products, 2 x 3 steps from an empty cache, 2 x (a
+    # chunked prefill + 3 steps), 4 stems, 2 x (a chunked prefill + 3 steps) over half-float caches, 2 x 2 x (the same
+    # with heads of 128, float and half); then the packed layout: 16 products, 6 prompt products, 2 x 2 x (a chunked
+    # prefill + 3 steps) over the row layout and the same over packed weights; then 2 threads x 2 batch sizes x 5
+    # kinds (blocks of 32: plain, half caches with LoRA, packed with LoRA; blocks of 128, half; of 64, packed with
+    # LoRA) x 2 steps of sequences stepped together (me_decode_batch) and the same stepped alone, and 2 threads x 2
+    # kinds x 2 steps of 6 sequences; 4 prompt products at blocks of 16 and 64; 2 stems whose scratch parts are small
+    # beside their alignment
     assert built.keys() == portable.keys() and len(built) == 2 + 118 + 2 * 40 + 2 * 8 + 4 + 2
     for case in built:  # packed weights (where the build packs) change nothing but where the bytes lie
         if case.endswith(" rows"):
@@ -141,3 +141,37 @@ def test_build_touches_only_its_own_memory(variant, tmp_path):
     run = subprocess.run(["valgrind", "-q", "--error-exitcode=9", str(binary)], capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+EXP_DRIVER = Path(__file__).with_name("exp_every_float.c")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(HOST_CC is None or platform.machine() not in ("x86_64", "AMD64"),
+                    reason="needs a C compiler on x86")
+@pytest.mark.parametrize("variant", ["avx2", "vnni"])
+def test_vector_exp_is_me_exp_on_every_float(variant, tmp_path):
+    """me_exp8, which SwiGLU and the softmax run, gives me_exp's bits on all 2^32 inputs (~25 s a build)."""
+    if variant not in kernels.choose_variants(platform.machine(), machine.cpu_flags()):
+        pytest.skip(f"this CPU cannot run the {variant} variant")
+    flags = {name: flags for name, flags, _ in kernels.variants.for_machine(platform.machine())}[variant]
+    binary = tmp_path / variant
+    build = subprocess.run([HOST_CC, "-O3", "-ffp-contract=off", *flags, f"-I{kernels.SOURCE.parent}",
+                            str(EXP_DRIVER), "-o", str(binary), "-lm"], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-2000:]
+    run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "differing 0" in run.stdout, run.stdout[-2000:]
+
+
+@pytest.mark.skipif(CROSS_CC is None or QEMU is None, reason="needs aarch64-linux-gnu-gcc and qemu-aarch64")
+def test_arm_vector_exp_is_me_exp_across_every_exponent(tmp_path):
+    """me_exp4 against me_exp under qemu on 8 consecutive inputs of every 512 (every sign and exponent; all 2^32
+    took 13 minutes emulated and differed nowhere)."""
+    binary = tmp_path / "exp_arm"
+    build = subprocess.run([CROSS_CC, "-O3", "-ffp-contract=off", "-march=armv8.2-a+dotprod", "-static",
+                            "-DSTRIDE=64", f"-I{kernels.SOURCE.parent}", str(EXP_DRIVER), "-o", str(binary), "-lm"],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-2000:]
+    run = subprocess.run([QEMU, "-cpu", "max", str(binary)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "differing 0" in run.stdout, run.stdout[-2000:]
+
