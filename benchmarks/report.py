@@ -32,7 +32,8 @@ def load(results: Path = RESULTS) -> dict[str, dict]:
 
 
 def run_label(doc: dict) -> str:
-    return f"{str(doc.get('date', '?'))[:10]} {str(doc.get('commit', '?'))[:7]}"
+    commit = str(doc.get('commit', '?'))
+    return f"{str(doc.get('date', '?'))[:10]} {commit[:7]}{'+dirty' if commit.endswith('+dirty') else ''}"
 
 
 def machine_label(doc: dict) -> str:

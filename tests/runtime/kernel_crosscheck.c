@@ -255,9 +255,11 @@ static void exp_case(void) {
     float *x = floats(n, -95.f, 95.f), *g = malloc(sizeof(float) * n), *u = floats(n, -2.f, 2.f);
     const float edges[] = {-87.f, -86.99999f, -87.00001f, 88.f, 87.99999f, 88.00001f, 0.f, -0.f, INFINITY,
                            -INFINITY, NAN, 1e-30f, -1e-30f, 0.34657359f, -0.34657359f};
-    for (int i = 0; i < (int)(sizeof edges / sizeof edges[0]); i++) x[3 * i] = edges[i];
-    for (int i = 0; i < n; i++) g[i] = x[i] / 4.f;  /* SwiGLU's gates span the exp's range less widely */
-    me_exp_shifted(x, (size_t)n, 0.5f);
+    const int edge_count = (int)(sizeof edges / sizeof edges[0]);
+    for (int i = 0; i < edge_count; i++) x[3 * i] = edges[i];
+    /* SwiGLU's gates span the exp's range less widely, but its exp sees the edges too (exp(-g)) */
+    for (int i = 0; i < n; i++) g[i] = i < 3 * edge_count ? -x[i] : x[i] / 4.f;
+    me_exp_shifted(x, (size_t)n, 0.f);  /* x - 0 is x, zeros' signs included: the edges reach the exp unmoved */
     printf("exp\n");
     for (int i = 0; i < n; i++) printf("%+a\n", x[i]);  /* a sign first: "inf" would read as a header */
     me_swiglu(g, g, u, (size_t)n);  /* in place, as prefill runs it */

@@ -195,11 +195,11 @@ static inline void rows_groups(const me_linear *m, const me_act *acts, int B, fl
     }
 }
 
-/* One input's activations for the packed products (AVX512) and AVX2's rows_batch_avx2, made once for all the products that read it (q, k and v; gate
-   and up): the sequences' int8 blocks, block sums and scales interleaved by block, [group][block][sequence], so
-   that a block's eight sequences are one pointer and constant offsets (eight separate vectors took eight pointers
-   the loop could not keep in registers beside its sums). qi, asi, sai: this thread's room (B * nb * blk bytes,
-   B * nb values each; heap, not stack: a worker thread's stack can be small). */
+/* One input's activations for the packed products (AVX512) and AVX2's rows_batch_avx2, made once for all the
+   products that read it (q, k and v; gate and up): the sequences' int8 blocks, block sums and scales interleaved by
+   block, [group][block][sequence], so that a block's eight sequences are one pointer and constant offsets (eight
+   separate vectors took eight pointers the loop could not keep in registers beside its sums). qi, asi, sai: this
+   thread's room (B * nb * blk bytes, B * nb values each; heap, not stack: a worker thread's stack can be small). */
 static void interleave_input(const me_linear *m, const me_act *acts, int B, int8_t *qi, int32_t *asi, float *sai) {
     /* ARM's packed products read each sequence's own vectors, and so do AVX2's of blocks past 128 */
     if (ME_ISA == 2 ? !m->packed : ME_ISA != 1 || !avx2_interleaved(m)) return;
