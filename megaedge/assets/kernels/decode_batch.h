@@ -21,8 +21,18 @@
 #define ME_BATCH_TILE 16
 #define ME_PACKED_TILE 4
 
-/* an AVX2 product whose activations interleave_input lays out for rows_batch_avx2 */
-static inline int avx2_interleaved(const me_linear *m) { return m->blk % 32 == 0 && m->blk <= 128; }
+/* whether a product reads its activations through interleave_input's copy: AVX512's packed products, and AVX2's
+   batched rows of blocks of 32 to 128 (rows_batch_avx2); the others read each sequence's own vectors */
+static inline int interleaved(const me_linear *m) {
+#if ME_ISA == 2
+    return m->packed != 0;
+#elif ME_ISA == 1
+    return m->blk % 32 == 0 && m->blk <= 128;
+#else
+    (void)m;
+    return 0;
+#endif
+}
 
 /* Row r of m against B activation vectors: y[b * ystride + r] for each b, each summed exactly as rows_together
    sums one row for one activation vector (block order, the same vector operations, the same final reduction).
@@ -77,7 +87,7 @@ static inline __attribute__((always_inline)) void rows_batch_avx2(const me_linea
                                                                   const float *sai, const int G, float *y,
                                                                   size_t ystride, int r, const int blk) {
     const int nb = m->nb, chunks = blk / 32;
-    if (chunks < 1 || chunks > 4) __builtin_unreachable();  /* avx2_interleaved */
+    if (chunks < 1 || chunks > 4) __builtin_unreachable();  /* interleaved */
     const uint8_t *row = m->w + (size_t)r * nb * blk;
     const float *sw = m->s + (size_t)r * nb;
     const __m256i bias = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
@@ -126,6 +136,23 @@ static inline __attribute__((always_inline)) void rows_batch_avx2(const me_linea
 }
 #endif
 
+/* row r of m against a group of G sequences (row layout): AVX2 reads their activations through interleave_input's
+   copy where it made one (qi), else rows_batch each sequence's own */
+static inline __attribute__((always_inline)) void batch_row(const me_linear *m, const me_act *acts,
+                                                            const int8_t *qi, const float *sai, const int G,
+                                                            float *y, size_t ystride, int r, const int blk) {
+#if ME_ISA == 1
+    if (qi) {
+        rows_batch_avx2(m, qi, sai, G, y, ystride, r, blk);
+        return;
+    }
+#else
+    (void)qi;
+    (void)sai;
+#endif
+    rows_batch(m, acts, G, y, ystride, r, blk);
+}
+
 /* rows [r0, r1) of y_b = m x_b for a group of G sequences (row layout), or the packed groups [r0, r1) (AVX512
    with qi: packed_span; ARM: dot_groups); G and the block size constants where it matters, so that the
    accumulators stay in registers */
@@ -138,23 +165,8 @@ static inline __attribute__((always_inline)) void rows_group(const me_linear *m,
         packed_span(m, qi, asi, sai, G, r0, r1, y, ystride);
         return;
     }
-#elif ME_ISA == 1
-    (void)asi;
-    if (qi) {  /* interleave_input's layout: blocks of 32, 64, 96 or 128 */
-        for (int r = r0; r < r1; r++) {
-            if (m->blk == 128)
-                rows_batch_avx2(m, qi, sai, G, y, ystride, r, 128);
-            else if (m->blk == 32)
-                rows_batch_avx2(m, qi, sai, G, y, ystride, r, 32);
-            else
-                rows_batch_avx2(m, qi, sai, G, y, ystride, r, m->blk);
-        }
-        return;
-    }
 #else
-    (void)qi;
     (void)asi;
-    (void)sai;
 #endif
 #if ME_ISA == 3
     if (m->packed) {  /* groups of 4 rows [r0, r1) */
@@ -164,11 +176,11 @@ static inline __attribute__((always_inline)) void rows_group(const me_linear *m,
 #endif
     for (int r = r0; r < r1; r++) {
         if (m->blk == 128)
-            rows_batch(m, acts, G, y, ystride, r, 128);
+            batch_row(m, acts, qi, sai, G, y, ystride, r, 128);
         else if (m->blk == 32)
-            rows_batch(m, acts, G, y, ystride, r, 32);
+            batch_row(m, acts, qi, sai, G, y, ystride, r, 32);
         else
-            rows_batch(m, acts, G, y, ystride, r, m->blk);
+            batch_row(m, acts, qi, sai, G, y, ystride, r, m->blk);
     }
 }
 
@@ -201,8 +213,7 @@ static inline void rows_groups(const me_linear *m, const me_act *acts, int B, fl
    separate vectors took eight pointers the loop could not keep in registers beside its sums). qi, asi, sai: this
    thread's room (B * nb * blk bytes, B * nb values each; heap, not stack: a worker thread's stack can be small). */
 static void interleave_input(const me_linear *m, const me_act *acts, int B, int8_t *qi, int32_t *asi, float *sai) {
-    /* ARM's packed products read each sequence's own vectors, and so do AVX2's of blocks past 128 */
-    if (ME_ISA == 2 ? !m->packed : ME_ISA != 1 || !avx2_interleaved(m)) return;
+    if (!interleaved(m)) return;
     const int nb = m->nb, blk = m->blk;
     for (int b0 = 0; b0 < B; b0 += ME_BATCH_GROUP) {
         const int G = B - b0 < ME_BATCH_GROUP ? B - b0 : ME_BATCH_GROUP;
@@ -231,9 +242,8 @@ static void gemv_batch_share(const me_linear *m, const me_act *acts, int B, floa
     if (m->packed) {
         lo /= m->packed;
         hi = (hi + m->packed - 1) / m->packed;
-    } else if (!(ME_ISA == 1 && avx2_interleaved(m))) {
-        qi = NULL;
     }
+    if (!interleaved(m)) qi = NULL;
     const int tile = m->packed ? ME_PACKED_TILE : ME_BATCH_TILE;
     for (int r0 = lo; r0 < hi; r0 += tile)
         rows_groups(m, acts, B, y, ystride, r0, r0 + tile < hi ? r0 + tile : hi, qi, asi, sai);
