@@ -2,6 +2,13 @@
 # The GPU checks of issue 32 in one run on a lent GPU machine (installs nothing; 8 minutes at most, TOTAL_S=480):
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh          # $OUT: where the JSON goes (default out/gpu_check)
+#   bash benchmarks/gpu_check.sh prepare                 # an earlier call: keep its carry, export the bundles
+#
+# The device image has CPU onnxruntime only and a call carries at most 64 MiB: `python benchmarks/gpu_carry.py
+# pack` makes onnxruntime-gpu cut to the H100 / H200's code in parts (.gpu-carry/1..N, one per call, back to back
+# on the warm machine). Every call but the last runs `prepare`: it stashes its part and starts the 1.7B bundles'
+# export in the background (the last call waits for it). The last call carries the last part; this script joins
+# the parts and puts that onnxruntime first on PYTHONPATH (carry.json says what it found).
 #
 # 1. env.json: python, which packages import, nvidia-smi.
 # 2. ort_cuda.json: whether onnxruntime's CUDA execution provider can run here at all, and exactly what was checked:
@@ -28,6 +35,29 @@ if [ -z "$PY" ]; then
 fi
 mkdir -p "$OUT" "$WORK"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MEGAEDGE_NO_PROGRESS=1 MEGAEDGE_VAD=off
+VARIANTS="${VARIANTS:-fixed-fp16,fixed-fp16-packed,fixed-int4${PREVIOUS:+,fixed-fp16-prev}}"
+if [ "${1:-}" = prepare ]; then
+  if [ -d .gpu-carry ]; then "$PY" benchmarks/gpu_carry.py stash || exit 1; fi
+  if [ -s "$WORK/bundles.pid" ] && kill -0 "$(cat "$WORK/bundles.pid")" 2>/dev/null; then
+    echo "bundles: the export $(cat "$WORK/bundles.pid") is still running"; exit 0
+  fi
+  nohup setsid "$PY" benchmarks/gpu_decode.py --work "$WORK" --geometry "$GEOMETRY" --bundles-only \
+    --variants "$VARIANTS" ${PREVIOUS:+--previous-exporter "$PREVIOUS"} > "$WORK/bundles.log" 2>&1 < /dev/null &
+  echo $! > "$WORK/bundles.pid"
+  echo "bundles: exporting in the background (pid $!, log $WORK/bundles.log); the next call waits for it"
+  exit 0
+fi
+if [ -d .gpu-carry ] || [ -s "${MEGAEDGE_CARRY_STASH:-/tmp/megaedge-carry}/manifest.json" ]; then
+  if "$PY" benchmarks/gpu_carry.py unpack --into "$WORK/carried" --report "$OUT/carry.json"; then
+    export PYTHONPATH="$WORK/carried:$PYTHONPATH"
+    # the provider links CUDA / cuDNN by name; the image has them as pip packages (CUDA torch's nvidia-*)
+    libs=$("$PY" benchmarks/gpu_carry.py libpath)
+    [ -n "$libs" ] && export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  else
+    echo "carry: onnxruntime-gpu not unpacked (carry.json says why); the image's onnxruntime is used"
+  fi
+fi
+if [ -z "${WAIT_FOR:-}" ] && [ -s "$WORK/bundles.pid" ]; then WAIT_FOR=$(cat "$WORK/bundles.pid"); fi
 START=$(date +%s)
 TOTAL_S="${TOTAL_S:-480}"  # the whole script's budget; PYTEST_S: the gpu tests' share of it
 PYTEST_S="${PYTEST_S:-150}"
@@ -174,7 +204,6 @@ if [ -n "${WAIT_FOR:-}" ]; then
 fi
 # PREVIOUS: an earlier revision's export/fixed_kv.py (git show REV:megaedge/export/fixed_kv.py), timed as
 # fixed-fp16-prev beside today's graph in the same run
-VARIANTS="${VARIANTS:-fixed-fp16,fixed-fp16-packed,fixed-int4${PREVIOUS:+,fixed-fp16-prev}}"
 BATCHES="${BATCHES-1,2,4,8}"  # set but empty: no batch-axis stage
 timeout "$(budget "$TOTAL_S")" "$PY" benchmarks/gpu_decode.py --work "$WORK" --geometry "$GEOMETRY" --device "$DEVICE" \
   --variants "$VARIANTS" ${PREVIOUS:+--previous-exporter "$PREVIOUS"} --kernels "${KERNELS:-fixed-fp16}" \
