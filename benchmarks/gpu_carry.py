@@ -163,6 +163,20 @@ def package_tar(wheel: Path, keep: set[int]) -> tuple[bytes, dict]:
     return buffer.getvalue(), done
 
 
+def _clear_earlier_pack() -> None:
+    """Remove what an earlier ``pack`` wrote (K/part, K/manifest.json); anything else there stops the pack."""
+    if not CARRY.exists():
+        return
+    ours = [p for p in CARRY.glob("*/*") if p.parent.name.isdigit() and p.name in ("part", "manifest.json")]
+    others = sorted(set(CARRY.rglob("*")) - set(ours) - {p.parent for p in ours})
+    if others:
+        raise SystemExit(f"error: {others[0]} is not a file gpu_carry.py wrote; move it out of {CARRY} first")
+    for path in ours:
+        path.unlink()
+    for folder in {p.parent for p in ours}:
+        folder.rmdir()
+
+
 def pack(args) -> int:
     keep = {int(a) for a in args.arch.split(",")}
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,8 +193,7 @@ def pack(args) -> int:
                          f"call's 64 MiB for the carry; make the tree smaller")
     parts = -(-len(archive) // room)
     size = -(-len(archive) // parts)
-    if CARRY.exists():
-        shutil.rmtree(CARRY)  # only ever what an earlier pack wrote
+    _clear_earlier_pack()
     digests = []
     for k in range(parts):
         chunk = archive[k * size:(k + 1) * size]
@@ -279,11 +292,16 @@ def unpack(args) -> int:
             raise RuntimeError(f"packed for Python {manifest['python']}, this is {sys.version.split()[0]}: pack "
                                f"again with --python {sys.version_info[0]}.{sys.version_info[1]}")
         into = Path(args.into)
+        mark = into / ".gpu-carry-unpacked"
         if (into / "onnxruntime").exists():
-            shutil.rmtree(into / "onnxruntime")  # an earlier unpack of this run's folder
+            if not mark.is_file():
+                raise RuntimeError(f"{into / 'onnxruntime'} is there and was not unpacked by gpu_carry.py: "
+                                   "unpack into another folder")
+            shutil.rmtree(into / "onnxruntime")  # an earlier unpack into this folder
         into.mkdir(parents=True, exist_ok=True)
         with tarfile.open(fileobj=io.BytesIO(lzma.decompress(archive))) as tar:
             tar.extractall(into, filter="data")
+        mark.write_text(manifest["sha256"] + "\n")
         report["ok"] = True
         report["nvidia_lib_dirs"] = nvidia_lib_dirs()
     except RuntimeError as exc:

@@ -171,10 +171,17 @@ def test_parts_carried_call_by_call_unpack_to_the_cut_package(carry, monkeypatch
     assert carry.unpack(SimpleNamespace(into=str(into), report=str(report_path))) == 0
     assert json.loads(report_path.read_text())["ok"] is True
     got = {str(p.relative_to(into)): p.read_bytes() for p in into.rglob("*") if p.is_file()}
-    assert set(got) == {"onnxruntime/__init__.py", "onnxruntime/capi/libonnxruntime_providers_cuda.so",
+    assert set(got) == {".gpu-carry-unpacked", "onnxruntime/__init__.py",
+                        "onnxruntime/capi/libonnxruntime_providers_cuda.so",
                         "onnxruntime/capi/onnxruntime_pybind11_state.so"}
     pybind = "onnxruntime/capi/onnxruntime_pybind11_state.so"
     assert got[pybind] == files[pybind]
+    assert carry.unpack(SimpleNamespace(into=str(into), report=None)) == 0  # again: replaces its own unpack
+    mine = tmp_path / "mine"
+    (mine / "onnxruntime").mkdir(parents=True)
+    assert carry.unpack(SimpleNamespace(into=str(mine), report=str(report_path))) == 3
+    assert "was not unpacked by gpu_carry.py" in json.loads(report_path.read_text())["error"]
+    assert list((mine / "onnxruntime").iterdir()) == []
     cut = bytearray(files["onnxruntime/capi/libonnxruntime_providers_cuda.so"])
     carry.keep_arches(cut, {90})
     assert got["onnxruntime/capi/libonnxruntime_providers_cuda.so"] == bytes(cut)
@@ -208,3 +215,17 @@ def test_a_wheel_without_cuda_code_is_refused(carry, monkeypatch, tmp_path):
     with pytest.raises(SystemExit, match="not an onnxruntime-gpu wheel"):
         _pack(carry, tmp_path / "cpu.whl", "3.12")
     assert not carry.CARRY.exists()
+
+
+def test_pack_replaces_only_what_an_earlier_pack_wrote(carry, monkeypatch, tmp_path):
+    _point_at(carry, monkeypatch, tmp_path)
+    _wheel(tmp_path / "ort.whl", np.random.default_rng(4))
+    _pack(carry, tmp_path / "ort.whl", "3.12")
+    first = {p.name for p in carry.CARRY.iterdir()}
+    _pack(carry, tmp_path / "ort.whl", "3.12")
+    assert {p.name for p in carry.CARRY.iterdir()} == first
+    notes = carry.CARRY / "2" / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(SystemExit, match="notes.txt is not a file gpu_carry.py wrote"):
+        _pack(carry, tmp_path / "ort.whl", "3.12")
+    assert notes.read_text() == "mine" and (carry.CARRY / "1" / "part").is_file()
