@@ -17,10 +17,11 @@
 #    and a replay that follows a changed seqlens_k.
 # 3. pytest.json: the gpu-marked tests (tests/runtime/test_cuda.py), which skip with the reason when (2) fails.
 # 4. gpu_decode.json: benchmarks/gpu_decode.py at the 1.7B geometry: fixed-KV + CUDA graph FP16 (with q/k/v and
-#    gate/up packed into one MatMul each, and an earlier revision's graph given PREVIOUS) and
-#    INT4, tok/s and % of the measured read bound, each variant's op census, a kernel profile of the FP16 steps,
-#    transformers FP16 (static cache + torch.compile) beside them; then 1 / 2 / 4 / 8 states stepping together
-#    through the graph's batch axis (BATCHES, aggregate tok/s; BATCHES= skips it).
+#    gate/up packed into one MatMul each, and an earlier revision's graph given PREVIOUS), INT4 and INT8 weights
+#    (each also on onnxruntime's fpA_intB kernels: -fpaintb), tok/s and % of the measured read bound, each
+#    variant's op census, a kernel profile of the FP16 steps, transformers FP16 (static cache + torch.compile)
+#    beside them; then 1 / 2 / 4 / 8 states stepping together through the graph's batch axis (BATCHES, aggregate
+#    tok/s, for BATCH_VARIANTS; BATCHES= skips it).
 #    Without the CUDA provider only the contender and the bandwidth run.
 # Every stage has its own time limit and writes its JSON whether it passed or not.
 set -u
@@ -35,7 +36,7 @@ if [ -z "$PY" ]; then
 fi
 mkdir -p "$OUT" "$WORK"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MEGAEDGE_NO_PROGRESS=1 MEGAEDGE_VAD=off
-VARIANTS="${VARIANTS:-fixed-fp16,fixed-fp16-packed,fixed-int4${PREVIOUS:+,fixed-fp16-prev}}"
+VARIANTS="${VARIANTS:-fixed-fp16,fixed-fp16-packed,fixed-int4,fixed-int4-fpaintb,fixed-int8,fixed-int8-fpaintb${PREVIOUS:+,fixed-fp16-prev}}"
 if [ "${1:-}" = prepare ]; then
   if [ -d .gpu-carry ]; then "$PY" benchmarks/gpu_carry.py stash || exit 1; fi
   if [ -s "$WORK/bundles.pid" ] && kill -0 "$(cat "$WORK/bundles.pid")" 2>/dev/null; then
@@ -207,6 +208,7 @@ fi
 BATCHES="${BATCHES-1,2,4,8}"  # set but empty: no batch-axis stage
 timeout "$(budget "$TOTAL_S")" "$PY" benchmarks/gpu_decode.py --work "$WORK" --geometry "$GEOMETRY" --device "$DEVICE" \
   --variants "$VARIANTS" ${PREVIOUS:+--previous-exporter "$PREVIOUS"} --kernels "${KERNELS:-fixed-fp16}" \
-  ${BATCHES:+--batches "$BATCHES"} --out "$OUT/gpu_decode.json" > "$OUT/gpu_decode.txt" 2>&1
+  ${BATCHES:+--batches "$BATCHES" --batch-variants "${BATCH_VARIANTS:-fixed-fp16,fixed-int4}"} \
+  --out "$OUT/gpu_decode.json" > "$OUT/gpu_decode.txt" 2>&1
 echo "gpu_decode: rc $? (timeouts leave the stages done so far in gpu_decode.json)"
 echo "done in $(( $(date +%s) - START )) s; results in $OUT"

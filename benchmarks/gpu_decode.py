@@ -25,7 +25,9 @@ kernel (torch's CUPTI profiler, which sees every kernel in the process).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import shutil
 import sys
@@ -203,6 +205,10 @@ def make_bundles(work: Path, geometry: str, variants: list[str], previous: Path 
               "fixed-fp32": ("fixed-fp32", ExportOptions(precision="fp32", target="cuda", validate=False,
                                                          include_router=False))}
     for variant in variants:
+        if variant.endswith(FPA_INTB):  # the same bundle, another kernel for its MatMulNBits
+            key = variant.removesuffix(FPA_INTB)
+            paths[variant] = Path(make_bundles(work, geometry, [key], previous)["bundles"][key])
+            continue
         if variant == "fixed-fp16-prev":
             if previous is None:
                 raise ValueError("variant fixed-fp16-prev needs --previous-exporter")
@@ -228,12 +234,31 @@ def make_bundles(work: Path, geometry: str, variants: list[str], previous: Path 
                 make = with_qk_norm_in_attention if variant.endswith("qknorm") else with_packed_projections
                 make(work / name, work / variant)
             paths[variant] = work / variant
-        if variant in ("fixed-int4", "fixed-fp32-int8"):
+        if variant in ("fixed-int4", "fixed-int8", "fixed-fp32-int8"):
             if not (work / variant / "megaedge.json").is_file():
                 shutil.rmtree(work / variant, ignore_errors=True)
                 bundle_with_weights(work / name, work / variant, variant.split("-")[-1])
             paths[variant] = work / variant
     return {"checkpoint": str(checkpoint), "bundles": {k: str(v) for k, v in paths.items()}}
+
+
+FPA_INTB = "-fpaintb"
+
+
+@contextlib.contextmanager
+def weight_only_kernels(variant: str):
+    """A ``-fpaintb`` variant's sessions are made with onnxruntime's fpA_intB weight-only GEMV / GEMM for
+    MatMulNBits (ORT_FPA_INTB_GEMM, read when a session makes its kernels; fp16 activations, 4 or 8 bits, blocks
+    of 32-128); every other variant's with it off, whatever the environment says."""
+    before = os.environ.get("ORT_FPA_INTB_GEMM")
+    os.environ["ORT_FPA_INTB_GEMM"] = "1" if variant.endswith(FPA_INTB) else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("ORT_FPA_INTB_GEMM", None)
+        else:
+            os.environ["ORT_FPA_INTB_GEMM"] = before
 
 
 def decoder_read_bytes(bundle: Path, past: int) -> tuple[int, int]:
@@ -489,13 +514,15 @@ def main(argv=None) -> int:
                         help="of growing-fp16, fixed-fp16, fixed-int4, fixed-fp32, fixed-fp32-int8 (the last two "
                              "for CPU runs), fixed-fp16-qknorm (q/k norms in the attention node, CUDA only), "
                              "fixed-fp16-packed (q/k/v and gate/up as one MatMul each), fixed-fp16-prev "
-                             "(--previous-exporter)")
+                             "(--previous-exporter), fixed-int8; a weight-only variant + '-fpaintb' (e.g. "
+                             "fixed-int4-fpaintb): its MatMulNBits on onnxruntime's fpA_intB kernels")
     parser.add_argument("--previous-exporter", type=Path, default=None,
                         help="an earlier revision's export/fixed_kv.py: its graph is the variant fixed-fp16-prev")
     parser.add_argument("--kernels", default="", help="variants whose CUDA-graph steps get a kernel profile")
     parser.add_argument("--batches", default="",
                         help="e.g. 1,2,4,8: fixed-KV variants also step this many states at once through the "
                              "graph's batch axis (aggregate tokens/s, sizes interleaved)")
+    parser.add_argument("--batch-variants", default="", help="the variants --batches steps (default: all)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --batches (default 3)")
     parser.add_argument("--no-contender", action="store_true", help="skip transformers")
     parser.add_argument("--no-compile", action="store_true", help="transformers without torch.compile")
@@ -522,7 +549,8 @@ def main(argv=None) -> int:
                                 f"{args.device} --past {args.past} --tokens {args.tokens} --variants {args.variants}"
                                 + (" --previous-exporter PREV" if args.previous_exporter else "")
                                 + (f" --kernels {args.kernels}" if args.kernels else "")
-                                + (f" --batches {args.batches} --rounds {args.rounds}" if args.batches else ""),
+                                + (f" --batches {args.batches} --rounds {args.rounds}" if args.batches else "")
+                                + (f" --batch-variants {args.batch_variants}" if args.batch_variants else ""),
                      "machine": gpu or platform.processor() or platform.machine(), "python": sys.version.split()[0],
                      "geometry": args.geometry, "device": args.device, "past": args.past, "tokens": args.tokens}
 
@@ -550,7 +578,9 @@ def main(argv=None) -> int:
             runs[variant] = {"skipped": reason or "no bundle"}
             continue
         bundle = Path(built["bundles"][variant])
-        run = _stage(runs, variant, ort_decode, bundle, args.device, args.past, args.tokens, args.warmup)
+        with weight_only_kernels(variant):
+            run = _stage(runs, variant, ort_decode, bundle, args.device, args.past, args.tokens, args.warmup)
+        run["fpa_intb_gemm"] = variant.endswith(FPA_INTB)
         if "tok_per_s" in run and "read_gbps" in bandwidth:
             weights, kv = decoder_read_bytes(bundle, args.past)
             bound = bandwidth["read_gbps"] * 1e9 / (weights + kv)
@@ -559,20 +589,24 @@ def main(argv=None) -> int:
         save()
     batches = [int(b) for b in args.batches.split(",") if b]
     batched = results.setdefault("batched", {})
-    for variant in variants:
+    batch_variants = [v for v in args.batch_variants.split(",") if v] or variants
+    for variant in batch_variants:
         if batches and reason is None and variant.startswith("fixed") and variant in built.get("bundles", {}):
-            _stage(batched, variant, ort_batched_decode, Path(built["bundles"][variant]), args.device, args.past,
-                   args.tokens, args.warmup, batches, args.rounds)
+            with weight_only_kernels(variant):
+                _stage(batched, variant, ort_batched_decode, Path(built["bundles"][variant]), args.device,
+                       args.past, args.tokens, args.warmup, batches, args.rounds)
             save()
     census = results.setdefault("op_census", {})
     for variant in variants:
         if reason is None and variant.startswith("fixed") and variant in built.get("bundles", {}):
-            _stage(census, variant, op_census, Path(built["bundles"][variant]), args.device, args.past)
+            with weight_only_kernels(variant):
+                _stage(census, variant, op_census, Path(built["bundles"][variant]), args.device, args.past)
             save()
     kernels = results.setdefault("kernels", {})
     for variant in (v for v in args.kernels.split(",") if v):
         if reason is None and args.device == "cuda" and variant in built.get("bundles", {}):
-            _stage(kernels, variant, kernel_profile, Path(built["bundles"][variant]), args.past)
+            with weight_only_kernels(variant):
+                _stage(kernels, variant, kernel_profile, Path(built["bundles"][variant]), args.past)
             save()
     for prefix, table in (("run", runs), ("batched", batched), ("census", census), ("kernels", kernels)):
         results.setdefault("stage_seconds", {}).update(
