@@ -17,13 +17,34 @@ TARGET_RATE = 16000
 MAX_RATE = 768_000  # the highest rate audio interfaces record at; anything above is a wrong argument
 
 
-def to_mono(samples: np.ndarray) -> np.ndarray:
-    """(n,) or (n, channels) -> (n,) by averaging channels."""
+MAX_CHANNELS = 32  # more than any microphone array here; a longer axis is samples
+
+
+def channel_axis(shape: tuple[int, int], known: int | None = None) -> int:
+    """The axis of a 2-D block that holds channels: 1 for (samples, channels) as soundfile and sounddevice give,
+    0 for (channels, samples) as librosa and torchaudio give. The channels axis is the one of at most
+    MAX_CHANNELS when the other is longer; a block too short to tell (both axes that short) keeps ``known`` (a
+    stream's earlier blocks) or else is read as (samples, channels)."""
+    rows, cols = shape
+    if rows > MAX_CHANNELS and cols > MAX_CHANNELS:
+        raise AudioError(f"audio array of shape {shape}: one axis must be channels (at most {MAX_CHANNELS}); "
+                         "pass (samples,), (samples, channels) or (channels, samples)")
+    if cols <= MAX_CHANNELS < rows:
+        return 1
+    if rows <= MAX_CHANNELS < cols:
+        return 0
+    return 1 if known is None else known
+
+
+def to_mono(samples: np.ndarray, known_axis: int | None = None) -> np.ndarray:
+    """(n,), (n, channels) or (channels, n) -> (n,) by averaging channels (``channel_axis`` tells the layouts
+    apart)."""
     if samples.ndim == 1:
         return samples
     if samples.ndim == 2:
-        return samples.mean(axis=1)
-    raise AudioError(f"audio array has {samples.ndim} dimensions; expected (samples,) or (samples, channels)")
+        return samples.mean(axis=channel_axis(samples.shape, known_axis))
+    raise AudioError(f"audio array has {samples.ndim} dimensions; expected (samples,), (samples, channels) or "
+                     "(channels, samples)")
 
 
 def resample(samples: np.ndarray, rate: int, target: int = TARGET_RATE) -> np.ndarray:

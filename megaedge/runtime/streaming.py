@@ -233,6 +233,7 @@ class Stream:
         self.time = 0  # samples accepted so far (stream time)
         self._since_hop = 0
         self._resampler = None
+        self._channel_axis: int | None = None  # a 2-D input's layout, once a block was long enough to tell
         # The transcriber's detector (runtime/vad.py) gates partials and finals on speech and drives endpointing;
         # without one, the energy VAD below only endpoints, as before detectors existed.
         self._gated = self.tr.vad is not None
@@ -243,8 +244,9 @@ class Stream:
         self._last: StreamEvent | None = None
 
     def accept_waveform(self, samples, sample_rate: int, partials: bool = True) -> list[StreamEvent]:
-        """Feed any number of samples at ``sample_rate`` Hz (mono, or [n, channels]; float in [-1, 1], or integer
-        PCM, scaled by its type's range as ``transcribe`` does); returns the events this produced. A stream keeps
+        """Feed any number of samples at ``sample_rate`` Hz (mono, [n, channels] or [channels, n]: a stream keeps
+        the layout of its first block longer than 32 samples; float in [-1, 1], or integer PCM, scaled by its
+        type's range as ``transcribe`` does); returns the events this produced. A stream keeps
         one input rate: a new rate starts a new resampler after flushing the old one.
 
         ``partials=False``: no partial hops for these samples, for a caller that has fallen behind real time and
@@ -312,7 +314,9 @@ class Stream:
 
     # -------------------------------------------------------------------------------------------- internals
     def _to_16k(self, samples: np.ndarray, rate: int) -> np.ndarray:
-        samples = audio_io.to_mono(samples)
+        if samples.ndim == 2 and max(samples.shape) > audio_io.MAX_CHANNELS:  # long enough to tell the layout
+            self._channel_axis = audio_io.channel_axis(samples.shape)
+        samples = audio_io.to_mono(samples, self._channel_axis)
         audio_io.check_finite(samples, "stream input")
         if self._resampler is not None and self._resampler[0] != rate:
             tail = self._flush_resampler()

@@ -344,7 +344,8 @@ class Transcriber:
                    segment_seconds: float | None = segmenting.DEFAULT_SEGMENT_SECONDS,
                    loop_guard: bool = True, max_text_tokens: int | None = None) -> Result:
         """Transcribe a file path (at its own rate), or a sample array at ``rate`` Hz (16 kHz unless told; integer
-        PCM is scaled by its type's range; stereo is mixed to mono). ``max_new_tokens`` bounds the tokens per segment as
+        PCM is scaled by its type's range; channels, as (samples, channels) or (channels, samples), are mixed to
+        mono). ``max_new_tokens`` bounds the tokens per segment as
         transformers' generate counts them (language prefix included; default: from the segment's duration),
         ``max_text_tokens`` the text after the language prefix. Safe to call from several threads at once."""
         route = self.check_route(route or self.route)

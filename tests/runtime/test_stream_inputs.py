@@ -157,3 +157,31 @@ def test_finals_name_route_probability_and_language_and_the_stream_says_when_it_
     assert heard[0] is False and heard[-1] is True
     assert final.degraded_prob == pytest.approx(offline.degraded_prob, abs=1e-6)
     assert final.language == offline.language and final.route == offline.route
+
+
+def test_channels_first_and_channels_last_give_the_mono_transcript(merged, clips):
+    """(channels, samples) as librosa and torchaudio give it, or (samples, channels) as soundfile does: the same
+    mix, the same tokens, offline and streamed (a channels-first array once became two samples and no text)."""
+    from megaedge.runtime import audio as audio_io
+
+    mono = audio_io.load(clips[2])
+    stereo = np.stack([mono * 0.5, mono * 1.5])  # channels first; averaging gives the mono samples back
+    offline = merged.transcribe(mono, rate=16000, segment_seconds=None)
+    assert offline.text
+    for layout in (stereo, stereo.T.copy()):
+        assert merged.transcribe(layout, rate=16000, segment_seconds=None).token_ids == offline.token_ids
+    stream = merged.create_stream(EXACT)
+    stream.accept_waveform(stereo[:, :4000], 16000)
+    for i in range(4000, stereo.shape[1], 7):  # blocks too short to tell the layout keep the stream's
+        stream.accept_waveform(stereo[:, i: i + 7], 16000)
+    assert list(stream.final().token_ids) == offline.token_ids
+    with pytest.raises(MegaedgeError, match=r"shape \(40, 50\): one axis must be channels"):
+        merged.transcribe(np.zeros((40, 50), np.float32), rate=16000)
+
+
+def test_channel_axis_rules():
+    from megaedge.runtime.audio import channel_axis
+
+    assert channel_axis((16000, 2)) == 1 and channel_axis((2, 16000)) == 0
+    assert channel_axis((6, 33)) == 0 and channel_axis((33, 6)) == 1
+    assert channel_axis((2, 7)) == 1 and channel_axis((2, 7), known=0) == 0  # too short to tell
