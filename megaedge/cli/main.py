@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from megaedge import __version__
@@ -82,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"megaedge {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # whatever read our output stopped reading (`| head -1`): stop quietly, as other command-line tools do;
+        # stdout goes to /dev/null so the interpreter's last flush cannot fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -94,3 +94,24 @@ def test_export_help_lists_every_int8_recipe():
     from megaedge.export.quantize import RECIPES
 
     assert set(export.RECIPE_NAMES) == set(RECIPES)
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly():
+    """`megaedge ... | head -1`: the closed pipe ends the command with exit 1 and no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    prelude = ("import megaedge.cli.doctor as doctor\n"
+               "def run(args):\n"
+               "    for i in range(10**6):\n"
+               "        print('line', i, flush=True)\n"
+               "doctor.run = run\n")
+    code = f"{prelude}\nimport sys\nfrom megaedge.cli.main import main\nsys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, "doctor"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert proc.stdout.read(20).startswith(b"line 0")
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1
+    assert "Traceback" not in err and "Exception ignored" not in err, err
