@@ -99,6 +99,4 @@ def run(args: argparse.Namespace) -> int:
     verbose = logging.getLogger("megaedge").getEffectiveLevel() <= logging.INFO
     if not verbose:  # a server says where it listens and when the bundle is loaded
         log.setLevel(logging.INFO)
-    if not config.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("serving on %s without an API key: anyone who can reach it can use it (--api-key)", args.host)
     return serve(config, log_level="debug" if args.verbose >= 2 else "info")

@@ -256,3 +256,37 @@ def test_batched_decode_steps_show_in_metrics(fixture_bundles, clips, tmp_path_f
         assert metric(running, "megaedge_decode_batch_size_bucket", 'le="16.0"') == count
     finally:
         running.stop()
+
+
+def test_an_address_it_cannot_have_is_one_line_before_anything_starts(fixture_bundles):
+    """A busy port or an address this machine does not have: one line naming it and the fix, exit 1, no uvicorn
+    log (uvicorn itself exits 3 after its start-up lines)."""
+    import socket
+
+    tmp_path = fixture_bundles["merged"]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("serve", str(tmp_path), "--port", str(port))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"megaedge serve: error: cannot listen on 127.0.0.1:{port} (Address already in use); stop what listens "
+        "there or pick another --port"]
+    result = run_cli("serve", str(tmp_path), "--host", "999.1.1.1")
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "--host '999.1.1.1' is not an address" in result.stderr
+
+
+def test_a_damaged_bundle_is_one_line_before_the_server_listens(fixture_bundles, tmp_path):
+    import shutil
+
+    bundle = tmp_path / "b"
+    shutil.copytree(fixture_bundles["merged"], bundle)
+    data = bytearray((bundle / "encoder.onnx").read_bytes())
+    data[len(data) // 2] ^= 1
+    (bundle / "encoder.onnx").write_bytes(bytes(data))
+    result = run_cli("serve", str(bundle), "--port", "0")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "encoder.onnx: sha256" in lines[0] and "does not match the manifest" in lines[0]
