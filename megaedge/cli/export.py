@@ -94,6 +94,22 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _int8_options_need_int8(args: argparse.Namespace) -> None:
+    """An INT8 option without --int8 would be ignored and the bundle would not be what was asked for."""
+    from megaedge.errors import MegaedgeError
+
+    if args.int8:
+        return
+    given = [f"--{name.replace('_', '-')}" for name in ("recipe", "calib", "calib_cache", "eval_set", "report_clips")
+             if getattr(args, name) is not None]
+    given += [f"--{name.replace('_', '-')}" for name in ("no_report", "no_compare") if getattr(args, name)]
+    if given:
+        raise MegaedgeError(f"{given[0]} is an INT8 option: add --int8 (an fp32 / fp16 export takes none of them)")
+    if args.target == "tensorrt":
+        raise MegaedgeError("--target tensorrt builds on the INT8 bundle: add --int8 (or --target cuda for a float "
+                            "GPU bundle)")
+
+
 def _run(args: argparse.Namespace) -> int:
     from megaedge.cli.common import need_export_extra, print_json
 
@@ -108,6 +124,7 @@ def _run(args: argparse.Namespace) -> int:
                             validate_rtol=args.validate_rtol, max_kv_length=args.max_kv_length, weights=args.weights,
                             target="cuda" if args.target == "cuda" and not args.int8 else "cpu")
     model = args.model or fixture.model_dir()
+    _int8_options_need_int8(args)
     if args.int8:
         from megaedge.errors import MegaedgeError
         from megaedge.export.int8 import Int8Options, export_int8, format_report

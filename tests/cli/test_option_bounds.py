@@ -206,3 +206,16 @@ def test_prepare_read_only_bundle(capsys, tmp_path, monkeypatch):
     line = _one_line(capsys, ["prepare", str(tmp_path)])
     assert line == f"megaedge prepare: error: BUNDLE {tmp_path}: cannot write in {tmp_path} (read-only); " \
                    "pick a writable folder"
+
+
+@pytest.mark.parametrize("extra, option", [(["--recipe", "cpu"], "--recipe"), (["--no-report"], "--no-report"),
+                                           (["--calib", "x.jsonl"], "--calib"), (["--report-clips", "20"],
+                                                                                 "--report-clips")])
+def test_int8_options_without_int8_are_refused(capsys, tmp_path, extra, option):
+    """They were ignored: `export --recipe cpu` wrote an fp32 bundle and said nothing."""
+    line = _one_line(capsys, ["export", "--out", str(tmp_path / "b"), *extra])
+    assert line == f"megaedge export: error: {option} is an INT8 option: add --int8 (an fp32 / fp16 export takes " \
+                   "none of them)"
+    assert not (tmp_path / "b").exists()
+    line = _one_line(capsys, ["export", "--out", str(tmp_path / "b"), "--target", "tensorrt"])
+    assert "--target tensorrt builds on the INT8 bundle: add --int8" in line
