@@ -21,8 +21,9 @@ _PACKAGES = ("numpy", "onnxruntime", "onnxruntime-gpu", "tokenizers", "soundfile
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--bundle", help="also check a bundle's graphs for TensorRT (operators, opset, Q/DQ, "
-                                         "uint8, int64, engine profiles vs the manifest)")
+    parser.add_argument("--bundle", help="also check a bundle: every file against its digest (exit 1 if one "
+                                         "fails), and its graphs for TensorRT (operators, opset, Q/DQ, uint8, "
+                                         "int64, engine profiles vs the manifest)")
 
 
 def _version(dist: str) -> str | None:
@@ -168,6 +169,10 @@ def _print(report: dict) -> None:
         print(f"ERROR        onnxruntime: {ort['error']}")
     if report.get("bundle_digest"):
         print(f"bundle digest {report['bundle_digest']}  (pin it: --expect-digest)")
+    files = report.get("bundle_files")
+    if files:
+        print(f"bundle files  all {files['count']} match their digests" if files["ok"] else
+              f"ERROR        bundle files: {files['error']}")
     bundle_recipe = report.get("bundle_recipe")
     if bundle_recipe and bundle_recipe["recipe"]:
         verdict = (f"WARNING {bundle_recipe['problem']} here: export with --int8 --recipe {advice['recommended']}"
@@ -224,11 +229,19 @@ def _readiness(bundle: str) -> dict:
 def run(args: argparse.Namespace) -> int:
     report = collect()
     if args.bundle:
+        from pathlib import Path
+
+        from megaedge.errors import MegaedgeError
         from megaedge.runtime import manifest
 
         # The digest a deployment pins (--expect-digest): it covers the manifest and, through it, every file.
         report["bundle_digest"] = manifest.bundle_digest(args.bundle)
         info = manifest.read(args.bundle, verify=False)
+        try:  # the digest above names the manifest; a file changed since export shows only here
+            manifest.check_files(Path(args.bundle), info)
+            report["bundle_files"] = {"ok": True, "count": len(info.files)}
+        except MegaedgeError as exc:
+            report["bundle_files"] = {"ok": False, "count": len(info.files), "error": str(exc)}
         recipe = ((info.quantization or {}).get("recipe") or {}).get("name")
         report["bundle_recipe"] = _recipe(recipe if isinstance(recipe, str) else None)
         report["tensorrt_readiness"] = _readiness(args.bundle)
@@ -238,4 +251,4 @@ def run(args: argparse.Namespace) -> int:
         print_json(report)
     else:
         _print(report)
-    return 0
+    return 0 if report.get("bundle_files", {"ok": True})["ok"] else 1

@@ -218,3 +218,21 @@ def test_a_pinned_digest_admits_only_that_bundle(tiny_bundles):
     sf.write(str(path), clip, 16000)
     wrong = run_cli("transcribe", str(routed), str(path), "--expect-digest", digest)
     assert wrong.returncode == 1 and len(wrong.stderr.strip().splitlines()) == 1 and "digest" in wrong.stderr
+
+
+def test_doctor_verifies_a_bundles_files(tiny_bundles, tmp_path):
+    """The digest doctor prints covers the manifest; a file changed after export showed nowhere (exit 0)."""
+    import shutil
+
+    from tests.conftest import run_cli
+
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundles["merged"], copy)
+    good = run_cli("doctor", "--bundle", str(copy))
+    assert good.returncode == 0 and "bundle files  all" in good.stdout
+    data = bytearray((copy / "decoder.onnx").read_bytes())
+    data[-10] ^= 1
+    (copy / "decoder.onnx").write_bytes(bytes(data))
+    bad = run_cli("doctor", "--bundle", str(copy))
+    assert bad.returncode == 1
+    assert "ERROR        bundle files: " in bad.stdout and "decoder.onnx: sha256" in bad.stdout
