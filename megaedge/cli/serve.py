@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     for module in ("fastapi", "uvicorn", "multipart", "prometheus_client", "websockets"):
         require(module, "serve")
     from megaedge.runtime.streaming import PRESETS
-    from megaedge.serve.app import ServeConfig, env_api_key, serve
+    from megaedge.serve.app import ServeConfig
+    from megaedge.serve.server import env_api_key, serve
 
     bundle = Path(args.bundle).expanduser()
     if not (bundle / "megaedge.json").is_file():

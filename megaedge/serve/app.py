@@ -8,16 +8,15 @@
 * ``GET /health`` (503 until the bundle is loaded in the background), ``GET /metrics`` (Prometheus), ``GET /``
   (a web page streaming the microphone).
 
-Everything that waits on the model runs in the pool; the event loop only moves bytes. ``serve()`` stops like this:
-no new work (503 / close 1001), each realtime connection's open utterance is finalised and sent, then uvicorn's
-own shutdown waits for the HTTP requests in flight.
+Everything that waits on the model runs in the pool; the event loop only moves bytes. ``serve()`` (server.py)
+stops like this: no new work (503 / close 1001), each realtime connection's open utterance is finalised and sent,
+then uvicorn's own shutdown waits for the HTTP requests in flight.
 """
 
 
 import asyncio
 import hmac
 import logging
-import os
 import tempfile
 import threading
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 from megaedge.errors import ContextLengthError, MegaedgeError
 
 log = logging.getLogger("megaedge.serve")
+TRANSCRIPTIONS = "/v1/audio/transcriptions"
 
 STATIC = Path(__file__).resolve().parent / "static"
 RESPONSE_FORMATS = ("json", "text", "verbose_json")
@@ -91,14 +91,16 @@ class _TooLarge(Exception):
 class _BodyLimit:
     """ASGI middleware: 413 for request bodies over the limit, by Content-Length or while they stream in."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, on_reject=None):
+        self.app, self.limit, self.on_reject = app, limit, on_reject  # on_reject(path): count what never routed
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
+            if self.on_reject:
+                self.on_reject(scope.get("path", ""))
             return await _send_too_large(send, self.limit)
         seen = 0
 
@@ -286,7 +288,12 @@ def create_app(config: ServeConfig, transcriber=None):
 
     app = FastAPI(title="megaedge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.megaedge = state
-    app.add_middleware(_BodyLimit, limit=config.max_request_bytes)
+    def rejected(path: str) -> None:
+        state.metrics.errors.labels("request_too_large").inc()
+        if path == TRANSCRIPTIONS:
+            state.metrics.requests.labels("transcription", "413").inc()
+
+    app.add_middleware(_BodyLimit, limit=config.max_request_bytes, on_reject=rejected)
 
     def error(status: int, message: str, code: str, kind: str = "invalid_request_error", param=None):
         state.metrics.errors.labels(code).inc()
@@ -335,8 +342,18 @@ def create_app(config: ServeConfig, transcriber=None):
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
                                             "owned_by": "megaedge"}]}
 
-    @app.post("/v1/audio/transcriptions")
+    @app.post(TRANSCRIPTIONS)
     async def transcriptions(request: Request):
+        """Every outcome counted in megaedge_requests_total by its status (a 413 while the body streams in too)."""
+        try:
+            response = await _transcriptions(request)
+        except _TooLarge:
+            state.metrics.requests.labels("transcription", "413").inc()
+            raise
+        state.metrics.requests.labels("transcription", str(getattr(response, "status_code", 200))).inc()
+        return response
+
+    async def _transcriptions(request: Request):
         t0 = time.perf_counter()
         if not state.authorized(request.headers):
             return error(401, "missing or wrong API key: send Authorization: Bearer KEY", "invalid_api_key")
@@ -382,7 +399,6 @@ def create_app(config: ServeConfig, transcriber=None):
                 state.metrics.queued_requests.set(state.admission.queued + 1)
                 await state.admission.acquire()
             except Busy:
-                state.metrics.requests.labels("transcription", "429").inc()
                 return error(429, f"server busy: {config.max_streams} streams in use and {config.queue} requests "
                              "queued; retry later", "rate_limit_exceeded", "rate_limit_error")
             finally:
@@ -401,7 +417,6 @@ def create_app(config: ServeConfig, transcriber=None):
                 state.set_gauges()
         m = state.metrics
         m.request_seconds.observe(time.perf_counter() - t0)
-        m.requests.labels("transcription", "200").inc()
         m.tokens.labels("transcription").inc(len(result.token_ids))
         m.decode_seconds.inc(result.timings.get("decode", 0.0))
         m.audio_seconds.labels("transcription").inc(duration)
@@ -744,89 +759,3 @@ class _Connection:
 
 
 # ------------------------------------------------------------------------------------------------ running
-def make_server(config: ServeConfig, transcriber=None, log_level: str = "warning"):
-    """A uvicorn server for ``config`` whose shutdown finishes the realtime connections' open utterances first."""
-    import uvicorn
-
-    app = create_app(config, transcriber)
-    state: ServerState = app.state.megaedge
-
-    class Server(uvicorn.Server):
-        async def shutdown(self, sockets=None):
-            await state.drain(config.shutdown_timeout)
-            await super().shutdown(sockets)
-
-    uconfig = uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level, lifespan="on",
-                             ws_max_size=max(config.max_request_bytes, 1 << 20),
-                             timeout_graceful_shutdown=config.shutdown_timeout, server_header=False)
-    server = Server(uconfig)
-    server.megaedge = state
-
-    def stop(message: str) -> None:
-        server.should_exit = True
-
-    state.on_load_error = stop
-    return server
-
-
-def listen(host: str, port: int):
-    """The server's socket, bound here so that a busy port or an address this machine does not have is one
-    line (MegaedgeError) before uvicorn starts, not uvicorn's log and exit status 3."""
-    import errno
-    import socket
-
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as exc:
-        raise MegaedgeError(f"--host {host!r} is not an address ({exc.strerror}); use an address of this machine, "
-                            "e.g. 127.0.0.1, or 0.0.0.0 for all") from None
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        fix = ("stop what listens there or pick another --port" if exc.errno == errno.EADDRINUSE else
-               "use an address of this machine, e.g. 127.0.0.1, or 0.0.0.0 for all")
-        raise MegaedgeError(f"cannot listen on {host}:{port} ({exc.strerror}); {fix}") from None
-    sock.set_inheritable(True)
-    return sock
-
-
-def check_bundle(config: ServeConfig) -> ServeConfig:
-    """The manifest and (unless --no-verify) every file's digest, checked before the server starts, so that a
-    damaged bundle is one line (MegaedgeError), not a server that starts and stops; the config the background
-    load then uses (the digests are not hashed twice)."""
-    from dataclasses import replace
-
-    from megaedge.runtime import manifest, prepared
-
-    bundle = Path(config.bundle)
-    info = manifest.read(bundle, verify=False)
-    if config.verify and not prepared.verified(bundle, info):
-        manifest.check_files(bundle, info)
-    return replace(config, verify=False)
-
-
-def serve(config: ServeConfig, log_level: str = "info") -> int:
-    """Run until SIGINT / SIGTERM; raises MegaedgeError when the address cannot be had or the bundle cannot be
-    loaded."""
-    from megaedge.serve import memory
-
-    config = check_bundle(config)
-    sock = listen(config.host, config.port)
-    memory.tune()  # before any thread of the server's allocates: see memory.py
-    server = make_server(config, log_level=log_level)
-    host, port = sock.getsockname()[:2]
-    log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
-    if not config.api_key and config.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("serving on %s without an API key: anyone who can reach it can use it (--api-key)", config.host)
-    server.run(sockets=[sock])
-    if server.megaedge.load_error:
-        raise MegaedgeError(f"cannot load {config.bundle}: {server.megaedge.load_error}")
-    return 0
-
-
-def env_api_key() -> str | None:
-    return os.environ.get("MEGAEDGE_API_KEY") or None

@@ -22,7 +22,7 @@ class Running:
     """``make_server(config)`` serving in a thread; ``url`` / ``ws_url``; ``stop()`` shuts it down as SIGTERM would."""
 
     def __init__(self, config, transcriber=None):
-        from megaedge.serve.app import make_server
+        from megaedge.serve.server import make_server
 
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -166,6 +166,25 @@ def test_chunked_upload_over_the_limit_is_413(strict):
     assert reply.status_code == 413
 
 
+def test_every_transcription_outcome_is_counted_by_status(strict):
+    """megaedge_requests_total counted 200 and 429 only: an error ratio from it read 0 % (a new user's probe)."""
+    import httpx
+
+    def count(status: str) -> float:
+        try:
+            return metric(strict, "megaedge_requests_total", f'kind="transcription",status="{status}"')
+        except AssertionError:
+            return 0.0
+
+    before = {status: count(status) for status in ("400", "401", "413")}
+    url, key = strict.url + "/v1/audio/transcriptions", {"Authorization": "Bearer sesame"}
+    assert httpx.post(url, content=b"not a form", headers=key, timeout=30).status_code == 400
+    assert httpx.post(url, files={"file": ("a.wav", b"x")}, timeout=30).status_code == 401
+    big = {**key, "content-type": "multipart/form-data; boundary=x"}
+    assert httpx.post(url, content=b"\0" * 400_000, headers=big, timeout=30).status_code == 413  # Content-Length
+    assert {status: count(status) - before[status] for status in before} == {"400": 1, "401": 1, "413": 1}
+
+
 def test_health_and_metrics(server, clips):
     doc = health(server)
     assert doc["status"] == "ok" and doc["mode"] == "merged" and doc["precision"] == "fp32"

@@ -1,0 +1,102 @@
+"""The server process around the app (serve/app.py): the socket bound and the bundle checked before uvicorn starts,
+so that each of those failures is one line; uvicorn run until SIGINT / SIGTERM, its shutdown finishing the
+realtime connections' open utterances first."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from megaedge.errors import MegaedgeError
+from megaedge.serve.app import ServeConfig, ServerState, create_app
+
+log = logging.getLogger("megaedge.serve")
+
+
+def make_server(config: ServeConfig, transcriber=None, log_level: str = "warning"):
+    """A uvicorn server for ``config`` whose shutdown finishes the realtime connections' open utterances first."""
+    import uvicorn
+
+    app = create_app(config, transcriber)
+    state: ServerState = app.state.megaedge
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            await state.drain(config.shutdown_timeout)
+            await super().shutdown(sockets)
+
+    uconfig = uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level, lifespan="on",
+                             ws_max_size=max(config.max_request_bytes, 1 << 20),
+                             timeout_graceful_shutdown=config.shutdown_timeout, server_header=False)
+    server = Server(uconfig)
+    server.megaedge = state
+
+    def stop(message: str) -> None:
+        server.should_exit = True
+
+    state.on_load_error = stop
+    return server
+
+
+def listen(host: str, port: int):
+    """The server's socket, bound here so that a busy port or an address this machine does not have is one
+    line (MegaedgeError) before uvicorn starts, not uvicorn's log and exit status 3."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise MegaedgeError(f"--host {host!r} is not an address ({exc.strerror}); use an address of this machine, "
+                            "e.g. 127.0.0.1, or 0.0.0.0 for all") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        fix = ("stop what listens there or pick another --port" if exc.errno == errno.EADDRINUSE else
+               "use an address of this machine, e.g. 127.0.0.1, or 0.0.0.0 for all")
+        raise MegaedgeError(f"cannot listen on {host}:{port} ({exc.strerror}); {fix}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def check_bundle(config: ServeConfig) -> ServeConfig:
+    """The manifest and (unless --no-verify) every file's digest, checked before the server starts, so that a
+    damaged bundle is one line (MegaedgeError), not a server that starts and stops; the config the background
+    load then uses (the digests are not hashed twice)."""
+    from dataclasses import replace
+
+    from megaedge.runtime import manifest, prepared
+
+    bundle = Path(config.bundle)
+    info = manifest.read(bundle, verify=False)
+    if config.verify and not prepared.verified(bundle, info):
+        manifest.check_files(bundle, info)
+    return replace(config, verify=False)
+
+
+def serve(config: ServeConfig, log_level: str = "info") -> int:
+    """Run until SIGINT / SIGTERM; raises MegaedgeError when the address cannot be had or the bundle cannot be
+    loaded."""
+    from megaedge.serve import memory
+
+    config = check_bundle(config)
+    sock = listen(config.host, config.port)
+    memory.tune()  # before any thread of the server's allocates: see memory.py
+    server = make_server(config, log_level=log_level)
+    host, port = sock.getsockname()[:2]
+    log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
+    if not config.api_key and config.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without an API key: anyone who can reach it can use it (--api-key)", config.host)
+    server.run(sockets=[sock])
+    if server.megaedge.load_error:
+        raise MegaedgeError(f"cannot load {config.bundle}: {server.megaedge.load_error}")
+    return 0
+
+
+def env_api_key() -> str | None:
+    return os.environ.get("MEGAEDGE_API_KEY") or None
