@@ -26,7 +26,7 @@ def _queue(value):
 
 
 def _megabytes(value):
-    return check_seconds(value, "max-request-mb", 0, 4096, fix="a size in MiB, e.g. 25")
+    return check_seconds(value, "max-request-mb", 0, 4096, fix="e.g. 25", unit="MiB")
 
 
 def _audio_seconds(value):
@@ -35,6 +35,10 @@ def _audio_seconds(value):
 
 def _idle(value):
     return check_seconds(value, "idle-timeout", 0, 86_400, fix="seconds without a client event, e.g. 60")
+
+
+def _shutdown(value):
+    return check_seconds(value, "shutdown-timeout", 0, 86_400, fix="seconds to finish open work on SIGTERM, e.g. 30")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--idle-timeout", type=arg_type(_idle), default=60.0,
                         help="close a realtime connection after this many seconds without a client event "
                              "(default 60)")
-    parser.add_argument("--shutdown-timeout", type=arg_type(_idle), default=30.0,
+    parser.add_argument("--shutdown-timeout", type=arg_type(_shutdown), default=30.0,
                         help="on SIGTERM / Ctrl-C: seconds to finish open utterances and requests (default 30)")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
 

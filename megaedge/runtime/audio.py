@@ -65,6 +65,9 @@ def check_finite(samples: np.ndarray, name: str) -> None:
 
 def as_float(samples: np.ndarray, name: str = "audio") -> np.ndarray:
     """float32 samples in [-1, 1]: integer PCM scaled by its type's range (int16 / 32768), floats as they are."""
+    if isinstance(samples, (bytes, bytearray, memoryview)):
+        raise AudioError(f"{name}: {len(samples)} bytes are not samples; pass a file path, or decode the bytes "
+                         "first (soundfile.read(io.BytesIO(data)))")
     arr = np.asarray(samples)
     if arr.dtype.kind == "i":
         return arr.astype(np.float32) / float(np.iinfo(arr.dtype).max + 1)
@@ -76,11 +79,19 @@ def as_float(samples: np.ndarray, name: str = "audio") -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
+def check_rate(rate, what: str) -> int:
+    """A sample rate in whole Hz, 1-MAX_RATE; a float with no fraction counts (sounddevice reports 48000.0)."""
+    whole = isinstance(rate, (int, np.integer)) or (isinstance(rate, (float, np.floating)) and
+                                                      float(rate).is_integer())
+    if isinstance(rate, bool) or not whole or not 0 < rate <= MAX_RATE:
+        raise AudioError(f"{what} {rate!r} is not a rate in whole Hz (1-{MAX_RATE}); pass the rate the samples "
+                         "were recorded at, e.g. 16000")
+    return int(rate)
+
+
 def prepare(samples: np.ndarray, rate: int, name: str = "audio", target: int = TARGET_RATE) -> np.ndarray:
     """Validate an in-memory array and bring it to float32 mono at ``target`` Hz."""
-    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or not 0 < rate <= MAX_RATE:
-        raise AudioError(f"{name}: sample rate {rate!r} is not a rate in Hz (1-{MAX_RATE}); pass the rate the "
-                         f"samples were recorded at, e.g. rate=16000")
+    rate = check_rate(rate, f"{name}: sample rate")
     arr = to_mono(as_float(samples, name))
     check_finite(arr, name)
     if arr.size == 0:
@@ -133,6 +144,8 @@ def check_readable(path: str | os.PathLike) -> None:
         raise AudioError(f"{p}: no such file")
     if p.is_dir():
         raise AudioError(f"{p}: is a directory, expected an audio file")
+    if p.is_file() and p.stat().st_size == 0:
+        raise AudioError(f"{p}: the file is empty (0 bytes)")
     try:
         info = sf.info(str(p))
     except (RuntimeError, sf.LibsndfileError, TypeError, ValueError) as exc:
@@ -148,4 +161,4 @@ def load(source, rate: int = TARGET_RATE, target: int = TARGET_RATE) -> np.ndarr
     """``source`` is a path (read at its own rate), or an array at ``rate`` Hz (16 kHz unless told)."""
     if isinstance(source, (str, os.PathLike)):
         return read_file(source, target)
-    return prepare(np.asarray(source), TARGET_RATE if rate is None else rate, target=target)
+    return prepare(source, TARGET_RATE if rate is None else rate, target=target)

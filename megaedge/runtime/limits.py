@@ -131,11 +131,12 @@ def check_int(value, option: str, low: int, high: int, fix: str = "") -> int:
     return number
 
 
-def check_seconds(value, option: str, low: float, high: float, low_inclusive: bool = False, fix: str = "") -> float:
+def check_seconds(value, option: str, low: float, high: float, low_inclusive: bool = False, fix: str = "",
+                  unit: str = "seconds") -> float:
     number = _float(value, option)
     ok = (low <= number if low_inclusive else low < number) and number <= high
     if not ok:
-        span = f"{'[' if low_inclusive else '('}{low:g}, {high:g}] seconds"
+        span = f"{'[' if low_inclusive else '('}{low:g}, {high:g}] {unit}"
         raise LimitError(option, f"{number:g} is outside {span}{'; ' + fix if fix else ''}")
     return number
 

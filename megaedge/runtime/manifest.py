@@ -252,8 +252,8 @@ def read(bundle_dir: str | Path, verify: bool = True, expected_digest: str | Non
     if expected_digest is not None:
         pinned = str(expected_digest).strip().lower()
         if len(pinned) != 64 or any(c not in "0123456789abcdef" for c in pinned):
-            raise BundleError(f"expected digest {expected_digest!r} is not 64 hex digits; use the value "
-                              f"megaedge.runtime.manifest.bundle_digest(BUNDLE) printed for the bundle you trust")
+            raise BundleError(f"expected digest {expected_digest!r} is not 64 hex digits; use the one `megaedge "
+                              "doctor --bundle BUNDLE` prints for the bundle you trust")
         if doc[DIGEST_FIELD] != pinned:
             raise BundleError(f"{root}: bundle digest {doc[DIGEST_FIELD][:16]}... is not the pinned "
                               f"{pinned[:16]}...; this is another bundle or an edited one: copy the pinned one")

@@ -33,6 +33,9 @@ def resolve_providers(names) -> list[str]:
     chosen = []
     for name in names or ("cpu",):
         full = PROVIDERS.get(name, name)
+        if name not in PROVIDERS and not name.endswith("ExecutionProvider"):
+            raise MegaedgeError(f"execution provider {name!r} is not one of {', '.join(PROVIDERS)} (or an "
+                                "onnxruntime provider name, e.g. CUDAExecutionProvider)")
         if full not in available:
             raise MegaedgeError(
                 f"execution provider {name!r} is not available in this onnxruntime (available: "

@@ -253,11 +253,8 @@ class Stream:
         must catch up (a hop is most of a stream's compute). Endpoints, span rolls and segment cuts cut the audio
         where they would anyway and each final is still exact for its audio; hops missed are made up by the next
         call with partials on."""
-        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or not \
-                0 < sample_rate <= audio_io.MAX_RATE:
-            raise MegaedgeError(f"sample_rate {sample_rate!r} is not a rate in Hz (1-{audio_io.MAX_RATE}); pass the "
-                                f"rate the samples were recorded at, e.g. 16000")
-        chunk = self._to_16k(audio_io.as_float(np.asarray(samples), "stream input"), int(sample_rate))
+        rate = audio_io.check_rate(sample_rate, "sample_rate")
+        chunk = self._to_16k(audio_io.as_float(samples, "stream input"), rate)
         return self._accept(chunk, partials)
 
     def _accept(self, chunk: np.ndarray, partials: bool = True) -> list[StreamEvent]:

@@ -115,3 +115,12 @@ def test_a_reader_that_stops_reading_ends_the_command_quietly():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 1
     assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_global_options_after_the_command():
+    """`megaedge export --no-progress ...` was 'unrecognized arguments': -v and --no-progress go either side."""
+    parser = build_parser()
+    for argv in (["doctor", "--no-progress", "-vv"], ["--no-progress", "-vv", "doctor"]):
+        args = parser.parse_args(argv)
+        assert (args.no_progress, args.verbose) == (True, 2), argv
+    assert (parser.parse_args(["doctor"]).no_progress, parser.parse_args(["doctor"]).verbose) == (False, 0)

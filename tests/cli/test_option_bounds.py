@@ -78,6 +78,8 @@ BAD = [
     (("calibrate", "--speech", "s", "--out", "o", "--seed", "-5"), "--seed", "-5 is outside 0-4294967295"),
     (("calibrate", "--speech", "s", "--out", "o", "--severity", "0.5:2"), "--severity", "0 <= LO <= HI <= 1"),
     (("calibrate", "--speech", "s", "--out", "o", "--severity", "nan:0.5"), "--severity", "0 <= LO <= HI <= 1"),
+    (("serve", B, "--max-request-mb", "0"), "--max-request-mb", "0 is outside (0, 4096] MiB; e.g. 25"),
+    (("serve", B, "--shutdown-timeout", "-5"), "--shutdown-timeout", "seconds to finish open work on SIGTERM"),
 ]
 
 

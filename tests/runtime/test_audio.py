@@ -53,3 +53,10 @@ def test_missing_truncated_and_empty_files(tmp_path):
 
 def test_all_zero_audio_is_valid():
     assert audio.load(np.zeros(8000, dtype=np.float32), rate=16000).size == 8000
+
+
+def test_an_empty_file_is_named_empty(tmp_path):
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    with pytest.raises(AudioError, match=r"empty.wav: the file is empty \(0 bytes\)"):
+        audio.read_file(empty)

@@ -38,7 +38,7 @@ def test_cuda_that_falls_back_to_cpu_is_an_error(fixture_bundles, monkeypatch):
 
 def test_unknown_provider_names_the_fix():
     with pytest.raises(MegaedgeError, match="not available in this onnxruntime.*install onnxruntime-gpu"):
-        session.resolve_providers(("no-such-provider",))
+        session.resolve_providers(("ROCMExecutionProvider",))
 
 
 def test_memory_arena_option_reaches_every_session(tiny_bundles):
@@ -58,3 +58,11 @@ def test_memory_arena_option_reaches_every_session(tiny_bundles):
     assert texts[True] == texts[False]
     with pytest.raises(MegaedgeError, match="memory_arena 'no' must be True or False"):
         RuntimeOptions(memory_arena="no")
+
+
+def test_a_provider_name_megaedge_does_not_know_is_named_as_such():
+    from megaedge.runtime.session import resolve_providers
+
+    for name in ("gpu", ""):
+        with pytest.raises(MegaedgeError, match=f"execution provider {name!r} is not one of cpu, cuda, tensorrt"):
+            resolve_providers([name])

@@ -68,12 +68,17 @@ def test_a_rate_is_required_and_checked(merged):
     with pytest.raises(TypeError):
         stream.accept_waveform(np.zeros(100, np.float32))  # the rate is not optional
     for bad in (0, -16000, 10**9, 16000.5, True, "16000"):
-        with pytest.raises(MegaedgeError, match="not a rate in Hz"):
+        with pytest.raises(MegaedgeError, match="not a rate in whole Hz"):
             stream.accept_waveform(np.zeros(100, np.float32), bad)
-    with pytest.raises(MegaedgeError, match="not a rate in Hz"):
+    with pytest.raises(MegaedgeError, match="not a rate in whole Hz"):
         merged.transcribe(np.zeros(1600, np.float32), rate=0)
     with pytest.raises(MegaedgeError, match="not audio"):
         stream.accept_waveform(np.array(["a", "b"]), 16000)
+    with pytest.raises(MegaedgeError, match="4 bytes are not samples; pass a file path"):
+        stream.accept_waveform(b"RIFF", 16000)
+    with pytest.raises(MegaedgeError, match="4 bytes are not samples; pass a file path"):
+        merged.transcribe(b"RIFF")
+    assert stream.accept_waveform(np.zeros(100, np.float32), 16000.0) == []  # sounddevice reports 48000.0
 
 
 def test_same_tokens_same_text_offline_and_streaming(merged):

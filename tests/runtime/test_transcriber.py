@@ -209,6 +209,8 @@ def test_a_pinned_digest_admits_only_that_bundle(tiny_bundles):
     assert Transcriber.from_bundle(merged, expected_digest=digest).manifest.mode == "merged"
     with pytest.raises(MegaedgeError, match="digest"):
         Transcriber.from_bundle(routed, expected_digest=digest)
+    with pytest.raises(MegaedgeError, match="not 64 hex digits; use the one `megaedge doctor --bundle BUNDLE`"):
+        Transcriber.from_bundle(merged, expected_digest="abc")
     doctor = run_cli("doctor", "--bundle", str(merged))
     assert doctor.returncode == 0 and f"bundle digest {digest}" in doctor.stdout
     clip = speechlike(1.0, seed=3)
