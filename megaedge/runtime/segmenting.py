@@ -14,6 +14,20 @@ import numpy as np
 from megaedge.runtime import features
 
 DEFAULT_SEGMENT_SECONDS = 30.0
+SEGMENT_RANGE = (8.0, 300.0)  # a cut needs a few seconds to search; past 300 s a prompt outgrows what was tested
+
+
+def check_segment_seconds(value) -> float | None:
+    """None (never cut) or seconds in SEGMENT_RANGE; anything else one line."""
+    from megaedge.errors import MegaedgeError
+
+    if value is None:
+        return None
+    low, high = SEGMENT_RANGE
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise MegaedgeError(f"segment_seconds {value!r} is outside {low:g}-{high:g} s; pass seconds in that range, "
+                            "or None to never cut")
+    return float(value)
 SEARCH_SECONDS = 4.0
 FRAME = 320  # 20 ms at 16 kHz
 RATE = features.SAMPLE_RATE

@@ -350,6 +350,7 @@ class Transcriber:
         ``max_text_tokens`` the text after the language prefix. Safe to call from several threads at once."""
         route = self.check_route(route or self.route)
         language, context = self.check_request(language, context, max_new_tokens, max_text_tokens)
+        segment_seconds = segmenting.check_segment_seconds(segment_seconds)
         timer = _Timer()
         t_start = time.perf_counter()
         samples = audio_io.load(audio, rate)

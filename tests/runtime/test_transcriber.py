@@ -238,3 +238,14 @@ def test_doctor_verifies_a_bundles_files(tiny_bundles, tmp_path):
     bad = run_cli("doctor", "--bundle", str(copy))
     assert bad.returncode == 1
     assert "ERROR        bundle files: " in bad.stdout and "decoder.onnx: sha256" in bad.stdout
+
+
+def test_segment_seconds_outside_its_range_is_one_line(tiny_bundles):
+    """-1 raised numpy's 'argmin of an empty sequence'; 0 silently meant never cut."""
+    from megaedge.runtime.transcriber import Transcriber
+
+    tr = Transcriber.from_bundle(tiny_bundles["merged"])
+    for bad in (-1, 0, 7.9, 301, "30", True):
+        with pytest.raises(MegaedgeError, match=r"segment_seconds .* is outside 8-300 s"):
+            tr.transcribe(speechlike(1.0, seed=4), segment_seconds=bad)
+    assert tr.transcribe(speechlike(1.0, seed=4), segment_seconds=8).segments
