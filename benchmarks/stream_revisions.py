@@ -1,0 +1,107 @@
+"""How often a stream's final revises text its partials had committed, per preset, on the held-out clips.
+
+A realtime client that concatenates deltas (committed text) shows what the final may still correct; this counts,
+per preset, the utterances whose final disagreed with a committed token (``StreamStats.revisions``), the clips
+whose last committed partial is not a prefix of the final text, and the committed tokens that stood, with the
+word error rate of the finals (they are the offline transcripts, so presets only differ in their partials).
+
+    python benchmarks/stream_revisions.py [--bundle B] [--presets balanced,interactive,dictation] [--feed 0.1]
+
+Without --bundle it exports the shipped fixture (FP32, merged). Each clip gets 0.5 s of silence before and 1 s
+after it and is fed in blocks of ``--feed`` seconds. Writes benchmarks/results/stream_revisions.json. The counts
+do not depend on the machine (greedy decoding); they depend on the model: the fixture is small and trained on
+single commands, so its early guesses are often wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import provenance
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RATE = 16000
+
+
+def measure(tr, items: list[dict], preset: str, feed: float) -> dict:
+    import jiwer
+
+    from megaedge.runtime import audio as audio_io
+    from megaedge.runtime.evaluate import normalize
+    from megaedge.runtime.streaming import StreamOptions
+
+    options = StreamOptions.preset(preset)
+    per_group: dict[str, dict] = defaultdict(lambda: {"clips": 0, "revised": 0, "not_prefix": 0})
+    refs, hyps, committed_tokens = [], [], 0
+    block = int(feed * RATE)
+    for item in items:
+        clip = audio_io.load(item["path"])
+        audio = np.concatenate([np.zeros(RATE // 2, np.float32), clip, np.zeros(RATE, np.float32)])
+        stream = tr.create_stream(options)
+        last = None
+        finals = []
+        for i in range(0, audio.size, block):
+            for event in stream.accept_waveform(audio[i: i + block], RATE):
+                if event.kind == "partial":
+                    last = event
+                else:
+                    finals.append(event.text)
+        finals.append(stream.final().text)
+        text = " ".join(t for t in finals if t)
+        group = per_group["clean" if item.get("scenario") == "clean" else "degraded"]
+        group["clips"] += 1
+        group["revised"] += int(stream.stats.revisions > 0)
+        committed = (last.committed if last is not None else "").strip()
+        group["not_prefix"] += int(bool(normalize(committed)) and not normalize(text).startswith(normalize(committed)))
+        committed_tokens += len(tr.tokenizer.encode(committed, add_special_tokens=False).ids) if committed else 0
+        refs.append(normalize(item["text"]))
+        hyps.append(normalize(text))
+    total = {key: sum(g[key] for g in per_group.values()) for key in ("clips", "revised", "not_prefix")}
+    return {"options": {"hop_seconds": options.hop_seconds, "unstable_tokens": options.unstable_tokens},
+            **total, "revised_share": round(total["revised"] / max(1, total["clips"]), 3),
+            "not_prefix_share": round(total["not_prefix"] / max(1, total["clips"]), 3),
+            "committed_tokens_at_last_partial": committed_tokens,
+            "final_wer_percent": round(100 * jiwer.wer(refs, hyps), 2), "groups": dict(per_group)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", help="bundle to measure (default: the fixture, exported to a temp dir)")
+    parser.add_argument("--presets", default="balanced,interactive,dictation")
+    parser.add_argument("--feed", type=float, default=0.1, help="seconds of audio per accept_waveform call")
+    parser.add_argument("--out", default=str(RESULTS / "stream_revisions.json"))
+    args = parser.parse_args()
+    from megaedge import fixture
+    from megaedge.export.bundle import ExportOptions, export_bundle
+    from megaedge.runtime import machine
+    from megaedge.runtime.evaluate import read_set
+    from megaedge.runtime.transcriber import Transcriber
+
+    items = read_set(fixture.heldout_manifest())
+    results = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": provenance.commit(),
+               "command": "python " + " ".join(sys.argv),
+               "machine": machine.cpu_facts()["model"], "clips": len(items), "feed_seconds": args.feed,
+               "presets": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(args.bundle) if args.bundle else export_bundle(
+            fixture.model_dir(), Path(tmp) / "fixture", ExportOptions(force=True))
+        results["bundle"] = "the fixture, FP32 merged" if not args.bundle else Path(args.bundle).name
+        tr = Transcriber.from_bundle(bundle, threads=2)
+        for preset in args.presets.split(","):
+            print(f"{preset} ...", flush=True)
+            results["presets"][preset] = measure(tr, items, preset, args.feed)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps({p: {k: v for k, v in r.items() if k != "groups"} for p, r in results["presets"].items()},
+                     indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
