@@ -26,7 +26,7 @@ def add_decoding_options(parser, text_tokens: bool = True) -> None:
     parser.add_argument("--max-new-tokens", type=arg_type(limits.check_max_new_tokens, parse=int),
                         help=f"most {counted} per segment, 1-{limits.MAX_NEW_TOKENS} (default: sized from the "
                              "audio length)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object per file")
+    parser.add_argument("--json", action="store_true", help="one JSON object per file, one per line (JSON Lines)")
 
 
 def add_language_option(parser) -> None:
@@ -98,6 +98,11 @@ def add_vad_option(parser) -> None:
                              "installed silero-vad), energy (frame energy: tones, hum and machinery can pass), off "
                              "(only digital silence is gated), auto (silero where a model is found, else energy; "
                              "default, or $MEGAEDGE_VAD)")
+
+
+def print_json_line(obj) -> None:
+    """One object on one line (JSON Lines: several files' results stay parseable line by line)."""
+    print(json.dumps(obj, ensure_ascii=False), flush=True)
 
 
 def print_json(obj) -> None:

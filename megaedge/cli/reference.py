@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megaedge.cli.common import need_export_extra, print_json
+    from megaedge.cli.common import need_export_extra, print_json_line
 
     need_export_extra()
     from megaedge.export.loader import load_checkpoint
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         res = transcribe(loaded, audio, route=route, language=args.language, context=args.context,
                          max_new_tokens=args.max_new_tokens)
         if args.json:
-            print_json({"file": name, "text": res.text, "language": res.language, "route": res.route,
+            print_json_line({"file": name, "text": res.text, "language": res.language, "route": res.route,
                         "degraded_prob": res.degraded_prob, "token_ids": res.token_ids, "seconds": round(res.seconds, 3)})
         else:
             prob = f" p_degraded={res.degraded_prob:.2f}" if res.degraded_prob is not None else ""

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megaedge.cli.common import print_json
+    from megaedge.cli.common import print_json_line
     from megaedge.runtime import audio as audio_io
     from megaedge.runtime.transcriber import Transcriber
 
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             doc = result.to_dict()
             doc.pop("raw", None)
-            print_json({"file": name, **doc})
+            print_json_line({"file": name, **doc})
         else:
             prob = f" p_degraded={result.degraded_prob:.2f}" if result.degraded_prob is not None else ""
             guard = " loop-guard" if result.loop_guard else ""

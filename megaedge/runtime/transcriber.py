@@ -436,8 +436,8 @@ class Transcriber:
                      end / rate, guard)
         parsed = self.text_of(out.tokens, language is not None)
         mean, least = _confidence(out.logprobs)
-        return SegmentResult(start / rate, end / rate, parsed.text, out.tokens, chosen, prob, guard, parsed.language,
-                             mean, least, logprobs=out.logprobs)
+        return SegmentResult(start / rate, end / rate, parsed.text, out.tokens, chosen, prob, guard,
+                             parsed.language or language, mean, least, logprobs=out.logprobs)
 
     def heard_speech(self, samples: np.ndarray, timer: _Timer | None = None) -> bool:
         """Whether the voice-activity detector hears speech in ``samples`` (16 kHz)."""

@@ -26,7 +26,7 @@ def test_transcribe_cli_without_torch(tiny_bundles, tmp_path):
     proc = run_cli("transcribe", str(tiny_bundles["routed"]), wav, stereo, "--json", "--max-new-tokens", "6",
                    python_prelude=BLOCK_TORCH)
     assert proc.returncode == 0, proc.stderr
-    docs = [json.loads(part) for part in proc.stdout.replace("}\n{", "}\x00{").split("\x00")]
+    docs = [json.loads(line) for line in proc.stdout.splitlines()]  # JSON Lines: one object per file
     assert len(docs) == 2 and all(d["route"] in ("base", "lora") for d in docs)
     assert 0.0 <= docs[0]["degraded_prob"] <= 1.0 and docs[0]["timings"]["encoder"] > 0
 
@@ -249,3 +249,11 @@ def test_segment_seconds_outside_its_range_is_one_line(tiny_bundles):
         with pytest.raises(MegaedgeError, match=r"segment_seconds .* is outside 8-300 s"):
             tr.transcribe(speechlike(1.0, seed=4), segment_seconds=bad)
     assert tr.transcribe(speechlike(1.0, seed=4), segment_seconds=8).segments
+
+
+def test_a_forced_language_is_each_segments_language(tiny_bundles):
+    """--language en gave "English" at the top and null in every segment."""
+    from megaedge.runtime.transcriber import Transcriber
+
+    result = Transcriber.from_bundle(tiny_bundles["merged"]).transcribe(speechlike(1.0, seed=5), language="en")
+    assert result.language == "English" and [s.language for s in result.segments] == ["English"]
