@@ -288,6 +288,7 @@ def create_app(config: ServeConfig, transcriber=None):
 
     app = FastAPI(title="megaedge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.megaedge = state
+
     def rejected(path: str) -> None:
         state.metrics.errors.labels("request_too_large").inc()
         if path == TRANSCRIPTIONS:
@@ -298,6 +299,16 @@ def create_app(config: ServeConfig, transcriber=None):
     def error(status: int, message: str, code: str, kind: str = "invalid_request_error", param=None):
         state.metrics.errors.labels(code).inc()
         return JSONResponse(_error_body(message, code, kind, param), status_code=status)
+
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc):
+        """404 / 405 and the like in OpenAI's error body, as every other error here (FastAPI says {"detail"})."""
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        state.metrics.errors.labels(code).inc()
+        body = _error_body(f"{exc.detail}: {request.method} {request.url.path}", code)
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(_TooLarge)
     async def too_large(request, exc):

@@ -309,3 +309,14 @@ def test_a_damaged_bundle_is_one_line_before_the_server_listens(fixture_bundles,
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "encoder.onnx: sha256" in lines[0] and "does not match the manifest" in lines[0]
+
+
+def test_unknown_paths_and_methods_answer_in_openais_error_body(strict):
+    import httpx
+
+    missing = httpx.get(strict.url + "/v1/nope", timeout=30)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "not_found" and "/v1/nope" in missing.json()["error"]["message"]
+    wrong = httpx.get(strict.url + "/v1/audio/transcriptions", timeout=30)
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+    assert "allow" in wrong.headers
