@@ -190,6 +190,7 @@ def write_weights(config, out_dir: Path, base_layout: layout.Layout, seed: int, 
             written += shard[stored_name(name)].numel()
         file_name = layout.SINGLE_SAFETENSORS if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
         save_file(shard, str(out_dir / file_name), metadata={"format": "pt"})
+        Path(out_dir / file_name).chmod(0o644)  # safetensors writes 0600
         weight_map.update(dict.fromkeys(shard, file_name))
     if count > 1:
         index_doc = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
@@ -288,6 +289,7 @@ def write_adapter(config, out_dir: Path, seed: int, spec: AdapterSpec = AdapterS
                               {"start": cut, "end": rank, "rank": rank - cut, "alpha": 2 * alpha}] if cut else
                              [{"start": 0, "end": rank, "rank": rank, "alpha": alpha}])
     save_file(tensors, str(out_dir / layout.ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    Path(out_dir / layout.ADAPTER_WEIGHTS).chmod(0o644)  # safetensors writes 0600
     adapter_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": max(spec.ranks), "lora_alpha": max(spec.alphas),
         "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,

@@ -199,6 +199,7 @@ def save_native(loaded: LoadedCheckpoint, out_dir: Path, dtype: str = "float32",
     for i, shard in enumerate(shards):
         name = layout.SINGLE_SAFETENSORS if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+        (out_dir / name).chmod(0o644)  # safetensors writes 0600; the checkpoint's other files are 0644
         weight_map.update(dict.fromkeys(shard, name))
     if len(shards) > 1:
         (out_dir / layout.SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))

@@ -182,6 +182,7 @@ def save_router(model, path: str | Path, extra_metadata: dict | None = None) -> 
     metadata.update(extra_metadata or {})
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata=metadata)
+    Path(path).chmod(0o644)  # safetensors writes 0600
 
 
 def router_probabilities(model, audio) -> list[float]:

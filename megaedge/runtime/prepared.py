@@ -234,6 +234,7 @@ def prepare(bundle: str | Path, threads: int | None = None) -> dict:
                             f"bundle to a writable directory first") from exc
     with _exclusive(key_dir):
         staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=key_dir))
+        staging.chmod(0o755)  # mkdtemp makes 0700: the bundle's other readers (a service user) need it too
         try:
             index = _build(bundle, info, staging, threads)
             if _stamps(bundle, info.files) != before:

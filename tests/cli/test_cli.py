@@ -45,6 +45,8 @@ def test_merge_writes_a_checkpoint_transformers_loads(tiny_mega, tmp_path):
     out = tmp_path / "merged"
     result = run_cli("merge", str(tiny_mega), "--out", str(out))
     assert result.returncode == 0, result.stderr
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.rglob("*.safetensors")}
+    assert modes and set(modes.values()) == {0o644}, modes  # safetensors writes 0600
     plain = Qwen3ASRForConditionalGeneration.from_pretrained(str(out)).eval()
     ours = load_checkpoint(tiny_mega, lora="merge")
     audio = speechlike(1.0, seed=11)
