@@ -19,7 +19,8 @@ STREAMS = (1, 64)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", help="bundle directory written by `megaedge export`")
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--memory", help="memory the process may use, e.g. 6GB, 7500MB (what is left after the OS)")
+    target.add_argument("--memory", help="memory the process may use, e.g. 6GB, 7500MB (what is left after the OS; "
+                                         "default 8GB)")
     target.add_argument("--device", help=f"a known board: {', '.join(DEVICE_NAMES)} (usable memory assumed as "
                                          f"docs/device.md states; TensorRT plans know orin-nano-8gb, orin-nx-16gb, "
                                          f"gpu-8gb)")
@@ -89,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
                          ("CUDA context", result.context_mib), ("total", result.total_mib)):
         print(f"  {label:<16} {value / 1024:7.2f} GiB")
     print(f"  largest audio that fits: {result.max_audio_seconds:g} s per segment (longer files run in 30 s "
-          f"segments); largest KV length at {args.max_audio_seconds:g} s: {result.max_kv_tokens} tokens")
+          f"segments); memory left for the KV cache beside a {args.max_audio_seconds:g} s plan: "
+          f"{result.max_kv_tokens} tokens' worth")
     return 0
 
 

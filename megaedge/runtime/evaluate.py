@@ -72,9 +72,13 @@ class Group:
 
 
 def group_keys(item: dict) -> list[str]:
-    """Every group a clip belongs to: all, clean/degraded, its scenario, and each of its conditions."""
-    scenario = item.get("scenario", "unlabelled")
-    keys = ["all", "clean" if scenario == "clean" else "degraded", f"scenario:{scenario}"]
+    """Every group a clip belongs to: all, clean/degraded, its scenario, and each of its conditions. A clip whose
+    set gives no scenario is in neither clean nor degraded: nothing says which it is."""
+    scenario = item.get("scenario")
+    if scenario in (None, "unlabelled"):
+        keys = ["all", "scenario:unlabelled"]
+    else:
+        keys = ["all", "clean" if scenario == "clean" else "degraded", f"scenario:{scenario}"]
     keys += [f"condition:{c}" for c in item.get("conditions", [])]
     return keys
 
