@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="validation tolerance relative to the torch outputs' scale, 1e-6..1e-1 (default 1e-3 "
                              "for fp32, 2e-2 for fp16); top-1 and greedy tokens must agree too")
     parser.add_argument("--force", action="store_true",
-                        help="replace an existing bundle at --out (never a folder that is not a megaedge bundle, the "
-                             "working directory or one holding the inputs)")
+                        help="replace an existing bundle at --out (never a folder that is not a megaedge bundle or "
+                             "holds other files too, the working directory or one holding the inputs)")
     int8 = parser.add_argument_group("INT8 (calibrated on wild audio)")
     int8.add_argument("--int8", action="store_true", help="write an INT8 bundle and its per-condition accuracy report")
     int8.add_argument("--target", choices=("cpu", "cuda", "tensorrt"), default="cpu",

@@ -496,6 +496,25 @@ def _check_output(out: Path, force: bool, protected=()) -> None:
         raise BundleError(f"{out}: directory is not empty; choose a new directory or pass --force to replace it")
     # The bundle is renamed onto ``out``: even an empty working directory would be swapped from under the shell.
     staging.refuse_to_replace(out, "bundle", protected, marker=manifest.MANIFEST_NAME)
+    foreign = _not_the_bundles(out)
+    if foreign:
+        raise BundleError(f"--out {out}: {foreign[0]} is not part of the bundle there and --force would delete it "
+                          f"with the bundle; move it out first")
+
+
+def _not_the_bundles(out: Path) -> list[str]:
+    """Entries of the bundle folder ``out`` that neither its manifest lists nor megaedge makes there (prepared
+    copies, TensorRT engines): a user's files, which replacing the bundle must not delete. A manifest that cannot
+    be read says nothing: then the folder is the damaged bundle --force is for."""
+    from megaedge.runtime.tensorrt import ENGINE_FILES
+
+    try:
+        info = manifest.read(out, verify=False)
+    except MegaedgeError:
+        return []
+    ours = {manifest.MANIFEST_NAME, manifest.PREPARED_DIR, *ENGINE_FILES.values()}
+    ours |= {Path(rel).parts[0] for rel in info.files}
+    return sorted(entry.name for entry in out.iterdir() if entry.name not in ours)
 
 
 def export_bundle(model_path, out_dir, options: ExportOptions = ExportOptions(), adapter=None, router=None,

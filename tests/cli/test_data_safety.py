@@ -116,7 +116,7 @@ def test_force_rules(tmp_path, monkeypatch):
 def test_force_replaces_a_bundle_and_clears_dead_runs(checkpoint, bundle, tmp_path, caplog):
     out = tmp_path / "b"
     export_bundle(checkpoint, out, ExportOptions(validate=False))
-    (out / "old-only.txt").write_text("from the old bundle")
+    (out / "prepared").mkdir()  # what megaedge makes beside a bundle goes with it
     dead = _dead_pid()
     stale = tmp_path / f".b.partial-{dead}-abcdefgh"
     stale.mkdir()
@@ -130,6 +130,17 @@ def test_force_replaces_a_bundle_and_clears_dead_runs(checkpoint, bundle, tmp_pa
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in bundle.iterdir())
     assert _hidden(tmp_path) == sorted([live.name, other.name])
     assert f"removed {stale}, left behind by an interrupted run (pid {dead})" in caplog.messages
+
+
+def test_force_keeps_a_users_file_in_the_bundle_folder(checkpoint, tmp_path):
+    """--force replaced the folder with whatever a user had put in it (a new user's probe lost notes.txt)."""
+    out = tmp_path / "b"
+    export_bundle(checkpoint, out, ExportOptions(validate=False))
+    (out / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(MegaedgeError, match="notes.txt is not part of the bundle there and --force would delete it"):
+        export_bundle(checkpoint, out, ExportOptions(validate=False, force=True))
+    assert sorted(p.name for p in out.iterdir()) == before and (out / "notes.txt").read_text() == "mine"
 
 
 def test_replace_dir_never_leaves_neither(tmp_path, monkeypatch):
