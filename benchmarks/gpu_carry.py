@@ -77,9 +77,9 @@ def fatbin_containers(data: bytes | bytearray):
     while pos < end:
         magic, _version, header_size, body = struct.unpack_from("<IHHQ", data, pos)
         if magic != FATBIN_MAGIC:
-            if any(data[pos:pos + 8]):
+            if data[pos]:
                 raise ValueError(f"unexpected bytes at {pos:#x} in .nv_fatbin: not a fatbin container")
-            pos += 8
+            pos += 1  # zeros: alignment, or what a cut container freed (any length)
             continue
         entry, container_end, entries = pos + header_size, pos + header_size + body, []
         while entry < container_end:
@@ -260,7 +260,8 @@ def stash(args) -> int:
         src = _part_file(k, [CARRY])
         if src is not None and hashlib.sha256(src.read_bytes()).hexdigest() == digest:
             shutil.copyfile(src, STASH / f"part-{k}")
-        if _part_file(k, [STASH]) is not None:
+        kept = _part_file(k, [STASH])
+        if kept is not None and hashlib.sha256(kept.read_bytes()).hexdigest() == digest:  # not an earlier pack's
             have.append(k)
     missing = [k for k in range(1, len(manifest["parts"]) + 1) if k not in have]
     print(f"stash {STASH}: parts {have} of {len(manifest['parts'])}; still to carry: {missing or 'none'}")

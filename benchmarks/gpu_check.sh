@@ -58,7 +58,11 @@ if [ -d .gpu-carry ] || [ -s "${MEGAEDGE_CARRY_STASH:-/tmp/megaedge-carry}/manif
     echo "carry: onnxruntime-gpu not unpacked (carry.json says why); the image's onnxruntime is used"
   fi
 fi
-if [ -z "${WAIT_FOR:-}" ] && [ -s "$WORK/bundles.pid" ]; then WAIT_FOR=$(cat "$WORK/bundles.pid"); fi
+# the export `prepare` started, if that process is still the export (a pid can be reused after it ends)
+if [ -z "${WAIT_FOR:-}" ] && [ -s "$WORK/bundles.pid" ]; then
+  pid=$(cat "$WORK/bundles.pid"); rm -f "$WORK/bundles.pid"
+  if tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q "gpu_decode.py"; then WAIT_FOR=$pid; fi
+fi
 START=$(date +%s)
 TOTAL_S="${TOTAL_S:-480}"  # the whole script's budget; PYTEST_S: the gpu tests' share of it
 PYTEST_S="${PYTEST_S:-150}"
@@ -200,7 +204,8 @@ fi
 if [ -n "${WAIT_FOR:-}" ]; then
   while kill -0 "$WAIT_FOR" 2>/dev/null && [ "$(left)" -gt 90 ]; do sleep 5; done
   if kill -0 "$WAIT_FOR" 2>/dev/null; then  # never two writers in one folder: gpu_decode finishes what is missing
-    echo "the bundles run $WAIT_FOR is still going: stopped; gpu_decode makes what is missing"; kill "$WAIT_FOR"; sleep 2
+    echo "the bundles run $WAIT_FOR is still going: stopped; gpu_decode makes what is missing"
+    kill -- "-$WAIT_FOR" 2>/dev/null || kill "$WAIT_FOR"; sleep 2  # its process group (setsid), children too
   fi
 fi
 # PREVIOUS: an earlier revision's export/fixed_kv.py (git show REV:megaedge/export/fixed_kv.py), timed as

@@ -87,11 +87,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megaedge {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        if not _stdout_is_closed():
+            raise  # a pipe or socket of the command's own: not the reader of its output going away
         # whatever read our output stopped reading (`| head -1`): stop quietly, as other command-line tools do;
         # stdout goes to /dev/null so the interpreter's last flush cannot fail again
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
+
+
+def _stdout_is_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (poll reports an error on it; writing nothing
+    would prove nothing, writing something would add to the output)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real descriptor (captured output), or no poll here
+        return False
 
 
 if __name__ == "__main__":  # pragma: no cover

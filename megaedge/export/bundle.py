@@ -514,7 +514,9 @@ def _not_the_bundles(out: Path) -> list[str]:
         return []
     ours = {manifest.MANIFEST_NAME, manifest.PREPARED_DIR, *ENGINE_FILES.values()}
     ours |= {Path(rel).parts[0] for rel in info.files}
-    return sorted(entry.name for entry in out.iterdir() if entry.name not in ours)
+    leftover = f".{manifest.MANIFEST_NAME}."  # manifest.write's temporary file, if a rewrite was killed
+    return sorted(entry.name for entry in out.iterdir() if entry.name not in ours and
+                  not (entry.name.startswith(leftover) and entry.name.endswith(".tmp")))
 
 
 def export_bundle(model_path, out_dir, options: ExportOptions = ExportOptions(), adapter=None, router=None,

@@ -23,12 +23,12 @@ MAX_CHANNELS = 32  # more than any microphone array here; a longer axis is sampl
 def channel_axis(shape: tuple[int, int], known: int | None = None) -> int:
     """The axis of a 2-D block that holds channels: 1 for (samples, channels) as soundfile and sounddevice give,
     0 for (channels, samples) as librosa and torchaudio give. The channels axis is the one of at most
-    MAX_CHANNELS when the other is longer; a block too short to tell (both axes that short) keeps ``known`` (a
-    stream's earlier blocks) or else is read as (samples, channels)."""
+    MAX_CHANNELS when the other is longer; with both longer (a large microphone array), the shorter one; a block
+    too short to tell (both axes that short) keeps ``known`` (a stream's earlier blocks) or else is read as
+    (samples, channels)."""
     rows, cols = shape
     if rows > MAX_CHANNELS and cols > MAX_CHANNELS:
-        raise AudioError(f"audio array of shape {shape}: one axis must be channels (at most {MAX_CHANNELS}); "
-                         "pass (samples,), (samples, channels) or (channels, samples)")
+        return 0 if rows < cols else 1
     if cols <= MAX_CHANNELS < rows:
         return 1
     if rows <= MAX_CHANNELS < cols:
@@ -109,7 +109,8 @@ def read_file(path: str | os.PathLike, target: int = TARGET_RATE) -> np.ndarray:
         data, rate = sf.read(str(p), dtype="float32", always_2d=True)
     except (RuntimeError, sf.LibsndfileError, TypeError, ValueError) as exc:
         raise AudioError(f"{p}: cannot read audio ({str(exc).strip().splitlines()[0]}); use wav/flac/ogg/mp3") from exc
-    return prepare(data, int(rate), name=str(p), target=target)
+    # soundfile says the layout, (frames, channels): nothing to guess
+    return prepare(data.mean(axis=1), int(rate), name=str(p), target=target)
 
 
 def _wav_truncation(path: Path) -> str | None:

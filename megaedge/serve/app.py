@@ -361,6 +361,9 @@ def create_app(config: ServeConfig, transcriber=None):
         except _TooLarge:
             state.metrics.requests.labels("transcription", "413").inc()
             raise
+        except Exception:  # a bug: Starlette answers 500
+            state.metrics.requests.labels("transcription", "500").inc()
+            raise
         state.metrics.requests.labels("transcription", str(getattr(response, "status_code", 200))).inc()
         return response
 

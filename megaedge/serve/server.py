@@ -46,22 +46,28 @@ def listen(host: str, port: int):
     import socket
 
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise MegaedgeError(f"--host {host!r} is not an address ({exc.strerror}); use an address of this machine, "
                             "e.g. 127.0.0.1, or 0.0.0.0 for all") from None
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        fix = ("stop what listens there or pick another --port" if exc.errno == errno.EADDRINUSE else
-               "use an address of this machine, e.g. 127.0.0.1, or 0.0.0.0 for all")
-        raise MegaedgeError(f"cannot listen on {host}:{port} ({exc.strerror}); {fix}") from None
-    sock.set_inheritable(True)
-    return sock
+    # A name (localhost) may resolve to ::1 first; uvicorn bound IPv4 for any host without a colon, so IPv4 comes
+    # first here, and each address is tried until one binds.
+    found.sort(key=lambda info: info[0] != socket.AF_INET)
+    failure = None
+    for family, kind, proto, _, address in found:
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            sock.close()
+            failure = failure or exc
+            continue
+        sock.set_inheritable(True)
+        return sock
+    fix = ("stop what listens there or pick another --port" if failure.errno == errno.EADDRINUSE else
+           "use an address of this machine, e.g. 127.0.0.1, or 0.0.0.0 for all")
+    raise MegaedgeError(f"cannot listen on {host}:{port} ({failure.strerror}); {fix}") from None
 
 
 def check_bundle(config: ServeConfig) -> ServeConfig:

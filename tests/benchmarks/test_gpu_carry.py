@@ -229,3 +229,14 @@ def test_pack_replaces_only_what_an_earlier_pack_wrote(carry, monkeypatch, tmp_p
     with pytest.raises(SystemExit, match="notes.txt is not a file gpu_carry.py wrote"):
         _pack(carry, tmp_path / "ort.whl", "3.12")
     assert notes.read_text() == "mine" and (carry.CARRY / "1" / "part").is_file()
+
+
+def test_a_cut_leaves_gaps_of_any_length_the_parser_still_walks(carry):
+    """Entries whose payloads are not multiples of 8 free gaps of odd length; the next container still parses."""
+    rng = np.random.default_rng(5)
+    p80, p90, p90b = _payload(rng, 13), _payload(rng, 8), _payload(rng, 21)
+    data = bytearray(_elf(_container(_entry(80, p80), _entry(90, p90)) + _container(_entry(90, p90b))))
+    carry.keep_arches(data, {90})
+    after = carry.fatbin_containers(data)
+    assert [[e[4] for e in c[3]] for c in after] == [[90], [90]]
+    assert bytes(data[after[1][3][0][0] + 64:][:21]) == p90b

@@ -126,3 +126,13 @@ def test_global_options_after_the_command():
         args = parser.parse_args(argv)
         assert (args.no_progress, args.verbose) == (True, 2), argv
     assert (parser.parse_args(["doctor"]).no_progress, parser.parse_args(["doctor"]).verbose) == (False, 0)
+
+
+def test_a_broken_pipe_of_the_commands_own_is_not_hidden():
+    """Only the reader of stdout going away ends a command quietly; another broken pipe is a failure to see."""
+    prelude = ("import megaedge.cli.doctor as doctor\n"
+               "def run(args):\n"
+               "    raise BrokenPipeError(32, 'a socket of its own')\n"
+               "doctor.run = run\n")
+    result = run_cli("doctor", python_prelude=prelude)
+    assert result.returncode == 1 and "BrokenPipeError" in result.stderr and "a socket of its own" in result.stderr

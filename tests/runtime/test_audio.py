@@ -60,3 +60,15 @@ def test_an_empty_file_is_named_empty(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(AudioError, match=r"empty.wav: the file is empty \(0 bytes\)"):
         audio.read_file(empty)
+
+
+def test_a_file_with_many_channels_reads_as_soundfile_lays_it_out(tmp_path):
+    """soundfile gives (frames, channels): a 64-channel file and a 20-frame 40-channel one are mixed over their
+    channels, not guessed at."""
+    rng = np.random.default_rng(0)
+    for frames, channels in ((16000, 64), (20, 40)):
+        data = rng.uniform(-0.5, 0.5, (frames, channels)).astype(np.float32)
+        path = tmp_path / f"{channels}.wav"
+        sf.write(str(path), data, 16000, subtype="FLOAT")
+        got = audio.read_file(path)
+        assert got.shape == (frames,) and np.allclose(got, data.mean(axis=1), atol=1e-6)

@@ -320,3 +320,23 @@ def test_unknown_paths_and_methods_answer_in_openais_error_body(strict):
     wrong = httpx.get(strict.url + "/v1/audio/transcriptions", timeout=30)
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
     assert "allow" in wrong.headers
+
+
+def test_a_name_binds_ipv4_first_and_falls_back(monkeypatch):
+    """localhost resolving to ::1 first bound IPv6 only (uvicorn had bound IPv4 for any host without a colon)."""
+    import socket
+
+    from megaedge.serve.server import listen
+
+    real = socket.getaddrinfo
+
+    def v6_first(host, port, *args, **kwargs):
+        found = real("127.0.0.1", port, *args, **kwargs)
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0))] + found
+
+    monkeypatch.setattr(socket, "getaddrinfo", v6_first)
+    sock = listen("localhost", 0)
+    try:
+        assert sock.family == socket.AF_INET and sock.getsockname()[0] == "127.0.0.1"
+    finally:
+        sock.close()
