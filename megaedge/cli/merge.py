@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 NAME = "merge"
 HELP = "merge a Mega-ASR LoRA into its base (exact fp32) and write a checkpoint transformers loads"
@@ -23,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="write into a non-empty output directory")
 
 
+def _overlaps(source: Path, out: Path) -> bool:
+    """Whether ``out`` is ``source``, inside it, or holds it."""
+    a, b = source.expanduser().resolve(), out.expanduser().resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
 def run(args: argparse.Namespace) -> int:
     from megaedge.cli.common import need_export_extra
 
@@ -35,11 +42,24 @@ def run(args: argparse.Namespace) -> int:
     from megaedge.runtime import limits
 
     out = limits.check_output_dir(args.out, "--out")
+    for given, what in ((args.model, "the checkpoint"), (args.adapter, "the adapter"), (args.router, "the router")):
+        if given is not None and _overlaps(Path(given), out):
+            raise MegaedgeError(f"--out {out}: overlaps {what} {given}; merging there would overwrite the input; "
+                                "choose a new folder")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise MegaedgeError(f"{out}: output directory is not empty; pass --force to write into it")
     loaded = load_checkpoint(args.model, adapter=args.adapter, router=args.router, lora="merge", load_router=False)
     if loaded.adapter is None:
         raise MegaedgeError(f"{args.model}: no adapter to merge; pass --adapter DIR")
+    if loaded.source.router_file is not None:  # copied under a .safetensors name: it must be one
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(loaded.source.router_file), "np"):
+                pass
+        except Exception as exc:  # safetensors raises its own SafetensorError for any bad header
+            raise MegaedgeError(f"--router {loaded.source.router_file}: not a safetensors file ({exc}); pass the "
+                                "router's .safetensors weights") from None
     save_native(loaded, out, dtype=args.dtype)
     if loaded.source.router_file is not None:
         (out / layout.ROUTER_DIR_NAME).mkdir(exist_ok=True)

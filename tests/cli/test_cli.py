@@ -136,3 +136,19 @@ def test_a_broken_pipe_of_the_commands_own_is_not_hidden():
                "doctor.run = run\n")
     result = run_cli("doctor", python_prelude=prelude)
     assert result.returncode == 1 and "BrokenPipeError" in result.stderr and "a socket of its own" in result.stderr
+
+
+def test_merge_refuses_its_own_input_and_a_router_that_is_not_safetensors(tiny_mega, tmp_path):
+    """`merge SRC --out SRC --force` wrote into the checkpoint, then crashed (SameFileError); --router took any
+    file and copied it under a .safetensors name."""
+    before = sorted(p.name for p in tiny_mega.rglob("*"))
+    inside = run_cli("merge", str(tiny_mega), "--out", str(tiny_mega), "--force")
+    assert inside.returncode == 1 and inside.stderr.strip().splitlines() == [
+        f"megaedge merge: error: --out {tiny_mega}: overlaps the checkpoint {tiny_mega}; merging there would "
+        "overwrite the input; choose a new folder"]
+    assert sorted(p.name for p in tiny_mega.rglob("*")) == before
+    note = tmp_path / "router.json"
+    note.write_text("{}")
+    bad = run_cli("merge", str(tiny_mega), "--out", str(tmp_path / "m"), "--router", str(note))
+    assert bad.returncode == 1 and "not a safetensors file" in bad.stderr and len(bad.stderr.splitlines()) == 1
+    assert not (tmp_path / "m").exists()
