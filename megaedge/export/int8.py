@@ -99,14 +99,15 @@ def calibration_items(location: str | None) -> tuple[list[dict], str]:
     from megaedge import fixture
 
     if location is None:
-        return read_set(fixture.calibration_manifest()), "megaedge fixture calibration clips (wild audio)"
+        return (read_set(fixture.calibration_manifest(), need_text=False),
+                "megaedge fixture calibration clips (wild audio)")
     path = Path(location).expanduser()
     if path.is_file():
-        return read_set(path), str(path.name)
+        return read_set(path, need_text=False), str(path.name)
     if path.is_dir():
         manifest_file = path / "manifest.jsonl"
         if manifest_file.is_file():
-            return read_set(manifest_file), path.name
+            return read_set(manifest_file, need_text=False), path.name
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".wav", ".flac", ".ogg", ".mp3"))
         if not files:
             raise MegaedgeError(f"{path}: no audio files for calibration (wav/flac/ogg/mp3, or a manifest.jsonl)")

@@ -20,8 +20,9 @@ def normalize(text: str) -> str:
     return " ".join(_PUNCT.sub(" ", (text or "").lower()).split())
 
 
-def read_set(path: str | Path) -> list[dict]:
-    """Items of a JSONL set; ``path`` of each item resolved against the manifest's folder; ``text`` required."""
+def read_set(path: str | Path, need_text: bool = True) -> list[dict]:
+    """Items of a JSONL set; ``path`` of each item resolved against the manifest's folder; ``text`` required, and
+    (``need_text``: a set WER is measured on) a string: a calibration set's ``null`` would score every word."""
     manifest = Path(path).expanduser()
     if not manifest.is_file():
         raise MegaedgeError(f"{manifest}: no such clip-set manifest (a JSONL file with path and text per line)")
@@ -40,6 +41,11 @@ def read_set(path: str | Path) -> list[dict]:
             raise MegaedgeError(f"{manifest}:{number}: not valid JSON ({exc.msg})") from exc
         if not isinstance(item, dict) or "path" not in item or "text" not in item:
             raise MegaedgeError(f"{manifest}:{number}: each line needs 'path' and 'text' (reference transcript)")
+        if not isinstance(item["path"], str) or not item["path"]:
+            raise MegaedgeError(f"{manifest}:{number}: 'path' is {item['path']!r}; give the clip's file path")
+        if need_text and not isinstance(item["text"], str):
+            raise MegaedgeError(f"{manifest}:{number}: 'text' is {item['text']!r}, not a reference transcript; a set "
+                                "scored for WER needs the words said in each clip (\"\" for none)")
         item["path"] = str((manifest.parent / item["path"]).resolve())
         items.append(item)
     if not items:
