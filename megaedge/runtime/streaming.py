@@ -39,6 +39,7 @@ from megaedge.runtime.text import max_new_tokens_for
 log = logging.getLogger("megaedge.runtime.streaming")
 
 RATE = features.SAMPLE_RATE
+PIECE = RATE // 10  # samples fed through the stream's checks at a time (0.1 s), whatever the caller's block
 _HALF_WINDOW = features.N_FFT // 2
 
 
@@ -255,7 +256,12 @@ class Stream:
         call with partials on."""
         rate = audio_io.check_rate(sample_rate, "sample_rate")
         chunk = self._to_16k(audio_io.as_float(samples, "stream input"), rate)
-        return self._accept(chunk, partials)
+        # Endpoints, hops, span rolls and segment cuts are checked after each piece: a block of seconds fed at
+        # once is cut where the same audio fed in small blocks is (it was one utterance, hop and check).
+        events: list[StreamEvent] = []
+        for start in range(0, chunk.size, PIECE):
+            events += self._accept(chunk[start:start + PIECE], partials)
+        return events
 
     def _accept(self, chunk: np.ndarray, partials: bool = True) -> list[StreamEvent]:
         if chunk.size == 0:

@@ -189,3 +189,28 @@ def test_channel_axis_rules():
     assert channel_axis((6, 33)) == 0 and channel_axis((33, 6)) == 1
     assert channel_axis((2, 7)) == 1 and channel_axis((2, 7), known=0) == 0  # too short to tell
     assert channel_axis((16000, 64)) == 1 and channel_axis((64, 16000)) == 0  # a large array: the shorter axis
+
+
+def test_a_block_of_seconds_is_cut_where_small_blocks_are(merged):
+    """A stream's checks (endpoints, hops, cuts) ran once per call: a file fed in one block became one utterance,
+    garbled (a new user's probe: `stream --hop 30` on 20 commands). Now one block and 0.1 s blocks give the same
+    finals."""
+    from megaedge import fixture
+    from megaedge.runtime import audio as audio_io
+    from megaedge.runtime.evaluate import read_set
+
+    items = [i for i in read_set(fixture.heldout_manifest()) if i["scenario"] == "clean"][:4]
+    gap = np.zeros(int(1.5 * 16000), np.float32)
+    audio = np.concatenate([part for i in items for part in (audio_io.load(i["path"]), gap)])
+
+    def finals(block: int):
+        stream = merged.create_stream(StreamOptions.preset("balanced"))
+        events = []
+        for i in range(0, audio.size, block):
+            events += stream.accept_waveform(audio[i: i + block], 16000)
+        events.append(stream.final())
+        return [(e.reason, list(e.token_ids)) for e in events if e.kind == "final" and e.token_ids]
+
+    small = finals(1600)
+    assert len(small) == len(items)
+    assert finals(audio.size) == small
