@@ -57,8 +57,17 @@ class RuntimeOptions:
     kv_cache: str = "float32"
 
     def __post_init__(self):
+        if not isinstance(self.providers, (str, tuple, list)) or not all(
+                isinstance(p, str) for p in ((self.providers,) if isinstance(self.providers, str) else
+                                             self.providers)):
+            raise MegaedgeError(f"providers {self.providers!r} is not a list of names; e.g. ('cpu',) or ('cuda',)")
         providers = (self.providers,) if isinstance(self.providers, str) else tuple(self.providers or ("cpu",))
         object.__setattr__(self, "providers", providers)
+        for name in ("verify", "use_prepared", "memory_arena"):
+            if not isinstance(getattr(self, name), bool):
+                raise MegaedgeError(f"{name} {getattr(self, name)!r} must be True or False")
+        if self.profile_dir is not None and not isinstance(self.profile_dir, (str, Path)):
+            raise MegaedgeError(f"profile_dir {self.profile_dir!r} is not a folder path")
         if self.threads is not None:
             object.__setattr__(self, "threads", limits.check_threads(self.threads))
         for name, allowed in (("decode", ENGINES), ("prefill", ENGINES), ("stem", ENGINES), ("route", ROUTES)):
@@ -72,16 +81,14 @@ class RuntimeOptions:
         if self.kv_cache not in KV_CACHES:
             raise MegaedgeError(f"kv_cache {self.kv_cache!r} is not one of {KV_CACHES}; e.g. float16 to halve the "
                                 "native decoder's cache")
-        if not isinstance(self.memory_arena, bool):
-            raise MegaedgeError(f"memory_arena {self.memory_arena!r} must be True or False")
         if isinstance(self.vad, str) and self.vad not in VAD_CHOICES:
             raise MegaedgeError(f"vad {self.vad!r} is not one of {VAD_CHOICES}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> RuntimeOptions:
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise MegaedgeError(f"runtime preset {name!r} is not one of {sorted(PRESETS)}")
-        return replace(PRESETS[name], **overrides)
+        return PRESETS[name].with_(**overrides)
 
     def with_(self, **overrides) -> RuntimeOptions:
         """These options with some fields replaced (unknown names fail in one line)."""

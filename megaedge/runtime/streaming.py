@@ -43,6 +43,20 @@ PIECE = RATE // 10  # samples fed through the stream's checks at a time (0.1 s),
 _HALF_WINDOW = features.N_FFT // 2
 
 
+# StreamOptions' numbers: (low, high, int or float, None allowed)
+_RANGES = {
+    "hop_seconds": (0.02, 30.0, float, False),
+    "unstable_tokens": (0, 64, int, False),
+    "endpoint_silence_seconds": (0.1, 30.0, float, False),
+    "vad_margin_db": (0.0, 60.0, float, False),
+    "vad_min_dbfs": (-120.0, 0.0, float, False),
+    "max_span_seconds": (9.0, 300.0, float, True),
+    "overlap_seconds": (0.0, 4.0, float, False),
+    "context_chars": (0, 2000, int, False),
+    "segment_seconds": (8.0, 300.0, float, True),
+}
+
+
 @dataclass(frozen=True)
 class StreamOptions:
     # 0.64 s: 4 encoder tokens' worth of audio; benchmarks/streaming.py measures the hop cost it buys.
@@ -65,10 +79,25 @@ class StreamOptions:
     loop_guard: bool = True
 
     def __post_init__(self):
-        if not 0.02 <= self.hop_seconds <= 30:
-            raise MegaedgeError(f"hop {self.hop_seconds} s is outside 0.02-30 s; pick e.g. 0.64")
-        if self.unstable_tokens < 0:
-            raise MegaedgeError(f"unstable_tokens {self.unstable_tokens} < 0; use 0 to commit everything")
+        # Every value is checked here, type and range: a wrong one failed mid-stream (TypeError) or ran (a negative
+        # endpoint silence ended an utterance at every piece).
+        for name, (low, high, kind, optional) in _RANGES.items():
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            whole = kind is int
+            ok = (not isinstance(value, bool) and isinstance(value, int if whole else (int, float))
+                  and math.isfinite(value) and low <= value <= high)
+            if not ok:
+                example = getattr(StreamOptions, name)
+                raise MegaedgeError(f"{name} {value!r} is not {'a whole number' if whole else 'a number'} in "
+                                    f"{low:g}-{high:g}{' or None' if optional else ''}; e.g. {example}")
+        for name in ("endpointing", "loop_guard"):
+            if not isinstance(getattr(self, name), bool):
+                raise MegaedgeError(f"{name} {getattr(self, name)!r} is not True or False")
+        for name in ("language", "context", "route"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise MegaedgeError(f"{name} {getattr(self, name)!r} is not a string or None")
         if self.segment_seconds is not None and (self.max_span_seconds is not None or not
                                                  8.0 <= self.segment_seconds <= 300.0):
             raise MegaedgeError(f"segment_seconds {self.segment_seconds} must be 8-300 s and comes without "
@@ -79,7 +108,7 @@ class StreamOptions:
 
     @classmethod
     def preset(cls, name: str) -> StreamOptions:
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise MegaedgeError(f"stream preset {name!r} is not one of {sorted(PRESETS)}")
         return PRESETS[name]
 

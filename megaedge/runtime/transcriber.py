@@ -136,6 +136,11 @@ class Transcriber:
         from megaedge.runtime import native_decode, prepared
         from megaedge.runtime import options as runtime_options
 
+        if not isinstance(path, (str, os.PathLike)):
+            raise MegaedgeError(f"bundle path {path!r} is not a path; pass the bundle's folder")
+        if options is not None and not isinstance(options, RuntimeOptions):
+            raise MegaedgeError(f"options {options!r} is not a RuntimeOptions; pass RuntimeOptions(...), "
+                                "RuntimeOptions.preset(name), or the fields as keywords (threads=2)")
         opts = (options or RuntimeOptions()).with_(**overrides)
         bundle = Path(path).expanduser()
         providers, threads, profile_dir = opts.providers, opts.threads, opts.profile_dir
@@ -323,11 +328,16 @@ class Transcriber:
     # ------------------------------------------------------------------------------------------------ API
     def create_stream(self, options=None):
         """A streaming state over this transcriber's weights (any number of streams can share them, from any
-        threads; one stream is fed by one thread at a time)."""
+        threads; one stream is fed by one thread at a time). ``options``: StreamOptions, or a preset's name."""
         from dataclasses import replace
 
         from megaedge.runtime.streaming import Stream, StreamOptions
 
+        if isinstance(options, str):
+            options = StreamOptions.preset(options)
+        if options is not None and not isinstance(options, StreamOptions):
+            raise MegaedgeError(f"stream options {options!r} are not a StreamOptions; pass StreamOptions(...), "
+                                "StreamOptions.preset(name) or a preset's name")
         options = options or StreamOptions()
         language, context = self.check_request(options.language, options.context)
         options = replace(options, language=language, context=context)
@@ -350,6 +360,10 @@ class Transcriber:
         ``max_text_tokens`` the text after the language prefix. Safe to call from several threads at once."""
         route = self.check_route(route or self.route)
         language, context = self.check_request(language, context, max_new_tokens, max_text_tokens)
+        if max_new_tokens is not None:  # checked above; the number it names ('5' from a config file is 5)
+            max_new_tokens = limits.check_max_new_tokens(max_new_tokens)
+        if max_text_tokens is not None:
+            max_text_tokens = limits.check_max_new_tokens(max_text_tokens, "max_text_tokens")
         segment_seconds = segmenting.check_segment_seconds(segment_seconds)
         timer = _Timer()
         t_start = time.perf_counter()

@@ -188,12 +188,27 @@ def test_overlap_words_are_dropped_once():
 
 
 def test_bad_stream_options():
-    with pytest.raises(MegaedgeError, match="hop 0.001 s"):
+    with pytest.raises(MegaedgeError, match="hop_seconds 0.001 is not a number in 0.02-30; e.g. 0.64"):
         StreamOptions(hop_seconds=0.001)
     with pytest.raises(MegaedgeError, match="max_span_seconds 5"):
         StreamOptions(max_span_seconds=5)
     with pytest.raises(MegaedgeError, match="'fast'"):
         StreamOptions.preset("fast")
+    # each accepted and then failed mid-stream, or ran: -1 s of endpoint silence ended an utterance every piece
+    for bad, message in ((dict(endpoint_silence_seconds=-1), "endpoint_silence_seconds -1 is not a number in"),
+                         (dict(endpoint_silence_seconds="x"), "endpoint_silence_seconds 'x'"),
+                         (dict(unstable_tokens=2.5), "unstable_tokens 2.5 is not a whole number"),
+                         (dict(unstable_tokens="5"), "unstable_tokens '5'"),
+                         (dict(hop_seconds=None), "hop_seconds None"),
+                         (dict(overlap_seconds=-5), "overlap_seconds -5"),
+                         (dict(context_chars=-1), "context_chars -1"),
+                         (dict(max_span_seconds=float("nan")), "max_span_seconds nan"),
+                         (dict(endpointing="no"), "endpointing 'no' is not True or False"),
+                         (dict(language=5), "language 5 is not a string or None")):
+        with pytest.raises(MegaedgeError, match=message):
+            StreamOptions(**bad)
+    with pytest.raises(MegaedgeError, match=r"stream preset \['balanced'\] is not one of"):
+        StreamOptions.preset(["balanced"])
 
 
 def test_stream_cli_on_a_file(fixture_bundles, merged, tmp_path, clips):

@@ -257,3 +257,33 @@ def test_a_forced_language_is_each_segments_language(tiny_bundles):
 
     result = Transcriber.from_bundle(tiny_bundles["merged"]).transcribe(speechlike(1.0, seed=5), language="en")
     assert result.language == "English" and [s.language for s in result.segments] == ["English"]
+
+
+def test_wrong_types_at_the_python_api_are_one_line(tiny_bundles):
+    """Each of these raised AttributeError / TypeError from inside (a new user's probe)."""
+    from megaedge.runtime.options import RuntimeOptions
+    from megaedge.runtime.streaming import StreamOptions
+    from megaedge.runtime.transcriber import Transcriber
+
+    bundle = tiny_bundles["merged"]
+    for bad, message in (((123,), "bundle path 123 is not a path"), ((None,), "bundle path None is not a path"),
+                         ((bundle, {"threads": 1}), "is not a RuntimeOptions"),
+                         ((bundle, "cuda"), "is not a RuntimeOptions")):
+        with pytest.raises(MegaedgeError, match=message):
+            Transcriber.from_bundle(*bad)
+    for bad, message in ((dict(providers=5), "providers 5 is not a list of names"),
+                         (dict(verify="no"), "verify 'no' must be True or False"),
+                         (dict(use_prepared=1), "use_prepared 1 must be True or False"),
+                         (dict(profile_dir=5), "profile_dir 5 is not a folder path")):
+        with pytest.raises(MegaedgeError, match=message):
+            RuntimeOptions(**bad)
+    with pytest.raises(MegaedgeError, match=r"unknown runtime option\(s\) \['foo'\]"):
+        RuntimeOptions.preset("onnxruntime", foo=1)
+    with pytest.raises(MegaedgeError, match="runtime preset"):
+        RuntimeOptions.preset(["default"])
+    tr = Transcriber.from_bundle(bundle)
+    assert tr.create_stream("interactive").opts == StreamOptions.preset("interactive")
+    with pytest.raises(MegaedgeError, match="are not a StreamOptions"):
+        tr.create_stream({"hop_seconds": 1})
+    result = tr.transcribe(speechlike(1.0, seed=6), max_new_tokens="5", max_text_tokens="3")
+    assert len(result.token_ids) <= 5
