@@ -314,6 +314,10 @@ def load_adapter(directory: str | Path) -> Adapter:
             raise CheckpointError(f"{blocks_path}: not valid JSON ({exc.msg})") from exc
         if not isinstance(blocks_cfg, dict):
             raise CheckpointError(f"{blocks_path}: expected an object of module name -> list of blocks")
+    else:  # a plain peft adapter has none; a Mega-ASR adapter copied without it merges with other scales
+        log.warning("%s: no %s: every module takes one rank and alpha from %s (a Mega-ASR adapter has per-block "
+                    "scales there; copy the file along if this one had it)", folder, layout.ADAPTER_BLOCKS,
+                    cfg_path.name)
 
     pairs: dict[str, LoraPair] = {}
     unmatched: list[str] = []

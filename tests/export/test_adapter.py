@@ -115,3 +115,22 @@ def test_blocks_outside_rank_rejected(tiny_mega, tmp_path):
     (dst / layout.ADAPTER_BLOCKS).write_text(json.dumps(blocks))
     with pytest.raises(CheckpointError, match="outside rank"):
         load_adapter(dst)
+
+
+def test_an_adapter_without_its_blocks_file_says_so(tmp_path, caplog):
+    """Without mega_lora_blocks.json every module merges with one alpha: a Mega-ASR adapter copied without it
+    changed the model silently (a new user's probe: held-out WER 25.68 -> 26.44)."""
+    import logging
+    import shutil
+
+    from megaedge import fixture
+    from megaedge.export import layout
+    from megaedge.export.adapter import load_adapter
+
+    src = fixture.model_dir() / layout.ADAPTER_DIR_NAME
+    copy = tmp_path / "adapter"
+    shutil.copytree(src, copy)
+    (copy / layout.ADAPTER_BLOCKS).unlink()
+    with caplog.at_level(logging.WARNING, logger="megaedge.export.adapter"):
+        load_adapter(copy)
+    assert any("no mega_lora_blocks.json" in m for m in caplog.messages)
