@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "holds other files too, the working directory or one holding the inputs)")
     int8 = parser.add_argument_group("INT8 (calibrated on wild audio)")
     int8.add_argument("--int8", action="store_true", help="write an INT8 bundle and its per-condition accuracy report")
-    int8.add_argument("--target", choices=("cpu", "cuda", "tensorrt"), default="cpu",
+    int8.add_argument("--target", choices=("cpu", "cuda", "tensorrt"), default=None,
                       help="device the bundle is made for (default cpu); without --int8, cuda writes the fixed-KV "
                            "decoder (in-place KV buffers, CUDA graphs; run it with --precision fp16); with --int8, "
                            "the device the INT8 flavour is made for")
@@ -95,10 +95,15 @@ def _stderr(message: str) -> None:
 
 
 def _int8_options_need_int8(args: argparse.Namespace) -> None:
-    """An INT8 option without --int8 would be ignored and the bundle would not be what was asked for."""
+    """An INT8 option without --int8 would be ignored and the bundle would not be what was asked for; and the
+    INT8 TensorRT recipe names its target."""
     from megaedge.errors import MegaedgeError
 
     if args.int8:
+        if args.recipe == "tensorrt" and args.target is None:
+            raise MegaedgeError("--recipe tensorrt is the TensorRT flavour: add --target tensorrt (or cuda); a "
+                                "bundle marked target cpu is refused by build-engines")
+        args.target = args.target or "cpu"
         return
     given = [f"--{name.replace('_', '-')}" for name in ("recipe", "calib", "calib_cache", "eval_set", "report_clips")
              if getattr(args, name) is not None]

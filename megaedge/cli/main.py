@@ -94,6 +94,18 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
+    except OSError as exc:
+        # the machine said no (a folder that cannot be made, a disk full, a file a library could not find): one
+        # line with the path, as megaedge's own checks give; -vv logs the trace
+        import logging
+
+        logging.getLogger("megaedge.cli").debug("command failed", exc_info=True)
+        if exc.strerror:
+            message = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+        else:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"megaedge {args.command}: error: {message}", file=sys.stderr)
+        return 1
 
 
 def _stdout_is_closed() -> bool:

@@ -152,3 +152,18 @@ def test_merge_refuses_its_own_input_and_a_router_that_is_not_safetensors(tiny_m
     bad = run_cli("merge", str(tiny_mega), "--out", str(tmp_path / "m"), "--router", str(note))
     assert bad.returncode == 1 and "not a safetensors file" in bad.stderr and len(bad.stderr.splitlines()) == 1
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("raised, line", [
+    ("OSError(28, 'No space left on device', '/data/out')", "/data/out: No space left on device"),
+    ("FileNotFoundError(2, 'No such file or directory', '/proc/x')", "/proc/x: No such file or directory"),
+    ("OSError('Error no file named model.safetensors found in directory ckpt.')",
+     "Error no file named model.safetensors found in directory ckpt."),
+])
+def test_an_os_error_is_one_line_with_the_path(raised, line):
+    """`make-test-model /proc/x` and a checkpoint missing its shard index ended in tracebacks."""
+    prelude = ("import megaedge.cli.doctor as doctor\n"
+               f"def run(args):\n    raise {raised}\n"
+               "doctor.run = run\n")
+    result = run_cli("doctor", python_prelude=prelude)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [f"megaedge doctor: error: {line}"]

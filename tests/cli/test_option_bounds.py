@@ -221,3 +221,10 @@ def test_int8_options_without_int8_are_refused(capsys, tmp_path, extra, option):
     assert not (tmp_path / "b").exists()
     line = _one_line(capsys, ["export", "--out", str(tmp_path / "b"), "--target", "tensorrt"])
     assert "--target tensorrt builds on the INT8 bundle: add --int8" in line
+
+
+def test_the_tensorrt_recipe_names_its_target(capsys, tmp_path):
+    """`export --int8 --recipe tensorrt` wrote a bundle marked target cpu, which build-engines then refused."""
+    line = _one_line(capsys, ["export", "--out", str(tmp_path / "b"), "--int8", "--recipe", "tensorrt"])
+    assert "--recipe tensorrt is the TensorRT flavour: add --target tensorrt (or cuda)" in line
+    assert not (tmp_path / "b").exists()
