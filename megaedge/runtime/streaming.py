@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field, replace
 
@@ -203,14 +204,34 @@ class _Span:
         self.degraded_prob: float | None = None
 
 
+def _one_caller(method):
+    """A stream's state is one caller's at a time: a second thread entering while the first is inside gets an
+    error at once, not a silently wrong final or an obscure failure in the decoder."""
+    import functools
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        if not self._feeding.acquire(blocking=False):
+            raise MegaedgeError(f"{method.__name__}(): this stream is in {self._feeding_in}() on another thread; one "
+                                "stream is fed by one thread at a time: give each thread its own (create_stream)")
+        self._feeding_in = method.__name__
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._feeding.release()
+
+    return guarded
+
+
 class Stream:
     """Per-stream state over a shared ``Transcriber``: ``accept_waveform`` -> events, ``partial``, ``final``.
 
     Everything mutable lives here (audio, encoder outputs, a decoder state of its own: runtime/decoding.py), so any
     number of streams and ``transcribe`` calls can share one Transcriber from different threads. One stream is
-    fed by one thread at a time."""
+    fed by one thread at a time: a second thread feeding it at the same time gets a MegaedgeError."""
 
     def __init__(self, transcriber, options: StreamOptions = StreamOptions()):
+        self._feeding, self._feeding_in = threading.Lock(), ""
         self.tr = transcriber
         self.opts = options
         info = transcriber.manifest
@@ -256,6 +277,7 @@ class Stream:
             + f"re-export with --max-kv-length {need} or more")
 
     # -------------------------------------------------------------------------------------------- public API
+    @_one_caller
     def reset(self) -> None:
         """Forget everything: a new stream at time 0 (the weights stay loaded)."""
         self.stats = StreamStats()
@@ -273,6 +295,7 @@ class Stream:
         self._previous_text = ""  # tail of the finished spans' text in this utterance (long-form de-duplication)
         self._last: StreamEvent | None = None
 
+    @_one_caller
     def accept_waveform(self, samples, sample_rate: int, partials: bool = True) -> list[StreamEvent]:
         """Feed any number of samples at ``sample_rate`` Hz (mono, [n, channels] or [channels, n]: a stream keeps
         the layout of its first block longer than 32 samples; float in [-1, 1], or integer PCM, scaled by its
@@ -333,6 +356,7 @@ class Stream:
         """The latest event (partial or final) of this stream."""
         return self._last
 
+    @_one_caller
     def final(self) -> StreamEvent:
         """End of input: finalise the current utterance (exact: token-identical to offline transcription). The
         resampler's last samples are fed first: a file streamed at 48 kHz ends where the offline one does."""

@@ -214,3 +214,34 @@ def test_a_block_of_seconds_is_cut_where_small_blocks_are(merged):
     small = finals(1600)
     assert len(small) == len(items)
     assert finals(audio.size) == small
+
+
+def test_a_stream_fed_from_two_threads_at_once_says_so(merged, clips):
+    """Two threads feeding one stream got a silently wrong final (fp32) or an obscure decoder error (int8)."""
+    import threading
+
+    from megaedge.runtime import audio as audio_io
+
+    samples = audio_io.load(clips[0])
+    stream = merged.create_stream(EXACT)
+    inside, leave = threading.Event(), threading.Event()
+    original = stream._accept
+
+    def slow_accept(chunk, partials=True):
+        inside.set()
+        leave.wait(30)
+        return original(chunk, partials)
+
+    stream._accept = slow_accept
+    first = threading.Thread(target=stream.accept_waveform, args=(samples[:1600], 16000))
+    first.start()
+    assert inside.wait(30)
+    with pytest.raises(MegaedgeError, match=r"this stream is in accept_waveform\(\) on another thread"):
+        stream.accept_waveform(samples[1600:3200], 16000)
+    with pytest.raises(MegaedgeError, match=r"final\(\): this stream is in accept_waveform\(\) on another thread"):
+        stream.final()
+    leave.set()
+    first.join(30)
+    stream._accept = original
+    stream.accept_waveform(samples[1600:], 16000)  # one caller again: fine
+    assert stream.final().text == merged.transcribe(samples, segment_seconds=None).text
