@@ -52,6 +52,14 @@ def run(args: argparse.Namespace) -> int:
     if args.set:
         limits.check_list_input(args.set, "SET")
     items = read_set(args.set or fixture.heldout_manifest())[: args.limit]
+    from megaedge.errors import AudioError
+    from megaedge.runtime import audio as audio_io
+
+    for number, item in enumerate(items, 1):  # a bad clip fails now, named, not after the clips before it
+        try:
+            audio_io.check_readable(item["path"])
+        except AudioError as exc:
+            raise AudioError(f"{args.set or 'the held-out set'}, clip {number}: {exc}") from None
     transcriber = Transcriber.from_bundle(args.bundle, providers=args.providers.split(","), route=args.route,
                                           threads=args.threads, decode=args.decode,
                                           prefill=args.prefill, stem=args.stem, kv_cache=args.kv_cache, vad=args.vad,

@@ -141,6 +141,21 @@ def test_eval_given_a_wav_for_the_set(capsys, tmp_path):
     assert line.startswith(f"megaedge eval: error: SET {wav} is not a .jsonl list")
 
 
+def test_eval_names_a_missing_clip_before_the_bundle(capsys, tmp_path):
+    """A missing clip mid-set stopped the run there, after the clips before it, without saying which line."""
+    import json
+
+    from megaedge import fixture
+    from megaedge.runtime.evaluate import read_set
+
+    good = read_set(fixture.heldout_manifest())[0]["path"]
+    manifest = tmp_path / "set.jsonl"
+    manifest.write_text("\n".join(json.dumps(item) for item in ({"path": good, "text": "a"},
+                                                               {"path": "gone.wav", "text": "b"})))
+    line = _one_line(capsys, ["eval", B, str(manifest)])
+    assert line == f"megaedge eval: error: {manifest}, clip 2: {tmp_path / 'gone.wav'}: no such file"
+
+
 def test_eval_json_checked_before_the_bundle(capsys, tmp_path):
     line = _one_line(capsys, ["eval", B, "--json", str(tmp_path)])
     assert line.startswith(f"megaedge eval: error: --json {tmp_path} is a directory")
