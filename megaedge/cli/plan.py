@@ -68,7 +68,13 @@ def run(args: argparse.Namespace) -> int:
     bundle = Path(args.bundle)
     info = manifest.read(bundle, verify=False)
     if info.decoder.get("kv_cache") == "fixed":
+        if args.precision:
+            raise MegaedgeError(f"--precision {args.precision} is for TensorRT engine plans; a --target cuda bundle "
+                                "runs as exported (leave --precision out)")
         return _fixed_kv_plan(args, bundle, info)
+    if args.streams != 1 or args.batch_steps != 8:
+        raise MegaedgeError(f"--{'streams' if args.streams != 1 else 'batch-steps'} is for --target cuda bundles "
+                            "(fixed KV buffers); this one plans TensorRT engines, one stream each")
     if args.device:
         if args.device not in trt_plan.DEVICES:
             raise MegaedgeError(f"--device {args.device!r} is not one of {sorted(trt_plan.DEVICES)}; or pass --memory")

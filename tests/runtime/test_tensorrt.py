@@ -131,6 +131,8 @@ def test_plan_and_doctor_cli(tiny_bundles, trt_bundle):
     assert json.loads(proc.stdout)["fits"] is True
     bad = run_cli("plan", str(tiny_bundles["merged"]), "--memory", "lots")
     assert bad.returncode == 1 and "8GB" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    ignored = run_cli("plan", str(tiny_bundles["merged"]), "--streams", "4")  # was ignored without a word
+    assert ignored.returncode == 1 and "--streams is for --target cuda bundles" in ignored.stderr
     doctor = run_cli("doctor", "--json", "--bundle", str(trt_bundle["cpu"]))
     assert doctor.returncode == 0
     assert json.loads(doctor.stdout)["tensorrt_readiness"]["ready"] is False
