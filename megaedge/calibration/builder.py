@@ -309,6 +309,15 @@ def _commit(work: Path, out: Path) -> None:
             os.rename(work / name, out / name)
 
 
+def check_out(out_dir: str | Path, speech: SpeechSet, force: bool = False) -> None:
+    """What ``build`` refuses about an existing ``out_dir``, checked before anything is announced or simulated."""
+    out = Path(os.path.abspath(Path(out_dir).expanduser()))
+    if os.path.lexists(out) and not out.is_dir():
+        raise MegaedgeError(f"--out {out}: exists and is not a folder; choose a folder for the calibration set")
+    if out.is_dir():
+        _check_existing(out, force, list(speech.inputs))
+
+
 def build(speech: str | Path | SpeechSet, out_dir: str | Path, options: BuildOptions, force: bool = False) -> Path:
     """Write clips/ and manifest.jsonl under ``out_dir``; returns the manifest path. A complete set of the same
     cache key (options, speech, code version; see set.json) already in ``out_dir`` is reused as it is.

@@ -16,8 +16,8 @@ def _seconds_list(text: str) -> tuple[float, ...]:
     """'10,30' -> (10.0, 30.0); each length finite and in limits.BENCH_AUDIO_SECONDS (nan and inf refused)."""
     import argparse
 
-    parts = [v for v in text.split(",") if v.strip()]
-    if not parts:
+    parts = text.split(",")
+    if not text.strip() or any(not v.strip() for v in parts):
         raise argparse.ArgumentTypeError(f"{limits.show(text)}: expected seconds separated by commas, e.g. 10,30")
     try:
         return tuple(limits.check_audio_seconds(v) for v in parts)

@@ -114,6 +114,7 @@ def _run(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
     reused = builder.reusable(out, key)
     if not reused:
+        builder.check_out(out, speech, force=args.force)  # refused before "simulating N clips" is said
         jobs = len(builder.plan(options))
         print(f"simulating {jobs} clips from {speech.description}", file=sys.stderr)
     manifest = builder.build(speech, out, options, force=args.force)

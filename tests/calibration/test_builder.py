@@ -101,6 +101,12 @@ def test_cli_errors_are_one_line(tmp_path, speech_dir):
     ok = run_cli("--no-progress", "calibrate", "--speech", str(speech_dir), "--out", str(tmp_path / "o"),
                  "--preset", "smoke")
     assert ok.returncode == 0 and "wrote 9 clips" in ok.stdout
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("x")
+    refused = run_cli("calibrate", "--speech", str(speech_dir), "--out", str(taken), "--preset", "smoke")
+    assert refused.returncode == 1 and "not empty" in refused.stderr
+    assert "simulating" not in refused.stderr  # refused before it said it would simulate
 
 
 # --------------------------------------------------------------------------- data safety (issue 28)

@@ -60,6 +60,7 @@ BAD = [
     (("bench", B, "--audio", "0"), "--audio", "0 is outside (0, 1200] seconds"),
     (("bench", B, "--audio", "1201"), "--audio", "1201 is outside (0, 1200] seconds"),
     (("bench", B, "--audio", ","), "--audio", "expected seconds separated by commas"),
+    (("bench", B, "--audio", "5,,10"), "--audio", "expected seconds separated by commas"),
     (("bench", B, "--repeat", "0"), "--repeat", "0 is outside 1-1000"),
     (("bench", B, "--warmup", "-1"), "--warmup", "-1 is outside 0-100"),
     (("bench", B, "--tokens", "-1"), "--tokens", "-1 is outside 0-4096"),
