@@ -15,8 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", help="audio files (any format soundfile reads, any rate)")
     parser.add_argument("--adapter", help="LoRA adapter directory")
     parser.add_argument("--router", help="router safetensors file")
-    parser.add_argument("--route", choices=("auto", "merged", "base"), default="auto",
-                        help="auto: the router decides per file (default); merged: LoRA on; base: LoRA off")
+    parser.add_argument("--route", choices=("auto", "lora", "merged", "base"), default="auto",
+                        help="auto: the router decides per file (default); lora (or merged): LoRA on, as "
+                             "transcribe's --route lora; base: LoRA off")
     add_decoding_options(parser, text_tokens=False)
 
 
@@ -30,7 +31,12 @@ def run(args: argparse.Namespace) -> int:
 
     samples = [audio_io.load(f) for f in args.files]  # fail on a bad file before loading the model
     loaded = load_checkpoint(args.model, adapter=args.adapter, router=args.router, lora="branches")
-    route = args.route
+    route = "merged" if args.route == "lora" else args.route
+    if route == "merged" and loaded.adapter is None:
+        from megaedge.errors import MegaedgeError
+
+        raise MegaedgeError(f"--route {args.route}: {args.model} has no LoRA adapter to turn on; pass --adapter DIR "
+                            "or leave --route at auto")
     if route != "base" and loaded.adapter is None:
         route = "base"
     for name, audio in zip(args.files, samples):

@@ -167,3 +167,18 @@ def test_an_os_error_is_one_line_with_the_path(raised, line):
                "doctor.run = run\n")
     result = run_cli("doctor", python_prelude=prelude)
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [f"megaedge doctor: error: {line}"]
+
+
+def test_reference_route_lora_without_an_adapter_is_refused(tmp_path):
+    """`reference --route merged` on a checkpoint without LoRA ran base quietly; lora is transcribe's name."""
+    import soundfile as sf
+
+    from megaedge.export.factory import write_checkpoint
+
+    plain = write_checkpoint(tmp_path / "plain", "tiny", "original", seed=0)
+    wav = tmp_path / "a.wav"
+    sf.write(str(wav), speechlike(1.0, seed=3), 16000)
+    result = run_cli("reference", str(plain), str(wav), "--route", "lora")
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        f"megaedge reference: error: --route lora: {plain} has no LoRA adapter to turn on; pass --adapter DIR or "
+        "leave --route at auto"]
