@@ -309,11 +309,15 @@ def _commit(work: Path, out: Path) -> None:
             os.rename(work / name, out / name)
 
 
+def _folder_or_nothing(out: Path) -> None:
+    if os.path.lexists(out) and not out.is_dir():
+        raise MegaedgeError(f"--out {out}: exists and is not a folder; choose a folder for the calibration set")
+
+
 def check_out(out_dir: str | Path, speech: SpeechSet, force: bool = False) -> None:
     """What ``build`` refuses about an existing ``out_dir``, checked before anything is announced or simulated."""
     out = Path(os.path.abspath(Path(out_dir).expanduser()))
-    if os.path.lexists(out) and not out.is_dir():
-        raise MegaedgeError(f"--out {out}: exists and is not a folder; choose a folder for the calibration set")
+    _folder_or_nothing(out)
     if out.is_dir():
         _check_existing(out, force, list(speech.inputs))
 
@@ -332,8 +336,7 @@ def build(speech: str | Path | SpeechSet, out_dir: str | Path, options: BuildOpt
 
     options = options.validated()
     out = Path(os.path.abspath(Path(out_dir).expanduser()))
-    if os.path.lexists(out) and not out.is_dir():
-        raise MegaedgeError(f"--out {out}: exists and is not a folder; choose a folder for the calibration set")
+    _folder_or_nothing(out)
     source_set = speech if isinstance(speech, SpeechSet) else speech_set(speech)
     key = set_key(source_set, options)
     # Leftovers of runs that died (SIGKILL, power loss): beside a new folder, or inside an existing one.

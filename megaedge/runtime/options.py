@@ -57,12 +57,10 @@ class RuntimeOptions:
     kv_cache: str = "float32"
 
     def __post_init__(self):
-        if not isinstance(self.providers, (str, tuple, list)) or not all(
-                isinstance(p, str) for p in ((self.providers,) if isinstance(self.providers, str) else
-                                             self.providers)):
+        providers = (self.providers,) if isinstance(self.providers, str) else self.providers
+        if not isinstance(providers, (tuple, list)) or not all(isinstance(p, str) for p in providers):
             raise MegaedgeError(f"providers {self.providers!r} is not a list of names; e.g. ('cpu',) or ('cuda',)")
-        providers = (self.providers,) if isinstance(self.providers, str) else tuple(self.providers or ("cpu",))
-        object.__setattr__(self, "providers", providers)
+        object.__setattr__(self, "providers", tuple(providers or ("cpu",)))
         for name in ("verify", "use_prepared", "memory_arena"):
             if not isinstance(getattr(self, name), bool):
                 raise MegaedgeError(f"{name} {getattr(self, name)!r} must be True or False")

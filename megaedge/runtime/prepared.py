@@ -104,6 +104,13 @@ def _read_index(generation: Path | None) -> dict | None:
     return index if isinstance(index, dict) else None
 
 
+def check_files(bundle: Path, info: manifest.Manifest) -> None:
+    """Every file of the bundle against its digest (manifest.check_files), skipped while ``prepare``'s
+    verification still holds: what loading a bundle with verification on costs, wherever it is loaded."""
+    if not verified(bundle, info):
+        manifest.check_files(bundle, info)
+
+
 def verified(bundle: Path, info: manifest.Manifest) -> bool:
     """True when ``prepare`` hashed every file this manifest lists against the same sha256s and no file changed
     since (same size, mtime, ctime and inode: see the module docstring)."""

@@ -146,8 +146,8 @@ class Transcriber:
         providers, threads, profile_dir = opts.providers, opts.threads, opts.profile_dir
         vad_options = _vad_options(opts.vad)
         info = manifest.read(bundle, verify=False, expected_digest=opts.expected_digest)
-        if opts.verify and not prepared.verified(bundle, info):
-            manifest.check_files(bundle, info)
+        if opts.verify:
+            prepared.check_files(bundle, info)
         cpu_only = tuple(providers) == ("cpu",)
         ort_providers = ("cpu",) if "engine" in providers else providers  # graphs without an engine
         opened = {}

@@ -80,8 +80,8 @@ def check_bundle(config: ServeConfig) -> ServeConfig:
 
     bundle = Path(config.bundle)
     info = manifest.read(bundle, verify=False)
-    if config.verify and not prepared.verified(bundle, info):
-        manifest.check_files(bundle, info)
+    if config.verify:
+        prepared.check_files(bundle, info)
     return replace(config, verify=False)
 
 
