@@ -674,13 +674,14 @@ class Stream:
         return replace(self._event("final", tokens, t0, "span", logprobs), text=new_text, committed=new_text)
 
     # events ------------------------------------------------------------------------------------------------------
-    def _text(self, tokens: list[int]) -> str:
-        return self.tr.text_of(tokens, self.opts.language is not None).text
+    def _text(self, tokens: list[int], collapse: bool = True) -> str:
+        return self.tr.text_of(tokens, self.opts.language is not None, collapse).text
 
     def _event(self, kind: str, tokens: list[int], t0: float, reason: str = "", logprobs=()) -> StreamEvent:
         span = self._span
-        text = self._text(tokens)
-        committed = self._text(span.committed) if kind == "partial" else text
+        partial = kind == "partial"
+        text = self._text(tokens, collapse=not partial)
+        committed = self._text(span.committed, collapse=False) if partial else text
         if (kind == "partial" or reason != "span") and self._previous_text:
             text = _drop_repeated_words(self._previous_text, text)
             committed = _drop_repeated_words(self._previous_text, committed)

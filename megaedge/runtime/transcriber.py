@@ -345,9 +345,10 @@ class Transcriber:
             self.sessions["decoder"]
         return Stream(self, options)
 
-    def text_of(self, tokens: list[int], language_forced: bool) -> ParsedOutput:
-        """Language and text of generated tokens: one rule for offline results and stream events."""
-        return parse_asr_output(self.tokenizer.decode(tokens, skip_special_tokens=True), language_forced)
+    def text_of(self, tokens: list[int], language_forced: bool, collapse: bool = True) -> ParsedOutput:
+        """Language and text of generated tokens: one rule for offline results and stream events (partials pass
+        ``collapse=False``, see ``parse_asr_output``)."""
+        return parse_asr_output(self.tokenizer.decode(tokens, skip_special_tokens=True), language_forced, collapse)
 
     def transcribe(self, audio, rate: int = audio_io.TARGET_RATE, language: str | None = None, context: str | None = None,
                    route: str | None = None, max_new_tokens: int | None = None, ignore_eos: bool = False,
