@@ -30,8 +30,11 @@ def run(args: argparse.Namespace) -> int:
     limits.check_output_dir(bundle, "BUNDLE")
     if args.remove:
         target = prepared.directory(bundle)
-        removed = prepared.remove(bundle)
-        left = " (copies a running process still uses stay until it exits)" if removed and target.exists() else ""
+        removed, foreign = prepared.remove(bundle)
+        if foreign:
+            left = f" (left in place, not written by megaedge: {', '.join(foreign)})"
+        else:
+            left = " (copies a running process still uses stay until it exits)" if removed and target.exists() else ""
         print(f"{target}: {'removed' if removed else 'nothing to remove'}{left}")
         return 0
     t0 = time.perf_counter()

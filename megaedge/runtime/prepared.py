@@ -191,10 +191,36 @@ def _exclusive(key_dir: Path):
         os.close(fd)
 
 
-def _collect(key_dir: Path) -> list[str]:
+def _ours(name: str) -> bool:
+    """A file name megaedge writes under prepared/: its index and locks, and onnxruntime's saved graphs and data."""
+    return name in (INDEX_FILE, READERS_LOCK, CURRENT_FILE, PREPARE_LOCK) or name.endswith(".onnx") or \
+        ".onnx." in name or (name.startswith(STAGING_PREFIX) and name.endswith(f"-{CURRENT_FILE}"))
+
+
+def _generation_name(name: str) -> bool:
+    stem, _, pid = name[1:].partition("-")
+    return name.startswith("g") and stem.isdigit() and pid.isdigit()
+
+
+def _delete(directory: Path, foreign: list[str]) -> None:
+    """Delete the files megaedge wrote in ``directory`` and the directory once it is empty; anything else (a file
+    a user put there) is left in place and named in ``foreign``."""
+    for child in sorted(directory.iterdir()):
+        if child.is_file() and not child.is_symlink() and _ours(child.name):
+            child.unlink(missing_ok=True)
+        else:
+            foreign.append(str(child))
+    try:
+        directory.rmdir()
+    except OSError:
+        pass
+
+
+def _collect(key_dir: Path, foreign: list[str] | None = None) -> list[str]:
     """Delete every generation but the current one that no process uses, staging left by interrupted prepares and
-    files of the old flat layout; returns the names kept because a running process uses them. Call under
-    ``_exclusive``."""
+    files of the old flat layout; returns the names kept because a running process uses them. Only files megaedge
+    writes are deleted: anything else is kept, named in ``foreign`` and logged. Call under ``_exclusive``."""
+    foreign = [] if foreign is None else foreign
     try:
         current = (key_dir / CURRENT_FILE).read_text().strip()
     except OSError:
@@ -203,16 +229,22 @@ def _collect(key_dir: Path) -> list[str]:
     for child in sorted(key_dir.iterdir()):
         if child.name in (current, CURRENT_FILE, PREPARE_LOCK):
             continue
-        if not child.is_dir() or child.is_symlink():
-            child.unlink(missing_ok=True)
+        if child.is_symlink() or not child.is_dir():
+            if child.is_file() and not child.is_symlink() and _ours(child.name):
+                child.unlink(missing_ok=True)
+            else:
+                foreign.append(str(child))
+            continue
+        if not (child.name.startswith(STAGING_PREFIX) or _generation_name(child.name)):
+            foreign.append(str(child))
             continue
         if child.name.startswith(STAGING_PREFIX) or fcntl is None:  # no prepare runs: we hold the prepare lock
-            shutil.rmtree(child, ignore_errors=True)
+            _delete(child, foreign)
             continue
         try:
             fd = os.open(child / READERS_LOCK, os.O_RDONLY)
-        except OSError:  # no readers' lock: not a generation (or a damaged one); nobody can be using it
-            shutil.rmtree(child, ignore_errors=True)
+        except OSError:  # no readers' lock: a damaged generation; nobody can be using it
+            _delete(child, foreign)
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -220,9 +252,11 @@ def _collect(key_dir: Path) -> list[str]:
             kept.append(child.name)
             log.info("prepared copies %s are in use by a running process: kept until it exits", child.name)
         else:
-            shutil.rmtree(child, ignore_errors=True)
+            _delete(child, foreign)
         finally:
             os.close(fd)
+    for path in foreign:
+        log.warning("%s: not written by megaedge prepare; left in place", path)
     return kept
 
 
@@ -363,16 +397,22 @@ def _disagreement(original, copy: Path, spec: manifest.GraphSpec, feed: dict, th
     return "" if err <= 1e-4 * max(scale, 1.0) else f"max abs difference {err:.3g} at output scale {scale:.3g}"
 
 
-def remove(bundle: str | Path) -> bool:
-    """Delete this machine's prepared copies (True if there were any). Copies a running process still uses stay
-    until it exits (a later prepare or remove deletes them); the bundle no longer uses them either way."""
+def remove(bundle: str | Path) -> tuple[bool, list[str]]:
+    """Delete this machine's prepared copies: (whether there were any, the paths left in place because megaedge
+    did not write them). Copies a running process still uses stay until it exits (a later prepare or remove
+    deletes them); the bundle no longer uses them either way."""
     key_dir = directory(Path(bundle).expanduser())
     if not key_dir.exists():
-        return False
+        return False, []
+    foreign: list[str] = []
     with _exclusive(key_dir):
         (key_dir / CURRENT_FILE).unlink(missing_ok=True)
-        kept = _collect(key_dir)
-        if not kept:
-            shutil.rmtree(key_dir, ignore_errors=True)  # a prepare waiting for the lock sees its file unlinked
-    return True
-
+        kept = _collect(key_dir, foreign)
+        if not kept and not foreign:
+            (key_dir / PREPARE_LOCK).unlink(missing_ok=True)  # a prepare waiting for the lock sees its file unlinked
+            key_dir.rmdir()
+            try:
+                key_dir.parent.rmdir()  # prepared/, when no other machine's copies (or anything else) are in it
+            except OSError:
+                pass
+    return True, foreign

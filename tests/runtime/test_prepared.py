@@ -84,8 +84,29 @@ def test_prepare_cli(tiny_bundles, tmp_path):
     out = run_cli("prepare", str(bundle), "--remove")
     assert out.returncode == 0 and "removed" in out.stdout
     assert not prepared.directory(bundle).exists()
+    assert not (bundle / manifest.PREPARED_DIR).exists()
     missing = run_cli("prepare", str(tmp_path / "nope"))
     assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_remove_deletes_only_what_prepare_wrote(tiny_bundles, tmp_path):
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundles["merged"], bundle)
+    prepared.prepare(bundle)
+    key_dir = prepared.directory(bundle)
+    generation = prepared._current(bundle)
+    mine = [key_dir / "notes.txt", generation / "results.csv", key_dir / "mine" / "data.bin"]
+    for path in mine:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("a user's file")
+    prepared.prepare(bundle)  # a second prepare collects the old generation: the user's file in it stays
+    assert not (generation / prepared.INDEX_FILE).exists() and mine[1].exists()
+    out = run_cli("prepare", str(bundle), "--remove")
+    assert out.returncode == 0 and "left in place" in out.stdout and "notes.txt" in out.stdout
+    assert all(path.read_text() == "a user's file" for path in mine)
+    left = {str(p.relative_to(key_dir)) for p in key_dir.rglob("*")}
+    assert left == {str(p.relative_to(key_dir)) for p in mine} | {"mine", generation.name, prepared.PREPARE_LOCK}
+    assert prepared._current(bundle) is None
 
 
 def test_a_copy_that_computes_differently_is_caught(tiny_bundles, int8_bundle):
