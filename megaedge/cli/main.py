@@ -39,7 +39,15 @@ class _UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     # argparse prints the whole usage block and exits 2; megaedge's rule for every error the user can fix is one
     # line and exit 1, and main() must return (not exit) so callers in-process get the status.
+    argv: list[str] = []  # the command line being parsed, for the hint below
+
     def error(self, message: str):
+        if message.endswith("expected one argument"):  # `--memory -1GB`: argparse took the value for an option
+            names = message.split(":", 1)[0].removeprefix("argument ").split("/")
+            given = [i for i, arg in enumerate(self.argv[:-1]) if arg in names and self.argv[i + 1].startswith("-")]
+            if given:
+                option, value = self.argv[given[0]], self.argv[given[0] + 1]
+                message += f"; a value that starts with '-' goes after '=': {option}={value}"
         raise _UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
 
 
@@ -66,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
+        _Parser.argv = list(sys.argv[1:] if argv is None else argv)
         args = parser.parse_args(argv)
     except _UsageError as exc:
         print(exc, file=sys.stderr)

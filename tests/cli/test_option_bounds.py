@@ -112,6 +112,14 @@ def test_missing_argument_is_one_line(capsys):
                     "(see megaedge transcribe --help)")
 
 
+def test_a_negative_value_after_a_space_names_the_equals_form(capsys):
+    line = _one_line(capsys, ["plan", B, "--memory", "-1GB"])
+    assert line.startswith("megaedge plan: error: argument --memory: expected one argument")
+    assert "--memory=-1GB" in line
+    line = _one_line(capsys, ["transcribe", B, "a.wav", "--threads"])  # no value at all: no hint
+    assert line == "megaedge transcribe: error: argument --threads: expected one argument (see megaedge transcribe --help)"
+
+
 # ------------------------------------------------------------------------------------- checked before the run
 def test_bench_json_at_a_directory_fails_before_the_run(capsys, tmp_path):
     line = _one_line(capsys, ["bench", B, "--json", str(tmp_path)])
