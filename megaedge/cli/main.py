@@ -72,6 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is not None:
+        return _main(argv)
+    try:
+        return _main(None)
+    finally:
+        # The console command is done (or interrupted, and said so): a Ctrl-C now would land in the interpreter's
+        # clean-up (a temporary folder's or a library's finalizer) and print "Exception ignored ..." with a trace.
+        # Only the console entry point does this: a program that calls main(argv) keeps its own Ctrl-C.
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         _Parser.argv = list(sys.argv[1:] if argv is None else argv)

@@ -182,3 +182,27 @@ def test_reference_route_lora_without_an_adapter_is_refused(tmp_path):
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
         f"megaedge reference: error: --route lora: {plain} has no LoRA adapter to turn on; pass --adapter DIR or "
         "leave --route at auto"]
+
+
+def test_a_ctrl_c_after_the_command_finished_prints_nothing():
+    """A Ctrl-C that lands in the interpreter's clean-up (here a finalizer, as a temporary folder's is) once the
+    console command returned: no "Exception ignored" trace."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, signal, sys, time\n"
+            "from megaedge.cli.main import main\n"
+            "class Finalizer:\n"
+            "    def __del__(self):\n"
+            "        os.kill(os.getpid(), signal.SIGINT)\n"
+            "        time.sleep(0.2)\n"
+            "sys.argv = ['megaedge', 'plan', '/nonexistent/bundle']\n"
+            "status = main()\n"
+            "pending = Finalizer()\n"
+            "del pending\n"
+            "sys.exit(status)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Exception ignored" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr
