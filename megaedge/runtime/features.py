@@ -92,11 +92,28 @@ def power_mel(samples: np.ndarray, n_mels: int) -> np.ndarray:
 
 
 def _mel_power(frames: np.ndarray, filters: np.ndarray) -> np.ndarray:
-    """Mel power (n_mels, frames) of windowed frames. The filter product runs in float64: in float32, OpenBLAS on an
-    AMD Zen 3 rounded a frame differently depending on how many frames shared the product, and a frame's features
-    must not depend on that (blocks of a long file, frames of a stream)."""
+    """Mel power (n_mels, frames) of windowed frames, in float64 and frame by frame: a frame's features must not
+    depend on how many frames share the call (blocks of a long file, frames of a stream), and in float32 OpenBLAS
+    on an AMD Zen 3 rounded a frame differently with the batch. The filters are sparse (about 400 of 201 x 128
+    weights are non-zero), so the product is a gather and a sum per mel band: no BLAS call, whose worker threads
+    would spin for tens of milliseconds after every call on a device that has no core to spare."""
     spec = np.fft.rfft(frames, n=N_FFT, axis=-1)
-    return ((spec.real**2 + spec.imag**2) @ filters.astype(np.float64)).T.astype(np.float32)
+    power = (spec.real**2 + spec.imag**2).astype(np.float64)
+    bins, weights, starts, bands = _sparse_filters(filters.shape, filters.tobytes())
+    out = np.zeros((filters.shape[1], power.shape[0]), np.float32)
+    if bins.size:
+        out[bands] = np.add.reduceat(power[:, bins] * weights, starts, axis=1).T
+    return out
+
+
+@lru_cache(maxsize=4)
+def _sparse_filters(shape: tuple[int, int], data: bytes):
+    """The non-zero filter weights grouped by mel band: (fft bins, float64 weights, where each band's run starts,
+    the bands that have any)."""
+    filters = np.frombuffer(data, np.float32).reshape(shape)
+    bands, bins = np.nonzero(filters.T)  # band-major: each band's weights are one contiguous run
+    bands_with_weights, starts = np.unique(bands, return_index=True)
+    return bins, filters[bins, bands].astype(np.float64), starts, bands_with_weights
 
 
 @dataclass(frozen=True)

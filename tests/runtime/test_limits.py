@@ -281,6 +281,33 @@ def test_sessions_bound_threads_and_do_not_spin(tmp_path, monkeypatch, two_cores
             session.open_session(path, spec, threads=bad)
 
 
+def test_a_process_idle_after_a_call_burns_no_cpu(tiny_bundles):
+    """After a transcribe returns, no thread of the process keeps running: onnxruntime's pools are passive and the
+    front-end makes no BLAS call whose workers spin (OpenBLAS's spun ~0.1 s of a core after every call)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys, time\n"
+            "import numpy as np\n"
+            "from megaedge.runtime.transcriber import Transcriber\n"
+            "def ticks():\n"
+            "    return sum(sum(int(v) for v in open(f'/proc/self/task/{t}/stat').read().rsplit(')', 1)[1].split()[11:13])\n"
+            "               for t in os.listdir('/proc/self/task'))\n"
+            "tr = Transcriber.from_bundle(sys.argv[1])\n"
+            "x = (np.random.default_rng(0).standard_normal(16000 * 12) * 0.1).astype(np.float32)\n"
+            "idle = []\n"
+            "for _ in range(3):\n"
+            "    tr.transcribe(x, max_new_tokens=4)\n"
+            "    before = ticks(); time.sleep(0.3); idle.append(ticks() - before)\n"
+            "print(idle)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_bundles["merged"])], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_WAIT_POLICY": "", "OPENBLAS_NUM_THREADS": ""})
+    assert proc.returncode == 0, proc.stderr
+    idle = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert min(idle) <= 1, f"clock ticks used in 0.3 s of idleness after each call: {idle}"
+
+
 # ------------------------------------------------------------------------------------------------- onnx_meta
 def test_onnx_meta_reads_initializer_dims_like_onnx(tmp_path):
     import onnx
