@@ -643,7 +643,7 @@ class Stream:
         if np.any(span.samples):
             segment = self._offline_segment()
             tokens, logprobs = segment.token_ids, segment.logprobs
-        event = self._event("final", tokens, t0, "segment", logprobs)
+        event = self._event("final", tokens, t0, "segment", logprobs, end_sample=span.start_sample + cut)
         self.utterance += 1
         self._vad.reset_utterance()
         self._span = self._new_span(span.start_sample + cut, self.opts.context)
@@ -661,23 +661,28 @@ class Stream:
         span.samples = span.samples[:boundary]
         span.raw = span.raw[:, : len(span.windows) * self.window_frames]
         tokens, logprobs = self._final_tokens()
-        text = self._text(tokens)
-        new_text = _drop_repeated_words(self._previous_text, text)
+        # the event is this span's (its start, route probability, and end at the boundary), built before the swap
+        event = self._event("final", tokens, t0, "span", logprobs, end_sample=span.start_sample + boundary)
+        new_text = _drop_repeated_words(self._previous_text, event.text)
         # Only a tail is kept: de-duplication looks at a dozen words and the context at context_chars.
         self._previous_text = f"{self._previous_text} {new_text}".strip()[-400:]
         context = self._previous_text[-self.opts.context_chars:] if self.opts.context_chars else None
         context = " ".join(filter(None, [self.opts.context, context])) or None
         nxt = self._new_span(span.start_sample + boundary - keep.size, context)
         nxt.samples = np.concatenate([keep, rest])
-        nxt.gate, nxt.route_checked = span.gate, span.route_checked
+        nxt.gate, nxt.route_checked, nxt.degraded_prob = span.gate, span.route_checked, span.degraded_prob
         self._span = nxt
-        return replace(self._event("final", tokens, t0, "span", logprobs), text=new_text, committed=new_text)
+        event = replace(event, text=new_text, committed=new_text)
+        self._last = event
+        return event
 
     # events ------------------------------------------------------------------------------------------------------
     def _text(self, tokens: list[int], collapse: bool = True) -> str:
         return self.tr.text_of(tokens, self.opts.language is not None, collapse).text
 
-    def _event(self, kind: str, tokens: list[int], t0: float, reason: str = "", logprobs=()) -> StreamEvent:
+    def _event(self, kind: str, tokens: list[int], t0: float, reason: str = "", logprobs=(),
+               end_sample: int | None = None) -> StreamEvent:
+        """The event of the current span; it ends at ``end_sample`` (default: all the audio received so far)."""
         span = self._span
         partial = kind == "partial"
         text = self._text(tokens, collapse=not partial)
@@ -693,7 +698,8 @@ class Stream:
         language = None
         if kind == "final":
             language = self.opts.language or self.tr.text_of(tokens, False).language
-        event = StreamEvent(kind, text, committed, span.start_sample / RATE, self.time / RATE, self.utterance, route,
+        end = self.time if end_sample is None else end_sample
+        event = StreamEvent(kind, text, committed, span.start_sample / RATE, end / RATE, self.utterance, route,
                             tuple(tokens), time.perf_counter() - t0, reason, *confidence, span.degraded_prob,
                             language)
         self._last = event

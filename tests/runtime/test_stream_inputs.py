@@ -141,6 +141,7 @@ def test_exact_preset_is_offline_segment_by_segment_on_long_audio(merged):
     assert [list(e.token_ids) for e in finals] == [s.token_ids for s in offline.segments]
     assert " ".join(e.text for e in finals if e.text) == offline.text and offline.text
     assert [round(e.start, 3) for e in finals] == [round(s.start, 3) for s in offline.segments]
+    assert [round(e.end, 3) for e in finals] == [round(s.end, 3) for s in offline.segments]
 
 
 def test_finals_name_route_probability_and_language_and_the_stream_says_when_it_heard_speech(fixture_bundles):

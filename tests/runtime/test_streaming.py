@@ -170,6 +170,11 @@ def test_long_form_state_is_bounded_and_boundary_text_not_repeated(merged, clips
     events.append(stream.final())
     spans = [e for e in events if e.kind == "final"]
     assert sum(e.reason == "span" for e in spans) >= 3
+    # each span final names its own audio: from its start to the window boundary it was cut at
+    assert spans[0].start == 0 and spans[0].end % 8 == 0 and spans[0].end >= 17
+    for a, b in zip(spans, spans[1:]):
+        assert b.start == pytest.approx(a.end - options.overlap_seconds) and b.end > a.end
+    assert spans[-1].end == pytest.approx(len(chain) / 16000)
     assert largest <= (17.0 + 8.0 + options.overlap_seconds + options.hop_seconds) * 16000
     # (The fixture was trained on single short commands; on 17 s of back-to-back commands its text degrades
     # offline too, so accuracy across boundaries is not judged here, only that no boundary repeats itself.)
