@@ -63,19 +63,50 @@ def check_finite(samples: np.ndarray, name: str) -> None:
         raise NonFiniteAudioError(f"{name}: {bad} samples are NaN or Inf; clean the audio before transcribing it")
 
 
-def as_float(samples: np.ndarray, name: str = "audio") -> np.ndarray:
-    """float32 samples in [-1, 1]: integer PCM scaled by its type's range (int16 / 32768), floats as they are."""
+# Float audio is read as [-1, 1]. Peaks a little over 1 happen (a mix, a resampler's overshoot of clipped audio);
+# beyond this one the samples are almost surely integer PCM turned into floats without scaling, which the model
+# hears as another, plausible command rather than as noise.
+FLOAT_PEAK_LIMIT = 4.0
+# A 16-bit recording kept in a wider integer array (a list of ints becomes int64) peaks at most here.
+INT16_PEAK = 32768
+
+
+def as_float(samples: np.ndarray, name: str = "audio", whole: bool = False) -> np.ndarray:
+    """float32 samples in [-1, 1]: integer PCM scaled by its type's range (int16 / 32768), floats as they are.
+
+    Refused, as the usual mistakes of an embedder: floats peaking over FLOAT_PEAK_LIMIT, and (``whole``: a
+    whole recording, not a stream's block, which may be a quiet moment) 32- or 64-bit integers that peak within
+    the 16-bit range: integer PCM put into the wrong type, which would otherwise be read as near silence."""
+    path = "a file path, or " if whole else ""
     if isinstance(samples, (bytes, bytearray, memoryview)):
-        raise AudioError(f"{name}: {len(samples)} bytes are not samples; pass a file path, or decode the bytes "
-                         "first (soundfile.read(io.BytesIO(data)))")
-    arr = np.asarray(samples)
+        raise AudioError(f"{name}: {len(samples)} bytes are not samples; pass {path}samples decoded from them "
+                         "(numpy.frombuffer(data, '<i2') for raw 16-bit PCM, soundfile.read(io.BytesIO(data)) "
+                         "for a file's bytes)")
+    try:
+        arr = np.asarray(samples)
+    except (TypeError, ValueError) as exc:
+        raise AudioError(f"{name}: a {type(samples).__name__} is not audio; pass {path}an array of samples") from exc
     if arr.dtype.kind == "i":
+        if whole and arr.dtype.itemsize > 2 and arr.size:
+            peak = int(np.max(np.abs(arr.astype(np.int64)), initial=0))
+            if 0 < peak <= INT16_PEAK:
+                raise AudioError(f"{name}: {arr.dtype} samples peak at {peak} of {np.iinfo(arr.dtype).max}, "
+                                 "16-bit PCM in a wider type (it would be read as near silence); pass "
+                                 "samples.astype(numpy.int16), or floats in [-1, 1]")
         return arr.astype(np.float32) / float(np.iinfo(arr.dtype).max + 1)
     if arr.dtype.kind == "u":  # unsigned PCM (8-bit WAV) is offset by half its range
         half = float(np.iinfo(arr.dtype).max + 1) / 2
         return (arr.astype(np.float32) - half) / half
     if arr.dtype.kind != "f":
-        raise AudioError(f"{name}: samples of type {arr.dtype} are not audio; pass float or integer PCM samples")
+        what = f"a {type(samples).__name__}" if arr.dtype.kind == "O" else f"samples of type {arr.dtype}"
+        raise AudioError(f"{name}: {what} is not audio; pass {path}float or integer PCM samples")
+    if arr.size:
+        with np.errstate(invalid="ignore"):
+            peak = float(np.nanmax(np.abs(arr), initial=0.0)) if np.isnan(arr).any() else float(np.max(np.abs(arr)))
+        if np.isfinite(peak) and peak > FLOAT_PEAK_LIMIT:
+            raise AudioError(f"{name}: float samples peak at {peak:.6g}, but float audio is read in [-1, 1]: "
+                             "integer PCM converted to float? divide 16-bit samples by 32768, or pass the "
+                             "integer array itself")
     return arr.astype(np.float32, copy=False)
 
 
@@ -92,7 +123,7 @@ def check_rate(rate, what: str) -> int:
 def prepare(samples: np.ndarray, rate: int, name: str = "audio", target: int = TARGET_RATE) -> np.ndarray:
     """Validate an in-memory array and bring it to float32 mono at ``target`` Hz."""
     rate = check_rate(rate, f"{name}: sample rate")
-    arr = to_mono(as_float(samples, name))
+    arr = to_mono(as_float(samples, name, whole=True))
     check_finite(arr, name)
     if arr.size == 0:
         raise AudioError(f"{name}: the audio is empty (0 samples)")
@@ -160,6 +191,8 @@ def check_readable(path: str | os.PathLike) -> None:
 
 def load(source, rate: int = TARGET_RATE, target: int = TARGET_RATE) -> np.ndarray:
     """``source`` is a path (read at its own rate), or an array at ``rate`` Hz (16 kHz unless told)."""
+    if isinstance(source, bytes) and len(source) < 4096 and os.path.isfile(source):  # a path given as bytes
+        source = os.fsdecode(source)
     if isinstance(source, (str, os.PathLike)):
         return read_file(source, target)
     return prepare(source, TARGET_RATE if rate is None else rate, target=target)

@@ -354,9 +354,9 @@ class Transcriber:
                    route: str | None = None, max_new_tokens: int | None = None, ignore_eos: bool = False,
                    segment_seconds: float | None = segmenting.DEFAULT_SEGMENT_SECONDS,
                    loop_guard: bool = True, max_text_tokens: int | None = None) -> Result:
-        """Transcribe a file path (at its own rate), or a sample array at ``rate`` Hz (16 kHz unless told; integer
-        PCM is scaled by its type's range; channels, as (samples, channels) or (channels, samples), are mixed to
-        mono). ``max_new_tokens`` bounds the tokens per segment as
+        """Transcribe a file path (at its own rate), or a sample array at ``rate`` Hz (16 kHz unless told; floats in
+        [-1, 1], integer PCM scaled by its type's range, scale mistakes refused (``audio.as_float``); channels, as
+        (samples, channels) or (channels, samples), are mixed to mono). ``max_new_tokens`` bounds the tokens per segment as
         transformers' generate counts them (language prefix included; default: from the segment's duration),
         ``max_text_tokens`` the text after the language prefix. Safe to call from several threads at once."""
         route = self.check_route(route or self.route)

@@ -72,3 +72,41 @@ def test_a_file_with_many_channels_reads_as_soundfile_lays_it_out(tmp_path):
         sf.write(str(path), data, 16000, subtype="FLOAT")
         got = audio.read_file(path)
         assert got.shape == (frames,) and np.allclose(got, data.mean(axis=1), atol=1e-6)
+
+
+def test_the_usual_scale_mistakes_are_refused_in_one_line(tmp_path):
+    """int16 PCM passed as floats (the model hears another plausible command), 16-bit values in an int32 array or a
+    list of ints (read as near silence), and floats so large they overflow float32 are refused, naming the fix."""
+    import soundfile as sf
+
+    from megaedge.runtime import audio
+
+    pcm = (np.sin(np.arange(16000) / 5.0) * 20000).astype(np.int16)
+    pcm[100] = 20000
+    cases = [(pcm.astype(np.float32), "float samples peak at 20000.*divide 16-bit samples by 32768"),
+             (pcm.astype(np.int32), "int32 samples peak at 20000 of 2147483647.*astype\\(numpy.int16\\)"),
+             (pcm.tolist(), "int64 samples peak at 20000"),
+             (np.array([1e300, 0.0]), "float samples peak at 1e\\+300")]
+    for samples, message in cases:
+        with pytest.raises(AudioError, match=message):
+            audio.load(samples)
+    with pytest.raises(AudioError, match="float samples peak at 20000"):
+        audio.as_float(pcm.astype(np.float32), "stream input")  # a stream's block too
+    audio.as_float(np.full(10, 100, np.int32), "stream input")  # but a quiet int32 block of a stream is fine
+    assert audio.load(pcm).dtype == np.float32 and audio.load(pcm / 32768.0 * 3).max() > 1.8  # hot float: kept
+    assert not audio.load(np.zeros(100, np.int32)).any()  # digital silence in int32 is silence
+    path = tmp_path / "scaled.wav"
+    sf.write(path, pcm.astype(np.float32), 16000, subtype="FLOAT")
+    with pytest.raises(AudioError, match="scaled.wav: float samples peak"):
+        audio.load(path)
+    sf.write(path, pcm, 16000)
+    assert np.array_equal(audio.load(bytes(path)), audio.load(path))  # a path given as bytes
+
+
+def test_objects_that_are_not_audio_are_named():
+    from megaedge.runtime import audio
+
+    with pytest.raises(AudioError, match="a NoneType is not audio; pass a file path, or"):
+        audio.load(None)
+    with pytest.raises(AudioError, match="a dict is not audio"):
+        audio.load({"samples": [0.0]})

@@ -74,7 +74,7 @@ def test_a_rate_is_required_and_checked(merged):
         merged.transcribe(np.zeros(1600, np.float32), rate=0)
     with pytest.raises(MegaedgeError, match="not audio"):
         stream.accept_waveform(np.array(["a", "b"]), 16000)
-    with pytest.raises(MegaedgeError, match="4 bytes are not samples; pass a file path"):
+    with pytest.raises(MegaedgeError, match="4 bytes are not samples; pass samples decoded from them"):
         stream.accept_waveform(b"RIFF", 16000)
     with pytest.raises(MegaedgeError, match="4 bytes are not samples; pass a file path"):
         merged.transcribe(b"RIFF")
