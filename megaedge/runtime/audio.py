@@ -23,9 +23,10 @@ MAX_CHANNELS = 32  # more than any microphone array here; a longer axis is sampl
 def channel_axis(shape: tuple[int, int], known: int | None = None) -> int:
     """The axis of a 2-D block that holds channels: 1 for (samples, channels) as soundfile and sounddevice give,
     0 for (channels, samples) as librosa and torchaudio give. The channels axis is the one of at most
-    MAX_CHANNELS when the other is longer; with both longer (a large microphone array), the shorter one; a block
-    too short to tell (both axes that short) keeps ``known`` (a stream's earlier blocks) or else is read as
-    (samples, channels)."""
+    MAX_CHANNELS when the other is longer; with both longer (a large microphone array), the shorter one. A block
+    too short to tell (both axes that short) keeps ``known`` (a stream's earlier blocks), or else its shorter axis
+    is read as channels (a block of fewer samples than channels is not a thing devices give), and a square one
+    as (samples, channels)."""
     rows, cols = shape
     if rows > MAX_CHANNELS and cols > MAX_CHANNELS:
         return 0 if rows < cols else 1
@@ -33,7 +34,9 @@ def channel_axis(shape: tuple[int, int], known: int | None = None) -> int:
         return 1
     if rows <= MAX_CHANNELS < cols:
         return 0
-    return 1 if known is None else known
+    if known is not None:
+        return known
+    return 0 if rows < cols else 1
 
 
 def to_mono(samples: np.ndarray, known_axis: int | None = None) -> np.ndarray:

@@ -298,8 +298,9 @@ class Stream:
     @_one_caller
     def accept_waveform(self, samples, sample_rate: int, partials: bool = True) -> list[StreamEvent]:
         """Feed any number of samples at ``sample_rate`` Hz (mono, [n, channels] or [channels, n]: a stream keeps
-        the layout of its first block longer than 32 samples; float in [-1, 1], or integer PCM, scaled by its
-        type's range as ``transcribe`` does); returns the events this produced. A stream keeps
+        the layout of its first block longer than 32 samples, and before one, reads the shorter axis as channels;
+        float in [-1, 1], or integer PCM, scaled by its type's range as ``transcribe`` does); returns the events
+        this produced. A stream keeps
         one input rate: a new rate starts a new resampler after flushing the old one. A block of any length is taken
         0.1 s at a time, as if it had been fed so: a long block gets every endpoint, cut and hop it holds (its hops
         cost as they would in real time; ``partials=False`` skips them).

@@ -181,6 +181,10 @@ def test_channels_first_and_channels_last_give_the_mono_transcript(merged, clips
     for i in range(4000, stereo.shape[1], 7):  # blocks too short to tell the layout keep the stream's
         stream.accept_waveform(stereo[:, i: i + 7], 16000)
     assert list(stream.final().token_ids) == offline.token_ids
+    stream = merged.create_stream(EXACT)  # short channels-first blocks from the start: the shorter axis is channels
+    for i in range(0, stereo.shape[1], 20):
+        stream.accept_waveform(stereo[:, i: i + 20], 16000)
+    assert list(stream.final().token_ids) == offline.token_ids
 
 
 def test_channel_axis_rules():
@@ -188,7 +192,8 @@ def test_channel_axis_rules():
 
     assert channel_axis((16000, 2)) == 1 and channel_axis((2, 16000)) == 0
     assert channel_axis((6, 33)) == 0 and channel_axis((33, 6)) == 1
-    assert channel_axis((2, 7)) == 1 and channel_axis((2, 7), known=0) == 0  # too short to tell
+    assert channel_axis((2, 7)) == 0 and channel_axis((7, 2)) == 1  # short: the shorter axis
+    assert channel_axis((7, 2), known=0) == 0 and channel_axis((4, 4)) == 1  # a stream's layout wins; square
     assert channel_axis((16000, 64)) == 1 and channel_axis((64, 16000)) == 0  # a large array: the shorter axis
 
 
