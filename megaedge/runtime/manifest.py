@@ -276,5 +276,5 @@ def check_files(root: Path, manifest: Manifest, verify: bool = True) -> None:
             if actual != expected:
                 raise BundleError(
                     f"{file}: sha256 {actual[:12]}... does not match the manifest ({expected[:12]}...); the file "
-                    f"was modified or truncated; copy the bundle again (or pass --no-verify to skip the check)"
+                    f"was modified or truncated; copy the bundle again (or skip the check: --no-verify, verify=False)"
                 )

@@ -24,7 +24,10 @@ def check_segment_seconds(value) -> float | None:
     if value is None:
         return None
     low, high = SEGMENT_RANGE
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MegaedgeError(f"segment_seconds {value!r} is not a number of seconds; pass a number in "
+                            f"{low:g}-{high:g}, or None to never cut")
+    if not low <= value <= high:
         raise MegaedgeError(f"segment_seconds {value!r} is outside {low:g}-{high:g} s; pass seconds in that range, "
                             "or None to never cut")
     return float(value)

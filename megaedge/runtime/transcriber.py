@@ -361,6 +361,9 @@ class Transcriber:
         ``max_text_tokens`` the text after the language prefix. Safe to call from several threads at once."""
         route = self.check_route(route or self.route)
         language, context = self.check_request(language, context, max_new_tokens, max_text_tokens)
+        for name, flag in (("loop_guard", loop_guard), ("ignore_eos", ignore_eos)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise MegaedgeError(f"{name} {flag!r} is not True or False")
         if max_new_tokens is not None:  # checked above; the number it names ('5' from a config file is 5)
             max_new_tokens = limits.check_max_new_tokens(max_new_tokens)
         if max_text_tokens is not None:

@@ -245,10 +245,16 @@ def test_segment_seconds_outside_its_range_is_one_line(tiny_bundles):
     from megaedge.runtime.transcriber import Transcriber
 
     tr = Transcriber.from_bundle(tiny_bundles["merged"])
-    for bad in (-1, 0, 7.9, 301, "30", True):
+    for bad in (-1, 0, 7.9, 301):
         with pytest.raises(MegaedgeError, match=r"segment_seconds .* is outside 8-300 s"):
             tr.transcribe(speechlike(1.0, seed=4), segment_seconds=bad)
+    for bad in ("30", True):
+        with pytest.raises(MegaedgeError, match=r"segment_seconds .* is not a number of seconds; pass a number in 8-300"):
+            tr.transcribe(speechlike(1.0, seed=4), segment_seconds=bad)
     assert tr.transcribe(speechlike(1.0, seed=4), segment_seconds=8).segments
+    for name in ("loop_guard", "ignore_eos"):  # "no" once left the loop guard on, silently
+        with pytest.raises(MegaedgeError, match=f"{name} 'no' is not True or False"):
+            tr.transcribe(speechlike(1.0, seed=4), **{name: "no"})
 
 
 def test_a_forced_language_is_each_segments_language(tiny_bundles):
