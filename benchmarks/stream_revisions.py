@@ -11,7 +11,8 @@ Without --bundle it exports the shipped fixture (FP32, merged). Each clip gets 0
 after it and is fed in blocks of ``--feed`` seconds. Writes benchmarks/results/stream_revisions.json. The counts
 do not depend on the machine (greedy decoding); they depend on the model: the fixture is small and trained on
 single commands, so its early guesses are often wrong; ``offline`` gives its WER on the clips as cut and with the
-same silence around them, which alone doubles it.
+same silence around them, which alone doubles it, and ``commands_with_pauses`` eight clean commands with 1 s
+pauses, offline (one segment) and streamed (an utterance per command).
 """
 
 from __future__ import annotations
@@ -91,6 +92,30 @@ def offline(tr, items: list[dict]) -> dict:
             "wer_percent_with_0.5s_before_1s_after": round(100 * jiwer.wer(refs, padded), 2)}
 
 
+def commands_with_pauses(tr, items: list[dict], count: int = 8, pause: float = 1.0) -> dict:
+    """The first ``count`` clean clips joined with ``pause`` seconds of silence, as a user gives commands one after
+    another: offline transcription reads them as one segment, a stream (balanced) ends an utterance at each pause."""
+    import jiwer
+
+    from megaedge.runtime import audio as audio_io
+    from megaedge.runtime.evaluate import normalize
+    from megaedge.runtime.streaming import StreamOptions
+
+    chosen = [item for item in items if item.get("scenario") == "clean"][:count]
+    gap = np.zeros(int(pause * RATE), np.float32)
+    audio = np.concatenate([part for item in chosen for part in (audio_io.load(item["path"]), gap)])
+    reference = normalize(" ".join(item["text"] for item in chosen))
+    stream = tr.create_stream(StreamOptions.preset("balanced"))
+    finals = []
+    for i in range(0, audio.size, RATE // 10):
+        finals += [e.text for e in stream.accept_waveform(audio[i: i + RATE // 10], RATE) if e.kind == "final"]
+    finals.append(stream.final().text)
+    return {"clips": len(chosen), "pause_seconds": pause, "audio_seconds": round(audio.size / RATE, 2),
+            "offline_wer_percent": round(100 * jiwer.wer(reference, normalize(tr.transcribe(audio).text)), 2),
+            "streamed_wer_percent": round(100 * jiwer.wer(reference, normalize(" ".join(t for t in finals if t))), 2),
+            "streamed_finals": sum(1 for t in finals if t)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", help="bundle to measure (default: the fixture, exported to a temp dir)")
@@ -116,6 +141,8 @@ def main() -> int:
         tr = Transcriber.from_bundle(bundle, threads=2)
         print("offline ...", flush=True)
         results["offline"] = offline(tr, items)
+        results["commands_with_pauses"] = commands_with_pauses(tr, items)
+        print(json.dumps(results["commands_with_pauses"]), flush=True)
         for preset in args.presets.split(","):
             print(f"{preset} ...", flush=True)
             results["presets"][preset] = measure(tr, items, preset, args.feed)

@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "worker threads (default 4)")
     parser.add_argument("--max-queue", type=arg_type(_queue),
                         help="transcription requests that may wait for a slot; beyond, 429 (default: --max-streams). "
-                             "Realtime connections never wait: beyond the slots they get an error and close 1013")
+                             "Realtime connections do not queue: beyond the slots one waits up to 1 s, then gets an error "
+                             "and close 1013")
     parser.add_argument("--api-key", help="require Authorization: Bearer KEY (WebSockets: the header or ?api_key=KEY); "
                                           "default $MEGAEDGE_API_KEY, else no key (keep the default host then)")
     parser.add_argument("--model-name", default="megaedge", help="the model id /v1/models lists (default megaedge)")

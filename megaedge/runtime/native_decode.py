@@ -231,7 +231,7 @@ def available(info: manifest.Manifest) -> str | None:
     """None when the bundle's decode step can run natively, else why not."""
     index = info.decoder.get("native")
     if index is None:
-        return "the bundle has no native decode index (a weight-only 8-bit decoder exported by megaedge >= 0.9)"
+        return "the bundle has no native decode index (only weight-only INT8 bundles, megaedge export --int8, have one)"
     if index.get("format") != "matmulnbits-q8":
         return f"native index format {index.get('format')!r} is not known to this megaedge"
     if info.routed and not any(layer[name].get("lora") is not None for layer in index["layers"]
