@@ -22,6 +22,7 @@ from megaedge.errors import BundleError, CheckpointError, MegaedgeError
 from megaedge.export import graphs
 from megaedge.progress import track
 from megaedge.runtime import features, fixed_kv, manifest, routing, segmenting
+from megaedge.runtime.streaming import StreamOptions
 
 log = logging.getLogger("megaedge.export.bundle")
 
@@ -312,7 +313,9 @@ def build_manifest(loaded, out: Path, opts: ExportOptions, graph_specs: dict, no
                     "kv_dtype": "float16" if opts.precision == "fp16" else "float32",
                     **({"kv_cache": "fixed", "max_kv_length": opts.max_kv_length} if opts.target == "cuda" else {})},
         "router": router,
-        "streaming": {"hop_seconds": 1.0, "unstable_tokens": 5, "endpoint_silence_seconds": 0.8},
+        # a record of the default stream preset at export; streams take StreamOptions, never this
+        "streaming": {key: getattr(StreamOptions(), key)
+                      for key in ("hop_seconds", "unstable_tokens", "endpoint_silence_seconds")},
         "versions": _versions(opts.opset),
         "source": {"checkpoint": loaded.source.base_dir.name, "layout": loaded.source.root_layout.value,
                    "adapter": loaded.adapter.summary() if loaded.adapter else None},

@@ -98,6 +98,10 @@ def test_manifest_describes_everything(tiny_bundles):
     assert info.graph("encoder").input("mel").shape[1] == 128
     assert doc["versions"]["opset"] == 18 and "onnxruntime_validated" in doc["versions"]
     assert info.prompt.eos and info.prompt.audio_pad == 151676
+    from megaedge.runtime.streaming import StreamOptions
+
+    defaults = StreamOptions.preset("balanced")  # the record of the default preset, not numbers of its own
+    assert doc["streaming"] == {key: getattr(defaults, key) for key in doc["streaming"]} and doc["streaming"]
 
 
 @pytest.mark.parametrize("mode", ["merged", "routed"])
