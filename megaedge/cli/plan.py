@@ -58,6 +58,7 @@ def parse_memory(text: str) -> float:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import sys
     from dataclasses import replace
     from pathlib import Path
 
@@ -88,6 +89,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
+    target = (info.quantization or {}).get("target")
+    if info.precision == "int8" and target not in ("tensorrt", "cuda"):
+        # the plan still answers "would engines of this size fit", but these graphs cannot become them
+        print(f"note: {bundle.name} is an INT8 bundle made for {target}; TensorRT engines are built from a "
+              "--target tensorrt export (megaedge doctor --bundle says what blocks this one)", file=sys.stderr)
     verdict = "fits" if result.fits else "does NOT fit"
     print(f"{bundle.name} as {precision} engines, {args.max_audio_seconds:g} s audio + {args.max_new_tokens} new "
           f"tokens, budget {result.budget_mib / 1024:.2f} GiB: {verdict}")

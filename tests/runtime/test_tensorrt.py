@@ -136,6 +136,9 @@ def test_plan_and_doctor_cli(tiny_bundles, trt_bundle):
     doctor = run_cli("doctor", "--json", "--bundle", str(trt_bundle["cpu"]))
     assert doctor.returncode == 0
     assert json.loads(doctor.stdout)["tensorrt_readiness"]["ready"] is False
+    cpu_plan = run_cli("plan", str(trt_bundle["cpu"]))  # planned, with a note that these graphs cannot be engines
+    assert cpu_plan.returncode == 0 and "INT8 bundle made for cpu" in cpu_plan.stderr and "fits" in cpu_plan.stdout
+    assert "made for" not in run_cli("plan", str(trt_bundle["tensorrt"])).stderr
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
