@@ -198,6 +198,7 @@ class _Span:
         self.kv_windows = 0
         self.committed: list[int] = []
         self.previous: list[int] = []  # the last hop's full hypothesis
+        self.after_cut = False  # begins where an exact long-form segment was cut (Stream._cut_segment)
         self.context = context
         self.gate = gate
         self.route_checked = False
@@ -610,7 +611,11 @@ class Stream:
         span = self._span
         # the VAD heard no speech in it
         silent = (self.opts.endpointing or self._gated) and not self._vad.heard_speech
-        tokens, logprobs = [], []
+        if span.after_cut and span.samples.size:
+            # The rest of a segmented utterance: offline transcription gates its last segment on the segment's own
+            # audio, while the stream's VAD forgot at the cut what it had heard after it.
+            silent = not self.tr.heard_speech(span.samples)
+        tokens, logprobs, segment = [], [], None
         if span.samples.size and np.any(span.samples) and not silent:
             self._maybe_route(final=True)
             tokens, logprobs = self._final_tokens()
@@ -618,7 +623,7 @@ class Stream:
                 # Same handling as offline (re-decode on the base route or with no-repeat-4-gram).
                 segment = self._offline_segment()
                 tokens, logprobs = segment.token_ids, segment.logprobs
-        event = self._event("final", tokens, t0, reason, logprobs)
+        event = self._event("final", tokens, t0, reason, logprobs, segment=segment)
         self._previous_text = ""
         self.utterance += 1
         self._vad.reset_utterance()
@@ -640,15 +645,17 @@ class Stream:
         cut = segmenting.segments(span.samples, self.opts.segment_seconds)[0][1]
         rest = span.samples[cut:]
         span.samples = span.samples[:cut]
-        tokens, logprobs = [], []
+        tokens, logprobs, segment = [], [], None
         if np.any(span.samples):
             segment = self._offline_segment()
             tokens, logprobs = segment.token_ids, segment.logprobs
-        event = self._event("final", tokens, t0, "segment", logprobs, end_sample=span.start_sample + cut)
+        event = self._event("final", tokens, t0, "segment", logprobs, end_sample=span.start_sample + cut,
+                            segment=segment)
         self.utterance += 1
         self._vad.reset_utterance()
         self._span = self._new_span(span.start_sample + cut, self.opts.context)
         self._span.samples = rest
+        self._span.after_cut = True
         return event
 
     def _roll_span(self) -> StreamEvent:
@@ -682,8 +689,9 @@ class Stream:
         return self.tr.text_of(tokens, self.opts.language is not None, collapse).text
 
     def _event(self, kind: str, tokens: list[int], t0: float, reason: str = "", logprobs=(),
-               end_sample: int | None = None) -> StreamEvent:
-        """The event of the current span; it ends at ``end_sample`` (default: all the audio received so far)."""
+               end_sample: int | None = None, segment=None) -> StreamEvent:
+        """The event of the current span; it ends at ``end_sample`` (default: all the audio received so far). A
+        final decoded by offline transcription (``segment``) names the route that segment took."""
         span = self._span
         partial = kind == "partial"
         text = self._text(tokens, collapse=not partial)
@@ -695,14 +703,16 @@ class Stream:
             route = "merged" if self.tr.manifest.source.get("adapter") else "base"
         else:
             route = "lora" if span.gate else "base"
+        degraded_prob = span.degraded_prob
+        if segment is not None and self.tr.manifest.routed:
+            route, degraded_prob = segment.route, segment.degraded_prob
         confidence = (float(np.mean(logprobs)), float(np.min(logprobs))) if len(logprobs) else (None, None)
         language = None
         if kind == "final":
             language = self.opts.language or self.tr.text_of(tokens, False).language
         end = self.time if end_sample is None else end_sample
         event = StreamEvent(kind, text, committed, span.start_sample / RATE, end / RATE, self.utterance, route,
-                            tuple(tokens), time.perf_counter() - t0, reason, *confidence, span.degraded_prob,
-                            language)
+                            tuple(tokens), time.perf_counter() - t0, reason, *confidence, degraded_prob, language)
         self._last = event
         return event
 

@@ -3,6 +3,9 @@ scaled, a rate always given; the same tokens give the same text; routes a bundle
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -142,6 +145,39 @@ def test_exact_preset_is_offline_segment_by_segment_on_long_audio(merged):
     assert " ".join(e.text for e in finals if e.text) == offline.text and offline.text
     assert [round(e.start, 3) for e in finals] == [round(s.start, 3) for s in offline.segments]
     assert [round(e.end, 3) for e in finals] == [round(s.end, 3) for s in offline.segments]
+
+
+def test_exact_segments_of_a_routed_bundle_name_their_route_and_keep_the_last_words(fixture_bundles):
+    """Segment finals report the route offline transcription took for the segment (they named the route a hop
+    guessed from the first second), and the words after the last cut are not lost to the speech gate (the VAD
+    forgot at the cut what it had heard after it, and the flush came back empty)."""
+    from megaedge import fixture
+    from megaedge.runtime import audio as audio_io
+    from megaedge.runtime import vad
+    from megaedge.runtime.evaluate import read_set
+    from megaedge.runtime.transcriber import Transcriber
+
+    if vad.installed_silero_model() is None:
+        pytest.skip("silero-vad is not installed: the bundle has no speech gate to test")
+    tr = Transcriber.from_bundle(fixture_bundles["routed"], vad="silero")  # the suite runs without a gate
+    paths = sorted(item["path"] for item in read_set(fixture.heldout_manifest()))
+    clean = [p for p in paths if "clean" in Path(p).name][:1]
+    degraded = [p for p in paths if "noise" in Path(p).name or "distortion" in Path(p).name][:10]
+    audio = np.concatenate([audio_io.load(clean[0]), np.zeros(800, np.float32)] + [audio_io.load(p) for p in degraded])
+    options = replace(EXACT, segment_seconds=12.0)
+    stream = tr.create_stream(options)
+    events = []
+    for i in range(0, audio.size, 1600):
+        events += stream.accept_waveform(audio[i: i + 1600], 16000)
+    events.append(stream.final())
+    finals = [e for e in events if e.kind == "final"]
+    offline = tr.transcribe(audio, segment_seconds=12.0)
+    assert len(offline.segments) >= 3 and [e.reason for e in finals][-1] == "flush"
+    assert [list(e.token_ids) for e in finals] == [s.token_ids for s in offline.segments]
+    assert finals[-1].text and finals[-1].text == offline.segments[-1].text
+    assert [(e.route, e.degraded_prob) for e in finals] == [(s.route, s.degraded_prob) for s in offline.segments]
+    assert [(round(e.start, 3), round(e.end, 3)) for e in finals] == \
+        [(round(s.start, 3), round(s.end, 3)) for s in offline.segments]
 
 
 def test_finals_name_route_probability_and_language_and_the_stream_says_when_it_heard_speech(fixture_bundles):
