@@ -1,5 +1,5 @@
 import sys
 
-from megaedge.cli.main import main
+from megaedge.cli.main import console
 
-sys.exit(main())
+sys.exit(console())

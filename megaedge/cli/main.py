@@ -72,14 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is not None:
-        return _main(argv)
+    """Run one command (argv, default sys.argv[1:]); returns the exit status. Safe to call in-process."""
+    return _main(argv)
+
+
+def console() -> int:
+    """The `megaedge` console command: main(), then Ctrl-C is ignored while the interpreter exits. The command is
+    done (or was interrupted and said so); a Ctrl-C now would land in the interpreter's clean-up (a temporary
+    folder's or a library's finalizer) and print "Exception ignored ..." with a trace. Only the console command
+    does this: a program that calls main() keeps its own Ctrl-C."""
     try:
         return _main(None)
     finally:
-        # The console command is done (or interrupted, and said so): a Ctrl-C now would land in the interpreter's
-        # clean-up (a temporary folder's or a library's finalizer) and print "Exception ignored ..." with a trace.
-        # Only the console entry point does this: a program that calls main(argv) keeps its own Ctrl-C.
         import signal
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -145,4 +149,4 @@ def _stdout_is_closed() -> bool:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(console())

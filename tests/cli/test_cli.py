@@ -192,17 +192,18 @@ def test_a_ctrl_c_after_the_command_finished_prints_nothing():
     import sys
 
     code = ("import os, signal, sys, time\n"
-            "from megaedge.cli.main import main\n"
+            "from megaedge.cli.main import console, main\n"
             "class Finalizer:\n"
             "    def __del__(self):\n"
             "        os.kill(os.getpid(), signal.SIGINT)\n"
             "        time.sleep(0.2)\n"
             "sys.argv = ['megaedge', 'plan', '/nonexistent/bundle']\n"
-            "status = main()\n"
+            "assert main() == 1 and signal.getsignal(signal.SIGINT) is signal.default_int_handler\n"
+            "status = console()\n"
             "pending = Finalizer()\n"
             "del pending\n"
             "sys.exit(status)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 2, proc.stderr  # main(), console()
     assert "Exception ignored" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr
