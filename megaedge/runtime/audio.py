@@ -70,16 +70,15 @@ def check_finite(samples: np.ndarray, name: str) -> None:
 # beyond this one the samples are almost surely integer PCM turned into floats without scaling, which the model
 # hears as another, plausible command rather than as noise.
 FLOAT_PEAK_LIMIT = 4.0
-# A 16-bit recording kept in a wider integer array (a list of ints becomes int64) peaks at most here.
-INT16_PEAK = 32768
 
 
-def as_float(samples: np.ndarray, name: str = "audio", whole: bool = False) -> np.ndarray:
+def as_float(samples: np.ndarray, name: str = "audio", whole: bool = False, check_scale: bool = True) -> np.ndarray:
     """float32 samples in [-1, 1]: integer PCM scaled by its type's range (int16 / 32768), floats as they are.
 
-    Refused, as the usual mistakes of an embedder: floats peaking over FLOAT_PEAK_LIMIT, and (``whole``: a
-    whole recording, not a stream's block, which may be a quiet moment) 32- or 64-bit integers that peak within
-    the 16-bit range: integer PCM put into the wrong type, which would otherwise be read as near silence."""
+    Refused (``check_scale``), as the usual mistakes of an embedder: floats peaking over FLOAT_PEAK_LIMIT, and
+    (``whole``: a whole recording, not a stream's block, which may be a quiet moment) 32- or 64-bit integers whose
+    peak fits a narrower type: PCM of that type kept in a wider array (a list of ints becomes int64), which would
+    be read as near silence. A file's samples are what its format says: not judged."""
     path = "a file path, or " if whole else ""
     if isinstance(samples, (bytes, bytearray, memoryview)):
         raise AudioError(f"{name}: {len(samples)} bytes are not samples; pass {path}samples decoded from them "
@@ -87,15 +86,11 @@ def as_float(samples: np.ndarray, name: str = "audio", whole: bool = False) -> n
                          "for a file's bytes)")
     try:
         arr = np.asarray(samples)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: a tensor that needs .detach() first
         raise AudioError(f"{name}: a {type(samples).__name__} is not audio; pass {path}an array of samples") from exc
     if arr.dtype.kind == "i":
-        if whole and arr.dtype.itemsize > 2 and arr.size:
-            peak = int(np.max(np.abs(arr.astype(np.int64)), initial=0))
-            if 0 < peak <= INT16_PEAK:
-                raise AudioError(f"{name}: {arr.dtype} samples peak at {peak} of {np.iinfo(arr.dtype).max}, "
-                                 "16-bit PCM in a wider type (it would be read as near silence); pass "
-                                 "samples.astype(numpy.int16), or floats in [-1, 1]")
+        if check_scale and whole and arr.dtype.itemsize > 2 and arr.size:
+            _check_integer_width(arr, name)
         return arr.astype(np.float32) / float(np.iinfo(arr.dtype).max + 1)
     if arr.dtype.kind == "u":  # unsigned PCM (8-bit WAV) is offset by half its range
         half = float(np.iinfo(arr.dtype).max + 1) / 2
@@ -103,14 +98,32 @@ def as_float(samples: np.ndarray, name: str = "audio", whole: bool = False) -> n
     if arr.dtype.kind != "f":
         what = f"a {type(samples).__name__}" if arr.dtype.kind == "O" else f"samples of type {arr.dtype}"
         raise AudioError(f"{name}: {what} is not audio; pass {path}float or integer PCM samples")
-    if arr.size:
-        with np.errstate(invalid="ignore"):
-            peak = float(np.nanmax(np.abs(arr), initial=0.0)) if np.isnan(arr).any() else float(np.max(np.abs(arr)))
-        if np.isfinite(peak) and peak > FLOAT_PEAK_LIMIT:
+    if check_scale and arr.size:
+        peak = max(float(arr.max()), -float(arr.min()))  # NaN or inf: check_finite names those samples
+        if FLOAT_PEAK_LIMIT < peak < np.inf:
             raise AudioError(f"{name}: float samples peak at {peak:.6g}, but float audio is read in [-1, 1]: "
                              "integer PCM converted to float? divide 16-bit samples by 32768, or pass the "
                              "integer array itself")
     return arr.astype(np.float32, copy=False)
+
+
+def _check_integer_width(arr: np.ndarray, name: str) -> None:
+    """Refuse 32/64-bit integers whose peak fits 16 bits (or, in int64, 32 bits): read at their type's scale they
+    would be near silence. A 24-bit recording kept in the low bits of int32 is named too: it cannot be told from a
+    quiet 16-bit one, and neither is what int32 full scale means."""
+    peak = max(int(arr.max()), -int(arr.min()))  # no int64 copy of the whole array
+    full = np.iinfo(arr.dtype).max
+    if peak == 0:
+        return  # digital silence is silence in any width
+    if peak <= 32768:
+        fix = "samples.astype(numpy.int16) for 16-bit values, samples * 256 for 24-bit values in int32"
+    elif arr.dtype.itemsize == 8 and peak <= 2**31:
+        fix = "samples.astype(numpy.int32) for 32-bit values"
+    else:
+        return
+    raise AudioError(f"{name}: {arr.dtype} samples peak at {peak} of {full} ({20 * np.log10(peak / full):.0f} "
+                     f"dBFS): PCM of a narrower type in a wider array, which would be read as near silence; pass "
+                     f"{fix}, or floats in [-1, 1]")
 
 
 def check_rate(rate, what: str) -> int:
@@ -123,10 +136,11 @@ def check_rate(rate, what: str) -> int:
     return int(rate)
 
 
-def prepare(samples: np.ndarray, rate: int, name: str = "audio", target: int = TARGET_RATE) -> np.ndarray:
+def prepare(samples: np.ndarray, rate: int, name: str = "audio", target: int = TARGET_RATE,
+            check_scale: bool = True) -> np.ndarray:
     """Validate an in-memory array and bring it to float32 mono at ``target`` Hz."""
     rate = check_rate(rate, f"{name}: sample rate")
-    arr = to_mono(as_float(samples, name, whole=True))
+    arr = to_mono(as_float(samples, name, whole=True, check_scale=check_scale))
     check_finite(arr, name)
     if arr.size == 0:
         raise AudioError(f"{name}: the audio is empty (0 samples)")
@@ -144,7 +158,7 @@ def read_file(path: str | os.PathLike, target: int = TARGET_RATE) -> np.ndarray:
     except (RuntimeError, sf.LibsndfileError, TypeError, ValueError) as exc:
         raise AudioError(f"{p}: cannot read audio ({str(exc).strip().splitlines()[0]}); use wav/flac/ogg/mp3") from exc
     # soundfile says the layout, (frames, channels): nothing to guess
-    return prepare(data.mean(axis=1), int(rate), name=str(p), target=target)
+    return prepare(data.mean(axis=1), int(rate), name=str(p), target=target, check_scale=False)
 
 
 def _wav_truncation(path: Path) -> str | None:

@@ -95,10 +95,13 @@ def test_the_usual_scale_mistakes_are_refused_in_one_line(tmp_path):
     audio.as_float(np.full(10, 100, np.int32), "stream input")  # but a quiet int32 block of a stream is fine
     assert audio.load(pcm).dtype == np.float32 and audio.load(pcm / 32768.0 * 3).max() > 1.8  # hot float: kept
     assert not audio.load(np.zeros(100, np.int32)).any()  # digital silence in int32 is silence
+    with pytest.raises(AudioError, match="int64 samples peak at 70000 .*astype\\(numpy.int32\\)"):
+        audio.load((pcm.astype(np.int64) * 0 + 70000).tolist())  # 32-bit values in a list: int64
+    with pytest.raises(AudioError, match="samples \\* 256 for 24-bit values in int32"):
+        audio.load(np.full(100, 12582, np.int32))
     path = tmp_path / "scaled.wav"
-    sf.write(path, pcm.astype(np.float32), 16000, subtype="FLOAT")
-    with pytest.raises(AudioError, match="scaled.wav: float samples peak"):
-        audio.load(path)
+    sf.write(path, pcm.astype(np.float32) / 32768 * 5, 16000, subtype="FLOAT")  # a float file is what it says
+    assert audio.load(path).max() > 3
     sf.write(path, pcm, 16000)
     assert np.array_equal(audio.load(bytes(path)), audio.load(path))  # a path given as bytes
 
