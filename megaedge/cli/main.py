@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 
 from megaedge import __version__
@@ -44,7 +45,8 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         if message.endswith("expected one argument"):  # `--memory -1GB`: argparse took the value for an option
             names = message.split(":", 1)[0].removeprefix("argument ").split("/")
-            given = [i for i, arg in enumerate(self.argv[:-1]) if arg in names and self.argv[i + 1].startswith("-")]
+            given = [i for i, arg in enumerate(self.argv[:-1])  # a value like -1GB or -.5, not a forgotten value
+                     if arg in names and re.match(r"-\.?\d", self.argv[i + 1])]
             if given:
                 option, value = self.argv[given[0]], self.argv[given[0] + 1]
                 message += f"; a value that starts with '-' goes after '=': {option}={value}"

@@ -31,10 +31,10 @@ def run(args: argparse.Namespace) -> int:
     if args.remove:
         target = prepared.directory(bundle)
         removed, foreign = prepared.remove(bundle)
-        if foreign:
-            left = f" (left in place, not written by megaedge: {', '.join(foreign)})"
-        else:
-            left = " (copies a running process still uses stay until it exits)" if removed and target.exists() else ""
+        notes = [f"left in place, not written by megaedge: {', '.join(foreign)}"] if foreign else []
+        if removed and prepared.in_use(bundle):
+            notes.append("copies a running process still uses stay until it exits")
+        left = f" ({'; '.join(notes)})" if notes else ""
         print(f"{target}: {'removed' if removed else 'nothing to remove'}{left}")
         return 0
     t0 = time.perf_counter()

@@ -204,16 +204,29 @@ def _generation_name(name: str) -> bool:
 
 def _delete(directory: Path, foreign: list[str]) -> None:
     """Delete the files megaedge wrote in ``directory`` and the directory once it is empty; anything else (a file
-    a user put there) is left in place and named in ``foreign``."""
+    a user put there) is left in place and named in ``foreign``. A generation's index lists its files: with one,
+    only those are megaedge's (a user's own .onnx beside them stays)."""
+    index = _read_index(directory)
+    listed = None
+    if index is not None:
+        listed = {INDEX_FILE, READERS_LOCK}
+        for entry in (index.get("graphs") or {}).values():
+            listed |= {str(name) for name in ((entry or {}).get("files") or {})}
+    others = []
     for child in sorted(directory.iterdir()):
-        if child.is_file() and not child.is_symlink() and _ours(child.name):
-            child.unlink(missing_ok=True)
+        ours = _ours(child.name) if listed is None else child.name in listed
+        if child.is_file() and not child.is_symlink() and ours:
+            if child.name != INDEX_FILE:
+                child.unlink(missing_ok=True)
         else:
-            foreign.append(str(child))
-    try:
-        directory.rmdir()
-    except OSError:
-        pass
+            others.append(str(child))
+    foreign += others
+    if not others:  # the index goes last, and stays while a user's file does: it says what else is megaedge's
+        (directory / INDEX_FILE).unlink(missing_ok=True)
+        try:
+            directory.rmdir()
+        except OSError:
+            pass
 
 
 def _collect(key_dir: Path, foreign: list[str] | None = None) -> list[str]:
@@ -397,6 +410,15 @@ def _disagreement(original, copy: Path, spec: manifest.GraphSpec, feed: dict, th
     return "" if err <= 1e-4 * max(scale, 1.0) else f"max abs difference {err:.3g} at output scale {scale:.3g}"
 
 
+def in_use(bundle: str | Path) -> bool:
+    """Whether generations of this machine's copies are still there after a remove: a running process uses them."""
+    key_dir = directory(Path(bundle).expanduser())
+    try:
+        return any(_generation_name(child.name) and (child / READERS_LOCK).exists() for child in key_dir.iterdir())
+    except OSError:
+        return False
+
+
 def remove(bundle: str | Path) -> tuple[bool, list[str]]:
     """Delete this machine's prepared copies: (whether there were any, the paths left in place because megaedge
     did not write them). Copies a running process still uses stay until it exits (a later prepare or remove
@@ -410,9 +432,9 @@ def remove(bundle: str | Path) -> tuple[bool, list[str]]:
         kept = _collect(key_dir, foreign)
         if not kept and not foreign:
             (key_dir / PREPARE_LOCK).unlink(missing_ok=True)  # a prepare waiting for the lock sees its file unlinked
-            key_dir.rmdir()
-            try:
-                key_dir.parent.rmdir()  # prepared/, when no other machine's copies (or anything else) are in it
-            except OSError:
-                pass
+            for folder in (key_dir, key_dir.parent):  # prepared/ too, when no other machine's copies are in it
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty: a prepare that started this instant made its lock, or other copies
+                    break
     return True, foreign

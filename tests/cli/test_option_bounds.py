@@ -116,6 +116,8 @@ def test_a_negative_value_after_a_space_names_the_equals_form(capsys):
     line = _one_line(capsys, ["plan", B, "--memory", "-1GB"])
     assert line.startswith("megaedge plan: error: argument --memory: expected one argument")
     assert "--memory=-1GB" in line
+    line = _one_line(capsys, ["transcribe", B, "a.wav", "--language", "--threads", "2"])  # a forgotten value
+    assert "goes after '='" not in line
     line = _one_line(capsys, ["transcribe", B, "a.wav", "--threads"])  # no value at all: no hint
     assert line == "megaedge transcribe: error: argument --threads: expected one argument (see megaedge transcribe --help)"
 

@@ -95,17 +95,19 @@ def test_remove_deletes_only_what_prepare_wrote(tiny_bundles, tmp_path):
     prepared.prepare(bundle)
     key_dir = prepared.directory(bundle)
     generation = prepared._current(bundle)
-    mine = [key_dir / "notes.txt", generation / "results.csv", key_dir / "mine" / "data.bin"]
+    mine = [key_dir / "notes.txt", generation / "results.csv", key_dir / "mine" / "data.bin",
+            generation / "my-export.onnx"]  # an .onnx the generation's index does not list is not megaedge's
     for path in mine:
         path.parent.mkdir(exist_ok=True)
         path.write_text("a user's file")
     prepared.prepare(bundle)  # a second prepare collects the old generation: the user's file in it stays
-    assert not (generation / prepared.INDEX_FILE).exists() and mine[1].exists()
+    assert not (generation / prepared.READERS_LOCK).exists() and mine[1].exists() and mine[3].exists()
     out = run_cli("prepare", str(bundle), "--remove")
     assert out.returncode == 0 and "left in place" in out.stdout and "notes.txt" in out.stdout
     assert all(path.read_text() == "a user's file" for path in mine)
     left = {str(p.relative_to(key_dir)) for p in key_dir.rglob("*")}
-    assert left == {str(p.relative_to(key_dir)) for p in mine} | {"mine", generation.name, prepared.PREPARE_LOCK}
+    assert left == {str(p.relative_to(key_dir)) for p in mine} | {"mine", generation.name, prepared.PREPARE_LOCK,
+                                                                   f"{generation.name}/{prepared.INDEX_FILE}"}
     assert prepared._current(bundle) is None
 
 
