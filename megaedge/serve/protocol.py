@@ -228,6 +228,7 @@ class RealtimeSession:
         self.observe = observe or (lambda kind, seconds, tokens: None)
         self.stream = self._new_stream(self.config)
         self.offset = 0  # 16 kHz samples of session time before the current stream (clear starts a new one)
+        self.counted = 0.0  # session seconds some item's usage already counted (long-form spans overlap by 1 s)
         self.item: str | None = None
         self.previous_item: str | None = None
         self.speaking = False  # speech_started sent for the current item
@@ -327,13 +328,15 @@ class RealtimeSession:
                         "audio_end_ms": self._ms(event.end * 16000), "item_id": item})
         out.append({"type": "input_audio_buffer.committed", "event_id": new_id("event"), "item_id": item,
                     "previous_item_id": self.previous_item})
+        start, end = self.offset / 16000 + event.start, self.offset / 16000 + event.end
+        seconds = max(0.0, end - max(start, self.counted))  # audio an earlier item counted is not counted again
+        self.counted = max(self.counted, end)
         out.append({"type": "conversation.item.input_audio_transcription.completed", "event_id": new_id("event"),
                     "item_id": item, "content_index": 0, "transcript": event.text,
-                    "usage": {"type": "duration", "seconds": round(event.end - event.start, 3)},
+                    "usage": {"type": "duration", "seconds": round(seconds, 3)},
                     "route": event.route, "degraded_prob": event.degraded_prob, "language": event.language,
                     "mean_logprob": event.mean_logprob,
-                    "min_logprob": event.min_logprob, "start": self.offset / 16000 + event.start,
-                    "end": self.offset / 16000 + event.end, "reason": event.reason})
+                    "min_logprob": event.min_logprob, "start": start, "end": end, "reason": event.reason})
         self.previous_item = item
         continuing = event.reason in ("span", "segment")  # long-form: the utterance goes on in a new item
         self._close_item()

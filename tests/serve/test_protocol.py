@@ -156,3 +156,31 @@ def test_a_full_fixed_kv_buffer_is_context_length_exceeded_and_the_session_goes_
             "context_length_exceeded", param, "ev1")
     streams[-1].full = False
     assert session.run(Command("append", "ev2", pcm=pcm)) == []
+
+
+def test_long_form_items_count_each_second_of_audio_once():
+    """Span finals overlap by a second (the next span re-reads it as context): each completed item's usage counts
+    only audio no earlier item counted, so the items' durations add up to the session's audio."""
+    from types import SimpleNamespace
+
+    from megaedge.runtime.streaming import StreamEvent, StreamOptions
+    from megaedge.serve.protocol import Command, RealtimeSession
+
+    finals = [StreamEvent("final", "one", "one", 0.0, 24.0, 0, "base", (1,), 0.1, "span"),
+              StreamEvent("final", "two", "two", 23.0, 40.0, 0, "base", (2,), 0.1, "span"),
+              StreamEvent("final", "three", "three", 39.0, 45.0, 0, "base", (3,), 0.1, "flush")]
+
+    class Stream:
+        time, speech_heard = 0, True
+
+        def accept_waveform(self, pcm, rate, partials):
+            return [finals.pop(0)] if finals else []
+
+    tr = SimpleNamespace(create_stream=lambda options: Stream())
+    session = RealtimeSession(tr, StreamOptions())
+    usage = []
+    for _ in range(3):
+        for event in session.run(Command("append", None, pcm=np.zeros(1600, np.int16))):
+            if event["type"].endswith(".completed"):
+                usage.append(event["usage"]["seconds"])
+    assert usage == [24.0, 16.0, 5.0]
