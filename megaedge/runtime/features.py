@@ -82,16 +82,15 @@ def power_mel(samples: np.ndarray, n_mels: int) -> np.ndarray:
     padded = np.pad(x, (pad, pad), mode="reflect")
     n_frames = 1 + (padded.size - N_FFT) // HOP
     window = _hann(N_FFT)
-    filters = mel_filters(n_mels)
     out = np.empty((n_mels, n_frames), dtype=np.float32)
     frames_view = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP]
     for start in range(0, n_frames, _STFT_BLOCK_FRAMES):
         block = frames_view[start : start + _STFT_BLOCK_FRAMES] * window
-        out[:, start : start + block.shape[0]] = _mel_power(block, filters)
+        out[:, start : start + block.shape[0]] = _mel_power(block, n_mels)
     return out
 
 
-def _mel_power(frames: np.ndarray, filters: np.ndarray) -> np.ndarray:
+def _mel_power(frames: np.ndarray, n_mels: int) -> np.ndarray:
     """Mel power (n_mels, frames) of windowed frames, in float64 and frame by frame: a frame's features must not
     depend on how many frames share the call (blocks of a long file, frames of a stream), and in float32 OpenBLAS
     on an AMD Zen 3 rounded a frame differently with the batch. The filters are sparse (about 400 of 201 x 128
@@ -99,18 +98,18 @@ def _mel_power(frames: np.ndarray, filters: np.ndarray) -> np.ndarray:
     would spin for tens of milliseconds after every call on a device that has no core to spare."""
     spec = np.fft.rfft(frames, n=N_FFT, axis=-1)
     power = (spec.real**2 + spec.imag**2).astype(np.float64)
-    bins, weights, starts, bands = _sparse_filters(filters.shape, filters.tobytes())
-    out = np.zeros((filters.shape[1], power.shape[0]), np.float32)
+    bins, weights, starts, bands = _sparse_filters(n_mels)
+    out = np.zeros((n_mels, power.shape[0]), np.float32)
     if bins.size:
         out[bands] = np.add.reduceat(power[:, bins] * weights, starts, axis=1).T
     return out
 
 
 @lru_cache(maxsize=4)
-def _sparse_filters(shape: tuple[int, int], data: bytes):
-    """The non-zero filter weights grouped by mel band: (fft bins, float64 weights, where each band's run starts,
-    the bands that have any)."""
-    filters = np.frombuffer(data, np.float32).reshape(shape)
+def _sparse_filters(n_mels: int):
+    """The non-zero weights of ``mel_filters(n_mels)`` grouped by mel band: (fft bins, float64 weights, where each
+    band's run starts, the bands that have any)."""
+    filters = mel_filters(n_mels)
     bands, bins = np.nonzero(filters.T)  # band-major: each band's weights are one contiguous run
     bands_with_weights, starts = np.unique(bands, return_index=True)
     return bins, filters[bins, bands].astype(np.float64), starts, bands_with_weights
@@ -151,7 +150,7 @@ def raw_log_mel_frames(samples: np.ndarray, first: int, last: int, n_mels: int =
     index = np.abs(np.arange(first * HOP - pad, (last - 1) * HOP + pad))
     index = np.where(index >= n, 2 * (n - 1) - index, index)
     frames = np.lib.stride_tricks.sliding_window_view(x[index], N_FFT)[::HOP] * _hann(N_FFT)
-    return np.log10(np.maximum(_mel_power(frames, mel_filters(n_mels)), 1e-10))
+    return np.log10(np.maximum(_mel_power(frames, n_mels), 1e-10))
 
 
 def floor_and_scale(raw_log: np.ndarray, global_max: float) -> np.ndarray:

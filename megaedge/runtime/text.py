@@ -46,10 +46,10 @@ def parse_asr_output(decoded: str, language_forced: bool = False, collapse: bool
             return ParsedOutput(None, raw)
         return ParsedOutput(None, "")
     prefix, text = raw.split(ASR_TEXT_MARKER, 1)
+    if prefix.strip().lower() == "language none":  # the model's word for no speech; only this spelling means it
+        return ParsedOutput(None, text.strip())
     first = next((line.strip() for line in prefix.splitlines() if line.strip()), "")
-    language = first[len("language ") :].strip() if first.lower().startswith("language ") else (first or None)
-    if language is not None and language.lower() == "none":
-        language = None
+    language = first[len("language ") :].strip() if first.lower().startswith("language ") else first
     return ParsedOutput(language or None, text.strip())
 
 

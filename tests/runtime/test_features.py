@@ -49,3 +49,17 @@ def test_long_input_is_processed_in_blocks_identically():
     finally:
         features._STFT_BLOCK_FRAMES = original
     np.testing.assert_array_equal(whole, blocked)
+
+
+@pytest.mark.parametrize("frames", [0, 1, 7, 500])
+def test_the_sparse_mel_product_is_the_dense_one_bit_for_bit(frames):
+    """The mel bands are summed from the filters' non-zero weights (no BLAS call): the same float32 features as the
+    dense float64 product they replace, for the ASR and the router filter banks."""
+    from megaedge.runtime import features as f
+
+    rng = np.random.default_rng(frames)
+    for n_mels in (f.ASR_MEL_BINS, f.ROUTER_MEL_BINS):
+        windowed = rng.standard_normal((frames, f.N_FFT)).astype(np.float32) * f._hann(f.N_FFT)
+        spec = np.fft.rfft(windowed, n=f.N_FFT, axis=-1)
+        dense = ((spec.real**2 + spec.imag**2) @ f.mel_filters(n_mels).astype(np.float64)).T.astype(np.float32)
+        assert np.array_equal(f._mel_power(windowed, n_mels), dense)

@@ -305,7 +305,7 @@ def test_a_process_idle_after_a_call_burns_no_cpu(tiny_bundles):
                           timeout=300, env={**os.environ, "OMP_WAIT_POLICY": "", "OPENBLAS_NUM_THREADS": ""})
     assert proc.returncode == 0, proc.stderr
     idle = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert min(idle) <= 1, f"clock ticks used in 0.3 s of idleness after each call: {idle}"
+    assert max(idle) <= 1, f"clock ticks used in 0.3 s of idleness after each call: {idle}"
 
 
 # ------------------------------------------------------------------------------------------------- onnx_meta

@@ -14,6 +14,9 @@ CASES = [
     "language English<asr_text>" + "open valve " * 25,
     "language English<asr_text>stop" + "!" * 40 + " now",
     "system\nuser\nassistant\nlanguage English<asr_text>open",
+    "None<asr_text>hi",
+    "language none\nx<asr_text>hi",
+    "language NONE<asr_text>",
 ]
 
 
