@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from megaedge.cli.common import add_decode_engine_option, add_threads_option, add_vad_option
+from megaedge.cli.common import add_decode_engine_option, add_digest_option, add_threads_option, add_vad_option
 from megaedge.runtime.limits import arg_type, check_int, check_seconds
 
 NAME = "serve"
@@ -75,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shutdown-timeout", type=arg_type(_shutdown), default=30.0,
                         help="on SIGTERM / Ctrl-C: seconds to finish open utterances and requests (default 30)")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
+    add_digest_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         decode=args.decode, prefill=args.prefill, stem=args.stem, kv_cache=args.kv_cache, vad=args.vad,
         route=args.route, verify=not args.no_verify, max_request_mb=args.max_request_mb,
         max_audio_seconds=args.max_audio_seconds, idle_timeout=args.idle_timeout, preset=args.preset,
-        model_name=args.model_name, shutdown_timeout=args.shutdown_timeout)
+        model_name=args.model_name, shutdown_timeout=args.shutdown_timeout, expected_digest=args.expect_digest)
     log = logging.getLogger("megaedge.serve")
     verbose = logging.getLogger("megaedge").getEffectiveLevel() <= logging.INFO
     if not verbose:  # a server says where it listens and when the bundle is loaded

@@ -145,6 +145,7 @@ class Transcriber:
         bundle = Path(path).expanduser()
         providers, threads, profile_dir = opts.providers, opts.threads, opts.profile_dir
         vad_options = _vad_options(opts.vad)
+        check_pin(opts.expected_digest, opts.verify)
         info = manifest.read(bundle, verify=False, expected_digest=opts.expected_digest)
         if opts.verify:
             prepared.check_files(bundle, info)
@@ -471,6 +472,14 @@ class Transcriber:
 
 
 VAD_ENV = "MEGAEDGE_VAD"  # a deployment-wide default for from_bundle's vad: auto | silero | energy | off
+
+
+def check_pin(expected_digest, verify: bool) -> None:
+    """A pinned digest covers the manifest, and the files only through the manifest's digests of them: with the
+    files unchecked an edited graph would run under the pin."""
+    if expected_digest is not None and not verify:
+        raise MegaedgeError("expected_digest pins the manifest, and its files only while their digests are checked: "
+                            "drop --no-verify (verify=False) to use the pin")
 
 
 def _vad_options(vad):

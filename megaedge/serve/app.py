@@ -57,6 +57,7 @@ class ServeConfig:
     vad: str | None = None
     route: str = "auto"
     verify: bool = True
+    expected_digest: str | None = None  # refuse any bundle but this one (--expect-digest)
     max_request_mb: float = 25.0
     max_audio_seconds: float = 600.0
     idle_timeout: float = 60.0
@@ -196,11 +197,18 @@ class ServerState:
         self._loaded(tr, time.perf_counter() - t0)
 
     def _loaded(self, tr, seconds: float) -> None:
+        from megaedge.runtime import manifest
+
         m = tr.manifest
+        try:
+            digest = manifest.bundle_digest(self.config.bundle)  # which bundle a running service has (pin it)
+        except (OSError, MegaedgeError):
+            digest = None
         self.info = {"bundle": str(self.config.bundle), "model": self.config.model_name, "mode": m.mode,
                      "precision": m.precision, "routed": m.routed, "route": tr.route,
                      "vad": type(tr.vad).__name__ if tr.vad is not None else None,
-                     "megaedge_version": m.megaedge_version, "load_seconds": round(seconds, 3),
+                     "megaedge_version": m.megaedge_version, "bundle_digest": digest,
+                     "load_seconds": round(seconds, 3),
                      "max_streams": self.config.max_streams, "max_queue": self.config.queue}
         self.transcriber = tr
         if tr.batcher is not None:

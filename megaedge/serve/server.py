@@ -4,8 +4,11 @@ realtime connections' open utterances first."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
 
 from megaedge.errors import MegaedgeError
@@ -25,6 +28,24 @@ def make_server(config: ServeConfig, transcriber=None, log_level: str = "warning
         async def shutdown(self, sockets=None):
             await state.drain(config.shutdown_timeout)
             await super().shutdown(sockets)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            """SIGHUP (the terminal closed, a supervisor's reload) drains as SIGTERM does; uvicorn only takes
+            SIGINT and SIGTERM, and a hang-up killed the server with requests and utterances in flight."""
+            hangup = getattr(signal, "SIGHUP", None)
+            if hangup is None or threading.current_thread() is not threading.main_thread():
+                with super().capture_signals():
+                    yield
+                return
+            original = signal.signal(hangup, self.handle_exit)
+            try:
+                with super().capture_signals():
+                    yield
+            finally:
+                signal.signal(hangup, original)
+            if hangup in self._captured_signals:
+                signal.raise_signal(hangup)  # drained: now end as a hang-up ends a process
 
     uconfig = uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level, lifespan="on",
                              ws_max_size=max(config.max_request_bytes, 1 << 20),
@@ -77,12 +98,16 @@ def check_bundle(config: ServeConfig) -> ServeConfig:
     from dataclasses import replace
 
     from megaedge.runtime import manifest, prepared
+    from megaedge.runtime.transcriber import _vad_options, check_pin
 
+    _vad_options(config.vad)  # a bad --vad or $MEGAEDGE_VAD is one line before the server listens
+    check_pin(config.expected_digest, config.verify)
     bundle = Path(config.bundle)
-    info = manifest.read(bundle, verify=False)
+    info = manifest.read(bundle, verify=False, expected_digest=config.expected_digest)
     if config.verify:
         prepared.check_files(bundle, info)
-    return replace(config, verify=False)
+    log.info("bundle %s, digest %s", bundle, manifest.bundle_digest(bundle))
+    return replace(config, verify=False, expected_digest=None)
 
 
 def serve(config: ServeConfig, log_level: str = "info") -> int:

@@ -340,3 +340,62 @@ def test_a_name_binds_ipv4_first_and_falls_back(monkeypatch):
         assert sock.family == socket.AF_INET and sock.getsockname()[0] == "127.0.0.1"
     finally:
         sock.close()
+
+
+def test_serve_pins_a_digest_and_names_its_bundle_digest(fixture_bundles):
+    """An operator pins the bundle a service runs (--expect-digest, as transcribe takes it) and /health names the
+    digest of the one it runs; a bad $MEGAEDGE_VAD and a pin with the files unchecked are one line before the
+    server listens."""
+    from megaedge.runtime import manifest
+
+    bundle = fixture_bundles["merged"]
+    digest = manifest.bundle_digest(bundle)
+    wrong = run_cli("serve", str(bundle), "--port", "0", "--expect-digest", "0" * 64)
+    assert wrong.returncode == 1 and len(wrong.stderr.strip().splitlines()) == 1 and "digest" in wrong.stderr
+    unchecked = run_cli("serve", str(bundle), "--port", "0", "--expect-digest", digest, "--no-verify")
+    assert unchecked.returncode == 1 and "drop --no-verify" in unchecked.stderr
+    assert len(unchecked.stderr.strip().splitlines()) == 1
+    vad = run_cli("serve", str(bundle), "--port", "0", env={"MEGAEDGE_VAD": "bogus"})
+    assert vad.returncode == 1 and len(vad.stderr.strip().splitlines()) == 1 and "MEGAEDGE_VAD" in vad.stderr
+
+
+def test_a_hang_up_drains_as_sigterm_does(fixture_bundles):
+    """SIGHUP (a closed terminal, a supervisor) killed the server at once; now it drains as SIGTERM does and ends
+    as a hang-up ends a process, with the digest of the bundle it ran in its log."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from megaedge.runtime import manifest
+    from tests.conftest import REPO
+
+    bundle = fixture_bundles["merged"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code = "import sys\nfrom megaedge.cli.main import main\nsys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, "serve", str(bundle), "--port", str(port),
+                             "--expect-digest", manifest.bundle_digest(bundle)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+                if answer.status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        assert answer.json()["bundle_digest"] == manifest.bundle_digest(bundle)
+        proc.send_signal(signal.SIGHUP)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGHUP, err
+    assert "Traceback" not in err and manifest.bundle_digest(bundle) in err and "Shutting down" in err
