@@ -217,6 +217,9 @@ def _document(root: Path) -> dict:
         doc = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path}: not valid JSON ({exc})") from exc
+    except RecursionError:  # nested deeper than any manifest megaedge writes
+        raise BundleError(f"{path}: nested too deeply to be a megaedge manifest; re-export the bundle or copy it "
+                          "again") from None
     version = doc.get("format_version") if isinstance(doc, dict) else None
     if version is None:
         raise BundleError(f"{path}: no format_version; not a megaedge manifest")
@@ -278,3 +281,18 @@ def check_files(root: Path, manifest: Manifest, verify: bool = True) -> None:
                     f"{file}: sha256 {actual[:12]}... does not match the manifest ({expected[:12]}...); the file "
                     f"was modified or truncated; copy the bundle again (or skip the check: --no-verify, verify=False)"
                 )
+
+
+def load_npz(path) -> dict:
+    """Every array of an .npz the bundle holds; a damaged one (read with the file checks off) is one line."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with np.load(path) as data:
+            return {name: data[name] for name in data.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BundleError(f"{path}: cannot be read ({reason}); the bundle is damaged: copy it again, or check it "
+                          "with megaedge doctor --bundle") from None

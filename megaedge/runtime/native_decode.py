@@ -153,8 +153,7 @@ class _Tensors:
         dtype, shape = np.dtype(ref["dtype"]), tuple(ref["shape"])
         if "key" in ref:
             if self._sidecar is None:
-                with np.load(self.bundle / ref["file"]) as data:
-                    self._sidecar = {k: data[k] for k in data.files}
+                self._sidecar = manifest.load_npz(self.bundle / ref["file"])
             return np.ascontiguousarray(self._sidecar[ref["key"]], dtype).reshape(shape)
         if ref["file"] not in self._maps:
             self._maps[ref["file"]] = np.memmap(self.bundle / ref["file"], np.uint8, mode="r")
@@ -583,3 +582,4 @@ def step_batch(decoders: list[NativeDecoder], tokens: list[int], gates: list[flo
     for d in decoders:
         d.length += 1
     return logits
+

@@ -255,3 +255,36 @@ def test_transcribe_refuses_a_tampered_manifest_with_one_line(tiny_bundles, tmp_
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 1 and len(lines) == 1 and expected in lines[0], out.stderr
         assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+def test_a_manifest_nested_too_deeply_is_one_line(tiny_bundles, tmp_path):
+    bundle = _clone(tiny_bundles["merged"], tmp_path / "deep")
+    (bundle / manifest.MANIFEST_NAME).write_text('{"format_version": 2, "x": ' + "[" * 100000 + "]" * 100000 + "}")
+    _refused(bundle, "nested too deeply")
+
+
+def test_a_damaged_npz_read_with_the_checks_off_is_one_line(int8_bundle, tmp_path):
+    """--no-verify skips the digests; a byte flipped inside an .npz's array data then raised zipfile's BadZipFile
+    (CRC-32) as a traceback where the load reads the arrays."""
+    import numpy as np
+
+    from megaedge.runtime.transcriber import Transcriber
+
+    npz = tmp_path / "w.npz"
+    np.savez(npz, w=np.arange(4096, dtype=np.float32))
+    data = bytearray(npz.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the array's bytes: only the CRC check on reading them sees it
+    npz.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="w.npz: cannot be read .*CRC.*the bundle is damaged"):
+        manifest.load_npz(npz)
+    info = manifest.read(int8_bundle)
+    for rel in {info.encoder["native_stem"]["file"], info.decoder["native"]["final_norm"]["file"]}:
+        bundle = tmp_path / rel.replace(".", "_")
+        shutil.copytree(int8_bundle, bundle)
+        data = bytearray((bundle / rel).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (bundle / rel).write_bytes(bytes(data))
+        with pytest.raises(BundleError, match=f"{rel}: (cannot be read|not a readable .npz)") as caught:
+            tr = Transcriber.from_bundle(bundle, verify=False)
+            tr.transcribe(speechlike(1.0), max_new_tokens=2, ignore_eos=True, loop_guard=False)
+        assert "\n" not in str(caught.value)
