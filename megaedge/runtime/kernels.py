@@ -16,6 +16,7 @@ it ahead of time; with neither, the runtime keeps onnxruntime's decode step and 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import importlib.util
@@ -99,6 +100,9 @@ def build(force: bool = False, portable: bool = False, variant: str = "native") 
         raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
     out = cache_dir() / f"megaedge-{_key(cc)}{'' if variant == 'native' else '-' + variant}.so"
     if out.is_file() and not force:
+        if out.stat().st_mode & 0o044 != 0o044:  # built by a megaedge that left it unreadable to other users
+            with contextlib.suppress(OSError):
+                out.chmod(0o755)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     errors = []
@@ -108,10 +112,11 @@ def build(force: bool = False, portable: bool = False, variant: str = "native") 
         result = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", tmp.name, str(SOURCE), "-lm"],
                                 capture_output=True, text=True)
         if result.returncode == 0:
+            os.chmod(tmp.name, 0o755)  # a shared cache: the service user loads what an admin's prepare built
             os.replace(tmp.name, out)  # atomic: a concurrent build never loads a half-written file
             log.info("built %s with %s %s", out.name, Path(cc).name, " ".join(flags))
             return out
-        os.unlink(tmp.name)
+        Path(tmp.name).unlink(missing_ok=True)  # the compiler may have removed it (a full disk): say its error
         errors.append(f"{' '.join(flags)}: {(result.stderr.strip().splitlines() or ['failed'])[-1]}")
     raise RuntimeError(f"{cc} could not build {SOURCE.name} ({'; '.join(errors)})")
 

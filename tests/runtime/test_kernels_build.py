@@ -78,6 +78,7 @@ def test_prebuilt_falls_through_to_the_next_variant(tmp_path):
     """A variant that does not load (here a corrupt file), or an AMX build whose process Linux refused the tiles
     (here the portable library standing in: it reports no AMX), gives way to the next one the CPU runs."""
     portable = kernels.build(variant="portable")
+    assert portable.stat().st_mode & 0o755 == 0o755  # a shared cache: another user loads it (it was 0711)
     directory = _manifest(tmp_path / "prebuilt", ["amx", "vnni", "avx2", "portable"])
     shutil.copyfile(portable, directory / "libmegaedge_amx.so")
     (directory / "libmegaedge_vnni.so").write_bytes(b"not a shared object")

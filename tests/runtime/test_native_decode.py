@@ -118,6 +118,21 @@ def test_quantize_with_norm_is_rms_norm_then_quantize():
     np.testing.assert_allclose(fused.scales, plain.scales, rtol=1e-5)
 
 
+def test_a_native_bundle_without_kernels_warns_that_decoding_is_slower(monkeypatch, caplog, fixture_int8):
+    """Steps fall back to onnxruntime (several times slower) when no kernel can be had: a warning, not an info line
+    only -v shows."""
+    from megaedge.runtime import manifest, options
+
+    def unavailable():
+        raise RuntimeError("no prebuilt kernel for this CPU, and no C compiler found")
+
+    monkeypatch.setattr(kernels, "load", unavailable)
+    with caplog.at_level("WARNING", logger="megaedge"):
+        found, reason = options._decode_kernels(fixture_int8, manifest.read(fixture_int8), "auto", True)
+    assert found is None and "no native kernel here" in reason
+    assert any(r.levelname == "WARNING" and "native INT8 kernels unavailable" in r.getMessage() for r in caplog.records)
+
+
 def test_kernel_build_failure_is_reported_not_raised_at_import(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
