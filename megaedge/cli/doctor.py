@@ -167,19 +167,25 @@ def _print(report: dict) -> None:
         print(f"WARNING      {warning}")
     if "error" in ort:
         print(f"ERROR        onnxruntime: {ort['error']}")
-    if report.get("bundle_digest"):
-        print(f"bundle digest {report['bundle_digest']}  (pin it: --expect-digest)")
     files = report.get("bundle_files")
     if files:
         print(f"bundle files  all {files['count']} match their digests" if files["ok"] else
               f"ERROR        bundle files: {files['error']}")
+    if report.get("bundle_digest"):
+        pin = "pin it: --expect-digest" if not files or files["ok"] else "its files do not match: do not pin it"
+        print(f"bundle digest {report['bundle_digest']}  ({pin})")
+    if report.get("bundle_prepared"):
+        print(f"prepared      {report['bundle_prepared']}")
     bundle_recipe = report.get("bundle_recipe")
     if bundle_recipe and bundle_recipe["recipe"]:
         verdict = (f"WARNING {bundle_recipe['problem']} here: export with --int8 --recipe {advice['recommended']}"
                    if bundle_recipe["problem"] else "suits this CPU")
         print(f"bundle recipe {bundle_recipe['recipe']}: {verdict}")
     ready = report.get("tensorrt_readiness")
-    if ready:
+    if ready and ready.get("cpu_bundle"):  # not meant for TensorRT: one line, not a list of errors
+        print(f"tensorrt-ready {ready['bundle']}: no, an INT8 bundle made for {ready['cpu_bundle']} (TensorRT "
+              "engines come from megaedge export --int8 --target tensorrt)")
+    elif ready:
         verdict = {True: "yes", False: "NO", None: "unknown (see the warning)"}[ready["ready"]]
         print(f"tensorrt-ready {ready['bundle']}: {verdict}")
         for f in ready["findings"]:
@@ -245,6 +251,12 @@ def run(args: argparse.Namespace) -> int:
         recipe = ((info.quantization or {}).get("recipe") or {}).get("name")
         report["bundle_recipe"] = _recipe(recipe if isinstance(recipe, str) else None)
         report["tensorrt_readiness"] = _readiness(args.bundle)
+        target = (info.quantization or {}).get("target")
+        if info.precision == "int8" and target not in ("tensorrt", "cuda"):
+            report["tensorrt_readiness"]["cpu_bundle"] = target
+        from megaedge.runtime import prepared
+
+        report["bundle_prepared"] = prepared.status(Path(args.bundle), info)
     if args.json:
         from megaedge.cli.common import print_json
 

@@ -55,6 +55,7 @@ PREPARE_LOCK = ".prepare.lock"  # in the machine's directory: one prepare (or re
 STAGING_PREFIX = ".staging-"
 PREPARED_GRAPHS = ("encoder", "encoder_body", "decoder", "decoder_prefill")  # the router is small: nothing to gain
 _held: dict[str, int] = {}  # generation -> descriptor holding its shared lock (for this process's life)
+_stale_warned: set[str] = set()  # bundles whose stale prepared copies this process has warned about
 
 
 def machine_key() -> str:
@@ -102,6 +103,17 @@ def _read_index(generation: Path | None) -> dict | None:
     except (OSError, json.JSONDecodeError):
         return None
     return index if isinstance(index, dict) else None
+
+
+def status(bundle: Path, info: manifest.Manifest) -> str:
+    """This machine's prepared copies of ``bundle`` in a few words, for ``megaedge doctor --bundle``."""
+    index = _read_index(_current(Path(bundle)))
+    if not index:
+        return "none on this machine (megaedge prepare makes them: faster loads)"
+    if index.get("files") != info.files or index.get("verified") != _stamps(Path(bundle), info.files):
+        return ("stale: the bundle files changed since prepare (an edit, chmod, chown or copy); not used: run "
+                "megaedge prepare again")
+    return f"ready ({', '.join(sorted(index.get('graphs') or {})) or 'no graphs'}; later loads skip the sha256 check)"
 
 
 def check_files(bundle: Path, info: manifest.Manifest) -> None:
@@ -155,8 +167,13 @@ def lookup(bundle: Path, info: manifest.Manifest, name: str) -> Path | None:
     if not isinstance(entry, dict) or spec is None or entry.get("source") != _source_key(info, spec):
         return None
     if index.get("verified") != _stamps(bundle, info.files):
-        log.info("bundle files changed since `megaedge prepare` (or it ran on another copy): prepared %s not used; "
-                 "run megaedge prepare again", name)
+        # Only the stamps prove the copies were made here for these files (prepared/ is outside the bundle's
+        # digest): after a chmod, chown or copy they do not, and a load re-optimizes every graph. Say so once.
+        if str(bundle) not in _stale_warned:
+            _stale_warned.add(str(bundle))
+            log.warning("%s: bundle files changed since `megaedge prepare` (an edit, chmod, chown or copy changes "
+                        "their ctime): its prepared copies are not used and loading optimizes the graphs again; run "
+                        "megaedge prepare again (before making the bundle read-only)", bundle)
         return None
     files = entry.get("files")
     if not isinstance(files, dict) or entry.get("file") not in files:

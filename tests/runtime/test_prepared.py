@@ -208,3 +208,24 @@ def test_concurrent_prepares_and_a_transcribe_during_them(tiny_bundles, tmp_path
     assert prepared.verified(bundle, info) and prepared.lookup(bundle, info, "decoder") is not None
     tr = Transcriber.from_bundle(bundle)
     assert tr.sessions["decoder"].prepared and _tokens(tr) == expected
+
+
+def test_copies_made_stale_by_a_chmod_are_reported_not_silently_dropped(tiny_bundles, tmp_path, caplog):
+    """A chmod (or chown, or a copy) changes the files' ctime, and only the stamps prove the copies were made here
+    for these files: they are not used, and the load says so once as a warning; doctor names the state."""
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundles["merged"], bundle)
+    info = manifest.read(bundle, verify=False)
+    assert prepared.status(bundle, info).startswith("none on this machine")
+    prepared.prepare(bundle)
+    assert prepared.status(bundle, info).startswith("ready (")
+    for path in bundle.iterdir():
+        if path.is_file():
+            path.chmod(path.stat().st_mode)  # the same mode: only the ctime moves, as chmod -R a-w moves it
+    assert prepared.status(bundle, info).startswith("stale:")
+    with caplog.at_level("WARNING", logger="megaedge"):
+        assert prepared.lookup(bundle, info, "decoder") is None and prepared.lookup(bundle, info, "encoder") is None
+    stale = [r for r in caplog.records if "prepared copies are not used" in r.getMessage()]
+    assert len(stale) == 1 and stale[0].levelname == "WARNING"
+    out = run_cli("doctor", "--bundle", str(bundle))
+    assert "prepared      stale:" in out.stdout
