@@ -272,7 +272,11 @@ class ServerState:
         if self._trimmer is not None:
             self._trimmer.cancel()
         if self.executor is not None:
-            self.executor.shutdown(wait=True)
+            # Decodes still running past --shutdown-timeout cannot be stopped inside onnxruntime; waiting for them
+            # here would hold the exit for as long as they take. Their requests have been answered 503.
+            if self.decoding:
+                log.warning("shutdown: %d decode(s) still running; exiting without waiting for them", self.decoding)
+            self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------------------ the app
@@ -433,6 +437,12 @@ def create_app(config: ServeConfig, transcriber=None):
                 return error(400, str(exc), "context_length_exceeded", param="prompt" if context else "file")
             except MegaedgeError as exc:
                 return error(400, str(exc).replace(str(path), name), "invalid_audio", param="file")
+            except asyncio.CancelledError:  # uvicorn ends requests still open when --shutdown-timeout runs out
+                log.warning("shutdown: a transcription of %.1f s of audio did not finish in --shutdown-timeout; "
+                            "answered 503", duration)
+                return error(503, "the server shut down before this transcription finished "
+                             "(megaedge serve --shutdown-timeout); send it again", "server_shutting_down",
+                             "server_error")
             finally:
                 active.dec()
                 state.admission.release()

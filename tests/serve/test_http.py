@@ -399,3 +399,46 @@ def test_a_hang_up_drains_as_sigterm_does(fixture_bundles):
             proc.kill()
     assert proc.returncode == -signal.SIGHUP, err
     assert "Traceback" not in err and manifest.bundle_digest(bundle) in err and "Shutting down" in err
+
+
+def test_a_request_open_past_the_shutdown_timeout_is_answered_503(fixture_bundles, serve_transcriber, clips):
+    """uvicorn ends requests still open when --shutdown-timeout runs out: the client gets OpenAI's error body with
+    503 (it got a bare 500 and the log a CancelledError trace), and the exit does not wait for the decode."""
+    import threading
+    import time
+
+    import httpx
+
+    from megaedge.serve.app import ServeConfig
+
+    release = threading.Event()
+
+    class Slow:
+        def __getattr__(self, name):
+            return getattr(serve_transcriber, name)
+
+        def transcribe(self, *args, **kwargs):
+            release.wait(30)  # a decode that outlasts the shutdown timeout
+            return serve_transcriber.transcribe(*args, **kwargs)
+
+    running = Running(ServeConfig(bundle=str(fixture_bundles["merged"]), shutdown_timeout=0.5), Slow())
+    answers = []
+
+    def post():
+        with open(clips[0]["path"], "rb") as f:
+            answers.append(httpx.post(running.url + "/v1/audio/transcriptions", files={"file": f},
+                                      data={"model": "m"}, timeout=60))
+
+    client = threading.Thread(target=post)
+    client.start()
+    try:
+        running.wait_for(lambda: running.state.decoding == 1, "the request reached the decoder")
+        t0 = time.monotonic()
+        running.stop()
+        stopped = time.monotonic() - t0
+        client.join(60)
+    finally:
+        release.set()
+    assert answers and answers[0].status_code == 503, answers
+    assert answers[0].json()["error"]["code"] == "server_shutting_down"
+    assert stopped < 25  # not held until the decode (released at 30 s) ends
