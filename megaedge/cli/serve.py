@@ -104,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
         model_name=args.model_name, shutdown_timeout=args.shutdown_timeout, expected_digest=args.expect_digest)
     log = logging.getLogger("megaedge.serve")
     verbose = logging.getLogger("megaedge").getEffectiveLevel() <= logging.INFO
-    if not verbose:  # a server says where it listens and when the bundle is loaded
+    if not verbose:  # a server says where it listens and when the bundle is loaded; why a request failed is -v
         log.setLevel(logging.INFO)
-    return serve(config, log_level="debug" if args.verbose >= 2 else "info")
+        logging.getLogger("megaedge.serve.requests").setLevel(logging.WARNING)
+    # one line per request (probes and scrapes included) is for -v: a service's log says what changed, not traffic
+    return serve(config, log_level="debug" if args.verbose >= 2 else "info", access_log=args.verbose >= 1)

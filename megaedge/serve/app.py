@@ -28,6 +28,7 @@ from pathlib import Path
 from megaedge.errors import ContextLengthError, MegaedgeError
 
 log = logging.getLogger("megaedge.serve")
+requests_log = logging.getLogger("megaedge.serve.requests")
 TRANSCRIPTIONS = "/v1/audio/transcriptions"
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -310,6 +311,7 @@ def create_app(config: ServeConfig, transcriber=None):
 
     def error(status: int, message: str, code: str, kind: str = "invalid_request_error", param=None):
         state.metrics.errors.labels(code).inc()
+        requests_log.info("%d %s: %s", status, code, message)  # -v: why a client was refused
         return JSONResponse(_error_body(message, code, kind, param), status_code=status)
 
     from starlette.exceptions import HTTPException

@@ -17,7 +17,7 @@ from megaedge.serve.app import ServeConfig, ServerState, create_app
 log = logging.getLogger("megaedge.serve")
 
 
-def make_server(config: ServeConfig, transcriber=None, log_level: str = "warning"):
+def make_server(config: ServeConfig, transcriber=None, log_level: str = "warning", access_log: bool = False):
     """A uvicorn server for ``config`` whose shutdown finishes the realtime connections' open utterances first."""
     import uvicorn
 
@@ -48,6 +48,7 @@ def make_server(config: ServeConfig, transcriber=None, log_level: str = "warning
                 signal.raise_signal(hangup)  # drained: now end as a hang-up ends a process
 
     uconfig = uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level, lifespan="on",
+                             access_log=access_log,
                              ws_max_size=max(config.max_request_bytes, 1 << 20),
                              timeout_graceful_shutdown=config.shutdown_timeout, server_header=False)
     server = Server(uconfig)
@@ -110,7 +111,7 @@ def check_bundle(config: ServeConfig) -> ServeConfig:
     return replace(config, verify=False, expected_digest=None)
 
 
-def serve(config: ServeConfig, log_level: str = "info") -> int:
+def serve(config: ServeConfig, log_level: str = "info", access_log: bool = False) -> int:
     """Run until SIGINT / SIGTERM; raises MegaedgeError when the address cannot be had or the bundle cannot be
     loaded."""
     from megaedge.serve import memory
@@ -118,7 +119,7 @@ def serve(config: ServeConfig, log_level: str = "info") -> int:
     config = check_bundle(config)
     sock = listen(config.host, config.port)
     memory.tune()  # before any thread of the server's allocates: see memory.py
-    server = make_server(config, log_level=log_level)
+    server = make_server(config, log_level=log_level, access_log=access_log)
     host, port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
     if not config.api_key and config.host not in ("127.0.0.1", "localhost", "::1"):

@@ -399,6 +399,7 @@ def test_a_hang_up_drains_as_sigterm_does(fixture_bundles):
             proc.kill()
     assert proc.returncode == -signal.SIGHUP, err
     assert "Traceback" not in err and manifest.bundle_digest(bundle) in err and "Shutting down" in err
+    assert "GET /health" not in err  # no access line per request (probes!) unless -v
 
 
 def test_a_request_open_past_the_shutdown_timeout_is_answered_503(fixture_bundles, serve_transcriber, clips):
