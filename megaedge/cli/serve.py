@@ -73,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="close a realtime connection after this many seconds without a client event "
                              "(default 60)")
     parser.add_argument("--shutdown-timeout", type=arg_type(_shutdown), default=30.0,
-                        help="on SIGTERM / Ctrl-C: seconds to finish open utterances and requests (default 30)")
+                        help="on SIGTERM / SIGHUP / Ctrl-C: seconds to finish open utterances and requests "
+                             "(default 30); requests still open then get 503")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
     add_digest_option(parser)
 

@@ -218,6 +218,8 @@ def _document(root: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path}: not valid JSON ({exc})") from exc
     except RecursionError:  # nested deeper than any manifest megaedge writes
+        doc = None
+    if doc is None or _nesting(doc) > MAX_NESTING:  # the digest's encoder recurses deeper than the parser did
         raise BundleError(f"{path}: nested too deeply to be a megaedge manifest; re-export the bundle or copy it "
                           "again") from None
     version = doc.get("format_version") if isinstance(doc, dict) else None
@@ -283,6 +285,21 @@ def check_files(root: Path, manifest: Manifest, verify: bool = True) -> None:
                 )
 
 
+MAX_NESTING = 32  # megaedge writes manifests under 10 levels deep
+
+
+def _nesting(doc) -> int:
+    """How deeply lists and mappings nest in ``doc``, without recursion."""
+    deepest, todo = 0, [(doc, 1)]
+    while todo:
+        node, depth = todo.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_NESTING:
+                todo.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
 def load_npz(path) -> dict:
     """Every array of an .npz the bundle holds; a damaged one (read with the file checks off) is one line."""
     import zipfile
@@ -292,7 +309,10 @@ def load_npz(path) -> dict:
     try:
         with np.load(path) as data:
             return {name: data[name] for name in data.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+    except PermissionError as exc:
+        raise BundleError(f"{path}: cannot be read ({exc.strerror}); give this user read access to the bundle") \
+            from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, TypeError) as exc:  # TypeError: a bare .npy
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BundleError(f"{path}: cannot be read ({reason}); the bundle is damaged: copy it again, or check it "
                           "with megaedge doctor --bundle") from None

@@ -165,10 +165,10 @@ def _decode_kernels(bundle: Path, info, decode: str, cpu_only: bool):
             loaded = kernels.load()
         except RuntimeError as exc:
             reason = f"no native kernel here: {exc}"
-            # a bundle made for the native kernels, on a machine that cannot have them: several times slower steps
-            log.warning(
-                "native INT8 kernels unavailable (%s): decode steps run in onnxruntime, slower; install the wheel "
-                "built for this architecture (prebuilt kernels) or a C compiler", exc)
+            if decode == "auto":
+                # a bundle made for the native kernels, on a machine that cannot have them: slower steps
+                log.warning("native INT8 kernels unavailable (%s): decode steps run in onnxruntime, slower; install "
+                            "the wheel built for this architecture (prebuilt kernels) or a C compiler", exc)
         else:
             return loaded, f"decode steps native ({loaded.isa} kernels, {loaded.origin})"
     if decode == "native":

@@ -181,6 +181,10 @@ class ServerState:
         c = self.config
         t0 = time.perf_counter()
         try:
+            if c.expected_digest is not None:  # checked again here: the files may have been swapped since
+                from megaedge.runtime import manifest
+
+                manifest.read(c.bundle, verify=False, expected_digest=c.expected_digest)
             tr = Transcriber.from_bundle(c.bundle, providers=list(c.providers), route=c.route, verify=c.verify,
                                          threads=c.threads, decode=c.decode, prefill=c.prefill, stem=c.stem,
                                          kv_cache=c.kv_cache, vad=c.vad, memory_arena=False)
@@ -274,7 +278,8 @@ class ServerState:
             self._trimmer.cancel()
         if self.executor is not None:
             # Decodes still running past --shutdown-timeout cannot be stopped inside onnxruntime; waiting for them
-            # here would hold the exit for as long as they take. Their requests have been answered 503.
+            # here would hold the exit for as long as they take (serve() ends the process without them). Their
+            # requests have been answered 503.
             if self.decoding:
                 log.warning("shutdown: %d decode(s) still running; exiting without waiting for them", self.decoding)
             self.executor.shutdown(wait=False, cancel_futures=True)
@@ -372,6 +377,10 @@ def create_app(config: ServeConfig, transcriber=None):
         """Every outcome counted in megaedge_requests_total by its status (a 413 while the body streams in too)."""
         try:
             response = await _transcriptions(request)
+        except asyncio.CancelledError:  # uvicorn ends requests still open when --shutdown-timeout runs out
+            log.warning("shutdown: a transcription request did not finish in --shutdown-timeout; answered 503")
+            response = error(503, "the server shut down before this transcription finished (megaedge serve "
+                             "--shutdown-timeout); send it again", "server_shutting_down", "server_error")
         except _TooLarge:
             state.metrics.requests.labels("transcription", "413").inc()
             raise
@@ -439,12 +448,6 @@ def create_app(config: ServeConfig, transcriber=None):
                 return error(400, str(exc), "context_length_exceeded", param="prompt" if context else "file")
             except MegaedgeError as exc:
                 return error(400, str(exc).replace(str(path), name), "invalid_audio", param="file")
-            except asyncio.CancelledError:  # uvicorn ends requests still open when --shutdown-timeout runs out
-                log.warning("shutdown: a transcription of %.1f s of audio did not finish in --shutdown-timeout; "
-                            "answered 503", duration)
-                return error(503, "the server shut down before this transcription finished "
-                             "(megaedge serve --shutdown-timeout); send it again", "server_shutting_down",
-                             "server_error")
             finally:
                 active.dec()
                 state.admission.release()

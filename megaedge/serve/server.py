@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -34,7 +35,9 @@ def make_server(config: ServeConfig, transcriber=None, log_level: str = "warning
             """SIGHUP (the terminal closed, a supervisor's reload) drains as SIGTERM does; uvicorn only takes
             SIGINT and SIGTERM, and a hang-up killed the server with requests and utterances in flight."""
             hangup = getattr(signal, "SIGHUP", None)
-            if hangup is None or threading.current_thread() is not threading.main_thread():
+            inherited = signal.getsignal(hangup) if hangup is not None else None
+            if hangup is None or threading.current_thread() is not threading.main_thread() or \
+                    inherited in (signal.SIG_IGN, None):  # nohup: hang-ups are to be ignored, so they are
                 with super().capture_signals():
                     yield
                 return
@@ -108,7 +111,7 @@ def check_bundle(config: ServeConfig) -> ServeConfig:
     if config.verify:
         prepared.check_files(bundle, info)
     log.info("bundle %s, digest %s", bundle, manifest.bundle_digest(bundle))
-    return replace(config, verify=False, expected_digest=None)
+    return replace(config, verify=False)  # the background load checks the pin again, not the digests
 
 
 def serve(config: ServeConfig, log_level: str = "info", access_log: bool = False) -> int:
@@ -124,10 +127,28 @@ def serve(config: ServeConfig, log_level: str = "info", access_log: bool = False
     log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
     if not config.api_key and config.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach it can use it (--api-key)", config.host)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        _end_without_running_decodes(server.megaedge, 130)
+        raise
+    _end_without_running_decodes(server.megaedge, 0)
     if server.megaedge.load_error:
         raise MegaedgeError(f"cannot load {config.bundle}: {server.megaedge.load_error}")
     return 0
+
+
+def _end_without_running_decodes(state: ServerState, status: int) -> None:
+    """Decodes still running after the shutdown (past --shutdown-timeout, their requests answered 503) would hold
+    the exit: the interpreter joins the worker threads, and onnxruntime cannot be interrupted. End the process
+    now, as SIGTERM's default action would."""
+    if state.decoding:
+        if status == 130:
+            print("megaedge serve: interrupted", file=sys.stderr)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def env_api_key() -> str | None:
