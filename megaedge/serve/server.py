@@ -110,7 +110,6 @@ def check_bundle(config: ServeConfig) -> ServeConfig:
     info = manifest.read(bundle, verify=False, expected_digest=config.expected_digest)
     if config.verify:
         prepared.check_files(bundle, info)
-    log.info("bundle %s, digest %s", bundle, manifest.bundle_digest(bundle))
     return replace(config, verify=False)  # the background load checks the pin again, not the digests
 
 
@@ -125,6 +124,9 @@ def serve(config: ServeConfig, log_level: str = "info", access_log: bool = False
     server = make_server(config, log_level=log_level, access_log=access_log)
     host, port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
+    from megaedge.runtime import manifest
+
+    log.info("bundle %s, digest %s", config.bundle, manifest.bundle_digest(config.bundle))
     if not config.api_key and config.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach it can use it (--api-key)", config.host)
     try:
