@@ -175,7 +175,8 @@ def _print(report: dict) -> None:
         pin = "pin it: --expect-digest" if not files or files["ok"] else "its files do not match: do not pin it"
         print(f"bundle digest {report['bundle_digest']}  ({pin})")
     if report.get("bundle_prepared"):
-        print(f"prepared      {report['bundle_prepared']}")
+        state = report["bundle_prepared"]
+        print(f"prepared      {state['state']}: {state['detail']}")
     bundle_recipe = report.get("bundle_recipe")
     if bundle_recipe and bundle_recipe["recipe"]:
         verdict = (f"WARNING {bundle_recipe['problem']} here: export with --int8 --recipe {advice['recommended']}"
@@ -256,7 +257,8 @@ def run(args: argparse.Namespace) -> int:
             report["tensorrt_readiness"]["cpu_bundle"] = target
         from megaedge.runtime import prepared
 
-        report["bundle_prepared"] = prepared.status(Path(args.bundle), info)
+        state, detail = prepared.status(Path(args.bundle), info)
+        report["bundle_prepared"] = {"state": state, "detail": detail}
     if args.json:
         from megaedge.cli.common import print_json
 

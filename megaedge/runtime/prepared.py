@@ -105,15 +105,16 @@ def _read_index(generation: Path | None) -> dict | None:
     return index if isinstance(index, dict) else None
 
 
-def status(bundle: Path, info: manifest.Manifest) -> str:
-    """This machine's prepared copies of ``bundle`` in a few words, for ``megaedge doctor --bundle``."""
+def status(bundle: Path, info: manifest.Manifest) -> tuple[str, str]:
+    """This machine's prepared copies of ``bundle``: (none | stale | ready, a few words), for ``megaedge doctor``."""
     index = _read_index(_current(Path(bundle)))
     if not index:
-        return "none on this machine (megaedge prepare makes them: faster loads)"
+        return "none", "none on this machine (megaedge prepare makes them: faster loads)"
     if index.get("files") != info.files or index.get("verified") != _stamps(Path(bundle), info.files):
-        return ("stale: the bundle files changed since prepare (an edit, chmod, chown or copy); not used: run "
-                "megaedge prepare again")
-    return f"ready ({', '.join(sorted(index.get('graphs') or {})) or 'no graphs'}; later loads skip the sha256 check)"
+        return "stale", ("the bundle files changed since prepare (an edit, chmod, chown or copy); not used: run "
+                         "megaedge prepare again")
+    graphs = ", ".join(sorted(index.get("graphs") or {})) or "no graphs"
+    return "ready", f"{graphs}; later loads skip the sha256 check"
 
 
 def check_files(bundle: Path, info: manifest.Manifest) -> None:

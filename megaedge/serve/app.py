@@ -309,6 +309,7 @@ def create_app(config: ServeConfig, transcriber=None):
 
     def rejected(path: str) -> None:
         state.metrics.errors.labels("request_too_large").inc()
+        requests_log.info("413 request_too_large: %s over %g MiB", path, config.max_request_mb)
         if path == TRANSCRIPTIONS:
             state.metrics.requests.labels("transcription", "413").inc()
 
@@ -326,12 +327,14 @@ def create_app(config: ServeConfig, transcriber=None):
         """404 / 405 and the like in OpenAI's error body, as every other error here (FastAPI says {"detail"})."""
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         state.metrics.errors.labels(code).inc()
+        requests_log.info("%d %s: %s %s", exc.status_code, code, request.method, request.url.path)
         body = _error_body(f"{exc.detail}: {request.method} {request.url.path}", code)
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(_TooLarge)
     async def too_large(request, exc):
         state.metrics.errors.labels("request_too_large").inc()
+        requests_log.info("413 request_too_large: over %g MiB", config.max_request_mb)
         return JSONResponse(_error_body(f"the request is larger than this server's limit of "
                                         f"{config.max_request_mb:g} MiB (megaedge serve --max-request-mb)",
                                         "request_too_large"), status_code=413, headers={"connection": "close"})

@@ -311,10 +311,12 @@ def test_a_damaged_bundle_is_one_line_before_the_server_listens(fixture_bundles,
     assert len(lines) == 1 and "encoder.onnx: sha256" in lines[0] and "does not match the manifest" in lines[0]
 
 
-def test_unknown_paths_and_methods_answer_in_openais_error_body(strict):
+def test_unknown_paths_and_methods_answer_in_openais_error_body(strict, caplog):
     import httpx
 
-    missing = httpx.get(strict.url + "/v1/nope", timeout=30)
+    with caplog.at_level("INFO", logger="megaedge.serve.requests"):  # what -v shows
+        missing = httpx.get(strict.url + "/v1/nope", timeout=30)
+    assert any("404 not_found: GET /v1/nope" in r.getMessage() for r in caplog.records)
     assert missing.status_code == 404
     assert missing.json()["error"]["code"] == "not_found" and "/v1/nope" in missing.json()["error"]["message"]
     wrong = httpx.get(strict.url + "/v1/audio/transcriptions", timeout=30)
