@@ -37,6 +37,16 @@ def _final(tr, samples, rate, feed):
     return stream.final()
 
 
+def _finals(tr, samples, options, feed):
+    """Every final of a stream fed ``samples`` (16 kHz) in blocks of ``feed``, the last one's included."""
+    stream = tr.create_stream(options)
+    events = []
+    for i in range(0, len(samples), feed):
+        events += stream.accept_waveform(samples[i: i + feed], 16000)
+    events.append(stream.final())
+    return [e for e in events if e.kind == "final"]
+
+
 @pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
 def test_finals_at_any_input_rate_equal_offline(merged, clips, rate):
     """Resampled by soxr in a stream, flushed at the end: the final equals offline transcription of the same
@@ -134,12 +144,7 @@ def test_exact_preset_is_offline_segment_by_segment_on_long_audio(merged):
     chain = chain[: int(65 * 16000)]
     offline = merged.transcribe(chain)
     assert len(offline.segments) == 3
-    stream = merged.create_stream(EXACT)
-    events = []
-    for i in range(0, chain.size, 8000):
-        events += stream.accept_waveform(chain[i: i + 8000], 16000)
-    events.append(stream.final())
-    finals = [e for e in events if e.kind == "final"]
+    finals = _finals(merged, chain, EXACT, 8000)
     assert [e.reason for e in finals] == ["segment", "segment", "flush"]
     assert [list(e.token_ids) for e in finals] == [s.token_ids for s in offline.segments]
     assert " ".join(e.text for e in finals if e.text) == offline.text and offline.text
@@ -164,13 +169,7 @@ def test_exact_segments_of_a_routed_bundle_name_their_route_and_keep_the_last_wo
     clean = [p for p in paths if "clean" in Path(p).name][:1]
     degraded = [p for p in paths if "noise" in Path(p).name or "distortion" in Path(p).name][:10]
     audio = np.concatenate([audio_io.load(clean[0]), np.zeros(800, np.float32)] + [audio_io.load(p) for p in degraded])
-    options = replace(EXACT, segment_seconds=12.0)
-    stream = tr.create_stream(options)
-    events = []
-    for i in range(0, audio.size, 1600):
-        events += stream.accept_waveform(audio[i: i + 1600], 16000)
-    events.append(stream.final())
-    finals = [e for e in events if e.kind == "final"]
+    finals = _finals(tr, audio, replace(EXACT, segment_seconds=12.0), 1600)
     offline = tr.transcribe(audio, segment_seconds=12.0)
     assert len(offline.segments) >= 3 and [e.reason for e in finals][-1] == "flush"
     assert [list(e.token_ids) for e in finals] == [s.token_ids for s in offline.segments]
@@ -246,12 +245,8 @@ def test_a_block_of_seconds_is_cut_where_small_blocks_are(merged):
     audio = np.concatenate([part for i in items for part in (audio_io.load(i["path"]), gap)])
 
     def finals(block: int):
-        stream = merged.create_stream(StreamOptions.preset("balanced"))
-        events = []
-        for i in range(0, audio.size, block):
-            events += stream.accept_waveform(audio[i: i + block], 16000)
-        events.append(stream.final())
-        return [(e.reason, list(e.token_ids)) for e in events if e.kind == "final" and e.token_ids]
+        return [(e.reason, list(e.token_ids)) for e in _finals(merged, audio, StreamOptions.preset("balanced"), block)
+                if e.token_ids]
 
     small = finals(1600)
     assert len(small) == len(items)
