@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megaedge.errors import ContextLengthError, MegaedgeError
+from megaedge.serve.bodylimit import BodyLimit, TooLarge, error_body, too_large_body
 
 log = logging.getLogger("megaedge.serve")
 requests_log = logging.getLogger("megaedge.serve.requests")
@@ -80,53 +81,6 @@ class ServeConfig:
     @property
     def max_request_bytes(self) -> int:
         return int(self.max_request_mb * 1024 * 1024)
-
-
-def _error_body(message: str, code: str, kind: str = "invalid_request_error", param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-class _TooLarge(Exception):
-    pass
-
-
-class _BodyLimit:
-    """ASGI middleware: 413 for request bodies over the limit, by Content-Length or while they stream in."""
-
-    def __init__(self, app, limit: int, on_reject=None):
-        self.app, self.limit, self.on_reject = app, limit, on_reject  # on_reject(path): count what never routed
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            if self.on_reject:
-                self.on_reject(scope.get("path", ""))
-            return await _send_too_large(send, self.limit)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
-            return message
-
-        await self.app(scope, limited, send)
-
-
-async def _send_too_large(send, limit: int) -> None:
-    import json
-
-    body = json.dumps(_error_body(f"the request is larger than this server's limit of {limit / 2**20:g} MiB "
-                                  "(megaedge serve --max-request-mb)", "request_too_large")).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
 
 
 class ServerState:
@@ -219,7 +173,7 @@ class ServerState:
         if tr.batcher is not None:
             tr.batcher.on_batch = self.metrics.batch_size.observe
         self.metrics.model_loaded.set(1)
-        log.info("bundle %s loaded in %.2f s", self.config.bundle, seconds)
+        log.info("bundle %s (digest %s) loaded in %.2f s", self.config.bundle, digest, seconds)
 
     def stream_options(self):
         from dataclasses import replace
@@ -313,12 +267,12 @@ def create_app(config: ServeConfig, transcriber=None):
         if path == TRANSCRIPTIONS:
             state.metrics.requests.labels("transcription", "413").inc()
 
-    app.add_middleware(_BodyLimit, limit=config.max_request_bytes, on_reject=rejected)
+    app.add_middleware(BodyLimit, limit=config.max_request_bytes, on_reject=rejected)
 
     def error(status: int, message: str, code: str, kind: str = "invalid_request_error", param=None):
         state.metrics.errors.labels(code).inc()
         requests_log.info("%d %s: %s", status, code, message)  # -v: why a client was refused
-        return JSONResponse(_error_body(message, code, kind, param), status_code=status)
+        return JSONResponse(error_body(message, code, kind, param), status_code=status)
 
     from starlette.exceptions import HTTPException
 
@@ -328,16 +282,15 @@ def create_app(config: ServeConfig, transcriber=None):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         state.metrics.errors.labels(code).inc()
         requests_log.info("%d %s: %s %s", exc.status_code, code, request.method, request.url.path)
-        body = _error_body(f"{exc.detail}: {request.method} {request.url.path}", code)
+        body = error_body(f"{exc.detail}: {request.method} {request.url.path}", code)
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(_TooLarge)
+    @app.exception_handler(TooLarge)
     async def too_large(request, exc):
         state.metrics.errors.labels("request_too_large").inc()
         requests_log.info("413 request_too_large: over %g MiB", config.max_request_mb)
-        return JSONResponse(_error_body(f"the request is larger than this server's limit of "
-                                        f"{config.max_request_mb:g} MiB (megaedge serve --max-request-mb)",
-                                        "request_too_large"), status_code=413, headers={"connection": "close"})
+        return JSONResponse(too_large_body(config.max_request_mb), status_code=413,
+                            headers={"connection": "close"})
 
     @app.get("/health")
     async def health():
@@ -384,7 +337,7 @@ def create_app(config: ServeConfig, transcriber=None):
             log.warning("shutdown: a transcription request did not finish in --shutdown-timeout; answered 503")
             response = error(503, "the server shut down before this transcription finished (megaedge serve "
                              "--shutdown-timeout); send it again", "server_shutting_down", "server_error")
-        except _TooLarge:
+        except TooLarge:
             state.metrics.requests.labels("transcription", "413").inc()
             raise
         except Exception:  # a bug: Starlette answers 500
@@ -402,7 +355,7 @@ def create_app(config: ServeConfig, transcriber=None):
             return error(503, f"not ready: {why}", "not_ready", "server_error")
         try:
             form = await request.form(max_files=1, max_fields=32)
-        except _TooLarge:
+        except TooLarge:
             raise
         except Exception as exc:  # starlette's MultiPartException, or a body that is not a form
             return error(400, f"cannot read the multipart form ({exc})", "invalid_form")
@@ -471,7 +424,7 @@ def create_app(config: ServeConfig, transcriber=None):
     async def realtime(ws: WebSocket):
         if not state.authorized(ws.headers, ws.query_params):
             state.metrics.errors.labels("invalid_api_key").inc()
-            await ws.send_denial_response(JSONResponse(_error_body(
+            await ws.send_denial_response(JSONResponse(error_body(
                 "missing or wrong API key: send Authorization: Bearer KEY (or ?api_key=KEY)", "invalid_api_key"),
                 status_code=401))
             return

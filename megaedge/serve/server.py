@@ -124,9 +124,6 @@ def serve(config: ServeConfig, log_level: str = "info", access_log: bool = False
     server = make_server(config, log_level=log_level, access_log=access_log)
     host, port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
-    from megaedge.runtime import manifest
-
-    log.info("bundle %s, digest %s", config.bundle, manifest.bundle_digest(config.bundle))
     if not config.api_key and config.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach it can use it (--api-key)", config.host)
     try:
