@@ -20,17 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timing-cache", help="timing cache file (read and updated; speeds up rebuilds)")
 
 
-INT8_TARGETS = ("tensorrt", "cuda")  # quantization targets whose Q/DQ graphs TensorRT builds INT8 engines from
-
-
 def check_int8_source(bundle, info) -> None:
     """``--int8`` builds from the explicit Q/DQ of an INT8 bundle quantized for TensorRT; refuse any other bundle."""
     from megaedge.errors import MegaedgeError
+    from megaedge.runtime.tensorrt import int8_not_for_engines, quantization_target
 
-    target = (info.quantization or {}).get("target")
-    if info.precision != "int8" or target not in INT8_TARGETS:
+    if info.precision != "int8" or int8_not_for_engines(info):
         raise MegaedgeError(f"{bundle}: --int8 needs a bundle exported with --int8 --target tensorrt "
-                            f"(this one: {info.precision}, target {target})")
+                            f"(this one: {info.precision}, target {quantization_target(info)})")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -206,7 +206,13 @@ def _readiness(bundle: str) -> dict:
     from pathlib import Path
 
     from megaedge.runtime import manifest
-    from megaedge.runtime.tensorrt import Finding, check_bundle, profile_problems
+    from megaedge.runtime.tensorrt import (
+        Finding,
+        check_bundle,
+        int8_not_for_engines,
+        profile_problems,
+        quantization_target,
+    )
 
     try:
         import onnx  # noqa: F401
@@ -221,10 +227,10 @@ def _readiness(bundle: str) -> dict:
         info = manifest.read(bundle, verify=False)
         findings = [Finding("bundle", "warning", "operators and opset not checked: that needs the onnx package "
                                                  "(pip install onnx, or pip install 'megaedge[export]')")]
-        target = (info.quantization or {}).get("target")
-        if info.precision == "int8" and target not in ("tensorrt", "cuda"):
-            findings.append(Finding("bundle", "error", f"INT8 bundle made for {target}: TensorRT needs the "
-                                                       "explicit Q/DQ flavour (export with --int8 --target tensorrt)"))
+        if int8_not_for_engines(info):
+            findings.append(Finding("bundle", "error", f"INT8 bundle made for {quantization_target(info)}: TensorRT "
+                                                       "needs the explicit Q/DQ flavour (export with --int8 --target "
+                                                       "tensorrt)"))
         for name, facts in (info.engines or {}).items():
             findings += [Finding(name, "error", problem) for problem in profile_problems(info, facts.get("profiles", []))]
         errors = any(f.level == "error" for f in findings)
@@ -252,9 +258,10 @@ def run(args: argparse.Namespace) -> int:
         recipe = ((info.quantization or {}).get("recipe") or {}).get("name")
         report["bundle_recipe"] = _recipe(recipe if isinstance(recipe, str) else None)
         report["tensorrt_readiness"] = _readiness(args.bundle)
-        target = (info.quantization or {}).get("target")
-        if info.precision == "int8" and target not in ("tensorrt", "cuda"):
-            report["tensorrt_readiness"]["cpu_bundle"] = target
+        from megaedge.runtime.tensorrt import int8_not_for_engines, quantization_target
+
+        if int8_not_for_engines(info):
+            report["tensorrt_readiness"]["cpu_bundle"] = quantization_target(info)
         from megaedge.runtime import prepared
 
         state, detail = prepared.status(Path(args.bundle), info)

@@ -89,11 +89,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
-    target = (info.quantization or {}).get("target")
-    if info.precision == "int8" and target not in ("tensorrt", "cuda"):
+    if trt_plan.int8_not_for_engines(info):
         # the plan still answers "would engines of this size fit", but these graphs cannot become them
-        print(f"note: {bundle.name} is an INT8 bundle made for {target}; TensorRT engines are built from a "
-              "--target tensorrt export (megaedge doctor --bundle says what blocks this one)", file=sys.stderr)
+        print(f"note: {bundle.name} is an INT8 bundle made for {trt_plan.quantization_target(info)}; TensorRT "
+              "engines are built from a --target tensorrt export (megaedge doctor --bundle says what blocks this "
+              "one)", file=sys.stderr)
     verdict = "fits" if result.fits else "does NOT fit"
     print(f"{bundle.name} as {precision} engines, {args.max_audio_seconds:g} s audio + {args.max_new_tokens} new "
           f"tokens, budget {result.budget_mib / 1024:.2f} GiB: {verdict}")

@@ -82,6 +82,18 @@ def check_graph(path: Path, name: str) -> list[Finding]:
     return found
 
 
+INT8_TARGETS = ("tensorrt", "cuda")  # quantization targets whose Q/DQ graphs TensorRT builds INT8 engines from
+
+
+def quantization_target(info: manifest.Manifest) -> str | None:
+    return (info.quantization or {}).get("target")
+
+
+def int8_not_for_engines(info: manifest.Manifest) -> bool:
+    """An INT8 bundle quantized for another target (cpu): TensorRT cannot build engines from its graphs."""
+    return info.precision == "int8" and quantization_target(info) not in INT8_TARGETS
+
+
 def check_bundle(bundle: Path, info: manifest.Manifest | None = None) -> list[Finding]:
     info = info or manifest.read(bundle, verify=False)
     found = []

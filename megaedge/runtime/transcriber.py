@@ -144,11 +144,7 @@ class Transcriber:
         opts = (options or RuntimeOptions()).with_(**overrides)
         bundle = Path(path).expanduser()
         providers, threads, profile_dir = opts.providers, opts.threads, opts.profile_dir
-        vad_options = _vad_options(opts.vad)
-        check_pin(opts.expected_digest, opts.verify)
-        info = manifest.read(bundle, verify=False, expected_digest=opts.expected_digest)
-        if opts.verify:
-            prepared.check_files(bundle, info)
+        info, vad_options = checked_bundle(bundle, opts.verify, opts.expected_digest, opts.vad)
         cpu_only = tuple(providers) == ("cpu",)
         ort_providers = ("cpu",) if "engine" in providers else providers  # graphs without an engine
         opened = {}
@@ -474,12 +470,23 @@ class Transcriber:
 VAD_ENV = "MEGAEDGE_VAD"  # a deployment-wide default for from_bundle's vad: auto | silero | energy | off
 
 
-def check_pin(expected_digest, verify: bool) -> None:
-    """A pinned digest covers the manifest, and the files only through the manifest's digests of them: with the
-    files unchecked an edited graph would run under the pin."""
+def checked_bundle(bundle: Path, verify: bool, expected_digest: str | None, vad):
+    """What loading checks before any graph opens, in one place for every caller (the server checks it before it
+    listens): the VAD choice, the pin, the manifest and (``verify``) every file's digest. Returns the manifest and
+    the VAD options.
+
+    A pinned digest covers the manifest, and the files only through the manifest's digests of them: with the files
+    unchecked an edited graph would run under the pin, so a pin without ``verify`` is refused."""
+    from megaedge.runtime import prepared
+
+    vad_options = _vad_options(vad)
     if expected_digest is not None and not verify:
         raise MegaedgeError("expected_digest pins the manifest, and its files only while their digests are checked: "
                             "drop --no-verify (verify=False) to use the pin")
+    info = manifest.read(bundle, verify=False, expected_digest=expected_digest)
+    if verify:
+        prepared.check_files(bundle, info)
+    return info, vad_options
 
 
 def _vad_options(vad):

@@ -96,20 +96,14 @@ def listen(host: str, port: int):
 
 
 def check_bundle(config: ServeConfig) -> ServeConfig:
-    """The manifest and (unless --no-verify) every file's digest, checked before the server starts, so that a
-    damaged bundle is one line (MegaedgeError), not a server that starts and stops; the config the background
-    load then uses (the digests are not hashed twice)."""
+    """What loading checks (the VAD choice, the pin, the manifest and, unless --no-verify, every file's digest),
+    checked before the server starts, so that each failure is one line (MegaedgeError), not a server that starts
+    and stops; the config the background load then uses (the digests are not hashed twice)."""
     from dataclasses import replace
 
-    from megaedge.runtime import manifest, prepared
-    from megaedge.runtime.transcriber import _vad_options, check_pin
+    from megaedge.runtime.transcriber import checked_bundle
 
-    _vad_options(config.vad)  # a bad --vad or $MEGAEDGE_VAD is one line before the server listens
-    check_pin(config.expected_digest, config.verify)
-    bundle = Path(config.bundle)
-    info = manifest.read(bundle, verify=False, expected_digest=config.expected_digest)
-    if config.verify:
-        prepared.check_files(bundle, info)
+    checked_bundle(Path(config.bundle), config.verify, config.expected_digest, config.vad)
     return replace(config, verify=False)  # the background load checks the pin again, not the digests
 
 
