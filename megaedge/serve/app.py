@@ -82,6 +82,14 @@ class ServeConfig:
     def max_request_bytes(self) -> int:
         return int(self.max_request_mb * 1024 * 1024)
 
+    @property
+    def ws_frame_bytes(self) -> int:
+        """The WebSocket protocol's own message limit: above --max-request-mb, so that a message somewhat over it
+        reaches the reader and is refused with an error event (the connection stays); only one past this closes
+        the connection with 1009 and no event."""
+        limit = self.max_request_bytes
+        return max(limit + min(limit, 64 << 20), 1 << 20)
+
 
 class ServerState:
     """What the routes share: config, the transcriber (None until loaded), slots, the pool, metrics, sessions."""
@@ -682,7 +690,13 @@ class _Connection:
             if message["type"] == "websocket.disconnect":
                 return
             text = message.get("text")
-            if text is None:  # errors go through the worker too: replies keep the order of the client's events
+            size = len(text) if text is not None else len(message.get("bytes") or b"")
+            limit = self.state.config.max_request_mb
+            if size > self.state.config.max_request_bytes:
+                item = error_event("message_too_large", f"a {size / 2**20:.1f} MiB message is over the server's "
+                                   f"limit of {limit:g} MiB (--max-request-mb); it was dropped: send audio in "
+                                   "smaller appends", kind="invalid_request_error")
+            elif text is None:  # errors go through the worker too: replies keep the order of the client's events
                 item = error_event("invalid_event", "binary frames are not events: send JSON text frames "
                                    "(audio as base64 in input_audio_buffer.append)")
             else:

@@ -52,7 +52,7 @@ def make_server(config: ServeConfig, transcriber=None, log_level: str = "warning
 
     uconfig = uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level, lifespan="on",
                              access_log=access_log,
-                             ws_max_size=max(config.max_request_bytes, 1 << 20),
+                             ws_max_size=config.ws_frame_bytes,
                              timeout_graceful_shutdown=config.shutdown_timeout, server_header=False)
     server = Server(uconfig)
     server.megaedge = state

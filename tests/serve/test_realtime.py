@@ -10,6 +10,7 @@ import pytest
 
 from tests.serve.conftest import (
     Running,
+    append_event,
     barrier,
     health,
     metric,
@@ -264,3 +265,28 @@ def test_shutdown_finishes_open_utterances(fixture_bundles, serve_transcriber, c
     assert done["reason"] == "flush"
     offline = serve_transcriber.transcribe(item["pcm"][round(done["start"] * 16000):], 16000)
     assert done["transcript"] == offline.text
+
+
+def test_a_message_over_the_request_limit_is_refused_with_an_event(fixture_bundles, serve_transcriber):
+    """A message over --max-request-mb is dropped with an error event naming the limit and the connection goes on;
+    only one past the protocol's own limit (well above it) closes with 1009."""
+    from websockets.exceptions import ConnectionClosed
+
+    from megaedge.serve.app import ServeConfig
+
+    running = Running(ServeConfig(bundle=str(fixture_bundles["merged"]), max_request_mb=0.05), serve_transcriber)
+    try:
+        assert running.state.config.ws_frame_bytes == 1 << 20
+        with connect(running) as ws:
+            assert json.loads(ws.recv(timeout=60))["type"] == "transcription_session.created"
+            ws.send(append_event(np.zeros(40000, "<i2")))  # 80 kB of PCM: ~107 kB of JSON
+            error = json.loads(ws.recv(timeout=60))["error"]
+            assert error["code"] == "message_too_large" and "0.05 MiB" in error["message"]
+            assert barrier(ws) == []  # still served
+            ws.send(append_event(np.zeros(400000, "<i2")))  # ~1.07 MB: past the protocol's limit
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(timeout=60)
+            assert closed.value.rcvd.code == 1009
+        assert metric(running, "megaedge_errors_total", 'code="message_too_large"') == 1
+    finally:
+        running.stop()
