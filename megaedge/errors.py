@@ -28,6 +28,10 @@ class ContextLengthError(MegaedgeError):
     """A request whose prompt, audio and text would overflow the decoder's fixed KV buffer (``--target cuda``)."""
 
 
+class Cancelled(Exception):
+    """A call stopped because the caller set its ``cancel`` event: not a user error, and no result."""
+
+
 class MissingExtraError(MegaedgeError):
     """An optional dependency group is not installed."""
 

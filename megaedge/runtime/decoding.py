@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megaedge.errors import MegaedgeError
+from megaedge.errors import Cancelled, MegaedgeError
 from megaedge.runtime import fixed_kv
 from megaedge.runtime.session import gpu_gate
 
@@ -204,7 +204,7 @@ def text_tokens(tokens, marker: int | None) -> int:
 
 def greedy(state, logits: np.ndarray, gate: float | None, eos, *, limit: int, new_limit: int | None = None,
            text_budget: int | None = None, marker: int | None = None, prefix=(), ignore_eos: bool = False,
-           no_repeat_ngram: int = 0) -> Greedy:
+           no_repeat_ngram: int = 0, cancel=None) -> Greedy:
     """Greedy decoding from ``logits`` (those after the last row in ``state``), continuing ``prefix`` (tokens
     already decoded: a stream's committed ones).
 
@@ -212,7 +212,8 @@ def greedy(state, logits: np.ndarray, gate: float | None, eos, *, limit: int, ne
     ``max_new_tokens`` makes); after ``new_limit`` new tokens; or once ``text_budget`` of them are text
     (``text_tokens`` with ``marker``; a model that emits no marker within MAX_PREFIX_TOKENS has its tokens counted as
     text from there on). A budget is never spent on a step whose logits nobody reads. ``no_repeat_ngram`` bans every
-    token that would repeat an n-gram of prefix + tokens (the loop guard's second resort)."""
+    token that would repeat an n-gram of prefix + tokens (the loop guard's second resort). Raises ``Cancelled``
+    before a step once ``cancel`` (an event: ``is_set()``) is set, so a caller can stop a long decode."""
     out = Greedy()
     history = list(prefix)
     eos = set(eos)
@@ -222,11 +223,11 @@ def greedy(state, logits: np.ndarray, gate: float | None, eos, *, limit: int, ne
     stepping = getattr(state, "stepping", None)
     with stepping() if stepping is not None else contextlib.nullcontext():
         return _greedy(state, logits, gate, eos, out, history, limit, new_limit, text_budget, marker, ignore_eos,
-                       no_repeat_ngram)
+                       no_repeat_ngram, cancel)
 
 
 def _greedy(state, logits, gate, eos, out, history, limit, new_limit, text_budget, marker, ignore_eos,
-            no_repeat_ngram) -> Greedy:
+            no_repeat_ngram, cancel) -> Greedy:
     while True:
         if no_repeat_ngram and len(history) >= no_repeat_ngram - 1:
             banned = _banned_tokens(history, no_repeat_ngram)
@@ -250,6 +251,8 @@ def _greedy(state, logits, gate, eos, out, history, limit, new_limit, text_budge
             if counted >= text_budget:
                 out.stop = "budget"
                 return out
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"cancelled after {len(out.tokens)} tokens")
         logits = state.step(token, gate)
 
 

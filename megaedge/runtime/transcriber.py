@@ -7,6 +7,7 @@ bundles share this one class and signature; in a routed bundle the router picks 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megaedge.errors import MegaedgeError
+from megaedge.errors import Cancelled, MegaedgeError
 from megaedge.runtime import audio as audio_io
 from megaedge.runtime import decoding, features, fixed_kv, limits, manifest, native_stem, routing, segmenting
 from megaedge.runtime.decoding import LAST, PREFILL_MIN_ROWS  # noqa: F401  (where callers have found them)
@@ -130,7 +131,6 @@ class Transcriber:
         prepared copies, speech gate, a pinned digest), any of whose fields may be given as keywords instead
         (``from_bundle(path, threads=2, decode="ort")``). The engines are chosen by ``options.select``, which logs
         what it chose and why in one INFO line."""
-        import functools
         from concurrent.futures import ThreadPoolExecutor
 
         from megaedge.runtime import native_decode, prepared
@@ -304,7 +304,7 @@ class Transcriber:
 
     def decode(self, prompt_ids: list[int], audio: np.ndarray, max_new_tokens: int, timer: _Timer | None = None,
                ignore_eos: bool = False, no_repeat_ngram: int = 0, gate: float | None = None,
-               max_text_tokens: int | None = None) -> decoding.Greedy:
+               max_text_tokens: int | None = None, cancel=None) -> decoding.Greedy:
         """Greedy decoding of one prompt in a decoder state of its own (runtime/decoding.py): at most
         ``max_new_tokens`` tokens, and at most ``max_text_tokens`` of them after the language prefix."""
         state = decoding.open_state(self, max_new_tokens)
@@ -316,7 +316,7 @@ class Transcriber:
         marker = None if prompt_ids[-1] == self.manifest.prompt.asr_text else self.manifest.prompt.asr_text
         out = decoding.greedy(state, logits, gate, self.manifest.prompt.eos, limit=max_new_tokens,
                               text_budget=max_text_tokens, marker=marker, ignore_eos=ignore_eos,
-                              no_repeat_ngram=no_repeat_ngram)
+                              no_repeat_ngram=no_repeat_ngram, cancel=cancel)
         if timer:
             timer.add("decode", time.perf_counter() - t0)
             timer.add("decode_tokens", max(len(out.tokens) - 1, 0))
@@ -350,12 +350,16 @@ class Transcriber:
     def transcribe(self, audio, rate: int = audio_io.TARGET_RATE, language: str | None = None, context: str | None = None,
                    route: str | None = None, max_new_tokens: int | None = None, ignore_eos: bool = False,
                    segment_seconds: float | None = segmenting.DEFAULT_SEGMENT_SECONDS,
-                   loop_guard: bool = True, max_text_tokens: int | None = None) -> Result:
+                   loop_guard: bool = True, max_text_tokens: int | None = None, cancel=None) -> Result:
         """Transcribe a file path (at its own rate), or a sample array at ``rate`` Hz (16 kHz unless told; floats in
         [-1, 1], integer PCM scaled by its type's range, scale mistakes refused (``audio.as_float``); channels, as
         (samples, channels) or (channels, samples), are mixed to mono). ``max_new_tokens`` bounds the tokens per segment as
         transformers' generate counts them (language prefix included; default: from the segment's duration),
-        ``max_text_tokens`` the text after the language prefix. Safe to call from several threads at once."""
+        ``max_text_tokens`` the text after the language prefix. Safe to call from several threads at once.
+
+        ``cancel`` (a ``threading.Event``, or anything with ``is_set()``): once set, e.g. by another thread when the
+        listener gave up, the call raises ``megaedge.errors.Cancelled`` before its next decode step or segment
+        instead of finishing; a stage already running (an encode, a prompt) ends first."""
         route = self.check_route(route or self.route)
         language, context = self.check_request(language, context, max_new_tokens, max_text_tokens)
         for name, flag in (("loop_guard", loop_guard), ("ignore_eos", ignore_eos)):
@@ -366,6 +370,8 @@ class Transcriber:
         if max_text_tokens is not None:
             max_text_tokens = limits.check_max_new_tokens(max_text_tokens, "max_text_tokens")
         segment_seconds = segmenting.check_segment_seconds(segment_seconds)
+        if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+            raise MegaedgeError(f"cancel {cancel!r} has no is_set(); pass a threading.Event")
         timer = _Timer()
         t_start = time.perf_counter()
         samples = audio_io.load(audio, rate)
@@ -374,9 +380,10 @@ class Transcriber:
         timer.add("load", time.perf_counter() - t_start)
         segments = []
         for start, end in segmenting.segments(samples, segment_seconds):
+            _check_cancel(cancel, start)
             segments.append(self._transcribe_segment(samples[start:end], start, end, language, context, route,
                                                      max_new_tokens, ignore_eos, loop_guard, timer,
-                                                     max_text_tokens))
+                                                     max_text_tokens, cancel))
         text = " ".join(s.text for s in segments if s.text).strip()
         routes = {s.route for s in segments}
         probs = [s.degraded_prob for s in segments if s.degraded_prob is not None]
@@ -418,7 +425,7 @@ class Transcriber:
         return route
 
     def _transcribe_segment(self, samples, start, end, language, context, route, max_new_tokens, ignore_eos,
-                            loop_guard, timer, max_text_tokens=None) -> SegmentResult:
+                            loop_guard, timer, max_text_tokens=None, cancel=None) -> SegmentResult:
         rate = audio_io.TARGET_RATE
         prob = None
         chosen = route
@@ -434,19 +441,21 @@ class Transcriber:
             return SegmentResult(start / rate, end / rate, "", [], chosen, prob, speech=False)
         gate = None if not self.manifest.routed else (1.0 if chosen == "lora" else 0.0)
         audio = self.encode(samples, timer, gate)
+        _check_cancel(cancel, start)
         prompt = self.prompt(audio.shape[0], context, language)
         budget = max_new_tokens or max_new_tokens_for(len(samples) / rate)
-        out = self.decode(prompt, audio, budget, timer, ignore_eos, gate=gate, max_text_tokens=max_text_tokens)
+        decode = functools.partial(self.decode, timer=timer, gate=gate, max_text_tokens=max_text_tokens,
+                                   cancel=cancel)
+        out = decode(prompt, audio, budget, ignore_eos=ignore_eos)
         guard = None
         if loop_guard and not ignore_eos and _repetition(out.tokens):
             if self.manifest.routed and chosen == "lora":
                 gate, chosen, guard = 0.0, "base", "base_route"
                 audio = self.encode(samples, timer, gate)
-                out = self.decode(prompt, audio, budget, timer, gate=gate, max_text_tokens=max_text_tokens)
+                out = decode(prompt, audio, budget, gate=gate)
             else:
                 guard = "no_repeat_ngram"
-                out = self.decode(prompt, audio, budget, timer, no_repeat_ngram=4, gate=gate,
-                                  max_text_tokens=max_text_tokens)
+                out = decode(prompt, audio, budget, no_repeat_ngram=4)
             log.info("loop guard: degenerate repetition at %.1f-%.1f s, re-decoded (%s)", start / rate,
                      end / rate, guard)
         parsed = self.text_of(out.tokens, language is not None)
@@ -502,6 +511,11 @@ def _vad_options(vad):
         raise MegaedgeError(f"vad {name!r} is not one of {(*vad_module.ENGINES, 'off')} (from "
                             f"{'$' + VAD_ENV if vad is None else 'the vad argument'})")
     return vad_module.VadOptions(engine=name)
+
+
+def _check_cancel(cancel, start: int) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled(f"cancelled at {start / audio_io.TARGET_RATE:.1f} s of the audio")
 
 
 def _confidence(logprobs: list[float]) -> tuple[float | None, float | None]:

@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from megaedge.errors import ContextLengthError, MegaedgeError
+from megaedge.errors import Cancelled, ContextLengthError, MegaedgeError
 from megaedge.serve.bodylimit import BodyLimit, TooLarge, error_body, too_large_body
 
 log = logging.getLogger("megaedge.serve")
@@ -376,9 +376,18 @@ def create_app(config: ServeConfig, transcriber=None):
             name = getattr(upload, "filename", None) or "audio"
         finally:
             await form.close()
-        return await _transcribe(request_fields, data, name, t0)
+        # A client that leaves (a timeout, Ctrl-C) cancels its decode: the slot is free again within a step.
+        cancel = threading.Event()
+        watcher = asyncio.create_task(_client_gone(request, cancel))
+        try:
+            return await _transcribe(request_fields, data, name, t0, cancel)
+        except asyncio.CancelledError:  # the shutdown timeout: stop the decode running for this request too
+            cancel.set()
+            raise
+        finally:
+            watcher.cancel()
 
-    async def _transcribe(fields: dict, data: bytes, name: str, t0: float):
+    async def _transcribe(fields: dict, data: bytes, name: str, t0: float, cancel: threading.Event):
         tr = state.transcriber
         try:
             language, context = tr.check_request(fields["language"], fields["prompt"])
@@ -407,7 +416,11 @@ def create_app(config: ServeConfig, transcriber=None):
             active = state.metrics.active_streams.labels("transcription")
             active.inc()
             try:
-                result = await state.run(lambda: tr.transcribe(str(path), language=language, context=context))
+                result = await state.run(lambda: tr.transcribe(str(path), language=language, context=context,
+                                                               cancel=cancel))
+            except Cancelled:  # nobody reads this answer; the log and the metrics do
+                return error(499, f"the client closed the connection; its decode was stopped after "
+                             f"{time.perf_counter() - t0:.1f} s", "client_closed_request")
             except ContextLengthError as exc:  # the audio and the prompt together: name the one the client chose
                 return error(400, str(exc), "context_length_exceeded", param="prompt" if context else "file")
             except MegaedgeError as exc:
@@ -470,6 +483,16 @@ def create_app(config: ServeConfig, transcriber=None):
         await _Connection(state, ws, release).run()
 
     return app
+
+
+async def _client_gone(request, cancel: threading.Event) -> None:
+    """Set ``cancel`` when the client disconnects: once a request's body is read, the server's next receive
+    message is the disconnect (or comes once the response is sent, when this task is already cancelled)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            cancel.set()
+            return
 
 
 def _form_fields(form) -> dict | tuple:

@@ -119,6 +119,50 @@ def test_concurrent_greedy_loops_meet_in_batches_with_their_solo_tokens(fixture_
     assert batched >= 0.5 * sum(calls * size for size, calls in batcher.batches.items()), batcher.batches
 
 
+@needs_kernel
+def test_a_cancelled_loop_leaves_a_batch_without_stalling_the_others(fixture_int8):
+    """Of four threads stepping through one StepBatcher, one is cancelled after 5 tokens: it raises Cancelled, the
+    other three still get their solo tokens and finish (the batcher waits for no step of a loop that left)."""
+    from megaedge.errors import Cancelled
+    from tests.runtime.kernel_builds import KERNELS
+
+    class Trip:
+        asked = 0
+
+        def is_set(self):
+            self.asked += 1
+            return self.asked >= 5
+
+    lengths = (6, 9, 12, 15)
+    _, solo = _decoders(fixture_int8, KERNELS, lengths)
+    want = []
+    for d, ids in solo:
+        logits = d.prefill(ids, np.zeros((0, d.hidden), np.float32), -1, 30)
+        want.append(decoding.greedy(_Adapter(d, None), logits, None, (), limit=24).tokens)
+    batcher = StepBatcher(8, gather_seconds=0.05)
+    _, shared = _decoders(fixture_int8, KERNELS, lengths)
+    got, errors = [None] * 4, []
+
+    def run(k):
+        try:
+            d, ids = shared[k]
+            logits = d.rewind(0) or d.prefill(ids, np.zeros((0, d.hidden), np.float32), -1, 30)
+            got[k] = decoding.greedy(_Adapter(d, batcher), logits, None, (), limit=24,
+                                     cancel=Trip() if k == 1 else None).tokens
+        except Cancelled as exc:
+            got[k] = str(exc)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    [t.start() for t in threads]
+    [t.join(120) for t in threads]
+    assert not any(t.is_alive() for t in threads), "a loop waits for the cancelled one"
+    assert not errors, errors
+    assert got[1] == "cancelled after 5 tokens"
+    assert [got[k] for k in (0, 2, 3)] == [want[k] for k in (0, 2, 3)]
+
+
 class _Adapter:
     """A NativeState-like view of one decoder (the greedy loop's interface) with an optional batcher."""
 

@@ -293,3 +293,40 @@ def test_wrong_types_at_the_python_api_are_one_line(tiny_bundles):
         tr.create_stream({"hop_seconds": 1})
     result = tr.transcribe(speechlike(1.0, seed=6), max_new_tokens="5", max_text_tokens="3")
     assert len(result.token_ids) <= 5
+
+
+class _TripsAfter:
+    """A cancel event that becomes set on its ``n``-th question (after n - 1 decode steps or segments)."""
+
+    def __init__(self, n: int):
+        self.n, self.asked = n, 0
+
+    def is_set(self) -> bool:
+        self.asked += 1
+        return self.asked >= self.n
+
+
+def test_a_set_cancel_event_stops_a_call_and_leaves_the_transcriber_as_it_was(transcribers):
+    """A call whose cancel event is set mid-decode raises Cancelled after the steps before it (not at the end of
+    the 40-token budget); already set, before any segment; the next call on the same Transcriber gives what it
+    gave before; a value with no is_set() is one line."""
+    import threading
+
+    from megaedge.errors import Cancelled
+
+    tr = transcribers["merged"]
+    audio = speechlike(25, seed=2)
+    kw = dict(max_new_tokens=40, ignore_eos=True, loop_guard=False, segment_seconds=10)
+    before = tr.transcribe(audio, **kw)
+    assert len(before.segments) == 3 and all(len(s.token_ids) == 40 for s in before.segments)
+    trip = _TripsAfter(48)  # segment 1: 1 + 1 + 39 questions (one per step); segment 2: 1 + 1, 4 steps, set at 5
+    with pytest.raises(Cancelled, match="after 5 tokens"):
+        tr.transcribe(audio, cancel=trip, **kw)
+    assert trip.asked == 48
+    done = threading.Event()
+    done.set()
+    with pytest.raises(Cancelled, match="at 0.0 s"):
+        tr.transcribe(audio, cancel=done, **kw)
+    assert tr.transcribe(audio, cancel=threading.Event(), **kw).token_ids == before.token_ids
+    with pytest.raises(MegaedgeError, match="cancel True has no is_set"):
+        tr.transcribe(audio, cancel=True, **kw)

@@ -62,7 +62,8 @@ def health(running) -> dict:
     return httpx.get(running.url + "/health", timeout=30).json()
 
 
-def metric(running, name: str, labels: str = "") -> float:
+def metric(running, name: str, labels: str = "", missing: float | None = None) -> float:
+    """A sample's value; ``missing`` if given stands for a labelled series not yet created."""
     import httpx
 
     text = httpx.get(running.url + "/metrics", timeout=30).text
@@ -70,6 +71,8 @@ def metric(running, name: str, labels: str = "") -> float:
     for line in text.splitlines():
         if line.startswith(key + " "):
             return float(line.split()[-1])
+    if missing is not None:
+        return missing
     raise AssertionError(f"{key} not in /metrics")
 
 

@@ -407,7 +407,8 @@ def test_a_hang_up_drains_as_sigterm_does(fixture_bundles):
 
 def test_a_request_open_past_the_shutdown_timeout_is_answered_503(fixture_bundles, serve_transcriber, clips):
     """uvicorn ends requests still open when --shutdown-timeout runs out: the client gets OpenAI's error body with
-    503 (it got a bare 500 and the log a CancelledError trace), and the exit does not wait for the decode."""
+    503 (it got a bare 500 and the log a CancelledError trace), the decode is cancelled, and the exit does not
+    wait for it."""
     import threading
     import time
 
@@ -415,14 +416,17 @@ def test_a_request_open_past_the_shutdown_timeout_is_answered_503(fixture_bundle
 
     from megaedge.serve.app import ServeConfig
 
-    release = threading.Event()
+    release, cancelled = threading.Event(), []
 
     class Slow:
         def __getattr__(self, name):
             return getattr(serve_transcriber, name)
 
         def transcribe(self, *args, **kwargs):
-            release.wait(30)  # a decode that outlasts the shutdown timeout
+            for _ in range(300):  # a decode that outlasts the shutdown timeout, unless cancelled
+                if kwargs["cancel"].is_set() or release.wait(0.1):
+                    break
+            cancelled.append(kwargs["cancel"].is_set())
             return serve_transcriber.transcribe(*args, **kwargs)
 
     running = Running(ServeConfig(bundle=str(fixture_bundles["merged"]), shutdown_timeout=0.5, max_streams=1,
@@ -450,6 +454,37 @@ def test_a_request_open_past_the_shutdown_timeout_is_answered_503(fixture_bundle
     assert [a.status_code for a in answers] == [503, 503], answers
     assert {a.json()["error"]["code"] for a in answers} == {"server_shutting_down"}
     assert stopped < 25  # not held until the decode (released at 30 s) ends
+    running.wait_for(lambda: cancelled, "the decode saw its cancel event")
+    assert cancelled == [True]
+
+
+def test_a_client_that_leaves_mid_decode_frees_its_slot(server, tmp_path):
+    """A client gone while its 10-minute upload decodes (a timeout, Ctrl-C) stops the decode: answered 499 in the
+    log and metrics, and the slot is free long before the audio's 20 segments would have been decoded."""
+    import socket
+
+    import soundfile as sf
+
+    from tests.conftest import speechlike
+
+    path = tmp_path / "long.wav"
+    sf.write(str(path), np.tile(speechlike(30, seed=3), 20), 16000, subtype="PCM_16")
+    boundary = "megaedgeboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"long.wav\"\r\n"
+            "Content-Type: audio/wav\r\n\r\n").encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    head = (f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode()
+    before = metric(server, "megaedge_requests_total", 'kind="transcription",status="499"', missing=0)
+    tokens = metric(server, "megaedge_decoded_tokens_total", 'kind="transcription"')
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(head + body)
+        server.wait_for(lambda: server.state.decoding == 1, "the upload decoding")
+    server.wait_for(lambda: server.state.decoding == 0, "the decode stopped")
+    assert metric(server, "megaedge_requests_total", 'kind="transcription",status="499"') == before + 1
+    assert metric(server, "megaedge_errors_total", 'code="client_closed_request"') >= 1
+    assert metric(server, "megaedge_decoded_tokens_total", 'kind="transcription"') == tokens  # no result counted
+    assert health(server)["active_streams"] == 0
 
 
 def test_under_nohup_a_hang_up_is_ignored(fixture_bundles):
