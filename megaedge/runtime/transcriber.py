@@ -350,7 +350,8 @@ class Transcriber:
     def transcribe(self, audio, rate: int = audio_io.TARGET_RATE, language: str | None = None, context: str | None = None,
                    route: str | None = None, max_new_tokens: int | None = None, ignore_eos: bool = False,
                    segment_seconds: float | None = segmenting.DEFAULT_SEGMENT_SECONDS,
-                   loop_guard: bool = True, max_text_tokens: int | None = None, cancel=None) -> Result:
+                   loop_guard: bool = True, max_text_tokens: int | None = None, cancel=None,
+                   on_segment=None) -> Result:
         """Transcribe a file path (at its own rate), or a sample array at ``rate`` Hz (16 kHz unless told; floats in
         [-1, 1], integer PCM scaled by its type's range, scale mistakes refused (``audio.as_float``); channels, as
         (samples, channels) or (channels, samples), are mixed to mono). ``max_new_tokens`` bounds the tokens per segment as
@@ -359,7 +360,8 @@ class Transcriber:
 
         ``cancel`` (a ``threading.Event``, or anything with ``is_set()``): once set, e.g. by another thread when the
         listener gave up, the call raises ``megaedge.errors.Cancelled`` before its next decode step or segment
-        instead of finishing; a stage already running (an encode, a prompt) ends first."""
+        instead of finishing; a stage already running (an encode, a prompt) ends first. ``on_segment`` is called
+        with each SegmentResult as soon as it is decoded (long audio: text while the rest decodes), in this thread."""
         route = self.check_route(route or self.route)
         language, context = self.check_request(language, context, max_new_tokens, max_text_tokens)
         for name, flag in (("loop_guard", loop_guard), ("ignore_eos", ignore_eos)):
@@ -372,6 +374,8 @@ class Transcriber:
         segment_seconds = segmenting.check_segment_seconds(segment_seconds)
         if cancel is not None and not callable(getattr(cancel, "is_set", None)):
             raise MegaedgeError(f"cancel {cancel!r} has no is_set(); pass a threading.Event")
+        if on_segment is not None and not callable(on_segment):
+            raise MegaedgeError(f"on_segment {on_segment!r} is not callable; pass a function of one SegmentResult")
         timer = _Timer()
         t_start = time.perf_counter()
         samples = audio_io.load(audio, rate)
@@ -384,6 +388,8 @@ class Transcriber:
             segments.append(self._transcribe_segment(samples[start:end], start, end, language, context, route,
                                                      max_new_tokens, ignore_eos, loop_guard, timer,
                                                      max_text_tokens, cancel))
+            if on_segment is not None:
+                on_segment(segments[-1])
         text = " ".join(s.text for s in segments if s.text).strip()
         routes = {s.route for s in segments}
         probs = [s.degraded_prob for s in segments if s.degraded_prob is not None]

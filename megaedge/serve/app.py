@@ -17,6 +17,7 @@ then uvicorn's own shutdown waits for the HTTP requests in flight.
 import asyncio
 import hmac
 import logging
+import shutil
 import tempfile
 import threading
 import time
@@ -346,7 +347,8 @@ def create_app(config: ServeConfig, transcriber=None):
         except Exception:  # a bug: Starlette answers 500
             state.metrics.requests.labels("transcription", "500").inc()
             raise
-        state.metrics.requests.labels("transcription", str(getattr(response, "status_code", 200))).inc()
+        if not getattr(response, "megaedge_events", False):  # counted by its outcome when it ends
+            state.metrics.requests.labels("transcription", str(getattr(response, "status_code", 200))).inc()
         return response
 
     async def _transcriptions(request: Request):
@@ -374,15 +376,18 @@ def create_app(config: ServeConfig, transcriber=None):
         # A client that leaves (a timeout, Ctrl-C) cancels its decode: the slot is free again within a step.
         cancel = threading.Event()
         watcher = asyncio.create_task(_client_gone(request, cancel))
+        response = None
         try:
-            return await _transcribe(request_fields, data, name, t0, cancel)
+            response = await _transcribe(request_fields, data, name, t0, cancel, watcher)
+            return response
         except asyncio.CancelledError:  # the shutdown timeout: stop the decode running for this request too
             cancel.set()
             raise
         finally:
-            watcher.cancel()
+            if not getattr(response, "megaedge_events", False):  # a stream's events watch the client until they end
+                watcher.cancel()
 
-    async def _transcribe(fields: dict, data: bytes, name: str, t0: float, cancel: threading.Event):
+    async def _transcribe(fields: dict, data: bytes, name: str, t0: float, cancel: threading.Event, watcher):
         tr = state.transcriber
         try:
             language, context = tr.check_request(fields["language"], fields["prompt"])
@@ -390,8 +395,10 @@ def create_app(config: ServeConfig, transcriber=None):
             return error(400, str(exc), "invalid_value", param="language" if fields["language"] else "prompt")
         from megaedge.serve.admission import Busy
 
-        with tempfile.TemporaryDirectory(prefix="megaedge-serve-") as tmp:
-            path = Path(tmp) / ("upload" + (Path(name).suffix[:10] or ".audio"))
+        tmp = Path(tempfile.mkdtemp(prefix="megaedge-serve-"))
+        path = tmp / ("upload" + (Path(name).suffix[:10] or ".audio"))
+        job = None
+        try:
             try:
                 duration = await asyncio.to_thread(_store_upload, path, data)
             except MegaedgeError as exc:
@@ -410,30 +417,58 @@ def create_app(config: ServeConfig, transcriber=None):
                 state.set_gauges()
             active = state.metrics.active_streams.labels("transcription")
             active.inc()
-            try:
-                result = await state.run(lambda: tr.transcribe(str(path), language=language, context=context,
-                                                               cancel=cancel))
-            except Cancelled:  # nobody reads this answer; the log and the metrics do
-                return error(499, f"the client closed the connection; its decode was stopped after "
-                             f"{time.perf_counter() - t0:.1f} s", "client_closed_request")
-            except ContextLengthError as exc:  # the audio and the prompt together: name the one the client chose
-                return error(400, str(exc), "context_length_exceeded", param="prompt" if context else "file")
-            except MegaedgeError as exc:
-                return error(400, str(exc).replace(str(path), name), "invalid_audio", param="file")
-            finally:
+            segments = asyncio.Queue() if fields["stream"] else None
+            loop = asyncio.get_running_loop()
+            on_segment = None if segments is None else (lambda seg: loop.call_soon_threadsafe(segments.put_nowait,
+                                                                                              seg))
+            job = asyncio.ensure_future(state.run(lambda: tr.transcribe(
+                str(path), language=language, context=context, cancel=cancel, on_segment=on_segment)))
+
+            def finished(_) -> None:  # the slot and the upload are the decode's until it has ended
                 active.dec()
                 state.admission.release()
                 state.set_gauges()
-        m = state.metrics
-        m.request_seconds.observe(time.perf_counter() - t0)
-        m.tokens.labels("transcription").inc(len(result.token_ids))
-        m.decode_seconds.inc(result.timings.get("decode", 0.0))
-        m.audio_seconds.labels("transcription").inc(duration)
+                shutil.rmtree(tmp, ignore_errors=True)
+
+            job.add_done_callback(finished)
+        finally:
+            if job is None:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+        def failed(exc: BaseException):
+            """The error response for a failed job, or None for a bug (re-raised)."""
+            if isinstance(exc, Cancelled):  # nobody reads this answer; the log and the metrics do
+                return error(499, f"the client closed the connection; its decode was stopped after "
+                             f"{time.perf_counter() - t0:.1f} s", "client_closed_request")
+            if isinstance(exc, ContextLengthError):  # the audio and the prompt together: name the one chosen
+                return error(400, str(exc), "context_length_exceeded", param="prompt" if context else "file")
+            if isinstance(exc, MegaedgeError):
+                return error(400, str(exc).replace(str(path), name), "invalid_audio", param="file")
+            return None
+
+        def observe(result) -> None:
+            m = state.metrics
+            m.request_seconds.observe(time.perf_counter() - t0)
+            m.tokens.labels("transcription").inc(len(result.token_ids))
+            m.decode_seconds.inc(result.timings.get("decode", 0.0))
+            m.audio_seconds.labels("transcription").inc(duration)
+
+        usage = {"type": "duration", "seconds": round(duration, 3)}
+        if segments is not None:
+            return _event_stream(_stream_events(job, segments, cancel, watcher, failed, observe, usage, state))
+        try:
+            result = await asyncio.shield(job)  # a cancelled handler (shutdown) leaves the job to its cancel
+        except Exception as exc:
+            response = failed(exc)
+            if response is None:
+                raise
+            return response
+        observe(result)
         fmt = fields["response_format"]
         if fmt == "text":
             return PlainTextResponse(result.text)
         if fmt == "json":
-            return {"text": result.text, "usage": {"type": "duration", "seconds": round(duration, 3)}}
+            return {"text": result.text, "usage": usage}
         return _verbose(result, duration, fields["model"])
 
     @app.websocket("/v1/realtime")
@@ -441,6 +476,65 @@ def create_app(config: ServeConfig, transcriber=None):
         await serve_socket(state, ws)
 
     return app
+
+
+def _event_stream(events):
+    """``stream=true``: OpenAI's transcription events as server-sent events."""
+    from starlette.responses import StreamingResponse
+
+    response = StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+    response.megaedge_events = True  # counted, and its client watched, until the events end
+    return response
+
+
+async def _stream_events(job, segments: asyncio.Queue, cancel: threading.Event, watcher, failed, observe,
+                         usage: dict, state):
+    """A ``transcript.text.delta`` per segment as it is decoded (the deltas add up to the final text exactly), then
+    ``transcript.text.done`` with the text and usage, or an ``error`` event. A client that leaves stops the decode
+    (``cancel``); the outcome is counted when the stream ends."""
+    import json
+
+    def event(body: dict) -> str:
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    texts, sent, outcome = [], "", "499"
+    try:
+        while True:
+            if segments.empty() and job.done():
+                break
+            getter = asyncio.ensure_future(segments.get())
+            await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                continue
+            seg = getter.result()
+            if seg.text:
+                texts.append(seg.text)
+            so_far = " ".join(texts).strip()  # as Result.text joins segments
+            if so_far.startswith(sent) and len(so_far) > len(sent):
+                yield event({"type": "transcript.text.delta", "delta": so_far[len(sent):]})
+                sent = so_far
+        exc = job.exception()
+        if exc is not None:
+            response = failed(exc)
+            if response is None:
+                outcome = "500"
+                log.error("a streamed transcription failed", exc_info=exc)
+                yield event(error_body("the transcription failed on the server", "server_error", "server_error"))
+                return
+            outcome = str(response.status_code)
+            yield event(json.loads(response.body))
+            return
+        result = job.result()
+        observe(result)
+        outcome = "200"
+        yield event({"type": "transcript.text.done", "text": result.text, "usage": usage})
+    finally:
+        watcher.cancel()
+        if not job.done():
+            cancel.set()
+        state.metrics.requests.labels("transcription", outcome).inc()
 
 
 async def _client_gone(request, cancel: threading.Event) -> None:
@@ -478,15 +572,19 @@ def _form_fields(form) -> dict | tuple:
         if not ok:
             return (f"temperature {temperature[:20]!r}: megaedge decodes greedily; send 0 or leave it out",
                     "invalid_value", "invalid_request_error", "temperature")
-    if (text("stream") or "false").lower() not in ("false", "0"):
-        return ("stream=true is not supported here; use the realtime WebSocket /v1/realtime for streaming",
-                "invalid_value", "invalid_request_error", "stream")
+    stream = (text("stream") or "false").lower()
+    if stream not in ("false", "0", "true", "1"):
+        return (f"stream {stream[:20]!r} is not true or false", "invalid_value", "invalid_request_error", "stream")
+    stream = stream in ("true", "1")
+    if stream and fmt == "verbose_json":
+        return ("stream=true sends transcript.text events, not verbose_json; use response_format json or text, "
+                "or leave stream out", "invalid_value", "invalid_request_error", "response_format")
     granularities = [g for g in form.getlist("timestamp_granularities[]") if isinstance(g, str)]
     if any(g != "segment" for g in granularities):
         return ("timestamp_granularities: only 'segment' is supported", "invalid_value", "invalid_request_error",
                 "timestamp_granularities[]")
     return {"model": text("model"), "language": text("language"), "prompt": text("prompt"),
-            "response_format": fmt}
+            "response_format": fmt, "stream": stream}
 
 
 def _store_upload(path: Path, data: bytes) -> float:

@@ -76,6 +76,46 @@ def test_bad_requests_get_400_with_one_line(server, clips, tmp_path):
     assert missing.status_code == 400 and missing.json()["error"]["code"] == "missing_file"
 
 
+def test_stream_true_sends_a_delta_per_segment_then_the_text(server, serve_transcriber, clips, tmp_path):
+    """stream=true through the openai client: a transcript.text.delta per decoded segment of a 65 s file (three
+    30 s segments), adding up to transcript.text.done's text, which is offline transcription's; counted once, as 200.
+    Bad values of stream, or stream with verbose_json, are one-line 400s."""
+    import soundfile as sf
+
+    from megaedge.runtime import audio as audio_io
+
+    gap = np.zeros(16000 * 4, np.float32)
+    parts = [audio_io.load(item["path"]) for item in clips[:6]]
+    audio = np.concatenate([x for p in parts for x in (p, gap)])
+    audio = np.concatenate([audio, np.zeros(16000 * 65 - audio.size, np.float32)])[: 16000 * 65]
+    path = tmp_path / "long.wav"
+    sf.write(str(path), audio, 16000, subtype="FLOAT")
+    expected = serve_transcriber.transcribe(str(path))
+    assert len(expected.segments) == 3 and sum(bool(s.text) for s in expected.segments) >= 2
+    before = metric(server, "megaedge_requests_total", 'kind="transcription",status="200"', missing=0)
+    api = client(server)
+    with open(path, "rb") as f:
+        events = list(api.audio.transcriptions.create(model="m", file=f, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds == ["transcript.text.delta"] * sum(bool(s.text) for s in expected.segments) + ["transcript.text.done"]
+    assert "".join(e.delta for e in events[:-1]) == events[-1].text == expected.text
+    assert events[-1].usage.seconds == 65.0
+    assert metric(server, "megaedge_requests_total", 'kind="transcription",status="200"') == before + 1
+    with open(path, "rb") as f:
+        text_events = list(api.audio.transcriptions.create(model="m", file=f, stream=True, response_format="text"))
+    assert text_events[-1].text == expected.text
+    for extra, param in (({"response_format": "verbose_json"}, "response_format"),):
+        with open(clips[0]["path"], "rb") as f, pytest.raises(openai.BadRequestError) as err:
+            api.audio.transcriptions.create(model="m", file=f, stream=True, **extra)
+        assert err.value.body["param"] == param and "\n" not in err.value.body["message"]
+    import httpx
+
+    with open(clips[0]["path"], "rb") as f:
+        bad = httpx.post(server.url + "/v1/audio/transcriptions", files={"file": f},
+                         data={"model": "m", "stream": "maybe"}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "stream"
+
+
 def test_a_request_over_the_fixed_kv_buffer_names_what_to_shorten(server, serve_transcriber, clips, monkeypatch):
     """A --target cuda bundle's decoder refuses a request whose prompt, audio and text overflow its fixed KV
     buffer (runtime/fixed_kv.py): the answer is context_length_exceeded, naming the prompt when the client sent one
