@@ -18,6 +18,8 @@ warnings.warn("deprecated thing", DeprecationWarning)
 warnings.warn("user warning")
 logging.getLogger("onnxruntime").error("library error")
 import torch  # after setup_logging, as the CLI imports it
+from megaedge.export.bundle import quiet_exporter_logs
+quiet_exporter_logs()  # as every graph export does first
 logging.getLogger("torch.onnx._internal.exporter._registration").warning("torch exporter note")
 """
 

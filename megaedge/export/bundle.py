@@ -165,6 +165,15 @@ def _graph_spec(path: Path, precision: str, data_files: tuple[str, ...]) -> mani
                               precision, data_files)
 
 
+def quiet_exporter_logs() -> None:
+    """The exporter narrates every pass in INFO logs; keep the user's terminal for our own progress. Levels only go
+    up here: quiet mode (progress.setup_logging) has set torch.onnx to ERROR, and -v leaves it to the user."""
+    for name in ("onnxscript", "onnx_ir", "torch.onnx"):
+        logger = logging.getLogger(name)
+        if logger.level < logging.WARNING:
+            logger.setLevel(logging.WARNING)
+
+
 def _export(module, args, kwargs, input_names, output_names, dynamic_shapes, opset, path: Path, external: bool,
             translations=None):
     import contextlib
@@ -173,9 +182,7 @@ def _export(module, args, kwargs, input_names, output_names, dynamic_shapes, ops
 
     import torch
 
-    # The exporter narrates every pass on stdout and INFO logs; keep the user's terminal for our own progress.
-    for name in ("onnxscript", "onnx_ir", "torch.onnx"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_exporter_logs()
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured), warnings.catch_warnings():
         warnings.simplefilter("ignore")

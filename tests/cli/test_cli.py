@@ -25,7 +25,7 @@ def test_doctor_runs_with_torch_unimportable():
     assert human.returncode == 0 and "onnxruntime" in human.stdout
 
 
-def test_export_commands_say_which_extra_is_missing():
+def test_export_commands_say_which_extra_is_missing(tmp_path):
     result = run_cli("merge", "x", "--out", "y", python_prelude=BLOCK_TORCH)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
@@ -33,6 +33,14 @@ def test_export_commands_say_which_extra_is_missing():
         "pip install 'megaedge[export]'"
     ]
     assert run_cli("merge", "--help", python_prelude=BLOCK_TORCH).returncode == 0
+    for module in ("jiwer", "onnxscript"):  # the INT8 report's WER, the exporter: found missing before any work
+        out = tmp_path / module
+        result = run_cli("export", "--out", str(out), "--int8",
+                         python_prelude=f"import sys\nsys.modules[{module!r}] = None\n")
+        assert result.returncode == 1 and not out.exists()
+        assert result.stderr.strip().splitlines() == [
+            f"megaedge export: error: this command needs the 'export' extra (module '{module}' is not installed): "
+            "pip install 'megaedge[export]'"]
 
 
 def test_merge_writes_a_checkpoint_transformers_loads(tiny_mega, tmp_path):
