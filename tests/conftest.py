@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ os.environ.setdefault("MEGAEDGE_NO_PROGRESS", "1")
 # The parity grid compares decoders on synthetic signals that are not speech, which the voice-activity gate would
 # (rightly) silence: transcribers load without it unless a test asks (tests/runtime/test_speech_gate.py does).
 os.environ.setdefault("MEGAEDGE_VAD", "off")
+# `megaedge prepare` keeps a sealing key per user (runtime/prepared.py): the tests' own, not the user's.
+os.environ.setdefault("MEGAEDGE_STATE_DIR", tempfile.mkdtemp(prefix="megaedge-test-state-"))
 REPO = Path(__file__).resolve().parents[1]
 
 

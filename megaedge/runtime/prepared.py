@@ -16,6 +16,13 @@ only if it still matches) and to the bundle: copies are used only while the bund
 verified, so a ``prepared/`` that came with a copied bundle is never used here. (Filesystems without a real ctime,
 e.g. FAT, weaken the fast path: run with ``use_prepared=False`` and verification there.)
 
+Under a pinned digest (``expected_digest``) the stamps alone prove nothing: whoever can write the bundle can write
+``prepared.json`` too, stamps and sha256s of a tampered file included. ``prepare`` therefore seals the index with an
+HMAC under a key of this user's, kept outside every bundle (``$MEGAEDGE_STATE_DIR``, else
+``$XDG_STATE_HOME/megaedge``, else ``~/.local/state/megaedge``: ``prepared.key``, mode 0600). A pinned load uses the
+stamps and the prepared copies only when the seal holds under its own user's key; otherwise it hashes every file and
+optimizes the graphs again (prepare as the user that runs the bundle to keep the fast path under a pin).
+
 Concurrency. Each prepare builds a new generation directory under a per-process staging name and publishes it by
 atomically replacing the ``current`` pointer; one prepare per bundle and machine runs at a time (a second waits for
 the first, then prepares again). A process that uses a generation holds a shared lock on it for its life, and a
@@ -28,6 +35,7 @@ Costs disk: the saved data holds the original weights and the packed ones (about
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -55,7 +63,54 @@ PREPARE_LOCK = ".prepare.lock"  # in the machine's directory: one prepare (or re
 STAGING_PREFIX = ".staging-"
 PREPARED_GRAPHS = ("encoder", "encoder_body", "decoder", "decoder_prefill")  # the router is small: nothing to gain
 _held: dict[str, int] = {}  # generation -> descriptor holding its shared lock (for this process's life)
-_stale_warned: set[str] = set()  # bundles whose stale prepared copies this process has warned about
+_stale_warned: set = set()  # bundles whose stale (or, pinned, unsealed) copies this process has warned about
+
+
+KEY_FILE = "prepared.key"
+SEAL_FIELD = "seal"
+
+
+def _key_path() -> Path:
+    root = os.environ.get("MEGAEDGE_STATE_DIR") or os.path.join(
+        os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state"), "megaedge")
+    return Path(root) / KEY_FILE
+
+
+def _key(create: bool = False) -> bytes | None:
+    """This user's sealing key (32 random bytes), made on first use by ``prepare``; None if there is none."""
+    path = _key_path()
+    try:
+        key = path.read_bytes()
+        return key if len(key) == 32 else None
+    except FileNotFoundError:
+        if not create:
+            return None
+    except OSError:
+        return None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another prepare made it just now
+        return _key()
+    except OSError as exc:
+        log.warning("cannot keep a sealing key at %s (%s): pinned loads will not use these prepared copies", path,
+                    exc.strerror)
+        return None
+    with os.fdopen(fd, "wb") as f:
+        f.write(os.urandom(32))
+    return _key()
+
+
+def _seal(index: dict, key: bytes) -> str:
+    body = json.dumps({k: v for k, v in index.items() if k != SEAL_FIELD}, sort_keys=True, separators=(",", ":"))
+    return hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
+
+
+def _sealed(index: dict | None) -> bool:
+    """Whether ``index`` was sealed by ``prepare`` under this user's key (see the module docstring)."""
+    key = _key()
+    seal = (index or {}).get(SEAL_FIELD)
+    return key is not None and isinstance(seal, str) and hmac.compare_digest(seal, _seal(index, key))
 
 
 def machine_key() -> str:
@@ -92,7 +147,10 @@ def _current(bundle: Path) -> Path | None:
         return None
     if not name or name != Path(name).name or name.startswith("."):
         return None
-    return key_dir / name
+    try:  # a generation linked out of the bundle is not ours either
+        return manifest.inside(bundle, f"{manifest.PREPARED_DIR}/{machine_key()}/{name}")
+    except BundleError:
+        return None
 
 
 def _read_index(generation: Path | None) -> dict | None:
@@ -117,19 +175,21 @@ def status(bundle: Path, info: manifest.Manifest) -> tuple[str, str]:
     return "ready", f"{graphs}; later loads skip the sha256 check"
 
 
-def check_files(bundle: Path, info: manifest.Manifest) -> None:
+def check_files(bundle: Path, info: manifest.Manifest, pinned: bool = False) -> None:
     """Every file of the bundle against its digest (manifest.check_files), skipped while ``prepare``'s
-    verification still holds: what loading a bundle with verification on costs, wherever it is loaded."""
-    if not verified(bundle, info):
+    verification still holds: what loading a bundle with verification on costs, wherever it is loaded. ``pinned``:
+    the verification counts only if sealed under this user's key."""
+    if not verified(bundle, info, pinned):
         manifest.check_files(bundle, info)
 
 
-def verified(bundle: Path, info: manifest.Manifest) -> bool:
+def verified(bundle: Path, info: manifest.Manifest, pinned: bool = False) -> bool:
     """True when ``prepare`` hashed every file this manifest lists against the same sha256s and no file changed
-    since (same size, mtime, ctime and inode: see the module docstring)."""
+    since (same size, mtime, ctime and inode: see the module docstring); ``pinned``: and sealed it."""
     index = _read_index(_current(bundle))
     stamps = _stamps(bundle, info.files)
-    return bool(index) and stamps is not None and index.get("files") == info.files and index.get("verified") == stamps
+    return bool(index) and stamps is not None and index.get("files") == info.files and \
+        index.get("verified") == stamps and (not pinned or _sealed(index))
 
 
 def _source_key(info: manifest.Manifest, spec: manifest.GraphSpec) -> str:
@@ -157,15 +217,22 @@ def _acquire(bundle: Path) -> Path | None:
     return None
 
 
-def lookup(bundle: Path, info: manifest.Manifest, name: str) -> Path | None:
+def lookup(bundle: Path, info: manifest.Manifest, name: str, pinned: bool = False) -> Path | None:
     """The prepared copy of graph ``name`` made on this machine from the same graph files, if there is one that is
-    intact and was made for these very bundle files."""
+    intact and was made for these very bundle files (``pinned``: and sealed under this user's key)."""
     bundle = Path(bundle)
     generation = _acquire(bundle)
     index = _read_index(generation)
     spec = info.graphs.get(name)
     entry = (index or {}).get("graphs", {}).get(name) if index else None
     if not isinstance(entry, dict) or spec is None or entry.get("source") != _source_key(info, spec):
+        return None
+    if pinned and not _sealed(index):
+        if ("seal", str(bundle)) not in _stale_warned:
+            _stale_warned.add(("seal", str(bundle)))
+            log.warning("%s: its prepared copies are not sealed under this user's key (%s), so a pinned load does "
+                        "not trust them and optimizes the graphs again; run megaedge prepare as this user",
+                        bundle, _key_path())
         return None
     if index.get("verified") != _stamps(bundle, info.files):
         # Only the stamps prove the copies were made here for these files (prepared/ is outside the bundle's
@@ -181,7 +248,7 @@ def lookup(bundle: Path, info: manifest.Manifest, name: str) -> Path | None:
         return None
     for rel, record in files.items():
         path = generation / str(rel)
-        if Path(str(rel)).name != rel or not isinstance(record, dict) or not path.is_file():
+        if Path(str(rel)).name != rel or not isinstance(record, dict) or not path.is_file() or path.is_symlink():
             return None
         if _stamp(path) != record.get("stamp") and manifest.sha256_file(path) != record.get("sha256"):
             log.warning("prepared copy %s was modified after `megaedge prepare`: not used; run megaedge prepare "
@@ -312,6 +379,9 @@ def prepare(bundle: str | Path, threads: int | None = None) -> dict:
             if _stamps(bundle, info.files) != before:
                 raise MegaedgeError(f"{bundle}: bundle files changed while `megaedge prepare` ran; run it again")
             index.update(bundle_digest=manifest.bundle_digest(bundle), files=info.files, verified=before)
+            key = _key(create=True)
+            if key is not None:
+                index[SEAL_FIELD] = _seal(index, key)
             (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
             (staging / READERS_LOCK).touch()
             generation = key_dir / f"g{time.time_ns()}-{os.getpid()}"

@@ -151,7 +151,8 @@ class Transcriber:
 
         def one(name: str, spec):
             prefix = str(Path(profile_dir) / name) if profile_dir else None
-            copy = prepared.lookup(bundle, info, name) if cpu_only and opts.use_prepared else None
+            copy = prepared.lookup(bundle, info, name, pinned=opts.expected_digest is not None) \
+                if cpu_only and opts.use_prepared else None
             if copy is not None:
                 return open_session(copy, spec, ort_providers, threads, prepared=True, profile_prefix=prefix,
                                     arena=opts.memory_arena)
@@ -500,7 +501,7 @@ def checked_bundle(bundle: Path, verify: bool, expected_digest: str | None, vad)
                             "drop --no-verify (verify=False) to use the pin")
     info = manifest.read(bundle, verify=False, expected_digest=expected_digest)
     if verify:
-        prepared.check_files(bundle, info)
+        prepared.check_files(bundle, info, pinned=expected_digest is not None)
     return info, vad_options
 
 

@@ -232,3 +232,55 @@ def test_copies_made_stale_by_a_chmod_are_reported_not_silently_dropped(tiny_bun
     import json
 
     assert json.loads(run_cli("doctor", "--json", "--bundle", str(bundle)).stdout)["bundle_prepared"]["state"] == "stale"
+
+
+def _forge_stamps(bundle):
+    """What anyone who can write the bundle can do after editing its files: record their new stamps in the
+    prepared index, as if prepare had verified them."""
+    generation = prepared._current(bundle)
+    index = json.loads((generation / prepared.INDEX_FILE).read_text())
+    index["verified"] = prepared._stamps(bundle, index["files"])
+    (generation / prepared.INDEX_FILE).write_text(json.dumps(index))
+    return generation, index
+
+
+def test_a_pinned_load_trusts_only_prepared_records_sealed_under_its_users_key(tiny_bundles, tmp_path, monkeypatch,
+                                                                                caplog):
+    """prepared/ is outside the bundle's digest: under a pin, an edited file with forged stamps is hashed and
+    refused, a forged prepared copy is not used, copies sealed by another user's key are not trusted (one
+    warning), and a generation linked out of the bundle is not read. Unpinned, the stamps stay the fast path."""
+    bundle = shutil.copytree(tiny_bundles["merged"], tmp_path / "b")
+    pin = manifest.bundle_digest(bundle)
+    prepared.prepare(bundle)
+    info = manifest.read(bundle, verify=False)
+    assert prepared.verified(bundle, info, pinned=True)
+    tr = Transcriber.from_bundle(bundle, expected_digest=pin)
+    assert tr.sessions["decoder"].prepared
+    # a prepared copy edited, its record rewritten to match: the seal breaks
+    generation, index = _forge_stamps(bundle)
+    data = generation / (index["graphs"]["encoder"]["file"] + ".data")
+    _same_size_edit(data, offset=len(data.read_bytes()) // 2)
+    record = index["graphs"]["encoder"]["files"][data.name]
+    record.update(sha256=manifest.sha256_file(data), stamp=prepared._stamp(data))
+    (generation / prepared.INDEX_FILE).write_text(json.dumps(index))
+    assert prepared.lookup(bundle, info, "encoder") is not None  # unpinned: the bundle's writer is trusted
+    assert prepared.lookup(bundle, info, "encoder", pinned=True) is None
+    # a bundle file edited, its stamps forged: unpinned the fast path holds, pinned it is hashed and refused
+    _same_size_edit(bundle / manifest.ROUTER_FILE)
+    _forge_stamps(bundle)
+    assert prepared.verified(bundle, info) and not prepared.verified(bundle, info, pinned=True)
+    with pytest.raises(BundleError, match="router.onnx: sha256 .* does not match the manifest"):
+        Transcriber.from_bundle(bundle, expected_digest=pin)
+    _same_size_edit(bundle / manifest.ROUTER_FILE)  # undone; prepared again by this user, then another's key
+    prepared.prepare(bundle)
+    monkeypatch.setenv("MEGAEDGE_STATE_DIR", str(tmp_path / "another-user"))
+    with caplog.at_level("WARNING", logger="megaedge.runtime.prepared"):
+        tr = Transcriber.from_bundle(bundle, expected_digest=pin)
+    assert not tr.sessions["decoder"].prepared and "not sealed under this user's key" in caplog.text
+    assert Transcriber.from_bundle(bundle).sessions["decoder"].prepared
+    monkeypatch.undo()
+    # a generation linked out of the bundle
+    generation = prepared._current(bundle)
+    outside = shutil.move(str(generation), str(tmp_path / "outside"))
+    os.symlink(outside, generation)
+    assert prepared._current(bundle) is None and prepared.lookup(bundle, info, "decoder") is None
