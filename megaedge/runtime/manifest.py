@@ -215,8 +215,8 @@ def _document(root: Path) -> dict:
     inside(root, MANIFEST_NAME)
     try:
         doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc})") from exc
+    except (ValueError, UnicodeDecodeError) as exc:  # ValueError: JSON's, or an integer of thousands of digits
+        raise BundleError(f"{path}: not valid JSON ({' '.join(str(exc).split())[:200]})") from None
     except RecursionError:  # nested deeper than any manifest megaedge writes
         doc = None
     if doc is None or _nesting(doc) > MAX_NESTING:  # the digest's encoder recurses deeper than the parser did
@@ -300,19 +300,49 @@ def _nesting(doc) -> int:
     return deepest
 
 
-def load_npz(path) -> dict:
-    """Every array of an .npz the bundle holds; a damaged one (read with the file checks off) is one line."""
+def load_npz(path, names=None) -> dict:
+    """The arrays ``names`` (default: every one) of an .npz the bundle holds. Each member's header is read first and
+    must describe a plain array no larger than the member holds, so a forged header cannot make numpy allocate
+    what the file never had; members not asked for are never read. A damaged file is one line."""
     import zipfile
 
     import numpy as np
 
+    def damaged(reason: str) -> BundleError:
+        return BundleError(f"{path}: cannot be read ({reason}); the bundle is damaged: copy it again, or check it "
+                           "with megaedge doctor --bundle")
+
     try:
-        with np.load(path) as data:
-            return {name: data[name] for name in data.files}
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename[:-4]: info for info in archive.infolist() if info.filename.endswith(".npy")}
+            wanted = list(members) if names is None else list(names)
+            out = {}
+            for name in wanted:
+                if name not in members:
+                    raise damaged(f"no array {str(name)[:60]!r}")
+                info = members[name]
+                with archive.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version not in ((1, 0), (2, 0)):
+                        raise damaged(f"array {name!r}: .npy format {version}")
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    try:
+                        shape, fortran, dtype = read_header(f, max_header_size=10000)
+                    except ValueError:  # numpy's own words suggest allow_pickle=True: never the fix here
+                        raise damaged(f"array {name!r}: its header is damaged or over 10000 bytes") from None
+                    if dtype.hasobject:
+                        raise damaged(f"array {name!r} holds Python objects, which megaedge never unpickles")
+                    need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                    if need > info.file_size:
+                        raise damaged(f"array {name!r} declares {need} bytes and holds {info.file_size}")
+            with np.load(path) as data:
+                for name in wanted:
+                    out[name] = data[name]
+            return out
     except PermissionError as exc:
         raise BundleError(f"{path}: cannot be read ({exc.strerror}); give this user read access to the bundle") \
             from None
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, TypeError) as exc:  # TypeError: a bare .npy
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BundleError(f"{path}: cannot be read ({reason}); the bundle is damaged: copy it again, or check it "
-                          "with megaedge doctor --bundle") from None
+        reason = " ".join(str(exc).split()) if str(exc).strip() else type(exc).__name__
+        raise damaged(reason[:200]) from None

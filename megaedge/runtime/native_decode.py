@@ -126,7 +126,7 @@ class _Tensors:
     def __init__(self, bundle: Path):
         self.bundle = bundle
         self._maps: dict[str, np.memmap] = {}
-        self._sidecar = None
+        self._sidecars: dict[str, dict] = {}
 
     def read(self, ref: dict, arena: _Arena) -> np.ndarray:
         """A private in-memory copy in ``arena``, read with plain file reads: the file's pages stay in the page
@@ -152,9 +152,10 @@ class _Tensors:
     def __call__(self, ref: dict) -> np.ndarray:
         dtype, shape = np.dtype(ref["dtype"]), tuple(ref["shape"])
         if "key" in ref:
-            if self._sidecar is None:
-                self._sidecar = manifest.load_npz(self.bundle / ref["file"])
-            return np.ascontiguousarray(self._sidecar[ref["key"]], dtype).reshape(shape)
+            file = ref["file"]
+            if ref["key"] not in self._sidecars.setdefault(file, {}):  # only the arrays the index names are read
+                self._sidecars[file].update(manifest.load_npz(self.bundle / file, [ref["key"]]))
+            return np.ascontiguousarray(self._sidecars[file][ref["key"]], dtype).reshape(shape)
         if ref["file"] not in self._maps:
             self._maps[ref["file"]] = np.memmap(self.bundle / ref["file"], np.uint8, mode="r")
         start = ref["offset"]

@@ -68,8 +68,9 @@ class NativeStem:
 
     def __init__(self, bundle, info: manifest.Manifest, kernel: kernels.Q8Kernels, threads: int):
         stem = info.encoder["native_stem"]
-        arrays = manifest.load_npz(bundle / stem["file"])
-        fields = {name: np.ascontiguousarray(arrays[name]) for name in ("w1", "b1", "w2", "s2", "b2", "w3", "s3", "b3")}
+        names = ("w1", "b1", "w2", "s2", "b2", "w3", "s3", "b3")
+        arrays = manifest.load_npz(bundle / stem["file"], names)
+        fields = {name: np.ascontiguousarray(arrays[name]) for name in names}
         self.weights = kernels.StemWeights(**fields, block=int(stem["block"]), bins=int(stem["bins"]),
                                            chunk_frames=int(stem["chunk_frames"]))
         self.graph = stem["graph"]

@@ -396,7 +396,8 @@ def create_app(config: ServeConfig, transcriber=None):
         from megaedge.serve.admission import Busy
 
         tmp = Path(tempfile.mkdtemp(prefix="megaedge-serve-"))
-        path = tmp / ("upload" + (Path(name).suffix[:10] or ".audio"))
+        suffix = Path(name.replace("\x00", "")).suffix[:10]  # a hint to the decoder; the client's name goes no further
+        path = tmp / ("upload" + (suffix if suffix[1:].isalnum() and suffix.isascii() else ".audio"))
         job = None
         try:
             try:

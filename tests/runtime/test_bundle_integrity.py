@@ -289,3 +289,63 @@ def test_a_damaged_npz_read_with_the_checks_off_is_one_line(int8_bundle, tmp_pat
             tr = Transcriber.from_bundle(bundle, verify=False)
             tr.transcribe(speechlike(1.0), max_new_tokens=2, ignore_eos=True, loop_guard=False)
         assert "\n" not in str(caught.value)
+
+
+def test_forged_npz_members_are_one_line_and_never_allocated(tmp_path):
+    """An .npz member whose header declares more than it holds (2**45 floats), a pickled member, numpy's multi-line
+    header refusal: each one line, before numpy allocates; members not asked for are never read (a forged bundle
+    put a 3 GB zip bomb beside the arrays the index names); arrays come from the file each reference names."""
+    import io
+    import resource
+    import zipfile
+
+    import numpy as np
+
+    good = tmp_path / "good.npz"
+    np.savez(good, a=np.arange(4, dtype=np.float32))
+    with zipfile.ZipFile(good, "a", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("bomb.npy", np.lib.format.magic(1, 0) + b"\0" * (400 << 20))  # never read: 400 MB of zeros
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert manifest.load_npz(good, ["a"])["a"].tolist() == [0, 1, 2, 3]
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: the bomb stayed packed
+    cases = {"giant": None, "pickle": None, "header": None}
+    for name in cases:
+        path = tmp_path / f"{name}.npz"
+        buf = io.BytesIO()
+        if name == "giant":
+            np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (2**45,)})
+            member = np.lib.format.magic(1, 0) + buf.getvalue()[8:] + b"\0" * 64
+        elif name == "pickle":
+            np.lib.format.write_array_header_1_0(buf, {"descr": "|O", "fortran_order": False, "shape": (1,)})
+            member = np.lib.format.magic(1, 0) + buf.getvalue()[8:] + b"\x80\x04N."
+        else:
+            member = np.lib.format.magic(1, 0) + b"\xff\xff" + b" " * 70000
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("w.npy", member)
+        with pytest.raises(BundleError) as caught:
+            manifest.load_npz(path, ["w"])
+        cases[name] = str(caught.value)
+        assert "\n" not in cases[name] and "allow_pickle" not in cases[name], cases[name]
+    assert "declares 140737488355328 bytes and holds" in cases["giant"]
+    assert "Python objects" in cases["pickle"]
+    with pytest.raises(BundleError, match="no array 'zz'"):
+        manifest.load_npz(good, ["zz"])
+
+
+def test_sidecar_references_read_the_file_they_name(tmp_path):
+    import numpy as np
+
+    from megaedge.runtime.native_decode import _Tensors
+
+    np.savez(tmp_path / "one.npz", x=np.ones(3, np.float32))
+    np.savez(tmp_path / "two.npz", x=np.full(3, 2, np.float32), y=np.zeros(2, np.float32))
+    tensors = _Tensors(tmp_path)
+    ref = {"dtype": "float32", "shape": [3], "key": "x"}
+    assert tensors({**ref, "file": "one.npz"}).tolist() == [1, 1, 1]
+    assert tensors({**ref, "file": "two.npz"}).tolist() == [2, 2, 2]
+
+
+def test_a_manifest_with_a_huge_integer_is_one_line(tiny_bundles, tmp_path):
+    bundle = _clone(tiny_bundles["merged"], tmp_path / "bigint")
+    (bundle / manifest.MANIFEST_NAME).write_text('{"format_version": 2, "x": ' + "9" * 5000 + "}")
+    _refused(bundle, "not valid JSON (Exceeds the limit")

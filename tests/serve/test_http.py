@@ -74,6 +74,14 @@ def test_bad_requests_get_400_with_one_line(server, clips, tmp_path):
 
     missing = httpx.post(server.url + "/v1/audio/transcriptions", data={"model": "m"}, timeout=30)
     assert missing.status_code == 400 and missing.json()["error"]["code"] == "missing_file"
+    with open(path, "rb") as f:
+        audio = f.read()
+    for name in (b"x.\x00wav", b"x.w\x00", b"..", b"x.w/av", b"clip.WAV"):  # the name is only a hint: never a 500
+        body = (b"--B\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm\r\n--B\r\nContent-Disposition: "
+                b"form-data; name=\"file\"; filename=\"" + name + b"\"\r\n\r\n" + audio + b"\r\n--B--\r\n")
+        answer = httpx.post(server.url + "/v1/audio/transcriptions", content=body, timeout=60,
+                            headers={"content-type": "multipart/form-data; boundary=B"})
+        assert answer.status_code == 200, (name, answer.text)
 
 
 def test_stream_true_sends_a_delta_per_segment_then_the_text(server, serve_transcriber, clips, tmp_path):
