@@ -348,4 +348,4 @@ def test_sidecar_references_read_the_file_they_name(tmp_path):
 def test_a_manifest_with_a_huge_integer_is_one_line(tiny_bundles, tmp_path):
     bundle = _clone(tiny_bundles["merged"], tmp_path / "bigint")
     (bundle / manifest.MANIFEST_NAME).write_text('{"format_version": 2, "x": ' + "9" * 5000 + "}")
-    _refused(bundle, "not valid JSON (Exceeds the limit")
+    _refused(bundle, r"not valid JSON \(Exceeds the limit")
