@@ -2,6 +2,8 @@
 most ``queue`` transcription requests waiting for a slot; beyond that a request is refused at once (HTTP 429).
 A realtime connection may wait a moment for a slot (``wait``), never longer: a live stream cannot queue, but a
 client that closes and reconnects at once races the release of its own old slot, and refusing it would be wrong.
+A freed slot goes to a waiting realtime connection before any queued request: a microphone cannot wait, an upload
+can (in FIFO order among the uploads), so steady uploads never lock the live streams out.
 Used from the event loop only (no locks needed)."""
 
 from __future__ import annotations
@@ -79,6 +81,11 @@ class Admission:
                 self._waiters.remove(waiter)
 
     def release(self) -> None:
+        live = next((w for w in self._waiters if w in self._brief and not w.done()), None)
+        if live is not None:  # a waiting realtime connection first
+            self._waiters.remove(live)
+            live.set_result(True)
+            return
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():

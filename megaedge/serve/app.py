@@ -35,6 +35,7 @@ TRANSCRIPTIONS = "/v1/audio/transcriptions"
 
 STATIC = Path(__file__).resolve().parent / "static"
 RESPONSE_FORMATS = ("json", "text", "verbose_json")
+RETRY_AFTER_SECONDS = 1  # a 429's Retry-After: slots free as decodes end, which takes seconds, not minutes
 IDLE_TRIM_SECONDS = 10.0  # with no stream decoding for this long, freed memory is handed back (memory.py)
 
 
@@ -273,10 +274,10 @@ def create_app(config: ServeConfig, transcriber=None):
 
     app.add_middleware(BodyLimit, limit=config.max_request_bytes, on_reject=rejected)
 
-    def error(status: int, message: str, code: str, kind: str = "invalid_request_error", param=None):
+    def error(status: int, message: str, code: str, kind: str = "invalid_request_error", param=None, headers=None):
         state.metrics.errors.labels(code).inc()
         requests_log.info("%d %s: %s", status, code, message)  # -v: why a client was refused
-        return JSONResponse(error_body(message, code, kind, param), status_code=status)
+        return JSONResponse(error_body(message, code, kind, param), status_code=status, headers=headers)
 
     from starlette.exceptions import HTTPException
 
@@ -374,11 +375,11 @@ def create_app(config: ServeConfig, transcriber=None):
         finally:
             await form.close()
         # A client that leaves (a timeout, Ctrl-C) cancels its decode: the slot is free again within a step.
-        cancel = threading.Event()
-        watcher = asyncio.create_task(_client_gone(request, cancel))
+        cancel, left = threading.Event(), asyncio.Event()
+        watcher = asyncio.create_task(_client_gone(request, cancel, left))
         response = None
         try:
-            response = await _transcribe(request_fields, data, name, t0, cancel, watcher)
+            response = await _transcribe(request_fields, data, name, t0, cancel, watcher, left)
             return response
         except asyncio.CancelledError:  # the shutdown timeout: stop the decode running for this request too
             cancel.set()
@@ -387,7 +388,8 @@ def create_app(config: ServeConfig, transcriber=None):
             if not getattr(response, "megaedge_events", False):  # a stream's events watch the client until they end
                 watcher.cancel()
 
-    async def _transcribe(fields: dict, data: bytes, name: str, t0: float, cancel: threading.Event, watcher):
+    async def _transcribe(fields: dict, data: bytes, name: str, t0: float, cancel: threading.Event, watcher,
+                          left: asyncio.Event):
         tr = state.transcriber
         try:
             language, context = tr.check_request(fields["language"], fields["prompt"])
@@ -410,10 +412,13 @@ def create_app(config: ServeConfig, transcriber=None):
                              "audio_too_long", param="file")
             try:
                 state.metrics.queued_requests.set(state.admission.queued + 1)
-                await state.admission.acquire()
+                if not await _unless(state.admission.acquire(), left):  # a client gone leaves the queue at once
+                    return error(499, "the client closed the connection while its request was queued",
+                                 "client_closed_request")
             except Busy:
                 return error(429, f"server busy: {config.max_streams} streams in use and {config.queue} requests "
-                             "queued; retry later", "rate_limit_exceeded", "rate_limit_error")
+                             f"queued; retry in {RETRY_AFTER_SECONDS} s", "rate_limit_exceeded", "rate_limit_error",
+                             headers={"retry-after": str(RETRY_AFTER_SECONDS)})
             finally:
                 state.set_gauges()
             active = state.metrics.active_streams.labels("transcription")
@@ -538,14 +543,31 @@ async def _stream_events(job, segments: asyncio.Queue, cancel: threading.Event, 
         state.metrics.requests.labels("transcription", outcome).inc()
 
 
-async def _client_gone(request, cancel: threading.Event) -> None:
-    """Set ``cancel`` when the client disconnects: once a request's body is read, the server's next receive
-    message is the disconnect (or comes once the response is sent, when this task is already cancelled)."""
+async def _client_gone(request, cancel: threading.Event, left: asyncio.Event) -> None:
+    """Set ``cancel`` and ``left`` when the client disconnects: once a request's body is read, the server's next
+    receive message is the disconnect (or comes once the response is sent, when this task is already cancelled)."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             cancel.set()
+            left.set()
             return
+
+
+async def _unless(acquiring, left: asyncio.Event) -> bool:
+    """Await ``acquiring`` (a slot) unless ``left`` is set first: True with the slot, False without one."""
+    slot, gone = asyncio.ensure_future(acquiring), asyncio.ensure_future(left.wait())
+    try:
+        await asyncio.wait({slot, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not slot.done():
+            slot.cancel()  # Admission passes on a slot handed over in the same instant
+    await asyncio.gather(slot, return_exceptions=True)
+    if slot.cancelled():
+        return False
+    slot.result()  # Busy
+    return True
 
 
 def _form_fields(form) -> dict | tuple:

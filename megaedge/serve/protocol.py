@@ -94,6 +94,8 @@ def parse_client_event(text: str | bytes) -> Command:
         doc = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError("invalid_json", f"the event is not valid JSON ({exc})") from None
+    except RecursionError:  # arrays nested past the parser's recursion: no event is
+        raise ProtocolError("invalid_json", "the event is not valid JSON (nested too deeply)") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("type"), str):
         raise ProtocolError("invalid_event", "an event is a JSON object with a string 'type'", "type")
     kind, event_id = doc["type"], doc.get("event_id")

@@ -19,6 +19,10 @@ log = logging.getLogger("megaedge.serve")
 MAX_QUEUED_EVENTS = 1024
 MAX_JOB_SECONDS = 5.0  # audio per worker job: a connection's backlog is fed in jobs of at most this
 CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TRY_AGAIN = 1001, 1008, 1013
+# A client that has read nothing while this long's events waited to be sent is gone or hung: its connection is
+# aborted and its slot freed (uvicorn's keepalive closes such a socket without telling the app, whose sends then
+# wait for ever, and the idle timeout never runs while a send waits).
+SEND_TIMEOUT_SECONDS = 10.0
 
 
 async def serve_socket(state, ws) -> None:
@@ -46,14 +50,15 @@ async def serve_socket(state, ws) -> None:
         refusal = (CLOSE_TRY_AGAIN, "not_ready", f"not ready: {state.load_error or 'the model is still loading'}")
     elif not await state.admission.wait(config.slot_wait_seconds):
         refusal = (CLOSE_TRY_AGAIN, "rate_limit_exceeded",
-                   f"server busy: all {config.max_streams} streams are in use; retry later")
+                   f"server busy: all {config.max_streams} streams are in use; retry in a second")
     if refusal is not None:
         code, err, message = refusal
         state.metrics.requests.labels("realtime", err).inc()
         from megaedge.serve.protocol import error_event
 
-        await Connection.send_raw(state, ws, [error_event(err, message, kind="server_error"
-                                                            if code != CLOSE_POLICY else "invalid_request_error")])
+        kind = {CLOSE_POLICY: "invalid_request_error"}.get(code, "rate_limit_error" if err == "rate_limit_exceeded"
+                                                           else "server_error")
+        await Connection.send_raw(state, ws, [error_event(err, message, kind=kind)])
         await close(ws, code, err)
         return
     active = state.metrics.active_streams.labels("realtime")
@@ -65,6 +70,26 @@ async def serve_socket(state, ws) -> None:
         state.admission.release()
 
     await Connection(state, ws, release).run()
+
+
+def _abort(ws) -> None:
+    """Drop ``ws``'s TCP connection without a closing handshake, which a client that reads nothing never completes.
+    The ASGI interface has no such call: the server protocol object (which has the transport) is found behind the
+    send callable, through the wrappers Starlette puts around it."""
+    seen, todo = set(), [getattr(ws, "_send", None)]
+    while todo:
+        item = todo.pop()
+        if item is None or id(item) in seen or len(seen) > 32:
+            continue
+        seen.add(id(item))
+        transport = getattr(item, "transport", None)
+        if transport is not None and hasattr(transport, "abort"):
+            transport.abort()  # connection_lost: the reader gets its disconnect
+            return
+        todo.append(getattr(item, "__self__", None))
+        todo.extend(cell.cell_contents for cell in (getattr(item, "__closure__", None) or ())
+                    if callable(getattr(cell, "cell_contents", None)))
+    log.warning("realtime: cannot abort a connection that reads nothing (no transport found); its slot is freed")
 
 
 async def close(ws, code: int, reason: str = "") -> None:
@@ -116,7 +141,13 @@ class Connection:
             if event.get("type") == "error":
                 state.metrics.errors.labels(event["error"].get("code") or "error").inc()
             try:
-                await ws.send_text(json.dumps(event, ensure_ascii=False))
+                await asyncio.wait_for(ws.send_text(json.dumps(event, ensure_ascii=False)), SEND_TIMEOUT_SECONDS)
+            except asyncio.TimeoutError:
+                logging.getLogger("megaedge.serve.requests").info(
+                    "realtime: a client read nothing for %g s; its connection was aborted", SEND_TIMEOUT_SECONDS)
+                state.metrics.errors.labels("client_not_reading").inc()
+                _abort(ws)
+                return False
             except Exception:  # the client went away
                 return False
         return True

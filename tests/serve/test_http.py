@@ -570,3 +570,36 @@ def test_under_nohup_a_hang_up_is_ignored(fixture_bundles):
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def test_a_queued_request_whose_client_left_leaves_the_queue(fixture_bundles, serve_transcriber, clips):
+    """With every slot held, a queued upload whose client gave up (a timeout) kept its place until a slot freed,
+    and live requests got 429 meanwhile. Now it leaves at once (counted as 499); a 429 says when to retry."""
+    import socket
+
+    import httpx
+
+    from megaedge.serve.app import ServeConfig
+
+    running = Running(ServeConfig(bundle=str(fixture_bundles["merged"]), max_streams=1, max_queue=1),
+                      serve_transcriber)
+    try:
+        assert running.state.admission.try_acquire()  # the only slot, held as a live stream would
+        audio = open(clips[0]["path"], "rb").read()
+        body = (b"--B\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm\r\n--B\r\nContent-Disposition: "
+                b"form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\n" + audio + b"\r\n--B--\r\n")
+        head = (f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+                "Content-Type: multipart/form-data; boundary=B\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", running.port)) as sock:
+            sock.sendall(head + body)
+            running.wait_for(lambda: running.state.admission.queued == 1, "the upload queued")
+            with open(clips[0]["path"], "rb") as f:
+                busy = httpx.post(running.url + "/v1/audio/transcriptions", files={"file": f}, data={"model": "m"},
+                                  timeout=60)
+            assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+        running.wait_for(lambda: running.state.admission.queued == 0, "the upload left the queue")
+        assert metric(running, "megaedge_requests_total", 'kind="transcription",status="499"') == 1
+        assert running.state.admission.active == 1  # the held slot was never handed to the gone request
+    finally:
+        running.state.admission.release()
+        running.stop()

@@ -32,6 +32,7 @@ def test_client_events_parse_to_commands():
     ('{"type": "input_audio_buffer.append"}', "invalid_value"),
     ('{"type": "input_audio_buffer.append", "audio": "not base64!"}', "invalid_base64"),
     ('{"type": "input_audio_buffer.append", "audio": "AAE="}', "invalid_audio_format"),  # 2 bytes: fine
+    ("[" * 100000 + "]" * 100000, "invalid_json"),  # past the parser's recursion
 ])
 def test_bad_client_events_are_protocol_errors(text, code):
     if code == "invalid_audio_format":
@@ -120,6 +121,30 @@ def test_admission_lets_a_realtime_connection_wait_briefly_for_a_slot():
         assert (admission.active, admission.free) == (1, 0)
         admission.release()
         assert (admission.active, admission.free) == (0, 1)
+
+    asyncio.run(scenario())
+
+
+def test_a_freed_slot_goes_to_a_waiting_realtime_connection_before_queued_uploads():
+    import asyncio
+
+    from megaedge.serve.admission import Admission
+
+    async def scenario():
+        admission = Admission(1, 4)
+        assert admission.try_acquire()
+        uploads = [asyncio.ensure_future(admission.acquire()) for _ in range(3)]
+        await asyncio.sleep(0)
+        live = asyncio.ensure_future(admission.wait(30))
+        await asyncio.sleep(0)
+        admission.release()
+        assert await live is True and not any(u.done() for u in uploads)
+        admission.release()  # then the uploads, first come first served
+        await asyncio.sleep(0)
+        assert [u.done() for u in uploads] == [True, False, False]
+        for u in uploads[1:]:
+            u.cancel()
+        await asyncio.gather(*uploads, return_exceptions=True)
 
     asyncio.run(scenario())
 

@@ -290,3 +290,41 @@ def test_a_message_over_the_request_limit_is_refused_with_an_event(fixture_bundl
         assert metric(running, "megaedge_errors_total", 'code="message_too_large"') == 1
     finally:
         running.stop()
+
+
+def test_a_client_that_reads_nothing_loses_its_slot(fixture_bundles, serve_transcriber, monkeypatch):
+    """A client that floods events and never reads the replies blocked the server's sends for ever: neither the
+    idle timeout nor keepalive freed its slot. A send that waits SEND_TIMEOUT_SECONDS aborts the connection."""
+    import base64
+    import os
+    import socket
+
+    from megaedge.serve import realtime
+    from megaedge.serve.app import ServeConfig
+
+    monkeypatch.setattr(realtime, "SEND_TIMEOUT_SECONDS", 1.0)
+    running = Running(ServeConfig(bundle=str(fixture_bundles["merged"]), idle_timeout=600), serve_transcriber)
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", running.port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall((f"GET /v1/realtime?intent=transcription HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        running.wait_for(lambda: health(running)["active_streams"] == 1, "the connection holds a slot")
+        mask = b"\x01\x02\x03\x04"
+        frame = bytes([0x81, 0x80 | 4]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(b"{bad"))
+        sock.setblocking(False)
+        sent = 0
+        for _ in range(40000):  # replies pile up unread: the server's sends stall
+            try:
+                sock.send(frame)
+                sent += 1
+            except BlockingIOError:
+                break
+        assert sent > 1000
+        running.wait_for(lambda: health(running)["active_streams"] == 0, "the slot is freed")
+        assert metric(running, "megaedge_errors_total", 'code="client_not_reading"') == 1
+        sock.close()
+    finally:
+        running.stop()
