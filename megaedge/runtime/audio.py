@@ -15,6 +15,10 @@ from megaedge.errors import AudioError, NonFiniteAudioError
 
 TARGET_RATE = 16000
 MAX_RATE = 768_000  # the highest rate audio interfaces record at; anything above is a wrong argument
+MIN_RATE = 1000  # speech needs a few kHz of band (telephones record at 8000); below this it is a wrong argument
+# Reading and resampling hold a few float32 copies of the audio at once: refused up front when they would not fit
+# in the memory this machine has free, instead of a MemoryError (or the OOM killer) after minutes.
+COPIES_IN_MEMORY = 3
 
 
 MAX_CHANNELS = 32  # more than any microphone array here; a longer axis is samples
@@ -127,19 +131,49 @@ def _check_integer_width(arr: np.ndarray, name: str) -> None:
 
 
 def check_rate(rate, what: str) -> int:
-    """A sample rate in whole Hz, 1-MAX_RATE; a float with no fraction counts (sounddevice reports 48000.0)."""
+    """A sample rate in whole Hz, MIN_RATE-MAX_RATE; a float with no fraction counts (sounddevice reports 48000.0).
+    A 1 Hz file of 20 kB is 5.5 hours at 16 kHz: far below MIN_RATE the rate is a mistake, not a recording."""
     whole = isinstance(rate, (int, np.integer)) or (isinstance(rate, (float, np.floating)) and
                                                       float(rate).is_integer())
-    if isinstance(rate, bool) or not whole or not 0 < rate <= MAX_RATE:
-        raise AudioError(f"{what} {rate!r} is not a rate in whole Hz (1-{MAX_RATE}); pass the rate the samples "
-                         "were recorded at, e.g. 16000")
+    if isinstance(rate, bool) or not whole or not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioError(f"{what} {rate!r} is not a rate in whole Hz ({MIN_RATE}-{MAX_RATE}); pass the rate the "
+                         "samples were recorded at, e.g. 16000")
     return int(rate)
+
+
+def _available_bytes() -> int | None:
+    """Memory this machine has free for new allocations (Linux: MemAvailable), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(frames: int, channels: int, rate: int, name: str, target: int = TARGET_RATE) -> None:
+    """One line when reading ``frames`` of audio (as a file's header says) and resampling it to ``target`` would
+    need more memory than is free."""
+    need = 4 * COPIES_IN_MEMORY * (frames * max(channels, 1) + frames * target // max(rate, 1))
+    free = _available_bytes()
+    if free is not None and need > free:
+        hours = frames / max(rate, 1) / 3600
+        raise AudioError(f"{name} {hours:.1f} h of audio ({frames} frames at {rate} Hz): ~{need / 2**30:.1f} "
+                         f"GiB to read, more than the {free / 2**30:.1f} GiB free here; split it, e.g. ffmpeg -i IN "
+                         "-f segment -segment_time 600 part%03d.wav")
 
 
 def prepare(samples: np.ndarray, rate: int, name: str = "audio", target: int = TARGET_RATE,
             check_scale: bool = True) -> np.ndarray:
     """Validate an in-memory array and bring it to float32 mono at ``target`` Hz."""
     rate = check_rate(rate, f"{name}: sample rate")
+    if rate != target and hasattr(samples, "__len__"):
+        check_fits(len(samples), 1, rate, f"{name}:", target)
     arr = to_mono(as_float(samples, name, whole=True, check_scale=check_scale))
     check_finite(arr, name)
     if arr.size == 0:
@@ -154,6 +188,11 @@ def read_file(path: str | os.PathLike, target: int = TARGET_RATE) -> np.ndarray:
     p = Path(path)
     check_readable(p)
     try:
+        info = sf.info(str(p))
+        check_rate(info.samplerate, f"{p}: sample rate")
+        if info.frames < 2**63 - 1:  # SF_COUNT_MAX: a stream of unknown length, read until it ends
+            check_fits(int(info.frames), int(info.channels), int(info.samplerate), f"{p}: its header says it holds",
+                       target)
         data, rate = sf.read(str(p), dtype="float32", always_2d=True)
     except (RuntimeError, sf.LibsndfileError, TypeError, ValueError) as exc:
         raise AudioError(f"{p}: cannot read audio ({str(exc).strip().splitlines()[0]}); use wav/flac/ogg/mp3") from exc

@@ -113,3 +113,32 @@ def test_objects_that_are_not_audio_are_named():
         audio.load(None)
     with pytest.raises(AudioError, match="a dict is not audio"):
         audio.load({"samples": [0.0]})
+
+
+def test_audio_that_would_not_fit_in_memory_is_one_line_before_reading(tmp_path, monkeypatch):
+    """A 20 kB file at 1 Hz was 5.5 h of audio at 16 kHz (2.6 GB, hours of decoding), and a FLAC whose header
+    claims 2**36 samples made soundfile allocate 256 GiB (a traceback): rates below MIN_RATE are refused, and so is
+    audio whose reading and resampling would need more memory than is free, before any of it is read."""
+    import soundfile as sf
+
+    from megaedge.runtime import audio
+
+    with pytest.raises(AudioError, match=r"sample rate 999 is not a rate in whole Hz \(1000-768000\)"):
+        audio.load(np.zeros(100, np.float32), 999)
+    assert audio.load(np.zeros(100, np.float32), 1000).size == 1600
+    x = (np.random.default_rng(0).standard_normal(16000) * 0.1).astype(np.float32)
+    flac = tmp_path / "a.flac"
+    sf.write(str(flac), x, 16000)
+    raw = bytearray(flac.read_bytes())
+    fields = int.from_bytes(raw[18:26], "big")  # STREAMINFO: rate, channels, bits, then 36 bits of total samples
+    raw[18:26] = ((fields & ~((1 << 36) - 1)) | ((1 << 36) - 1)).to_bytes(8, "big")
+    lying = tmp_path / "lying.flac"
+    lying.write_bytes(bytes(raw))
+    with pytest.raises(AudioError, match=r"lying.flac: its header says it holds 1193.0 h of audio .* split it"):
+        audio.load(str(lying))
+    assert audio.load(str(flac)).size == 16000
+    monkeypatch.setattr(audio, "_available_bytes", lambda: 100_000)  # a machine with 100 kB free
+    with pytest.raises(AudioError, match="a.flac: its header says it holds 0.0 h of audio .* more than the"):
+        audio.load(str(flac))
+    with pytest.raises(AudioError, match="audio: 0.0 h of audio .* more than the"):
+        audio.load(x, 8000)
