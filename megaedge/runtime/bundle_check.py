@@ -16,6 +16,7 @@ is checked; onnxruntime checks its own inputs later.
 from __future__ import annotations
 
 import math
+import string
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -136,10 +137,14 @@ def check_document(doc) -> None:
     if not _list(prompt.get("eos"), "prompt.eos", _int):
         raise _refuse("prompt.eos", [], "needs at least one end-of-text id")
     template = _str(prompt.get("language_template", "language {language}"), "prompt.language_template")
-    try:
-        template.format(language="English")
-    except (KeyError, IndexError, ValueError) as exc:
-        raise _refuse("prompt.language_template", template, f"is not a template of {{language}} ({exc})") from exc
+    try:  # only plain {language} fields: a format spec or an attribute would run code of the manifest's choosing
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise _refuse("prompt.language_template", template[:80], f"is not a template of {{language}} ({exc})") \
+            from None
+    if any(f != ("language", "", None) for f in fields) or len(template) > 200:
+        raise _refuse("prompt.language_template", template[:80], "may hold only plain {language} fields (no format "
+                      "spec, attribute or index) in at most 200 characters")
     frontend = _dict(doc.get("frontend"), "frontend")
     for key in ("sample_rate", "n_fft", "hop", "n_mels"):
         _int(frontend.get(key), f"frontend.{key}", 1)

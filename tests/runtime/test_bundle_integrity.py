@@ -122,7 +122,10 @@ def test_an_older_format_without_a_digest_is_refused(tiny_bundles, tmp_path):
     (["graphs", "decoder", "inputs", 0, "shape"], [True, "seq"], "shape\\[0\\] is True"),
     (["graphs", "bogus"], {}, "a graph name is 'bogus'"),
     (["router", "threshold"], 7, "router.threshold is 7, needs a probability"),
-    (["prompt", "language_template"], "language {lang}", "is not a template of \\{language\\}"),
+    (["prompt", "language_template"], "language {lang}", "may hold only plain \\{language\\} fields"),
+    (["prompt", "language_template"], "{language:>3000000000}", "may hold only plain"),  # a 3 GB string per load
+    (["prompt", "language_template"], "{language.nope}", "may hold only plain"),
+    (["prompt", "language_template"], "language {", "is not a template of \\{language\\}"),
 ])
 def test_wrong_types_are_refused_with_one_line(tiny_bundles, tmp_path, path, value, match):
     bundle = _edit(_clone(tiny_bundles["routed"], tmp_path / "b"), _set(path, value))
