@@ -109,4 +109,5 @@ def run(args: argparse.Namespace) -> int:
         log.setLevel(logging.INFO)
         logging.getLogger("megaedge.serve.requests").setLevel(logging.WARNING)
     # one line per request (probes and scrapes included) is for -v: a service's log says what changed, not traffic
-    return serve(config, log_level="debug" if args.verbose >= 2 else "info", access_log=args.verbose >= 1)
+    # uvicorn's own start and stop lines are for -v: the server logs where it listens and when it shuts down
+    return serve(config, log_level={0: "warning", 1: "info"}.get(args.verbose, "debug"), access_log=args.verbose >= 1)

@@ -122,9 +122,9 @@ class Engines:
         return "; ".join(self.reasons)
 
 
-def select(bundle: Path, info, options: RuntimeOptions) -> Engines:
+def select(bundle: Path, info, options: RuntimeOptions, advise: bool = True) -> Engines:
     """The engines for ``info`` (a manifest) under ``options`` on this machine. Raises in one line where a forced
-    engine cannot run; logs one INFO line with every choice and its reason."""
+    engine cannot run; logs one INFO line with every choice and its reason, and (``advise``) the recipe advice."""
     from megaedge.runtime import native_stem
 
     cpu_only = tuple(options.providers) == ("cpu",)
@@ -146,6 +146,8 @@ def select(bundle: Path, info, options: RuntimeOptions) -> Engines:
     if native_stem.available(info) is None:
         engines.reasons.append("encoder stem native" if engines.stem_kernels is not None
                                else "encoder stem in onnxruntime")
+    if not advise:  # a check before the load that will say all this
+        return engines
     log.info("engines: %s", engines.summary())
     from megaedge.runtime.recipe_advice import warn_if_unsuited
 

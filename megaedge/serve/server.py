@@ -27,6 +27,8 @@ def make_server(config: ServeConfig, transcriber=None, log_level: str = "warning
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None):
+            log.info("shutting down: no new work; open utterances and requests finish (--shutdown-timeout %g s)",
+                     config.shutdown_timeout)
             await state.drain(config.shutdown_timeout)
             await super().shutdown(sockets)
 
@@ -101,9 +103,20 @@ def check_bundle(config: ServeConfig) -> ServeConfig:
     and stops; the config the background load then uses (the digests are not hashed twice)."""
     from dataclasses import replace
 
+    from megaedge.runtime import options as runtime_options
+    from megaedge.runtime.session import resolve_providers
     from megaedge.runtime.transcriber import checked_bundle
 
-    checked_bundle(Path(config.bundle), config.verify, config.expected_digest, config.vad)
+    info, _ = checked_bundle(Path(config.bundle), config.verify, config.expected_digest, config.vad)
+    # The providers and the forced engines too: --providers cuda without onnxruntime-gpu, or --decode native on a
+    # bundle without native weights, is one line here rather than a server that starts, logs and stops.
+    opts = runtime_options.RuntimeOptions().with_(
+        providers=list(config.providers), threads=config.threads, decode=config.decode, prefill=config.prefill,
+        stem=config.stem, kv_cache=config.kv_cache, route=config.route)
+    resolve_providers([p for p in opts.providers if p != "engine"])
+    if "engine" in opts.providers and not info.engines:
+        raise MegaedgeError(f"{config.bundle}: no TensorRT engines; run megaedge build-engines {config.bundle} first")
+    runtime_options.select(Path(config.bundle), info, opts, advise=False)
     return replace(config, verify=False)  # the background load checks the pin again, not the digests
 
 

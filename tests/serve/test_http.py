@@ -282,7 +282,17 @@ def test_health_is_503_until_the_bundle_is_loaded(fixture_bundles, serve_transcr
         running.stop()
 
 
-def test_cli_errors_are_one_line(tmp_path):
+def test_cli_errors_are_one_line(tmp_path, fixture_bundles):
+    import onnxruntime
+
+    bundle = str(fixture_bundles["merged"])
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():  # one line, before uvicorn starts
+        cuda = run_cli("serve", bundle, "--providers", "cuda", "--port", "0")
+        lines = cuda.stderr.strip().splitlines()
+        assert cuda.returncode == 1 and len(lines) == 1 and lines[0].startswith(
+            "megaedge serve: error: execution provider 'cuda' is not available in this onnxruntime"), cuda.stderr
+    native = run_cli("serve", bundle, "--decode", "native", "--port", "0")  # an FP32 bundle has no native weights
+    assert native.returncode == 1 and len(native.stderr.strip().splitlines()) == 1, native.stderr
     proc = run_cli("serve", str(tmp_path / "nope"))
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and "not a bundle" in proc.stderr
@@ -449,7 +459,7 @@ def test_a_hang_up_drains_as_sigterm_does(fixture_bundles):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGHUP, err
-    assert "Traceback" not in err and manifest.bundle_digest(bundle) in err and "Shutting down" in err
+    assert "Traceback" not in err and manifest.bundle_digest(bundle) in err and "shutting down: no new work" in err
     assert "GET /health" not in out + err  # no access line per request (probes!) unless -v
 
 
