@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from megaedge.cli.common import add_decode_engine_option, add_digest_option, add_threads_option, add_vad_option
-from megaedge.runtime.limits import arg_type, check_int, check_seconds
+from megaedge.runtime.limits import arg_type
+from megaedge.serve import config as limits
 
 NAME = "serve"
 HELP = "serve a bundle over HTTP: OpenAI-style /v1/audio/transcriptions, realtime WebSocket, /health, /metrics"
@@ -13,43 +14,15 @@ DESCRIPTION = (HELP + ". Binds 127.0.0.1 unless --host says otherwise; the API k
                "is off unless given. See docs/serving.md.")
 
 
-def _port(value):
-    return check_int(value, "port", 0, 65535, "0 picks a free port")
-
-
-def _streams(value):
-    return check_int(value, "max-streams", 1, 1024)
-
-
-def _queue(value):
-    return check_int(value, "max-queue", 0, 100_000)
-
-
-def _megabytes(value):
-    return check_seconds(value, "max-request-mb", 0, 4096, fix="e.g. 25", unit="MiB")
-
-
-def _audio_seconds(value):
-    return check_seconds(value, "max-audio-seconds", 0, 86_400, fix="e.g. 600")
-
-
-def _idle(value):
-    return check_seconds(value, "idle-timeout", 0, 86_400, fix="seconds without a client event, e.g. 60")
-
-
-def _shutdown(value):
-    return check_seconds(value, "shutdown-timeout", 0, 86_400, fix="seconds to finish open work on SIGTERM, e.g. 30")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", help="bundle directory written by `megaedge export`")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
-    parser.add_argument("--port", type=arg_type(_port), default=8000, help="TCP port (default 8000; 0: a free one)")
-    parser.add_argument("--max-streams", type=arg_type(_streams), default=4,
+    parser.add_argument("--port", type=arg_type(limits.port), default=8000, help="TCP port (default 8000; 0: a free one)")
+    parser.add_argument("--max-streams", type=arg_type(limits.max_streams), default=4,
                         help="stream slots: realtime connections plus transcriptions decoding at once; also the "
                              "worker threads (default 4)")
-    parser.add_argument("--max-queue", type=arg_type(_queue),
+    parser.add_argument("--max-queue", type=arg_type(limits.max_queue),
                         help="transcription requests that may wait for a slot; beyond, 429 (default: --max-streams). "
                              "Realtime connections do not queue: beyond the slots one waits up to 1 s, then gets an error "
                              "and close 1013")
@@ -65,14 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_vad_option(parser)
     add_threads_option(parser, "per call; default: all cores. With several streams, cores / --max-streams "
                                "avoids oversubscribing")
-    parser.add_argument("--max-request-mb", type=arg_type(_megabytes), default=25.0,
+    parser.add_argument("--max-request-mb", type=arg_type(limits.max_request_mb), default=25.0,
                         help="largest request body in MiB: 413 beyond (default 25, OpenAI's upload limit)")
-    parser.add_argument("--max-audio-seconds", type=arg_type(_audio_seconds), default=600.0,
+    parser.add_argument("--max-audio-seconds", type=arg_type(limits.max_audio_seconds), default=600.0,
                         help="longest audio per transcription request: 400 beyond (default 600)")
-    parser.add_argument("--idle-timeout", type=arg_type(_idle), default=60.0,
+    parser.add_argument("--idle-timeout", type=arg_type(limits.idle_timeout), default=60.0,
                         help="close a realtime connection after this many seconds without a client event "
                              "(default 60)")
-    parser.add_argument("--shutdown-timeout", type=arg_type(_shutdown), default=30.0,
+    parser.add_argument("--shutdown-timeout", type=arg_type(limits.shutdown_timeout), default=30.0,
                         help="on SIGTERM / SIGHUP / Ctrl-C: seconds to finish open utterances and requests "
                              "(default 30); requests still open then get 503")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle files")
@@ -88,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     for module in ("fastapi", "uvicorn", "multipart", "prometheus_client", "websockets"):
         require(module, "serve")
     from megaedge.runtime.streaming import PRESETS
-    from megaedge.serve.app import ServeConfig
+    from megaedge.serve.config import ServeConfig
     from megaedge.serve.server import env_api_key, serve
 
     bundle = Path(args.bundle).expanduser()

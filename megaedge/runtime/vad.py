@@ -79,10 +79,17 @@ class VadOptions:
                   ("speech_pad_seconds", self.speech_pad_seconds, 0, 1), ("max_gain_db", self.max_gain_db, 0, 40),
                   ("energy_margin_db", self.energy_margin_db, 0, 60),
                   ("energy_min_dbfs", self.energy_min_dbfs, -100, 0))
+        from megaedge.runtime.limits import LimitError, _float
+
         for name, value, lo, hi in checks:
-            if not lo <= float(value) <= hi:
-                raise MegaedgeError(f"VAD {name} {value} is outside {lo}-{hi}; "
+            try:
+                number = _float(value, f"VAD {name}")  # '0.3' from a config file is 0.3; True, 'abc', NaN are not
+            except LimitError as exc:
+                raise MegaedgeError(f"{exc}; the default is {getattr(VadOptions, name)}") from None
+            if not lo <= number <= hi:
+                raise MegaedgeError(f"VAD {name} {number:g} is outside {lo}-{hi}; "
                                     f"the default is {getattr(VadOptions, name)}")
+            object.__setattr__(self, name, number)  # frozen: the checked number replaces what was given
 
     @classmethod
     def preset(cls, name: str) -> VadOptions:

@@ -22,11 +22,11 @@ import tempfile
 import threading
 import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 from megaedge.errors import Cancelled, ContextLengthError, MegaedgeError
 from megaedge.serve.bodylimit import BodyLimit, TooLarge, error_body, too_large_body
+from megaedge.serve.config import ServeConfig  # noqa: F401  (where callers have found it)
 from megaedge.serve.realtime import serve_socket
 
 log = logging.getLogger("megaedge.serve")
@@ -37,55 +37,6 @@ STATIC = Path(__file__).resolve().parent / "static"
 RESPONSE_FORMATS = ("json", "text", "verbose_json")
 RETRY_AFTER_SECONDS = 1  # a 429's Retry-After: slots free as decodes end, which takes seconds, not minutes
 IDLE_TRIM_SECONDS = 10.0  # with no stream decoding for this long, freed memory is handed back (memory.py)
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    bundle: str
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_streams: int = 4
-    max_queue: int | None = None  # transcription requests waiting for a slot (None: max_streams)
-    api_key: str | None = None
-    providers: tuple[str, ...] = ("cpu",)
-    threads: int | None = None
-    decode: str = "auto"
-    prefill: str = "auto"
-    stem: str = "auto"
-    kv_cache: str = "float32"
-    vad: str | None = None
-    route: str = "auto"
-    verify: bool = True
-    expected_digest: str | None = None  # refuse any bundle but this one (--expect-digest)
-    max_request_mb: float = 25.0
-    max_audio_seconds: float = 600.0
-    idle_timeout: float = 60.0
-    preset: str = "balanced"
-    model_name: str = "megaedge"
-    shutdown_timeout: float = 30.0
-    # realtime: a new connection waits this long for a slot before it is refused (one being released, e.g. by
-    # the same client's previous connection, whose disconnect the server may see just after the new handshake)
-    slot_wait_seconds: float = 1.0
-    # realtime: with more than this much of a connection's audio waiting, it is decoded without partials (finals
-    # only) until the connection has caught up; beyond max_backlog_seconds an append is refused with an error
-    partials_behind_seconds: float = 2.0
-    max_backlog_seconds: float = 30.0
-
-    @property
-    def queue(self) -> int:
-        return self.max_streams if self.max_queue is None else self.max_queue
-
-    @property
-    def max_request_bytes(self) -> int:
-        return int(self.max_request_mb * 1024 * 1024)
-
-    @property
-    def ws_frame_bytes(self) -> int:
-        """The WebSocket protocol's own message limit: above --max-request-mb, so that a message somewhat over it
-        reaches the reader and is refused with an error event (the connection stays); only one past this closes
-        the connection with 1009 and no event."""
-        limit = self.max_request_bytes
-        return max(limit + min(limit, 64 << 20), 1 << 20)
 
 
 class ServerState:

@@ -208,3 +208,16 @@ def test_runs_without_torch_and_never_imports_the_silero_package():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_vad_options_take_numbers_and_refuse_the_rest_in_one_line():
+    """'0.3' from a config file is 0.3 (it was kept as a string, and transcribing failed with a TypeError);
+    True, 'abc' and NaN are one line naming the default."""
+    from megaedge.errors import MegaedgeError
+    from megaedge.runtime.vad import VadOptions
+
+    assert VadOptions(min_speech_seconds="0.3").min_speech_seconds == 0.3
+    for value, match in ((True, "expected a number"), ("abc", "expected a number"), (float("nan"), "finite"),
+                         (2, "outside 0.05-0.95")):
+        with pytest.raises(MegaedgeError, match=f"VAD threshold .*{match}.*the default is 0.35"):
+            VadOptions(threshold=value)

@@ -209,3 +209,20 @@ def test_long_form_items_count_each_second_of_audio_once():
             if event["type"].endswith(".completed"):
                 usage.append(event["usage"]["seconds"])
     assert usage == [24.0, 16.0, 5.0]
+
+
+def test_serve_config_checks_every_value_from_python():
+    from megaedge.errors import MegaedgeError
+    from megaedge.serve.config import ServeConfig
+
+    config = ServeConfig(bundle="b", port="8080", max_streams=2.0, idle_timeout="30")
+    assert (config.port, config.max_streams, config.idle_timeout) == (8080, 2, 30.0)
+    for bad, match in (({"port": 70000}, "port 70000 is outside 0-65535"), ({"max_streams": 0}, "max-streams 0"),
+                       ({"max_streams": True}, "max-streams True: expected a whole number"),
+                       ({"idle_timeout": float("nan")}, "idle-timeout nan: must be a finite number"),
+                       ({"max_queue": -1}, "max-queue -1 is outside"), ({"providers": "cpu"}, "providers 'cpu'"),
+                       ({"max_backlog_seconds": 1.0}, "max_backlog_seconds 1 is under partials_behind_seconds 2"),
+                       ({"bundle": None}, "bundle None is not a path")):
+        with pytest.raises(MegaedgeError, match=match) as err:
+            ServeConfig(**{"bundle": "b", **bad})
+        assert "\n" not in str(err.value)
