@@ -27,6 +27,7 @@ def _session(name: str, device: str):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # never spin-wait
     providers = [PROVIDER_FOR[device]] + (["CPUExecutionProvider"] if device != "cpu" else [])
     return ort.InferenceSession(str(PROBE_DIR / name), options, providers=providers)
 

@@ -414,6 +414,7 @@ def _build(bundle: Path, info: manifest.Manifest, staging: Path, threads: int | 
             continue
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # never spin-wait
         if threads:
             options.intra_op_num_threads = int(threads)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

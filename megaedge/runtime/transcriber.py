@@ -105,7 +105,13 @@ class Transcriber:
     Safe to share between threads: ``transcribe`` and every ``Stream`` keep their decoding state (KV caches, the
     route, scratch) per call or per stream (runtime/decoding.py); the shared onnxruntime sessions and native
     weights are only read. Calls run side by side, each with the threads it was given, so on a small CPU two
-    concurrent calls share its cores rather than each getting all of them."""
+    concurrent calls share its cores rather than each getting all of them.
+
+    The API shared between threads is ``transcribe``, ``create_stream`` (one stream per thread), ``check_*`` and
+    reading attributes. The attributes are the loaded engine's parts, there for megaedge's own modules and the
+    benchmarks, and NOT safe to drive from several threads: ``native`` is the root decoder, whose ``prefill`` /
+    ``step`` write its one KV cache (``native.spawn()`` gives a private one); assigning any attribute after load
+    changes calls already running in other threads."""
 
     def __init__(self, bundle: Path, info: manifest.Manifest, sessions: dict, tokenizer, route: str, native=None,
                  native_prefill: bool = False, stem=None, vad=None):
