@@ -517,7 +517,7 @@ def _vad_options(vad):
 
     if isinstance(vad, vad_module.VadOptions):
         return vad
-    name = os.environ.get(VAD_ENV, "auto") if vad is None else vad
+    name = (os.environ.get(VAD_ENV) or "auto") if vad is None else vad  # set but empty: the default
     if name == "off":
         return None
     if name not in vad_module.ENGINES:

@@ -221,3 +221,11 @@ def test_vad_options_take_numbers_and_refuse_the_rest_in_one_line():
                          (2, "outside 0.05-0.95")):
         with pytest.raises(MegaedgeError, match=f"VAD threshold .*{match}.*the default is 0.35"):
             VadOptions(threshold=value)
+
+
+def test_an_empty_megaedge_vad_means_the_default(monkeypatch):
+    """MEGAEDGE_VAD= (set but empty, a shell's way of clearing it) was an error naming ''."""
+    from megaedge.runtime.transcriber import _vad_options
+
+    monkeypatch.setenv("MEGAEDGE_VAD", "")
+    assert _vad_options(None) == _vad_options("auto")
