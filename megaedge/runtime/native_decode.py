@@ -6,9 +6,9 @@ Why: one decode step reads every decoder weight once, so its speed is the speed 
 int8 kernels of onnxruntime (MatMulNBits, MatMulInteger) and OpenVINO read at most ~60 % of a 2-core machine's
 bandwidth at one row (benchmarks/results/gemv_bandwidth*.json); the native kernel keeps several read streams in
 flight per core, and doing the small per-layer work in C too keeps it from costing a quarter of the step, as it did
-as numpy calls. A prompt is a matrix product instead, compute-bound: the kernel runs it several rows per weight load
-(1.7B, 405 rows, 2-core AVX512-VNNI EPYC: 2.5 s, onnxruntime's MatMulNBits 3.2 s; on an AVX2 EPYC MatMulNBits
-took 12.8 s). ``start`` still takes over a KV cache onnxruntime prefilled (``--prefill ort``).
+as numpy calls. A prompt is a matrix product instead, compute-bound: the kernel runs it several rows per weight load,
+which beats onnxruntime's MatMulNBits there too (benchmarks/prompt_rows.py). ``start`` still takes over a KV cache
+onnxruntime prefilled (``--prefill ort``).
 
 The weights are the bundle's own MatMulNBits bytes (export's native index, ``manifest.decoder["native"]``), so
 nothing is converted or duplicated on disk. The arithmetic is the graph's: RMS norms, q/k norms, rotary embedding

@@ -25,8 +25,8 @@ log = logging.getLogger("megaedge.runtime.native_stem")
 STEM_INPUT = "stem_features"
 STEM_ENGINES = ("auto", "native", "ort")
 # Where ``auto`` runs the stem natively: instruction sets with int8 dot products. Without them (AVX2's two-step
-# multiply-add, portable C) the int8 stem is no faster than onnxruntime's float one (1.7B, 16 chunks, 2 threads on
-# an AVX512 Xeon: avx2 build 0.51 s, portable 2.4 s, float stem in onnxruntime ~0.27 s; AMX 0.08 s, VNNI 0.13 s).
+# multiply-add, portable C) the int8 stem is slower than onnxruntime's float one; with them several times faster
+# (docs/device.md has the timings).
 FAST_ISAS = ("avx512-vnni+amx", "avx512-vnni", "arm-dotprod")
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from megaedge.errors import BundleError, MegaedgeError, require
-from megaedge.runtime import features, manifest
+from megaedge.runtime import features, gpu_plan, manifest
 
 # onnx-tensorrt's published operator support matrix (TensorRT 10.x, docs/operators.md), restricted to the ops a
 # Qwen3-ASR bundle can contain, plus the ones our CPU recipes add that TensorRT rejects.
@@ -209,14 +209,10 @@ def profile_problems(info: manifest.Manifest, graph_profiles: list[dict]) -> lis
 
 
 # ---------------------------------------------------------------------------------------------------- memory plan
-# Usable memory for one process, assumed: Jetson modules share DRAM with the OS; a headless JetPack 6 idles near
-# 1.2 GiB and tegrastats reports ~7.4 GiB total on an Orin Nano 8 GB, ~15.3 GiB on an Orin NX 16 GB.
-DEVICES = {
-    "orin-nano-8gb": {"total_gib": 7.4, "usable_gib": 6.0},
-    "orin-nx-16gb": {"total_gib": 15.3, "usable_gib": 13.8},
-    "gpu-8gb": {"total_gib": 8.0, "usable_gib": 7.4},
-}
-CUDA_CONTEXT_MIB = 450  # CUDA context + TensorRT runtime + cuBLAS/cuDNN handles, as measured on Orin-class boards
+DEVICES = gpu_plan.DEVICES  # the boards and their usable memory: one table for both plans (assumptions there)
+# CUDA context + TensorRT runtime + cuBLAS/cuDNN handles: an assumption, not a measurement (megaedge has not run on
+# a Jetson), the onnxruntime plan's CUDA_CONTEXT_MIB plus TensorRT's own runtime.
+CUDA_CONTEXT_MIB = 450
 
 
 @dataclass(frozen=True)

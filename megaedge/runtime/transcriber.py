@@ -185,14 +185,14 @@ class Transcriber:
         if unused_encoder in todo:
             deferred[unused_encoder] = functools.partial(one, unused_encoder, todo.pop(unused_encoder))
         if native_prefill:
-            # The whole decoder runs natively: onnxruntime's decoder graphs (another copy of the weights each, ~2 s
-            # of a 1.7B cold start) serve only streaming, so they open on first use.
+            # The whole decoder runs natively: onnxruntime's decoder graphs (another copy of the weights each, and
+            # most of a cold start) serve only streaming, so they open on first use.
             for name in ("decoder", "decoder_prefill"):
                 if name in todo:
                     deferred[name] = functools.partial(one, name, todo.pop(name))
         elif native_kernels is not None and "decoder_prefill" in todo:
             # Prompts run in the prefill graph and steps natively: onnxruntime's decode graph (a second copy of the
-            # decoder weights, ~2 s of a 1.7B cold start) serves only streaming and prompts under
+            # decoder weights, and most of a cold start) serves only streaming and prompts under
             # PREFILL_MIN_ROWS, so it opens on first use.
             deferred["decoder"] = functools.partial(one, "decoder", todo.pop("decoder"))
         loaded: dict = {}
@@ -203,8 +203,8 @@ class Transcriber:
                                else one(job, todo[job]))
 
         # Session creation is CPU work (onnxruntime releases the GIL) and the largest graph's is the critical path:
-        # more threads than cores only slow it down (1.7B INT8 prepared, 2 cores, 4 alternating runs: median
-        # 2.66 s with every graph and the tokenizer at once, 2.04 s with the decoder on a lane of its own).
+        # more threads than cores only slow it down: the largest graph gets a lane of its own and the others share
+        # the remaining cores (load_lanes).
         lanes = load_lanes({name: _graph_bytes(bundle, spec) for name, spec in todo.items()}, _cores())
         with ThreadPoolExecutor(max_workers=len(lanes)) as pool:
             for future in [pool.submit(run_lane, lane) for lane in lanes]:
