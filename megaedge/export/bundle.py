@@ -463,6 +463,8 @@ def _decode_for_validation(session, opts: ExportOptions, cfg, head_dim: int, pas
         for token in greedy[:-1]:
             picks.append(int(state.step(token, gate).argmax()))
         return logits, picks
+    # Teacher forcing on the raw graph, not decoding: every step is fed the reference's token, and the graph's own
+    # pick is only recorded, so one early disagreement does not hide the steps after it (decoding.greedy would).
     empty = np.zeros((1, cfg.num_key_value_heads, 0, head_dim), audio.dtype)
     out = session.run(None, {"input_ids": ids, "audio_features": audio, "logits_at": np.arange(rows, dtype=np.int64),
                              **dict.fromkeys(past_names, empty), **extra})

@@ -338,7 +338,9 @@ def encoder_feeds(info: manifest.Manifest, items: list[dict]) -> list[dict]:
 
 
 def decoder_feeds(fp32_bundle: Path, items: list[dict], max_steps: int = 8) -> list[dict]:
-    """Prefill and a few decode-step feeds per clip, recorded from greedy decoding of the FP32 bundle."""
+    """Prefill and a few decode-step feeds per clip, recorded from greedy decoding of the FP32 bundle. It steps the
+    raw decoder session itself, not through decoding.greedy: calibration needs each step's exact graph inputs,
+    which the runtime's decoder states keep to themselves."""
     from megaedge.runtime.transcriber import Transcriber
 
     tr = Transcriber.from_bundle(fp32_bundle, verify=False, vad="off")
