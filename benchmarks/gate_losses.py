@@ -1,0 +1,105 @@
+"""Spoken commands the speech gate loses: streamed as a server's realtime session hears them, and offline.
+
+A realtime session gets three held-out clips at a time, each followed by 1.2 s of silence, as int16 PCM in 0.1 s
+blocks at 16 kHz and at 24 kHz (the OpenAI realtime rate), with the Silero gate on (the bundle's default) and the
+balanced preset; a clip is lost when no non-empty final falls within it (or within 0.5 s after it). Offline, a
+clip is lost when transcribing it with the gate gives '' while transcribing it without the gate does not. The
+same run counts both with the gate off, which loses nothing by construction but shows what the gate costs.
+
+    python benchmarks/gate_losses.py [--bundle B] [--rates 16000,24000]
+
+Without --bundle it exports the shipped fixture (FP32, merged). Writes benchmarks/results/gate_losses.json. The
+counts do not depend on the machine (greedy decoding, a deterministic detector); they depend on the model and on
+the detector, which is trained on other speech than the fixture's synthetic voices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import provenance
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GAP_SECONDS = 1.2
+PER_SESSION = 3
+
+
+def _pcm(samples: np.ndarray, rate: int) -> np.ndarray:
+    from megaedge.runtime import audio as audio_io
+
+    resampled = audio_io.resample(samples, 16000, rate) if rate != 16000 else samples
+    return (np.clip(resampled, -1, 1) * 32767).astype("<i2")
+
+
+def streamed(tr, clips: list[tuple[str, np.ndarray]], rate: int) -> list[str]:
+    """Ids of the clips no non-empty final covers, sessions of PER_SESSION clips."""
+    from megaedge.runtime.streaming import StreamOptions
+
+    options = replace(StreamOptions.preset("balanced"), route=None)  # as serve's realtime sessions
+    lost = []
+    for first in range(0, len(clips), PER_SESSION):
+        group = clips[first:first + PER_SESSION]
+        parts = [np.concatenate([_pcm(x, rate), np.zeros(int(GAP_SECONDS * rate), "<i2")]) for _, x in group]
+        edges = np.cumsum([0] + [p.size for p in parts]) / rate
+        audio = np.concatenate(parts)
+        stream = tr.create_stream(options)
+        middles = []
+        for i in range(0, audio.size, rate // 10):
+            middles += [(e.start + e.end) / 2 for e in stream.accept_waveform(audio[i:i + rate // 10], rate)
+                        if e.kind == "final" and e.text]
+        last = stream.final()
+        if last.text:
+            middles.append((last.start + last.end) / 2)
+        lost += [cid for k, (cid, _) in enumerate(group)
+                 if not any(edges[k] <= m < edges[k + 1] + 0.5 for m in middles)]
+    return lost
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", help="bundle to measure (default: the fixture, exported to a temp dir)")
+    parser.add_argument("--rates", default="16000,24000", help="input rates of the streamed sessions")
+    parser.add_argument("--out", default=str(RESULTS / "gate_losses.json"))
+    args = parser.parse_args()
+    from megaedge import fixture
+    from megaedge.export.bundle import ExportOptions, export_bundle
+    from megaedge.runtime import audio as audio_io
+    from megaedge.runtime import machine
+    from megaedge.runtime.evaluate import read_set
+    from megaedge.runtime.transcriber import Transcriber
+
+    items = read_set(fixture.heldout_manifest())
+    clips = [(Path(item["path"]).stem, audio_io.load(item["path"])) for item in items]
+    results = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": provenance.commit(),
+               "command": "python " + " ".join(sys.argv), "machine": machine.cpu_facts()["model"],
+               "clips": len(clips), "session": f"{PER_SESSION} clips, {GAP_SECONDS} s of silence after each, "
+                                              "0.1 s int16 blocks, balanced preset", "streamed": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(args.bundle) if args.bundle else export_bundle(
+            fixture.model_dir(), Path(tmp) / "fixture", ExportOptions(force=True))
+        results["bundle"] = "the fixture, FP32 merged" if not args.bundle else Path(args.bundle).name
+        gated = Transcriber.from_bundle(bundle, threads=2, vad="silero")
+        plain = Transcriber.from_bundle(bundle, threads=2, vad="off")
+        offline = [cid for cid, x in clips if not gated.transcribe(x).text and plain.transcribe(x).text]
+        results["offline"] = {"lost": len(offline), "ids": offline}
+        print(f"offline: {len(offline)} of {len(clips)} lost {offline}", flush=True)
+        for rate in (int(r) for r in args.rates.split(",")):
+            row = {}
+            for name, tr in (("silero", gated), ("off", plain)):
+                lost = streamed(tr, clips, rate)
+                row[name] = {"lost": len(lost), "ids": lost}
+                print(f"streamed at {rate} Hz, gate {name}: {len(lost)} of {len(clips)} lost {lost}", flush=True)
+            results["streamed"][str(rate)] = row
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
