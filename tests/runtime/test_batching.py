@@ -84,36 +84,45 @@ def test_batch_arguments_are_checked(fixture_int8):
         StepBatcher(0)
 
 
-@needs_kernel
-def test_concurrent_greedy_loops_meet_in_batches_with_their_solo_tokens(fixture_int8):
-    """Four threads decode 24 tokens each from their own prompts through one StepBatcher: the tokens are the ones
-    each gets alone, and most steps ran in batches of more than one."""
+def _four_loops(bundle, cancels=(None, None, None, None)):
+    """Four threads decode 24 tokens each from their own prompts through one StepBatcher (``cancels[k]``: thread
+    k's cancel event); the tokens each gets alone, what each got (or its Cancelled message), errors, the batcher."""
+    from megaedge.errors import Cancelled
     from tests.runtime.kernel_builds import KERNELS
 
     lengths = (6, 9, 12, 15)
-    _, solo = _decoders(fixture_int8, KERNELS, lengths)
-    eos = ()
+    _, solo = _decoders(bundle, KERNELS, lengths)
     want = []
     for d, ids in solo:
-        logits = d.rewind(0) or d.prefill(ids, np.zeros((0, d.hidden), np.float32), -1, 30)
-        state = _Adapter(d, None)
-        want.append(decoding.greedy(state, logits, None, eos, limit=24).tokens)
+        logits = d.prefill(ids, np.zeros((0, d.hidden), np.float32), -1, 30)
+        want.append(decoding.greedy(_Adapter(d, None), logits, None, (), limit=24).tokens)
     batcher = StepBatcher(8, gather_seconds=0.05)
-    _, shared = _decoders(fixture_int8, KERNELS, lengths)
+    _, shared = _decoders(bundle, KERNELS, lengths)
     got, errors = [None] * 4, []
 
     def run(k):
         try:
             d, ids = shared[k]
-            logits = d.rewind(0) or d.prefill(ids, np.zeros((0, d.hidden), np.float32), -1, 30)
-            got[k] = decoding.greedy(_Adapter(d, batcher), logits, None, eos, limit=24).tokens
+            logits = d.prefill(ids, np.zeros((0, d.hidden), np.float32), -1, 30)
+            got[k] = decoding.greedy(_Adapter(d, batcher), logits, None, (), limit=24, cancel=cancels[k]).tokens
+        except Cancelled as exc:
+            got[k] = str(exc)
         except BaseException as exc:  # noqa: BLE001
             errors.append(repr(exc))
 
     threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
     [t.start() for t in threads]
-    [t.join() for t in threads]
+    [t.join(120) for t in threads]
+    assert not any(t.is_alive() for t in threads), "a loop waits for another that left"
     assert not errors, errors
+    return want, got, batcher
+
+
+@needs_kernel
+def test_concurrent_greedy_loops_meet_in_batches_with_their_solo_tokens(fixture_int8):
+    """Four threads through one StepBatcher: the tokens are the ones each gets alone, and most steps ran in
+    batches of more than one."""
+    want, got, batcher = _four_loops(fixture_int8)
     assert got == want
     batched = sum(calls * size for size, calls in batcher.batches.items() if size > 1)
     assert batched >= 0.5 * sum(calls * size for size, calls in batcher.batches.items()), batcher.batches
@@ -123,8 +132,6 @@ def test_concurrent_greedy_loops_meet_in_batches_with_their_solo_tokens(fixture_
 def test_a_cancelled_loop_leaves_a_batch_without_stalling_the_others(fixture_int8):
     """Of four threads stepping through one StepBatcher, one is cancelled after 5 tokens: it raises Cancelled, the
     other three still get their solo tokens and finish (the batcher waits for no step of a loop that left)."""
-    from megaedge.errors import Cancelled
-    from tests.runtime.kernel_builds import KERNELS
 
     class Trip:
         asked = 0
@@ -133,32 +140,7 @@ def test_a_cancelled_loop_leaves_a_batch_without_stalling_the_others(fixture_int
             self.asked += 1
             return self.asked >= 5
 
-    lengths = (6, 9, 12, 15)
-    _, solo = _decoders(fixture_int8, KERNELS, lengths)
-    want = []
-    for d, ids in solo:
-        logits = d.prefill(ids, np.zeros((0, d.hidden), np.float32), -1, 30)
-        want.append(decoding.greedy(_Adapter(d, None), logits, None, (), limit=24).tokens)
-    batcher = StepBatcher(8, gather_seconds=0.05)
-    _, shared = _decoders(fixture_int8, KERNELS, lengths)
-    got, errors = [None] * 4, []
-
-    def run(k):
-        try:
-            d, ids = shared[k]
-            logits = d.rewind(0) or d.prefill(ids, np.zeros((0, d.hidden), np.float32), -1, 30)
-            got[k] = decoding.greedy(_Adapter(d, batcher), logits, None, (), limit=24,
-                                     cancel=Trip() if k == 1 else None).tokens
-        except Cancelled as exc:
-            got[k] = str(exc)
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(repr(exc))
-
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
-    [t.start() for t in threads]
-    [t.join(120) for t in threads]
-    assert not any(t.is_alive() for t in threads), "a loop waits for the cancelled one"
-    assert not errors, errors
+    want, got, _ = _four_loops(fixture_int8, (None, Trip(), None, None))
     assert got[1] == "cancelled after 5 tokens"
     assert [got[k] for k in (0, 2, 3)] == [want[k] for k in (0, 2, 3)]
 
