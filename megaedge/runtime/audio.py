@@ -169,10 +169,11 @@ def check_fits(frames: int, channels: int, rate: int, name: str, target: int = T
 
 
 def prepare(samples: np.ndarray, rate: int, name: str = "audio", target: int = TARGET_RATE,
-            check_scale: bool = True) -> np.ndarray:
-    """Validate an in-memory array and bring it to float32 mono at ``target`` Hz."""
+            check_scale: bool = True, check_memory: bool = True) -> np.ndarray:
+    """Validate an in-memory array and bring it to float32 mono at ``target`` Hz (``check_memory``: refuse one
+    whose resampling would not fit; a file's header was checked before it was read)."""
     rate = check_rate(rate, f"{name}: sample rate")
-    if rate != target and hasattr(samples, "__len__"):
+    if check_memory and rate != target and hasattr(samples, "__len__"):
         check_fits(len(samples), 1, rate, f"{name}:", target)
     arr = to_mono(as_float(samples, name, whole=True, check_scale=check_scale))
     check_finite(arr, name)
@@ -197,7 +198,7 @@ def read_file(path: str | os.PathLike, target: int = TARGET_RATE) -> np.ndarray:
     except (RuntimeError, sf.LibsndfileError, TypeError, ValueError) as exc:
         raise AudioError(f"{p}: cannot read audio ({str(exc).strip().splitlines()[0]}); use wav/flac/ogg/mp3") from exc
     # soundfile says the layout, (frames, channels): nothing to guess
-    return prepare(data.mean(axis=1), int(rate), name=str(p), target=target, check_scale=False)
+    return prepare(data.mean(axis=1), int(rate), name=str(p), target=target, check_scale=False, check_memory=False)
 
 
 def _wav_truncation(path: Path) -> str | None:

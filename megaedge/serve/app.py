@@ -15,7 +15,9 @@ then uvicorn's own shutdown waits for the HTTP requests in flight.
 
 
 import asyncio
+import functools
 import hmac
+import json
 import logging
 import shutil
 import tempfile
@@ -91,13 +93,12 @@ class ServerState:
         c = self.config
         t0 = time.perf_counter()
         try:
-            if c.expected_digest is not None:  # checked again here: the files may have been swapped since
-                from megaedge.runtime import manifest
-
-                manifest.read(c.bundle, verify=False, expected_digest=c.expected_digest)
+            # A pin is checked again here (the files may have been swapped since), and makes prepared copies count
+            # only when sealed (runtime/prepared.py).
             tr = Transcriber.from_bundle(c.bundle, providers=list(c.providers), route=c.route, verify=c.verify,
                                          threads=c.threads, decode=c.decode, prefill=c.prefill, stem=c.stem,
-                                         kv_cache=c.kv_cache, vad=c.vad, memory_arena=False)
+                                         kv_cache=c.kv_cache, vad=c.vad, memory_arena=False,
+                                         expected_digest=c.expected_digest)
             tr.create_stream(self.stream_options())  # a bad preset, or spans a fixed KV buffer cannot hold, fail here
         except MegaedgeError as exc:
             self.load_error = str(exc)
@@ -291,8 +292,7 @@ def create_app(config: ServeConfig, transcriber=None):
             response = await _transcriptions(request)
         except asyncio.CancelledError:  # uvicorn ends requests still open when --shutdown-timeout runs out
             log.warning("shutdown: a transcription request did not finish in --shutdown-timeout; answered 503")
-            response = error(503, "the server shut down before this transcription finished (megaedge serve "
-                             "--shutdown-timeout); send it again", "server_shutting_down", "server_error")
+            response = error(503, SHUTDOWN_MESSAGE, "server_shutting_down", "server_error")
         except TooLarge:
             state.metrics.requests.labels("transcription", "413").inc()
             raise
@@ -381,7 +381,9 @@ def create_app(config: ServeConfig, transcriber=None):
             job = asyncio.ensure_future(state.run(lambda: tr.transcribe(
                 str(path), language=language, context=context, cancel=cancel, on_segment=on_segment)))
 
-            def finished(_) -> None:  # the slot and the upload are the decode's until it has ended
+            def finished(done) -> None:  # the slot and the upload are the decode's until it has ended
+                if not done.cancelled():
+                    done.exception()  # read: a failure is answered by its awaiter, or by nobody (client gone)
                 active.dec()
                 state.admission.release()
                 state.set_gauges()
@@ -412,7 +414,7 @@ def create_app(config: ServeConfig, transcriber=None):
 
         usage = {"type": "duration", "seconds": round(duration, 3)}
         if segments is not None:
-            return _event_stream(_stream_events(job, segments, cancel, watcher, failed, observe, usage, state))
+            return _event_stream(_stream_events(job, segments, cancel, watcher, failed, observe, usage, state), state)
         try:
             result = await asyncio.shield(job)  # a cancelled handler (shutdown) leaves the job to its cancel
         except Exception as exc:
@@ -435,13 +437,40 @@ def create_app(config: ServeConfig, transcriber=None):
     return app
 
 
-def _event_stream(events):
-    """``stream=true``: OpenAI's transcription events as server-sent events."""
+SHUTDOWN_MESSAGE = ("the server shut down before this transcription finished (megaedge serve --shutdown-timeout); "
+                    "send it again")
+
+
+@functools.lru_cache(maxsize=1)
+def _event_stream_class():
     from starlette.responses import StreamingResponse
 
-    response = StreamingResponse(events, media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
-    response.megaedge_events = True  # counted, and its client watched, until the events end
+    class EventStream(StreamingResponse):
+        """``stream=true``: OpenAI's transcription events as server-sent events. A stream still open when
+        --shutdown-timeout runs out ends with an ``error`` event, not a cut connection and a traceback."""
+
+        megaedge_events = True  # counted, and its client watched, until the events end
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            except asyncio.CancelledError:
+                if not self.state.draining:
+                    raise
+                body = error_body(SHUTDOWN_MESSAGE, "server_shutting_down", "server_error")
+                try:
+                    await send({"type": "http.response.body", "more_body": False,
+                                "body": f"data: {json.dumps(body)}\n\n".encode()})
+                except Exception:  # the connection is gone too
+                    pass
+
+    return EventStream
+
+
+def _event_stream(events, state):
+    response = _event_stream_class()(events, media_type="text/event-stream",
+                                     headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+    response.state = state
     return response
 
 
@@ -449,13 +478,13 @@ async def _stream_events(job, segments: asyncio.Queue, cancel: threading.Event, 
                          usage: dict, state):
     """A ``transcript.text.delta`` per segment as it is decoded (the deltas add up to the final text exactly), then
     ``transcript.text.done`` with the text and usage, or an ``error`` event. A client that leaves stops the decode
-    (``cancel``); the outcome is counted when the stream ends."""
-    import json
+    (``cancel``); the outcome is counted once, when the stream ends: 200, the error's status, 499 for a client
+    gone, 503 for one cut by --shutdown-timeout."""
 
     def event(body: dict) -> str:
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    texts, sent, outcome = [], "", "499"
+    texts, sent, outcome, getter = [], "", None, None
     try:
         while True:
             if segments.empty() and job.done():
@@ -474,7 +503,7 @@ async def _stream_events(job, segments: asyncio.Queue, cancel: threading.Event, 
                 sent = so_far
         exc = job.exception()
         if exc is not None:
-            response = failed(exc)
+            response = failed(exc)  # counts its error code
             if response is None:
                 outcome = "500"
                 log.error("a streamed transcription failed", exc_info=exc)
@@ -488,9 +517,15 @@ async def _stream_events(job, segments: asyncio.Queue, cancel: threading.Event, 
         outcome = "200"
         yield event({"type": "transcript.text.done", "text": result.text, "usage": usage})
     finally:
+        if getter is not None and not getter.done():
+            getter.cancel()
         watcher.cancel()
         if not job.done():
             cancel.set()
+        if outcome is None:  # ended from outside: the client left, or the shutdown timeout cut it
+            outcome, code = ("503", "server_shutting_down") if state.draining else ("499", "client_closed_request")
+            state.metrics.errors.labels(code).inc()
+            requests_log.info("%s %s: a streamed transcription ended early", outcome, code)
         state.metrics.requests.labels("transcription", outcome).inc()
 
 

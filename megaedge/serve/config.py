@@ -1,5 +1,5 @@
-"""``megaedge serve``'s settings: one frozen dataclass whose every value is checked against its documented range
-when it is made, from the CLI or from Python (the CLI's argument types are the same checks)."""
+"""``megaedge serve``'s settings: one frozen dataclass whose every value is checked when it is made (ranges, types,
+the engine and preset choices), from the CLI or from Python (the CLI's argument types are the same checks)."""
 
 from __future__ import annotations
 
@@ -107,6 +107,27 @@ class ServeConfig:
             raise MegaedgeError(f"bundle {self.bundle!r} is not a path; pass the bundle's folder as a string")
         if isinstance(self.providers, str) or not all(isinstance(p, str) for p in self.providers):
             raise MegaedgeError(f"providers {self.providers!r} is not a tuple of names, e.g. ('cpu',)")
+        for name in ("host", "model_name"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise MegaedgeError(f"{name} {getattr(self, name)!r} is not a non-empty string")
+        for name in ("api_key", "expected_digest"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise MegaedgeError(f"{name} {getattr(self, name)!r} is not a string (or None)")
+        digest = (self.expected_digest or "").strip().lower()
+        if self.expected_digest is not None and (len(digest) != 64 or digest.strip("0123456789abcdef")):
+            raise MegaedgeError(f"expected_digest {self.expected_digest!r} is not 64 hex digits; use the one "
+                                "`megaedge doctor --bundle BUNDLE` prints")
+        # The engine and stream choices: what the load would refuse, refused now (the same checks).
+        from megaedge.runtime.options import RuntimeOptions
+        from megaedge.runtime.streaming import PRESETS
+
+        engines = RuntimeOptions(providers=self.providers, threads=self.threads, decode=self.decode,
+                                 prefill=self.prefill, stem=self.stem, route=self.route, verify=self.verify,
+                                 vad=self.vad, kv_cache=self.kv_cache)
+        object.__setattr__(self, "providers", engines.providers)
+        object.__setattr__(self, "threads", engines.threads)
+        if self.preset not in PRESETS or self.preset == "exact":
+            raise MegaedgeError(f"preset {self.preset!r}: realtime sessions take balanced, interactive or dictation")
         if self.max_backlog_seconds < self.partials_behind_seconds:
             raise MegaedgeError(f"max_backlog_seconds {self.max_backlog_seconds:g} is under partials_behind_seconds "
                                 f"{self.partials_behind_seconds:g}; the backlog limit must be the larger")

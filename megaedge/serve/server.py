@@ -100,7 +100,7 @@ def listen(host: str, port: int):
 def check_bundle(config: ServeConfig) -> ServeConfig:
     """What loading checks (the VAD choice, the pin, the manifest and, unless --no-verify, every file's digest),
     checked before the server starts, so that each failure is one line (MegaedgeError), not a server that starts
-    and stops; the config the background load then uses (the digests are not hashed twice)."""
+    and stops; the config the background load then uses (unpinned, the digests are not hashed twice)."""
     from dataclasses import replace
 
     from megaedge.runtime import options as runtime_options
@@ -117,7 +117,9 @@ def check_bundle(config: ServeConfig) -> ServeConfig:
     if "engine" in opts.providers and not info.engines:
         raise MegaedgeError(f"{config.bundle}: no TensorRT engines; run megaedge build-engines {config.bundle} first")
     runtime_options.select(Path(config.bundle), info, opts, advise=False)
-    return replace(config, verify=False)  # the background load checks the pin again, not the digests
+    # The background load need not hash the files again, unless pinned: a pinned load also decides whether the
+    # prepared copies' record is sealed (with a sealed record it does not hash them either).
+    return config if config.expected_digest is not None else replace(config, verify=False)
 
 
 def serve(config: ServeConfig, log_level: str = "info", access_log: bool = False) -> int:

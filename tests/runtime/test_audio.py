@@ -142,3 +142,17 @@ def test_audio_that_would_not_fit_in_memory_is_one_line_before_reading(tmp_path,
         audio.load(str(flac))
     with pytest.raises(AudioError, match="audio: 0.0 h of audio .* more than the"):
         audio.load(x, 8000)
+
+
+def test_a_file_is_checked_against_free_memory_once_before_reading(tmp_path, monkeypatch):
+    """The check ran again after the samples were read and mixed (counting them twice): 600 s at 48 kHz that fit
+    were refused after the whole file was read."""
+    from megaedge.runtime import audio
+
+    path = tmp_path / "a.wav"
+    sf.write(str(path), np.zeros(48000, np.float32), 48000)
+    calls = []
+    real = audio.check_fits
+    monkeypatch.setattr(audio, "check_fits", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert audio.load(str(path)).size == 16000
+    assert [c[:3] for c in calls] == [(48000, 1, 48000)]

@@ -613,3 +613,94 @@ def test_a_queued_request_whose_client_left_leaves_the_queue(fixture_bundles, se
     finally:
         running.state.admission.release()
         running.stop()
+
+
+def _sample(state, key: str) -> float:
+    """A sample of the server's metrics after it stopped (0 if its series was never made)."""
+    for line in state.metrics.render()[0].decode().splitlines():
+        if line.startswith(key + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_streams_cut_or_left_are_counted_once_and_end_in_an_error_event(fixture_bundles, serve_transcriber, clips):
+    """A stream=true request still open when --shutdown-timeout runs out ends with a server_shutting_down error
+    event (it was a cut connection and a CancelledError traceback, counted 499), its decode cancelled; one whose
+    client leaves is counted 499 once, with its error code once."""
+    import json as _json
+    import threading
+
+    import httpx
+
+    from megaedge.errors import Cancelled
+    from megaedge.runtime.transcriber import SegmentResult
+    from megaedge.serve.app import ServeConfig
+
+    class Slow:
+        def __getattr__(self, name):
+            return getattr(serve_transcriber, name)
+
+        def transcribe(self, *args, cancel=None, on_segment=None, **kwargs):
+            on_segment(SegmentResult(0.0, 1.0, "first words", [], "merged", None))
+            cancel.wait(30)  # a decode that outlasts the shutdown timeout, until cancelled
+            raise Cancelled("cancelled after 1 tokens")
+
+    def run(leave: bool):
+        running = Running(ServeConfig(bundle=str(fixture_bundles["merged"]), shutdown_timeout=0.5), Slow())
+        state, events = running.state, []
+
+        def post():
+            with open(clips[0]["path"], "rb") as f, httpx.stream(
+                    "POST", running.url + "/v1/audio/transcriptions", files={"file": f},
+                    data={"model": "m", "stream": "true"}, timeout=60) as answer:
+                for line in answer.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(_json.loads(line[6:]))
+                        if leave:
+                            return  # the client leaves after the first delta
+
+        client = threading.Thread(target=post)
+        client.start()
+        running.wait_for(lambda: events, "the first delta")
+        if leave:
+            client.join(60)
+            running.wait_for(lambda: state.decoding == 0, "the decode stopped")
+        running.stop()
+        client.join(60)
+        running.wait_for(lambda: state.decoding == 0, "the decode was cancelled")
+        return state, events
+
+    state, events = run(leave=False)
+    assert events[0] == {"type": "transcript.text.delta", "delta": "first words"}
+    assert events[1]["error"]["code"] == "server_shutting_down", events
+    assert _sample(state, 'megaedge_requests_total{kind="transcription",status="503"}') == 1
+    assert _sample(state, 'megaedge_requests_total{kind="transcription",status="499"}') == 0
+    state, events = run(leave=True)
+    assert events == [{"type": "transcript.text.delta", "delta": "first words"}]
+    assert _sample(state, 'megaedge_requests_total{kind="transcription",status="499"}') == 1
+    assert _sample(state, 'megaedge_errors_total{code="client_closed_request"}') == 1
+
+
+def test_a_pinned_server_uses_only_prepared_copies_sealed_under_its_users_key(fixture_bundles, serve_transcriber,
+                                                                            tmp_path, monkeypatch):
+    """The server's background load took the pin's file check from the CLI's check and loaded unpinned, so it used
+    prepared copies whose record nobody sealed: it loads pinned now."""
+    import shutil
+
+    from megaedge.runtime import manifest, prepared
+    from megaedge.serve.app import ServeConfig
+
+    bundle = shutil.copytree(fixture_bundles["merged"], tmp_path / "b")
+    prepared.prepare(bundle)
+    monkeypatch.setenv("MEGAEDGE_STATE_DIR", str(tmp_path / "another-user"))  # sealed by a key not this user's
+    def decoder_prepared(pin) -> bool:
+        running = Running(ServeConfig(bundle=str(bundle), expected_digest=pin))
+        try:
+            state = running.state
+            running.wait_for(lambda: state.transcriber is not None, "loaded")
+            return state.transcriber.sessions["decoder"].prepared
+        finally:
+            running.stop()
+
+    assert decoder_prepared(None) is True
+    assert decoder_prepared(manifest.bundle_digest(bundle)) is False

@@ -222,7 +222,13 @@ def test_serve_config_checks_every_value_from_python():
                        ({"idle_timeout": float("nan")}, "idle-timeout nan: must be a finite number"),
                        ({"max_queue": -1}, "max-queue -1 is outside"), ({"providers": "cpu"}, "providers 'cpu'"),
                        ({"max_backlog_seconds": 1.0}, "max_backlog_seconds 1 is under partials_behind_seconds 2"),
-                       ({"bundle": None}, "bundle None is not a path")):
+                       ({"bundle": None}, "bundle None is not a path"),
+                       ({"api_key": 12345}, "api_key 12345 is not a string"),
+                       ({"threads": -5}, "threads -5"), ({"decode": "bogus"}, "decode engine 'bogus'"),
+                       ({"preset": "exact"}, "preset 'exact'"), ({"route": "x"}, "route 'x'"),
+                       ({"verify": "no"}, "verify 'no' must be True or False"),
+                       ({"expected_digest": "zz"}, "expected_digest 'zz' is not 64 hex digits"),
+                       ({"host": 5}, "host 5 is not a non-empty string")):
         with pytest.raises(MegaedgeError, match=match) as err:
             ServeConfig(**{"bundle": "b", **bad})
         assert "\n" not in str(err.value)
