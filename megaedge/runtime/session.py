@@ -153,6 +153,33 @@ def check_feed(spec: GraphSpec, feed: dict) -> None:
                 raise BundleError(f"{spec.file}: input {tensor.name} has shape {shape}, the graph expects {tensor.shape}")
 
 
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+              "tensor(bool)": "bool"}
+
+
+def check_spec_against_graph(spec: GraphSpec, session) -> None:
+    """The manifest's description of a graph's inputs (what the runtime shapes its feeds and the native code's
+    buffers by) against the graph itself: the same names, dtypes and fixed dimensions, else one line. A manifest
+    whose values agree with each other but not with its graphs (hand-edited, or forged and re-signed) is then
+    refused at load, not in onnxruntime's error or a native kernel's reshape mid-call."""
+    graph = {i.name: i for i in session.get_inputs()}
+    names = [t.name for t in spec.inputs]
+    if sorted(names) != sorted(graph):
+        raise BundleError(f"{spec.file}: the manifest lists inputs {sorted(names)}, the graph has {sorted(graph)}; "
+                          "the manifest does not describe this graph: re-export the bundle")
+    for tensor in spec.inputs:
+        actual = graph[tensor.name]
+        dtype = _ORT_TYPES.get(actual.type, actual.type)
+        shape = list(actual.shape or [])
+        fixed_mismatch = len(shape) != len(tensor.shape) or any(
+            isinstance(want, int) and isinstance(got, int) and want != got for want, got in zip(tensor.shape, shape))
+        if dtype != tensor.dtype or fixed_mismatch:
+            raise BundleError(f"{spec.file}: the manifest says input {tensor.name} is {tensor.dtype} "
+                              f"{list(tensor.shape)}, the graph's is {dtype} {shape}; the manifest does not describe "
+                              "this graph: re-export the bundle")
+
+
 class OrtSession:
     """An onnxruntime InferenceSession for one bundle graph."""
 
@@ -189,6 +216,7 @@ class OrtSession:
             self.session, self.cuda_graph = _cuda_graph_session(ort, path, spec, options, chosen)
         else:
             self.session = _inference_session(ort, path, options, chosen)
+        check_spec_against_graph(spec, self.session)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.providers = self.session.get_providers()
         wanted = chosen[0]

@@ -352,3 +352,32 @@ def test_a_manifest_with_a_huge_integer_is_one_line(tiny_bundles, tmp_path):
     bundle = _clone(tiny_bundles["merged"], tmp_path / "bigint")
     (bundle / manifest.MANIFEST_NAME).write_text('{"format_version": 2, "x": ' + "9" * 5000 + "}")
     _refused(bundle, r"not valid JSON \(Exceeds the limit")
+
+
+@pytest.mark.parametrize("change", ["dtype", "fixed_dim", "name"])
+def test_a_manifest_that_does_not_describe_its_graphs_is_one_line_at_load(tiny_bundles, tmp_path, change):
+    """A forger who re-signs a manifest whose graph inputs agree with its other values but not with the graphs (a
+    helper's probe: a float16 mel, 4 KV heads for 2, other stem bins) got onnxruntime's or a kernel's error with a
+    traceback mid-call; the load compares each input's name, dtype and fixed dimensions with the graph's."""
+    from megaedge.runtime.transcriber import Transcriber
+
+    def forge(doc):
+        past = next(t for t in doc["graphs"]["decoder"]["inputs"] if t["name"].startswith("past_key"))
+        if change == "dtype":
+            past["dtype"] = "float16"
+        elif change == "fixed_dim":  # every value that names the KV heads, consistently
+            doc["decoder"]["kv_heads"] *= 2
+            for kind in ("inputs", "outputs"):
+                for tensor in doc["graphs"]["decoder"][kind]:
+                    if tensor["name"].startswith(("past_", "present_")):
+                        tensor["shape"][1] *= 2
+        else:  # the input and the decoder's list of past names, consistently
+            doc["decoder"]["past_names"] = ["past_key_zz" if n == past["name"] else n
+                                            for n in doc["decoder"]["past_names"]]
+            past["name"] = "past_key_zz"
+
+    bundle = _edit(_clone(tiny_bundles["merged"], tmp_path / "b"), forge)
+    with pytest.raises(BundleError, match="decoder.onnx: the manifest (says input|lists inputs) .* does not describe "
+                                          "this graph") as caught:
+        Transcriber.from_bundle(bundle, decode="ort")
+    assert "\n" not in str(caught.value)
