@@ -216,7 +216,6 @@ class OrtSession:
             self.session, self.cuda_graph = _cuda_graph_session(ort, path, spec, options, chosen)
         else:
             self.session = _inference_session(ort, path, options, chosen)
-        check_spec_against_graph(spec, self.session)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.providers = self.session.get_providers()
         wanted = chosen[0]
@@ -227,6 +226,7 @@ class OrtSession:
                 f"{path.name}: {wanted} was requested but onnxruntime could not start it and fell back to "
                 f"{self.providers}; install the CUDA and cuDNN libraries onnxruntime-gpu {ort.__version__} was "
                 f"built for (pip install 'onnxruntime-gpu[cuda,cudnn]'), or run with --providers cpu")
+        check_spec_against_graph(spec, self.session)
 
     @property
     def device(self) -> str:
