@@ -187,9 +187,8 @@ def read_file(path: str | os.PathLike, target: int = TARGET_RATE) -> np.ndarray:
     import soundfile as sf
 
     p = Path(path)
-    check_readable(p)
+    info = check_readable(p)
     try:
-        info = sf.info(str(p))
         check_rate(info.samplerate, f"{p}: sample rate")
         if info.frames < 2**63 - 1:  # SF_COUNT_MAX: a stream of unknown length, read until it ends
             check_fits(int(info.frames), int(info.channels), int(info.samplerate), f"{p}: its header says it holds",
@@ -224,8 +223,9 @@ def _wav_truncation(path: Path) -> str | None:
     return None
 
 
-def check_readable(path: str | os.PathLike) -> None:
-    """Fail now (one line) if ``path`` cannot be transcribed: missing, a directory, unreadable, truncated, empty."""
+def check_readable(path: str | os.PathLike):
+    """Fail now (one line) if ``path`` cannot be transcribed: missing, a directory, unreadable, truncated, empty.
+    Returns soundfile's description of it (rate, channels, frames as its header says)."""
     import soundfile as sf
 
     p = Path(path)
@@ -244,6 +244,7 @@ def check_readable(path: str | os.PathLike) -> None:
         raise AudioError(problem)
     if info.frames == 0:
         raise AudioError(f"{p}: the audio is empty (0 samples)")
+    return info
 
 
 def load(source, rate: int = TARGET_RATE, target: int = TARGET_RATE) -> np.ndarray:
