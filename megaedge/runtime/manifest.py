@@ -249,16 +249,22 @@ def bundle_digest(bundle_dir: str | Path) -> str:
     return _document(Path(bundle_dir).expanduser())[DIGEST_FIELD]
 
 
+def pinned_digest(value, name: str = "expected digest") -> str:
+    """A pinned bundle digest as the manifest spells its own (64 lowercase hex digits), or one line."""
+    pinned = str(value).strip().lower()
+    if len(pinned) != 64 or any(c not in "0123456789abcdef" for c in pinned):
+        raise BundleError(f"{name} {value!r} is not 64 hex digits; use the one `megaedge doctor --bundle BUNDLE` "
+                          "prints for the bundle you trust")
+    return pinned
+
+
 def read(bundle_dir: str | Path, verify: bool = True, expected_digest: str | None = None) -> Manifest:
     """Read and check ``megaedge.json`` (see the module docstring); ``verify`` hashes every listed file,
     ``expected_digest`` refuses any bundle but the pinned one."""
     root = Path(bundle_dir).expanduser()
     doc = _document(root)
     if expected_digest is not None:
-        pinned = str(expected_digest).strip().lower()
-        if len(pinned) != 64 or any(c not in "0123456789abcdef" for c in pinned):
-            raise BundleError(f"expected digest {expected_digest!r} is not 64 hex digits; use the one `megaedge "
-                              "doctor --bundle BUNDLE` prints for the bundle you trust")
+        pinned = pinned_digest(expected_digest)
         if doc[DIGEST_FIELD] != pinned:
             raise BundleError(f"{root}: bundle digest {doc[DIGEST_FIELD][:16]}... is not the pinned "
                               f"{pinned[:16]}...; this is another bundle or an edited one: copy the pinned one")

@@ -95,10 +95,7 @@ class ServerState:
         try:
             # A pin is checked again here (the files may have been swapped since), and makes prepared copies count
             # only when sealed (runtime/prepared.py).
-            tr = Transcriber.from_bundle(c.bundle, providers=list(c.providers), route=c.route, verify=c.verify,
-                                         threads=c.threads, decode=c.decode, prefill=c.prefill, stem=c.stem,
-                                         kv_cache=c.kv_cache, vad=c.vad, memory_arena=False,
-                                         expected_digest=c.expected_digest)
+            tr = Transcriber.from_bundle(c.bundle, options=c.runtime_options())
             tr.create_stream(self.stream_options())  # a bad preset, or spans a fixed KV buffer cannot hold, fail here
         except MegaedgeError as exc:
             self.load_error = str(exc)

@@ -96,6 +96,16 @@ class ServeConfig:
         limit = self.max_request_bytes
         return max(limit + min(limit, 64 << 20), 1 << 20)
 
+    def runtime_options(self):
+        """The Transcriber's options this server loads with (RuntimeOptions checks each engine choice)."""
+        from megaedge.runtime.options import RuntimeOptions
+
+        # No onnxruntime memory pool: a server's requests vary in shape and the pool only grows (serve/memory.py).
+        return RuntimeOptions(providers=self.providers, threads=self.threads, decode=self.decode,
+                              prefill=self.prefill, stem=self.stem, route=self.route, verify=self.verify,
+                              vad=self.vad, kv_cache=self.kv_cache, memory_arena=False,
+                              expected_digest=self.expected_digest)
+
     def __post_init__(self):
         from megaedge.errors import MegaedgeError
 
@@ -113,17 +123,14 @@ class ServeConfig:
         for name in ("api_key", "expected_digest"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise MegaedgeError(f"{name} {getattr(self, name)!r} is not a string (or None)")
-        digest = (self.expected_digest or "").strip().lower()
-        if self.expected_digest is not None and (len(digest) != 64 or digest.strip("0123456789abcdef")):
-            raise MegaedgeError(f"expected_digest {self.expected_digest!r} is not 64 hex digits; use the one "
-                                "`megaedge doctor --bundle BUNDLE` prints")
+        if self.expected_digest is not None:
+            from megaedge.runtime.manifest import pinned_digest
+
+            pinned_digest(self.expected_digest, "expected_digest")
         # The engine and stream choices: what the load would refuse, refused now (the same checks).
-        from megaedge.runtime.options import RuntimeOptions
         from megaedge.runtime.streaming import PRESETS
 
-        engines = RuntimeOptions(providers=self.providers, threads=self.threads, decode=self.decode,
-                                 prefill=self.prefill, stem=self.stem, route=self.route, verify=self.verify,
-                                 vad=self.vad, kv_cache=self.kv_cache)
+        engines = self.runtime_options()
         object.__setattr__(self, "providers", engines.providers)
         object.__setattr__(self, "threads", engines.threads)
         if self.preset not in PRESETS or self.preset == "exact":

@@ -110,9 +110,7 @@ def check_bundle(config: ServeConfig) -> ServeConfig:
     info, _ = checked_bundle(Path(config.bundle), config.verify, config.expected_digest, config.vad)
     # The providers and the forced engines too: --providers cuda without onnxruntime-gpu, or --decode native on a
     # bundle without native weights, is one line here rather than a server that starts, logs and stops.
-    opts = runtime_options.RuntimeOptions().with_(
-        providers=list(config.providers), threads=config.threads, decode=config.decode, prefill=config.prefill,
-        stem=config.stem, kv_cache=config.kv_cache, route=config.route)
+    opts = config.runtime_options()
     resolve_providers([p for p in opts.providers if p != "engine"])
     if "engine" in opts.providers and not info.engines:
         raise MegaedgeError(f"{config.bundle}: no TensorRT engines; run megaedge build-engines {config.bundle} first")
