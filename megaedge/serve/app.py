@@ -595,15 +595,12 @@ def _form_fields(form) -> dict | tuple:
 
 def _store_upload(path: Path, data: bytes) -> float:
     """Write the upload where ``transcribe`` reads it (the same checks and decoding as a file on disk) -> seconds."""
-    import soundfile as sf
-
     from megaedge.runtime import audio as audio_io
 
     if not data:
         raise MegaedgeError("the uploaded file is empty")
     path.write_bytes(data)
-    audio_io.check_readable(path)
-    info = sf.info(str(path))
+    info = audio_io.check_readable(path)
     return info.frames / info.samplerate
 
 
