@@ -456,12 +456,16 @@ def _event_stream_class():
                     raise
                 body = error_body(SHUTDOWN_MESSAGE, "server_shutting_down", "server_error")
                 try:
-                    await send({"type": "http.response.body", "more_body": False,
-                                "body": f"data: {json.dumps(body)}\n\n".encode()})
+                    await send({"type": "http.response.body", "more_body": False, "body": _sse(body).encode()})
                 except Exception:  # the connection is gone too
                     pass
 
     return EventStream
+
+
+def _sse(body: dict) -> str:
+    """One server-sent event."""
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
 def _event_stream(events, state):
@@ -478,9 +482,6 @@ async def _stream_events(job, segments: asyncio.Queue, cancel: threading.Event, 
     (``cancel``); the outcome is counted once, when the stream ends: 200, the error's status, 499 for a client
     gone, 503 for one cut by --shutdown-timeout."""
 
-    def event(body: dict) -> str:
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
     texts, sent, outcome, getter = [], "", None, None
     try:
         while True:
@@ -496,7 +497,7 @@ async def _stream_events(job, segments: asyncio.Queue, cancel: threading.Event, 
                 texts.append(seg.text)
             so_far = " ".join(texts).strip()  # as Result.text joins segments
             if so_far.startswith(sent) and len(so_far) > len(sent):
-                yield event({"type": "transcript.text.delta", "delta": so_far[len(sent):]})
+                yield _sse({"type": "transcript.text.delta", "delta": so_far[len(sent):]})
                 sent = so_far
         exc = job.exception()
         if exc is not None:
@@ -504,15 +505,15 @@ async def _stream_events(job, segments: asyncio.Queue, cancel: threading.Event, 
             if response is None:
                 outcome = "500"
                 log.error("a streamed transcription failed", exc_info=exc)
-                yield event(error_body("the transcription failed on the server", "server_error", "server_error"))
+                yield _sse(error_body("the transcription failed on the server", "server_error", "server_error"))
                 return
             outcome = str(response.status_code)
-            yield event(json.loads(response.body))
+            yield _sse(json.loads(response.body))
             return
         result = job.result()
         observe(result)
         outcome = "200"
-        yield event({"type": "transcript.text.done", "text": result.text, "usage": usage})
+        yield _sse({"type": "transcript.text.done", "text": result.text, "usage": usage})
     finally:
         if getter is not None and not getter.done():
             getter.cancel()
