@@ -140,15 +140,15 @@ def _stamps(bundle: Path, rels) -> dict | None:
 
 def _current(bundle: Path) -> Path | None:
     """This machine's generation in use, or None."""
+    rel = f"{manifest.PREPARED_DIR}/{machine_key()}"
     try:
-        key_dir = manifest.inside(bundle, f"{manifest.PREPARED_DIR}/{machine_key()}")
-        name = (key_dir / CURRENT_FILE).read_text().strip()
+        name = (manifest.inside(bundle, rel) / CURRENT_FILE).read_text().strip()
     except (OSError, BundleError):  # none, or prepared/ links out of the bundle: not ours to use
         return None
     if not name or name != Path(name).name or name.startswith("."):
         return None
     try:  # a generation linked out of the bundle is not ours either
-        return manifest.inside(bundle, f"{manifest.PREPARED_DIR}/{machine_key()}/{name}")
+        return manifest.inside(bundle, f"{rel}/{name}")
     except BundleError:
         return None
 

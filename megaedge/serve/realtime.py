@@ -40,24 +40,23 @@ async def serve_socket(state, ws) -> None:
     offered = ws.scope.get("subprotocols") or []
     await ws.accept(subprotocol="realtime" if "realtime" in offered else None)
     intent = ws.query_params.get("intent")
-    refusal = None
+    refusal = None  # (close code, error code, error type, message)
     if intent not in (None, "transcription"):
-        refusal = (CLOSE_POLICY, "invalid_intent", f"intent {intent[:40]!r}: this server only runs "
-                   "transcription sessions (?intent=transcription)")
+        refusal = (CLOSE_POLICY, "invalid_intent", "invalid_request_error", f"intent {intent[:40]!r}: this server "
+                   "only runs transcription sessions (?intent=transcription)")
     elif state.draining:
-        refusal = (CLOSE_GOING_AWAY, "shutting_down", "the server is shutting down")
+        refusal = (CLOSE_GOING_AWAY, "shutting_down", "server_error", "the server is shutting down")
     elif state.transcriber is None:
-        refusal = (CLOSE_TRY_AGAIN, "not_ready", f"not ready: {state.load_error or 'the model is still loading'}")
+        refusal = (CLOSE_TRY_AGAIN, "not_ready", "server_error",
+                   f"not ready: {state.load_error or 'the model is still loading'}")
     elif not await state.admission.wait(config.slot_wait_seconds):
-        refusal = (CLOSE_TRY_AGAIN, "rate_limit_exceeded",
+        refusal = (CLOSE_TRY_AGAIN, "rate_limit_exceeded", "rate_limit_error",
                    f"server busy: all {config.max_streams} streams are in use; retry in a second")
     if refusal is not None:
-        code, err, message = refusal
+        code, err, kind, message = refusal
         state.metrics.requests.labels("realtime", err).inc()
         from megaedge.serve.protocol import error_event
 
-        kind = {CLOSE_POLICY: "invalid_request_error"}.get(code, "rate_limit_error" if err == "rate_limit_exceeded"
-                                                           else "server_error")
         await Connection.send_raw(state, ws, [error_event(err, message, kind=kind)])
         await close(ws, code, err)
         return
