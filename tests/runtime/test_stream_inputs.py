@@ -39,12 +39,9 @@ def _final(tr, samples, rate, feed):
 
 def _finals(tr, samples, options, feed):
     """Every final of a stream fed ``samples`` (16 kHz) in blocks of ``feed``, the last one's included."""
-    stream = tr.create_stream(options)
-    events = []
-    for i in range(0, len(samples), feed):
-        events += stream.accept_waveform(samples[i: i + feed], 16000)
-    events.append(stream.final())
-    return [e for e in events if e.kind == "final"]
+    from tests.runtime.test_streaming import _stream
+
+    return [e for e in _stream(tr, samples, options, feed)[1] if e.kind == "final"]
 
 
 @pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
