@@ -16,7 +16,9 @@ os.environ.setdefault("MEGAEDGE_NO_PROGRESS", "1")
 # (rightly) silence: transcribers load without it unless a test asks (tests/runtime/test_speech_gate.py does).
 os.environ.setdefault("MEGAEDGE_VAD", "off")
 # `megaedge prepare` keeps a sealing key per user (runtime/prepared.py): the tests' own, not the user's.
-os.environ.setdefault("MEGAEDGE_STATE_DIR", tempfile.mkdtemp(prefix="megaedge-test-state-"))
+if "MEGAEDGE_STATE_DIR" not in os.environ:  # made here, so removed here (subprocesses inherit it meanwhile)
+    _STATE_DIR = tempfile.TemporaryDirectory(prefix="megaedge-test-state-")
+    os.environ["MEGAEDGE_STATE_DIR"] = _STATE_DIR.name
 REPO = Path(__file__).resolve().parents[1]
 
 

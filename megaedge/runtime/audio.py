@@ -6,6 +6,7 @@ hand-written filters.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -184,50 +185,60 @@ def prepare(samples: np.ndarray, rate: int, name: str = "audio", target: int = T
 
 def read_file(path: str | os.PathLike, target: int = TARGET_RATE) -> np.ndarray:
     """Read any format soundfile understands; raise AudioError with the file name on any problem."""
+    p = Path(path)
+    return _decode(str(p), check_readable(p), str(p), target)
+
+
+def read_bytes(data: bytes, name: str, target: int = TARGET_RATE) -> np.ndarray:
+    """``read_file`` for a file's bytes held in memory (an upload): the same checks and decoding, so the same
+    samples, without the audio ever touching a disk; ``name`` is what messages call it."""
+    return _decode(io.BytesIO(data), check_bytes(data, name), name, target)
+
+
+def _decode(source, info, name: str, target: int) -> np.ndarray:
     import soundfile as sf
 
-    p = Path(path)
-    info = check_readable(p)
     try:
-        check_rate(info.samplerate, f"{p}: sample rate")
+        check_rate(info.samplerate, f"{name}: sample rate")
         if info.frames < 2**63 - 1:  # SF_COUNT_MAX: a stream of unknown length, read until it ends
-            check_fits(int(info.frames), int(info.channels), int(info.samplerate), f"{p}: its header says it holds",
-                       target)
-        data, rate = sf.read(str(p), dtype="float32", always_2d=True)
+            check_fits(int(info.frames), int(info.channels), int(info.samplerate),
+                       f"{name}: its header says it holds", target)
+        data, rate = sf.read(source, dtype="float32", always_2d=True)
     except (RuntimeError, sf.LibsndfileError, TypeError, ValueError) as exc:
-        raise AudioError(f"{p}: cannot read audio ({str(exc).strip().splitlines()[0]}); use wav/flac/ogg/mp3") from exc
+        raise AudioError(f"{name}: cannot read audio ({_first_line(exc)}); use wav/flac/ogg/mp3") from exc
     # soundfile says the layout, (frames, channels): nothing to guess
-    return prepare(data.mean(axis=1), int(rate), name=str(p), target=target, check_scale=False, check_memory=False)
+    return prepare(data.mean(axis=1), int(rate), name=name, target=target, check_scale=False, check_memory=False)
 
 
-def _wav_truncation(path: Path) -> str | None:
-    """For RIFF/WAVE files: a message when the data chunk is shorter than its header says (a cut-off copy).
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _wav_truncation(head: bytes, size: int, name: str) -> str | None:
+    """For RIFF/WAVE files (``head``: the first 64 KiB of ``size`` bytes): a message when the data chunk is shorter
+    than its header says (a cut-off copy).
 
     libsndfile silently shortens such files to what is present, which would transcribe half a recording.
     """
     import struct
 
-    with open(path, "rb") as f:
-        head = f.read(1 << 16)
     if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
         return None
     pos = 12
     while pos + 8 <= len(head):
-        chunk, size = head[pos : pos + 4], struct.unpack("<I", head[pos + 4 : pos + 8])[0]
+        chunk, length = head[pos : pos + 4], struct.unpack("<I", head[pos + 4 : pos + 8])[0]
         if chunk == b"data":
-            have = path.stat().st_size - (pos + 8)
-            if size != 0xFFFFFFFF and have < size:
-                return f"{path}: truncated WAV: the header promises {size} bytes of audio, the file has {have}; copy it again"
+            have = size - (pos + 8)
+            if length != 0xFFFFFFFF and have < length:
+                return f"{name}: truncated WAV: the header promises {length} bytes of audio, the file has {have}; copy it again"
             return None
-        pos += 8 + size + (size & 1)
+        pos += 8 + length + (length & 1)
     return None
 
 
 def check_readable(path: str | os.PathLike):
     """Fail now (one line) if ``path`` cannot be transcribed: missing, a directory, unreadable, truncated, empty.
     Returns soundfile's description of it (rate, channels, frames as its header says)."""
-    import soundfile as sf
-
     p = Path(path)
     if not p.exists():
         raise AudioError(f"{p}: no such file")
@@ -235,15 +246,30 @@ def check_readable(path: str | os.PathLike):
         raise AudioError(f"{p}: is a directory, expected an audio file")
     if p.is_file() and p.stat().st_size == 0:
         raise AudioError(f"{p}: the file is empty (0 bytes)")
+    with open(p, "rb") as f:
+        head = f.read(1 << 16)
+    return _describe(str(p), head, p.stat().st_size, str(p))
+
+
+def check_bytes(data: bytes, name: str):
+    """``check_readable`` for a file's bytes held in memory."""
+    if not data:
+        raise AudioError(f"{name}: the file is empty (0 bytes)")
+    return _describe(io.BytesIO(data), data[: 1 << 16], len(data), name)
+
+
+def _describe(source, head: bytes, size: int, name: str):
+    import soundfile as sf
+
     try:
-        info = sf.info(str(p))
+        info = sf.info(source)
     except (RuntimeError, sf.LibsndfileError, TypeError, ValueError) as exc:
-        raise AudioError(f"{p}: cannot read audio ({str(exc).strip().splitlines()[0]}); use wav/flac/ogg/mp3") from exc
-    problem = _wav_truncation(p)
+        raise AudioError(f"{name}: cannot read audio ({_first_line(exc)}); use wav/flac/ogg/mp3") from exc
+    problem = _wav_truncation(head, size, name)
     if problem:
         raise AudioError(problem)
     if info.frames == 0:
-        raise AudioError(f"{p}: the audio is empty (0 samples)")
+        raise AudioError(f"{name}: the audio is empty (0 samples)")
     return info
 
 

@@ -19,8 +19,6 @@ import functools
 import hmac
 import json
 import logging
-import shutil
-import tempfile
 import threading
 import time
 import zlib
@@ -343,53 +341,50 @@ def create_app(config: ServeConfig, transcriber=None):
             language, context = tr.check_request(fields["language"], fields["prompt"])
         except MegaedgeError as exc:
             return error(400, str(exc), "invalid_value", param="language" if fields["language"] else "prompt")
+        from megaedge.runtime import audio as audio_io
         from megaedge.serve.admission import Busy
 
-        tmp = Path(tempfile.mkdtemp(prefix="megaedge-serve-"))
-        suffix = Path(name.replace("\x00", "")).suffix[:10]  # a hint to the decoder; the client's name goes no further
-        path = tmp / ("upload" + (suffix if suffix[1:].isalnum() and suffix.isascii() else ".audio"))
-        job = None
+        # The upload is decoded from memory, never stored under a name: nothing of a client's audio outlives its
+        # request, whatever ends the server (the form parser's spool file has no name and goes with the process).
+        label = _upload_label(name)
         try:
-            try:
-                duration = await asyncio.to_thread(_store_upload, path, data)
-            except MegaedgeError as exc:
-                return error(400, str(exc).replace(str(path), name), "invalid_audio", param="file")
-            if duration > config.max_audio_seconds:
-                return error(400, f"the audio is {duration:.1f} s long; this server transcribes at most "
-                             f"{config.max_audio_seconds:g} s per request (megaedge serve --max-audio-seconds)",
-                             "audio_too_long", param="file")
-            try:
-                state.metrics.queued_requests.set(state.admission.queued + 1)
-                if not await _unless(state.admission.acquire(), left):  # a client gone leaves the queue at once
-                    return error(499, "the client closed the connection while its request was queued",
-                                 "client_closed_request")
-            except Busy:
-                return error(429, f"server busy: {config.max_streams} streams in use and {config.queue} requests "
-                             f"queued; retry in {RETRY_AFTER_SECONDS} s", "rate_limit_exceeded", "rate_limit_error",
-                             headers={"retry-after": str(RETRY_AFTER_SECONDS)})
-            finally:
-                state.set_gauges()
-            active = state.metrics.active_streams.labels("transcription")
-            active.inc()
-            segments = asyncio.Queue() if fields["stream"] else None
-            loop = asyncio.get_running_loop()
-            on_segment = None if segments is None else (lambda seg: loop.call_soon_threadsafe(segments.put_nowait,
-                                                                                              seg))
-            job = asyncio.ensure_future(state.run(lambda: tr.transcribe(
-                str(path), language=language, context=context, cancel=cancel, on_segment=on_segment)))
-
-            def finished(done) -> None:  # the slot and the upload are the decode's until it has ended
-                if not done.cancelled():
-                    done.exception()  # read: a failure is answered by its awaiter, or by nobody (client gone)
-                active.dec()
-                state.admission.release()
-                state.set_gauges()
-                shutil.rmtree(tmp, ignore_errors=True)
-
-            job.add_done_callback(finished)
+            info = await asyncio.to_thread(audio_io.check_bytes, data, label)
+        except MegaedgeError as exc:
+            return error(400, str(exc), "invalid_audio", param="file")
+        duration = info.frames / info.samplerate
+        if duration > config.max_audio_seconds:
+            return error(400, f"the audio is {duration:.1f} s long; this server transcribes at most "
+                         f"{config.max_audio_seconds:g} s per request (megaedge serve --max-audio-seconds)",
+                         "audio_too_long", param="file")
+        try:
+            state.metrics.queued_requests.set(state.admission.queued + 1)
+            if not await _unless(state.admission.acquire(), left):  # a client gone leaves the queue at once
+                return error(499, "the client closed the connection while its request was queued",
+                             "client_closed_request")
+        except Busy:
+            return error(429, f"server busy: {config.max_streams} streams in use and {config.queue} requests "
+                         f"queued; retry in {RETRY_AFTER_SECONDS} s", "rate_limit_exceeded", "rate_limit_error",
+                         headers={"retry-after": str(RETRY_AFTER_SECONDS)})
         finally:
-            if job is None:
-                shutil.rmtree(tmp, ignore_errors=True)
+            state.set_gauges()
+        active = state.metrics.active_streams.labels("transcription")
+        active.inc()
+        segments = asyncio.Queue() if fields["stream"] else None
+        loop = asyncio.get_running_loop()
+        on_segment = None if segments is None else (lambda seg: loop.call_soon_threadsafe(segments.put_nowait,
+                                                                                          seg))
+        job = asyncio.ensure_future(state.run(lambda: tr.transcribe(
+            audio_io.read_bytes(data, label), language=language, context=context, cancel=cancel,
+            on_segment=on_segment)))
+
+        def finished(done) -> None:  # the slot and the upload are the decode's until it has ended
+            if not done.cancelled():
+                done.exception()  # read: a failure is answered by its awaiter, or by nobody (client gone)
+            active.dec()
+            state.admission.release()
+            state.set_gauges()
+
+        job.add_done_callback(finished)
 
         def failed(exc: BaseException):
             """The error response for a failed job, or None for a bug (re-raised)."""
@@ -399,7 +394,7 @@ def create_app(config: ServeConfig, transcriber=None):
             if isinstance(exc, ContextLengthError):  # the audio and the prompt together: name the one chosen
                 return error(400, str(exc), "context_length_exceeded", param="prompt" if context else "file")
             if isinstance(exc, MegaedgeError):
-                return error(400, str(exc).replace(str(path), name), "invalid_audio", param="file")
+                return error(400, str(exc), "invalid_audio", param="file")
             return None
 
         def observe(result) -> None:
@@ -594,15 +589,10 @@ def _form_fields(form) -> dict | tuple:
             "response_format": fmt, "stream": stream}
 
 
-def _store_upload(path: Path, data: bytes) -> float:
-    """Write the upload where ``transcribe`` reads it (the same checks and decoding as a file on disk) -> seconds."""
-    from megaedge.runtime import audio as audio_io
-
-    if not data:
-        raise MegaedgeError("the uploaded file is empty")
-    path.write_bytes(data)
-    info = audio_io.check_readable(path)
-    return info.frames / info.samplerate
+def _upload_label(name: str) -> str:
+    """What messages call an upload: the client's file name, printable and short (it is the client's own)."""
+    name = "".join(ch for ch in name if ch.isprintable())[:80]
+    return repr(name) if name else "the uploaded file"
 
 
 def _compression_ratio(text: str) -> float:

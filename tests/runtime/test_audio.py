@@ -51,6 +51,28 @@ def test_missing_truncated_and_empty_files(tmp_path):
         audio.load(empty)
 
 
+@pytest.mark.parametrize("fmt", ["wav", "flac", "ogg"])
+def test_bytes_in_memory_read_as_the_same_file_on_disk(tmp_path, fmt):
+    """The server decodes uploads from memory: the samples, and every refusal, are a file's on disk."""
+    from tests.conftest import speechlike
+
+    path = tmp_path / f"clip.{fmt}"
+    sf.write(path, np.stack([speechlike(2.0, rate=44100)] * 2, axis=1), 44100)
+    np.testing.assert_array_equal(audio.read_bytes(path.read_bytes(), "clip"), audio.read_file(path))
+    assert audio.check_bytes(path.read_bytes(), "clip").frames == sf.info(str(path)).frames
+
+
+def test_bytes_in_memory_are_refused_as_a_file_is(tmp_path):
+    good = tmp_path / "good.wav"
+    sf.write(good, np.zeros(16000, dtype=np.float32), 16000)
+    cases = {b"": "'up.wav' is empty|the file is empty", good.read_bytes()[:-100]: "truncated WAV",
+             b"not audio": "cannot read audio", good.read_bytes()[:44]: "empty|truncated"}
+    for data, message in cases.items():
+        with pytest.raises(AudioError, match=message) as err:
+            audio.read_bytes(data, "'up.wav'")
+        assert str(err.value).startswith("'up.wav'") and "\n" not in str(err.value)
+
+
 def test_all_zero_audio_is_valid():
     assert audio.load(np.zeros(8000, dtype=np.float32), rate=16000).size == 8000
 

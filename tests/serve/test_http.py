@@ -516,10 +516,12 @@ def test_a_request_open_past_the_shutdown_timeout_is_answered_503(fixture_bundle
     assert cancelled == [True]
 
 
-def test_a_client_that_leaves_mid_decode_frees_its_slot(server, tmp_path):
+def test_a_client_that_leaves_mid_decode_frees_its_slot(server, tmp_path, monkeypatch):
     """A client gone while its 10-minute upload decodes (a timeout, Ctrl-C) stops the decode: answered 499 in the
-    log and metrics, and the slot is free long before the audio's 20 segments would have been decoded."""
+    log and metrics, and the slot is free long before the audio's 20 segments would have been decoded. The upload
+    was never stored under a name in the temporary directory (a server killed mid-decode would leave it there)."""
     import socket
+    import tempfile
 
     import soundfile as sf
 
@@ -535,9 +537,13 @@ def test_a_client_that_leaves_mid_decode_frees_its_slot(server, tmp_path):
             f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode()
     before = metric(server, "megaedge_requests_total", 'kind="transcription",status="499"', missing=0)
     tokens = metric(server, "megaedge_decoded_tokens_total", 'kind="transcription"')
+    spool = tmp_path / "tmpdir"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(head + body)
         server.wait_for(lambda: server.state.decoding == 1, "the upload decoding")
+        assert list(spool.iterdir()) == []
     server.wait_for(lambda: server.state.decoding == 0, "the decode stopped")
     assert metric(server, "megaedge_requests_total", 'kind="transcription",status="499"') == before + 1
     assert metric(server, "megaedge_errors_total", 'code="client_closed_request"') >= 1
