@@ -242,8 +242,8 @@ class Stream:
         self._state = decoding.open_state(transcriber, stream=True)
         p = info.prompt
         language = options.language
-        self._suffix = [*p.after_audio, *(transcriber.tokenizer.encode(
-            p.language_template.format(language=language), add_special_tokens=False).ids if language else [])]
+        self._suffix = [*p.after_audio, *(transcriber.token_ids(p.language_template.format(language=language))
+                                          if language else [])]
         self.route = transcriber.check_route(options.route or transcriber.route)
         if getattr(self._state, "max_length", None) is not None:  # a fixed-KV decoder: a buffer of fixed length
             self._check_kv_room(self._state.max_length)
@@ -252,8 +252,8 @@ class Stream:
     def _kv_positions(self, seconds: float) -> int:
         """Positions a span of ``seconds`` of audio may hold at most: the prompt with this stream's context, the
         audio rows, the suffix, the committed text and the final's new tokens (each at most its budget)."""
-        p, enc = self.tr.manifest.prompt, self.tr.tokenizer.encode
-        context = len(enc(self.opts.context, add_special_tokens=False).ids) if self.opts.context else 0
+        p = self.tr.manifest.prompt
+        context = len(self.tr.token_ids(self.opts.context)) if self.opts.context else 0
         audio = features.audio_token_count(math.ceil(seconds * RATE / features.HOP))
         return (len(p.system_head) + context + len(p.before_audio) + audio + len(self._suffix)
                 + 2 * max_new_tokens_for(seconds))
@@ -497,8 +497,7 @@ class Stream:
     def _prefix_ids(self) -> list[int]:
         p = self.tr.manifest.prompt
         context = self._span.context
-        enc = self.tr.tokenizer.encode
-        return [*p.system_head, *(enc(context, add_special_tokens=False).ids if context else []), *p.before_audio]
+        return [*p.system_head, *(self.tr.token_ids(context) if context else []), *p.before_audio]
 
     def _extend_kv(self) -> None:
         """Prefill what the cache lacks: the prompt prefix (once per span) and newly finished windows."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megaedge.errors import Cancelled, MegaedgeError
+from megaedge.errors import BundleError, Cancelled, MegaedgeError
 from megaedge.runtime import audio as audio_io
 from megaedge.runtime import decoding, features, fixed_kv, limits, manifest, native_stem, routing, segmenting
 from megaedge.runtime.decoding import LAST, PREFILL_MIN_ROWS  # noqa: F401  (where callers have found them)
@@ -285,11 +285,21 @@ class Transcriber:
             return self.sessions["decoder_prefill"]
         return self.sessions["decoder"]
 
+    def token_ids(self, text: str) -> list[int]:
+        """``text``'s ids in the prompt, each a row of the decoder's embedding: a bundle whose tokenizer.json has
+        ids past the decoder's vocabulary (not the model's tokenizer; its digests re-signed) is named in one line,
+        not an IndexError in the embedding lookup."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        vocab = int(self.manifest.decoder["vocab_size"])
+        if ids and max(ids) >= vocab:
+            raise BundleError(f"{self.bundle / manifest.TOKENIZER_FILE}: token id {max(ids)} is past the decoder's "
+                              f"vocabulary of {vocab}: the tokenizer is not this model's; re-export the bundle")
+        return ids
+
     def prompt(self, audio_tokens: int, context: str | None, language: str | None) -> list[int]:
-        enc = lambda s: self.tokenizer.encode(s, add_special_tokens=False).ids  # noqa: E731
         p = self.manifest.prompt
-        language_ids = enc(p.language_template.format(language=language)) if language else []
-        return p.build(audio_tokens, enc(context) if context else [], language_ids)
+        language_ids = self.token_ids(p.language_template.format(language=language)) if language else []
+        return p.build(audio_tokens, self.token_ids(context) if context else [], language_ids)
 
     def gate_input(self, gate: float | None = None) -> np.ndarray:
         """A routed bundle's ``lora_gate`` input: ``gate`` (1 = LoRA route, 0 = base), the LoRA route when None."""

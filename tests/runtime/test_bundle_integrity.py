@@ -381,3 +381,28 @@ def test_a_manifest_that_does_not_describe_its_graphs_is_one_line_at_load(tiny_b
                                           "this graph") as caught:
         Transcriber.from_bundle(bundle, decode="ort")
     assert "\n" not in str(caught.value)
+
+
+def test_a_tokenizer_with_ids_past_the_vocabulary_is_named_in_one_line(tiny_bundles, tmp_path):
+    """A forger who swaps tokenizer.json and re-signs every digest gets one line when a context or a stream's
+    language uses an id the decoder has no row for, not an IndexError from the embedding lookup."""
+    import hashlib
+
+    from megaedge.runtime.streaming import StreamOptions
+    from megaedge.runtime.transcriber import Transcriber
+
+    bundle = _clone(tiny_bundles["merged"], tmp_path / "b")
+    vocab = manifest.read(bundle).decoder["vocab_size"]
+    tok = json.loads((bundle / manifest.TOKENIZER_FILE).read_text())
+    tok["model"]["vocab"]["Z"] = vocab + 7
+    (bundle / manifest.TOKENIZER_FILE).unlink()  # a hard link to the shared bundle's file
+    (bundle / manifest.TOKENIZER_FILE).write_text(json.dumps(tok))
+    digest = hashlib.sha256((bundle / manifest.TOKENIZER_FILE).read_bytes()).hexdigest()
+    _edit(bundle, _set(["files", manifest.TOKENIZER_FILE], digest))
+    tr = Transcriber.from_bundle(bundle, verify=True)
+    assert tr.transcribe(speechlike(1.0), context="abc", max_new_tokens=2).text is not None  # unaffected ids
+    for call in (lambda: tr.transcribe(speechlike(1.0), context="Z Z", max_new_tokens=2),
+                 lambda: tr.create_stream(StreamOptions(context="Z Z")).accept_waveform(speechlike(3.0), 16000)):
+        with pytest.raises(BundleError, match=f"token id {vocab + 7} is past the decoder's vocabulary") as err:
+            call()
+        assert "\n" not in str(err.value) and "tokenizer.json" in str(err.value)
