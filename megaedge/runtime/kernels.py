@@ -224,7 +224,7 @@ class Q8Kernels:
         the weights and scales are ``pack_matrix``'s (n: out's length)."""
         n, blocks, block = (out.shape[0], *weight.shape[1:]) if packed else weight.shape
         self._lib.me_gemv_q8(weight.ctypes.data, scales.ctypes.data, x.q.ctypes.data, x.scales.ctypes.data,
-                             x.sums.ctypes.data, out.ctypes.data, n, blocks, block, threads, *self._layout(packed))
+                             x.sums.ctypes.data, out.ctypes.data, n, blocks, block, team(threads), *self._layout(packed))
         return out
 
     def pack_matrix(self, weight: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -279,7 +279,7 @@ class Q8Kernels:
         """``gemv`` of every row of ``x`` (from ``quantize_rows``) in one pass over the weights: out [rows, n]."""
         n, blocks, block = (out.shape[1], *weight.shape[1:]) if packed else weight.shape
         if self._lib.me_gemm_q8(weight.ctypes.data, scales.ctypes.data, x.q.ctypes.data, x.scales.ctypes.data,
-                                x.sums.ctypes.data, out.ctypes.data, x.q.shape[0], n, blocks, block, threads,
+                                x.sums.ctypes.data, out.ctypes.data, x.q.shape[0], n, blocks, block, team(threads),
                                 *self._layout(packed)) != 0:
             raise MemoryError("native matrix product: no memory for its packing buffers")
         return out
@@ -291,7 +291,7 @@ class Q8Kernels:
         [B, head_dim]; logits [B, vocab] written. Each sequence gets the bits ``decode_step`` gives it alone."""
         pointers = (ctypes.POINTER(self.structs.Model) * len(models))(*[ctypes.pointer(m) for m in models])
         status = self._lib.me_decode_batch(pointers, len(models), x.ctypes.data, pos.ctypes.data, cos.ctypes.data,
-                                           sin.ctypes.data, logits.ctypes.data, threads)
+                                           sin.ctypes.data, logits.ctypes.data, team(threads))
         if status == -2:
             raise ValueError(f"native decode batch of {len(models)} sequences: 1-{MAX_BATCH} per call")
         if status != 0:
@@ -302,7 +302,7 @@ class Q8Kernels:
         """One decoder step of ``model`` (see decode_step.h, me_decode_step): x [hidden] is the token's embedding and
         is overwritten; every layer's cache gets position ``pos``; logits [vocab] are written."""
         if self._lib.me_decode_step(ctypes.byref(model), x.ctypes.data, pos, cos.ctypes.data, sin.ctypes.data,
-                                    logits.ctypes.data, threads) != 0:
+                                    logits.ctypes.data, team(threads)) != 0:
             raise MemoryError("native decode step: no memory for its scratch buffers")
 
     def prefill(self, model: ModelStruct, x: np.ndarray, start: int, cos: np.ndarray, sin: np.ndarray,
@@ -315,7 +315,7 @@ class Q8Kernels:
             raise ValueError(f"native prefill: logits of {logit_rows} rows asked of {x.shape[0]} rows into "
                              f"{logits.size} floats")
         if self._lib.me_prefill(ctypes.byref(model), x.ctypes.data, x.shape[0], start, cos.ctypes.data,
-                                sin.ctypes.data, logits.ctypes.data, logit_rows, threads) != 0:
+                                sin.ctypes.data, logits.ctypes.data, logit_rows, team(threads)) != 0:
             raise MemoryError(f"native prefill: no memory for the scratch buffers of {x.shape[0]} rows")
 
     def conv_stem(self, mel: np.ndarray, weights: StemWeights, threads: int) -> np.ndarray:
@@ -332,7 +332,7 @@ class Q8Kernels:
                                   weights.b1.ctypes.data, weights.channels, weights.w2.ctypes.data,
                                   weights.s2.ctypes.data, weights.b2.ctypes.data, weights.w3.ctypes.data,
                                   weights.s3.ctypes.data, weights.b3.ctypes.data, weights.block, out.ctypes.data,
-                                  threads) != 0:
+                                  team(threads)) != 0:
             raise MemoryError("native stem: no memory for its scratch buffers")
         return out
 
@@ -385,6 +385,41 @@ def passive_openmp() -> None:
     need, and hop latency multiplies (benchmarks/contention.py). libgomp reads the policy once, when it starts, so
     this runs before the first kernel library loads."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+class _Fork:
+    """Whether GNU OpenMP's thread team exists in this process and, in a forked child, was its parent's.
+
+    libgomp starts its team at the first parallel region and does not survive fork(): a child whose parent ran a
+    parallel kernel waits for ever on the parent's threads at its own first one (a gunicorn pre-fork with a warm-up,
+    a multiprocessing pool forked after a first transcription). Loading alone starts no team, so a bundle loaded
+    before the fork (sharing its weights copy-on-write) serves the children as long as the parent ran nothing."""
+
+    team_started = False
+    inherited = 0  # the parent's pid, in a child forked after the parent's team started
+
+
+def _after_fork_in_child() -> None:
+    if _Fork.team_started:
+        _Fork.inherited = os.getppid()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def team(threads: int) -> int:
+    """``threads`` for a parallel kernel, or one line where it would hang (see _Fork)."""
+    if threads > 1:
+        if _Fork.inherited:
+            from megaedge.errors import MegaedgeError
+
+            raise MegaedgeError(
+                f"this process was forked from process {_Fork.inherited} after that one ran the native kernels, "
+                "whose OpenMP threads do not survive fork(): load the Transcriber in each process after it "
+                "starts (gunicorn: without --preload, or in post_fork; multiprocessing: the 'spawn' start method "
+                "or a Pool initializer), load it before the parent transcribes anything, or pass threads=1")
+        _Fork.team_started = True
+    return threads
 
 
 def load_prebuilt(directory: Path | None = None, arch: str | None = None,

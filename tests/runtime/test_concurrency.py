@@ -134,3 +134,52 @@ def test_routed_threads_keep_their_own_route(fixture_bundles):
     proc = subprocess.run([sys.executable, "-c", code, str(fixture_bundles["routed"])], capture_output=True,
                           text=True, cwd=REPO, timeout=900)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+FORKED = textwrap.dedent('''
+    import os, sys
+    from megaedge import fixture
+    from megaedge.runtime import audio as audio_io
+    from megaedge.runtime.evaluate import read_set
+    from megaedge.runtime.transcriber import Transcriber
+
+    tr = Transcriber.from_bundle(sys.argv[1], decode="native", threads=2)
+    clip = audio_io.load(read_set(fixture.heldout_manifest())[0]["path"])
+
+    def in_child(warm: bool):
+        """The child's transcript (or its one-line error); a child that hangs is killed after 60 s."""
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            import signal
+            signal.alarm(60)
+            try:
+                out = "TEXT " + tr.transcribe(clip).text
+            except Exception as exc:  # noqa: BLE001 - reported to the parent
+                out = f"ERROR {type(exc).__name__}: {exc}"
+            os.write(w, out.encode())
+            os._exit(0)
+        os.close(w)
+        out = os.read(r, 1 << 16).decode()
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status), f"the child hung (warm={warm})"
+        return out
+
+    # a bundle loaded before the fork (its weights shared copy-on-write) serves a child while the parent ran nothing
+    cold = in_child(False)
+    want = tr.transcribe(clip).text
+    assert cold == "TEXT " + want, cold
+    warm = in_child(True)  # the parent's OpenMP team now exists: the child would wait for it for ever
+    assert warm.startswith("ERROR MegaedgeError: this process was forked from process") and "\\n" not in warm, warm
+    assert "threads=1" in warm and "spawn" in warm
+    print("OK")
+''')
+
+
+@needs_kernel
+def test_a_process_forked_after_the_kernels_ran_is_told_not_hung(fixture_int8):
+    """gunicorn's pre-fork with a warm-up: GNU OpenMP's threads do not survive fork(), so the child's first
+    parallel kernel waited for ever; now it is one line naming the fix, and a fork before any work still serves."""
+    proc = subprocess.run([sys.executable, "-c", FORKED, str(fixture_int8)], capture_output=True, text=True,
+                          cwd=REPO, timeout=600)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
