@@ -51,7 +51,7 @@ def to_mono(samples: np.ndarray, known_axis: int | None = None) -> np.ndarray:
         return samples
     if samples.ndim == 2:
         return samples.mean(axis=channel_axis(samples.shape, known_axis))
-    raise AudioError(f"audio array has {samples.ndim} dimensions; expected (samples,), (samples, channels) or "
+    raise AudioError(f"audio: the array has {samples.ndim} dimensions; expected (samples,), (samples, channels) or "
                      "(channels, samples)")
 
 
@@ -85,6 +85,9 @@ def as_float(samples: np.ndarray, name: str = "audio", whole: bool = False, chec
     peak fits a narrower type: PCM of that type kept in a wider array (a list of ints becomes int64), which would
     be read as near silence. A file's samples are what its format says: not judged."""
     path = "a file path, or " if whole else ""
+    if not whole and isinstance(samples, (str, os.PathLike)):
+        raise AudioError(f"{name}: {os.fspath(samples)!r} is a path; a stream takes samples: read the file first "
+                         "(soundfile.read), or pass the path to transcribe")
     if isinstance(samples, (bytes, bytearray, memoryview)):
         raise AudioError(f"{name}: {len(samples)} bytes are not samples; pass {path}samples decoded from them "
                          "(numpy.frombuffer(data, '<i2') for raw 16-bit PCM, soundfile.read(io.BytesIO(data)) "
@@ -93,6 +96,8 @@ def as_float(samples: np.ndarray, name: str = "audio", whole: bool = False, chec
         arr = np.asarray(samples)
     except (TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: a tensor that needs .detach() first
         raise AudioError(f"{name}: a {type(samples).__name__} is not audio; pass {path}an array of samples") from exc
+    if arr.ndim == 0 and arr.dtype.kind in "iuf":
+        raise AudioError(f"{name}: {samples!r} is one number, not audio; pass {path}an array of samples")
     if arr.dtype.kind == "i":
         if check_scale and whole and arr.dtype.itemsize > 2 and arr.size:
             _check_integer_width(arr, name)

@@ -244,7 +244,7 @@ class Stream:
         language = options.language
         self._suffix = [*p.after_audio, *(transcriber.token_ids(p.language_template.format(language=language))
                                           if language else [])]
-        self.route = transcriber.check_route(options.route or transcriber.route)
+        self.route = transcriber.check_route(transcriber.route if options.route is None else options.route)
         if getattr(self._state, "max_length", None) is not None:  # a fixed-KV decoder: a buffer of fixed length
             self._check_kv_room(self._state.max_length)
         self.reset()
@@ -311,6 +311,8 @@ class Stream:
         where they would anyway and each final is still exact for its audio; hops missed are made up by the next
         call with partials on."""
         rate = audio_io.check_rate(sample_rate, "sample_rate")
+        if not isinstance(partials, (bool, np.bool_)):
+            raise MegaedgeError(f"partials {partials!r} is not True or False")
         chunk = self._to_16k(audio_io.as_float(samples, "stream input"), rate)
         # Endpoints, hops, span rolls and segment cuts are checked after each piece: a block of seconds fed at
         # once is cut where the same audio fed in small blocks is (it was one utterance, hop and check).

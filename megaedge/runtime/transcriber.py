@@ -130,6 +130,11 @@ class Transcriber:
         self.float_dtype = np.dtype(info.graph("encoder").input("mel").dtype)
         self.kv_shape = (1, dec["kv_heads"], 0, dec["head_dim"])
 
+    def __reduce__(self):
+        raise MegaedgeError("a Transcriber cannot be pickled (multiprocessing sends arguments so): it holds this "
+                            "process's onnxruntime sessions and native kernels; load one in each process, e.g. "
+                            "Transcriber.from_bundle in a Pool initializer")
+
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
     def from_bundle(cls, path, options: RuntimeOptions | None = None, **overrides) -> Transcriber:
@@ -142,6 +147,8 @@ class Transcriber:
         from megaedge.runtime import native_decode, prepared
         from megaedge.runtime import options as runtime_options
 
+        if isinstance(path, bytes):  # a path as the OS gives it, as transcribe takes one
+            path = os.fsdecode(path)
         if not isinstance(path, (str, os.PathLike)):
             raise MegaedgeError(f"bundle path {path!r} is not a path; pass the bundle's folder")
         if options is not None and not isinstance(options, RuntimeOptions):
@@ -379,7 +386,7 @@ class Transcriber:
         listener gave up, the call raises ``megaedge.errors.Cancelled`` before its next decode step or segment
         instead of finishing; a stage already running (an encode, a prompt) ends first. ``on_segment`` is called
         with each SegmentResult as soon as it is decoded (long audio: text while the rest decodes), in this thread."""
-        route = self.check_route(route or self.route)
+        route = self.check_route(self.route if route is None else route)
         language, context = self.check_request(language, context, max_new_tokens, max_text_tokens)
         for name, flag in (("loop_guard", loop_guard), ("ignore_eos", ignore_eos)):
             if not isinstance(flag, (bool, np.bool_)):
@@ -439,7 +446,7 @@ class Transcriber:
 
     def check_route(self, route: str) -> str:
         """``route`` if this bundle can take it, else one line saying why not."""
-        if route not in ROUTES:
+        if not isinstance(route, str) or route not in ROUTES:
             raise MegaedgeError(f"route {route!r} is not one of {ROUTES}")
         if route != "auto" and not self.manifest.routed:
             # A merged bundle has the LoRA folded into its weights: there is neither a base route nor one to pick.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import shutil
 
 import numpy as np
@@ -293,6 +294,35 @@ def test_wrong_types_at_the_python_api_are_one_line(tiny_bundles):
         tr.create_stream({"hop_seconds": 1})
     result = tr.transcribe(speechlike(1.0, seed=6), max_new_tokens="5", max_text_tokens="3")
     assert len(result.token_ids) <= 5
+
+
+def test_values_an_embedder_got_wrong_are_one_line_not_a_default(tiny_bundles):
+    """An embedder's probe: an empty route ran the default route, a truthy string turned partials on, a number or
+    a path given as samples was judged as audio, a pickled Transcriber failed deep in onnxruntime."""
+    import pickle
+
+    from megaedge.runtime.streaming import StreamOptions
+    from megaedge.runtime.transcriber import Transcriber
+
+    tr = Transcriber.from_bundle(os.fsencode(tiny_bundles["merged"]))  # a bytes path, as transcribe takes one
+    audio = speechlike(1.0, seed=6)
+    for route in ("", [], 0):
+        with pytest.raises(MegaedgeError, match=r"route .* is not one of"):
+            tr.transcribe(audio, route=route)
+    with pytest.raises(MegaedgeError, match="route '' is not one of"):
+        tr.create_stream(StreamOptions(route=""))
+    stream = tr.create_stream()
+    with pytest.raises(MegaedgeError, match="partials 'no' is not True or False"):
+        stream.accept_waveform(audio, 16000, partials="no")
+    with pytest.raises(MegaedgeError, match="'clip.flac' is a path; a stream takes samples"):
+        stream.accept_waveform("clip.flac", 16000)
+    for number in (5, 0.5, np.int16(3)):
+        with pytest.raises(MegaedgeError, match="is one number, not audio"):
+            tr.transcribe(number)
+    with pytest.raises(MegaedgeError, match="^audio: the array has 3 dimensions"):
+        tr.transcribe(np.zeros((2, 2, 1600), np.float32))
+    with pytest.raises(MegaedgeError, match="cannot be pickled .* load one in each process"):
+        pickle.dumps(tr)
 
 
 class _TripsAfter:
