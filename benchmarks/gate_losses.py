@@ -2,7 +2,9 @@
 
 A realtime session gets three held-out clips at a time, each followed by 1.2 s of silence, as int16 PCM in 0.1 s
 blocks at 16 kHz and at 24 kHz (the OpenAI realtime rate), with the Silero gate on (the bundle's default) and the
-balanced preset; a clip is lost when no non-empty final falls within it (or within 0.5 s after it). Offline, a
+balanced preset; a clip is lost when no non-empty final falls within it (or within 0.5 s after it), and cut when
+a final of it ends over 0.3 s before the clip does (the endpointer heard silence mid-command, so that final is a
+truncated, likely wrong, command). Offline, a
 clip is lost when transcribing it with the gate gives '' while transcribing it without the gate does not. The
 same run counts both with the gate off, which loses nothing by construction but shows what the gate costs.
 
@@ -38,28 +40,33 @@ def _pcm(samples: np.ndarray, rate: int) -> np.ndarray:
     return (np.clip(resampled, -1, 1) * 32767).astype("<i2")
 
 
-def streamed(tr, clips: list[tuple[str, np.ndarray]], rate: int) -> list[str]:
-    """Ids of the clips no non-empty final covers, sessions of PER_SESSION clips."""
+def streamed(tr, clips: list[tuple[str, np.ndarray]], rate: int) -> tuple[list[str], list[str]]:
+    """Ids of the clips no non-empty final covers, and of those a final of which ends mid-clip (sessions of
+    PER_SESSION clips)."""
     from megaedge.runtime.streaming import StreamOptions
 
     options = replace(StreamOptions.preset("balanced"), route=None)  # as serve's realtime sessions
-    lost = []
+    lost, cut = [], []
     for first in range(0, len(clips), PER_SESSION):
         group = clips[first:first + PER_SESSION]
         parts = [np.concatenate([_pcm(x, rate), np.zeros(int(GAP_SECONDS * rate), "<i2")]) for _, x in group]
         edges = np.cumsum([0] + [p.size for p in parts]) / rate
         audio = np.concatenate(parts)
         stream = tr.create_stream(options)
-        middles = []
+        finals = []  # (middle, end) of each non-empty final, seconds
         for i in range(0, audio.size, rate // 10):
-            middles += [(e.start + e.end) / 2 for e in stream.accept_waveform(audio[i:i + rate // 10], rate)
-                        if e.kind == "final" and e.text]
+            finals += [((e.start + e.end) / 2, e.end) for e in stream.accept_waveform(audio[i:i + rate // 10], rate)
+                       if e.kind == "final" and e.text]
         last = stream.final()
         if last.text:
-            middles.append((last.start + last.end) / 2)
-        lost += [cid for k, (cid, _) in enumerate(group)
-                 if not any(edges[k] <= m < edges[k + 1] + 0.5 for m in middles)]
-    return lost
+            finals.append(((last.start + last.end) / 2, last.end))
+        for k, (cid, x) in enumerate(group):
+            mine = [end for middle, end in finals if edges[k] <= middle < edges[k + 1] + 0.5]
+            if not mine:
+                lost.append(cid)
+            elif min(mine) < edges[k] + x.size / 16000 - 0.3:
+                cut.append(cid)
+    return lost, cut
 
 
 def main() -> int:
@@ -93,9 +100,10 @@ def main() -> int:
         for rate in (int(r) for r in args.rates.split(",")):
             row = {}
             for name, tr in (("silero", gated), ("off", plain)):
-                lost = streamed(tr, clips, rate)
-                row[name] = {"lost": len(lost), "ids": lost}
-                print(f"streamed at {rate} Hz, gate {name}: {len(lost)} of {len(clips)} lost {lost}", flush=True)
+                lost, cut = streamed(tr, clips, rate)
+                row[name] = {"lost": len(lost), "ids": lost, "cut": len(cut), "cut_ids": cut}
+                print(f"streamed at {rate} Hz, gate {name}: {len(lost)} of {len(clips)} lost {lost}, {len(cut)} cut "
+                      f"{cut}", flush=True)
             results["streamed"][str(rate)] = row
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return 0

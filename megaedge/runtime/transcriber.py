@@ -111,7 +111,10 @@ class Transcriber:
     reading attributes. The attributes are the loaded engine's parts, there for megaedge's own modules and the
     benchmarks, and NOT safe to drive from several threads: ``native`` is the root decoder, whose ``prefill`` /
     ``step`` write its one KV cache (``native.spawn()`` gives a private one); assigning any attribute after load
-    changes calls already running in other threads."""
+    changes calls already running in other threads.
+
+    There is no ``close()``: what a Transcriber holds is freed when its last reference goes (each of its streams
+    holds one); it does not pickle (load one per process)."""
 
     def __init__(self, bundle: Path, info: manifest.Manifest, sessions: dict, tokenizer, route: str, native=None,
                  native_prefill: bool = False, stem=None, vad=None):
