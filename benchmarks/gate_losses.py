@@ -40,33 +40,37 @@ def _pcm(samples: np.ndarray, rate: int) -> np.ndarray:
     return (np.clip(resampled, -1, 1) * 32767).astype("<i2")
 
 
-def streamed(tr, clips: list[tuple[str, np.ndarray]], rate: int) -> tuple[list[str], list[str]]:
+def streamed(tr, clips: list[tuple[str, np.ndarray]], rate: int) -> tuple[list[str], list[str], dict]:
     """Ids of the clips no non-empty final covers, and of those a final of which ends mid-clip (sessions of
-    PER_SESSION clips)."""
+    PER_SESSION clips); the min_logprob of the finals that cut a clip and of those that do not."""
     from megaedge.runtime.streaming import StreamOptions
 
     options = replace(StreamOptions.preset("balanced"), route=None)  # as serve's realtime sessions
-    lost, cut = [], []
+    lost, cut, logprobs = [], [], {"cut": [], "whole": []}
     for first in range(0, len(clips), PER_SESSION):
         group = clips[first:first + PER_SESSION]
         parts = [np.concatenate([_pcm(x, rate), np.zeros(int(GAP_SECONDS * rate), "<i2")]) for _, x in group]
         edges = np.cumsum([0] + [p.size for p in parts]) / rate
         audio = np.concatenate(parts)
         stream = tr.create_stream(options)
-        finals = []  # (middle, end) of each non-empty final, seconds
+        finals = []  # (middle, end, min_logprob) of each non-empty final, seconds
         for i in range(0, audio.size, rate // 10):
-            finals += [((e.start + e.end) / 2, e.end) for e in stream.accept_waveform(audio[i:i + rate // 10], rate)
-                       if e.kind == "final" and e.text]
+            finals += [((e.start + e.end) / 2, e.end, e.min_logprob)
+                       for e in stream.accept_waveform(audio[i:i + rate // 10], rate) if e.kind == "final" and e.text]
         last = stream.final()
         if last.text:
-            finals.append(((last.start + last.end) / 2, last.end))
+            finals.append(((last.start + last.end) / 2, last.end, last.min_logprob))
         for k, (cid, x) in enumerate(group):
-            mine = [end for middle, end in finals if edges[k] <= middle < edges[k + 1] + 0.5]
+            mine = [(end, lp) for middle, end, lp in finals if edges[k] <= middle < edges[k + 1] + 0.5]
             if not mine:
                 lost.append(cid)
-            elif min(mine) < edges[k] + x.size / 16000 - 0.3:
+                continue
+            clip_end = edges[k] + x.size / 16000
+            if min(end for end, _ in mine) < clip_end - 0.3:
                 cut.append(cid)
-    return lost, cut
+            for end, lp in mine:
+                logprobs["cut" if end < clip_end - 0.3 else "whole"].append(round(float(lp), 3))
+    return lost, cut, logprobs
 
 
 def main() -> int:
@@ -100,8 +104,12 @@ def main() -> int:
         for rate in (int(r) for r in args.rates.split(",")):
             row = {}
             for name, tr in (("silero", gated), ("off", plain)):
-                lost, cut = streamed(tr, clips, rate)
-                row[name] = {"lost": len(lost), "ids": lost, "cut": len(cut), "cut_ids": cut}
+                lost, cut, logprobs = streamed(tr, clips, rate)
+                whole = np.array(logprobs["whole"])
+                row[name] = {"lost": len(lost), "ids": lost, "cut": len(cut), "cut_ids": cut,
+                             "cut_min_logprob": logprobs["cut"],
+                             "whole_min_logprob_percentiles_5_25_50": np.percentile(whole, [5, 25, 50]).round(2)
+                             .tolist() if whole.size else []}
                 print(f"streamed at {rate} Hz, gate {name}: {len(lost)} of {len(clips)} lost {lost}, {len(cut)} cut "
                       f"{cut}", flush=True)
             results["streamed"][str(rate)] = row
