@@ -29,6 +29,16 @@ def speechlike(seconds: float, seed: int = 0, rate: int = 16000) -> np.ndarray:
     return speech_like_audio(seconds, seed, rate)
 
 
+def forget_flac_length(path: Path) -> Path:
+    """Make the FLAC at ``path`` one a streaming encoder writes (``arecord | flac -``): STREAMINFO's total samples
+    0, "unknown"; the audio frames stay as they are."""
+    raw = bytearray(Path(path).read_bytes())
+    fields = int.from_bytes(raw[18:26], "big")  # STREAMINFO: rate, channels, bits, then 36 bits of total samples
+    raw[18:26] = (fields & ~((1 << 36) - 1)).to_bytes(8, "big")
+    Path(path).write_bytes(bytes(raw))
+    return Path(path)
+
+
 def heldout_clips(clean: int, degraded: int) -> list[dict]:
     """The first ``clean`` clean and ``degraded`` degraded clips of the fixture's held-out set (manifest items)."""
     from megaedge import fixture

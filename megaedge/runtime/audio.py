@@ -205,14 +205,48 @@ def _decode(source, info, name: str, target: int) -> np.ndarray:
 
     try:
         check_rate(info.samplerate, f"{name}: sample rate")
-        if info.frames < 2**63 - 1:  # SF_COUNT_MAX: a stream of unknown length, read until it ends
+        if unknown_length(info):
+            data, rate = _read_to_end(source, name, target)
+        else:
             check_fits(int(info.frames), int(info.channels), int(info.samplerate),
                        f"{name}: its header says it holds", target)
-        data, rate = sf.read(source, dtype="float32", always_2d=True)
+            data, rate = sf.read(source, dtype="float32", always_2d=True)
     except (RuntimeError, sf.LibsndfileError, TypeError, ValueError) as exc:
         raise AudioError(f"{name}: cannot read audio ({_first_line(exc)}); use wav/flac/ogg/mp3") from exc
     # soundfile says the layout, (frames, channels): nothing to guess
     return prepare(data.mean(axis=1), int(rate), name=name, target=target, check_scale=False, check_memory=False)
+
+
+def unknown_length(info) -> bool:
+    """Whether a file's header leaves its length open (SF_COUNT_MAX): a FLAC or WAV written by a streaming encoder
+    (``arecord | flac -``, ffmpeg to a pipe) that could not go back to fill it in."""
+    return info.frames >= 2**63 - 1
+
+
+READ_BLOCK = 1 << 18  # frames per read of a file of unknown length: 16 s at 16 kHz
+
+
+def _read_to_end(source, name: str, target: int) -> tuple[np.ndarray, int]:
+    """A file of unknown length, read block by block until it ends, checked against free memory as it grows.
+
+    soundfile's whole-file read sizes its array from the header (an exabyte here), and its block reads seek past
+    each block, which libsndfile refuses at the end of such a file: the blocks are read as from a pipe."""
+    import soundfile as sf
+
+    parts, frames = [], 0
+    with sf.SoundFile(source) as f:
+        f.seekable = lambda: False  # read on from where the last read ended; never seek (see above)
+        while True:
+            block = f.read(READ_BLOCK, dtype="float32", always_2d=True)
+            if not len(block):
+                break
+            parts.append(block)
+            frames += len(block)
+            check_fits(frames, f.channels, f.samplerate, f"{name}: of unknown length, it holds at least", target)
+        rate = f.samplerate
+    if not parts:
+        raise AudioError(f"{name}: the audio is empty (0 samples)")
+    return np.concatenate(parts), rate
 
 
 def _first_line(exc: BaseException) -> str:

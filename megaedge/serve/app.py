@@ -347,11 +347,14 @@ def create_app(config: ServeConfig, transcriber=None):
         # The upload is decoded from memory, never stored under a name: nothing of a client's audio outlives its
         # request, whatever ends the server (the form parser's spool file has no name and goes with the process).
         label = _upload_label(name)
+        samples = None  # decoded in the slot, unless only decoding tells the length
         try:
             info = await asyncio.to_thread(audio_io.check_bytes, data, label)
+            if audio_io.unknown_length(info):  # a streaming encoder's file: the length is known once decoded
+                samples = await asyncio.to_thread(audio_io.read_bytes, data, label)
         except MegaedgeError as exc:
             return error(400, str(exc), "invalid_audio", param="file")
-        duration = info.frames / info.samplerate
+        duration = info.frames / info.samplerate if samples is None else samples.size / audio_io.TARGET_RATE
         if duration > config.max_audio_seconds:
             return error(400, f"the audio is {duration:.1f} s long; this server transcribes at most "
                          f"{config.max_audio_seconds:g} s per request (megaedge serve --max-audio-seconds)",
@@ -374,8 +377,8 @@ def create_app(config: ServeConfig, transcriber=None):
         on_segment = None if segments is None else (lambda seg: loop.call_soon_threadsafe(segments.put_nowait,
                                                                                           seg))
         job = asyncio.ensure_future(state.run(lambda: tr.transcribe(
-            audio_io.read_bytes(data, label), language=language, context=context, cancel=cancel,
-            on_segment=on_segment)))
+            audio_io.read_bytes(data, label) if samples is None else samples, language=language, context=context,
+            cancel=cancel, on_segment=on_segment)))
 
         def finished(done) -> None:  # the slot and the upload are the decode's until it has ended
             if not done.cancelled():

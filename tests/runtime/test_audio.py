@@ -4,6 +4,7 @@ import soundfile as sf
 
 from megaedge.errors import AudioError
 from megaedge.runtime import audio
+from tests.conftest import forget_flac_length
 
 
 def test_stereo_44k_file_becomes_mono_16k(tmp_path):
@@ -164,6 +165,32 @@ def test_audio_that_would_not_fit_in_memory_is_one_line_before_reading(tmp_path,
         audio.load(str(flac))
     with pytest.raises(AudioError, match="audio: 0.0 h of audio .* more than the"):
         audio.load(x, 8000)
+
+
+def unknown_length_flac(path, seconds: float = 20.0) -> np.ndarray:
+    """Write a FLAC as a streaming encoder does (``arecord | flac -``: STREAMINFO's total samples 0, "unknown");
+    returns the samples it holds, as read before its length was taken out."""
+    x = (np.random.default_rng(1).standard_normal(int(16000 * seconds)) * 0.1).astype(np.float32)
+    sf.write(str(path), x, 16000)
+    held = sf.read(str(path), dtype="float32")[0]
+    forget_flac_length(path)
+    return held
+
+
+def test_a_flac_of_unknown_length_is_read_to_its_end(tmp_path, monkeypatch):
+    """soundfile sized its array from the header (an exabyte: 'array is too big'), and its block reads fail at the
+    end of such a file: it is read to its end, from disk and from memory, as the same samples a whole FLAC gives;
+    the free-memory check runs as it grows."""
+    from megaedge.runtime import audio
+
+    path = tmp_path / "streamed.flac"
+    want = unknown_length_flac(path)  # 20 s: more than one READ_BLOCK
+    assert audio.unknown_length(sf.info(str(path)))
+    np.testing.assert_array_equal(audio.read_file(path), want)
+    np.testing.assert_array_equal(audio.read_bytes(path.read_bytes(), "up"), want)
+    monkeypatch.setattr(audio, "_available_bytes", lambda: 4 * 3 * audio.READ_BLOCK * 3 // 2)
+    with pytest.raises(AudioError, match="streamed.flac: of unknown length, it holds at least .* more than the"):
+        audio.read_file(path)
 
 
 def test_a_file_is_checked_against_free_memory_once_before_reading(tmp_path, monkeypatch):

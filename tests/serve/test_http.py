@@ -52,6 +52,31 @@ def test_language_and_prompt_reach_the_transcriber(server, serve_transcriber, cl
     assert out.text == expected.text
 
 
+def test_a_flac_of_unknown_length_is_transcribed_and_its_length_checked(server, strict, serve_transcriber, clips,
+                                                                        tmp_path):
+    """A FLAC from a streaming encoder has no length in its header: it was refused ('array is too big'), and its
+    duration read as 2**63 frames; now its text is the whole FLAC's, and --max-audio-seconds counts what it holds."""
+    import soundfile as sf
+
+    from tests.conftest import forget_flac_length
+
+    item = clips[2]
+    whole = tmp_path / "whole.flac"
+    sf.write(str(whole), item["pcm"], 16000)
+    streamed = tmp_path / "streamed.flac"
+    streamed.write_bytes(whole.read_bytes())
+    forget_flac_length(streamed)
+    with open(streamed, "rb") as f:
+        out = client(server).audio.transcriptions.create(model="m", file=f, response_format="verbose_json")
+    assert out.text == serve_transcriber.transcribe(str(whole)).text and out.text
+    assert out.duration == pytest.approx(len(item["pcm"]) / 16000, abs=1e-3)
+    long = tmp_path / "long.flac"
+    sf.write(str(long), np.zeros(16000 * 6, np.float32), 16000)
+    with open(forget_flac_length(long), "rb") as f, pytest.raises(openai.BadRequestError) as err:
+        client(strict, "sesame").audio.transcriptions.create(model="m", file=f)
+    assert err.value.body["code"] == "audio_too_long" and "6.0 s long" in err.value.body["message"]
+
+
 def test_bad_requests_get_400_with_one_line(server, clips, tmp_path):
     api = client(server)
     path = clips[0]["path"]
