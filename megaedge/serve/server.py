@@ -4,6 +4,7 @@ realtime connections' open utterances first."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -16,6 +17,9 @@ from megaedge.errors import MegaedgeError
 from megaedge.serve.app import ServeConfig, ServerState, create_app
 
 log = logging.getLogger("megaedge.serve")
+
+
+FLUSH_SECONDS = 2.0  # after the shutdown timeout: for cut responses to reach their clients
 
 
 def make_server(config: ServeConfig, transcriber=None, log_level: str = "warning", access_log: bool = False):
@@ -31,6 +35,13 @@ def make_server(config: ServeConfig, transcriber=None, log_level: str = "warning
                      config.shutdown_timeout)
             await state.drain(config.shutdown_timeout)
             await super().shutdown(sockets)
+            # The requests uvicorn cancelled at the timeout are still sending their last words (a stream's error
+            # event), and serve() may end the process without waiting for running decodes: let those tasks end
+            # and their connections flush and close first, for at most FLUSH_SECONDS.
+            loop = asyncio.get_running_loop()
+            until = loop.time() + FLUSH_SECONDS
+            while (self.server_state.tasks or self.server_state.connections) and loop.time() < until:
+                await asyncio.sleep(0.02)
 
         @contextlib.contextmanager
         def capture_signals(self):

@@ -613,6 +613,56 @@ def test_under_nohup_a_hang_up_is_ignored(fixture_bundles):
         proc.wait(60)
 
 
+def test_a_stream_cut_by_the_shutdown_timeout_ends_with_its_error_event(fixture_bundles, tmp_path):
+    """The real process: after --shutdown-timeout the server ended while a decode still ran (os._exit) before the
+    event loop had sent the cut stream's error event, so the client saw a broken chunked body. It flushes first;
+    and a drained SIGTERM ends the process as uvicorn does, by the signal (143)."""
+    import json
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import soundfile as sf
+
+    from tests.conftest import REPO, speechlike
+
+    long = tmp_path / "long.flac"
+    sf.write(str(long), np.tile(speechlike(30, seed=4), 20), 16000)  # 10 minutes: 20 segments
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code = "import sys\nfrom megaedge.cli.main import main\nsys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, "serve", str(fixture_bundles["merged"]), "--port", str(port),
+                             "--shutdown-timeout", "1", "--threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        events = []
+        with open(long, "rb") as f, httpx.stream(
+                "POST", f"http://127.0.0.1:{port}/v1/audio/transcriptions", timeout=60,
+                files={"file": ("long.flac", f, "audio/flac")}, data={"model": "m", "stream": "true"}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+                    if len(events) == 1:
+                        proc.send_signal(signal.SIGTERM)
+        assert events[0]["type"] == "transcript.text.delta"
+        assert events[-1]["error"]["code"] == "server_shutting_down", events[-1]
+        assert proc.wait(60) == -signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait(60)
+
+
 def test_a_queued_request_whose_client_left_leaves_the_queue(fixture_bundles, serve_transcriber, clips):
     """With every slot held, a queued upload whose client gave up (a timeout) kept its place until a slot freed,
     and live requests got 429 meanwhile. Now it leaves at once (counted as 499); a 429 says when to retry."""
