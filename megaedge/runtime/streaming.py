@@ -28,6 +28,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -145,13 +146,19 @@ class StreamEvent:
 
 @dataclass
 class StreamStats:
+    """Counters of one stream since it was created or reset; the per-hop series keep the last ``STATS_KEPT`` hops,
+    so that a microphone left open for weeks holds a bounded amount of them."""
+
     hops: int = 0
     encoder_windows: int = 0  # window encodings (finished + open) across hops
     reencoded_windows: int = 0  # finished windows encoded again because the clip-wide mel floor rose
     revisions: int = 0  # finals where the full audio disagreed with a committed token
     reroutes: int = 0  # utterances whose final route differed from the provisional one
-    hop_seconds: list[float] = field(default_factory=list)
-    tail_rows: list[int] = field(default_factory=list)  # rows of each prompt run after the cached KV (a hop's)
+    hop_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=STATS_KEPT))  # each hop's compute
+    tail_rows: deque[int] = field(default_factory=lambda: deque(maxlen=STATS_KEPT))  # prompt rows after the KV cache
+
+
+STATS_KEPT = 10_000  # hops: hours of a stream's recent history
 
 
 class EnergyVad:

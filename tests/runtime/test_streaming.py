@@ -44,6 +44,17 @@ def _stream(tr, samples, options, feed):
     return stream, events
 
 
+def test_a_stream_keeps_a_bounded_history_of_its_hops(merged, clips, monkeypatch):
+    """Per-hop series grew by an entry a hop for as long as a stream lived (a microphone open for weeks: without
+    bound); they keep the last STATS_KEPT hops, and the counters still count all of them."""
+    from megaedge.runtime import streaming
+
+    monkeypatch.setattr(streaming, "STATS_KEPT", 4)
+    stream, _ = _stream(merged, np.concatenate(clips[:2]), replace(EXACT, hop_seconds=0.32), 4000)
+    assert stream.stats.hops > 8
+    assert len(stream.stats.hop_seconds) == len(stream.stats.tail_rows) == 4
+
+
 def test_front_end_frames_are_bit_identical_to_offline():
     rng = np.random.default_rng(0)
     for n in (7000, 16000, 48123):
