@@ -297,7 +297,7 @@ class Stream:
         # The transcriber's detector (runtime/vad.py) gates partials and finals on speech and drives endpointing;
         # without one, the energy VAD below only endpoints, as before detectors existed.
         self._gated = self.tr.vad is not None
-        self._vad = (self.tr.vad.stream() if self._gated
+        self._vad = (self.tr.vad.stream(keep_regions=1) if self._gated
                      else EnergyVad(self.opts.vad_margin_db, self.opts.vad_min_dbfs))
         self._span = self._new_span(0, self.opts.context)
         self._previous_text = ""  # tail of the finished spans' text in this utterance (long-form de-duplication)

@@ -110,8 +110,9 @@ PRESETS = {
 class _Tracker:
     """Per-frame speech probabilities -> regions in samples. Shared by both engines and by offline and streaming."""
 
-    def __init__(self, options: VadOptions, frame: int):
+    def __init__(self, options: VadOptions, frame: int, keep: int | None = None):
         self.frame = frame
+        self.keep = keep  # closed regions kept (None: all); a live stream needs only the last, to merge with
         self.on, self.off = options.threshold, max(0.0, options.threshold - HYSTERESIS)
         self.min_speech = round(options.min_speech_seconds * RATE)
         self.min_silence = round(options.min_silence_seconds * RATE)
@@ -141,6 +142,8 @@ class _Tracker:
         if self.regions and lo <= self.regions[-1][1]:  # padding made it touch the previous region: one region
             lo = self.regions.pop()[0]
         self.regions.append((lo, end + self.pad))
+        if self.keep is not None and len(self.regions) > self.keep:
+            del self.regions[0]
 
     @property
     def open_speech(self) -> int:
@@ -156,12 +159,13 @@ class _Tracker:
 
 class VadStream:
     """One stream's VAD state. ``accept`` -> per-frame probabilities; ``heard_speech`` and ``trailing_silence``
-    (samples) drive endpointing like streaming's energy VAD; ``regions`` are the closed speech regions so far."""
+    (samples) drive endpointing like streaming's energy VAD; ``regions`` are the closed speech regions so far (the
+    last ``keep_regions`` of them: a microphone's stream, open for weeks, keeps one)."""
 
-    def __init__(self, engine, options: VadOptions):
+    def __init__(self, engine, options: VadOptions, keep_regions: int | None = None):
         self._engine = engine
         self.options = options
-        self._tracker = _Tracker(options, engine.frame)
+        self._tracker = _Tracker(options, engine.frame, keep_regions)
         self._rest = np.zeros(0, np.float32)
         self._state = engine._initial_state()
         self.samples = 0  # stream time: samples accepted
@@ -214,8 +218,8 @@ class _Engine:
     def __init__(self, options: VadOptions):
         self.options = options
 
-    def stream(self) -> VadStream:
-        return VadStream(self, self.options)
+    def stream(self, keep_regions: int | None = None) -> VadStream:
+        return VadStream(self, self.options, keep_regions)
 
     def speech_regions(self, samples16k: np.ndarray) -> list[tuple[int, int]]:
         """(start_sample, end_sample) of each speech region of a whole clip (16 kHz mono)."""

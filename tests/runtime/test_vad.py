@@ -91,6 +91,13 @@ def test_streaming_in_uneven_chunks_gives_the_offline_regions(silero, heldout):
     assert len(probs) == x.size // vad.SILERO_FRAME
     assert stream.finish() == offline
     assert stream.heard_speech and stream.trailing_silence < 16000
+    # a microphone's stream keeps only its last region (it would hold one per utterance for weeks), and hears the
+    # same: the same probabilities, the same endpointing state after every block
+    kept, full = silero.stream(keep_regions=1), silero.stream()
+    for start in range(0, x.size, 1600):
+        assert kept.accept(x[start:start + 1600]) == full.accept(x[start:start + 1600])
+        assert (kept.heard_speech, kept.trailing_silence) == (full.heard_speech, full.trailing_silence)
+    assert kept.finish() == offline[-1:] and full.finish() == offline
 
 
 @needs_silero
