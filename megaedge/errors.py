@@ -16,6 +16,10 @@ class AudioError(MegaedgeError):
     """Audio that cannot be read or is not valid (NaN/Inf, truncated, unknown format)."""
 
 
+class AudioTooLongError(AudioError):
+    """Audio longer than the caller allows (a server's --max-audio-seconds), found while reading it."""
+
+
 class NonFiniteAudioError(AudioError):
     """Audio containing NaN or Inf samples: always rejected, never silently skipped."""
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megaedge.errors import AudioError, NonFiniteAudioError
+from megaedge.errors import AudioError, AudioTooLongError, NonFiniteAudioError
 
 TARGET_RATE = 16000
 MAX_RATE = 768_000  # the highest rate audio interfaces record at; anything above is a wrong argument
@@ -194,19 +194,21 @@ def read_file(path: str | os.PathLike, target: int = TARGET_RATE) -> np.ndarray:
     return _decode(str(p), check_readable(p), str(p), target)
 
 
-def read_bytes(data: bytes, name: str, target: int = TARGET_RATE) -> np.ndarray:
+def read_bytes(data: bytes, name: str, target: int = TARGET_RATE, max_seconds: float | None = None) -> np.ndarray:
     """``read_file`` for a file's bytes held in memory (an upload): the same checks and decoding, so the same
-    samples, without the audio ever touching a disk; ``name`` is what messages call it."""
-    return _decode(io.BytesIO(data), check_bytes(data, name), name, target)
+    samples, without the audio ever touching a disk; ``name`` is what messages call it. ``max_seconds``: for a
+    file of unknown length, stop reading past it (AudioTooLongError): a few MB of compressed silence decode to
+    days of audio."""
+    return _decode(io.BytesIO(data), check_bytes(data, name), name, target, max_seconds)
 
 
-def _decode(source, info, name: str, target: int) -> np.ndarray:
+def _decode(source, info, name: str, target: int, max_seconds: float | None = None) -> np.ndarray:
     import soundfile as sf
 
     try:
         check_rate(info.samplerate, f"{name}: sample rate")
         if unknown_length(info):
-            data, rate = _read_to_end(source, name, target)
+            data, rate = _read_to_end(source, name, target, max_seconds)
         else:
             check_fits(int(info.frames), int(info.channels), int(info.samplerate),
                        f"{name}: its header says it holds", target)
@@ -226,7 +228,7 @@ def unknown_length(info) -> bool:
 READ_BLOCK = 1 << 18  # frames per read of a file of unknown length: 16 s at 16 kHz
 
 
-def _read_to_end(source, name: str, target: int) -> tuple[np.ndarray, int]:
+def _read_to_end(source, name: str, target: int, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
     """A file of unknown length, read block by block until it ends, checked against free memory as it grows.
 
     soundfile's whole-file read sizes its array from the header (an exabyte here), and its block reads seek past
@@ -242,6 +244,8 @@ def _read_to_end(source, name: str, target: int) -> tuple[np.ndarray, int]:
                 break
             parts.append(block)
             frames += len(block)
+            if max_seconds is not None and frames > max_seconds * f.samplerate:
+                raise AudioTooLongError(f"{name}: of unknown length, it holds more than {max_seconds:g} s of audio")
             check_fits(frames, f.channels, f.samplerate, f"{name}: of unknown length, it holds at least", target)
         rate = f.samplerate
     if not parts:

@@ -24,7 +24,7 @@ import time
 import zlib
 from pathlib import Path
 
-from megaedge.errors import Cancelled, ContextLengthError, MegaedgeError
+from megaedge.errors import AudioTooLongError, Cancelled, ContextLengthError, MegaedgeError
 from megaedge.serve.bodylimit import BodyLimit, TooLarge, error_body, too_large_body
 from megaedge.serve.config import ServeConfig  # noqa: F401  (where callers have found it)
 from megaedge.serve.realtime import serve_socket
@@ -348,17 +348,20 @@ def create_app(config: ServeConfig, transcriber=None):
         # request, whatever ends the server (the form parser's spool file has no name and goes with the process).
         label = _upload_label(name)
         samples = None  # decoded in the slot, unless only decoding tells the length
+        too_long = (f"this server transcribes at most {config.max_audio_seconds:g} s per request (megaedge serve "
+                    "--max-audio-seconds)")
         try:
             info = await asyncio.to_thread(audio_io.check_bytes, data, label)
             if audio_io.unknown_length(info):  # a streaming encoder's file: the length is known once decoded
-                samples = await asyncio.to_thread(audio_io.read_bytes, data, label)
+                samples = await asyncio.to_thread(audio_io.read_bytes, data, label,
+                                                  max_seconds=config.max_audio_seconds)
+        except AudioTooLongError as exc:
+            return error(400, f"{exc}; {too_long}", "audio_too_long", param="file")
         except MegaedgeError as exc:
             return error(400, str(exc), "invalid_audio", param="file")
         duration = info.frames / info.samplerate if samples is None else samples.size / audio_io.TARGET_RATE
         if duration > config.max_audio_seconds:
-            return error(400, f"the audio is {duration:.1f} s long; this server transcribes at most "
-                         f"{config.max_audio_seconds:g} s per request (megaedge serve --max-audio-seconds)",
-                         "audio_too_long", param="file")
+            return error(400, f"the audio is {duration:.1f} s long; {too_long}", "audio_too_long", param="file")
         try:
             state.metrics.queued_requests.set(state.admission.queued + 1)
             if not await _unless(state.admission.acquire(), left):  # a client gone leaves the queue at once
