@@ -23,7 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", help="bundle directory written by `megaedge export`")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--mic", action="store_true", help="record from a microphone (extra: mic)")
-    source.add_argument("--file", help="stream an audio file (anything soundfile reads)")
+    source.add_argument("--file", help="stream an audio file (anything soundfile reads); - reads standard input as "
+                                       "it comes: a WAV stream (arecord -t wav, ffmpeg -f wav -), or raw PCM with --raw")
+    parser.add_argument("--raw", type=int, metavar="RATE",
+                        help="--file -: standard input is raw 16-bit little-endian mono PCM at RATE Hz (arecord -t raw "
+                             "-f S16_LE -c 1, ffmpeg -f s16le -ac 1 -)")
     parser.add_argument("--device", help="microphone: sounddevice device index or name (default: system default)")
     parser.add_argument("--seconds", type=arg_type(limits.check_stream_seconds, parse=float),
                         help=f"stop after this much audio, 0-{limits.STREAM_SECONDS[1]:g} s (exclusive 0), then "
@@ -108,6 +112,53 @@ def _file_chunks(args, hop: float):
         yield samples[i : i + step], audio_io.TARGET_RATE
 
 
+def _stdin_chunks(args, hop: float):
+    """Standard input as a live source, read a hop at a time as its producer writes it: a WAV stream (its header
+    says rate, channels and width; its length is open), or raw 16-bit mono PCM at ``--raw`` Hz."""
+    import sys
+    import wave
+
+    import numpy as np
+
+    from megaedge.errors import MegaedgeError
+    from megaedge.runtime import audio as audio_io
+
+    source = sys.stdin.buffer
+    if args.raw:
+        rate, channels, width = args.raw, 1, 2
+
+        def read(frames: int) -> bytes:
+            return source.read(frames * 2)
+    else:
+        try:  # wave reads a header from a pipe, without seeking, and then the data as it comes
+            stream = wave.open(source)
+        except (wave.Error, EOFError) as exc:
+            raise MegaedgeError(f"--file -: standard input is not a WAV stream ({str(exc) or 'it is empty'}); for raw "
+                                "PCM pass --raw RATE (16-bit little-endian mono, e.g. arecord -t raw -f S16_LE -c 1 "
+                                "-r 16000)") from None
+        rate, channels, width, read = (stream.getframerate(), stream.getnchannels(), stream.getsampwidth(),
+                                       stream.readframes)
+        if width not in (1, 2, 4):
+            raise MegaedgeError(f"--file -: {8 * width}-bit samples; send 16-bit PCM (arecord -f S16_LE, ffmpeg "
+                                "-c:a pcm_s16le)")
+    audio_io.check_rate(rate, "--file -: the WAV stream's sample rate")
+    dtype = np.dtype({1: "u1", 2: "<i2", 4: "<i4"}[width])
+    step, frame = max(1, int(hop * rate)), channels * width
+    total, limit, rest = 0, int(args.seconds * rate) if args.seconds else None, b""
+    while limit is None or total < limit:
+        data = read(step)
+        if not data:
+            return
+        data = rest + data
+        usable = len(data) // frame * frame
+        rest = data[usable:]
+        block = np.frombuffer(data[:usable], dtype).reshape(-1, channels)
+        if limit is not None:
+            block = block[: limit - total]
+        total += len(block)
+        yield (block[:, 0] if channels == 1 else block), rate
+
+
 def _sounddevice():
     """sounddevice, or one line naming the fix: without PortAudio its import raises OSError, not ImportError."""
     from megaedge.errors import MegaedgeError, require
@@ -173,10 +224,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, guard) -> int:
+    from megaedge.errors import MegaedgeError
     from megaedge.runtime.transcriber import Transcriber
 
     options = _options(args)
-    chunks = _mic_chunks(args, options.hop_seconds) if args.mic else _file_chunks(args, options.hop_seconds)
+    stdin = args.file == "-"
+    if args.raw is not None and not stdin:
+        raise MegaedgeError("--raw describes standard input's PCM: use it with --file -")
+    if args.raw is not None:
+        from megaedge.runtime import audio as audio_io
+
+        audio_io.check_rate(args.raw, "--raw")
+    if stdin and args.realtime:
+        raise MegaedgeError("--realtime paces a file; standard input comes at its producer's pace: leave it out")
+    chunks = (_mic_chunks if args.mic else _stdin_chunks if stdin else _file_chunks)(args, options.hop_seconds)
     transcriber = Transcriber.from_bundle(args.bundle, providers=args.providers.split(","), route=args.route,
                                           threads=args.threads, decode=args.decode,
                                           prefill=args.prefill, stem=args.stem, kv_cache=args.kv_cache, vad=args.vad,

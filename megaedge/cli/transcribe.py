@@ -18,7 +18,8 @@ HELP = "transcribe audio files with a bundle (lean runtime: numpy + onnxruntime 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", help="bundle directory written by `megaedge export`")
-    parser.add_argument("files", nargs="+", help="audio files (anything soundfile reads, any rate, mono or stereo)")
+    parser.add_argument("files", nargs="+", help="audio files (anything soundfile reads, any rate, mono or stereo); "
+                                                 "- reads one from standard input")
     parser.add_argument("--route", choices=("auto", "base", "lora"), default="auto",
                         help="routed bundles: auto = the router decides per segment (default); base / lora force one")
     add_decoding_options(parser)
@@ -31,18 +32,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     from megaedge.cli.common import print_json_line
+    from megaedge.errors import MegaedgeError
     from megaedge.runtime import audio as audio_io
     from megaedge.runtime.transcriber import Transcriber
 
+    if args.files.count("-") > 1:
+        raise MegaedgeError("standard input (-) holds one file: give - once")
+    piped = None
     for name in args.files:  # a bad file fails before the bundle is loaded
-        audio_io.check_readable(name)
+        if name == "-":  # a pipe cannot seek, which soundfile needs: read it whole, then as an upload is read
+            piped = sys.stdin.buffer.read()
+            audio_io.check_bytes(piped, "standard input")
+        else:
+            audio_io.check_readable(name)
     transcriber = Transcriber.from_bundle(args.bundle, providers=args.providers.split(","), route=args.route,
                                           verify=not args.no_verify, threads=args.threads, decode=args.decode,
                                           prefill=args.prefill, stem=args.stem, kv_cache=args.kv_cache, vad=args.vad,
                                           expected_digest=args.expect_digest)
     for name in args.files:
-        result = transcriber.transcribe(name, language=args.language, context=args.context,
+        audio = audio_io.read_bytes(piped, "standard input") if name == "-" else name
+        result = transcriber.transcribe(audio, language=args.language, context=args.context,
                                         max_text_tokens=args.max_new_tokens)
         if args.json:
             doc = result.to_dict()

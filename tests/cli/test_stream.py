@@ -1,0 +1,56 @@
+"""``megaedge stream`` from standard input: the pipes of a device without PortAudio (``arecord | megaedge stream B
+--file -``, ``ffmpeg ... -f s16le - | megaedge stream B --file - --raw 16000``)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from tests.cli.conftest import run_with_stdin as _cli
+
+
+def _streaming_wav(pcm: np.ndarray, rate: int, channels: int = 1) -> bytes:
+    """A WAV as arecord writes it to a pipe: RIFF and data sizes 0xFFFFFFFF (the length is not known)."""
+    fmt = struct.pack("<IHHIIHH", 16, 1, channels, rate, rate * 2 * channels, 2 * channels, 16)
+    return (b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVEfmt " + fmt + b"data" + struct.pack("<I", 0xFFFFFFFF)
+            + pcm.astype("<i2").tobytes())
+
+
+def _finals(proc) -> list[tuple]:
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    return [(e["start"], e["end"], e["text"]) for e in events if e["kind"] == "final"]
+
+
+def test_standard_input_streams_as_the_file_does(fixture_bundles, clip):
+    """A WAV stream of open length, raw PCM with --raw, and stereo: the finals of the same audio as a file."""
+    path, samples, rate = clip
+    bundle = str(fixture_bundles["merged"])
+    want = _finals(_cli("stream", bundle, "--file", str(path), "--json"))
+    assert any(text for _, _, text in want)
+    assert _finals(_cli("stream", bundle, "--file", "-", "--json", stdin=_streaming_wav(samples, rate))) == want
+    assert _finals(_cli("stream", bundle, "--file", "-", "--raw", str(rate), "--json",
+                        stdin=samples.astype("<i2").tobytes())) == want
+    stereo = np.stack([samples, samples], axis=1).reshape(-1)
+    assert _finals(_cli("stream", bundle, "--file", "-", "--json", stdin=_streaming_wav(stereo, rate, 2))) == want
+    # --seconds stops reading a producer that does not end
+    short = _finals(_cli("stream", bundle, "--file", "-", "--raw", str(rate), "--seconds", "1", "--json",
+                         stdin=samples.astype("<i2").tobytes()))
+    assert short[-1][1] == pytest.approx(1.0, abs=0.01)
+
+
+@pytest.mark.parametrize("args,stdin,message", [
+    (("--file", "-"), b"not a wav header at all", "standard input is not a WAV stream (file does not start with "
+                                                  "RIFF id); for raw PCM pass --raw RATE"),
+    (("--file", "-"), b"", "standard input is not a WAV stream (it is empty)"),
+    (("--file", "-", "--raw", "5"), b"", "--raw 5 is not a rate in whole Hz (1000-768000)"),
+    (("--file", "x.wav", "--raw", "16000"), b"", "--raw describes standard input's PCM: use it with --file -"),
+    (("--file", "-", "--realtime"), b"", "--realtime paces a file; standard input comes at its producer's pace"),
+])
+def test_standard_input_mistakes_are_one_line(fixture_bundles, args, stdin, message):
+    proc = _cli("stream", str(fixture_bundles["merged"]), *args, stdin=stdin)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and message in lines[0], proc.stderr
