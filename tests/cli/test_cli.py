@@ -211,7 +211,11 @@ def test_a_ctrl_c_after_the_command_finished_prints_nothing():
             "pending = Finalizer()\n"
             "del pending\n"
             "sys.exit(status)\n")
+    import signal
+
+    # A suite started in the background (cmd &) inherits SIGINT ignored, and Python then installs no handler
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 2, proc.stderr  # main(), console()
     assert "Exception ignored" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr
