@@ -44,7 +44,11 @@ log = logging.getLogger("megaedge.serve")
 
 RATES = (16000, 24000)
 DEFAULT_RATE = 24000  # OpenAI's pcm16: 24 kHz, 16-bit little-endian, mono
-FORMATS = ("pcm16",)
+# OpenAI's input formats: pcm16, and G.711 (8 kHz, a byte a sample) as telephone gateways send it (Twilio, SIP)
+FORMATS = ("pcm16", "g711_ulaw", "g711_alaw")
+GA_FORMATS = {"audio/pcm": "pcm16", "audio/pcmu": "g711_ulaw", "audio/pcma": "g711_alaw"}  # the GA API's names
+G711_RATE = 8000
+SAMPLE_BYTES = {"pcm16": 2, "g711_ulaw": 1, "g711_alaw": 1}
 PIECE_SECONDS = 0.1  # appended audio is fed in pieces of at most this: the granularity of speech / endpoint events
 MIN_COMMIT_SECONDS = 0.1  # OpenAI refuses to commit less than 100 ms of audio
 SILENCE_MS = (200, 5000)
@@ -84,7 +88,8 @@ class Command:
     kind: str  # "update" | "append" | "commit" | "clear"
     event_id: str | None = None
     session: dict | None = None  # update
-    pcm: np.ndarray | None = None  # append: int16 samples at the session's rate
+    pcm: np.ndarray | None = None  # append: int16 samples at the session's rate (decoded from ``audio`` when None)
+    audio: bytes | None = None  # append: the payload as sent, in the session's input format
     partials: bool = True  # append: decode partials (off while the server is behind this connection)
 
 
@@ -105,8 +110,8 @@ def parse_client_event(text: str | bytes) -> Command:
         if not isinstance(session, dict):
             raise ProtocolError("invalid_value", f"{kind} needs a 'session' object", "session", event_id)
         return Command("update", event_id, session=session)
-    if kind == "input_audio_buffer.append":
-        return Command("append", event_id, pcm=decode_pcm16(doc.get("audio"), event_id))
+    if kind == "input_audio_buffer.append":  # decoded in order, by the session's format at that point
+        return Command("append", event_id, audio=decode_base64(doc.get("audio"), event_id))
     if kind == "input_audio_buffer.commit":
         return Command("commit", event_id)
     if kind == "input_audio_buffer.clear":
@@ -115,25 +120,44 @@ def parse_client_event(text: str | bytes) -> Command:
                         f"{', '.join(CLIENT_EVENTS)}", "type", event_id)
 
 
-def decode_pcm16(audio, event_id: str | None = None) -> np.ndarray:
-    """base64 of 16-bit little-endian mono PCM -> int16 samples."""
+def decode_base64(audio, event_id: str | None = None) -> bytes:
     if not isinstance(audio, str):
-        raise ProtocolError("invalid_value", "input_audio_buffer.append needs 'audio': base64 of pcm16 samples",
-                            "audio", event_id)
+        raise ProtocolError("invalid_value", "input_audio_buffer.append needs 'audio': base64 of the session's "
+                            "input format (pcm16 by default)", "audio", event_id)
     try:
-        raw = base64.b64decode(audio, validate=True)
+        return base64.b64decode(audio, validate=True)
     except (binascii.Error, ValueError):
         raise ProtocolError("invalid_base64", "'audio' is not valid base64", "audio", event_id) from None
-    if len(raw) % 2:
-        raise ProtocolError("invalid_audio_format", f"'audio' holds {len(raw)} bytes, an odd number: pcm16 is 2 "
-                            "bytes per sample (16-bit little-endian mono)", "audio", event_id)
-    return np.frombuffer(raw, "<i2")
+
+
+def decode_audio(raw: bytes, fmt: str, event_id: str | None = None) -> np.ndarray:
+    """An append's payload in input format ``fmt`` -> int16 samples (G.711 expanded by libsndfile's tables)."""
+    if fmt == "pcm16":
+        if len(raw) % 2:
+            raise ProtocolError("invalid_audio_format", f"'audio' holds {len(raw)} bytes, an odd number: pcm16 is "
+                                "2 bytes per sample (16-bit little-endian mono)", "audio", event_id)
+        return np.frombuffer(raw, "<i2")
+    if not raw:
+        return np.zeros(0, np.int16)
+    import io
+
+    import soundfile as sf
+
+    subtype = {"g711_ulaw": "ULAW", "g711_alaw": "ALAW"}[fmt]
+    return sf.read(io.BytesIO(raw), dtype="int16", format="RAW", subtype=subtype, samplerate=G711_RATE,
+                   channels=1)[0]
+
+
+def decode_pcm16(audio, event_id: str | None = None) -> np.ndarray:
+    """base64 of 16-bit little-endian mono PCM -> int16 samples."""
+    return decode_audio(decode_base64(audio, event_id), "pcm16", event_id)
 
 
 # ------------------------------------------------------------------------------------------------ session config
 @dataclass(frozen=True)
 class SessionConfig:
     rate: int = DEFAULT_RATE
+    format: str = "pcm16"  # one of FORMATS
     language: str | None = None
     prompt: str | None = None
     model: str | None = None
@@ -147,7 +171,7 @@ class SessionConfig:
             turn = {"type": "server_vad", "silence_duration_ms": silence_ms, "threshold": None,
                     "prefix_padding_ms": None}
         return {"id": session_id, "object": "realtime.transcription_session", "modalities": ["text"],
-                "input_audio_format": "pcm16", "input_audio_rate": self.rate,
+                "input_audio_format": self.format, "input_audio_rate": self.rate,
                 "input_audio_transcription": {"model": self.model, "language": self.language, "prompt": self.prompt},
                 "turn_detection": turn}
 
@@ -166,18 +190,26 @@ def apply_update(config: SessionConfig, session: dict, event_id: str | None = No
         raise bad("audio.input", "'audio.input' must be an object")
     fmt = session.get("input_audio_format", audio_in.get("format"))
     rate = session.get("input_audio_rate")
-    if isinstance(fmt, dict):  # GA: {"type": "audio/pcm", "rate": 24000}
+    if isinstance(fmt, dict):  # GA: {"type": "audio/pcm", "rate": 24000}, {"type": "audio/pcmu"}
         rate = fmt.get("rate", rate)
-        fmt = "pcm16" if fmt.get("type") == "audio/pcm" else fmt.get("type")
+        fmt = GA_FORMATS.get(fmt.get("type"), fmt.get("type"))
     if fmt is not None and fmt not in FORMATS:
         raise bad("input_audio_format", f"input audio format {str(fmt)[:40]!r} is not supported; send pcm16 "
-                  "(16-bit little-endian mono) at 24000 or 16000 Hz", "unsupported_audio_format")
+                  "(16-bit little-endian mono) at 24000 or 16000 Hz, or g711_ulaw / g711_alaw at 8000 Hz",
+                  "unsupported_audio_format")
+    g711 = (config.format if fmt is None else fmt) != "pcm16"
+    if g711 and rate is not None and rate != G711_RATE:
+        raise bad("input_audio_rate", f"input audio rate {rate!r} is not G.711's: g711_ulaw and g711_alaw are "
+                  f"{G711_RATE} Hz", "unsupported_audio_format")
     if fmt is not None or rate is not None:
+        if g711:
+            rate = G711_RATE
         rate = DEFAULT_RATE if rate is None else rate
-        if isinstance(rate, bool) or rate not in RATES:
+        if isinstance(rate, bool) or (rate not in RATES and not g711):
             raise bad("input_audio_rate", f"input audio rate {rate!r} is not supported; use one of {RATES}",
                       "unsupported_audio_format")
         changes["rate"] = int(rate)
+        changes["format"] = config.format if fmt is None else fmt
     transcription = session.get("input_audio_transcription", audio_in.get("transcription"))
     if transcription is not None:
         if not isinstance(transcription, dict):
@@ -379,7 +411,10 @@ class RealtimeSession:
             if command.kind == "update":
                 return self.update(command.session or {}, command.event_id)
             if command.kind == "append":
-                return self.append(command.pcm, command.partials)
+                pcm = command.pcm
+                if pcm is None:
+                    pcm = decode_audio(command.audio or b"", self.config.format, command.event_id)
+                return self.append(pcm, command.partials)
             if command.kind == "commit":
                 return self.commit(command.event_id)
             if command.kind == "clear":

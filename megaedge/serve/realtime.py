@@ -124,7 +124,7 @@ class Connection:
         self.done = asyncio.Event()
         self.closed = False
         self.session = None
-        self.backlog = 0  # samples appended and not yet decoded (queued, or in the job in flight)
+        self.backlog = 0  # bytes of audio appended and not yet decoded (queued, or in the job in flight)
         self._release = release
 
     def end_stream(self) -> None:
@@ -216,15 +216,22 @@ class Connection:
                                 "this connection's decoder; this one was dropped: send fewer, larger appends")
         if getattr(command, "kind", None) != "append":
             return []
-        rate = self.session.config.rate
+        per_second = self.bytes_per_second()
         limit = self.state.config.max_backlog_seconds
-        if self.backlog + command.pcm.size > limit * rate:
+        if self.backlog + len(command.audio) > limit * per_second:
             return self._refuse(command, "audio_backlog_exceeded",
-                                f"{self.backlog / rate:.1f} s of this connection's audio wait to be decoded and "
-                                f"this append adds {command.pcm.size / rate:.1f} s, over the server's limit of "
-                                f"{limit:g} s; it was dropped: send audio at real-time pace")
-        self.backlog += command.pcm.size
+                                f"{self.backlog / per_second:.1f} s of this connection's audio wait to be decoded and "
+                                f"this append adds {len(command.audio) / per_second:.1f} s, over the server's limit "
+                                f"of {limit:g} s; it was dropped: send audio at real-time pace")
+        self.backlog += len(command.audio)
         return []
+
+    def bytes_per_second(self) -> int:
+        """Of the session's input format (as configured now: an update still queued is not counted)."""
+        from megaedge.serve.protocol import SAMPLE_BYTES
+
+        config = self.session.config
+        return config.rate * SAMPLE_BYTES[config.format]
 
     async def read(self) -> None:
         from starlette.websockets import WebSocketDisconnect
@@ -266,7 +273,7 @@ class Connection:
                 self.post(item)
 
     async def work(self) -> None:
-        from megaedge.serve.protocol import Command
+        from megaedge.serve.protocol import Command, ProtocolError, decode_audio, error_from
 
         session = self.session
         while True:
@@ -288,24 +295,37 @@ class Connection:
                 continue
             total = 0
             if item.kind == "append":
-                rate = session.config.rate
+                # Appends are decoded here, in order, in the session's format as its updates left it.
+                per_second = self.bytes_per_second()
                 # Behind: more audio waits than partials_behind_seconds (this job's and what queued behind it).
-                partials = self.backlog <= self.state.config.partials_behind_seconds * rate
-                parts, limit = [item.pcm], int(MAX_JOB_SECONDS * rate)
-                total = item.pcm.size
-                while self.inbox and total < limit and isinstance(self.inbox[0], Command) \
-                        and self.inbox[0].kind == "append":
-                    nxt = self.inbox.popleft()
-                    parts.append(nxt.pcm)
-                    total += nxt.pcm.size
+                partials = self.backlog <= self.state.config.partials_behind_seconds * per_second
+                parts, limit = [], int(MAX_JOB_SECONDS * per_second)
+                while True:
+                    try:
+                        pcm = decode_audio(item.audio, session.config.format, item.event_id)
+                    except ProtocolError as exc:  # an odd byte count of pcm16: that append alone is refused
+                        if parts:  # ... in its turn, after the audio before it
+                            self.inbox.appendleft(item)
+                            break
+                        self.backlog -= len(item.audio)
+                        await self.send([error_from(exc)])
+                        break
+                    parts.append(pcm)
+                    total += len(item.audio)
+                    if not (self.inbox and total < limit and isinstance(self.inbox[0], Command)
+                            and self.inbox[0].kind == "append"):
+                        break
+                    item = self.inbox.popleft()
+                if not parts:
+                    continue
                 import numpy as np
 
                 item = Command("append", pcm=np.concatenate(parts) if len(parts) > 1 else parts[0],
                                partials=partials)
                 m = self.state.metrics
-                m.audio_seconds.labels("realtime").inc(total / rate)
+                m.audio_seconds.labels("realtime").inc(total / per_second)
                 if not partials:
-                    m.catch_up_seconds.inc(total / rate)
+                    m.catch_up_seconds.inc(total / per_second)
             try:
                 events = await self.state.run(session.run, item)
             except Exception:

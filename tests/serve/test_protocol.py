@@ -9,7 +9,14 @@ import json
 import numpy as np
 import pytest
 
-from megaedge.serve.protocol import ProtocolError, SessionConfig, apply_update, decode_pcm16, parse_client_event
+from megaedge.serve.protocol import (
+    ProtocolError,
+    SessionConfig,
+    apply_update,
+    decode_audio,
+    decode_pcm16,
+    parse_client_event,
+)
 
 
 def test_client_events_parse_to_commands():
@@ -17,7 +24,8 @@ def test_client_events_parse_to_commands():
     command = parse_client_event(json.dumps({"type": "input_audio_buffer.append", "event_id": "e1",
                                              "audio": base64.b64encode(pcm.tobytes()).decode()}))
     assert (command.kind, command.event_id) == ("append", "e1")
-    assert command.pcm.tolist() == pcm.tolist()
+    assert command.audio == pcm.tobytes()  # decoded in its turn, in the session's format
+    assert decode_audio(command.audio, "pcm16").tolist() == pcm.tolist()
     assert parse_client_event('{"type": "input_audio_buffer.commit"}').kind == "commit"
     assert parse_client_event('{"type": "input_audio_buffer.clear"}').kind == "clear"
     assert parse_client_event('{"type": "session.update", "session": {}}').kind == "update"
@@ -60,10 +68,39 @@ def test_session_updates_in_the_beta_and_the_ga_shape():
     assert (ga.rate, ga.language, ga.server_vad) == (16000, "de", False)
     assert apply_update(beta, {"input_audio_format": "pcm16"}).rate == 24000  # pcm16 alone: OpenAI's 24 kHz
     assert apply_update(beta, {}) == beta
+    # G.711 (telephone gateways): 8 kHz, a byte a sample; back to pcm16 is OpenAI's 24 kHz again
+    ulaw = apply_update(base, {"input_audio_format": "g711_ulaw"})
+    assert (ulaw.format, ulaw.rate) == ("g711_ulaw", 8000)
+    assert ulaw.to_session("s", 800)["input_audio_format"] == "g711_ulaw"
+    alaw = apply_update(base, {"audio": {"input": {"format": {"type": "audio/pcma"}}}})
+    assert (alaw.format, alaw.rate) == ("g711_alaw", 8000)
+    assert apply_update(alaw, {"turn_detection": None}).format == "g711_alaw"
+    assert (apply_update(alaw, {"input_audio_format": "pcm16"}).format,
+            apply_update(alaw, {"input_audio_format": "pcm16"}).rate) == ("pcm16", 24000)
+
+
+@pytest.mark.parametrize("fmt,subtype", [("g711_ulaw", "ULAW"), ("g711_alaw", "ALAW")])
+def test_g711_payloads_decode_as_libsndfile_reads_the_format(fmt, subtype):
+    import io
+
+    import soundfile as sf
+
+    pcm = (np.sin(np.arange(800) / 7) * 20000).astype(np.int16)
+    buf = io.BytesIO()
+    sf.write(buf, pcm, 8000, format="RAW", subtype=subtype)
+    raw = buf.getvalue()
+    assert len(raw) == pcm.size  # a byte a sample
+    decoded = decode_audio(raw, fmt)
+    assert decoded.dtype == np.int16 and decoded.size == pcm.size
+    assert np.max(np.abs(decoded.astype(int) - pcm)) < 700  # 8-bit companding: within a step of the original
+    assert decode_audio(b"", fmt).size == 0
+    assert decode_audio(b"\x01", fmt).size == 1  # any byte count is whole samples
 
 
 @pytest.mark.parametrize("session, code, param", [
-    ({"input_audio_format": "g711_ulaw"}, "unsupported_audio_format", "session.input_audio_format"),
+    ({"input_audio_format": "g722"}, "unsupported_audio_format", "session.input_audio_format"),
+    ({"input_audio_format": "g711_ulaw", "input_audio_rate": 16000}, "unsupported_audio_format",
+     "session.input_audio_rate"),
     ({"input_audio_rate": 44100}, "unsupported_audio_format", "session.input_audio_rate"),
     ({"turn_detection": {"type": "semantic_vad"}}, "invalid_value", "session.turn_detection.type"),
     ({"turn_detection": {"silence_duration_ms": 10}}, "invalid_value",
