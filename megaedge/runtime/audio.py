@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -44,14 +45,14 @@ def channel_axis(shape: tuple[int, int], known: int | None = None) -> int:
     return 0 if rows < cols else 1
 
 
-def to_mono(samples: np.ndarray, known_axis: int | None = None) -> np.ndarray:
+def to_mono(samples: np.ndarray, known_axis: int | None = None, name: str = "audio") -> np.ndarray:
     """(n,), (n, channels) or (channels, n) -> (n,) by averaging channels (``channel_axis`` tells the layouts
     apart)."""
     if samples.ndim == 1:
         return samples
     if samples.ndim == 2:
         return samples.mean(axis=channel_axis(samples.shape, known_axis))
-    raise AudioError(f"audio: the array has {samples.ndim} dimensions; expected (samples,), (samples, channels) or "
+    raise AudioError(f"{name}: the array has {samples.ndim} dimensions; expected (samples,), (samples, channels) or "
                      "(channels, samples)")
 
 
@@ -162,11 +163,13 @@ def _available_bytes() -> int | None:
         return None
 
 
-def check_fits(frames: int, channels: int, rate: int, name: str, target: int = TARGET_RATE) -> None:
+def check_fits(frames: int, channels: int, rate: int, name: str, target: int = TARGET_RATE, held: int = 0) -> None:
     """One line when reading ``frames`` of audio (as a file's header says) and resampling it to ``target`` would
-    need more memory than is free."""
+    need more memory than is free (``held``: bytes of it already read, no longer counted as free)."""
     need = 4 * COPIES_IN_MEMORY * (frames * max(channels, 1) + frames * target // max(rate, 1))
     free = _available_bytes()
+    if free is not None:
+        free += held
     if free is not None and need > free:
         hours = frames / max(rate, 1) / 3600
         raise AudioError(f"{name} {hours:.1f} h of audio ({frames} frames at {rate} Hz): ~{need / 2**30:.1f} "
@@ -181,7 +184,7 @@ def prepare(samples: np.ndarray, rate: int, name: str = "audio", target: int = T
     rate = check_rate(rate, f"{name}: sample rate")
     if check_memory and rate != target and hasattr(samples, "__len__"):
         check_fits(len(samples), 1, rate, f"{name}:", target)
-    arr = to_mono(as_float(samples, name, whole=True, check_scale=check_scale))
+    arr = to_mono(as_float(samples, name, whole=True, check_scale=check_scale), name=name)
     check_finite(arr, name)
     if arr.size == 0:
         raise AudioError(f"{name}: the audio is empty (0 samples)")
@@ -194,21 +197,43 @@ def read_file(path: str | os.PathLike, target: int = TARGET_RATE) -> np.ndarray:
     return _decode(str(p), check_readable(p), str(p), target)
 
 
-def read_bytes(data: bytes, name: str, target: int = TARGET_RATE, max_seconds: float | None = None) -> np.ndarray:
+def read_bytes(data: bytes, name: str, target: int = TARGET_RATE, max_seconds: float | None = None,
+               max_samples: int | None = None) -> np.ndarray:
     """``read_file`` for a file's bytes held in memory (an upload): the same checks and decoding, so the same
-    samples, without the audio ever touching a disk; ``name`` is what messages call it. ``max_seconds``: for a
-    file of unknown length, stop reading past it (AudioTooLongError): a few MB of compressed silence decode to
-    days of audio."""
-    return _decode(io.BytesIO(data), check_bytes(data, name), name, target, max_seconds)
+    samples, without the audio ever touching a disk; ``name`` is what messages call it. ``max_seconds`` and
+    ``max_samples`` (frames x channels) bound what is decoded (AudioTooLongError), a file of unknown length
+    while it is read: a few kB of compressed silence decode to hours of audio."""
+    return _decode(io.BytesIO(data), check_bytes(data, name), name, target, max_seconds, max_samples)
 
 
-def _decode(source, info, name: str, target: int, max_seconds: float | None = None) -> np.ndarray:
+def check_decoded_size(info, name: str, max_seconds: float | None, max_samples: int | None) -> None:
+    """AudioTooLongError when a file of known length holds more than ``max_seconds`` or ``max_samples``."""
+    if unknown_length(info):
+        return
+    _check_size(int(info.frames), int(info.channels), int(info.samplerate), name, max_seconds, max_samples)
+
+
+def _check_size(frames: int, channels: int, rate: int, name: str, max_seconds, max_samples, known: bool = True):
+    holds = f"{name}: holds" if known else f"{name}: of unknown length, it holds more than"
+    if max_seconds is not None and frames > max_seconds * rate:
+        raise AudioTooLongError(f"{holds} {frames / rate:.1f} s of audio, more than {max_seconds:g} s" if known
+                                else f"{holds} {max_seconds:g} s of audio")
+    if max_samples is not None and frames * channels > max_samples:
+        shown = f"{frames * channels} samples ({rate} Hz x {channels} channels), more than the" if known else \
+            f"the {max_samples} samples ({rate} Hz x {channels} channels)"
+        raise AudioTooLongError(f"{holds} {shown}{f' {max_samples}' if known else ''} decoded per request: "
+                                "downmix or resample it (ffmpeg -i IN -ac 1 -ar 16000 OUT.flac)")
+
+
+def _decode(source, info, name: str, target: int, max_seconds: float | None = None,
+            max_samples: int | None = None) -> np.ndarray:
     import soundfile as sf
 
     try:
         check_rate(info.samplerate, f"{name}: sample rate")
+        check_decoded_size(info, name, max_seconds, max_samples)
         if unknown_length(info):
-            data, rate = _read_to_end(source, name, target, max_seconds)
+            data, rate = _read_to_end(source, name, target, max_seconds, max_samples)
         else:
             check_fits(int(info.frames), int(info.channels), int(info.samplerate),
                        f"{name}: its header says it holds", target)
@@ -228,7 +253,8 @@ def unknown_length(info) -> bool:
 READ_BLOCK = 1 << 18  # frames per read of a file of unknown length: 16 s at 16 kHz
 
 
-def _read_to_end(source, name: str, target: int, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+def _read_to_end(source, name: str, target: int, max_seconds: float | None = None,
+                 max_samples: int | None = None) -> tuple[np.ndarray, int]:
     """A file of unknown length, read block by block until it ends, checked against free memory as it grows.
 
     soundfile's whole-file read sizes its array from the header (an exabyte here), and its block reads seek past
@@ -244,9 +270,9 @@ def _read_to_end(source, name: str, target: int, max_seconds: float | None = Non
                 break
             parts.append(block)
             frames += len(block)
-            if max_seconds is not None and frames > max_seconds * f.samplerate:
-                raise AudioTooLongError(f"{name}: of unknown length, it holds more than {max_seconds:g} s of audio")
-            check_fits(frames, f.channels, f.samplerate, f"{name}: of unknown length, it holds at least", target)
+            _check_size(frames, f.channels, f.samplerate, name, max_seconds, max_samples, known=False)
+            check_fits(frames, f.channels, f.samplerate, f"{name}: of unknown length, it holds at least", target,
+                       held=4 * frames * f.channels)
         rate = f.samplerate
     if not parts:
         raise AudioError(f"{name}: the audio is empty (0 samples)")
@@ -254,7 +280,10 @@ def _read_to_end(source, name: str, target: int, max_seconds: float | None = Non
 
 
 def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    """The reason in a reader's error, without the object it was opened from (from memory: a heap address, which
+    a server would send to its client)."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return re.sub(r"^Error opening <[^>]*>: ", "", line)
 
 
 def _wav_truncation(head: bytes, size: int, name: str) -> str | None:

@@ -27,6 +27,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -388,20 +389,22 @@ def passive_openmp() -> None:
 
 
 class _Fork:
-    """Whether GNU OpenMP's thread team exists in this process and, in a forked child, was its parent's.
+    """Which thread of a forked child holds its parent's GNU OpenMP team.
 
-    libgomp starts its team at the first parallel region and does not survive fork(): a child whose parent ran a
-    parallel kernel waits for ever on the parent's threads at its own first one (a gunicorn pre-fork with a warm-up,
-    a multiprocessing pool forked after a first transcription). Loading alone starts no team, so a bundle loaded
-    before the fork (sharing its weights copy-on-write) serves the children as long as the parent ran nothing."""
+    libgomp keeps a thread's team (its pool of workers) with the thread that started it, and does not survive
+    fork(): a child whose forking thread had run a parallel kernel waits for ever on the parent's workers at that
+    thread's first parallel region (a gunicorn pre-fork with a warm-up, a multiprocessing pool forked after a first
+    transcription). The child's other threads start teams of their own, and loading alone starts none, so a bundle
+    loaded before the fork (its weights shared copy-on-write) serves them."""
 
-    team_started = False
-    inherited = 0  # the parent's pid, in a child forked after the parent's team started
+    started = threading.local()  # .team: this thread has started a team
+    stale_thread: int | None = None  # in a forked child: the thread whose team is its parent's
+    parent = 0
 
 
 def _after_fork_in_child() -> None:
-    if _Fork.team_started:
-        _Fork.inherited = os.getppid()
+    if getattr(_Fork.started, "team", False):
+        _Fork.stale_thread, _Fork.parent = threading.get_ident(), os.getppid()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -410,15 +413,15 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 def team(threads: int) -> int:
     """``threads`` for a parallel kernel, or one line where it would hang (see _Fork)."""
     if threads > 1:
-        if _Fork.inherited:
+        if _Fork.stale_thread is not None and threading.get_ident() == _Fork.stale_thread:
             from megaedge.errors import MegaedgeError
 
             raise MegaedgeError(
-                f"this process was forked from process {_Fork.inherited} after that one ran the native kernels, "
+                f"this process was forked from process {_Fork.parent} by a thread that had run the native kernels, "
                 "whose OpenMP threads do not survive fork(): load the Transcriber in each process after it "
                 "starts (gunicorn: without --preload, or in post_fork; multiprocessing: the 'spawn' start method "
-                "or a Pool initializer), load it before the parent transcribes anything, or pass threads=1")
-        _Fork.team_started = True
+                "or a Pool initializer), run the parent's work in another thread, or pass threads=1")
+        _Fork.started.team = True
     return threads
 
 

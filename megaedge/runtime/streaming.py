@@ -385,7 +385,7 @@ class Stream:
     def _to_16k(self, samples: np.ndarray, rate: int) -> np.ndarray:
         if samples.ndim == 2 and max(samples.shape) > audio_io.MAX_CHANNELS:  # long enough to tell the layout
             self._channel_axis = audio_io.channel_axis(samples.shape)
-        samples = audio_io.to_mono(samples, self._channel_axis)
+        samples = audio_io.to_mono(samples, self._channel_axis, "stream input")
         audio_io.check_finite(samples, "stream input")
         if self._resampler is not None and self._resampler[0] != rate:
             tail = self._flush_resampler()

@@ -207,7 +207,8 @@ class VadStream:
         return list(self._tracker.regions)
 
     def finish(self) -> list[tuple[int, int]]:
-        """End of audio: close the open region; returns every region of the stream (start, end) in samples."""
+        """End of audio: close the open region; returns the stream's regions (start, end) in samples (all of them,
+        or the last ``keep_regions``)."""
         return self._tracker.finish(self.samples)
 
 

@@ -24,7 +24,7 @@ import time
 import zlib
 from pathlib import Path
 
-from megaedge.errors import AudioTooLongError, Cancelled, ContextLengthError, MegaedgeError
+from megaedge.errors import AudioTooLongError, BundleError, Cancelled, ContextLengthError, MegaedgeError
 from megaedge.serve.bodylimit import BodyLimit, TooLarge, error_body, too_large_body
 from megaedge.serve.config import ServeConfig  # noqa: F401  (where callers have found it)
 from megaedge.serve.realtime import serve_socket
@@ -347,21 +347,23 @@ def create_app(config: ServeConfig, transcriber=None):
         # The upload is decoded from memory, never stored under a name: nothing of a client's audio outlives its
         # request, whatever ends the server (the form parser's spool file has no name and goes with the process).
         label = _upload_label(name)
-        samples = None  # decoded in the slot, unless only decoding tells the length
         too_long = (f"this server transcribes at most {config.max_audio_seconds:g} s per request (megaedge serve "
                     "--max-audio-seconds)")
+        # Decoding is bounded in samples too, not only seconds: a few kB of compressed silence at 655 kHz x 8
+        # channels would decode to gigabytes within the time limit.
+        budget = int(config.max_audio_seconds * DECODED_SAMPLES_PER_SECOND)
         try:
             info = await asyncio.to_thread(audio_io.check_bytes, data, label)
-            if audio_io.unknown_length(info):  # a streaming encoder's file: the length is known once decoded
-                samples = await asyncio.to_thread(audio_io.read_bytes, data, label,
-                                                  max_seconds=config.max_audio_seconds)
+            audio_io.check_decoded_size(info, label, None, budget)
         except AudioTooLongError as exc:
             return error(400, f"{exc}; {too_long}", "audio_too_long", param="file")
         except MegaedgeError as exc:
             return error(400, str(exc), "invalid_audio", param="file")
-        duration = info.frames / info.samplerate if samples is None else samples.size / audio_io.TARGET_RATE
-        if duration > config.max_audio_seconds:
-            return error(400, f"the audio is {duration:.1f} s long; {too_long}", "audio_too_long", param="file")
+        # A streaming encoder's file has no length until it is decoded, which happens in its slot, as every decode
+        known = {"duration": None if audio_io.unknown_length(info) else info.frames / info.samplerate}
+        if known["duration"] is not None and known["duration"] > config.max_audio_seconds:
+            return error(400, f"the audio is {known['duration']:.1f} s long; {too_long}", "audio_too_long",
+                         param="file")
         try:
             state.metrics.queued_requests.set(state.admission.queued + 1)
             if not await _unless(state.admission.acquire(), left):  # a client gone leaves the queue at once
@@ -380,8 +382,8 @@ def create_app(config: ServeConfig, transcriber=None):
         on_segment = None if segments is None else (lambda seg: loop.call_soon_threadsafe(segments.put_nowait,
                                                                                           seg))
         job = asyncio.ensure_future(state.run(lambda: tr.transcribe(
-            audio_io.read_bytes(data, label) if samples is None else samples, language=language, context=context,
-            cancel=cancel, on_segment=on_segment)))
+            audio_io.read_bytes(data, label, max_seconds=config.max_audio_seconds, max_samples=budget),
+            language=language, context=context, cancel=cancel, on_segment=on_segment)))
 
         def finished(done) -> None:  # the slot and the upload are the decode's until it has ended
             if not done.cancelled():
@@ -399,6 +401,12 @@ def create_app(config: ServeConfig, transcriber=None):
                              f"{time.perf_counter() - t0:.1f} s", "client_closed_request")
             if isinstance(exc, ContextLengthError):  # the audio and the prompt together: name the one chosen
                 return error(400, str(exc), "context_length_exceeded", param="prompt" if context else "file")
+            if isinstance(exc, AudioTooLongError):  # a file of unknown length, found while it was decoded
+                return error(400, f"{exc}; {too_long}", "audio_too_long", param="file")
+            if isinstance(exc, BundleError):  # the server's problem, and its paths are its own: the log says
+                log.error("a transcription failed on the bundle: %s", exc)
+                return error(500, "the server's bundle could not transcribe this request (its log says why)",
+                             "server_error", "server_error")
             if isinstance(exc, MegaedgeError):
                 return error(400, str(exc), "invalid_audio", param="file")
             return None
@@ -408,9 +416,12 @@ def create_app(config: ServeConfig, transcriber=None):
             m.request_seconds.observe(time.perf_counter() - t0)
             m.tokens.labels("transcription").inc(len(result.token_ids))
             m.decode_seconds.inc(result.timings.get("decode", 0.0))
-            m.audio_seconds.labels("transcription").inc(duration)
+            if known["duration"] is None:
+                known["duration"] = result.timings["audio_seconds"]
+                usage["seconds"] = round(known["duration"], 3)
+            m.audio_seconds.labels("transcription").inc(known["duration"])
 
-        usage = {"type": "duration", "seconds": round(duration, 3)}
+        usage = {"type": "duration", "seconds": None if known["duration"] is None else round(known["duration"], 3)}
         if segments is not None:
             return _event_stream(_stream_events(job, segments, cancel, watcher, failed, observe, usage, state), state)
         try:
@@ -426,13 +437,16 @@ def create_app(config: ServeConfig, transcriber=None):
             return PlainTextResponse(result.text)
         if fmt == "json":
             return {"text": result.text, "usage": usage}
-        return _verbose(result, duration, fields["model"])
+        return _verbose(result, known["duration"], fields["model"])
 
     @app.websocket("/v1/realtime")
     async def realtime(ws: WebSocket):
         await serve_socket(state, ws)
 
     return app
+
+
+DECODED_SAMPLES_PER_SECOND = 48000 * 2  # an upload decodes to at most --max-audio-seconds of 48 kHz stereo
 
 
 SHUTDOWN_MESSAGE = ("the server shut down before this transcription finished (megaedge serve --shutdown-timeout); "

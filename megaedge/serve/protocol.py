@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from megaedge.errors import ContextLengthError, MegaedgeError
+from megaedge.errors import BundleError, ContextLengthError, MegaedgeError
 
 log = logging.getLogger("megaedge.serve")
 
@@ -295,6 +295,8 @@ class RealtimeSession:
         if self._options(config) != self._options(self.config):
             try:
                 stream = self._new_stream(config)
+            except BundleError:
+                raise  # the server's fault, not the update's: run() answers it
             except MegaedgeError as exc:
                 param = "session.input_audio_transcription"
                 raise ProtocolError("invalid_value", str(exc), param, event_id) from None
@@ -422,6 +424,10 @@ class RealtimeSession:
             raise ProtocolError("unknown_event_type", f"unknown command {command.kind!r}", None, command.event_id)
         except ProtocolError as exc:
             return [error_from(exc)]
+        except BundleError as exc:  # the server's bundle, and its paths are the server's own: the log says
+            log.error("realtime session %s: the bundle failed: %s", self.id, exc)
+            return [error_event("server_error", "the server's bundle could not transcribe this session (its log "
+                                "says why)", None, command.event_id, kind="server_error")]
         except ContextLengthError as exc:  # a fixed KV buffer (--target cuda) too small: name the prompt if one is set
             param = "session.input_audio_transcription.prompt" if self.config.prompt else None
             return [error_event("context_length_exceeded", str(exc), param, command.event_id)]

@@ -40,7 +40,8 @@ def make_server(config: ServeConfig, transcriber=None, log_level: str = "warning
             # and their connections flush and close first, for at most FLUSH_SECONDS.
             loop = asyncio.get_running_loop()
             until = loop.time() + FLUSH_SECONDS
-            while (self.server_state.tasks or self.server_state.connections) and loop.time() < until:
+            while (self.server_state.tasks or self.server_state.connections) and loop.time() < until \
+                    and not self.force_exit:  # a second Ctrl-C: now
                 await asyncio.sleep(0.02)
 
         @contextlib.contextmanager

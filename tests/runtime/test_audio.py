@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -189,8 +191,10 @@ def test_a_flac_of_unknown_length_is_read_to_its_end(tmp_path, monkeypatch):
     np.testing.assert_array_equal(audio.read_file(path), want)
     np.testing.assert_array_equal(audio.read_bytes(path.read_bytes(), "up"), want)
     monkeypatch.setattr(audio, "_available_bytes", lambda: 4 * 3 * audio.READ_BLOCK * 3 // 2)
-    with pytest.raises(AudioError, match="streamed.flac: of unknown length, it holds at least .* more than the"):
+    with pytest.raises(AudioError, match="streamed.flac: of unknown length, it holds at least .* more than the") as err:
         audio.read_file(path)
+    read = int(re.search(r"\((\d+) frames at", str(err.value)).group(1))
+    assert read == audio.READ_BLOCK < want.size  # refused after the first block, not once the file was read
 
 
 def test_a_file_is_checked_against_free_memory_once_before_reading(tmp_path, monkeypatch):

@@ -146,18 +146,30 @@ FORKED = textwrap.dedent('''
     tr = Transcriber.from_bundle(sys.argv[1], decode="native", threads=2)
     clip = audio_io.load(read_set(fixture.heldout_manifest())[0]["path"])
 
-    def in_child(warm: bool):
-        """The child's transcript (or its one-line error); a child that hangs is killed after 60 s."""
+    def in_child(warm: bool, thread: bool = False):
+        """The child's transcript (or its one-line error), from its main thread or a new one; a child that hangs
+        is killed after 60 s."""
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
             import signal
+            import threading
             signal.alarm(60)
-            try:
-                out = "TEXT " + tr.transcribe(clip).text
-            except Exception as exc:  # noqa: BLE001 - reported to the parent
-                out = f"ERROR {type(exc).__name__}: {exc}"
-            os.write(w, out.encode())
+            out = []
+
+            def run():
+                try:
+                    out.append("TEXT " + tr.transcribe(clip).text)
+                except Exception as exc:  # noqa: BLE001 - reported to the parent
+                    out.append(f"ERROR {type(exc).__name__}: {exc}")
+
+            if thread:
+                worker = threading.Thread(target=run)
+                worker.start()
+                worker.join()
+            else:
+                run()
+            os.write(w, out[0].encode())
             os._exit(0)
         os.close(w)
         out = os.read(r, 1 << 16).decode()
@@ -172,6 +184,8 @@ FORKED = textwrap.dedent('''
     warm = in_child(True)  # the parent's OpenMP team now exists: the child would wait for it for ever
     assert warm.startswith("ERROR MegaedgeError: this process was forked from process") and "\\n" not in warm, warm
     assert "threads=1" in warm and "spawn" in warm
+    # a new thread of the child starts a team of its own (a gthread worker): served, not refused
+    assert in_child(True, thread=True) == "TEXT " + want
     print("OK")
 ''')
 
@@ -179,7 +193,8 @@ FORKED = textwrap.dedent('''
 @needs_kernel
 def test_a_process_forked_after_the_kernels_ran_is_told_not_hung(fixture_int8):
     """gunicorn's pre-fork with a warm-up: GNU OpenMP's threads do not survive fork(), so the child's first
-    parallel kernel waited for ever; now it is one line naming the fix, and a fork before any work still serves."""
+    parallel kernel waited for ever; now it is one line naming the fix. A fork before any work still serves, and
+    so does a new thread of the child (its team is its own)."""
     proc = subprocess.run([sys.executable, "-c", FORKED, str(fixture_int8)], capture_output=True, text=True,
                           cwd=REPO, timeout=600)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

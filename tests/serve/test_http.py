@@ -83,6 +83,44 @@ def test_a_flac_of_unknown_length_is_transcribed_and_its_length_checked(server, 
     assert "--max-audio-seconds" in err.value.body["message"]
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_an_upload_that_would_decode_to_too_many_samples_is_refused(strict, tmp_path, streamed):
+    """Seconds alone did not bound a decode: 3 s of 8-channel 48 kHz silence is a few kB of FLAC and 1.15 M
+    samples (at 655 kHz x 8, the reviewer's bomb, gigabytes). Known length: refused before a slot is taken; of
+    unknown length: in its slot, as soon as it holds more than --max-audio-seconds of 48 kHz stereo."""
+    import soundfile as sf
+
+    from tests.conftest import forget_flac_length
+
+    bomb = tmp_path / "bomb.flac"
+    sf.write(str(bomb), np.zeros((48000 * 3, 8), np.int16), 48000)
+    assert bomb.stat().st_size < 50_000
+    if streamed:
+        forget_flac_length(bomb)
+    with open(bomb, "rb") as f, pytest.raises(openai.BadRequestError) as err:
+        client(strict, "sesame").audio.transcriptions.create(model="m", file=f)
+    message = err.value.body["message"]
+    assert err.value.body["code"] == "audio_too_long" and "(48000 Hz x 8 channels)" in message
+    assert ("of unknown length, it holds more than the 384000 samples" if streamed
+            else "holds 1152000 samples") in message and "downmix or resample it" in message
+    strict.wait_for(lambda: strict.state.admission.active == 0, "the slot released")
+
+
+def test_a_bundle_fault_is_a_500_that_names_no_server_path(server, serve_transcriber, clips, monkeypatch):
+    """A BundleError while transcribing (a forged tokenizer) is the server's fault: 500 without the bundle's
+    path (it was a 400 invalid_audio naming it)."""
+    from megaedge.errors import BundleError
+
+    def transcribe(*args, **kwargs):
+        raise BundleError("/srv/secret/bundle/tokenizer.json: token id 9 is past the decoder's vocabulary")
+
+    monkeypatch.setattr(serve_transcriber, "transcribe", transcribe)
+    with open(clips[0]["path"], "rb") as f, pytest.raises(openai.InternalServerError) as err:
+        client(server).audio.transcriptions.create(model="m", file=f)
+    assert err.value.status_code == 500 and err.value.body["code"] == "server_error"
+    assert "/srv/secret" not in err.value.body["message"]
+
+
 def test_bad_requests_get_400_with_one_line(server, clips, tmp_path):
     api = client(server)
     path = clips[0]["path"]

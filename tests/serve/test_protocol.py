@@ -220,6 +220,28 @@ def test_a_full_fixed_kv_buffer_is_context_length_exceeded_and_the_session_goes_
     assert session.run(Command("append", "ev2", pcm=pcm)) == []
 
 
+def test_a_bundle_fault_is_a_server_error_that_names_no_server_path(caplog):
+    """A BundleError (a forged tokenizer's id past the vocabulary) is the server's fault: the client gets a
+    server_error without the bundle's path (it was an invalid_value carrying it); the log has the detail."""
+    from types import SimpleNamespace
+
+    from megaedge.errors import BundleError
+    from megaedge.runtime.streaming import StreamOptions
+    from megaedge.serve.protocol import Command, RealtimeSession
+
+    def create_stream(options):
+        if options.context:
+            raise BundleError("/srv/secret/bundle/tokenizer.json: token id 9 is past the decoder's vocabulary")
+        return SimpleNamespace(time=0, speech_heard=False, accept_waveform=lambda pcm, rate, partials: [])
+
+    session = RealtimeSession(SimpleNamespace(create_stream=create_stream), StreamOptions())
+    (event,) = session.run(Command("update", "u1", session={"input_audio_transcription": {"prompt": "valves"}}))
+    assert (event["type"], event["error"]["type"], event["error"]["code"], event["error"]["event_id"]) == (
+        "error", "server_error", "server_error", "u1")
+    assert "/srv/secret" not in json.dumps(event) and "/srv/secret" in caplog.text
+    assert session.config.prompt is None  # the session goes on as it was
+
+
 def test_long_form_items_count_each_second_of_audio_once():
     """Span finals overlap by a second (the next span re-reads it as context): each completed item's usage counts
     only audio no earlier item counted, so the items' durations add up to the session's audio."""
