@@ -78,7 +78,7 @@ def _machinery(n: int, dbfs: float, seed: int) -> np.ndarray:
 
 
 def streamed(tr, clips: list[tuple[str, np.ndarray]], rate: int, noise_dbfs: float | None = None,
-             confirm: float | None = None) -> tuple[list[str], list[str], dict, list[float]]:
+             confirm: float | None = None, references: dict | None = None) -> tuple[list, list, dict, list]:
     """Ids of the clips no non-empty final covers, and of those a final of which ends mid-clip (sessions of
     PER_SESSION clips); the min_logprob of the finals that cut a clip and of those that do not; each covered
     clip's endpoint latency (seconds from its end to the feed that produced its last final). ``noise_dbfs``:
@@ -86,7 +86,7 @@ def streamed(tr, clips: list[tuple[str, np.ndarray]], rate: int, noise_dbfs: flo
     from megaedge.runtime.streaming import EnergyVad, StreamOptions
 
     options = replace(StreamOptions.preset("balanced"), route=None)  # as serve's realtime sessions
-    lost, cut, logprobs, latency = [], [], {"cut": [], "whole": []}, []
+    lost, cut, logprobs, latency = [], [], {"cut": [], "whole": [], "cut_texts": []}, []
     for first in range(0, len(clips), PER_SESSION):
         group = clips[first:first + PER_SESSION]
         parts = [np.concatenate([x, np.zeros(int(GAP_SECONDS * 16000), np.float32)]) for _, x in group]
@@ -99,24 +99,26 @@ def streamed(tr, clips: list[tuple[str, np.ndarray]], rate: int, noise_dbfs: flo
         if confirm is not None:
             stream._vad = EnergyConfirmed(stream._vad, EnergyVad(options.vad_margin_db, options.vad_min_dbfs),
                                           round(options.endpoint_silence_seconds * 16000), confirm * 16000)
-        finals = []  # (middle, end, min_logprob, emitted) of each non-empty final, seconds
+        finals = []  # (middle, end, min_logprob, emitted, text) of each non-empty final, seconds
         for i in range(0, audio.size, rate // 10):
-            finals += [((e.start + e.end) / 2, e.end, e.min_logprob, (i + rate // 10) / rate)
+            finals += [((e.start + e.end) / 2, e.end, e.min_logprob, (i + rate // 10) / rate, e.text)
                        for e in stream.accept_waveform(audio[i:i + rate // 10], rate) if e.kind == "final" and e.text]
         last = stream.final()
         if last.text:
-            finals.append(((last.start + last.end) / 2, last.end, last.min_logprob, audio.size / rate))
+            finals.append(((last.start + last.end) / 2, last.end, last.min_logprob, audio.size / rate, last.text))
         for k, (cid, x) in enumerate(group):
-            mine = [(end, lp, at) for middle, end, lp, at in finals if edges[k] <= middle < edges[k + 1] + 0.5]
+            mine = [f[1:] for f in finals if edges[k] <= f[0] < edges[k + 1] + 0.5]
             if not mine:
                 lost.append(cid)
                 continue
             clip_end = edges[k] + x.size / 16000
-            if min(end for end, _, _ in mine) < clip_end - 0.3:
+            if min(end for end, *_ in mine) < clip_end - 0.3:
                 cut.append(cid)
-            for end, lp, _ in mine:
+            for end, lp, _, text in mine:
                 logprobs["cut" if end < clip_end - 0.3 else "whole"].append(round(float(lp), 3))
-            latency.append(max(at for _, _, at in mine) - clip_end)
+                if end < clip_end - 0.3:
+                    logprobs["cut_texts"].append({"id": cid, "final": text, "reference": (references or {}).get(cid)})
+            latency.append(max(at for _, _, at, _ in mine) - clip_end)
     return lost, cut, logprobs, latency
 
 
@@ -153,6 +155,7 @@ def main() -> int:
 
     items = read_set(fixture.heldout_manifest())
     clips = [(Path(item["path"]).stem, audio_io.load(item["path"])) for item in items]
+    references = {Path(item["path"]).stem: item.get("text") for item in items}
     results = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": provenance.commit(),
                "command": "python " + " ".join(sys.argv), "machine": machine.cpu_facts()["model"],
                "clips": len(clips), "session": f"{PER_SESSION} clips, {GAP_SECONDS} s of silence after each, "
@@ -169,10 +172,10 @@ def main() -> int:
         for rate in (int(r) for r in args.rates.split(",")):
             row = {}
             for name, tr in (("silero", gated), ("off", plain)):
-                lost, cut, logprobs, _ = streamed(tr, clips, rate)
+                lost, cut, logprobs, _ = streamed(tr, clips, rate, references=references)
                 whole = np.array(logprobs["whole"])
                 row[name] = {"lost": len(lost), "ids": lost, "cut": len(cut), "cut_ids": cut,
-                             "cut_min_logprob": logprobs["cut"],
+                             "cut_finals": logprobs["cut_texts"], "cut_min_logprob": logprobs["cut"],
                              "whole_min_logprob_percentiles_5_25_50": np.percentile(whole, [5, 25, 50]).round(2)
                              .tolist() if whole.size else []}
                 print(f"streamed at {rate} Hz, gate {name}: {len(lost)} of {len(clips)} lost {lost}, {len(cut)} cut "
