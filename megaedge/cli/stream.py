@@ -113,50 +113,34 @@ def _file_chunks(args, hop: float):
 
 
 def _stdin_chunks(args, hop: float):
-    """Standard input as a live source, read a hop at a time as its producer writes it: a WAV stream (its header
-    says rate, channels and width; its length is open), or raw 16-bit mono PCM at ``--raw`` Hz."""
+    """Standard input as a live source, fed as its producer writes it (runtime/pipe.py): a WAV stream, or raw
+    16-bit mono PCM at ``--raw`` Hz."""
     import sys
-    import wave
 
-    import numpy as np
-
-    from megaedge.errors import MegaedgeError
+    from megaedge.errors import AudioError, MegaedgeError
     from megaedge.runtime import audio as audio_io
+    from megaedge.runtime import pipe
 
     source = sys.stdin.buffer
     if args.raw:
-        rate, channels, width = args.raw, 1, 2
-
-        def read(frames: int) -> bytes:
-            return source.read(frames * 2)
+        fmt, data_bytes = pipe.PcmFormat(args.raw, 1, 2), None
     else:
-        try:  # wave reads a header from a pipe, without seeking, and then the data as it comes
-            stream = wave.open(source)
-        except (wave.Error, EOFError) as exc:
-            raise MegaedgeError(f"--file -: standard input is not a WAV stream ({str(exc) or 'it is empty'}); for raw "
-                                "PCM pass --raw RATE (16-bit little-endian mono, e.g. arecord -t raw -f S16_LE -c 1 "
-                                "-r 16000)") from None
-        rate, channels, width, read = (stream.getframerate(), stream.getnchannels(), stream.getsampwidth(),
-                                       stream.readframes)
-        if width not in (1, 2, 4):
-            raise MegaedgeError(f"--file -: {8 * width}-bit samples; send 16-bit PCM (arecord -f S16_LE, ffmpeg "
-                                "-c:a pcm_s16le)")
-    audio_io.check_rate(rate, "--file -: the WAV stream's sample rate")
-    dtype = np.dtype({1: "u1", 2: "<i2", 4: "<i4"}[width])
-    step, frame = max(1, int(hop * rate)), channels * width
-    total, limit, rest = 0, int(args.seconds * rate) if args.seconds else None, b""
-    while limit is None or total < limit:
-        data = read(step)
-        if not data:
-            return
-        data = rest + data
-        usable = len(data) // frame * frame
-        rest = data[usable:]
-        block = np.frombuffer(data[:usable], dtype).reshape(-1, channels)
+        try:
+            fmt, data_bytes = pipe.read_wav_header(source, "--file -: standard input")
+        except AudioError as exc:
+            hint = ("; for raw PCM pass --raw RATE (16-bit little-endian mono, e.g. arecord -t raw -f S16_LE -c 1 "
+                    "-r 16000)") if "is not a WAV stream" in str(exc) else ""
+            raise MegaedgeError(f"{exc}{hint}") from None
+    audio_io.check_rate(fmt.rate, "--file -: the WAV stream's sample rate")
+    total, limit = 0, int(args.seconds * fmt.rate) if args.seconds else None
+    step = max(1, int(hop * fmt.rate))  # a hop a block, as from a microphone or a file
+    for block in pipe.blocks(source, fmt, step, data_bytes, align=step):
         if limit is not None:
             block = block[: limit - total]
         total += len(block)
-        yield (block[:, 0] if channels == 1 else block), rate
+        yield (block[:, 0] if fmt.channels == 1 else block), fmt.rate
+        if limit is not None and total >= limit:
+            return
 
 
 def _sounddevice():

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     piped = None
     for name in args.files:  # a bad file fails before the bundle is loaded
         if name == "-":  # a pipe cannot seek, which soundfile needs: read it whole, then as an upload is read
-            piped = sys.stdin.buffer.read()
+            piped = _read_stdin(sys.stdin.buffer)
             audio_io.check_bytes(piped, "standard input")
         else:
             audio_io.check_readable(name)
@@ -66,3 +66,29 @@ def run(args: argparse.Namespace) -> int:
             conf = f" logp={result.min_logprob:.2f}" if result.min_logprob is not None else ""
             print(f"{name}\t[{result.language or '?'}; {result.route}{prob}{conf}{guard}]\t{result.text}")
     return 0
+
+
+def _read_stdin(source) -> bytes:
+    """All of standard input, refused in one line as soon as its start is not audio soundfile reads (``cat
+    /dev/zero``) or it outgrows a quarter of the free memory (a capture left running), not when memory is gone."""
+    from megaedge.errors import AudioError
+    from megaedge.runtime import audio as audio_io
+
+    parts, size, checked = [], 0, False
+    while True:
+        chunk = source.read(1 << 20)
+        if chunk:
+            parts.append(chunk)
+            size += len(chunk)
+        if not checked and (size >= 1 << 16 or not chunk):
+            head = b"".join(parts)[: 1 << 16]
+            if head:
+                audio_io.check_bytes(head, "standard input", whole=False)
+            checked = True
+        if not chunk:
+            return b"".join(parts)
+        free = audio_io.available_bytes()
+        if free is not None and 4 * size > free:
+            raise AudioError(f"standard input: {size / 2**30:.1f} GiB read and more coming, over a quarter "
+                                      f"of the {free / 2**30:.1f} GiB free; write it to a file and transcribe it in "
+                                      "parts (ffmpeg -i IN -f segment -segment_time 600 part%03d.wav)")

@@ -148,7 +148,7 @@ def check_rate(rate, what: str) -> int:
     return int(rate)
 
 
-def _available_bytes() -> int | None:
+def available_bytes() -> int | None:
     """Memory this machine has free for new allocations (Linux: MemAvailable), or None when unknown."""
     try:
         with open("/proc/meminfo") as f:
@@ -167,7 +167,7 @@ def check_fits(frames: int, channels: int, rate: int, name: str, target: int = T
     """One line when reading ``frames`` of audio (as a file's header says) and resampling it to ``target`` would
     need more memory than is free (``held``: bytes of it already read, no longer counted as free)."""
     need = 4 * COPIES_IN_MEMORY * (frames * max(channels, 1) + frames * target // max(rate, 1))
-    free = _available_bytes()
+    free = available_bytes()
     if free is not None:
         free += held
     if free is not None and need > free:
@@ -232,16 +232,13 @@ def _decode(source, info, name: str, target: int, max_seconds: float | None = No
     try:
         check_rate(info.samplerate, f"{name}: sample rate")
         check_decoded_size(info, name, max_seconds, max_samples)
-        if unknown_length(info):
-            data, rate = _read_to_end(source, name, target, max_seconds, max_samples)
-        else:
+        if not unknown_length(info):
             check_fits(int(info.frames), int(info.channels), int(info.samplerate),
                        f"{name}: its header says it holds", target)
-            data, rate = sf.read(source, dtype="float32", always_2d=True)
+        mono, rate = _read_mono(source, info, name, target, max_seconds, max_samples)
     except (RuntimeError, sf.LibsndfileError, TypeError, ValueError) as exc:
         raise AudioError(f"{name}: cannot read audio ({_first_line(exc)}); use wav/flac/ogg/mp3") from exc
-    # soundfile says the layout, (frames, channels): nothing to guess
-    return prepare(data.mean(axis=1), int(rate), name=name, target=target, check_scale=False, check_memory=False)
+    return prepare(mono, int(rate), name=name, target=target, check_scale=False, check_memory=False)
 
 
 def unknown_length(info) -> bool:
@@ -253,30 +250,41 @@ def unknown_length(info) -> bool:
 READ_BLOCK = 1 << 18  # frames per read of a file of unknown length: 16 s at 16 kHz
 
 
-def _read_to_end(source, name: str, target: int, max_seconds: float | None = None,
-                 max_samples: int | None = None) -> tuple[np.ndarray, int]:
-    """A file of unknown length, read block by block until it ends, checked against free memory as it grows.
+def _read_mono(source, info, name: str, target: int, max_seconds: float | None = None,
+               max_samples: int | None = None) -> tuple[np.ndarray, int]:
+    """The file's samples mixed to mono, read a block at a time: only the mono copy is ever whole (a 10-minute
+    48 kHz stereo upload held twice its size as float32 frames before its mix).
 
-    soundfile's whole-file read sizes its array from the header (an exabyte here), and its block reads seek past
-    each block, which libsndfile refuses at the end of such a file: the blocks are read as from a pipe."""
+    A file of unknown length is read until it ends, checked against the size limits and free memory as it grows:
+    soundfile's whole-file read sizes its array from the header (an exabyte there), and its block reads seek past
+    each block, which libsndfile refuses at the end of such a file, so its blocks are read as from a pipe."""
     import soundfile as sf
 
-    parts, frames = [], 0
+    open_ended = unknown_length(info)
     with sf.SoundFile(source) as f:
-        f.seekable = lambda: False  # read on from where the last read ended; never seek (see above)
+        if open_ended:
+            f.seekable = lambda: False  # read on from where the last read ended; never seek (see above)
+        # soundfile says the layout, (frames, channels): nothing to guess
+        parts = [] if open_ended else [np.empty(int(info.frames), np.float32)]
+        frames = 0
         while True:
             block = f.read(READ_BLOCK, dtype="float32", always_2d=True)
             if not len(block):
                 break
-            parts.append(block)
+            mixed = block.mean(axis=1) if block.shape[1] > 1 else block[:, 0]
+            if open_ended:
+                parts.append(mixed)
+            else:
+                parts[0][frames : frames + len(mixed)] = mixed
             frames += len(block)
-            _check_size(frames, f.channels, f.samplerate, name, max_seconds, max_samples, known=False)
-            check_fits(frames, f.channels, f.samplerate, f"{name}: of unknown length, it holds at least", target,
-                       held=4 * frames * f.channels)
+            if open_ended:
+                _check_size(frames, f.channels, f.samplerate, name, max_seconds, max_samples, known=False)
+                check_fits(frames, f.channels, f.samplerate, f"{name}: of unknown length, it holds at least", target,
+                           held=4 * frames)
         rate = f.samplerate
-    if not parts:
+    if not frames:
         raise AudioError(f"{name}: the audio is empty (0 samples)")
-    return np.concatenate(parts), rate
+    return (np.concatenate(parts) if open_ended else parts[0][:frames]), rate
 
 
 def _first_line(exc: BaseException) -> str:
@@ -323,24 +331,25 @@ def check_readable(path: str | os.PathLike):
     return _describe(str(p), head, p.stat().st_size, str(p))
 
 
-def check_bytes(data: bytes, name: str):
-    """``check_readable`` for a file's bytes held in memory."""
+def check_bytes(data: bytes, name: str, whole: bool = True):
+    """``check_readable`` for a file's bytes held in memory (``whole=False``: only its start, whose header is
+    judged; its length and truncation cannot be)."""
     if not data:
         raise AudioError(f"{name}: the file is empty (0 bytes)")
-    return _describe(io.BytesIO(data), data[: 1 << 16], len(data), name)
+    return _describe(io.BytesIO(data), data[: 1 << 16], len(data), name, whole)
 
 
-def _describe(source, head: bytes, size: int, name: str):
+def _describe(source, head: bytes, size: int, name: str, whole: bool = True):
     import soundfile as sf
 
     try:
         info = sf.info(source)
     except (RuntimeError, sf.LibsndfileError, TypeError, ValueError) as exc:
         raise AudioError(f"{name}: cannot read audio ({_first_line(exc)}); use wav/flac/ogg/mp3") from exc
-    problem = _wav_truncation(head, size, name)
+    problem = _wav_truncation(head, size, name) if whole else None
     if problem:
         raise AudioError(problem)
-    if info.frames == 0:
+    if info.frames == 0 and whole:
         raise AudioError(f"{name}: the audio is empty (0 samples)")
     return info
 

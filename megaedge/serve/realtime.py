@@ -220,8 +220,8 @@ class Connection:
         limit = self.state.config.max_backlog_seconds
         if self.backlog + len(command.audio) > limit * per_second:
             return self._refuse(command, "audio_backlog_exceeded",
-                                f"{self.backlog / per_second:.1f} s of this connection's audio wait to be decoded and "
-                                f"this append adds {len(command.audio) / per_second:.1f} s, over the server's limit "
+                                f"{self.backlog / per_second:.2f} s of this connection's audio wait to be decoded and "
+                                f"this append adds {len(command.audio) / per_second:.2f} s, over the server's limit "
                                 f"of {limit:g} s; it was dropped: send audio at real-time pace")
         self.backlog += len(command.audio)
         return []

@@ -43,8 +43,8 @@ def test_standard_input_streams_as_the_file_does(fixture_bundles, clip):
 
 
 @pytest.mark.parametrize("args,stdin,message", [
-    (("--file", "-"), b"not a wav header at all", "standard input is not a WAV stream (file does not start with "
-                                                  "RIFF id); for raw PCM pass --raw RATE"),
+    (("--file", "-"), b"not a wav header at all", "standard input is not a WAV stream (it does not start with "
+                                                  "RIFF....WAVE); for raw PCM pass --raw RATE"),
     (("--file", "-"), b"", "standard input is not a WAV stream (it is empty)"),
     (("--file", "-", "--raw", "5"), b"", "--raw 5 is not a rate in whole Hz (1000-768000)"),
     (("--file", "x.wav", "--raw", "16000"), b"", "--raw describes standard input's PCM: use it with --file -"),
@@ -54,3 +54,33 @@ def test_standard_input_mistakes_are_one_line(fixture_bundles, args, stdin, mess
     proc = _cli("stream", str(fixture_bundles["merged"]), *args, stdin=stdin)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_a_signal_while_reading_a_pipe_flushes_all_that_arrived(fixture_bundles, clip):
+    """SIGTERM while the stream waits for the rest of a hop: the final covers every sample the producer wrote
+    (the part of a hop that had arrived was dropped: with --hop 5 a 6.9 s command ended at 5 s)."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from tests.cli.conftest import CLI
+    from tests.conftest import REPO
+
+    _, samples, rate = clip
+    proc = subprocess.Popen([sys.executable, "-c", CLI, "stream", str(fixture_bundles["merged"]), "--file", "-",
+                             "--raw", str(rate), "--hop", "5", "--no-endpoint", "--json"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    writer = threading.Thread(target=lambda: (proc.stdin.write(samples.astype("<i2").tobytes()),
+                                              proc.stdin.flush()))
+    writer.start()  # the pipe stays open: the producer is still "recording"
+    writer.join(60)
+    first = proc.stdout.readline()  # the partial of the first whole hop: the stream is running
+    assert json.loads(first)["kind"] == "partial"
+    time.sleep(2.0)  # the rest has reached the reader, which waits for more
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    finals = [json.loads(line) for line in out.decode().splitlines() if json.loads(line)["kind"] == "final"]
+    assert proc.returncode == 0, err.decode()
+    assert finals[-1]["end"] == pytest.approx(len(samples) / rate, abs=1e-3)

@@ -21,3 +21,35 @@ def test_transcribe_reads_a_file_from_standard_input(fixture_bundles, clip):
                                                               "one file: give - once")
     empty = _cli("transcribe", bundle, "-")
     assert empty.returncode == 1 and "standard input: the file is empty (0 bytes)" in empty.stderr
+
+
+def test_standard_input_is_judged_as_it_is_read(monkeypatch, clip):
+    """It was read whole before anything was checked: ``cat /dev/zero`` or a capture left running grew until the
+    OOM killer. Its start is judged at 64 KiB, and its size against free memory as it grows."""
+    import io
+
+    import pytest
+
+    from megaedge.cli.transcribe import _read_stdin
+    from megaedge.errors import AudioError
+    from megaedge.runtime import audio
+
+    class Endless(io.RawIOBase):
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            buffer[:] = bytes(len(buffer))
+            self.served = getattr(self, "served", 0) + len(buffer)
+            return len(buffer)
+
+    zeros = Endless()
+    with pytest.raises(AudioError, match="standard input: cannot read audio"):
+        _read_stdin(io.BufferedReader(zeros))
+    assert zeros.served <= 2 << 20  # refused after the first read, not at the end of an endless stream
+    path, _, _ = clip
+    assert _read_stdin(io.BytesIO(path.read_bytes())) == path.read_bytes()
+    wav_stream = path.read_bytes()[:44] + bytes(8 << 20)  # a WAV header, then 8 MiB of a capture still running
+    monkeypatch.setattr(audio, "available_bytes", lambda: 16 << 20)
+    with pytest.raises(AudioError, match=r"standard input: 0.0 GiB read and more coming, over a quarter of the"):
+        _read_stdin(io.BytesIO(wav_stream))

@@ -162,7 +162,7 @@ def test_audio_that_would_not_fit_in_memory_is_one_line_before_reading(tmp_path,
     with pytest.raises(AudioError, match=r"lying.flac: its header says it holds 1193.0 h of audio .* split it"):
         audio.load(str(lying))
     assert audio.load(str(flac)).size == 16000
-    monkeypatch.setattr(audio, "_available_bytes", lambda: 100_000)  # a machine with 100 kB free
+    monkeypatch.setattr(audio, "available_bytes", lambda: 100_000)  # a machine with 100 kB free
     with pytest.raises(AudioError, match="a.flac: its header says it holds 0.0 h of audio .* more than the"):
         audio.load(str(flac))
     with pytest.raises(AudioError, match="audio: 0.0 h of audio .* more than the"):
@@ -190,7 +190,7 @@ def test_a_flac_of_unknown_length_is_read_to_its_end(tmp_path, monkeypatch):
     assert audio.unknown_length(sf.info(str(path)))
     np.testing.assert_array_equal(audio.read_file(path), want)
     np.testing.assert_array_equal(audio.read_bytes(path.read_bytes(), "up"), want)
-    monkeypatch.setattr(audio, "_available_bytes", lambda: 4 * 3 * audio.READ_BLOCK * 3 // 2)
+    monkeypatch.setattr(audio, "available_bytes", lambda: 4 * 3 * audio.READ_BLOCK * 3 // 2)
     with pytest.raises(AudioError, match="streamed.flac: of unknown length, it holds at least .* more than the") as err:
         audio.read_file(path)
     read = int(re.search(r"\((\d+) frames at", str(err.value)).group(1))
