@@ -179,6 +179,21 @@ def unknown_length_flac(path, seconds: float = 20.0) -> np.ndarray:
     return held
 
 
+def test_decoding_is_bounded_in_seconds_and_in_samples_before_reading(tmp_path):
+    """A server's bounds (--max-audio-seconds, and that much 48 kHz stereo in samples) refuse a file whose header
+    says it holds more, before any of it is decoded."""
+    from megaedge.errors import AudioTooLongError
+
+    path = tmp_path / "wide.flac"
+    sf.write(str(path), np.zeros((48000 * 3, 8), np.int16), 48000)
+    with pytest.raises(AudioTooLongError, match=r"'up': holds 3.0 s of audio, more than 2 s"):
+        audio.read_bytes(path.read_bytes(), "'up'", max_seconds=2)
+    with pytest.raises(AudioTooLongError, match=r"'up': holds 1152000 samples \(48000 Hz x 8 channels\), more than "
+                                                r"the 100000 decoded per request: downmix or resample it"):
+        audio.read_bytes(path.read_bytes(), "'up'", max_samples=100_000)
+    assert audio.read_bytes(path.read_bytes(), "'up'", max_seconds=3, max_samples=48000 * 3 * 8).size == 48000
+
+
 def test_a_flac_of_unknown_length_is_read_to_its_end(tmp_path, monkeypatch):
     """soundfile sized its array from the header (an exabyte: 'array is too big'), and its block reads fail at the
     end of such a file: it is read to its end, from disk and from memory, as the same samples a whole FLAC gives;

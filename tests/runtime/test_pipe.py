@@ -73,12 +73,22 @@ def test_lengths_open_or_declared_and_chunks_before_the_data():
     (_wav(_fmt(6, 1, 8000, 8), b""), "WAV format 6 with 8-bit samples"),
     (_wav(_fmt(1, 1, 16000, 12), b""), "WAV format 1 with 12-bit samples"),
     (b"RIFF\xff\xff\xff\xffWAVEfmt ", "the stream ended inside its WAV header"),
+    (b"RIFF\xff\xff\xff\xffWAVEdata\xff\xff\xff\xff", "the WAV stream has no fmt chunk before its data"),
+    (_wav(b"\x01\x00\x01\x00", b""), "a WAV fmt chunk of 4 bytes"),
     (b"RIFF\xff\xff\xff\xffWAVE" + b"junk" + struct.pack("<I", 1 << 25), "bytes of WAV chunks before the audio"),
 ])
 def test_what_is_not_a_wav_stream_is_one_line(stream, message):
     with pytest.raises(AudioError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
         _read_all(stream)
     assert "\n" not in str(err.value)
+
+
+def test_blocks_are_whole_hops_and_the_rest_comes_at_the_end():
+    pcm = np.arange(2500, dtype="<i2")
+    source = io.BufferedReader(io.BytesIO(pcm.tobytes() + b"\x07"))  # and half a sample, which is dropped
+    got = list(pipe.blocks(source, pipe.PcmFormat(16000, 1, 2), 1000, align=1000))
+    assert [b.shape[0] for b in got] == [1000, 1000, 500]
+    assert np.array_equal(np.concatenate(got)[:, 0], pcm)
 
 
 def test_a_signal_while_waiting_for_more_lets_what_arrived_out_first():
