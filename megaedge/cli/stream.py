@@ -213,11 +213,11 @@ def _run(args: argparse.Namespace, guard) -> int:
 
     options = _options(args)
     stdin = args.file == "-"
-    if args.raw is not None and not stdin:
-        raise MegaedgeError("--raw describes standard input's PCM: use it with --file -")
     if args.raw is not None:
         from megaedge.runtime import audio as audio_io
 
+        if not stdin:
+            raise MegaedgeError("--raw describes standard input's PCM: use it with --file -")
         audio_io.check_rate(args.raw, "--raw")
     if stdin and args.realtime:
         raise MegaedgeError("--realtime paces a file; standard input comes at its producer's pace: leave it out")

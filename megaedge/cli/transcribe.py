@@ -41,11 +41,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.files.count("-") > 1:
         raise MegaedgeError("standard input (-) holds one file: give - once")
-    piped = None
+    piped = piped_info = None
     for name in args.files:  # a bad file fails before the bundle is loaded
         if name == "-":  # a pipe cannot seek, which soundfile needs: read it whole, then as an upload is read
             piped = _read_stdin(sys.stdin.buffer)
-            audio_io.check_bytes(piped, "standard input")
+            piped_info = audio_io.check_bytes(piped, "standard input")
         else:
             audio_io.check_readable(name)
     transcriber = Transcriber.from_bundle(args.bundle, providers=args.providers.split(","), route=args.route,
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
                                           prefill=args.prefill, stem=args.stem, kv_cache=args.kv_cache, vad=args.vad,
                                           expected_digest=args.expect_digest)
     for name in args.files:
-        audio = audio_io.read_bytes(piped, "standard input") if name == "-" else name
+        audio = audio_io.read_bytes(piped, "standard input", info=piped_info) if name == "-" else name
         result = transcriber.transcribe(audio, language=args.language, context=args.context,
                                         max_text_tokens=args.max_new_tokens)
         if args.json:
@@ -89,6 +89,6 @@ def _read_stdin(source) -> bytes:
             return b"".join(parts)
         free = audio_io.available_bytes()
         if free is not None and 4 * size > free:
-            raise AudioError(f"standard input: {size / 2**30:.1f} GiB read and more coming, over a quarter "
-                                      f"of the {free / 2**30:.1f} GiB free; write it to a file and transcribe it in "
-                                      "parts (ffmpeg -i IN -f segment -segment_time 600 part%03d.wav)")
+            raise AudioError(f"standard input: {size / 2**30:.1f} GiB read and more coming, over a quarter of the "
+                             f"{free / 2**30:.1f} GiB free; write it to a file and transcribe it in parts (ffmpeg -i "
+                             "IN -f segment -segment_time 600 part%03d.wav)")

@@ -198,12 +198,14 @@ def read_file(path: str | os.PathLike, target: int = TARGET_RATE) -> np.ndarray:
 
 
 def read_bytes(data: bytes, name: str, target: int = TARGET_RATE, max_seconds: float | None = None,
-               max_samples: int | None = None) -> np.ndarray:
+               max_samples: int | None = None, info=None) -> np.ndarray:
     """``read_file`` for a file's bytes held in memory (an upload): the same checks and decoding, so the same
     samples, without the audio ever touching a disk; ``name`` is what messages call it. ``max_seconds`` and
     ``max_samples`` (frames x channels) bound what is decoded (AudioTooLongError), a file of unknown length
-    while it is read: a few kB of compressed silence decode to hours of audio."""
-    return _decode(io.BytesIO(data), check_bytes(data, name), name, target, max_seconds, max_samples)
+    while it is read: a few kB of compressed silence decode to hours of audio. ``info``: what ``check_bytes``
+    returned for ``data`` already (a caller that checked before queueing), so that it is not probed twice."""
+    info = check_bytes(data, name) if info is None else info
+    return _decode(io.BytesIO(data), info, name, target, max_seconds, max_samples)
 
 
 def check_decoded_size(info, name: str, max_seconds: float | None, max_samples: int | None) -> None:
@@ -214,15 +216,19 @@ def check_decoded_size(info, name: str, max_seconds: float | None, max_samples: 
 
 
 def _check_size(frames: int, channels: int, rate: int, name: str, max_seconds, max_samples, known: bool = True):
-    holds = f"{name}: holds" if known else f"{name}: of unknown length, it holds more than"
+    """AudioTooLongError past a bound: ``frames`` is the whole file's when ``known``, else what was read so far."""
+    layout = f"({rate} Hz x {channels} channels)"
+    fix = "decoded per request: downmix or resample it (ffmpeg -i IN -ac 1 -ar 16000 OUT.flac)"
     if max_seconds is not None and frames > max_seconds * rate:
-        raise AudioTooLongError(f"{holds} {frames / rate:.1f} s of audio, more than {max_seconds:g} s" if known
-                                else f"{holds} {max_seconds:g} s of audio")
+        if known:
+            raise AudioTooLongError(f"{name}: holds {frames / rate:.1f} s of audio, more than {max_seconds:g} s")
+        raise AudioTooLongError(f"{name}: of unknown length, it holds more than {max_seconds:g} s of audio")
     if max_samples is not None and frames * channels > max_samples:
-        shown = f"{frames * channels} samples ({rate} Hz x {channels} channels), more than the" if known else \
-            f"the {max_samples} samples ({rate} Hz x {channels} channels)"
-        raise AudioTooLongError(f"{holds} {shown}{f' {max_samples}' if known else ''} decoded per request: "
-                                "downmix or resample it (ffmpeg -i IN -ac 1 -ar 16000 OUT.flac)")
+        if known:
+            raise AudioTooLongError(f"{name}: holds {frames * channels} samples {layout}, more than the "
+                                    f"{max_samples} {fix}")
+        raise AudioTooLongError(f"{name}: of unknown length, it holds more than the {max_samples} samples {layout} "
+                                f"{fix}")
 
 
 def _decode(source, info, name: str, target: int, max_seconds: float | None = None,
@@ -261,30 +267,30 @@ def _read_mono(source, info, name: str, target: int, max_seconds: float | None =
     import soundfile as sf
 
     open_ended = unknown_length(info)
+    # a known length is filled in place; an open one is kept in blocks, joined at the end
+    whole = None if open_ended else np.empty(int(info.frames), np.float32)
+    parts, frames = [], 0
     with sf.SoundFile(source) as f:
         if open_ended:
             f.seekable = lambda: False  # read on from where the last read ended; never seek (see above)
-        # soundfile says the layout, (frames, channels): nothing to guess
-        parts = [] if open_ended else [np.empty(int(info.frames), np.float32)]
-        frames = 0
         while True:
             block = f.read(READ_BLOCK, dtype="float32", always_2d=True)
             if not len(block):
                 break
+            # soundfile says the layout, (frames, channels): nothing to guess
             mixed = block.mean(axis=1) if block.shape[1] > 1 else block[:, 0]
-            if open_ended:
+            if whole is not None:
+                whole[frames : frames + len(mixed)] = mixed
+            frames += len(mixed)
+            if whole is None:
                 parts.append(mixed)
-            else:
-                parts[0][frames : frames + len(mixed)] = mixed
-            frames += len(block)
-            if open_ended:
                 _check_size(frames, f.channels, f.samplerate, name, max_seconds, max_samples, known=False)
                 check_fits(frames, f.channels, f.samplerate, f"{name}: of unknown length, it holds at least", target,
                            held=4 * frames)
         rate = f.samplerate
     if not frames:
         raise AudioError(f"{name}: the audio is empty (0 samples)")
-    return (np.concatenate(parts) if open_ended else parts[0][:frames]), rate
+    return (np.concatenate(parts) if whole is None else whole[:frames]), rate
 
 
 def _first_line(exc: BaseException) -> str:

@@ -360,10 +360,9 @@ def create_app(config: ServeConfig, transcriber=None):
         except MegaedgeError as exc:
             return error(400, str(exc), "invalid_audio", param="file")
         # A streaming encoder's file has no length until it is decoded, which happens in its slot, as every decode
-        known = {"duration": None if audio_io.unknown_length(info) else info.frames / info.samplerate}
-        if known["duration"] is not None and known["duration"] > config.max_audio_seconds:
-            return error(400, f"the audio is {known['duration']:.1f} s long; {too_long}", "audio_too_long",
-                         param="file")
+        duration = None if audio_io.unknown_length(info) else info.frames / info.samplerate
+        if duration is not None and duration > config.max_audio_seconds:
+            return error(400, f"the audio is {duration:.1f} s long; {too_long}", "audio_too_long", param="file")
         try:
             state.metrics.queued_requests.set(state.admission.queued + 1)
             if not await _unless(state.admission.acquire(), left):  # a client gone leaves the queue at once
@@ -382,7 +381,7 @@ def create_app(config: ServeConfig, transcriber=None):
         on_segment = None if segments is None else (lambda seg: loop.call_soon_threadsafe(segments.put_nowait,
                                                                                           seg))
         job = asyncio.ensure_future(state.run(lambda: tr.transcribe(
-            audio_io.read_bytes(data, label, max_seconds=config.max_audio_seconds, max_samples=budget),
+            audio_io.read_bytes(data, label, max_seconds=config.max_audio_seconds, max_samples=budget, info=info),
             language=language, context=context, cancel=cancel, on_segment=on_segment)))
 
         def finished(done) -> None:  # the slot and the upload are the decode's until it has ended
@@ -412,16 +411,17 @@ def create_app(config: ServeConfig, transcriber=None):
             return None
 
         def observe(result) -> None:
+            nonlocal duration
             m = state.metrics
             m.request_seconds.observe(time.perf_counter() - t0)
             m.tokens.labels("transcription").inc(len(result.token_ids))
             m.decode_seconds.inc(result.timings.get("decode", 0.0))
-            if known["duration"] is None:
-                known["duration"] = result.timings["audio_seconds"]
-                usage["seconds"] = round(known["duration"], 3)
-            m.audio_seconds.labels("transcription").inc(known["duration"])
+            if duration is None:
+                duration = result.timings["audio_seconds"]
+                usage["seconds"] = round(duration, 3)
+            m.audio_seconds.labels("transcription").inc(duration)
 
-        usage = {"type": "duration", "seconds": None if known["duration"] is None else round(known["duration"], 3)}
+        usage = {"type": "duration", "seconds": None if duration is None else round(duration, 3)}
         if segments is not None:
             return _event_stream(_stream_events(job, segments, cancel, watcher, failed, observe, usage, state), state)
         try:
@@ -437,7 +437,7 @@ def create_app(config: ServeConfig, transcriber=None):
             return PlainTextResponse(result.text)
         if fmt == "json":
             return {"text": result.text, "usage": usage}
-        return _verbose(result, known["duration"], fields["model"])
+        return _verbose(result, duration, fields["model"])
 
     @app.websocket("/v1/realtime")
     async def realtime(ws: WebSocket):
