@@ -57,7 +57,8 @@ def test_web_page_shows_the_transcript_of_the_microphone(fixture_bundles, serve_
          "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={clip}%noloop",
          "--autoplay-policy=no-user-gesture-required", "--disable-background-networking", "--no-first-run",
          "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**os.environ, "TMPDIR": str(tmp_path)})  # its singleton socket's directory, left behind otherwise
     try:
         port_file = profile / "DevToolsActivePort"
         running.wait_for(lambda: port_file.exists() and port_file.read_text().strip(), "chromium's DevTools port")
