@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--route", choices=("auto", "base", "lora"), default="auto",
                         help="routed bundles: auto = the router decides per segment (default); base / lora force one")
     add_decoding_options(parser)
+    parser.add_argument("--format", choices=("text", "json", "srt", "vtt"),
+                        help="text: a line per file (default); json: as --json; srt / vtt: subtitles, a cue per "
+                             "segment with text (one file)")
     parser.add_argument("--providers", default="cpu", help="comma list: cpu, cuda, tensorrt (default cpu)")
     add_decode_engine_option(parser)
     add_vad_option(parser)
@@ -37,10 +40,17 @@ def run(args: argparse.Namespace) -> int:
     from megaedge.cli.common import print_json_line
     from megaedge.errors import MegaedgeError
     from megaedge.runtime import audio as audio_io
+    from megaedge.runtime import output
     from megaedge.runtime.transcriber import Transcriber
 
     if args.files.count("-") > 1:
         raise MegaedgeError("standard input (-) holds one file: give - once")
+    if args.json and args.format not in (None, "json"):
+        raise MegaedgeError(f"--json and --format {args.format} ask for two outputs: give one of them")
+    fmt = "json" if args.json else (args.format or "text")
+    if fmt in output.SUBTITLE_FORMATS and len(args.files) > 1:
+        raise MegaedgeError(f"--format {fmt} writes the subtitles of one file; give one file per run "
+                            f"(for f in *.wav; do megaedge transcribe B \"$f\" --format {fmt} > \"${{f%.*}}.{fmt}\"; done)")
     piped = piped_info = None
     for name in args.files:  # a bad file fails before the bundle is loaded
         if name == "-":  # a pipe cannot seek, which soundfile needs: read it whole, then as an upload is read
@@ -56,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
         audio = audio_io.read_bytes(piped, "standard input", info=piped_info) if name == "-" else name
         result = transcriber.transcribe(audio, language=args.language, context=args.context,
                                         max_text_tokens=args.max_new_tokens)
-        if args.json:
+        if fmt in output.SUBTITLE_FORMATS:
+            sys.stdout.write(output.subtitles(result.segments, fmt))
+        elif fmt == "json":
             doc = result.to_dict()
             doc.pop("raw", None)
             print_json_line({"file": name, **doc})

@@ -142,6 +142,7 @@ class StreamEvent:
     min_logprob: float | None = None
     degraded_prob: float | None = None  # routed bundles, route auto: the router's degraded probability
     language: str | None = None  # finals: the language the model named (or the one forced)
+    logprobs: tuple[float, ...] = ()  # finals: the log-probability of each of token_ids
 
 
 @dataclass
@@ -720,7 +721,8 @@ class Stream:
             language = self.opts.language or self.tr.text_of(tokens, False).language
         end = self.time if end_sample is None else end_sample
         event = StreamEvent(kind, text, committed, span.start_sample / RATE, end / RATE, self.utterance, route,
-                            tuple(tokens), time.perf_counter() - t0, reason, *confidence, degraded_prob, language)
+                            tuple(tokens), time.perf_counter() - t0, reason, *confidence, degraded_prob, language,
+                            tuple(float(x) for x in logprobs))
         self._last = event
         return event
 

