@@ -1,8 +1,9 @@
 """The server: FastAPI routes over one shared ``Transcriber``, run under uvicorn (extra ``serve``).
 
 * ``POST /v1/audio/transcriptions``: OpenAI's transcription endpoint (multipart ``file``, ``model``, ``language``,
-  ``prompt``, ``response_format`` json | text | verbose_json, ``temperature`` 0). The blocking ``transcribe`` runs
-  in a thread pool of ``max_streams`` workers once a stream slot is free (admission.py).
+  ``prompt``, ``response_format`` json | text | verbose_json | srt | vtt, ``include[]`` logprobs, ``temperature``
+  0, ``stream``). The blocking ``transcribe`` runs in a thread pool of ``max_streams`` workers once a stream slot
+  is free (admission.py).
 * ``GET /v1/realtime?intent=transcription``: OpenAI's realtime transcription events (protocol.py); each
   connection holds a slot and owns one ``Stream``, fed in the same pool, one job at a time per connection.
 * ``GET /health`` (503 until the bundle is loaded in the background), ``GET /metrics`` (Prometheus), ``GET /``
@@ -25,6 +26,7 @@ import zlib
 from pathlib import Path
 
 from megaedge.errors import AudioTooLongError, BundleError, Cancelled, ContextLengthError, MegaedgeError
+from megaedge.runtime import output
 from megaedge.serve.bodylimit import BodyLimit, TooLarge, error_body, too_large_body
 from megaedge.serve.config import ServeConfig  # noqa: F401  (where callers have found it)
 from megaedge.serve.realtime import serve_socket
@@ -34,7 +36,9 @@ requests_log = logging.getLogger("megaedge.serve.requests")
 TRANSCRIPTIONS = "/v1/audio/transcriptions"
 
 STATIC = Path(__file__).resolve().parent / "static"
-RESPONSE_FORMATS = ("json", "text", "verbose_json")
+RESPONSE_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
+SUBTITLE_TYPES = {"srt": "text/plain", "vtt": "text/vtt"}  # what OpenAI's clients read as text
+INCLUDES = ("logprobs",)  # OpenAI's include[]: per-token log-probabilities of the transcript
 RETRY_AFTER_SECONDS = 1  # a 429's Retry-After: slots free as decodes end, which takes seconds, not minutes
 IDLE_TRIM_SECONDS = 10.0  # with no stream decoding for this long, freed memory is handed back (memory.py)
 
@@ -422,8 +426,13 @@ def create_app(config: ServeConfig, transcriber=None):
             m.audio_seconds.labels("transcription").inc(duration)
 
         usage = {"type": "duration", "seconds": None if duration is None else round(duration, 3)}
+        confidence = None  # include[]=logprobs: the text tokens of each segment, as OpenAI's logprobs
+        if fields["logprobs"]:
+            marker = None if language else tr.manifest.prompt.asr_text  # a forced language: every token is text
+            confidence = functools.partial(_token_logprobs, tr, marker)
         if segments is not None:
-            return _event_stream(_stream_events(job, segments, cancel, watcher, failed, observe, usage, state), state)
+            return _event_stream(_stream_events(job, segments, cancel, watcher, failed, observe, usage, state,
+                                                confidence), state)
         try:
             result = await asyncio.shield(job)  # a cancelled handler (shutdown) leaves the job to its cancel
         except Exception as exc:
@@ -435,9 +444,14 @@ def create_app(config: ServeConfig, transcriber=None):
         fmt = fields["response_format"]
         if fmt == "text":
             return PlainTextResponse(result.text)
+        if fmt in output.SUBTITLE_FORMATS:
+            return PlainTextResponse(output.subtitles(result.segments, fmt), media_type=SUBTITLE_TYPES[fmt])
+        body = {"text": result.text} if fmt == "json" else _verbose(result, duration, fields["model"])
+        if confidence is not None:
+            body["logprobs"] = confidence(result.segments)
         if fmt == "json":
-            return {"text": result.text, "usage": usage}
-        return _verbose(result, duration, fields["model"])
+            body["usage"] = usage
+        return body
 
     @app.websocket("/v1/realtime")
     async def realtime(ws: WebSocket):
@@ -491,7 +505,7 @@ def _event_stream(events, state):
 
 
 async def _stream_events(job, segments: asyncio.Queue, cancel: threading.Event, watcher, failed, observe,
-                         usage: dict, state):
+                         usage: dict, state, confidence=None):
     """A ``transcript.text.delta`` per segment as it is decoded (the deltas add up to the final text exactly), then
     ``transcript.text.done`` with the text and usage, or an ``error`` event. A client that leaves stops the decode
     (``cancel``); the outcome is counted once, when the stream ends: 200, the error's status, 499 for a client
@@ -512,7 +526,10 @@ async def _stream_events(job, segments: asyncio.Queue, cancel: threading.Event, 
                 texts.append(seg.text)
             so_far = " ".join(texts).strip()  # as Result.text joins segments
             if so_far.startswith(sent) and len(so_far) > len(sent):
-                yield _sse({"type": "transcript.text.delta", "delta": so_far[len(sent):]})
+                delta = {"type": "transcript.text.delta", "delta": so_far[len(sent):]}
+                if confidence is not None:
+                    delta["logprobs"] = confidence([seg])
+                yield _sse(delta)
                 sent = so_far
         exc = job.exception()
         if exc is not None:
@@ -528,7 +545,10 @@ async def _stream_events(job, segments: asyncio.Queue, cancel: threading.Event, 
         result = job.result()
         observe(result)
         outcome = "200"
-        yield _sse({"type": "transcript.text.done", "text": result.text, "usage": usage})
+        done = {"type": "transcript.text.done", "text": result.text, "usage": usage}
+        if confidence is not None:
+            done["logprobs"] = confidence(result.segments)
+        yield _sse(done)
     finally:
         if getter is not None and not getter.done():
             getter.cancel()
@@ -598,15 +618,29 @@ def _form_fields(form) -> dict | tuple:
     if stream not in ("false", "0", "true", "1"):
         return (f"stream {stream[:20]!r} is not true or false", "invalid_value", "invalid_request_error", "stream")
     stream = stream in ("true", "1")
-    if stream and fmt == "verbose_json":
-        return ("stream=true sends transcript.text events, not verbose_json; use response_format json or text, "
+    if stream and fmt not in ("json", "text"):
+        return (f"stream=true sends transcript.text events, not {fmt}; use response_format json or text, "
                 "or leave stream out", "invalid_value", "invalid_request_error", "response_format")
     granularities = [g for g in form.getlist("timestamp_granularities[]") if isinstance(g, str)]
     if any(g != "segment" for g in granularities):
         return ("timestamp_granularities: only 'segment' is supported", "invalid_value", "invalid_request_error",
                 "timestamp_granularities[]")
+    include = {g.strip() for key in ("include[]", "include") for g in form.getlist(key) if isinstance(g, str)}
+    include.discard("")
+    unknown = sorted(include - set(INCLUDES))
+    if unknown:
+        return (f"include {unknown[0][:40]!r} is not supported; the one this server has is 'logprobs'",
+                "invalid_value", "invalid_request_error", "include[]")
+    if include and not stream and fmt not in ("json", "verbose_json"):
+        return (f"include logprobs needs response_format json or verbose_json, or stream=true; not {fmt}",
+                "invalid_value", "invalid_request_error", "include[]")
     return {"model": text("model"), "language": text("language"), "prompt": text("prompt"),
-            "response_format": fmt, "stream": stream}
+            "response_format": fmt, "stream": stream, "logprobs": "logprobs" in include}
+
+
+def _token_logprobs(tr, marker: int | None, segments) -> list[dict]:
+    return [entry for s in segments
+            for entry in output.text_token_logprobs(tr.tokenizer, s.token_ids, s.logprobs, marker, s.text)]
 
 
 def _upload_label(name: str) -> str:

@@ -23,7 +23,8 @@ Choices where megaedge's stream differs from OpenAI's service (docs/serving.md):
   concatenated deltas (rarely; the stream's ``revisions`` count).
 * ``completed`` carries megaedge fields beside OpenAI's: ``route``, ``degraded_prob`` (routed bundles on the auto
   route; else null), ``language``, ``mean_logprob``, ``min_logprob``, ``start`` / ``end`` (seconds of session
-  audio), ``reason``.
+  audio), ``reason``; with ``session.include`` [``item.input_audio_transcription.logprobs``] also ``logprobs``,
+  the transcript's tokens (deltas carry none: they are committed text, whose final check may still change it).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from megaedge.errors import BundleError, ContextLengthError, MegaedgeError
+from megaedge.runtime import output
 
 log = logging.getLogger("megaedge.serve")
 
@@ -52,6 +54,7 @@ SAMPLE_BYTES = {"pcm16": 2, "g711_ulaw": 1, "g711_alaw": 1}
 PIECE_SECONDS = 0.1  # appended audio is fed in pieces of at most this: the granularity of speech / endpoint events
 MIN_COMMIT_SECONDS = 0.1  # OpenAI refuses to commit less than 100 ms of audio
 SILENCE_MS = (200, 5000)
+LOGPROBS_INCLUDE = "item.input_audio_transcription.logprobs"  # session.include: completed carries token logprobs
 CLIENT_EVENTS = ("transcription_session.update", "session.update", "input_audio_buffer.append",
                  "input_audio_buffer.commit", "input_audio_buffer.clear")
 
@@ -163,6 +166,7 @@ class SessionConfig:
     model: str | None = None
     server_vad: bool = True
     silence_ms: int | None = None  # None: the stream preset's endpoint silence
+    logprobs: bool = False  # session.include holds LOGPROBS_INCLUDE
 
     def to_session(self, session_id: str, silence_ms: int) -> dict:
         """The session object of created / updated events: OpenAI's shape plus ``input_audio_rate``."""
@@ -173,7 +177,7 @@ class SessionConfig:
         return {"id": session_id, "object": "realtime.transcription_session", "modalities": ["text"],
                 "input_audio_format": self.format, "input_audio_rate": self.rate,
                 "input_audio_transcription": {"model": self.model, "language": self.language, "prompt": self.prompt},
-                "turn_detection": turn}
+                "turn_detection": turn, "include": [LOGPROBS_INCLUDE] if self.logprobs else None}
 
 
 def apply_update(config: SessionConfig, session: dict, event_id: str | None = None) -> SessionConfig:
@@ -220,6 +224,15 @@ def apply_update(config: SessionConfig, session: dict, event_id: str | None = No
                 if value is not None and not isinstance(value, str):
                     raise bad(f"input_audio_transcription.{key}", f"'{key}' must be a string or null")
                 changes[field] = value or None
+    if "include" in session:
+        include = session["include"]
+        if include is not None and (not isinstance(include, list) or not all(isinstance(v, str) for v in include)):
+            raise bad("include", "'include' must be a list of strings or null")
+        unknown = [v for v in include or () if v != LOGPROBS_INCLUDE]
+        if unknown:
+            raise bad("include", f"include {unknown[0][:60]!r} is not supported; the one this server has is "
+                      f"{LOGPROBS_INCLUDE!r}")
+        changes["logprobs"] = bool(include)
     has_turn = "turn_detection" in session or "turn_detection" in audio_in
     if has_turn:
         turn = session["turn_detection"] if "turn_detection" in session else audio_in["turn_detection"]
@@ -373,6 +386,10 @@ class RealtimeSession:
                     "route": event.route, "degraded_prob": event.degraded_prob, "language": event.language,
                     "mean_logprob": event.mean_logprob,
                     "min_logprob": event.min_logprob, "start": start, "end": end, "reason": event.reason})
+        if self.config.logprobs:  # a forced language's prompt holds the prefix: every token is text
+            marker = None if self.stream.opts.language else self.tr.manifest.prompt.asr_text
+            out[-1]["logprobs"] = output.text_token_logprobs(self.tr.tokenizer, event.token_ids, event.logprobs,
+                                                             marker, event.text)
         self.previous_item = item
         continuing = event.reason in ("span", "segment")  # long-form: the utterance goes on in a new item
         self._close_item()

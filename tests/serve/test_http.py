@@ -126,7 +126,7 @@ def test_bad_requests_get_400_with_one_line(server, clips, tmp_path):
     path = clips[0]["path"]
     cases = [
         ({"temperature": 0.7}, "temperature"),
-        ({"response_format": "srt"}, "response_format"),
+        ({"response_format": "tsv"}, "response_format"),
         ({"language": "klingon"}, "language"),
     ]
     for extra, param in cases:

@@ -77,6 +77,12 @@ def test_session_updates_in_the_beta_and_the_ga_shape():
     assert apply_update(alaw, {"turn_detection": None}).format == "g711_alaw"
     assert (apply_update(alaw, {"input_audio_format": "pcm16"}).format,
             apply_update(alaw, {"input_audio_format": "pcm16"}).rate) == ("pcm16", 24000)
+    # include: token log-probabilities on completed events, until an update leaves them out
+    assert not beta.logprobs and beta.to_session("s", 800)["include"] is None
+    asked = apply_update(base, {"include": ["item.input_audio_transcription.logprobs"]})
+    assert asked.logprobs and asked.to_session("s", 800)["include"] == ["item.input_audio_transcription.logprobs"]
+    assert apply_update(asked, {"turn_detection": None}).logprobs
+    assert not apply_update(asked, {"include": None}).logprobs and not apply_update(asked, {"include": []}).logprobs
 
 
 @pytest.mark.parametrize("fmt,subtype", [("g711_ulaw", "ULAW"), ("g711_alaw", "ALAW")])
@@ -107,6 +113,8 @@ def test_g711_payloads_decode_as_libsndfile_reads_the_format(fmt, subtype):
      "session.turn_detection.silence_duration_ms"),
     ({"input_audio_transcription": {"language": 7}}, "invalid_value",
      "session.input_audio_transcription.language"),
+    ({"include": ["item.input_audio_transcription.words"]}, "invalid_value", "session.include"),
+    ({"include": "item.input_audio_transcription.logprobs"}, "invalid_value", "session.include"),
 ])
 def test_bad_session_updates_name_the_field(session, code, param):
     with pytest.raises(ProtocolError) as err:

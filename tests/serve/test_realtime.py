@@ -96,6 +96,35 @@ def test_manual_commit_transcribes_the_whole_buffer_like_offline(server, serve_t
     assert events[-1]["transcript"] == offline.text and events[-1]["start"] == 0.0
 
 
+@pytest.mark.parametrize("language", [None, "en"])
+def test_include_logprobs_gives_the_transcripts_tokens(server, serve_transcriber, clips, language):
+    """session.include asks for the transcript's token log-probabilities on completed events (OpenAI's
+    item.input_audio_transcription.logprobs): those of offline transcription's text tokens of the same span."""
+    item = clips[4]
+    session = {"input_audio_format": "pcm16", "input_audio_rate": 16000,
+               "include": ["item.input_audio_transcription.logprobs"]}
+    if language:
+        session["input_audio_transcription"] = {"language": language}
+    with connect(server) as ws:
+        ws.recv(timeout=60)
+        ws.send(json.dumps({"type": "transcription_session.update", "session": session}))
+        send_audio(ws, np.concatenate([item["pcm"], SILENCE]))
+        events = receive_until(ws, "conversation.item.input_audio_transcription.completed")
+    assert events[0]["session"]["include"] == ["item.input_audio_transcription.logprobs"]
+    done = events[-1]
+    audio = np.concatenate([item["pcm"], SILENCE])
+    span = audio[round(done["start"] * 16000): round(done["end"] * 16000)]
+    offline = serve_transcriber.transcribe(span, 16000, language=language and "English").segments[0]
+    assert done["transcript"] == offline.text and offline.text
+    ids, logprobs = list(offline.token_ids), list(offline.logprobs)
+    if not language:
+        at = ids.index(serve_transcriber.manifest.prompt.asr_text)
+        ids, logprobs = ids[at + 1 :], logprobs[at + 1 :]
+    assert [e["logprob"] for e in done["logprobs"]] == pytest.approx(logprobs, abs=1e-3)
+    assert bytes(b for e in done["logprobs"] for b in e["bytes"]).decode().strip() == done["transcript"]
+    assert not any(e["type"].endswith(".delta") and "logprobs" in e for e in events)
+
+
 @pytest.mark.parametrize("fmt,subtype,shape", [("g711_ulaw", "ULAW", "beta"), ("g711_alaw", "ALAW", "ga")])
 def test_g711_from_a_telephone_gateway_transcribes_like_offline(server, serve_transcriber, clips, fmt, subtype,
                                                                 shape):

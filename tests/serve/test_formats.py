@@ -1,0 +1,115 @@
+"""What POST /v1/audio/transcriptions answers besides text, through the official openai client: per-token
+confidence (include[]=logprobs) and subtitles (response_format srt / vtt)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+openai = pytest.importorskip("openai", reason="needs the openai client (dev extra)")
+
+
+def client(running):
+    return openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _text_part(tr, segment, forced: bool):
+    """The segment's tokens and log-probabilities after the language prefix (all of them when the model named no
+    language: a garbled decode of a long silence)."""
+    ids, logprobs = list(segment.token_ids), list(segment.logprobs)
+    if not forced and tr.manifest.prompt.asr_text in ids:
+        at = ids.index(tr.manifest.prompt.asr_text)
+        ids, logprobs = ids[at + 1 :], logprobs[at + 1 :]
+    return ids, logprobs
+
+
+def test_include_logprobs_gives_each_text_token_and_its_logprob(server, serve_transcriber, clips):
+    """A command interface reads which word the model was unsure of: the text tokens' log-probabilities, spelled so
+    that their bytes are the transcript, for the request as it was sent (detected or forced language)."""
+    api = client(server)
+    for item, language in ((clips[0], None), (clips[1], "en")):
+        expected = serve_transcriber.transcribe(item["path"], language=language and "English")
+        extra = {"language": language} if language else {}
+        with open(item["path"], "rb") as f:
+            out = api.audio.transcriptions.create(model="m", file=f, include=["logprobs"], **extra)
+        assert out.text == expected.text and out.text
+        _, logprobs = _text_part(serve_transcriber, expected.segments[0], language is not None)
+        got = [entry.model_dump() for entry in out.logprobs]
+        assert [e["logprob"] for e in got] == logprobs  # the prefix's tokens ("language English<asr_text>") left out
+        assert bytes(int(b) for e in got for b in e["bytes"]).decode().strip() == out.text  # the client types bytes as floats
+        assert min(e["logprob"] for e in got) >= expected.min_logprob
+        with open(item["path"], "rb") as f:
+            plain = api.audio.transcriptions.create(model="m", file=f, **extra)
+        assert plain.logprobs is None  # only when asked
+        with open(item["path"], "rb") as f:
+            verbose = api.audio.transcriptions.create(model="m", file=f, include=["logprobs"],
+                                                      response_format="verbose_json", **extra).model_dump()
+        assert verbose["logprobs"] == got and verbose["segments"][0]["text"] == expected.segments[0].text
+
+
+def test_streamed_deltas_carry_their_segments_logprobs(server, serve_transcriber, clips, tmp_path):
+    import soundfile as sf
+
+    from megaedge.runtime import audio as audio_io
+
+    gap = np.zeros(16000 * 26, np.float32)  # two segments of text
+    audio = np.concatenate([audio_io.load(clips[2]["path"]), gap, audio_io.load(clips[3]["path"])])
+    path = tmp_path / "two.wav"
+    sf.write(str(path), audio, 16000, subtype="FLOAT")
+    expected = serve_transcriber.transcribe(str(path))
+    texts = [s for s in expected.segments if s.text]
+    assert len(texts) == 2
+    with open(path, "rb") as f:
+        events = list(client(server).audio.transcriptions.create(model="m", file=f, stream=True,
+                                                                  include=["logprobs"]))
+    deltas, done = events[:-1], events[-1]
+    assert [e.type for e in deltas] == ["transcript.text.delta"] * 2 and done.text == expected.text
+    for delta, segment in zip(deltas, texts):
+        _, logprobs = _text_part(serve_transcriber, segment, False)
+        assert [e.logprob for e in delta.logprobs] == logprobs
+    assert [e.model_dump() for e in done.logprobs] == [e.model_dump() for d in deltas for e in d.logprobs]
+
+
+def test_subtitles_cue_each_segment_with_text(server, serve_transcriber, clips, tmp_path):
+    import soundfile as sf
+
+    from megaedge.runtime import audio as audio_io
+
+    gap = np.zeros(16000 * 27, np.float32)
+    audio = np.concatenate([audio_io.load(clips[0]["path"]), gap, audio_io.load(clips[1]["path"])])
+    path = tmp_path / "two.wav"
+    sf.write(str(path), audio, 16000, subtype="FLOAT")
+    expected = serve_transcriber.transcribe(str(path))
+    cued = [s for s in expected.segments if s.text]
+    assert len(cued) == 2
+    api = client(server)
+    with open(path, "rb") as f:
+        srt = api.audio.transcriptions.create(model="m", file=f, response_format="srt")
+    with open(path, "rb") as f:
+        vtt = api.audio.transcriptions.create(model="m", file=f, response_format="vtt")
+    blocks = srt.strip().split("\n\n")
+    assert [b.splitlines()[0] for b in blocks] == ["1", "2"]
+    assert [b.splitlines()[2] for b in blocks] == [" ".join(s.text.split()) for s in cued]  # a cue is one line
+    assert blocks[1].splitlines()[1] == f"{_clock(cued[1].start, ',')} --> {_clock(cued[1].end, ',')}"
+    assert vtt.startswith("WEBVTT\n\n1\n")
+    assert vtt.split("\n\n")[2].splitlines()[1] == f"{_clock(cued[1].start, '.')} --> {_clock(cued[1].end, '.')}"
+
+
+def _clock(seconds: float, mark: str) -> str:
+    ms = round(seconds * 1000)
+    return f"{ms // 3600000:02d}:{ms // 60000 % 60:02d}:{ms // 1000 % 60:02d}{mark}{ms % 1000:03d}"
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"include": ["logprobs", "words"]}, "include[]"),
+    ({"include": ["logprobs"], "response_format": "text"}, "include[]"),
+    ({"include": ["logprobs"], "response_format": "srt"}, "include[]"),
+    ({"stream": True, "response_format": "srt"}, "response_format"),
+    ({"stream": True, "response_format": "vtt"}, "response_format"),
+    ({"response_format": "tsv"}, "response_format"),
+])
+def test_what_cannot_be_answered_is_refused_in_one_line(server, clips, extra, param):
+    with open(clips[0]["path"], "rb") as f, pytest.raises(openai.BadRequestError) as err:
+        client(server).audio.transcriptions.create(model="m", file=f, **extra)
+    body = err.value.body
+    assert body["param"] == param and "\n" not in body["message"], body
