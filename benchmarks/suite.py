@@ -11,13 +11,15 @@ activations, runs the prompt in onnxruntime; steps native) and ``cpu-int4`` (the
 Random-weight checkpoints at the real 0.6B / 1.7B geometry, the same speech-like audio (10 s and 30 s) and the same
 forced token count (EOS ignored) for every contender. Each measurement runs in a fresh process (clean peak-RSS
 figures), and contenders are interleaved round by round so a slow spell of the machine hits all of them; medians
-are reported. Also measured: cold load of the INT8 bundle, process start -> first token ready.
+are reported. Also measured: cold load of the default INT8 bundle (``cpu-float-encoder``), process start -> first
+token ready.
 
     python benchmarks/suite.py --work DIR [--geometries 0.6b,1.7b] [--audio 10,30] [--tokens 32] [--rounds 2]
+                              [--label zen4 --machine-class "2-core AMD EPYC VM (Zen 4), AVX512-VNNI"]
     python benchmarks/suite.py --work DIR --device cuda --geometries 1.7b     # needs onnxruntime-gpu and CUDA torch
 
-Writes benchmarks/results/suite_<geometry>.json, suite.md (table) and suite.png (plot); with --device cuda
-suite_cuda_<geometry>.json and suite_cuda.md, named after the GPU. Needs ~3x the fp32 model of free disk and, at
+Writes benchmarks/results/suite_<geometry>[_<label>].json (suite_cuda_<geometry>.json with --device cuda, named
+after the GPU) and rewrites suite.md (benchmarks/report.py; plots: report.py --plot DIR). Needs ~3x the fp32 model of free disk and, at
 1.7B, ~18 GiB RAM for the export step.
 """
 
@@ -31,6 +33,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import provenance
+import report
 
 from megaedge.runtime import machine
 
@@ -38,6 +42,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CONTENDERS = ("transformers_fp32", "megaedge_fp32", "megaedge_int8", "megaedge_int8_float_encoder",
               "megaedge_int8_fast", "megaedge_int8_prefill", "megaedge_int4")
 CUDA_CONTENDERS = ("transformers_fp16", "megaedge_fp16")  # the reference first: speed-ups are against it
+COLD_CONTENDER, COLD_RECIPE = "megaedge_int8_float_encoder", "cpu-float-encoder"  # what `export --int8` writes
 PREFILL_ENGINES = {"megaedge_int8_prefill": "ort"}  # Transcriber.from_bundle(prefill=...); "auto" for the others
 
 # VmHWM belongs to the process's own address space; ru_maxrss survives exec and would report the parent's size.
@@ -198,12 +203,6 @@ def build(geometry: str, work: Path, device: str = "cpu") -> dict:
             "megaedge_int8_prefill": prefill, "megaedge_int4": int4}
 
 
-def _table_order(path: Path) -> tuple:
-    """Larger geometry first; per geometry the latest run (suite_<geometry>.json), then kept earlier ones."""
-    geometry = path.stem.split("_")[-1] if path.stem.count("_") == 1 else path.stem.split("_")[1]
-    return -float(geometry.rstrip("b")), path.stem.count("_") > 1, path.stem
-
-
 def _cpu_label() -> str:
     """The CPU's name and its widest int8 instructions: VMs of one vendor all call themselves "AMD EPYC"."""
     facts = machine.cpu_facts()
@@ -226,16 +225,22 @@ def main() -> None:
     parser.add_argument("--cold-only", action="store_true", help="only re-measure the cold start of existing "
                                                                   "bundles and update results/suite_*.json")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--label", default="", help="a machine label for the result's name: suite_<geometry>_<label>"
+                                                    ".json beside other machines' (default: suite_<geometry>.json)")
+    parser.add_argument("--machine-class", help="how tables name this machine (\"2-core AMD EPYC VM (Zen 4), "
+                                                  "AVX512-VNNI\"); default: its CPU model and widest int8 feature")
     args = parser.parse_args()
+    suffix = f"_{args.label}" if args.label else ""
     lengths = [float(v) for v in args.audio.split(",")]
     cuda = args.device == "cuda"
     contenders, prefix = (CUDA_CONTENDERS, "suite_cuda") if cuda else (CONTENDERS, "suite")
     for geometry in args.geometries.split(","):
         paths = build(geometry, args.work / geometry, args.device)
         if args.cold_only:
-            out = RESULTS / f"suite_{geometry}.json"
+            out = RESULTS / f"suite_{geometry}{suffix}.json"
             result = json.loads(out.read_text())
-            cold = cold_load(paths["megaedge_int8"], args.cold_rounds)
+            cold = cold_load(paths[COLD_CONTENDER], args.cold_rounds)
+            result["int8_cold_start_recipe"] = COLD_RECIPE
             result["int8_cold_start_to_first_token_s"] = cold["prepared"]
             result["int8_cold_start_unprepared_s"] = cold["unprepared"]
             out.write_text(json.dumps(result, indent=2) + "\n")
@@ -249,7 +254,9 @@ def main() -> None:
                 code = _REFERENCE if name.startswith("transformers") else _RUNTIME
                 runs[name].append(_python(code, str(paths[name]), *common, PREFILL_ENGINES.get(name, "auto")))
                 print(f"{geometry} round {r} {name}: {json.dumps(runs[name][-1])}", flush=True)
-        result = {"geometry": geometry, "tokens": args.tokens, "threads": args.threads, "rounds": args.rounds,
+        result = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": provenance.commit(),
+                  "command": "python " + " ".join(sys.argv), "machine_class": args.machine_class,
+                  "geometry": geometry, "tokens": args.tokens, "threads": args.threads, "rounds": args.rounds,
                   "device": args.device, "machine": (machine.gpu_name() or "unknown GPU") if cuda else _cpu_label(),
                   "contenders": {}}
         for name, rows in runs.items():
@@ -268,71 +275,14 @@ def main() -> None:
                 mine = result["contenders"][name][f"{seconds:g}s"]
                 mine["rtf_speedup_vs_transformers"] = round(ref / mine["rtf"], 2)
         if not cuda:
-            cold = cold_load(paths["megaedge_int8"], args.cold_rounds)
+            cold = cold_load(paths[COLD_CONTENDER], args.cold_rounds)
+            result["int8_cold_start_recipe"] = COLD_RECIPE
             result["int8_cold_start_to_first_token_s"] = cold["prepared"]
             result["int8_cold_start_unprepared_s"] = cold["unprepared"]
-        (RESULTS / f"{prefix}_{geometry}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (RESULTS / f"{prefix}_{geometry}{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2), flush=True)
-    table = [json.loads(f.read_text()) for f in sorted(RESULTS.glob(f"{prefix}_[0-9]*.json"), key=_table_order)]
-    write_table(table, RESULTS / f"{prefix}.md")
-    if cuda:
-        return
-    try:
-        write_plot(table, RESULTS / "suite.png")
-    except ImportError:
-        print("matplotlib missing: no plot")
+    report.main([])  # suite.md from every current result file
 
-
-
-def write_table(results: list[dict], path: Path) -> None:
-    # results of one geometry come from one run on one machine; geometries may have been run on different ones
-    lines = ["| machine | geometry | audio | contender | RTF | x vs transformers | first token s | decode tok/s | "
-             "peak RSS GiB |", "|---|---|---|---|---|---|---|---|---|"]
-    for res in results:
-        for name, entry in res["contenders"].items():
-            for key, run in entry.items():
-                if not isinstance(run, dict):
-                    continue
-                lines.append(f"| {res.get('machine', '-')} | {res['geometry']} | {key} | {name} | {run['rtf']:.3f} | "
-                             f"{run.get('rtf_speedup_vs_transformers', 1.0):.2f} | {run['first_token']:.2f} | "
-                             f"{run['decode_tokens_per_s']:.2f} | {entry['peak_rss_gib']:.2f} |")
-    first = results[0]
-    if first.get("device") == "cuda":
-        lines += ["", f"{first['machine']}: {first['tokens']} forced tokens, medians of {first['rounds']} interleaved "
-                  f"rounds; transformers fp16 eager generate vs megaedge FP16 bundle on onnxruntime's CUDA execution "
-                  f"provider (KV cache kept on the GPU)."]
-        path.write_text("\n".join(lines) + "\n")
-        return
-    cold = ", ".join(f"{r['geometry']} {r['int8_cold_start_to_first_token_s']['median']} s"
-                     + (f" ({r['int8_cold_start_unprepared_s']['median']} s unprepared)"
-                        if "int8_cold_start_unprepared_s" in r else "") for r in results)
-    lines += ["", f"{first['tokens']} forced tokens, {first['threads']} threads, medians of "
-              f"{first['rounds']} interleaved rounds. INT8 cold start to first token after `megaedge "
-              f"prepare`: {cold}."]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def write_plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    names = [n for n in CONTENDERS if all(n in res["contenders"] for res in results)]
-    width = 0.8 / len(names)
-    groups = [(res, key) for res in results for key, run in res["contenders"]["megaedge_int8"].items()
-              if isinstance(run, dict)]
-    for i, name in enumerate(names):
-        values = [res["contenders"][name][key]["rtf"] for res, key in groups]
-        ax.bar(np.arange(len(groups)) + (i - (len(names) - 1) / 2) * width, values, width, label=name)
-    labels = [f"{res['geometry']} {key}" for res, key in groups]
-    ax.set_xticks(np.arange(len(groups)), labels)
-    ax.set_ylabel("real-time factor (lower is better)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
