@@ -58,6 +58,14 @@ def text_token_logprobs(tokenizer, tokens, logprobs, marker: int | None, text: s
     return entries
 
 
+def token_logprobs(transcriber, item) -> list[dict]:
+    """OpenAI's ``logprobs`` entries of a transcript: a ``SegmentResult`` (``Result.segments``) or a final
+    ``StreamEvent``. A forced language's prompt already ends in the marker, so its tokens hold none and are all text,
+    as ``parse_asr_output`` reads them."""
+    return text_token_logprobs(transcriber.tokenizer, item.token_ids, item.logprobs,
+                               transcriber.manifest.prompt.asr_text, item.text)
+
+
 def _entries(tokenizer, tokens, logprobs) -> list[dict]:
     out = []
     for token, logprob in zip(tokens, logprobs):

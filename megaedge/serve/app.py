@@ -426,10 +426,8 @@ def create_app(config: ServeConfig, transcriber=None):
             m.audio_seconds.labels("transcription").inc(duration)
 
         usage = {"type": "duration", "seconds": None if duration is None else round(duration, 3)}
-        confidence = None  # include[]=logprobs: the text tokens of each segment, as OpenAI's logprobs
-        if fields["logprobs"]:
-            marker = None if language else tr.manifest.prompt.asr_text  # a forced language: every token is text
-            confidence = functools.partial(_token_logprobs, tr, marker)
+        # include[]=logprobs: the text tokens of each segment, as OpenAI's logprobs
+        confidence = functools.partial(_token_logprobs, tr) if fields["logprobs"] else None
         if segments is not None:
             return _event_stream(_stream_events(job, segments, cancel, watcher, failed, observe, usage, state,
                                                 confidence), state)
@@ -638,9 +636,8 @@ def _form_fields(form) -> dict | tuple:
             "response_format": fmt, "stream": stream, "logprobs": "logprobs" in include}
 
 
-def _token_logprobs(tr, marker: int | None, segments) -> list[dict]:
-    return [entry for s in segments
-            for entry in output.text_token_logprobs(tr.tokenizer, s.token_ids, s.logprobs, marker, s.text)]
+def _token_logprobs(tr, segments) -> list[dict]:
+    return [entry for s in segments for entry in output.token_logprobs(tr, s)]
 
 
 def _upload_label(name: str) -> str:

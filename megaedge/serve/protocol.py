@@ -386,10 +386,8 @@ class RealtimeSession:
                     "route": event.route, "degraded_prob": event.degraded_prob, "language": event.language,
                     "mean_logprob": event.mean_logprob,
                     "min_logprob": event.min_logprob, "start": start, "end": end, "reason": event.reason})
-        if self.config.logprobs:  # a forced language's prompt holds the prefix: every token is text
-            marker = None if self.stream.opts.language else self.tr.manifest.prompt.asr_text
-            out[-1]["logprobs"] = output.text_token_logprobs(self.tr.tokenizer, event.token_ids, event.logprobs,
-                                                             marker, event.text)
+        if self.config.logprobs:
+            out[-1]["logprobs"] = output.token_logprobs(self.tr, event)
         self.previous_item = item
         continuing = event.reason in ("span", "segment")  # long-form: the utterance goes on in a new item
         self._close_item()

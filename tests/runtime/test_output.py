@@ -76,3 +76,33 @@ def test_subtitles_number_the_cues_of_segments_with_text():
     assert output.subtitles([_segment(0.0, 1.0, " ")], "srt") == ""
     with pytest.raises(ValueError, match="not one of"):
         output.subtitles(segments, "ass")
+
+
+@pytest.mark.parametrize("language", [None, "English"])
+def test_token_logprobs_of_a_result_and_of_a_stream_final(fixture_bundles, language):
+    """Offline segments and stream finals alike: the transcript's tokens, their bytes spelling its text, and their
+    log-probabilities those the decode gave (the language prefix's left out)."""
+    import numpy as np
+
+    from megaedge import fixture
+    from megaedge.runtime import audio as audio_io
+    from megaedge.runtime.evaluate import read_set
+    from megaedge.runtime.streaming import StreamOptions
+    from megaedge.runtime.transcriber import Transcriber
+
+    tr = Transcriber.from_bundle(fixture_bundles["merged"], vad="off")
+    samples = audio_io.load(read_set(fixture.heldout_manifest())[5]["path"])
+    segment = tr.transcribe(samples, language=language).segments[0]
+    entries = output.token_logprobs(tr, segment)
+    assert bytes(b for e in entries for b in e["bytes"]).decode().strip() == segment.text != ""
+    assert [e["logprob"] for e in entries] == segment.logprobs[len(segment.logprobs) - len(entries):]
+    assert (len(entries) == len(segment.token_ids)) == (language is not None)
+    from dataclasses import replace
+
+    stream = tr.create_stream(replace(StreamOptions.preset("balanced"), language=language))
+    events = list(stream.accept_waveform(np.concatenate([samples, np.zeros(16000, np.float32)]), 16000))
+    final = next(e for e in [*events, stream.final()] if e.kind == "final" and e.text)
+    got = output.token_logprobs(tr, final)
+    assert len(final.logprobs) == len(final.token_ids)
+    assert bytes(b for e in got for b in e["bytes"]).decode().strip() == final.text
+    assert min(e["logprob"] for e in got) >= final.min_logprob
