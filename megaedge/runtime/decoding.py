@@ -229,6 +229,7 @@ def greedy(state, logits: np.ndarray, gate: float | None, eos, *, limit: int, ne
 def _greedy(state, logits, gate, eos, out, history, limit, new_limit, text_budget, marker, ignore_eos,
             no_repeat_ngram, cancel) -> Greedy:
     while True:
+        model = logits  # the confidence is the model's own: a token the guard forced on it is an unsure one
         if no_repeat_ngram and len(history) >= no_repeat_ngram - 1:
             banned = _banned_tokens(history, no_repeat_ngram)
             if banned:
@@ -239,7 +240,7 @@ def _greedy(state, logits, gate, eos, out, history, limit, new_limit, text_budge
             out.stop = "eos"
             return out
         out.tokens.append(token)
-        out.logprobs.append(log_softmax_at(logits, token))
+        out.logprobs.append(log_softmax_at(model, token))
         history.append(token)
         if len(history) >= limit or (new_limit is not None and len(out.tokens) >= new_limit):
             out.stop = "limit"

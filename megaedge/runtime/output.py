@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import math
+import re
+import textwrap
 
 
 @functools.lru_cache(maxsize=1)
@@ -23,39 +25,81 @@ def _byte_of_char() -> dict[str, int]:
     return table
 
 
-def token_bytes(tokenizer, token: int) -> bytes:
-    """The bytes token ``token`` adds to the text (its UTF-8 when the vocabulary is not byte-level)."""
-    piece = tokenizer.id_to_token(token)
-    if piece is None:
-        return b""
-    table = _byte_of_char()
-    if all(ch in table for ch in piece):
-        return bytes(table[ch] for ch in piece)
-    return tokenizer.decode([token], skip_special_tokens=False).encode("utf-8")
+def _byte_level(tokenizer) -> bool:
+    """Whether the vocabulary spells bytes (GPT-2 / Qwen byte-level BPE) rather than text pieces."""
+    return type(getattr(tokenizer, "decoder", None)).__name__ == "ByteLevel"
+
+
+def _pieces(tokenizer, tokens: list[int]) -> list[bytes]:
+    """The bytes each token adds to the decoded text. Byte-level: through the byte table, exact even inside a
+    character. Otherwise: the growth of the decoded text token by token (a piece's leading-space marker becomes
+    the space it stands for)."""
+    if _byte_level(tokenizer):
+        table = _byte_of_char()
+        out = []
+        for token in tokens:
+            piece = tokenizer.id_to_token(token) or ""
+            if all(ch in table for ch in piece):
+                out.append(bytes(table[ch] for ch in piece))
+            else:  # an added token spelled as text
+                out.append(tokenizer.decode([token], skip_special_tokens=False).encode("utf-8"))
+        return out
+    out, before = [], b""
+    for k in range(len(tokens)):
+        after = tokenizer.decode(tokens[: k + 1], skip_special_tokens=True).encode("utf-8")
+        out.append(after[len(before):] if after.startswith(before) else after)
+        before = after
+    return out
+
+
+def _special_ids(tokenizer) -> set[int]:
+    """Added tokens marked special: decoding skips them, so they are not part of any transcript."""
+    added = getattr(tokenizer, "get_added_tokens_decoder", None)
+    return {i for i, tok in added().items() if getattr(tok, "special", False)} if added else set()
 
 
 def text_token_logprobs(tokenizer, tokens, logprobs, marker: int | None, text: str | None = None) -> list[dict]:
     """``[{"token", "logprob", "bytes"}]`` for the text tokens of a decode: those after the ``<asr_text>`` marker
-    (``marker``; None when the prompt forced the language, so that every token is text). The language prefix is
-    left out: it is not part of the transcript.
+    (``marker``; None, or a decode without it, when the prompt forced the language, so that every token is text).
+    The language prefix and special tokens are left out: they are not part of the transcript.
 
-    ``text``, when given, is the transcript these tokens became: where it lost leading words the tokens hold (a
-    stream's final drops the words its previous utterance already ended with), the tokens of those words are left
-    out too, so that the tokens spell the transcript (up to spaces at the ends)."""
+    ``text``, when given, is the transcript these tokens became, and the entries are those that spell it (up to
+    spaces at its ends): where it lost leading words (a stream's final drops the words its previous utterance
+    already ended with), the tokens of those words are left out; where a repetition was collapsed to one copy
+    (``parse_asr_output``), the tokens of the copies that were dropped. An empty text has no tokens. Should the
+    tokens fail to line up with the text (a collapse that cut inside a token), every text token is given."""
     tokens, logprobs = list(tokens), list(logprobs)
-    if marker is not None:
-        at = next((i for i, t in enumerate(tokens) if t == marker), None)
-        if at is None:  # no text was reached (a bare "language X"), or a model that skipped the marker
-            return [] if text is not None and not text else _entries(tokenizer, tokens, logprobs)
+    if text is not None and not text.strip():
+        return []
+    if marker is not None and marker in tokens:
+        at = tokens.index(marker)
         tokens, logprobs = tokens[at + 1 :], logprobs[at + 1 :]
-    entries = _entries(tokenizer, tokens, logprobs)
-    if text:
-        joined = lambda items: b"".join(bytes(e["bytes"]) for e in items).decode("utf-8", "replace").strip()  # noqa: E731
-        whole = joined(entries)
-        if whole != text and whole.endswith(text):
-            while len(entries) > 1 and joined(entries[1:]).endswith(text):
-                entries = entries[1:]
-    return entries
+    special = _special_ids(tokenizer)
+    kept = [(t, lp) for t, lp in zip(tokens, logprobs) if t not in special]
+    pieces = _pieces(tokenizer, [t for t, _ in kept])
+    entries = [{"token": raw.decode("utf-8", "replace"), "logprob": float(lp), "bytes": list(raw)}
+               for raw, (_, lp) in zip(pieces, kept)]
+    return entries if text is None else _spelling(entries, text.strip().encode("utf-8"))
+
+
+def _spelling(entries: list[dict], target: bytes) -> list[dict]:
+    spelled = lambda items: b"".join(bytes(e["bytes"]) for e in items).strip()  # noqa: E731
+    if spelled(entries) == target:
+        return entries
+    if spelled(entries).endswith(target):  # leading words dropped: the last tokens that spell it
+        start = len(entries) - 1
+        while start > 0 and not spelled(entries[start:]).endswith(target):
+            start -= 1
+        return entries[start:]
+    kept, at = [], 0  # copies dropped: in order, the tokens that continue the text where it has got to
+    for entry in entries:
+        raw = bytes(entry["bytes"])
+        if at == 0:
+            raw = raw.lstrip()
+        if raw and target.startswith(raw, at):
+            kept.append(entry)
+            at += len(raw)
+    return kept if at == len(target) else entries
 
 
 def token_logprobs(transcriber, item) -> list[dict]:
@@ -66,16 +110,9 @@ def token_logprobs(transcriber, item) -> list[dict]:
                                transcriber.manifest.prompt.asr_text, item.text)
 
 
-def _entries(tokenizer, tokens, logprobs) -> list[dict]:
-    out = []
-    for token, logprob in zip(tokens, logprobs):
-        raw = token_bytes(tokenizer, token)
-        out.append({"token": raw.decode("utf-8", "replace"), "logprob": float(logprob), "bytes": list(raw)})
-    return out
-
-
 # ------------------------------------------------------------------------------------------------ subtitles
 SUBTITLE_FORMATS = ("srt", "vtt")
+LINE_CHARACTERS = 42  # the usual subtitle line: wider lines are wrapped at spaces
 
 
 def _clock(seconds: float, decimal: str) -> str:
@@ -86,15 +123,26 @@ def _clock(seconds: float, decimal: str) -> str:
     return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal}{ms:03d}"
 
 
+def _cue_text(text: str, fmt: str) -> str:
+    """Lines of at most LINE_CHARACTERS (a longer word keeps its own line). No line is blank (a blank line ends the
+    cue) and no arrow remains (``-->`` reads as a timing line); WebVTT text escapes ``&``, ``<`` and ``>``, which it
+    reads as markup."""
+    text = re.sub(r"-{2,}>", "->", " ".join(text.split()))
+    if fmt == "vtt":
+        text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return "\n".join(textwrap.wrap(text, LINE_CHARACTERS, break_long_words=False, break_on_hyphens=False))
+
+
 def subtitles(segments, fmt: str) -> str:
-    """The segments that hold text as SubRip (``srt``) or WebVTT (``vtt``) cues, numbered from 1. A cue's text is
-    one line: a blank line inside it would end the cue, and ``-->`` would read as a timing line."""
+    """The segments that hold text as SubRip (``srt``) or WebVTT (``vtt``) cues, numbered from 1, each as long as
+    its segment (offline segments run up to 30 s, cut at the quietest moment before the limit: the model gives no
+    word times)."""
     if fmt not in SUBTITLE_FORMATS:
         raise ValueError(f"subtitle format {fmt!r} is not one of {SUBTITLE_FORMATS}")
     decimal = "," if fmt == "srt" else "."
     cues = []
     for segment in segments:
-        text = " ".join((segment.text or "").split()).replace("-->", "->")
+        text = _cue_text(segment.text or "", fmt)
         if not text or not (math.isfinite(segment.start) and math.isfinite(segment.end)):
             continue
         cues.append(f"{len(cues) + 1}\n{_clock(segment.start, decimal)} --> {_clock(segment.end, decimal)}\n{text}\n")

@@ -595,7 +595,7 @@ class Stream:
         self.stats.revisions += 1
         kept = span.committed[:agree]
         if int(predicted[agree]) in eos or agree >= budget:
-            return kept, logprobs
+            return kept[:budget], logprobs  # a span rolled short can hold more committed tokens than its budget
         # Re-run the tail up to the first disagreement (cheaper than slicing every layer's cache).
         rest = self._greedy(self._run_tail(ids[: first + 1 + agree], audio, 1)[-1], kept, budget)
         return kept + rest.tokens, logprobs + rest.logprobs

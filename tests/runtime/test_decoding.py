@@ -76,6 +76,10 @@ def test_no_repeat_ngram_bans_the_repeating_token():
     out = decoding.greedy(state, state.logits(0), None, EOS, limit=8, no_repeat_ngram=2)
     pairs = list(zip(out.tokens, out.tokens[1:]))
     assert len(pairs) == len(set(pairs))
+    # a banned repeat's replacement is scored by the model's own distribution, where the repeat was likelier
+    forced = next(i for i, t in enumerate(out.tokens) if i >= 2 and t != [1, 2][i % 2])
+    x = state.logits(forced).astype(np.float64)
+    assert out.logprobs[forced] == pytest.approx(x[out.tokens[forced]] - np.log(np.exp(x).sum()), abs=1e-9)
 
 
 @pytest.fixture(scope="module")

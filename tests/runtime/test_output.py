@@ -60,6 +60,51 @@ def test_words_a_final_dropped_lose_their_tokens(qwen):
     assert len(kept) == len(ids)
 
 
+def test_a_collapsed_repetition_keeps_the_tokens_of_the_copy_kept(qwen):
+    """parse_asr_output collapses a pattern repeated 20 times or more to one copy: the tokens of the copies it
+    dropped are not the transcript's."""
+    from megaedge.runtime.text import parse_asr_output
+
+    tok, marker = qwen
+    head = _ids(tok, "language English") + [marker] + _ids(tok, "open valve")
+    ids = head + _ids(tok, " two" * 30)
+    text = parse_asr_output(tok.decode(ids, skip_special_tokens=True)).text
+    assert text == "open valve two"
+    logprobs = [float(-i) for i in range(len(ids))]
+    entries = output.text_token_logprobs(tok, ids, logprobs, marker, text)
+    assert "".join(e["token"] for e in entries) == "open valve two"
+    start = head.index(marker) + 1
+    assert [e["logprob"] for e in entries] == logprobs[start : len(head) + 1]  # "open valve" and the first " two"
+
+
+def test_empty_transcripts_and_special_tokens_have_no_entries(qwen):
+    tok, marker = qwen
+    body = _ids(tok, "open zone")
+    ids = [marker, *body]
+    assert output.text_token_logprobs(tok, ids, [0.0] * len(ids), marker, "") == []  # a final's words all dropped
+    assert output.text_token_logprobs(tok, ids, [0.0] * len(ids), marker, "  ") == []
+    end = tok.token_to_id("<|im_end|>")
+    entries = output.text_token_logprobs(tok, [*ids, end], [0.0] * (len(ids) + 1), marker)
+    assert "".join(e["token"] for e in entries) == "open zone"  # decoding skips it: not part of the text
+
+
+def test_a_vocabulary_of_text_pieces_gives_the_bytes_of_its_text():
+    """Not every tokenizer spells bytes: with text pieces (a Metaspace BPE) each token's bytes are what it adds to
+    the decoded text, a word's space included."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    corpus = ["héllo wörld Āpfel", "wörld héllo", "Āpfel und héllo"] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=60, special_tokens=["[UNK]"]))
+    text = "héllo wörld Āpfel"
+    ids = tok.encode(text).ids
+    entries = output.text_token_logprobs(tok, ids, [0.0] * len(ids), None, text)
+    assert b"".join(bytes(e["bytes"]) for e in entries).decode().strip() == text
+    assert len(entries) == len(ids)
+
+
 def _segment(start, end, text):
     return SegmentResult(start, end, text, [], "merged", None)
 
@@ -72,8 +117,14 @@ def test_subtitles_number_the_cues_of_segments_with_text():
                    "2\n01:01:01,500 --> 01:01:02,005\nclose it -> now\n")
     vtt = output.subtitles(segments, "vtt")
     assert vtt == ("WEBVTT\n\n1\n00:00:00.000 --> 00:00:02.500\nopen valve three\n\n"
-                   "2\n01:01:01.500 --> 01:01:02.005\nclose it -> now\n")
+                   "2\n01:01:01.500 --> 01:01:02.005\nclose it -&gt; now\n")
     assert output.subtitles([_segment(0.0, 1.0, " ")], "srt") == ""
+    # long text wraps at spaces; no arrow survives, however long; WebVTT escapes what it reads as markup
+    long = _segment(0.0, 26.0, "set compressor two to " + "forty " * 12 + "a ---> b <c> & d")
+    lines = output.subtitles([long], "srt").splitlines()[2:]
+    assert len(lines) > 2 and all(0 < len(line) <= output.LINE_CHARACTERS for line in lines)
+    assert " ".join(lines) == "set compressor two to " + "forty " * 12 + "a -> b <c> & d"
+    assert output.subtitles([long], "vtt").splitlines()[-1].endswith("a -&gt; b &lt;c&gt; &amp; d")
     with pytest.raises(ValueError, match="not one of"):
         output.subtitles(segments, "ass")
 

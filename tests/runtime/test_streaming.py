@@ -300,3 +300,19 @@ def test_without_partials_spans_roll_at_the_same_places(merged, clips):
     switched = -(-(len(audio) // 2) // 3200) * 3200  # the first sample fed with partials on
     assert first > 0 and all(e.kind == "final" for e in later[:first])
     assert switched < later[first].end * 16000 <= switched + options.hop_seconds * 16000 + 3200
+
+
+def test_a_final_past_its_budget_keeps_one_logprob_per_token(merged, clips, monkeypatch):
+    """A final whose committed tokens disagree with the full audio only past the span's token budget (a span a
+    roll left short) kept every agreeing token but scored only the budget's: tokens and logprobs must pair up."""
+    from megaedge.runtime import streaming
+
+    stream = merged.create_stream(EXACT)
+    list(stream.accept_waveform(clips[0], 16000))
+    committed = list(stream._span.committed)
+    assert len(committed) >= 3, "the clip commits tokens before its final"
+    stream._span.committed = committed + [committed[0]]  # a last token the full audio will not confirm
+    monkeypatch.setattr(streaming, "max_new_tokens_for", lambda seconds: 2)
+    final = stream.final()
+    assert len(final.token_ids) == len(final.logprobs) == 2
+    assert list(final.token_ids) == committed[:2]
