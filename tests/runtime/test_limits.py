@@ -305,7 +305,9 @@ def test_a_process_idle_after_a_call_burns_no_cpu(tiny_bundles):
                           timeout=300, env={**os.environ, "OMP_WAIT_POLICY": "", "OPENBLAS_NUM_THREADS": ""})
     assert proc.returncode == 0, proc.stderr
     idle = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert max(idle) <= 1, f"clock ticks used in 0.3 s of idleness after each call: {idle}"
+    # A spinning pool burns 10-30 ticks of the 30 in 0.3 s (OpenBLAS's ~0.1 s: 10); a loaded machine can charge
+    # a thread's last steps of a call to the first interval (2 seen once in a full suite run)
+    assert max(idle) <= 3, f"clock ticks used in 0.3 s of idleness after each call: {idle}"
 
 
 # ------------------------------------------------------------------------------------------------- onnx_meta
