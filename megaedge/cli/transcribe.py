@@ -24,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="routed bundles: auto = the router decides per segment (default); base / lora force one")
     add_decoding_options(parser)
     parser.add_argument("--format", choices=("text", "json", "srt", "vtt"),
-                        help="text: a line per file (default); json: as --json; srt / vtt: subtitles, a cue per "
-                             "segment with text (one file)")
+                        help="text: a line per file (default); json: as --json; srt / vtt: subtitles of one file, "
+                             "cues of two lines at most, timed within each segment by their share of its text")
     parser.add_argument("--providers", default="cpu", help="comma list: cpu, cuda, tensorrt (default cpu)")
     add_decode_engine_option(parser)
     add_vad_option(parser)
@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import shlex
     import sys
 
     from megaedge.cli.common import print_json_line
@@ -49,8 +50,9 @@ def run(args: argparse.Namespace) -> int:
         raise MegaedgeError(f"--json and --format {args.format} ask for two outputs: give one of them")
     fmt = "json" if args.json else (args.format or "text")
     if fmt in output.SUBTITLE_FORMATS and len(args.files) > 1:
-        raise MegaedgeError(f"--format {fmt} writes the subtitles of one file; give one file per run "
-                            f"(for f in *.wav; do megaedge transcribe B \"$f\" --format {fmt} > \"${{f%.*}}.{fmt}\"; done)")
+        loop = (f"for f in *.wav; do megaedge transcribe {shlex.quote(args.bundle)} \"$f\" --format {fmt} "
+                f"> \"${{f%.*}}.{fmt}\"; done")
+        raise MegaedgeError(f"--format {fmt} writes the subtitles of one file; give one file per run ({loop})")
     piped = piped_info = None
     for name in args.files:  # a bad file fails before the bundle is loaded
         if name == "-":  # a pipe cannot seek, which soundfile needs: read it whole, then as an upload is read

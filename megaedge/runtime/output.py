@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-import textwrap
+import unicodedata
 
 
 @functools.lru_cache(maxsize=1)
@@ -45,11 +45,21 @@ def _pieces(tokenizer, tokens: list[int]) -> list[bytes]:
                 out.append(tokenizer.decode([token], skip_special_tokens=False).encode("utf-8"))
         return out
     out, before = [], b""
-    for k in range(len(tokens)):
+    for k, token in enumerate(tokens):
+        piece = tokenizer.id_to_token(token) or ""
         after = tokenizer.decode(tokens[: k + 1], skip_special_tokens=True).encode("utf-8")
-        out.append(after[len(before):] if after.startswith(before) else after)
+        byte = _BYTE_PIECE.fullmatch(piece)
+        if byte:  # SentencePiece's byte fallback: one byte of a character the vocabulary lacks
+            out.append(bytes([int(byte.group(1), 16)]))
+        elif after.startswith(before):
+            out.append(after[len(before):])
+        else:  # the text before it ended inside a character (decoded as U+FFFD): the piece itself
+            out.append(piece.replace("\u2581", " ").encode("utf-8"))
         before = after
     return out
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def _special_ids(tokenizer) -> set[int]:
@@ -79,27 +89,30 @@ def text_token_logprobs(tokenizer, tokens, logprobs, marker: int | None, text: s
     pieces = _pieces(tokenizer, [t for t, _ in kept])
     entries = [{"token": raw.decode("utf-8", "replace"), "logprob": float(lp), "bytes": list(raw)}
                for raw, (_, lp) in zip(pieces, kept)]
-    return entries if text is None else _spelling(entries, text.strip().encode("utf-8"))
+    return entries if text is None else _spelling(entries, text)
 
 
-def _spelling(entries: list[dict], target: bytes) -> list[dict]:
-    spelled = lambda items: b"".join(bytes(e["bytes"]) for e in items).strip()  # noqa: E731
+def _spelling(entries: list[dict], text: str) -> list[dict]:
+    def spelled(items) -> str:  # spaces compared as the words they separate: a final rejoins its words with one
+        return " ".join(b"".join(bytes(e["bytes"]) for e in items).decode("utf-8", "replace").split())
+
+    target = " ".join(text.split())
     if spelled(entries) == target:
         return entries
-    if spelled(entries).endswith(target):  # leading words dropped: the last tokens that spell it
-        start = len(entries) - 1
-        while start > 0 and not spelled(entries[start:]).endswith(target):
-            start -= 1
-        return entries[start:]
-    kept, at = [], 0  # copies dropped: in order, the tokens that continue the text where it has got to
+    if spelled(entries).endswith(target):  # leading words dropped: the last tokens that spell it exactly
+        for start in range(len(entries) - 1, 0, -1):
+            if spelled(entries[start:]) == target:
+                return entries[start:]
+    want = text.strip().encode("utf-8")  # copies dropped: in order, the tokens that continue the text
+    kept, at = [], 0
     for entry in entries:
         raw = bytes(entry["bytes"])
         if at == 0:
             raw = raw.lstrip()
-        if raw and target.startswith(raw, at):
+        if raw and want.startswith(raw, at):
             kept.append(entry)
             at += len(raw)
-    return kept if at == len(target) else entries
+    return kept if at == len(want) else entries
 
 
 def token_logprobs(transcriber, item) -> list[dict]:
@@ -112,7 +125,8 @@ def token_logprobs(transcriber, item) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------ subtitles
 SUBTITLE_FORMATS = ("srt", "vtt")
-LINE_CHARACTERS = 42  # the usual subtitle line: wider lines are wrapped at spaces
+LINE_COLUMNS = 42  # the usual subtitle line; a CJK character takes two columns
+CUE_LINES = 2  # a longer text is split into consecutive cues
 
 
 def _clock(seconds: float, decimal: str) -> str:
@@ -123,28 +137,61 @@ def _clock(seconds: float, decimal: str) -> str:
     return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal}{ms:03d}"
 
 
-def _cue_text(text: str, fmt: str) -> str:
-    """Lines of at most LINE_CHARACTERS (a longer word keeps its own line). No line is blank (a blank line ends the
-    cue) and no arrow remains (``-->`` reads as a timing line); WebVTT text escapes ``&``, ``<`` and ``>``, which it
-    reads as markup."""
-    text = re.sub(r"-{2,}>", "->", " ".join(text.split()))
-    if fmt == "vtt":
-        text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return "\n".join(textwrap.wrap(text, LINE_CHARACTERS, break_long_words=False, break_on_hyphens=False))
+def _wide(ch: str) -> bool:
+    return unicodedata.east_asian_width(ch) in ("W", "F")
+
+
+def _lines(text: str, columns: int = LINE_COLUMNS) -> list[str]:
+    """``text`` in lines of at most ``columns`` (a longer word keeps a line of its own), broken at spaces and
+    between CJK characters, which are written without spaces."""
+    pieces = []  # (piece, a space before it)
+    for word in re.finditer(r"\S+", text):
+        space = word.start() > 0
+        for part in re.findall(r"[^\s]", word.group()) if any(map(_wide, word.group())) else [word.group()]:
+            if pieces and not space and not _wide(part) and not _wide(pieces[-1][0][-1]):
+                pieces[-1] = (pieces[-1][0] + part, pieces[-1][1])  # a run of narrow characters stays one word
+            else:
+                pieces.append((part, space))
+            space = False
+    lines, line, used = [], "", 0
+    for piece, space in pieces:
+        width = sum(2 if _wide(ch) else 1 for ch in piece)
+        gap = 1 if space and line else 0
+        if line and used + gap + width > columns:
+            lines.append(line)
+            line, used = piece, width
+        else:
+            line, used = line + " " * gap + piece, used + gap + width
+    return [*lines, line] if line else lines
+
+
+def _escape(line: str, fmt: str) -> str:
+    """No arrow may remain (``-->`` reads as a timing line); WebVTT reads ``&``, ``<`` and ``>`` as markup."""
+    line = re.sub(r"-{2,}>", "->", line)
+    return line.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") if fmt == "vtt" else line
 
 
 def subtitles(segments, fmt: str) -> str:
-    """The segments that hold text as SubRip (``srt``) or WebVTT (``vtt``) cues, numbered from 1, each as long as
-    its segment (offline segments run up to 30 s, cut at the quietest moment before the limit: the model gives no
-    word times)."""
+    """The segments that hold text as SubRip (``srt``) or WebVTT (``vtt``) cues, numbered from 1: CUE_LINES lines
+    of LINE_COLUMNS at most, so a segment with more text gives several cues, which share its time in proportion to
+    their characters (the model gives no word times; offline segments run up to 30 s, cut at the quietest moment
+    before the limit). No line is blank: a blank line would end the cue."""
     if fmt not in SUBTITLE_FORMATS:
         raise ValueError(f"subtitle format {fmt!r} is not one of {SUBTITLE_FORMATS}")
     decimal = "," if fmt == "srt" else "."
     cues = []
     for segment in segments:
-        text = _cue_text(segment.text or "", fmt)
-        if not text or not (math.isfinite(segment.start) and math.isfinite(segment.end)):
+        lines = _lines(" ".join((segment.text or "").split()))
+        if not lines or not (math.isfinite(segment.start) and math.isfinite(segment.end)):
             continue
-        cues.append(f"{len(cues) + 1}\n{_clock(segment.start, decimal)} --> {_clock(segment.end, decimal)}\n{text}\n")
+        groups = [lines[i : i + CUE_LINES] for i in range(0, len(lines), CUE_LINES)]
+        total, done = sum(len(line) for line in lines), 0
+        span = max(0.0, segment.end - segment.start)
+        for group in groups:
+            begin = segment.start + span * done / total
+            done += sum(len(line) for line in group)
+            end = segment.end if done == total else segment.start + span * done / total
+            text = "\n".join(_escape(line, fmt) for line in group)
+            cues.append(f"{len(cues) + 1}\n{_clock(begin, decimal)} --> {_clock(end, decimal)}\n{text}\n")
     body = "\n".join(cues)
     return ("WEBVTT\n\n" + body) if fmt == "vtt" else body

@@ -58,6 +58,10 @@ def test_words_a_final_dropped_lose_their_tokens(qwen):
     assert "".join(e["token"] for e in entries).strip() == "start the valve"
     kept = output.text_token_logprobs(tok, ids, [0.0] * len(ids), None, "start pump start the valve")
     assert len(kept) == len(ids)
+    # the final rejoins its words with single spaces, whatever separated them
+    ids = _ids(tok, "open valve\u3000three")
+    entries = output.text_token_logprobs(tok, ids, [0.0] * len(ids), None, "valve three")
+    assert "".join(e["token"] for e in entries).split() == ["valve", "three"]
 
 
 def test_a_collapsed_repetition_keeps_the_tokens_of_the_copy_kept(qwen):
@@ -75,6 +79,19 @@ def test_a_collapsed_repetition_keeps_the_tokens_of_the_copy_kept(qwen):
     assert "".join(e["token"] for e in entries) == "open valve two"
     start = head.index(marker) + 1
     assert [e["logprob"] for e in entries] == logprobs[start : len(head) + 1]  # "open valve" and the first " two"
+
+
+def test_a_collapse_inside_a_token_gives_every_text_token(qwen):
+    """Laughter collapsed inside a token: no tail of the tokens spells the text exactly, and the tokens are given
+    whole rather than a tail that spells more than the text."""
+    from megaedge.runtime.text import parse_asr_output
+
+    tok, _ = qwen
+    ids = _ids(tok, "哈" * 30 + "太好笑了")
+    text = parse_asr_output(tok.decode(ids), language_forced=True).text
+    assert text == "哈太好笑了"
+    entries = output.text_token_logprobs(tok, ids, [0.0] * len(ids), None, text)
+    assert len(entries) == len(ids)
 
 
 def test_empty_transcripts_and_special_tokens_have_no_entries(qwen):
@@ -105,6 +122,21 @@ def test_a_vocabulary_of_text_pieces_gives_the_bytes_of_its_text():
     assert len(entries) == len(ids)
 
 
+def test_byte_fallback_pieces_are_their_bytes():
+    """SentencePiece vocabularies (Llama-style) spell a character they lack as byte pieces <0xE4><0xB8><0xAD>:
+    each is its byte, and the text around them keeps its own."""
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {"<unk>": 0, "\u2581hello": 1, "\u2581": 2, "<0xE4>": 3, "<0xB8>": 4, "<0xAD>": 5, "\u2581ok": 6}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    ids = [1, 2, 3, 4, 5, 6]
+    assert tok.decode(ids) == "hello 中 ok"
+    entries = output.text_token_logprobs(tok, ids, [-1.0] * 6, None, "hello 中 ok")
+    assert [bytes(e["bytes"]) for e in entries] == [b"hello", b" ", b"\xe4", b"\xb8", b"\xad", b" ok"]
+
+
 def _segment(start, end, text):
     return SegmentResult(start, end, text, [], "merged", None)
 
@@ -119,14 +151,41 @@ def test_subtitles_number_the_cues_of_segments_with_text():
     assert vtt == ("WEBVTT\n\n1\n00:00:00.000 --> 00:00:02.500\nopen valve three\n\n"
                    "2\n01:01:01.500 --> 01:01:02.005\nclose it -&gt; now\n")
     assert output.subtitles([_segment(0.0, 1.0, " ")], "srt") == ""
-    # long text wraps at spaces; no arrow survives, however long; WebVTT escapes what it reads as markup
-    long = _segment(0.0, 26.0, "set compressor two to " + "forty " * 12 + "a ---> b <c> & d")
-    lines = output.subtitles([long], "srt").splitlines()[2:]
-    assert len(lines) > 2 and all(0 < len(line) <= output.LINE_CHARACTERS for line in lines)
-    assert " ".join(lines) == "set compressor two to " + "forty " * 12 + "a -> b <c> & d"
-    assert output.subtitles([long], "vtt").splitlines()[-1].endswith("a -&gt; b &lt;c&gt; &amp; d")
+    assert output.subtitles([_segment(0.0, 1.0, "a ---> b <c> & d")], "vtt").endswith("\na -&gt; b &lt;c&gt; &amp; d\n")
     with pytest.raises(ValueError, match="not one of"):
         output.subtitles(segments, "ass")
+
+
+def _cues(srt: str) -> list[tuple[str, str, list[str]]]:
+    blocks = [block.splitlines() for block in srt.strip().split("\n\n")]
+    assert [block[0] for block in blocks] == [str(i + 1) for i in range(len(blocks))]
+    return [(*block[1].split(" --> "), block[2:]) for block in blocks]
+
+
+def _columns(line: str) -> int:
+    import unicodedata
+
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in line)
+
+
+@pytest.mark.parametrize("text, joiner", [
+    ("set compressor two to " + "forty " * 30 + "and stop conveyor nine", " "),
+    ("我们明天下午三点在二号仓库开会，请大家准时参加并带上上周的生产报告和设备检查清单，谢谢大家的配合。" * 2, ""),
+])
+def test_a_long_segment_is_cued_in_short_lines_that_share_its_time(text, joiner):
+    """A 26 s segment was one cue of one ~200-character line; Chinese has no spaces to wrap at. Now: lines of at
+    most 42 columns (a CJK character two), cues of at most two lines, times handed out by characters, covering the
+    segment without gaps."""
+    cues = _cues(output.subtitles([_segment(3.0, 29.0, text)], "srt"))
+    assert len(cues) >= 3
+    lines = [line for _, _, group in cues for line in group]
+    assert all(1 <= len(group) <= output.CUE_LINES for _, _, group in cues)
+    assert all(0 < _columns(line) <= output.LINE_COLUMNS for line in lines)
+    assert joiner.join(lines) == " ".join(text.split())
+    assert cues[0][0] == "00:00:03,000" and cues[-1][1] == "00:00:29,000"
+    assert all(a[1] == b[0] for a, b in zip(cues, cues[1:]))  # each cue ends where the next begins
+    starts = [int(c[0][-6:-4]) * 1000 + int(c[0][-3:]) for c in cues]
+    assert starts == sorted(starts) and len(set(starts)) == len(starts)
 
 
 @pytest.mark.parametrize("language", [None, "English"])

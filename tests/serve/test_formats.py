@@ -36,7 +36,8 @@ def test_include_logprobs_gives_each_text_token_and_its_logprob(server, serve_tr
         _, logprobs = _text_part(serve_transcriber, expected.segments[0], language is not None)
         got = [entry.model_dump() for entry in out.logprobs]
         assert [e["logprob"] for e in got] == logprobs  # the prefix's tokens ("language English<asr_text>") left out
-        assert bytes(int(b) for e in got for b in e["bytes"]).decode().strip() == out.text  # the client types bytes as floats
+        spelled = bytes(int(b) for e in got for b in e["bytes"])  # the client types bytes as floats
+        assert spelled.decode().strip() == out.text
         assert min(e["logprob"] for e in got) >= expected.min_logprob
         with open(item["path"], "rb") as f:
             plain = api.audio.transcriptions.create(model="m", file=f, **extra)
@@ -90,12 +91,15 @@ def test_subtitles_cue_each_segment_with_text(server, serve_transcriber, clips, 
         srt = api.audio.transcriptions.create(model="m", file=f, response_format="srt")
     with open(path, "rb") as f:
         vtt = api.audio.transcriptions.create(model="m", file=f, response_format="vtt")
-    blocks = srt.strip().split("\n\n")
-    assert [b.splitlines()[0] for b in blocks] == ["1", "2"]
-    assert [" ".join(b.splitlines()[2:]) for b in blocks] == [" ".join(s.text.split()) for s in cued]
-    assert blocks[1].splitlines()[1] == f"{_clock(cued[1].start, ',')} --> {_clock(cued[1].end, ',')}"
-    assert vtt.startswith("WEBVTT\n\n1\n")
-    assert vtt.split("\n\n")[2].splitlines()[1] == f"{_clock(cued[1].start, '.')} --> {_clock(cued[1].end, '.')}"
+    cues = [block.splitlines() for block in srt.strip().split("\n\n")]
+    assert [cue[0] for cue in cues] == [str(i + 1) for i in range(len(cues))]
+    assert " ".join(line for cue in cues for line in cue[2:]) == " ".join(" ".join(s.text.split()) for s in cued)
+    starts = [cue[1].split(" --> ")[0] for cue in cues]
+    assert starts[0] == _clock(cued[0].start, ",") and _clock(cued[1].start, ",") in starts
+    assert cues[-1][1].split(" --> ")[1] == _clock(cued[1].end, ",")
+    vtt_cues = [block.splitlines() for block in vtt.split("\n\n")[1:]]
+    assert vtt.startswith("WEBVTT\n\n1\n") and len(vtt_cues) == len(cues)
+    assert [c[1] for c in vtt_cues] == [c[1].replace(",", ".") for c in cues]
 
 
 def _clock(seconds: float, mark: str) -> str:
