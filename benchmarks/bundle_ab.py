@@ -89,7 +89,8 @@ def main() -> None:
         rows[f"{name} {engine} {route}"] = row
     result = {
         "benchmark": "bundle_ab", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "commit": provenance.commit(), "command": "python " + " ".join(sys.argv),
+        "commit": provenance.commit(),
+        "command": provenance.command({path: f"B_{name}" for name, path in bundles.items()}),
         "machine": {**machine.cpu_facts(), "python": platform.python_version(), "threads": args.threads},
         "bundles": {name: _describe(path) for name, path in bundles.items()},
         "audio_seconds": args.audio, "forced_tokens": args.tokens, "rounds": args.rounds, "results": rows,

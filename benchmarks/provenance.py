@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -12,8 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def commit() -> str:
     """The short commit of the checkout, with ``+dirty`` when tracked files differ from it; where the tree is a copy
     without its git folder (a lent machine), what ``MEGAEDGE_COMMIT`` says."""
-    import os
-
     if os.environ.get("MEGAEDGE_COMMIT"):
         return os.environ["MEGAEDGE_COMMIT"]
     try:
@@ -24,3 +25,21 @@ def commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")
+
+
+def command(placeholders: dict | None = None, argv: list[str] | None = None) -> str:
+    """The command line as a shell takes it back (quoted), with paths of this machine replaced by the names the
+    docs use (``{work_dir: "DIR"}``): a result file names no machine's paths. A word is replaced when it is such a
+    path, ends in ``=PATH`` (``--bundle name=PATH``) or lies under one."""
+    names = {os.path.normpath(str(path)): name for path, name in (placeholders or {}).items()}
+
+    def replaced(word: str) -> str:
+        head, eq, tail = word.rpartition("=")
+        value = tail if eq else word
+        for path, name in names.items():
+            norm = os.path.normpath(value)
+            if norm == path or norm.startswith(path + os.sep):
+                return head + eq + name + norm[len(path):]
+        return word
+
+    return "python " + shlex.join(replaced(w) for w in (sys.argv if argv is None else argv))

@@ -66,7 +66,8 @@ def suite_rows(docs: dict[str, dict]) -> list[str]:
         cold = doc.get("int8_cold_start_to_first_token_s")
         extra = ""
         if isinstance(cold, dict) and "median" in cold:
-            extra = f"; INT8 cold start to first token {cold['median']} s after `megaedge prepare`"
+            recipe = f" (`{doc['int8_cold_start_recipe']}`)" if doc.get("int8_cold_start_recipe") else ""
+            extra = f"; INT8{recipe} cold start to first token {cold['median']} s after `megaedge prepare`"
             unprepared = doc.get("int8_cold_start_unprepared_s")
             if isinstance(unprepared, dict) and "median" in unprepared:
                 extra += f", {unprepared['median']} s without"

@@ -15,12 +15,12 @@ are reported. Also measured: cold load of the default INT8 bundle (``cpu-float-e
 token ready.
 
     python benchmarks/suite.py --work DIR [--geometries 0.6b,1.7b] [--audio 10,30] [--tokens 32] [--rounds 2]
-                              [--label zen4 --machine-class "2-core AMD EPYC VM (Zen 4), AVX512-VNNI"]
+                              [--label zen4 --machine-class "2-core EPYC VM (Zen 4), AVX512-VNNI"]
     python benchmarks/suite.py --work DIR --device cuda --geometries 1.7b     # needs onnxruntime-gpu and CUDA torch
 
 Writes benchmarks/results/suite_<geometry>[_<label>].json (suite_cuda_<geometry>.json with --device cuda, named
-after the GPU) and rewrites suite.md (benchmarks/report.py; plots: report.py --plot DIR). Needs ~3x the fp32 model of free disk and, at
-1.7B, ~18 GiB RAM for the export step.
+after the GPU) and rewrites suite.md (benchmarks/report.py; plots: report.py --plot DIR). Needs ~3x the fp32 model
+of free disk and, at 1.7B, ~18 GiB RAM for the export step.
 """
 
 from __future__ import annotations
@@ -231,6 +231,7 @@ def main() -> None:
                                                   "AVX512-VNNI\"); default: its CPU model and widest int8 feature")
     args = parser.parse_args()
     suffix = f"_{args.label}" if args.label else ""
+    started, commit = time.strftime("%Y-%m-%dT%H:%M:%S%z"), provenance.commit()  # the code that ran
     lengths = [float(v) for v in args.audio.split(",")]
     cuda = args.device == "cuda"
     contenders, prefix = (CUDA_CONTENDERS, "suite_cuda") if cuda else (CONTENDERS, "suite")
@@ -243,6 +244,8 @@ def main() -> None:
             result["int8_cold_start_recipe"] = COLD_RECIPE
             result["int8_cold_start_to_first_token_s"] = cold["prepared"]
             result["int8_cold_start_unprepared_s"] = cold["unprepared"]
+            result["cold_start_run"] = {"date": started, "commit": commit,
+                                        "command": provenance.command({args.work: "DIR"})}
             out.write_text(json.dumps(result, indent=2) + "\n")
             print(geometry, json.dumps(cold), flush=True)
             continue
@@ -254,8 +257,8 @@ def main() -> None:
                 code = _REFERENCE if name.startswith("transformers") else _RUNTIME
                 runs[name].append(_python(code, str(paths[name]), *common, PREFILL_ENGINES.get(name, "auto")))
                 print(f"{geometry} round {r} {name}: {json.dumps(runs[name][-1])}", flush=True)
-        result = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": provenance.commit(),
-                  "command": "python " + " ".join(sys.argv), "machine_class": args.machine_class,
+        result = {"date": started, "commit": commit, "command": provenance.command({args.work: "DIR"}),
+                  "machine_class": args.machine_class,
                   "geometry": geometry, "tokens": args.tokens, "threads": args.threads, "rounds": args.rounds,
                   "device": args.device, "machine": (machine.gpu_name() or "unknown GPU") if cuda else _cpu_label(),
                   "contenders": {}}

@@ -128,6 +128,8 @@ def test_result_names_its_run(path: Path):
     doc = json.loads(path.read_text())
     missing = [key for key in RESULT_KEYS if not doc.get(key)]
     assert not missing, f"{path.name} lacks {missing}: every result names its date, commit, command and machine"
+    local = re.search(r"(?<![\w.])/(tmp|home|root|work|mnt|Users)/[^\s\"']*", path.read_text())
+    assert not local, f"{path.name} names {local.group()}: commands name DIR or B, not this machine's paths"
 
 
 def test_suite_md_is_generated_from_the_results():
