@@ -6,6 +6,7 @@ is absent (apt-get install chromium; .ci/run installs it where it can)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import time
@@ -22,6 +23,8 @@ CHROMIUM = Path(os.environ.get("MEGAEDGE_CHROMIUM", "/usr/bin/chromium"))
 def _page_state(ws) -> dict:
     expression = ("JSON.stringify({finals: [...document.querySelectorAll('#finals li.final')]"
                   ".map(li => li.firstChild.textContent), log: document.getElementById('log').textContent, "
+                  "tokens: [...document.querySelectorAll('#finals li.final span[data-logprob]')]"
+                  ".map(s => [s.textContent, Number(s.dataset.logprob), s.className]), "
                   "status: document.getElementById('status').textContent})")
     ws.send(json.dumps({"id": 1, "method": "Runtime.evaluate",
                         "params": {"expression": expression, "returnByValue": True}}))
@@ -40,12 +43,14 @@ def test_web_page_shows_the_transcript_of_the_microphone(fixture_bundles, serve_
 
     from megaedge import fixture
     from megaedge.runtime import audio as audio_io
+    from megaedge.runtime import output
     from megaedge.runtime.evaluate import read_set
     from megaedge.serve.app import ServeConfig
 
     item = next(i for i in read_set(fixture.heldout_manifest()) if i["id"] == "clean-002")
     samples = audio_io.load(item["path"])
-    expected = serve_transcriber.transcribe(samples).text
+    offline = serve_transcriber.transcribe(samples)
+    expected = offline.text
     clip = tmp_path / "mic.wav"
     # 0.5 s of silence before (the page connects while the fake device starts), 3 s after (the endpoint).
     sf.write(str(clip), np.concatenate([np.zeros(8000), samples, np.zeros(48000)]).astype(np.float32), 16000,
@@ -77,6 +82,12 @@ def test_web_page_shows_the_transcript_of_the_microphone(fixture_bundles, serve_
                 time.sleep(0.25)
         assert state.get("log") == "", state
         assert state["finals"][0] == expected, state
+        # each token of the final in a span with its log-probability, those under even odds marked
+        tokens = state["tokens"]
+        assert len(tokens) == len(output.token_logprobs(serve_transcriber, offline.segments[0])) > 1
+        assert "".join(text for text, _, _ in tokens) == expected
+        assert all((kind == "unsure") == (logprob < math.log(0.5)) for _, logprob, kind in tokens)
+        assert all(logprob <= 0 for _, logprob, _ in tokens)
     finally:
         browser.terminate()
         try:

@@ -27,6 +27,31 @@ function sendPcm(buffer) {
   send({ type: "input_audio_buffer.append", audio: toBase64(new Int16Array(buffer)) });
 }
 
+// A final's text with each token in a span carrying its log-probability: tokens the model gave less than even odds
+// are marked, so a reader sees which word to doubt. Plain text when the tokens do not spell the transcript.
+const UNSURE_LOGPROB = Math.log(0.5);
+
+function transcriptOf(event) {
+  const text = document.createElement("span");
+  const tokens = event.logprobs || [];
+  const decoder = new TextDecoder();  // streaming: a character split across tokens belongs to the one completing it
+  const pieces = tokens.map((t) => decoder.decode(new Uint8Array(t.bytes), { stream: true }));
+  if (!tokens.length || pieces.join("").trim() !== event.transcript) {
+    text.textContent = event.transcript;
+    return text;
+  }
+  pieces[0] = pieces[0].trimStart();
+  tokens.forEach((t, i) => {
+    const span = document.createElement("span");
+    span.textContent = pieces[i];
+    span.dataset.logprob = t.logprob.toFixed(3);
+    span.title = `p = ${Math.exp(t.logprob).toFixed(2)}`;
+    if (t.logprob < UNSURE_LOGPROB) span.className = "unsure";
+    text.appendChild(span);
+  });
+  return text;
+}
+
 function onEvent(event) {
   switch (event.type) {
     case "transcription_session.created":
@@ -52,7 +77,7 @@ function onEvent(event) {
       if (!event.transcript) { if (stopping) close(); break; }
       const li = document.createElement("li");
       li.className = "final";
-      li.textContent = event.transcript;
+      li.appendChild(transcriptOf(event));
       const extra = document.createElement("small");
       const logp = event.min_logprob === null || event.min_logprob === undefined ? "" :
         ` min logp ${event.min_logprob.toFixed(2)}`;
@@ -151,6 +176,7 @@ async function start() {
       input_audio_rate: rate,
       input_audio_transcription: language ? { language } : {},
       turn_detection: { type: "server_vad" },
+      include: ["item.input_audio_transcription.logprobs"],
     },
   });
   try {
