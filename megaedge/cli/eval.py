@@ -15,7 +15,8 @@ from megaedge.runtime import limits
 from megaedge.runtime.limits import arg_type
 
 NAME = "eval"
-HELP = "measure WER/CER of a bundle on a JSONL clip set (per condition / scenario, empty and loop rates, routes)"
+HELP = ("measure WER/CER of a bundle on a JSONL clip set (per condition / scenario, empty and loop rates, routes) "
+        "and what a confidence threshold would refuse")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     def one(path):
         result = transcriber.transcribe(path, language=args.language)
-        return result.text, result.loop_guard, result.route
+        return result.text, result.loop_guard, result.route, result.min_logprob
 
     report = evaluate(one, items)
     report["bundle"] = {"mode": transcriber.manifest.mode, "precision": transcriber.manifest.precision,

@@ -1,5 +1,6 @@
 """Accuracy on a labelled clip set (the calibration builder's JSONL manifest format): WER/CER per scenario and
-condition with jiwer, empty-output rate, loop-guard rate and route statistics."""
+condition with jiwer, empty-output rate, loop-guard rate, route statistics, and how well the lowest token
+log-probability separates exact transcripts from wrong ones."""
 
 from __future__ import annotations
 
@@ -90,16 +91,49 @@ def group_keys(item: dict) -> list[str]:
 
 
 def evaluate(transcribe, items: list[dict], desc: str = "eval") -> dict:
-    """``transcribe(path) -> (text, loop_guard, route)``; returns {group: summary} plus per-clip rows."""
+    """``transcribe(path) -> (text, loop_guard, route[, min_logprob])``; returns {group: summary}, per-clip rows
+    and, when the lowest token log-probabilities are given, what refusing below each threshold would do."""
     groups: dict[str, Group] = defaultdict(Group)
     rows = []
     for item in track(items, desc=desc, unit="clip"):
-        text, loop, route = transcribe(item["path"])
+        text, loop, route, *least = transcribe(item["path"])
         for key in group_keys(item):
             groups[key].add(item["text"], text, loop, route)
-        rows.append({"id": item.get("id", Path(item["path"]).stem), "ref": item["text"], "hyp": text, "route": route})
+        row = {"id": item.get("id", Path(item["path"]).stem), "ref": item["text"], "hyp": text, "route": route,
+               "exact": normalize(text) == normalize(item["text"])}
+        if least:
+            row["min_logprob"] = least[0]
+        rows.append(row)
     order = sorted(groups, key=lambda k: (k != "all", k not in ("clean", "degraded"), k))
-    return {"groups": {k: groups[k].summary() for k in order}, "clips": rows}
+    report = {"groups": {k: groups[k].summary() for k in order}, "clips": rows}
+    if rows and all("min_logprob" in row for row in rows):
+        report["confidence"] = confidence_table(rows)
+    return report
+
+
+# Where a command interface might refuse (or ask to confirm) a transcript: its least likely token under e^T.
+THRESHOLDS = (-0.05, -0.1, -0.25, -0.5, -1.0, -2.0, -4.0)
+
+
+def confidence_table(rows: list[dict], thresholds=THRESHOLDS) -> list[dict]:
+    """For each threshold T, refusing every transcript whose lowest token log-probability is under T (one without
+    tokens counts as refused: there is nothing to act on): how many exact transcripts that refuses, and how many
+    wrong ones it catches. The trade a command interface chooses its threshold by, on the user's own clips."""
+    exact = [row for row in rows if row["exact"]]
+    wrong = [row for row in rows if not row["exact"]]
+
+    def refused(row, threshold) -> bool:
+        return row["min_logprob"] is None or row["min_logprob"] < threshold
+
+    table = []
+    for threshold in thresholds:
+        lost = sum(refused(row, threshold) for row in exact)
+        caught = sum(refused(row, threshold) for row in wrong)
+        table.append({"threshold": threshold, "exact": len(exact), "exact_refused": lost,
+                      "exact_refused_pct": round(100 * lost / len(exact), 1) if exact else None,
+                      "wrong": len(wrong), "wrong_caught": caught,
+                      "wrong_caught_pct": round(100 * caught / len(wrong), 1) if wrong else None})
+    return table
 
 
 def format_table(report: dict) -> str:
@@ -108,4 +142,12 @@ def format_table(report: dict) -> str:
         routes = ", ".join(f"{k}:{v}" for k, v in sorted(s["routes"].items()))
         lines.append(f"| {key} | {s['clips']} | {s['wer']:.2f} | {s['cer']:.2f} | {s['empty_rate']:.1f} | "
                      f"{s['loop_rate']:.1f} | {routes} |")
+    if report.get("confidence"):
+        pct = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        lines += ["", "Refusing transcripts whose least likely token has a log-probability under T:", "",
+                  "| T | exact transcripts refused | wrong transcripts caught |", "|---:|---:|---:|"]
+        for row in report["confidence"]:
+            lines.append(f"| {row['threshold']:g} | {row['exact_refused']} / {row['exact']} "
+                         f"({pct(row['exact_refused_pct'])} %) | {row['wrong_caught']} / {row['wrong']} "
+                         f"({pct(row['wrong_caught_pct'])} %) |")
     return "\n".join(lines)
