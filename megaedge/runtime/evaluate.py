@@ -108,7 +108,13 @@ def evaluate(transcribe, items: list[dict], desc: str = "eval") -> dict:
     report = {"groups": {k: groups[k].summary() for k in order}, "clips": rows}
     if rows and all("min_logprob" in row for row in rows):
         report["confidence"] = confidence_table(rows)
+        report["confidence_silent_clips"] = sum(_silent(row) for row in rows)
     return report
+
+
+def _silent(row: dict) -> bool:
+    """Nothing said and nothing transcribed: no command to accept or refuse."""
+    return not normalize(row["ref"]) and not normalize(row["hyp"])
 
 
 # Where a command interface might refuse (or ask to confirm) a transcript: its least likely token under e^T.
@@ -118,8 +124,9 @@ THRESHOLDS = (-0.05, -0.1, -0.25, -0.5, -1.0, -2.0, -4.0)
 def confidence_table(rows: list[dict], thresholds=THRESHOLDS) -> list[dict]:
     """For each threshold T, refusing every transcript whose lowest token log-probability is under T (one without
     tokens counts as refused: there is nothing to act on): how many exact transcripts that refuses, and how many
-    wrong ones it catches. The trade a command interface chooses its threshold by, on the user's own clips."""
-    exact = [row for row in rows if row["exact"]]
+    wrong ones it catches. The trade a command interface chooses its threshold by, on the user's own clips. Clips
+    where nothing was said and nothing transcribed count in neither column: no tokens is their right answer."""
+    exact = [row for row in rows if row["exact"] and not _silent(row)]
     wrong = [row for row in rows if not row["exact"]]
 
     def refused(row, threshold) -> bool:
@@ -144,7 +151,10 @@ def format_table(report: dict) -> str:
                      f"{s['loop_rate']:.1f} | {routes} |")
     if report.get("confidence"):
         pct = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-        lines += ["", "Refusing transcripts whose least likely token has a log-probability under T:", "",
+        silent = report.get("confidence_silent_clips")
+        clips = "clip" if silent == 1 else "clips"
+        left_out = f" (left out: {silent} {clips} with nothing said and nothing transcribed)" if silent else ""
+        lines += ["", f"Refusing transcripts whose least likely token has a log-probability under T{left_out}:", "",
                   "| T | exact transcripts refused | wrong transcripts caught |", "|---:|---:|---:|"]
         for row in report["confidence"]:
             lines.append(f"| {row['threshold']:g} | {row['exact_refused']} / {row['exact']} "

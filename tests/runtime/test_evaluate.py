@@ -58,6 +58,12 @@ def test_the_confidence_table_counts_what_a_threshold_refuses_and_catches():
     assert (table[-4.0]["exact_refused"], table[-4.0]["wrong_caught"]) == (0, 1)  # only the empty one
     assert table[-0.5]["exact_refused_pct"] == 50.0 and table[-0.5]["wrong_caught_pct"] == 66.7
     assert "| -0.5 | 1 / 2 (50.0 %) | 2 / 3 (66.7 %) |" in format_table(report)
+    # a clip where nothing was said and nothing transcribed is neither an exact command refused nor a wrong one
+    silent = [*items, {"path": "/x/f.wav", "text": "", "scenario": "clean"}]
+    clips["f"] = ("", None)
+    with_silence = evaluate(transcribe, silent)
+    assert with_silence["confidence"] == report["confidence"] and with_silence["confidence_silent_clips"] == 1
+    assert "(left out: 1 clip with nothing said and nothing transcribed)" in format_table(with_silence)
     # a transcriber that gives no confidence: no table, nothing invented
     plain = evaluate(lambda path: (clips[path[3]][0], False, "merged"), items)
     assert "confidence" not in plain and "Refusing" not in format_table(plain)

@@ -20,6 +20,28 @@ from tests.serve.conftest import Running
 CHROMIUM = Path(os.environ.get("MEGAEDGE_CHROMIUM", "/usr/bin/chromium"))
 
 
+# transcriptOf on made-up finals: an unsure token, tokens that do not spell the text, a character split across
+# tokens (the span takes the lower log-probability), and markup in a transcript (it must stay text)
+_CASES = """JSON.stringify([
+  {transcript: "ab", logprobs: [{logprob: -0.1, bytes: [97]}, {logprob: -0.9, bytes: [98]}]},
+  {transcript: "xyz", logprobs: [{logprob: -0.1, bytes: [97]}]},
+  {transcript: "\u4e2d ok", logprobs: [{logprob: -1.0, bytes: [228, 184]}, {logprob: -0.1, bytes: [173]},
+                                      {logprob: -0.2, bytes: [32, 111, 107]}]},
+  {transcript: "<img src=x onerror=alert(1)>", logprobs: []},
+].map((event) => { const el = transcriptOf(event);
+  return {text: el.textContent, html: el.innerHTML.includes("<img"),
+          spans: [...el.children].map((s) => [s.textContent, Number(s.dataset.logprob), s.className])}; }))"""
+
+
+def _evaluate(ws, expression: str):
+    ws.send(json.dumps({"id": 2, "method": "Runtime.evaluate", "params": {"expression": expression,
+                                                                          "returnByValue": True}}))
+    while True:
+        reply = json.loads(ws.recv(timeout=30))
+        if reply.get("id") == 2:
+            return json.loads(reply["result"]["result"]["value"])
+
+
 def _page_state(ws) -> dict:
     expression = ("JSON.stringify({finals: [...document.querySelectorAll('#finals li.final')]"
                   ".map(li => li.firstChild.textContent), log: document.getElementById('log').textContent, "
@@ -80,6 +102,7 @@ def test_web_page_shows_the_transcript_of_the_microphone(fixture_bundles, serve_
                 if state["finals"] or state["log"]:
                     break
                 time.sleep(0.25)
+            unsure, unspelled, split, markup = _evaluate(ws, _CASES)
         assert state.get("log") == "", state
         assert state["finals"][0] == expected, state
         # each token of the final in a span with its log-probability, those under even odds marked
@@ -88,6 +111,10 @@ def test_web_page_shows_the_transcript_of_the_microphone(fixture_bundles, serve_
         assert "".join(text for text, _, _ in tokens) == expected
         assert all((kind == "unsure") == (logprob < math.log(0.5)) for _, logprob, kind in tokens)
         assert all(logprob <= 0 for _, logprob, _ in tokens)
+        assert unsure["spans"] == [["a", -0.1, ""], ["b", -0.9, "unsure"]]
+        assert unspelled == {"text": "xyz", "html": False, "spans": []}  # plain text
+        assert split["spans"] == [["\u4e2d", -1.0, "unsure"], [" ok", -0.2, ""]]
+        assert markup == {"text": "<img src=x onerror=alert(1)>", "html": False, "spans": []}
     finally:
         browser.terminate()
         try:

@@ -36,17 +36,22 @@ function transcriptOf(event) {
   const tokens = event.logprobs || [];
   const decoder = new TextDecoder();  // streaming: a character split across tokens belongs to the one completing it
   const pieces = tokens.map((t) => decoder.decode(new Uint8Array(t.bytes), { stream: true }));
+  if (pieces.length) pieces[pieces.length - 1] += decoder.decode();
   if (!tokens.length || pieces.join("").trim() !== event.transcript) {
     text.textContent = event.transcript;
     return text;
   }
   pieces[0] = pieces[0].trimStart();
+  let pending = 0;  // the lowest log-probability of the tokens holding the start of the next character
   tokens.forEach((t, i) => {
+    const logprob = Math.min(pending, t.logprob);
+    if (!pieces[i]) { pending = logprob; return; }
+    pending = 0;
     const span = document.createElement("span");
     span.textContent = pieces[i];
-    span.dataset.logprob = t.logprob.toFixed(3);
-    span.title = `p = ${Math.exp(t.logprob).toFixed(2)}`;
-    if (t.logprob < UNSURE_LOGPROB) span.className = "unsure";
+    span.dataset.logprob = String(logprob);
+    span.title = `p = ${Math.exp(logprob).toFixed(2)}`;
+    if (logprob < UNSURE_LOGPROB) span.className = "unsure";
     text.appendChild(span);
   });
   return text;
