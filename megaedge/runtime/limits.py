@@ -187,14 +187,13 @@ def check_language(value, option: str = "language") -> str | None:
     return found
 
 
-def added_token_ids(tokenizer) -> set[int]:
+def added_token_ids(tokenizer, special_only: bool = False) -> set[int]:
     """Ids of the tokenizer's added tokens (<|im_start|>, <|audio_pad|>, <asr_text>, ...): the prompt's control
-    tokens, never text a user may place in it."""
+    tokens, never text a user may place in it. ``special_only``: those marked special, which decoding skips
+    (<asr_text> is not: decoded text keeps it)."""
     getter = getattr(tokenizer, "get_added_tokens_decoder", None)
-    if getter is not None:
-        return set(getter())
-    decoder = getattr(tokenizer, "added_tokens_decoder", None)  # transformers' tokenizers
-    return set(decoder or ())
+    added = getter() if getter is not None else getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return {i for i, token in added.items() if not special_only or getattr(token, "special", False)}
 
 
 def check_context(text, tokenizer=None, prompt=None, option: str = "context") -> str | None:

@@ -8,6 +8,8 @@ import math
 import re
 import unicodedata
 
+from megaedge.runtime import limits
+
 
 @functools.lru_cache(maxsize=1)
 def _byte_of_char() -> dict[str, int]:
@@ -62,12 +64,6 @@ def _pieces(tokenizer, tokens: list[int]) -> list[bytes]:
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
-def _special_ids(tokenizer) -> set[int]:
-    """Added tokens marked special: decoding skips them, so they are not part of any transcript."""
-    added = getattr(tokenizer, "get_added_tokens_decoder", None)
-    return {i for i, tok in added().items() if getattr(tok, "special", False)} if added else set()
-
-
 def text_token_logprobs(tokenizer, tokens, logprobs, marker: int | None, text: str | None = None) -> list[dict]:
     """``[{"token", "logprob", "bytes"}]`` for the text tokens of a decode: those after the ``<asr_text>`` marker
     (``marker``; None, or a decode without it, when the prompt forced the language, so that every token is text).
@@ -84,7 +80,7 @@ def text_token_logprobs(tokenizer, tokens, logprobs, marker: int | None, text: s
     if marker is not None and marker in tokens:
         at = tokens.index(marker)
         tokens, logprobs = tokens[at + 1 :], logprobs[at + 1 :]
-    special = _special_ids(tokenizer)
+    special = limits.added_token_ids(tokenizer, special_only=True)  # decoding skips them: never transcript
     kept = [(t, lp) for t, lp in zip(tokens, logprobs) if t not in special]
     pieces = _pieces(tokenizer, [t for t, _ in kept])
     entries = [{"token": raw.decode("utf-8", "replace"), "logprob": float(lp), "bytes": list(raw)}
@@ -96,10 +92,10 @@ def _spelling(entries: list[dict], text: str) -> list[dict]:
     def spelled(items) -> str:  # spaces compared as the words they separate: a final rejoins its words with one
         return " ".join(b"".join(bytes(e["bytes"]) for e in items).decode("utf-8", "replace").split())
 
-    target = " ".join(text.split())
-    if spelled(entries) == target:
+    target, whole = " ".join(text.split()), spelled(entries)
+    if whole == target:
         return entries
-    if spelled(entries).endswith(target):  # leading words dropped: the last tokens that spell it exactly
+    if whole.endswith(target):  # leading words dropped: the last tokens that spell it exactly
         for start in range(len(entries) - 1, 0, -1):
             if spelled(entries[start:]) == target:
                 return entries[start:]

@@ -509,7 +509,7 @@ async def _stream_events(job, segments: asyncio.Queue, cancel: threading.Event, 
     (``cancel``); the outcome is counted once, when the stream ends: 200, the error's status, 499 for a client
     gone, 503 for one cut by --shutdown-timeout."""
 
-    texts, sent, outcome, getter = [], "", None, None
+    texts, sent, outcome, getter, spelled = [], "", None, None, []
     try:
         while True:
             if segments.empty() and job.done():
@@ -522,11 +522,13 @@ async def _stream_events(job, segments: asyncio.Queue, cancel: threading.Event, 
             seg = getter.result()
             if seg.text:
                 texts.append(seg.text)
+            entries = confidence([seg]) if confidence is not None else None
+            spelled += entries or []  # done's logprobs: every segment's, each computed once
             so_far = " ".join(texts).strip()  # as Result.text joins segments
             if so_far.startswith(sent) and len(so_far) > len(sent):
                 delta = {"type": "transcript.text.delta", "delta": so_far[len(sent):]}
-                if confidence is not None:
-                    delta["logprobs"] = confidence([seg])
+                if entries is not None:
+                    delta["logprobs"] = entries
                 yield _sse(delta)
                 sent = so_far
         exc = job.exception()
@@ -545,7 +547,7 @@ async def _stream_events(job, segments: asyncio.Queue, cancel: threading.Event, 
         outcome = "200"
         done = {"type": "transcript.text.done", "text": result.text, "usage": usage}
         if confidence is not None:
-            done["logprobs"] = confidence(result.segments)
+            done["logprobs"] = spelled
         yield _sse(done)
     finally:
         if getter is not None and not getter.done():
