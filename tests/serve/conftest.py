@@ -99,6 +99,27 @@ def receive_until(ws, kind: str, timeout: float = 120.0) -> list[dict]:
             return events
 
 
+def text_part(tr, segment, forced: bool) -> tuple[list[int], list[float]]:
+    """A segment's tokens and log-probabilities after the language prefix (all of them when the language was
+    forced, or when the model named none: a garbled decode of a long silence)."""
+    ids, logprobs = list(segment.token_ids), list(segment.logprobs)
+    if not forced and tr.manifest.prompt.asr_text in ids:
+        at = ids.index(tr.manifest.prompt.asr_text)
+        ids, logprobs = ids[at + 1 :], logprobs[at + 1 :]
+    return ids, logprobs
+
+
+def two_clip_file(first, second, gap_seconds: float, path):
+    """A float WAV of two clips (paths) with ``gap_seconds`` of silence between: two long-form segments."""
+    import soundfile as sf
+
+    from megaedge.runtime import audio as audio_io
+
+    gap = np.zeros(round(16000 * gap_seconds), np.float32)
+    sf.write(str(path), np.concatenate([audio_io.load(first), gap, audio_io.load(second)]), 16000, subtype="FLOAT")
+    return path
+
+
 def barrier(ws) -> list[dict]:
     """Events up to the reply to a deliberately unknown event: the server answers events in order, so every event
     sent before it has been processed."""

@@ -3,24 +3,15 @@ confidence (include[]=logprobs) and subtitles (response_format srt / vtt)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
+
+from tests.serve.conftest import text_part, two_clip_file
 
 openai = pytest.importorskip("openai", reason="needs the openai client (dev extra)")
 
 
 def client(running):
     return openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def _text_part(tr, segment, forced: bool):
-    """The segment's tokens and log-probabilities after the language prefix (all of them when the model named no
-    language: a garbled decode of a long silence)."""
-    ids, logprobs = list(segment.token_ids), list(segment.logprobs)
-    if not forced and tr.manifest.prompt.asr_text in ids:
-        at = ids.index(tr.manifest.prompt.asr_text)
-        ids, logprobs = ids[at + 1 :], logprobs[at + 1 :]
-    return ids, logprobs
 
 
 def test_include_logprobs_gives_each_text_token_and_its_logprob(server, serve_transcriber, clips):
@@ -33,7 +24,7 @@ def test_include_logprobs_gives_each_text_token_and_its_logprob(server, serve_tr
         with open(item["path"], "rb") as f:
             out = api.audio.transcriptions.create(model="m", file=f, include=["logprobs"], **extra)
         assert out.text == expected.text and out.text
-        _, logprobs = _text_part(serve_transcriber, expected.segments[0], language is not None)
+        _, logprobs = text_part(serve_transcriber, expected.segments[0], language is not None)
         got = [entry.model_dump() for entry in out.logprobs]
         assert [e["logprob"] for e in got] == logprobs  # the prefix's tokens ("language English<asr_text>") left out
         spelled = bytes(int(b) for e in got for b in e["bytes"])  # the client types bytes as floats
@@ -49,14 +40,7 @@ def test_include_logprobs_gives_each_text_token_and_its_logprob(server, serve_tr
 
 
 def test_streamed_deltas_carry_their_segments_logprobs(server, serve_transcriber, clips, tmp_path):
-    import soundfile as sf
-
-    from megaedge.runtime import audio as audio_io
-
-    gap = np.zeros(16000 * 26, np.float32)  # two segments of text
-    audio = np.concatenate([audio_io.load(clips[2]["path"]), gap, audio_io.load(clips[3]["path"])])
-    path = tmp_path / "two.wav"
-    sf.write(str(path), audio, 16000, subtype="FLOAT")
+    path = two_clip_file(clips[2]["path"], clips[3]["path"], 26, tmp_path / "two.wav")  # two segments of text
     expected = serve_transcriber.transcribe(str(path))
     texts = [s for s in expected.segments if s.text]
     assert len(texts) == 2
@@ -67,7 +51,7 @@ def test_streamed_deltas_carry_their_segments_logprobs(server, serve_transcriber
     assert [e.type for e in deltas] == ["transcript.text.delta"] * 2 and done.text == expected.text
     for delta, segment in zip(deltas, texts):
         # the tokens that spell the segment's text, in order (a collapsed repetition's dropped copies left out)
-        _, logprobs = _text_part(serve_transcriber, segment, False)
+        _, logprobs = text_part(serve_transcriber, segment, False)
         got = iter(logprobs)
         assert all(any(e.logprob == lp for lp in got) for e in delta.logprobs) and delta.logprobs
         assert bytes(int(b) for e in delta.logprobs for b in e.bytes).decode().strip() == segment.text
@@ -75,14 +59,7 @@ def test_streamed_deltas_carry_their_segments_logprobs(server, serve_transcriber
 
 
 def test_subtitles_cue_each_segment_with_text(server, serve_transcriber, clips, tmp_path):
-    import soundfile as sf
-
-    from megaedge.runtime import audio as audio_io
-
-    gap = np.zeros(16000 * 27, np.float32)
-    audio = np.concatenate([audio_io.load(clips[0]["path"]), gap, audio_io.load(clips[1]["path"])])
-    path = tmp_path / "two.wav"
-    sf.write(str(path), audio, 16000, subtype="FLOAT")
+    path = two_clip_file(clips[0]["path"], clips[1]["path"], 27, tmp_path / "two.wav")
     expected = serve_transcriber.transcribe(str(path))
     cued = [s for s in expected.segments if s.text]
     assert len(cued) == 2
