@@ -142,7 +142,9 @@ class StreamEvent:
     min_logprob: float | None = None
     degraded_prob: float | None = None  # routed bundles, route auto: the router's degraded probability
     language: str | None = None  # finals: the language the model named (or the one forced)
-    logprobs: tuple[float, ...] = ()  # finals: the log-probability of each of token_ids
+    # finals: the log-probability of each of token_ids; partials: of each committed token (the first
+    # len(logprobs) of token_ids), as the hop that committed it scored it
+    logprobs: tuple[float, ...] = ()
 
 
 @dataclass
@@ -205,6 +207,7 @@ class _Span:
         self.kv: int | None = None  # length of the stream's decoder cache after prefix + windows[:kv_windows]
         self.kv_windows = 0
         self.committed: list[int] = []
+        self.committed_logprobs: list[float] = []  # of each committed token, from the hop that committed it
         self.previous: list[int] = []  # the last hop's full hypothesis
         self.after_cut = False  # begins where an exact long-form segment was cut (Stream._cut_segment)
         self.context = context
@@ -553,7 +556,8 @@ class Stream:
         logits = self._run_tail(ids, audio, 1)
         budget = max_new_tokens_for(span.samples.size / RATE)
         per_hop = self.opts.unstable_tokens + math.ceil(10 * self.opts.hop_seconds) + 2
-        new = self._greedy(logits[-1], span.committed, budget, per_hop).tokens
+        result = self._greedy(logits[-1], span.committed, budget, per_hop)
+        new = result.tokens
         hypothesis = span.committed + new
         # Commit what is older than the last unstable_tokens AND what the previous hop also proposed (local
         # agreement): one hop's guess at a word cut by the hop edge is never committed.
@@ -563,9 +567,10 @@ class Stream:
         while agreed < min(len(candidate), len(previous)) and candidate[agreed] == previous[agreed]:
             agreed += 1
         span.committed = span.committed + candidate[:agreed]
+        span.committed_logprobs = span.committed_logprobs + result.logprobs[:agreed]
         span.previous = hypothesis
         self.stats.hops += 1
-        event = self._event("partial", hypothesis, t0)
+        event = self._event("partial", hypothesis, t0, logprobs=span.committed_logprobs)
         self.stats.hop_seconds.append(event.compute_seconds)
         return event
 
@@ -715,7 +720,9 @@ class Stream:
         degraded_prob = span.degraded_prob
         if segment is not None and self.tr.manifest.routed:
             route, degraded_prob = segment.route, segment.degraded_prob
-        confidence = (float(np.mean(logprobs)), float(np.min(logprobs))) if len(logprobs) else (None, None)
+        confidence = (None, None)
+        if not partial and len(logprobs):
+            confidence = (float(np.mean(logprobs)), float(np.min(logprobs)))
         language = None
         if kind == "final":
             language = self.opts.language or self.tr.text_of(tokens, False).language

@@ -24,7 +24,8 @@ Choices where megaedge's stream differs from OpenAI's service (docs/serving.md):
 * ``completed`` carries megaedge fields beside OpenAI's: ``route``, ``degraded_prob`` (routed bundles on the auto
   route; else null), ``language``, ``mean_logprob``, ``min_logprob``, ``start`` / ``end`` (seconds of session
   audio), ``reason``; with ``session.include`` [``item.input_audio_transcription.logprobs``] also ``logprobs``,
-  the transcript's tokens (deltas carry none: they are committed text, whose final check may still change it).
+  the transcript's tokens; deltas then carry the logprobs of the tokens they add, as the hop that committed them
+  scored them (the final check may still revise committed text, and ``completed`` has the final's).
 """
 
 from __future__ import annotations
@@ -281,6 +282,7 @@ class RealtimeSession:
         self.speaking = False  # speech_started sent for the current item
         self.item_samples = 0.0  # 16 kHz samples appended since the last final
         self.sent = ""  # delta text sent for the current item
+        self.sent_logprobs = 0  # logprobs entries sent with it
         self.partial = ""
 
     # -- config
@@ -356,15 +358,29 @@ class RealtimeSession:
                 return []  # no utterance open (partials of trailing silence): nothing to say
             if event.text == self.partial and event.committed == self.sent:
                 return []
-            delta = ""
+            delta, entries = "", []
             if event.committed.startswith(self.sent):
                 delta = event.committed[len(self.sent):]
                 self.sent = event.committed
+                if self.config.logprobs and delta:
+                    entries = self._delta_logprobs(event)
             self.partial = event.text
-            return [{"type": "conversation.item.input_audio_transcription.delta", "event_id": new_id("event"),
-                     "item_id": self.item, "content_index": 0, "delta": delta, "partial": event.text,
-                     "stable": event.committed}]
+            out = {"type": "conversation.item.input_audio_transcription.delta", "event_id": new_id("event"),
+                   "item_id": self.item, "content_index": 0, "delta": delta, "partial": event.text,
+                   "stable": event.committed}
+            if self.config.logprobs:
+                out["logprobs"] = entries
+            return [out]
         return self._final(event)
+
+    def _delta_logprobs(self, event) -> list[dict]:
+        """The entries of the tokens a delta added: the committed text's tokens past those already sent. Committed
+        tokens only grow within an utterance, so the entries spelling the committed text grow by the delta's."""
+        tokens = event.token_ids[:len(event.logprobs)]
+        entries = output.text_token_logprobs(self.tr.tokenizer, tokens, event.logprobs,
+                                             self.tr.manifest.prompt.asr_text, event.committed)
+        new, self.sent_logprobs = entries[self.sent_logprobs:], len(entries)
+        return new
 
     def _final(self, event) -> list[dict]:
         if event.reason in ("endpoint", "flush") and not event.text and self.item is None:
@@ -397,6 +413,7 @@ class RealtimeSession:
 
     def _close_item(self) -> None:
         self.item, self.speaking, self.item_samples, self.sent, self.partial = None, False, 0.0, "", ""
+        self.sent_logprobs = 0
 
     def commit(self, event_id: str | None = None) -> list[dict]:
         if self.item_samples < MIN_COMMIT_SECONDS * 16000:

@@ -316,3 +316,32 @@ def test_a_final_past_its_budget_keeps_one_logprob_per_token(merged, clips, monk
     final = stream.final()
     assert len(final.token_ids) == len(final.logprobs) == 2
     assert list(final.token_ids) == committed[:2]
+
+
+def test_partials_score_committed_tokens_as_the_hop_that_committed_them(merged, clips):
+    """A partial's logprobs are its committed tokens' (what realtime deltas carry): once given they never change
+    within the utterance, each is the score the committing hop's greedy decode gave it, and that is near offline
+    transcription's for the audio received by then (a hop sees only the mel frames complete so far)."""
+    samples = clips[1]
+    stream = merged.create_stream(replace(EXACT, hop_seconds=0.48))
+    decodes = []
+    greedy = stream._greedy
+    stream._greedy = lambda *a, **k: decodes.append(greedy(*a, **k)) or decodes[-1]
+    partials = []
+    for i in range(0, len(samples), 4000):
+        partials += [e for e in stream.accept_waveform(samples[i : i + 4000], 16000) if e.kind == "partial"]
+    assert len(decodes) == len(partials)
+    checked, before = 0, ()
+    for event, hop in zip(partials, decodes):
+        n, old = len(event.logprobs), len(before)
+        assert n <= len(event.token_ids) and event.mean_logprob is None
+        assert event.logprobs[:old] == before, "committed scores are kept as given"
+        assert event.logprobs[old:] == tuple(hop.logprobs[: n - old])
+        assert list(event.token_ids[old:n]) == hop.tokens[: n - old]
+        if n > old:
+            offline = merged.transcribe(samples[: round(event.end * 16000)], segment_seconds=None).segments[0]
+            if list(offline.token_ids[:n]) == list(event.token_ids[:n]):
+                assert list(event.logprobs[old:]) == pytest.approx(offline.logprobs[old:n], abs=0.03)
+                checked += n - old
+        before = event.logprobs
+    assert checked >= 3 and len(before) >= 3
