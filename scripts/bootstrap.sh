@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create (or reuse) .venv in the repository root and install megaedge with the extras named in $EXTRAS.
 # torch is installed first as the pinned CPU build (constraints/cpu-torch.txt): an unpinned torch on Linux pulls
-# several GB of CUDA wheels. Re-running is cheap: pip skips what is already satisfied.
+# several GB of CUDA wheels; where the configured indexes lack the CPU build, the PyTorch CPU index ($TORCH_CPU_INDEX)
+# is added for torch alone. Re-running is cheap: pip skips what is already satisfied.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON_BIN=${PYTHON:-python3}
@@ -13,7 +14,11 @@ fi
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install --upgrade pip >/dev/null
 if [[ ",$EXTRAS," == *",export,"* ]] && ! .venv/bin/python -c "import torch" 2>/dev/null; then
-    "${PIP[@]}" install -c constraints/cpu-torch.txt torch
+    # The configured indexes first (a local mirror may hold the CPU build); then the PyTorch CPU index.
+    if ! "${PIP[@]}" install -c constraints/cpu-torch.txt torch 2>/dev/null; then
+        echo "bootstrap: CPU torch not on the configured indexes; trying ${TORCH_CPU_INDEX:=https://download.pytorch.org/whl/cpu}"
+        "${PIP[@]}" install -c constraints/cpu-torch.txt --extra-index-url "$TORCH_CPU_INDEX" torch
+    fi
 fi
 "${PIP[@]}" install -c constraints/cpu-torch.txt -e ".[${EXTRAS}]"
 # Silero VAD's ONNX model (MIT; megaedge/runtime/vad.py, copied into bundles by `megaedge export`). --no-deps: the
