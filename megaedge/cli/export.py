@@ -23,11 +23,20 @@ DESCRIPTION = (
 )
 
 
+def _precision(value: str) -> str:
+    if value == "int8":
+        raise argparse.ArgumentTypeError("int8 is not a float precision; add --int8 (INT8 quantized from the FP32 "
+                                         "graphs, with --recipe)")
+    if value not in ("fp32", "fp16"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not fp32 or fp16")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", help="checkpoint directory (default: the shipped trained fixture)")
     parser.add_argument("--out", default="bundle", help="bundle directory to create (default ./bundle)")
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
-                        help="float precision of the graphs (fp16 for GPUs; default fp32)")
+    parser.add_argument("--precision", type=_precision, default="fp32", metavar="{fp32,fp16}",
+                        help="float precision of the graphs (fp16 for GPUs; default fp32; INT8: --int8)")
     parser.add_argument("--mode", choices=("merged", "routed"), default="merged",
                         help="merged: LoRA folded in; routed: LoRA as a gated branch chosen per input (default merged)")
     parser.add_argument("--adapter", help="LoRA adapter directory (default: the checkpoint's mega-asr-merged/)")

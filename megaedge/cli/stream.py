@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "flush (default: until Ctrl-C or the end of the file)")
     parser.add_argument("--realtime", action="store_true", help="--file: feed at real-time speed, as a mic would")
     parser.add_argument("--preset", default="balanced",
-                        help="balanced (default), interactive, dictation or exact (no endpointing, one utterance)")
+                        help="balanced (default), interactive, dictation or exact (no endpointing; finals are "
+                             "offline transcription, segment by segment)")
     parser.add_argument("--hop", type=arg_type(limits.check_hop, parse=float),
                         help=f"seconds between partial results, {limits.HOP_SECONDS[0]:g}-{limits.HOP_SECONDS[1]:g} "
                              "(overrides the preset)")

@@ -141,6 +141,9 @@ def int8_from_fp32(fp32_bundle: Path, out: Path, options: Int8Options,
     recipe = options.chosen_recipe()
     items, source = calibration_items(options.calib)
     cache = Path(options.calib_cache).expanduser() if options.calib_cache else None
+    if not quantize.calibrates(recipe) and (options.calib or cache):
+        log.warning("recipe %s quantizes weights only: --calib / --calib-cache shape no part of the bundle (only "
+                    "the report's naive per-tensor variant reads the clips); static recipes: --recipe cpu", recipe.name)
     if cache:
         cache.mkdir(parents=True, exist_ok=True)
     if not options.report:
@@ -175,7 +178,7 @@ def int8_from_fp32(fp32_bundle: Path, out: Path, options: Int8Options,
         report["clips_in_set"] = len(all_items)
         report["recipe"] = info.quantization["recipe"]
         report["target"] = options.target
-        report["calibration"] = {"clips": len(items), "source": source}
+        report["calibration"] = {"clips": len(items), "source": source, "shapes_bundle": quantize.calibrates(recipe)}
         (work / manifest.QUANT_REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
         (work / manifest.QUANT_REPORT_MD).write_text(format_report(report) + "\n")
         # The report files are part of the bundle: list them with their hashes.

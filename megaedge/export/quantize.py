@@ -517,6 +517,11 @@ def manifest_sha(items: list[dict]) -> str:
     return digest.hexdigest()[:8]
 
 
+def calibrates(recipe: Int8Recipe) -> bool:
+    """Whether the recipe reads calibration clips: static activation ranges or SmoothQuant's scales."""
+    return any(how in ("static", "smoothquant") for how in (recipe.encoder, recipe.decoder))
+
+
 def quantize_bundle(fp32_bundle: Path, out: Path, recipe: Int8Recipe, calib_items: list[dict], target: str,
                     cache_dir: Path | None = None, calibration_source: str = "") -> manifest.Manifest:
     """Write an INT8 bundle at ``out`` from an FP32 bundle; ``cache_dir`` keeps activation ranges for re-runs."""
@@ -571,8 +576,10 @@ def quantize_bundle(fp32_bundle: Path, out: Path, recipe: Int8Recipe, calib_item
         from megaedge.export.native_stem import add_native_stem
 
         doc = add_native_stem(out, doc)
+    calibrated = calibrates(recipe)  # recorded only where the clips shaped the bundle
     doc["quantization"] = {"recipe": asdict(recipe), "target": target, "graphs": details,
-                           "calibration": {"clips": len(calib_items), "source": calibration_source}}
+                           "calibration": {"clips": len(calib_items) if calibrated else 0,
+                                           "source": calibration_source if calibrated else "none (weights only)"}}
     doc["files"] = manifest.file_hashes(out)
     frozen = manifest.Manifest.from_dict(doc)
     manifest.write(frozen, out)

@@ -266,8 +266,8 @@ def read(bundle_dir: str | Path, verify: bool = True, expected_digest: str | Non
     if expected_digest is not None:
         pinned = pinned_digest(expected_digest)
         if doc[DIGEST_FIELD] != pinned:
-            raise BundleError(f"{root}: bundle digest {doc[DIGEST_FIELD][:16]}... is not the pinned "
-                              f"{pinned[:16]}...; this is another bundle or an edited one: copy the pinned one")
+            raise BundleError(f"{root}: bundle digest {doc[DIGEST_FIELD]} is not the pinned {pinned}; this is "
+                              "another bundle or an edited one: copy the pinned one")
     manifest = Manifest.from_dict(doc)
     from megaedge.runtime import bundle_check
 

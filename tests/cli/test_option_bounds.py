@@ -51,6 +51,8 @@ BAD = [
     (("stream", B, "--file", "a.wav", "--seconds", "-1"), "--seconds", "-1 is outside (0, 86400] seconds"),
     (("stream", B, "--file", "a.wav", "--threads", "100000"), "--threads", "100000 is outside 1-8"),
     (("stream", B, "--file", "a.wav", "--language", "xx"), "--language", "'xx' is not a language"),
+    (("export", "--precision", "int8"), "--precision", "int8 is not a float precision; add --int8"),
+    (("export", "--precision", "bf16"), "--precision", "'bf16' is not fp32 or fp16"),
     (("eval", B, "--limit", "0"), "--limit", "0 is outside 1-10000000"),
     (("eval", B, "--limit", "-1"), "--limit", "-1 is outside 1-10000000"),
     (("eval", B, "--threads", "0"), "--threads", "0 is outside 1-8"),

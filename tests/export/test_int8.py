@@ -382,6 +382,9 @@ def test_float_encoder_recipe_keeps_the_encoder_and_blocks_the_decoder_by_32(tin
                                     "cpu", cache_dir=tmp_path / "cache")
     assert (out / manifest.ENCODER_FILE).read_bytes() == (tiny_bundles["routed"] / manifest.ENCODER_FILE).read_bytes()
     assert _ops(out / manifest.ENCODER_FILE)["QuantizeLinear"] == 0
+    # weights only: no clip shaped it, and the manifest does not claim one did (nor a cache of ranges)
+    assert info.quantization["calibration"] == {"clips": 0, "source": "none (weights only)"}
+    assert not list((tmp_path / "cache").glob("*.json"))
     index = info.decoder["native"]
     assert {layer[p]["block"] for layer in index["layers"] for p in manifest.NATIVE_PROJECTIONS} == {32}
     assert all("lora" in layer["q"] for layer in index["layers"])

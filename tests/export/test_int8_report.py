@@ -159,3 +159,18 @@ def test_report_lists_its_files_and_intervals(tiny_bundles, clips, tmp_path, cap
     assert seen[0].startswith("quantization report: 4 variants (fp32, int8, naive_per_tensor, clean_calibration) "
                               "x 3 of 4 clips, after quantizing the 2 comparison variants")
     assert any("clips, ~" in line and "left" in line for line in seen[1:])
+
+
+def test_calibration_options_on_a_weights_only_recipe_say_they_do_nothing(tiny_bundles, clips, tmp_path, caplog):
+    """The default recipe (cpu-float-encoder) reads no clips: --calib / --calib-cache were accepted in silence and the
+    manifest named clips that shaped nothing. A static recipe uses them and records them."""
+    for recipe, used in (("cpu-float-encoder", False), ("cpu", True)):
+        options = int8.Int8Options(calib=str(clips), calib_cache=str(tmp_path / f"ranges-{recipe}"), report=False,
+                                   recipe=recipe)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="megaedge"):
+            info = int8.int8_from_fp32(tiny_bundles["merged"], tmp_path / recipe, options)
+        said = [r.getMessage() for r in caplog.records if "shape no part of the bundle" in r.getMessage()]
+        assert len(said) == (0 if used else 1)
+        assert info.quantization["calibration"]["clips"] == (4 if used else 0)
+        assert bool(list((tmp_path / f"ranges-{recipe}").glob("*.json"))) == used

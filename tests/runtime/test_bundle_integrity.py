@@ -87,6 +87,7 @@ def test_a_pinned_digest_admits_only_that_bundle(tiny_bundles, tmp_path):
     with pytest.raises(BundleError, match="is not the pinned") as caught:
         manifest.read(routed, expected_digest=pin)
     assert "\n" not in str(caught.value)
+    assert pin in str(caught.value) and manifest.bundle_digest(routed) in str(caught.value)  # whole: tell them apart
     # a forger can recompute the self-digest of an edited manifest, not match a pin taken from the clean one
     forged = _edit(_clone(merged, tmp_path / "b"), _set(["prompt", "eos"], [151643]))
     assert manifest.read(forged).prompt.eos == (151643,)
