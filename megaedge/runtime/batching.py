@@ -15,10 +15,17 @@ a fixed-KV group splits where its slots are not adjacent). ``batches`` and ``on_
 Why a leader and not a worker thread: a lone caller runs its own step at once, with no hand-off; a batch costs
 the followers one wake-up each. The wait is bounded by ``gather_seconds`` and skipped as soon as every decoder
 that is between steps has arrived (``stepping`` counts them), so a single stream never waits for anybody.
+
+Interrupts stay in their thread. Python raises Ctrl-C's KeyboardInterrupt in the main thread, so the main thread
+never leads a batch of other threads' steps (its own steps run alone): a batch it led would fail for every
+thread in it, mid-step. A caller interrupted while waiting withdraws its step, or, when a leader already runs
+it, waits for that step to end (its decoder must not be touched while the kernel writes to it) and then raises;
+a leader's failure never leaves the batcher led. Exceptions of a step are handed to the callers in its call.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from contextlib import contextmanager
@@ -27,6 +34,8 @@ import numpy as np
 
 from megaedge.errors import MegaedgeError
 from megaedge.runtime import kernels
+
+log = logging.getLogger("megaedge.runtime.batching")
 
 # A decode step of the 1.7B model takes tens of milliseconds: a wait of 2 ms for a peer costs a few per cent of one
 # step and saves a whole weight read when the peer comes.
@@ -77,54 +86,91 @@ class StepBatcher:
         if self.max_batch == 1:
             return _value(decoder.step_many([decoder], [token], [gate])[0][0])
         request = _Request(decoder, token, gate)
+        alone = threading.current_thread() is threading.main_thread()  # where KeyboardInterrupt lands
         with self._cond:
             self._pending.append(request)
             self._cond.notify_all()
-        while True:
-            with self._cond:
-                while not request.done.is_set() and self._leader:
-                    self._cond.wait()
-                if request.done.is_set():
-                    return self._result(request)
-                self._leader = True  # no leader and this step unserved: lead the next batch
-                deadline = time.perf_counter() + self.gather_seconds
-                while len(self._pending) < min(self.max_batch, max(self._stepping, 1)):
-                    left = deadline - time.perf_counter()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-                batch = self._pending[: self.max_batch]
-                del self._pending[: len(batch)]
-            try:
-                self._run(batch)
-            finally:
+        try:
+            while True:
                 with self._cond:
-                    self._leader = False
-                    self._cond.notify_all()
+                    while not request.done.is_set() and self._leader:
+                        self._cond.wait()
+                    if request.done.is_set():
+                        return self._result(request)
+                    self._leader = True  # no leader and this step unserved: lead the next batch
+                    try:
+                        batch = [request] if alone else self._gather()
+                    except BaseException:
+                        self._leader = False
+                        self._cond.notify_all()
+                        raise
+                    for taken in batch:
+                        self._pending.remove(taken)
+                try:
+                    self._run(batch, request)
+                finally:
+                    with self._cond:
+                        self._leader = False
+                        self._cond.notify_all()
+        except BaseException:
+            self._withdraw(request)
+            raise
 
-    def _run(self, batch: list[_Request]) -> None:
+    def _gather(self) -> list[_Request]:
+        """The next batch (called holding the lock): waits up to gather_seconds for the decoders between steps."""
+        deadline = time.perf_counter() + self.gather_seconds
+        while len(self._pending) < min(self.max_batch, max(self._stepping, 1)):
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                break
+            self._cond.wait(left)
+        return self._pending[: self.max_batch]
+
+    def _withdraw(self, request: _Request) -> None:
+        """After an interrupt: the step leaves the queue, or, taken by a leader, is waited for."""
+        with self._cond:
+            if request in self._pending:
+                self._pending.remove(request)
+                return
+        request.done.wait()
+
+    def _run(self, batch: list[_Request], own: _Request) -> None:
         groups: dict[int, list[_Request]] = {}
         for request in batch:  # decoders of different weights (two transcribers) cannot share a call
             groups.setdefault(id(request.decoder.batch_key), []).append(request)
-        for group in groups.values():
-            try:
-                logits, calls = group[0].decoder.step_many([r.decoder for r in group], [r.token for r in group],
-                                                           [r.gate for r in group])
-            except BaseException as exc:  # noqa: BLE001 - handed to each waiting caller
-                for r in group:
-                    r.error = exc
+        try:
+            for group in groups.values():
+                self._run_group(group)
+        except BaseException as exc:  # an interrupt of the leader itself: it alone raises it
+            for r in batch:
+                if not r.done.is_set():
+                    r.error = exc if r is own else MegaedgeError(f"decode step stopped by {type(exc).__name__} "
+                                                                 "in the thread that ran its batch")
                     r.done.set()
-                continue
-            for size in calls:
-                self.batches[size] = self.batches.get(size, 0) + 1
-                if self.on_batch is not None:
-                    self.on_batch(size)
-            for r, row in zip(group, logits):  # a row may be the error of a decoder that could not step
-                if isinstance(row, BaseException):
-                    r.error = row
-                else:
-                    r.logits = row
+            raise
+
+    def _run_group(self, group: list[_Request]) -> None:
+        try:
+            logits, calls = group[0].decoder.step_many([r.decoder for r in group], [r.token for r in group],
+                                                       [r.gate for r in group])
+        except Exception as exc:  # noqa: BLE001 - handed to each waiting caller
+            for r in group:
+                r.error = exc
                 r.done.set()
+            return
+        for r, row in zip(group, logits):  # a row may be the error of a decoder that could not step
+            if isinstance(row, BaseException):
+                r.error = row
+            else:
+                r.logits = row
+            r.done.set()
+        for size in calls:
+            self.batches[size] = self.batches.get(size, 0) + 1
+            if self.on_batch is not None:
+                try:
+                    self.on_batch(size)
+                except Exception:  # a counter's failure must not fail the steps it counted
+                    log.exception("batcher on_batch callback failed")
 
     @staticmethod
     def _result(request: _Request) -> np.ndarray:

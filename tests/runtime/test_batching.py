@@ -158,3 +158,119 @@ class _Adapter:
         import contextlib
 
         return self.batcher.stepping() if self.batcher is not None else contextlib.nullcontext()
+
+
+class _Fake:
+    """A decoder for the batcher alone: a step's logits are [its id, the token, its steps so far]; ``hook`` runs
+    inside each call (from the thread that leads it) with the decoders in it."""
+
+    key = object()
+
+    def __init__(self, ident, hook=None):
+        self.ident, self.steps, self.hook, self.batch_key = ident, 0, hook, _Fake.key
+
+    @staticmethod
+    def step_many(decoders, tokens, gates):
+        if decoders[0].hook is not None:
+            decoders[0].hook(decoders)
+        rows = []
+        for d, token in zip(decoders, tokens):
+            rows.append(np.array([d.ident, token, d.steps], np.float32))
+            d.steps += 1
+        return rows, [len(decoders)]
+
+
+def _workers(batcher, count, steps, hook=None, pause=0.0):
+    """``count`` threads stepping their own _Fake decoder ``steps`` times, ``pause`` seconds apart; (threads,
+    decoders, errors)."""
+    import time
+
+    decoders, errors = [_Fake(k + 1, hook) for k in range(count)], []
+
+    def run(d):
+        try:
+            with batcher.stepping():
+                for i in range(steps):
+                    assert batcher.step(d, i).tolist() == [d.ident, i, i]
+                    time.sleep(pause)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=run, args=(d,)) for d in decoders]
+    [t.start() for t in threads]
+    return threads, decoders, errors
+
+
+def test_ctrl_c_in_the_main_thread_stays_there():
+    """A KeyboardInterrupt that lands in the main thread during a step it runs reaches that thread alone: it was
+    handed to every thread of the batch the main thread led, and could leave the batcher led forever."""
+    import time
+
+    batcher = StepBatcher(8, gather_seconds=0.02)
+    main, left = threading.main_thread(), [3]
+
+    def interrupt_main(decoders):  # Ctrl-C whenever the main thread runs a call, three times
+        time.sleep(0.001)
+        if threading.current_thread() is main and left[0]:
+            left[0] -= 1
+            raise KeyboardInterrupt
+
+    mine = _Fake(0, interrupt_main)
+    threads, decoders, errors = _workers(batcher, 3, 150, interrupt_main, pause=0.002)
+    interrupts = 0
+    with batcher.stepping():
+        for i in range(200):  # the last ones alone at the latest
+            try:
+                batcher.step(mine, i)
+            except KeyboardInterrupt:
+                interrupts += 1
+                mine.steps += 1  # the interrupted step counts as taken
+    [t.join(60) for t in threads]
+    assert not any(t.is_alive() for t in threads) and not errors, errors
+    assert interrupts == 3 and all(d.steps == 150 for d in decoders)
+    assert not batcher._leader and not batcher._pending
+    assert sum(size * n for size, n in batcher.batches.items() if size > 1) > 0  # the workers still met
+
+
+def test_an_interrupted_follower_waits_for_the_step_a_leader_runs_on_its_decoder():
+    """Ctrl-C while the main thread's step runs in another thread's batch: the main thread raises only once that
+    step has ended (its decoder is being written), and the batcher serves the next steps."""
+    import os
+    import signal
+    import time
+
+    batcher = StepBatcher(8, gather_seconds=0.1)
+    ended = []
+
+    def signal_mid_step(decoders):
+        if threading.current_thread() is not threading.main_thread() and mine in decoders and not ended:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.3)
+            ended.append(time.perf_counter())
+
+    mine = _Fake(0, signal_mid_step)
+    with batcher.stepping():
+        threads, (other,), errors = _workers(batcher, 1, 3, signal_mid_step)
+        time.sleep(0.05)  # the worker leads, gathering until this thread's step arrives
+        try:
+            batcher.step(mine, 0)
+            raise AssertionError("no interrupt")
+        except KeyboardInterrupt:
+            raised = time.perf_counter()
+    [t.join(30) for t in threads]
+    assert not errors and ended and raised >= ended[0] and mine.steps == 1
+    with batcher.stepping():
+        assert batcher.step(mine, 5).tolist() == [0, 5, 1]
+
+
+def test_a_failing_batch_counter_fails_no_step(caplog):
+    batcher = StepBatcher(8, gather_seconds=0.01)
+
+    def broken(size):
+        raise RuntimeError("metrics backend down")
+
+    batcher.on_batch = broken
+    threads, decoders, errors = _workers(batcher, 3, 20)
+    [t.join(60) for t in threads]
+    assert not any(t.is_alive() for t in threads) and not errors, errors
+    assert "on_batch callback failed" in caplog.text
