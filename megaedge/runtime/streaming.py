@@ -352,6 +352,12 @@ class Stream:
             self._since_hop = 0
             if self._gated and not self._vad.heard_speech:
                 return events  # nothing said yet: no partial guessed from noise
+            if not self._gated and not np.any(span.samples):
+                # Without a detector only digital silence is gated, as offline: a muted microphone's zeros are
+                # never decoded (a model guesses words in them, which a span roll then passed on as context).
+                if self._roll_due() and span.samples.size > 2 * RATE:
+                    self._drop_leading_silence()  # the roll that bounds a span would decode them
+                return events
             hop = self._hop()  # without partials only to encode the windows the roll cuts at
             if partials:
                 events.append(hop)

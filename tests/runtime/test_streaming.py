@@ -345,3 +345,25 @@ def test_partials_score_committed_tokens_as_the_hop_that_committed_them(merged, 
                 checked += n - old
         before = event.logprobs
     assert checked >= 3 and len(before) >= 3
+
+
+def test_without_a_detector_a_stream_never_decodes_digital_silence(fixture_bundles, clips):
+    """vad="off" gates only digital silence, as offline transcription does: 30 s of a muted microphone's zeros gave
+    partials of made-up words, a span final of them, and that text as the next command's context (which garbled
+    it). Now nothing is said about the zeros, and the command's final is offline transcription of its span."""
+    from megaedge.runtime.transcriber import Transcriber
+
+    tr = Transcriber.from_bundle(fixture_bundles["merged"], vad="off")
+    zeros = np.zeros(30 * 16000, np.float32)
+    audio = np.concatenate([zeros, clips[0], np.zeros(16000, np.float32)])
+    stream = tr.create_stream(StreamOptions.preset("balanced"))
+    events = []
+    for i in range(0, len(audio), 1600):
+        events += stream.accept_waveform(audio[i : i + 1600], 16000)
+        if i + 1600 == len(zeros):
+            assert stream._span.context is None and not any(e.text for e in events), events
+    events.append(stream.final())
+    finals = [e for e in events if e.kind == "final" and e.text]
+    assert len(finals) == 1 and finals[0].start >= 28  # the 0.5 s before speech kept, in 0.1 s pieces
+    span = audio[round(finals[0].start * 16000): round(finals[0].end * 16000)]
+    assert finals[0].text == tr.transcribe(span, segment_seconds=None).text != ""
