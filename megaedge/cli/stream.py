@@ -237,5 +237,6 @@ def _run(args: argparse.Namespace, guard) -> int:
     except KeyboardInterrupt:
         pass  # Ctrl-C, SIGTERM, SIGHUP: what was heard so far is flushed below, and the exit status stays 0
     guard.hold()  # a second SIGTERM must not cut the final flush short
-    show(stream.final())
+    for event in stream.finish():
+        show(event)
     return 0

@@ -380,16 +380,30 @@ class Stream:
         return self._last
 
     @_one_caller
+    def finish(self) -> list[StreamEvent]:
+        """End of input: every final it produces, in order (exact: token-identical to offline transcription). The
+        resampler's last samples are fed first, so a file streamed at 48 kHz ends where the offline one does; they
+        may complete a segment or a span before the flushed utterance's own final, which then comes last."""
+        return self._end()
+
+    @_one_caller
     def final(self) -> StreamEvent:
-        """End of input: finalise the current utterance (exact: token-identical to offline transcription). The
-        resampler's last samples are fed first: a file streamed at 48 kHz ends where the offline one does."""
-        events = self._accept(self._flush_resampler())
-        ended = [e for e in events if e.kind == "final"]
-        if ended and self.time - round(ended[-1].end * RATE) == 0 and self._span.samples.size == 0:
-            return ended[-1]  # the flushed samples ended the utterance themselves
-        return self._finish("flush")
+        """End of input: the last final ``finish`` gives. Should the resampler's last samples complete another
+        final before it (a non-16 kHz stream at a segment or span limit), that one is logged and lost here:
+        callers that stream at other rates and keep every final use ``finish``."""
+        events = self._end()
+        if len(events) > 1:
+            log.warning("Stream.final() dropped %d earlier final(s) of the end of input (%r ...): use finish()",
+                        len(events) - 1, events[0].text[:40])
+        return events[-1]
 
     flush = final
+
+    def _end(self) -> list[StreamEvent]:
+        ended = [e for e in self._accept(self._flush_resampler()) if e.kind == "final"]
+        if ended and self.time - round(ended[-1].end * RATE) == 0 and self._span.samples.size == 0:
+            return ended  # the flushed samples ended the utterance themselves
+        return ended + [self._finish("flush")]
 
     # -------------------------------------------------------------------------------------------- internals
     def _to_16k(self, samples: np.ndarray, rate: int) -> np.ndarray:

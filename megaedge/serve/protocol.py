@@ -421,7 +421,7 @@ class RealtimeSession:
                                 f"buffer too small: expected at least {MIN_COMMIT_SECONDS * 1000:.0f} ms of audio, "
                                 f"have {self.item_samples / 16:.0f} ms since the last commit", None, event_id)
         self.item = self.item or new_id("item")
-        return self._stream_event(self.stream.final())
+        return [out for event in self.stream.finish() for out in self._stream_event(event)]
 
     def clear(self) -> list[dict]:
         self.offset += self.stream.time
@@ -433,7 +433,7 @@ class RealtimeSession:
         """End of the session (server shutdown): the open utterance's final, if one is open."""
         if self.item is None or self.item_samples < MIN_COMMIT_SECONDS * 16000 and not self.speaking:
             return []
-        return self._stream_event(self.stream.final())
+        return [out for event in self.stream.finish() for out in self._stream_event(event)]
 
     @property
     def open_utterance(self) -> bool:

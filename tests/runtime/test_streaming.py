@@ -367,3 +367,35 @@ def test_without_a_detector_a_stream_never_decodes_digital_silence(fixture_bundl
     assert len(finals) == 1 and finals[0].start >= 28  # the 0.5 s before speech kept, in 0.1 s pieces
     span = audio[round(finals[0].start * 16000): round(finals[0].end * 16000)]
     assert finals[0].text == tr.transcribe(span, segment_seconds=None).text != ""
+
+
+def test_finish_returns_every_final_the_end_of_input_completes(merged, caplog):
+    """48 kHz input ending 7 ms past 30 s: the resampler's last samples, fed at the end, cross the exact preset's
+    segment limit, so the end of input completes two finals; final() returned only the last (27.7 s of transcript
+    lost in silence). finish() returns both, equal to offline's segments; final() says what it dropped."""
+    import soxr
+
+    from megaedge import fixture
+    from megaedge.runtime import audio as audio_io
+    from megaedge.runtime.evaluate import read_set
+
+    items = read_set(fixture.heldout_manifest())[:14]
+    speech = np.concatenate([audio_io.load(item["path"]) for item in items])[: 30 * 16000 + 112]
+    audio = soxr.resample(speech, 16000, 48000).astype(np.float32)
+    offline = merged.transcribe(audio, 48000)
+    assert len(offline.segments) == 2
+    for use_final in (False, True):
+        stream = merged.create_stream(EXACT)
+        finals = []
+        for i in range(0, len(audio), 4800):
+            finals += [e for e in stream.accept_waveform(audio[i : i + 4800], 48000) if e.kind == "final"]
+        assert not finals, "the input's own samples stay under the segment limit: the end completes both"
+        caplog.clear()
+        if use_final:
+            last = stream.final()
+            assert last.text == offline.segments[-1].text and "dropped 1 earlier final" in caplog.text
+        else:
+            finals = stream.finish()
+            assert [(e.text, e.start, e.end) for e in finals] == [
+                (s.text, pytest.approx(s.start, abs=0.01), pytest.approx(s.end, abs=0.01)) for s in offline.segments]
+
