@@ -78,12 +78,13 @@ def check_finite(samples: np.ndarray, name: str) -> None:
 FLOAT_PEAK_LIMIT = 4.0
 
 
-def as_float(samples: np.ndarray, name: str = "audio", whole: bool = False, check_scale: bool = True) -> np.ndarray:
+def as_float(samples: np.ndarray, name: str = "audio", whole: bool = False, check_scale: bool = True,
+             watch: WidthWatch | None = None) -> np.ndarray:
     """float32 samples in [-1, 1]: integer PCM scaled by its type's range (int16 / 32768), floats as they are.
 
     Refused (``check_scale``), as the usual mistakes of an embedder: floats peaking over FLOAT_PEAK_LIMIT, and
-    (``whole``: a whole recording, not a stream's block, which may be a quiet moment) 32- or 64-bit integers whose
-    peak fits a narrower type: PCM of that type kept in a wider array (a list of ints becomes int64), which would
+    (``whole``: a whole recording; a stream's blocks, one of which may be a quiet moment, through ``watch``) 32- or
+    64-bit integers whose peak fits a narrower type: PCM of that type kept in a wider array (a list of ints becomes int64), which would
     be read as near silence. A file's samples are what its format says: not judged."""
     path = "a file path, or " if whole else ""
     if not whole and isinstance(samples, (str, os.PathLike)):
@@ -102,6 +103,8 @@ def as_float(samples: np.ndarray, name: str = "audio", whole: bool = False, chec
     if arr.dtype.kind == "i":
         if check_scale and whole and arr.dtype.itemsize > 2 and arr.size:
             _check_integer_width(arr, name)
+        elif check_scale and watch is not None:
+            watch.see(arr, name)
         return arr.astype(np.float32) / float(np.iinfo(arr.dtype).max + 1)
     if arr.dtype.kind == "u":  # unsigned PCM (8-bit WAV) is offset by half its range
         half = float(np.iinfo(arr.dtype).max + 1) / 2
@@ -122,17 +125,45 @@ def _check_integer_width(arr: np.ndarray, name: str) -> None:
     """Refuse 32/64-bit integers whose peak fits 16 bits (or, in int64, 32 bits): read at their type's scale they
     would be near silence. A 24-bit recording kept in the low bits of int32 is named too: it cannot be told from a
     quiet 16-bit one, and neither is what int32 full scale means."""
-    peak = max(int(arr.max()), -int(arr.min()))  # no int64 copy of the whole array
-    full = np.iinfo(arr.dtype).max
+    _check_peak(max(int(arr.max()), -int(arr.min())), arr.dtype, name)  # no int64 copy of the whole array
+
+
+class WidthWatch:
+    """A stream's integer blocks wider than 16 bits, judged together (``as_float``'s check of a whole recording):
+    one block may be a quiet moment, but a second of them whose peak fits 16 bits is 16-bit PCM in a wide array
+    (``pcm.tolist()`` makes int64), which would be read as near silence. int64 is judged from its first block: no
+    device records at that width. Digital silence is never judged."""
+
+    JUDGE_AFTER = 16000  # samples
+
+    def __init__(self):
+        self.dtype, self.peak, self.samples, self.judged = None, 0, 0, False
+
+    def see(self, arr: np.ndarray, name: str) -> None:
+        if arr.dtype.kind != "i" or arr.dtype.itemsize <= 2 or not arr.size:
+            return
+        if arr.dtype != self.dtype:
+            self.dtype, self.peak, self.samples, self.judged = arr.dtype, 0, 0, False
+        if self.judged:
+            return
+        self.peak = max(self.peak, int(arr.max()), -int(arr.min()))
+        self.samples += arr.size
+        if self.peak and (arr.dtype.itemsize == 8 or self.samples >= self.JUDGE_AFTER):
+            _check_peak(self.peak, arr.dtype, name)
+            self.judged = self.samples >= self.JUDGE_AFTER
+
+
+def _check_peak(peak: int, dtype: np.dtype, name: str) -> None:
+    full = np.iinfo(dtype).max
     if peak == 0:
         return  # digital silence is silence in any width
     if peak <= 32768:
         fix = "samples.astype(numpy.int16) for 16-bit values, samples * 256 for 24-bit values in int32"
-    elif arr.dtype.itemsize == 8 and peak <= 2**31:
+    elif dtype.itemsize == 8 and peak <= 2**31:
         fix = "samples.astype(numpy.int32) for 32-bit values"
     else:
         return
-    raise AudioError(f"{name}: {arr.dtype} samples peak at {peak} of {full} ({20 * np.log10(peak / full):.0f} "
+    raise AudioError(f"{name}: {dtype} samples peak at {peak} of {full} ({20 * np.log10(peak / full):.0f} "
                      f"dBFS): PCM of a narrower type in a wider array, which would be read as near silence; pass "
                      f"{fix}, or floats in [-1, 1]")
 

@@ -298,6 +298,7 @@ class Stream:
         self._since_hop = 0
         self._resampler = None
         self._channel_axis: int | None = None  # a 2-D input's layout, once a block was long enough to tell
+        self._width = audio_io.WidthWatch()  # wide integer blocks whose values fit 16 bits: refused
         # The transcriber's detector (runtime/vad.py) gates partials and finals on speech and drives endpointing;
         # without one, the energy VAD below only endpoints, as before detectors existed.
         self._gated = self.tr.vad is not None
@@ -324,7 +325,7 @@ class Stream:
         rate = audio_io.check_rate(sample_rate, "sample_rate")
         if not isinstance(partials, (bool, np.bool_)):
             raise MegaedgeError(f"partials {partials!r} is not True or False")
-        chunk = self._to_16k(audio_io.as_float(samples, "stream input"), rate)
+        chunk = self._to_16k(audio_io.as_float(samples, "stream input", watch=self._width), rate)
         # Endpoints, hops, span rolls and segment cuts are checked after each piece: a block of seconds fed at
         # once is cut where the same audio fed in small blocks is (it was one utterance, hop and check).
         events: list[StreamEvent] = []

@@ -131,6 +131,31 @@ def test_the_usual_scale_mistakes_are_refused_in_one_line(tmp_path):
     assert np.array_equal(audio.load(bytes(path)), audio.load(path))  # a path given as bytes
 
 
+def test_a_streams_wide_integer_blocks_are_judged_together():
+    """A stream's blocks: one quiet int32 block may be a quiet moment, but a second of int32 whose peak fits 16 bits
+    is 16-bit PCM in a wide array (streams took it and gave an empty final); a list of ints (int64) is judged
+    from its first block; digital silence never; real 32-bit PCM never."""
+    from megaedge.runtime import audio
+
+    pcm = (np.sin(np.arange(16000) / 5.0) * 20000).astype(np.int16)
+    pcm[100] = 20000
+    watch = audio.WidthWatch()
+    for block in np.split(pcm.astype(np.int32), 10)[:9]:
+        audio.as_float(block, "stream input", watch=watch)  # 0.9 s: could still be a quiet moment
+    with pytest.raises(AudioError, match="stream input: int32 samples peak at 20000 .*astype\\(numpy.int16\\)"):
+        audio.as_float(pcm[-1600:].astype(np.int32), "stream input", watch=watch)
+    with pytest.raises(AudioError, match="int64 samples peak at 20000"):
+        audio.as_float(pcm[:160].tolist(), "stream input", watch=audio.WidthWatch())
+    watch = audio.WidthWatch()
+    for _ in range(30):
+        audio.as_float(np.zeros(1600, np.int32), "stream input", watch=watch)  # 3 s of a muted microphone
+    loud = pcm.astype(np.int32) << 16  # 16-bit audio at int32's full scale
+    for block in np.split(loud, 10):
+        audio.as_float(block, "stream input", watch=watch)
+    assert watch.judged
+    audio.as_float(np.full(1600, 3, np.int32), "stream input", watch=watch)  # later quiet blocks: fine
+
+
 def test_objects_that_are_not_audio_are_named():
     from megaedge.runtime import audio
 

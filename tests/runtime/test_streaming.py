@@ -399,3 +399,14 @@ def test_finish_returns_every_final_the_end_of_input_completes(merged, caplog):
             assert [(e.text, e.start, e.end) for e in finals] == [
                 (s.text, pytest.approx(s.start, abs=0.01), pytest.approx(s.end, abs=0.01)) for s in offline.segments]
 
+
+def test_a_stream_refuses_16_bit_values_in_a_wide_array(merged, clips):
+    """transcribe refused them; a stream took them (read as near silence) and gave an empty final."""
+    from megaedge.errors import AudioError
+
+    pcm = (clips[0] * 32767).astype(np.int16)
+    for wide in (pcm.astype(np.int32), pcm.tolist()):
+        stream = merged.create_stream(EXACT)
+        with pytest.raises(AudioError, match="PCM of a narrower type in a wider array"):
+            for i in range(0, 2 * 16000, 1600):
+                stream.accept_waveform(wide[i : i + 1600], 16000)
