@@ -9,12 +9,26 @@ few seconds before each limit, so words are rarely split and memory (prompt leng
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 
 from megaedge.runtime import features
 
 DEFAULT_SEGMENT_SECONDS = 30.0
 SEGMENT_RANGE = (8.0, 300.0)  # a cut needs a few seconds to search; past 300 s a prompt outgrows what was tested
+
+
+def check_one_segment(samples: int, segment_seconds: float | None) -> None:
+    """Audio transcribed uncut (``segment_seconds`` None) is one prompt: at most SEGMENT_RANGE's top, where the
+    prompt and its token budget stay inside what was tested (an hour of it took minutes and came out garbled)."""
+    from megaedge.errors import MegaedgeError
+
+    high = SEGMENT_RANGE[1]
+    if segment_seconds is None and samples > high * RATE:
+        raise MegaedgeError(f"audio of {samples / RATE:.1f} s with segment_seconds=None: one segment is at most "
+                            f"{high:g} s; pass segment_seconds (e.g. {DEFAULT_SEGMENT_SECONDS:g}) to cut it")
 
 
 def check_segment_seconds(value) -> float | None:
@@ -24,7 +38,7 @@ def check_segment_seconds(value) -> float | None:
     if value is None:
         return None
     low, high = SEGMENT_RANGE
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise MegaedgeError(f"segment_seconds {value!r} is not a number of seconds; pass a number in "
                             f"{low:g}-{high:g}, or None to never cut")
     if not low <= value <= high:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import threading
 import time
 from collections import deque
@@ -88,12 +89,15 @@ class StreamOptions:
             if value is None and optional:
                 continue
             whole = kind is int
-            ok = (not isinstance(value, bool) and isinstance(value, int if whole else (int, float))
+            # numbers.*: numpy scalars count (a value read from an array); bool does not
+            ok = (not isinstance(value, (bool, np.bool_)) and isinstance(value, numbers.Integral if whole else
+                                                                          numbers.Real)
                   and math.isfinite(value) and low <= value <= high)
             if not ok:
                 example = getattr(StreamOptions, name)
                 raise MegaedgeError(f"{name} {value!r} is not {'a whole number' if whole else 'a number'} in "
                                     f"{low:g}-{high:g}{' or None' if optional else ''}; e.g. {example}")
+            object.__setattr__(self, name, kind(value))  # a plain int or float, whatever number it was given as
         for name in ("endpointing", "loop_guard"):
             if not isinstance(getattr(self, name), bool):
                 raise MegaedgeError(f"{name} {getattr(self, name)!r} is not True or False")
@@ -104,6 +108,9 @@ class StreamOptions:
                                                  8.0 <= self.segment_seconds <= 300.0):
             raise MegaedgeError(f"segment_seconds {self.segment_seconds} must be 8-300 s and comes without "
                                 f"max_span_seconds (set that to None); e.g. 30, as offline transcription cuts")
+        if self.max_span_seconds is None and self.segment_seconds is None:
+            raise MegaedgeError("max_span_seconds and segment_seconds are both None: a stream's state would grow "
+                                "without bound; set one (e.g. max_span_seconds=24, or segment_seconds=30)")
         if self.max_span_seconds is not None and self.max_span_seconds < 8.0 + self.overlap_seconds:
             raise MegaedgeError(f"max_span_seconds {self.max_span_seconds} is shorter than one encoder window "
                                 f"(8 s) plus the overlap; use >= {8.0 + self.overlap_seconds:g} or None")

@@ -408,6 +408,7 @@ class Transcriber:
         samples = audio_io.load(audio, rate)
         if samples.size == 0:
             raise MegaedgeError("audio is empty (0 samples); nothing to transcribe")
+        segmenting.check_one_segment(samples.size, segment_seconds)
         timer.add("load", time.perf_counter() - t_start)
         segments = []
         for start, end in segmenting.segments(samples, segment_seconds):

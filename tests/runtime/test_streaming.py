@@ -220,9 +220,15 @@ def test_bad_stream_options():
                          (dict(context_chars=-1), "context_chars -1"),
                          (dict(max_span_seconds=float("nan")), "max_span_seconds nan"),
                          (dict(endpointing="no"), "endpointing 'no' is not True or False"),
-                         (dict(language=5), "language 5 is not a string or None")):
+                         (dict(language=5), "language 5 is not a string or None"),
+                         (dict(hop_seconds=np.True_), "hop_seconds np.True_ is not a number"),
+                         (dict(max_span_seconds=None), "both None: a stream's state would grow without bound")):
         with pytest.raises(MegaedgeError, match=message):
             StreamOptions(**bad)
+    # numbers read from arrays or configs are numbers (refused as "not a number" before), kept as plain ones
+    options = StreamOptions(hop_seconds=np.float32(0.5), unstable_tokens=np.int64(4), context_chars=np.uint16(9))
+    assert (options.hop_seconds, options.unstable_tokens, options.context_chars) == (0.5, 4, 9)
+    assert type(options.hop_seconds) is float and type(options.unstable_tokens) is int
     with pytest.raises(MegaedgeError, match=r"stream preset \['balanced'\] is not one of"):
         StreamOptions.preset(["balanced"])
 

@@ -249,10 +249,15 @@ def test_segment_seconds_outside_its_range_is_one_line(tiny_bundles):
     for bad in (-1, 0, 7.9, 301):
         with pytest.raises(MegaedgeError, match=r"segment_seconds .* is outside 8-300 s"):
             tr.transcribe(speechlike(1.0, seed=4), segment_seconds=bad)
-    for bad in ("30", True):
+    for bad in ("30", True, float("nan")):
         with pytest.raises(MegaedgeError, match=r"segment_seconds .* is not a number of seconds; pass a number in 8-300"):
             tr.transcribe(speechlike(1.0, seed=4), segment_seconds=bad)
     assert tr.transcribe(speechlike(1.0, seed=4), segment_seconds=8).segments
+    assert tr.transcribe(speechlike(1.0, seed=4), segment_seconds=np.float32(30)).segments  # a numpy number
+    # None (never cut) is still one prompt: an hour of it ran minutes and came out garbled, past any tested budget
+    long = np.zeros(int(300.5 * 16000), np.float32)
+    with pytest.raises(MegaedgeError, match=r"audio of 300.5 s with segment_seconds=None: one segment is at most 300"):
+        tr.transcribe(long, segment_seconds=None)
     for name in ("loop_guard", "ignore_eos"):  # "no" once left the loop guard on, silently
         with pytest.raises(MegaedgeError, match=f"{name} 'no' is not True or False"):
             tr.transcribe(speechlike(1.0, seed=4), **{name: "no"})
