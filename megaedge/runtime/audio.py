@@ -90,8 +90,10 @@ def as_float(samples: np.ndarray, name: str = "audio", whole: bool = False, chec
     if not whole and isinstance(samples, (str, os.PathLike)):
         raise AudioError(f"{name}: {os.fspath(samples)!r} is a path; a stream takes samples: read the file first "
                          "(soundfile.read), or pass the path to transcribe")
+    if isinstance(samples, memoryview) and samples.format not in ("B", "b", "c"):
+        samples = np.asarray(samples)  # a typed view (array.array('f'), a numpy buffer): samples of its type
     if isinstance(samples, (bytes, bytearray, memoryview)):
-        raise AudioError(f"{name}: {len(samples)} bytes are not samples; pass {path}samples decoded from them "
+        raise AudioError(f"{name}: {memoryview(samples).nbytes} bytes are not samples; pass {path}samples decoded from them "
                          "(numpy.frombuffer(data, '<i2') for raw 16-bit PCM, soundfile.read(io.BytesIO(data)) "
                          "for a file's bytes)")
     try:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import re
 import unicodedata
 
+from megaedge.errors import MegaedgeError
 from megaedge.runtime import limits
 
 
@@ -171,14 +173,21 @@ def subtitles(segments, fmt: str) -> str:
     """The segments that hold text as SubRip (``srt``) or WebVTT (``vtt``) cues, numbered from 1: CUE_LINES lines
     of LINE_COLUMNS at most, so a segment with more text gives several cues, which share its time in proportion to
     their characters (the model gives no word times; offline segments run up to 30 s, cut at the quietest moment
-    before the limit). No line is blank: a blank line would end the cue."""
+    before the limit). No line is blank: a blank line would end the cue. Segments must be in time order with
+    finite times, start <= end (as transcription gives them); anything else is refused in one line."""
     if fmt not in SUBTITLE_FORMATS:
-        raise ValueError(f"subtitle format {fmt!r} is not one of {SUBTITLE_FORMATS}")
+        raise MegaedgeError(f"subtitle format {fmt!r} is not one of {SUBTITLE_FORMATS}")
     decimal = "," if fmt == "srt" else "."
-    cues = []
-    for segment in segments:
+    cues, last = [], 0.0
+    for k, segment in enumerate(segments):
+        start, end = segment.start, segment.end
+        if not all(isinstance(t, numbers.Real) and math.isfinite(t) for t in (start, end)) or not (
+                last <= start <= end):
+            raise MegaedgeError(f"segment {k}: start {start!r} / end {end!r} are not finite seconds with "
+                                f"{last:g} <= start <= end; pass segments as transcription gives them")
+        last = start
         lines = _lines(" ".join((segment.text or "").split()))
-        if not lines or not (math.isfinite(segment.start) and math.isfinite(segment.end)):
+        if not lines:
             continue
         groups = [lines[i : i + CUE_LINES] for i in range(0, len(lines), CUE_LINES)]
         total, done = sum(len(line) for line in lines), 0

@@ -156,6 +156,18 @@ def test_a_streams_wide_integer_blocks_are_judged_together():
     audio.as_float(np.full(1600, 3, np.int32), "stream input", watch=watch)  # later quiet blocks: fine
 
 
+def test_a_typed_memoryview_is_samples_and_a_byte_view_is_bytes():
+    """A float32 view (array.array('f'), a buffer protocol object) was refused as '49510 bytes' (its item count)."""
+    import array
+
+    from megaedge.runtime import audio
+
+    assert audio.as_float(memoryview(array.array("f", [0.25, -0.5]))).tolist() == [0.25, -0.5]
+    assert audio.as_float(memoryview(array.array("h", [16384]))).tolist() == [0.5]
+    with pytest.raises(AudioError, match="stream input: 8 bytes are not samples"):
+        audio.as_float(memoryview(array.array("f", [0.0, 0.0])).cast("B"), "stream input")
+
+
 def test_objects_that_are_not_audio_are_named():
     from megaedge.runtime import audio
 

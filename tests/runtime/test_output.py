@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from megaedge.errors import MegaedgeError
 from megaedge.runtime import output
 from megaedge.runtime.transcriber import SegmentResult
 
@@ -152,8 +153,17 @@ def test_subtitles_number_the_cues_of_segments_with_text():
                    "2\n01:01:01.500 --> 01:01:02.005\nclose it -&gt; now\n")
     assert output.subtitles([_segment(0.0, 1.0, " ")], "srt") == ""
     assert output.subtitles([_segment(0.0, 1.0, "a ---> b <c> & d")], "vtt").endswith("\na -&gt; b &lt;c&gt; &amp; d\n")
-    with pytest.raises(ValueError, match="not one of"):
+    with pytest.raises(MegaedgeError, match="not one of"):
         output.subtitles(segments, "ass")
+
+
+@pytest.mark.parametrize("times", [(5.0, 1.0), (-3.0, -1.0), (0.0, float("inf")), (None, 1.0), (2.0, 3.0, 1.0, 2.0)])
+def test_subtitles_refuse_times_no_transcription_gives(times):
+    """A cue ending before it starts, a negative clock, a segment silently left out (inf) or a TypeError: made-up
+    segments are refused in one line instead."""
+    pairs = list(zip(times[::2], times[1::2]))
+    with pytest.raises(MegaedgeError, match="are not finite seconds with"):
+        output.subtitles([_segment(start, end, "valve") for start, end in pairs], "srt")
 
 
 def _cues(srt: str) -> list[tuple[str, str, list[str]]]:
