@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import provenance
 
 from megaedge.runtime import machine
 from megaedge.runtime.streaming import StreamOptions
@@ -180,6 +181,8 @@ def main() -> None:
     parser.add_argument("--skip-fixture", action="store_true", help="measure only the geometry bundle")
     parser.add_argument("--geometry-hop", type=float, default=None,
                         help="hop seconds for the geometry bundle (default: the stream default)")
+    parser.add_argument("--machine-class", help="how tables name this machine (\"2-core AMD EPYC VM (Zen 4), "
+                                                "AVX512-VNNI\")")
     parser.add_argument("--engines", default="auto",
                         help="decode engines for the geometry bundle, comma-separated (auto,native,ort): an INT8 "
                              "bundle streams natively under auto, in onnxruntime's graphs under ort")
@@ -189,7 +192,12 @@ def main() -> None:
     from megaedge.runtime.transcriber import Transcriber
 
     options = StreamOptions()
-    results = {"machine": machine.cpu_facts()["model"], "threads": args.threads,
+    placeholders = {path: "BUNDLE" for path in (args.bundle, args.geometry_bundle) if path}
+    if args.work:
+        placeholders[args.work] = "DIR"
+    results = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "commit": provenance.commit(),
+               "command": provenance.command(placeholders), "machine": machine.cpu_facts()["model"],
+               "machine_class": args.machine_class, "threads": args.threads,
                "options": {"hop_seconds": options.hop_seconds, "unstable_tokens": options.unstable_tokens,
                            "max_span_seconds": options.max_span_seconds,
                            "endpoint_silence_seconds": options.endpoint_silence_seconds}}
@@ -230,6 +238,7 @@ def main() -> None:
                 results[key] = hop_latency(tr, noise, [10.0, 60.0], geometry_options, probes=3)
                 results[key]["decoder"] = "native" if tr.native is not None else "onnxruntime"
                 results[key]["bundle_precision"] = tr.manifest.precision
+                results[key]["bundle_recipe"] = (tr.manifest.quantization or {}).get("recipe", {}).get("name")
                 del tr
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / args.out
