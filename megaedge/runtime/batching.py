@@ -20,7 +20,9 @@ Interrupts stay in their thread. Python raises Ctrl-C's KeyboardInterrupt in the
 never leads a batch of other threads' steps (its own steps run alone): a batch it led would fail for every
 thread in it, mid-step. A caller interrupted while waiting withdraws its step, or, when a leader already runs
 it, waits for that step to end (its decoder must not be touched while the kernel writes to it) and then raises;
-a leader's failure never leaves the batcher led. Exceptions of a step are handed to the callers in its call.
+an interrupted leader answers every step it took (with an error) and gives the lead back. (A signal landing inside
+``threading.Condition``'s own methods can still break its lock: a storm of signals, not a person's Ctrl-C.)
+Exceptions of a step are handed to the callers in its call.
 """
 
 from __future__ import annotations
@@ -43,11 +45,12 @@ GATHER_SECONDS = 0.002
 
 
 class _Request:
-    __slots__ = ("decoder", "token", "gate", "logits", "error", "done")
+    __slots__ = ("decoder", "token", "gate", "logits", "error", "done", "taken")
 
     def __init__(self, decoder, token: int, gate: float | None):
         self.decoder, self.token, self.gate = decoder, token, gate
         self.logits = self.error = None
+        self.taken = False  # a leader took it into a batch: it will be answered
         self.done = threading.Event()
 
 
@@ -87,31 +90,35 @@ class StepBatcher:
             return _value(decoder.step_many([decoder], [token], [gate])[0][0])
         request = _Request(decoder, token, gate)
         alone = threading.current_thread() is threading.main_thread()  # where KeyboardInterrupt lands
-        with self._cond:
-            self._pending.append(request)
-            self._cond.notify_all()
+        # An interrupt may land between any two calls: every state it can leave is undone below. Leadership is
+        # taken inside the try (one chained store: no signal check between the flag and ``led``), and whatever
+        # the leader took is answered, by its result or an error, before leadership is given back.
         try:
+            with self._cond:
+                self._pending.append(request)
+                self._cond.notify_all()
             while True:
-                with self._cond:
-                    while not request.done.is_set() and self._leader:
-                        self._cond.wait()
-                    if request.done.is_set():
-                        return self._result(request)
-                    self._leader = True  # no leader and this step unserved: lead the next batch
-                    try:
-                        batch = [request] if alone else self._gather()
-                    except BaseException:
-                        self._leader = False
-                        self._cond.notify_all()
-                        raise
-                    for taken in batch:
-                        self._pending.remove(taken)
+                led, batch = False, []
                 try:
-                    self._run(batch, request)
-                finally:
                     with self._cond:
-                        self._leader = False
-                        self._cond.notify_all()
+                        while not request.done.is_set() and self._leader:
+                            self._cond.wait()
+                        if request.done.is_set():
+                            return self._result(request)
+                        self._leader = led = True  # no leader and this step unserved: lead the next batch
+                        batch = [request] if alone else self._gather()
+                        for taken in batch:
+                            taken.taken = True
+                        self._pending = [r for r in self._pending if not r.taken]
+                    self._run(batch)
+                except BaseException as exc:
+                    self._fail(batch, request, exc)
+                    raise
+                finally:
+                    if led:
+                        with self._cond:
+                            self._leader = False
+                            self._cond.notify_all()
         except BaseException:
             self._withdraw(request)
             raise
@@ -127,27 +134,30 @@ class StepBatcher:
         return self._pending[: self.max_batch]
 
     def _withdraw(self, request: _Request) -> None:
-        """After an interrupt: the step leaves the queue, or, taken by a leader, is waited for."""
+        """After an interrupt: the step leaves the queue, or, taken by a leader, is waited for (the kernel is
+        writing its decoder); a step that never reached the queue needs nothing."""
         with self._cond:
             if request in self._pending:
                 self._pending.remove(request)
                 return
-        request.done.wait()
+        if request.taken:
+            request.done.wait()
 
-    def _run(self, batch: list[_Request], own: _Request) -> None:
+    @staticmethod
+    def _fail(batch: list[_Request], own: _Request, exc: BaseException) -> None:
+        """A leader's interrupt: it raises it itself; the others it took get an error instead of waiting forever."""
+        for r in batch:
+            if not r.done.is_set():
+                r.error = exc if r is own else MegaedgeError(f"decode step stopped by {type(exc).__name__} in "
+                                                             "the thread that ran its batch")
+                r.done.set()
+
+    def _run(self, batch: list[_Request]) -> None:
         groups: dict[int, list[_Request]] = {}
         for request in batch:  # decoders of different weights (two transcribers) cannot share a call
             groups.setdefault(id(request.decoder.batch_key), []).append(request)
-        try:
-            for group in groups.values():
-                self._run_group(group)
-        except BaseException as exc:  # an interrupt of the leader itself: it alone raises it
-            for r in batch:
-                if not r.done.is_set():
-                    r.error = exc if r is own else MegaedgeError(f"decode step stopped by {type(exc).__name__} "
-                                                                 "in the thread that ran its batch")
-                    r.done.set()
-            raise
+        for group in groups.values():
+            self._run_group(group)
 
     def _run_group(self, group: list[_Request]) -> None:
         try:

@@ -274,3 +274,63 @@ def test_a_failing_batch_counter_fails_no_step(caplog):
     [t.join(60) for t in threads]
     assert not any(t.is_alive() for t in threads) and not errors, errors
     assert "on_batch callback failed" in caplog.text
+
+
+@pytest.fixture
+def deadline():
+    """A hang fails the test after 20 s instead of blocking the suite (SIGALRM interrupts the main thread's wait)."""
+    import signal
+
+    def expired(signum, frame):
+        raise TimeoutError("the step hung")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_ctrl_c_as_a_step_is_queued_withdraws_it(deadline):
+    """Ctrl-C landing just after the main thread queued its step (a signal can land between any two calls): the
+    step was left queued, and another thread's batch later stepped the decoder its owner had given up on."""
+
+    class Tripping(threading.Condition):
+        trips = 1
+
+        def notify_all(self):
+            if threading.current_thread() is threading.main_thread() and self.trips:
+                self.trips -= 1
+                raise KeyboardInterrupt
+            super().notify_all()
+
+    batcher = StepBatcher(8, gather_seconds=0.02)
+    batcher._cond = Tripping()
+    mine = _Fake(0)
+    with batcher.stepping():
+        threads, decoders, errors = _workers(batcher, 2, 30)
+        with pytest.raises(KeyboardInterrupt):
+            batcher.step(mine, 0)
+        [t.join(60) for t in threads]
+    assert not errors and all(d.steps == 30 for d in decoders)
+    assert mine.steps == 0 and not batcher._pending and not batcher._leader
+
+
+def test_ctrl_c_as_a_leader_starts_its_batch_answers_it(deadline, monkeypatch):
+    """Ctrl-C landing as the main thread enters the run of its own batch: the step was never answered, so the main
+    thread waited for it forever (until a second Ctrl-C)."""
+    batcher = StepBatcher(8, gather_seconds=0.02)
+    run, trips = batcher._run, [1]
+
+    def tripping(batch):
+        if threading.current_thread() is threading.main_thread() and trips[0]:
+            trips[0] -= 1
+            raise KeyboardInterrupt
+        return run(batch)
+
+    monkeypatch.setattr(batcher, "_run", tripping)
+    mine = _Fake(0)
+    with pytest.raises(KeyboardInterrupt):
+        batcher.step(mine, 0)
+    assert not batcher._leader and not batcher._pending and mine.steps == 0
+    assert batcher.step(mine, 1).tolist() == [0, 1, 0]  # the batcher serves the next step
