@@ -118,6 +118,8 @@ def _stdin_chunks(args, hop: float):
     16-bit mono PCM at ``--raw`` Hz."""
     import sys
 
+    import numpy as np
+
     from megaedge.errors import AudioError, MegaedgeError
     from megaedge.runtime import audio as audio_io
     from megaedge.runtime import pipe
@@ -139,6 +141,9 @@ def _stdin_chunks(args, hop: float):
         if limit is not None:
             block = block[: limit - total]
         total += len(block)
+        if block.dtype.kind == "i" and block.dtype.itemsize == 4:
+            # 24/32-bit PCM is what the WAV header says: floats, so that no block is judged a scale mistake
+            block = block.astype(np.float32) / np.float32(2**31)
         yield (block[:, 0] if fmt.channels == 1 else block), fmt.rate
         if limit is not None and total >= limit:
             return

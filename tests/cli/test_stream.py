@@ -42,6 +42,21 @@ def test_standard_input_streams_as_the_file_does(fixture_bundles, clip):
     assert short[-1][1] == pytest.approx(1.0, abs=0.01)
 
 
+def test_a_24_bit_stream_with_a_quiet_start_is_not_judged(fixture_bundles, clip):
+    """A 24-bit WAV on standard input decodes to int32 blocks; a stream judges int32 blocks whose peak fits 16 bits
+    as a scale mistake, so a file whose first 1.5 s were dither near -98 dBFS was refused. A file's samples are
+    what its format says: the same audio streams as the file does."""
+    _, samples, rate = clip
+    rng = np.random.default_rng(0)
+    dither = rng.integers(-100, 101, size=int(1.5 * rate))  # 24-bit values
+    values = np.concatenate([dither, samples.astype(np.int64) << 8])
+    packed = np.stack([(values >> s) & 0xFF for s in (0, 8, 16)], axis=-1).astype(np.uint8).tobytes()
+    fmt = struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 3, 3, 24)
+    wav = b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVEfmt " + fmt + b"data" + struct.pack("<I", 0xFFFFFFFF)
+    finals = _finals(_cli("stream", str(fixture_bundles["merged"]), "--file", "-", "--json", stdin=wav + packed))
+    assert any(text for _, _, text in finals)
+
+
 @pytest.mark.parametrize("args,stdin,message", [
     (("--file", "-"), b"not a wav header at all", "standard input is not a WAV stream (it does not start with "
                                                   "RIFF....WAVE); for raw PCM pass --raw RATE"),
