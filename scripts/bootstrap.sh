@@ -14,10 +14,14 @@ fi
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install --upgrade pip >/dev/null
 if [[ ",$EXTRAS," == *",export,"* ]] && ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    TORCH=$(sed -n 's/^torch==\([0-9.]*\)$/torch==\1/p' constraints/cpu-torch.txt)
+    if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
+        TORCH="$TORCH+cpu"  # PyPI's plain build here is the CUDA one
+    fi
     # The configured indexes first (a local mirror may hold the CPU build); then the PyTorch CPU index.
-    if ! "${PIP[@]}" install -c constraints/cpu-torch.txt torch 2>/dev/null; then
-        echo "bootstrap: CPU torch not on the configured indexes; trying ${TORCH_CPU_INDEX:=https://download.pytorch.org/whl/cpu}"
-        "${PIP[@]}" install -c constraints/cpu-torch.txt --extra-index-url "$TORCH_CPU_INDEX" torch
+    if ! "${PIP[@]}" install "$TORCH" 2>/dev/null; then
+        echo "bootstrap: $TORCH not on the configured indexes; trying ${TORCH_CPU_INDEX:=https://download.pytorch.org/whl/cpu}"
+        "${PIP[@]}" install --extra-index-url "$TORCH_CPU_INDEX" "$TORCH"
     fi
 fi
 "${PIP[@]}" install -c constraints/cpu-torch.txt -e ".[${EXTRAS}]"
