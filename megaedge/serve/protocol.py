@@ -362,7 +362,7 @@ class RealtimeSession:
             if event.committed.startswith(self.sent):
                 delta = event.committed[len(self.sent):]
                 self.sent = event.committed
-                if self.config.logprobs and delta:
+                if delta:  # counted with include off too: a session may turn it on mid-item
                     entries = self._delta_logprobs(event)
             self.partial = event.text
             out = {"type": "conversation.item.input_audio_transcription.delta", "event_id": new_id("event"),

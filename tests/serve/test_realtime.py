@@ -126,21 +126,26 @@ def test_include_logprobs_gives_the_transcripts_tokens(server, serve_transcriber
 
 
 def test_included_logprobs_ride_on_each_delta(serve_transcriber, clips):
-    """With session.include, each delta carries the entries of the tokens it adds, which spell it exactly. (The
+    """With session.include, each delta carries the entries of the tokens it adds, which spell it exactly, also when
+    a session turns it on mid-item (its first delta once carried the entries of all the text sent before). (The
     protocol object fed 0.32 s appends: through a server, audio sent at once outruns the partials.)"""
     from megaedge.runtime.streaming import StreamOptions
     from megaedge.serve.protocol import Command, RealtimeSession
 
     session = RealtimeSession(serve_transcriber, StreamOptions.preset("balanced"))
-    session.run(Command("update", session={"input_audio_format": "pcm16", "input_audio_rate": 16000,
-                                           "include": ["item.input_audio_transcription.logprobs"]}))
+    session.run(Command("update", session={"input_audio_format": "pcm16", "input_audio_rate": 16000}))
     pcm = np.concatenate([*(clips[i]["pcm"] for i in range(3)), SILENCE])
     events = []
     for i in range(0, len(pcm), 5120):
         events += session.run(Command("append", pcm=pcm[i : i + 5120]))
+        if not session.config.logprobs and any(e.get("delta") for e in events):
+            session.run(Command("update", session={"include": ["item.input_audio_transcription.logprobs"]}))
+            toggled = len(events)
     deltas = [e for e in events if e["type"].endswith(".delta")]
-    assert sum(bool(e["delta"].strip()) for e in deltas) >= 2, "the committed text arrives in several deltas"
-    for delta in deltas:
+    included = [e for e in events[toggled:] if e["type"].endswith(".delta")]
+    assert sum(bool(e["delta"].strip()) for e in included) >= 2, "the committed text arrives in several deltas"
+    assert all("logprobs" not in e for e in events[:toggled])
+    for delta in included:
         spelled = bytes(b for e in delta["logprobs"] for b in e["bytes"]).decode()
         assert spelled.strip() == delta["delta"].strip() and all(e["logprob"] <= 0 for e in delta["logprobs"])
         assert bool(delta["logprobs"]) == bool(delta["delta"].strip())
