@@ -68,7 +68,7 @@ _BY_LOWER = {**{code: name for code, name in LANGUAGES.items()}, **{n.lower(): n
 # fallback for where no tokenizer is at hand (the command line, before a bundle is loaded): with a tokenizer,
 # check_context refuses every added token it actually has, whatever its spelling.
 _CONTROL_SPELLING = re.compile(r"<\|[^<>|\s]{1,64}\|>|</?asr_text>|</?think>|</?tool_call>|</?tool_response>")
-# C0 and C1 control characters but tab and line breaks: a NUL-filled context garbled a transcript in silence
+# C0 and C1 control characters but tab, LF and CR: a NUL-filled context garbled a transcript in silence
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
@@ -220,7 +220,7 @@ def check_context(text, tokenizer=None, prompt=None, option: str = "context") ->
     control = _CONTROL_CHARACTER.search(text)
     if control:
         raise LimitError(option, f"contains the control character U+{ord(control.group(0)):04X} at character "
-                                 f"{control.start()}; context is plain text (tabs and line breaks are fine)")
+                                 f"{control.start()}; context is plain text (tab, LF and CR are fine)")
     spelled = _CONTROL_SPELLING.search(text)
     if spelled:
         raise LimitError(option, f"contains the control token {spelled.group(0)!r}; remove it (context is plain "

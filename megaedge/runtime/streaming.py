@@ -84,6 +84,8 @@ class StreamOptions:
     def __post_init__(self):
         # Every value is checked here, type and range: a wrong one failed mid-stream (TypeError) or ran (a negative
         # endpoint silence ended an utterance at every piece).
+        optional_note = {"max_span_seconds": " or None (with segment_seconds)",
+                         "segment_seconds": " or None (with max_span_seconds)"}
         for name, (low, high, kind, optional) in _RANGES.items():
             value = getattr(self, name)
             if value is None and optional:
@@ -96,7 +98,7 @@ class StreamOptions:
             if not ok:
                 example = getattr(StreamOptions, name)
                 raise MegaedgeError(f"{name} {value!r} is not {'a whole number' if whole else 'a number'} in "
-                                    f"{low:g}-{high:g}{' or None' if optional else ''}; e.g. {example}")
+                                    f"{low:g}-{high:g}{optional_note.get(name, '')}; e.g. {example}")
             object.__setattr__(self, name, kind(value))  # a plain int or float, whatever number it was given as
         for name in ("endpointing", "loop_guard"):
             if not isinstance(getattr(self, name), bool):
@@ -113,7 +115,8 @@ class StreamOptions:
                                 "without bound; set one (e.g. max_span_seconds=24, or segment_seconds=30)")
         if self.max_span_seconds is not None and self.max_span_seconds < 8.0 + self.overlap_seconds:
             raise MegaedgeError(f"max_span_seconds {self.max_span_seconds} is shorter than one encoder window "
-                                f"(8 s) plus the overlap; use >= {8.0 + self.overlap_seconds:g} or None")
+                                f"(8 s) plus the overlap; use >= {8.0 + self.overlap_seconds:g}, or None with "
+                                "segment_seconds")
 
     @classmethod
     def preset(cls, name: str) -> StreamOptions:
@@ -279,9 +282,7 @@ class Stream:
     def _check_kv_room(self, limit: int) -> None:
         """Refuse, in one line, stream options whose longest span cannot fit a fixed KV buffer of ``limit``
         positions (``--target cuda`` bundles), rather than failing every hop of such a span."""
-        span = self.opts.max_span_seconds or self.opts.segment_seconds
-        if span is None:
-            return  # no cut: the length of an utterance is the caller's (a full buffer fails that call alone)
+        span = self.opts.max_span_seconds or self.opts.segment_seconds  # StreamOptions holds one of them
         window = self.window_frames * features.HOP / RATE
         longest = math.ceil(span / window) * window + window  # spans roll at a window boundary, a hop late
         need = self._kv_positions(longest)
