@@ -20,7 +20,8 @@ if [[ ",$EXTRAS," == *",export,"* ]] && ! .venv/bin/python -c "import torch" 2>/
     fi
     # The configured indexes first (a local mirror may hold the CPU build); then the PyTorch CPU index.
     if ! "${PIP[@]}" install "$TORCH" 2>/dev/null; then
-        echo "bootstrap: $TORCH not on the configured indexes; trying ${TORCH_CPU_INDEX:=https://download.pytorch.org/whl/cpu}"
+        TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
+        echo "bootstrap: $TORCH not on the configured indexes; trying $TORCH_CPU_INDEX"
         "${PIP[@]}" install --extra-index-url "$TORCH_CPU_INDEX" "$TORCH"
     fi
 fi

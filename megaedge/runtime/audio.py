@@ -84,8 +84,8 @@ def as_float(samples: np.ndarray, name: str = "audio", whole: bool = False, chec
 
     Refused (``check_scale``), as the usual mistakes of an embedder: floats peaking over FLOAT_PEAK_LIMIT, and
     (``whole``: a whole recording; a stream's blocks, one of which may be a quiet moment, through ``watch``) 32- or
-    64-bit integers whose peak fits a narrower type: PCM of that type kept in a wider array (a list of ints becomes int64), which would
-    be read as near silence. A file's samples are what its format says: not judged."""
+    64-bit integers whose peak fits a narrower type: PCM of that type kept in a wider array (a list of ints becomes
+    int64), which would be read as near silence. A file's samples are what its format says: not judged."""
     path = "a file path, or " if whole else ""
     if not whole and isinstance(samples, (str, os.PathLike)):
         raise AudioError(f"{name}: {os.fspath(samples)!r} is a path; a stream takes samples: read the file first "
@@ -93,9 +93,9 @@ def as_float(samples: np.ndarray, name: str = "audio", whole: bool = False, chec
     if isinstance(samples, memoryview) and samples.format not in ("B", "b", "c"):
         samples = np.asarray(samples)  # a typed view (array.array('f'), a numpy buffer): samples of its type
     if isinstance(samples, (bytes, bytearray, memoryview)):
-        raise AudioError(f"{name}: {memoryview(samples).nbytes} bytes are not samples; pass {path}samples decoded from them "
-                         "(numpy.frombuffer(data, '<i2') for raw 16-bit PCM, soundfile.read(io.BytesIO(data)) "
-                         "for a file's bytes)")
+        raise AudioError(f"{name}: {memoryview(samples).nbytes} bytes are not samples; pass {path}samples decoded "
+                         "from them (numpy.frombuffer(data, '<i2') for raw 16-bit PCM, "
+                         "soundfile.read(io.BytesIO(data)) for a file's bytes)")
     try:
         arr = np.asarray(samples)
     except (TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: a tensor that needs .detach() first
