@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the shipped default model (the trained fixture in megaedge/assets/fixture): export it as an INT8
-# bundle calibrated on the shipped wild-audio clips (with its per-condition accuracy report), then transcribe a
+# bundle (with its per-condition accuracy report on the shipped wild-audio clips), then transcribe a
 # held-out clip with the lean runtime, stream it as a microphone would (partials, then the exact final), evaluate the
 # bundle on the held-out set and measure it on this machine. Output lands in ./out (git-ignored).
 set -euo pipefail
