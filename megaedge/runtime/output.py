@@ -139,9 +139,37 @@ def _wide(ch: str) -> bool:
     return unicodedata.east_asian_width(ch) in ("W", "F")
 
 
+def _width(text: str) -> int:
+    """Columns on screen: CJK two, combining marks (Thai vowels and tones, accents) none, the rest one."""
+    return sum(0 if unicodedata.category(ch) in ("Mn", "Me") else 2 if _wide(ch) else 1 for ch in text)
+
+
+def _clusters(word: str) -> list[str]:
+    """Characters with the combining marks that follow them: a line never starts with a mark."""
+    out: list[str] = []
+    for ch in word:
+        if out and unicodedata.category(ch) in ("Mn", "Mc", "Me"):
+            out[-1] += ch
+        else:
+            out.append(ch)
+    return out
+
+
+def _split_long(piece: str, columns: int) -> list[str]:
+    """A word wider than a line (Thai, Lao, Khmer are written without spaces; a long code or address) in chunks
+    of at most ``columns``, between characters: there is no dictionary here to find its word boundaries."""
+    chunks, chunk = [], ""
+    for cluster in _clusters(piece):
+        if chunk and _width(chunk + cluster) > columns:
+            chunks.append(chunk)
+            chunk = ""
+        chunk += cluster
+    return [*chunks, chunk] if chunk else chunks
+
+
 def _lines(text: str, columns: int = LINE_COLUMNS) -> list[str]:
-    """``text`` in lines of at most ``columns`` (a longer word keeps a line of its own), broken at spaces and
-    between CJK characters, which are written without spaces."""
+    """``text`` in lines of at most ``columns``, broken at spaces, between CJK characters, which are written
+    without spaces, and inside a word wider than a line (``_split_long``)."""
     pieces = []  # (piece, a space before it)
     for word in re.finditer(r"\S+", text):
         space = word.start() > 0
@@ -151,9 +179,11 @@ def _lines(text: str, columns: int = LINE_COLUMNS) -> list[str]:
             else:
                 pieces.append((part, space))
             space = False
+    pieces = [(chunk, space and k == 0) for piece, space in pieces
+              for k, chunk in enumerate(_split_long(piece, columns) if _width(piece) > columns else [piece])]
     lines, line, used = [], "", 0
     for piece, space in pieces:
-        width = sum(2 if _wide(ch) else 1 for ch in piece)
+        width = _width(piece)
         gap = 1 if space and line else 0
         if line and used + gap + width > columns:
             lines.append(line)

@@ -226,3 +226,19 @@ def test_token_logprobs_of_a_result_and_of_a_stream_final(fixture_bundles, langu
     assert len(final.logprobs) == len(final.token_ids)
     assert bytes(b for e in got for b in e["bytes"]).decode().strip() == final.text
     assert min(e["logprob"] for e in got) >= final.min_logprob
+
+
+def test_a_line_wider_than_a_cue_is_split_between_characters():
+    """Thai is written without spaces: a segment was one line of any width (and a long code too). Now every line
+    fits, no line starts with a combining mark (a Thai vowel or tone), and no character is lost."""
+    import unicodedata
+
+    thai = "สวัสดีครับวันนี้อากาศดีมากเราจะไปเที่ยวทะเลกันที่ภูเก็ตพรุ่งนี้เช้าตอนเจ็ดโมงครึ่งนะครับอย่าลืมนะ" * 2
+    lines = [line for _, _, cue in _cues(output.subtitles([_segment(0.0, 9.0, thai)], "srt")) for line in cue]
+    assert len(lines) > 2 and "".join(lines) == thai
+    assert all(output._width(line) <= output.LINE_COLUMNS for line in lines)
+    assert not any(unicodedata.category(line[0]).startswith("M") for line in lines)
+    code = "valve " + "A7" * 40 + " open"
+    lines = [line for _, _, cue in _cues(output.subtitles([_segment(0.0, 3.0, code)], "srt")) for line in cue]
+    assert lines[0] == "valve" and "".join(lines[1:]).replace(" ", "") == "A7" * 40 + "open"
+    assert max(map(len, lines)) <= output.LINE_COLUMNS
