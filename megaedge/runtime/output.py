@@ -221,12 +221,11 @@ def subtitles(segments, fmt: str) -> str:
             continue
         groups = [lines[i : i + CUE_LINES] for i in range(0, len(lines), CUE_LINES)]
         total, done = sum(len(line) for line in lines), 0
-        span = max(0.0, segment.end - segment.start)
         for group in groups:
-            begin = segment.start + span * done / total
+            begin = start + (end - start) * done / total
             done += sum(len(line) for line in group)
-            end = segment.end if done == total else segment.start + span * done / total
+            until = end if done == total else start + (end - start) * done / total
             text = "\n".join(_escape(line, fmt) for line in group)
-            cues.append(f"{len(cues) + 1}\n{_clock(begin, decimal)} --> {_clock(end, decimal)}\n{text}\n")
+            cues.append(f"{len(cues) + 1}\n{_clock(begin, decimal)} --> {_clock(until, decimal)}\n{text}\n")
     body = "\n".join(cues)
     return ("WEBVTT\n\n" + body) if fmt == "vtt" else body
